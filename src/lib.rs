@@ -1,0 +1,17 @@
+//! dapgw: group authentication for smart-metering networks through a gateway
+//! that cannot cheat.
+//!
+//! ```text
+//! member --seal--> gateway --aggregate--> udc --verify
+//!   ^                                      |
+//!   +------- confirm / rekey / group ------+
+//! ```
+//!
+//! - [`protocol`] is the sans-IO core (wire codec, suite 1, member,
+//!   aggregator, verifier). It has no sockets, no clock and no async runtime,
+//!   and builds alone with `--no-default-features`.
+//! - `gateway`, `udc` and `sim` (feature `service`) drive it over HTTPS.
+#![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
+
+pub mod protocol;
