@@ -2,4 +2,6 @@
 //! speak dapgw version 1, with no I/O, no clock reads and no async runtime.
 
 pub mod codec;
+pub mod keys;
+pub mod suite;
 pub mod wire;
