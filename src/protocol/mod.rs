@@ -3,5 +3,6 @@
 
 pub mod codec;
 pub mod keys;
+pub mod member;
 pub mod suite;
 pub mod wire;
