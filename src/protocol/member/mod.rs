@@ -78,11 +78,12 @@ use super::keys::{
     MemberCredential, MemberKey, response_keys, session_keys, transcript_hash, uplink_nonce,
     verify_key_certificate,
 };
-use super::suite::{EphemeralKeyPair, Gcm, Secret, VerifyingKey, ct_eq};
+use super::suite::{EphemeralKeyPair, Gcm, Secret, VerifyingKey, aggregate, ct_eq};
 use super::wire::{
-    AckPayload, CONFIRM_LEN, Challenge, Confirm, GroupId, GroupMessage, KEY_CERTIFICATE_LEN,
-    KEY_UPDATE_LEN, KeyUpdate, MAX_GROUP_CIPHERTEXT, MAX_PAYLOAD, MAX_READ_REQUEST, MemberId, Mode,
-    Purpose, REKEY_LEN, Rekey, Response, SessionId, TAG_LEN, Uplink, UplinkKind,
+    AckPayload, CONFIRM_LEN, Challenge, Confirm, Direct, DirectInner, GroupId, GroupMessage,
+    KEY_CERTIFICATE_LEN, KEY_UPDATE_LEN, KeyUpdate, MAX_DIRECT_INNER, MAX_GROUP_CIPHERTEXT,
+    MAX_PAYLOAD, MAX_READ_REQUEST, MemberId, Mode, Purpose, REKEY_LEN, Rekey, Response, SessionId,
+    TAG_LEN, Uplink, UplinkKind,
 };
 
 /// Uplink counters reserved per persisted high-water mark: one state write
@@ -878,6 +879,20 @@ impl<'m> Answer<'m> {
         n_i.zeroize();
         Ok(Outbox::new(self.member, Some(next), response, ()))
     }
+}
+
+/// Wraps a response or uplink sealed by a member for the direct path (flow
+/// A, when its gateway is down): a Direct message, a batch of one whose
+/// aggregate the member computes over its own tag. Send the result to V
+/// after the outbox that produced `sealed` was persisted.
+pub fn direct(sealed: &[u8]) -> Result<Bytes, MemberError> {
+    let bytes = copy_capped(sealed, MAX_DIRECT_INNER, "direct.inner")?;
+    let inner = DirectInner::decode(&bytes)?;
+    let tag = match &inner {
+        DirectInner::Response(r) => r.tag,
+        DirectInner::Uplink(u) => u.tag,
+    };
+    Ok(Direct::new(&inner, aggregate([&tag])).to_bytes())
 }
 
 /// Copies an input after checking it against the largest valid message, so

@@ -942,6 +942,13 @@ fn uplinks_need_a_session_and_never_forge_acks() {
 // Group messages
 // ---------------------------------------------------------------------------
 
+fn with_bad_signature(m: Bytes) -> Bytes {
+    let mut m = m.to_vec();
+    let last = m.len() - 1;
+    m[last] ^= 1;
+    Bytes::from(m)
+}
+
 #[test]
 fn group_messages_are_checked_in_order_and_acked() {
     let mut f = fixture(false);
@@ -961,8 +968,9 @@ fn group_messages_are_checked_in_order_and_acked() {
             current: 1
         })
     );
-    // Below the announced seq (and stale validity): superseded is reported.
-    let m = f.v.group_message(G, 1, 2, 0, &gk, b"cfg");
+    // Below the announced seq (and stale validity, and a bad signature):
+    // superseded is reported.
+    let m = with_bad_signature(f.v.group_message(G, 1, 2, 0, &gk, b"cfg"));
     assert_eq!(
         f.member.handle_group_message(&m).map(|_| ()),
         Err(MemberError::SupersededSeq {
@@ -970,8 +978,9 @@ fn group_messages_are_checked_in_order_and_acked() {
             announced: 3
         })
     );
-    // Valid only through round 1, but round 2 was answered.
-    let m = f.v.group_message(G, 1, 3, 1, &gk, b"cfg");
+    // Valid only through round 1, but round 2 was answered (and a bad
+    // signature, checked later).
+    let m = with_bad_signature(f.v.group_message(G, 1, 3, 1, &gk, b"cfg"));
     assert_eq!(
         f.member.handle_group_message(&m).map(|_| ()),
         Err(MemberError::StaleValidity {
@@ -979,10 +988,8 @@ fn group_messages_are_checked_in_order_and_acked() {
             answered: 2
         })
     );
-    // Bad signature.
-    let mut m = f.v.group_message(G, 1, 3, 2, &gk, b"cfg").to_vec();
-    let last = m.len() - 1;
-    m[last] ^= 1;
+    // Bad signature (and sealed under another key, checked later).
+    let m = with_bad_signature(f.v.group_message(G, 1, 3, 2, &[1; 16], b"cfg"));
     assert_eq!(
         f.member.handle_group_message(&m).map(|_| ()),
         Err(MemberError::BadSignature)
@@ -1378,4 +1385,22 @@ fn secrets_never_appear_in_debug_output() {
         }
         assert!(!t.contains("secret-config"), "{t}");
     }
+}
+
+#[test]
+fn direct_wraps_a_sealed_message_as_a_batch_of_one() {
+    let mut f = fixture(false);
+    let up = f
+        .disk
+        .commit(f.member.seal_uplink(G, UplinkKind::Reading, b"r").unwrap());
+    let d = crate::protocol::wire::Direct::decode(&direct(&up).unwrap()).unwrap();
+    assert_eq!(d.inner, up);
+    let tag = Uplink::decode(&up).unwrap().tag;
+    assert_eq!(d.aggregate, crate::protocol::suite::aggregate([&tag]));
+    let ch = f.v.sign(challenge(G, 2));
+    let resp = answer(&mut f.member, &ch, &mut f.rng, &mut f.disk);
+    let d = crate::protocol::wire::Direct::decode(&direct(&resp).unwrap()).unwrap();
+    assert_eq!(d.inner, resp);
+    // Only a Response or an Uplink can go direct.
+    assert!(matches!(direct(&ch), Err(MemberError::Malformed(_))));
 }
