@@ -212,13 +212,19 @@ pub async fn serve_with_fallback(
     while conns.join_next().await.is_some() {}
 }
 
-async fn connection(stream: tokio::net::TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(route(req, &state).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     // The guard `wait_for` returns is not Send: drop it inside this block.
@@ -255,7 +261,8 @@ async fn route(req: Request<Incoming>, state: &State) -> AdminResponse {
             "text/plain; charset=utf-8",
             "method not allowed\n",
         );
-        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     match path {
@@ -285,7 +292,11 @@ async fn route(req: Request<Incoming>, state: &State) -> AdminResponse {
 }
 
 fn not_found() -> AdminResponse {
-    text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n")
+    text(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "not found\n",
+    )
 }
 
 async fn fallback(req: Request<Incoming>, f: &Fallback) -> AdminResponse {
@@ -384,6 +395,9 @@ fn probe_authority(target: &str) -> Result<String, ProbeError> {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     // Needs a port: the admin listener has no well-known one.
     match authority.rsplit_once(':') {
+        // A wildcard listen address means this host: probe its loopback.
+        Some(("0.0.0.0", port)) if port.parse::<u16>().is_ok() => Ok(format!("127.0.0.1:{port}")),
+        Some(("[::]", port)) if port.parse::<u16>().is_ok() => Ok(format!("[::1]:{port}")),
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
             Ok(authority.to_string())
         }
@@ -439,7 +453,11 @@ async fn probe_inner(authority: &str, check: ProbeCheck) -> Result<(), ProbeErro
             target: authority.to_string(),
             path: check.path(),
             status,
-            body: String::from_utf8_lossy(&body).trim().chars().take(200).collect(),
+            body: String::from_utf8_lossy(&body)
+                .trim()
+                .chars()
+                .take(200)
+                .collect(),
         })
     }
 }
@@ -475,8 +493,13 @@ mod tests {
     #[test]
     fn probe_targets() {
         assert_eq!(probe_authority("127.0.0.1:9090").unwrap(), "127.0.0.1:9090");
-        assert_eq!(probe_authority("http://localhost:9090/readyz").unwrap(), "localhost:9090");
+        assert_eq!(
+            probe_authority("http://localhost:9090/readyz").unwrap(),
+            "localhost:9090"
+        );
         assert_eq!(probe_authority("[::1]:9090").unwrap(), "[::1]:9090");
+        assert_eq!(probe_authority("0.0.0.0:9090").unwrap(), "127.0.0.1:9090");
+        assert_eq!(probe_authority("[::]:9091").unwrap(), "[::1]:9091");
         for bad in ["https://x:1", "localhost", "http://:9090", "x:port", ""] {
             assert!(probe_authority(bad).is_err(), "{bad}");
         }

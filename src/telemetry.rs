@@ -341,7 +341,12 @@ pub struct Counter2<A, B> {
 }
 
 impl<A: LabelValue, B: LabelValue> Counter2<A, B> {
-    fn register(r: &Registry, name: &str, help: &str, labels: [&str; 2]) -> prometheus::Result<Self> {
+    fn register(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        labels: [&str; 2],
+    ) -> prometheus::Result<Self> {
         let vec = IntCounterVec::new(Opts::new(name, help), &labels)?;
         r.register(Box::new(vec.clone()))?;
         let mut children = Vec::with_capacity(A::ALL.len() * B::ALL.len());
@@ -377,7 +382,10 @@ impl<A: LabelValue> Histogram1<A> {
         label: &str,
         buckets: &[f64],
     ) -> prometheus::Result<Self> {
-        let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &[label])?;
+        let vec = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            &[label],
+        )?;
         r.register(Box::new(vec.clone()))?;
         let children = A::ALL
             .iter()
@@ -407,7 +415,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     Ok(g)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
@@ -543,7 +556,11 @@ impl GatewayMetrics {
                 "Duration of requests to the UDC.",
                 UPSTREAM_SECONDS_BUCKETS,
             )?,
-            upstream_up: gauge(r, "dapgw_upstream_up", "1 while the upstream link to the UDC works.")?,
+            upstream_up: gauge(
+                r,
+                "dapgw_upstream_up",
+                "1 while the upstream link to the UDC works.",
+            )?,
             spool_bytes: gauge(r, "dapgw_spool_bytes", "Bytes held in the spool on disk.")?,
             spool_entries: gauge(r, "dapgw_spool_entries", "Entries waiting in the spool.")?,
             spool_rejected: counter(
@@ -669,7 +686,11 @@ impl UdcMetrics {
             )?,
             readings: counter(r, "dapgw_udc_readings_total", "Readings accepted.")?,
             group_updates: counter(r, "dapgw_udc_group_updates_total", "Group messages sent.")?,
-            acks: counter(r, "dapgw_udc_acks_total", "Member acknowledgements accepted.")?,
+            acks: counter(
+                r,
+                "dapgw_udc_acks_total",
+                "Member acknowledgements accepted.",
+            )?,
             store: Histogram1::register(
                 r,
                 "dapgw_udc_store_seconds",
@@ -718,7 +739,10 @@ impl ProcessMetrics {
                 "dapgw_process_resident_memory_bytes",
                 "Resident memory of this process.",
             )?,
-            fds: IntGauge::new("dapgw_process_open_fds", "Open file descriptors of this process.")?,
+            fds: IntGauge::new(
+                "dapgw_process_open_fds",
+                "Open file descriptors of this process.",
+            )?,
         };
         r.register(Box::new(m.clone()))?;
         Ok(m)
@@ -784,7 +808,12 @@ fn read_rss_bytes(path: &Path) -> Option<i64> {
 
 fn parse_rss_bytes(status: &str) -> Option<i64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: i64 = line["VmRSS:".len()..].trim().strip_suffix("kB")?.trim().parse().ok()?;
+    let kb: i64 = line["VmRSS:".len()..]
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
     kb.checked_mul(1024)
 }
 
@@ -827,9 +856,16 @@ mod tests {
             .get(MemberEndpoint::Uplink, RequestOutcome::Overloaded)
             .inc();
         let text = encode(&r);
-        assert!(text.contains("dapgw_member_requests_total{endpoint=\"uplink\",outcome=\"overloaded\"} 1"));
+        assert!(
+            text.contains(
+                "dapgw_member_requests_total{endpoint=\"uplink\",outcome=\"overloaded\"} 1"
+            )
+        );
         assert!(text.contains("dapgw_member_requests_total{endpoint=\"uplink\",outcome=\"ok\"} 0"));
-        assert!(text.contains(&format!("dapgw_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains(&format!(
+            "dapgw_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 
     #[test]
@@ -837,7 +873,10 @@ mod tests {
         let r = Registry::new();
         UdcMetrics::register(&r);
         assert!(UdcMetrics::try_register(&r).is_err());
-        assert!(GatewayMetrics::try_register(&r).is_err(), "build_info clashes");
+        assert!(
+            GatewayMetrics::try_register(&r).is_err(),
+            "build_info clashes"
+        );
     }
 
     #[test]

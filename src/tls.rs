@@ -271,7 +271,11 @@ impl ResolvesClientCert for ReloadableCert {
     }
 }
 
-fn certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs(cert)?;
     let der = load_key(key)?;
     let ck = CertifiedKey::from_der(chain, der, provider).map_err(|source| TlsError::Key {
@@ -393,7 +397,11 @@ impl ReloadableClient {
 /// Builds the upstream client configuration: TLS 1.3, ALPN h2, trusting only
 /// the CA certificates in `ca_path`, authenticating with
 /// `client_cert`/`client_key`.
-pub fn client_config(ca_path: &Path, client_cert: &Path, client_key: &Path) -> Result<ReloadableClient, TlsError> {
+pub fn client_config(
+    ca_path: &Path,
+    client_cert: &Path,
+    client_key: &Path,
+) -> Result<ReloadableClient, TlsError> {
     let provider = provider();
     let roots = load_roots(ca_path)?;
     let cert = Arc::new(ReloadableCert::load(client_cert, client_key)?);
@@ -418,7 +426,9 @@ pub fn client_config(ca_path: &Path, client_cert: &Path, client_key: &Path) -> R
 /// client sent no certificate (rustls only exposes verified ones) or the
 /// name is not printable ASCII.
 pub fn peer_identity(conn: &ServerConnection) -> Option<String> {
-    conn.peer_certificates()?.first().and_then(|c| identity_from_der(c))
+    conn.peer_certificates()?
+        .first()
+        .and_then(|c| identity_from_der(c))
 }
 
 /// [`peer_identity`] for a certificate in DER.
@@ -528,7 +538,9 @@ mod der {
                 if n == 0 || n > 4 || rest.len() < n {
                     return None;
                 }
-                let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+                let len = rest[..n]
+                    .iter()
+                    .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
                 (len, &rest[n..])
             };
             if rest.len() < len {
@@ -562,8 +574,8 @@ pub mod dev_pki {
     use std::path::{Path, PathBuf};
 
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
     };
     use zeroize::Zeroizing;
 
@@ -590,9 +602,9 @@ pub mod dev_pki {
     pub fn valid_name(name: &str) -> bool {
         (1..=64).contains(&name.len())
             && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            })
     }
 
     fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
@@ -656,7 +668,11 @@ pub mod dev_pki {
     /// `127.0.0.1` and `server_names`) and one client certificate per
     /// `client_names` entry (DNS SAN and CN = the name) into `dir`,
     /// creating it. Existing files of the same names are replaced.
-    pub fn generate(dir: &Path, server_names: &[String], client_names: &[String]) -> Result<DevPki, TlsError> {
+    pub fn generate(
+        dir: &Path,
+        server_names: &[String],
+        client_names: &[String],
+    ) -> Result<DevPki, TlsError> {
         for name in client_names {
             if !valid_name(name) {
                 return Err(TlsError::Config(format!(
@@ -670,7 +686,8 @@ pub mod dev_pki {
         })?;
 
         let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("ca"))?;
-        ca.distinguished_name.push(DnType::CommonName, "dapgw dev CA");
+        ca.distinguished_name
+            .push(DnType::CommonName, "dapgw dev CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate().map_err(gen_err("ca"))?;
@@ -697,13 +714,25 @@ pub mod dev_pki {
 
         let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         names.extend(server_names.iter().cloned());
-        let (cert, key) = leaf(names, "localhost", ExtendedKeyUsagePurpose::ServerAuth, &issuer, "server certificate")?;
+        let (cert, key) = leaf(
+            names,
+            "localhost",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &issuer,
+            "server certificate",
+        )?;
         write(&pki.server_cert, cert.pem().as_bytes(), 0o644)?;
         write_key(&pki.server_key, &key)?;
 
         for (name, cert_path, key_path) in &pki.clients {
             let what = format!("client certificate {name}");
-            let (cert, key) = leaf(vec![name.clone()], name, ExtendedKeyUsagePurpose::ClientAuth, &issuer, &what)?;
+            let (cert, key) = leaf(
+                vec![name.clone()],
+                name,
+                ExtendedKeyUsagePurpose::ClientAuth,
+                &issuer,
+                &what,
+            )?;
             write(cert_path, cert.pem().as_bytes(), 0o644)?;
             write_key(key_path, &key)?;
         }
@@ -730,14 +759,19 @@ mod tests {
     #[test]
     fn identity_of_generated_certs() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = dev_pki::generate(dir.path(), &["udc.internal".into()], &["gw-0017".into()]).unwrap();
+        let pki =
+            dev_pki::generate(dir.path(), &["udc.internal".into()], &["gw-0017".into()]).unwrap();
         let client = load_certs(&pki.clients[0].1).unwrap();
         assert_eq!(identity_from_der(&client[0]).as_deref(), Some("gw-0017"));
         let server = load_certs(&pki.server_cert).unwrap();
         assert_eq!(identity_from_der(&server[0]).as_deref(), Some("localhost"));
         // The CA has no SAN: its CN is used.
         let ca = load_certs(&pki.ca_cert).unwrap();
-        assert_eq!(identity_from_der(&ca[0]), None, "CN with a space is not an identity");
+        assert_eq!(
+            identity_from_der(&ca[0]),
+            None,
+            "CN with a space is not an identity"
+        );
         // Every prefix of a certificate is refused without panicking.
         for n in 0..client[0].len() {
             let _ = identity_from_der(&client[0][..n]);
@@ -747,10 +781,16 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
     use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
-    type Pair = (server::TlsStream<tokio::io::DuplexStream>, client::TlsStream<tokio::io::DuplexStream>);
+    type Pair = (
+        server::TlsStream<tokio::io::DuplexStream>,
+        client::TlsStream<tokio::io::DuplexStream>,
+    );
 
     /// One handshake over an in-memory pipe.
-    async fn handshake(acceptor: TlsAcceptor, connector: TlsConnector) -> Result<Pair, std::io::Error> {
+    async fn handshake(
+        acceptor: TlsAcceptor,
+        connector: TlsConnector,
+    ) -> Result<Pair, std::io::Error> {
         let (a, b) = duplex(64 * 1024);
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
@@ -781,7 +821,10 @@ mod tests {
         let conn = s.get_ref().1;
         assert_eq!(peer_identity(conn).as_deref(), Some("gw-1"));
         assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
-        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.unwrap();
@@ -792,17 +835,23 @@ mod tests {
     async fn client_certificates_required_or_optional() {
         let dir = tempfile::tempdir().unwrap();
         let p = pki(dir.path());
-        let required = server_config(&p.server_cert, &p.server_key, Some(&p.ca_cert), true).unwrap();
+        let required =
+            server_config(&p.server_cert, &p.server_key, Some(&p.ca_cert), true).unwrap();
         // The server's accept fails for a client without a certificate.
         let res = handshake(required.acceptor(), anonymous_client(&p.ca_cert)).await;
         assert!(res.is_err(), "anonymous client admitted");
 
-        let optional = server_config(&p.server_cert, &p.server_key, Some(&p.ca_cert), false).unwrap();
-        let (s, _c) = handshake(optional.acceptor(), anonymous_client(&p.ca_cert)).await.unwrap();
+        let optional =
+            server_config(&p.server_cert, &p.server_key, Some(&p.ca_cert), false).unwrap();
+        let (s, _c) = handshake(optional.acceptor(), anonymous_client(&p.ca_cert))
+            .await
+            .unwrap();
         assert_eq!(peer_identity(s.get_ref().1), None);
 
         let none = server_config(&p.server_cert, &p.server_key, None, false).unwrap();
-        handshake(none.acceptor(), anonymous_client(&p.ca_cert)).await.unwrap();
+        handshake(none.acceptor(), anonymous_client(&p.ca_cert))
+            .await
+            .unwrap();
         assert!(matches!(
             server_config(&p.server_cert, &p.server_key, None, true),
             Err(TlsError::Config(_))
@@ -833,14 +882,22 @@ mod tests {
         std::fs::copy(&pa.server_cert, &cert).unwrap();
         std::fs::copy(&pa.server_key, &key).unwrap();
         let srv = server_config(&cert, &key, None, false).unwrap();
-        let (mut s1, mut c1) = handshake(srv.acceptor(), anonymous_client(&pa.ca_cert)).await.unwrap();
+        let (mut s1, mut c1) = handshake(srv.acceptor(), anonymous_client(&pa.ca_cert))
+            .await
+            .unwrap();
 
         // Rotate to B's certificate.
         std::fs::copy(&pb.server_cert, &cert).unwrap();
         std::fs::copy(&pb.server_key, &key).unwrap();
         srv.reload().unwrap();
-        assert!(handshake(srv.acceptor(), anonymous_client(&pa.ca_cert)).await.is_err());
-        handshake(srv.acceptor(), anonymous_client(&pb.ca_cert)).await.unwrap();
+        assert!(
+            handshake(srv.acceptor(), anonymous_client(&pa.ca_cert))
+                .await
+                .is_err()
+        );
+        handshake(srv.acceptor(), anonymous_client(&pb.ca_cert))
+            .await
+            .unwrap();
 
         // The connection made before the reload still carries data.
         c1.write_all(b"still here").await.unwrap();
@@ -854,7 +911,9 @@ mod tests {
         let err = srv.reload().unwrap_err();
         assert!(err.to_string().contains("tls.key"), "{err}");
         assert_eq!(srv.cert().chain(), served);
-        handshake(srv.acceptor(), anonymous_client(&pb.ca_cert)).await.unwrap();
+        handshake(srv.acceptor(), anonymous_client(&pb.ca_cert))
+            .await
+            .unwrap();
         // A key from another certificate: refused as a mismatch.
         std::fs::copy(&pa.server_key, &key).unwrap();
         assert!(matches!(srv.reload(), Err(TlsError::Key { .. })));
@@ -866,7 +925,10 @@ mod tests {
         let p = pki(dir.path());
         let missing = dir.path().join("missing.pem");
         let err = server_config(&missing, &p.server_key, None, false).unwrap_err();
-        assert!(matches!(err, TlsError::Read { .. }) && err.to_string().contains("missing.pem"), "{err}");
+        assert!(
+            matches!(err, TlsError::Read { .. }) && err.to_string().contains("missing.pem"),
+            "{err}"
+        );
         // A key file where certificates are expected holds no certificate.
         let err = load_certs(&p.server_key).unwrap_err();
         assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
@@ -882,7 +944,8 @@ mod tests {
     fn dev_pki_keys_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let p = dev_pki::generate(dir.path(), &["udc".into()], &["a".into(), "b.c".into()]).unwrap();
+        let p =
+            dev_pki::generate(dir.path(), &["udc".into()], &["a".into(), "b.c".into()]).unwrap();
         for key in [&p.ca_key, &p.server_key, &p.clients[0].2, &p.clients[1].2] {
             let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
@@ -895,9 +958,16 @@ mod tests {
     fn cn_is_the_identity_without_a_san() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::OrganizationName, "dapgw");
-        params.distinguished_name.push(rcgen::DnType::CommonName, "gw-cn.example");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "dapgw");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gw-cn.example");
         let cert = params.self_signed(&key).unwrap();
-        assert_eq!(identity_from_der(cert.der()).as_deref(), Some("gw-cn.example"));
+        assert_eq!(
+            identity_from_der(cert.der()).as_deref(),
+            Some("gw-cn.example")
+        );
     }
 }

@@ -99,7 +99,12 @@ async fn endpoints_and_readiness_transitions() {
     let (status, headers, body) = get(addr, "/healthz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.trim(), "ok");
-    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
 
     // Not ready at start: both parts named.
     let (status, headers, body) = get(addr, "/readyz").await;
@@ -122,7 +127,10 @@ async fn endpoints_and_readiness_transitions() {
 
     // Upstream lost, then back.
     readiness.set_upstream(false);
-    assert_eq!(get(addr, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        get(addr, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     readiness.set_upstream(true);
     assert_eq!(get(addr, "/readyz").await.0, StatusCode::OK);
 
@@ -146,7 +154,10 @@ async fn endpoints_and_readiness_transitions() {
     assert!(body.contains("dapgw_build_info{version="), "{body}");
 
     // HEAD works; other methods on known paths are refused; unknown paths 404.
-    assert_eq!(request(addr, Method::HEAD, "/healthz").await.0, StatusCode::OK);
+    assert_eq!(
+        request(addr, Method::HEAD, "/healthz").await.0,
+        StatusCode::OK
+    );
     let (status, headers, _) = request(addr, Method::POST, "/metrics").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(headers["allow"], "GET, HEAD");
@@ -205,9 +216,13 @@ async fn probe_reports_readiness() {
 
     readiness.set_upstream(true);
     readiness.set_spool(true);
-    admin::probe(&format!("http://{target}/"), ProbeCheck::Ready, PROBE_TIMEOUT)
-        .await
-        .unwrap();
+    admin::probe(
+        &format!("http://{target}/"),
+        ProbeCheck::Ready,
+        PROBE_TIMEOUT,
+    )
+    .await
+    .unwrap();
     server.stop().await;
 
     // Nothing listens any more.
@@ -232,9 +247,13 @@ async fn probe_times_out_on_a_silent_peer() {
         std::future::pending::<()>().await;
         drop(s);
     });
-    let err = admin::probe(&addr.to_string(), ProbeCheck::Live, Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let err = admin::probe(
+        &addr.to_string(),
+        ProbeCheck::Live,
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ProbeError::Timeout { .. }), "{err:?}");
     hold.abort();
 }
@@ -243,9 +262,8 @@ async fn probe_times_out_on_a_silent_peer() {
 async fn fallback_serves_other_paths() {
     let fallback: Fallback = Arc::new(|req: Request<Bytes>| {
         Box::pin(async move {
-            (req.uri().path() == "/v1/operator").then(|| {
-                hyper::Response::new(Full::new(Bytes::from_static(b"operator\n")))
-            })
+            (req.uri().path() == "/v1/operator")
+                .then(|| hyper::Response::new(Full::new(Bytes::from_static(b"operator\n"))))
         })
     });
     let server = Server::start(Registry::new(), Readiness::udc(), Some(fallback)).await;
@@ -272,7 +290,12 @@ fn promtool_check(page: &str) -> Option<(bool, String)> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => panic!("running promtool: {e}"),
     };
-    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = format!(
         "{}{}",
@@ -289,12 +312,16 @@ async fn promtool_accepts_both_metric_pages() {
     ProcessMetrics::register(&gw).unwrap();
     gm.batch_entries.observe(700.0);
     gm.upstream_request_duration.observe(12.5);
-    gm.batches.get(EntryKind::Uplink, telemetry::BatchOutcome::Error).inc();
+    gm.batches
+        .get(EntryKind::Uplink, telemetry::BatchOutcome::Error)
+        .inc();
 
     let udc = Registry::new();
     let um = UdcMetrics::register(&udc);
     ProcessMetrics::register(&udc).unwrap();
-    um.batches.get(EntryKind::Response, UdcBatchOutcome::Localized).inc();
+    um.batches
+        .get(EntryKind::Response, UdcBatchOutcome::Localized)
+        .inc();
     um.store.get(telemetry::StoreOp::Write).observe(0.003);
 
     let mut pages = Vec::new();
@@ -308,7 +335,10 @@ async fn promtool_accepts_both_metric_pages() {
 
     for (name, page) in &pages {
         match promtool_check(page) {
-            Some((ok, out)) => assert!(ok, "promtool check metrics failed for {name}:\n{out}\n{page}"),
+            Some((ok, out)) => assert!(
+                ok,
+                "promtool check metrics failed for {name}:\n{out}\n{page}"
+            ),
             None => {
                 assert_ne!(
                     std::env::var("CI").as_deref(),
@@ -330,4 +360,46 @@ async fn promtool_rejects_a_bad_page() {
         Some((ok, out)) => assert!(!ok, "promtool accepted a bad page: {out}"),
         None => eprintln!("skipped: promtool not installed (apt-get install prometheus)"),
     }
+}
+
+/// Runs `dapgw health ARGS` and returns its exit code and stderr.
+async fn dapgw_health(args: &[&str]) -> (Option<i32>, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
+            .arg("health")
+            .args(&args)
+            .env_remove("DAPGW_ADMIN_LISTEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn dapgw_health_exit_codes() {
+    let readiness = Readiness::gateway();
+    let server = Server::start(Registry::new(), readiness.clone(), None).await;
+    let url = server.addr.to_string();
+
+    let (code, err) = dapgw_health(&["--url", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("503") && err.contains("upstream"), "{err}");
+    let (code, err) = dapgw_health(&["--url", &url, "--live"]).await;
+    assert_eq!(code, Some(0), "{err}");
+
+    readiness.set_upstream(true);
+    readiness.set_spool(true);
+    let (code, err) = dapgw_health(&["--url", &format!("http://{url}")]).await;
+    assert_eq!(code, Some(0), "{err}");
+
+    server.stop().await;
+    let (code, err) = dapgw_health(&["--url", &url, "--live"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
 }

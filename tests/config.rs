@@ -2,10 +2,15 @@
 //! bad values are refused naming the variable, and every problem is reported
 //! at once. Each test runs in a `figment::Jail` (own cwd, restored env).
 
+// `Jail::expect_with` fixes the closure's error type to figment's (large) one.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use dapgw::config::{ByteSize, ConfigError, DefaultMode, GatewayConfig, UdcConfig, load_gateway, load_udc};
+use dapgw::config::{
+    ByteSize, ConfigError, DefaultMode, GatewayConfig, UdcConfig, load_gateway, load_udc,
+};
 use dapgw::telemetry::LogFormat;
 use figment::Jail;
 
@@ -64,7 +69,10 @@ fn gateway_defaults() {
         let c = load_gateway(None).unwrap();
         let d = GatewayConfig::default();
         assert_eq!(c.listen, "0.0.0.0:8443".parse::<SocketAddr>().unwrap());
-        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.admin_listen,
+            "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(c.spool_dir, Path::new("/var/lib/dapgw/spool"));
         assert_eq!(c.spool_max_bytes, ByteSize(256 * 1024 * 1024));
         assert_eq!(c.batch_max_entries, 1024);
@@ -152,7 +160,10 @@ fn udc_defaults_and_every_udc_variable_is_read() {
         udc_env(jail);
         let c = load_udc(None).unwrap();
         assert_eq!(c.listen, "0.0.0.0:9443".parse::<SocketAddr>().unwrap());
-        assert_eq!(c.admin_listen, "127.0.0.1:9091".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.admin_listen,
+            "127.0.0.1:9091".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(c.store_url.expose(), "sqlite:///var/lib/dapgw/udc.sqlite3");
         assert_eq!(c.default_mode, DefaultMode::PskEcdhe);
         assert_eq!(c.admin_token_file, None);
@@ -180,7 +191,10 @@ fn udc_defaults_and_every_udc_variable_is_read() {
         assert_eq!(c.tls_cert, Path::new("a.pem"));
         assert_eq!(c.tls_key, Path::new("a.key"));
         assert_eq!(c.client_ca, Path::new("b.pem"));
-        assert_eq!(c.admin_listen, "127.0.0.1:19091".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.admin_listen,
+            "127.0.0.1:19091".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(c.admin_token_file, Some(PathBuf::from("token")));
         assert_eq!(c.store_url.expose(), "postgres://dapgw@db.local/udc");
         assert_eq!(c.master_secret_file, Path::new("ms2"));
@@ -206,7 +220,10 @@ const GATEWAY_BAD: &[(&str, &str)] = &[
     ("DAPGW_UPSTREAM_CLIENT_CERT", "missing.pem"),
     ("DAPGW_UPSTREAM_CLIENT_KEY", "missing.key"),
     ("DAPGW_GATEWAY_ID", "Gateway 1"),
-    ("DAPGW_GATEWAY_ID", "a-very-long-gateway-identifier-that-goes-on-and-on-past-sixty-four-bytes"),
+    (
+        "DAPGW_GATEWAY_ID",
+        "a-very-long-gateway-identifier-that-goes-on-and-on-past-sixty-four-bytes",
+    ),
     ("DAPGW_LISTEN", "8443"),
     ("DAPGW_LISTEN", "localhost:http"),
     ("DAPGW_TLS_CERT", "missing.pem"),
@@ -326,10 +343,19 @@ fn all_problems_are_reported_at_once() {
         assert_eq!(err.problems().len(), 5, "{err}");
         // One line per problem under a header.
         let text = err.to_string();
-        assert!(text.starts_with("invalid gateway configuration (5 problems):"), "{text}");
+        assert!(
+            text.starts_with("invalid gateway configuration (5 problems):"),
+            "{text}"
+        );
         assert_eq!(text.lines().count(), 6, "{text}");
-        assert!(text.contains("DAPGW_SPOOL_MAX_BYTES (from environment variable)"), "{text}");
-        assert!(text.contains("KiB, MiB or GiB"), "says what is expected: {text}");
+        assert!(
+            text.contains("DAPGW_SPOOL_MAX_BYTES (from environment variable)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("KiB, MiB or GiB"),
+            "says what is expected: {text}"
+        );
         Ok(())
     });
 }
@@ -483,7 +509,12 @@ fn toml_then_env_precedence() {
         jail.create_file("other.toml", "batch_linger_ms = 400\n")?;
         jail.set_env("DAPGW_CONFIG", "other.toml");
         assert_eq!(load_gateway(None).unwrap().batch_linger_ms, 400);
-        assert_eq!(load_gateway(Some(Path::new("gw.toml"))).unwrap().batch_linger_ms, 300);
+        assert_eq!(
+            load_gateway(Some(Path::new("gw.toml")))
+                .unwrap()
+                .batch_linger_ms,
+            300
+        );
 
         // A bad TOML value is reported with the file's name.
         jail.create_file("bad.toml", "batch_max_entries = \"lots\"\n")?;
@@ -523,10 +554,16 @@ fn numeric_looking_strings_keep_their_text() {
 fn debug_and_errors_print_no_secret() {
     Jail::expect_with(|jail| {
         udc_env(jail);
-        jail.set_env("DAPGW_STORE_URL", "postgres://dapgw:hunter2@db/udc?password=hunter3");
+        jail.set_env(
+            "DAPGW_STORE_URL",
+            "postgres://dapgw:hunter2@db/udc?password=hunter3",
+        );
         let c = load_udc(None).unwrap();
         let debug = format!("{c:?}");
-        assert!(!debug.contains("hunter2") && !debug.contains("hunter3"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("hunter3"),
+            "{debug}"
+        );
         assert!(debug.contains("<redacted>"), "{debug}");
         assert_eq!(
             c.store_url.expose(),
@@ -535,12 +572,92 @@ fn debug_and_errors_print_no_secret() {
 
         jail.set_env("DAPGW_STORE_URL", "mysql://root:hunter2@db/udc");
         let err = udc_err().to_string();
-        assert!(err.contains("DAPGW_STORE_URL") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("DAPGW_STORE_URL") && !err.contains("hunter2"),
+            "{err}"
+        );
 
         gateway_env(jail);
         jail.set_env("DAPGW_UPSTREAM_URL", "http://u:hunter2@udc");
         let err = gw_err().to_string();
-        assert!(err.contains("DAPGW_UPSTREAM_URL") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("DAPGW_UPSTREAM_URL") && !err.contains("hunter2"),
+            "{err}"
+        );
         Ok(())
     });
+}
+
+/// The `dapgw` binary with a clean environment.
+fn dapgw(dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"));
+    cmd.env_clear().current_dir(dir);
+    cmd
+}
+
+#[test]
+fn cli_exits_64_naming_every_bad_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dapgw(dir.path())
+        .args(["gateway"])
+        .env("DAPGW_GATEWAY_ID", "0017")
+        .env("DAPGW_CHUNK_SIZE", "4096")
+        .env("DAPGW_STORE_URL", "sqlite:///x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for var in [
+        "DAPGW_UPSTREAM_URL",
+        "DAPGW_CHUNK_SIZE",
+        "DAPGW_STORE_URL",
+        "DAPGW_TLS_CERT",
+    ] {
+        assert!(err.contains(var), "{var} not named: {err}");
+    }
+    assert!(
+        !err.contains("DAPGW_GATEWAY_ID"),
+        "0017 is a valid id: {err}"
+    );
+
+    let out = dapgw(dir.path())
+        .args(["udc", "--config", "missing.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn cli_json_logs_are_all_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dapgw::tls::dev_pki::generate(dir.path(), &[], &["gw-1".into()]).unwrap();
+    // Hold the admin port so the gateway fails right after logging starts.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = held.local_addr().unwrap().to_string();
+    let out = dapgw(dir.path())
+        .args(["gateway"])
+        .env("DAPGW_UPSTREAM_URL", "https://localhost:9443")
+        .env("DAPGW_UPSTREAM_CA", &pki.ca_cert)
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", &pki.clients[0].1)
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", &pki.clients[0].2)
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_TLS_CERT", &pki.server_cert)
+        .env("DAPGW_TLS_KEY", &pki.server_key)
+        .env("DAPGW_LISTEN", "127.0.0.1:0")
+        .env("DAPGW_SPOOL_DIR", dir.path().join("spool"))
+        .env("DAPGW_ADMIN_LISTEN", &admin)
+        .env("DAPGW_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!err.trim().is_empty());
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(err.contains("DAPGW_ADMIN_LISTEN"), "{err}");
+    drop(held);
 }
