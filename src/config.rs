@@ -940,8 +940,8 @@ fn unknown_env(service: Service, p: &mut Problems) {
     }
 }
 
-/// Builds the layered figment and checks the file and key names. Returns
-/// `None` if the file could not be read at all.
+/// Builds the layered figment (file, then environment) and records
+/// problems with the file and with unknown variables or keys.
 fn layered(service: Service, config_path: Option<&Path>, p: &mut Problems) -> Figment {
     let mut fig = Figment::new();
     let from_env = std::env::var_os(CONFIG_VAR).filter(|v| !v.is_empty());
