@@ -31,19 +31,34 @@ const ID: u64 = 0x0000_0001_0000_03E9;
 const KV: u32 = 2;
 const PAYLOAD_9: &[u8; 9] = b"kWh=12345";
 
-fn inputs() -> ([u8; 32], [u8; 32], [u8; 16], [u8; 32], [u8; 32]) {
-    (
-        pattern(0x00), // MS
-        pattern(0xA0), // ch_hash
-        pattern(0x40), // n_i
-        pattern(0x60), // e_i secret
-        pattern(0x80), // e_V secret
-    )
+/// The fixed inputs of both cases.
+struct Inputs {
+    ms: [u8; 32],
+    ch_hash: [u8; 32],
+    n_i: [u8; 16],
+    e_i_secret: [u8; 32],
+    e_v_secret: [u8; 32],
+}
+
+fn inputs() -> Inputs {
+    Inputs {
+        ms: pattern(0x00),
+        ch_hash: pattern(0xA0),
+        n_i: pattern(0x40),
+        e_i_secret: pattern(0x60),
+        e_v_secret: pattern(0x80),
+    }
 }
 
 /// Every value of one mode, computed with dapgw's own API.
 fn compute_with_dapgw(ecdhe: bool) -> Value {
-    let (ms, ch_hash, n_i, e_i_secret, e_v_secret) = inputs();
+    let Inputs {
+        ms,
+        ch_hash,
+        n_i,
+        e_i_secret,
+        e_v_secret,
+    } = inputs();
     let deriver = MemberKeyDeriver::new(&MasterSecret::from_bytes(ms));
     let k_i = deriver.member_key(ID, KV);
     let (e_i, e_v) = (
@@ -94,7 +109,9 @@ fn compute_with_dapgw(ecdhe: bool) -> Value {
 }
 
 fn compute_file_with_dapgw() -> Value {
-    let (ms, ch_hash, n_i, _, _) = inputs();
+    let Inputs {
+        ms, ch_hash, n_i, ..
+    } = inputs();
     json!({
         "description": "dapgw v1 suite 1 key schedule (docs/protocol.md, Key schedule). \
                         Byte strings are lowercase hex; id and kv are integers, encoded \
