@@ -135,7 +135,7 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
         b.iter(|| respond(&mut member, black_box(&ch1), &mut rng))
     });
 
-    let mut fresh = Member::new(&cred).unwrap();
+    let mut fresh = Member::restore(&cred, &state).unwrap();
     let ch2_resp = respond(&mut fresh, &ch2_psk, &mut rng);
     let pending = fresh.state_bytes();
     let conf = v.confirm(&ch2_psk, &ch2_resp, &cred.key);

@@ -29,7 +29,7 @@ const CHECKSUM_LEN: usize = 16;
 pub(crate) const MAX_GROUPS: usize = 256;
 /// Longest stored response: a psk-ecdhe Response with a full payload (the
 /// same bound as the inner message of a Direct).
-const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
+pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 
 /// Everything a member must keep across reboots, and nothing else.
 ///

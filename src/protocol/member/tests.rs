@@ -1404,3 +1404,35 @@ fn direct_wraps_a_sealed_message_as_a_batch_of_one() {
     // Only a Response or an Uplink can go direct.
     assert!(matches!(direct(&ch), Err(MemberError::Malformed(_))));
 }
+
+#[test]
+fn input_caps_are_the_largest_valid_messages() {
+    let v = TestV::new();
+    let mut ch = challenge(G, 1);
+    ch.e_v = Some([9; 32]);
+    ch.purpose = Purpose::Read(Bytes::from(vec![
+        0u8;
+        crate::protocol::wire::MAX_READ_REQUEST
+    ]));
+    ch.not_after = Some(1);
+    let ch = v.sign(ch);
+    assert_eq!(ch.len(), MAX_CHALLENGE_LEN);
+    let mut m =
+        GroupMessage::decode(&TestV::new().group_message(G, 1, 1, 1, &[0; 16], b"")).unwrap();
+    m.c = Bytes::from(vec![0u8; crate::protocol::wire::MAX_GROUP_CIPHERTEXT]);
+    assert_eq!(m.encoded_len(), MAX_GROUP_MESSAGE_LEN);
+    assert_eq!(
+        state::MAX_RESPONSE_LEN,
+        Response {
+            id: MemberId(1),
+            kv: 1,
+            group: G,
+            round: 1,
+            n_i: [0; 16],
+            e_i: Some([0; 32]),
+            c: Bytes::from(vec![0u8; MAX_PAYLOAD]),
+            tag: [0; 16],
+        }
+        .encoded_len()
+    );
+}
