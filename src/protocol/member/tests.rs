@@ -1436,3 +1436,23 @@ fn input_caps_are_the_largest_valid_messages() {
         .encoded_len()
     );
 }
+
+#[test]
+fn unusable_credentials_are_refused() {
+    let v = TestV::new();
+    let mut cred = v.credential(ID, &[G.0]);
+    cred.root_public_key = [0; 32];
+    assert_eq!(
+        Member::new(&cred).map(|_| ()),
+        Err(MemberError::InvalidCredential("root public key"))
+    );
+    let cred = v.credential(ID, &(0..=256).collect::<Vec<u32>>());
+    assert_eq!(
+        Member::new(&cred).map(|_| ()),
+        Err(MemberError::InvalidCredential("too many groups"))
+    );
+    // Duplicate groups collapse; the most a state can hold still restores.
+    let cred = v.credential(ID, &[(0..256).collect::<Vec<u32>>(), vec![0]].concat());
+    let m = Member::new(&cred).unwrap();
+    assert!(Member::restore(&cred, &m.state_bytes()).is_ok());
+}
