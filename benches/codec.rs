@@ -70,7 +70,9 @@ fn bench_codec(c: &mut Criterion) {
             black_box(&out);
         })
     });
-    g.bench_function("response/decode", |b| b.iter(|| Response::decode(black_box(&rb)).unwrap()));
+    g.bench_function("response/decode", |b| {
+        b.iter(|| Response::decode(black_box(&rb)).unwrap())
+    });
 
     let u = uplink();
     let ub = u.to_bytes();
@@ -83,7 +85,9 @@ fn bench_codec(c: &mut Criterion) {
             black_box(&out);
         })
     });
-    g.bench_function("uplink/decode", |b| b.iter(|| Uplink::decode(black_box(&ub)).unwrap()));
+    g.bench_function("uplink/decode", |b| {
+        b.iter(|| Uplink::decode(black_box(&ub)).unwrap())
+    });
 
     let bt = batch(1_000);
     let bb = bt.to_bytes();
@@ -96,8 +100,12 @@ fn bench_codec(c: &mut Criterion) {
             black_box(&out);
         })
     });
-    g.bench_function("batch_1000/to_bytes", |b| b.iter(|| black_box(&bt).to_bytes()));
-    g.bench_function("batch_1000/decode", |b| b.iter(|| Batch::decode(black_box(&bb)).unwrap()));
+    g.bench_function("batch_1000/to_bytes", |b| {
+        b.iter(|| black_box(&bt).to_bytes())
+    });
+    g.bench_function("batch_1000/decode", |b| {
+        b.iter(|| Batch::decode(black_box(&bb)).unwrap())
+    });
     g.finish();
 }
 
