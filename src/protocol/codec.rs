@@ -1,13 +1,13 @@
 //! Byte-level reading and writing for the wire messages in [`super::wire`].
 //!
 //! This is the bottom of the protocol core: every byte a peer sends passes
-//! through a [`Reader`] before any other code looks at it. The reader checks
+//! through a `Reader` before any other code looks at it. The reader checks
 //! each length against its cap and against the remaining input *before*
 //! anything is allocated, hands variable-length fields out as [`Bytes`]
 //! slices of the input (never copies), and rejects trailing bytes. Failures
 //! are a small `Copy` [`DecodeError`] naming the field, so hostile input costs
 //! no allocation. Writing goes into a [`BytesMut`] through the `put_*`
-//! helpers, or into fixed-size arrays through [`FixedWriter`] for AADs.
+//! helpers, or into fixed-size arrays through `FixedWriter` for AADs.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
