@@ -42,8 +42,8 @@ use super::codec::DecodeError;
 use super::suite;
 use super::wire::{
     Batch, BatchBody, BatchKind, ChunkTags, GatewayId, GroupId, MAX_BATCH_ENTRIES, MAX_CHUNK_SIZE,
-    MAX_PAYLOAD, MAX_TAG_REQUEST_CHUNKS, MemberId, Message, Mode, Response, ResponseEntry,
-    SessionId, TagReply, Uplink, UplinkEntry, Verdict, VerdictBody,
+    MAX_PAYLOAD, MAX_TAG_REQUEST_CHUNKS, MemberId, Message, Mode, Response, SessionId, TagReply,
+    Uplink, Verdict, VerdictBody,
 };
 
 /// How the aggregator cuts batches and bounds its memory.
