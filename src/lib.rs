@@ -15,3 +15,12 @@
 #![forbid(unsafe_code)]
 
 pub mod protocol;
+
+#[cfg(feature = "service")]
+pub mod admin;
+#[cfg(feature = "service")]
+pub mod config;
+#[cfg(feature = "service")]
+pub mod telemetry;
+#[cfg(feature = "service")]
+pub mod tls;

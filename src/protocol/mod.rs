@@ -4,5 +4,6 @@
 pub mod aggregator;
 pub mod codec;
 pub mod keys;
+pub mod member;
 pub mod suite;
 pub mod wire;
