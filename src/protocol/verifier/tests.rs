@@ -7,11 +7,12 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::protocol::keys::{
     MemberKey, Prk0, SessionKeys, response_keys, session_keys, sign_key_certificate,
-    transcript_hash,
+    transcript_hash, uplink_nonce,
 };
 use crate::protocol::suite::{EphemeralKeyPair, Gcm, VerifyingKey};
 use crate::protocol::wire::{
-    Challenge, ChunkTags, GroupId, KeyCertificate, Purpose, ResponseEntry,
+    AckPayload, Challenge, ChunkTags, GroupId, GroupMessage, KeyCertificate, KeyUpdate, Purpose,
+    Rekey, ResponseEntry, UplinkEntry, UplinkKind, uplink_aad,
 };
 
 /// A deterministic generator for reproducible tests (not for keys).
@@ -1144,4 +1145,588 @@ fn verifier_debug_is_redacted() {
     assert!(text.contains("redacted"), "{text}");
     let text = format!("{:?}", f.group);
     assert!(text.contains("redacted"), "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// Sessions, uplinks and acks
+// ---------------------------------------------------------------------------
+
+/// A member's side of a session, as far as the tests need it.
+struct MemberSession {
+    id: MemberId,
+    keys: SessionKeys,
+    gk: [u8; 16],
+}
+
+impl MemberSession {
+    fn sid(&self) -> SessionId {
+        SessionId(self.keys.sid)
+    }
+
+    /// Seals uplink `ctr` as a member does.
+    fn uplink(&self, kind: UplinkKind, ctr: u64, payload: &[u8]) -> (UplinkEntry, [u8; 16]) {
+        let aad = uplink_aad(kind, G, self.id, self.sid(), ctr);
+        let mut c = payload.to_vec();
+        let tag = Gcm::new(self.keys.k_up.expose()).seal_in_place(
+            &uplink_nonce(&self.keys.iv_up, ctr),
+            &aad,
+            &mut c,
+        );
+        let entry = UplinkEntry {
+            id: self.id,
+            sid: self.sid(),
+            kind,
+            ctr,
+            c: Bytes::from(c),
+        };
+        (entry, tag)
+    }
+
+    /// Opens a rekey for this session: the new group key.
+    fn open_rekey(&self, r: &Rekey) -> Option<[u8; 16]> {
+        let mut buf: [u8; 16] = r.c[..16].try_into().unwrap();
+        let tag: [u8; 16] = r.c[16..].try_into().unwrap();
+        Gcm::new(self.keys.k_down.expose())
+            .open_in_place(&r.nonce, &r.aad(), &mut buf, &tag)
+            .ok()?;
+        Some(buf)
+    }
+}
+
+/// Runs one round in `mode` for `members` and returns their sessions.
+fn establish(f: &mut Fixture, members: &[TestMember], mode: Mode) -> Vec<MemberSession> {
+    let (mut round, ch) = f.open(mode, Purpose::Auth);
+    let challenge = Challenge::decode(&ch).unwrap();
+    let sealed: Vec<Sealed> = members
+        .iter()
+        .map(|m| m.respond(&ch, b"", &mut f.rng))
+        .collect();
+    let refs: Vec<&Sealed> = sealed.iter().collect();
+    let batch = f.batch(&round, &refs, 64);
+    let (_, v) = responses(f.handle(&batch, Some(&mut round)));
+    assert!(outcomes(&v.verdict).iter().all(|o| *o == Outcome::Accepted));
+    sealed
+        .iter()
+        .zip(confirms(&v.verdict))
+        .map(|(s, c)| {
+            let keys = s.session(&challenge);
+            let gk = open_confirm(c, &keys);
+            MemberSession {
+                id: s.entry.id,
+                keys,
+                gk,
+            }
+        })
+        .collect()
+}
+
+impl Fixture {
+    fn uplink_batch(&mut self, items: &[(UplinkEntry, [u8; 16])], chunk: u16) -> Batch {
+        let mut sorted = items.to_vec();
+        sorted.sort_by_key(|(e, _)| e.sort_key());
+        let tags: Vec<[u8; 16]> = sorted.iter().map(|(_, t)| *t).collect();
+        let batch_id = self.next_batch;
+        self.next_batch += 1;
+        Batch {
+            gateway_id: GatewayId::new("gw-1").unwrap(),
+            batch_id,
+            group: G,
+            chunk_size: chunk,
+            body: BatchBody::Uplinks {
+                entries: sorted.into_iter().map(|(e, _)| e).collect(),
+            },
+            aggregates: tags.chunks(usize::from(chunk)).map(aggregate).collect(),
+        }
+    }
+}
+
+fn uplinks(out: BatchOutput) -> UplinkVerdict {
+    match out.event {
+        BatchEvent::Uplinks(v) => v,
+        other => panic!("expected an uplink verdict, got {other:?}"),
+    }
+}
+
+fn sorted_tags(items: &[(UplinkEntry, [u8; 16])], chunk: usize, k: usize) -> ChunkTags {
+    let mut sorted = items.to_vec();
+    sorted.sort_by_key(|(e, _)| e.sort_key());
+    ChunkTags {
+        chunk: k as u32,
+        tags: sorted
+            .iter()
+            .skip(k * chunk)
+            .take(chunk)
+            .map(|(_, t)| *t)
+            .collect(),
+    }
+}
+
+#[test]
+fn uplinks_are_accepted_decrypted_and_promote_the_pending_session() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=3);
+    let s = establish(&mut f, &members, Mode::Psk);
+    let items = vec![
+        s[0].uplink(UplinkKind::Reading, 1, b"r1"),
+        s[0].uplink(UplinkKind::Alarm, 2, b"door open"),
+        s[2].uplink(UplinkKind::Reading, 1, b"r3"),
+    ];
+    let batch = f.uplink_batch(&items, 2);
+    let v = uplinks(f.handle(&batch, None));
+    assert_eq!(outcomes(&v.verdict), [Outcome::Accepted; 3]);
+    assert!(confirms(&v.verdict).is_empty());
+    let got: Vec<_> = v
+        .messages
+        .iter()
+        .map(|m| (m.id, m.kind, m.ctr, m.payload.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (MemberId(1), UplinkKind::Reading, 1, b"r1".to_vec()),
+            (MemberId(1), UplinkKind::Alarm, 2, b"door open".to_vec()),
+            (MemberId(3), UplinkKind::Reading, 1, b"r3".to_vec()),
+        ]
+    );
+    assert_eq!(v.touched, [MemberId(1), MemberId(3)]);
+    let slot = f.sessions.get(G, MemberId(1)).unwrap();
+    assert_eq!(slot.current.as_ref().unwrap().sid, s[0].sid());
+    assert!(slot.pending.is_none());
+    assert_eq!(slot.current.as_ref().unwrap().window.top, 2);
+    // Member 2 sent nothing: its session stays pending.
+    assert!(f.sessions.get(G, MemberId(2)).unwrap().pending.is_some());
+}
+
+#[test]
+fn replay_window_sets_aside_duplicates_and_old_counters_and_only_accepted_advance_it() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=1);
+    let s = establish(&mut f, &members, Mode::Psk);
+    let first = vec![s[0].uplink(UplinkKind::Reading, 100, b"a")];
+    let b = f.uplink_batch(&first, 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+
+    // The same uplink again (a new batch id): replayed, no effect.
+    let b = f.uplink_batch(&first, 8);
+    let v = uplinks(f.handle(&b, None));
+    assert_eq!(outcomes(&v.verdict), [Outcome::ReplayedCounter]);
+    assert!(v.messages.is_empty() && v.touched.is_empty());
+
+    // 36 = 100 - 64 is too old; 37 is inside the window and fresh.
+    let items = vec![
+        s[0].uplink(UplinkKind::Reading, 36, b"old"),
+        s[0].uplink(UplinkKind::Reading, 37, b"late"),
+    ];
+    let b = f.uplink_batch(&items, 8);
+    let v = uplinks(f.handle(&b, None));
+    assert_eq!(
+        outcomes(&v.verdict),
+        [Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+
+    // A forged entry at ctr 101 does not advance the window: the honest
+    // 101 is still accepted afterwards.
+    let (mut forged, tag) = s[0].uplink(UplinkKind::Reading, 101, b"x");
+    forged.c = Bytes::from_static(b"y");
+    let items = vec![(forged, tag)];
+    let b = f.uplink_batch(&items, 8);
+    assert_eq!(tags_requested(&f.handle(&b, None)), [0]);
+    let v = uplinks(f.reply(&b, vec![sorted_tags(&items, 8, 0)], None));
+    assert_eq!(outcomes(&v.verdict), [Outcome::UnverifiedViaGateway]);
+    let honest = vec![s[0].uplink(UplinkKind::Reading, 101, b"x")];
+    let b = f.uplink_batch(&honest, 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    let w = f
+        .sessions
+        .get(G, MemberId(1))
+        .unwrap()
+        .current
+        .as_ref()
+        .unwrap()
+        .window;
+    assert_eq!(w.top, 101);
+}
+
+#[test]
+fn unknown_sessions_and_moved_uplinks_are_localized_and_not_accepted() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=2);
+    let s = establish(&mut f, &members, Mode::Psk);
+    // Member 1's uplink relabelled as member 2's (same sid bytes), and an
+    // uplink under a sid V never issued.
+    let (mut moved, moved_tag) = s[0].uplink(UplinkKind::Reading, 1, b"m");
+    moved.id = MemberId(2);
+    let (mut unknown, unknown_tag) = s[1].uplink(UplinkKind::Reading, 2, b"u");
+    unknown.sid = SessionId([0xFF; 8]);
+    let honest = s[1].uplink(UplinkKind::Reading, 1, b"h");
+    let items = vec![(moved, moved_tag), honest, (unknown, unknown_tag)];
+    let b = f.uplink_batch(&items, 8);
+    assert_eq!(tags_requested(&f.handle(&b, None)), [0]);
+    let v = uplinks(f.reply(&b, vec![sorted_tags(&items, 8, 0)], None));
+    let mut by_entry: Vec<(MemberId, SessionId, Outcome)> = match &b.body {
+        BatchBody::Uplinks { entries } => entries
+            .iter()
+            .zip(outcomes(&v.verdict))
+            .map(|(e, o)| (e.id, e.sid, *o))
+            .collect(),
+        _ => unreachable!(),
+    };
+    let mut expected = vec![
+        (MemberId(2), s[0].sid(), Outcome::UnknownSession),
+        (MemberId(2), s[1].sid(), Outcome::Accepted),
+        (MemberId(2), SessionId([0xFF; 8]), Outcome::UnknownSession),
+    ];
+    by_entry.sort_by_key(|(id, sid, _)| (*id, *sid));
+    expected.sort_by_key(|(id, sid, _)| (*id, *sid));
+    assert_eq!(by_entry, expected);
+    assert_eq!(v.messages.len(), 1);
+    assert_eq!(v.messages[0].payload, b"h");
+}
+
+#[test]
+fn previous_session_is_kept_until_the_new_one_is_first_used() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=1);
+    let old = establish(&mut f, &members, Mode::Psk).remove(0);
+    let b = f.uplink_batch(&[old.uplink(UplinkKind::Reading, 1, b"o1")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    // A new round; the member may or may not have opened the confirm.
+    let new = establish(&mut f, &members, Mode::Psk).remove(0);
+    let b = f.uplink_batch(&[old.uplink(UplinkKind::Reading, 2, b"o2")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    // Old and new in one batch: both accepted, then the new one is current.
+    let items = vec![
+        old.uplink(UplinkKind::Reading, 3, b"o3"),
+        new.uplink(UplinkKind::Reading, 1, b"n1"),
+    ];
+    let b = f.uplink_batch(&items, 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted; 2]
+    );
+    let slot = f.sessions.get(G, MemberId(1)).unwrap();
+    assert_eq!(slot.current.as_ref().unwrap().sid, new.sid());
+    assert!(slot.pending.is_none());
+    // From now on the old session is gone.
+    let b = f.uplink_batch(&[old.uplink(UplinkKind::Reading, 4, b"o4")], 8);
+    let v = uplinks(f.handle(&b, None));
+    assert_eq!(outcomes(&v.verdict), [Outcome::UnknownSession]);
+}
+
+/// Checks a group message as a member would and returns its plaintext.
+fn open_group_message(f: &Fixture, bytes: &Bytes, gk: &[u8; 16]) -> Option<Vec<u8>> {
+    let m = GroupMessage::decode(bytes).unwrap();
+    let mut signed = b"dapgw v1 group message".to_vec();
+    signed.extend_from_slice(&bytes[..bytes.len() - 64]);
+    f.online.verify(&signed, &m.signature).ok()?;
+    let (ct, tag) = m.c.split_at(m.c.len() - 16);
+    let mut buf = ct.to_vec();
+    Gcm::new(gk)
+        .open_in_place(&m.nonce, &m.aad(), &mut buf, tag.try_into().unwrap())
+        .ok()?;
+    Some(buf)
+}
+
+#[test]
+fn group_messages_are_signed_sealed_under_gk_and_acks_are_accounted() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=3);
+    let s = establish(&mut f, &members, Mode::Psk);
+    let bytes = f
+        .verifier
+        .group_message(&mut f.group, b"tariff=2", 50, &mut f.rng)
+        .unwrap();
+    let m = GroupMessage::decode(&bytes).unwrap();
+    assert_eq!(
+        (m.group, m.epoch, m.seq, m.key_id),
+        (G, f.group.epoch, 1, 5)
+    );
+    assert_eq!(f.group.latest_seq, 1);
+    assert_eq!(
+        f.group.config_hash,
+        <[u8; 32]>::from(Sha256::digest(b"tariff=2"))
+    );
+    assert_eq!(
+        open_group_message(&f, &bytes, &s[0].gk).unwrap(),
+        b"tariff=2"
+    );
+    let second = f
+        .verifier
+        .group_message(&mut f.group, b"tariff=3", 50, &mut f.rng)
+        .unwrap();
+    let m2 = GroupMessage::decode(&second).unwrap();
+    assert_eq!(m2.seq, 2);
+    assert_ne!(m2.nonce, m.nonce, "fresh random nonce under GK_e");
+
+    let ack = |seq: u64, hash: [u8; 32]| {
+        AckPayload {
+            group: G,
+            epoch: f.group.epoch,
+            seq,
+            message_hash: hash,
+        }
+        .to_array()
+    };
+    let h1: [u8; 32] = Sha256::digest(&bytes).into();
+    let h2: [u8; 32] = Sha256::digest(&second).into();
+    let items = vec![
+        s[0].uplink(UplinkKind::Ack, 1, &ack(1, h1)),
+        s[0].uplink(UplinkKind::Ack, 2, &ack(2, h2)),
+        s[1].uplink(UplinkKind::Ack, 1, &ack(1, h1)),
+        // Wrong hash, unknown seq, not 52 bytes.
+        s[2].uplink(UplinkKind::Ack, 1, &ack(1, h2)),
+        s[2].uplink(UplinkKind::Ack, 2, &ack(9, h1)),
+        s[2].uplink(UplinkKind::Ack, 3, b"short"),
+    ];
+    let b = f.uplink_batch(&items, 4);
+    let v = uplinks(f.handle(&b, None));
+    use Outcome::*;
+    assert_eq!(
+        outcomes(&v.verdict),
+        [
+            Accepted,
+            Accepted,
+            Accepted,
+            MalformedPayload,
+            MalformedPayload,
+            MalformedPayload
+        ]
+    );
+    let mut ledger = AckLedger::new();
+    ledger.record(&v.acks);
+    ledger.record(&v.acks);
+    let ids = |seq| {
+        ledger
+            .acked(G, seq)
+            .unwrap()
+            .iter()
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(1), [MemberId(1), MemberId(2)]);
+    assert_eq!(ids(2), [MemberId(1)]);
+    assert!(ledger.acked(G, 3).is_none());
+    assert!(v.messages.is_empty(), "acks are not readings");
+
+    let too_big = vec![0u8; crate::protocol::wire::MAX_GROUP_PAYLOAD + 1];
+    assert!(matches!(
+        f.verifier
+            .group_message(&mut f.group, &too_big, 1, &mut f.rng),
+        Err(UsageError::PayloadTooLong(_))
+    ));
+}
+
+#[test]
+fn revocation_rekeys_the_others_and_locks_the_revoked_member_out() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=3);
+    let s = establish(&mut f, &members, Mode::Psk);
+    let old_gk = *f.group.gk.expose();
+    let old_epoch = f.group.epoch;
+    assert!(s.iter().all(|m| m.gk == old_gk));
+
+    let rekeys = f
+        .verifier
+        .revoke(&mut f.group, MemberId(2), &mut f.sessions, &mut f.rng)
+        .unwrap();
+    f.registry.get_mut(MemberId(2)).unwrap().status = MemberStatus::Revoked;
+    assert_eq!(f.group.epoch, old_epoch + 1);
+    assert_ne!(f.group.gk.expose(), &old_gk, "GK_e dropped");
+    assert!(f.sessions.get(G, MemberId(2)).is_none());
+    let ids: Vec<_> = rekeys.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [MemberId(1), MemberId(3)]);
+    for (r, m) in rekeys.iter().zip([&s[0], &s[2]]) {
+        assert_eq!(r.new_epoch, old_epoch + 1);
+        assert_eq!(r.down_ctr, 1);
+        assert_eq!(r.sid, m.sid());
+        assert_eq!(&m.open_rekey(r).unwrap(), f.group.gk.expose());
+        // The revoked member's k_down opens none of them.
+        assert!(s[1].open_rekey(r).is_none());
+        let slot = f.sessions.get(G, m.id).unwrap();
+        assert_eq!(
+            slot.pending.as_ref().unwrap().down_ctr,
+            1,
+            "down_ctr persisted"
+        );
+        assert_eq!(Rekey::decode(&r.to_bytes()).unwrap(), *r);
+    }
+    // Forward secrecy of the group: later messages are under GK_{e+1}.
+    let later = f
+        .verifier
+        .group_message(&mut f.group, b"after revocation", 99, &mut f.rng)
+        .unwrap();
+    assert_eq!(GroupMessage::decode(&later).unwrap().epoch, old_epoch + 1);
+    assert!(open_group_message(&f, &later, &s[1].gk).is_none());
+    let new_gk = s[0].open_rekey(&rekeys[0]).unwrap();
+    assert_eq!(
+        open_group_message(&f, &later, &new_gk).unwrap(),
+        b"after revocation"
+    );
+    // The revoked member's responses are set aside from now on.
+    let (mut round, ch) = f.open(Mode::Psk, Purpose::Auth);
+    let r = members[1].respond(&ch, b"", &mut f.rng);
+    let b = f.batch(&round, &[&r], 4);
+    let (_, v) = responses(f.handle(&b, Some(&mut round)));
+    assert_eq!(outcomes(&v.verdict), [Outcome::Revoked]);
+    // Its old session no longer verifies uplinks.
+    let b = f.uplink_batch(&[s[1].uplink(UplinkKind::Reading, 1, b"x")], 4);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::UnknownSession]
+    );
+}
+
+#[test]
+fn a_new_member_cannot_read_earlier_group_messages() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=2);
+    let s = establish(&mut f, &members[..1], Mode::Psk);
+    let before = f
+        .verifier
+        .group_message(&mut f.group, b"before join", 10, &mut f.rng)
+        .unwrap();
+    // Member 2 joins: new epoch first, then its first round.
+    let rekeys = f
+        .verifier
+        .add_member(&mut f.group, &mut f.sessions, &mut f.rng)
+        .unwrap();
+    assert_eq!(rekeys.len(), 1);
+    assert_eq!(&s[0].open_rekey(&rekeys[0]).unwrap(), f.group.gk.expose());
+    let joined = establish(&mut f, &members[1..], Mode::Psk).remove(0);
+    assert_eq!(&joined.gk, f.group.gk.expose());
+    assert!(open_group_message(&f, &before, &joined.gk).is_none());
+    assert_eq!(
+        open_group_message(&f, &before, &s[0].gk).unwrap(),
+        b"before join"
+    );
+    // Both sessions of a member with a pending one get the rekey: member 1
+    // used its session (so it is current), then answered another round.
+    let b = f.uplink_batch(&[s[0].uplink(UplinkKind::Reading, 1, b"u")], 4);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    let _ = establish(&mut f, &members[..1], Mode::Psk);
+    let rekeys = f
+        .verifier
+        .add_member(&mut f.group, &mut f.sessions, &mut f.rng)
+        .unwrap();
+    let for_1: Vec<_> = rekeys.iter().filter(|r| r.id == MemberId(1)).collect();
+    assert_eq!(for_1.len(), 2);
+    assert_ne!(for_1[0].nonce, for_1[1].nonce);
+}
+
+#[test]
+fn key_update_needs_a_psk_ecdhe_session() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=1);
+    let record = f.registry.member(MemberId(1)).unwrap();
+    let mut empty = SessionSlot::default();
+    assert_eq!(
+        f.verifier
+            .key_update(&mut empty, &record, &mut f.rng)
+            .unwrap_err(),
+        UsageError::NoSession(MemberId(1))
+    );
+    let _ = establish(&mut f, &members, Mode::Psk);
+    let slot = f.sessions.get_mut(G, MemberId(1)).unwrap();
+    assert_eq!(
+        f.verifier
+            .key_update(slot, &record, &mut f.rng)
+            .unwrap_err(),
+        UsageError::KeyUpdateNeedsEcdhe(MemberId(1))
+    );
+    assert_eq!(
+        slot.pending.as_ref().unwrap().down_ctr,
+        0,
+        "nothing changed"
+    );
+
+    let s = establish(&mut f, &members, Mode::PskEcdhe).remove(0);
+    let slot = f.sessions.get_mut(G, MemberId(1)).unwrap();
+    let issued = f.verifier.key_update(slot, &record, &mut f.rng).unwrap();
+    assert_eq!(issued.updates.len(), 1);
+    let u: KeyUpdate = issued.updates[0];
+    assert_eq!(
+        (u.id, u.sid, u.new_kv, u.down_ctr),
+        (MemberId(1), s.sid(), 2, 1)
+    );
+    let mut buf: [u8; 32] = u.c[..32].try_into().unwrap();
+    let tag: [u8; 16] = u.c[32..].try_into().unwrap();
+    Gcm::new(s.keys.k_down.expose())
+        .open_in_place(&u.nonce, &u.aad(), &mut buf, &tag)
+        .unwrap();
+    assert_eq!(&buf, TestMember::derived(1, 2).key.expose());
+    assert_eq!((issued.record.kv, issued.record.min_kv), (2, 1));
+    assert_eq!(slot.pending.as_ref().unwrap().down_ctr, 1);
+}
+
+#[test]
+fn after_restore_raises_counters_and_draws_a_new_group_key() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=1);
+    let _ = establish(&mut f, &members, Mode::Psk);
+    let _ = f.verifier.group_message(&mut f.group, b"c", 1, &mut f.rng);
+    let before = f.group.clone();
+    f.group.after_restore(&mut f.rng);
+    f.sessions.drop_group(G);
+    assert_eq!(f.group.next_round, before.next_round + (1 << 32));
+    assert_eq!(f.group.epoch, before.epoch + (1 << 32));
+    assert_eq!(f.group.latest_seq, before.latest_seq + (1 << 32));
+    assert_ne!(f.group.gk, before.gk);
+    assert!(f.sessions.is_empty());
+    let (round, _) = f.open(Mode::PskEcdhe, Purpose::Auth);
+    assert_eq!(round.round, before.next_round + (1 << 32));
+}
+
+#[test]
+fn direct_uplink_is_checked_like_a_batch_of_one() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=1);
+    let s = establish(&mut f, &members, Mode::Psk).remove(0);
+    let (entry, tag) = s.uplink(UplinkKind::Reading, 1, b"direct");
+    let up = crate::protocol::wire::Uplink::from_entry(entry, G, tag);
+    let direct = Direct::new(&DirectInner::Uplink(up), aggregate([&tag]));
+    assert_eq!(
+        direct_rate_key(&direct).unwrap(),
+        RateKey::Uplink {
+            id: MemberId(1),
+            sid: s.sid(),
+            ctr: 1
+        }
+    );
+    let call = |f: &mut Fixture| {
+        f.verifier
+            .handle_direct(
+                &direct,
+                BatchState {
+                    group: &f.group,
+                    round: None,
+                    sessions: &mut f.sessions,
+                },
+                &f.registry,
+                &mut f.log,
+                0,
+            )
+            .unwrap()
+    };
+    let out = call(&mut f);
+    assert_eq!(out.outcome, Outcome::Accepted);
+    let BatchEvent::Uplinks(v) = out.event else {
+        panic!()
+    };
+    assert_eq!(v.messages[0].payload, b"direct");
+    assert_eq!(call(&mut f).outcome, Outcome::ReplayedCounter);
 }
