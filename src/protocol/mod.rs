@@ -6,4 +6,5 @@ pub mod codec;
 pub mod keys;
 pub mod member;
 pub mod suite;
+pub mod verifier;
 pub mod wire;
