@@ -14,7 +14,9 @@ use bytes::Bytes;
 use dapgw::protocol::aggregator::{
     Aggregator, AggregatorConfig, Collected, KeptTags, ReadyBatch, RoundSpec, answer_tag_request,
 };
-use dapgw::protocol::keys::{MasterSecret, MemberCredential, MemberKeyDeriver, sign_key_certificate};
+use dapgw::protocol::keys::{
+    MasterSecret, MemberCredential, MemberKeyDeriver, sign_key_certificate,
+};
 use dapgw::protocol::member::{Challenged, Confirmed, GroupUpdate, Member, MemberError};
 use dapgw::protocol::suite::{SigningKey, aggregate};
 use dapgw::protocol::verifier::{
@@ -359,7 +361,11 @@ impl World {
     }
 
     /// A world with groups `groups` and members `ids` in all of them.
-    pub fn with_members(chunk_size: u16, groups: &[u32], ids: impl IntoIterator<Item = u64>) -> Self {
+    pub fn with_members(
+        chunk_size: u16,
+        groups: &[u32],
+        ids: impl IntoIterator<Item = u64>,
+    ) -> Self {
         let mut w = Self::new(chunk_size);
         for &g in groups {
             w.add_group(g);
@@ -381,7 +387,13 @@ impl World {
         let (rs, challenge) = self
             .udc
             .verifier
-            .open_round(self.udc.groups.get_mut(&group).unwrap(), mode, purpose, None, &mut self.rng)
+            .open_round(
+                self.udc.groups.get_mut(&group).unwrap(),
+                mode,
+                purpose,
+                None,
+                &mut self.rng,
+            )
             .unwrap();
         let round = rs.round;
         self.udc.rounds.insert((group, round), rs);
@@ -481,7 +493,10 @@ impl World {
 
     /// Delivers every confirm of a final verdict to its member; the result
     /// per member.
-    pub fn deliver_confirms(&mut self, verdict: &Verdict) -> BTreeMap<u64, Result<Confirmed, MemberError>> {
+    pub fn deliver_confirms(
+        &mut self,
+        verdict: &Verdict,
+    ) -> BTreeMap<u64, Result<Confirmed, MemberError>> {
         let VerdictBody::Final { confirms, .. } = &verdict.body else {
             panic!("not a final verdict");
         };
@@ -493,7 +508,13 @@ impl World {
 
     /// A complete honest round: challenge, answers from `ids`, batches,
     /// verdicts, confirms. Returns the accepted members and the round.
-    pub fn full_round(&mut self, g: u32, mode: Mode, purpose: Purpose, ids: &[u64]) -> (Vec<u64>, u64) {
+    pub fn full_round(
+        &mut self,
+        g: u32,
+        mode: Mode,
+        purpose: Purpose,
+        ids: &[u64],
+    ) -> (Vec<u64>, u64) {
         let (challenge, round) = self.open_round(g, mode, purpose);
         self.answer_all(ids, &challenge);
         let mut accepted = Vec::new();
@@ -523,7 +544,10 @@ pub fn tag_request(out: &BatchOutput) -> Option<Verdict> {
 /// The final verdict in a batch answer (panics on a tag request).
 pub fn final_verdict(out: &BatchOutput) -> Verdict {
     let v = verdict_of(out);
-    assert!(matches!(v.body, VerdictBody::Final { .. }), "not final: {v:?}");
+    assert!(
+        matches!(v.body, VerdictBody::Final { .. }),
+        "not final: {v:?}"
+    );
     v
 }
 
