@@ -14,4 +14,6 @@
 #![warn(missing_docs, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "service")]
+pub mod gateway;
 pub mod protocol;
