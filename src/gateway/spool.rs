@@ -704,7 +704,7 @@ impl Spool {
         self.read(move |c| {
             let blob: Option<Vec<u8>> = c
                 .prepare_cached("SELECT tags FROM batches WHERE id = ?1")?
-                .query_row([u2i(batch_id)], |r| r.get(0))
+                .query_row([clamp(batch_id)], |r| r.get(0))
                 .optional()?;
             let blob = blob.ok_or(SpoolError::UnknownBatch(batch_id))?;
             Ok(blob
@@ -787,7 +787,7 @@ impl Spool {
                 "SELECT id, kind, grp, round, member, sort_key, bytes, batch_id FROM entries
                  WHERE id = ?1",
             )?;
-            let rows = st.query_map([u2i(id.0)], stored_entry)?;
+            let rows = st.query_map([clamp(id.0)], stored_entry)?;
             Ok(collect_entries(rows)?.pop())
         })
         .await
@@ -834,7 +834,8 @@ impl Spool {
         self.read(move |c| {
             // One cached statement per group count keeps the plan simple:
             // the audience index serves both arms of the OR.
-            let marks = vec!["?"; groups.len()].join(",");
+            let marks: Vec<String> = (0..groups.len()).map(|i| format!("?{}", i + 4)).collect();
+            let marks = marks.join(",");
             let sql = format!(
                 "SELECT cursor, kind, bytes FROM downlink WHERE cursor > ?1 AND
                  ((aud_kind = {AUD_MEMBER} AND aud_id = ?2) OR
@@ -842,7 +843,7 @@ impl Spool {
                  ORDER BY cursor LIMIT ?3"
             );
             let mut st = c.prepare_cached(&sql)?;
-            let mut args: Vec<i64> = vec![u2i(after_cursor), u2i(member), limit as i64];
+            let mut args: Vec<i64> = vec![clamp(after_cursor), u2i(member), limit as i64];
             args.extend(groups.iter().map(|g| i64::from(*g)));
             let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
                 Ok(DownlinkRecord {
@@ -961,6 +962,12 @@ impl Spool {
 /// u64 ids and member numbers are stored as the i64 with the same bits.
 fn u2i(v: u64) -> i64 {
     v as i64
+}
+
+/// Cursors and ids from callers (possibly hostile) saturate instead of
+/// wrapping negative: no stored cursor or id exceeds `i64::MAX`.
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn i2u(v: i64) -> u64 {
@@ -1370,7 +1377,7 @@ impl Writer {
         Ok(self
             .conn
             .prepare_cached("SELECT verdict_hash FROM completed WHERE id = ?1")?
-            .query_row([u2i(batch_id)], |r| r.get(0))
+            .query_row([clamp(batch_id)], |r| r.get(0))
             .optional()?)
     }
 
@@ -1401,7 +1408,7 @@ impl Writer {
         let sealed: Option<(Vec<u8>, Vec<u8>)> = self
             .conn
             .prepare_cached("SELECT bytes, tags FROM batches WHERE id = ?1")?
-            .query_row([u2i(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((old_bytes, old_tags)) = sealed {
             // A repeated seal is fine if it is the same batch.
@@ -1410,11 +1417,11 @@ impl Writer {
                 let mut st = self
                     .conn
                     .prepare_cached("SELECT id FROM entries WHERE batch_id = ?1 ORDER BY id")?;
-                for id in st.query_map([u2i(batch_id)], |r| r.get(0))? {
+                for id in st.query_map([clamp(batch_id)], |r| r.get(0))? {
                     ids.push(id?);
                 }
             }
-            let mut want: Vec<i64> = entries.iter().map(|e| u2i(e.0)).collect();
+            let mut want: Vec<i64> = entries.iter().map(|e| clamp(e.0)).collect();
             want.sort_unstable();
             return if old_bytes == bytes[..] && old_tags == tag_blob && ids == want {
                 Ok(())
@@ -1426,7 +1433,7 @@ impl Writer {
             let current: Option<Option<i64>> = self
                 .conn
                 .prepare_cached("SELECT batch_id FROM entries WHERE id = ?1")?
-                .query_row([u2i(entry.0)], |r| r.get(0))
+                .query_row([clamp(entry.0)], |r| r.get(0))
                 .optional()?;
             match current {
                 None => return Err(SpoolError::UnknownEntry(entry)),
@@ -1440,13 +1447,13 @@ impl Writer {
             }
             self.conn
                 .prepare_cached("UPDATE entries SET batch_id = ?1 WHERE id = ?2")?
-                .execute([u2i(batch_id), u2i(entry.0)])?;
+                .execute([clamp(batch_id), clamp(entry.0)])?;
         }
         self.conn
             .prepare_cached(
                 "INSERT INTO batches (id, bytes, tags, entry_count) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![u2i(batch_id), &bytes[..], tag_blob, count])?;
+            .execute(params![clamp(batch_id), &bytes[..], tag_blob, count])?;
         self.tent.bytes += (bytes.len() + tag_blob.len()) as u64 + ROW_OVERHEAD;
         self.tent.batches += 1;
         Ok(())
@@ -1469,7 +1476,7 @@ impl Writer {
         let batch_blobs: Option<i64> = self
             .conn
             .prepare_cached("SELECT length(bytes) + length(tags) FROM batches WHERE id = ?1")?
-            .query_row([u2i(batch_id)], |r| r.get(0))
+            .query_row([clamp(batch_id)], |r| r.get(0))
             .optional()?;
         let batch_blobs = batch_blobs.ok_or(SpoolError::UnknownBatch(batch_id))?;
         let (n, blobs): (i64, i64) = self
@@ -1478,18 +1485,18 @@ impl Writer {
                 "SELECT COUNT(*), COALESCE(SUM(length(bytes) + length(sort_key)), 0)
                  FROM entries WHERE batch_id = ?1",
             )?
-            .query_row([u2i(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            .query_row([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
         self.conn
             .prepare_cached("DELETE FROM entries WHERE batch_id = ?1")?
-            .execute([u2i(batch_id)])?;
+            .execute([clamp(batch_id)])?;
         self.conn
             .prepare_cached("DELETE FROM batches WHERE id = ?1")?
-            .execute([u2i(batch_id)])?;
+            .execute([clamp(batch_id)])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO completed (id, verdict_hash, completed_ms) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![u2i(batch_id), &verdict_hash[..], u2i(now_ms)])?;
+            .execute(params![clamp(batch_id), &verdict_hash[..], clamp(now_ms)])?;
         let freed = i2u(blobs) + i2u(n) * ROW_OVERHEAD + i2u(batch_blobs) + ROW_OVERHEAD;
         self.tent.bytes = self.tent.bytes.saturating_sub(freed) + 32 + ROW_OVERHEAD;
         self.tent.entries = self.tent.entries.saturating_sub(i2u(n));
@@ -1533,7 +1540,7 @@ impl Writer {
                     item.kind,
                     &digest[..],
                     &item.bytes[..],
-                    u2i(now_ms)
+                    clamp(now_ms)
                 ])?;
             let cursor = i2u(self.conn.last_insert_rowid());
             self.tent.bytes += size;
@@ -1549,24 +1556,24 @@ impl Writer {
         let deleted: Vec<i64> = match *rule {
             PruneRule::ThroughCursor(c) => self.delete_lengths(
                 "DELETE FROM downlink WHERE cursor <= ?1 RETURNING length(bytes)",
-                &[u2i(c.min(i64::MAX as u64))],
+                &[clamp(c)],
             )?,
             PruneRule::CreatedBefore(t) => {
                 let done = self.delete_lengths(
                     "DELETE FROM completed WHERE completed_ms < ?1 RETURNING 0",
-                    &[u2i(t.min(i64::MAX as u64))],
+                    &[clamp(t)],
                 )?;
                 out.rows += done.len() as u64;
                 out.bytes += done.len() as u64 * (32 + ROW_OVERHEAD);
                 self.delete_lengths(
                     "DELETE FROM downlink WHERE created_ms < ?1 RETURNING length(bytes)",
-                    &[u2i(t.min(i64::MAX as u64))],
+                    &[clamp(t)],
                 )?
             }
             PruneRule::MemberThrough(m, c) => self.delete_lengths(
                 "DELETE FROM downlink WHERE aud_kind = 2 AND aud_id = ?1 AND cursor <= ?2
                  RETURNING length(bytes)",
-                &[u2i(m), u2i(c.min(i64::MAX as u64))],
+                &[u2i(m), clamp(c)],
             )?,
         };
         let items = deleted.len() as u64;
@@ -1600,5 +1607,119 @@ impl SpoolError {
                 Some(other.to_string()),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(member: u64, body: &'static [u8]) -> NewEntry {
+        NewEntry {
+            stream: StreamKey::Round { group: 1, round: 1 },
+            member,
+            sort_key: member.to_be_bytes().to_vec(),
+            bytes: Bytes::from_static(body),
+        }
+    }
+
+    fn raw(dir: &Path) -> Connection {
+        let c = Connection::open(dir.join(DB_FILE)).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+
+    /// A failure in the middle of `complete_batch` (injected by a trigger on
+    /// the second downlink insert) leaves the batch, its entries and the
+    /// counters exactly as before; requests in the same group still commit.
+    #[tokio::test]
+    async fn complete_batch_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let a = spool.append(entry(1, b"one")).await.unwrap();
+        let b = spool.append(entry(2, b"two")).await.unwrap();
+        let id = spool.next_batch_id().await.unwrap();
+        spool
+            .seal_batch(id, &[a, b], Bytes::from_static(b"B"), vec![[0; 16]; 2])
+            .await
+            .unwrap();
+        raw(dir.path())
+            .execute_batch(
+                "CREATE TRIGGER fail_dl BEFORE INSERT ON downlink WHEN NEW.kind = 255
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let before = (spool.bytes(), spool.entries(), spool.downlink_items());
+        let items = vec![
+            DownlinkItem {
+                audience: Audience::Member(1),
+                kind: 7,
+                bytes: Bytes::from_static(b"confirm"),
+            },
+            DownlinkItem {
+                audience: Audience::Member(2),
+                kind: 255,
+                bytes: Bytes::from_static(b"poison"),
+            },
+        ];
+        let (failed, other) = tokio::join!(
+            spool.complete_batch(id, b"verdict", items.clone(), 5),
+            spool.append(entry(3, b"three")),
+        );
+        assert!(matches!(failed, Err(SpoolError::Storage(_))), "{failed:?}");
+        let c = other.unwrap();
+        assert_eq!(before.0 + entry_size(&entry(3, b"three")), spool.bytes());
+        assert_eq!(before.1 + 1, spool.entries());
+        assert_eq!(before.2, spool.downlink_items());
+        assert_eq!(spool.pending_batches().await.unwrap().len(), 1);
+        assert_eq!(spool.entry(a).await.unwrap().unwrap().batch_id, Some(id));
+        assert!(spool.read_downlink(1, &[], 0, 10).await.unwrap().is_empty());
+
+        raw(dir.path())
+            .execute_batch("DROP TRIGGER fail_dl")
+            .unwrap();
+        let cursors = spool
+            .complete_batch(id, b"verdict", items, 5)
+            .await
+            .unwrap();
+        assert_eq!(cursors.len(), 2);
+        assert!(spool.entry(a).await.unwrap().is_none());
+        assert!(spool.entry(c).await.unwrap().is_some());
+        // The in-memory counters agree with the tables.
+        let counted = recount(&raw(dir.path())).unwrap();
+        assert_eq!(counted.bytes, spool.bytes());
+        assert_eq!(counted.entries, spool.entries());
+        assert_eq!(counted.downlink, spool.downlink_items());
+        assert_eq!(counted.last_cursor, spool.last_cursor());
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused_and_current_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        Spool::open(dir.path(), 1 << 20).unwrap().close().await;
+        let v: i64 = raw(dir.path())
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        raw(dir.path())
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
+        match Spool::open(dir.path(), 1 << 20) {
+            Err(SpoolError::Schema { found: 99, .. }) => {}
+            other => panic!("expected a schema error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn writer_connection_is_wal_and_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open_writer(&dir.path().join(DB_FILE)).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2);
     }
 }
