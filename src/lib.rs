@@ -15,3 +15,5 @@
 #![forbid(unsafe_code)]
 
 pub mod protocol;
+#[cfg(feature = "service")]
+pub mod udc;
