@@ -867,8 +867,9 @@ impl Store for PostgresStore {
                  WHERE mg.member = m.id), '{}'::int8[]) FROM members m WHERE m.id = ANY($1)";
         let keys: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
         let found = rows(self.query(SQL, &[&keys]).await?, member_row)?;
-        let mut by_id: HashMap<u64, MemberRow> = found.into_iter().map(|m| (m.id, m)).collect();
-        Ok(ids.iter().map(|id| by_id.remove(id)).collect())
+        let by_id: HashMap<u64, MemberRow> = found.into_iter().map(|m| (m.id, m)).collect();
+        // An id asked twice gets its answer twice.
+        Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
     }
 
     async fn list_members(
