@@ -873,8 +873,8 @@ pub trait Store: Send + Sync {
 pub enum AnyStore {
     /// Embedded SQLite.
     Sqlite(SqliteStore),
-    /// Shared PostgreSQL.
-    Postgres(PostgresStore),
+    /// Shared PostgreSQL (boxed: it is much larger than the SQLite handle).
+    Postgres(Box<PostgresStore>),
 }
 
 /// What a store URL names.
@@ -929,7 +929,9 @@ fn parse_url(url: &str) -> Result<StoreUrl, StoreError> {
 pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
     match parse_url(url)? {
         StoreUrl::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(&path).await?)),
-        StoreUrl::Postgres(conn) => Ok(AnyStore::Postgres(PostgresStore::connect(&conn).await?)),
+        StoreUrl::Postgres(conn) => Ok(AnyStore::Postgres(Box::new(
+            PostgresStore::connect(&conn).await?,
+        ))),
     }
 }
 

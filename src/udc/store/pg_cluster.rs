@@ -130,6 +130,12 @@ impl PgCluster {
         )
     }
 
+    /// The server's pid (from `postmaster.pid`), e.g. to account its CPU.
+    pub fn server_pid(&self) -> Option<u32> {
+        let pidfile = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        pidfile.lines().next()?.trim().parse().ok()
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -40,7 +40,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 )];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
-const MIGRATION_LOCK: i64 = 0x6461_7067_77;
+const MIGRATION_LOCK: i64 = 0x0064_6170_6777;
 
 /// One pooled connection and its prepared statements.
 struct Conn {

@@ -626,9 +626,12 @@ fn write_downlink(
             match &p.target {
                 DownlinkTarget::Gateway(g) => per_gateway.entry(g.clone()).or_default().push(rec),
                 DownlinkTarget::Subscribers => {
-                    if !subscribers.contains_key(&rec.group) {
-                        let gws = collect(&mut subs, [i64::from(rec.group)], |r| Ok(r.get(0)?))?;
-                        subscribers.insert(rec.group, gws);
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        subscribers.entry(rec.group)
+                    {
+                        e.insert(collect(&mut subs, [i64::from(rec.group)], |r| {
+                            Ok(r.get(0)?)
+                        })?);
                     }
                     for g in subscribers.get(&rec.group).into_iter().flatten() {
                         per_gateway.entry(g.clone()).or_default().push(rec);
