@@ -555,8 +555,11 @@ pub struct BatchWrite {
     /// Rounds to close: status closed, sealed state erased.
     pub closed_rounds: Vec<(u32, u64)>,
     /// New sessions: current moves to previous, the new one becomes current.
+    /// At most one per (member, group) per write (PostgreSQL refuses a
+    /// second one; the verifier creates one per member per round anyway).
     pub sessions: Vec<SessionRow>,
-    /// Replay windows to advance (compare-and-set).
+    /// Replay windows to advance (compare-and-set), at most one per session
+    /// per write.
     pub replay: Vec<ReplayUpdate>,
     /// Session states to replace.
     pub session_states: Vec<SessionStateUpdate>,
