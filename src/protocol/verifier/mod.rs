@@ -30,6 +30,7 @@
 
 mod assess;
 mod group;
+mod kdf;
 mod log;
 mod registry;
 mod round;
@@ -49,8 +50,9 @@ pub use self::state::{
 };
 
 use self::assess::{Assessment, TagSource};
+use self::kdf::FastDeriver;
 use crate::protocol::codec::DecodeError;
-use crate::protocol::keys::{MasterSecret, MemberKeyDeriver};
+use crate::protocol::keys::MasterSecret;
 use crate::protocol::suite::{SigningKey, aggregate, ct_eq16};
 use crate::protocol::wire::{
     Batch, BatchBody, BatchStructureError, ChunkTags, Confirm, Direct, DirectInner, GatewayId,
@@ -84,7 +86,7 @@ impl Default for VerifierConfig {
 /// Holds no protocol state (see the module docs). Secrets are zeroized on
 /// drop and `Debug` prints only the key id.
 pub struct Verifier {
-    deriver: MemberKeyDeriver,
+    deriver: FastDeriver,
     online: SigningKey,
     key_id: u32,
     key_cert: Option<KeyCertificate>,
@@ -114,7 +116,7 @@ impl Verifier {
         config: VerifierConfig,
     ) -> Self {
         Self {
-            deriver: MemberKeyDeriver::new(ms),
+            deriver: FastDeriver::new(ms),
             online,
             key_id,
             key_cert,

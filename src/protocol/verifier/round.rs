@@ -15,12 +15,13 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
 use super::assess::Screened;
+use super::kdf::{FastPrk0, response_keys, session_keys, transcript_hash};
 use super::registry::{MemberRecord, MemberStatus};
 use super::state::{
-    EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionSlot, SessionState, SessionTable,
+    EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionState, SessionTable,
 };
 use super::{UsageError, VerdictCounters, Verifier};
-use crate::protocol::keys::{Prk0, ResponseKeys, response_keys, session_keys, transcript_hash};
+use crate::protocol::keys::ResponseKeys;
 use crate::protocol::suite::{EphemeralKeyPair, Gcm, Iv12, Key16};
 use crate::protocol::wire::{
     Challenge, Confirm, GroupId, MAX_READ_REQUEST, MemberId, Mode, Outcome, Purpose, ResponseEntry,
@@ -95,7 +96,7 @@ impl Verifier {
 
 /// Key material of a screened candidate, kept for its finalization.
 pub(crate) struct CandidateKeys {
-    prk0: Prk0,
+    prk0: FastPrk0,
     resp: ResponseKeys,
 }
 
@@ -269,8 +270,7 @@ pub(crate) fn finalize(
             &s.iv_conf,
         ));
 
-        let fresh_slot = sessions.get(group.group, e.id).is_none();
-        let slot: &mut SessionSlot = sessions.entry(group.group, e.id);
+        let (slot, fresh_slot) = sessions.entry_new(group.group, e.id);
         if fresh_slot || round.mode == Mode::PskEcdhe {
             slot.ecdhe_mark = group.ecdhe_rounds;
         } else {

@@ -6,8 +6,8 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::protocol::keys::{
-    MemberKey, Prk0, SessionKeys, response_keys, session_keys, sign_key_certificate,
-    transcript_hash, uplink_nonce,
+    MemberKey, MemberKeyDeriver, Prk0, SessionKeys, response_keys, session_keys,
+    sign_key_certificate, transcript_hash, uplink_nonce,
 };
 use crate::protocol::suite::{EphemeralKeyPair, Gcm, VerifyingKey};
 use crate::protocol::wire::{
