@@ -14,7 +14,7 @@ use sha2::block_api::compress256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::protocol::keys::{MasterSecret, MemberKey, ResponseKeys, SessionKeys};
-use crate::protocol::suite::{Iv12, Key16, Secret, SharedSecret};
+use crate::protocol::suite::{Iv12, Key16, Secret};
 
 /// SHA-256 initial hash value (FIPS 180-4, 5.3.3).
 const IV: [u32; 8] = [
@@ -233,12 +233,12 @@ pub(crate) fn response_keys(k_i: &MemberKey, th: &[u8; 32]) -> (ResponseKeys, Fa
 
 /// The session keys from `PRK = PRK0` (psk) or
 /// `PRK = HKDF-Extract(salt = PRK0, IKM = X25519)` (psk-ecdhe).
-pub(crate) fn session_keys(prk0: &FastPrk0, dh: Option<&SharedSecret>) -> SessionKeys {
+pub(crate) fn session_keys(prk0: &FastPrk0, dh: Option<&[u8; 32]>) -> SessionKeys {
     let ecdhe;
     let prk = match dh {
         None => &prk0.key,
         Some(dh) => {
-            let mut bytes = prk0.key.mac(&[dh.expose()]);
+            let mut bytes = prk0.key.mac(&[dh]);
             ecdhe = HmacKey::new(&bytes);
             bytes.zeroize();
             &ecdhe
@@ -294,7 +294,7 @@ mod tests {
             let dh = e.diffie_hellman(&other.public()).unwrap();
             for dh in [None, Some(&dh)] {
                 let a = keys::session_keys(&p_ref, dh);
-                let b = session_keys(&p_fast, dh);
+                let b = session_keys(&p_fast, dh.map(|d| d.expose()));
                 assert_eq!(
                     (a.sid, &a.k_conf, &a.iv_conf, &a.k_up, &a.iv_up, &a.k_down),
                     (b.sid, &b.k_conf, &b.iv_conf, &b.k_up, &b.iv_up, &b.k_down),

@@ -29,6 +29,7 @@
 //!    caller's deadline passes, with the state loaded as in step 1.
 
 mod assess;
+mod dh;
 mod group;
 mod kdf;
 mod log;

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
 use super::assess::Screened;
+use super::dh::RoundDh;
 use super::kdf::{FastPrk0, response_keys, session_keys, transcript_hash};
 use super::registry::{MemberRecord, MemberStatus};
 use super::state::{
@@ -207,12 +208,9 @@ pub(crate) fn finalize(
         kv_confirmed: Vec::new(),
         ecdhe_missed: Vec::new(),
     };
-    // One key pair for the whole batch: restoring it costs a base-point
-    // multiplication.
+    // `e_V` is restored once for the whole batch.
     let e_v = match (&round.mode, &round.e_v_secret) {
-        (Mode::PskEcdhe, Some(EphemeralSecret(s))) => {
-            Some(EphemeralKeyPair::from_secret_bytes(s.expose()))
-        }
+        (Mode::PskEcdhe, Some(EphemeralSecret(s))) => RoundDh::new(s).ok(),
         _ => None,
     };
     for (i, e) in entries.iter().enumerate() {
@@ -228,7 +226,7 @@ pub(crate) fn finalize(
         // X25519 only now, for entries whose psk tag verified.
         let dh = match (round.mode, &e_v, &e.e_i) {
             (Mode::Psk, _, _) => None,
-            (Mode::PskEcdhe, Some(pair), Some(e_i)) => match pair.diffie_hellman(e_i) {
+            (Mode::PskEcdhe, Some(pair), Some(e_i)) => match pair.agree(e_i) {
                 Ok(dh) => Some(dh),
                 Err(_) => {
                     outcomes[i] = Outcome::MalformedPayload;
@@ -259,7 +257,7 @@ pub(crate) fn finalize(
             }
         }
 
-        let s = session_keys(&k.prk0, dh.as_ref());
+        let s = session_keys(&k.prk0, dh.as_deref());
         let sid = SessionId(s.sid);
         out.confirms.push(seal_confirm(
             group,
