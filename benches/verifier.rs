@@ -207,7 +207,14 @@ fn case(n: u64, mode: Mode) -> Case {
 
 /// Judges the batch once against fresh state; panics unless every member
 /// was accepted (so the benchmark cannot silently measure a failure path).
-fn run(c: &Case, mut round: RoundState, mut sessions: SessionTable) -> usize {
+///
+/// Returns the changed state, as the UDC would keep it to persist, so that
+/// criterion drops it outside the timed region.
+fn run(
+    c: &Case,
+    mut round: RoundState,
+    mut sessions: SessionTable,
+) -> (RoundState, SessionTable, InMemoryVerdictLog, usize) {
     let mut log = InMemoryVerdictLog::new();
     let rb = ReceivedBatch::decode(c.batch.clone()).expect("batch decodes");
     let out = c
@@ -231,7 +238,8 @@ fn run(c: &Case, mut round: RoundState, mut sessions: SessionTable) -> usize {
         v.counters.count(dapgw::protocol::wire::Outcome::Accepted) as usize,
         rb.batch().len()
     );
-    black_box(out.answer.len())
+    let len = black_box(out.answer.len());
+    (round, sessions, log, len)
 }
 
 fn responses(crit: &mut Criterion<ThreadCpuTime>) {

@@ -40,6 +40,37 @@ const UPLINK_IV_LABEL: &[u8] = b"dapgw v1 uplink iv";
 const DOWNLINK_KEY_LABEL: &[u8] = b"dapgw v1 downlink key";
 const SESSION_ID_LABEL: &[u8] = b"dapgw v1 session id";
 
+/// The padded inner block of `HKDF-Expand(PRK, label, N <= 32)`: `label ||
+/// 0x01`, SHA-256 padding, and the bit length of `ipad || label || 0x01`.
+/// Built at compile time, so an expand copies no message bytes.
+const fn expand_block(label: &[u8]) -> [u8; 64] {
+    let mut block = [0u8; 64];
+    let mut i = 0;
+    while i < label.len() {
+        block[i] = label[i];
+        i += 1;
+    }
+    block[i] = 1;
+    block[i + 1] = 0x80;
+    let bits = ((64 + label.len() + 1) as u64) * 8;
+    let len = bits.to_be_bytes();
+    let mut j = 0;
+    while j < 8 {
+        block[56 + j] = len[j];
+        j += 1;
+    }
+    block
+}
+
+const RESPONSE_KEY_BLOCK: [u8; 64] = expand_block(RESPONSE_KEY_LABEL);
+const RESPONSE_IV_BLOCK: [u8; 64] = expand_block(RESPONSE_IV_LABEL);
+const CONFIRM_KEY_BLOCK: [u8; 64] = expand_block(CONFIRM_KEY_LABEL);
+const CONFIRM_IV_BLOCK: [u8; 64] = expand_block(CONFIRM_IV_LABEL);
+const UPLINK_KEY_BLOCK: [u8; 64] = expand_block(UPLINK_KEY_LABEL);
+const UPLINK_IV_BLOCK: [u8; 64] = expand_block(UPLINK_IV_LABEL);
+const DOWNLINK_KEY_BLOCK: [u8; 64] = expand_block(DOWNLINK_KEY_LABEL);
+const SESSION_ID_BLOCK: [u8; 64] = expand_block(SESSION_ID_LABEL);
+
 /// Longest message that fits one block after a 64-byte pad: 64 minus the
 /// `0x80` byte and the 8-byte length.
 const ONE_BLOCK: usize = 55;
@@ -69,8 +100,8 @@ impl HmacKey {
             *o ^= k;
         }
         let (mut inner, mut outer) = (IV, IV);
-        compress256(&mut inner, &[ipad]);
-        compress256(&mut outer, &[opad]);
+        compress256(&mut inner, core::slice::from_ref(&ipad));
+        compress256(&mut outer, core::slice::from_ref(&opad));
         ipad.zeroize();
         opad.zeroize();
         Self { inner, outer }
@@ -85,36 +116,42 @@ impl HmacKey {
     }
 
     /// [`Self::mac`] truncated to `out.len()` bytes, written into `out`.
-    ///
-    /// One 64-byte block carries the message and then, rewritten in full,
-    /// the inner digest, so a single wipe at the end clears both (wiping is
-    /// byte-wise and volatile, a real cost at 26 HMACs per member).
     fn mac_into(&self, parts: &[&[u8]], out: &mut [u8]) {
         let mut block = [0u8; 64];
         let len = fill(&mut block, parts);
         pad_block(&mut block, len, 64 + len);
+        self.finish(&mut block, out);
+    }
+
+    /// Runs the inner hash over `block` (one padded message block), then the
+    /// outer hash, writing the first `out.len()` bytes of the MAC.
+    ///
+    /// The outer hash reuses `block`, rewriting every byte (inner digest,
+    /// then padding), so a secret message never outlives the call; only the
+    /// inner digest's 32 bytes need wiping after (byte-wise volatile writes
+    /// are a real cost at 26 HMACs per member).
+    fn finish(&self, block: &mut [u8; 64], out: &mut [u8]) {
         let mut state = self.inner;
-        compress256(&mut state, &[block]);
-        // Outer block: inner digest, then padding over bytes 32..64; every
-        // byte of the message is overwritten.
+        compress256(&mut state, core::slice::from_ref(block));
         for (o, w) in block[..32].chunks_exact_mut(4).zip(&state) {
             o.copy_from_slice(&w.to_be_bytes());
         }
-        pad_block(&mut block, 32, 64 + 32);
+        pad_block(block, 32, 64 + 32);
         state = self.outer;
-        compress256(&mut state, &[block]);
-        block.zeroize();
+        compress256(&mut state, core::slice::from_ref(block));
+        block[..32].zeroize();
         for (o, w) in out.chunks_mut(4).zip(&state) {
             o.copy_from_slice(&w.to_be_bytes()[..o.len()]);
         }
         state.zeroize();
     }
 
-    /// `HKDF-Expand(PRK = this key, info, N)` for `N <= 32`: `T(1)`
-    /// truncated.
-    fn expand<const N: usize>(&self, info: &[u8]) -> [u8; N] {
+    /// `HKDF-Expand(PRK = this key, info, N)` for `N <= 32` and `info` with
+    /// its block prepared by [`expand_block`]: `T(1)` truncated.
+    fn expand<const N: usize>(&self, info_block: &[u8; 64]) -> [u8; N] {
+        let mut block = *info_block;
         let mut out = [0u8; N];
-        self.mac_into(&[info, &[1]], &mut out);
+        self.finish(&mut block, &mut out);
         out
     }
 }
@@ -225,8 +262,8 @@ pub(crate) fn response_keys(k_i: &MemberKey, th: &[u8; 32]) -> (ResponseKeys, Fa
     let key = HmacKey::new(&prk0);
     prk0.zeroize();
     let keys = ResponseKeys {
-        k_resp: Key16::from_bytes(key.expand(RESPONSE_KEY_LABEL)),
-        iv_resp: Iv12::from_bytes(key.expand(RESPONSE_IV_LABEL)),
+        k_resp: Key16::from_bytes(key.expand(&RESPONSE_KEY_BLOCK)),
+        iv_resp: Iv12::from_bytes(key.expand(&RESPONSE_IV_BLOCK)),
     };
     (keys, FastPrk0 { key })
 }
@@ -245,12 +282,12 @@ pub(crate) fn session_keys(prk0: &FastPrk0, dh: Option<&[u8; 32]>) -> SessionKey
         }
     };
     SessionKeys {
-        k_conf: Secret::from_bytes(prk.expand(CONFIRM_KEY_LABEL)),
-        iv_conf: Secret::from_bytes(prk.expand(CONFIRM_IV_LABEL)),
-        k_up: Secret::from_bytes(prk.expand(UPLINK_KEY_LABEL)),
-        iv_up: Secret::from_bytes(prk.expand(UPLINK_IV_LABEL)),
-        k_down: Secret::from_bytes(prk.expand(DOWNLINK_KEY_LABEL)),
-        sid: prk.expand(SESSION_ID_LABEL),
+        k_conf: Secret::from_bytes(prk.expand(&CONFIRM_KEY_BLOCK)),
+        iv_conf: Secret::from_bytes(prk.expand(&CONFIRM_IV_BLOCK)),
+        k_up: Secret::from_bytes(prk.expand(&UPLINK_KEY_BLOCK)),
+        iv_up: Secret::from_bytes(prk.expand(&UPLINK_IV_BLOCK)),
+        k_down: Secret::from_bytes(prk.expand(&DOWNLINK_KEY_BLOCK)),
+        sid: prk.expand(&SESSION_ID_BLOCK),
     }
 }
 
@@ -301,6 +338,15 @@ mod tests {
                     "session keys, round {round}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn prepared_expand_blocks_equal_the_generic_path() {
+        let key = HmacKey::new(&[0x0b; 32]);
+        for label in [RESPONSE_KEY_LABEL, SESSION_ID_LABEL, DOWNLINK_KEY_LABEL] {
+            let block = expand_block(label);
+            assert_eq!(key.expand::<32>(&block), key.mac(&[label, &[1]]));
         }
     }
 

@@ -27,6 +27,22 @@
 //! 3. If the answer requested tags: [`Verifier::handle_tag_reply`] when the
 //!    gateway answers, or [`Verifier::localization_expired`] when the
 //!    caller's deadline passes, with the state loaded as in step 1.
+//!
+//! # Outcomes beyond their names
+//!
+//! - [`Outcome::MalformedPayload`] is also given to an entry that verified
+//!   but cannot be used: a psk-ecdhe `E_i` whose X25519 result is all zero,
+//!   a non-empty payload in an auth round, an ack that does not bind a group
+//!   message V sent (or is not 52 bytes). The member itself sealed these, so
+//!   they are not "unverified via gateway".
+//! - [`Outcome::UnverifiedViaGateway`] covers every entry of a failing chunk
+//!   that could have been accepted but whose individual tag did not come
+//!   back equal to V's (omitted, forged, wrong count, chunk not requested
+//!   because over the bound, or expiry). Count it per gateway, never per
+//!   member.
+//! - A confirm carries the group's *current* epoch and key, which is newer
+//!   than the challenge's epoch if a rekey happened while the round was
+//!   open; nothing is ever sealed under an ended epoch's key.
 
 mod assess;
 mod dh;
