@@ -140,7 +140,10 @@ fn panel_exprs(name: &str, dashboard: &Value) -> Vec<Expr> {
 /// The selector inside each query variable's `label_values(SELECTOR, label)`.
 fn variable_exprs(name: &str, dashboard: &Value) -> Vec<Expr> {
     let mut out = Vec::new();
-    for v in dashboard["templating"]["list"].as_array().expect("templating") {
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
         if v["type"] != "query" {
             continue;
         }
@@ -345,7 +348,12 @@ fn dashboards_and_alerts_use_only_exported_metrics() {
         let mut used = 0;
         for e in exprs {
             let tokens = metric_tokens(&e.promql);
-            assert!(!tokens.is_empty(), "{}: no dapgw metric in {}", e.origin, e.promql);
+            assert!(
+                !tokens.is_empty(),
+                "{}: no dapgw metric in {}",
+                e.origin,
+                e.promql
+            );
             for t in tokens {
                 assert!(
                     resolves(&t, fams, false),
@@ -360,11 +368,17 @@ fn dashboards_and_alerts_use_only_exported_metrics() {
     // The whole rules file, descriptions included, names only real metrics.
     let rules = read("deploy/prometheus/alerts.yml");
     for t in metric_tokens(&rules) {
-        assert!(resolves(&t, &both, true), "alerts.yml: `{t}` is not exported");
+        assert!(
+            resolves(&t, &both, true),
+            "alerts.yml: `{t}` is not exported"
+        );
     }
     for (name, e) in alert_exprs(&rules) {
         for t in metric_tokens(&e.promql) {
-            assert!(resolves(&t, &both, false), "alert {name}: `{t}` is not a series");
+            assert!(
+                resolves(&t, &both, false),
+                "alert {name}: `{t}` is not a series"
+            );
         }
     }
     // Every gateway family has a panel (the udc's too), so nothing exported
@@ -431,7 +445,11 @@ fn every_promql_expression_parses() {
         promql: "sum(rate(dapgw_spool_rejected_total[5m])".into(),
     });
     let out = promtool_parse(&promtool, &exprs);
-    assert!(!out.status.success(), "a broken expression passed:\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "a broken expression passed:\n{}",
+        text(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -442,7 +460,10 @@ fn every_promql_expression_parses() {
 fn dashboards_are_provisioning_ready() {
     for (name, d) in dashboards() {
         assert_eq!(d["uid"], name, "{name}: stable uid = file name");
-        assert!(d.get("id").is_none_or(Value::is_null), "{name}: no instance id");
+        assert!(
+            d.get("id").is_none_or(Value::is_null),
+            "{name}: no instance id"
+        );
         let vars = d["templating"]["list"].as_array().unwrap();
         let var = |n: &str| {
             vars.iter()
@@ -464,7 +485,11 @@ fn dashboards_are_provisioning_ready() {
                 titles.insert(p["title"].as_str().unwrap().to_string());
                 continue;
             }
-            assert_eq!(p["datasource"]["uid"], "${datasource}", "{name}: {}", p["title"]);
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{name}: {}",
+                p["title"]
+            );
             let targets = p["targets"].as_array().expect("targets");
             assert!(!targets.is_empty(), "{name}: {} has no query", p["title"]);
             for t in targets {
@@ -635,7 +660,9 @@ fn deploy_files_name_only_real_variables() {
 
 /// The rows `(variable, default cell)` of the table after `heading`.
 fn readme_table(readme: &str, heading: &str) -> Vec<(String, String)> {
-    let at = readme.find(heading).unwrap_or_else(|| panic!("README: {heading}"));
+    let at = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("README: {heading}"));
     readme[at..]
         .lines()
         .skip_while(|l| !l.starts_with('|'))
@@ -676,9 +703,16 @@ fn readme_documents_the_defaults() {
     for (heading, vars, defaults) in tables {
         let rows = readme_table(&readme, heading);
         let documented: Vec<&String> = rows.iter().map(|r| &r.0).collect();
-        assert_eq!(documented, vars.iter().collect::<Vec<_>>(), "{heading}: variables and order");
+        assert_eq!(
+            documented,
+            vars.iter().collect::<Vec<_>>(),
+            "{heading}: variables and order"
+        );
         for (var, cell) in &rows {
-            let key = var.strip_prefix(config::ENV_PREFIX).unwrap().to_ascii_lowercase();
+            let key = var
+                .strip_prefix(config::ENV_PREFIX)
+                .unwrap()
+                .to_ascii_lowercase();
             assert_eq!(cell, &default_cell(defaults.get(&key)), "{heading}: {var}");
         }
     }
@@ -717,7 +751,13 @@ fn compose_config_is_valid() {
         .current_dir(root()));
     assert_ok("docker-compose config -q", &out);
     let compose = read("deploy/compose.yaml");
-    for needed in ["read_only: true", "cap_drop: [ALL]", "gateway-1:", "gateway-2:", "sim-1:"] {
+    for needed in [
+        "read_only: true",
+        "cap_drop: [ALL]",
+        "gateway-1:",
+        "gateway-2:",
+        "sim-1:",
+    ] {
         assert!(compose.contains(needed), "compose.yaml lacks {needed}");
     }
 }
@@ -838,7 +878,10 @@ fn test_image() -> Option<PathBuf> {
     if !bin.is_file() {
         let how = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
                    --target x86_64-unknown-linux-gnu --bin dapgw";
-        assert!(!in_ci(), "the static binary {STATIC_BIN} is required in CI: {how}");
+        assert!(
+            !in_ci(),
+            "the static binary {STATIC_BIN} is required in CI: {how}"
+        );
         eprintln!("skipped: {STATIC_BIN} is not built ({how})");
         return None;
     }
@@ -847,7 +890,15 @@ fn test_image() -> Option<PathBuf> {
     if !*built {
         let out = run(Command::new(buildah)
             .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
-            .args(["--format", "docker", "-t", TEST_IMAGE, "-f", "deploy/Dockerfile", "."])
+            .args([
+                "--format",
+                "docker",
+                "-t",
+                TEST_IMAGE,
+                "-f",
+                "deploy/Dockerfile",
+                ".",
+            ])
             .current_dir(root()));
         assert_ok("buildah bud", &out);
         *built = true;
@@ -876,7 +927,10 @@ fn container_image_builds_and_starts() {
     assert_eq!(config["Entrypoint"], serde_json::json!(["/dapgw"]));
     assert_eq!(config["Cmd"], serde_json::json!(["gateway"]));
     assert_eq!(config["StopSignal"], "SIGTERM");
-    assert!(config["Volumes"].get("/var/lib/dapgw").is_some(), "{config}");
+    assert!(
+        config["Volumes"].get("/var/lib/dapgw").is_some(),
+        "{config}"
+    );
     let health: Value = serde_json::from_str(health).unwrap();
     assert_eq!(
         health["Test"],
@@ -887,7 +941,12 @@ fn container_image_builds_and_starts() {
     // version, then a probe of a closed port that must fail to connect.
     let base = |cmd: &mut Command| {
         cmd.args(["run", "--rm", "--runtime", "runc"])
-            .args(["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1024:1024"])
+            .args([
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
             .args(["--network", "host", "--read-only", "--cap-drop=ALL"])
             .args(["--security-opt", "no-new-privileges"]);
     };
@@ -903,7 +962,15 @@ fn container_image_builds_and_starts() {
     let closed = free_port();
     let mut cmd = podman(&podman_bin);
     base(&mut cmd);
-    let out = run(cmd.args([TEST_IMAGE, "health", "--live", "--timeout-ms", "2000", "--url"])
+    let out = run(cmd
+        .args([
+            TEST_IMAGE,
+            "health",
+            "--live",
+            "--timeout-ms",
+            "2000",
+            "--url",
+        ])
         .arg(format!("127.0.0.1:{closed}")));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
@@ -978,7 +1045,12 @@ fn container_image_runs_gateway() {
     let drain_ms = 3000;
     let out = run(podman(&podman_bin)
         .args(["run", "-d", "--name", &name, "--runtime", "runc"])
-        .args(["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1024:1024"])
+        .args([
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
         .args(["--network", "host", "--read-only", "--cap-drop=ALL"])
         .args(["--security-opt", "no-new-privileges", "--tmpfs", "/tmp"])
         .arg("-v")
@@ -986,10 +1058,18 @@ fn container_image_runs_gateway() {
         .arg("-v")
         .arg(format!("{volume}:/var/lib/dapgw"))
         .arg("-e")
-        .arg(format!("DAPGW_UPSTREAM_URL=https://127.0.0.1:{unreachable}"))
+        .arg(format!(
+            "DAPGW_UPSTREAM_URL=https://127.0.0.1:{unreachable}"
+        ))
         .args(["-e", "DAPGW_UPSTREAM_CA=/etc/dapgw/tls/ca.pem"])
-        .args(["-e", "DAPGW_UPSTREAM_CLIENT_CERT=/etc/dapgw/tls/client-gw-test.pem"])
-        .args(["-e", "DAPGW_UPSTREAM_CLIENT_KEY=/etc/dapgw/tls/client-gw-test.key"])
+        .args([
+            "-e",
+            "DAPGW_UPSTREAM_CLIENT_CERT=/etc/dapgw/tls/client-gw-test.pem",
+        ])
+        .args([
+            "-e",
+            "DAPGW_UPSTREAM_CLIENT_KEY=/etc/dapgw/tls/client-gw-test.key",
+        ])
         .args(["-e", "DAPGW_GATEWAY_ID=gw-test"])
         .args(["-e", "DAPGW_TLS_CERT=/etc/dapgw/tls/server.pem"])
         .args(["-e", "DAPGW_TLS_KEY=/etc/dapgw/tls/server.key"])
@@ -1007,7 +1087,9 @@ fn container_image_runs_gateway() {
     impl Drop for Cleanup {
         fn drop(&mut self) {
             let _ = podman(&self.0).args(["rm", "-f", &self.1]).output();
-            let _ = podman(&self.0).args(["volume", "rm", "-f", &self.2]).output();
+            let _ = podman(&self.0)
+                .args(["volume", "rm", "-f", &self.2])
+                .output();
         }
     }
     let _cleanup = Cleanup(podman_bin.clone(), name.clone(), volume.clone());
@@ -1035,7 +1117,12 @@ fn container_image_runs_gateway() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert_ok("promtool check metrics (container)", &out);
     }
@@ -1184,12 +1271,19 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     assert_ok("dapgw keys init", &out);
     let creds = t.join("members.json");
     let out = run(Command::new(bin)
-        .args(["keys", "members", "--from", "1", "--count", "50", "--groups", "g1", "--out"])
+        .args([
+            "keys", "members", "--from", "1", "--count", "50", "--groups", "g1", "--out",
+        ])
         .arg(&creds));
     assert_ok("dapgw keys members", &out);
 
-    let (udc_port, udc_admin, gw_port, gw_admin, prom_port) =
-        (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (udc_port, udc_admin, gw_port, gw_admin, prom_port) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let clean = |c: &mut Command| {
         for (k, _) in std::env::vars() {
             if k.starts_with("DAPGW_") {
@@ -1207,7 +1301,10 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
         .env("DAPGW_TLS_CERT", pki.join("server.pem"))
         .env("DAPGW_TLS_KEY", pki.join("server.key"))
         .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
-        .env("DAPGW_STORE_URL", format!("sqlite://{}", t.join("udc.sqlite3").display()))
+        .env(
+            "DAPGW_STORE_URL",
+            format!("sqlite://{}", t.join("udc.sqlite3").display()),
+        )
         .env("DAPGW_MASTER_SECRET_FILE", keys.join("master-secret"))
         .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage-key"))
         .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing-key"))
@@ -1219,7 +1316,10 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     clean(&mut gw_cmd);
     gw_cmd
         .arg("gateway")
-        .env("DAPGW_UPSTREAM_URL", format!("https://127.0.0.1:{udc_port}"))
+        .env(
+            "DAPGW_UPSTREAM_URL",
+            format!("https://127.0.0.1:{udc_port}"),
+        )
         .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
         .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
         .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
@@ -1284,18 +1384,26 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
 
     // Wait until both targets have been scraped for a while and the members
     // have produced traffic through the gateway to the UDC.
-    wait_for("traffic seen by prometheus", Duration::from_secs(180), || {
-        for (p, log) in [(&mut udc, &udc_log), (&mut gw, &gw_log), (&mut prom, &prom_log)] {
-            p.alive(log);
-        }
-        let _ = sim.1.try_wait();
-        let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
-        (ok("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
-            && ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
-            && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
-            && ok("increase(dapgw_batches_total{outcome=\"ok\"}[1m]) > 0"))
-        .then_some(())
-    });
+    wait_for(
+        "traffic seen by prometheus",
+        Duration::from_secs(180),
+        || {
+            for (p, log) in [
+                (&mut udc, &udc_log),
+                (&mut gw, &gw_log),
+                (&mut prom, &prom_log),
+            ] {
+                p.alive(log);
+            }
+            let _ = sim.1.try_wait();
+            let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
+            (ok("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
+                && ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
+                && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
+                && ok("increase(dapgw_batches_total{outcome=\"ok\"}[1m]) > 0"))
+            .then_some(())
+        },
+    );
 
     // promtool check metrics on both real pages.
     for (name, addr) in [("gateway", gw_admin_addr), ("udc", udc_admin_addr)] {
@@ -1308,8 +1416,16 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
-        assert_ok(&format!("promtool check metrics ({name})"), &child.wait_with_output().unwrap());
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        assert_ok(
+            &format!("promtool check metrics ({name})"),
+            &child.wait_with_output().unwrap(),
+        );
     }
 
     // Every dashboard expression returns data.
