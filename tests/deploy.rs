@@ -1096,7 +1096,17 @@ fn container_image_runs_gateway() {
 
     let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
     wait_for("/healthz 200", Duration::from_secs(30), || {
-        http_get(admin_addr, "/healthz").filter(|(s, _)| *s == 200)
+        let up = http_get(admin_addr, "/healthz").filter(|(s, _)| *s == 200);
+        if up.is_none() {
+            // Fail at once, with the log, if the gateway has exited.
+            let state =
+                run(podman(&podman_bin).args(["inspect", "--format", "{{.State.Running}}", &name]));
+            if String::from_utf8_lossy(&state.stdout).trim() == "false" {
+                let logs = run(podman(&podman_bin).args(["logs", &name]));
+                panic!("the gateway container exited:\n{}", text(&logs));
+            }
+        }
+        up
     });
     // The image's HEALTHCHECK passes.
     let out = run(podman(&podman_bin).args(["healthcheck", "run", &name]));
