@@ -1,0 +1,1472 @@
+//! The deployment surface (deploy/, dashboards/) checked with the real
+//! tools an operator uses: promtool, docker-compose, kubernetes-validate,
+//! systemd-analyze, tsc against `@grafana/schema`, buildah and podman.
+//!
+//! A check whose tool is missing prints `skipped: ...` with the install
+//! command and passes, except under `CI=true`, where a missing tool fails.
+//! Two checks need the running services and are `#[ignore]`d until they
+//! land: the container running the gateway, and a live Prometheus that
+//! scrapes a gateway and a UDC under `dapgw sim` traffic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dapgw::config::{self, GatewayConfig};
+use dapgw::telemetry::{self, GatewayMetrics, ProcessMetrics, UdcMetrics};
+use prometheus::Registry;
+use serde_json::Value;
+
+/// Versions the dashboards are type-checked against.
+const GRAFANA_SCHEMA: &str = "13.2.3";
+const TYPESCRIPT: &str = "5.9.3";
+
+/// Image tag the tests build.
+const TEST_IMAGE: &str = "localhost/dapgw:test";
+
+/// Where the host-built static binary is (deploy/Dockerfile copies it).
+const STATIC_BIN: &str = "target/x86_64-unknown-linux-gnu/release/dapgw";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// `tool` on PATH, or `None` after a visible skip message; in CI a missing
+/// tool fails the test.
+fn require(tool: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(!in_ci(), "{tool} is required in CI ({install})");
+        eprintln!("skipped: {tool} is not installed ({install})");
+    }
+    found
+}
+
+/// Runs `cmd` to completion; panics if it cannot be started.
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_ok(what: &str, out: &Output) {
+    assert!(out.status.success(), "{what} failed:\n{}", text(out));
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Expressions: extraction, metric names, Grafana variable substitution
+// ---------------------------------------------------------------------------
+
+/// One PromQL expression and where it comes from.
+#[derive(Clone, Debug)]
+struct Expr {
+    origin: String,
+    promql: String,
+}
+
+/// The dashboards under dashboards/, parsed.
+fn dashboards() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            out.push((name, json));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        out.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["dapgw-gateway", "dapgw-udc"]
+    );
+    out
+}
+
+/// Every panel, rows' nested panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        out.push(p);
+        if let Some(nested) = p["panels"].as_array() {
+            out.extend(nested);
+        }
+    }
+    out
+}
+
+/// Every panel target's expression of a dashboard.
+fn panel_exprs(name: &str, dashboard: &Value) -> Vec<Expr> {
+    let mut out = Vec::new();
+    for p in panels(dashboard) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let promql = t["expr"].as_str().expect("every target has an expr");
+            out.push(Expr {
+                origin: format!("{name}: panel {:?} target {}", p["title"], t["refId"]),
+                promql: promql.to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// The selector inside each query variable's `label_values(SELECTOR, label)`.
+fn variable_exprs(name: &str, dashboard: &Value) -> Vec<Expr> {
+    let mut out = Vec::new();
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if v["type"] != "query" {
+            continue;
+        }
+        let q = v["query"]["query"]
+            .as_str()
+            .or(v["query"].as_str())
+            .expect("query variable text");
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.rsplit_once(','))
+            .map(|(sel, _label)| sel.trim())
+            .unwrap_or_else(|| panic!("{name}: variable {}: not label_values(...)", v["name"]));
+        out.push(Expr {
+            origin: format!("{name}: variable {}", v["name"]),
+            promql: inner.to_string(),
+        });
+    }
+    out
+}
+
+/// `(alert name, expr)` of every rule in a rules file written as in
+/// deploy/prometheus/alerts.yml (inline `expr:` or a `|` block).
+fn alert_exprs(rules: &str) -> Vec<(String, Expr)> {
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut out = Vec::new();
+    let mut alert = None;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start();
+        if let Some(name) = trimmed.strip_prefix("- alert:") {
+            alert = Some(name.trim().to_string());
+        } else if let Some(rest) = trimmed.strip_prefix("expr:") {
+            let indent = line.len() - trimmed.len();
+            let rest = rest.trim();
+            let promql = if matches!(rest, "|" | "|-" | ">" | ">-") {
+                let mut block = Vec::new();
+                while i + 1 < lines.len() {
+                    let next = lines[i + 1];
+                    let next_indent = next.len() - next.trim_start().len();
+                    if !next.trim().is_empty() && next_indent <= indent {
+                        break;
+                    }
+                    block.push(next.trim());
+                    i += 1;
+                }
+                block.join("\n").trim().to_string()
+            } else {
+                rest.to_string()
+            };
+            let name = alert.take().expect("expr after `- alert:`");
+            out.push((
+                name.clone(),
+                Expr {
+                    origin: format!("alert {name}"),
+                    promql,
+                },
+            ));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Replaces Grafana's variables by values Prometheus accepts: the regex
+/// `.+` for job and instance (their "All" value), fixed ranges for the
+/// interval variables.
+fn substitute(promql: &str, range: &str) -> String {
+    let s = promql
+        .replace("$__rate_interval", range)
+        .replace("$__interval", range)
+        .replace("$__range", "1h")
+        .replace("${job}", ".+")
+        .replace("$job", ".+")
+        .replace("${instance}", ".+")
+        .replace("$instance", ".+");
+    assert!(!s.contains('$'), "unknown variable left in {s}");
+    s
+}
+
+/// Every `dapgw_*` identifier in `s`.
+fn metric_tokens(s: &str) -> BTreeSet<String> {
+    let b = s.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let mut out = BTreeSet::new();
+    let mut i = 0;
+    while i < b.len() {
+        if ident(b[i]) && (i == 0 || !ident(b[i - 1])) {
+            let start = i;
+            while i < b.len() && ident(b[i]) {
+                i += 1;
+            }
+            let tok = &s[start..i];
+            if tok.starts_with("dapgw_") {
+                out.insert(tok.to_string());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Metric families (name -> type) a registry exposes, read from the text
+/// format the services serve.
+fn families(r: &Registry) -> BTreeMap<String, String> {
+    telemetry::encode(r)
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            (name.to_string(), kind.to_string())
+        })
+        .collect()
+}
+
+fn gateway_families() -> BTreeMap<String, String> {
+    let r = Registry::new();
+    GatewayMetrics::register(&r);
+    ProcessMetrics::register(&r).unwrap();
+    families(&r)
+}
+
+fn udc_families() -> BTreeMap<String, String> {
+    let r = Registry::new();
+    UdcMetrics::register(&r);
+    ProcessMetrics::register(&r).unwrap();
+    families(&r)
+}
+
+/// Checks that `token` names a series of `fams`: a counter or gauge by its
+/// name, a histogram by `_bucket`, `_sum` or `_count` (or by its bare name
+/// when `prose` allows it, as in an alert's description).
+fn resolves(token: &str, fams: &BTreeMap<String, String>, prose: bool) -> bool {
+    match fams.get(token) {
+        Some(kind) if kind == "histogram" => prose,
+        Some(_) => true,
+        None => ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+            token
+                .strip_suffix(suffix)
+                .is_some_and(|base| fams.get(base).is_some_and(|k| k == "histogram"))
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus: config, rules, unit tests, metric names, expression syntax
+// ---------------------------------------------------------------------------
+
+#[test]
+fn promtool_checks_config_and_rules() {
+    let Some(promtool) = require("promtool", "apt-get install prometheus") else {
+        return;
+    };
+    let dir = root().join("deploy/prometheus");
+    let out = run(Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(dir.join("prometheus.yml")));
+    assert_ok("promtool check config", &out);
+    let out = run(Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(dir.join("alerts.yml")));
+    assert_ok("promtool check rules", &out);
+}
+
+#[test]
+fn promtool_unit_tests_cover_every_alert() {
+    let rules = read("deploy/prometheus/alerts.yml");
+    let tests = read("deploy/prometheus/alerts_test.yml");
+    let alerts = alert_exprs(&rules);
+    assert!(alerts.len() >= 10, "only {} alerts parsed", alerts.len());
+    // Each alert is tested, and shown firing (a non-empty exp_alerts).
+    for (name, _) in &alerts {
+        let needle = format!("alertname: {name}\n");
+        let firing = tests.match_indices(&needle).any(|(at, _)| {
+            let after = &tests[at + needle.len()..];
+            after.trim_start().starts_with("exp_alerts:\n")
+        });
+        assert!(firing, "alert {name} has no firing case in alerts_test.yml");
+    }
+    let Some(promtool) = require("promtool", "apt-get install prometheus") else {
+        return;
+    };
+    let out = run(Command::new(promtool)
+        .args(["test", "rules", "alerts_test.yml"])
+        .current_dir(root().join("deploy/prometheus")));
+    assert_ok("promtool test rules", &out);
+}
+
+#[test]
+fn dashboards_and_alerts_use_only_exported_metrics() {
+    let gw = gateway_families();
+    let udc = udc_families();
+    let mut both = gw.clone();
+    both.extend(udc.clone());
+    for (name, d) in dashboards() {
+        let fams = if name == "dapgw-gateway" { &gw } else { &udc };
+        let exprs = panel_exprs(&name, &d)
+            .into_iter()
+            .chain(variable_exprs(&name, &d));
+        let mut used = 0;
+        for e in exprs {
+            let tokens = metric_tokens(&e.promql);
+            assert!(
+                !tokens.is_empty(),
+                "{}: no dapgw metric in {}",
+                e.origin,
+                e.promql
+            );
+            for t in tokens {
+                assert!(
+                    resolves(&t, fams, false),
+                    "{}: `{t}` is not a series exported by the {name} service",
+                    e.origin
+                );
+                used += 1;
+            }
+        }
+        assert!(used > 10, "{name}: only {used} metric references");
+    }
+    // The whole rules file, descriptions included, names only real metrics.
+    let rules = read("deploy/prometheus/alerts.yml");
+    for t in metric_tokens(&rules) {
+        assert!(
+            resolves(&t, &both, true),
+            "alerts.yml: `{t}` is not exported"
+        );
+    }
+    for (name, e) in alert_exprs(&rules) {
+        for t in metric_tokens(&e.promql) {
+            assert!(
+                resolves(&t, &both, false),
+                "alert {name}: `{t}` is not a series"
+            );
+        }
+    }
+    // Every gateway family has a panel (the udc's too), so nothing exported
+    // goes unseen.
+    for (name, fams) in [("dapgw-gateway", &gw), ("dapgw-udc", &udc)] {
+        let d = &dashboards().into_iter().find(|d| d.0 == name).unwrap().1;
+        let all: String = panel_exprs(name, d)
+            .iter()
+            .map(|e| e.promql.clone())
+            .collect();
+        for (family, kind) in fams {
+            let shown = all.contains(family.as_str())
+                || (kind == "histogram" && all.contains(&format!("{family}_bucket")));
+            assert!(shown, "{name}: no panel shows {family}");
+        }
+    }
+}
+
+/// Writes one recording rule per expression and runs `promtool check rules`.
+fn promtool_parse(promtool: &Path, exprs: &[Expr]) -> Output {
+    let mut y = String::from("groups:\n  - name: expressions\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        y.push_str(&format!(
+            "      # {}\n      - record: check:expr_{i}\n        expr: {}\n",
+            e.origin.replace('\n', " "),
+            serde_json::to_string(&e.promql).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("exprs.yml");
+    std::fs::write(&file, y).unwrap();
+    run(Command::new(promtool).args(["check", "rules"]).arg(&file))
+}
+
+#[test]
+fn every_promql_expression_parses() {
+    let Some(promtool) = require("promtool", "apt-get install prometheus") else {
+        return;
+    };
+    let mut exprs = Vec::new();
+    for (name, d) in dashboards() {
+        for e in panel_exprs(&name, &d)
+            .into_iter()
+            .chain(variable_exprs(&name, &d))
+        {
+            exprs.push(Expr {
+                origin: e.origin,
+                promql: substitute(&e.promql, "5m"),
+            });
+        }
+    }
+    let n = exprs.len();
+    assert!(n > 40, "only {n} dashboard expressions");
+    let out = promtool_parse(&promtool, &exprs);
+    assert_ok("promtool check rules on the dashboards' expressions", &out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("SUCCESS: {n} rules found")),
+        "{}",
+        text(&out)
+    );
+    // The check bites: one unbalanced expression fails it.
+    exprs.push(Expr {
+        origin: "broken on purpose".into(),
+        promql: "sum(rate(dapgw_spool_rejected_total[5m])".into(),
+    });
+    let out = promtool_parse(&promtool, &exprs);
+    assert!(
+        !out.status.success(),
+        "a broken expression passed:\n{}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Grafana dashboards
+// ---------------------------------------------------------------------------
+
+#[test]
+fn dashboards_are_provisioning_ready() {
+    for (name, d) in dashboards() {
+        assert_eq!(d["uid"], name, "{name}: stable uid = file name");
+        assert!(
+            d.get("id").is_none_or(Value::is_null),
+            "{name}: no instance id"
+        );
+        let vars = d["templating"]["list"].as_array().unwrap();
+        let var = |n: &str| {
+            vars.iter()
+                .find(|v| v["name"] == n)
+                .unwrap_or_else(|| panic!("{name}: variable {n}"))
+        };
+        assert_eq!(var("datasource")["type"], "datasource");
+        assert_eq!(var("datasource")["query"], "prometheus");
+        for n in ["job", "instance"] {
+            assert_eq!(var(n)["type"], "query", "{name}: {n}");
+            assert_eq!(var(n)["datasource"]["uid"], "${datasource}", "{name}: {n}");
+        }
+        let mut ids = BTreeSet::new();
+        let mut titles = BTreeSet::new();
+        for p in panels(&d) {
+            let id = p["id"].as_u64().expect("panel id");
+            assert!(ids.insert(id), "{name}: duplicate panel id {id}");
+            if p["type"] == "row" {
+                titles.insert(p["title"].as_str().unwrap().to_string());
+                continue;
+            }
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{name}: {}",
+                p["title"]
+            );
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{name}: {} has no query", p["title"]);
+            for t in targets {
+                assert_eq!(t["datasource"]["uid"], "${datasource}");
+                let expr = t["expr"].as_str().unwrap();
+                assert!(
+                    expr.contains("job=~\"$job\", instance=~\"$instance\""),
+                    "{name}: {} does not filter by job and instance: {expr}",
+                    p["title"]
+                );
+            }
+        }
+        if name == "dapgw-gateway" {
+            for row in [
+                "RED: member traffic",
+                "RED: upstream (UDC)",
+                "USE: spool, connections, process",
+                "Aggregation",
+                "Rounds and localization",
+            ] {
+                assert!(titles.contains(row), "{name}: row {row}");
+            }
+        }
+    }
+    // The provisioning provider loads the directory compose mounts them at.
+    let provider = read("deploy/grafana/provisioning/dashboards/dapgw.yaml");
+    let compose = read("deploy/compose.yaml");
+    assert!(provider.contains("path: /var/lib/grafana/dashboards/dapgw"));
+    assert!(compose.contains("../dashboards:/var/lib/grafana/dashboards/dapgw:ro"));
+}
+
+/// `npm install`s the pinned `@grafana/schema` and `typescript` into
+/// target/deploy-npm unless they are there already.
+fn npm_tools(npm: &Path) -> PathBuf {
+    let dir = root().join("target/deploy-npm");
+    let installed = |pkg: &str, version: &str| {
+        std::fs::read_to_string(dir.join("node_modules").join(pkg).join("package.json"))
+            .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
+    };
+    if !(installed("@grafana/schema", GRAFANA_SCHEMA) && installed("typescript", TYPESCRIPT)) {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = run(Command::new(npm)
+            .arg("install")
+            .arg("--prefix")
+            .arg(&dir)
+            .args(["--no-audit", "--no-fund", "--loglevel=error"])
+            .arg(format!("@grafana/schema@{GRAFANA_SCHEMA}"))
+            .arg(format!("typescript@{TYPESCRIPT}")));
+        assert_ok("npm install @grafana/schema typescript", &out);
+    }
+    dir
+}
+
+#[test]
+fn dashboards_typecheck_against_grafana_schema() {
+    let (Some(npm), Some(node)) = (
+        require("npm", "apt-get install npm"),
+        require("node", "apt-get install nodejs"),
+    ) else {
+        return;
+    };
+    let dir = npm_tools(&npm);
+    let check = dir.join("check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    let mut files = Vec::new();
+    for (name, _) in dashboards() {
+        let json = read(&format!("dashboards/{name}.json"));
+        let ts = format!(
+            "import type {{ Dashboard }} from '@grafana/schema';\n\
+             export const dashboard: Dashboard = {json};\n"
+        );
+        std::fs::write(check.join(format!("{name}.ts")), ts).unwrap();
+        files.push(format!("\"{name}.ts\""));
+    }
+    // Control: the type must reject a panel with a misspelt field, or the
+    // directive below is unused and tsc fails.
+    std::fs::write(
+        check.join("control.ts"),
+        "import type { Dashboard } from '@grafana/schema';\n\
+         // @ts-expect-error: `tyep` is not a panel field\n\
+         export const bad: Dashboard = { schemaVersion: 39, panels: [{ tyep: 'timeseries' }] };\n",
+    )
+    .unwrap();
+    files.push("\"control.ts\"".into());
+    std::fs::write(
+        check.join("tsconfig.json"),
+        format!(
+            "{{\"compilerOptions\": {{\"strict\": true, \"noEmit\": true, \"module\": \"esnext\", \
+             \"moduleResolution\": \"bundler\", \"target\": \"es2022\", \"skipLibCheck\": true, \
+             \"types\": [], \"typeRoots\": [\"../node_modules/@types\"]}}, \"files\": [{}]}}",
+            files.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(node)
+        .arg(dir.join("node_modules/typescript/bin/tsc"))
+        .args(["-p", "tsconfig.json"])
+        .current_dir(&check));
+    assert_ok("tsc --noEmit on the dashboards", &out);
+}
+
+// ---------------------------------------------------------------------------
+// Compose, Kubernetes, systemd
+// ---------------------------------------------------------------------------
+
+/// Every `DAPGW_*` variable named in `s`.
+fn dapgw_variables(s: &str) -> BTreeSet<String> {
+    let b = s.as_bytes();
+    let mut out = BTreeSet::new();
+    for (at, _) in s.match_indices("DAPGW_") {
+        if at > 0 && (b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_') {
+            continue;
+        }
+        let end = s[at..]
+            .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .map_or(s.len(), |e| at + e);
+        // `DAPGW_*` in prose is the prefix, not a variable.
+        if end > at + "DAPGW_".len() {
+            out.insert(s[at..end].to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn deploy_files_name_only_real_variables() {
+    let gateway: BTreeSet<String> = config::gateway_variables().map(|v| v.0).collect();
+    let udc: BTreeSet<String> = config::udc_variables().map(|v| v.0).collect();
+    let any: BTreeSet<String> = gateway
+        .union(&udc)
+        .cloned()
+        .chain([config::CONFIG_VAR.to_string()])
+        .collect();
+    // Files for the gateway alone: a udc-only variable would stop it.
+    for f in [
+        "deploy/kubernetes/gateway-configmap.yaml",
+        "deploy/systemd/gateway.env.example",
+        "deploy/systemd/dapgw-gateway.service",
+    ] {
+        let vars = dapgw_variables(&read(f));
+        assert!(!vars.is_empty(), "{f}");
+        for v in vars {
+            assert!(gateway.contains(&v), "{f}: {v} is not a gateway variable");
+        }
+    }
+    // The env example lists every gateway variable.
+    let example = dapgw_variables(&read("deploy/systemd/gateway.env.example"));
+    for v in &gateway {
+        assert!(example.contains(v), "gateway.env.example misses {v}");
+    }
+    for f in [
+        "deploy/compose.yaml",
+        "deploy/Dockerfile",
+        "deploy/README.md",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        for v in dapgw_variables(&read(f)) {
+            assert!(any.contains(&v), "{f}: {v} is not a dapgw variable");
+        }
+    }
+    // The README documents every variable.
+    let readme = dapgw_variables(&read("deploy/README.md"));
+    for v in &any {
+        assert!(readme.contains(v), "deploy/README.md does not document {v}");
+    }
+}
+
+/// The rows `(variable, default cell)` of the table after `heading`.
+fn readme_table(readme: &str, heading: &str) -> Vec<(String, String)> {
+    let at = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("README: {heading}"));
+    readme[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let var = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((var.to_string(), cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+/// What the README's default column must say for a serialized default.
+fn default_cell(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "unset".into(),
+        Some(Value::String(s)) if s.is_empty() => "required".into(),
+        Some(Value::String(s)) => format!("`{s}`"),
+        Some(other) => format!("`{other}`"),
+    }
+}
+
+#[test]
+fn readme_documents_the_defaults() {
+    let readme = read("deploy/README.md");
+    let tables = [
+        (
+            "### Gateway (`dapgw gateway`)",
+            config::gateway_variables().map(|v| v.0).collect::<Vec<_>>(),
+            serde_json::to_value(GatewayConfig::default()).unwrap(),
+        ),
+        (
+            "### UDC (`dapgw udc`)",
+            config::udc_variables().map(|v| v.0).collect(),
+            serde_json::to_value(config::UdcConfig::default()).unwrap(),
+        ),
+    ];
+    for (heading, vars, defaults) in tables {
+        let rows = readme_table(&readme, heading);
+        let documented: Vec<&String> = rows.iter().map(|r| &r.0).collect();
+        assert_eq!(
+            documented,
+            vars.iter().collect::<Vec<_>>(),
+            "{heading}: variables and order"
+        );
+        for (var, cell) in &rows {
+            let key = var
+                .strip_prefix(config::ENV_PREFIX)
+                .unwrap()
+                .to_ascii_lowercase();
+            assert_eq!(cell, &default_cell(defaults.get(&key)), "{heading}: {var}");
+        }
+    }
+}
+
+#[test]
+fn stop_grace_covers_the_drain() {
+    let drain_s = GatewayConfig::default().drain_grace_ms.div_ceil(1000);
+    let number_after = |s: &str, key: &str| -> u64 {
+        let at = s.find(key).unwrap_or_else(|| panic!("{key} not found"));
+        s[at + key.len()..]
+            .trim_start_matches([' ', ':', '=', '"'])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    let k8s = read("deploy/kubernetes/gateway-statefulset.yaml");
+    let cm = read("deploy/kubernetes/gateway-configmap.yaml");
+    let drain_k8s = number_after(&cm, "DAPGW_DRAIN_GRACE_MS").div_ceil(1000);
+    assert!(number_after(&k8s, "terminationGracePeriodSeconds") >= drain_k8s + 3);
+    let unit = read("deploy/systemd/dapgw-gateway.service");
+    assert!(number_after(&unit, "TimeoutStopSec=") >= drain_s + 3);
+    let compose = read("deploy/compose.yaml");
+    assert!(number_after(&compose, "stop_grace_period:") >= drain_s + 3);
+}
+
+#[test]
+fn compose_config_is_valid() {
+    let Some(dc) = require("docker-compose", "apt-get install docker-compose") else {
+        return;
+    };
+    let out = run(Command::new(dc)
+        .args(["-f", "deploy/compose.yaml", "config", "-q"])
+        .current_dir(root()));
+    assert_ok("docker-compose config -q", &out);
+    let compose = read("deploy/compose.yaml");
+    for needed in [
+        "read_only: true",
+        "cap_drop: [ALL]",
+        "gateway-1:",
+        "gateway-2:",
+        "sim-1:",
+    ] {
+        assert!(compose.contains(needed), "compose.yaml lacks {needed}");
+    }
+}
+
+#[test]
+fn kubernetes_manifests_validate() {
+    let Some(kv) = require("kubernetes-validate", "pip install kubernetes-validate") else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4);
+    let out = run(Command::new(kv).arg("--strict").args(&files));
+    assert_ok("kubernetes-validate --strict", &out);
+    let ss = read("deploy/kubernetes/gateway-statefulset.yaml");
+    for needed in [
+        "readOnlyRootFilesystem: true",
+        "drop: [\"ALL\"]",
+        "runAsNonRoot: true",
+        "runAsUser: 65532",
+        "path: /healthz",
+        "path: /readyz",
+        "volumeClaimTemplates:",
+        "prometheus.io/scrape: \"true\"",
+        // Service links would inject DAPGW_GATEWAY_* variables, which the
+        // gateway refuses as unknown settings.
+        "enableServiceLinks: false",
+    ] {
+        assert!(ss.contains(needed), "statefulset lacks {needed}");
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = read("deploy/systemd/dapgw-gateway.service");
+    for needed in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=dapgw",
+        "EnvironmentFile=/etc/dapgw/gateway.env",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "KillSignal=SIGTERM",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed:?}");
+    }
+    let Some(sa) = require("systemd-analyze", "apt-get install systemd") else {
+        return;
+    };
+    // verify wants ExecStart to exist: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("dapgw-gateway.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/dapgw", env!("CARGO_BIN_EXE_dapgw")),
+    )
+    .unwrap();
+    let out = run(Command::new(sa).arg("verify").arg(&copy));
+    // verify exits 0 on directives it ignores; any line about the unit
+    // file is a finding.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let findings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("dapgw-gateway.service"))
+        .collect();
+    assert!(
+        out.status.success() && findings.is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Container image
+// ---------------------------------------------------------------------------
+
+/// True when `path` is an ELF file without a PT_INTERP segment: the kernel
+/// loads it without a dynamic loader, so it needs no shared library.
+fn elf_is_static(path: &Path) -> bool {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..4], b"\x7fELF", "{} is not ELF", path.display());
+    assert_eq!(b[4], 2, "64-bit ELF expected");
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let off = phoff + i * phentsize;
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap()) != 3 // PT_INTERP
+    })
+}
+
+#[test]
+fn elf_check_tells_static_from_dynamic() {
+    // The test binary itself is dynamically linked.
+    let me = std::env::current_exe().unwrap();
+    assert!(!elf_is_static(&me));
+}
+
+/// The podman command line of operations.md (vfs storage, runc).
+fn podman(podman: &Path) -> Command {
+    let mut c = Command::new(podman);
+    c.args(["--storage-driver", "vfs"]);
+    c
+}
+
+/// Builds TEST_IMAGE once per test process; `None` (after a skip message)
+/// where buildah, podman, runc or the static binary are missing.
+fn test_image() -> Option<PathBuf> {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let buildah = require("buildah", "apt-get install buildah")?;
+    let podman = require("podman", "apt-get install podman")?;
+    require("runc", "apt-get install runc")?;
+    let bin = root().join(STATIC_BIN);
+    if !bin.is_file() {
+        let how = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+                   --target x86_64-unknown-linux-gnu --bin dapgw";
+        assert!(
+            !in_ci(),
+            "the static binary {STATIC_BIN} is required in CI: {how}"
+        );
+        eprintln!("skipped: {STATIC_BIN} is not built ({how})");
+        return None;
+    }
+    assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
+        let out = run(Command::new(buildah)
+            .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
+            .args([
+                "--format",
+                "docker",
+                "-t",
+                TEST_IMAGE,
+                "-f",
+                "deploy/Dockerfile",
+                ".",
+            ])
+            .current_dir(root()));
+        assert_ok("buildah bud", &out);
+        *built = true;
+    }
+    Some(podman)
+}
+
+#[test]
+fn container_image_builds_and_starts() {
+    let Some(podman_bin) = test_image() else {
+        return;
+    };
+    // The image's configuration.
+    let out = run(podman(&podman_bin).args([
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config}}|{{json .HealthCheck}}",
+        TEST_IMAGE,
+    ]));
+    assert_ok("podman image inspect", &out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    let (config, health) = s.trim().split_once('|').unwrap();
+    let config: Value = serde_json::from_str(config).unwrap();
+    assert_eq!(config["User"], "65532:65532");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/dapgw"]));
+    assert_eq!(config["Cmd"], serde_json::json!(["gateway"]));
+    assert_eq!(config["StopSignal"], "SIGTERM");
+    assert!(
+        config["Volumes"].get("/var/lib/dapgw").is_some(),
+        "{config}"
+    );
+    let health: Value = serde_json::from_str(health).unwrap();
+    assert_eq!(
+        health["Test"],
+        serde_json::json!(["CMD", "/dapgw", "health", "--live"])
+    );
+
+    // It starts read-only with no capabilities, and the binary runs: the
+    // version, then a probe of a closed port that must fail to connect.
+    let base = |cmd: &mut Command| {
+        cmd.args(["run", "--rm", "--runtime", "runc"])
+            .args([
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(["--network", "host", "--read-only", "--cap-drop=ALL"])
+            .args(["--security-opt", "no-new-privileges"]);
+    };
+    let mut cmd = podman(&podman_bin);
+    base(&mut cmd);
+    let out = run(cmd.args([TEST_IMAGE, "--version"]));
+    assert_ok("podman run --version", &out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        text(&out)
+    );
+    let closed = free_port();
+    let mut cmd = podman(&podman_bin);
+    base(&mut cmd);
+    let out = run(cmd
+        .args([
+            TEST_IMAGE,
+            "health",
+            "--live",
+            "--timeout-ms",
+            "2000",
+            "--url",
+        ])
+        .arg(format!("127.0.0.1:{closed}")));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Minimal HTTP/1.0 GET: `(status, body)`, or `None` if nothing answers.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let resp = String::from_utf8_lossy(&buf);
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Polls `f` until it returns `Some` or `deadline` passes.
+fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Writes the development PKI with `dapgw keys dev-pki`, readable by the
+/// container user.
+fn dev_pki(dir: &Path) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(["keys", "dev-pki", "--out"])
+        .arg(dir)
+        .args(["--client", "gw-test"]));
+    assert_ok("dapgw keys dev-pki", &out);
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        // Test keys only: the container runs as 65532.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs the gateway service (issue 3)"]
+fn container_image_runs_gateway() {
+    let Some(podman_bin) = test_image() else {
+        return;
+    };
+    let pki = tempfile::tempdir().unwrap();
+    dev_pki(pki.path());
+    let admin = free_port();
+    let listen = free_port();
+    let unreachable = free_port();
+    let name = format!("dapgw-test-{}", std::process::id());
+    let volume = format!("{name}-spool");
+    let drain_ms = 3000;
+    let out = run(podman(&podman_bin)
+        .args(["run", "-d", "--name", &name, "--runtime", "runc"])
+        .args([
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args(["--network", "host", "--read-only", "--cap-drop=ALL"])
+        .args(["--security-opt", "no-new-privileges", "--tmpfs", "/tmp"])
+        .arg("-v")
+        .arg(format!("{}:/etc/dapgw/tls:ro", pki.path().display()))
+        .arg("-v")
+        .arg(format!("{volume}:/var/lib/dapgw"))
+        .arg("-e")
+        .arg(format!(
+            "DAPGW_UPSTREAM_URL=https://127.0.0.1:{unreachable}"
+        ))
+        .args(["-e", "DAPGW_UPSTREAM_CA=/etc/dapgw/tls/ca.pem"])
+        .args([
+            "-e",
+            "DAPGW_UPSTREAM_CLIENT_CERT=/etc/dapgw/tls/client-gw-test.pem",
+        ])
+        .args([
+            "-e",
+            "DAPGW_UPSTREAM_CLIENT_KEY=/etc/dapgw/tls/client-gw-test.key",
+        ])
+        .args(["-e", "DAPGW_GATEWAY_ID=gw-test"])
+        .args(["-e", "DAPGW_TLS_CERT=/etc/dapgw/tls/server.pem"])
+        .args(["-e", "DAPGW_TLS_KEY=/etc/dapgw/tls/server.key"])
+        .arg("-e")
+        .arg(format!("DAPGW_LISTEN=127.0.0.1:{listen}"))
+        .arg("-e")
+        .arg(format!("DAPGW_ADMIN_LISTEN=127.0.0.1:{admin}"))
+        .arg("-e")
+        .arg(format!("DAPGW_DRAIN_GRACE_MS={drain_ms}"))
+        .args(["-e", "DAPGW_LOG_FORMAT=json"])
+        .arg(TEST_IMAGE));
+    assert_ok("podman run -d (gateway)", &out);
+    // Remove the container and its volume whatever happens below.
+    struct Cleanup(PathBuf, String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = podman(&self.0).args(["rm", "-f", &self.1]).output();
+            let _ = podman(&self.0)
+                .args(["volume", "rm", "-f", &self.2])
+                .output();
+        }
+    }
+    let _cleanup = Cleanup(podman_bin.clone(), name.clone(), volume.clone());
+
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    wait_for("/healthz 200", Duration::from_secs(30), || {
+        let up = http_get(admin_addr, "/healthz").filter(|(s, _)| *s == 200);
+        if up.is_none() {
+            // Fail at once, with the log, if the gateway has exited.
+            let state =
+                run(podman(&podman_bin).args(["inspect", "--format", "{{.State.Running}}", &name]));
+            if String::from_utf8_lossy(&state.stdout).trim() == "false" {
+                let logs = run(podman(&podman_bin).args(["logs", &name]));
+                panic!("the gateway container exited:\n{}", text(&logs));
+            }
+        }
+        up
+    });
+    // The image's HEALTHCHECK passes.
+    let out = run(podman(&podman_bin).args(["healthcheck", "run", &name]));
+    assert_ok("podman healthcheck run", &out);
+    // Not ready: the upstream cannot be reached.
+    let (status, body) = http_get(admin_addr, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("upstream"), "{body}");
+    // /metrics is served and says the upstream is down.
+    let (status, page) = http_get(admin_addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("dapgw_upstream_up 0"), "{page}");
+    if let Some(promtool) = require("promtool", "apt-get install prometheus") {
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_ok("promtool check metrics (container)", &out);
+    }
+    // SIGTERM (the image's STOPSIGNAL) drains and exits 0 within the grace.
+    let start = Instant::now();
+    let out = run(podman(&podman_bin).args(["stop", "--time", "30", &name]));
+    assert_ok("podman stop", &out);
+    let elapsed = start.elapsed();
+    let out = run(podman(&podman_bin).args(["inspect", "--format", "{{.State.ExitCode}}", &name]));
+    assert_ok("podman inspect", &out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "exit code after SIGTERM; logs:\n{}",
+        text(&run(podman(&podman_bin).args(["logs", &name])))
+    );
+    assert!(
+        elapsed < Duration::from_millis(drain_ms + 5000),
+        "stop took {elapsed:?}, drain grace {drain_ms} ms"
+    );
+    let logs = run(podman(&podman_bin).args(["logs", &name]));
+    for line in String::from_utf8_lossy(&logs.stderr).lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "DAPGW_LOG_FORMAT=json but a log line is not JSON: {line}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Live: a real Prometheus scraping a real gateway and UDC under sim traffic
+// ---------------------------------------------------------------------------
+
+/// A child process killed when the guard drops.
+struct Proc(String, Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.1.kill();
+        let _ = self.1.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Proc(what.to_string(), child)
+    }
+
+    /// Panics with the log if the process has exited.
+    fn alive(&mut self, log: &Path) {
+        if let Some(status) = self.1.try_wait().unwrap() {
+            panic!(
+                "{} exited with {status}:\n{}",
+                self.0,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs an instant query; `Err` on an HTTP or PromQL error, else the
+/// number of series in the result.
+fn prom_query(prom: SocketAddr, promql: &str) -> Result<usize, String> {
+    let (status, body) = http_get(prom, &format!("/api/v1/query?query={}", urlencode(promql)))
+        .ok_or("prometheus did not answer")?;
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{status}: {e}: {body}"))?;
+    if v["status"] != "success" {
+        return Err(format!("{status}: {body}"));
+    }
+    Ok(v["data"]["result"].as_array().map_or(1, Vec::len))
+}
+
+/// Every vector selector `dapgw_x{...}` or `dapgw_x` in `promql`.
+fn selectors(promql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in metric_tokens(promql) {
+        let mut from = 0;
+        while let Some(at) = promql[from..].find(&t) {
+            let start = from + at;
+            let end = start + t.len();
+            from = end;
+            let next = promql.as_bytes().get(end).copied();
+            if next.is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                continue;
+            }
+            let sel = if next == Some(b'{') {
+                let close = promql[end..].find('}').unwrap() + end;
+                &promql[start..=close]
+            } else {
+                &promql[start..end]
+            };
+            out.push(sel.to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn selectors_are_found() {
+    assert_eq!(
+        selectors("sum(rate(dapgw_a_total{x=\"1\"}[5m])) / sum(dapgw_b) + dapgw_a_total_x"),
+        ["dapgw_a_total_x", "dapgw_a_total{x=\"1\"}", "dapgw_b"]
+    );
+}
+
+#[test]
+#[ignore = "needs gateway+udc+sim"]
+fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
+    let Some(prometheus) = require("prometheus", "apt-get install prometheus") else {
+        return;
+    };
+    let Some(promtool) = require("promtool", "apt-get install prometheus") else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let pki = t.join("pki");
+    let keys = t.join("keys");
+    let out = run(Command::new(bin)
+        .args(["keys", "dev-pki", "--out"])
+        .arg(&pki)
+        .args(["--client", "gw-1"]));
+    assert_ok("dapgw keys dev-pki", &out);
+    let out = run(Command::new(bin).args(["keys", "init", "--out"]).arg(&keys));
+    assert_ok("dapgw keys init", &out);
+    let creds = t.join("members.json");
+    let out = run(Command::new(bin)
+        .args([
+            "keys", "members", "--from", "1", "--count", "50", "--groups", "g1", "--out",
+        ])
+        .arg(&creds));
+    assert_ok("dapgw keys members", &out);
+
+    let (udc_port, udc_admin, gw_port, gw_admin, prom_port) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let clean = |c: &mut Command| {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                c.env_remove(k);
+            }
+        }
+    };
+    let udc_log = t.join("udc.log");
+    let mut udc_cmd = Command::new(bin);
+    clean(&mut udc_cmd);
+    udc_cmd
+        .arg("udc")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
+        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+        .env("DAPGW_TLS_KEY", pki.join("server.key"))
+        .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
+        .env(
+            "DAPGW_STORE_URL",
+            format!("sqlite://{}", t.join("udc.sqlite3").display()),
+        )
+        .env("DAPGW_MASTER_SECRET_FILE", keys.join("master-secret"))
+        .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage-key"))
+        .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing-key"))
+        .env("DAPGW_KEY_CERT_FILE", keys.join("signing-key.cert"));
+    let mut udc = Proc::spawn("udc", &mut udc_cmd, &udc_log);
+
+    let gw_log = t.join("gateway.log");
+    let mut gw_cmd = Command::new(bin);
+    clean(&mut gw_cmd);
+    gw_cmd
+        .arg("gateway")
+        .env(
+            "DAPGW_UPSTREAM_URL",
+            format!("https://127.0.0.1:{udc_port}"),
+        )
+        .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{gw_port}"))
+        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+        .env("DAPGW_TLS_KEY", pki.join("server.key"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{gw_admin}"))
+        .env("DAPGW_SPOOL_DIR", t.join("spool"))
+        .env("DAPGW_ROUND_DEADLINE_MS", "2000")
+        .env("DAPGW_BATCH_LINGER_MS", "50");
+    let mut gw = Proc::spawn("gateway", &mut gw_cmd, &gw_log);
+    let gw_admin_addr: SocketAddr = ([127, 0, 0, 1], gw_admin).into();
+    let udc_admin_addr: SocketAddr = ([127, 0, 0, 1], udc_admin).into();
+    wait_for("gateway ready", Duration::from_secs(60), || {
+        udc.alive(&udc_log);
+        gw.alive(&gw_log);
+        http_get(gw_admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+
+    let sim_log = t.join("sim.log");
+    let mut sim_cmd = Command::new(bin);
+    clean(&mut sim_cmd);
+    sim_cmd
+        .args(["sim", "--gateway"])
+        .arg(format!("https://127.0.0.1:{gw_port}"))
+        .arg("--credentials")
+        .arg(&creds)
+        .args(["--members", "50"])
+        .arg("--state-dir")
+        .arg(t.join("sim"))
+        .env("SSL_CERT_FILE", pki.join("ca.pem"));
+    let mut sim = Proc::spawn("sim", &mut sim_cmd, &sim_log);
+
+    // Prometheus on loopback, scraping both admin listeners every second.
+    let rules = t.join("alerts.yml");
+    std::fs::copy(root().join("deploy/prometheus/alerts.yml"), &rules).unwrap();
+    let cfg = t.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [alerts.yml]\n\
+             scrape_configs:\n\
+             \x20 - job_name: dapgw-gateway\n    static_configs: [{{targets: [\"127.0.0.1:{gw_admin}\"]}}]\n\
+             \x20 - job_name: dapgw-udc\n    static_configs: [{{targets: [\"127.0.0.1:{udc_admin}\"]}}]\n"
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(&promtool).args(["check", "config"]).arg(&cfg));
+    assert_ok("promtool check config (live)", &out);
+    let prom_log = t.join("prometheus.log");
+    let mut prom = Proc::spawn(
+        "prometheus",
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", t.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
+        &prom_log,
+    );
+    let prom_addr: SocketAddr = ([127, 0, 0, 1], prom_port).into();
+
+    // Wait until both targets have been scraped for a while and the members
+    // have produced traffic through the gateway to the UDC.
+    wait_for(
+        "traffic seen by prometheus",
+        Duration::from_secs(180),
+        || {
+            for (p, log) in [
+                (&mut udc, &udc_log),
+                (&mut gw, &gw_log),
+                (&mut prom, &prom_log),
+            ] {
+                p.alive(log);
+            }
+            let _ = sim.1.try_wait();
+            let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
+            (ok("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
+                && ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
+                && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
+                && ok("increase(dapgw_batches_total{outcome=\"ok\"}[1m]) > 0"))
+            .then_some(())
+        },
+    );
+
+    // promtool check metrics on both real pages.
+    for (name, addr) in [("gateway", gw_admin_addr), ("udc", udc_admin_addr)] {
+        let (status, page) = http_get(addr, "/metrics").unwrap();
+        assert_eq!(status, 200, "{name} /metrics");
+        let mut child = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        assert_ok(
+            &format!("promtool check metrics ({name})"),
+            &child.wait_with_output().unwrap(),
+        );
+    }
+
+    // Every dashboard expression returns data.
+    let mut failures = Vec::new();
+    for (name, d) in dashboards() {
+        for e in panel_exprs(&name, &d)
+            .into_iter()
+            .chain(variable_exprs(&name, &d))
+        {
+            let q = substitute(&e.promql, "30s");
+            match prom_query(prom_addr, &q) {
+                Ok(0) => failures.push(format!("{}: empty result for {q}", e.origin)),
+                Ok(_) => {}
+                Err(err) => failures.push(format!("{}: {err}", e.origin)),
+            }
+        }
+    }
+    // Every alert expression evaluates, and each series it selects exists
+    // (the alert itself is quiet on a healthy site).
+    for (name, e) in alert_exprs(&read("deploy/prometheus/alerts.yml")) {
+        if let Err(err) = prom_query(prom_addr, &e.promql) {
+            failures.push(format!("alert {name}: {err}"));
+        }
+        for sel in selectors(&e.promql) {
+            match prom_query(prom_addr, &sel) {
+                Ok(0) => failures.push(format!("alert {name}: no series for {sel}")),
+                Ok(_) => {}
+                Err(err) => failures.push(format!("alert {name}: {sel}: {err}")),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    drop(sim);
+}
