@@ -144,7 +144,7 @@ async fn handle(
         let i = fake.garbage_i.fetch_add(1, Ordering::Relaxed);
         if req.uri().path() == "/v1/attach" {
             // Every other attach is answered with broken JSON.
-            let body = if i % 2 == 0 {
+            let body = if i.is_multiple_of(2) {
                 "{not json"
             } else {
                 "{\"cursor\": 0}"
@@ -245,9 +245,24 @@ async fn handle(
 
 /// Starts the fake gateway; returns it, its URL and the CA file.
 async fn start(world: World, dir: &std::path::Path) -> (Arc<Fake>, String, std::path::PathBuf) {
+    start_with(world, dir, false).await
+}
+
+/// [`start`], optionally offering only HTTP/1.1 (no `h2` in ALPN).
+async fn start_with(
+    world: World,
+    dir: &std::path::Path,
+    http1_only: bool,
+) -> (Arc<Fake>, String, std::path::PathBuf) {
     let pki = dapgw::tls::dev_pki::generate(&dir.join("pki"), &[], &[]).unwrap();
     let server = dapgw::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
-    let acceptor = server.acceptor();
+    let acceptor = if http1_only {
+        let mut config = (*server.config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    } else {
+        server.acceptor()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let fake = Arc::new(Fake {
@@ -494,6 +509,28 @@ async fn agents_share_connections() {
     wait(&f, "confirms", |s| count(&s.confirms_opened) == 60).await;
     assert!(f.connections_opened() <= 2, "{}", f.connections_opened());
     assert!(count(&fake.connections) <= 2);
+    assert!(f.shutdown().await.is_empty());
+}
+
+/// A gateway without HTTP/2: each in-flight request gets its own HTTP/1.1
+/// connection, idle ones are reused, and the round still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_only_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u64> = (1..=5).collect();
+    let (fake, url, ca) =
+        start_with(World::with_members(4, &[G], ids.clone()), dir.path(), true).await;
+    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 2);
+    wait(&f, "attach", |s| count(&s.attached) == 5).await;
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 5).await;
+    fake.wait_uplinks(5).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 5).await;
+    f.send_reading(3).await.unwrap();
+    // Five parked long polls plus at most a few for attach and uplinks.
+    let opened = f.connections_opened();
+    assert!((5..=12).contains(&opened), "{opened}");
     assert!(f.shutdown().await.is_empty());
 }
 
