@@ -42,6 +42,8 @@ struct Fake {
     seen: Mutex<BTreeSet<[u8; 32]>>,
     /// TLS connections accepted.
     connections: AtomicU64,
+    /// Client certificate identities seen.
+    identities: Mutex<BTreeSet<String>>,
     /// Answer every request with garbage.
     garbage: AtomicBool,
     garbage_i: AtomicU64,
@@ -245,7 +247,7 @@ async fn handle(
 
 /// Starts the fake gateway; returns it, its URL and the CA file.
 async fn start(world: World, dir: &std::path::Path) -> (Arc<Fake>, String, std::path::PathBuf) {
-    start_with(world, dir, false).await
+    start_with(world, dir, false, &[]).await
 }
 
 /// [`start`], optionally offering only HTTP/1.1 (no `h2` in ALPN).
@@ -253,9 +255,18 @@ async fn start_with(
     world: World,
     dir: &std::path::Path,
     http1_only: bool,
+    client_names: &[String],
 ) -> (Arc<Fake>, String, std::path::PathBuf) {
-    let pki = dapgw::tls::dev_pki::generate(&dir.join("pki"), &[], &[]).unwrap();
-    let server = dapgw::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
+    let pki = dapgw::tls::dev_pki::generate(&dir.join("pki"), &[], client_names).unwrap();
+    // With client names, client certificates are required.
+    let client_ca = (!client_names.is_empty()).then_some(pki.ca_cert.as_path());
+    let server = dapgw::tls::server_config(
+        &pki.server_cert,
+        &pki.server_key,
+        client_ca,
+        client_ca.is_some(),
+    )
+    .unwrap();
     let acceptor = if http1_only {
         let mut config = (*server.config()).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -273,6 +284,7 @@ async fn start_with(
         uplinks_changed: watch::channel(0).0,
         seen: Mutex::new(BTreeSet::new()),
         connections: AtomicU64::new(0),
+        identities: Mutex::new(BTreeSet::new()),
         garbage: AtomicBool::new(false),
         garbage_i: AtomicU64::new(0),
     });
@@ -289,6 +301,9 @@ async fn start_with(
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                if let Some(id) = dapgw::tls::peer_identity(tls.get_ref().1) {
+                    f.identities.lock().unwrap().insert(id);
+                }
                 let svc = hyper::service::service_fn(move |req| handle(f.clone(), req));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
@@ -325,6 +340,7 @@ fn fleet(
             backoff_max: Duration::from_millis(200),
             ..AgentConfig::default()
         },
+        member_tls: BTreeMap::new(),
     })
     .unwrap()
 }
@@ -518,8 +534,13 @@ async fn agents_share_connections() {
 async fn http1_only_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<u64> = (1..=5).collect();
-    let (fake, url, ca) =
-        start_with(World::with_members(4, &[G], ids.clone()), dir.path(), true).await;
+    let (fake, url, ca) = start_with(
+        World::with_members(4, &[G], ids.clone()),
+        dir.path(),
+        true,
+        &[],
+    )
+    .await;
     let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 2);
     wait(&f, "attach", |s| count(&s.attached) == 5).await;
     open_round(&fake);
@@ -561,4 +582,112 @@ async fn garbage_from_gateway_never_panics() {
     }
     let failed = f.shutdown().await;
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// `dapgw sim` as a process: reads a credentials file, attaches the selected
+/// members, stops after `--duration-s` and prints the JSON summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dapgw_sim_command_prints_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let file = dapgw::protocol::keys::CredentialFile::new(creds(&fake, &ids));
+    let cred_path = dir.path().join("members.json");
+    std::fs::write(&cred_path, serde_json::to_string(&file).unwrap()).unwrap();
+    let state = dir.path().join("state");
+    let args = [
+        "sim".into(),
+        "--gateway".into(),
+        url,
+        "--ca".into(),
+        ca.display().to_string(),
+        "--credentials".into(),
+        cred_path.display().to_string(),
+        "--members".into(),
+        "1..3".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--duration-s".into(),
+        "4".into(),
+        "--wait-ms".into(),
+        "500".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["members"], 2);
+    // Attaching two members takes milliseconds; the run lasts 4 s.
+    assert_eq!(summary["attached"], 2);
+    assert_eq!(summary["agents_failed"], serde_json::json!([]));
+    for k in [
+        "rounds_answered",
+        "confirms_opened",
+        "readings_sent",
+        "updates_applied",
+        "acks_sent",
+        "errors",
+        "connections_opened",
+        "elapsed_s",
+    ] {
+        assert!(!summary[k].is_null(), "{k} missing: {summary}");
+    }
+    assert!(state.is_dir());
+}
+
+/// Members with their own client certificates each present theirs on a
+/// connection of their own; the others share the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2];
+    let names = vec!["member-1".to_string(), "member-2".to_string()];
+    let (fake, url, ca) =
+        start_with(World::with_members(4, &[G], ids), dir.path(), false, &names).await;
+    let pki = dir.path().join("pki");
+    let mut member_tls = BTreeMap::new();
+    for id in ids {
+        let cert = pki.join(format!("client-member-{id}.pem"));
+        let key = pki.join(format!("client-member-{id}.key"));
+        member_tls.insert(id, client_tls(&ca, Some((&cert, &key))).unwrap());
+    }
+    let f = Fleet::spawn(FleetConfig {
+        client: ClientOptions {
+            gateway: url,
+            tls: client_tls(&ca, None).unwrap(),
+            connections: 4,
+            connect_timeout: Duration::from_secs(10),
+        },
+        credentials: creds(&fake, &ids),
+        agent: AgentConfig {
+            state_dir: dir.path().join("state"),
+            wait_ms: 5_000,
+            ..AgentConfig::default()
+        },
+        member_tls,
+    })
+    .unwrap();
+    wait(&f, "attach", |s| count(&s.attached) == 2).await;
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 2).await;
+    fake.wait_uplinks(2).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 2).await;
+    assert_eq!(
+        *fake.identities.lock().unwrap(),
+        names.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert_eq!(f.connections_opened(), 2);
+    assert!(f.shutdown().await.is_empty());
 }

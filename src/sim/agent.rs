@@ -416,7 +416,12 @@ impl Agent {
         }
         backoff = self.config.backoff_min;
         let mut ticker = self.config.reading_interval.map(|d| {
-            let mut t = tokio::time::interval(d);
+            // Spread the members over the interval (by id), so a fleet does
+            // not send all its readings in one burst.
+            let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+            let offset = self.credential.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % nanos;
+            let start = tokio::time::Instant::now() + Duration::from_nanos(offset);
+            let mut t = tokio::time::interval_at(start, d);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });

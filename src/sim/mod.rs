@@ -42,6 +42,11 @@ pub struct FleetConfig {
     /// Behaviour shared by all agents (state directory, reading rate,
     /// reconnect).
     pub agent: AgentConfig,
+    /// Members with a client certificate of their own (for a gateway that
+    /// checks the certificate's identity against the member id): each gets
+    /// a client with this TLS configuration and a single connection, since
+    /// a connection carries one identity. Others share [`Self::client`].
+    pub member_tls: BTreeMap<u64, Arc<rustls::ClientConfig>>,
 }
 
 /// Why a fleet did not start.
@@ -71,6 +76,8 @@ pub enum FleetError {
 pub struct Fleet {
     stats: Arc<Stats>,
     client: GatewayClient,
+    /// Clients of members with their own certificate.
+    own_clients: Vec<GatewayClient>,
     commands: BTreeMap<u64, mpsc::Sender<Command>>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(u64, Result<(), AgentError>)>,
@@ -93,16 +100,24 @@ impl Fleet {
             path: dir.clone(),
             source,
         })?;
-        let client = GatewayClient::new(config.client)?;
+        let client = GatewayClient::new(config.client.clone())?;
         let stats = Arc::new(Stats::default());
         let mut agents = Vec::with_capacity(config.credentials.len());
+        let mut own_clients = Vec::new();
         for cred in config.credentials {
-            agents.push(Agent::load(
-                cred,
-                client.clone(),
-                stats.clone(),
-                config.agent.clone(),
-            )?);
+            let c = match config.member_tls.get(&cred.id) {
+                Some(tls) => {
+                    let c = GatewayClient::new(ClientOptions {
+                        tls: tls.clone(),
+                        connections: 1,
+                        ..config.client.clone()
+                    })?;
+                    own_clients.push(c.clone());
+                    c
+                }
+                None => client.clone(),
+            };
+            agents.push(Agent::load(cred, c, stats.clone(), config.agent.clone())?);
         }
         let (stop, _) = watch::channel(false);
         let mut commands = BTreeMap::new();
@@ -119,6 +134,7 @@ impl Fleet {
         Ok(Self {
             stats,
             client,
+            own_clients,
             commands,
             stop,
             tasks,
@@ -138,6 +154,11 @@ impl Fleet {
     /// TLS connections opened to the gateway so far.
     pub fn connections_opened(&self) -> u64 {
         self.client.connections_opened()
+            + self
+                .own_clients
+                .iter()
+                .map(GatewayClient::connections_opened)
+                .sum::<u64>()
     }
 
     /// Waits until `cond` holds (checked on every counter change) or

@@ -13,6 +13,10 @@ use super::client::{ClientOptions, client_tls};
 use super::{Fleet, FleetConfig};
 use crate::protocol::keys::{CredentialFile, MemberCredential};
 
+/// Members per pooled connection when `--connections` is 0 (each member
+/// keeps one long poll in flight).
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
 /// Command-line arguments of `dapgw sim`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
@@ -42,8 +46,10 @@ pub struct SimArgs {
     /// Stop after this many seconds; 0: run until Ctrl-C.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub duration_s: u64,
-    /// HTTP/2 connections shared by all members.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// HTTP/2 connections shared by all members; 0: one per 100 members
+    /// (each member keeps one long poll open, and gateways commonly allow
+    /// 100 to 200 concurrent streams per connection).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub connections: usize,
     /// Long-poll wait asked of the gateway.
     #[arg(long, value_name = "MS", default_value_t = 25_000)]
@@ -54,6 +60,11 @@ pub struct SimArgs {
     /// Key of --client-cert.
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+    /// Per-member client certificates: `DIR/member-<id>.pem` and
+    /// `DIR/member-<id>.key` for every selected member. Each member then
+    /// uses a connection of its own (a connection carries one identity).
+    #[arg(long, value_name = "DIR", conflicts_with = "client_cert")]
+    pub member_certs: Option<PathBuf>,
     /// Seconds between progress lines on stderr.
     #[arg(long, value_name = "S", default_value_t = 5)]
     pub summary_every_s: u64,
@@ -92,11 +103,22 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let members = credentials.len();
     let client_cert = args.client_cert.as_deref().zip(args.client_key.as_deref());
     let tls = client_tls(&args.ca, client_cert)?;
+    let mut member_tls = std::collections::BTreeMap::new();
+    if let Some(dir) = &args.member_certs {
+        for c in &credentials {
+            let cert = dir.join(format!("member-{}.pem", c.id));
+            let key = dir.join(format!("member-{}.key", c.id));
+            member_tls.insert(c.id, client_tls(&args.ca, Some((&cert, &key)))?);
+        }
+    }
     let fleet = Fleet::spawn(FleetConfig {
         client: ClientOptions {
             gateway: args.gateway.clone(),
             tls,
-            connections: args.connections,
+            connections: match args.connections {
+                0 => members.div_ceil(STREAMS_PER_CONNECTION).max(1),
+                n => n,
+            },
             connect_timeout: Duration::from_secs(10),
         },
         credentials,
@@ -108,6 +130,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             reconnect: args.reconnect,
             ..AgentConfig::default()
         },
+        member_tls,
     })?;
     let started = Instant::now();
     let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
@@ -165,4 +188,39 @@ fn progress_line(fleet: &Fleet, started: Instant) -> String {
         errors,
         fleet.connections_opened(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::keys::MemberKey;
+
+    fn creds(n: u64) -> Vec<MemberCredential> {
+        (0..n)
+            .map(|id| MemberCredential {
+                id: id + 100,
+                kv: 1,
+                key: MemberKey::from_bytes([1; 32]),
+                groups: vec![1],
+                root_public_key: [0; 32],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn members_selects_prefix_or_range() {
+        let ids = |v: Vec<MemberCredential>| v.iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(ids(select_members(creds(5), None).unwrap()).len(), 5);
+        assert_eq!(
+            ids(select_members(creds(5), Some("2")).unwrap()),
+            vec![100, 101]
+        );
+        assert_eq!(
+            ids(select_members(creds(5), Some("1..4")).unwrap()),
+            vec![101, 102, 103]
+        );
+        for bad in ["6", "3..2", "0..6", "x", "1..", "-1"] {
+            assert!(select_members(creds(5), Some(bad)).is_err(), "{bad}");
+        }
+    }
 }
