@@ -542,10 +542,7 @@ impl Agent {
                             &mut rand_core::UnwrapErr(getrandom::SysRng),
                         ) {
                             Ok(out) => {
-                                let path = &self.path;
-                                if let Some(s) = out.state() {
-                                    write_state(path, self.cursor.unwrap_or(0), s)?;
-                                }
+                                store(&self.path, self.cursor, out.state()).await?;
                                 self.stats.bump(&self.stats.rounds_answered);
                                 Some(out.persisted())
                             }
@@ -566,7 +563,7 @@ impl Agent {
             }
             Some(MessageType::Confirm) => match self.member.handle_confirm(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state())?;
+                    store(&self.path, self.cursor, out.state()).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.confirms_opened);
                 }
@@ -584,10 +581,7 @@ impl Agent {
                             seq: Some(ev.seq),
                             result: Ok(()),
                         };
-                        let (c, path) = (self.cursor.unwrap_or(0), self.path.clone());
-                        if let Some(s) = out.state() {
-                            write_state(&path, c, s)?;
-                        }
+                        store(&self.path, self.cursor, out.state()).await?;
                         let ack = out.persisted();
                         self.stats.record_group(id, outcome);
                         self.stats.bump(&self.stats.updates_applied);
@@ -608,7 +602,7 @@ impl Agent {
             }
             Some(MessageType::Rekey) => match self.member.handle_rekey(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state())?;
+                    store(&self.path, self.cursor, out.state()).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.rekeys_applied);
                 }
@@ -616,7 +610,7 @@ impl Agent {
             },
             Some(MessageType::KeyUpdate) => match self.member.handle_key_update(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state())?;
+                    store(&self.path, self.cursor, out.state()).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.key_updates_applied);
                 }
@@ -637,10 +631,9 @@ impl Agent {
             .seal_uplink(group, UplinkKind::Reading, payload.as_bytes())
         {
             Ok(out) => {
-                if let Some(s) = out.state() {
-                    write_state(&self.path, self.cursor.unwrap_or(0), s)
-                        .map_err(|e| e.to_string())?;
-                }
+                store(&self.path, self.cursor, out.state())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 out.persisted()
             }
             Err(e) => {
@@ -700,12 +693,19 @@ impl Agent {
 }
 
 /// Stores `state` (if any) with the cursor of the last record handled
-/// before the current one.
-fn store(path: &Path, cursor: Option<u64>, state: Option<&[u8]>) -> Result<(), AgentError> {
-    match state {
-        Some(s) => write_state(path, cursor.unwrap_or(0), s),
-        None => Ok(()),
-    }
+/// before the current one, on the blocking pool (the fsyncs would otherwise
+/// stall the runtime's few worker threads); returns once it is durable.
+async fn store(path: &Path, cursor: Option<u64>, state: Option<&[u8]>) -> Result<(), AgentError> {
+    let Some(state) = state else { return Ok(()) };
+    let state = zeroize::Zeroizing::new(state.to_vec());
+    let path = path.to_path_buf();
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || write_state(&p, cursor.unwrap_or(0), &state))
+        .await
+        .map_err(|_| AgentError::Storage {
+            path,
+            source: std::io::Error::other("state writer task failed"),
+        })?
 }
 
 /// Sleeps `d` unless `stop` turns true first; true when stopping.

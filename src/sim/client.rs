@@ -102,7 +102,9 @@ pub struct ClientOptions {
     pub gateway: String,
     /// TLS configuration (from [`client_tls`]).
     pub tls: Arc<ClientConfig>,
-    /// HTTP/2 connections in the pool (at least 1).
+    /// HTTP/2 connections in the pool; a [`super::Fleet`] sizes a 0 by its
+    /// member count ([`super::STREAMS_PER_CONNECTION`]), a bare client
+    /// treats it as 1.
     pub connections: usize,
     /// Bound on connect plus TLS handshake.
     pub connect_timeout: Duration,

@@ -32,6 +32,12 @@ use crate::protocol::keys::MemberCredential;
 use agent::{Agent, AgentConfig, AgentError, Command, GroupMessageOutcome, Stats};
 use client::{ClientError, ClientOptions, GatewayClient};
 
+/// Members per pooled connection when [`ClientOptions::connections`] is 0.
+/// Each member keeps one long poll in flight, and HTTP/2 servers commonly
+/// allow 100 to 200 concurrent streams per connection (hyper: 200); a
+/// request beyond the limit waits for a stream, behind long polls.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
 /// What a fleet runs.
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
@@ -100,7 +106,15 @@ impl Fleet {
             path: dir.clone(),
             source,
         })?;
-        let client = GatewayClient::new(config.client.clone())?;
+        let mut options = config.client.clone();
+        if options.connections == 0 {
+            options.connections = config
+                .credentials
+                .len()
+                .div_ceil(STREAMS_PER_CONNECTION)
+                .max(1);
+        }
+        let client = GatewayClient::new(options)?;
         let stats = Arc::new(Stats::default());
         let mut agents = Vec::with_capacity(config.credentials.len());
         let mut own_clients = Vec::new();

@@ -13,10 +13,6 @@ use super::client::{ClientOptions, client_tls};
 use super::{Fleet, FleetConfig};
 use crate::protocol::keys::{CredentialFile, MemberCredential};
 
-/// Members per pooled connection when `--connections` is 0 (each member
-/// keeps one long poll in flight).
-pub const STREAMS_PER_CONNECTION: usize = 100;
-
 /// Command-line arguments of `dapgw sim`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
@@ -115,10 +111,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         client: ClientOptions {
             gateway: args.gateway.clone(),
             tls,
-            connections: match args.connections {
-                0 => members.div_ceil(STREAMS_PER_CONNECTION).max(1),
-                n => n,
-            },
+            connections: args.connections,
             connect_timeout: Duration::from_secs(10),
         },
         credentials,
