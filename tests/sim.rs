@@ -704,3 +704,71 @@ async fn member_client_certificates() {
     assert_eq!(f.connections_opened(), 2);
     assert!(f.shutdown().await.is_empty());
 }
+
+/// What the demo shows: after a revocation and a rekey, the remaining
+/// members read the second update and the revoked one refuses it (recorded
+/// with the member's reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_member_cannot_read_next_update() {
+    use dapgw::protocol::verifier::MemberStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 1);
+    wait(&f, "attach", |s| count(&s.attached) == 3).await;
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
+    fake.wait_uplinks(3).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+
+    let group_message = |payload: &[u8]| {
+        let mut w = fake.world.lock().unwrap();
+        let w = &mut *w;
+        w.udc
+            .verifier
+            .group_message(
+                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
+                payload,
+                10,
+                &mut w.rng,
+            )
+            .unwrap()
+    };
+    fake.publish(Audience::Group, G, group_message(b"update one"));
+    wait(&f, "first update", |s| s.updates_applied_for(G, 1) == 3).await;
+
+    let rekeys = {
+        let mut w = fake.world.lock().unwrap();
+        let w = &mut *w;
+        let rekeys = w
+            .udc
+            .verifier
+            .revoke(
+                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
+                MemberId(3),
+                &mut w.udc.sessions,
+                &mut w.rng,
+            )
+            .unwrap();
+        w.udc.registry.get_mut(MemberId(3)).unwrap().status = MemberStatus::Revoked;
+        rekeys
+    };
+    for r in &rekeys {
+        fake.publish(Audience::Member(r.id), G, r.to_bytes());
+    }
+    wait(&f, "rekeys", |s| count(&s.rekeys_applied) == 2).await;
+    fake.publish(Audience::Group, G, group_message(b"update two"));
+    wait(&f, "second update", |s| {
+        s.updates_applied_for(G, 2) == 2
+            && s.errors().get("member.stale").copied().unwrap_or(0) >= 1
+    })
+    .await;
+    assert_eq!(f.could_read(1, G, 2), Some(Ok(())));
+    assert_eq!(f.could_read(2, G, 2), Some(Ok(())));
+    assert_eq!(f.could_read(3, G, 1), Some(Ok(())));
+    let refused = f.could_read(3, G, 2).expect("member 3 received update 2");
+    let reason = refused.expect_err("the revoked member read update 2");
+    assert!(reason.contains("epoch"), "{reason}");
+    assert!(f.shutdown().await.is_empty());
+}

@@ -16,6 +16,11 @@
 //!
 //! [`Fleet`] is the library face used by `dapgw sim` and the demo: spawn,
 //! observe counters (and wait on them without sleeping), command members.
+//!
+//! A member with no state file starts reading the downlink at the cursor
+//! its attach returns (the gateway's latest): wait for
+//! [`Stats::attached`] before opening a round it must answer. A member with
+//! a state file continues from its stored cursor.
 
 pub mod agent;
 pub mod client;
