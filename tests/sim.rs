@@ -354,13 +354,15 @@ fn creds(fake: &Fake, ids: &[u64]) -> Vec<MemberCredential> {
     ids.iter().map(|id| w.node(*id).cred.clone()).collect()
 }
 
-/// Opens a round at V and publishes its challenge; returns the challenge.
+/// Opens a psk auth round at V and publishes its challenge; returns the
+/// challenge.
 fn open_round(fake: &Fake) -> Bytes {
-    let (ch, _) = fake
-        .world
-        .lock()
-        .unwrap()
-        .open_round(G, Mode::Psk, Purpose::Auth);
+    open_round_with(fake, Mode::Psk, Purpose::Auth)
+}
+
+/// [`open_round`] in any mode and purpose.
+fn open_round_with(fake: &Fake, mode: Mode, purpose: Purpose) -> Bytes {
+    let (ch, _) = fake.world.lock().unwrap().open_round(G, mode, purpose);
     fake.publish(Audience::Group, G, ch.clone());
     ch
 }
@@ -770,5 +772,48 @@ async fn revoked_member_cannot_read_next_update() {
     let refused = f.could_read(3, G, 2).expect("member 3 received update 2");
     let reason = refused.expect_err("the revoked member read update 2");
     assert!(reason.contains("epoch"), "{reason}");
+    assert!(f.shutdown().await.is_empty());
+}
+
+/// A psk-ecdhe read round, a root-key update over the downlink, and the
+/// next round answered (and accepted) under the new key version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecdhe_read_round_and_key_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 1);
+    wait(&f, "attach", |s| count(&s.attached) == 2).await;
+    let read = Purpose::Read(Bytes::from_static(b"read 1.8.0"));
+    open_round_with(&fake, Mode::PskEcdhe, read);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 2).await;
+    fake.wait_uplinks(2).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 2).await;
+
+    let update = {
+        let mut w = fake.world.lock().unwrap();
+        let w = &mut *w;
+        let record = w.udc.registry.get_mut(MemberId(1)).unwrap().clone();
+        let slot = w.udc.sessions.get_mut(GroupId(G), MemberId(1)).unwrap();
+        let issued = w
+            .udc
+            .verifier
+            .key_update(slot, &record, &mut w.rng)
+            .unwrap();
+        *w.udc.registry.get_mut(MemberId(1)).unwrap() = issued.record.clone();
+        issued.updates[0].to_bytes()
+    };
+    fake.publish(Audience::Member(MemberId(1)), G, update);
+    wait(&f, "key update", |s| count(&s.key_updates_applied) == 1).await;
+
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 4).await;
+    fake.wait_uplinks(4).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 4).await;
+    let mut w = fake.world.lock().unwrap();
+    assert!(!w.udc.registry.get_mut(MemberId(1)).unwrap().accepts_kv(1));
+    drop(w);
     assert!(f.shutdown().await.is_empty());
 }
