@@ -812,8 +812,10 @@ async fn ecdhe_read_round_and_key_update() {
     fake.wait_uplinks(4).await;
     assert_eq!(settle(&fake), ids);
     wait(&f, "confirms", |s| count(&s.confirms_opened) == 4).await;
-    let mut w = fake.world.lock().unwrap();
-    assert!(!w.udc.registry.get_mut(MemberId(1)).unwrap().accepts_kv(1));
-    drop(w);
+    let accepts_old = {
+        let mut w = fake.world.lock().unwrap();
+        w.udc.registry.get_mut(MemberId(1)).unwrap().accepts_kv(1)
+    };
+    assert!(!accepts_old, "V still accepts key version 1");
     assert!(f.shutdown().await.is_empty());
 }
