@@ -42,7 +42,7 @@ enum Command {
     /// Run a gateway, a UDC and simulated members on this host.
     Demo(DemoArgs),
     /// Run simulated members against a gateway.
-    Sim(SimArgs),
+    Sim(dapgw::sim::run::SimArgs),
     /// Measure the gateway against direct member-to-UDC traffic.
     Bench(BenchArgs),
     /// Probe a running service's admin listener (container health check).
@@ -82,9 +82,6 @@ struct DevPkiArgs {
 struct DemoArgs {}
 
 #[derive(Args, Debug)]
-struct SimArgs {}
-
-#[derive(Args, Debug)]
 struct BenchArgs {}
 
 #[derive(Args, Debug)]
@@ -107,7 +104,7 @@ fn main() -> ExitCode {
         Command::Udc(args) => udc(args),
         Command::Keys(KeysCommand::DevPki(args)) => report(dev_pki(args)),
         Command::Demo(DemoArgs {}) => report(not_built("demo")),
-        Command::Sim(SimArgs {}) => report(not_built("sim")),
+        Command::Sim(args) => report(sim(args)),
         Command::Bench(BenchArgs {}) => report(not_built("bench")),
         Command::Health(args) => health(args),
     }
@@ -138,6 +135,10 @@ fn report_logged(res: anyhow::Result<()>) -> ExitCode {
 
 fn not_built(what: &str) -> anyhow::Result<()> {
     anyhow::bail!("`dapgw {what}` is not built yet")
+}
+
+fn sim(args: dapgw::sim::run::SimArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(dapgw::sim::run::run(args))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
