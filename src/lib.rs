@@ -14,6 +14,8 @@
 #![warn(missing_docs, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "service")]
+pub mod gateway;
 pub mod protocol;
 
 #[cfg(feature = "service")]
