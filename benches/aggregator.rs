@@ -11,8 +11,7 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use dapgw::protocol::aggregator::{Aggregator, AggregatorConfig, RoundSpec};
 use dapgw::protocol::wire::{
-    GatewayId, GroupId, MAX_BATCH_ENTRIES, MemberId, Mode, Response, SessionId, Uplink,
-    UplinkKind,
+    GatewayId, GroupId, MAX_BATCH_ENTRIES, MemberId, Mode, Response, SessionId, Uplink, UplinkKind,
 };
 
 const N: u64 = 10_000;

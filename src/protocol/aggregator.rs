@@ -633,14 +633,22 @@ impl<H> Aggregator<H> {
     /// Entries waiting for a batch.
     pub fn pending(&self) -> usize {
         self.rounds.values().map(|r| r.pending.len()).sum::<usize>()
-            + self.streams.values().map(|s| s.pending.len()).sum::<usize>()
+            + self
+                .streams
+                .values()
+                .map(|s| s.pending.len())
+                .sum::<usize>()
     }
 
     /// Opens round `spec` (the gateway is relaying its challenge). Calling it
     /// again for an open round adds members and moves the deadline.
     pub fn expect(&mut self, spec: RoundSpec, now: Instant) -> Result<(), UsageError> {
         let key = (spec.group, spec.round);
-        if self.closed.get(&spec.group).is_some_and(|&r| spec.round <= r) {
+        if self
+            .closed
+            .get(&spec.group)
+            .is_some_and(|&r| spec.round <= r)
+        {
             return Err(UsageError::RoundClosed {
                 group: spec.group,
                 round: spec.round,
@@ -992,7 +1000,16 @@ impl<H> Aggregator<H> {
             mode,
             entries,
         };
-        Some(self.finish(key.0, Some(key.1), body, tags, handles, missing, trigger, batch_id))
+        Some(self.finish(
+            key.0,
+            Some(key.1),
+            body,
+            tags,
+            handles,
+            missing,
+            trigger,
+            batch_id,
+        ))
     }
 
     /// Cuts up to `max_batch_entries` of a group's pending uplinks (the
@@ -1041,7 +1058,16 @@ impl<H> Aggregator<H> {
             });
         }
         let body = BatchBody::Uplinks { entries };
-        Some(self.finish(group, None, body, tags, handles, Vec::new(), trigger, batch_id))
+        Some(self.finish(
+            group,
+            None,
+            body,
+            tags,
+            handles,
+            Vec::new(),
+            trigger,
+            batch_id,
+        ))
     }
 
     /// Aggregates per chunk, encodes, hashes.
@@ -1223,7 +1249,12 @@ mod tests {
         assert_eq!(response_ids(&batch), sorted);
         // Handles and tags follow batch order, and each entry is exactly the
         // member's response without its tag.
-        let BatchBody::Responses { entries, round, mode } = &batch.body else {
+        let BatchBody::Responses {
+            entries,
+            round,
+            mode,
+        } = &batch.body
+        else {
             unreachable!()
         };
         assert_eq!((*round, *mode), (1, Mode::Psk));
@@ -1232,7 +1263,10 @@ mod tests {
             assert_eq!(ready.tags.tags[i], tag(e.id.0, 0xA0));
             assert_eq!(*e, resp(e.id.0, 1, Mode::Psk).entry());
         }
-        assert_eq!(agg.poll_batch(t0, &mut ids()).unwrap().map(|b| b.batch_id), None);
+        assert_eq!(
+            agg.poll_batch(t0, &mut ids()).unwrap().map(|b| b.batch_id),
+            None
+        );
     }
 
     #[test]
@@ -1243,7 +1277,8 @@ mod tests {
         s.mode = Mode::PskEcdhe;
         agg.expect(s, t0).unwrap();
         for id in [3, 1, 2] {
-            agg.handle_response(resp(id, 4, Mode::PskEcdhe), id, t0).unwrap();
+            agg.handle_response(resp(id, 4, Mode::PskEcdhe), id, t0)
+                .unwrap();
         }
         // A psk response in a psk-ecdhe round would break the batch's
         // structure: refused.
@@ -1265,7 +1300,15 @@ mod tests {
     #[test]
     fn chunking_remainders_c_one_and_c_above_count() {
         let t0 = Instant::now();
-        for (count, c) in [(10u64, 3u16), (9, 3), (10, 1), (1, 1), (5, 64), (64, 64), (65, 64)] {
+        for (count, c) in [
+            (10u64, 3u16),
+            (9, 3),
+            (10, 1),
+            (1, 1),
+            (5, 64),
+            (64, 64),
+            (65, 64),
+        ] {
             let mut agg = Aggregator::new(cfg(c, MAX_BATCH_ENTRIES)).unwrap();
             agg.expect(spec(1, 1..=count, t0 + Duration::from_secs(1)), t0)
                 .unwrap();
@@ -1276,7 +1319,11 @@ mod tests {
             let batch = check(&ready, c);
             assert_eq!(batch.len() as u64, count);
             let expected_chunks = count.div_ceil(u64::from(c)) as usize;
-            assert_eq!(batch.aggregates.len(), expected_chunks, "count {count} c {c}");
+            assert_eq!(
+                batch.aggregates.len(),
+                expected_chunks,
+                "count {count} c {c}"
+            );
             // The last chunk holds the remainder.
             let last = batch.chunk_range(expected_chunks - 1).unwrap();
             let rem = (count % u64::from(c)) as usize;
@@ -1294,13 +1341,24 @@ mod tests {
         let t0 = Instant::now();
         let linger = Duration::from_millis(200);
         let mut agg = Aggregator::new(cfg(3, 100)).unwrap();
-        let input = [(5u64, 2u8, 3u64), (1, 9, 1), (5, 1, 7), (5, 2, 1), (1, 9, 2), (2, 0, 1)];
+        let input = [
+            (5u64, 2u8, 3u64),
+            (1, 9, 1),
+            (5, 1, 7),
+            (5, 2, 1),
+            (1, 9, 2),
+            (2, 0, 1),
+        ];
         for (i, &(id, sid, ctr)) in input.iter().enumerate() {
             let at = t0 + Duration::from_millis(10 * i as u64);
             agg.handle_uplink(upl(id, sid, ctr), i as u64, at).unwrap();
         }
         assert_eq!(agg.poll_timeout(), Some(t0 + linger));
-        assert!(agg.poll_batch(t0 + linger - Duration::from_millis(1), &mut ids()).unwrap().is_none());
+        assert!(
+            agg.poll_batch(t0 + linger - Duration::from_millis(1), &mut ids())
+                .unwrap()
+                .is_none()
+        );
         let ready = agg.poll_batch(t0 + linger, &mut ids()).unwrap().unwrap();
         assert_eq!(ready.trigger, BatchTrigger::Linger);
         assert_eq!((ready.kind, ready.round), (BatchKind::Uplinks, None));
@@ -1308,7 +1366,10 @@ mod tests {
         let BatchBody::Uplinks { entries } = &batch.body else {
             unreachable!()
         };
-        let keys: Vec<(u64, u8, u64)> = entries.iter().map(|e| (e.id.0, e.sid.0[0], e.ctr)).collect();
+        let keys: Vec<(u64, u8, u64)> = entries
+            .iter()
+            .map(|e| (e.id.0, e.sid.0[0], e.ctr))
+            .collect();
         let mut want = input.to_vec();
         want.sort();
         assert_eq!(keys, want);
@@ -1316,7 +1377,10 @@ mod tests {
             let u = upl(e.id.0, e.sid.0[0], e.ctr);
             assert_eq!(*e, u.entry());
             assert_eq!(ready.tags.tags[i], u.tag);
-            let pos = input.iter().position(|&k| k == (e.id.0, e.sid.0[0], e.ctr)).unwrap();
+            let pos = input
+                .iter()
+                .position(|&k| k == (e.id.0, e.sid.0[0], e.ctr))
+                .unwrap();
             assert_eq!(ready.handles[i], pos as u64);
         }
         // Nothing pending: no timer for uplinks any more.
@@ -1335,7 +1399,11 @@ mod tests {
         // An unexpected member may answer too; the verifier judges it.
         agg.handle_response(resp(99, 3, Mode::Psk), 99, t0).unwrap();
         assert_eq!(agg.poll_timeout(), Some(deadline));
-        assert!(agg.poll_batch(deadline - Duration::from_millis(1), &mut ids()).unwrap().is_none());
+        assert!(
+            agg.poll_batch(deadline - Duration::from_millis(1), &mut ids())
+                .unwrap()
+                .is_none()
+        );
         let ready = agg.poll_batch(deadline, &mut ids()).unwrap().unwrap();
         assert_eq!(ready.trigger, BatchTrigger::Deadline);
         assert_eq!(ready.missing, vec![MemberId(1), MemberId(3), MemberId(5)]);
@@ -1428,21 +1496,32 @@ mod tests {
             agg.handle_uplink(upl(1, 1, ctr), ctr, t0).unwrap();
         }
         let b = agg.poll_batch(t0, &mut ids).unwrap().unwrap();
-        assert_eq!((b.trigger, b.handles.clone()), (BatchTrigger::SizeCap, vec![1, 2, 3, 4, 5]));
+        assert_eq!(
+            (b.trigger, b.handles.clone()),
+            (BatchTrigger::SizeCap, vec![1, 2, 3, 4, 5])
+        );
         assert!(agg.poll_batch(t0, &mut ids).unwrap().is_none());
-        let b = agg.poll_batch(t0 + agg.config().uplink_linger, &mut ids).unwrap().unwrap();
-        assert_eq!((b.trigger, b.handles.clone()), (BatchTrigger::Linger, vec![6, 7]));
+        let b = agg
+            .poll_batch(t0 + agg.config().uplink_linger, &mut ids)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.trigger, b.handles.clone()),
+            (BatchTrigger::Linger, vec![6, 7])
+        );
     }
 
     #[test]
     fn expect_later_members_and_deadline_move() {
         let t0 = Instant::now();
         let mut agg = Aggregator::new(cfg(8, 100)).unwrap();
-        agg.expect(spec(1, [1], t0 + Duration::from_secs(1)), t0).unwrap();
+        agg.expect(spec(1, [1], t0 + Duration::from_secs(1)), t0)
+            .unwrap();
         agg.handle_response(resp(2, 1, Mode::Psk), 2, t0).unwrap();
         // Member 2 attaches after relaying: it had already answered, member 1
         // has not, so nothing is due yet.
-        agg.expect(spec(1, [2], t0 + Duration::from_secs(3)), t0).unwrap();
+        agg.expect(spec(1, [2], t0 + Duration::from_secs(3)), t0)
+            .unwrap();
         assert_eq!(agg.poll_timeout(), Some(t0 + Duration::from_secs(3)));
         agg.handle_response(resp(1, 1, Mode::Psk), 1, t0).unwrap();
         let b = agg.poll_batch(t0, &mut ids()).unwrap().unwrap();
@@ -1459,7 +1538,8 @@ mod tests {
     fn duplicates_absorbed_conflicts_refused() {
         let t0 = Instant::now();
         let mut agg = Aggregator::new(cfg(8, 100)).unwrap();
-        agg.expect(spec(1, [1, 2], t0 + Duration::from_secs(1)), t0).unwrap();
+        agg.expect(spec(1, [1, 2], t0 + Duration::from_secs(1)), t0)
+            .unwrap();
         agg.handle_response(resp(1, 1, Mode::Psk), 10, t0).unwrap();
         assert_eq!(
             agg.handle_response(resp(1, 1, Mode::Psk), 11, t0),
@@ -1492,7 +1572,10 @@ mod tests {
         assert_eq!(agg.pending(), 1);
 
         agg.handle_uplink(upl(1, 1, 1), 20, t0).unwrap();
-        assert_eq!(agg.handle_uplink(upl(1, 1, 1), 21, t0), Ok(Collected::Duplicate));
+        assert_eq!(
+            agg.handle_uplink(upl(1, 1, 1), 21, t0),
+            Ok(Collected::Duplicate)
+        );
         let mut other = upl(1, 1, 1);
         other.kind = UplinkKind::Alarm;
         assert_eq!(
@@ -1520,7 +1603,10 @@ mod tests {
         let b = agg.poll_batch(t0 + linger, &mut ids).unwrap().unwrap();
         assert_eq!(b.handles, vec![1]);
         let t1 = t0 + linger + Duration::from_secs(9);
-        assert_eq!(agg.handle_uplink(upl(1, 1, 1), 2, t1), Ok(Collected::Duplicate));
+        assert_eq!(
+            agg.handle_uplink(upl(1, 1, 1), 2, t1),
+            Ok(Collected::Duplicate)
+        );
         assert_eq!(agg.held(), 1);
         assert!(agg.poll_batch(t1 + linger, &mut ids).unwrap().is_none());
         // After the window the stream is dropped and memory freed.
@@ -1541,7 +1627,8 @@ mod tests {
             agg.handle_response(resp(1, 1, Mode::Psk), 1, t0),
             Err(CollectError::UnknownRound { group: G, round: 1 })
         );
-        agg.expect(spec(1, [], t0 + Duration::from_secs(1)), t0).unwrap();
+        agg.expect(spec(1, [], t0 + Duration::from_secs(1)), t0)
+            .unwrap();
         let mut big = resp(1, 1, Mode::Psk);
         big.c = Bytes::from(vec![0; MAX_PAYLOAD + 1]);
         assert_eq!(
@@ -1557,33 +1644,64 @@ mod tests {
         for id in 1..=3 {
             agg.handle_response(resp(id, 1, Mode::Psk), id, t0).unwrap();
         }
-        assert_eq!(agg.handle_response(resp(4, 1, Mode::Psk), 4, t0), Err(CollectError::Full(3)));
-        assert_eq!(agg.handle_uplink(upl(4, 1, 1), 4, t0), Err(CollectError::Full(3)));
+        assert_eq!(
+            agg.handle_response(resp(4, 1, Mode::Psk), 4, t0),
+            Err(CollectError::Full(3))
+        );
+        assert_eq!(
+            agg.handle_uplink(upl(4, 1, 1), 4, t0),
+            Err(CollectError::Full(3))
+        );
         let mut u = upl(4, 1, 1);
         u.group = GroupId(99);
         assert_eq!(agg.handle_uplink(u, 4, t0), Err(CollectError::Full(3)));
         // A second collector fits, a third does not.
-        agg.expect(spec(2, [], t0 + Duration::from_secs(1)), t0).unwrap();
+        agg.expect(spec(2, [], t0 + Duration::from_secs(1)), t0)
+            .unwrap();
         let mut s = spec(3, [], t0);
         s.group = GroupId(8);
         assert_eq!(agg.expect(s, t0), Err(UsageError::TooManyCollectors(2)));
         let mut u = upl(4, 1, 1);
         u.group = GroupId(99);
-        assert_eq!(agg.handle_uplink(u, 4, t0), Err(CollectError::TooManyCollectors(2)));
+        assert_eq!(
+            agg.handle_uplink(u, 4, t0),
+            Err(CollectError::TooManyCollectors(2))
+        );
     }
 
     #[test]
     fn config_is_validated() {
         let bad = [
-            AggregatorConfig { chunk_size: 0, ..cfg(1, 1) },
-            AggregatorConfig { chunk_size: 1025, ..cfg(1, 1) },
-            AggregatorConfig { max_batch_entries: 0, ..cfg(1, 1) },
-            AggregatorConfig { max_batch_entries: MAX_BATCH_ENTRIES + 1, ..cfg(1, 1) },
-            AggregatorConfig { max_collectors: 0, ..cfg(1, 1) },
-            AggregatorConfig { max_held_entries: 4, ..cfg(1, 5) },
+            AggregatorConfig {
+                chunk_size: 0,
+                ..cfg(1, 1)
+            },
+            AggregatorConfig {
+                chunk_size: 1025,
+                ..cfg(1, 1)
+            },
+            AggregatorConfig {
+                max_batch_entries: 0,
+                ..cfg(1, 1)
+            },
+            AggregatorConfig {
+                max_batch_entries: MAX_BATCH_ENTRIES + 1,
+                ..cfg(1, 1)
+            },
+            AggregatorConfig {
+                max_collectors: 0,
+                ..cfg(1, 1)
+            },
+            AggregatorConfig {
+                max_held_entries: 4,
+                ..cfg(1, 5)
+            },
         ];
         for c in bad {
-            assert!(matches!(Aggregator::<()>::new(c), Err(UsageError::Config(_))));
+            assert!(matches!(
+                Aggregator::<()>::new(c),
+                Err(UsageError::Config(_))
+            ));
         }
         assert!(Aggregator::<()>::new(cfg(1024, MAX_BATCH_ENTRIES)).is_ok());
     }
@@ -1601,11 +1719,18 @@ mod tests {
         agg.handle_uplink(upl(1, 1, 1), 1, t0).unwrap();
         let linger = agg.config().uplink_linger;
         assert!(agg.poll_batch(t0, &mut source).unwrap().is_none());
-        assert_eq!(agg.poll_batch(t0 + linger, &mut source).unwrap().unwrap().batch_id, 5);
+        assert_eq!(
+            agg.poll_batch(t0 + linger, &mut source)
+                .unwrap()
+                .unwrap()
+                .batch_id,
+            5
+        );
         agg.handle_uplink(upl(1, 1, 2), 2, t0 + linger).unwrap();
         // The source repeats itself: refused, and the entry stays pending.
         assert_eq!(
-            agg.poll_batch(t0 + 2 * linger, &mut source).map(|b| b.map(|b| b.batch_id)),
+            agg.poll_batch(t0 + 2 * linger, &mut source)
+                .map(|b| b.map(|b| b.batch_id)),
             Err(UsageError::BatchIdNotIncreasing { last: 5, got: 5 })
         );
         assert_eq!(asked, 2);
@@ -1642,8 +1767,14 @@ mod tests {
         assert_eq!(
             reply.chunks,
             vec![
-                ChunkTags { chunk: 0, tags: (1..=3).map(|i| tag(i, 0xA0)).collect() },
-                ChunkTags { chunk: 3, tags: vec![tag(10, 0xA0)] },
+                ChunkTags {
+                    chunk: 0,
+                    tags: (1..=3).map(|i| tag(i, 0xA0)).collect()
+                },
+                ChunkTags {
+                    chunk: 3,
+                    tags: vec![tag(10, 0xA0)]
+                },
             ]
         );
         // Round trip through the wire.
@@ -1656,7 +1787,12 @@ mod tests {
             answer_tag_request(kept, &tag_request(kept, vec![u32::MAX])),
             Err(TagRequestError::ChunkOutOfRange(u32::MAX))
         );
-        for chunks in [vec![], vec![2, 1], vec![1, 1], vec![0; MAX_TAG_REQUEST_CHUNKS + 1]] {
+        for chunks in [
+            vec![],
+            vec![2, 1],
+            vec![1, 1],
+            vec![0; MAX_TAG_REQUEST_CHUNKS + 1],
+        ] {
             assert_eq!(
                 answer_tag_request(kept, &tag_request(kept, chunks)),
                 Err(TagRequestError::InvalidRequest)
@@ -1664,25 +1800,43 @@ mod tests {
         }
         let mut other = tag_request(kept, vec![0]);
         other.batch_hash[0] ^= 1;
-        assert_eq!(answer_tag_request(kept, &other), Err(TagRequestError::WrongBatch));
+        assert_eq!(
+            answer_tag_request(kept, &other),
+            Err(TagRequestError::WrongBatch)
+        );
         let mut other = tag_request(kept, vec![0]);
         other.batch_id += 1;
-        assert_eq!(answer_tag_request(kept, &other), Err(TagRequestError::WrongBatch));
+        assert_eq!(
+            answer_tag_request(kept, &other),
+            Err(TagRequestError::WrongBatch)
+        );
         let mut other = tag_request(kept, vec![0]);
         other.gateway_id = GatewayId::new("gw-2").unwrap();
-        assert_eq!(answer_tag_request(kept, &other), Err(TagRequestError::WrongBatch));
+        assert_eq!(
+            answer_tag_request(kept, &other),
+            Err(TagRequestError::WrongBatch)
+        );
         let mut fin = tag_request(kept, vec![0]);
         fin.body = VerdictBody::Final {
             outcomes: vec![Outcome::Accepted; 10],
             confirms: vec![],
         };
-        assert_eq!(answer_tag_request(kept, &fin), Err(TagRequestError::NotATagRequest));
+        assert_eq!(
+            answer_tag_request(kept, &fin),
+            Err(TagRequestError::NotATagRequest)
+        );
 
         // After a restart, the spool's bytes and tags rebuild the same value.
-        assert_eq!(KeptTags::from_sealed(&ready.bytes, kept.tags.clone()), Ok(kept.clone()));
+        assert_eq!(
+            KeptTags::from_sealed(&ready.bytes, kept.tags.clone()),
+            Ok(kept.clone())
+        );
         assert_eq!(
             KeptTags::from_sealed(&ready.bytes, kept.tags[1..].to_vec()),
-            Err(TagRequestError::TagCount { expected: 10, found: 9 })
+            Err(TagRequestError::TagCount {
+                expected: 10,
+                found: 9
+            })
         );
         assert!(matches!(
             KeptTags::from_sealed(&ready.bytes.slice(1..), kept.tags.clone()),
@@ -1702,7 +1856,10 @@ mod tests {
             (SpooledEntry::Uplink(upl(4, 4, 9)), 304),
             // A corrupt spool: a second, different response of member 1.
             (
-                SpooledEntry::Response(Response { n_i: [0; 16], ..resp(1, 5, Mode::Psk) }),
+                SpooledEntry::Response(Response {
+                    n_i: [0; 16],
+                    ..resp(1, 5, Mode::Psk)
+                }),
                 999,
             ),
         ];
@@ -1711,19 +1868,32 @@ mod tests {
         assert_eq!(
             refused,
             vec![(
-                CollectError::ConflictingResponse { id: MemberId(1), group: G, round: 5 },
+                CollectError::ConflictingResponse {
+                    id: MemberId(1),
+                    group: G,
+                    round: 5
+                },
                 999
             )]
         );
         assert_eq!(agg.pending(), 4);
         let mut ids = ids();
         let b = agg.poll_batch(t0, &mut ids).unwrap().unwrap();
-        assert_eq!((b.round, b.trigger, b.handles.clone()), (Some(6), BatchTrigger::Deadline, vec![202]));
+        assert_eq!(
+            (b.round, b.trigger, b.handles.clone()),
+            (Some(6), BatchTrigger::Deadline, vec![202])
+        );
         assert!(agg.poll_batch(t0, &mut ids).unwrap().is_none());
         agg.handle_response(resp(4, 5, Mode::Psk), 104, t0).unwrap();
         let b = agg.poll_batch(t0, &mut ids).unwrap().unwrap();
-        assert_eq!((b.trigger, b.handles.clone()), (BatchTrigger::AllAnswered, vec![101, 103, 104]));
-        let b = agg.poll_batch(t0 + agg.config().uplink_linger, &mut ids).unwrap().unwrap();
+        assert_eq!(
+            (b.trigger, b.handles.clone()),
+            (BatchTrigger::AllAnswered, vec![101, 103, 104])
+        );
+        let b = agg
+            .poll_batch(t0 + agg.config().uplink_linger, &mut ids)
+            .unwrap()
+            .unwrap();
         assert_eq!(b.handles, vec![304]);
     }
 
@@ -1731,7 +1901,8 @@ mod tests {
     fn hostile_bytes_never_panic_and_are_typed_errors() {
         let t0 = Instant::now();
         let mut agg = Aggregator::new(cfg(8, 100)).unwrap();
-        agg.expect(spec(1, [1], t0 + Duration::from_secs(1)), t0).unwrap();
+        agg.expect(spec(1, [1], t0 + Duration::from_secs(1)), t0)
+            .unwrap();
         let good = resp(1, 1, Mode::Psk).to_bytes();
         let up = upl(1, 1, 1).to_bytes();
         // Every truncation and every single-byte change of a valid response
@@ -1739,7 +1910,10 @@ mod tests {
         for msg in [&good, &up] {
             for cut in 0..msg.len() {
                 let r = agg.handle_bytes(&msg.slice(..cut), 0, t0);
-                assert!(matches!(r, Err(CollectError::Malformed(_))), "cut {cut}: {r:?}");
+                assert!(
+                    matches!(r, Err(CollectError::Malformed(_))),
+                    "cut {cut}: {r:?}"
+                );
             }
             for i in 0..msg.len() {
                 for x in [0x01u8, 0x80, 0xFF] {
@@ -1769,7 +1943,10 @@ mod tests {
         );
         // Whatever was collected still makes a valid batch.
         let mut ids = ids();
-        while let Some(b) = agg.poll_batch(t0 + Duration::from_secs(1), &mut ids).unwrap() {
+        while let Some(b) = agg
+            .poll_batch(t0 + Duration::from_secs(1), &mut ids)
+            .unwrap()
+        {
             check(&b, 8);
         }
     }
