@@ -45,7 +45,7 @@ use tokio::time::Instant;
 
 use super::collector::{CollectorHandle, MemberMessage, SubmitError};
 use super::spool::{NewEntry, Spool, SpoolError, StreamKey};
-use super::{Attached, MAX_MEMBER_GROUPS, downlink, wait_true};
+use super::{Attached, MAX_MEMBER_GROUPS, downlink, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
 use crate::config::GatewayConfig;
 use crate::protocol::aggregator::CollectError;
@@ -690,7 +690,9 @@ async fn uplink(
         }
         Err(e) => return Err(spool_refusal(ctx, e)),
     };
-    match ctx.collector.collect(msg, id).await {
+    let collected = ctx.collector.collect(msg, id).await;
+    update_spool_gauges(&ctx.spool, &ctx.metrics);
+    match collected {
         Ok(collected) => {
             if collected == crate::protocol::aggregator::Collected::New {
                 ctx.metrics.uplink_entries.get(kind).inc();
