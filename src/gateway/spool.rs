@@ -594,6 +594,7 @@ impl Spool {
             committed: counters,
             tent: counters,
             shared: shared.clone(),
+            poisoned: false,
             _lock: lock,
         };
         thread::Builder::new()
@@ -1148,6 +1149,14 @@ fn pending<T: Send + 'static>(reply: Reply<T>, res: Result<T, SpoolError>) -> Pe
     })
 }
 
+/// The error for every request of a group whose transaction was lost.
+fn group_aborted() -> SpoolError {
+    SpoolError::Storage(Arc::new(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some("transaction rolled back after a failed request".into()),
+    )))
+}
+
 /// Fails a request without touching the database.
 fn fail(req: Request, err: SpoolError) -> Pending {
     match req {
@@ -1174,6 +1183,9 @@ struct Writer {
     /// Counters including the open transaction's work.
     tent: Counters,
     shared: Arc<Shared>,
+    /// Set when a failed request could not be undone by its savepoint; the
+    /// open transaction must then be rolled back, not committed.
+    poisoned: bool,
     /// Held for the writer's lifetime; released when the thread ends.
     _lock: File,
 }
@@ -1208,13 +1220,28 @@ impl Writer {
                 shutdown = Some(tx);
                 continue;
             }
-            match &begun {
-                Ok(()) => answers.push(self.apply_one(req)),
-                Err(e) => answers.push(fail(req, SpoolError::from_ref(e))),
-            }
+            // After the transaction was lost, later requests must not run:
+            // outside a transaction each savepoint would commit on its own.
+            let broken = match &begun {
+                Err(e) => Some(SpoolError::from_ref(e)),
+                Ok(()) if self.poisoned || self.conn.is_autocommit() => Some(group_aborted()),
+                Ok(()) => None,
+            };
+            answers.push(match broken {
+                Some(e) => fail(req, e),
+                None => self.apply_one(req),
+            });
         }
+        // SQLite rolls a transaction back by itself on some I/O errors; then
+        // the connection is in autocommit mode and nothing may be acked.
+        let lost = self.poisoned || (begun.is_ok() && self.conn.is_autocommit());
+        self.poisoned = false;
         let commit_err = match begun {
             Err(e) => Some(SpoolError::from_ref(&e)),
+            Ok(()) if lost => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Some(group_aborted())
+            }
             Ok(()) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => None,
                 Err(e) => {
@@ -1292,18 +1319,25 @@ impl Writer {
     ) -> Result<T, SpoolError> {
         self.conn.prepare_cached("SAVEPOINT req")?.execute([])?;
         let before = self.tent;
-        match f(self) {
-            Ok(v) => {
-                self.conn.prepare_cached("RELEASE req")?.execute([])?;
-                Ok(v)
-            }
-            Err(e) => {
-                self.tent = before;
-                self.conn.prepare_cached("ROLLBACK TO req")?.execute([])?;
-                self.conn.prepare_cached("RELEASE req")?.execute([])?;
-                Err(e)
+        let out = f(self).and_then(|v| {
+            self.conn.prepare_cached("RELEASE req")?.execute([])?;
+            Ok(v)
+        });
+        if out.is_err() {
+            self.tent = before;
+            let undone = self
+                .conn
+                .prepare_cached("ROLLBACK TO req")
+                .and_then(|mut s| s.execute([]))
+                .and_then(|_| self.conn.prepare_cached("RELEASE req"))
+                .and_then(|mut s| s.execute([]));
+            // Half a request must never be committed: if it cannot be undone
+            // alone, the whole group is rolled back.
+            if undone.is_err() {
+                self.poisoned = true;
             }
         }
+        out
     }
 
     fn check_room(&self, size: u64) -> Result<(), SpoolError> {
@@ -1720,6 +1754,105 @@ mod tests {
         assert_eq!(counted.downlink, spool.downlink_items());
         assert_eq!(counted.last_cursor, spool.last_cursor());
         spool.close().await;
+    }
+
+    /// A writer driven by hand, so a test decides exactly what one group
+    /// holds.
+    fn manual_writer(dir: &Path) -> Writer {
+        let mut conn = open_writer(&dir.join(DB_FILE)).unwrap();
+        migrate(&mut conn).unwrap();
+        let counters = recount(&conn).unwrap();
+        let (cursor, _) = watch::channel(counters.last_cursor);
+        let shared = Arc::new(Shared {
+            max_bytes: 1 << 20,
+            bytes: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            downlink: AtomicU64::new(0),
+            cursor,
+        });
+        Writer {
+            conn,
+            max_bytes: 1 << 20,
+            committed: counters,
+            tent: counters,
+            shared,
+            poisoned: false,
+            _lock: File::create(dir.join(LOCK_FILE)).unwrap(),
+        }
+    }
+
+    type Rx<T> = oneshot::Receiver<Result<T, SpoolError>>;
+
+    fn append_req(member: u64) -> (Request, Rx<EntryId>) {
+        let (tx, rx) = oneshot::channel();
+        (Request::Append(entry(member, b"body"), tx), rx)
+    }
+
+    fn push_req(kind: u8) -> (Request, Rx<Vec<u64>>) {
+        let (reply, rx) = oneshot::channel();
+        let items = vec![DownlinkItem {
+            audience: Audience::Group(1),
+            kind,
+            bytes: Bytes::from_static(b"item"),
+        }];
+        let req = Request::PushDownlink {
+            items,
+            now_ms: 0,
+            reply,
+        };
+        (req, rx)
+    }
+
+    /// `RAISE(ROLLBACK)` makes SQLite drop the whole transaction, as some
+    /// I/O errors do: no request of that group may be acknowledged, and none
+    /// after it may run outside a transaction. `RAISE(ABORT)` fails only its
+    /// own request.
+    #[test]
+    fn a_lost_transaction_fails_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        w.conn
+            .execute_batch(
+                "CREATE TRIGGER lose BEFORE INSERT ON downlink WHEN NEW.kind = 254
+                 BEGIN SELECT RAISE(ROLLBACK, 'injected'); END;
+                 CREATE TRIGGER abort BEFORE INSERT ON downlink WHEN NEW.kind = 255
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let (a1, mut r1) = append_req(1);
+        let (p, mut rp) = push_req(254);
+        let (a2, mut r2) = append_req(2);
+        assert!(w.apply_group(vec![a1, p, a2]).is_none());
+        assert!(matches!(
+            r1.try_recv().unwrap(),
+            Err(SpoolError::Storage(_))
+        ));
+        assert!(matches!(
+            rp.try_recv().unwrap(),
+            Err(SpoolError::Storage(_))
+        ));
+        assert!(matches!(
+            r2.try_recv().unwrap(),
+            Err(SpoolError::Storage(_))
+        ));
+        assert!(w.conn.is_autocommit());
+        assert_eq!(recount(&w.conn).unwrap(), w.committed);
+        assert_eq!(w.committed.entries, 0);
+
+        let (a1, mut r1) = append_req(1);
+        let (p, mut rp) = push_req(255);
+        let (a2, mut r2) = append_req(2);
+        assert!(w.apply_group(vec![a1, p, a2]).is_none());
+        assert!(r1.try_recv().unwrap().is_ok());
+        assert!(matches!(
+            rp.try_recv().unwrap(),
+            Err(SpoolError::Storage(_))
+        ));
+        assert!(r2.try_recv().unwrap().is_ok());
+        assert_eq!(recount(&w.conn).unwrap(), w.committed);
+        assert_eq!(w.committed.entries, 2);
+        assert_eq!(w.committed.downlink, 0);
     }
 
     #[tokio::test]
