@@ -42,8 +42,8 @@ use super::codec::DecodeError;
 use super::suite;
 use super::wire::{
     Batch, BatchBody, BatchKind, ChunkTags, GatewayId, GroupId, MAX_BATCH_ENTRIES, MAX_CHUNK_SIZE,
-    MAX_PAYLOAD, MAX_TAG_REQUEST_CHUNKS, MemberId, Message, Mode, Response, ResponseEntry,
-    SessionId, TagReply, Uplink, UplinkEntry, Verdict, VerdictBody,
+    MAX_PAYLOAD, MAX_TAG_REQUEST_CHUNKS, MemberId, Message, Mode, Response, SessionId, TagReply,
+    Uplink, Verdict, VerdictBody,
 };
 
 /// How the aggregator cuts batches and bounds its memory.
@@ -460,8 +460,9 @@ struct RoundCollector<H> {
     /// kept until the round closes so re-sends are absorbed and a second,
     /// different response is refused.
     answered: HashMap<MemberId, Response>,
-    /// Responses not yet in a batch, with the caller's handle.
-    pending: Vec<(Response, H)>,
+    /// Members whose response is in `answered` but in no batch yet, with the
+    /// caller's handle (small, so sorting moves little memory).
+    pending: Vec<(MemberId, H)>,
     /// Set once every expected member has answered and all of them are in
     /// batches; later stragglers wait for the deadline instead of going one
     /// by one.
@@ -508,8 +509,9 @@ impl<H> RoundCollector<H> {
 /// The uplinks of one group.
 #[derive(Debug)]
 struct UplinkStream<H> {
-    /// Uplinks not yet in a batch, with the caller's handle.
-    pending: Vec<(Uplink, H)>,
+    /// Keys of the uplinks in `seen` that are in no batch yet, with the
+    /// caller's handle.
+    pending: Vec<(UplinkKey, H)>,
     /// When the oldest pending uplink arrived (the linger clock).
     first_at: Option<Instant>,
     /// When a batch became due by the size cap.
@@ -670,6 +672,16 @@ impl<H> Aggregator<H> {
             });
         }
         round.deadline = spec.deadline;
+        // Size the tables once for the members expected (bounded by the cap,
+        // so a huge member list cannot make the gateway allocate more).
+        let room = spec.members.len().min(self.config.max_held_entries);
+        round.expected.reserve(room);
+        round
+            .answered
+            .reserve(room.saturating_sub(round.answered.len()));
+        round
+            .pending
+            .reserve(room.min(self.config.max_batch_entries));
         for id in spec.members {
             if round.expected.insert(id) && round.answered.contains_key(&id) {
                 round.expected_answered += 1;
@@ -860,8 +872,8 @@ impl<H> Aggregator<H> {
         if round.expected.contains(&id) {
             round.expected_answered += 1;
         }
-        round.answered.insert(id, response.clone());
-        round.pending.push((response, handle));
+        round.answered.insert(id, response);
+        round.pending.push((id, handle));
         if round.due_now(self.config.max_batch_entries) {
             round.ready_at.get_or_insert(now);
         }
@@ -913,8 +925,8 @@ impl<H> Aggregator<H> {
             return Err((e, Some(handle)));
         }
         self.held += 1;
-        stream.seen.insert(key, uplink.clone());
-        stream.pending.push((uplink, handle));
+        stream.seen.insert(key, uplink);
+        stream.pending.push((key, handle));
         stream.first_at.get_or_insert(now);
         if stream.pending.len() >= self.config.max_batch_entries {
             stream.ready_at.get_or_insert(now);
@@ -963,11 +975,27 @@ impl<H> Aggregator<H> {
     ) -> Option<ReadyBatch<H>> {
         let cap = self.config.max_batch_entries;
         let round = self.rounds.get_mut(&key)?;
-        let mode = round.mode;
         let take = round.pending.len().min(cap);
-        round.pending.sort_unstable_by_key(|(r, _)| r.id);
+        round.pending.sort_unstable_by_key(|(id, _)| *id);
         let rest = round.pending.split_off(take);
         let cut = std::mem::replace(&mut round.pending, rest);
+        let mut tags = Vec::with_capacity(cut.len());
+        let mut handles = Vec::with_capacity(cut.len());
+        let mut entries = Vec::with_capacity(cut.len());
+        for (id, h) in cut {
+            // Every pending id is in `answered` (inserted together).
+            let Some(r) = round.answered.get(&id) else {
+                continue;
+            };
+            tags.push(r.tag);
+            handles.push(h);
+            entries.push(r.entry());
+        }
+        let body = BatchBody::Responses {
+            round: key.1,
+            mode: round.mode,
+            entries,
+        };
         // Everything that came before the last expected member is out now.
         if round.all_answered() && round.pending.is_empty() {
             round.all_answered_cut = true;
@@ -980,25 +1008,6 @@ impl<H> Aggregator<H> {
             missing
         } else {
             Vec::new()
-        };
-        let mut tags = Vec::with_capacity(cut.len());
-        let mut handles = Vec::with_capacity(cut.len());
-        let mut entries = Vec::with_capacity(cut.len());
-        for (r, h) in cut {
-            tags.push(r.tag);
-            handles.push(h);
-            entries.push(ResponseEntry {
-                id: r.id,
-                kv: r.kv,
-                n_i: r.n_i,
-                e_i: r.e_i,
-                c: r.c,
-            });
-        }
-        let body = BatchBody::Responses {
-            round: key.1,
-            mode,
-            entries,
         };
         Some(self.finish(
             key.0,
@@ -1023,40 +1032,31 @@ impl<H> Aggregator<H> {
     ) -> Option<ReadyBatch<H>> {
         let cap = self.config.max_batch_entries;
         let forget_at = now + self.config.uplink_dedup_window;
-        let cut = {
-            let stream = self.streams.get_mut(&group)?;
-            let take = stream.pending.len().min(cap);
-            stream
-                .pending
-                .sort_unstable_by_key(|(u, _)| (u.id, u.sid, u.ctr));
-            let rest = stream.pending.split_off(take);
-            let cut = std::mem::replace(&mut stream.pending, rest);
-            stream
-                .forget
-                .extend(cut.iter().map(|(u, _)| (forget_at, (u.id, u.sid, u.ctr))));
-            // Entries left over from a size cap have waited as long as the
-            // cut ones; they keep the linger clock.
-            if stream.pending.is_empty() {
-                stream.first_at = None;
-            }
-            stream.ready_at = (stream.pending.len() >= cap).then_some(now);
-            cut
-        };
-        self.prune(now);
+        let stream = self.streams.get_mut(&group)?;
+        let take = stream.pending.len().min(cap);
+        stream.pending.sort_unstable_by_key(|(key, _)| *key);
+        let rest = stream.pending.split_off(take);
+        let cut = std::mem::replace(&mut stream.pending, rest);
         let mut tags = Vec::with_capacity(cut.len());
         let mut handles = Vec::with_capacity(cut.len());
         let mut entries = Vec::with_capacity(cut.len());
-        for (u, h) in cut {
+        for (key, h) in cut {
+            // Every pending key is in `seen` (inserted together).
+            let Some(u) = stream.seen.get(&key) else {
+                continue;
+            };
             tags.push(u.tag);
             handles.push(h);
-            entries.push(UplinkEntry {
-                id: u.id,
-                sid: u.sid,
-                kind: u.kind,
-                ctr: u.ctr,
-                c: u.c,
-            });
+            entries.push(u.entry());
+            stream.forget.push_back((forget_at, key));
         }
+        // Entries left over from a size cap have waited as long as the cut
+        // ones; they keep the linger clock.
+        if stream.pending.is_empty() {
+            stream.first_at = None;
+        }
+        stream.ready_at = (stream.pending.len() >= cap).then_some(now);
+        self.prune(now);
         let body = BatchBody::Uplinks { entries };
         Some(self.finish(
             group,

@@ -272,7 +272,9 @@ pub fn uplink_nonce(iv_up: &Iv12, ctr: u64) -> [u8; 12] {
 /// Separate from MS. Each row is `nonce [12] || ciphertext || tag [16]` with
 /// a fresh random nonce and AAD `"dapgw v1 storage" || identity`, where the
 /// identity names the row (table, group, epoch, member, sid): a row copied
-/// under another identity fails to open.
+/// under another identity fails to open. The caller must encode the identity
+/// canonically (fixed-width or length-prefixed fields, a table name first),
+/// or two identities could share one byte string.
 #[derive(Clone, Debug)]
 pub struct StorageKey {
     gcm: Gcm,

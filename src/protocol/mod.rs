@@ -4,5 +4,7 @@
 pub mod aggregator;
 pub mod codec;
 pub mod keys;
+pub mod member;
 pub mod suite;
+pub mod verifier;
 pub mod wire;

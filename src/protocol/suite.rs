@@ -13,7 +13,7 @@
 //! fallible `TryCryptoRng`, and `UnwrapErr` turns it into a `CryptoRng` that
 //! panics if the kernel cannot supply randomness (the only sane reaction).
 
-use aes::Aes128;
+use aes::Aes128Enc;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use ghash::GHash;
 use ghash::universal_hash::UniversalHash;
@@ -158,7 +158,7 @@ type Block = aes::Block;
 /// the hash key are zeroized on drop.
 #[derive(Clone)]
 pub struct Gcm {
-    cipher: Aes128,
+    cipher: Aes128Enc,
     ghash: GHash,
 }
 
@@ -174,7 +174,7 @@ impl ZeroizeOnDrop for Gcm {}
 impl Gcm {
     /// Expands `key` and derives the GHASH key `H = E_K(0^128)`.
     pub fn new(key: &[u8; 16]) -> Self {
-        let cipher = Aes128::new(key.into());
+        let cipher = Aes128Enc::new(key.into());
         let mut h = Block::default();
         cipher.encrypt_block(&mut h);
         let ghash = GHash::new(&h);

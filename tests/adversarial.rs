@@ -1,0 +1,653 @@
+//! The design's adversarial suite ("Adversarial suite" in the design), each
+//! attack its own test, each asserting exactly which members V accepts and
+//! what members accept. The gateway is the honest aggregator until a test
+//! takes its output and tampers with it; V and the members are the real
+//! state machines.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use common::*;
+use dapgw::protocol::aggregator::{CollectError, KeptTags, answer_tag_request};
+use dapgw::protocol::member::MemberError;
+use dapgw::protocol::verifier::{
+    BatchError, BatchEvent, BatchState, InMemoryVerdictLog, ReceivedBatch, VerifierError,
+};
+use dapgw::protocol::wire::{
+    Batch, BatchBody, BatchStructureError, ChunkTags, Confirm, GroupId, GroupMessage, MemberId,
+    Mode, Outcome, Purpose, Rekey, ResponseEntry, TagReply, Verdict, VerdictBody,
+};
+
+const G: u32 = 1;
+/// Member ids far apart, so a flipped id bit makes an unknown member rather
+/// than an unsorted batch.
+const IDS: [u64; 4] = [0x10, 0x20, 0x30, 0x40];
+
+/// A world with `IDS` in group G and one read round answered by all of them;
+/// returns the honest batch (not yet sent) and its tags.
+fn answered_round(mode: Mode, chunk_size: u16) -> (World, Batch, Vec<[u8; 16]>) {
+    let mut w = World::with_members(chunk_size, &[G], IDS);
+    let (challenge, _) = w.open_round(G, mode, Purpose::Read(Bytes::from_static(b"kWh")));
+    w.answer_all(&IDS, &challenge);
+    let ready = w.flush().pop().unwrap();
+    let batch = Batch::decode(&ready.bytes).unwrap();
+    (w, batch, ready.tags.tags)
+}
+
+fn entries(batch: &Batch) -> &Vec<ResponseEntry> {
+    match &batch.body {
+        BatchBody::Responses { entries, .. } => entries,
+        BatchBody::Uplinks { .. } => panic!("not a response batch"),
+    }
+}
+
+fn entries_mut(batch: &mut Batch) -> &mut Vec<ResponseEntry> {
+    match &mut batch.body {
+        BatchBody::Responses { entries, .. } => entries,
+        BatchBody::Uplinks { .. } => panic!("not a response batch"),
+    }
+}
+
+/// Encoded length of a response entry (docs/protocol.md, Batch).
+fn entry_len(e: &ResponseEntry) -> usize {
+    8 + 4 + 16 + if e.e_i.is_some() { 32 } else { 0 } + 2 + e.c.len()
+}
+
+/// Sends a (tampered) batch whose tags the gateway keeps as `kept`; V's tag
+/// requests are answered from `kept`. The final verdict.
+fn send(w: &mut World, bytes: Bytes, kept: KeptTags) -> Result<Verdict, VerifierError> {
+    w.kept.insert(kept.batch_id, kept);
+    let outs = w.submit(bytes)?;
+    Ok(final_verdict(outs.last().unwrap()))
+}
+
+/// A tampered copy of `batch` under a fresh batch id, resealed over `tags`.
+fn tampered(w: &mut World, batch: &Batch, tags: &[[u8; 16]]) -> (Bytes, KeptTags) {
+    let mut b = batch.clone();
+    b.batch_id = w.next_batch_id;
+    w.next_batch_id += 1;
+    reseal(&b, tags)
+}
+
+/// Judges `bytes` against a copy of V's current state (so every call starts
+/// from the same state), the gateway answering tag requests from `tags`.
+/// `Err` when V refuses the batch as a whole.
+fn judge_fresh(w: &World, bytes: &Bytes, tags: &[[u8; 16]]) -> Result<Verdict, String> {
+    let mut rounds = w.udc.rounds.clone();
+    let mut sessions = w.udc.sessions.clone();
+    let mut log = InMemoryVerdictLog::new();
+    let rb = ReceivedBatch::decode(bytes.clone()).map_err(|e| e.to_string())?;
+    let group = rb.batch().group;
+    let gs = w.udc.groups.get(&group).ok_or("unknown group")?;
+    let key = rb.round().map(|r| (group, r));
+    let v = &w.udc.verifier;
+    let out = v
+        .handle_batch(
+            &rb,
+            BatchState {
+                group: gs,
+                round: key.and_then(|k| rounds.get_mut(&k)),
+                sessions: &mut sessions,
+            },
+            &w.udc.registry,
+            &mut log,
+            NOW,
+        )
+        .map_err(|e| e.to_string())?;
+    let Some(request) = tag_request(&out) else {
+        return Ok(final_verdict(&out));
+    };
+    let kept = KeptTags::from_sealed(bytes, tags.to_vec()).unwrap();
+    let reply = answer_tag_request(&kept, &request).unwrap();
+    let out = v
+        .handle_tag_reply(
+            &reply,
+            BatchState {
+                group: gs,
+                round: key.and_then(|k| rounds.get_mut(&k)),
+                sessions: &mut sessions,
+            },
+            &w.udc.registry,
+            &mut log,
+            NOW,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(final_verdict(&out))
+}
+
+/// Members whose honest entry appears unchanged in `bytes`.
+fn intact(honest: &Batch, bytes: &Bytes) -> BTreeSet<u64> {
+    let Ok(b) = Batch::decode(bytes) else {
+        return BTreeSet::new();
+    };
+    let same_round = match (&b.body, &honest.body) {
+        (
+            BatchBody::Responses { round, mode, .. },
+            BatchBody::Responses {
+                round: r0,
+                mode: m0,
+                ..
+            },
+        ) => round == r0 && mode == m0,
+        _ => false,
+    };
+    if b.group != honest.group || !same_round {
+        return BTreeSet::new();
+    }
+    entries(honest)
+        .iter()
+        .filter(|e| entries(&b).contains(e))
+        .map(|e| e.id.0)
+        .collect()
+}
+
+/// The confirms of a final verdict go exactly to its accepted entries.
+fn assert_confirms_match(bytes: &Bytes, verdict: &Verdict) {
+    let VerdictBody::Final { confirms, .. } = &verdict.body else {
+        unreachable!()
+    };
+    let to: Vec<u64> = confirms.iter().map(|c| c.id.0).collect();
+    assert_eq!(to, accepted(bytes, verdict));
+}
+
+// ---------------------------------------------------------------------------
+// Batches: the gateway tampers with what it sends to V
+// ---------------------------------------------------------------------------
+
+/// Every byte of every entry and every aggregate, flipped in turn (three
+/// different flips each): V accepts exactly the entries left intact, or
+/// refuses the batch as a whole (a structural fault); never the altered
+/// entry, never fewer of the intact ones.
+#[test]
+fn gateway_alters_any_byte_of_any_entry_or_aggregate() {
+    for mode in [Mode::Psk, Mode::PskEcdhe] {
+        let (w, honest, tags) = answered_round(mode, 2);
+        let bytes = honest.to_bytes();
+        let all: BTreeSet<u64> = IDS.into_iter().collect();
+        assert_eq!(
+            judge_fresh(&w, &bytes, &tags).map(|v| accepted(&bytes, &v)),
+            Ok(IDS.to_vec())
+        );
+        // Everything after the header: entries, then aggregates.
+        let body_len: usize =
+            entries(&honest).iter().map(entry_len).sum::<usize>() + 16 * honest.aggregates.len();
+        let start = bytes.len() - body_len;
+        let (mut refused, mut judged) = (0, 0);
+        for i in start..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut t = bytes.to_vec();
+                t[i] ^= flip;
+                let t = Bytes::from(t);
+                let expect = intact(&honest, &t);
+                match judge_fresh(&w, &t, &tags) {
+                    Ok(verdict) => {
+                        judged += 1;
+                        let got: BTreeSet<u64> = accepted(&t, &verdict).into_iter().collect();
+                        assert_eq!(got, expect, "{mode:?}: byte {i} ^ {flip:#04x}");
+                        assert_confirms_match(&t, &verdict);
+                        if i >= bytes.len() - 16 * honest.aggregates.len() {
+                            // An altered aggregate costs a tag request, nothing else.
+                            assert_eq!(got, all, "aggregate byte {i}");
+                        }
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        // Most flips land in ciphertexts, nonces and aggregates: judged.
+        assert!(
+            judged > refused,
+            "{mode:?}: judged {judged}, refused {refused}"
+        );
+    }
+}
+
+/// Flipping header bytes (gateway id, batch id, kind, group, round, mode,
+/// chunk size, count) never makes V accept anything it should not.
+#[test]
+fn gateway_alters_header_bytes_never_gains_acceptance() {
+    let (w, honest, tags) = answered_round(Mode::Psk, 2);
+    let bytes = honest.to_bytes();
+    let body_len: usize =
+        entries(&honest).iter().map(entry_len).sum::<usize>() + 16 * honest.aggregates.len();
+    for i in 0..bytes.len() - body_len {
+        for flip in [0x01u8, 0x80, 0xFF] {
+            let mut t = bytes.to_vec();
+            t[i] ^= flip;
+            let t = Bytes::from(t);
+            if let Ok(verdict) = judge_fresh(&w, &t, &tags) {
+                let got: BTreeSet<u64> = accepted(&t, &verdict).into_iter().collect();
+                assert!(
+                    got.is_subset(&intact(&honest, &t)),
+                    "byte {i} ^ {flip:#04x}: {got:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Dropping an entry: everyone else is accepted; the dropped member gets no
+/// confirm and no session, and answers normally next round.
+#[test]
+fn gateway_drops_an_entry() {
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut b = honest.clone();
+    entries_mut(&mut b).remove(1);
+    let mut t = tags.clone();
+    t.remove(1);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(accepted(&bytes, &verdict), vec![0x10, 0x30, 0x40]);
+    let confirmed: Vec<u64> = w.deliver_confirms(&verdict).into_keys().collect();
+    assert_eq!(confirmed, vec![0x10, 0x30, 0x40]);
+    assert_eq!(w.node(0x20).member.session(GroupId(G)), None);
+    w.close_round(G, 1);
+    let (acc, _) = w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    assert_eq!(acc, IDS.to_vec());
+}
+
+/// A duplicated entry in a batch is a structural fault: the whole batch is
+/// refused before any cryptography and nothing changes; sent again in a
+/// later batch, an accepted entry is "already accepted" and gets no second
+/// confirm or session.
+#[test]
+fn gateway_duplicates_entries() {
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut b = honest.clone();
+    let dup = entries(&b)[1].clone();
+    entries_mut(&mut b).insert(1, dup);
+    let mut t = tags.clone();
+    t.insert(1, tags[1]);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    assert_eq!(
+        send(&mut w, bytes, kept).unwrap_err(),
+        VerifierError::Peer(BatchError::Structure(BatchStructureError::NotSorted(2)))
+    );
+    assert!(w.udc.rounds[&(GroupId(G), 1)].accepted.is_empty());
+
+    let (bytes, kept) = tampered(&mut w, &honest, &tags);
+    let first = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(accepted(&bytes, &first), IDS.to_vec());
+    let sid_before = w
+        .udc
+        .sessions
+        .get(GroupId(G), MemberId(0x20))
+        .unwrap()
+        .clone();
+    let mut again = honest.clone();
+    entries_mut(&mut again).retain(|e| e.id.0 == 0x20);
+    let (bytes, kept) = tampered(&mut w, &again, &tags[1..2]);
+    let second = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(outcomes(&bytes, &second)[&0x20], Outcome::AlreadyAccepted);
+    let VerdictBody::Final { confirms, .. } = &second.body else {
+        unreachable!()
+    };
+    assert!(confirms.is_empty());
+    let sid_after = w.udc.sessions.get(GroupId(G), MemberId(0x20)).unwrap();
+    assert_eq!(format!("{sid_after:?}"), format!("{sid_before:?}"));
+}
+
+/// Reordered entries: a structural fault, the batch refused as a whole.
+#[test]
+fn gateway_reorders_entries() {
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut b = honest.clone();
+    entries_mut(&mut b).swap(0, 3);
+    let mut t = tags.clone();
+    t.swap(0, 3);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    assert!(matches!(
+        send(&mut w, bytes, kept),
+        Err(VerifierError::Peer(BatchError::Structure(
+            BatchStructureError::NotSorted(_)
+        )))
+    ));
+    assert!(w.udc.rounds[&(GroupId(G), 1)].accepted.is_empty());
+}
+
+/// Swapping two members' tags (in the aggregates and in the tag reply): the
+/// two are unverified via the gateway, the others accepted.
+#[test]
+fn gateway_swaps_tags_between_entries() {
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut t = tags.clone();
+    t.swap(1, 2); // across the chunk boundary (c = 2)
+    let (bytes, kept) = tampered(&mut w, &honest, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    let out = outcomes(&bytes, &verdict);
+    assert_eq!(accepted(&bytes, &verdict), vec![0x10, 0x40]);
+    assert_eq!(out[&0x20], Outcome::UnverifiedViaGateway);
+    assert_eq!(out[&0x30], Outcome::UnverifiedViaGateway);
+}
+
+/// Member A's response moved under member B's id (B's own dropped, or
+/// swapped with A's): B is never accepted on A's answer.
+#[test]
+fn gateway_moves_a_response_under_another_id() {
+    let (mut w, honest, tags) = answered_round(Mode::PskEcdhe, 2);
+    // 0x20's content under 0x30's id, with 0x20's tag; 0x30's own is gone.
+    let mut b = honest.clone();
+    let moved = ResponseEntry {
+        id: MemberId(0x30),
+        ..entries(&b)[1].clone()
+    };
+    entries_mut(&mut b)[2] = moved;
+    let mut t = tags.clone();
+    t[2] = tags[1];
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(
+        outcomes(&bytes, &verdict)[&0x30],
+        Outcome::UnverifiedViaGateway
+    );
+    assert_eq!(accepted(&bytes, &verdict), vec![0x10, 0x20, 0x40]);
+
+    // Swapping the ids of two entries (keeping the order): neither accepted.
+    let (mut w, honest, tags) = answered_round(Mode::PskEcdhe, 2);
+    let mut b = honest.clone();
+    let e = entries_mut(&mut b);
+    let (c0, c1) = (e[0].clone(), e[1].clone());
+    e[0] = ResponseEntry {
+        id: MemberId(0x10),
+        ..c1
+    };
+    e[1] = ResponseEntry {
+        id: MemberId(0x20),
+        ..c0
+    };
+    let (bytes, kept) = tampered(&mut w, &b, &[tags[1], tags[0], tags[2], tags[3]]);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    let out = outcomes(&bytes, &verdict);
+    assert_eq!(out[&0x10], Outcome::UnverifiedViaGateway);
+    assert_eq!(out[&0x20], Outcome::UnverifiedViaGateway);
+    assert_eq!(accepted(&bytes, &verdict), vec![0x30, 0x40]);
+}
+
+/// Entries for members that never answered (a registered member, an
+/// unknown id): never accepted; the honest entries are.
+#[test]
+fn gateway_injects_members_that_never_answered() {
+    let mut w = World::with_members(2, &[G], IDS);
+    w.add_member(0x50, &[G]);
+    let (challenge, _) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    w.answer_all(&IDS, &challenge);
+    let ready = w.flush_all().pop().unwrap();
+    assert_eq!(ready.missing, vec![MemberId(0x50)]);
+    let honest = Batch::decode(&ready.bytes).unwrap();
+    let mut b = honest.clone();
+    let mut t = ready.tags.tags.clone();
+    let forged = |id| ResponseEntry {
+        id: MemberId(id),
+        kv: 1,
+        n_i: [7; 16],
+        e_i: None,
+        c: Bytes::new(),
+    };
+    entries_mut(&mut b).extend([forged(0x50), forged(0x99)]);
+    t.extend([[0x55; 16], [0x99; 16]]);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    let out = outcomes(&bytes, &verdict);
+    assert_eq!(out[&0x50], Outcome::UnverifiedViaGateway);
+    assert_eq!(out[&0x99], Outcome::UnknownMember);
+    assert_eq!(accepted(&bytes, &verdict), IDS.to_vec());
+    assert_eq!(w.node(0x50).member.session(GroupId(G)), None);
+}
+
+/// Chunk boundaries chosen by the gateway (every c from 1 to beyond the
+/// batch) around a forged entry: V always accepts exactly the honest
+/// entries.
+#[test]
+fn gateway_chooses_chunk_boundaries_adversarially() {
+    let (w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut forged = honest.clone();
+    let mut c = entries(&forged)[2].c.to_vec();
+    c[0] ^= 1;
+    entries_mut(&mut forged)[2].c = Bytes::from(c);
+    for c in [1u16, 2, 3, 4, 5, 1024] {
+        let mut b = forged.clone();
+        b.chunk_size = c;
+        let (bytes, _) = reseal(&b, &tags);
+        let verdict = judge_fresh(&w, &bytes, &tags).unwrap();
+        assert_eq!(
+            accepted(&bytes, &verdict),
+            vec![0x10, 0x20, 0x40],
+            "c = {c}"
+        );
+        assert_eq!(
+            outcomes(&bytes, &verdict)[&0x30],
+            Outcome::UnverifiedViaGateway
+        );
+    }
+}
+
+/// A response from an earlier round, replayed into a later round's batch,
+/// is never accepted; the earlier round's batch sent again after the round
+/// closed accepts nobody.
+#[test]
+fn gateway_replays_a_response_from_an_earlier_round() {
+    let (mut w, round1, tags1) = answered_round(Mode::Psk, 2);
+    let (bytes, kept) = tampered(&mut w, &round1, &tags1);
+    send(&mut w, bytes, kept).unwrap();
+    w.close_round(G, 1);
+    w.flush_all();
+
+    let (challenge, r2) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    w.answer_all(&[0x20, 0x30, 0x40], &challenge);
+    let ready = w.flush_all().pop().unwrap();
+    let mut b = Batch::decode(&ready.bytes).unwrap();
+    // 0x10's round-1 entry (its reading and tag) under round 2.
+    entries_mut(&mut b).insert(0, entries(&round1)[0].clone());
+    let mut t = ready.tags.tags.clone();
+    t.insert(0, tags1[0]);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(
+        outcomes(&bytes, &verdict)[&0x10],
+        Outcome::UnverifiedViaGateway
+    );
+    assert_eq!(accepted(&bytes, &verdict), vec![0x20, 0x30, 0x40]);
+    assert!(
+        !w.udc.rounds[&(GroupId(G), r2)]
+            .accepted
+            .contains(&MemberId(0x10))
+    );
+
+    // The whole round-1 batch under a new id: round 1 is closed.
+    let (bytes, kept) = tampered(&mut w, &round1, &tags1);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert!(
+        outcomes(&bytes, &verdict)
+            .values()
+            .all(|o| *o == Outcome::RoundNotOpen)
+    );
+}
+
+/// A member's response in one group, replayed into another group's batch
+/// (same round number, member in both groups): never accepted there.
+#[test]
+fn gateway_replays_a_response_from_another_group() {
+    let mut w = World::with_members(2, &[1, 2], IDS);
+    let (ch1, r1) = w.open_round(1, Mode::Psk, Purpose::Auth);
+    let (ch2, r2) = w.open_round(2, Mode::Psk, Purpose::Auth);
+    assert_eq!(r1, r2);
+    w.answer_all(&IDS, &ch1);
+    w.answer_all(&[0x20, 0x30, 0x40], &ch2);
+    let batches = w.flush();
+    let g1 = batches.iter().find(|b| b.group == GroupId(1)).unwrap();
+    let g2 = w
+        .flush_all()
+        .into_iter()
+        .find(|b| b.group == GroupId(2))
+        .unwrap();
+    let one = Batch::decode(&g1.bytes).unwrap();
+    let mut b = Batch::decode(&g2.bytes).unwrap();
+    entries_mut(&mut b).insert(0, entries(&one)[0].clone());
+    let mut t = g2.tags.tags.clone();
+    t.insert(0, g1.tags.tags[0]);
+    let (bytes, kept) = tampered(&mut w, &b, &t);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(
+        outcomes(&bytes, &verdict)[&0x10],
+        Outcome::UnverifiedViaGateway
+    );
+    assert_eq!(accepted(&bytes, &verdict), vec![0x20, 0x30, 0x40]);
+}
+
+/// Tag requests: the gateway omits a chunk, omits a tag, forges tags, or
+/// answers with another chunk's tags; or never answers. Only entries whose
+/// own tag comes back and verifies are accepted; the rest are unverified via
+/// the gateway (not held against the member: it is accepted next round).
+#[test]
+fn gateway_omits_or_forges_tags_on_a_tag_request() {
+    type Lie = fn(&mut Vec<ChunkTags>);
+    let lies: [(&str, Lie, &[u64]); 5] = [
+        ("omit the chunk", |c| c.clear(), &[0x10, 0x20]),
+        (
+            "omit the honest tag",
+            |c| {
+                c[0].tags.remove(0);
+            },
+            &[0x10, 0x20],
+        ),
+        (
+            "forge the honest tag",
+            |c| c[0].tags[0] = [0xAB; 16],
+            &[0x10, 0x20],
+        ),
+        (
+            "forge the bad entry's tag only",
+            |c| c[0].tags[1] = [0xAB; 16],
+            &[0x10, 0x20, 0x30],
+        ),
+        ("another chunk's tags", |c| c[0].chunk = 0, &[0x10, 0x20]),
+    ];
+    for (what, lie, want) in lies {
+        let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+        // The gateway alters 0x40's reading, so chunk 1 (0x30, 0x40) fails.
+        let mut b = honest.clone();
+        let mut c = entries(&b)[3].c.to_vec();
+        c[0] ^= 1;
+        entries_mut(&mut b)[3].c = Bytes::from(c);
+        let (bytes, kept) = tampered(&mut w, &b, &tags);
+        let out = w.udc.handle_batch(bytes.clone()).unwrap();
+        let request = tag_request(&out).expect("a failing chunk is localized");
+        assert_eq!(request.body, VerdictBody::TagsRequested { chunks: vec![1] });
+        let mut reply = answer_tag_request(&kept, &request).unwrap();
+        lie(&mut reply.chunks);
+        let verdict = final_verdict(&w.udc.handle_tag_reply(&reply).unwrap());
+        assert_eq!(accepted(&bytes, &verdict), want.to_vec(), "{what}");
+        assert_eq!(
+            outcomes(&bytes, &verdict)[&0x40],
+            Outcome::UnverifiedViaGateway,
+            "{what}"
+        );
+        // Not held against the honest member: next round it is accepted.
+        w.close_round(G, 1);
+        w.flush_all();
+        let (acc, _) = w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+        assert_eq!(acc, IDS.to_vec(), "{what}");
+    }
+
+    // No answer at all until V's deadline.
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let mut b = honest.clone();
+    entries_mut(&mut b)[3].n_i[0] ^= 1;
+    let (bytes, _) = tampered(&mut w, &b, &tags);
+    let out = w.udc.handle_batch(bytes.clone()).unwrap();
+    assert!(tag_request(&out).is_some());
+    let b = Batch::decode(&bytes).unwrap();
+    let verdict = final_verdict(&w.udc.localization_expired(b.batch_id).unwrap());
+    assert_eq!(accepted(&bytes, &verdict), vec![0x10, 0x20]);
+    let out = outcomes(&bytes, &verdict);
+    assert_eq!(
+        (out[&0x30], out[&0x40]),
+        (Outcome::UnverifiedViaGateway, Outcome::UnverifiedViaGateway)
+    );
+}
+
+/// A retried batch gets the same verdict byte for byte and has no second
+/// effect (no new sessions, the same confirms).
+#[test]
+fn gateway_retries_a_batch() {
+    let (mut w, honest, tags) = answered_round(Mode::PskEcdhe, 2);
+    let (bytes, kept) = tampered(&mut w, &honest, &tags);
+    w.kept.insert(kept.batch_id, kept);
+    let first = w.udc.handle_batch(bytes.clone()).unwrap();
+    let sessions_before = format!("{:?}", w.udc.sessions);
+    for _ in 0..3 {
+        let again = w.udc.handle_batch(bytes.clone()).unwrap();
+        assert_eq!(again.answer, first.answer);
+        assert!(matches!(again.event, BatchEvent::Replayed));
+    }
+    assert_eq!(format!("{:?}", w.udc.sessions), sessions_before);
+    let verdict = final_verdict(&first);
+    let confirmed = w.deliver_confirms(&verdict);
+    assert!(confirmed.values().all(Result::is_ok));
+    assert_eq!(confirmed.len(), 4);
+}
+
+/// The same batch id for other content is refused as a whole, and the first
+/// verdict stands.
+#[test]
+fn gateway_reuses_a_batch_id_for_other_content() {
+    let (mut w, honest, tags) = answered_round(Mode::Psk, 2);
+    let (bytes, kept) = tampered(&mut w, &honest, &tags);
+    let id = kept.batch_id;
+    let first = send(&mut w, bytes.clone(), kept).unwrap();
+    let mut other = honest.clone();
+    other.batch_id = id;
+    entries_mut(&mut other).truncate(2);
+    let (other_bytes, _) = reseal(&other, &tags[..2]);
+    assert_eq!(
+        w.udc.handle_batch(other_bytes).unwrap_err(),
+        VerifierError::Peer(BatchError::BatchIdReused {
+            gateway: gateway_id(),
+            batch_id: id
+        })
+    );
+    let again = final_verdict(&w.udc.handle_batch(bytes).unwrap());
+    assert_eq!(again, first);
+}
+
+/// The gateway drops every psk-ecdhe challenge, so members only ever answer
+/// psk rounds: V's warning names every member once it missed enough
+/// psk-ecdhe rounds.
+#[test]
+fn gateway_drops_every_psk_ecdhe_challenge() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let (acc, _) = w.full_round(G, Mode::PskEcdhe, Purpose::Auth, &IDS);
+    assert_eq!(acc, IDS.to_vec());
+    let warn = w.udc.verifier.config().ecdhe_miss_warning;
+    let mut warned = Vec::new();
+    for n in 1..=warn {
+        // A psk-ecdhe round the gateway never relays.
+        let (_, r) = w.open_round(G, Mode::PskEcdhe, Purpose::Auth);
+        w.close_round(G, r);
+        w.flush_all();
+        // A psk round it relays.
+        let (challenge, _) = w.open_round(G, Mode::Psk, Purpose::Auth);
+        w.answer_all(&IDS, &challenge);
+        let b = w.flush().pop().unwrap();
+        let outs = w.submit(b.bytes.clone()).unwrap();
+        let BatchEvent::Responses(v) = &outs.last().unwrap().event else {
+            panic!("expected a response verdict");
+        };
+        assert_eq!(
+            accepted(&b.bytes, &final_verdict(outs.last().unwrap())),
+            IDS.to_vec()
+        );
+        warned.push((n, v.ecdhe_missed.clone()));
+    }
+    for (n, missed) in &warned[..warned.len() - 1] {
+        assert!(
+            missed.is_empty(),
+            "warned after {n} missed rounds: {missed:?}"
+        );
+    }
+    let last = &warned.last().unwrap().1;
+    let expect: Vec<(MemberId, u64)> = IDS.iter().map(|&id| (MemberId(id), warn)).collect();
+    assert_eq!(last, &expect);
+}
