@@ -143,6 +143,9 @@ pub struct UdcState {
     pub downlink_notify: Notify,
     pub batch_notify: Notify,
     pub gateway_ids: Mutex<Vec<String>>,
+    /// When each uplink (member, ctr) arrived, if `record_arrivals`.
+    pub arrivals: Mutex<Vec<(u64, u64, std::time::Instant)>>,
+    pub record_arrivals: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeUdc {
@@ -268,6 +271,17 @@ fn final_verdict(batch: &Batch, hash: [u8; 32]) -> Verdict {
 }
 
 fn apply(st: &UdcState, batch: &Batch) {
+    if st
+        .record_arrivals
+        .load(std::sync::atomic::Ordering::Relaxed)
+        && let BatchBody::Uplinks { entries } = &batch.body
+    {
+        let now = std::time::Instant::now();
+        st.arrivals
+            .lock()
+            .unwrap()
+            .extend(entries.iter().map(|e| (e.id.0, e.ctr, now)));
+    }
     let mut applied = st.applied.lock().unwrap();
     let mut dups = st.duplicates.lock().unwrap();
     let keys: Vec<(u64, u32, u64, u8)> = match &batch.body {
@@ -428,6 +442,16 @@ impl Reply {
 }
 
 impl Client {
+    /// Another handle on the same HTTP/2 connection (streams multiplex).
+    pub fn try_clone(&self) -> Option<Client> {
+        match &self.sender {
+            Sender::H2(s) => Some(Client {
+                sender: Sender::H2(s.clone()),
+            }),
+            Sender::H1(_) => None,
+        }
+    }
+
     pub async fn connect(addr: SocketAddr, pki: &Pki, h2: bool) -> Client {
         Self::connect_as(addr, pki, h2, None).await
     }
