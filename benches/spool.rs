@@ -23,11 +23,14 @@ fn appends(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("spool_durable_append");
     group
-        .throughput(Throughput::Elements(1))
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
     for appenders in [1u64, 64, 512] {
+        // One iteration is a burst of `burst` appends from `appenders` tasks,
+        // so every sample really runs at the stated concurrency.
+        let burst = (appenders * 16).max(256);
+        group.throughput(Throughput::Elements(burst));
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), MAX_BYTES).unwrap();
         // Members never repeat across iterations, so every append inserts.
@@ -37,17 +40,18 @@ fn appends(c: &mut Criterion) {
             &appenders,
             |b, &appenders| {
                 b.iter_custom(|iters| {
-                    let base = next_member.fetch_add(iters, Ordering::Relaxed);
+                    let total = iters * burst;
+                    let base = next_member.fetch_add(total, Ordering::Relaxed);
                     let issued = Arc::new(AtomicU64::new(0));
                     rt.block_on(async {
                         let start = Instant::now();
                         let mut tasks = Vec::new();
-                        for _ in 0..appenders.min(iters) {
+                        for _ in 0..appenders {
                             let (spool, issued) = (spool.clone(), issued.clone());
                             tasks.push(tokio::spawn(async move {
                                 loop {
                                     let i = issued.fetch_add(1, Ordering::Relaxed);
-                                    if i >= iters {
+                                    if i >= total {
                                         break;
                                     }
                                     let member = base + i;
