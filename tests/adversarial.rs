@@ -17,7 +17,7 @@ use dapgw::protocol::verifier::{
 };
 use dapgw::protocol::wire::{
     Batch, BatchBody, BatchStructureError, ChunkTags, Confirm, GroupId, GroupMessage, MemberId,
-    Mode, Outcome, Purpose, Rekey, ResponseEntry, TagReply, Verdict, VerdictBody,
+    Mode, Outcome, Purpose, Rekey, ResponseEntry, Verdict, VerdictBody,
 };
 
 const G: u32 = 1;
@@ -650,4 +650,637 @@ fn gateway_drops_every_psk_ecdhe_challenge() {
     let last = &warned.last().unwrap().1;
     let expect: Vec<(MemberId, u64)> = IDS.iter().map(|&id| (MemberId(id), warn)).collect();
     assert_eq!(last, &expect);
+}
+
+// ---------------------------------------------------------------------------
+// Uplinks: the gateway tampers with session traffic
+// ---------------------------------------------------------------------------
+
+fn uplink_entries_mut(batch: &mut Batch) -> &mut Vec<dapgw::protocol::wire::UplinkEntry> {
+    match &mut batch.body {
+        BatchBody::Uplinks { entries } => entries,
+        BatchBody::Responses { .. } => panic!("not an uplink batch"),
+    }
+}
+
+/// Altered, replayed and re-attributed uplinks: V accepts exactly the
+/// untouched entries, each once, and never credits one member's uplink to
+/// another.
+#[test]
+fn gateway_alters_replays_or_moves_uplinks() {
+    let mut w = World::with_members(2, &[G], IDS);
+    w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    for &id in &IDS {
+        let up = w
+            .node(id)
+            .uplink(
+                GroupId(G),
+                dapgw::protocol::wire::UplinkKind::Reading,
+                &[id as u8],
+            )
+            .unwrap();
+        w.collect(&up);
+    }
+    w.advance(w.gateway.config().uplink_linger);
+    let ready = w.flush().pop().unwrap();
+    let honest = Batch::decode(&ready.bytes).unwrap();
+    let tags = ready.tags.tags.clone();
+    let key = |id: u64| id << 32 | 1;
+
+    // 0x20's ciphertext altered.
+    let mut b = honest.clone();
+    let mut c = uplink_entries_mut(&mut b)[1].c.to_vec();
+    c[0] ^= 1;
+    uplink_entries_mut(&mut b)[1].c = Bytes::from(c);
+    let (bytes, _) = reseal(&b, &tags);
+    let verdict = judge_fresh(&w, &bytes, &tags).unwrap();
+    assert_eq!(
+        accepted(&bytes, &verdict),
+        vec![key(0x10), key(0x30), key(0x40)]
+    );
+    assert_eq!(
+        outcomes(&bytes, &verdict)[&key(0x20)],
+        Outcome::UnverifiedViaGateway
+    );
+
+    // 0x10's uplink (content and tag) under 0x20's id and session.
+    let mut b = honest.clone();
+    let e = uplink_entries_mut(&mut b);
+    e[1] = dapgw::protocol::wire::UplinkEntry {
+        id: MemberId(0x20),
+        sid: e[1].sid,
+        ..e[0].clone()
+    };
+    e.remove(0);
+    let (bytes, _) = reseal(&b, &[tags[0], tags[2], tags[3]]);
+    let verdict = judge_fresh(&w, &bytes, &[tags[0], tags[2], tags[3]]).unwrap();
+    assert_eq!(accepted(&bytes, &verdict), vec![key(0x30), key(0x40)]);
+    assert_eq!(
+        outcomes(&bytes, &verdict)[&key(0x20)],
+        Outcome::UnverifiedViaGateway
+    );
+    // ... or under 0x20's id with 0x10's session: no such session for 0x20.
+    let mut b = honest.clone();
+    let e = uplink_entries_mut(&mut b);
+    e[1] = dapgw::protocol::wire::UplinkEntry {
+        id: MemberId(0x20),
+        ..e[0].clone()
+    };
+    e.remove(0);
+    let (bytes, _) = reseal(&b, &[tags[0], tags[2], tags[3]]);
+    let verdict = judge_fresh(&w, &bytes, &[tags[0], tags[2], tags[3]]).unwrap();
+    assert_eq!(accepted(&bytes, &verdict), vec![key(0x30), key(0x40)]);
+    assert_ne!(outcomes(&bytes, &verdict)[&key(0x20)], Outcome::Accepted);
+
+    // Honest once, then the same entries replayed under a new batch id.
+    let verdict = w.submit_final(ready.bytes.clone());
+    assert_eq!(accepted(&ready.bytes, &verdict).len(), 4);
+    let (bytes, kept) = tampered(&mut w, &honest, &tags);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert!(
+        outcomes(&bytes, &verdict)
+            .values()
+            .all(|o| *o == Outcome::ReplayedCounter)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Members: the gateway serves them what V did not send, or not when V sent it
+// ---------------------------------------------------------------------------
+
+/// Stale, forged and cross-group challenges are refused before the member
+/// persists or seals anything; the genuine next challenge is answered.
+#[test]
+fn gateway_serves_stale_forged_or_cross_group_challenges() {
+    let mut w = World::new(2);
+    w.add_group(1);
+    w.add_group(2);
+    w.add_member(0x10, &[1, 2]);
+    w.add_member(0x20, &[1]);
+    let (ch1, _) = w.full_round_challenge(1);
+    let (_, r2) = w.full_round_challenge(1);
+    let g = GroupId(1);
+
+    // Stale: the previous round's challenge.
+    assert_eq!(
+        w.answer(0x20, &ch1),
+        Err(MemberError::StaleRound {
+            group: g,
+            round: 1,
+            answered: r2
+        })
+    );
+    // Replayed current challenge: the stored response again, nothing new.
+    let disk = w.node(0x20).disk.clone();
+    let (ch3, _) = w.open_round(1, Mode::Psk, Purpose::Auth);
+    let first = w.answer(0x20, &ch3).unwrap();
+    assert_eq!(w.answer(0x20, &ch3).unwrap(), first);
+    assert_ne!(w.node(0x20).disk, disk);
+    let disk = w.node(0x20).disk.clone();
+
+    let (ch4, _) = w.open_round(1, Mode::PskEcdhe, Purpose::Auth);
+    // Forged: any signed byte changed (nonce, mode, group seq), the
+    // signature changed, or signed by a key that is not V's online key.
+    for i in [12usize, 30, ch4.len() - 1] {
+        let mut t = ch4.to_vec();
+        t[i] ^= 1;
+        assert!(
+            matches!(
+                w.answer(0x20, &t),
+                Err(MemberError::BadSignature | MemberError::Malformed(_))
+            ),
+            "byte {i}"
+        );
+    }
+    let mut c = challenge(&ch4);
+    c.signature = dapgw::protocol::suite::SigningKey::from_seed(&[9; 32]).sign(&c.signed_bytes());
+    assert_eq!(
+        w.answer(0x20, &c.to_bytes()),
+        Err(MemberError::BadSignature)
+    );
+    // Another group's challenge: not ours, or (relabelled) not signed.
+    let (other, _) = w.open_round(2, Mode::Psk, Purpose::Auth);
+    assert_eq!(
+        w.answer(0x20, &other),
+        Err(MemberError::NotOurGroup(GroupId(2)))
+    );
+    w.open_round(2, Mode::Psk, Purpose::Auth);
+    // Relabelled to group 1 with a round above the one 0x10 answered there,
+    // so the cheap checks pass and the signature decides.
+    let (other, r) = w.open_round(2, Mode::Psk, Purpose::Auth);
+    assert!(r > r2);
+    let mut c = challenge(&other);
+    c.group = g;
+    assert_eq!(
+        w.answer(0x10, &c.to_bytes()),
+        Err(MemberError::BadSignature)
+    );
+    // Nothing of the above was persisted,
+    assert_eq!(w.node(0x20).disk, disk);
+    // and the genuine challenge is answered.
+    assert!(w.answer(0x20, &ch4).is_ok());
+}
+
+impl World {
+    /// A full honest round in group `g` (psk, auth) by its attached
+    /// members; the challenge and round.
+    fn full_round_challenge(&mut self, g: u32) -> (Bytes, u64) {
+        let (challenge, round) = self.open_round(g, Mode::Psk, Purpose::Auth);
+        let ids: Vec<u64> = self.attached[&GroupId(g)].iter().map(|m| m.0).collect();
+        self.answer_all(&ids, &challenge);
+        for b in self.flush_all() {
+            let v = self.submit_final(b.bytes.clone());
+            for (_, r) in self.deliver_confirms(&v) {
+                r.unwrap();
+            }
+        }
+        self.close_round(g, round);
+        (challenge, round)
+    }
+}
+
+/// Confirms: another member's, forged, fabricated, altered, stale or
+/// replayed ones are refused and change nothing; the genuine one opens once.
+#[test]
+fn gateway_serves_stale_forged_or_foreign_confirms() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let g = GroupId(G);
+    let (challenge, _) = w.open_round(G, Mode::PskEcdhe, Purpose::Auth);
+    w.answer_all(&IDS, &challenge);
+    let b = w.flush().pop().unwrap();
+    let verdict = w.submit_final(b.bytes.clone());
+    let VerdictBody::Final { confirms, .. } = &verdict.body else {
+        unreachable!()
+    };
+    let mine = confirms.iter().find(|c| c.id.0 == 0x20).unwrap();
+    let other = confirms.iter().find(|c| c.id.0 == 0x10).unwrap();
+    let disk = w.node(0x20).disk.clone();
+
+    assert_eq!(
+        w.node(0x20).confirm(&other.to_bytes()),
+        Err(MemberError::NotForUs(MemberId(0x10)))
+    );
+    let forged = |f: &dyn Fn(&mut Confirm)| {
+        let mut c = *mine;
+        f(&mut c);
+        c.to_bytes()
+    };
+    for (what, bytes) in [
+        ("gk byte", forged(&|c| c.w[0] ^= 1)),
+        ("tag byte", forged(&|c| c.w[31] ^= 1)),
+        ("fabricated", forged(&|c| c.w = [0x5A; 32])),
+        ("epoch", forged(&|c| c.epoch += 1)),
+    ] {
+        assert_eq!(
+            w.node(0x20).confirm(&bytes),
+            Err(MemberError::BadTag("confirm")),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        w.node(0x20).confirm(&forged(&|c| c.sid.0[0] ^= 1)),
+        Err(MemberError::WrongSession)
+    );
+    assert!(matches!(
+        w.node(0x20).confirm(&forged(&|c| c.round += 1)),
+        Err(MemberError::NoPendingRound { .. })
+    ));
+    assert_eq!(w.node(0x20).disk, disk, "no refusal persisted anything");
+    assert_eq!(w.node(0x20).member.session(g), None);
+
+    let opened = w.node(0x20).confirm(&mine.to_bytes()).unwrap();
+    let session = w.node(0x20).member.session(g);
+    assert_eq!(session, Some((opened.sid, 1)));
+    // Replayed: the pending keys are gone; nothing changes.
+    assert!(matches!(
+        w.node(0x20).confirm(&mine.to_bytes()),
+        Err(MemberError::NoPendingRound { .. })
+    ));
+    // Stale: after answering the next round, the old confirm is refused and
+    // the new one opens.
+    w.close_round(G, 1);
+    w.flush_all();
+    let (challenge, _) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    w.answer_all(&IDS, &challenge);
+    let b = w.flush().pop().unwrap();
+    let verdict2 = w.submit_final(b.bytes.clone());
+    assert!(matches!(
+        w.node(0x20).confirm(&mine.to_bytes()),
+        Err(MemberError::NoPendingRound { .. })
+    ));
+    assert_eq!(w.node(0x20).member.session(g), session);
+    let results = w.deliver_confirms(&verdict2);
+    assert!(results.values().all(Result::is_ok));
+    assert_ne!(w.node(0x20).member.session(g), session);
+}
+
+/// Rekeys: forged, foreign, replayed or stale (for a superseded session)
+/// ones are refused; the genuine one moves the member to the new epoch once.
+#[test]
+fn gateway_serves_stale_forged_or_foreign_rekeys() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let g = GroupId(G);
+    w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    let rekeys = w
+        .udc
+        .verifier
+        .revoke(
+            w.udc.groups.get_mut(&g).unwrap(),
+            MemberId(0x40),
+            &mut w.udc.sessions,
+            &mut w.rng,
+        )
+        .unwrap();
+    let mine = *rekeys.iter().find(|r| r.id.0 == 0x10).unwrap();
+    let other = *rekeys.iter().find(|r| r.id.0 == 0x20).unwrap();
+    assert_eq!(
+        w.node(0x10).rekey(&other.to_bytes()),
+        Err(MemberError::NotForUs(MemberId(0x20)))
+    );
+    // A revoked member gets no rekey; handed another's, it refuses it.
+    assert!(w.node(0x40).rekey(&mine.to_bytes()).is_err());
+    let forged = |f: &dyn Fn(&mut Rekey)| {
+        let mut r = mine;
+        f(&mut r);
+        r.to_bytes()
+    };
+    for (what, bytes) in [
+        ("key byte", forged(&|r| r.c[0] ^= 1)),
+        ("tag byte", forged(&|r| r.c[31] ^= 1)),
+        ("nonce", forged(&|r| r.nonce[0] ^= 1)),
+        ("epoch", forged(&|r| r.new_epoch += 1)),
+        ("down_ctr", forged(&|r| r.down_ctr += 1)),
+    ] {
+        assert_eq!(
+            w.node(0x10).rekey(&bytes),
+            Err(MemberError::BadTag("rekey")),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        w.node(0x10).rekey(&forged(&|r| r.sid.0[0] ^= 1)),
+        Err(MemberError::WrongSession)
+    );
+    assert_eq!(w.node(0x10).member.session(g).unwrap().1, 1);
+    assert_eq!(w.node(0x10).rekey(&mine.to_bytes()), Ok(2));
+    assert!(w.node(0x10).rekey(&mine.to_bytes()).is_err(), "replayed");
+    assert_eq!(w.node(0x10).member.session(g).unwrap().1, 2);
+
+    // 0x30's rekey is withheld until after its next session: then stale.
+    let withheld = *rekeys.iter().find(|r| r.id.0 == 0x30).unwrap();
+    w.close_round(G, 1);
+    w.flush_all();
+    w.full_round(G, Mode::Psk, Purpose::Auth, &[0x10, 0x20, 0x30]);
+    assert_eq!(w.node(0x30).member.session(g).unwrap().1, 2);
+    assert!(w.node(0x30).rekey(&withheld.to_bytes()).is_err());
+}
+
+/// Group messages: forged (any byte, another key), or another group's, are
+/// refused; only V's signed message is applied.
+#[test]
+fn gateway_forges_or_misroutes_group_messages() {
+    let mut w = World::new(2);
+    w.add_group(1);
+    w.add_group(2);
+    for id in IDS {
+        w.add_member(id, &[1]);
+    }
+    w.add_member(0x50, &[2]);
+    let (_, round) = w.full_round(1, Mode::Psk, Purpose::Auth, &IDS);
+    w.full_round(2, Mode::Psk, Purpose::Auth, &[0x50]);
+    let msg = w
+        .udc
+        .verifier
+        .group_message(
+            w.udc.groups.get_mut(&GroupId(1)).unwrap(),
+            b"config v2",
+            round,
+            &mut w.rng,
+        )
+        .unwrap();
+    let for_two = w
+        .udc
+        .verifier
+        .group_message(
+            w.udc.groups.get_mut(&GroupId(2)).unwrap(),
+            b"other",
+            round,
+            &mut w.rng,
+        )
+        .unwrap();
+    for i in 0..msg.len() {
+        let mut t = msg.to_vec();
+        t[i] ^= 0x01;
+        let r = w.node(0x10).group_message(&t);
+        assert!(r.is_err(), "byte {i} accepted");
+    }
+    let mut m = GroupMessage::decode(&msg).unwrap();
+    m.signature = dapgw::protocol::suite::SigningKey::from_seed(&[9; 32]).sign(&m.signed_bytes());
+    assert!(matches!(
+        w.node(0x10).group_message(&m.to_bytes()),
+        Err(MemberError::BadSignature)
+    ));
+    assert!(matches!(
+        w.node(0x10).group_message(&for_two),
+        Err(MemberError::NotOurGroup(GroupId(2)))
+    ));
+    let (update, _) = w.node(0x10).group_message(&msg).unwrap();
+    assert_eq!(update.payload.as_slice(), b"config v2");
+}
+
+/// The gateway withholds an update and delivers a superseded one later:
+/// refused once a newer one was applied, once a challenge announced a newer
+/// seq, or once its validity round has passed.
+#[test]
+fn gateway_withholds_an_update_and_delivers_a_superseded_one_later() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let g = GroupId(G);
+    let (_, r1) = w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    let gs = w.udc.groups.get_mut(&g).unwrap();
+    let m1 = w
+        .udc
+        .verifier
+        .group_message(gs, b"v1", r1, &mut w.rng)
+        .unwrap();
+    let m2 = w
+        .udc
+        .verifier
+        .group_message(gs, b"v2", r1 + 10, &mut w.rng)
+        .unwrap();
+
+    // Out of order: the newer one first, then the older one is stale.
+    w.node(0x10).group_message(&m2).unwrap();
+    assert_eq!(
+        w.node(0x10).group_message(&m1).map(|(u, _)| u.seq),
+        Err(MemberError::StaleSeq { seq: 1, applied: 2 })
+    );
+    // 0x20 gets neither; the next round's challenge announces seq 2.
+    w.close_round(G, r1);
+    w.flush_all();
+    w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    assert_eq!(
+        w.node(0x20).group_message(&m1).map(|(u, _)| u.seq),
+        Err(MemberError::SupersededSeq {
+            seq: 1,
+            announced: 2
+        })
+    );
+    let (u, _) = w.node(0x20).group_message(&m2).unwrap();
+    assert_eq!(u.payload.as_slice(), b"v2");
+
+    // A message valid through round r, delivered after the member answered
+    // a later round.
+    let gs = w.udc.groups.get_mut(&g).unwrap();
+    let r2 = gs.next_round - 1;
+    let m3 = w
+        .udc
+        .verifier
+        .group_message(gs, b"v3", r2, &mut w.rng)
+        .unwrap();
+    w.close_round(G, r2);
+    w.flush_all();
+    let (_, r3) = w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    assert_eq!(
+        w.node(0x30).group_message(&m3).map(|(u, _)| u.seq),
+        Err(MemberError::StaleValidity {
+            valid_through_round: r2,
+            answered: r3
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Members that reboot or lose their state
+// ---------------------------------------------------------------------------
+
+/// A member reboots from persisted state while the gateway replays the
+/// challenge: it re-sends the identical response (never seals a second
+/// one), is accepted once, and opens the confirm.
+#[test]
+fn member_reboots_from_persisted_state() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let (challenge, _) = w.open_round(G, Mode::PskEcdhe, Purpose::Read(Bytes::from_static(b"r")));
+    let first = w.answer(0x30, &challenge).unwrap();
+    for _ in 0..3 {
+        w.node(0x30).reboot();
+        assert_eq!(w.answer(0x30, &challenge).unwrap(), first);
+    }
+    w.collect(&first);
+    w.answer_all(&[0x10, 0x20, 0x40], &challenge);
+    let b = w.flush().pop().unwrap();
+    let verdict = w.submit_final(b.bytes.clone());
+    assert_eq!(accepted(&b.bytes, &verdict), IDS.to_vec());
+    w.node(0x30).reboot();
+    assert!(w.deliver_confirms(&verdict).values().all(Result::is_ok));
+}
+
+/// A member that loses its state answers a re-relayed challenge with a new
+/// response: the gateway refuses it (the first stands), V accepts the first
+/// one, and the member cannot open its confirm; it has no session until the
+/// next round, which works normally. A replayed old challenge it answers is
+/// refused by V.
+#[test]
+fn member_loses_its_state() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let g = GroupId(G);
+    let (old, r1) = w.full_round_challenge(G);
+    let (challenge, r2) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    w.answer_all(&IDS, &challenge);
+    w.node(0x20).lose_state();
+    let again = w.answer(0x20, &challenge).unwrap();
+    assert_eq!(
+        w.gateway.handle_bytes(&again, (), w.now),
+        Err(CollectError::ConflictingResponse {
+            id: MemberId(0x20),
+            group: g,
+            round: r2
+        })
+    );
+    let b = w.flush().pop().unwrap();
+    let verdict = w.submit_final(b.bytes.clone());
+    assert_eq!(accepted(&b.bytes, &verdict), IDS.to_vec());
+    let results = w.deliver_confirms(&verdict);
+    assert_eq!(results[&0x20], Err(MemberError::WrongSession));
+    assert_eq!(w.node(0x20).member.session(g), None);
+    assert_eq!(
+        w.node(0x20)
+            .uplink(g, dapgw::protocol::wire::UplinkKind::Reading, b"x"),
+        Err(MemberError::SealWithoutSession(g))
+    );
+
+    // The gateway replays round 1's challenge to the amnesiac member: it
+    // answers (it cannot know better), and V refuses the answer.
+    w.close_round(G, r2);
+    w.flush_all();
+    w.node(0x20).lose_state();
+    let stale = w.answer(0x20, &old).unwrap();
+    let mut b = Batch::decode(&b.bytes).unwrap();
+    b.body = BatchBody::Responses {
+        round: r1,
+        mode: Mode::Psk,
+        entries: vec![
+            dapgw::protocol::wire::Response::decode(&stale)
+                .unwrap()
+                .entry(),
+        ],
+    };
+    let tag = dapgw::protocol::wire::Response::decode(&stale).unwrap().tag;
+    let (bytes, kept) = tampered(&mut w, &b, &[tag]);
+    let verdict = send(&mut w, bytes.clone(), kept).unwrap();
+    assert_eq!(outcomes(&bytes, &verdict)[&0x20], Outcome::RoundNotOpen);
+
+    let (acc, _) = w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    assert_eq!(acc, IDS.to_vec());
+    assert!(w.node(0x20).member.session(g).is_some());
+}
+
+// ---------------------------------------------------------------------------
+// What the gateway ever holds
+// ---------------------------------------------------------------------------
+
+/// Everything that passes through the gateway in a full life cycle (round
+/// in both modes, confirms, uplinks, a group message and its acks, a
+/// revocation's rekeys) contains no 12- or 16-byte piece of any member root
+/// key, session key, uplink IV or group key; the aggregator holds only these
+/// bytes (its API names no key type). The service-level test scans the
+/// gateway process's memory; this checks the protocol gives it nothing to
+/// hold.
+#[test]
+fn gateway_never_holds_a_key() {
+    let mut w = World::with_members(2, &[G], IDS);
+    let g = GroupId(G);
+    let mut seen: Vec<Bytes> = Vec::new();
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    secrets.push(w.udc.groups[&g].gk.expose().to_vec());
+    for mode in [Mode::PskEcdhe, Mode::Psk] {
+        let (challenge, round) = w.open_round(G, mode, Purpose::Read(Bytes::from_static(b"q")));
+        seen.push(challenge.clone());
+        for id in IDS {
+            let r = w.answer(id, &challenge).unwrap();
+            w.collect(&r);
+            seen.push(r);
+        }
+        for b in w.flush_all() {
+            seen.push(b.bytes.clone());
+            seen.extend(b.tags.tags.iter().map(|t| Bytes::copy_from_slice(t)));
+            let outs = w.submit(b.bytes.clone()).unwrap();
+            seen.extend(outs.iter().map(|o| o.answer.clone()));
+            let verdict = final_verdict(outs.last().unwrap());
+            let VerdictBody::Final { confirms, .. } = &verdict.body else {
+                unreachable!()
+            };
+            seen.extend(confirms.iter().map(Confirm::to_bytes));
+            assert!(w.deliver_confirms(&verdict).values().all(Result::is_ok));
+        }
+        w.close_round(G, round);
+    }
+    for id in IDS {
+        let up = w
+            .node(id)
+            .uplink(g, dapgw::protocol::wire::UplinkKind::Alarm, b"door")
+            .unwrap();
+        w.collect(&up);
+        seen.push(up);
+    }
+    let round = w.udc.groups[&g].next_round - 1;
+    let gs = w.udc.groups.get_mut(&g).unwrap();
+    let msg = w
+        .udc
+        .verifier
+        .group_message(gs, b"config", round, &mut w.rng)
+        .unwrap();
+    seen.push(msg.clone());
+    for id in IDS {
+        let (_, ack) = w.node(id).group_message(&msg).unwrap();
+        w.collect(&ack);
+        seen.push(ack);
+    }
+    w.advance(w.gateway.config().uplink_linger);
+    for b in w.flush() {
+        seen.push(b.bytes.clone());
+        let outs = w.submit(b.bytes.clone()).unwrap();
+        seen.extend(outs.iter().map(|o| o.answer.clone()));
+    }
+    // Session keys as V holds them, before the revocation drops 0x40's.
+    for id in IDS {
+        let (sid, _) = w.node(id).member.session(g).unwrap();
+        let slot = w.udc.sessions.get(g, MemberId(id)).unwrap();
+        let s = slot.by_sid(sid).unwrap();
+        secrets.extend([
+            s.k_up.expose().to_vec(),
+            s.k_down.expose().to_vec(),
+            s.iv_up.expose().to_vec(),
+        ]);
+        let k_i = dapgw::protocol::keys::MemberKeyDeriver::new(
+            &dapgw::protocol::keys::MasterSecret::from_bytes(MS),
+        )
+        .member_key(id, 1);
+        secrets.extend(k_i.expose().chunks(16).map(<[u8]>::to_vec));
+    }
+    let rekeys = w
+        .udc
+        .verifier
+        .revoke(
+            w.udc.groups.get_mut(&g).unwrap(),
+            MemberId(0x40),
+            &mut w.udc.sessions,
+            &mut w.rng,
+        )
+        .unwrap();
+    secrets.push(w.udc.groups[&g].gk.expose().to_vec());
+    for r in &rekeys {
+        seen.push(r.to_bytes());
+        assert_eq!(w.node(r.id.0).rekey(&r.to_bytes()), Ok(2));
+    }
+
+    assert_eq!(secrets.len(), 2 + IDS.len() * 5);
+    for secret in &secrets {
+        assert!(secret.len() >= 12);
+        for s in &seen {
+            assert!(
+                !s.windows(secret.len()).any(|win| win == secret.as_slice()),
+                "a secret appears in what the gateway handled"
+            );
+        }
+    }
 }

@@ -615,7 +615,7 @@ impl<H> Aggregator<H> {
                 }
                 SpooledEntry::Uplink(u) => agg.collect_uplink(u, handle, now),
             };
-            if let Err((e, Some(h))) = result {
+            if let Err((e, h)) = result {
                 refused.push((e, h));
             }
         }
@@ -826,12 +826,12 @@ impl<H> Aggregator<H> {
         response: Response,
         handle: H,
         now: Instant,
-    ) -> Result<Collected, (CollectError, Option<H>)> {
+    ) -> Result<Collected, (CollectError, H)> {
         let (group, round_no, id) = (response.group, response.round, response.id);
         // A value built in memory may break a cap that decoding enforces;
         // batching it would make the verifier refuse the whole batch.
         if response.c.len() > MAX_PAYLOAD {
-            return Err((DecodeError::TooLong("response.c").into(), Some(handle)));
+            return Err((DecodeError::TooLong("response.c").into(), handle));
         }
         let Some(round) = self.rounds.get_mut(&(group, round_no)) else {
             let e = if self.closed.get(&group).is_some_and(|&r| round_no <= r) {
@@ -845,14 +845,14 @@ impl<H> Aggregator<H> {
                     round: round_no,
                 }
             };
-            return Err((e, Some(handle)));
+            return Err((e, handle));
         };
         if response.mode() != round.mode {
             let e = CollectError::ModeMismatch {
                 group,
                 round: round_no,
             };
-            return Err((e, Some(handle)));
+            return Err((e, handle));
         }
         if let Some(prev) = round.answered.get(&id) {
             if *prev == response {
@@ -863,10 +863,10 @@ impl<H> Aggregator<H> {
                 group,
                 round: round_no,
             };
-            return Err((e, Some(handle)));
+            return Err((e, handle));
         }
         if self.held >= self.config.max_held_entries {
-            return Err((CollectError::Full(self.held), Some(handle)));
+            return Err((CollectError::Full(self.held), handle));
         }
         self.held += 1;
         if round.expected.contains(&id) {
@@ -886,13 +886,13 @@ impl<H> Aggregator<H> {
         uplink: Uplink,
         handle: H,
         now: Instant,
-    ) -> Result<Collected, (CollectError, Option<H>)> {
+    ) -> Result<Collected, (CollectError, H)> {
         if uplink.c.len() > MAX_PAYLOAD {
-            return Err((DecodeError::TooLong("uplink.c").into(), Some(handle)));
+            return Err((DecodeError::TooLong("uplink.c").into(), handle));
         }
         let collectors = self.collectors();
         if !self.streams.contains_key(&uplink.group) && collectors >= self.config.max_collectors {
-            return Err((CollectError::TooManyCollectors(collectors), Some(handle)));
+            return Err((CollectError::TooManyCollectors(collectors), handle));
         }
         let stream = self
             .streams
@@ -915,14 +915,14 @@ impl<H> Aggregator<H> {
                 sid: uplink.sid,
                 ctr: uplink.ctr,
             };
-            return Err((e, Some(handle)));
+            return Err((e, handle));
         }
         if self.held >= self.config.max_held_entries {
             let e = CollectError::Full(self.held);
             if stream.seen.is_empty() {
                 self.streams.remove(&uplink.group);
             }
-            return Err((e, Some(handle)));
+            return Err((e, handle));
         }
         self.held += 1;
         stream.seen.insert(key, uplink);
