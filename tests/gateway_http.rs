@@ -716,3 +716,131 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
     assert!(b.spool.entry(e).await.unwrap().is_none());
     b.collector.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// `dapgw gateway` as a child process
+// ---------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a TLS handshake with `addr` succeeds trusting only `ca`.
+async fn handshake_ok(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool {
+    let roots = dapgw::tls::load_roots(ca).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(dapgw::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.is_ok()
+}
+
+/// The binary: config from the environment, ready once the UDC link is up,
+/// the TLS certificate reloaded on SIGHUP without a restart, exit 0 on
+/// SIGTERM within the grace time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
+    let pki1 = pki(&["gw-1"]);
+    let pki2 = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The member-facing certificate lives in files the test replaces.
+    let cert = dir.path().join("member.crt");
+    let key = dir.path().join("member.key");
+    std::fs::copy(&pki1.server_cert, &cert).unwrap();
+    std::fs::copy(&pki1.server_key, &key).unwrap();
+    let (members, admin) = (free_port(), free_port());
+    let (gw_cert, gw_key) = pki1.clients["gw-1"].clone();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAPGW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("gateway")
+        .env(
+            "DAPGW_UPSTREAM_URL",
+            format!("https://127.0.0.1:{}", udc.addr.port()),
+        )
+        .env("DAPGW_UPSTREAM_CA", &pki1.ca)
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", &gw_cert)
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", &gw_key)
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{members}"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DAPGW_TLS_CERT", &cert)
+        .env("DAPGW_TLS_KEY", &key)
+        .env("DAPGW_SPOOL_DIR", dir.path().join("spool"))
+        .env("DAPGW_DRAIN_GRACE_MS", "2000")
+        .env("DAPGW_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let members_addr: std::net::SocketAddr = format!("127.0.0.1:{members}").parse().unwrap();
+    let mut ready = false;
+    for _ in 0..300 {
+        if dapgw::admin::probe(
+            &admin_addr.to_string(),
+            dapgw::admin::ProbeCheck::Ready,
+            Duration::from_millis(500),
+        )
+        .await
+        .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the gateway never became ready");
+    assert!(handshake_ok(members_addr, &pki1.ca).await);
+    assert!(!handshake_ok(members_addr, &pki2.ca).await);
+
+    // An open connection keeps working across the reload.
+    let mut open = Client::connect(members_addr, &pki1, true).await;
+    std::fs::copy(&pki2.server_cert, &cert).unwrap();
+    std::fs::copy(&pki2.server_key, &key).unwrap();
+    let pid = child.id().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut reloaded = false;
+    for _ in 0..200 {
+        if handshake_ok(members_addr, &pki2.ca).await {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "SIGHUP did not reload the certificate");
+    assert_eq!(open.attach(1, &[1]).await.status, StatusCode::OK);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the gateway"
+    );
+
+    let started = std::time::Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
