@@ -127,7 +127,7 @@ pub async fn run(
         &config.upstream_client_cert,
         &config.upstream_client_key,
     )?;
-    let mut agg = AggregatorConfig::new(gateway_id.clone());
+    let mut agg = AggregatorConfig::new(gateway_id);
     agg.chunk_size = config.chunk_size;
     agg.max_batch_entries = usize::try_from(config.batch_max_entries).unwrap_or(usize::MAX);
     agg.max_held_entries = agg.max_held_entries.max(agg.max_batch_entries);
@@ -289,7 +289,7 @@ async fn housekeeping(spool: Spool, metrics: GatewayMetrics, readiness: Readines
         tick.tick().await;
         update_spool_gauges(&spool, &metrics);
         n = n.wrapping_add(1);
-        if n % PRUNE_EVERY_TICKS == 0 {
+        if n.is_multiple_of(PRUNE_EVERY_TICKS) {
             // A successful write is also the spool's health probe.
             match spool
                 .prune_downlink_older_than(unix_ms(), DOWNLINK_RETENTION)

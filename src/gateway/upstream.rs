@@ -563,10 +563,7 @@ impl Upstream {
             };
             let failed = match res {
                 Ok(a) if a.status == StatusCode::OK => {
-                    match self.store_downlink(&a.body, &mut cursor).await {
-                        Ok(()) => None,
-                        Err(e) => Some(e),
-                    }
+                    self.store_downlink(&a.body, &mut cursor).await.err()
                 }
                 Ok(a) if a.status == StatusCode::NO_CONTENT => None,
                 Ok(a) => Some(UpstreamError::Status(a.status)),

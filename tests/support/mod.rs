@@ -263,7 +263,7 @@ fn final_verdict(batch: &Batch, hash: [u8; 32]) -> Verdict {
         BatchBody::Uplinks { entries } => (vec![Outcome::Accepted; entries.len()], Vec::new()),
     };
     Verdict {
-        gateway_id: batch.gateway_id.clone(),
+        gateway_id: batch.gateway_id,
         batch_id: batch.batch_id,
         batch_hash: hash,
         body: VerdictBody::Final { outcomes, confirms },
@@ -341,7 +341,7 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
             st.batches.lock().unwrap().push(batch.clone());
             if mode == UdcMode::TagsFirst {
                 let v = Verdict {
-                    gateway_id: batch.gateway_id.clone(),
+                    gateway_id: batch.gateway_id,
                     batch_id: batch.batch_id,
                     batch_hash: hash,
                     body: VerdictBody::TagsRequested { chunks: vec![0] },
