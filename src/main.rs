@@ -175,13 +175,38 @@ fn gateway(args: ServiceArgs) -> ExitCode {
     report_logged(runtime().and_then(|rt| {
         rt.block_on(async {
             let admin = bind_admin(config.admin_listen).await?;
-            tracing::info!(admin = %admin.local_addr()?, "admin listener bound");
-            // The gateway helper replaces this with the service's run
-            // function, given `config`, `admin` and a SIGTERM future.
-            drop(admin);
-            anyhow::bail!("the gateway service is not built yet")
+            let members = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the member listener on {} (DAPGW_LISTEN)",
+                        config.listen
+                    )
+                })?;
+            tracing::info!(
+                admin = %admin.local_addr()?,
+                members = %members.local_addr()?,
+                "listeners bound"
+            );
+            let listeners = dapgw::gateway::Listeners { members, admin };
+            dapgw::gateway::run(config, listeners, shutdown_signal()?)
+                .await
+                .context("gateway")
         })
     }))
+}
+
+/// Completes on SIGTERM or SIGINT (the drain starts then).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn udc(args: ServiceArgs) -> ExitCode {

@@ -116,6 +116,8 @@ macro_rules! label_enum {
 label_enum! {
     /// Member-facing endpoint of the gateway (label `endpoint`).
     MemberEndpoint {
+        /// A member announcing its id and groups.
+        Attach = "attach",
         /// A member's response to a challenge.
         Response = "response",
         /// A member's unsolicited uplink.

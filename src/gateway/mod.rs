@@ -1,8 +1,454 @@
 //! The gateway (DAP): member-facing server -> collectors/batcher -> spool ->
 //! upstream client, and the downlink relay back to members.
 //!
+//! ```text
+//!            +---------- server (HTTPS, h1 + h2) ----------+
+//! members -->| attach | uplink --append--> [spool] --submit--> collector --seal--> [spool]
+//!            |        |                                                           |
+//!            | downlink <--read-- [spool] <--push-- upstream <--GET downlink--    v
+//!            +--------------------------------------------+   upstream --POST batches--> UDC
+//! ```
+//!
 //! The gateway holds no keys. Everything it keeps is opaque bytes plus the
 //! routing fields needed to batch them and to relay answers, stored in the
-//! [`spool`] until the UDC has answered for them.
+//! [`spool`] until the UDC has answered for them. No module here names a
+//! key type: the gateway depends on the wire codec, the aggregator and the
+//! spool only.
+//!
+//! [`run`] wires the parts together on already bound listeners and runs until
+//! its shutdown future completes (SIGTERM in `dapgw gateway`), then drains:
+//! readiness turns 503 at once, the member listener stops accepting, long
+//! polls end, what the collector holds is cut into batches and sealed in the
+//! spool, and the upstream client sends what it can, all within
+//! `DAPGW_DRAIN_GRACE_MS`. SIGHUP reloads both TLS certificates.
 
+pub mod collector;
+pub mod downlink;
+pub(crate) mod server;
 pub mod spool;
+pub(crate) mod upstream;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Readiness};
+use crate::config::GatewayConfig;
+use crate::protocol::aggregator::{AggregatorConfig, UsageError};
+use crate::protocol::wire::{GatewayId, MemberId};
+use crate::telemetry::{GatewayMetrics, ProcessMetrics};
+use crate::tls::{self, TlsError};
+
+use self::collector::{Collector, CollectorConfig};
+use self::spool::{Spool, SpoolError};
+
+/// Most members the attach registry remembers; beyond it `/v1/attach`
+/// answers 503 (bounds what invented member ids can make the gateway hold).
+pub const MAX_ATTACHED_MEMBERS: usize = 1_000_000;
+
+/// Most groups one member may attach to (and name in one downlink poll).
+pub const MAX_MEMBER_GROUPS: usize = spool::MAX_READ_GROUPS;
+
+/// How long the spool keeps a downlink item for members that have not read
+/// it. Members that stay away longer miss it (docs/gateway.md, "Retention").
+pub const DOWNLINK_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How often the spool gauges are refreshed and old downlink items pruned.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Prune old downlink items every this many housekeeping ticks.
+const PRUNE_EVERY_TICKS: u32 = 60;
+
+/// The listeners [`run`] serves on, bound by the caller (so tests bind
+/// `127.0.0.1:0` and `main` binds only after the config validated).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Member-facing HTTPS (`DAPGW_LISTEN`).
+    pub members: TcpListener,
+    /// Plain-HTTP admin listener (`DAPGW_ADMIN_LISTEN`).
+    pub admin: TcpListener,
+}
+
+/// Why the gateway could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// A TLS file could not be read or does not fit (names the file).
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The spool could not be opened or failed at startup.
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    /// A setting passed validation but the gateway cannot use it.
+    #[error("invalid setting {variable}: {reason}")]
+    Setting {
+        /// The environment variable of the setting.
+        variable: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Registering the metric families failed (a programming error).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs the gateway on `listeners` until `shutdown` completes, then drains
+/// (see the module doc) and returns. Startup errors (TLS files, the spool)
+/// come back before anything is served.
+pub async fn run(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GatewayError> {
+    let gateway_id = GatewayId::new(&config.gateway_id).map_err(|_| GatewayError::Setting {
+        variable: "DAPGW_GATEWAY_ID",
+        reason: "expected 1 to 64 characters from [a-z0-9._-]".into(),
+    })?;
+    let target = upstream::Target::parse(config.upstream_url.expose()).map_err(|reason| {
+        GatewayError::Setting {
+            variable: "DAPGW_UPSTREAM_URL",
+            reason,
+        }
+    })?;
+    let server_tls = tls::server_config(
+        &config.tls_cert,
+        &config.tls_key,
+        config.member_client_ca.as_deref(),
+        config.member_client_ca.is_some(),
+    )?;
+    let client_tls = tls::client_config(
+        &config.upstream_ca,
+        &config.upstream_client_cert,
+        &config.upstream_client_key,
+    )?;
+    let mut agg = AggregatorConfig::new(gateway_id);
+    agg.chunk_size = config.chunk_size;
+    agg.max_batch_entries = usize::try_from(config.batch_max_entries).unwrap_or(usize::MAX);
+    agg.max_held_entries = agg.max_held_entries.max(agg.max_batch_entries);
+    agg.uplink_linger = config.batch_linger();
+    agg.validate().map_err(|e| match e {
+        UsageError::Config(reason) => GatewayError::Setting {
+            variable: "DAPGW_BATCH_MAX_ENTRIES",
+            reason: reason.into(),
+        },
+        other => GatewayError::Setting {
+            variable: "DAPGW_BATCH_MAX_ENTRIES",
+            reason: other.to_string(),
+        },
+    })?;
+
+    let registry = Registry::new();
+    let metrics = GatewayMetrics::try_register(&registry)?;
+    ProcessMetrics::register(&registry)?;
+    let readiness = Readiness::gateway();
+
+    let dir = config.spool_dir.clone();
+    let max = config.spool_max_bytes.get();
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, max))
+        .await
+        .map_err(|_| SpoolError::Closed)??;
+    readiness.set_spool(true);
+    update_spool_gauges(&spool, &metrics);
+
+    let attached = Arc::new(Attached::new());
+    let sealed = Arc::new(Notify::new());
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (flushed_tx, flushed_rx) = watch::channel(false);
+    let collector = Collector::start(
+        spool.clone(),
+        CollectorConfig {
+            aggregator: agg,
+            round_deadline: config.round_deadline(),
+        },
+        attached.clone(),
+        metrics.clone(),
+        sealed.clone(),
+        None,
+    )
+    .await?;
+
+    let mut tasks = JoinSet::new();
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    tasks.spawn(admin::serve(
+        listeners.admin,
+        registry,
+        readiness.clone(),
+        wait_true(admin_stop_rx),
+    ));
+    let link = Arc::new(upstream::Link::new(
+        target,
+        client_tls.clone(),
+        config.upstream_timeout(),
+        metrics.clone(),
+        readiness.clone(),
+    ));
+    let up = upstream::Upstream {
+        link,
+        spool: spool.clone(),
+        collector: collector.handle(),
+        attached: attached.clone(),
+        metrics: metrics.clone(),
+        gateway_id,
+        request_timeout: config.upstream_timeout(),
+        retry_max: config.retry_max(),
+        sealed,
+        drain: drain_rx.clone(),
+        flushed: flushed_rx,
+    };
+    let batches = tokio::spawn(up.clone().run_batches());
+    tasks.spawn(up.clone().run_downlink());
+    tasks.spawn(up.run_subscriptions());
+    tasks.spawn(housekeeping(
+        spool.clone(),
+        metrics.clone(),
+        readiness.clone(),
+    ));
+    tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls));
+
+    let ctx = Arc::new(server::Ctx {
+        spool: spool.clone(),
+        collector: collector.handle(),
+        attached,
+        metrics,
+        readiness: readiness.clone(),
+        limits: server::Limits::from_config(&config),
+        member_certs: config.member_client_ca.is_some(),
+        drain: drain_rx,
+    });
+    let server = tokio::spawn(server::serve(listeners.members, server_tls, ctx));
+    tracing::info!("gateway running");
+
+    shutdown.await;
+    // Readiness first, so the load balancer stops sending before we stop
+    // accepting.
+    readiness.set_draining();
+    let _ = drain_tx.send(true);
+    tracing::info!(grace_ms = config.drain_grace_ms, "draining");
+    let drained = tokio::time::timeout(config.drain_grace(), async {
+        // Connections finish their requests; long polls end on the drain.
+        let _ = server.await;
+        // Everything collected goes into sealed batches in the spool...
+        if let Err(e) = collector.flush().await {
+            tracing::warn!(error = %e, "flushing the collector");
+        }
+        let _ = flushed_tx.send(true);
+        // ...and the upstream client sends what it can.
+        let _ = batches.await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            pending_batches = spool.pending_batch_count(),
+            "drain grace time over; what is left stays in the spool"
+        ),
+    }
+    collector.stop().await;
+    let _ = admin_stop_tx.send(true);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    spool.close().await;
+    Ok(())
+}
+
+/// Completes once the watched flag is true (or its sender is gone).
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// The time the spool stamps items with: Unix milliseconds.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn update_spool_gauges(spool: &Spool, metrics: &GatewayMetrics) {
+    metrics
+        .spool_bytes
+        .set(i64::try_from(spool.bytes()).unwrap_or(i64::MAX));
+    metrics
+        .spool_entries
+        .set(i64::try_from(spool.entries()).unwrap_or(i64::MAX));
+}
+
+/// Refreshes the spool gauges, probes the spool, and prunes downlink items
+/// older than [`DOWNLINK_RETENTION`].
+async fn housekeeping(spool: Spool, metrics: GatewayMetrics, readiness: Readiness) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u32 = 0;
+    loop {
+        tick.tick().await;
+        update_spool_gauges(&spool, &metrics);
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(PRUNE_EVERY_TICKS) {
+            // A successful write is also the spool's health probe.
+            match spool
+                .prune_downlink_older_than(unix_ms(), DOWNLINK_RETENTION)
+                .await
+            {
+                Ok(p) => {
+                    readiness.set_spool(true);
+                    if p.rows > 0 {
+                        tracing::debug!(rows = p.rows, "pruned old downlink items");
+                    }
+                }
+                Err(e) => {
+                    readiness.set_spool(false);
+                    tracing::error!(error = %e, "spool housekeeping failed");
+                }
+            }
+        }
+    }
+}
+
+/// Reloads the member-facing certificate and the upstream client
+/// certificate on every SIGHUP. Open connections keep their certificate; a
+/// failed reload keeps the old one.
+async fn reload_on_sighup(server: tls::ReloadableServer, client: tls::ReloadableClient) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS reload disabled");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading TLS certificates");
+        if let Err(e) = server.reload() {
+            tracing::error!(error = %e, "member-facing certificate not reloaded");
+        }
+        if let Err(e) = client.reload() {
+            tracing::error!(error = %e, "upstream client certificate not reloaded");
+        }
+    }
+}
+
+/// Which members are attached, and to which groups: a routing hint for the
+/// collector (who to expect in a round) and for the upstream subscriptions
+/// (whose downlink to pull). Kept in memory; members re-attach after a
+/// gateway restart.
+#[derive(Debug)]
+pub struct Attached {
+    inner: Mutex<AttachedInner>,
+    /// The sorted set of groups with at least one member; the upstream
+    /// client PUTs it as the subscription whenever it changes.
+    groups: watch::Sender<Vec<u32>>,
+}
+
+#[derive(Debug, Default)]
+struct AttachedInner {
+    members: HashMap<u64, Vec<u32>>,
+    /// Members per group; `BTreeMap` so the group list comes out sorted.
+    by_group: BTreeMap<u32, BTreeSet<u64>>,
+}
+
+/// The attach registry holds [`MAX_ATTACHED_MEMBERS`] members already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway tracks {0} attached members, its cap")]
+pub struct AttachFull(pub usize);
+
+impl Default for Attached {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Attached {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Attached {
+            inner: Mutex::new(AttachedInner::default()),
+            groups: watch::channel(Vec::new()).0,
+        }
+    }
+
+    /// Records (or replaces) `member`'s groups.
+    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<(), AttachFull> {
+        let mut groups = groups.to_vec();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !inner.members.contains_key(&member) && inner.members.len() >= MAX_ATTACHED_MEMBERS {
+            return Err(AttachFull(inner.members.len()));
+        }
+        if let Some(old) = inner.members.insert(member, groups.clone()) {
+            for g in old {
+                if let Some(set) = inner.by_group.get_mut(&g) {
+                    set.remove(&member);
+                    if set.is_empty() {
+                        inner.by_group.remove(&g);
+                    }
+                }
+            }
+        }
+        for g in groups {
+            inner.by_group.entry(g).or_default().insert(member);
+        }
+        let list: Vec<u32> = inner.by_group.keys().copied().collect();
+        drop(inner);
+        self.groups.send_if_modified(|cur| {
+            let changed = *cur != list;
+            *cur = list;
+            changed
+        });
+        Ok(())
+    }
+
+    /// The members attached to `group`, sorted.
+    pub fn members_of(&self, group: u32) -> Vec<MemberId> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .by_group
+            .get(&group)
+            .map(|s| s.iter().map(|&m| MemberId(m)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of attached members.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .members
+            .len()
+    }
+
+    /// Whether no member is attached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Watches the sorted list of groups that have members.
+    pub fn subscribe_groups(&self) -> watch::Receiver<Vec<u32>> {
+        self.groups.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_replaces_groups_and_tracks_the_group_list() {
+        let a = Attached::new();
+        let rx = a.subscribe_groups();
+        a.attach(1, &[7, 3, 7]).unwrap();
+        a.attach(2, &[3]).unwrap();
+        assert_eq!(*rx.borrow(), vec![3, 7]);
+        assert_eq!(a.members_of(3), vec![MemberId(1), MemberId(2)]);
+        a.attach(1, &[5]).unwrap();
+        assert_eq!(*rx.borrow(), vec![3, 5]);
+        assert_eq!(a.members_of(7), Vec::<MemberId>::new());
+        assert_eq!(a.len(), 2);
+    }
+}

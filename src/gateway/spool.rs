@@ -414,6 +414,7 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 /// A write for the writer thread.
 enum Request {
     Append(NewEntry, Reply<EntryId>),
+    Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
     Seal {
         batch_id: u64,
@@ -651,6 +652,14 @@ impl Spool {
     /// [`SpoolError::Full`] and stores nothing.
     pub async fn append(&self, entry: NewEntry) -> Result<EntryId, SpoolError> {
         self.call(|r| Request::Append(entry, r)).await
+    }
+
+    /// Deletes an entry that is in no batch (the collector refused it after
+    /// it was stored, e.g. a response for a round that is not open). Returns
+    /// whether it deleted one; an entry already sealed in a batch, or gone,
+    /// is left alone (`false`).
+    pub async fn discard_unbatched(&self, id: EntryId) -> Result<bool, SpoolError> {
+        self.call(|r| Request::Discard(id, r)).await
     }
 
     /// Hands out the next batch id, persisted before it is returned:
@@ -1152,6 +1161,7 @@ fn group_aborted() -> SpoolError {
 fn fail(req: Request, err: SpoolError) -> Pending {
     match req {
         Request::Append(_, r) => pending(r, Err(err)),
+        Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
         Request::Seal { reply, .. } | Request::SetMeta { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
@@ -1259,6 +1269,7 @@ impl Writer {
             // An append validates before its single INSERT, which SQLite
             // undoes alone if it fails: no savepoint needed on the hot path.
             Request::Append(e, r) => pending(r, self.append(&e)),
+            Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
             Request::NextBatchId(r) => pending(r, self.savepoint(Writer::next_batch_id)),
             Request::Seal {
                 batch_id,
@@ -1389,6 +1400,23 @@ impl Writer {
         self.tent.bytes += size;
         self.tent.entries += 1;
         Ok(EntryId(i2u(self.conn.last_insert_rowid())))
+    }
+
+    fn discard(&mut self, id: EntryId) -> Result<bool, SpoolError> {
+        let size: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM entries WHERE id = ?1 AND batch_id IS NULL
+                 RETURNING length(bytes) + length(sort_key)",
+            )?
+            .query_row([clamp(id.0)], |r| r.get(0))
+            .optional()?;
+        let Some(size) = size else {
+            return Ok(false);
+        };
+        self.tent.bytes = self.tent.bytes.saturating_sub(i2u(size) + ROW_OVERHEAD);
+        self.tent.entries = self.tent.entries.saturating_sub(1);
+        Ok(true)
     }
 
     fn next_batch_id(&mut self) -> Result<u64, SpoolError> {

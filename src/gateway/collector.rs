@@ -1,0 +1,629 @@
+//! The collector: the one task that owns the gateway's [`Aggregator`],
+//! between the member-facing server and the upstream client.
+//!
+//! ```text
+//! server --append--> [spool] --(message, entry id)--> collector --seal_batch--> [spool] --notify--> upstream
+//! upstream --challenge--> collector.expect (round opens with the attached members)
+//! ```
+//!
+//! The server stores a member's message in the spool first, then hands the
+//! decoded message and its entry id here; the aggregator's handle for each
+//! entry is its spool id, so a batch names exactly the stored entries it
+//! holds. The driver loop is quinn-style: feed inputs, cut due batches
+//! ([`Aggregator::poll_batch`]), seal them in the spool, and sleep until
+//! [`Aggregator::poll_timeout`] with tokio's clock (so tests can pause it).
+//!
+//! An entry the aggregator refuses (a round that is not open, a conflicting
+//! re-send) or absorbs as a re-send of an entry the spool no longer holds is
+//! discarded from the spool again before the member gets its answer, so the
+//! spool holds only entries that are on their way into a batch. After a
+//! restart the collector rebuilds the aggregator from the spool's unbatched
+//! entries ([`Aggregator::restore`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::Attached;
+use super::spool::{EntryId, Spool, SpoolError};
+use crate::protocol::aggregator::{
+    Aggregator, AggregatorConfig, BatchIdSource, BatchTrigger, CollectError, Collected, ReadyBatch,
+    RoundSpec, SpooledEntry, UsageError,
+};
+use crate::protocol::wire::{BatchKind, GroupId, MemberId, Message, Mode, Response, Uplink};
+use crate::telemetry::{GatewayMetrics, GatewayRoundOutcome};
+
+/// Inputs queued for the collector before submitters wait (backpressure).
+const INPUT_QUEUE: usize = 4096;
+
+/// First wait before retrying a failed seal; doubles up to [`SEAL_RETRY_MAX`].
+const SEAL_RETRY_MIN: Duration = Duration::from_millis(50);
+const SEAL_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How the collector batches.
+#[derive(Clone, Debug)]
+pub struct CollectorConfig {
+    /// Chunk size, size cap, linger and memory bounds of the aggregator.
+    pub aggregator: AggregatorConfig,
+    /// How long a round stays open after its challenge was relayed
+    /// (`DAPGW_ROUND_DEADLINE_MS`).
+    pub round_deadline: Duration,
+}
+
+/// A member's message, decoded by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberMessage {
+    /// A response to a challenge (0x02).
+    Response(Response),
+    /// An uplink in a session (0x03).
+    Uplink(Uplink),
+}
+
+impl MemberMessage {
+    /// Decodes a Response or an Uplink; any other message type is
+    /// [`DecodeError::WrongType`](crate::protocol::codec::DecodeError::WrongType).
+    pub fn decode(bytes: &bytes::Bytes) -> Result<Self, crate::protocol::codec::DecodeError> {
+        match Message::decode(bytes)? {
+            Message::Response(r) => Ok(MemberMessage::Response(r)),
+            Message::Uplink(u) => Ok(MemberMessage::Uplink(u)),
+            other => Err(crate::protocol::codec::DecodeError::WrongType(
+                other.message_type().code(),
+            )),
+        }
+    }
+
+    /// The sending member.
+    pub fn member(&self) -> MemberId {
+        match self {
+            MemberMessage::Response(r) => r.id,
+            MemberMessage::Uplink(u) => u.id,
+        }
+    }
+}
+
+/// Why a submitted entry was not collected.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The aggregator refused it (the entry was discarded from the spool).
+    #[error(transparent)]
+    Refused(#[from] CollectError),
+    /// The collector has stopped (the gateway is shutting down).
+    #[error("the collector has stopped")]
+    Stopped,
+}
+
+/// What the collector did, for tests and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CollectorEvent {
+    /// A batch was cut and sealed in the spool.
+    Sealed {
+        /// Its batch id.
+        batch_id: u64,
+        /// Responses or uplinks.
+        kind: BatchKind,
+        /// Its group.
+        group: GroupId,
+        /// Its round (response batches).
+        round: Option<u64>,
+        /// The spool entries in it, in batch order.
+        entries: Vec<EntryId>,
+        /// Why it was cut.
+        trigger: BatchTrigger,
+        /// Members missing from the round it closes.
+        missing: Vec<MemberId>,
+        /// When it was cut (tokio's clock, so a paused clock shows exact
+        /// deadlines).
+        cut_at: Instant,
+    },
+    /// A round reached its deadline with nothing left to send.
+    RoundClosed {
+        /// The group.
+        group: GroupId,
+        /// The round.
+        round: u64,
+        /// Members that never answered.
+        missing: Vec<MemberId>,
+        /// When it closed.
+        at: Instant,
+    },
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+enum Input {
+    Collect {
+        msg: MemberMessage,
+        entry: EntryId,
+        reply: Reply<Result<Collected, SubmitError>>,
+    },
+    Expect {
+        group: GroupId,
+        round: u64,
+        mode: Mode,
+        reply: Reply<Result<(), UsageError>>,
+    },
+    Flush(Reply<()>),
+    Stop(Reply<()>),
+}
+
+/// Sends inputs to the collector task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CollectorHandle {
+    tx: mpsc::Sender<Input>,
+}
+
+impl CollectorHandle {
+    /// Collects a message already stored in the spool as `entry`. On
+    /// `Ok` the member may be told it is accepted.
+    pub async fn collect(
+        &self,
+        msg: MemberMessage,
+        entry: EntryId,
+    ) -> Result<Collected, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Collect { msg, entry, reply })
+            .await
+            .map_err(|_| SubmitError::Stopped)?;
+        rx.await.map_err(|_| SubmitError::Stopped)?
+    }
+
+    /// Opens round `(group, round)` (its challenge is being relayed), with
+    /// the members attached to the group now and the configured deadline.
+    /// A round already closed is refused with [`UsageError::RoundClosed`].
+    pub async fn expect(&self, group: GroupId, round: u64, mode: Mode) -> Result<(), ExpectError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Expect {
+                group,
+                round,
+                mode,
+                reply,
+            })
+            .await
+            .map_err(|_| ExpectError::Stopped)?;
+        rx.await
+            .map_err(|_| ExpectError::Stopped)?
+            .map_err(ExpectError::Usage)
+    }
+}
+
+/// Why a round could not be opened.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpectError {
+    /// The aggregator refused it (closed round, other mode, too many).
+    #[error(transparent)]
+    Usage(UsageError),
+    /// The collector has stopped.
+    #[error("the collector has stopped")]
+    Stopped,
+}
+
+/// The running collector task.
+#[derive(Debug)]
+pub struct Collector {
+    handle: CollectorHandle,
+    task: JoinHandle<()>,
+}
+
+impl Collector {
+    /// Rebuilds the aggregator from the spool's unbatched entries and starts
+    /// the task. `sealed` is notified after every sealed batch; `events`, if
+    /// given, receives a [`CollectorEvent`] for each.
+    pub async fn start(
+        spool: Spool,
+        config: CollectorConfig,
+        attached: Arc<Attached>,
+        metrics: GatewayMetrics,
+        sealed: Arc<Notify>,
+        events: Option<mpsc::UnboundedSender<CollectorEvent>>,
+    ) -> Result<Collector, SpoolError> {
+        let (agg, pending) = restore(&spool, &config.aggregator).await?;
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let task = Task {
+            agg,
+            spool,
+            config,
+            attached,
+            metrics,
+            sealed,
+            events,
+            pending,
+            rounds: HashMap::new(),
+            reserved: None,
+            unsealed: VecDeque::new(),
+            seal_retry: SEAL_RETRY_MIN,
+            retry_at: None,
+        };
+        let task = tokio::spawn(task.run(rx));
+        Ok(Collector {
+            handle: CollectorHandle { tx },
+            task,
+        })
+    }
+
+    /// A handle for submitters.
+    pub fn handle(&self) -> CollectorHandle {
+        self.handle.clone()
+    }
+
+    /// Cuts every entry held into batches now (deadlines and lingers are
+    /// treated as passed) and seals them in the spool; for the drain.
+    pub async fn flush(&self) -> Result<(), SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.handle
+            .tx
+            .send(Input::Flush(reply))
+            .await
+            .map_err(|_| SubmitError::Stopped)?;
+        rx.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Stops the task after the inputs queued before this call.
+    pub async fn stop(self) {
+        let (reply, rx) = oneshot::channel();
+        if self.handle.tx.send(Input::Stop(reply)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Rebuilds the aggregator from the entries the spool holds outside any
+/// batch (after a restart, the rounds are unknown: their responses go out at
+/// once). Returns it with the set of entry ids it holds.
+async fn restore(
+    spool: &Spool,
+    config: &AggregatorConfig,
+) -> Result<(Aggregator<EntryId>, HashSet<EntryId>), SpoolError> {
+    let mut entries = Vec::new();
+    let mut corrupt = Vec::new();
+    let streams = spool.unbatched_streams().await?;
+    for stream in &streams {
+        for e in spool.unbatched(*stream).await? {
+            match MemberMessage::decode(&e.bytes) {
+                Ok(MemberMessage::Response(r)) => entries.push((SpooledEntry::Response(r), e.id)),
+                Ok(MemberMessage::Uplink(u)) => entries.push((SpooledEntry::Uplink(u), e.id)),
+                Err(err) => {
+                    tracing::error!(entry = %e.id, error = %err, "spooled entry does not decode; discarding it");
+                    corrupt.push(e.id);
+                }
+            }
+        }
+    }
+    // Everything acknowledged must fit: raise the memory bounds for the
+    // restored backlog rather than refuse part of it.
+    let mut restore_config = config.clone();
+    restore_config.max_held_entries = config.max_held_entries.saturating_add(entries.len());
+    restore_config.max_collectors = config.max_collectors.saturating_add(streams.len());
+    let pending: HashSet<EntryId> = entries.iter().map(|(_, id)| *id).collect();
+    let now = Instant::now().into_std();
+    let (agg, refused) = Aggregator::restore(restore_config, Vec::new(), entries, now)
+        .map_err(|_| SpoolError::Invalid("aggregator configuration refused at restore"))?;
+    let mut pending = pending;
+    for (err, id) in refused {
+        tracing::error!(entry = %id, error = %err, "spooled entry conflicts with another; discarding it");
+        pending.remove(&id);
+        corrupt.push(id);
+    }
+    for id in corrupt {
+        spool.discard_unbatched(id).await?;
+    }
+    if !pending.is_empty() {
+        tracing::info!(
+            entries = pending.len(),
+            "restored unbatched entries from the spool"
+        );
+    }
+    Ok((agg, pending))
+}
+
+/// Hands the aggregator the batch id reserved in the spool beforehand (the
+/// spool persists ids before handing them out; the aggregator asks
+/// synchronously, at most once per `poll_batch`).
+struct Reserved<'a>(&'a mut Option<u64>);
+
+impl BatchIdSource for Reserved<'_> {
+    fn next_batch_id(&mut self) -> u64 {
+        // Always filled before `poll_batch`; 0 would be refused by the
+        // aggregator's monotonic check rather than sent.
+        self.0.take().unwrap_or(0)
+    }
+}
+
+/// A round opened by [`CollectorHandle::expect`], tracked for metrics.
+struct OpenRound {
+    deadline: std::time::Instant,
+    missing: usize,
+}
+
+struct Task {
+    agg: Aggregator<EntryId>,
+    spool: Spool,
+    config: CollectorConfig,
+    attached: Arc<Attached>,
+    metrics: GatewayMetrics,
+    sealed: Arc<Notify>,
+    events: Option<mpsc::UnboundedSender<CollectorEvent>>,
+    /// Entry ids held by the aggregator or cut but not yet sealed: an entry
+    /// id outside this set that the aggregator refuses is the spool's copy
+    /// of a refused message, and is discarded.
+    pending: HashSet<EntryId>,
+    /// Rounds opened here, until their deadline (for `dapgw_rounds_total`).
+    rounds: HashMap<(GroupId, u64), OpenRound>,
+    /// A batch id from the spool, waiting for the next cut.
+    reserved: Option<u64>,
+    /// Batches cut but not sealed (the spool failed); retried in order.
+    unsealed: VecDeque<(ReadyBatch<EntryId>, Instant)>,
+    seal_retry: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        loop {
+            let wake = [
+                self.agg.poll_timeout().map(Instant::from_std),
+                self.retry_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let input = tokio::select! {
+                biased;
+                input = rx.recv() => input,
+                () = sleep_until(wake) => {
+                    self.poll(Instant::now()).await;
+                    continue;
+                }
+            };
+            match input {
+                None => break,
+                Some(Input::Stop(reply)) => {
+                    let _ = reply.send(());
+                    break;
+                }
+                Some(Input::Flush(reply)) => {
+                    let horizon = self.config.round_deadline
+                        + self.config.aggregator.uplink_linger
+                        + Duration::from_secs(1);
+                    let now = Instant::now();
+                    self.poll_at(now, now + horizon).await;
+                    let _ = reply.send(());
+                }
+                Some(Input::Expect {
+                    group,
+                    round,
+                    mode,
+                    reply,
+                }) => {
+                    let res = self.expect(group, round, mode);
+                    let _ = reply.send(res);
+                    self.poll(Instant::now()).await;
+                }
+                Some(Input::Collect { msg, entry, reply }) => {
+                    let res = self.collect(msg, entry).await;
+                    let _ = reply.send(res);
+                    self.poll(Instant::now()).await;
+                }
+            }
+        }
+    }
+
+    fn expect(&mut self, group: GroupId, round: u64, mode: Mode) -> Result<(), UsageError> {
+        let now = Instant::now().into_std();
+        let deadline = now + self.config.round_deadline;
+        let spec = RoundSpec {
+            group,
+            round,
+            mode,
+            members: self.attached.members_of(group.0),
+            deadline,
+        };
+        self.agg.expect(spec, now)?;
+        self.rounds
+            .entry((group, round))
+            .and_modify(|r| r.deadline = deadline)
+            .or_insert(OpenRound {
+                deadline,
+                missing: 0,
+            });
+        Ok(())
+    }
+
+    async fn collect(
+        &mut self,
+        msg: MemberMessage,
+        entry: EntryId,
+    ) -> Result<Collected, SubmitError> {
+        let now = Instant::now().into_std();
+        let res = match msg {
+            MemberMessage::Response(r) => self.agg.handle_response(r, entry, now),
+            MemberMessage::Uplink(u) => self.agg.handle_uplink(u, entry, now),
+        };
+        let keep = match res {
+            Ok(Collected::New) => {
+                self.pending.insert(entry);
+                true
+            }
+            // The spool returned the stored original: keep it.
+            _ if self.pending.contains(&entry) => true,
+            // A stored copy the aggregator will never batch: the original
+            // was already batched, or the message is refused. Only an
+            // unbatched row is deleted, so a sealed original is safe.
+            _ => false,
+        };
+        if !keep && let Err(e) = self.spool.discard_unbatched(entry).await {
+            // Left behind, it is batched after the next restart and the UDC
+            // judges it (a duplicate at worst).
+            tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+        }
+        res.map_err(SubmitError::Refused)
+    }
+
+    async fn poll(&mut self, now: Instant) {
+        self.poll_at(now, now).await;
+    }
+
+    /// Cuts due batches as of `at` (later than `now` for a flush) and seals
+    /// them; `now` stamps the events.
+    async fn poll_at(&mut self, now: Instant, at: Instant) {
+        // While the spool is failing, entries wait in the aggregator.
+        if let Some(t) = self.retry_at {
+            if t > now {
+                return;
+            }
+            self.retry_at = None;
+        }
+        if !self.seal_backlog().await {
+            return;
+        }
+        let at_std = at.into_std();
+        loop {
+            if self.reserved.is_none() && self.agg.pending() > 0 {
+                match self.spool.next_batch_id().await {
+                    Ok(id) => self.reserved = Some(id),
+                    Err(e) => {
+                        tracing::error!(error = %e, "spool refused a batch id; retrying");
+                        self.schedule_retry(now);
+                        return;
+                    }
+                }
+            }
+            let cut = if self.reserved.is_some() {
+                self.agg
+                    .poll_batch(at_std, &mut Reserved(&mut self.reserved))
+            } else {
+                // Nothing pending: only rounds to close, no id is asked for.
+                self.agg.poll_batch(at_std, &mut || 0)
+            };
+            match cut {
+                Ok(Some(batch)) => {
+                    self.unsealed.push_back((batch, now));
+                    if !self.seal_backlog().await {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "aggregator refused a batch id");
+                    self.reserved = None;
+                    break;
+                }
+            }
+        }
+        while let Some(closed) = self.agg.poll_closed_round() {
+            self.note_missing(closed.group, closed.round, closed.missing.len());
+            self.emit(CollectorEvent::RoundClosed {
+                group: closed.group,
+                round: closed.round,
+                missing: closed.missing,
+                at: now,
+            });
+        }
+        // Rounds past their deadline are closed by the poll above.
+        let metrics = &self.metrics;
+        self.rounds.retain(|_, r| {
+            if r.deadline > at_std {
+                return true;
+            }
+            let outcome = if r.missing > 0 {
+                GatewayRoundOutcome::Deadline
+            } else {
+                GatewayRoundOutcome::Complete
+            };
+            metrics.rounds.get(outcome).inc();
+            false
+        });
+    }
+
+    /// Seals cut batches in order; false if the spool failed (retry later).
+    async fn seal_backlog(&mut self) -> bool {
+        while let Some((batch, cut_at)) = self.unsealed.front() {
+            let res = self
+                .spool
+                .seal_batch(
+                    batch.batch_id,
+                    &batch.handles,
+                    batch.bytes.clone(),
+                    batch.tags.tags.clone(),
+                )
+                .await;
+            if let Err(e) = res {
+                tracing::error!(batch = batch.batch_id, error = %e, "sealing a batch failed; retrying");
+                self.schedule_retry(*cut_at);
+                return false;
+            }
+            self.seal_retry = SEAL_RETRY_MIN;
+            let Some((batch, cut_at)) = self.unsealed.pop_front() else {
+                break;
+            };
+            self.sealed(batch, cut_at);
+        }
+        true
+    }
+
+    fn schedule_retry(&mut self, now: Instant) {
+        self.retry_at = Some(now.max(Instant::now()) + self.seal_retry);
+        self.seal_retry = (self.seal_retry * 2).min(SEAL_RETRY_MAX);
+    }
+
+    fn sealed(&mut self, batch: ReadyBatch<EntryId>, cut_at: Instant) {
+        for h in &batch.handles {
+            self.pending.remove(h);
+        }
+        self.metrics
+            .batch_entries
+            .observe(batch.handles.len() as f64);
+        if let Some(round) = batch.round {
+            self.note_missing(batch.group, round, batch.missing.len());
+        }
+        self.sealed.notify_one();
+        tracing::debug!(
+            batch = batch.batch_id,
+            entries = batch.handles.len(),
+            trigger = ?batch.trigger,
+            "batch sealed"
+        );
+        self.emit(CollectorEvent::Sealed {
+            batch_id: batch.batch_id,
+            kind: batch.kind,
+            group: batch.group,
+            round: batch.round,
+            entries: batch.handles,
+            trigger: batch.trigger,
+            missing: batch.missing,
+            cut_at,
+        });
+    }
+
+    fn note_missing(&mut self, group: GroupId, round: u64, missing: usize) {
+        self.metrics
+            .round_missing_members
+            .inc_by(u64::try_from(missing).unwrap_or(u64::MAX));
+        if let Some(r) = self.rounds.get_mut(&(group, round)) {
+            r.missing += missing;
+        }
+    }
+
+    fn emit(&self, event: CollectorEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

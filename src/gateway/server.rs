@@ -1,0 +1,952 @@
+//! The member-facing HTTPS server: the entry of `member -> gateway`.
+//!
+//! ```text
+//! TCP accept (connection cap) -> TLS 1.3 (handshake timeout, optional client cert)
+//!   -> hyper auto (HTTP/1.1 or HTTP/2; header read timeout, idle timeout)
+//!   -> POST /v1/attach | POST /v1/uplink | GET /v1/downlink
+//! ```
+//!
+//! `POST /v1/uplink` answers 202 only after the spool has made the entry
+//! durable and the collector has taken it. Every refusal is a JSON body
+//! `{"error": "<code>", "reason": "<sentence>"}`; malformed input is 400 (413
+//! for a body over `DAPGW_MAX_BODY_BYTES`) and is counted in
+//! `dapgw_malformed_requests_total`. Nothing a member sends can panic the
+//! gateway: bodies are decoded by the wire codec, which returns typed errors.
+//!
+//! Slow or flooding clients cannot starve others: connections are capped
+//! (`DAPGW_MAX_CONNECTIONS`, waiting in the kernel backlog beyond it), the
+//! TLS handshake and the request headers must arrive within
+//! `DAPGW_HEADER_TIMEOUT_MS`, a request body within the same time, a
+//! connection with no request in flight and no traffic for
+//! `DAPGW_IDLE_TIMEOUT_MS` is closed, and one HTTP/2 connection carries at
+//! most [`MAX_STREAMS`] requests at once.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::collector::{CollectorHandle, MemberMessage, SubmitError};
+use super::spool::{NewEntry, Spool, SpoolError, StreamKey};
+use super::{Attached, MAX_MEMBER_GROUPS, downlink, update_spool_gauges, wait_true};
+use crate::admin::Readiness;
+use crate::config::GatewayConfig;
+use crate::protocol::aggregator::CollectError;
+use crate::protocol::codec::DecodeError;
+use crate::telemetry::{
+    Direction, EntryKind, GatewayMetrics, MalformedReason, MemberEndpoint, RequestOutcome,
+};
+use crate::tls::{self, ReloadableServer};
+
+/// Most concurrent requests on one HTTP/2 connection.
+pub(crate) const MAX_STREAMS: u32 = 64;
+
+/// Content type of wire messages.
+pub(crate) const WIRE_CONTENT_TYPE: &str = "application/vnd.dapgw";
+
+/// Content type of a downlink body (records, see docs/gateway.md).
+pub(crate) const RECORDS_CONTENT_TYPE: &str = "application/vnd.dapgw.records";
+
+/// Largest `/v1/attach` body: a member id and [`MAX_MEMBER_GROUPS`] groups
+/// fit many times over.
+const MAX_ATTACH_BODY: usize = 16 * 1024;
+
+/// After a graceful close is asked of an idle connection, how long it may
+/// take before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The member-facing limits, from the config.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_body: usize,
+    pub(crate) header_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Limits {
+    pub(crate) fn from_config(c: &GatewayConfig) -> Self {
+        Limits {
+            max_connections: usize::try_from(c.max_connections)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            max_body: usize::try_from(c.max_body_bytes.get()).unwrap_or(usize::MAX),
+            header_timeout: c.header_timeout(),
+            idle_timeout: c.idle_timeout(),
+        }
+    }
+}
+
+/// What every request handler needs.
+pub(crate) struct Ctx {
+    pub(crate) spool: Spool,
+    pub(crate) collector: CollectorHandle,
+    pub(crate) attached: Arc<Attached>,
+    pub(crate) metrics: GatewayMetrics,
+    pub(crate) readiness: Readiness,
+    pub(crate) limits: Limits,
+    /// Members present client certificates whose identity is their id.
+    pub(crate) member_certs: bool,
+    /// Turns true when the drain starts.
+    pub(crate) drain: watch::Receiver<bool>,
+}
+
+/// Accepts members until the drain starts, then stops accepting and waits
+/// for the open connections to finish (the caller bounds the wait).
+pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc<Ctx>) {
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let stop = wait_true(ctx.drain.clone());
+    tokio::pin!(stop);
+    let mut conns = JoinSet::new();
+    loop {
+        // Take a slot before accepting: beyond the cap, members wait in the
+        // kernel's backlog instead of costing a TLS handshake.
+        let permit = tokio::select! {
+            () = &mut stop => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = &mut stop => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, _peer)) => {
+                conns.spawn(connection(tcp, tls.acceptor(), ctx.clone(), permit));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// Traffic and requests on one connection, for the idle timeout.
+struct Activity {
+    base: Instant,
+    /// Milliseconds after `base` of the last byte read or written.
+    last_ms: AtomicU64,
+    /// Requests being handled.
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection becomes idle, if nothing happens before.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Counts a request as in flight for its lifetime.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A TCP stream that records when bytes last moved.
+struct Watched {
+    tcp: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Decrements `dapgw_members_connected` when the connection ends.
+struct Connected(GatewayMetrics);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.members_connected.dec();
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<Ctx>,
+    _permit: OwnedSemaphorePermit,
+) {
+    ctx.metrics.members_connected.inc();
+    let _connected = Connected(ctx.metrics.clone());
+    let _ = tcp.set_nodelay(true);
+    let limits = ctx.limits;
+    let activity = Arc::new(Activity::new());
+    let io = Watched {
+        tcp,
+        activity: activity.clone(),
+    };
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "member tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("member tls handshake timed out");
+            return;
+        }
+    };
+    let identity: Option<Arc<str>> = tls::peer_identity(tls.get_ref().1).map(Arc::from);
+    let svc_ctx = ctx.clone();
+    let svc_activity = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        let identity = identity.clone();
+        let guard = InFlight::new(svc_activity.clone());
+        async move {
+            let resp = handle(&ctx, identity.as_deref(), req).await;
+            drop(guard);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(16 * 1024)
+        .keep_alive_interval(None);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let stop = wait_true(ctx.drain.clone());
+    tokio::pin!(stop);
+    let mut closing: Option<Instant> = None;
+    loop {
+        let idle_at = if activity.busy() {
+            // Re-check soon: a long poll ends within its wait.
+            Instant::now() + limits.idle_timeout
+        } else {
+            activity.idle_at(limits.idle_timeout)
+        };
+        let wake = closing.map_or(idle_at, |c| c.min(idle_at));
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "member connection ended with an error");
+                }
+                return;
+            }
+            () = &mut stop, if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + limits.idle_timeout);
+            }
+            () = tokio::time::sleep_until(wake) => {
+                if closing.is_some_and(|c| Instant::now() >= c) {
+                    return;
+                }
+                if !activity.busy() && Instant::now() >= activity.idle_at(limits.idle_timeout) {
+                    tracing::debug!("closing idle member connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------
+
+/// A refused request: status, a short code, a human reason, and how it
+/// counts.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+    outcome: RequestOutcome,
+    malformed: Option<MalformedReason>,
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn malformed(
+        status: StatusCode,
+        code: &'static str,
+        why: MalformedReason,
+        reason: impl Into<String>,
+    ) -> Self {
+        Refusal {
+            status,
+            code,
+            reason: reason.into(),
+            outcome: RequestOutcome::Malformed,
+            malformed: Some(why),
+            retry_after: None,
+        }
+    }
+
+    fn overloaded(code: &'static str, reason: impl Into<String>, retry_after: u64) -> Self {
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            reason: reason.into(),
+            outcome: RequestOutcome::Overloaded,
+            malformed: None,
+            retry_after: Some(retry_after),
+        }
+    }
+
+    fn error(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            code,
+            reason: reason.into(),
+            outcome: RequestOutcome::Error,
+            malformed: None,
+            retry_after: None,
+        }
+    }
+
+    fn forbidden(reason: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "identity",
+            reason: reason.into(),
+            outcome: RequestOutcome::Malformed,
+            malformed: None,
+            retry_after: None,
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+    reply(
+        status,
+        "application/json",
+        Bytes::from(value.to_string().into_bytes()),
+    )
+}
+
+async fn handle(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Reply {
+    let mut endpoint = match req.uri().path() {
+        "/v1/attach" => MemberEndpoint::Attach,
+        "/v1/uplink" => MemberEndpoint::Uplink,
+        "/v1/downlink" => MemberEndpoint::Poll,
+        _ => MemberEndpoint::Other,
+    };
+    let res = match endpoint {
+        MemberEndpoint::Attach => attach(ctx, identity, req).await,
+        MemberEndpoint::Uplink => uplink(ctx, identity, req, &mut endpoint).await,
+        MemberEndpoint::Poll => poll(ctx, identity, req).await,
+        _ => Err(Refusal::malformed(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            MalformedReason::Method,
+            "no such endpoint; the gateway serves /v1/attach, /v1/uplink and /v1/downlink",
+        )),
+    };
+    let m = &ctx.metrics;
+    let resp = match res {
+        Ok(r) => {
+            m.member_requests.get(endpoint, RequestOutcome::Ok).inc();
+            r
+        }
+        Err(refusal) => {
+            m.member_requests.get(endpoint, refusal.outcome).inc();
+            if let Some(why) = refusal.malformed {
+                m.malformed_requests.get(endpoint, why).inc();
+            }
+            let mut r = json(
+                refusal.status,
+                &serde_json::json!({"error": refusal.code, "reason": refusal.reason}),
+            );
+            if let Some(secs) = refusal.retry_after {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
+                let allow = if endpoint == MemberEndpoint::Poll {
+                    "GET"
+                } else {
+                    "POST"
+                };
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            r
+        }
+    };
+    let sent = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
+    m.member_bytes.get(Direction::Sent).inc_by(sent);
+    resp
+}
+
+fn require_method(req: &Request<Incoming>, want: Method) -> Result<(), Refusal> {
+    if req.method() == want {
+        return Ok(());
+    }
+    Err(Refusal::malformed(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method",
+        MalformedReason::Method,
+        format!("use {want} on this endpoint"),
+    ))
+}
+
+/// Accepts a missing content type or one of `allowed` (parameters ignored).
+fn require_content_type(req: &Request<Incoming>, allowed: &[&str]) -> Result<(), Refusal> {
+    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = ct
+        .to_str()
+        .ok()
+        .and_then(|s| s.split(';').next())
+        .map(|s| s.trim().to_ascii_lowercase());
+    match essence {
+        Some(e) if allowed.contains(&e.as_str()) => Ok(()),
+        _ => Err(Refusal::malformed(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_type",
+            MalformedReason::Method,
+            format!("content-type must be {}", allowed.join(" or ")),
+        )),
+    }
+}
+
+/// Reads the whole body: at most `max` bytes, within the header timeout.
+async fn read_body(ctx: &Ctx, req: Request<Incoming>, max: usize) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::malformed(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            MalformedReason::TooLarge,
+            format!("the body exceeds {max} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), max).collect();
+    let collected = match tokio::time::timeout(ctx.limits.header_timeout, body).await {
+        Err(_) => {
+            return Err(Refusal::malformed(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                MalformedReason::Decode,
+                "the body did not arrive in time",
+            ));
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Ok(Err(_)) => {
+            return Err(Refusal::malformed(
+                StatusCode::BAD_REQUEST,
+                "body",
+                MalformedReason::Decode,
+                "the body could not be read",
+            ));
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    ctx.metrics
+        .member_bytes
+        .get(Direction::Received)
+        .inc_by(collected.len() as u64);
+    Ok(collected)
+}
+
+/// With member certificates, the certificate must name `member` (its first
+/// DNS SAN or CN is the member id in decimal).
+fn check_identity(ctx: &Ctx, identity: Option<&str>, member: u64) -> Result<(), Refusal> {
+    if !ctx.member_certs {
+        return Ok(());
+    }
+    match identity.and_then(|s| s.parse::<u64>().ok()) {
+        Some(id) if id == member => Ok(()),
+        Some(_) => Err(Refusal::forbidden(
+            "the client certificate belongs to another member",
+        )),
+        None => Err(Refusal::forbidden(
+            "a client certificate naming the member id is required",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    member: u64,
+    groups: Vec<u32>,
+}
+
+async fn attach(
+    ctx: &Ctx,
+    identity: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Reply, Refusal> {
+    require_method(&req, Method::POST)?;
+    require_content_type(&req, &["application/json"])?;
+    let body = read_body(ctx, req, MAX_ATTACH_BODY.min(ctx.limits.max_body)).await?;
+    let parsed: AttachBody = serde_json::from_slice(&body).map_err(|e| {
+        Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            MalformedReason::Decode,
+            format!(
+                "expected {{\"member\": <u64>, \"groups\": [<u32>...]}}: {}",
+                json_problem(&e)
+            ),
+        )
+    })?;
+    if parsed.groups.is_empty() || parsed.groups.len() > MAX_MEMBER_GROUPS {
+        return Err(Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "groups",
+            MalformedReason::TooLarge,
+            format!("name 1 to {MAX_MEMBER_GROUPS} groups"),
+        ));
+    }
+    check_identity(ctx, identity, parsed.member)?;
+    ctx.attached
+        .attach(parsed.member, &parsed.groups)
+        .map_err(|e| Refusal::overloaded("attach_full", e.to_string(), 60))?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"cursor": ctx.spool.last_cursor()}),
+    ))
+}
+
+/// Where a JSON body went wrong, without echoing it.
+fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io | Category::Eof => "the body ended early",
+        Category::Syntax => "the body is not JSON",
+        Category::Data => "a field is missing, unknown or of the wrong type",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
+async fn uplink(
+    ctx: &Ctx,
+    identity: Option<&str>,
+    req: Request<Incoming>,
+    endpoint: &mut MemberEndpoint,
+) -> Result<Reply, Refusal> {
+    require_method(&req, Method::POST)?;
+    require_content_type(&req, &[WIRE_CONTENT_TYPE, "application/octet-stream"])?;
+    let body = read_body(ctx, req, ctx.limits.max_body).await?;
+    let msg = MemberMessage::decode(&body).map_err(decode_refusal)?;
+    let (stream, kind, sort_key) = match &msg {
+        MemberMessage::Response(r) => {
+            *endpoint = MemberEndpoint::Response;
+            let stream = StreamKey::Round {
+                group: r.group.0,
+                round: r.round,
+            };
+            (stream, EntryKind::Response, r.id.0.to_be_bytes().to_vec())
+        }
+        MemberMessage::Uplink(u) => {
+            let mut key = Vec::with_capacity(16);
+            key.extend_from_slice(&u.sid.0);
+            key.extend_from_slice(&u.ctr.to_be_bytes());
+            (
+                StreamKey::Uplink { group: u.group.0 },
+                EntryKind::Uplink,
+                key,
+            )
+        }
+    };
+    let member = msg.member().0;
+    check_identity(ctx, identity, member)?;
+    let entry = NewEntry {
+        stream,
+        member,
+        sort_key,
+        bytes: body,
+    };
+    let id = match ctx.spool.append(entry).await {
+        Ok(id) => {
+            ctx.readiness.set_spool(true);
+            id
+        }
+        Err(e) => return Err(spool_refusal(ctx, e)),
+    };
+    let collected = ctx.collector.collect(msg, id).await;
+    update_spool_gauges(&ctx.spool, &ctx.metrics);
+    match collected {
+        Ok(collected) => {
+            if collected == crate::protocol::aggregator::Collected::New {
+                ctx.metrics.uplink_entries.get(kind).inc();
+            }
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"entry": id.get()}),
+            ))
+        }
+        Err(SubmitError::Refused(e)) => Err(collect_refusal(e)),
+        Err(_) => Err(Refusal::overloaded(
+            "draining",
+            "the gateway is shutting down; retry with another gateway or later",
+            1,
+        )),
+    }
+}
+
+fn decode_refusal(e: DecodeError) -> Refusal {
+    match e {
+        DecodeError::WrongType(_) => Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "wrong_type",
+            MalformedReason::WrongType,
+            format!("{e}; this endpoint takes a Response (0x02) or an Uplink (0x03)"),
+        ),
+        DecodeError::TooLong(_) => Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "too_long",
+            MalformedReason::TooLarge,
+            e.to_string(),
+        ),
+        _ => Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "decode",
+            MalformedReason::Decode,
+            e.to_string(),
+        ),
+    }
+}
+
+fn spool_refusal(ctx: &Ctx, e: SpoolError) -> Refusal {
+    match e {
+        SpoolError::Full { retry_after } => {
+            ctx.metrics.spool_rejected.inc();
+            Refusal::overloaded(
+                "spool_full",
+                "the gateway's spool is full while the UDC catches up; retry later",
+                retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            )
+        }
+        SpoolError::Conflict => Refusal::malformed(
+            StatusCode::CONFLICT,
+            "conflict",
+            MalformedReason::Duplicate,
+            "a different message is already stored for this round or uplink counter",
+        ),
+        SpoolError::TooLarge { .. } => Refusal::malformed(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            MalformedReason::TooLarge,
+            "the message can never fit the gateway's spool",
+        ),
+        other => {
+            if matches!(other, SpoolError::Storage(_) | SpoolError::Closed) {
+                ctx.readiness.set_spool(false);
+            }
+            tracing::error!(error = %other, "spool append failed");
+            Refusal {
+                retry_after: Some(1),
+                ..Refusal::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "spool_unavailable",
+                    "the gateway could not store the message; retry later",
+                )
+            }
+        }
+    }
+}
+
+fn collect_refusal(e: CollectError) -> Refusal {
+    match e {
+        CollectError::Malformed(d) => decode_refusal(d),
+        CollectError::UnknownRound { .. } | CollectError::RoundClosed { .. } => Refusal::malformed(
+            StatusCode::CONFLICT,
+            "round_not_open",
+            MalformedReason::Stale,
+            e.to_string(),
+        ),
+        CollectError::ModeMismatch { .. } => Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "mode_mismatch",
+            MalformedReason::Decode,
+            e.to_string(),
+        ),
+        CollectError::ConflictingResponse { .. } | CollectError::ConflictingUplink { .. } => {
+            Refusal::malformed(
+                StatusCode::CONFLICT,
+                "conflict",
+                MalformedReason::Duplicate,
+                e.to_string(),
+            )
+        }
+        CollectError::Full(_) | CollectError::TooManyCollectors(_) => {
+            Refusal::overloaded("busy", e.to_string(), 1)
+        }
+    }
+}
+
+/// The query of `GET /v1/downlink`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PollQuery {
+    pub(crate) member: u64,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) after: u64,
+    pub(crate) wait: Duration,
+}
+
+/// Parses the downlink query strictly: unknown or repeated parameters,
+/// non-numbers and too many groups are errors naming the parameter.
+pub(crate) fn parse_poll_query(q: &str) -> Result<PollQuery, String> {
+    let (mut member, mut groups, mut after, mut wait) = (None, None, None, None);
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let dup = |name: &str| format!("parameter {name} is repeated");
+        match k {
+            "member" => {
+                let m = v
+                    .parse::<u64>()
+                    .map_err(|_| "member must be an unsigned 64-bit integer".to_string())?;
+                if member.replace(m).is_some() {
+                    return Err(dup("member"));
+                }
+            }
+            "groups" => {
+                let mut list = Vec::new();
+                for g in v.split(',').filter(|g| !g.is_empty()) {
+                    if list.len() == MAX_MEMBER_GROUPS {
+                        return Err(format!("at most {MAX_MEMBER_GROUPS} groups"));
+                    }
+                    list.push(g.parse::<u32>().map_err(|_| {
+                        "groups must be comma-separated unsigned 32-bit integers".to_string()
+                    })?);
+                }
+                if groups.replace(list).is_some() {
+                    return Err(dup("groups"));
+                }
+            }
+            "after" => {
+                let a = v
+                    .parse::<u64>()
+                    .map_err(|_| "after must be an unsigned 64-bit cursor".to_string())?;
+                if after.replace(a).is_some() {
+                    return Err(dup("after"));
+                }
+            }
+            "wait_ms" => {
+                let w = v
+                    .parse::<u64>()
+                    .map_err(|_| "wait_ms must be a whole number of milliseconds".to_string())?;
+                if wait.replace(w).is_some() {
+                    return Err(dup("wait_ms"));
+                }
+            }
+            _ => {
+                return Err("unknown parameter; use member, groups, after and wait_ms".to_string());
+            }
+        }
+    }
+    let member = member.ok_or_else(|| "member is required".to_string())?;
+    let wait = Duration::from_millis(
+        wait.unwrap_or(downlink::DEFAULT_WAIT_MS)
+            .min(downlink::MAX_WAIT_MS),
+    );
+    Ok(PollQuery {
+        member,
+        groups: groups.unwrap_or_default(),
+        after: after.unwrap_or(0),
+        wait,
+    })
+}
+
+async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Result<Reply, Refusal> {
+    require_method(&req, Method::GET)?;
+    let q = parse_poll_query(req.uri().query().unwrap_or("")).map_err(|reason| {
+        Refusal::malformed(
+            StatusCode::BAD_REQUEST,
+            "query",
+            MalformedReason::Decode,
+            reason,
+        )
+    })?;
+    check_identity(ctx, identity, q.member)?;
+    let records = downlink::poll(&ctx.spool, &q, ctx.drain.clone())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "downlink read failed");
+            Refusal {
+                retry_after: Some(1),
+                ..Refusal::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "spool_unavailable",
+                    "the downlink could not be read; retry later",
+                )
+            }
+        })?;
+    if records.is_empty() {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        return Ok(r);
+    }
+    if ctx.member_certs && q.after > 0 {
+        // The member proved it holds its items up to `after`: drop them.
+        downlink::ack(ctx.spool.clone(), q.member, q.after);
+    }
+    let body = downlink::encode_records(q.member, &records, &ctx.metrics);
+    Ok(reply(StatusCode::OK, RECORDS_CONTENT_TYPE, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_query_is_strict() {
+        let q = parse_poll_query("member=7&groups=1,2&after=9&wait_ms=100").unwrap();
+        assert_eq!(
+            q,
+            PollQuery {
+                member: 7,
+                groups: vec![1, 2],
+                after: 9,
+                wait: Duration::from_millis(100)
+            }
+        );
+        let q = parse_poll_query("member=7").unwrap();
+        assert_eq!(q.wait, Duration::from_millis(downlink::DEFAULT_WAIT_MS));
+        assert_eq!(
+            parse_poll_query("member=7&wait_ms=999999999").unwrap().wait,
+            Duration::from_millis(downlink::MAX_WAIT_MS)
+        );
+        for bad in [
+            "",
+            "member=x",
+            "member=1&member=2",
+            "member=1&groups=a",
+            "member=1&groups=4294967296",
+            "member=1&after=-1",
+            "member=1&foo=2",
+            "member=18446744073709551616",
+        ] {
+            assert!(parse_poll_query(bad).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_MEMBER_GROUPS).map(|g| g.to_string()).collect();
+        assert!(parse_poll_query(&format!("member=1&groups={}", many.join(","))).is_err());
+    }
+}

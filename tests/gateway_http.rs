@@ -1,0 +1,846 @@
+//! The gateway's member-facing API over real TLS on loopback, with a fake
+//! UDC written here (tests/support): attach, uplink, downlink, bad input at
+//! every endpoint, 409s, idempotent re-sends, a full spool, downlink cursors
+//! across reconnects, tag requests, the drain; and the collector's batch
+//! emission on tokio's paused clock.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dapgw::config::ByteSize;
+use dapgw::gateway::Attached;
+use dapgw::gateway::collector::{Collector, CollectorConfig, CollectorEvent, MemberMessage};
+use dapgw::gateway::downlink::{Record, parse_records};
+use dapgw::gateway::spool::{NewEntry, Spool, StreamKey};
+use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger};
+use dapgw::protocol::wire::{Confirm, GatewayId, GroupId, MemberId, Message, Mode};
+use dapgw::telemetry::GatewayMetrics;
+use hyper::{Method, StatusCode};
+use support::*;
+use tokio::sync::Notify;
+
+const RECORD_CAP: usize = 1 << 20;
+
+async fn setup() -> (Pki, FakeUdc, tempfile::TempDir, Gateway) {
+    let pki = pki(&["gw-1", "42"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(gateway_config(&pki, udc.addr, dir.path())).await;
+    (pki, udc, dir, gw)
+}
+
+/// Polls until at least one record arrives (or panics after 20 s).
+async fn next_records(c: &mut Client, member: u64, groups: &[u32], after: u64) -> Vec<Record> {
+    for _ in 0..40 {
+        let r = c.poll(member, groups, after, 500).await;
+        match r.status {
+            StatusCode::OK => {
+                assert_eq!(r.headers["content-type"], "application/vnd.dapgw.records");
+                return parse_records(&r.body, RECORD_CAP).unwrap();
+            }
+            StatusCode::NO_CONTENT => assert!(r.body.is_empty()),
+            s => panic!("downlink answered {s}"),
+        }
+    }
+    panic!("no downlink records arrived");
+}
+
+/// A round end to end over HTTP/2 and HTTP/1.1: attach, the challenge
+/// relayed, responses accepted (202 after the spool), one batch for the round
+/// once everyone answered, confirms back as member records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_challenge_response_confirm() {
+    let (pki, udc, _dir, gw) = setup().await;
+    let mut m1 = Client::connect(gw.members, &pki, true).await;
+    let mut m2 = Client::connect(gw.members, &pki, false).await;
+    let a1 = m1.attach(1, &[7]).await;
+    assert_eq!(a1.status, StatusCode::OK);
+    let start = a1.json()["cursor"].as_u64().unwrap();
+    assert_eq!(m2.attach(2, &[7]).await.status, StatusCode::OK);
+    udc.wait_until("the subscription", |s| {
+        s.subscriptions.lock().unwrap().last() == Some(&vec![7])
+    })
+    .await;
+
+    let ch = challenge(7, 1).to_bytes();
+    udc.push(1, 7, 0, &ch);
+    let recs = next_records(&mut m1, 1, &[7], start).await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].audience, recs[0].group, recs[0].member), (1, 7, 0));
+    assert_eq!(recs[0].message, ch);
+    let after = recs[0].cursor;
+
+    for (c, id) in [(&mut m1, 1u64), (&mut m2, 2)] {
+        let r = c.post(response(id, 7, 1, b"reading").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+        assert!(r.json()["entry"].as_u64().is_some());
+    }
+    udc.wait_until("the round's batch", |s| {
+        s.applied.lock().unwrap().len() == 2
+    })
+    .await;
+    let batches = udc.state.batches.lock().unwrap().clone();
+    assert_eq!(batches.len(), 1, "both responses in one batch");
+    assert_eq!(batches[0].len(), 2);
+
+    for (c, id) in [(&mut m1, 1u64), (&mut m2, 2)] {
+        let recs = next_records(c, id, &[7], after).await;
+        assert_eq!(recs.len(), 1);
+        assert_eq!((recs[0].audience, recs[0].member), (2, id));
+        let Message::Confirm(conf) = Message::decode(&recs[0].message).unwrap() else {
+            panic!("not a confirm")
+        };
+        assert_eq!((conf.id, conf.round), (MemberId(id), 1));
+        // Nothing else for this member: the other's confirm is not visible.
+        assert_eq!(
+            c.poll(id, &[7], recs[0].cursor, 50).await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    assert_eq!(
+        gw.metric("dapgw_batches_total{kind=\"response\",outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("dapgw_uplink_entries_total{kind=\"response\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(gw.metric("dapgw_upstream_up").await, 1.0);
+    // The spool is empty again apart from the downlink.
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
+    gw.stop().await;
+}
+
+fn assert_refused(r: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["content-type"], "application/json");
+    let j = r.json();
+    assert_eq!(j["error"], code, "{j}");
+    assert!(j["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
+}
+
+/// Every endpoint refuses bad input with the right status and a JSON reason,
+/// counts it, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_at_every_endpoint() {
+    let (pki, _udc, _dir, gw) = setup().await;
+    for h2 in [true, false] {
+        let mut c = Client::connect(gw.members, &pki, h2).await;
+        let json = Some("application/json");
+        // attach
+        for body in [
+            "",
+            "not json",
+            "{\"member\": 1}",
+            "{\"member\": -1, \"groups\": [1]}",
+            "{\"member\": 1, \"groups\": [1], \"extra\": 2}",
+            "{\"member\": 1, \"groups\": [4294967296]}",
+        ] {
+            let r = c.send(Method::POST, "/v1/attach", json, body).await;
+            assert_refused(&r, StatusCode::BAD_REQUEST, "bad_json");
+        }
+        let r = c
+            .send(
+                Method::POST,
+                "/v1/attach",
+                json,
+                "{\"member\": 1, \"groups\": []}",
+            )
+            .await;
+        assert_refused(&r, StatusCode::BAD_REQUEST, "groups");
+        let many: Vec<u32> = (0..300).collect();
+        let r = c.attach(1, &many).await;
+        assert_refused(&r, StatusCode::BAD_REQUEST, "groups");
+        let r = c.send(Method::GET, "/v1/attach", None, "").await;
+        assert_refused(&r, StatusCode::METHOD_NOT_ALLOWED, "method");
+        assert_eq!(r.headers["allow"], "POST");
+        let r = c
+            .send(Method::POST, "/v1/attach", Some("text/plain"), "{}")
+            .await;
+        assert_refused(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "content_type");
+
+        // uplink
+        let good = uplink(5, 1, 1, b"x").to_bytes();
+        for (body, code) in [
+            (Bytes::new(), "decode"),
+            (Bytes::from_static(b"\x01"), "decode"),
+            (Bytes::from_static(b"\x02\x03"), "decode"),
+            (Bytes::from_static(b"\x01\x7f"), "decode"),
+            (good.slice(..good.len() - 1), "decode"),
+            (Bytes::from([&good[..], b"x"].concat()), "decode"),
+            (challenge(1, 1).to_bytes(), "wrong_type"),
+            (
+                Confirm {
+                    group: GroupId(1),
+                    round: 1,
+                    epoch: 1,
+                    id: MemberId(5),
+                    sid: Default::default(),
+                    w: [0; 32],
+                }
+                .to_bytes(),
+                "wrong_type",
+            ),
+            (uplink(5, 1, 1, &[0u8; 1025]).to_bytes(), "too_long"),
+        ] {
+            let r = c.post(body).await;
+            assert_refused(&r, StatusCode::BAD_REQUEST, code);
+        }
+        let r = c.post(Bytes::from(vec![1u8; 17 * 1024])).await;
+        assert_refused(&r, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+        let r = c.send(Method::GET, "/v1/uplink", None, "").await;
+        assert_refused(&r, StatusCode::METHOD_NOT_ALLOWED, "method");
+        let r = c
+            .send(Method::POST, "/v1/uplink", Some("application/json"), good)
+            .await;
+        assert_refused(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "content_type");
+
+        // downlink
+        for q in [
+            "",
+            "?member=x",
+            "?member=1&member=1",
+            "?member=1&groups=a",
+            "?member=1&after=-1",
+            "?member=1&bogus=1",
+            "?member=1&wait_ms=soon",
+        ] {
+            let r = c
+                .send(Method::GET, &format!("/v1/downlink{q}"), None, "")
+                .await;
+            assert_refused(&r, StatusCode::BAD_REQUEST, "query");
+        }
+        let r = c
+            .send(Method::POST, "/v1/downlink?member=1", None, "")
+            .await;
+        assert_refused(&r, StatusCode::METHOD_NOT_ALLOWED, "method");
+
+        // elsewhere
+        let r = c.send(Method::GET, "/", None, "").await;
+        assert_refused(&r, StatusCode::NOT_FOUND, "not_found");
+        // The connection still works.
+        assert_eq!(c.attach(1, &[1]).await.status, StatusCode::OK);
+    }
+    let malformed = gw
+        .metric("dapgw_malformed_requests_total{endpoint=\"uplink\",reason=\"decode\"}")
+        .await;
+    assert_eq!(malformed, 12.0);
+    assert_eq!(
+        gw.metric("dapgw_malformed_requests_total{endpoint=\"uplink\",reason=\"too_large\"}")
+            .await,
+        4.0
+    );
+    assert_eq!(
+        gw.metric("dapgw_member_requests_total{endpoint=\"poll\",outcome=\"malformed\"}")
+            .await,
+        16.0
+    );
+    // Nothing refused was stored.
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
+    gw.stop().await;
+}
+
+/// Byte-identical re-sends are accepted again with the same entry; a
+/// different message in the same slot is 409; a response for a round the
+/// gateway never relayed is 409 and is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_and_idempotent_resends() {
+    let (pki, udc, _dir, gw) = setup().await;
+    udc.set_mode(UdcMode::Failing); // keep entries in the spool
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let first = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let again = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(first.json()["entry"], again.json()["entry"]);
+    let other = c.post(uplink(9, 3, 1, b"two").to_bytes()).await;
+    assert_refused(&other, StatusCode::CONFLICT, "conflict");
+
+    let stray = c.post(response(9, 3, 77, b"").to_bytes()).await;
+    assert_refused(&stray, StatusCode::CONFLICT, "round_not_open");
+
+    // A round opened by a challenge: same response twice is fine, another
+    // response for the same (member, round) is 409.
+    let ch = challenge(3, 5).to_bytes();
+    udc.push(1, 3, 0, &ch);
+    let mut m = Client::connect(gw.members, &pki, false).await;
+    next_records(&mut m, 9, &[3], 0).await;
+    let r1 = m.post(response(9, 3, 5, b"a").to_bytes()).await;
+    assert_eq!(r1.status, StatusCode::ACCEPTED);
+    let r2 = m.post(response(9, 3, 5, b"a").to_bytes()).await;
+    assert_eq!(r2.status, StatusCode::ACCEPTED);
+    assert_eq!(r1.json()["entry"], r2.json()["entry"]);
+    let r3 = m.post(response(9, 3, 5, b"b").to_bytes()).await;
+    assert_refused(&r3, StatusCode::CONFLICT, "conflict");
+    // The uplink and the response, nothing else.
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 2.0);
+
+    udc.set_mode(UdcMode::Up);
+    udc.wait_until("both entries", |s| s.applied.lock().unwrap().len() == 2)
+        .await;
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    // Resent after the batch completed: still 202, still applied once.
+    let late = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
+    assert_eq!(late.status, StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
+    gw.stop().await;
+}
+
+/// With the UDC refusing batches the spool fills; members then get 503 with
+/// Retry-After, and once the UDC is back every accepted entry arrives
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_full_gives_503_and_loses_nothing() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.spool_max_bytes = ByteSize(16 * 1024);
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let mut accepted = HashSet::new();
+    let mut refused = 0;
+    for ctr in 1..=200u64 {
+        let r = c.post(uplink(1, 1, ctr, &[ctr as u8; 64]).to_bytes()).await;
+        match r.status {
+            StatusCode::ACCEPTED => {
+                accepted.insert((1u64, 1u32, ctr, 2u8));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_refused(&r, StatusCode::SERVICE_UNAVAILABLE, "spool_full");
+                let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!(secs >= 1);
+                refused += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(refused > 0, "the spool never filled");
+    assert!(!accepted.is_empty());
+    assert_eq!(
+        gw.metric("dapgw_spool_rejected_total").await,
+        refused as f64
+    );
+    assert!(gw.metric("dapgw_spool_bytes").await <= 16.0 * 1024.0 * 2.0);
+
+    udc.set_mode(UdcMode::Up);
+    let want = accepted.clone();
+    udc.wait_until("every accepted entry", move |s| {
+        s.applied.lock().unwrap().is_superset(&want)
+    })
+    .await;
+    assert_eq!(udc.applied(), accepted, "only accepted entries arrive");
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    assert!(
+        gw.metric("dapgw_batches_total{kind=\"uplink\",outcome=\"error\"}")
+            .await
+            >= 1.0
+    );
+    gw.stop().await;
+}
+
+/// Members read their downlink with cursors across reconnects: every
+/// record addressed to them exactly once, in order, nothing of others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_cursors_survive_reconnects() {
+    let (pki, udc, _dir, gw) = setup().await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    assert_eq!(c.attach(42, &[1, 2]).await.status, StatusCode::OK);
+    let mut expected = Vec::new();
+    for i in 0..12u64 {
+        let (aud, group, member) = match i % 4 {
+            0 => (1u8, 1u32, 0u64),
+            1 => (2, 1, 42),
+            2 => (2, 1, 43), // someone else's
+            _ => (1, 9, 0),  // a group 42 is not in
+        };
+        let msg = challenge(group, 100 + i).to_bytes();
+        udc.push(aud, group, member, &msg);
+        if member == 42 || (aud == 1 && group == 1) {
+            expected.push(msg);
+        }
+    }
+    let mut got = Vec::new();
+    let mut after = 0;
+    let mut h2 = false;
+    while got.len() < expected.len() {
+        // A fresh connection every time, alternating protocols.
+        h2 = !h2;
+        let mut c = Client::connect(gw.members, &pki, h2).await;
+        let recs = next_records(&mut c, 42, &[1, 2], after).await;
+        // Take only the first record, as a member that crashed right after.
+        let first = recs[0].clone();
+        assert!(first.cursor > after);
+        after = first.cursor;
+        got.push(first.message);
+    }
+    assert_eq!(got, expected);
+    let mut c = Client::connect(gw.members, &pki, false).await;
+    let r = c.poll(42, &[1, 2], after, 100).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    gw.stop().await;
+}
+
+/// A long poll returns as soon as a record arrives, not at its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_wakes_on_new_records() {
+    let (pki, udc, _dir, gw) = setup().await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let poll = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        let r = c.poll(5, &[4], 0, 20_000).await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    udc.push(2, 4, 5, &challenge(4, 1).to_bytes());
+    let (r, took) = poll.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    gw.stop().await;
+}
+
+/// The UDC asks for the individual tags of chunk 0: the gateway answers from
+/// the tags it kept, and completes the batch with the final verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_requests_are_answered_from_kept_tags() {
+    let (pki, udc, _dir, gw) = setup().await;
+    udc.set_mode(UdcMode::TagsFirst);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let ups: Vec<_> = (1..=3u64).map(|ctr| uplink(8, 2, ctr, b"r")).collect();
+    for u in &ups {
+        assert_eq!(c.post(u.to_bytes()).await.status, StatusCode::ACCEPTED);
+    }
+    udc.wait_until("the tag reply", |s| s.applied.lock().unwrap().len() == 3)
+        .await;
+    let replies = udc.state.tag_replies.lock().unwrap().clone();
+    let tags: Vec<[u8; 16]> = replies
+        .iter()
+        .flat_map(|r| r.chunks[0].tags.clone())
+        .collect();
+    let want: Vec<[u8; 16]> = ups.iter().map(|u| u.tag).collect();
+    assert_eq!(tags, want);
+    assert_eq!(
+        gw.metric("dapgw_tag_requests_total").await,
+        replies.len() as f64
+    );
+    gw.stop().await;
+}
+
+/// SIGTERM-style drain: readiness is 503 at once, the listener stops
+/// accepting, and `run` returns within the grace time even with the UDC
+/// refusing batches; what was accepted stays in the spool and is delivered
+/// by the next gateway on the same spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_within_grace_and_resume_from_spool() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.drain_grace_ms = 1500;
+    cfg.batch_linger_ms = 60_000; // only the drain's flush cuts the batch
+    let mut gw = Gateway::start(cfg.clone()).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    for ctr in 1..=5 {
+        assert_eq!(
+            c.post(uplink(3, 1, ctr, b"x").to_bytes()).await.status,
+            StatusCode::ACCEPTED
+        );
+    }
+    let started = std::time::Instant::now();
+    let task = gw.shutdown();
+    let mut saw_503 = false;
+    for _ in 0..50 {
+        let probe = tokio::net::TcpStream::connect(gw.admin).await;
+        if probe.is_err() {
+            break;
+        }
+        if gw.admin_get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE {
+            saw_503 = true;
+            break;
+        }
+    }
+    assert!(saw_503, "readiness did not turn 503 during the drain");
+    task.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1500 + 1000), "{took:?}");
+    assert!(
+        tokio::net::TcpStream::connect(gw.members).await.is_err(),
+        "still accepting after the drain"
+    );
+    assert!(udc.applied().is_empty());
+
+    // A new gateway on the same spool delivers the flushed batch.
+    udc.set_mode(UdcMode::Up);
+    cfg.batch_linger_ms = 20;
+    let gw2 = Gateway::start(cfg).await;
+    udc.wait_until("the spooled entries", |s| {
+        s.applied.lock().unwrap().len() == 5
+    })
+    .await;
+    assert_eq!(
+        udc.state.batches.lock().unwrap().len(),
+        1,
+        "one flushed batch"
+    );
+    gw2.stop().await;
+}
+
+/// With member client certificates configured, a member may only act as the
+/// id its certificate names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_certificates_bind_the_member_id() {
+    let pki = pki(&["gw-1", "42"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.member_client_ca = Some(pki.ca.clone());
+    let gw = Gateway::start(cfg).await;
+    let (cert, key) = pki.clients["42"].clone();
+    let mut c = Client::connect_as(gw.members, &pki, true, Some((&cert, &key))).await;
+    assert_eq!(c.attach(42, &[1]).await.status, StatusCode::OK);
+    assert_refused(&c.attach(43, &[1]).await, StatusCode::FORBIDDEN, "identity");
+    assert_refused(
+        &c.post(uplink(43, 1, 1, b"x").to_bytes()).await,
+        StatusCode::FORBIDDEN,
+        "identity",
+    );
+    assert_eq!(
+        c.post(uplink(42, 1, 1, b"x").to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_refused(
+        &c.poll(43, &[1], 0, 10).await,
+        StatusCode::FORBIDDEN,
+        "identity",
+    );
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Collector on a paused clock
+// ---------------------------------------------------------------------------
+
+struct Bench {
+    spool: Spool,
+    collector: Collector,
+    events: tokio::sync::mpsc::UnboundedReceiver<CollectorEvent>,
+    _dir: tempfile::TempDir,
+}
+
+async fn collector(linger_ms: u64, deadline_ms: u64, attached: Arc<Attached>) -> Bench {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 24).unwrap();
+    let mut agg = AggregatorConfig::new(GatewayId::new("gw-1").unwrap());
+    agg.uplink_linger = Duration::from_millis(linger_ms);
+    agg.max_batch_entries = 4;
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let registry = prometheus::Registry::new();
+    let collector = Collector::start(
+        spool.clone(),
+        CollectorConfig {
+            aggregator: agg,
+            round_deadline: Duration::from_millis(deadline_ms),
+        },
+        attached,
+        GatewayMetrics::register(&registry),
+        Arc::new(Notify::new()),
+        Some(tx),
+    )
+    .await
+    .unwrap();
+    Bench {
+        spool,
+        collector,
+        events,
+        _dir: dir,
+    }
+}
+
+async fn store(spool: &Spool, msg: &MemberMessage) -> dapgw::gateway::spool::EntryId {
+    let (stream, member, key, bytes) = match msg {
+        MemberMessage::Response(r) => (
+            StreamKey::Round {
+                group: r.group.0,
+                round: r.round,
+            },
+            r.id.0,
+            r.id.0.to_be_bytes().to_vec(),
+            r.to_bytes(),
+        ),
+        MemberMessage::Uplink(u) => (
+            StreamKey::Uplink { group: u.group.0 },
+            u.id.0,
+            [&u.sid.0[..], &u.ctr.to_be_bytes()].concat(),
+            u.to_bytes(),
+        ),
+    };
+    spool
+        .append(NewEntry {
+            stream,
+            member,
+            sort_key: key,
+            bytes,
+        })
+        .await
+        .unwrap()
+}
+
+/// Uplinks linger exactly the configured time on the virtual clock, then go
+/// out together; the size cap cuts at once.
+#[tokio::test(start_paused = true)]
+async fn batch_emission_on_a_paused_clock() {
+    let mut b = collector(200, 30_000, Arc::new(Attached::new())).await;
+    let msgs: Vec<MemberMessage> = (1..=3u64)
+        .map(|ctr| MemberMessage::Uplink(uplink(1, 5, ctr, b"r")))
+        .collect();
+    let mut ids = Vec::new();
+    for m in &msgs {
+        ids.push(store(&b.spool, m).await);
+    }
+    let handle = b.collector.handle();
+    let t0 = tokio::time::Instant::now();
+    for (m, id) in msgs.iter().zip(&ids) {
+        handle.collect(m.clone(), *id).await.unwrap();
+    }
+    let Some(CollectorEvent::Sealed {
+        entries,
+        trigger,
+        cut_at,
+        ..
+    }) = b.events.recv().await
+    else {
+        panic!("no batch")
+    };
+    assert_eq!(trigger, BatchTrigger::Linger);
+    assert_eq!(entries, ids);
+    assert_eq!(
+        cut_at - t0,
+        Duration::from_millis(200),
+        "cut exactly at the linger's end"
+    );
+    assert_eq!(b.spool.pending_batches().await.unwrap().len(), 1);
+
+    // Four more: the size cap (4) cuts without waiting.
+    let msgs: Vec<MemberMessage> = (10..14u64)
+        .map(|ctr| MemberMessage::Uplink(uplink(2, 5, ctr, b"r")))
+        .collect();
+    let mut ids = Vec::new();
+    for m in &msgs {
+        ids.push(store(&b.spool, m).await);
+    }
+    let t1 = tokio::time::Instant::now();
+    for (m, id) in msgs.iter().zip(&ids) {
+        handle.collect(m.clone(), *id).await.unwrap();
+    }
+    let Some(CollectorEvent::Sealed {
+        trigger,
+        cut_at,
+        entries,
+        ..
+    }) = b.events.recv().await
+    else {
+        panic!("no batch")
+    };
+    assert_eq!(trigger, BatchTrigger::SizeCap);
+    assert_eq!(entries.len(), 4);
+    assert_eq!(cut_at, t1);
+    b.collector.stop().await;
+}
+
+/// A round goes out when every attached member answered, and a round with
+/// someone missing goes out exactly at its deadline, naming who is missing.
+#[tokio::test(start_paused = true)]
+async fn rounds_close_on_all_answered_or_at_the_deadline() {
+    let attached = Arc::new(Attached::new());
+    attached.attach(1, &[7]).unwrap();
+    attached.attach(2, &[7]).unwrap();
+    let mut b = collector(200, 5_000, attached).await;
+    let handle = b.collector.handle();
+
+    // Spool writes happen before any timer is armed: on a paused clock the
+    // runtime jumps to the next timer whenever it waits on the spool thread.
+    let mut stored = Vec::new();
+    for (id, round) in [(1u64, 1u64), (2, 1), (1, 2)] {
+        let m = MemberMessage::Response(response(id, 7, round, b""));
+        let e = store(&b.spool, &m).await;
+        stored.push((m, e));
+    }
+    let mut stored = stored.into_iter();
+    handle.expect(GroupId(7), 1, Mode::Psk).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    for (m, e) in stored.by_ref().take(2) {
+        handle.collect(m, e).await.expect("collected");
+    }
+    let Some(CollectorEvent::Sealed {
+        trigger,
+        cut_at,
+        round,
+        ..
+    }) = b.events.recv().await
+    else {
+        panic!("no batch")
+    };
+    assert_eq!((trigger, round), (BatchTrigger::AllAnswered, Some(1)));
+    assert_eq!(cut_at, t0);
+
+    handle.expect(GroupId(7), 2, Mode::Psk).await.unwrap();
+    let t1 = tokio::time::Instant::now();
+    let (m, e) = stored.next().unwrap();
+    handle.collect(m, e).await.unwrap();
+    let Some(CollectorEvent::Sealed {
+        trigger,
+        cut_at,
+        missing,
+        ..
+    }) = b.events.recv().await
+    else {
+        panic!("no batch")
+    };
+    assert_eq!(trigger, BatchTrigger::Deadline);
+    assert_eq!(missing, vec![MemberId(2)]);
+    assert_eq!(cut_at - t1, Duration::from_millis(5_000));
+    // A late response is refused and not kept in the spool.
+    let late = MemberMessage::Response(response(2, 7, 2, b""));
+    let e = store(&b.spool, &late).await;
+    assert!(handle.collect(late, e).await.is_err());
+    assert!(b.spool.entry(e).await.unwrap().is_none());
+    b.collector.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// `dapgw gateway` as a child process
+// ---------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a TLS handshake with `addr` succeeds trusting only `ca`.
+async fn handshake_ok(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool {
+    let roots = dapgw::tls::load_roots(ca).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(dapgw::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.is_ok()
+}
+
+/// The binary: config from the environment, ready once the UDC link is up,
+/// the TLS certificate reloaded on SIGHUP without a restart, exit 0 on
+/// SIGTERM within the grace time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
+    let pki1 = pki(&["gw-1"]);
+    let pki2 = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The member-facing certificate lives in files the test replaces.
+    let cert = dir.path().join("member.crt");
+    let key = dir.path().join("member.key");
+    std::fs::copy(&pki1.server_cert, &cert).unwrap();
+    std::fs::copy(&pki1.server_key, &key).unwrap();
+    let (members, admin) = (free_port(), free_port());
+    let (gw_cert, gw_key) = pki1.clients["gw-1"].clone();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAPGW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("gateway")
+        .env(
+            "DAPGW_UPSTREAM_URL",
+            format!("https://127.0.0.1:{}", udc.addr.port()),
+        )
+        .env("DAPGW_UPSTREAM_CA", &pki1.ca)
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", &gw_cert)
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", &gw_key)
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{members}"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DAPGW_TLS_CERT", &cert)
+        .env("DAPGW_TLS_KEY", &key)
+        .env("DAPGW_SPOOL_DIR", dir.path().join("spool"))
+        .env("DAPGW_DRAIN_GRACE_MS", "2000")
+        .env("DAPGW_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let members_addr: std::net::SocketAddr = format!("127.0.0.1:{members}").parse().unwrap();
+    let mut ready = false;
+    for _ in 0..300 {
+        if dapgw::admin::probe(
+            &admin_addr.to_string(),
+            dapgw::admin::ProbeCheck::Ready,
+            Duration::from_millis(500),
+        )
+        .await
+        .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the gateway never became ready");
+    assert!(handshake_ok(members_addr, &pki1.ca).await);
+    assert!(!handshake_ok(members_addr, &pki2.ca).await);
+
+    // An open connection keeps working across the reload.
+    let mut open = Client::connect(members_addr, &pki1, true).await;
+    std::fs::copy(&pki2.server_cert, &cert).unwrap();
+    std::fs::copy(&pki2.server_key, &key).unwrap();
+    let pid = child.id().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut reloaded = false;
+    for _ in 0..200 {
+        if handshake_ok(members_addr, &pki2.ca).await {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "SIGHUP did not reload the certificate");
+    assert_eq!(open.attach(1, &[1]).await.status, StatusCode::OK);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the gateway"
+    );
+
+    let started = std::time::Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
