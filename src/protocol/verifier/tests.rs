@@ -1751,3 +1751,39 @@ fn direct_uplink_is_checked_like_a_batch_of_one() {
     assert_eq!(v.messages[0].payload, b"direct");
     assert_eq!(call(&mut f).outcome, Outcome::ReplayedCounter);
 }
+
+#[test]
+fn an_unused_pending_session_survives_a_newer_round_until_one_is_used() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=2);
+    // Round r: member 1 opens the confirm (S_r) but sends nothing.
+    let s_r = establish(&mut f, &members, Mode::Psk).remove(0);
+    // Round r+1: accepted again, but its confirm never reaches the member.
+    let s_next = establish(&mut f, &members, Mode::Psk).remove(0);
+    assert_ne!(s_r.sid(), s_next.sid());
+
+    // A revocation reaches the member through S_r.
+    let rekeys = f
+        .verifier
+        .revoke(&mut f.group, MemberId(2), &mut f.sessions, &mut f.rng)
+        .unwrap();
+    let for_r: Vec<_> = rekeys.iter().filter(|r| r.sid == s_r.sid()).collect();
+    assert_eq!(for_r.len(), 1, "a rekey for S_r: {rekeys:?}");
+    assert_eq!(&s_r.open_rekey(for_r[0]).unwrap(), f.group.gk.expose());
+
+    // Its alarm under S_r is accepted, and makes S_r current; S_{r+1}
+    // stays pending for a late confirm.
+    let b = f.uplink_batch(&[s_r.uplink(UplinkKind::Alarm, 1, b"tamper")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    let slot = f.sessions.get(G, MemberId(1)).unwrap();
+    assert_eq!(slot.current.as_ref().unwrap().sid, s_r.sid());
+    assert_eq!(slot.pending.as_ref().unwrap().sid, s_next.sid());
+    let b = f.uplink_batch(&[s_next.uplink(UplinkKind::Reading, 1, b"n1")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+}
