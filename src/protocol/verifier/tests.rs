@@ -1787,3 +1787,100 @@ fn an_unused_pending_session_survives_a_newer_round_until_one_is_used() {
         [Outcome::Accepted]
     );
 }
+
+/// A store whose batch lookup is broken: records swapped or missing.
+struct BrokenRegistry {
+    inner: InMemoryRegistry,
+    swap: bool,
+}
+
+impl Registry for BrokenRegistry {
+    fn member(&self, id: MemberId) -> Option<MemberRecord> {
+        self.inner.member(id)
+    }
+
+    fn members(&self, ids: &[MemberId]) -> Vec<Option<MemberRecord>> {
+        let mut records: Vec<_> = ids.iter().map(|&id| self.inner.member(id)).collect();
+        if self.swap {
+            records.reverse();
+        } else {
+            records.pop();
+        }
+        records
+    }
+}
+
+#[test]
+fn a_registry_returning_the_wrong_records_never_substitutes_identities() {
+    for swap in [true, false] {
+        let mut f = Fixture::new();
+        let members = f.members(1..=2);
+        let (mut round, ch) = f.open(Mode::Psk, Purpose::Auth);
+        // Swapped: member 2 seals a response under its own key but names
+        // member 1, which the store would look up as member 2's record.
+        // Missing: member 2's record is not returned at all.
+        let first = if swap {
+            let m2_as_1 = TestMember {
+                id: MemberId(1),
+                kv: 1,
+                key: members[1].key.clone(),
+            };
+            m2_as_1.respond(&ch, b"", &mut f.rng)
+        } else {
+            members[0].respond(&ch, b"", &mut f.rng)
+        };
+        let second = members[1].respond(&ch, b"", &mut f.rng);
+        let batch = f.batch(&round, &[&first, &second], 64);
+        let registry = BrokenRegistry {
+            inner: f.registry.clone(),
+            swap,
+        };
+        let rb = ReceivedBatch::decode(batch.to_bytes()).unwrap();
+        let out = f
+            .verifier
+            .handle_batch(
+                &rb,
+                BatchState {
+                    group: &f.group,
+                    round: Some(&mut round),
+                    sessions: &mut f.sessions,
+                },
+                &registry,
+                &mut f.log,
+                1_000,
+            )
+            .unwrap();
+        // Entries V cannot check fail their chunk: answer honestly.
+        let out = if !matches!(out.event, BatchEvent::TagsRequested { .. }) {
+            out
+        } else {
+            let reply = TagReply {
+                gateway_id: batch.gateway_id,
+                batch_id: batch.batch_id,
+                batch_hash: Sha256::digest(batch.to_bytes()).into(),
+                chunks: vec![all_tags(&[&first, &second], 64, 0)],
+            };
+            f.verifier
+                .handle_tag_reply(
+                    &reply,
+                    BatchState {
+                        group: &f.group,
+                        round: Some(&mut round),
+                        sessions: &mut f.sessions,
+                    },
+                    &registry,
+                    &mut f.log,
+                    1_000,
+                )
+                .unwrap()
+        };
+        let (_, v) = responses(out);
+        let got = outcomes(&v.verdict).to_vec();
+        if swap {
+            assert_eq!(got, [Outcome::UnknownMember; 2]);
+            assert!(round.accepted.is_empty());
+        } else {
+            assert_eq!(got, [Outcome::Accepted, Outcome::UnknownMember]);
+        }
+    }
+}
