@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::UsageError;
 use crate::protocol::suite::{Iv12, Key16, Key32};
 use crate::protocol::wire::{GroupId, MemberId, Mode, SessionId};
 
@@ -101,12 +102,26 @@ impl GroupState {
     /// sessions may have been superseded, and their `down_ctr` may be
     /// behind), forget the group's open rounds, and then open a psk-ecdhe
     /// round.
-    pub fn after_restore(&mut self, rng: &mut impl rand_core::CryptoRng) {
-        self.next_round = self.next_round.saturating_add(RESTORE_OFFSET);
-        self.epoch = self.epoch.saturating_add(RESTORE_OFFSET);
-        self.latest_seq = self.latest_seq.saturating_add(RESTORE_OFFSET);
+    ///
+    /// Refused with [`UsageError::CounterExhausted`], changing nothing, if
+    /// a counter would pass `u64::MAX`: saturating would repeat values
+    /// members already hold.
+    pub fn after_restore(&mut self, rng: &mut impl rand_core::CryptoRng) -> Result<(), UsageError> {
+        let raise = |v: u64| {
+            v.checked_add(RESTORE_OFFSET)
+                .ok_or(UsageError::CounterExhausted)
+        };
+        let (next_round, epoch, latest_seq) = (
+            raise(self.next_round)?,
+            raise(self.epoch)?,
+            raise(self.latest_seq)?,
+        );
+        self.next_round = next_round;
+        self.epoch = epoch;
+        self.latest_seq = latest_seq;
         self.gk = Key16::random(rng);
         self.sent.clear();
+        Ok(())
     }
 
     /// The sent message with `seq`, if still remembered.

@@ -1701,7 +1701,7 @@ fn after_restore_raises_counters_and_draws_a_new_group_key() {
     let _ = establish(&mut f, &members, Mode::Psk);
     let _ = f.verifier.group_message(&mut f.group, b"c", 1, &mut f.rng);
     let before = f.group.clone();
-    f.group.after_restore(&mut f.rng);
+    f.group.after_restore(&mut f.rng).unwrap();
     f.sessions.drop_group(G);
     assert_eq!(f.group.next_round, before.next_round + (1 << 32));
     assert_eq!(f.group.epoch, before.epoch + (1 << 32));
@@ -1710,6 +1710,31 @@ fn after_restore_raises_counters_and_draws_a_new_group_key() {
     assert!(f.sessions.is_empty());
     let (round, _) = f.open(Mode::PskEcdhe, Purpose::Auth);
     assert_eq!(round.round, before.next_round + (1 << 32));
+}
+
+#[test]
+fn after_restore_refuses_counters_that_would_overflow() {
+    let mut rng = TestRng(3);
+    for field in 0..3 {
+        let mut g = GroupState::new(G, &mut rng);
+        match field {
+            0 => g.next_round = u64::MAX - 5,
+            1 => g.epoch = u64::MAX - (1 << 32) + 1,
+            _ => g.latest_seq = u64::MAX,
+        }
+        let before = g.clone();
+        assert_eq!(g.after_restore(&mut rng), Err(UsageError::CounterExhausted));
+        // Nothing changed, the key included.
+        assert_eq!(
+            (g.next_round, g.epoch, g.latest_seq),
+            (before.next_round, before.epoch, before.latest_seq)
+        );
+        assert_eq!(g.gk.expose(), before.gk.expose());
+    }
+    let mut g = GroupState::new(G, &mut rng);
+    g.epoch = u64::MAX - (1 << 32);
+    assert_eq!(g.after_restore(&mut rng), Ok(()));
+    assert_eq!(g.epoch, u64::MAX);
 }
 
 #[test]
