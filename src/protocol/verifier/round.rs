@@ -189,13 +189,32 @@ pub(crate) fn screen(
     (screened, keys)
 }
 
-/// A reading collected in a read round.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A reading collected in a read round. `Debug` shows the payload's length
+/// only: meter readings are personal data.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Reading {
     /// The member.
     pub id: MemberId,
     /// The decrypted payload.
     pub payload: Vec<u8>,
+}
+
+impl core::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Reading")
+            .field("id", &self.id)
+            .field("payload", &Redacted(self.payload.len()))
+            .finish()
+    }
+}
+
+/// Prints `<N bytes redacted>` in place of a plaintext payload.
+pub(crate) struct Redacted(pub(crate) usize);
+
+impl core::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "<{} bytes redacted>", self.0)
+    }
 }
 
 /// What finalizing the accepted entries produced.

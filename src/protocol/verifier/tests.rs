@@ -1909,3 +1909,23 @@ fn a_registry_returning_the_wrong_records_never_substitutes_identities() {
         }
     }
 }
+
+#[test]
+fn readings_and_uplink_messages_redact_their_payloads_in_debug() {
+    let reading = Reading {
+        id: MemberId(7),
+        payload: b"kWh 4242".to_vec(),
+    };
+    let up = UplinkMessage {
+        id: MemberId(7),
+        sid: SessionId([1; 8]),
+        kind: UplinkKind::Alarm,
+        ctr: 3,
+        payload: b"kWh 4242".to_vec(),
+    };
+    for s in [format!("{reading:?}"), format!("{up:?}")] {
+        assert!(s.contains("MemberId(7)"), "{s}");
+        assert!(s.contains("<8 bytes redacted>"), "{s}");
+        assert!(!s.contains("4242") && !s.contains("107, 87"), "{s}");
+    }
+}
