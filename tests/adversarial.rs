@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use common::*;
-use dapgw::protocol::aggregator::{CollectError, KeptTags, answer_tag_request};
+use dapgw::protocol::aggregator::{CollectError, Collected, KeptTags, answer_tag_request};
 use dapgw::protocol::member::MemberError;
 use dapgw::protocol::verifier::{
     BatchError, BatchEvent, BatchState, InMemoryVerdictLog, ReceivedBatch, VerifierError,
@@ -1115,10 +1115,11 @@ fn member_reboots_from_persisted_state() {
 }
 
 /// A member that loses its state answers a re-relayed challenge with a new
-/// response: the gateway refuses it (the first stands), V accepts the first
-/// one, and the member cannot open its confirm; it has no session until the
-/// next round, which works normally. A replayed old challenge it answers is
-/// refused by V.
+/// response: the gateway holds it as an alternative (it cannot tell which is
+/// real) and sends it in a follow-up batch, where V sets it aside as already
+/// accepted; V accepted the first one, and the member cannot open its
+/// confirm; it has no session until the next round, which works normally. A
+/// replayed old challenge it answers is refused by V.
 #[test]
 fn member_loses_its_state() {
     let mut w = World::with_members(2, &[G], IDS);
@@ -1130,15 +1131,20 @@ fn member_loses_its_state() {
     let again = w.answer(0x20, &challenge).unwrap();
     assert_eq!(
         w.gateway.handle_bytes(&again, (), w.now),
-        Err(CollectError::ConflictingResponse {
-            id: MemberId(0x20),
-            group: g,
-            round: r2
-        })
+        Ok(Collected::New)
     );
-    let b = w.flush().pop().unwrap();
+    let mut batches = w.flush();
+    assert_eq!(batches.len(), 2, "main batch and a follow-up");
+    let follow_up = batches.pop().unwrap();
+    let b = batches.pop().unwrap();
     let verdict = w.submit_final(b.bytes.clone());
     assert_eq!(accepted(&b.bytes, &verdict), IDS.to_vec());
+    let v2 = w.submit_final(follow_up.bytes.clone());
+    assert_eq!(
+        outcomes(&follow_up.bytes, &v2)[&0x20],
+        Outcome::AlreadyAccepted
+    );
+    assert!(w.deliver_confirms(&v2).is_empty());
     let results = w.deliver_confirms(&verdict);
     assert_eq!(results[&0x20], Err(MemberError::WrongSession));
     assert_eq!(w.node(0x20).member.session(g), None);
@@ -1283,4 +1289,111 @@ fn gateway_never_holds_a_key() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Pre-emption on the member side
+// ---------------------------------------------------------------------------
+
+/// A device on the member side sends garbage under a victim's id right after
+/// the challenge, before the victim answers. The gateway cannot tell which
+/// is real, so it holds the victim's real response as an alternative and
+/// sends it in a follow-up batch: V sets the forgery aside and accepts the
+/// real one, whose confirm the victim opens.
+#[test]
+fn forged_response_sent_first_does_not_pre_empt_the_member() {
+    use dapgw::protocol::wire::Response;
+    let mut w = World::with_members(2, &[G], IDS);
+    let (challenge, _) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    let real = w.answer(0x20, &challenge).unwrap();
+    let mut forged = Response::decode(&real).unwrap();
+    forged.tag[0] ^= 1;
+    forged.n_i = [0xAA; 16];
+    assert_eq!(
+        w.gateway.handle_response(forged, (), w.now),
+        Ok(Collected::New)
+    );
+    for &id in &IDS {
+        let r = w.answer(id, &challenge).unwrap();
+        assert_eq!(w.collect(&r), Collected::New, "member {id:#x}");
+    }
+    // The real response again is absorbed, not held a third time.
+    assert_eq!(w.collect(&real), Collected::Duplicate);
+    let batches = w.flush();
+    assert_eq!(batches.len(), 2, "main batch and a follow-up");
+    let mut accepted_ids = Vec::new();
+    for b in batches {
+        let verdict = w.submit_final(b.bytes.clone());
+        accepted_ids.extend(accepted(&b.bytes, &verdict));
+        for (_, r) in w.deliver_confirms(&verdict) {
+            r.unwrap();
+        }
+    }
+    accepted_ids.sort();
+    assert_eq!(accepted_ids, IDS.to_vec());
+    assert!(w.node(0x20).member.session(GroupId(G)).is_some());
+}
+
+/// The same for uplinks: garbage under a victim's next counter does not
+/// burn it; the real uplink goes out in a follow-up batch and is accepted.
+#[test]
+fn forged_uplink_at_the_next_counter_does_not_burn_it() {
+    use dapgw::protocol::wire::{Uplink, UplinkKind};
+    let mut w = World::with_members(2, &[G], IDS);
+    w.full_round(G, Mode::Psk, Purpose::Auth, &IDS);
+    let g = GroupId(G);
+    let first = w.node(0x20).uplink(g, UplinkKind::Reading, b"1").unwrap();
+    w.collect(&first);
+    w.advance(w.gateway.config().uplink_linger);
+    let b = w.flush().pop().unwrap();
+    w.submit_final(b.bytes.clone());
+
+    // The forger saw ctr 1 go by and pre-empts ctr 2.
+    let mut forged = Uplink::decode(&first).unwrap();
+    forged.ctr = 2;
+    forged.tag[0] ^= 1;
+    assert_eq!(
+        w.gateway.handle_uplink(forged, (), w.now),
+        Ok(Collected::New)
+    );
+    let real = w
+        .node(0x20)
+        .uplink(g, UplinkKind::Alarm, b"tamper")
+        .unwrap();
+    assert_eq!(Uplink::decode(&real).unwrap().ctr, 2);
+    assert_eq!(w.collect(&real), Collected::New);
+    assert_eq!(w.collect(&real), Collected::Duplicate);
+    w.advance(w.gateway.config().uplink_linger);
+    let batches = w.flush();
+    assert_eq!(batches.len(), 2, "main batch and a follow-up");
+    let mut accepted_keys = Vec::new();
+    for b in batches {
+        let verdict = w.submit_final(b.bytes.clone());
+        accepted_keys.extend(accepted(&b.bytes, &verdict));
+    }
+    assert_eq!(accepted_keys, vec![0x20 << 32 | 2]);
+}
+
+/// Alternatives are bounded: past the cap per id, a conflicting response
+/// is refused.
+#[test]
+fn alternatives_per_member_are_capped() {
+    use dapgw::protocol::aggregator::MAX_VARIANTS;
+    use dapgw::protocol::wire::Response;
+    let mut w = World::with_members(2, &[G], IDS);
+    let (challenge, round) = w.open_round(G, Mode::Psk, Purpose::Auth);
+    let real = Response::decode(&w.answer(0x20, &challenge).unwrap()).unwrap();
+    for i in 0..MAX_VARIANTS {
+        let mut f = real.clone();
+        f.n_i = [i as u8; 16];
+        assert_eq!(w.gateway.handle_response(f, (), w.now), Ok(Collected::New));
+    }
+    assert_eq!(
+        w.gateway.handle_response(real, (), w.now),
+        Err(CollectError::ConflictingResponse {
+            id: MemberId(0x20),
+            group: GroupId(G),
+            round
+        })
+    );
 }

@@ -13,6 +13,22 @@
 //! the verifier's checks catch everything else; this module exists so that an
 //! honest gateway produces batches the verifier accepts in one pass.
 //!
+//! # Conflicting entries
+//!
+//! Holding no keys, the gateway cannot tell a member's message from garbage
+//! another device on the member side sent under the member's id. So it never
+//! lets the first message for a member id (responses) or for an
+//! `(id, sid, ctr)` (uplinks) stand alone: a different message for the same
+//! key is held as an alternative, up to [`MAX_VARIANTS`] per key (each
+//! counted in `max_held_entries`), and sent in a later batch, since a batch
+//! carries each key once. V judges each on its own tag; its already-accepted
+//! check and replay window keep a second valid one from having an effect.
+//! A pending alternative makes its round due after `uplink_linger` (a
+//! follow-up batch right after the main one, with its own batch id);
+//! uplink alternatives linger like any uplink. Byte-identical re-sends are
+//! absorbed. Past the cap, [`CollectError::ConflictingResponse`] /
+//! [`CollectError::ConflictingUplink`].
+//!
 //! Sans-IO, quinn style: time comes in as `now`, batch ids come from a
 //! caller-provided [`BatchIdSource`], and outputs are plain values.
 //!
@@ -45,6 +61,11 @@ use super::wire::{
     MAX_PAYLOAD, MAX_TAG_REQUEST_CHUNKS, MemberId, Message, Mode, Response, SessionId, TagReply,
     Uplink, Verdict, VerdictBody,
 };
+
+/// Most distinct messages held for one response key (member id in a round)
+/// or uplink key `(id, sid, ctr)`: the first plus alternatives (see the
+/// module doc, "Conflicting entries").
+pub const MAX_VARIANTS: usize = 4;
 
 /// How the aggregator cuts batches and bounds its memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,9 +165,10 @@ pub enum CollectError {
         /// As named by the response.
         round: u64,
     },
-    /// The member already sent a different response for this round. A member
-    /// seals one response per round, so this is tampering or a member that
-    /// lost its state; the first response stands.
+    /// [`MAX_VARIANTS`] different responses are already held under this
+    /// member id for this round. A member seals one response per round, so
+    /// all but one are forgeries (or from a member that lost its state);
+    /// the held ones all go to V, which judges each.
     #[error("member {id} already sent a different response for round {round} of group {group}")]
     ConflictingResponse {
         /// The member.
@@ -156,9 +178,9 @@ pub enum CollectError {
         /// The round.
         round: u64,
     },
-    /// The member already sent a different uplink with this session and
-    /// counter. A member never reuses a counter, so this is tampering; the
-    /// first uplink stands.
+    /// [`MAX_VARIANTS`] different uplinks are already held with this member,
+    /// session and counter. A member never reuses a counter, so all but one
+    /// are forgeries; the held ones all go to V, which judges each.
     #[error("member {id} already sent a different uplink with counter {ctr} in session {sid}")]
     ConflictingUplink {
         /// The member.
@@ -310,6 +332,9 @@ pub enum BatchTrigger {
     Linger,
     /// `max_batch_entries` entries were pending.
     SizeCap,
+    /// A conflicting response held as an alternative waited `uplink_linger`
+    /// (a follow-up batch; see the module doc, "Conflicting entries").
+    Alternatives,
 }
 
 /// A batch ready to seal in the spool and send to the verifier.
@@ -457,12 +482,19 @@ struct RoundCollector<H> {
     /// How many of `expected` are in `answered`.
     expected_answered: usize,
     /// Every response collected in the round (pending or already batched),
-    /// kept until the round closes so re-sends are absorbed and a second,
-    /// different response is refused.
-    answered: HashMap<MemberId, Response>,
-    /// Members whose response is in `answered` but in no batch yet, with the
-    /// caller's handle (small, so sorting moves little memory).
-    pending: Vec<(MemberId, H)>,
+    /// per member the first and its alternatives in arrival order (at most
+    /// [`MAX_VARIANTS`]), kept until the round closes so re-sends are
+    /// absorbed.
+    answered: HashMap<MemberId, Vec<Response>>,
+    /// Responses in `answered` that are in no batch yet: member, index in
+    /// its list, and the caller's handle (small, so sorting moves little
+    /// memory).
+    pending: Vec<(MemberId, usize, H)>,
+    /// When pending alternatives make the round due (arrival plus linger,
+    /// or at once for those a cut held back).
+    alternatives_at: Option<Instant>,
+    /// Responses in `answered`, all variants counted.
+    held: usize,
     /// Set once every expected member has answered and all of them are in
     /// batches; later stragglers wait for the deadline instead of going one
     /// by one.
@@ -489,6 +521,8 @@ impl<H> RoundCollector<H> {
             Some(BatchTrigger::Deadline)
         } else if self.due_now(cap) {
             Some(BatchTrigger::AllAnswered)
+        } else if self.alternatives_at.is_some_and(|t| now >= t) {
+            Some(BatchTrigger::Alternatives)
         } else {
             None
         }
@@ -509,16 +543,19 @@ impl<H> RoundCollector<H> {
 /// The uplinks of one group.
 #[derive(Debug)]
 struct UplinkStream<H> {
-    /// Keys of the uplinks in `seen` that are in no batch yet, with the
-    /// caller's handle.
-    pending: Vec<(UplinkKey, H)>,
+    /// Uplinks in `seen` that are in no batch yet, with the caller's handle
+    /// (the value too, as `seen` forgets batched variants from the front).
+    pending: Vec<(UplinkKey, Uplink, H)>,
     /// When the oldest pending uplink arrived (the linger clock).
     first_at: Option<Instant>,
     /// When a batch became due by the size cap.
     ready_at: Option<Instant>,
-    /// Pending and recently batched uplinks, for duplicate detection.
-    seen: HashMap<UplinkKey, Uplink>,
-    /// Batched uplinks in `seen`, oldest first, with when to forget them.
+    /// Pending and recently batched uplinks, for duplicate detection: per
+    /// key, the batched ones (in batch order) then the pending ones, at
+    /// most [`MAX_VARIANTS`].
+    seen: HashMap<UplinkKey, Vec<Uplink>>,
+    /// Batched uplinks in `seen`, oldest first, with when to forget them
+    /// (one entry per batched variant).
     forget: VecDeque<(Instant, UplinkKey)>,
 }
 
@@ -542,8 +579,17 @@ impl<H> UplinkStream<H> {
                 break;
             }
             self.forget.pop_front();
-            self.seen.remove(&key);
-            n += 1;
+            // Variants are batched in arrival order, so the oldest batched
+            // one is the first.
+            if let Some(variants) = self.seen.get_mut(&key) {
+                if !variants.is_empty() {
+                    variants.remove(0);
+                    n += 1;
+                }
+                if variants.is_empty() {
+                    self.seen.remove(&key);
+                }
+            }
         }
         n
     }
@@ -733,10 +779,12 @@ impl<H> Aggregator<H> {
     /// pending or a round is open: a deadline, a linger end, or the time a
     /// batch became due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let rounds = self
-            .rounds
-            .values()
-            .map(|r| r.ready_at.map_or(r.deadline, |t| t.min(r.deadline)));
+        let rounds = self.rounds.values().map(|r| {
+            [r.ready_at, r.alternatives_at]
+                .into_iter()
+                .flatten()
+                .fold(r.deadline, Instant::min)
+        });
         let linger = self.config.uplink_linger;
         let streams = self.streams.values().filter_map(|s| {
             let linger_end = s.first_at.map(|t| t + linger);
@@ -814,6 +862,8 @@ impl<H> Aggregator<H> {
                 expected_answered: 0,
                 answered: HashMap::new(),
                 pending: Vec::new(),
+                alternatives_at: None,
+                held: 0,
                 all_answered_cut: false,
                 ready_at: None,
             },
@@ -854,10 +904,11 @@ impl<H> Aggregator<H> {
             };
             return Err((e, handle));
         }
-        if let Some(prev) = round.answered.get(&id) {
-            if *prev == response {
-                return Ok(Collected::Duplicate);
-            }
+        let known = round.answered.get(&id).map_or(&[][..], Vec::as_slice);
+        if known.contains(&response) {
+            return Ok(Collected::Duplicate);
+        }
+        if known.len() >= MAX_VARIANTS {
             let e = CollectError::ConflictingResponse {
                 id,
                 group,
@@ -869,11 +920,21 @@ impl<H> Aggregator<H> {
             return Err((CollectError::Full(self.held), handle));
         }
         self.held += 1;
-        if round.expected.contains(&id) {
-            round.expected_answered += 1;
+        round.held += 1;
+        let variants = round.answered.entry(id).or_default();
+        let index = variants.len();
+        variants.push(response);
+        if index == 0 {
+            if round.expected.contains(&id) {
+                round.expected_answered += 1;
+            }
+        } else {
+            // Another message under a known id: the gateway cannot tell which
+            // is real, so this one goes to V too, soon.
+            let at = now + self.config.uplink_linger;
+            round.alternatives_at = Some(round.alternatives_at.map_or(at, |t| t.min(at)));
         }
-        round.answered.insert(id, response);
-        round.pending.push((id, handle));
+        round.pending.push((id, index, handle));
         if round.due_now(self.config.max_batch_entries) {
             round.ready_at.get_or_insert(now);
         }
@@ -906,10 +967,11 @@ impl<H> Aggregator<H> {
             });
         self.held -= stream.prune(now);
         let key = (uplink.id, uplink.sid, uplink.ctr);
-        if let Some(prev) = stream.seen.get(&key) {
-            if *prev == uplink {
-                return Ok(Collected::Duplicate);
-            }
+        let known = stream.seen.get(&key).map_or(&[][..], Vec::as_slice);
+        if known.contains(&uplink) {
+            return Ok(Collected::Duplicate);
+        }
+        if known.len() >= MAX_VARIANTS {
             let e = CollectError::ConflictingUplink {
                 id: uplink.id,
                 sid: uplink.sid,
@@ -925,8 +987,8 @@ impl<H> Aggregator<H> {
             return Err((e, handle));
         }
         self.held += 1;
-        stream.seen.insert(key, uplink);
-        stream.pending.push((key, handle));
+        stream.seen.entry(key).or_default().push(uplink.clone());
+        stream.pending.push((key, uplink, handle));
         stream.first_at.get_or_insert(now);
         if stream.pending.len() >= self.config.max_batch_entries {
             stream.ready_at.get_or_insert(now);
@@ -957,7 +1019,7 @@ impl<H> Aggregator<H> {
 
     fn close_round(&mut self, key: (GroupId, u64)) {
         if let Some(round) = self.rounds.remove(&key) {
-            self.held -= round.answered.len();
+            self.held -= round.held;
             let closed = self.closed.entry(key.0).or_insert(key.1);
             *closed = (*closed).max(key.1);
         }
@@ -975,22 +1037,37 @@ impl<H> Aggregator<H> {
     ) -> Option<ReadyBatch<H>> {
         let cap = self.config.max_batch_entries;
         let round = self.rounds.get_mut(&key)?;
-        let take = round.pending.len().min(cap);
-        round.pending.sort_unstable_by_key(|(id, _)| *id);
-        let rest = round.pending.split_off(take);
-        let cut = std::mem::replace(&mut round.pending, rest);
-        let mut tags = Vec::with_capacity(cut.len());
-        let mut handles = Vec::with_capacity(cut.len());
-        let mut entries = Vec::with_capacity(cut.len());
-        for (id, h) in cut {
-            // Every pending id is in `answered` (inserted together).
-            let Some(r) = round.answered.get(&id) else {
+        // Lowest ids first, each id once (its oldest pending variant); the
+        // other variants wait for a follow-up batch.
+        round
+            .pending
+            .sort_unstable_by_key(|(id, index, _)| (*id, *index));
+        let mut rest = Vec::new();
+        let mut tags = Vec::new();
+        let mut handles = Vec::new();
+        let mut entries = Vec::new();
+        let mut last = None;
+        for (id, index, h) in std::mem::take(&mut round.pending) {
+            if entries.len() >= cap || last == Some(id) {
+                rest.push((id, index, h));
+                continue;
+            }
+            // Every pending (id, index) is in `answered` (inserted together).
+            let Some(r) = round.answered.get(&id).and_then(|v| v.get(index)) else {
                 continue;
             };
+            last = Some(id);
             tags.push(r.tag);
             handles.push(h);
             entries.push(r.entry());
         }
+        round.pending = rest;
+        // Alternatives held back have waited already: due at once.
+        round.alternatives_at = round
+            .pending
+            .iter()
+            .any(|(_, index, _)| *index > 0)
+            .then_some(now);
         let body = BatchBody::Responses {
             round: key.1,
             mode: round.mode,
@@ -1033,23 +1110,26 @@ impl<H> Aggregator<H> {
         let cap = self.config.max_batch_entries;
         let forget_at = now + self.config.uplink_dedup_window;
         let stream = self.streams.get_mut(&group)?;
-        let take = stream.pending.len().min(cap);
-        stream.pending.sort_unstable_by_key(|(key, _)| *key);
-        let rest = stream.pending.split_off(take);
-        let cut = std::mem::replace(&mut stream.pending, rest);
-        let mut tags = Vec::with_capacity(cut.len());
-        let mut handles = Vec::with_capacity(cut.len());
-        let mut entries = Vec::with_capacity(cut.len());
-        for (key, h) in cut {
-            // Every pending key is in `seen` (inserted together).
-            let Some(u) = stream.seen.get(&key) else {
+        // Lowest keys first, each key once (its oldest pending variant: the
+        // sort is stable); the other variants wait for a follow-up batch.
+        stream.pending.sort_by_key(|(key, _, _)| *key);
+        let mut rest = Vec::new();
+        let mut tags = Vec::new();
+        let mut handles = Vec::new();
+        let mut entries = Vec::new();
+        let mut last = None;
+        for (key, u, h) in std::mem::take(&mut stream.pending) {
+            if entries.len() >= cap || last == Some(key) {
+                rest.push((key, u, h));
                 continue;
-            };
+            }
+            last = Some(key);
             tags.push(u.tag);
             handles.push(h);
             entries.push(u.entry());
             stream.forget.push_back((forget_at, key));
         }
+        stream.pending = rest;
         // Entries left over from a size cap have waited as long as the cut
         // ones; they keep the linger clock.
         if stream.pending.is_empty() {
@@ -1535,7 +1615,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_absorbed_conflicts_refused() {
+    fn duplicates_absorbed_conflicts_held_as_alternatives_up_to_the_cap() {
         let t0 = Instant::now();
         let mut agg = Aggregator::new(cfg(8, 100)).unwrap();
         agg.expect(spec(1, [1, 2], t0 + Duration::from_secs(1)), t0)
@@ -1553,33 +1633,67 @@ mod tests {
             |r| r.c = Bytes::from_static(b"x"),
             |r| r.c = Bytes::new(),
         ];
-        for change in variants {
+        let mut held = 1;
+        for (i, change) in variants.into_iter().enumerate() {
             let mut r = resp(1, 1, Mode::Psk);
             change(&mut r);
             if r == resp(1, 1, Mode::Psk) {
                 continue;
             }
-            assert_eq!(
-                agg.handle_response(r, 12, t0),
-                Err(CollectError::ConflictingResponse {
-                    id: MemberId(1),
-                    group: G,
-                    round: 1
-                })
-            );
+            let got = agg.handle_response(r.clone(), 12 + i as u32, t0);
+            if held < MAX_VARIANTS {
+                assert_eq!(got, Ok(Collected::New));
+                held += 1;
+                // A re-sent alternative is absorbed too.
+                assert_eq!(agg.handle_response(r, 0, t0), Ok(Collected::Duplicate));
+            } else {
+                assert_eq!(
+                    got,
+                    Err(CollectError::ConflictingResponse {
+                        id: MemberId(1),
+                        group: G,
+                        round: 1
+                    })
+                );
+            }
         }
-        assert_eq!(agg.held(), 1);
-        assert_eq!(agg.pending(), 1);
+        assert_eq!(held, MAX_VARIANTS);
+        assert_eq!(agg.held(), MAX_VARIANTS);
+        assert_eq!(agg.pending(), MAX_VARIANTS);
+        // Alternatives go out after a linger, one variant per batch, each
+        // batch with its own id, the first arrived first.
+        let mut ids = ids();
+        assert!(agg.poll_batch(t0, &mut ids).unwrap().is_none());
+        let at = t0 + agg.config().uplink_linger;
+        assert_eq!(agg.poll_timeout(), Some(at));
+        let mut handles = Vec::new();
+        while let Some(b) = agg.poll_batch(at, &mut ids).unwrap() {
+            assert_eq!(b.trigger, BatchTrigger::Alternatives);
+            assert_eq!(response_ids(&Batch::decode(&b.bytes).unwrap()), [1]);
+            handles.extend(b.handles);
+        }
+        assert_eq!(handles, [10, 12, 13, 14]);
+        assert_eq!(agg.pending(), 0);
 
         agg.handle_uplink(upl(1, 1, 1), 20, t0).unwrap();
         assert_eq!(
             agg.handle_uplink(upl(1, 1, 1), 21, t0),
             Ok(Collected::Duplicate)
         );
+        for n in 1..MAX_VARIANTS {
+            let mut other = upl(1, 1, 1);
+            other.kind = UplinkKind::Alarm;
+            other.tag[0] = n as u8;
+            assert_eq!(
+                agg.handle_uplink(other, 21 + n as u32, t0),
+                Ok(Collected::New)
+            );
+        }
         let mut other = upl(1, 1, 1);
         other.kind = UplinkKind::Alarm;
+        other.tag[0] = 0xEE;
         assert_eq!(
-            agg.handle_uplink(other, 22, t0),
+            agg.handle_uplink(other, 29, t0),
             Err(CollectError::ConflictingUplink {
                 id: MemberId(1),
                 sid: SessionId([1; 8]),
@@ -1587,8 +1701,20 @@ mod tests {
             })
         );
         // Another session or counter is another entry.
-        assert_eq!(agg.handle_uplink(upl(1, 2, 1), 23, t0), Ok(Collected::New));
-        assert_eq!(agg.handle_uplink(upl(1, 1, 2), 24, t0), Ok(Collected::New));
+        assert_eq!(agg.handle_uplink(upl(1, 2, 1), 30, t0), Ok(Collected::New));
+        assert_eq!(agg.handle_uplink(upl(1, 1, 2), 31, t0), Ok(Collected::New));
+        // Each batch carries (1, 1, 1) once; the alternatives follow at once.
+        let mut sizes = Vec::new();
+        let mut handles = Vec::new();
+        while let Some(b) = agg
+            .poll_batch(at + agg.config().uplink_linger, &mut ids)
+            .unwrap()
+        {
+            sizes.push(b.handles.len());
+            handles.extend(b.handles);
+        }
+        assert_eq!(sizes, [3, 1, 1, 1]);
+        assert_eq!(handles, [20, 31, 30, 22, 23, 24]);
     }
 
     #[test]
@@ -1854,27 +1980,14 @@ mod tests {
             // Round 6 is not in the restored rounds: sent at once.
             (SpooledEntry::Response(resp(2, 6, Mode::Psk)), 202),
             (SpooledEntry::Uplink(upl(4, 4, 9)), 304),
-            // A corrupt spool: a second, different response of member 1.
-            (
-                SpooledEntry::Response(Response {
-                    n_i: [0; 16],
-                    ..resp(1, 5, Mode::Psk)
-                }),
-                999,
-            ),
+            // A corrupt spool: a response in the other mode.
+            (SpooledEntry::Response(resp(5, 5, Mode::PskEcdhe)), 999),
         ];
         let (mut agg, refused) =
             Aggregator::restore(cfg(8, 100), [spec(5, [1, 3, 4], deadline)], entries, t0).unwrap();
         assert_eq!(
             refused,
-            vec![(
-                CollectError::ConflictingResponse {
-                    id: MemberId(1),
-                    group: G,
-                    round: 5
-                },
-                999
-            )]
+            vec![(CollectError::ModeMismatch { group: G, round: 5 }, 999)]
         );
         assert_eq!(agg.pending(), 4);
         let mut ids = ids();

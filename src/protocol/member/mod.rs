@@ -233,7 +233,8 @@ pub struct Confirmed {
     pub group: GroupId,
     /// The round the confirm belongs to.
     pub round: u64,
-    /// The group epoch whose key came with the confirm.
+    /// The group epoch the member now holds: the confirm's, or a higher one
+    /// a rekey of the previous session brought first.
     pub epoch: u64,
     /// The new session.
     pub sid: SessionId,
@@ -465,8 +466,9 @@ impl Member {
 
     /// Opens V's confirm for the pending round of its group: on success the
     /// member has authenticated V and switches to the new session, holding
-    /// the group key the confirm carries. Anything else is refused and
-    /// changes nothing.
+    /// the group key the confirm carries, or the one it already holds when
+    /// a rekey that overtook the confirm moved it to a higher epoch.
+    /// Anything else is refused and changes nothing.
     pub fn handle_confirm(&mut self, bytes: &[u8]) -> Result<Outbox<'_, Confirmed>, MemberError> {
         let bytes = copy_capped(bytes, CONFIRM_LEN, "confirm")?;
         let c = Confirm::decode(&bytes)?;
@@ -502,6 +504,14 @@ impl Member {
                 &tag,
             )
             .map_err(|_| MemberError::BadTag("confirm"))?;
+        // A revocation rekey of the old session can overtake the confirm on
+        // the downlink. Both came from V, so the higher epoch wins: going
+        // back to GK_e would hold the key of an ended epoch (one a revoked
+        // member knows) and refuse the next group messages.
+        let (epoch, gk) = match &group.session {
+            Some(s) if s.epoch > c.epoch => (s.epoch, s.gk.clone()),
+            _ => (c.epoch, Secret::from_bytes(*gk)),
+        };
         let session = Session {
             round: answered.round,
             mode: pending.mode,
@@ -509,8 +519,8 @@ impl Member {
             k_up: pending.keys.k_up.clone(),
             iv_up: pending.keys.iv_up.clone(),
             k_down: pending.keys.k_down.clone(),
-            epoch: c.epoch,
-            gk: Secret::from_bytes(*gk),
+            epoch,
+            gk,
             ctr_reserved: 0,
             ctr_used: 0,
             down_ctr: None,
@@ -526,7 +536,7 @@ impl Member {
         let confirmed = Confirmed {
             group: c.group,
             round: c.round,
-            epoch: c.epoch,
+            epoch,
             sid: c.sid,
         };
         Ok(Outbox::new(self, Some(next), confirmed, ()))

@@ -1456,3 +1456,31 @@ fn unusable_credentials_are_refused() {
     let m = Member::new(&cred).unwrap();
     assert!(Member::restore(&cred, &m.state_bytes()).is_ok());
 }
+
+#[test]
+fn a_confirm_overtaken_by_a_rekey_keeps_the_newer_epoch() {
+    // Session S1 in epoch 1; the member answers round 2 (pending S2). V
+    // confirms round 2 in epoch 1, then a revocation rekeys S1 to epoch 2;
+    // the rekey arrives first.
+    let mut f = fixture(false);
+    let cred = f.v.credential(ID, &[G.0, G2.0]);
+    let ch = f.v.sign(challenge(G, 2));
+    let resp = answer(&mut f.member, &ch, &mut f.rng, &mut f.disk);
+    let (_, _, keys2) = f.v.accept(&ch, &resp, &cred.key, None);
+    let conf = f.v.confirm(G, 2, 1, ID, &keys2, &f.gk);
+    let gk2 = [0x49; 16];
+    let rekey = f.v.rekey(&f.keys, G, ID, 2, 1, &gk2);
+    f.disk.commit(f.member.handle_rekey(&rekey).unwrap());
+    assert_eq!(f.member.session(G), Some((SessionId(f.keys.sid), 2)));
+
+    // The late confirm switches the session but not back to the ended epoch.
+    f.disk.commit(f.member.handle_confirm(&conf).unwrap());
+    assert_eq!(f.member.session(G), Some((SessionId(keys2.sid), 2)));
+    let m = f.v.group_message(G, 2, 1, 2, &gk2, b"after revocation");
+    let out = f.member.handle_group_message(&m).unwrap();
+    assert_eq!(out.event().payload.as_slice(), b"after revocation");
+    f.disk.commit(out);
+    // The kept epoch survives a reboot.
+    let restored = Member::restore(&cred, f.disk.state.as_deref().unwrap()).unwrap();
+    assert_eq!(restored.session(G), Some((SessionId(keys2.sid), 2)));
+}

@@ -136,8 +136,9 @@ impl Verifier {
             let Some(slot) = sessions.get_mut(group.group, id) else {
                 continue;
             };
-            // A member may be in either session (it switches when it opens
-            // a confirm), so both get the key; it accepts the one for its own.
+            // A member may be in any kept session (it switches when it
+            // opens a confirm, which may be lost), so each gets the key; it
+            // accepts the one for its own.
             for s in slot.sessions_mut() {
                 let Some(down_ctr) = s.down_ctr.checked_add(1) else {
                     continue;

@@ -810,7 +810,7 @@ impl Verifier {
                     }
                 }
                 let ids: Vec<MemberId> = entries.iter().map(|e| e.id).collect();
-                let records = registry.members(&ids);
+                let records = round::align_records(entries, registry.members(&ids));
                 let (screened, mut keys) =
                     round::screen(self, batch.group, round.as_deref(), entries, &records, now);
                 let judgement =

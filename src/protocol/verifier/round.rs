@@ -101,6 +101,21 @@ pub(crate) struct CandidateKeys {
     resp: ResponseKeys,
 }
 
+/// Lines a registry's answer up with a batch's entries: entry `i` gets
+/// record `i` only if it names the entry's id. Anything else (a record of
+/// another member, too few or too many records: a store bug) makes the
+/// entry an unknown member, never another member's key, never a panic.
+pub(crate) fn align_records(
+    entries: &[ResponseEntry],
+    records: Vec<Option<MemberRecord>>,
+) -> Vec<Option<MemberRecord>> {
+    let mut records = records.into_iter();
+    entries
+        .iter()
+        .map(|e| records.next().flatten().filter(|r| r.id == e.id))
+        .collect()
+}
+
 /// Screens every entry of a response batch.
 ///
 /// Returns the screened entries and, for candidates, the keys derived while
@@ -116,7 +131,13 @@ pub(crate) fn screen(
     let open = round.filter(|r| r.is_open_at(now));
     let mut screened = Vec::with_capacity(entries.len());
     let mut keys = Vec::with_capacity(entries.len());
-    for (e, rec) in entries.iter().zip(records) {
+    for (i, e) in entries.iter().enumerate() {
+        // A record for another id (or none at this index) is a store bug;
+        // using it would check the entry under another member's key.
+        let rec = records
+            .get(i)
+            .and_then(Option::as_ref)
+            .filter(|r| r.id == e.id);
         let Some(rec) = rec else {
             screened.push(Screened {
                 set_aside: Some(Outcome::UnknownMember),
@@ -168,13 +189,32 @@ pub(crate) fn screen(
     (screened, keys)
 }
 
-/// A reading collected in a read round.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A reading collected in a read round. `Debug` shows the payload's length
+/// only: meter readings are personal data.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Reading {
     /// The member.
     pub id: MemberId,
     /// The decrypted payload.
     pub payload: Vec<u8>,
+}
+
+impl core::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Reading")
+            .field("id", &self.id)
+            .field("payload", &Redacted(self.payload.len()))
+            .finish()
+    }
+}
+
+/// Prints `<N bytes redacted>` in place of a plaintext payload.
+pub(crate) struct Redacted(pub(crate) usize);
+
+impl core::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "<{} bytes redacted>", self.0)
+    }
 }
 
 /// What finalizing the accepted entries produced.
@@ -217,7 +257,11 @@ pub(crate) fn finalize(
         if outcomes[i] != Outcome::Accepted {
             continue;
         }
-        let (Some(k), Some(rec)) = (keys[i].take(), records[i].as_ref()) else {
+        let rec = records
+            .get(i)
+            .and_then(Option::as_ref)
+            .filter(|r| r.id == e.id);
+        let (Some(k), Some(rec)) = (keys.get_mut(i).and_then(Option::take), rec) else {
             // Screening keeps keys for every candidate; without them the
             // entry cannot be finalized, so it is not accepted.
             outcomes[i] = Outcome::UnverifiedViaGateway;

@@ -21,8 +21,9 @@ use crate::protocol::wire::{
     VerdictBody, uplink_aad,
 };
 
-/// A decrypted reading or alarm from an accepted uplink.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A decrypted reading or alarm from an accepted uplink. `Debug` shows the
+/// payload's length only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UplinkMessage {
     /// The member.
     pub id: MemberId,
@@ -34,6 +35,18 @@ pub struct UplinkMessage {
     pub ctr: u64,
     /// The plaintext.
     pub payload: Vec<u8>,
+}
+
+impl core::fmt::Debug for UplinkMessage {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("UplinkMessage")
+            .field("id", &self.id)
+            .field("sid", &self.sid)
+            .field("kind", &self.kind)
+            .field("ctr", &self.ctr)
+            .field("payload", &super::round::Redacted(self.payload.len()))
+            .finish()
+    }
 }
 
 /// "Member `member` applied group message `seq` of `group`", from a verified

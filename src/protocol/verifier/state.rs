@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::UsageError;
 use crate::protocol::suite::{Iv12, Key16, Key32};
 use crate::protocol::wire::{GroupId, MemberId, Mode, SessionId};
 
@@ -101,12 +102,26 @@ impl GroupState {
     /// sessions may have been superseded, and their `down_ctr` may be
     /// behind), forget the group's open rounds, and then open a psk-ecdhe
     /// round.
-    pub fn after_restore(&mut self, rng: &mut impl rand_core::CryptoRng) {
-        self.next_round = self.next_round.saturating_add(RESTORE_OFFSET);
-        self.epoch = self.epoch.saturating_add(RESTORE_OFFSET);
-        self.latest_seq = self.latest_seq.saturating_add(RESTORE_OFFSET);
+    ///
+    /// Refused with [`UsageError::CounterExhausted`], changing nothing, if
+    /// a counter would pass `u64::MAX`: saturating would repeat values
+    /// members already hold.
+    pub fn after_restore(&mut self, rng: &mut impl rand_core::CryptoRng) -> Result<(), UsageError> {
+        let raise = |v: u64| {
+            v.checked_add(RESTORE_OFFSET)
+                .ok_or(UsageError::CounterExhausted)
+        };
+        let (next_round, epoch, latest_seq) = (
+            raise(self.next_round)?,
+            raise(self.epoch)?,
+            raise(self.latest_seq)?,
+        );
+        self.next_round = next_round;
+        self.epoch = epoch;
+        self.latest_seq = latest_seq;
         self.gk = Key16::random(rng);
         self.sent.clear();
+        Ok(())
     }
 
     /// The sent message with `seq`, if still remembered.
@@ -263,64 +278,88 @@ pub struct SessionState {
     pub down_ctr: u64,
 }
 
+/// Most unused sessions a [`SessionSlot`] keeps behind its `pending` one.
+pub const UNCONFIRMED_KEPT: usize = 2;
+
 /// The sessions of one (member, group).
 ///
 /// A round gives the member a new session, but the member switches to it
-/// only when it opens the confirm, which the gateway may never deliver. So V
-/// installs the new session as `pending` and keeps `current` until the
-/// first uplink under the pending sid verifies; then the pending session
-/// becomes current and the old one is deleted. A newer round replaces an
-/// unused pending session.
+/// only when it opens the confirm, which the gateway may never deliver, and
+/// V learns that it did only from the first uplink under the new sid. So V
+/// installs the new session as `pending` and keeps `current` until an
+/// uplink under a newer sid verifies. A newer round moves an unused
+/// pending session into `unconfirmed` (at most [`UNCONFIRMED_KEPT`], the
+/// oldest dropped first): a member that opened that round's confirm but
+/// not the next one's still uplinks and gets rekeys under it. The first
+/// session seen in use becomes current; the current one and every session
+/// older than the used one are deleted, the newer ones are kept.
+///
+/// Encoding: `unconfirmed` (a list of [`SessionState`], newest first) was
+/// added with a default of empty, so slots stored before it decode.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SessionSlot {
     /// The session the member was last seen using.
     pub current: Option<SessionState>,
     /// The newest session, not yet seen in use.
     pub pending: Option<SessionState>,
+    /// Older sessions not yet seen in use, newest first, newer than
+    /// `current`; at most [`UNCONFIRMED_KEPT`].
+    #[serde(default)]
+    pub unconfirmed: Vec<SessionState>,
     /// [`GroupState::ecdhe_rounds`] when the member was last accepted in a
     /// psk-ecdhe round (or first accepted at all).
     pub ecdhe_mark: u64,
 }
 
 impl SessionSlot {
-    /// The session with `sid`, current or pending.
+    /// The session with `sid`: current, pending or unconfirmed.
     pub fn by_sid(&self, sid: SessionId) -> Option<&SessionState> {
-        [&self.current, &self.pending]
-            .into_iter()
-            .flatten()
+        self.current
+            .iter()
+            .chain(&self.pending)
+            .chain(&self.unconfirmed)
             .find(|s| s.sid == sid)
     }
 
     /// The session with `sid`, for changing it.
     pub fn by_sid_mut(&mut self, sid: SessionId) -> Option<&mut SessionState> {
-        [&mut self.current, &mut self.pending]
-            .into_iter()
-            .flatten()
-            .find(|s| s.sid == sid)
+        self.sessions_mut().find(|s| s.sid == sid)
     }
 
-    /// Installs a session a round just created, replacing any unused pending
-    /// one.
+    /// Installs a session a round just created; an unused pending one moves
+    /// to `unconfirmed`, dropping the oldest beyond [`UNCONFIRMED_KEPT`].
     pub fn install(&mut self, session: SessionState) {
-        self.pending = Some(session);
-    }
-
-    /// An uplink under `sid` verified: if `sid` is the pending session, it
-    /// becomes current and the old current session is deleted.
-    pub fn mark_used(&mut self, sid: SessionId) {
-        if self.pending.as_ref().is_some_and(|p| p.sid == sid) {
-            self.current = self.pending.take();
+        if let Some(old) = self.pending.replace(session) {
+            self.unconfirmed.insert(0, old);
+            self.unconfirmed.truncate(UNCONFIRMED_KEPT);
         }
     }
 
-    /// Both sessions, current first.
+    /// An uplink under `sid` verified: if `sid` is a session not yet seen in
+    /// use, it becomes current, and the old current session and every
+    /// unconfirmed one older than `sid` are deleted.
+    pub fn mark_used(&mut self, sid: SessionId) {
+        if self.pending.as_ref().is_some_and(|p| p.sid == sid) {
+            self.current = self.pending.take();
+            self.unconfirmed.clear();
+        } else if let Some(i) = self.unconfirmed.iter().position(|s| s.sid == sid) {
+            // Newest first: the ones after `i` are older than `sid`.
+            self.unconfirmed.truncate(i + 1);
+            self.current = self.unconfirmed.pop();
+        }
+    }
+
+    /// Every session kept, current first.
     pub fn sessions_mut(&mut self) -> impl Iterator<Item = &mut SessionState> {
-        [&mut self.current, &mut self.pending].into_iter().flatten()
+        self.current
+            .iter_mut()
+            .chain(&mut self.pending)
+            .chain(&mut self.unconfirmed)
     }
 
     /// Whether the slot holds no session.
     pub fn is_empty(&self) -> bool {
-        self.current.is_none() && self.pending.is_none()
+        self.current.is_none() && self.pending.is_none() && self.unconfirmed.is_empty()
     }
 }
 
@@ -611,16 +650,52 @@ mod tests {
         // Using the old session keeps both.
         slot.mark_used(SessionId([1; 8]));
         assert!(slot.pending.is_some());
-        // A newer round replaces the unused pending session.
+        // A newer round keeps the unused pending session behind the new one.
         slot.install(mk(3));
-        assert!(slot.by_sid(SessionId([2; 8])).is_none());
+        assert!(slot.by_sid(SessionId([2; 8])).is_some());
+        assert_eq!(slot.sessions_mut().count(), 3);
         slot.mark_used(SessionId([3; 8]));
         assert!(
             slot.by_sid(SessionId([1; 8])).is_none(),
             "old session deleted"
         );
+        assert!(slot.by_sid(SessionId([2; 8])).is_none(), "older unused");
         assert_eq!(slot.current.as_ref().unwrap().sid, SessionId([3; 8]));
         assert!(slot.pending.is_none());
+    }
+
+    #[test]
+    fn slot_keeps_a_bounded_number_of_unused_sessions() {
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let mut mk = |sid: u8| SessionState {
+            group: GroupId(1),
+            id: MemberId(2),
+            sid: SessionId([sid; 8]),
+            round: u64::from(sid),
+            mode: Mode::Psk,
+            k_up: Key16::random(&mut rng),
+            iv_up: Iv12::random(&mut rng),
+            k_down: Key16::random(&mut rng),
+            window: ReplayWindow::default(),
+            down_ctr: 0,
+        };
+        let mut slot = SessionSlot::default();
+        for sid in 1..=5 {
+            slot.install(mk(sid));
+        }
+        // Pending 5, unconfirmed 4 and 3; 1 and 2 dropped.
+        let kept: Vec<u8> = slot.sessions_mut().map(|s| s.sid.0[0]).collect();
+        assert_eq!(kept, [5, 4, 3]);
+        // Using 4 makes it current, deletes 3 and keeps the newer 5.
+        slot.mark_used(SessionId([4; 8]));
+        let kept: Vec<u8> = slot.sessions_mut().map(|s| s.sid.0[0]).collect();
+        assert_eq!(kept, [4, 5]);
+        assert!(slot.unconfirmed.is_empty());
+        // A slot stored before `unconfirmed` existed still decodes.
+        let mut json: serde_json::Value = serde_json::to_value(&slot).unwrap();
+        json.as_object_mut().unwrap().remove("unconfirmed");
+        let back: SessionSlot = serde_json::from_value(json).unwrap();
+        assert_eq!(back.pending.unwrap().sid, SessionId([5; 8]));
     }
 
     #[test]

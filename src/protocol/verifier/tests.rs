@@ -1701,7 +1701,7 @@ fn after_restore_raises_counters_and_draws_a_new_group_key() {
     let _ = establish(&mut f, &members, Mode::Psk);
     let _ = f.verifier.group_message(&mut f.group, b"c", 1, &mut f.rng);
     let before = f.group.clone();
-    f.group.after_restore(&mut f.rng);
+    f.group.after_restore(&mut f.rng).unwrap();
     f.sessions.drop_group(G);
     assert_eq!(f.group.next_round, before.next_round + (1 << 32));
     assert_eq!(f.group.epoch, before.epoch + (1 << 32));
@@ -1710,6 +1710,31 @@ fn after_restore_raises_counters_and_draws_a_new_group_key() {
     assert!(f.sessions.is_empty());
     let (round, _) = f.open(Mode::PskEcdhe, Purpose::Auth);
     assert_eq!(round.round, before.next_round + (1 << 32));
+}
+
+#[test]
+fn after_restore_refuses_counters_that_would_overflow() {
+    let mut rng = TestRng(3);
+    for field in 0..3 {
+        let mut g = GroupState::new(G, &mut rng);
+        match field {
+            0 => g.next_round = u64::MAX - 5,
+            1 => g.epoch = u64::MAX - (1 << 32) + 1,
+            _ => g.latest_seq = u64::MAX,
+        }
+        let before = g.clone();
+        assert_eq!(g.after_restore(&mut rng), Err(UsageError::CounterExhausted));
+        // Nothing changed, the key included.
+        assert_eq!(
+            (g.next_round, g.epoch, g.latest_seq),
+            (before.next_round, before.epoch, before.latest_seq)
+        );
+        assert_eq!(g.gk.expose(), before.gk.expose());
+    }
+    let mut g = GroupState::new(G, &mut rng);
+    g.epoch = u64::MAX - (1 << 32);
+    assert_eq!(g.after_restore(&mut rng), Ok(()));
+    assert_eq!(g.epoch, u64::MAX);
 }
 
 #[test]
@@ -1750,4 +1775,157 @@ fn direct_uplink_is_checked_like_a_batch_of_one() {
     };
     assert_eq!(v.messages[0].payload, b"direct");
     assert_eq!(call(&mut f).outcome, Outcome::ReplayedCounter);
+}
+
+#[test]
+fn an_unused_pending_session_survives_a_newer_round_until_one_is_used() {
+    let mut f = Fixture::new();
+    let members = f.members(1..=2);
+    // Round r: member 1 opens the confirm (S_r) but sends nothing.
+    let s_r = establish(&mut f, &members, Mode::Psk).remove(0);
+    // Round r+1: accepted again, but its confirm never reaches the member.
+    let s_next = establish(&mut f, &members, Mode::Psk).remove(0);
+    assert_ne!(s_r.sid(), s_next.sid());
+
+    // A revocation reaches the member through S_r.
+    let rekeys = f
+        .verifier
+        .revoke(&mut f.group, MemberId(2), &mut f.sessions, &mut f.rng)
+        .unwrap();
+    let for_r: Vec<_> = rekeys.iter().filter(|r| r.sid == s_r.sid()).collect();
+    assert_eq!(for_r.len(), 1, "a rekey for S_r: {rekeys:?}");
+    assert_eq!(&s_r.open_rekey(for_r[0]).unwrap(), f.group.gk.expose());
+
+    // Its alarm under S_r is accepted, and makes S_r current; S_{r+1}
+    // stays pending for a late confirm.
+    let b = f.uplink_batch(&[s_r.uplink(UplinkKind::Alarm, 1, b"tamper")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+    let slot = f.sessions.get(G, MemberId(1)).unwrap();
+    assert_eq!(slot.current.as_ref().unwrap().sid, s_r.sid());
+    assert_eq!(slot.pending.as_ref().unwrap().sid, s_next.sid());
+    let b = f.uplink_batch(&[s_next.uplink(UplinkKind::Reading, 1, b"n1")], 8);
+    assert_eq!(
+        outcomes(&uplinks(f.handle(&b, None)).verdict),
+        [Outcome::Accepted]
+    );
+}
+
+/// A store whose batch lookup is broken: records swapped or missing.
+struct BrokenRegistry {
+    inner: InMemoryRegistry,
+    swap: bool,
+}
+
+impl Registry for BrokenRegistry {
+    fn member(&self, id: MemberId) -> Option<MemberRecord> {
+        self.inner.member(id)
+    }
+
+    fn members(&self, ids: &[MemberId]) -> Vec<Option<MemberRecord>> {
+        let mut records: Vec<_> = ids.iter().map(|&id| self.inner.member(id)).collect();
+        if self.swap {
+            records.reverse();
+        } else {
+            records.pop();
+        }
+        records
+    }
+}
+
+#[test]
+fn a_registry_returning_the_wrong_records_never_substitutes_identities() {
+    for swap in [true, false] {
+        let mut f = Fixture::new();
+        let members = f.members(1..=2);
+        let (mut round, ch) = f.open(Mode::Psk, Purpose::Auth);
+        // Swapped: member 2 seals a response under its own key but names
+        // member 1, which the store would look up as member 2's record.
+        // Missing: member 2's record is not returned at all.
+        let first = if swap {
+            let m2_as_1 = TestMember {
+                id: MemberId(1),
+                kv: 1,
+                key: members[1].key.clone(),
+            };
+            m2_as_1.respond(&ch, b"", &mut f.rng)
+        } else {
+            members[0].respond(&ch, b"", &mut f.rng)
+        };
+        let second = members[1].respond(&ch, b"", &mut f.rng);
+        let batch = f.batch(&round, &[&first, &second], 64);
+        let registry = BrokenRegistry {
+            inner: f.registry.clone(),
+            swap,
+        };
+        let rb = ReceivedBatch::decode(batch.to_bytes()).unwrap();
+        let out = f
+            .verifier
+            .handle_batch(
+                &rb,
+                BatchState {
+                    group: &f.group,
+                    round: Some(&mut round),
+                    sessions: &mut f.sessions,
+                },
+                &registry,
+                &mut f.log,
+                1_000,
+            )
+            .unwrap();
+        // Entries V cannot check fail their chunk: answer honestly.
+        let out = if !matches!(out.event, BatchEvent::TagsRequested { .. }) {
+            out
+        } else {
+            let reply = TagReply {
+                gateway_id: batch.gateway_id,
+                batch_id: batch.batch_id,
+                batch_hash: Sha256::digest(batch.to_bytes()).into(),
+                chunks: vec![all_tags(&[&first, &second], 64, 0)],
+            };
+            f.verifier
+                .handle_tag_reply(
+                    &reply,
+                    BatchState {
+                        group: &f.group,
+                        round: Some(&mut round),
+                        sessions: &mut f.sessions,
+                    },
+                    &registry,
+                    &mut f.log,
+                    1_000,
+                )
+                .unwrap()
+        };
+        let (_, v) = responses(out);
+        let got = outcomes(&v.verdict).to_vec();
+        if swap {
+            assert_eq!(got, [Outcome::UnknownMember; 2]);
+            assert!(round.accepted.is_empty());
+        } else {
+            assert_eq!(got, [Outcome::Accepted, Outcome::UnknownMember]);
+        }
+    }
+}
+
+#[test]
+fn readings_and_uplink_messages_redact_their_payloads_in_debug() {
+    let reading = Reading {
+        id: MemberId(7),
+        payload: b"kWh 4242".to_vec(),
+    };
+    let up = UplinkMessage {
+        id: MemberId(7),
+        sid: SessionId([1; 8]),
+        kind: UplinkKind::Alarm,
+        ctr: 3,
+        payload: b"kWh 4242".to_vec(),
+    };
+    for s in [format!("{reading:?}"), format!("{up:?}")] {
+        assert!(s.contains("MemberId(7)"), "{s}");
+        assert!(s.contains("<8 bytes redacted>"), "{s}");
+        assert!(!s.contains("4242") && !s.contains("107, 87"), "{s}");
+    }
 }
