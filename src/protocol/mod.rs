@@ -4,4 +4,5 @@
 pub mod codec;
 pub mod keys;
 pub mod suite;
+pub mod verifier;
 pub mod wire;

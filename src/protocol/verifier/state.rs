@@ -1,0 +1,654 @@
+//! The verifier's mutable protocol state, as plain serializable values the
+//! caller loads before a call and stores after it.
+//!
+//! Data flow: the UDC keeps one [`GroupState`] per group, one [`RoundState`]
+//! per open round, and one [`SessionSlot`] per (member, group). It loads the
+//! ones a batch or an operation needs, lets the verifier change them in
+//! memory, and writes them back in the same transaction as the verdict. The
+//! verifier itself keeps nothing between calls.
+//!
+//! # Encoding
+//!
+//! Every state type derives serde with the field names below; byte strings
+//! (keys, nonces, hashes) are serialized with `serialize_bytes`, enums as
+//! their names, ids as plain integers. The encoding is stable for protocol
+//! version 1: fields are only ever added with a default. Values that hold
+//! secrets ([`GroupState::gk`], [`RoundState`]'s `E_V` secret, the keys of a
+//! [`SessionState`]) must be sealed under the storage key
+//! ([`StorageKey`](crate::protocol::keys::StorageKey)) with the row's
+//! identity in the AAD before they touch a disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::suite::{Iv12, Key16, Key32};
+use crate::protocol::wire::{GroupId, MemberId, Mode, SessionId};
+
+/// Size of the uplink replay window, in counters.
+pub const REPLAY_WINDOW: u64 = 64;
+
+/// How many recent group messages a [`GroupState`] remembers for checking
+/// acks.
+pub const SENT_MESSAGES_KEPT: usize = 32;
+
+/// Added to round, epoch and seq by [`GroupState::after_restore`].
+pub const RESTORE_OFFSET: u64 = 1 << 32;
+
+/// A group message V sent, as an ack must name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentMessage {
+    /// Its seq.
+    pub seq: u64,
+    /// The epoch whose key sealed it.
+    pub epoch: u64,
+    /// SHA-256 of the complete message bytes.
+    #[serde(with = "byte_array")]
+    pub hash: [u8; 32],
+}
+
+/// The long-lived state of one group.
+///
+/// Holds the current group key `GK_e` (zeroized on drop, redacted in
+/// `Debug`). Ended epochs' keys are not kept: after a rekey nothing more is
+/// sealed under them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The group.
+    pub group: GroupId,
+    /// Current epoch `e`.
+    pub epoch: u64,
+    /// `GK_e`, sent to members in confirms and rekeys.
+    #[serde(with = "secret_bytes")]
+    pub gk: Key16,
+    /// The round number the next challenge gets (strictly increasing).
+    pub next_round: u64,
+    /// Seq of the latest group message (0: none yet).
+    pub latest_seq: u64,
+    /// SHA-256 of the latest configuration payload (zeros if none).
+    #[serde(with = "byte_array")]
+    pub config_hash: [u8; 32],
+    /// psk-ecdhe rounds opened so far; a member's
+    /// [`SessionSlot::ecdhe_mark`] is compared against it to notice members
+    /// that keep missing psk-ecdhe rounds.
+    pub ecdhe_rounds: u64,
+    /// The last [`SENT_MESSAGES_KEPT`] group messages, oldest first, so an
+    /// ack can be matched to a message V actually sent.
+    pub sent: Vec<SentMessage>,
+}
+
+impl GroupState {
+    /// A new group at epoch 1 with a fresh group key; its first round is 1.
+    pub fn new(group: GroupId, rng: &mut impl rand_core::CryptoRng) -> Self {
+        Self {
+            group,
+            epoch: 1,
+            gk: Key16::random(rng),
+            next_round: 1,
+            latest_seq: 0,
+            config_hash: [0; 32],
+            ecdhe_rounds: 0,
+            sent: Vec::new(),
+        }
+    }
+
+    /// Recovery after V restored this state from a backup: raises the round,
+    /// epoch and seq counters by 2^32 and draws a fresh group key, so nothing
+    /// members persisted since the backup can be replayed and no counter
+    /// repeats.
+    ///
+    /// The caller must also drop every session of the group (the backup's
+    /// sessions may have been superseded, and their `down_ctr` may be
+    /// behind), forget the group's open rounds, and then open a psk-ecdhe
+    /// round.
+    pub fn after_restore(&mut self, rng: &mut impl rand_core::CryptoRng) {
+        self.next_round = self.next_round.saturating_add(RESTORE_OFFSET);
+        self.epoch = self.epoch.saturating_add(RESTORE_OFFSET);
+        self.latest_seq = self.latest_seq.saturating_add(RESTORE_OFFSET);
+        self.gk = Key16::random(rng);
+        self.sent.clear();
+    }
+
+    /// The sent message with `seq`, if still remembered.
+    pub fn sent_message(&self, seq: u64) -> Option<&SentMessage> {
+        self.sent.iter().find(|m| m.seq == seq)
+    }
+
+    /// Remembers a sent message, forgetting the oldest beyond the bound.
+    pub(crate) fn remember_sent(&mut self, msg: SentMessage) {
+        self.sent.push(msg);
+        if self.sent.len() > SENT_MESSAGES_KEPT {
+            let excess = self.sent.len() - SENT_MESSAGES_KEPT;
+            self.sent.drain(..excess);
+        }
+    }
+}
+
+/// Whether a round collects readings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundPurpose {
+    /// Authentication only: responses carry an empty payload.
+    Auth,
+    /// Authentication and a reading per member.
+    Read,
+}
+
+/// The state of one round, from [`Verifier::open_round`](super::Verifier::open_round)
+/// until the caller deletes it.
+///
+/// In psk-ecdhe it holds V's ephemeral secret `e_V` (zeroized on drop,
+/// redacted in `Debug`), erased by [`RoundState::close`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundState {
+    /// The group.
+    pub group: GroupId,
+    /// The round number.
+    pub round: u64,
+    /// The group epoch when the challenge was signed.
+    pub epoch: u64,
+    /// psk or psk-ecdhe.
+    #[serde(with = "mode_code")]
+    pub mode: Mode,
+    /// Auth or read.
+    pub purpose: RoundPurpose,
+    /// SHA-256 of the challenge bytes, hashed once when the round opens.
+    #[serde(with = "byte_array")]
+    pub ch_hash: [u8; 32],
+    /// The challenge's expiry (Unix seconds), if any.
+    pub not_after: Option<u64>,
+    /// Whether responses are still accepted.
+    pub open: bool,
+    /// `e_V`, present while a psk-ecdhe round is open.
+    pub e_v_secret: Option<EphemeralSecret>,
+    /// Members accepted in this round ("already accepted" is detected here).
+    pub accepted: BTreeSet<MemberId>,
+}
+
+impl RoundState {
+    /// Closes the round: no more responses are accepted and `e_V` is erased.
+    pub fn close(&mut self) {
+        self.open = false;
+        self.e_v_secret = None;
+    }
+
+    /// Whether a response arriving at `now` (Unix seconds) may be accepted.
+    pub fn is_open_at(&self, now: u64) -> bool {
+        self.open && self.not_after.is_none_or(|t| now <= t)
+    }
+}
+
+/// V's ephemeral X25519 secret of a psk-ecdhe round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EphemeralSecret(#[serde(with = "secret_bytes")] pub(crate) Key32);
+
+/// A 64-counter sliding window over uplink counters.
+///
+/// `top` is the highest accepted counter (0: none yet); bit `i` of `seen`
+/// says counter `top - i` was accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayWindow {
+    /// Highest accepted counter.
+    pub top: u64,
+    /// Bitmap of accepted counters below and at `top`.
+    pub seen: u64,
+}
+
+impl ReplayWindow {
+    /// Whether `ctr` is fresh: counters start at 1, and a counter at or below
+    /// `top - 64`, or already accepted, is not.
+    pub fn is_fresh(&self, ctr: u64) -> bool {
+        if ctr == 0 {
+            return false;
+        }
+        if ctr > self.top {
+            return true;
+        }
+        let back = self.top - ctr;
+        back < REPLAY_WINDOW && self.seen & (1 << back) == 0
+    }
+
+    /// Marks `ctr` accepted (call only after [`Self::is_fresh`] and the tag
+    /// check).
+    pub fn accept(&mut self, ctr: u64) {
+        if ctr > self.top {
+            let shift = ctr - self.top;
+            self.seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            self.seen |= 1;
+            self.top = ctr;
+        } else {
+            let back = self.top - ctr;
+            if back < REPLAY_WINDOW {
+                self.seen |= 1 << back;
+            }
+        }
+    }
+}
+
+/// One (member, group) session on V's side.
+///
+/// The keys are zeroized on drop and redacted in `Debug`. `down_ctr` is the
+/// last downlink counter used; V increments it (and the caller persists the
+/// slot) before a rekey or key update goes out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The group.
+    pub group: GroupId,
+    /// The member.
+    pub id: MemberId,
+    /// Session id.
+    #[serde(with = "session_id")]
+    pub sid: SessionId,
+    /// The round that created the session.
+    pub round: u64,
+    /// The mode of that round (key updates need psk-ecdhe).
+    #[serde(with = "mode_code")]
+    pub mode: Mode,
+    /// Member-to-V key.
+    #[serde(with = "secret_bytes")]
+    pub k_up: Key16,
+    /// Base of the uplink nonces.
+    #[serde(with = "secret_bytes")]
+    pub iv_up: Iv12,
+    /// V-to-member key (random nonces).
+    #[serde(with = "secret_bytes")]
+    pub k_down: Key16,
+    /// Uplink replay window.
+    pub window: ReplayWindow,
+    /// Last downlink counter used (0: none yet).
+    pub down_ctr: u64,
+}
+
+/// The sessions of one (member, group).
+///
+/// A round gives the member a new session, but the member switches to it
+/// only when it opens the confirm, which the gateway may never deliver. So V
+/// installs the new session as `pending` and keeps `current` until the
+/// first uplink under the pending sid verifies; then the pending session
+/// becomes current and the old one is deleted. A newer round replaces an
+/// unused pending session.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SessionSlot {
+    /// The session the member was last seen using.
+    pub current: Option<SessionState>,
+    /// The newest session, not yet seen in use.
+    pub pending: Option<SessionState>,
+    /// [`GroupState::ecdhe_rounds`] when the member was last accepted in a
+    /// psk-ecdhe round (or first accepted at all).
+    pub ecdhe_mark: u64,
+}
+
+impl SessionSlot {
+    /// The session with `sid`, current or pending.
+    pub fn by_sid(&self, sid: SessionId) -> Option<&SessionState> {
+        [&self.current, &self.pending]
+            .into_iter()
+            .flatten()
+            .find(|s| s.sid == sid)
+    }
+
+    /// The session with `sid`, for changing it.
+    pub fn by_sid_mut(&mut self, sid: SessionId) -> Option<&mut SessionState> {
+        [&mut self.current, &mut self.pending]
+            .into_iter()
+            .flatten()
+            .find(|s| s.sid == sid)
+    }
+
+    /// Installs a session a round just created, replacing any unused pending
+    /// one.
+    pub fn install(&mut self, session: SessionState) {
+        self.pending = Some(session);
+    }
+
+    /// An uplink under `sid` verified: if `sid` is the pending session, it
+    /// becomes current and the old current session is deleted.
+    pub fn mark_used(&mut self, sid: SessionId) {
+        if self.pending.as_ref().is_some_and(|p| p.sid == sid) {
+            self.current = self.pending.take();
+        }
+    }
+
+    /// Both sessions, current first.
+    pub fn sessions_mut(&mut self) -> impl Iterator<Item = &mut SessionState> {
+        [&mut self.current, &mut self.pending].into_iter().flatten()
+    }
+
+    /// Whether the slot holds no session.
+    pub fn is_empty(&self) -> bool {
+        self.current.is_none() && self.pending.is_none()
+    }
+}
+
+/// The session slots a call works on, keyed by (group, member).
+///
+/// The UDC loads the slots of a batch's members (or of a whole group, for a
+/// rekey) into one table, passes it in, and writes back the slots named in
+/// the output as touched.
+#[derive(Clone, Debug, Default)]
+pub struct SessionTable {
+    slots: BTreeMap<(GroupId, MemberId), SessionSlot>,
+}
+
+impl SessionTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The slot of (group, member), if loaded.
+    pub fn get(&self, group: GroupId, id: MemberId) -> Option<&SessionSlot> {
+        self.slots.get(&(group, id))
+    }
+
+    /// The slot of (group, member), for changing it.
+    pub fn get_mut(&mut self, group: GroupId, id: MemberId) -> Option<&mut SessionSlot> {
+        self.slots.get_mut(&(group, id))
+    }
+
+    /// The slot of (group, member), created empty if absent.
+    pub fn entry(&mut self, group: GroupId, id: MemberId) -> &mut SessionSlot {
+        self.slots.entry((group, id)).or_default()
+    }
+
+    /// Adds or replaces a loaded slot.
+    pub fn insert(&mut self, group: GroupId, id: MemberId, slot: SessionSlot) {
+        self.slots.insert((group, id), slot);
+    }
+
+    /// Removes a slot (a revoked member's, or all of them after a restore).
+    pub fn remove(&mut self, group: GroupId, id: MemberId) -> Option<SessionSlot> {
+        self.slots.remove(&(group, id))
+    }
+
+    /// Members of `group` that have a slot, in id order.
+    pub fn members_of(&self, group: GroupId) -> Vec<MemberId> {
+        self.slots
+            .range((group, MemberId(0))..=(group, MemberId(u64::MAX)))
+            .map(|((_, id), _)| *id)
+            .collect()
+    }
+
+    /// Drops every slot of `group` (recovery after a restore).
+    pub fn drop_group(&mut self, group: GroupId) {
+        self.slots.retain(|(g, _), _| *g != group);
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// Serde for fixed-size secrets as raw bytes; the deserialized copy lives
+/// only in zeroizing buffers.
+pub(crate) mod secret_bytes {
+    use core::fmt;
+    use core::marker::PhantomData;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use zeroize::Zeroizing;
+
+    use crate::protocol::suite::Secret;
+
+    pub(crate) fn serialize<S: Serializer, const N: usize>(
+        v: &Secret<N>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v.expose())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Secret<N>, D::Error> {
+        let bytes = d.deserialize_bytes(ArrayVisitor::<N>(PhantomData))?;
+        Ok(Secret::from_bytes(*bytes))
+    }
+
+    /// Accepts a byte string or a sequence of exactly `N` bytes.
+    pub(crate) struct ArrayVisitor<const N: usize>(pub(crate) PhantomData<()>);
+
+    impl<'de, const N: usize> Visitor<'de> for ArrayVisitor<N> {
+        type Value = Zeroizing<[u8; N]>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{N} bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            let mut out = Zeroizing::new([0u8; N]);
+            if v.len() != N {
+                return Err(E::invalid_length(v.len(), &self));
+            }
+            out.copy_from_slice(v);
+            Ok(out)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Zeroizing::new([0u8; N]);
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+            }
+            if seq.next_element::<u8>()?.is_some() {
+                return Err(A::Error::invalid_length(N + 1, &self));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Serde for public fixed-size byte arrays (hashes) as raw bytes.
+pub(crate) mod byte_array {
+    use core::marker::PhantomData;
+
+    use serde::{Deserializer, Serializer};
+
+    use super::secret_bytes::ArrayVisitor;
+
+    pub(crate) fn serialize<S: Serializer, const N: usize>(
+        v: &[u8; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
+        Ok(*d.deserialize_bytes(ArrayVisitor::<N>(PhantomData))?)
+    }
+}
+
+/// Serde for a [`SessionId`] as 8 raw bytes.
+pub(crate) mod session_id {
+    use serde::{Deserializer, Serializer};
+
+    use crate::protocol::wire::SessionId;
+
+    pub(crate) fn serialize<S: Serializer>(v: &SessionId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&v.0)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SessionId, D::Error> {
+        super::byte_array::deserialize(d).map(SessionId)
+    }
+}
+
+/// Serde for a [`Mode`] as its wire code.
+pub(crate) mod mode_code {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::protocol::wire::Mode;
+
+    pub(crate) fn serialize<S: Serializer>(v: &Mode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(v.code())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        let code = u8::deserialize(d)?;
+        Mode::from_code(code).ok_or_else(|| D::Error::custom("mode must be 1 or 2"))
+    }
+}
+
+/// Serde for byte vectors as one byte string (not a sequence of numbers).
+pub(crate) mod byte_vec {
+    use core::fmt;
+
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(VecVisitor)
+    }
+
+    struct VecVisitor;
+
+    impl<'de> Visitor<'de> for VecVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            // A size hint from the peer is only a hint: cap the reservation.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_window_accepts_each_counter_once_within_64() {
+        let mut w = ReplayWindow::default();
+        assert!(!w.is_fresh(0), "counters start at 1");
+        assert!(w.is_fresh(1));
+        w.accept(1);
+        assert!(!w.is_fresh(1));
+        // Out of order inside the window is fine, once.
+        w.accept(5);
+        assert!(w.is_fresh(3));
+        w.accept(3);
+        assert!(!w.is_fresh(3) && !w.is_fresh(5) && w.is_fresh(4) && w.is_fresh(2));
+        // Slide far ahead: 64 back is outside, 63 back inside.
+        w.accept(100);
+        assert!(!w.is_fresh(36), "top - 64 is too old");
+        assert!(w.is_fresh(37));
+        w.accept(37);
+        assert!(!w.is_fresh(37));
+        // A jump of more than the window clears the bitmap.
+        w.accept(1000);
+        assert_eq!(w.seen, 1);
+        assert!(!w.is_fresh(1000) && w.is_fresh(999) && !w.is_fresh(100));
+        w.accept(u64::MAX);
+        assert!(!w.is_fresh(u64::MAX));
+    }
+
+    #[test]
+    fn slot_promotes_pending_on_first_use() {
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let mut mk = |sid: u8| SessionState {
+            group: GroupId(1),
+            id: MemberId(2),
+            sid: SessionId([sid; 8]),
+            round: u64::from(sid),
+            mode: Mode::Psk,
+            k_up: Key16::random(&mut rng),
+            iv_up: Iv12::random(&mut rng),
+            k_down: Key16::random(&mut rng),
+            window: ReplayWindow::default(),
+            down_ctr: 0,
+        };
+        let mut slot = SessionSlot::default();
+        slot.install(mk(1));
+        slot.mark_used(SessionId([1; 8]));
+        assert_eq!(slot.current.as_ref().unwrap().sid, SessionId([1; 8]));
+        slot.install(mk(2));
+        assert!(slot.by_sid(SessionId([1; 8])).is_some());
+        assert!(slot.by_sid(SessionId([2; 8])).is_some());
+        // Using the old session keeps both.
+        slot.mark_used(SessionId([1; 8]));
+        assert!(slot.pending.is_some());
+        // A newer round replaces the unused pending session.
+        slot.install(mk(3));
+        assert!(slot.by_sid(SessionId([2; 8])).is_none());
+        slot.mark_used(SessionId([3; 8]));
+        assert!(
+            slot.by_sid(SessionId([1; 8])).is_none(),
+            "old session deleted"
+        );
+        assert_eq!(slot.current.as_ref().unwrap().sid, SessionId([3; 8]));
+        assert!(slot.pending.is_none());
+    }
+
+    #[test]
+    fn state_round_trips_through_serde_and_debug_is_redacted() {
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let g = GroupState::new(GroupId(9), &mut rng);
+        let json = serde_json::to_string(&g).unwrap();
+        let back: GroupState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.gk, g.gk);
+        assert_eq!(back.group, g.group);
+        let dbg = format!("{g:?}");
+        assert!(dbg.contains("redacted"), "{dbg}");
+
+        let s = SessionState {
+            group: GroupId(1),
+            id: MemberId(2),
+            sid: SessionId([7; 8]),
+            round: 3,
+            mode: Mode::PskEcdhe,
+            k_up: Key16::from_bytes([0xAB; 16]),
+            iv_up: Iv12::from_bytes([0xAB; 12]),
+            k_down: Key16::from_bytes([0xAB; 16]),
+            window: ReplayWindow { top: 5, seen: 3 },
+            down_ctr: 4,
+        };
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("171") && !dbg.to_lowercase().contains("abab"),
+            "{dbg}"
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        let back: SessionState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.k_up, s.k_up);
+        assert_eq!(back.sid, s.sid);
+        assert_eq!(back.mode, Mode::PskEcdhe);
+        assert_eq!(back.window, s.window);
+        // A short key is refused, not padded.
+        let short = json.replacen("171,", "", 1);
+        assert!(serde_json::from_str::<SessionState>(&short).is_err());
+    }
+}
