@@ -24,3 +24,5 @@ pub mod config;
 pub mod telemetry;
 #[cfg(feature = "service")]
 pub mod tls;
+#[cfg(feature = "service")]
+pub mod udc;

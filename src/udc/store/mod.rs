@@ -1,0 +1,1236 @@
+//! The UDC's persistent state: one [`Store`] trait, two backends.
+//!
+//! ```text
+//! gateway --batch--> udc server --> verifier (sans-IO) --state values--> seal --> Store
+//!                                                                               |-- SqliteStore (embedded default)
+//!                                                                               '-- PostgresStore (shared by several UDCs)
+//! ```
+//!
+//! The store speaks plain columns plus opaque [`Sealed`] blobs: every piece
+//! of secret-bearing state (session keys, group state, imported member keys,
+//! round secrets, pending localizations) is sealed by the service layer with
+//! `keys::StorageKey::seal_row` before it gets here, with the row's identity
+//! in the AAD. The store never sees a secret in clear and never interprets a
+//! sealed blob.
+//!
+//! Everything a batch changes goes through [`Store::apply_batch`] as one
+//! [`BatchWrite`] in one transaction: the verdict under (gateway, batch id)
+//! is written first and a second write under the same key fails with
+//! [`StoreError::VerdictExists`] before anything else is touched, so a crash
+//! never leaves a batch half applied and a retried batch changes nothing.
+//! The same write set carries the other multi-row changes (opening a round,
+//! publishing a group message, a rekey) so they are atomic too.
+//!
+//! Several UDC processes may share a PostgreSQL store. Rows that two of them
+//! could write concurrently use compare-and-set: group rows carry a
+//! `version` ([`StoreError::Conflict`] when stale), replay windows are
+//! advanced only from the window the writer read, and schedules are claimed
+//! by their expected next time.
+//!
+//! Integer mapping: `u64` values (member ids, rounds, cursors, counters) are
+//! stored bit-cast into signed 64-bit columns. Ordered listings use that
+//! signed order, so ids at or above 2^63 list before small ids; paging with
+//! `after` stays complete and consistent.
+
+mod pg_cluster;
+mod postgres;
+mod sqlite;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+
+pub use crate::protocol::wire::Mode;
+pub use pg_cluster::{PgCluster, PgClusterError};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// An opaque blob already sealed under the storage key by the service layer.
+///
+/// The store only moves these bytes; `Debug` shows the length, never the
+/// content.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Sealed(Vec<u8>);
+
+impl Sealed {
+    /// Wraps bytes produced by `StorageKey::seal_row`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The sealed bytes, to be opened by the service layer.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Unwraps the sealed bytes.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed(<{} bytes>)", self.0.len())
+    }
+}
+
+/// Where a member's root key K_i comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// Derived from the master secret, id and kv; nothing is stored.
+    Derived,
+    /// A vendor key imported at enrolment, sealed.
+    Imported(Sealed),
+}
+
+/// Whether a member may authenticate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberStatus {
+    /// In good standing.
+    Active,
+    /// Revoked: excluded from its groups' later epochs.
+    Revoked,
+}
+
+/// One member of the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberRow {
+    /// The member id.
+    pub id: u64,
+    /// The groups it belongs to, sorted, without duplicates.
+    pub groups: Vec<u32>,
+    /// Where its root key comes from.
+    pub key_source: KeySource,
+    /// The root key version.
+    pub kv: u32,
+    /// Active or revoked.
+    pub status: MemberStatus,
+    /// When it was enrolled (unix ms).
+    pub added_at_ms: u64,
+}
+
+/// One group's current state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRow {
+    /// The group id.
+    pub group: u32,
+    /// The current epoch e.
+    pub epoch: u64,
+    /// The next round number to hand out (rounds strictly increase).
+    pub next_round: u64,
+    /// The last group-message seq used.
+    pub seq: u64,
+    /// Hash of the group's configuration, announced in challenges.
+    pub config_hash: [u8; 32],
+    /// Sealed group state (GK_e and whatever the verifier keeps per group).
+    pub state: Sealed,
+    /// Optimistic-concurrency version: the version this row was read at.
+    /// [`Store::insert_group`] stores version 1; an update stores
+    /// `version + 1` only if the stored version still equals `version`.
+    pub version: u64,
+}
+
+/// What a round asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundPurpose {
+    /// Authentication only.
+    Auth,
+    /// Authentication plus a group read (the request is in the challenge).
+    Read,
+}
+
+/// Whether a round still accepts responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundStatus {
+    /// Accepting responses.
+    Open,
+    /// Closed; its sealed state has been erased.
+    Closed,
+}
+
+/// One round of one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundRow {
+    /// The group.
+    pub group: u32,
+    /// The round number.
+    pub round: u64,
+    /// When it opened (unix ms).
+    pub opened_at_ms: u64,
+    /// When it closes, if it has a deadline (unix ms).
+    pub closes_at_ms: Option<u64>,
+    /// psk or psk-ecdhe.
+    pub mode: Mode,
+    /// auth or read.
+    pub purpose: RoundPurpose,
+    /// The signed challenge as sent (wire bytes).
+    pub challenge: Vec<u8>,
+    /// Sealed round secrets (the ephemeral X25519 secret in psk-ecdhe);
+    /// emptied when the round closes.
+    pub state: Sealed,
+    /// Open or closed.
+    pub status: RoundStatus,
+}
+
+/// What happened to one member in one round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// Its response verified.
+    Accepted,
+    /// Its response was rejected for a reason attributable to it.
+    Rejected,
+    /// A bad or missing tag seen through a gateway: not held against the
+    /// member, counted against the gateway.
+    Unverified,
+}
+
+/// One member's outcome in one round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutcomeRow {
+    /// The group.
+    pub group: u32,
+    /// The round.
+    pub round: u64,
+    /// The member.
+    pub member: u64,
+    /// Accepted, rejected or unverified.
+    pub kind: OutcomeKind,
+    /// A short reason code (empty when accepted).
+    pub reason: Cow<'static, str>,
+    /// The gateway it came through (`None` on the direct path). Filled from
+    /// [`BatchWrite::via`] on write.
+    pub gateway: Option<String>,
+}
+
+/// A round's result summary for the admin API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundReport {
+    /// The round itself.
+    pub round: RoundRow,
+    /// Members accepted.
+    pub accepted: u64,
+    /// Members rejected, by reason, sorted by reason.
+    pub rejected: Vec<(String, u64)>,
+    /// Entries unverified via a gateway.
+    pub unverified: u64,
+    /// Active members of the group with no outcome in this round.
+    pub missing: u64,
+    /// Chunks localized in this round.
+    pub localizations: u64,
+}
+
+/// The verdict stored under (gateway, batch id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredVerdict {
+    /// Hash of the batch the verdict answers.
+    pub batch_hash: [u8; 32],
+    /// The verdict message as sent (wire bytes), re-sent byte for byte.
+    pub verdict: Vec<u8>,
+    /// False while the verdict is "tags requested" and a localization is
+    /// pending.
+    pub is_final: bool,
+}
+
+/// The verdict part of a [`BatchWrite`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerdictWrite {
+    /// The gateway that sent the batch.
+    pub gateway: String,
+    /// The gateway's batch id.
+    pub batch_id: u64,
+    /// Hash of the batch.
+    pub batch_hash: [u8; 32],
+    /// The verdict message (wire bytes).
+    pub verdict: Vec<u8>,
+    /// `Some` when this verdict requests tags: the localization to keep
+    /// until the tag reply (or expiry). `None` for a final verdict, which
+    /// may replace a stored non-final verdict of the same batch hash.
+    pub pending: Option<PendingWrite>,
+}
+
+/// The pending half of a tags-requested verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingWrite {
+    /// Sealed verifier state needed to finish the batch.
+    pub pending: Sealed,
+    /// When the gateway's chance to send tags ends (unix ms).
+    pub expires_at_ms: u64,
+}
+
+/// A pending localization, as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingLocalization {
+    /// The gateway.
+    pub gateway: String,
+    /// The batch id.
+    pub batch_id: u64,
+    /// Hash of the batch (a tag reply must name it).
+    pub batch_hash: [u8; 32],
+    /// The tags-requested verdict as sent.
+    pub verdict: Vec<u8>,
+    /// Sealed verifier state.
+    pub pending: Sealed,
+    /// Expiry (unix ms).
+    pub expires_at_ms: u64,
+}
+
+/// A new session for (member, group), written when a member is accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The session id.
+    pub sid: [u8; 8],
+    /// Sealed session state (k_up, iv_up, k_down, down_ctr, GK_e).
+    pub state: Sealed,
+    /// The round that created it.
+    pub round: u64,
+    /// When it was created (unix ms); also the member's last authentication
+    /// in this group.
+    pub created_at_ms: u64,
+}
+
+/// An uplink replay window: the highest accepted counter and a 64-bit map
+/// of the counters below it (bit i = `highest - 1 - i` seen).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplayWindow {
+    /// Highest accepted ctr (0 = none yet).
+    pub highest: u64,
+    /// Seen map below `highest`.
+    pub bitmap: u64,
+}
+
+/// One stored session slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSlot {
+    /// The session id.
+    pub sid: [u8; 8],
+    /// Sealed session state.
+    pub state: Sealed,
+    /// The round that created it.
+    pub round: u64,
+    /// When it was created (unix ms).
+    pub created_at_ms: u64,
+    /// Its replay window.
+    pub window: ReplayWindow,
+}
+
+/// The sessions V holds for one (member, group): the current one and the
+/// previous one, kept until the current one is first used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionPair {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The newest session.
+    pub current: Option<SessionSlot>,
+    /// The session before it, if the current one is still unused.
+    pub previous: Option<SessionSlot>,
+    /// The member's last successful authentication in this group (unix ms);
+    /// kept by [`Store::drop_all_sessions`].
+    pub last_auth_ms: u64,
+}
+
+/// Advance one session's replay window, compare-and-set.
+///
+/// Applies only if the stored window of the session named by `sid` still
+/// equals `from`; otherwise the whole write fails with
+/// [`StoreError::Conflict`] (another UDC process accepted an uplink of this
+/// session meanwhile). Advancing the current slot's window is the current
+/// session's first use: the previous slot is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayUpdate {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The session.
+    pub sid: [u8; 8],
+    /// The window as read.
+    pub from: ReplayWindow,
+    /// The window after the accepted uplinks.
+    pub to: ReplayWindow,
+}
+
+/// Replace the sealed state of an existing session slot (e.g. after a
+/// down_ctr was reserved for a rekey entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStateUpdate {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The session.
+    pub sid: [u8; 8],
+    /// The new sealed state.
+    pub state: Sealed,
+}
+
+/// One accepted uplink reading (or alarm), payload already decrypted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadingRow {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The session it came in.
+    pub sid: [u8; 8],
+    /// Its uplink counter; (member, group, sid, ctr) is unique.
+    pub ctr: u64,
+    /// When the UDC accepted it (unix ms).
+    pub ts_ms: u64,
+    /// The uplink kind code.
+    pub kind: u8,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A member's acknowledgement of a group message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckRow {
+    /// The group.
+    pub group: u32,
+    /// The group message seq.
+    pub seq: u64,
+    /// The member.
+    pub member: u64,
+    /// When it was accepted (unix ms).
+    pub at_ms: u64,
+}
+
+/// Who a downlink record is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// Every member of the record's group.
+    Group,
+    /// One member.
+    Member(u64),
+}
+
+/// One downlink record (docs: records framing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownlinkRecord {
+    /// Group or member.
+    pub audience: Audience,
+    /// The group it concerns (routing key for fan-out).
+    pub group: u32,
+    /// A complete wire message.
+    pub message: Vec<u8>,
+}
+
+/// Which queues a [`DownlinkPush`] goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownlinkTarget {
+    /// One gateway's queue.
+    Gateway(String),
+    /// Every gateway subscribed to each record's group.
+    Subscribers,
+}
+
+/// Records to append to downlink queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownlinkPush {
+    /// Where they go.
+    pub target: DownlinkTarget,
+    /// The records, in order.
+    pub records: Vec<DownlinkRecord>,
+}
+
+/// A record as read from a gateway's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Strictly increasing within the gateway's queue.
+    pub cursor: u64,
+    /// The record.
+    pub record: DownlinkRecord,
+}
+
+/// A published group message (bulk configuration update).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMessageRow {
+    /// The group.
+    pub group: u32,
+    /// Its seq (strictly increasing per group).
+    pub seq: u64,
+    /// The epoch whose key encrypts it.
+    pub epoch: u64,
+    /// The signed message (wire bytes).
+    pub bytes: Vec<u8>,
+    /// SHA-256 of the message, as members' acks bind it.
+    pub payload_hash: [u8; 32],
+    /// When it was published (unix ms).
+    pub created_at_ms: u64,
+}
+
+/// A periodic round schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScheduleRow {
+    /// Assigned by the store (ignored on insert).
+    pub id: u64,
+    /// The group.
+    pub group: u32,
+    /// Period (ms).
+    pub every_ms: u64,
+    /// Mode of the rounds it opens.
+    pub mode: Mode,
+    /// Purpose of the rounds it opens.
+    pub purpose: RoundPurpose,
+    /// When it fires next (unix ms).
+    pub next_at_ms: u64,
+}
+
+/// The gateway a batch came through and what to add to its counters.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Via {
+    /// The gateway id.
+    pub gateway: String,
+    /// Batches to add (1 for a final verdict).
+    pub batches: u64,
+    /// Entries to add.
+    pub entries: u64,
+    /// Accepted entries to add.
+    pub accepted: u64,
+    /// Localized chunks to add.
+    pub localizations: u64,
+    /// Entries unverified via this gateway to add (misbehaviour count).
+    pub unverified: u64,
+    /// Members seen behind this gateway (the member -> gateway map).
+    pub seen: Vec<u64>,
+}
+
+/// Per-gateway summary for the admin API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRow {
+    /// The gateway id.
+    pub gateway: String,
+    /// Batches with a final verdict.
+    pub batches: u64,
+    /// Entries in them.
+    pub entries: u64,
+    /// Entries accepted.
+    pub accepted: u64,
+    /// Chunks localized.
+    pub localizations: u64,
+    /// Entries unverified via this gateway.
+    pub unverified: u64,
+    /// Last batch (unix ms).
+    pub last_batch_ms: u64,
+}
+
+/// Localized chunks to add to a round's counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundLocalizations {
+    /// The group.
+    pub group: u32,
+    /// The round.
+    pub round: u64,
+    /// Chunks to add.
+    pub chunks: u64,
+}
+
+/// Everything one batch (or one other atomic change) writes, applied by
+/// [`Store::apply_batch`] in one transaction in this order: verdict,
+/// members, groups, rounds, sessions, replay windows, readings, acks,
+/// outcomes, counters, downlink. Any failure rolls all of it back.
+#[derive(Clone, Debug, Default)]
+pub struct BatchWrite {
+    /// The time of the write (unix ms), used for last-seen and ack times.
+    pub now_ms: u64,
+    /// The verdict, if this write answers a batch. Written first.
+    pub verdict: Option<VerdictWrite>,
+    /// The gateway the batch came through and its counter deltas.
+    pub via: Option<Via>,
+    /// Members to insert or replace.
+    pub members: Vec<MemberRow>,
+    /// Group rows to update, compare-and-set on `version`.
+    pub groups: Vec<GroupRow>,
+    /// Rounds to open (insert; an existing (group, round) is a conflict).
+    pub new_rounds: Vec<RoundRow>,
+    /// Rounds to close: status closed, sealed state erased.
+    pub closed_rounds: Vec<(u32, u64)>,
+    /// New sessions: current moves to previous, the new one becomes current.
+    pub sessions: Vec<SessionRow>,
+    /// Replay windows to advance (compare-and-set).
+    pub replay: Vec<ReplayUpdate>,
+    /// Session states to replace.
+    pub session_states: Vec<SessionStateUpdate>,
+    /// Readings to insert; a duplicate (member, group, sid, ctr) fails the
+    /// write.
+    pub readings: Vec<ReadingRow>,
+    /// Group-message acks (duplicates ignored).
+    pub acks: Vec<AckRow>,
+    /// Group messages to publish (an existing (group, seq) is a conflict).
+    pub group_messages: Vec<GroupMessageRow>,
+    /// Per-member round outcomes. An accepted outcome is final; a later
+    /// rejected or unverified one for the same member and round does not
+    /// overwrite it.
+    pub outcomes: Vec<OutcomeRow>,
+    /// Round localization counters to add to.
+    pub round_localizations: Vec<RoundLocalizations>,
+    /// Downlink records to append.
+    pub downlink: Vec<DownlinkPush>,
+}
+
+/// What [`Store::apply_batch`] reports back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// For each gateway queue that received records, its last cursor now
+    /// (to wake long polls), sorted by gateway.
+    pub downlink_heads: Vec<(String, u64)>,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store URL is malformed or names an unknown scheme. The message
+    /// never repeats the URL (it may hold a password).
+    #[error("store url: {0}")]
+    Url(&'static str),
+    /// A verdict is already stored under this (gateway, batch id). The
+    /// caller answers with the stored verdict (same hash) or 409.
+    #[error("a verdict is already stored for this gateway and batch id")]
+    VerdictExists {
+        /// Hash of the batch the stored verdict answers.
+        batch_hash: [u8; 32],
+        /// Whether the stored verdict is final.
+        is_final: bool,
+    },
+    /// Another writer changed the row first (or the row to create exists):
+    /// reload and retry.
+    #[error("concurrent update of {0}; reload and retry")]
+    Conflict(&'static str),
+    /// A row an update names does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A stored value cannot be mapped back (an enum code out of range, a
+    /// hash of the wrong length): the database was edited by hand or is
+    /// from an incompatible version.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// The database schema is newer than this binary.
+    #[error(
+        "store schema version {found} is newer than this binary supports ({supported}); upgrade dapgw"
+    )]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i64,
+        /// Latest version this binary knows.
+        supported: i64,
+    },
+    /// Creating the data directory failed.
+    #[error("store data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error (or the connection failed).
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The blocking worker running SQLite went away (panicked).
+    #[error("sqlite worker failed")]
+    Worker,
+}
+
+/// The UDC's storage. Implemented by [`SqliteStore`] and [`PostgresStore`];
+/// the service holds an [`AnyStore`].
+///
+/// Reads that take a list (`members`, `sessions`) do one query for the whole
+/// list and answer in the list's order.
+pub trait Store: Send + Sync {
+    /// Inserts or replaces a member (its group list is replaced too; last
+    /// authentication times of groups it keeps are kept).
+    fn upsert_member(&self, row: MemberRow) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            self.apply_batch(BatchWrite {
+                members: vec![row],
+                ..BatchWrite::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    }
+    /// The members with these ids, in the same order (`None` if unknown).
+    fn members(
+        &self,
+        ids: Vec<u64>,
+    ) -> impl Future<Output = Result<Vec<Option<MemberRow>>, StoreError>> + Send;
+    /// Up to `limit` members with ids after `after`, in id order.
+    fn list_members(
+        &self,
+        after: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<MemberRow>, StoreError>> + Send;
+    /// Up to `limit` active members of `group` after `after`, in id order.
+    fn group_members(
+        &self,
+        group: u32,
+        after: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+    /// Sets a member's status; false if the member is unknown.
+    fn set_member_status(
+        &self,
+        id: u64,
+        status: MemberStatus,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Moves a member to root key version `kv` (with its key source); false
+    /// if the member is unknown.
+    fn set_kv(
+        &self,
+        id: u64,
+        kv: u32,
+        key_source: KeySource,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Creates a group at version 1; [`StoreError::Conflict`] if it exists.
+    fn insert_group(&self, row: GroupRow) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// One group.
+    fn group(
+        &self,
+        group: u32,
+    ) -> impl Future<Output = Result<Option<GroupRow>, StoreError>> + Send;
+    /// Every group, by id.
+    fn list_groups(&self) -> impl Future<Output = Result<Vec<GroupRow>, StoreError>> + Send;
+    /// Updates a group if its stored version is still `row.version`;
+    /// returns the new version, or [`StoreError::Conflict`].
+    fn update_group(&self, row: GroupRow) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let expected = row.version;
+        async move {
+            self.apply_batch(BatchWrite {
+                groups: vec![row],
+                ..BatchWrite::default()
+            })
+            .await?;
+            Ok(expected + 1)
+        }
+    }
+
+    /// One round.
+    fn round(
+        &self,
+        group: u32,
+        round: u64,
+    ) -> impl Future<Output = Result<Option<RoundRow>, StoreError>> + Send;
+    /// Every open round, by (group, round).
+    fn open_rounds(&self) -> impl Future<Output = Result<Vec<RoundRow>, StoreError>> + Send;
+    /// The round's result summary.
+    fn round_report(
+        &self,
+        group: u32,
+        round: u64,
+    ) -> impl Future<Output = Result<Option<RoundReport>, StoreError>> + Send;
+    /// Up to `limit` per-member outcomes of a round after member `after`.
+    fn round_outcomes(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutcomeRow>, StoreError>> + Send;
+    /// Up to `limit` active members of the group with no outcome in the
+    /// round, after member `after`.
+    fn round_missing(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+
+    /// The verdict stored under (gateway, batch id).
+    fn verdict(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> impl Future<Output = Result<Option<StoredVerdict>, StoreError>> + Send;
+    /// The pending localization of (gateway, batch id).
+    fn pending_localization(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> impl Future<Output = Result<Option<PendingLocalization>, StoreError>> + Send;
+    /// Up to `limit` pending localizations that expired at or before
+    /// `now_ms`, oldest first; the service finalizes each with a
+    /// [`BatchWrite`] (which removes it).
+    fn expired_localizations(
+        &self,
+        now_ms: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<PendingLocalization>, StoreError>> + Send;
+
+    /// Applies a write set in one transaction (see [`BatchWrite`]).
+    fn apply_batch(
+        &self,
+        write: BatchWrite,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send;
+
+    /// The sessions of each (member, group), one query, in the same order.
+    fn sessions(
+        &self,
+        keys: Vec<(u64, u32)>,
+    ) -> impl Future<Output = Result<Vec<Option<SessionPair>>, StoreError>> + Send;
+    /// Every session of one member, by group.
+    fn member_sessions(
+        &self,
+        member: u64,
+    ) -> impl Future<Output = Result<Vec<SessionPair>, StoreError>> + Send;
+    /// Drops every session (recovery after a restore); last-auth times stay.
+    /// Returns the number of (member, group) rows cleared.
+    fn drop_all_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Appends downlink records (a [`BatchWrite`] with only `downlink`).
+    fn push_downlink(
+        &self,
+        now_ms: u64,
+        pushes: Vec<DownlinkPush>,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send {
+        self.apply_batch(BatchWrite {
+            now_ms,
+            downlink: pushes,
+            ..BatchWrite::default()
+        })
+    }
+    /// Up to `limit` records of the gateway's queue with cursor > `after`.
+    fn read_downlink(
+        &self,
+        gateway: &str,
+        after: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, StoreError>> + Send;
+    /// The last cursor handed out in the gateway's queue (0 if none).
+    fn latest_cursor(&self, gateway: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes records created before `before_ms`; returns how many.
+    fn trim_downlink(&self, before_ms: u64)
+    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Replaces the gateway's group subscriptions.
+    fn set_subscriptions(
+        &self,
+        gateway: &str,
+        groups: Vec<u32>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The gateway's subscriptions, sorted.
+    fn subscriptions(
+        &self,
+        gateway: &str,
+    ) -> impl Future<Output = Result<Vec<u32>, StoreError>> + Send;
+
+    /// One group message.
+    fn group_message(
+        &self,
+        group: u32,
+        seq: u64,
+    ) -> impl Future<Output = Result<Option<GroupMessageRow>, StoreError>> + Send;
+    /// Acks of one group message, by member.
+    fn acks(
+        &self,
+        group: u32,
+        seq: u64,
+    ) -> impl Future<Output = Result<Vec<AckRow>, StoreError>> + Send;
+
+    /// Adds a schedule; returns its id.
+    fn insert_schedule(
+        &self,
+        row: ScheduleRow,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Every schedule, by id.
+    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleRow>, StoreError>> + Send;
+    /// Moves a schedule from `expected_next_ms` to `next_ms`; false if
+    /// another process claimed it first (or it is gone).
+    fn claim_schedule(
+        &self,
+        id: u64,
+        expected_next_ms: u64,
+        next_ms: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Deletes a schedule; false if unknown.
+    fn delete_schedule(&self, id: u64) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Up to `limit` readings of a member with `from_ms <= ts_ms < to_ms`,
+    /// by time.
+    fn readings(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
+    /// Per-gateway counters, by gateway.
+    fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayRow>, StoreError>> + Send;
+}
+
+/// The configured backend.
+#[derive(Debug)]
+pub enum AnyStore {
+    /// Embedded SQLite.
+    Sqlite(SqliteStore),
+    /// Shared PostgreSQL (boxed: it is much larger than the SQLite handle).
+    Postgres(Box<PostgresStore>),
+}
+
+/// What a store URL names.
+#[derive(Clone, PartialEq, Eq)]
+enum StoreUrl {
+    /// A SQLite file path.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL connection string (passed to tokio-postgres).
+    Postgres(String),
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(p) => write!(f, "Sqlite({})", p.display()),
+            Self::Postgres(_) => f.write_str("Postgres(<redacted>)"),
+        }
+    }
+}
+
+/// Parses `sqlite:///abs/path.db`, `sqlite://relative.db` or
+/// `postgres[ql]://...`.
+fn parse_url(url: &str) -> Result<StoreUrl, StoreError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(StoreError::Url(
+            "expected sqlite:///path/to/udc.db or postgres://user@host:port/db",
+        ));
+    };
+    match scheme {
+        "sqlite" => {
+            // `sqlite:///abs` keeps its leading slash; `sqlite://rel.db` is relative.
+            if rest.is_empty() || rest.ends_with('/') {
+                return Err(StoreError::Url("sqlite url names no database file"));
+            }
+            Ok(StoreUrl::Sqlite(std::path::PathBuf::from(rest)))
+        }
+        "postgres" | "postgresql" => {
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                return Err(StoreError::Url(
+                    "malformed postgres url; expected postgres://user[:password]@host[:port]/db",
+                ));
+            }
+            Ok(StoreUrl::Postgres(url.to_owned()))
+        }
+        _ => Err(StoreError::Url(
+            "unsupported scheme; use sqlite:// or postgres://",
+        )),
+    }
+}
+
+/// Opens (creating and migrating as needed) the store a URL names.
+pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
+    match parse_url(url)? {
+        StoreUrl::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(&path).await?)),
+        StoreUrl::Postgres(conn) => Ok(AnyStore::Postgres(Box::new(
+            PostgresStore::connect(&conn).await?,
+        ))),
+    }
+}
+
+/// Implements [`Store`] for [`AnyStore`] by forwarding to the backend.
+macro_rules! forward {
+    ($( fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        $(
+            fn $name(&self $(, $arg: $ty)*) -> impl Future<Output = Result<$ret, StoreError>> + Send {
+                async move {
+                    match self {
+                        AnyStore::Sqlite(s) => s.$name($($arg),*).await,
+                        AnyStore::Postgres(s) => s.$name($($arg),*).await,
+                    }
+                }
+            }
+        )*
+    };
+}
+
+impl Store for AnyStore {
+    forward! {
+        fn members(&self, ids: Vec<u64>) -> Vec<Option<MemberRow>>;
+        fn list_members(&self, after: Option<u64>, limit: u32) -> Vec<MemberRow>;
+        fn group_members(&self, group: u32, after: Option<u64>, limit: u32) -> Vec<u64>;
+        fn set_member_status(&self, id: u64, status: MemberStatus) -> bool;
+        fn set_kv(&self, id: u64, kv: u32, key_source: KeySource) -> bool;
+        fn insert_group(&self, row: GroupRow) -> ();
+        fn group(&self, group: u32) -> Option<GroupRow>;
+        fn list_groups(&self) -> Vec<GroupRow>;
+        fn round(&self, group: u32, round: u64) -> Option<RoundRow>;
+        fn open_rounds(&self) -> Vec<RoundRow>;
+        fn round_report(&self, group: u32, round: u64) -> Option<RoundReport>;
+        fn round_outcomes(&self, group: u32, round: u64, after: Option<u64>, limit: u32) -> Vec<OutcomeRow>;
+        fn round_missing(&self, group: u32, round: u64, after: Option<u64>, limit: u32) -> Vec<u64>;
+        fn verdict(&self, gateway: &str, batch_id: u64) -> Option<StoredVerdict>;
+        fn pending_localization(&self, gateway: &str, batch_id: u64) -> Option<PendingLocalization>;
+        fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
+        fn apply_batch(&self, write: BatchWrite) -> Applied;
+        fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<SessionPair>>;
+        fn member_sessions(&self, member: u64) -> Vec<SessionPair>;
+        fn drop_all_sessions(&self) -> u64;
+        fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
+        fn latest_cursor(&self, gateway: &str) -> u64;
+        fn trim_downlink(&self, before_ms: u64) -> u64;
+        fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> ();
+        fn subscriptions(&self, gateway: &str) -> Vec<u32>;
+        fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;
+        fn acks(&self, group: u32, seq: u64) -> Vec<AckRow>;
+        fn insert_schedule(&self, row: ScheduleRow) -> u64;
+        fn schedules(&self) -> Vec<ScheduleRow>;
+        fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;
+        fn delete_schedule(&self, id: u64) -> bool;
+        fn readings(&self, member: u64, from_ms: u64, to_ms: u64, limit: u32) -> Vec<ReadingRow>;
+        fn gateways(&self) -> Vec<GatewayRow>;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Column codecs shared by both backends
+// ---------------------------------------------------------------------------
+
+/// `u64` to its stored (bit-cast) form.
+#[inline]
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+/// Stored form back to `u64`.
+#[inline]
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+/// A stored u32 column back to `u32`.
+fn u32_col(v: i64, what: &'static str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// A stored 32-byte hash.
+fn hash_col(v: Vec<u8>, what: &'static str) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// A stored 8-byte session id.
+fn sid_col(v: Vec<u8>) -> Result<[u8; 8], StoreError> {
+    <[u8; 8]>::try_from(v).map_err(|_| StoreError::Corrupt("session id length"))
+}
+
+fn mode_code(m: Mode) -> i64 {
+    i64::from(m.code())
+}
+
+fn mode_col(v: i64) -> Result<Mode, StoreError> {
+    u8::try_from(v)
+        .ok()
+        .and_then(Mode::from_code)
+        .ok_or(StoreError::Corrupt("round mode"))
+}
+
+fn purpose_code(p: RoundPurpose) -> i64 {
+    match p {
+        RoundPurpose::Auth => 0,
+        RoundPurpose::Read => 1,
+    }
+}
+
+fn purpose_col(v: i64) -> Result<RoundPurpose, StoreError> {
+    match v {
+        0 => Ok(RoundPurpose::Auth),
+        1 => Ok(RoundPurpose::Read),
+        _ => Err(StoreError::Corrupt("round purpose")),
+    }
+}
+
+fn round_status_code(s: RoundStatus) -> i64 {
+    match s {
+        RoundStatus::Open => 0,
+        RoundStatus::Closed => 1,
+    }
+}
+
+fn round_status_col(v: i64) -> Result<RoundStatus, StoreError> {
+    match v {
+        0 => Ok(RoundStatus::Open),
+        1 => Ok(RoundStatus::Closed),
+        _ => Err(StoreError::Corrupt("round status")),
+    }
+}
+
+fn member_status_code(s: MemberStatus) -> i64 {
+    match s {
+        MemberStatus::Active => 0,
+        MemberStatus::Revoked => 1,
+    }
+}
+
+fn member_status_col(v: i64) -> Result<MemberStatus, StoreError> {
+    match v {
+        0 => Ok(MemberStatus::Active),
+        1 => Ok(MemberStatus::Revoked),
+        _ => Err(StoreError::Corrupt("member status")),
+    }
+}
+
+/// (key_source code, sealed imported key) for a [`KeySource`].
+fn key_source_cols(k: &KeySource) -> (i64, Option<&[u8]>) {
+    match k {
+        KeySource::Derived => (0, None),
+        KeySource::Imported(s) => (1, Some(s.as_bytes())),
+    }
+}
+
+fn key_source_col(code: i64, key: Option<Vec<u8>>) -> Result<KeySource, StoreError> {
+    match (code, key) {
+        (0, _) => Ok(KeySource::Derived),
+        (1, Some(k)) => Ok(KeySource::Imported(Sealed::new(k))),
+        _ => Err(StoreError::Corrupt("member key source")),
+    }
+}
+
+fn outcome_code(k: OutcomeKind) -> i64 {
+    match k {
+        OutcomeKind::Accepted => 0,
+        OutcomeKind::Rejected => 1,
+        OutcomeKind::Unverified => 2,
+    }
+}
+
+fn outcome_col(v: i64) -> Result<OutcomeKind, StoreError> {
+    match v {
+        0 => Ok(OutcomeKind::Accepted),
+        1 => Ok(OutcomeKind::Rejected),
+        2 => Ok(OutcomeKind::Unverified),
+        _ => Err(StoreError::Corrupt("outcome kind")),
+    }
+}
+
+/// (audience code as on the wire, member or 0).
+fn audience_cols(a: Audience) -> (i64, i64) {
+    match a {
+        Audience::Group => (1, 0),
+        Audience::Member(m) => (2, i(m)),
+    }
+}
+
+fn audience_col(code: i64, member: i64) -> Result<Audience, StoreError> {
+    match code {
+        1 => Ok(Audience::Group),
+        2 => Ok(Audience::Member(u(member))),
+        _ => Err(StoreError::Corrupt("downlink audience")),
+    }
+}
+
+/// Sorts and dedups a member's group list before it is stored.
+fn normalized_groups(groups: &[u32]) -> Vec<u32> {
+    let mut g = groups.to_vec();
+    g.sort_unstable();
+    g.dedup();
+    g
+}
+
+/// Assembles a [`RoundReport`] from per-(kind, reason) outcome counts.
+fn report(
+    round: RoundRow,
+    counts: Vec<(OutcomeKind, String, u64)>,
+    missing: u64,
+    localizations: u64,
+) -> RoundReport {
+    let mut r = RoundReport {
+        round,
+        accepted: 0,
+        rejected: Vec::new(),
+        unverified: 0,
+        missing,
+        localizations,
+    };
+    for (kind, reason, n) in counts {
+        match kind {
+            OutcomeKind::Accepted => r.accepted += n,
+            OutcomeKind::Unverified => r.unverified += n,
+            OutcomeKind::Rejected => r.rejected.push((reason, n)),
+        }
+    }
+    r.rejected.sort();
+    r
+}
+
+/// Builds a session slot from nullable columns (all NULL = empty slot).
+fn slot_cols(
+    sid: Option<Vec<u8>>,
+    state: Option<Vec<u8>>,
+    round: Option<i64>,
+    created: Option<i64>,
+    hi: Option<i64>,
+    bits: Option<i64>,
+) -> Result<Option<SessionSlot>, StoreError> {
+    let Some(sid) = sid else {
+        return Ok(None);
+    };
+    let (Some(state), Some(round), Some(created), Some(hi), Some(bits)) =
+        (state, round, created, hi, bits)
+    else {
+        return Err(StoreError::Corrupt("half-empty session slot"));
+    };
+    Ok(Some(SessionSlot {
+        sid: sid_col(sid)?,
+        state: Sealed::new(state),
+        round: u(round),
+        created_at_ms: u(created),
+        window: ReplayWindow {
+            highest: u(hi),
+            bitmap: u(bits),
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_schemes() {
+        assert_eq!(
+            parse_url("sqlite:///var/lib/dapgw/udc.db").unwrap(),
+            StoreUrl::Sqlite("/var/lib/dapgw/udc.db".into())
+        );
+        assert_eq!(
+            parse_url("sqlite://udc.db").unwrap(),
+            StoreUrl::Sqlite("udc.db".into())
+        );
+        assert!(matches!(
+            parse_url("postgres://dapgw:pw@127.0.0.1:5432/udc").unwrap(),
+            StoreUrl::Postgres(_)
+        ));
+        for bad in ["sqlite://", "sqlite:///var/", "mysql://x", "udc.db", ""] {
+            assert!(matches!(parse_url(bad), Err(StoreError::Url(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn url_errors_and_debug_never_echo_a_password() {
+        let err = parse_url("postgres://u:hunter2@host:notaport/db").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = parse_url("mysql://u:hunter2@host/db").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let ok = parse_url("postgres://u:hunter2@host:5432/db").unwrap();
+        assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sealed_debug_shows_length_only() {
+        let s = Sealed::new(vec![0xAB; 5]);
+        assert_eq!(format!("{s:?}"), "Sealed(<5 bytes>)");
+    }
+
+    #[test]
+    fn u64_mapping_round_trips() {
+        for v in [0, 1, u64::MAX, 1 << 63, (1 << 63) - 1] {
+            assert_eq!(u(i(v)), v);
+        }
+    }
+}

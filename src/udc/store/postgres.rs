@@ -1,0 +1,1420 @@
+//! The PostgreSQL backend of the UDC store, for several UDC processes behind
+//! a load balancer sharing one database.
+//!
+//! A small pool of connections ([`POOL_SIZE`]), each with its own prepared
+//! statement cache; a closed connection is replaced on its next checkout.
+//! Bulk writes use one multi-row statement per table over `UNNEST` of typed
+//! arrays (binary parameters, one round trip per table per batch). COPY
+//! would be a little faster for plain inserts, but it cannot express the
+//! `ON CONFLICT` rules the write set needs (session slot rotation, sticky
+//! accepted outcomes, idempotent acks) without a staging table and a second
+//! statement per table; `UNNEST` keeps one statement and one code path.
+//!
+//! Concurrency between processes (READ COMMITTED): compare-and-set rows
+//! (group version, replay windows, schedules) re-check their `WHERE` after
+//! waiting for a concurrent writer; downlink cursors come from a per-gateway
+//! head row that stays locked until commit, so cursors become visible in
+//! order; the verdict insert is `ON CONFLICT DO NOTHING`, which waits for a
+//! concurrent insert of the same key to finish before deciding.
+//!
+//! Connections use no TLS (`NoTls`): run PostgreSQL on loopback, a Unix
+//! socket or a trusted network, or add a TLS connector here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
+
+use super::*;
+
+/// Connections per UDC process.
+pub(crate) const POOL_SIZE: usize = 4;
+
+/// Versioned migrations, applied in order and recorded in
+/// `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+)];
+
+/// Advisory lock key serializing migrations across processes ("dapgw").
+const MIGRATION_LOCK: i64 = 0x0064_6170_6777;
+
+/// One pooled connection and its prepared statements.
+struct Conn {
+    client: Client,
+    stmts: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    async fn connect(config: &Config) -> Result<Self, StoreError> {
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(Self {
+            client,
+            stmts: HashMap::new(),
+        })
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    pool: Vec<Mutex<Conn>>,
+    next: AtomicUsize,
+    config: Config,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The config holds the password: print only where it points.
+        f.debug_struct("PostgresStore")
+            .field("dbname", &self.config.get_dbname())
+            .field("pool", &self.pool.len())
+            .finish()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`) and
+    /// applies pending migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let config: Config = url.parse().map_err(|_| {
+            StoreError::Url(
+                "malformed postgres url; expected postgres://user[:password]@host[:port]/db",
+            )
+        })?;
+        let mut first = Conn::connect(&config).await?;
+        migrate(&mut first.client).await?;
+        let mut pool = vec![Mutex::new(first)];
+        for _ in 1..POOL_SIZE {
+            pool.push(Mutex::new(Conn::connect(&config).await?));
+        }
+        Ok(Self {
+            pool,
+            next: AtomicUsize::new(0),
+            config,
+        })
+    }
+
+    /// Checks out a connection: a free one if any, else waits round-robin.
+    async fn conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pool.len();
+        let mut guard = None;
+        for k in 0..n {
+            if let Ok(g) = self.pool[(start + k) % n].try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut g = match guard {
+            Some(g) => g,
+            None => self.pool[start % n].lock().await,
+        };
+        if g.client.is_closed() {
+            *g = Conn::connect(&self.config).await?;
+        }
+        Ok(g)
+    }
+
+    /// Runs one query outside a transaction.
+    async fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let st = prep(&*client, stmts, sql).await?;
+        Ok(client.query(&st, params).await?)
+    }
+
+    /// Runs one statement outside a transaction; returns rows affected.
+    async fn exec(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let st = prep(&*client, stmts, sql).await?;
+        Ok(client.execute(&st, params).await?)
+    }
+}
+
+/// A cached prepared statement.
+async fn prep<C: GenericClient + Sync>(
+    c: &C,
+    cache: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+) -> Result<Statement, StoreError> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = c.prepare(sql).await?;
+    cache.insert(sql, s.clone());
+    Ok(s)
+}
+
+/// Applies missing migrations under a transaction-scoped advisory lock, so
+/// two processes starting together apply each migration once.
+async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
+         applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: Option<i64> = tx
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await?
+        .try_get(0)?;
+    let current = current.unwrap_or(0);
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > latest {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: latest,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Row mapping
+// ---------------------------------------------------------------------------
+
+fn member_row(r: &Row) -> Result<MemberRow, StoreError> {
+    let groups: Vec<i64> = r.try_get(6)?;
+    Ok(MemberRow {
+        id: u(r.try_get(0)?),
+        groups: groups
+            .into_iter()
+            .map(|g| u32_col(g, "member group"))
+            .collect::<Result<_, _>>()?,
+        kv: u32_col(r.try_get(1)?, "member kv")?,
+        key_source: key_source_col(r.try_get(2)?, r.try_get(3)?)?,
+        status: member_status_col(r.try_get(4)?)?,
+        added_at_ms: u(r.try_get(5)?),
+    })
+}
+
+fn group_row(r: &Row) -> Result<GroupRow, StoreError> {
+    Ok(GroupRow {
+        group: u32_col(r.try_get(0)?, "group id")?,
+        epoch: u(r.try_get(1)?),
+        next_round: u(r.try_get(2)?),
+        seq: u(r.try_get(3)?),
+        config_hash: hash_col(r.try_get(4)?, "group config hash")?,
+        state: Sealed::new(r.try_get(5)?),
+        version: u(r.try_get(6)?),
+    })
+}
+
+fn round_row(r: &Row) -> Result<RoundRow, StoreError> {
+    Ok(RoundRow {
+        group: u32_col(r.try_get(0)?, "round group")?,
+        round: u(r.try_get(1)?),
+        opened_at_ms: u(r.try_get(2)?),
+        closes_at_ms: r.try_get::<_, Option<i64>>(3)?.map(u),
+        mode: mode_col(r.try_get(4)?)?,
+        purpose: purpose_col(r.try_get(5)?)?,
+        challenge: r.try_get(6)?,
+        state: Sealed::new(r.try_get(7)?),
+        status: round_status_col(r.try_get(8)?)?,
+    })
+}
+
+fn session_pair(r: &Row) -> Result<SessionPair, StoreError> {
+    Ok(SessionPair {
+        member: u(r.try_get(0)?),
+        group: u32_col(r.try_get(1)?, "session group")?,
+        last_auth_ms: u(r.try_get(2)?),
+        current: slot_cols(
+            r.try_get(3)?,
+            r.try_get(4)?,
+            r.try_get(5)?,
+            r.try_get(6)?,
+            r.try_get(7)?,
+            r.try_get(8)?,
+        )?,
+        previous: slot_cols(
+            r.try_get(9)?,
+            r.try_get(10)?,
+            r.try_get(11)?,
+            r.try_get(12)?,
+            r.try_get(13)?,
+            r.try_get(14)?,
+        )?,
+    })
+}
+
+fn localization_row(r: &Row) -> Result<PendingLocalization, StoreError> {
+    Ok(PendingLocalization {
+        gateway: r.try_get(0)?,
+        batch_id: u(r.try_get(1)?),
+        batch_hash: hash_col(r.try_get(2)?, "batch hash")?,
+        verdict: r.try_get(3)?,
+        pending: Sealed::new(r.try_get(4)?),
+        expires_at_ms: u(r.try_get(5)?),
+    })
+}
+
+fn schedule_row(r: &Row) -> Result<ScheduleRow, StoreError> {
+    Ok(ScheduleRow {
+        id: u(r.try_get(0)?),
+        group: u32_col(r.try_get(1)?, "schedule group")?,
+        every_ms: u(r.try_get(2)?),
+        mode: mode_col(r.try_get(3)?)?,
+        purpose: purpose_col(r.try_get(4)?)?,
+        next_at_ms: u(r.try_get(5)?),
+    })
+}
+
+fn rows<T>(
+    rows: Vec<Row>,
+    f: impl Fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    rows.iter().map(f).collect()
+}
+
+/// The `after` bound as a nullable parameter (`NULL` = from the start).
+fn after_param(after: Option<u64>) -> Option<i64> {
+    after.map(i)
+}
+
+// ---------------------------------------------------------------------------
+// The write transaction
+// ---------------------------------------------------------------------------
+
+type Tx<'a> = tokio_postgres::Transaction<'a>;
+type Cache = HashMap<&'static str, Statement>;
+
+async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
+    let Conn { client, stmts } = conn;
+    let tx = client.transaction().await?;
+    let now = i(w.now_ms);
+    if let Some(v) = &w.verdict {
+        write_verdict(&tx, stmts, v, now).await?;
+    }
+    if !w.members.is_empty() {
+        write_members(&tx, stmts, &w.members).await?;
+    }
+    for g in &w.groups {
+        let st = prep(
+            &tx,
+            stmts,
+            "UPDATE group_state SET epoch = $3, next_round = $4, seq = $5, \
+             config_hash = $6, state = $7, version = version + 1 WHERE grp = $1 AND version = $2",
+        )
+        .await?;
+        let n = tx
+            .execute(
+                &st,
+                &[
+                    &i64::from(g.group),
+                    &i(g.version),
+                    &i(g.epoch),
+                    &i(g.next_round),
+                    &i(g.seq),
+                    &&g.config_hash[..],
+                    &g.state.as_bytes(),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Err(StoreError::Conflict("group"));
+        }
+    }
+    for r in &w.new_rounds {
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO rounds (grp, round, opened_at_ms, closes_at_ms, mode, \
+             purpose, challenge, state, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+        let n = tx
+            .execute(
+                &st,
+                &[
+                    &i64::from(r.group),
+                    &i(r.round),
+                    &i(r.opened_at_ms),
+                    &r.closes_at_ms.map(i),
+                    &mode_code(r.mode),
+                    &purpose_code(r.purpose),
+                    &r.challenge,
+                    &r.state.as_bytes(),
+                    &round_status_code(r.status),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Err(StoreError::Conflict("round"));
+        }
+    }
+    for (g, r) in &w.closed_rounds {
+        let st = prep(
+            &tx,
+            stmts,
+            "UPDATE rounds SET status = 1, state = ''::bytea WHERE grp = $1 AND round = $2",
+        )
+        .await?;
+        if tx.execute(&st, &[&i64::from(*g), &i(*r)]).await? != 1 {
+            return Err(StoreError::NotFound("round"));
+        }
+    }
+    if !w.sessions.is_empty() {
+        let (mut m, mut g, mut sid, mut state, mut round, mut t) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for s in &w.sessions {
+            m.push(i(s.member));
+            g.push(i64::from(s.group));
+            sid.push(&s.sid[..]);
+            state.push(s.state.as_bytes());
+            round.push(i(s.round));
+            t.push(i(s.created_at_ms));
+        }
+        // The old current slot becomes the previous one (SET sees the old row).
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, \
+             cur_round, cur_created_ms, cur_hi, cur_bits) \
+             SELECT m, g, t, s, st, r, t, 0, 0 FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], \
+             $4::bytea[], $5::int8[], $6::int8[]) AS x(m, g, s, st, r, t) \
+             ON CONFLICT (member, grp) DO UPDATE SET last_auth_ms = EXCLUDED.last_auth_ms, \
+             prev_sid = sessions.cur_sid, prev_state = sessions.cur_state, \
+             prev_round = sessions.cur_round, prev_created_ms = sessions.cur_created_ms, \
+             prev_hi = sessions.cur_hi, prev_bits = sessions.cur_bits, \
+             cur_sid = EXCLUDED.cur_sid, cur_state = EXCLUDED.cur_state, \
+             cur_round = EXCLUDED.cur_round, cur_created_ms = EXCLUDED.cur_created_ms, \
+             cur_hi = 0, cur_bits = 0",
+        )
+        .await?;
+        tx.execute(&st, &[&m, &g, &sid, &state, &round, &t]).await?;
+    }
+    if !w.replay.is_empty() {
+        write_replay(&tx, stmts, &w.replay).await?;
+    }
+    if !w.session_states.is_empty() {
+        let (mut m, mut g, mut sid, mut state) = (vec![], vec![], vec![], vec![]);
+        for s in &w.session_states {
+            m.push(i(s.member));
+            g.push(i64::from(s.group));
+            sid.push(&s.sid[..]);
+            state.push(s.state.as_bytes());
+        }
+        let cur = prep(
+            &tx,
+            stmts,
+            "UPDATE sessions s SET cur_state = x.st FROM UNNEST($1::int8[], $2::int8[], \
+             $3::bytea[], $4::bytea[]) AS x(m, g, sid, st) \
+             WHERE s.member = x.m AND s.grp = x.g AND s.cur_sid = x.sid",
+        )
+        .await?;
+        let prev = prep(
+            &tx,
+            stmts,
+            "UPDATE sessions s SET prev_state = x.st FROM UNNEST($1::int8[], $2::int8[], \
+             $3::bytea[], $4::bytea[]) AS x(m, g, sid, st) \
+             WHERE s.member = x.m AND s.grp = x.g AND s.prev_sid = x.sid",
+        )
+        .await?;
+        let p: [&(dyn ToSql + Sync); 4] = [&m, &g, &sid, &state];
+        let n = tx.execute(&cur, &p).await? + tx.execute(&prev, &p).await?;
+        if n != w.session_states.len() as u64 {
+            return Err(StoreError::NotFound("session"));
+        }
+    }
+    if !w.readings.is_empty() {
+        let (mut m, mut g, mut sid, mut ctr, mut ts, mut kind, mut payload) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for r in &w.readings {
+            m.push(i(r.member));
+            g.push(i64::from(r.group));
+            sid.push(&r.sid[..]);
+            ctr.push(i(r.ctr));
+            ts.push(i(r.ts_ms));
+            kind.push(i64::from(r.kind));
+            payload.push(&r.payload[..]);
+        }
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], \
+             $6::int8[], $7::bytea[])",
+        )
+        .await?;
+        tx.execute(&st, &[&m, &g, &sid, &ctr, &ts, &kind, &payload])
+            .await?;
+    }
+    if !w.acks.is_empty() {
+        let (mut g, mut seq, mut m, mut t) = (vec![], vec![], vec![], vec![]);
+        for a in &w.acks {
+            g.push(i64::from(a.group));
+            seq.push(i(a.seq));
+            m.push(i(a.member));
+            t.push(i(a.at_ms));
+        }
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO acks (grp, seq, member, at_ms) SELECT * FROM UNNEST($1::int8[], \
+             $2::int8[], $3::int8[], $4::int8[]) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+        tx.execute(&st, &[&g, &seq, &m, &t]).await?;
+    }
+    for gm in &w.group_messages {
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO group_messages (grp, seq, epoch, bytes, payload_hash, \
+             created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+        let n = tx
+            .execute(
+                &st,
+                &[
+                    &i64::from(gm.group),
+                    &i(gm.seq),
+                    &i(gm.epoch),
+                    &gm.bytes,
+                    &&gm.payload_hash[..],
+                    &i(gm.created_at_ms),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Err(StoreError::Conflict("group message"));
+        }
+    }
+    let gateway = w.via.as_ref().map(|v| v.gateway.as_str());
+    if !w.outcomes.is_empty() {
+        let (mut g, mut r, mut m, mut k, mut reason) = (vec![], vec![], vec![], vec![], vec![]);
+        for o in &w.outcomes {
+            g.push(i64::from(o.group));
+            r.push(i(o.round));
+            m.push(i(o.member));
+            k.push(outcome_code(o.kind));
+            reason.push(o.reason.as_ref());
+        }
+        // An accepted outcome sticks (the WHERE on the update).
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) \
+             SELECT g, r, m, k, rs, $6, $7 FROM UNNEST($1::int8[], $2::int8[], $3::int8[], \
+             $4::int8[], $5::text[]) AS x(g, r, m, k, rs) \
+             ON CONFLICT (grp, round, member) DO UPDATE SET kind = EXCLUDED.kind, \
+             reason = EXCLUDED.reason, gateway = EXCLUDED.gateway, at_ms = EXCLUDED.at_ms \
+             WHERE round_outcomes.kind <> 0",
+        )
+        .await?;
+        tx.execute(&st, &[&g, &r, &m, &k, &reason, &gateway, &now])
+            .await?;
+    }
+    for l in &w.round_localizations {
+        let st = prep(
+            &tx,
+            stmts,
+            "UPDATE rounds SET localizations = localizations + $3 WHERE grp = $1 AND round = $2",
+        )
+        .await?;
+        if tx
+            .execute(&st, &[&i64::from(l.group), &i(l.round), &i(l.chunks)])
+            .await?
+            != 1
+        {
+            return Err(StoreError::NotFound("round"));
+        }
+    }
+    if let Some(v) = &w.via {
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO gateways (gateway, batches, entries, accepted, localizations, \
+             unverified, last_batch_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (gateway) DO UPDATE SET batches = gateways.batches + EXCLUDED.batches, \
+             entries = gateways.entries + EXCLUDED.entries, \
+             accepted = gateways.accepted + EXCLUDED.accepted, \
+             localizations = gateways.localizations + EXCLUDED.localizations, \
+             unverified = gateways.unverified + EXCLUDED.unverified, \
+             last_batch_ms = GREATEST(gateways.last_batch_ms, EXCLUDED.last_batch_ms)",
+        )
+        .await?;
+        tx.execute(
+            &st,
+            &[
+                &v.gateway,
+                &i(v.batches),
+                &i(v.entries),
+                &i(v.accepted),
+                &i(v.localizations),
+                &i(v.unverified),
+                &now,
+            ],
+        )
+        .await?;
+        if !v.seen.is_empty() {
+            // One row per member: ON CONFLICT may not touch a row twice.
+            let mut seen: Vec<i64> = v.seen.iter().map(|m| i(*m)).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            let st = prep(
+                &tx,
+                stmts,
+                "INSERT INTO member_gateway (member, gateway, seen_at_ms) \
+                 SELECT m, $2, $3 FROM UNNEST($1::int8[]) AS x(m) \
+                 ON CONFLICT (member) DO UPDATE SET gateway = EXCLUDED.gateway, \
+                 seen_at_ms = EXCLUDED.seen_at_ms",
+            )
+            .await?;
+            tx.execute(&st, &[&seen, &v.gateway, &now]).await?;
+        }
+    }
+    let heads = write_downlink(&tx, stmts, &w.downlink, now).await?;
+    tx.commit().await?;
+    Ok(Applied {
+        downlink_heads: heads,
+    })
+}
+
+/// Inserts the verdict, or finalizes a pending one of the same batch, or
+/// fails with [`StoreError::VerdictExists`] before anything else is written.
+async fn write_verdict(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    v: &VerdictWrite,
+    now: i64,
+) -> Result<(), StoreError> {
+    let st = prep(
+        tx,
+        stmts,
+        "INSERT INTO verdicts (gateway, batch_id, batch_hash, verdict, final, created_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .await?;
+    let is_final = i64::from(v.pending.is_none());
+    let inserted = tx
+        .execute(
+            &st,
+            &[
+                &v.gateway,
+                &i(v.batch_id),
+                &&v.batch_hash[..],
+                &v.verdict,
+                &is_final,
+                &now,
+            ],
+        )
+        .await?;
+    if inserted == 1 {
+        if let Some(p) = &v.pending {
+            let st = prep(
+                tx,
+                stmts,
+                "INSERT INTO localizations (gateway, batch_id, batch_hash, verdict, pending, \
+                 expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
+            tx.execute(
+                &st,
+                &[
+                    &v.gateway,
+                    &i(v.batch_id),
+                    &&v.batch_hash[..],
+                    &v.verdict,
+                    &p.pending.as_bytes(),
+                    &i(p.expires_at_ms),
+                ],
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    // Only a final verdict may replace a pending verdict of the same batch.
+    if v.pending.is_none() {
+        let st = prep(
+            tx,
+            stmts,
+            "UPDATE verdicts SET verdict = $3, final = 1 WHERE gateway = $1 AND batch_id = $2 \
+             AND final = 0 AND batch_hash = $4",
+        )
+        .await?;
+        let n = tx
+            .execute(
+                &st,
+                &[&v.gateway, &i(v.batch_id), &v.verdict, &&v.batch_hash[..]],
+            )
+            .await?;
+        if n == 1 {
+            let st = prep(
+                tx,
+                stmts,
+                "DELETE FROM localizations WHERE gateway = $1 AND batch_id = $2",
+            )
+            .await?;
+            tx.execute(&st, &[&v.gateway, &i(v.batch_id)]).await?;
+            return Ok(());
+        }
+    }
+    let st = prep(
+        tx,
+        stmts,
+        "SELECT batch_hash, final FROM verdicts WHERE gateway = $1 AND batch_id = $2",
+    )
+    .await?;
+    let row = tx.query_one(&st, &[&v.gateway, &i(v.batch_id)]).await?;
+    Err(StoreError::VerdictExists {
+        batch_hash: hash_col(row.try_get(0)?, "batch hash")?,
+        is_final: row.try_get::<_, i64>(1)? != 0,
+    })
+}
+
+async fn write_members(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    members: &[MemberRow],
+) -> Result<(), StoreError> {
+    let (mut id, mut kv, mut ks, mut key, mut status, mut added) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut gm, mut gg) = (vec![], vec![]);
+    for m in members {
+        let (code, k) = key_source_cols(&m.key_source);
+        id.push(i(m.id));
+        kv.push(i64::from(m.kv));
+        ks.push(code);
+        key.push(k);
+        status.push(member_status_code(m.status));
+        added.push(i(m.added_at_ms));
+        for g in normalized_groups(&m.groups) {
+            gm.push(i(m.id));
+            gg.push(i64::from(g));
+        }
+    }
+    let st = prep(tx, stmts, "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[]) \
+         ON CONFLICT (id) DO UPDATE SET kv = EXCLUDED.kv, key_source = EXCLUDED.key_source, \
+         imported_key = EXCLUDED.imported_key, status = EXCLUDED.status, \
+         added_at_ms = EXCLUDED.added_at_ms")
+    .await?;
+    tx.execute(&st, &[&id, &kv, &ks, &key, &status, &added])
+        .await?;
+    let st = prep(
+        tx,
+        stmts,
+        "DELETE FROM member_groups WHERE member = ANY($1)",
+    )
+    .await?;
+    tx.execute(&st, &[&id]).await?;
+    let st = prep(
+        tx,
+        stmts,
+        "INSERT INTO member_groups (member, grp) SELECT * FROM UNNEST($1::int8[], $2::int8[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .await?;
+    tx.execute(&st, &[&gm, &gg]).await?;
+    Ok(())
+}
+
+/// Advances replay windows compare-and-set: first against current slots
+/// (dropping the previous slot: the current session is now in use), then
+/// against previous slots; every update must have matched exactly once.
+async fn write_replay(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    replay: &[ReplayUpdate],
+) -> Result<(), StoreError> {
+    let (mut m, mut g, mut sid, mut fh, mut fb, mut th, mut tb) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for r in replay {
+        m.push(i(r.member));
+        g.push(i64::from(r.group));
+        sid.push(&r.sid[..]);
+        fh.push(i(r.from.highest));
+        fb.push(i(r.from.bitmap));
+        th.push(i(r.to.highest));
+        tb.push(i(r.to.bitmap));
+    }
+    let cur = prep(tx, stmts, "UPDATE sessions s SET cur_hi = x.th, cur_bits = x.tb, prev_sid = NULL, \
+         prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, prev_bits = NULL \
+         FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[], \
+         $7::int8[]) AS x(m, g, sid, fh, fb, th, tb) WHERE s.member = x.m AND s.grp = x.g \
+         AND s.cur_sid = x.sid AND s.cur_hi = x.fh AND s.cur_bits = x.fb")
+    .await?;
+    let prev = prep(
+        tx,
+        stmts,
+        "UPDATE sessions s SET prev_hi = x.th, prev_bits = x.tb \
+         FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[], \
+         $7::int8[]) AS x(m, g, sid, fh, fb, th, tb) WHERE s.member = x.m AND s.grp = x.g \
+         AND s.prev_sid = x.sid AND s.prev_hi = x.fh AND s.prev_bits = x.fb",
+    )
+    .await?;
+    let p: [&(dyn ToSql + Sync); 7] = [&m, &g, &sid, &fh, &fb, &th, &tb];
+    let n = tx.execute(&cur, &p).await? + tx.execute(&prev, &p).await?;
+    if n != replay.len() as u64 {
+        return Err(StoreError::Conflict("replay window"));
+    }
+    Ok(())
+}
+
+/// Appends records to gateway queues, fanning group records out to
+/// subscribers; returns each touched queue's new head.
+async fn write_downlink(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    pushes: &[DownlinkPush],
+    now: i64,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    if pushes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Subscribers of every group a fan-out push names, in one query.
+    let mut fan_groups: Vec<i64> = pushes
+        .iter()
+        .filter(|p| p.target == DownlinkTarget::Subscribers)
+        .flat_map(|p| p.records.iter().map(|r| i64::from(r.group)))
+        .collect();
+    fan_groups.sort_unstable();
+    fan_groups.dedup();
+    let mut subscribers: HashMap<u32, Vec<String>> = HashMap::new();
+    if !fan_groups.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT grp, gateway FROM subscriptions WHERE grp = ANY($1) ORDER BY grp, gateway",
+        )
+        .await?;
+        for r in tx.query(&st, &[&fan_groups]).await? {
+            let g = u32_col(r.try_get(0)?, "subscription group")?;
+            subscribers.entry(g).or_default().push(r.try_get(1)?);
+        }
+    }
+    let mut per_gateway: BTreeMap<&str, Vec<&DownlinkRecord>> = BTreeMap::new();
+    for p in pushes {
+        for rec in &p.records {
+            match &p.target {
+                DownlinkTarget::Gateway(g) => per_gateway.entry(g.as_str()).or_default().push(rec),
+                DownlinkTarget::Subscribers => {
+                    for g in subscribers.get(&rec.group).into_iter().flatten() {
+                        per_gateway.entry(g.as_str()).or_default().push(rec);
+                    }
+                }
+            }
+        }
+    }
+    let head = prep(tx, stmts, "INSERT INTO downlink_heads (gateway, last_cursor) VALUES ($1, $2) \
+         ON CONFLICT (gateway) DO UPDATE SET last_cursor = downlink_heads.last_cursor + EXCLUDED.last_cursor \
+         RETURNING last_cursor")
+    .await?;
+    let ins = prep(tx, stmts, "INSERT INTO downlink (gateway, cursor, audience, grp, member, message, created_at_ms) \
+         SELECT $1, c, a, g, m, msg, $7 FROM UNNEST($2::int8[], $3::int8[], $4::int8[], $5::int8[], \
+         $6::bytea[]) AS x(c, a, g, m, msg)")
+    .await?;
+    let mut heads = Vec::with_capacity(per_gateway.len());
+    for (gateway, recs) in per_gateway {
+        let n = recs.len() as i64;
+        let last: i64 = tx.query_one(&head, &[&gateway, &n]).await?.try_get(0)?;
+        let (mut c, mut a, mut g, mut m, mut msg) = (vec![], vec![], vec![], vec![], vec![]);
+        for (k, rec) in recs.iter().enumerate() {
+            let (aud, member) = audience_cols(rec.audience);
+            c.push(last - n + 1 + k as i64);
+            a.push(aud);
+            g.push(i64::from(rec.group));
+            m.push(member);
+            msg.push(&rec.message[..]);
+        }
+        tx.execute(&ins, &[&gateway, &c, &a, &g, &m, &msg, &now])
+            .await?;
+        heads.push((gateway.to_owned(), u(last)));
+    }
+    Ok(heads)
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------
+
+impl Store for PostgresStore {
+    async fn members(&self, ids: Vec<u64>) -> Result<Vec<Option<MemberRow>>, StoreError> {
+        const SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, m.added_at_ms, \
+                 COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
+                 WHERE mg.member = m.id), '{}'::int8[]) FROM members m WHERE m.id = ANY($1)";
+        let keys: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
+        let found = rows(self.query(SQL, &[&keys]).await?, member_row)?;
+        let by_id: HashMap<u64, MemberRow> = found.into_iter().map(|m| (m.id, m)).collect();
+        // An id asked twice gets its answer twice.
+        Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
+    }
+
+    async fn list_members(
+        &self,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<MemberRow>, StoreError> {
+        const SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, m.added_at_ms, \
+                 COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
+                 WHERE mg.member = m.id), '{}'::int8[]) FROM members m \
+                 WHERE ($1::int8 IS NULL OR m.id > $1) ORDER BY m.id LIMIT $2";
+        rows(
+            self.query(SQL, &[&after_param(after), &i64::from(limit)])
+                .await?,
+            member_row,
+        )
+    }
+
+    async fn group_members(
+        &self,
+        group: u32,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        let r = self
+            .query(
+                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+                 WHERE mg.grp = $1 AND m.status = 0 AND ($2::int8 IS NULL OR mg.member > $2) \
+                 ORDER BY mg.member LIMIT $3",
+                &[&i64::from(group), &after_param(after), &i64::from(limit)],
+            )
+            .await?;
+        rows(r, |x| Ok(u(x.try_get(0)?)))
+    }
+
+    async fn set_member_status(&self, id: u64, status: MemberStatus) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE members SET status = $2 WHERE id = $1",
+                &[&i(id), &member_status_code(status)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn set_kv(&self, id: u64, kv: u32, key_source: KeySource) -> Result<bool, StoreError> {
+        let (ks, key) = key_source_cols(&key_source);
+        let n = self
+            .exec(
+                "UPDATE members SET kv = $2, key_source = $3, imported_key = $4 WHERE id = $1",
+                &[&i(id), &i64::from(kv), &ks, &key],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn insert_group(&self, row: GroupRow) -> Result<(), StoreError> {
+        let n = self
+            .exec(
+                "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 1) ON CONFLICT DO NOTHING",
+                &[
+                    &i64::from(row.group),
+                    &i(row.epoch),
+                    &i(row.next_round),
+                    &i(row.seq),
+                    &&row.config_hash[..],
+                    &row.state.as_bytes(),
+                ],
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict("group"))
+        }
+    }
+
+    async fn group(&self, group: u32) -> Result<Option<GroupRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp, epoch, next_round, seq, config_hash, state, version FROM group_state \
+                 WHERE grp = $1",
+                &[&i64::from(group)],
+            )
+            .await?;
+        Ok(rows(r, group_row)?.pop())
+    }
+
+    async fn list_groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp, epoch, next_round, seq, config_hash, state, version FROM group_state \
+                 ORDER BY grp",
+                &[],
+            )
+            .await?;
+        rows(r, group_row)
+    }
+
+    async fn round(&self, group: u32, round: u64) -> Result<Option<RoundRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, status \
+                 FROM rounds WHERE grp = $1 AND round = $2",
+                &[&i64::from(group), &i(round)],
+            )
+            .await?;
+        Ok(rows(r, round_row)?.pop())
+    }
+
+    async fn open_rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, status \
+                 FROM rounds WHERE status = 0 ORDER BY grp, round",
+                &[],
+            )
+            .await?;
+        rows(r, round_row)
+    }
+
+    async fn round_report(
+        &self,
+        group: u32,
+        round: u64,
+    ) -> Result<Option<RoundReport>, StoreError> {
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        // One snapshot for the three queries.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let (gk, rk) = (i64::from(group), i(round));
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, \
+             status, localizations FROM rounds WHERE grp = $1 AND round = $2",
+        )
+        .await?;
+        let Some(row) = tx.query_opt(&st, &[&gk, &rk]).await? else {
+            return Ok(None);
+        };
+        let (rr, localizations) = (round_row(&row)?, u(row.try_get(9)?));
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT kind, reason, COUNT(*) FROM round_outcomes WHERE grp = $1 AND round = $2 \
+             GROUP BY kind, reason ORDER BY kind, reason",
+        )
+        .await?;
+        let counts = rows(tx.query(&st, &[&gk, &rk]).await?, |x| {
+            Ok((
+                outcome_col(x.try_get(0)?)?,
+                x.try_get::<_, String>(1)?,
+                u(x.try_get(2)?),
+            ))
+        })?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT COUNT(*) FROM member_groups mg JOIN members m ON m.id = mg.member \
+             WHERE mg.grp = $1 AND m.status = 0 AND NOT EXISTS (SELECT 1 FROM round_outcomes o \
+             WHERE o.grp = $1 AND o.round = $2 AND o.member = mg.member)",
+        )
+        .await?;
+        let missing: i64 = tx.query_one(&st, &[&gk, &rk]).await?.try_get(0)?;
+        tx.commit().await?;
+        Ok(Some(report(rr, counts, u(missing), localizations)))
+    }
+
+    async fn round_outcomes(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<OutcomeRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = $1 AND round = $2 \
+                 AND ($3::int8 IS NULL OR member > $3) ORDER BY member LIMIT $4",
+                &[&i64::from(group), &i(round), &after_param(after), &i64::from(limit)],
+            )
+            .await?;
+        rows(r, |x| {
+            Ok(OutcomeRow {
+                group,
+                round,
+                member: u(x.try_get(0)?),
+                kind: outcome_col(x.try_get(1)?)?,
+                reason: Cow::Owned(x.try_get(2)?),
+                gateway: x.try_get(3)?,
+            })
+        })
+    }
+
+    async fn round_missing(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        let r = self
+            .query(
+                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+                 WHERE mg.grp = $1 AND m.status = 0 AND ($3::int8 IS NULL OR mg.member > $3) \
+                 AND NOT EXISTS (SELECT 1 FROM round_outcomes o WHERE o.grp = $1 AND o.round = $2 \
+                 AND o.member = mg.member) ORDER BY mg.member LIMIT $4",
+                &[
+                    &i64::from(group),
+                    &i(round),
+                    &after_param(after),
+                    &i64::from(limit),
+                ],
+            )
+            .await?;
+        rows(r, |x| Ok(u(x.try_get(0)?)))
+    }
+
+    async fn verdict(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> Result<Option<StoredVerdict>, StoreError> {
+        let r = self
+            .query(
+                "SELECT batch_hash, verdict, final FROM verdicts WHERE gateway = $1 AND batch_id = $2",
+                &[&gateway, &i(batch_id)],
+            )
+            .await?;
+        Ok(rows(r, |x| {
+            Ok(StoredVerdict {
+                batch_hash: hash_col(x.try_get(0)?, "batch hash")?,
+                verdict: x.try_get(1)?,
+                is_final: x.try_get::<_, i64>(2)? != 0,
+            })
+        })?
+        .pop())
+    }
+
+    async fn pending_localization(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> Result<Option<PendingLocalization>, StoreError> {
+        let r = self
+            .query(
+                "SELECT gateway, batch_id, batch_hash, verdict, pending, expires_at_ms FROM localizations \
+                 WHERE gateway = $1 AND batch_id = $2",
+                &[&gateway, &i(batch_id)],
+            )
+            .await?;
+        Ok(rows(r, localization_row)?.pop())
+    }
+
+    async fn expired_localizations(
+        &self,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<PendingLocalization>, StoreError> {
+        let r = self
+            .query(
+                "SELECT gateway, batch_id, batch_hash, verdict, pending, expires_at_ms FROM localizations \
+                 WHERE expires_at_ms <= $1 ORDER BY expires_at_ms, gateway, batch_id LIMIT $2",
+                &[&i(now_ms), &i64::from(limit)],
+            )
+            .await?;
+        rows(r, localization_row)
+    }
+
+    async fn apply_batch(&self, write: BatchWrite) -> Result<Applied, StoreError> {
+        let mut g = self.conn().await?;
+        apply(&mut g, write).await
+    }
+
+    async fn sessions(
+        &self,
+        keys: Vec<(u64, u32)>,
+    ) -> Result<Vec<Option<SessionPair>>, StoreError> {
+        let m: Vec<i64> = keys.iter().map(|k| i(k.0)).collect();
+        let g: Vec<i64> = keys.iter().map(|k| i64::from(k.1)).collect();
+        let r = self
+            .query(
+                "SELECT s.member, s.grp, s.last_auth_ms, s.cur_sid, s.cur_state, s.cur_round, \
+                 s.cur_created_ms, s.cur_hi, s.cur_bits, s.prev_sid, s.prev_state, s.prev_round, \
+                 s.prev_created_ms, s.prev_hi, s.prev_bits FROM sessions s \
+                 JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
+                 ON s.member = k.m AND s.grp = k.g",
+                &[&m, &g],
+            )
+            .await?;
+        let found: HashMap<(u64, u32), SessionPair> = rows(r, session_pair)?
+            .into_iter()
+            .map(|p| ((p.member, p.group), p))
+            .collect();
+        // A key asked twice gets its answer twice.
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
+    async fn member_sessions(&self, member: u64) -> Result<Vec<SessionPair>, StoreError> {
+        let r = self
+            .query(
+                "SELECT member, grp, last_auth_ms, cur_sid, cur_state, cur_round, cur_created_ms, \
+                 cur_hi, cur_bits, prev_sid, prev_state, prev_round, prev_created_ms, prev_hi, \
+                 prev_bits FROM sessions WHERE member = $1 ORDER BY grp",
+                &[&i(member)],
+            )
+            .await?;
+        rows(r, session_pair)
+    }
+
+    async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
+        self.exec(
+            "UPDATE sessions SET cur_sid = NULL, cur_state = NULL, cur_round = NULL, \
+             cur_created_ms = NULL, cur_hi = NULL, cur_bits = NULL, prev_sid = NULL, \
+             prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, \
+             prev_bits = NULL WHERE cur_sid IS NOT NULL OR prev_sid IS NOT NULL",
+            &[],
+        )
+        .await
+    }
+
+    async fn read_downlink(
+        &self,
+        gateway: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let r = self
+            .query(
+                "SELECT cursor, audience, grp, member, message FROM downlink WHERE gateway = $1 \
+                 AND cursor > $2 ORDER BY cursor LIMIT $3",
+                &[&gateway, &i(after), &i64::from(limit)],
+            )
+            .await?;
+        rows(r, |x| {
+            Ok(StoredRecord {
+                cursor: u(x.try_get(0)?),
+                record: DownlinkRecord {
+                    audience: audience_col(x.try_get(1)?, x.try_get(3)?)?,
+                    group: u32_col(x.try_get(2)?, "downlink group")?,
+                    message: x.try_get(4)?,
+                },
+            })
+        })
+    }
+
+    async fn latest_cursor(&self, gateway: &str) -> Result<u64, StoreError> {
+        let r = self
+            .query(
+                "SELECT last_cursor FROM downlink_heads WHERE gateway = $1",
+                &[&gateway],
+            )
+            .await?;
+        match r.first() {
+            Some(x) => Ok(u(x.try_get(0)?)),
+            None => Ok(0),
+        }
+    }
+
+    async fn trim_downlink(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.exec(
+            "DELETE FROM downlink WHERE created_at_ms < $1",
+            &[&i(before_ms)],
+        )
+        .await
+    }
+
+    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+        let groups: Vec<i64> = normalized_groups(&groups)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let tx = client.transaction().await?;
+        let st = prep(&tx, stmts, "DELETE FROM subscriptions WHERE gateway = $1").await?;
+        tx.execute(&st, &[&gateway]).await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "INSERT INTO subscriptions (gateway, grp) SELECT $1, g FROM UNNEST($2::int8[]) AS x(g)",
+        )
+        .await?;
+        tx.execute(&st, &[&gateway, &groups]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn subscriptions(&self, gateway: &str) -> Result<Vec<u32>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp FROM subscriptions WHERE gateway = $1 ORDER BY grp",
+                &[&gateway],
+            )
+            .await?;
+        rows(r, |x| u32_col(x.try_get(0)?, "subscription group"))
+    }
+
+    async fn group_message(
+        &self,
+        group: u32,
+        seq: u64,
+    ) -> Result<Option<GroupMessageRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT epoch, bytes, payload_hash, created_at_ms FROM group_messages \
+                 WHERE grp = $1 AND seq = $2",
+                &[&i64::from(group), &i(seq)],
+            )
+            .await?;
+        Ok(rows(r, |x| {
+            Ok(GroupMessageRow {
+                group,
+                seq,
+                epoch: u(x.try_get(0)?),
+                bytes: x.try_get(1)?,
+                payload_hash: hash_col(x.try_get(2)?, "group message hash")?,
+                created_at_ms: u(x.try_get(3)?),
+            })
+        })?
+        .pop())
+    }
+
+    async fn acks(&self, group: u32, seq: u64) -> Result<Vec<AckRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT member, at_ms FROM acks WHERE grp = $1 AND seq = $2 ORDER BY member",
+                &[&i64::from(group), &i(seq)],
+            )
+            .await?;
+        rows(r, |x| {
+            Ok(AckRow {
+                group,
+                seq,
+                member: u(x.try_get(0)?),
+                at_ms: u(x.try_get(1)?),
+            })
+        })
+    }
+
+    async fn insert_schedule(&self, row: ScheduleRow) -> Result<u64, StoreError> {
+        let r = self
+            .query(
+                "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[
+                    &i64::from(row.group),
+                    &i(row.every_ms),
+                    &mode_code(row.mode),
+                    &purpose_code(row.purpose),
+                    &i(row.next_at_ms),
+                ],
+            )
+            .await?;
+        let first = r
+            .first()
+            .ok_or(StoreError::Corrupt("insert returned no id"))?;
+        Ok(u(first.try_get(0)?))
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT id, grp, every_ms, mode, purpose, next_at_ms FROM schedules ORDER BY id",
+                &[],
+            )
+            .await?;
+        rows(r, schedule_row)
+    }
+
+    async fn claim_schedule(
+        &self,
+        id: u64,
+        expected_next_ms: u64,
+        next_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE schedules SET next_at_ms = $3 WHERE id = $1 AND next_at_ms = $2",
+                &[&i(id), &i(expected_next_ms), &i(next_ms)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn delete_schedule(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .exec("DELETE FROM schedules WHERE id = $1", &[&i(id)])
+            .await?
+            == 1)
+    }
+
+    async fn readings(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<ReadingRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
+                 AND ts_ms >= $2 AND ts_ms < $3 ORDER BY ts_ms, grp, ctr LIMIT $4",
+                &[&i(member), &i(from_ms), &i(to_ms), &i64::from(limit)],
+            )
+            .await?;
+        rows(r, |x| {
+            Ok(ReadingRow {
+                member,
+                group: u32_col(x.try_get(0)?, "reading group")?,
+                sid: sid_col(x.try_get(1)?)?,
+                ctr: u(x.try_get(2)?),
+                ts_ms: u(x.try_get(3)?),
+                kind: u8::try_from(x.try_get::<_, i64>(4)?)
+                    .map_err(|_| StoreError::Corrupt("reading kind"))?,
+                payload: x.try_get(5)?,
+            })
+        })
+    }
+
+    async fn gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        let r = self
+            .query(
+                "SELECT gateway, batches, entries, accepted, localizations, unverified, last_batch_ms \
+                 FROM gateways ORDER BY gateway",
+                &[],
+            )
+            .await?;
+        rows(r, |x| {
+            Ok(GatewayRow {
+                gateway: x.try_get(0)?,
+                batches: u(x.try_get(1)?),
+                entries: u(x.try_get(2)?),
+                accepted: u(x.try_get(3)?),
+                localizations: u(x.try_get(4)?),
+                unverified: u(x.try_get(5)?),
+                last_batch_ms: u(x.try_get(6)?),
+            })
+        })
+    }
+}

@@ -1,0 +1,1254 @@
+//! The embedded SQLite backend of the UDC store (the default).
+//!
+//! One connection, one writer: every call runs on tokio's blocking pool
+//! while holding the connection's mutex, so the async runtime never waits
+//! on disk. Settings: WAL (readers do not block the writer's commit),
+//! `synchronous=FULL` (a verdict returned to a gateway is on disk even after
+//! a power loss, which NORMAL does not promise in WAL mode), foreign keys
+//! on, a 5 s busy timeout for a second process opening the same file.
+//!
+//! Reads that take a list (`members`, `sessions`) run one cached prepared
+//! lookup per key inside one read transaction: SQLite is in-process, so the
+//! "one query per batch" rule (which exists to save network round trips)
+//! buys nothing here, and point lookups beat a 10,000-term `IN` list.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use super::*;
+
+/// Versioned migrations, applied in order; `PRAGMA user_version` records
+/// the last one applied.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the database file, creating it and its directory if needed,
+    /// and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || Self::open_blocking(&p))
+            .await
+            .map_err(|_| StoreError::Worker)??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt("sqlite refused WAL journal mode"));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock rolled its transaction back
+            // (Transaction's drop), so the connection is still sound.
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c)
+        })
+        .await
+        .map_err(|_| StoreError::Worker)?
+    }
+
+    /// Runs `f` in a read transaction (one consistent snapshot).
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let r = f(&tx)?;
+            tx.commit()?;
+            Ok(r)
+        })
+        .await
+    }
+}
+
+/// Applies the migrations newer than `user_version` in one immediate
+/// transaction, so a second process opening the file waits, then sees them.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > latest {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: latest,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Row mapping
+// ---------------------------------------------------------------------------
+
+const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms";
+
+fn member_row(tx: &Transaction<'_>, r: &Row<'_>) -> Result<MemberRow, StoreError> {
+    let id: i64 = r.get(0)?;
+    let mut stmt =
+        tx.prepare_cached("SELECT grp FROM member_groups WHERE member = ?1 ORDER BY grp")?;
+    let groups = stmt
+        .query_map([id], |g| g.get::<_, i64>(0))?
+        .map(|g| u32_col(g?, "member group"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MemberRow {
+        id: u(id),
+        groups,
+        kv: u32_col(r.get(1)?, "member kv")?,
+        key_source: key_source_col(r.get(2)?, r.get(3)?)?,
+        status: member_status_col(r.get(4)?)?,
+        added_at_ms: u(r.get(5)?),
+    })
+}
+
+const GROUP_COLS: &str = "grp, epoch, next_round, seq, config_hash, state, version";
+
+fn group_row(r: &Row<'_>) -> Result<GroupRow, StoreError> {
+    Ok(GroupRow {
+        group: u32_col(r.get(0)?, "group id")?,
+        epoch: u(r.get(1)?),
+        next_round: u(r.get(2)?),
+        seq: u(r.get(3)?),
+        config_hash: hash_col(r.get(4)?, "group config hash")?,
+        state: Sealed::new(r.get(5)?),
+        version: u(r.get(6)?),
+    })
+}
+
+const ROUND_COLS: &str =
+    "grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, status";
+
+fn round_row(r: &Row<'_>) -> Result<RoundRow, StoreError> {
+    Ok(RoundRow {
+        group: u32_col(r.get(0)?, "round group")?,
+        round: u(r.get(1)?),
+        opened_at_ms: u(r.get(2)?),
+        closes_at_ms: r.get::<_, Option<i64>>(3)?.map(u),
+        mode: mode_col(r.get(4)?)?,
+        purpose: purpose_col(r.get(5)?)?,
+        challenge: r.get(6)?,
+        state: Sealed::new(r.get(7)?),
+        status: round_status_col(r.get(8)?)?,
+    })
+}
+
+const SESSION_COLS: &str = "member, grp, last_auth_ms, \
+    cur_sid, cur_state, cur_round, cur_created_ms, cur_hi, cur_bits, \
+    prev_sid, prev_state, prev_round, prev_created_ms, prev_hi, prev_bits";
+
+fn session_pair(r: &Row<'_>) -> Result<SessionPair, StoreError> {
+    Ok(SessionPair {
+        member: u(r.get(0)?),
+        group: u32_col(r.get(1)?, "session group")?,
+        last_auth_ms: u(r.get(2)?),
+        current: slot_cols(
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+        )?,
+        previous: slot_cols(
+            r.get(9)?,
+            r.get(10)?,
+            r.get(11)?,
+            r.get(12)?,
+            r.get(13)?,
+            r.get(14)?,
+        )?,
+    })
+}
+
+const LOCALIZATION_COLS: &str = "gateway, batch_id, batch_hash, verdict, pending, expires_at_ms";
+
+fn localization_row(r: &Row<'_>) -> Result<PendingLocalization, StoreError> {
+    Ok(PendingLocalization {
+        gateway: r.get(0)?,
+        batch_id: u(r.get(1)?),
+        batch_hash: hash_col(r.get(2)?, "batch hash")?,
+        verdict: r.get(3)?,
+        pending: Sealed::new(r.get(4)?),
+        expires_at_ms: u(r.get(5)?),
+    })
+}
+
+const SCHEDULE_COLS: &str = "id, grp, every_ms, mode, purpose, next_at_ms";
+
+fn schedule_row(r: &Row<'_>) -> Result<ScheduleRow, StoreError> {
+    Ok(ScheduleRow {
+        id: u(r.get(0)?),
+        group: u32_col(r.get(1)?, "schedule group")?,
+        every_ms: u(r.get(2)?),
+        mode: mode_col(r.get(3)?)?,
+        purpose: purpose_col(r.get(4)?)?,
+        next_at_ms: u(r.get(5)?),
+    })
+}
+
+/// Collects the rows of a prepared query through a fallible mapper.
+fn collect<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    mut f: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(f(r)?);
+    }
+    Ok(out)
+}
+
+/// SQLite's signed 64-bit comparison bound for an optional `after` key.
+fn after_key(after: Option<u64>) -> i64 {
+    after.map_or(i64::MIN, i)
+}
+
+/// The comparison for an optional `after`: without one the bound
+/// (`i64::MIN`) is inclusive.
+fn after_op(after: Option<u64>) -> &'static str {
+    if after.is_some() { ">" } else { ">=" }
+}
+
+// ---------------------------------------------------------------------------
+// The write transaction
+// ---------------------------------------------------------------------------
+
+fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = i(w.now_ms);
+    if let Some(v) = &w.verdict {
+        write_verdict(&tx, v, now)?;
+    }
+    for m in &w.members {
+        write_member(&tx, m)?;
+    }
+    if !w.groups.is_empty() {
+        let mut st = tx.prepare_cached(
+            "UPDATE group_state SET epoch = ?3, next_round = ?4, seq = ?5, config_hash = ?6, \
+             state = ?7, version = version + 1 WHERE grp = ?1 AND version = ?2",
+        )?;
+        for g in &w.groups {
+            let n = st.execute(params![
+                i64::from(g.group),
+                i(g.version),
+                i(g.epoch),
+                i(g.next_round),
+                i(g.seq),
+                &g.config_hash[..],
+                g.state.as_bytes()
+            ])?;
+            if n != 1 {
+                return Err(StoreError::Conflict("group"));
+            }
+        }
+    }
+    if !w.new_rounds.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO rounds (grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, \
+             state, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+        )?;
+        for r in &w.new_rounds {
+            let n = st.execute(params![
+                i64::from(r.group),
+                i(r.round),
+                i(r.opened_at_ms),
+                r.closes_at_ms.map(i),
+                mode_code(r.mode),
+                purpose_code(r.purpose),
+                &r.challenge,
+                r.state.as_bytes(),
+                round_status_code(r.status)
+            ])?;
+            if n != 1 {
+                return Err(StoreError::Conflict("round"));
+            }
+        }
+    }
+    if !w.closed_rounds.is_empty() {
+        let mut st = tx.prepare_cached(
+            "UPDATE rounds SET status = 1, state = x'' WHERE grp = ?1 AND round = ?2",
+        )?;
+        for (g, r) in &w.closed_rounds {
+            if st.execute(params![i64::from(*g), i(*r)])? != 1 {
+                return Err(StoreError::NotFound("round"));
+            }
+        }
+    }
+    if !w.sessions.is_empty() {
+        // The old current slot becomes the previous one; SET expressions see
+        // the row as it was before the update.
+        let mut st = tx.prepare_cached(
+            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
+             cur_created_ms, cur_hi, cur_bits) VALUES (?1, ?2, ?6, ?3, ?4, ?5, ?6, 0, 0) \
+             ON CONFLICT (member, grp) DO UPDATE SET last_auth_ms = excluded.last_auth_ms, \
+             prev_sid = cur_sid, prev_state = cur_state, prev_round = cur_round, \
+             prev_created_ms = cur_created_ms, prev_hi = cur_hi, prev_bits = cur_bits, \
+             cur_sid = excluded.cur_sid, cur_state = excluded.cur_state, \
+             cur_round = excluded.cur_round, cur_created_ms = excluded.cur_created_ms, \
+             cur_hi = 0, cur_bits = 0",
+        )?;
+        for s in &w.sessions {
+            st.execute(params![
+                i(s.member),
+                i64::from(s.group),
+                &s.sid[..],
+                s.state.as_bytes(),
+                i(s.round),
+                i(s.created_at_ms)
+            ])?;
+        }
+    }
+    if !w.replay.is_empty() {
+        let mut cur = tx.prepare_cached(
+            "UPDATE sessions SET cur_hi = ?6, cur_bits = ?7, prev_sid = NULL, prev_state = NULL, \
+             prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, prev_bits = NULL \
+             WHERE member = ?1 AND grp = ?2 AND cur_sid = ?3 AND cur_hi = ?4 AND cur_bits = ?5",
+        )?;
+        let mut prev = tx.prepare_cached(
+            "UPDATE sessions SET prev_hi = ?6, prev_bits = ?7 \
+             WHERE member = ?1 AND grp = ?2 AND prev_sid = ?3 AND prev_hi = ?4 AND prev_bits = ?5",
+        )?;
+        for r in &w.replay {
+            let p = params![
+                i(r.member),
+                i64::from(r.group),
+                &r.sid[..],
+                i(r.from.highest),
+                i(r.from.bitmap),
+                i(r.to.highest),
+                i(r.to.bitmap)
+            ];
+            if cur.execute(p)? != 1 && prev.execute(p)? != 1 {
+                return Err(StoreError::Conflict("replay window"));
+            }
+        }
+    }
+    if !w.session_states.is_empty() {
+        let mut cur = tx.prepare_cached(
+            "UPDATE sessions SET cur_state = ?4 WHERE member = ?1 AND grp = ?2 AND cur_sid = ?3",
+        )?;
+        let mut prev = tx.prepare_cached(
+            "UPDATE sessions SET prev_state = ?4 WHERE member = ?1 AND grp = ?2 AND prev_sid = ?3",
+        )?;
+        for s in &w.session_states {
+            let p = params![
+                i(s.member),
+                i64::from(s.group),
+                &s.sid[..],
+                s.state.as_bytes()
+            ];
+            if cur.execute(p)? != 1 && prev.execute(p)? != 1 {
+                return Err(StoreError::NotFound("session"));
+            }
+        }
+    }
+    if !w.readings.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for r in &w.readings {
+            st.execute(params![
+                i(r.member),
+                i64::from(r.group),
+                &r.sid[..],
+                i(r.ctr),
+                i(r.ts_ms),
+                i64::from(r.kind),
+                &r.payload
+            ])?;
+        }
+    }
+    if !w.acks.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO acks (grp, seq, member, at_ms) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT DO NOTHING",
+        )?;
+        for a in &w.acks {
+            st.execute(params![
+                i64::from(a.group),
+                i(a.seq),
+                i(a.member),
+                i(a.at_ms)
+            ])?;
+        }
+    }
+    if !w.group_messages.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO group_messages (grp, seq, epoch, bytes, payload_hash, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )?;
+        for m in &w.group_messages {
+            let n = st.execute(params![
+                i64::from(m.group),
+                i(m.seq),
+                i(m.epoch),
+                &m.bytes,
+                &m.payload_hash[..],
+                i(m.created_at_ms)
+            ])?;
+            if n != 1 {
+                return Err(StoreError::Conflict("group message"));
+            }
+        }
+    }
+    let gateway = w.via.as_ref().map(|v| v.gateway.as_str());
+    if !w.outcomes.is_empty() {
+        // An accepted outcome sticks (the WHERE on the update).
+        let mut st = tx.prepare_cached(
+            "INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (grp, round, member) DO UPDATE \
+             SET kind = excluded.kind, reason = excluded.reason, gateway = excluded.gateway, \
+             at_ms = excluded.at_ms WHERE round_outcomes.kind <> 0",
+        )?;
+        for o in &w.outcomes {
+            st.execute(params![
+                i64::from(o.group),
+                i(o.round),
+                i(o.member),
+                outcome_code(o.kind),
+                o.reason.as_ref(),
+                gateway,
+                now
+            ])?;
+        }
+    }
+    if !w.round_localizations.is_empty() {
+        let mut st = tx.prepare_cached(
+            "UPDATE rounds SET localizations = localizations + ?3 WHERE grp = ?1 AND round = ?2",
+        )?;
+        for l in &w.round_localizations {
+            if st.execute(params![i64::from(l.group), i(l.round), i(l.chunks)])? != 1 {
+                return Err(StoreError::NotFound("round"));
+            }
+        }
+    }
+    if let Some(v) = &w.via {
+        tx.prepare_cached(
+            "INSERT INTO gateways (gateway, batches, entries, accepted, localizations, unverified, \
+             last_batch_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (gateway) DO UPDATE \
+             SET batches = batches + excluded.batches, entries = entries + excluded.entries, \
+             accepted = accepted + excluded.accepted, \
+             localizations = localizations + excluded.localizations, \
+             unverified = unverified + excluded.unverified, \
+             last_batch_ms = max(last_batch_ms, excluded.last_batch_ms)",
+        )?
+        .execute(params![
+            &v.gateway,
+            i(v.batches),
+            i(v.entries),
+            i(v.accepted),
+            i(v.localizations),
+            i(v.unverified),
+            now
+        ])?;
+        let mut st = tx.prepare_cached(
+            "INSERT INTO member_gateway (member, gateway, seen_at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (member) DO UPDATE SET gateway = excluded.gateway, \
+             seen_at_ms = excluded.seen_at_ms",
+        )?;
+        for m in &v.seen {
+            st.execute(params![i(*m), &v.gateway, now])?;
+        }
+    }
+    let heads = write_downlink(&tx, &w.downlink, now)?;
+    tx.commit()?;
+    Ok(Applied {
+        downlink_heads: heads,
+    })
+}
+
+/// Inserts the verdict, or finalizes a pending one of the same batch, or
+/// fails with [`StoreError::VerdictExists`] before anything else is written.
+fn write_verdict(tx: &Transaction<'_>, v: &VerdictWrite, now: i64) -> Result<(), StoreError> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO verdicts (gateway, batch_id, batch_hash, verdict, final, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            &v.gateway,
+            i(v.batch_id),
+            &v.batch_hash[..],
+            &v.verdict,
+            v.pending.is_none(),
+            now
+        ])?;
+    if inserted == 1 {
+        if let Some(p) = &v.pending {
+            tx.prepare_cached(
+                "INSERT INTO localizations (gateway, batch_id, batch_hash, verdict, pending, \
+                 expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &v.gateway,
+                i(v.batch_id),
+                &v.batch_hash[..],
+                &v.verdict,
+                p.pending.as_bytes(),
+                i(p.expires_at_ms)
+            ])?;
+        }
+        return Ok(());
+    }
+    // Only a final verdict may replace a pending verdict of the same batch.
+    if v.pending.is_none() {
+        let finalized = tx
+            .prepare_cached(
+                "UPDATE verdicts SET verdict = ?3, final = 1 WHERE gateway = ?1 AND batch_id = ?2 \
+                 AND final = 0 AND batch_hash = ?4",
+            )?
+            .execute(params![
+                &v.gateway,
+                i(v.batch_id),
+                &v.verdict,
+                &v.batch_hash[..]
+            ])?;
+        if finalized == 1 {
+            tx.prepare_cached("DELETE FROM localizations WHERE gateway = ?1 AND batch_id = ?2")?
+                .execute(params![&v.gateway, i(v.batch_id)])?;
+            return Ok(());
+        }
+    }
+    let (hash, is_final): (Vec<u8>, bool) = tx
+        .prepare_cached(
+            "SELECT batch_hash, final FROM verdicts WHERE gateway = ?1 AND batch_id = ?2",
+        )?
+        .query_row(params![&v.gateway, i(v.batch_id)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Err(StoreError::VerdictExists {
+        batch_hash: hash_col(hash, "batch hash")?,
+        is_final,
+    })
+}
+
+fn write_member(tx: &Transaction<'_>, m: &MemberRow) -> Result<(), StoreError> {
+    let (ks, key) = key_source_cols(&m.key_source);
+    tx.prepare_cached(
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET kv = excluded.kv, \
+         key_source = excluded.key_source, imported_key = excluded.imported_key, \
+         status = excluded.status, added_at_ms = excluded.added_at_ms",
+    )?
+    .execute(params![
+        i(m.id),
+        i64::from(m.kv),
+        ks,
+        key,
+        member_status_code(m.status),
+        i(m.added_at_ms)
+    ])?;
+    tx.prepare_cached("DELETE FROM member_groups WHERE member = ?1")?
+        .execute([i(m.id)])?;
+    let mut st = tx.prepare_cached("INSERT INTO member_groups (member, grp) VALUES (?1, ?2)")?;
+    for g in normalized_groups(&m.groups) {
+        st.execute(params![i(m.id), i64::from(g)])?;
+    }
+    Ok(())
+}
+
+/// Appends records to gateway queues, fanning group records out to
+/// subscribers; returns each touched queue's new head.
+fn write_downlink(
+    tx: &Transaction<'_>,
+    pushes: &[DownlinkPush],
+    now: i64,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    if pushes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut per_gateway: BTreeMap<String, Vec<&DownlinkRecord>> = BTreeMap::new();
+    let mut subscribers: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut subs =
+        tx.prepare_cached("SELECT gateway FROM subscriptions WHERE grp = ?1 ORDER BY gateway")?;
+    for p in pushes {
+        for rec in &p.records {
+            match &p.target {
+                DownlinkTarget::Gateway(g) => per_gateway.entry(g.clone()).or_default().push(rec),
+                DownlinkTarget::Subscribers => {
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        subscribers.entry(rec.group)
+                    {
+                        e.insert(collect(&mut subs, [i64::from(rec.group)], |r| {
+                            Ok(r.get(0)?)
+                        })?);
+                    }
+                    for g in subscribers.get(&rec.group).into_iter().flatten() {
+                        per_gateway.entry(g.clone()).or_default().push(rec);
+                    }
+                }
+            }
+        }
+    }
+    let mut head = tx.prepare_cached(
+        "INSERT INTO downlink_heads (gateway, last_cursor) VALUES (?1, ?2) \
+         ON CONFLICT (gateway) DO UPDATE SET last_cursor = last_cursor + excluded.last_cursor \
+         RETURNING last_cursor",
+    )?;
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO downlink (gateway, cursor, audience, grp, member, message, created_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut heads = Vec::with_capacity(per_gateway.len());
+    for (gateway, recs) in per_gateway {
+        let n = recs.len() as i64;
+        let last: i64 = head.query_row(params![&gateway, n], |r| r.get(0))?;
+        for (k, rec) in recs.iter().enumerate() {
+            let (aud, member) = audience_cols(rec.audience);
+            let cursor = last - n + 1 + k as i64;
+            ins.execute(params![
+                &gateway,
+                cursor,
+                aud,
+                i64::from(rec.group),
+                member,
+                &rec.message,
+                now
+            ])?;
+        }
+        heads.push((gateway, u(last)));
+    }
+    Ok(heads)
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------
+
+impl Store for SqliteStore {
+    async fn members(&self, ids: Vec<u64>) -> Result<Vec<Option<MemberRow>>, StoreError> {
+        self.read(move |tx| {
+            let mut st =
+                tx.prepare_cached(&format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"))?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let mut rows = st.query([i(id)])?;
+                out.push(match rows.next()? {
+                    Some(r) => Some(member_row(tx, r)?),
+                    None => None,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_members(
+        &self,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<MemberRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {MEMBER_COLS} FROM members WHERE id {} ?1 ORDER BY id LIMIT ?2",
+                after_op(after)
+            ))?;
+            collect(&mut st, params![after_key(after), i64::from(limit)], |r| {
+                member_row(tx, r)
+            })
+        })
+        .await
+    }
+
+    async fn group_members(
+        &self,
+        group: u32,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+                 WHERE mg.grp = ?1 AND m.status = 0 AND mg.member {} ?2 ORDER BY mg.member LIMIT ?3",
+                after_op(after)
+            ))?;
+            collect(
+                &mut st,
+                params![i64::from(group), after_key(after), i64::from(limit)],
+                |r| Ok(u(r.get(0)?)),
+            )
+        })
+        .await
+    }
+
+    async fn set_member_status(&self, id: u64, status: MemberStatus) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            let n = c
+                .prepare_cached("UPDATE members SET status = ?2 WHERE id = ?1")?
+                .execute(params![i(id), member_status_code(status)])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn set_kv(&self, id: u64, kv: u32, key_source: KeySource) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            let (ks, key) = key_source_cols(&key_source);
+            let n = c
+                .prepare_cached(
+                    "UPDATE members SET kv = ?2, key_source = ?3, imported_key = ?4 WHERE id = ?1",
+                )?
+                .execute(params![i(id), i64::from(kv), ks, key])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn insert_group(&self, row: GroupRow) -> Result<(), StoreError> {
+        self.call(move |c| {
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, \
+                     version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    i64::from(row.group),
+                    i(row.epoch),
+                    i(row.next_round),
+                    i(row.seq),
+                    &row.config_hash[..],
+                    row.state.as_bytes()
+                ])?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict("group"))
+            }
+        })
+        .await
+    }
+
+    async fn group(&self, group: u32) -> Result<Option<GroupRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {GROUP_COLS} FROM group_state WHERE grp = ?1"
+            ))?;
+            Ok(collect(&mut st, [i64::from(group)], group_row)?.pop())
+        })
+        .await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {GROUP_COLS} FROM group_state ORDER BY grp"
+            ))?;
+            collect(&mut st, [], group_row)
+        })
+        .await
+    }
+
+    async fn round(&self, group: u32, round: u64) -> Result<Option<RoundRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {ROUND_COLS} FROM rounds WHERE grp = ?1 AND round = ?2"
+            ))?;
+            Ok(collect(&mut st, params![i64::from(group), i(round)], round_row)?.pop())
+        })
+        .await
+    }
+
+    async fn open_rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {ROUND_COLS} FROM rounds WHERE status = 0 ORDER BY grp, round"
+            ))?;
+            collect(&mut st, [], round_row)
+        })
+        .await
+    }
+
+    async fn round_report(
+        &self,
+        group: u32,
+        round: u64,
+    ) -> Result<Option<RoundReport>, StoreError> {
+        self.read(move |tx| {
+            let (g, r) = (i64::from(group), i(round));
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {ROUND_COLS}, localizations FROM rounds WHERE grp = ?1 AND round = ?2"
+            ))?;
+            let Some((row, localizations)) = collect(&mut st, params![g, r], |x| {
+                Ok((round_row(x)?, u(x.get(9)?)))
+            })?
+            .pop() else {
+                return Ok(None);
+            };
+            let mut counts = tx.prepare_cached(
+                "SELECT kind, reason, COUNT(*) FROM round_outcomes WHERE grp = ?1 AND round = ?2 \
+                 GROUP BY kind, reason ORDER BY kind, reason",
+            )?;
+            let rows = collect(&mut counts, params![g, r], |x| {
+                Ok((
+                    outcome_col(x.get(0)?)?,
+                    x.get::<_, String>(1)?,
+                    u(x.get(2)?),
+                ))
+            })?;
+            let missing: i64 = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM member_groups mg JOIN members m ON m.id = mg.member \
+                     WHERE mg.grp = ?1 AND m.status = 0 AND NOT EXISTS (SELECT 1 FROM \
+                     round_outcomes o WHERE o.grp = ?1 AND o.round = ?2 AND o.member = mg.member)",
+                )?
+                .query_row(params![g, r], |x| x.get(0))?;
+            Ok(Some(report(row, rows, u(missing), localizations)))
+        })
+        .await
+    }
+
+    async fn round_outcomes(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<OutcomeRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = ?1 AND \
+                 round = ?2 AND member {} ?3 ORDER BY member LIMIT ?4",
+                after_op(after)
+            ))?;
+            collect(
+                &mut st,
+                params![
+                    i64::from(group),
+                    i(round),
+                    after_key(after),
+                    i64::from(limit)
+                ],
+                |x| {
+                    Ok(OutcomeRow {
+                        group,
+                        round,
+                        member: u(x.get(0)?),
+                        kind: outcome_col(x.get(1)?)?,
+                        reason: Cow::Owned(x.get(2)?),
+                        gateway: x.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn round_missing(
+        &self,
+        group: u32,
+        round: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+                 WHERE mg.grp = ?1 AND m.status = 0 AND mg.member {} ?3 AND NOT EXISTS (SELECT 1 \
+                 FROM round_outcomes o WHERE o.grp = ?1 AND o.round = ?2 AND o.member = mg.member) \
+                 ORDER BY mg.member LIMIT ?4",
+                after_op(after)
+            ))?;
+            collect(
+                &mut st,
+                params![
+                    i64::from(group),
+                    i(round),
+                    after_key(after),
+                    i64::from(limit)
+                ],
+                |x| Ok(u(x.get(0)?)),
+            )
+        })
+        .await
+    }
+
+    async fn verdict(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> Result<Option<StoredVerdict>, StoreError> {
+        let gateway = gateway.to_owned();
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT batch_hash, verdict, final FROM verdicts WHERE gateway = ?1 AND batch_id = ?2",
+            )?;
+            Ok(collect(&mut st, params![gateway, i(batch_id)], |r| {
+                Ok(StoredVerdict {
+                    batch_hash: hash_col(r.get(0)?, "batch hash")?,
+                    verdict: r.get(1)?,
+                    is_final: r.get(2)?,
+                })
+            })?
+            .pop())
+        })
+        .await
+    }
+
+    async fn pending_localization(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> Result<Option<PendingLocalization>, StoreError> {
+        let gateway = gateway.to_owned();
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {LOCALIZATION_COLS} FROM localizations WHERE gateway = ?1 AND batch_id = ?2"
+            ))?;
+            Ok(collect(&mut st, params![gateway, i(batch_id)], localization_row)?.pop())
+        })
+        .await
+    }
+
+    async fn expired_localizations(
+        &self,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<PendingLocalization>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {LOCALIZATION_COLS} FROM localizations WHERE expires_at_ms <= ?1 \
+                 ORDER BY expires_at_ms, gateway, batch_id LIMIT ?2"
+            ))?;
+            collect(
+                &mut st,
+                params![i(now_ms), i64::from(limit)],
+                localization_row,
+            )
+        })
+        .await
+    }
+
+    async fn apply_batch(&self, write: BatchWrite) -> Result<Applied, StoreError> {
+        self.call(move |c| apply(c, write)).await
+    }
+
+    async fn sessions(
+        &self,
+        keys: Vec<(u64, u32)>,
+    ) -> Result<Vec<Option<SessionPair>>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
+            ))?;
+            let mut out = Vec::with_capacity(keys.len());
+            for (m, g) in keys {
+                out.push(collect(&mut st, params![i(m), i64::from(g)], session_pair)?.pop());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn member_sessions(&self, member: u64) -> Result<Vec<SessionPair>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 ORDER BY grp"
+            ))?;
+            collect(&mut st, [i(member)], session_pair)
+        })
+        .await
+    }
+
+    async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE sessions SET cur_sid = NULL, cur_state = NULL, cur_round = NULL, \
+                 cur_created_ms = NULL, cur_hi = NULL, cur_bits = NULL, prev_sid = NULL, \
+                 prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, \
+                 prev_bits = NULL WHERE cur_sid IS NOT NULL OR prev_sid IS NOT NULL",
+                [],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn read_downlink(
+        &self,
+        gateway: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let gateway = gateway.to_owned();
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT cursor, audience, grp, member, message FROM downlink \
+                 WHERE gateway = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+            )?;
+            collect(&mut st, params![gateway, i(after), i64::from(limit)], |r| {
+                Ok(StoredRecord {
+                    cursor: u(r.get(0)?),
+                    record: DownlinkRecord {
+                        audience: audience_col(r.get(1)?, r.get(3)?)?,
+                        group: u32_col(r.get(2)?, "downlink group")?,
+                        message: r.get(4)?,
+                    },
+                })
+            })
+        })
+        .await
+    }
+
+    async fn latest_cursor(&self, gateway: &str) -> Result<u64, StoreError> {
+        let gateway = gateway.to_owned();
+        self.read(move |tx| {
+            let v: Option<i64> = tx
+                .prepare_cached("SELECT last_cursor FROM downlink_heads WHERE gateway = ?1")?
+                .query_row([gateway], |r| r.get(0))
+                .optional()?;
+            Ok(v.map_or(0, u))
+        })
+        .await
+    }
+
+    async fn trim_downlink(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute(
+                "DELETE FROM downlink WHERE created_at_ms < ?1",
+                [i(before_ms)],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+        let gateway = gateway.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM subscriptions WHERE gateway = ?1", [&gateway])?;
+            {
+                let mut st =
+                    tx.prepare_cached("INSERT INTO subscriptions (gateway, grp) VALUES (?1, ?2)")?;
+                for g in normalized_groups(&groups) {
+                    st.execute(params![&gateway, i64::from(g)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn subscriptions(&self, gateway: &str) -> Result<Vec<u32>, StoreError> {
+        let gateway = gateway.to_owned();
+        self.read(move |tx| {
+            let mut st =
+                tx.prepare_cached("SELECT grp FROM subscriptions WHERE gateway = ?1 ORDER BY grp")?;
+            collect(&mut st, [gateway], |r| {
+                u32_col(r.get(0)?, "subscription group")
+            })
+        })
+        .await
+    }
+
+    async fn group_message(
+        &self,
+        group: u32,
+        seq: u64,
+    ) -> Result<Option<GroupMessageRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT epoch, bytes, payload_hash, created_at_ms FROM group_messages \
+                 WHERE grp = ?1 AND seq = ?2",
+            )?;
+            Ok(collect(&mut st, params![i64::from(group), i(seq)], |r| {
+                Ok(GroupMessageRow {
+                    group,
+                    seq,
+                    epoch: u(r.get(0)?),
+                    bytes: r.get(1)?,
+                    payload_hash: hash_col(r.get(2)?, "group message hash")?,
+                    created_at_ms: u(r.get(3)?),
+                })
+            })?
+            .pop())
+        })
+        .await
+    }
+
+    async fn acks(&self, group: u32, seq: u64) -> Result<Vec<AckRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT member, at_ms FROM acks WHERE grp = ?1 AND seq = ?2 ORDER BY member",
+            )?;
+            collect(&mut st, params![i64::from(group), i(seq)], |r| {
+                Ok(AckRow {
+                    group,
+                    seq,
+                    member: u(r.get(0)?),
+                    at_ms: u(r.get(1)?),
+                })
+            })
+        })
+        .await
+    }
+
+    async fn insert_schedule(&self, row: ScheduleRow) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let id: i64 = c
+                .prepare_cached(
+                    "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                )?
+                .query_row(
+                    params![
+                        i64::from(row.group),
+                        i(row.every_ms),
+                        mode_code(row.mode),
+                        purpose_code(row.purpose),
+                        i(row.next_at_ms)
+                    ],
+                    |r| r.get(0),
+                )?;
+            Ok(u(id))
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {SCHEDULE_COLS} FROM schedules ORDER BY id"
+            ))?;
+            collect(&mut st, [], schedule_row)
+        })
+        .await
+    }
+
+    async fn claim_schedule(
+        &self,
+        id: u64,
+        expected_next_ms: u64,
+        next_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE schedules SET next_at_ms = ?3 WHERE id = ?1 AND next_at_ms = ?2",
+                )?
+                .execute(params![i(id), i(expected_next_ms), i(next_ms)])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn delete_schedule(&self, id: u64) -> Result<bool, StoreError> {
+        self.call(move |c| Ok(c.execute("DELETE FROM schedules WHERE id = ?1", [i(id)])? == 1))
+            .await
+    }
+
+    async fn readings(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<ReadingRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = ?1 \
+                 AND ts_ms >= ?2 AND ts_ms < ?3 ORDER BY ts_ms, grp, ctr LIMIT ?4",
+            )?;
+            collect(
+                &mut st,
+                params![i(member), i(from_ms), i(to_ms), i64::from(limit)],
+                |r| reading_row(member, r),
+            )
+        })
+        .await
+    }
+
+    async fn gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT gateway, batches, entries, accepted, localizations, unverified, \
+                 last_batch_ms FROM gateways ORDER BY gateway",
+            )?;
+            collect(&mut st, [], |r| {
+                Ok(GatewayRow {
+                    gateway: r.get(0)?,
+                    batches: u(r.get(1)?),
+                    entries: u(r.get(2)?),
+                    accepted: u(r.get(3)?),
+                    localizations: u(r.get(4)?),
+                    unverified: u(r.get(5)?),
+                    last_batch_ms: u(r.get(6)?),
+                })
+            })
+        })
+        .await
+    }
+}
+
+fn reading_row(member: u64, r: &Row<'_>) -> Result<ReadingRow, StoreError> {
+    Ok(ReadingRow {
+        member,
+        group: u32_col(r.get(0)?, "reading group")?,
+        sid: sid_col(r.get(1)?)?,
+        ctr: u(r.get(2)?),
+        ts_ms: u(r.get(3)?),
+        kind: u8::try_from(r.get::<_, i64>(4)?).map_err(|_| StoreError::Corrupt("reading kind"))?,
+        payload: r.get(5)?,
+    })
+}

@@ -1,0 +1,1070 @@
+//! The UDC store against both backends: every case runs once on SQLite (a
+//! file in a temporary directory) and once on PostgreSQL (a throwaway
+//! cluster shared by this test binary, one fresh database per case).
+//!
+//! Where PostgreSQL is not installed the PostgreSQL half prints
+//! `skipped: PostgreSQL not installed (...)`, and fails under `CI=true`.
+#![cfg(feature = "service")]
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use dapgw::udc::store::*;
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty store location; `open` may be called again to reopen it.
+struct Fixture {
+    kind: Kind,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    async fn open(&self) -> AnyStore {
+        open(&self.url).await.expect("open store")
+    }
+
+    /// Migration versions recorded in the database.
+    async fn schema_versions(&self) -> Vec<i64> {
+        match self.kind {
+            Kind::Sqlite => {
+                let path = self.url.trim_start_matches("sqlite://");
+                let c = rusqlite::Connection::open(path).unwrap();
+                vec![
+                    c.pragma_query_value(None, "user_version", |r| r.get(0))
+                        .unwrap(),
+                ]
+            }
+            Kind::Postgres => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                client
+                    .query(
+                        "SELECT version FROM schema_migrations ORDER BY version",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The cluster shared by every PostgreSQL case of this binary (the cluster
+/// helper's watchdog stops it when the process exits).
+fn cluster() -> Option<&'static PgCluster> {
+    static CLUSTER: OnceLock<Result<PgCluster, PgClusterError>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| PgCluster::start(false)) {
+        Ok(c) => Some(c),
+        Err(e @ PgClusterError::NotInstalled(_)) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but the PostgreSQL tests cannot run: {e}"
+            );
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn fixture(kind: Kind) -> Option<Fixture> {
+    static DB: AtomicU32 = AtomicU32::new(0);
+    match kind {
+        Kind::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            // A nested directory: the store creates its data directory.
+            let path = dir.path().join("data").join("udc.db");
+            Some(Fixture {
+                kind,
+                url: format!("sqlite://{}", path.display()),
+                _dir: Some(dir),
+            })
+        }
+        Kind::Postgres => {
+            let c = cluster()?;
+            let name = format!("t{}", DB.fetch_add(1, Ordering::Relaxed));
+            c.create_database(&name).unwrap();
+            Some(Fixture {
+                kind,
+                url: c.url(&name),
+                _dir: None,
+            })
+        }
+    }
+}
+
+async fn run<F, Fut>(kind: Kind, case: F)
+where
+    F: FnOnce(Fixture) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if let Some(f) = fixture(kind) {
+        case(f).await;
+    }
+}
+
+/// Declares one test per backend for each case.
+macro_rules! both {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::run(super::Kind::Sqlite, super::$case).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::run(super::Kind::Postgres, super::$case).await;
+                }
+            }
+        )*
+    };
+}
+
+both!(
+    migrations_idempotent_on_reopen,
+    member_registry,
+    apply_batch_is_atomic,
+    retried_batch_changes_nothing,
+    localization_pending_then_final,
+    group_optimistic_concurrency,
+    sessions_current_and_previous,
+    replay_window_persists_and_is_compare_and_set,
+    downlink_cursors_and_fanout,
+    readings_query,
+    sealed_blobs_round_trip_untouched,
+    round_report_and_outcomes,
+    group_messages_acks_schedules,
+);
+
+// ---------------------------------------------------------------------------
+// Builders
+// ---------------------------------------------------------------------------
+
+const G: u32 = 7;
+const GW: &str = "gw-1.example";
+
+fn member(id: u64, groups: &[u32]) -> MemberRow {
+    MemberRow {
+        id,
+        groups: groups.to_vec(),
+        key_source: KeySource::Derived,
+        kv: 1,
+        status: MemberStatus::Active,
+        added_at_ms: 1_000,
+    }
+}
+
+fn group_row(group: u32) -> GroupRow {
+    GroupRow {
+        group,
+        epoch: 1,
+        next_round: 1,
+        seq: 0,
+        config_hash: [0x11; 32],
+        state: Sealed::new(vec![1, 2, 3]),
+        version: 0,
+    }
+}
+
+fn round_row(group: u32, round: u64) -> RoundRow {
+    RoundRow {
+        group,
+        round,
+        opened_at_ms: 5_000,
+        closes_at_ms: Some(65_000),
+        mode: Mode::Psk,
+        purpose: RoundPurpose::Auth,
+        challenge: vec![0xC4; 40],
+        state: Sealed::new(vec![0xE5; 44]),
+        status: RoundStatus::Open,
+    }
+}
+
+fn sid(member: u64, n: u8) -> [u8; 8] {
+    let mut s = member.to_be_bytes();
+    s[0] = n;
+    s
+}
+
+fn session(member: u64, n: u8, round: u64) -> SessionRow {
+    SessionRow {
+        member,
+        group: G,
+        sid: sid(member, n),
+        state: Sealed::new(vec![n; 60]),
+        round,
+        created_at_ms: 10_000 + u64::from(n),
+    }
+}
+
+fn accepted(member: u64, round: u64) -> OutcomeRow {
+    OutcomeRow {
+        group: G,
+        round,
+        member,
+        kind: OutcomeKind::Accepted,
+        reason: Cow::Borrowed(""),
+        gateway: None,
+    }
+}
+
+fn reading(member: u64, ctr: u64, ts_ms: u64) -> ReadingRow {
+    ReadingRow {
+        member,
+        group: G,
+        sid: sid(member, 1),
+        ctr,
+        ts_ms,
+        kind: 1,
+        payload: format!("m{member} c{ctr}").into_bytes(),
+    }
+}
+
+/// Members 1..=n in group G, the group, and round 1 open.
+async fn setup(s: &AnyStore, n: u64) {
+    s.apply_batch(BatchWrite {
+        members: (1..=n).map(|id| member(id, &[G])).collect(),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    s.insert_group(group_row(G)).await.unwrap();
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![round_row(G, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// A complete batch answering round 1 for members 1..=n through GW.
+fn batch(batch_id: u64, hash: u8, n: u64) -> BatchWrite {
+    BatchWrite {
+        now_ms: 20_000,
+        verdict: Some(VerdictWrite {
+            gateway: GW.into(),
+            batch_id,
+            batch_hash: [hash; 32],
+            verdict: vec![0x05, hash, 1, 2, 3],
+            pending: None,
+        }),
+        via: Some(Via {
+            gateway: GW.into(),
+            batches: 1,
+            entries: n,
+            accepted: n,
+            localizations: 0,
+            unverified: 0,
+            seen: (1..=n).collect(),
+        }),
+        sessions: (1..=n).map(|m| session(m, 1, 1)).collect(),
+        outcomes: (1..=n).map(|m| accepted(m, 1)).collect(),
+        readings: (1..=n).map(|m| reading(m, 1, 20_000)).collect(),
+        downlink: vec![DownlinkPush {
+            target: DownlinkTarget::Gateway(GW.into()),
+            records: vec![DownlinkRecord {
+                audience: Audience::Group,
+                group: G,
+                message: vec![0xAA, hash],
+            }],
+        }],
+        ..BatchWrite::default()
+    }
+}
+
+async fn count_readings(s: &AnyStore, members: u64) -> usize {
+    let mut n = 0;
+    for m in 1..=members {
+        n += s.readings(m, 0, u64::MAX >> 1, 1000).await.unwrap().len();
+    }
+    n
+}
+
+// ---------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------
+
+async fn migrations_idempotent_on_reopen(f: Fixture) {
+    let s = f.open().await;
+    s.upsert_member(member(42, &[G, 3])).await.unwrap();
+    drop(s);
+    // Reopen twice at once (two UDC processes starting together), then again.
+    let (a, b) = tokio::join!(f.open(), f.open());
+    drop((a, b));
+    let s = f.open().await;
+    assert_eq!(f.schema_versions().await, vec![1]);
+    let got = s.members(vec![42]).await.unwrap();
+    assert_eq!(got, vec![Some(member(42, &[3, G]))]);
+}
+
+async fn member_registry(f: Fixture) {
+    let s = f.open().await;
+    let big = (1u64 << 63) + 5;
+    for id in [3, 1, 2, big] {
+        s.upsert_member(member(id, &[G, G, 2])).await.unwrap();
+    }
+    // One query for a batch's ids, answered in order, unknown = None.
+    let got = s.members(vec![2, 99, 1, 2]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().id, 2);
+    assert_eq!(got[0].as_ref().unwrap().groups, vec![2, G]);
+    assert!(got[1].is_none());
+    assert_eq!(got[2].as_ref().unwrap().id, 1);
+    assert_eq!(got[3].as_ref().unwrap().id, 2);
+    // Paging visits every id once (ids >= 2^63 first: signed order).
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.list_members(after, 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|m| m.id);
+        seen.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(seen, vec![big, 1, 2, 3]);
+    // Status, kv, group changes.
+    assert!(s.set_member_status(2, MemberStatus::Revoked).await.unwrap());
+    assert!(
+        !s.set_member_status(77, MemberStatus::Revoked)
+            .await
+            .unwrap()
+    );
+    let imported = KeySource::Imported(Sealed::new(vec![9; 44]));
+    assert!(s.set_kv(3, 2, imported.clone()).await.unwrap());
+    assert_eq!(s.group_members(G, None, 10).await.unwrap(), vec![big, 1, 3]);
+    assert_eq!(s.group_members(G, Some(1), 10).await.unwrap(), vec![3]);
+    let m3 = s.members(vec![3]).await.unwrap().pop().unwrap().unwrap();
+    assert_eq!((m3.kv, m3.key_source), (2, imported));
+    s.upsert_member(member(3, &[2])).await.unwrap();
+    assert_eq!(s.group_members(G, None, 10).await.unwrap(), vec![big, 1]);
+}
+
+async fn apply_batch_is_atomic(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 3).await;
+    let mut bad = batch(1, 0xB1, 3);
+    // A duplicate (member, group, sid, ctr) fails late in the transaction,
+    // after the verdict, sessions and group update were written.
+    bad.readings.push(reading(2, 1, 20_000));
+    bad.groups = vec![GroupRow {
+        version: 1,
+        epoch: 2,
+        ..group_row(G)
+    }];
+    bad.acks = vec![AckRow {
+        group: G,
+        seq: 1,
+        member: 1,
+        at_ms: 1,
+    }];
+    assert!(s.apply_batch(bad).await.is_err());
+    // Nothing of it is visible.
+    assert_eq!(s.verdict(GW, 1).await.unwrap(), None);
+    assert_eq!(
+        s.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap(),
+        vec![None, None, None]
+    );
+    assert_eq!(count_readings(&s, 3).await, 0);
+    assert!(s.round_outcomes(G, 1, None, 100).await.unwrap().is_empty());
+    assert!(s.gateways().await.unwrap().is_empty());
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 0);
+    assert!(s.read_downlink(GW, 0, 10).await.unwrap().is_empty());
+    assert!(s.acks(G, 1).await.unwrap().is_empty());
+    let g = s.group(G).await.unwrap().unwrap();
+    assert_eq!((g.epoch, g.version), (1, 1));
+    // The same batch without the fault applies whole.
+    s.apply_batch(batch(1, 0xB1, 3)).await.unwrap();
+    assert!(s.verdict(GW, 1).await.unwrap().unwrap().is_final);
+    assert_eq!(count_readings(&s, 3).await, 3);
+    assert_eq!(s.round_outcomes(G, 1, None, 100).await.unwrap().len(), 3);
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 1);
+}
+
+async fn retried_batch_changes_nothing(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 4).await;
+    let applied = s.apply_batch(batch(9, 0x99, 4)).await.unwrap();
+    assert_eq!(applied.downlink_heads, vec![(GW.to_owned(), 1)]);
+    let stored = s.verdict(GW, 9).await.unwrap().unwrap();
+    assert_eq!(stored.verdict, vec![0x05, 0x99, 1, 2, 3]);
+    // The identical retry: typed error carrying the stored hash.
+    match s.apply_batch(batch(9, 0x99, 4)).await {
+        Err(StoreError::VerdictExists {
+            batch_hash,
+            is_final,
+        }) => assert_eq!((batch_hash, is_final), ([0x99; 32], true)),
+        other => panic!("expected VerdictExists, got {other:?}"),
+    }
+    // A different batch under the used id: the stored hash says "not yours".
+    match s.apply_batch(batch(9, 0x42, 4)).await {
+        Err(StoreError::VerdictExists { batch_hash, .. }) => assert_eq!(batch_hash, [0x99; 32]),
+        other => panic!("expected VerdictExists, got {other:?}"),
+    }
+    // No double rows or counts.
+    assert_eq!(s.verdict(GW, 9).await.unwrap().unwrap(), stored);
+    assert_eq!(count_readings(&s, 4).await, 4);
+    assert_eq!(s.read_downlink(GW, 0, 10).await.unwrap().len(), 1);
+    let gws = s.gateways().await.unwrap();
+    assert_eq!((gws.len(), gws[0].batches, gws[0].entries), (1, 1, 4));
+    let rep = s.round_report(G, 1).await.unwrap().unwrap();
+    assert_eq!((rep.accepted, rep.missing), (4, 0));
+    let pair = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(pair.previous.is_none(), "a retry must not rotate sessions");
+}
+
+async fn localization_pending_then_final(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let pending = VerdictWrite {
+        gateway: GW.into(),
+        batch_id: 5,
+        batch_hash: [0x55; 32],
+        verdict: vec![0x05, 2, 0, 0, 0, 1],
+        pending: Some(PendingWrite {
+            pending: Sealed::new(vec![0xDD; 100]),
+            expires_at_ms: 30_000,
+        }),
+    };
+    s.apply_batch(BatchWrite {
+        now_ms: 20_000,
+        verdict: Some(pending.clone()),
+        via: Some(Via {
+            gateway: GW.into(),
+            localizations: 1,
+            ..Via::default()
+        }),
+        round_localizations: vec![RoundLocalizations {
+            group: G,
+            round: 1,
+            chunks: 1,
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let v = s.verdict(GW, 5).await.unwrap().unwrap();
+    assert!(!v.is_final);
+    let p = s.pending_localization(GW, 5).await.unwrap().unwrap();
+    assert_eq!(
+        (p.batch_hash, p.pending.as_bytes(), p.expires_at_ms),
+        ([0x55; 32], &[0xDD; 100][..], 30_000)
+    );
+    assert!(
+        s.expired_localizations(29_999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.expired_localizations(30_000, 10).await.unwrap(), vec![p]);
+    // A retried batch while pending gets the tags-requested verdict back.
+    match s
+        .apply_batch(BatchWrite {
+            verdict: Some(pending.clone()),
+            ..BatchWrite::default()
+        })
+        .await
+    {
+        Err(StoreError::VerdictExists { is_final, .. }) => assert!(!is_final),
+        other => panic!("expected VerdictExists, got {other:?}"),
+    }
+    // A final verdict for another hash cannot replace it...
+    let mut wrong = batch(5, 0x56, 2);
+    wrong.verdict.as_mut().unwrap().batch_hash = [0x56; 32];
+    assert!(matches!(
+        s.apply_batch(wrong).await,
+        Err(StoreError::VerdictExists { .. })
+    ));
+    // ...the final verdict of the same batch does, and the pending row goes.
+    let mut fin = batch(5, 0x55, 2);
+    fin.verdict.as_mut().unwrap().verdict = vec![0x05, 1, 7, 7];
+    s.apply_batch(fin).await.unwrap();
+    let v = s.verdict(GW, 5).await.unwrap().unwrap();
+    assert_eq!((v.is_final, v.verdict), (true, vec![0x05, 1, 7, 7]));
+    assert_eq!(s.pending_localization(GW, 5).await.unwrap(), None);
+    assert!(
+        s.expired_localizations(u64::MAX >> 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let rep = s.round_report(G, 1).await.unwrap().unwrap();
+    assert_eq!((rep.localizations, rep.accepted), (1, 2));
+    let gw = &s.gateways().await.unwrap()[0];
+    assert_eq!((gw.localizations, gw.batches), (1, 1));
+}
+
+async fn group_optimistic_concurrency(f: Fixture) {
+    let s = f.open().await;
+    s.insert_group(group_row(G)).await.unwrap();
+    assert!(matches!(
+        s.insert_group(group_row(G)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let read_a = s.group(G).await.unwrap().unwrap();
+    let read_b = read_a.clone();
+    assert_eq!(read_a.version, 1);
+    // Process A writes first.
+    let v = s
+        .update_group(GroupRow {
+            epoch: 2,
+            state: Sealed::new(vec![0xA]),
+            ..read_a
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    // Process B's write from the same read is refused, and its batch with it.
+    let err = s
+        .apply_batch(BatchWrite {
+            groups: vec![GroupRow {
+                epoch: 3,
+                ..read_b.clone()
+            }],
+            new_rounds: vec![round_row(G, 1)],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
+    assert_eq!(s.round(G, 1).await.unwrap(), None);
+    let now = s.group(G).await.unwrap().unwrap();
+    assert_eq!(
+        (now.epoch, now.version, &now.state),
+        (2, 2, &Sealed::new(vec![0xA]))
+    );
+    // Reload and retry works.
+    assert_eq!(
+        s.update_group(GroupRow { epoch: 3, ..now }).await.unwrap(),
+        3
+    );
+    assert_eq!(s.list_groups().await.unwrap().len(), 1);
+}
+
+async fn sessions_current_and_previous(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let write = |rows: Vec<SessionRow>| BatchWrite {
+        sessions: rows,
+        ..BatchWrite::default()
+    };
+    s.apply_batch(write(vec![session(1, 1, 1), session(2, 1, 1)]))
+        .await
+        .unwrap();
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.current.as_ref().unwrap().sid, sid(1, 1));
+    assert!(p.previous.is_none());
+    assert_eq!(p.last_auth_ms, 10_001);
+    // A new round: current moves to previous.
+    s.apply_batch(write(vec![session(1, 2, 2)])).await.unwrap();
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.current.as_ref().unwrap().sid, sid(1, 2));
+    assert_eq!(p.current.as_ref().unwrap().round, 2);
+    assert_eq!(p.previous.as_ref().unwrap().sid, sid(1, 1));
+    assert_eq!(p.previous.as_ref().unwrap().state, Sealed::new(vec![1; 60]));
+    // Uplinks on the previous session keep both.
+    let w1 = ReplayWindow {
+        highest: 3,
+        bitmap: 0b11,
+    };
+    s.apply_batch(BatchWrite {
+        replay: vec![ReplayUpdate {
+            member: 1,
+            group: G,
+            sid: sid(1, 1),
+            from: ReplayWindow::default(),
+            to: w1,
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.previous.as_ref().unwrap().window, w1);
+    // The new session's first use drops the previous one.
+    s.apply_batch(BatchWrite {
+        replay: vec![ReplayUpdate {
+            member: 1,
+            group: G,
+            sid: sid(1, 2),
+            from: ReplayWindow::default(),
+            to: ReplayWindow {
+                highest: 1,
+                bitmap: 0,
+            },
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(p.previous.is_none());
+    assert_eq!(p.current.as_ref().unwrap().window.highest, 1);
+    // Session state replacement (e.g. a reserved down_ctr).
+    s.apply_batch(BatchWrite {
+        session_states: vec![SessionStateUpdate {
+            member: 1,
+            group: G,
+            sid: sid(1, 2),
+            state: Sealed::new(vec![0x77; 61]),
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let missing = s
+        .apply_batch(BatchWrite {
+            session_states: vec![SessionStateUpdate {
+                member: 1,
+                group: G,
+                sid: [0; 8],
+                state: Sealed::new(vec![1]),
+            }],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    // Batch read: order kept, unknown = None, duplicates answered twice.
+    let got = s
+        .sessions(vec![(2, G), (9, G), (1, G), (2, G)])
+        .await
+        .unwrap();
+    assert_eq!(got[0].as_ref().unwrap().member, 2);
+    assert!(got[1].is_none());
+    assert_eq!(
+        got[2].as_ref().unwrap().current.as_ref().unwrap().state,
+        Sealed::new(vec![0x77; 61])
+    );
+    assert_eq!(got[3], got[0]);
+    assert_eq!(s.member_sessions(1).await.unwrap().len(), 1);
+    // Recovery drops every session but keeps the last-auth time.
+    assert_eq!(s.drop_all_sessions().await.unwrap(), 2);
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(p.current.is_none() && p.previous.is_none());
+    assert_eq!(p.last_auth_ms, 10_002);
+}
+
+async fn replay_window_persists_and_is_compare_and_set(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 1).await;
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(1, 1, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let w = ReplayWindow {
+        highest: u64::MAX,
+        bitmap: 0x8000_0000_0000_0001,
+    };
+    let update = ReplayUpdate {
+        member: 1,
+        group: G,
+        sid: sid(1, 1),
+        from: ReplayWindow::default(),
+        to: w,
+    };
+    s.apply_batch(BatchWrite {
+        replay: vec![update],
+        readings: vec![reading(1, 1, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // A second process that read the old window loses, with its readings.
+    let stale = s
+        .apply_batch(BatchWrite {
+            replay: vec![update],
+            readings: vec![reading(1, 2, 2)],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(count_readings(&s, 1).await, 1);
+    drop(s);
+    let s = f.open().await;
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.current.unwrap().window, w);
+}
+
+async fn downlink_cursors_and_fanout(f: Fixture) {
+    let s = f.open().await;
+    s.set_subscriptions("gw-a", vec![2, 1, 2]).await.unwrap();
+    s.set_subscriptions("gw-b", vec![2]).await.unwrap();
+    assert_eq!(s.subscriptions("gw-a").await.unwrap(), vec![1, 2]);
+    let rec = |group: u32, tag: u8, audience: Audience| DownlinkRecord {
+        audience,
+        group,
+        message: vec![tag; 3],
+    };
+    let applied = s
+        .push_downlink(
+            1_000,
+            vec![
+                DownlinkPush {
+                    target: DownlinkTarget::Subscribers,
+                    records: vec![
+                        rec(1, 1, Audience::Group),
+                        rec(2, 2, Audience::Member(77)),
+                        rec(1, 3, Audience::Group),
+                    ],
+                },
+                DownlinkPush {
+                    target: DownlinkTarget::Gateway("gw-c".into()),
+                    records: vec![rec(9, 4, Audience::Member(5))],
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.downlink_heads,
+        vec![("gw-a".into(), 3), ("gw-b".into(), 1), ("gw-c".into(), 1)]
+    );
+    let a = s.read_downlink("gw-a", 0, 10).await.unwrap();
+    let cursors: Vec<u64> = a.iter().map(|r| r.cursor).collect();
+    let tags: Vec<u8> = a.iter().map(|r| r.record.message[0]).collect();
+    assert_eq!((cursors, tags), (vec![1, 2, 3], vec![1, 2, 3]));
+    assert_eq!(a[1].record, rec(2, 2, Audience::Member(77)));
+    let b = s.read_downlink("gw-b", 0, 10).await.unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(
+        (b[0].cursor, &b[0].record),
+        (1, &rec(2, 2, Audience::Member(77)))
+    );
+    // More records continue the cursors; `after` and `limit` page.
+    s.set_subscriptions("gw-a", vec![2]).await.unwrap();
+    s.push_downlink(
+        2_000,
+        vec![DownlinkPush {
+            target: DownlinkTarget::Subscribers,
+            records: vec![rec(1, 5, Audience::Group), rec(2, 6, Audience::Group)],
+        }],
+    )
+    .await
+    .unwrap();
+    let a = s.read_downlink("gw-a", 3, 10).await.unwrap();
+    assert_eq!(a.len(), 1, "gw-a no longer subscribes to group 1");
+    assert_eq!((a[0].cursor, a[0].record.message[0]), (4, 6));
+    let page = s.read_downlink("gw-a", 1, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.cursor).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(s.latest_cursor("gw-a").await.unwrap(), 4);
+    assert_eq!(s.latest_cursor("gw-b").await.unwrap(), 2);
+    assert_eq!(s.latest_cursor("nobody").await.unwrap(), 0);
+    // Retention: trimming old records never reuses a cursor.
+    assert_eq!(s.trim_downlink(1_500).await.unwrap(), 5);
+    assert_eq!(s.read_downlink("gw-a", 0, 10).await.unwrap()[0].cursor, 4);
+}
+
+async fn readings_query(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    s.apply_batch(BatchWrite {
+        readings: vec![
+            reading(1, 1, 100),
+            reading(1, 2, 200),
+            reading(1, 3, 300),
+            reading(2, 1, 200),
+        ],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let got = s.readings(1, 150, 300, 10).await.unwrap();
+    assert_eq!(got, vec![reading(1, 2, 200)]);
+    let got = s.readings(1, 0, 1_000, 2).await.unwrap();
+    assert_eq!(got.iter().map(|r| r.ctr).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(s.readings(2, 0, 1_000, 10).await.unwrap().len(), 1);
+    assert!(s.readings(3, 0, 1_000, 10).await.unwrap().is_empty());
+}
+
+async fn sealed_blobs_round_trip_untouched(f: Fixture) {
+    let s = f.open().await;
+    let all: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let nul = vec![0u8; 33];
+    let mut m = member(1, &[G]);
+    m.key_source = KeySource::Imported(Sealed::new(all.clone()));
+    s.upsert_member(m.clone()).await.unwrap();
+    let mut g = group_row(G);
+    g.state = Sealed::new(nul.clone());
+    s.insert_group(g).await.unwrap();
+    let mut r = round_row(G, 1);
+    r.state = Sealed::new(all.clone());
+    r.challenge = all[..1000].to_vec();
+    let mut sess = session(1, 1, 1);
+    sess.state = Sealed::new(Vec::new());
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![r.clone()],
+        sessions: vec![sess],
+        verdict: Some(VerdictWrite {
+            gateway: GW.into(),
+            batch_id: 1,
+            batch_hash: [0; 32],
+            verdict: nul.clone(),
+            pending: Some(PendingWrite {
+                pending: Sealed::new(all.clone()),
+                expires_at_ms: 1,
+            }),
+        }),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.members(vec![1]).await.unwrap(), vec![Some(m)]);
+    assert_eq!(
+        s.group(G).await.unwrap().unwrap().state.as_bytes(),
+        &nul[..]
+    );
+    assert_eq!(s.round(G, 1).await.unwrap(), Some(r));
+    let p = s
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.current.unwrap().state, Sealed::new(Vec::new()));
+    let pl = s.pending_localization(GW, 1).await.unwrap().unwrap();
+    assert_eq!(
+        (pl.pending.as_bytes(), &pl.verdict[..]),
+        (&all[..], &nul[..])
+    );
+}
+
+async fn round_report_and_outcomes(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 6).await;
+    s.set_member_status(6, MemberStatus::Revoked).await.unwrap();
+    let out = |member, kind, reason: &'static str| OutcomeRow {
+        group: G,
+        round: 1,
+        member,
+        kind,
+        reason: Cow::Borrowed(reason),
+        gateway: None,
+    };
+    s.apply_batch(BatchWrite {
+        now_ms: 1,
+        via: Some(Via {
+            gateway: GW.into(),
+            batches: 1,
+            entries: 4,
+            accepted: 1,
+            unverified: 1,
+            ..Via::default()
+        }),
+        outcomes: vec![
+            out(1, OutcomeKind::Accepted, ""),
+            out(2, OutcomeKind::Rejected, "bad_kv"),
+            out(3, OutcomeKind::Rejected, "unknown_member"),
+            out(4, OutcomeKind::Unverified, "bad_tag"),
+        ],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Later: member 1's accepted outcome sticks; member 4 is accepted
+    // through another path (direct, no gateway).
+    s.apply_batch(BatchWrite {
+        now_ms: 2,
+        outcomes: vec![
+            out(1, OutcomeKind::Rejected, "late_duplicate"),
+            out(4, OutcomeKind::Accepted, ""),
+        ],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let rep = s.round_report(G, 1).await.unwrap().unwrap();
+    assert_eq!(rep.accepted, 2);
+    assert_eq!(
+        rep.rejected,
+        vec![("bad_kv".into(), 1), ("unknown_member".into(), 1)]
+    );
+    assert_eq!(
+        (rep.unverified, rep.missing),
+        (0, 1),
+        "member 5 missing, 6 revoked"
+    );
+    assert_eq!(s.round_missing(G, 1, None, 10).await.unwrap(), vec![5]);
+    let o = s.round_outcomes(G, 1, Some(1), 2).await.unwrap();
+    assert_eq!(o.len(), 2);
+    assert_eq!((o[0].member, o[0].gateway.as_deref()), (2, Some(GW)));
+    assert_eq!((o[1].member, o[1].reason.as_ref()), (3, "unknown_member"));
+    let o1 = &s.round_outcomes(G, 1, None, 1).await.unwrap()[0];
+    assert_eq!(
+        (o1.kind, o1.gateway.as_deref()),
+        (OutcomeKind::Accepted, Some(GW))
+    );
+    // Opening an existing round conflicts; closing erases its secret state.
+    let dup = s
+        .apply_batch(BatchWrite {
+            new_rounds: vec![round_row(G, 1)],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(s.open_rounds().await.unwrap().len(), 1);
+    s.apply_batch(BatchWrite {
+        closed_rounds: vec![(G, 1)],
+        new_rounds: vec![round_row(G, 2)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let r1 = s.round(G, 1).await.unwrap().unwrap();
+    assert_eq!(
+        (r1.status, r1.state.as_bytes().len()),
+        (RoundStatus::Closed, 0)
+    );
+    let open: Vec<u64> = s
+        .open_rounds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(open, vec![2]);
+    assert_eq!(s.round_report(G, 99).await.unwrap(), None);
+}
+
+async fn group_messages_acks_schedules(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 3).await;
+    let gm = GroupMessageRow {
+        group: G,
+        seq: 1,
+        epoch: 1,
+        bytes: vec![0x07; 90],
+        payload_hash: [0x33; 32],
+        created_at_ms: 50,
+    };
+    s.apply_batch(BatchWrite {
+        group_messages: vec![gm.clone()],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let dup = s
+        .apply_batch(BatchWrite {
+            group_messages: vec![gm.clone()],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(s.group_message(G, 1).await.unwrap(), Some(gm));
+    assert_eq!(s.group_message(G, 2).await.unwrap(), None);
+    let ack = |member, at_ms| AckRow {
+        group: G,
+        seq: 1,
+        member,
+        at_ms,
+    };
+    s.apply_batch(BatchWrite {
+        acks: vec![ack(2, 60), ack(1, 61)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // A repeated ack is ignored (first time kept).
+    s.apply_batch(BatchWrite {
+        acks: vec![ack(2, 99), ack(3, 62)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.acks(G, 1).await.unwrap(),
+        vec![ack(1, 61), ack(2, 60), ack(3, 62)]
+    );
+    // Schedules: claimed once by whoever sees the expected next time.
+    let row = ScheduleRow {
+        id: 0,
+        group: G,
+        every_ms: 60_000,
+        mode: Mode::PskEcdhe,
+        purpose: RoundPurpose::Read,
+        next_at_ms: 100,
+    };
+    let id = s.insert_schedule(row).await.unwrap();
+    let id2 = s.insert_schedule(row).await.unwrap();
+    assert_ne!(id, id2);
+    assert!(s.claim_schedule(id, 100, 60_100).await.unwrap());
+    assert!(!s.claim_schedule(id, 100, 60_100).await.unwrap());
+    let all = s.schedules().await.unwrap();
+    assert_eq!(
+        all[0],
+        ScheduleRow {
+            id,
+            next_at_ms: 60_100,
+            ..row
+        }
+    );
+    assert!(s.delete_schedule(id2).await.unwrap());
+    assert!(!s.delete_schedule(id2).await.unwrap());
+    assert_eq!(s.schedules().await.unwrap().len(), 1);
+}
