@@ -45,9 +45,8 @@ impl Harness {
         keys_cmd::init(&keys).unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-        let url = store_url.unwrap_or_else(|| {
-            format!("sqlite://{}", dir.path().join("udc.sqlite3").display())
-        });
+        let url = store_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("udc.sqlite3").display()));
         let config = UdcConfig {
             tls_cert: pki.server_cert.clone(),
             tls_key: pki.server_key.clone(),
@@ -170,7 +169,10 @@ impl Harness {
         } else {
             Bytes::from(body.to_string())
         };
-        let resp = send.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
+        let resp = send
+            .send_request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -184,7 +186,10 @@ impl Harness {
     }
 
     fn member(&self, id: u64) -> (MemberId, dapgw::protocol::keys::MemberKey) {
-        (MemberId(id), MemberKeyDeriver::new(&self.master).member_key(id, 1))
+        (
+            MemberId(id),
+            MemberKeyDeriver::new(&self.master).member_key(id, 1),
+        )
     }
 }
 
@@ -198,7 +203,13 @@ fn records(mut b: &[u8]) -> Vec<(u64, u8, u32, u64, Bytes)> {
         let group = u32::from_be_bytes(b[9..13].try_into().unwrap());
         let member = u64::from_be_bytes(b[13..21].try_into().unwrap());
         let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
-        out.push((cursor, aud, group, member, Bytes::copy_from_slice(&b[25..25 + len])));
+        out.push((
+            cursor,
+            aud,
+            group,
+            member,
+            Bytes::copy_from_slice(&b[25..25 + len]),
+        ));
         b = &b[25 + len..];
     }
     out
@@ -255,11 +266,23 @@ fn outcomes(v: &Verdict) -> Vec<Outcome> {
 
 async fn scenario(h: &Harness) {
     // Operator API needs the token.
-    let (s, v) = h.admin(None, Method::GET, "/v1/admin/members", serde_json::Value::Null).await;
+    let (s, v) = h
+        .admin(
+            None,
+            Method::GET,
+            "/v1/admin/members",
+            serde_json::Value::Null,
+        )
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"], "unauthorized");
     let (s, _) = h
-        .admin(Some("wrong"), Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .admin(
+            Some("wrong"),
+            Method::GET,
+            "/v1/admin/members",
+            serde_json::Value::Null,
+        )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
@@ -269,17 +292,32 @@ async fn scenario(h: &Harness) {
         .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
         .collect();
     let v = h
-        .op(Method::POST, "/v1/admin/members/import", serde_json::json!({"members": import}))
+        .op(
+            Method::POST,
+            "/v1/admin/members/import",
+            serde_json::json!({"members": import}),
+        )
         .await;
     assert_eq!(v["imported"], 25);
 
     // gw-1 subscribes; a round opens; its challenge is in gw-1's downlink.
     let (s, _) = h
-        .call(Some("gw-1"), Method::PUT, "/v1/subscriptions", r#"{"groups":[7]}"#)
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = h.call(None, Method::PUT, "/v1/subscriptions", r#"{"groups":[7]}"#).await;
-    assert_eq!(s, StatusCode::FORBIDDEN, "gateway endpoints need a certificate");
+    let (s, _) = h
+        .call(None, Method::PUT, "/v1/subscriptions", r#"{"groups":[7]}"#)
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "gateway endpoints need a certificate"
+    );
     let v = h
         .op(
             Method::POST,
@@ -289,7 +327,12 @@ async fn scenario(h: &Harness) {
         .await;
     let round = v["round"].as_u64().unwrap();
     let (s, body) = h
-        .call(Some("gw-1"), Method::GET, "/v1/downlink?after=0&wait_ms=0", Bytes::new())
+        .call(
+            Some("gw-1"),
+            Method::GET,
+            "/v1/downlink?after=0&wait_ms=0",
+            Bytes::new(),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let recs = records(&body);
@@ -297,7 +340,12 @@ async fn scenario(h: &Harness) {
     let (c1, aud, group, _, challenge) = recs[0].clone();
     assert_eq!((aud, group), (1, G));
     let (s, _) = h
-        .call(Some("gw-1"), Method::GET, &format!("/v1/downlink?after={c1}&wait_ms=0"), Bytes::new())
+        .call(
+            Some("gw-1"),
+            Method::GET,
+            &format!("/v1/downlink?after={c1}&wait_ms=0"),
+            Bytes::new(),
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
@@ -305,12 +353,19 @@ async fn scenario(h: &Harness) {
     let entries: Vec<_> = (1..=20).map(|id| respond(h, id, &challenge)).collect();
     let b = batch("gw-1", 1, round, entries.clone());
     let bytes = b.to_bytes();
-    let (s, answer) = h.call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone()).await;
+    let (s, answer) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone())
+        .await;
     assert_eq!(s, StatusCode::OK, "{answer:?}");
     let verdict = Verdict::decode(&answer).unwrap();
     assert_eq!(outcomes(&verdict), vec![Outcome::Accepted; 20]);
     let (s, body) = h
-        .call(Some("gw-1"), Method::GET, &format!("/v1/downlink?after={c1}&wait_ms=1000"), Bytes::new())
+        .call(
+            Some("gw-1"),
+            Method::GET,
+            &format!("/v1/downlink?after={c1}&wait_ms=1000"),
+            Bytes::new(),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let confirms = records(&body);
@@ -319,20 +374,33 @@ async fn scenario(h: &Harness) {
     assert!(confirms.windows(2).all(|w| w[0].0 < w[1].0));
 
     // The same batch again: the stored verdict byte for byte.
-    let (s, again) = h.call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone()).await;
+    let (s, again) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone())
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(again, answer);
     // Another batch under the used id: 409.
     let other = batch("gw-1", 1, round, entries[..4].to_vec()).to_bytes();
-    let (s, body) = h.call(Some("gw-1"), Method::POST, "/v1/batches", other).await;
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", other)
+        .await;
     assert_eq!(s, StatusCode::CONFLICT, "{body:?}");
     // gw-2 posting gw-1's batch: 403.
-    let (s, body) = h.call(Some("gw-2"), Method::POST, "/v1/batches", bytes.clone()).await;
+    let (s, body) = h
+        .call(Some("gw-2"), Method::POST, "/v1/batches", bytes.clone())
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(e["error"], "wrong_gateway");
     // Garbage: 400 with a reason.
-    let (s, body) = h.call(Some("gw-1"), Method::POST, "/v1/batches", &b"\x01\x04junk"[..]).await;
+    let (s, body) = h
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/batches",
+            &b"\x01\x04junk"[..],
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()));
@@ -344,7 +412,9 @@ async fn scenario(h: &Harness) {
     entries[1].0.n_i[15] ^= 1;
     let b = batch("gw-1", 2, round, entries);
     let bytes = b.to_bytes();
-    let (s, answer) = h.call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone()).await;
+    let (s, answer) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone())
+        .await;
     assert_eq!(s, StatusCode::OK);
     let v = Verdict::decode(&answer).unwrap();
     let VerdictBody::TagsRequested { chunks } = &v.body else {
@@ -361,15 +431,27 @@ async fn scenario(h: &Harness) {
         }],
     };
     let (s, _) = h
-        .call(Some("gw-1"), Method::POST, "/v1/tags", reply([9; 32]).to_bytes())
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/tags",
+            reply([9; 32]).to_bytes(),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "batch hash mismatch");
     let mut unknown = reply(v.batch_hash);
     unknown.batch_id = 99;
-    let (s, _) = h.call(Some("gw-1"), Method::POST, "/v1/tags", unknown.to_bytes()).await;
+    let (s, _) = h
+        .call(Some("gw-1"), Method::POST, "/v1/tags", unknown.to_bytes())
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, fin) = h
-        .call(Some("gw-1"), Method::POST, "/v1/tags", reply(v.batch_hash).to_bytes())
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/tags",
+            reply(v.batch_hash).to_bytes(),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let fin_v = Verdict::decode(&fin).unwrap();
@@ -378,7 +460,9 @@ async fn scenario(h: &Harness) {
     assert_ne!(o[1], Outcome::Accepted);
     assert_eq!((o[2], o[3]), (Outcome::Accepted, Outcome::Accepted));
     // The batch retried after localization: the final verdict.
-    let (s, again) = h.call(Some("gw-1"), Method::POST, "/v1/batches", bytes).await;
+    let (s, again) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", bytes)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(again, fin);
 
@@ -386,15 +470,24 @@ async fn scenario(h: &Harness) {
     let (e, tag) = respond(h, 30, &challenge);
     let resp = Response::from_entry(e, GroupId(G), round, tag);
     let direct = Direct::new(&DirectInner::Response(resp), aggregate([&tag]));
-    let (s, body) = h.call(None, Method::POST, "/v1/direct", direct.to_bytes()).await;
+    let (s, body) = h
+        .call(None, Method::POST, "/v1/direct", direct.to_bytes())
+        .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
     let dv = Verdict::decode(&body).unwrap();
     assert_eq!(outcomes(&dv), vec![Outcome::Accepted]);
-    let (s, again) = h.call(None, Method::POST, "/v1/direct", direct.to_bytes()).await;
+    let (s, again) = h
+        .call(None, Method::POST, "/v1/direct", direct.to_bytes())
+        .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(again, body, "a retried direct response gets the same answer");
+    assert_eq!(
+        again, body,
+        "a retried direct response gets the same answer"
+    );
     // A bad submission gets the uniform answer.
-    let (s, body) = h.call(None, Method::POST, "/v1/direct", &b"nonsense"[..]).await;
+    let (s, body) = h
+        .call(None, Method::POST, "/v1/direct", &b"nonsense"[..])
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(e["error"], "not_accepted");
@@ -411,18 +504,32 @@ async fn scenario(h: &Harness) {
 
     // Operator views.
     let rep = h
-        .op(Method::GET, &format!("/v1/admin/rounds/{G}/{round}"), serde_json::Value::Null)
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round}"),
+            serde_json::Value::Null,
+        )
         .await;
     assert_eq!(rep["accepted"], 24, "{rep}");
     assert_eq!(rep["localizations"], 1, "{rep}");
     assert_eq!(rep["unverified"], 1, "{rep}");
     assert_eq!(rep["missing_count"], 0, "every member answered: {rep}");
-    let gws = h.op(Method::GET, "/v1/admin/gateways", serde_json::Value::Null).await;
+    let gws = h
+        .op(Method::GET, "/v1/admin/gateways", serde_json::Value::Null)
+        .await;
     let gw1 = &gws["gateways"][0];
     assert_eq!(gw1["gateway"], "gw-1");
     assert_eq!(gw1["batches"], 2, "{gws}");
-    let members = h.op(Method::GET, "/v1/admin/members", serde_json::Value::Null).await;
-    let m1 = members["members"].as_array().unwrap().iter().find(|m| m["id"] == 1).unwrap().clone();
+    let members = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await;
+    let m1 = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 1)
+        .unwrap()
+        .clone();
     assert!(m1["last_auth_ms"].as_u64().is_some(), "{m1}");
 
     // A configuration update fans out to gw-1.
@@ -436,14 +543,29 @@ async fn scenario(h: &Harness) {
         .await;
     let seq = v["seq"].as_u64().unwrap();
     let u = h
-        .op(Method::GET, &format!("/v1/admin/groups/{G}/updates/{seq}"), serde_json::Value::Null)
+        .op(
+            Method::GET,
+            &format!("/v1/admin/groups/{G}/updates/{seq}"),
+            serde_json::Value::Null,
+        )
         .await;
     assert_eq!(u["acked"].as_array().unwrap().len(), 0);
     // Revoking member 1 rekeys every other member with a session.
-    let v = h.op(Method::POST, "/v1/admin/members/1/revoke", serde_json::Value::Null).await;
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/members/1/revoke",
+            serde_json::Value::Null,
+        )
+        .await;
     assert_eq!(v["revoked"], 1);
     let (s, body) = h
-        .call(Some("gw-1"), Method::GET, &format!("/v1/downlink?after={last}&wait_ms=0"), Bytes::new())
+        .call(
+            Some("gw-1"),
+            Method::GET,
+            &format!("/v1/downlink?after={last}&wait_ms=0"),
+            Bytes::new(),
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     let recs = records(&body);
@@ -451,10 +573,22 @@ async fn scenario(h: &Harness) {
     let rekeyed: std::collections::BTreeSet<u64> =
         recs.iter().filter(|r| r.1 == 2).map(|r| r.3).collect();
     assert!(!rekeyed.contains(&1) && rekeyed.contains(&2), "{rekeyed:?}");
-    let (s, _) = h.admin(Some(TOKEN), Method::POST, "/v1/admin/members/999/revoke", serde_json::Value::Null).await;
+    let (s, _) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/members/999/revoke",
+            serde_json::Value::Null,
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // Adding a member opens a new epoch too.
-    h.op(Method::POST, "/v1/admin/members", serde_json::json!({"id": 40, "groups": [G]})).await;
+    h.op(
+        Method::POST,
+        "/v1/admin/members",
+        serde_json::json!({"id": 40, "groups": [G]}),
+    )
+    .await;
     // Schedules.
     let v = h
         .op(
@@ -464,12 +598,25 @@ async fn scenario(h: &Harness) {
         )
         .await;
     assert!(v["id"].as_u64().is_some());
-    let v = h.op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null).await;
+    let v = h
+        .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
+        .await;
     assert_eq!(v["schedules"].as_array().unwrap().len(), 1);
-    let v = h.op(Method::GET, "/v1/admin/readings?member=2", serde_json::Value::Null).await;
+    let v = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=2",
+            serde_json::Value::Null,
+        )
+        .await;
     assert!(v["readings"].as_array().is_some());
     let (s, v) = h
-        .admin(Some(TOKEN), Method::POST, "/v1/admin/rounds", serde_json::json!({"group": G, "mode": "nope"}))
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "nope"}),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["error"], "bad_request");
@@ -485,7 +632,10 @@ async fn udc_over_tls_with_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udc_over_tls_with_postgres() {
     use dapgw::udc::store::{PgCluster, PgClusterError};
-    let cluster = match tokio::task::spawn_blocking(|| PgCluster::start(false)).await.unwrap() {
+    let cluster = match tokio::task::spawn_blocking(|| PgCluster::start(false))
+        .await
+        .unwrap()
+    {
         Ok(c) => c,
         Err(e @ PgClusterError::NotInstalled(_)) => {
             assert!(

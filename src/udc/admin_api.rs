@@ -42,7 +42,11 @@ pub fn fallback(udc: Arc<Udc>, token: String) -> Fallback {
 }
 
 fn authorized(req: &Request<Bytes>, token: &str) -> bool {
-    let Some(h) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(h) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let Some(given) = h.strip_prefix("Bearer ") else {
@@ -331,7 +335,11 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             if udc.store().delete_schedule(id).await.map_err(store_err)? {
                 Ok(json_resp(StatusCode::OK, json!({"deleted": id})))
             } else {
-                Err(error(StatusCode::NOT_FOUND, "not_found", "no such schedule"))
+                Err(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such schedule",
+                ))
             }
         }
         (Method::POST, ["groups", g, "updates"]) => {
@@ -346,7 +354,10 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .publish_update(g, &payload, b.valid_through_round)
                 .await
                 .map_err(svc_err)?;
-            Ok(json_resp(StatusCode::CREATED, json!({"group": g, "seq": seq})))
+            Ok(json_resp(
+                StatusCode::CREATED,
+                json!({"group": g, "seq": seq}),
+            ))
         }
         (Method::GET, ["groups", g, "updates", seq]) => {
             let g: u32 = num(g, "group")?;
@@ -423,11 +434,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .map_err(store_err)?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let sessions = udc
-                    .store()
-                    .member_sessions(r.id)
-                    .await
-                    .map_err(store_err)?;
+                let sessions = udc.store().member_sessions(r.id).await.map_err(store_err)?;
                 let last_auth = sessions.iter().map(|s| s.last_auth_ms).max();
                 out.push(json!({
                     "id": r.id,
@@ -500,5 +507,88 @@ mod tests {
         assert_eq!(b64("").unwrap(), b"");
         assert!(b64("a").is_none());
         assert!(b64("a$==").is_none());
+    }
+}
+
+/// Why [`request`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target is not `host:port` or `http://host:port`.
+    #[error("bad admin address `{0}`: expected host:port or http://host:port")]
+    BadTarget(String),
+    /// No connection or an HTTP failure.
+    #[error("admin API at {target}: {reason}")]
+    Failed {
+        /// The address.
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("no answer from the admin API at {0} in time")]
+    Timeout(String),
+}
+
+/// One operator API request (the CLI's transport): plain HTTP/1.1 to the
+/// admin listener at `target`, with bearer `token`. Returns the status
+/// code and the body text.
+pub async fn request(
+    target: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<String>,
+    timeout: std::time::Duration,
+) -> Result<(u16, String), ClientError> {
+    let authority = target
+        .strip_prefix("http://")
+        .unwrap_or(target)
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .replace("0.0.0.0:", "127.0.0.1:");
+    if !authority.contains(':') {
+        return Err(ClientError::BadTarget(target.to_owned()));
+    }
+    let fail = |reason: String| ClientError::Failed {
+        target: authority.clone(),
+        reason,
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, authority.as_str())
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Timeout(authority.clone())),
     }
 }

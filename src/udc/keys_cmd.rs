@@ -119,9 +119,9 @@ pub fn load_master(path: &Path) -> Result<MasterSecret, KeysError> {
 
 /// Reads the storage key.
 pub fn load_storage_key(path: &Path) -> Result<StorageKey, KeysError> {
-    Ok(StorageKey::from_bytes(&Key16::from_bytes(
-        *read_hex::<16>(path)?,
-    )))
+    Ok(StorageKey::from_bytes(&Key16::from_bytes(*read_hex::<16>(
+        path,
+    )?)))
 }
 
 /// Reads an Ed25519 signing key seed.
@@ -307,21 +307,40 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             for f in [files::MASTER, files::STORAGE, files::ROOT, files::SIGNING] {
-                let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+                let mode = std::fs::metadata(dir.path().join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{f}");
             }
         }
         // A second init refuses to replace the master secret.
         assert!(matches!(init(dir.path()), Err(KeysError::Usage(_))));
-        let root_pub = VerifyingKey::from_bytes(&read_hex::<32>(&dir.path().join(files::ROOT_PUB)).unwrap()).unwrap();
+        let root_pub =
+            VerifyingKey::from_bytes(&read_hex::<32>(&dir.path().join(files::ROOT_PUB)).unwrap())
+                .unwrap();
         let cert = load_key_cert(&dir.path().join(files::SIGNING_CERT)).unwrap();
         let online = load_signing_key(&dir.path().join(files::SIGNING)).unwrap();
         assert_eq!(cert.public_key, online.verifying_key().to_bytes());
-        verify_key_certificate(&root_pub, cert.key_id, cert.key_version, &cert.public_key, &cert.root_sig).unwrap();
+        verify_key_certificate(
+            &root_pub,
+            cert.key_id,
+            cert.key_version,
+            &cert.public_key,
+            &cert.root_sig,
+        )
+        .unwrap();
         assert_eq!(rotate_signing_key(dir.path(), None).unwrap(), 2);
         let cert2 = load_key_cert(&dir.path().join(files::SIGNING_CERT)).unwrap();
         assert_ne!(cert2.public_key, cert.public_key);
-        verify_key_certificate(&root_pub, cert2.key_id, 2, &cert2.public_key, &cert2.root_sig).unwrap();
+        verify_key_certificate(
+            &root_pub,
+            cert2.key_id,
+            2,
+            &cert2.public_key,
+            &cert2.root_sig,
+        )
+        .unwrap();
 
         let out = dir.path().join("creds.json");
         let import = members(
@@ -339,6 +358,13 @@ mod tests {
         assert_eq!(creds.members[1].id, 101);
         assert_eq!(creds.members[1].key.expose(), d.member_key(101, 1).expose());
         let imp: ImportFile = serde_json::from_slice(&std::fs::read(&import).unwrap()).unwrap();
-        assert_eq!(imp.members[2], ImportMember { id: 102, kv: 1, groups: vec![7, 8] });
+        assert_eq!(
+            imp.members[2],
+            ImportMember {
+                id: 102,
+                kv: 1,
+                groups: vec![7, 8]
+            }
+        );
     }
 }

@@ -112,7 +112,13 @@ pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
             config.signing_key_file.display()
         );
     }
-    let verifier = Verifier::new(&ms, online, cert.key_id, Some(cert), VerifierConfig::default());
+    let verifier = Verifier::new(
+        &ms,
+        online,
+        cert.key_id,
+        Some(cert),
+        VerifierConfig::default(),
+    );
     let store = store::open(config.store_url.expose())
         .await
         .with_context(|| format!("opening the store {}", config.store_url.redacted()))?;

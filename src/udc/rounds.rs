@@ -67,8 +67,15 @@ pub async fn run_schedules(udc: &Udc, now_ms: u64) -> Result<Vec<(u32, u64)>, Se
         };
         // A scheduled round stays open for most of its period.
         let duration = every.saturating_mul(9) / 10;
-        let round = udc.open_round(s.group, s.mode, purpose, Some(duration)).await?;
-        tracing::info!(group = s.group, round, schedule = s.id, "scheduled round opened");
+        let round = udc
+            .open_round(s.group, s.mode, purpose, Some(duration))
+            .await?;
+        tracing::info!(
+            group = s.group,
+            round,
+            schedule = s.id,
+            "scheduled round opened"
+        );
         opened.push((s.group, round));
     }
     Ok(opened)

@@ -194,11 +194,9 @@ fn bytes(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Resp {
 fn service_error(e: ServiceError) -> Resp {
     match e {
         ServiceError::BadRequest(r) => error(StatusCode::BAD_REQUEST, "bad_request", &r),
-        ServiceError::WrongGateway { .. } => error(
-            StatusCode::FORBIDDEN,
-            "wrong_gateway",
-            &e.to_string(),
-        ),
+        ServiceError::WrongGateway { .. } => {
+            error(StatusCode::FORBIDDEN, "wrong_gateway", &e.to_string())
+        }
         ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
         ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
         ServiceError::Internal(detail) => {
@@ -216,11 +214,16 @@ fn service_error(e: ServiceError) -> Resp {
 async fn body(req: Request<Incoming>, cap: usize) -> Result<Bytes, Resp> {
     match Limited::new(req.into_body(), cap).collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            &format!("request body over {cap} bytes"),
-        )),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request body over {cap} bytes"),
+            ))
+        }
         Err(_) => Err(error(
             StatusCode::BAD_REQUEST,
             "bad_body",

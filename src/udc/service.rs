@@ -439,14 +439,20 @@ impl Udc {
             }
         }
         let rekeys = match revoked {
-            Some(r) => self.verifier.revoke(&mut state, r, &mut sessions, &mut rng()),
-            None => self.verifier.add_member(&mut state, &mut sessions, &mut rng()),
+            Some(r) => self
+                .verifier
+                .revoke(&mut state, r, &mut sessions, &mut rng()),
+            None => self
+                .verifier
+                .add_member(&mut state, &mut sessions, &mut rng()),
         }
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let now = write.now_ms;
         for id in sessions.members_of(GroupId(group)) {
             if let Some(slot) = sessions.get(GroupId(group), id) {
-                write.sessions.push(self.session_row(group, id, slot, 0, now)?);
+                write
+                    .sessions
+                    .push(self.session_row(group, id, slot, 0, now)?);
             }
         }
         if let Some(r) = revoked {
@@ -607,12 +613,17 @@ impl Udc {
 
     /// Members of a batch, as verifier records.
     async fn load_registry(&self, ids: &[MemberId]) -> Result<LoadedRegistry, ServiceError> {
-        let rows = self.store.members(ids.iter().map(|m| m.0).collect()).await?;
+        let rows = self
+            .store
+            .members(ids.iter().map(|m| m.0).collect())
+            .await?;
         let mut map = BTreeMap::new();
         for row in rows.into_iter().flatten() {
             let groups = row.groups.iter().map(|g| GroupId(*g)).collect();
             let mut rec = match &row.key_source {
-                store::KeySource::Derived => MemberRecord::derived(MemberId(row.id), row.kv, groups),
+                store::KeySource::Derived => {
+                    MemberRecord::derived(MemberId(row.id), row.kv, groups)
+                }
                 store::KeySource::Imported(sealed) => {
                     let key: crate::protocol::verifier::KeySource =
                         self.open(&member_aad(row.id), sealed)?;
@@ -668,7 +679,10 @@ impl Udc {
         let mut st: RoundState = self.open(&aad::round(group, round), &row.state)?;
         let mut after = None;
         loop {
-            let page = self.store.round_outcomes(group, round, after, 10_000).await?;
+            let page = self
+                .store
+                .round_outcomes(group, round, after, 10_000)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.member);
             for o in &page {
@@ -717,7 +731,11 @@ impl Udc {
     }
 
     /// Handles `POST /v1/tags` from gateway `cert_gateway`.
-    pub async fn handle_tags(&self, cert_gateway: &str, body: Bytes) -> Result<Bytes, ServiceError> {
+    pub async fn handle_tags(
+        &self,
+        cert_gateway: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ServiceError> {
         let reply = TagReply::decode(&body).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let gateway = reply.gateway_id.as_str().to_owned();
         if gateway != cert_gateway {
@@ -816,7 +834,10 @@ impl Udc {
         let answer = self
             .judge(ctx, stored, |v, st, reg, log, now| {
                 let out = v.handle_direct(&direct, st, reg, log, now)?;
-                accepted.store(out.outcome == Outcome::Accepted, std::sync::atomic::Ordering::Relaxed);
+                accepted.store(
+                    out.outcome == Outcome::Accepted,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let confirms = out
                     .confirm
                     .as_ref()
@@ -1022,7 +1043,9 @@ impl Udc {
                 self.metrics.readings.inc_by(v.readings.len() as u64);
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
-                        write.sessions.push(self.session_row(group, *id, slot, round_no, now_ms)?);
+                        write
+                            .sessions
+                            .push(self.session_row(group, *id, slot, round_no, now_ms)?);
                     }
                 }
                 // The confirms go down to the member through its gateway.
@@ -1045,14 +1068,12 @@ impl Udc {
                 }
             }
             BatchEvent::Uplinks(v) => {
-                via.accepted = u64::from(
-                    match &v.verdict.body {
-                        crate::protocol::wire::VerdictBody::Final { outcomes, .. } => {
-                            outcomes.iter().filter(|o| **o == Outcome::Accepted).count()
-                        }
-                        crate::protocol::wire::VerdictBody::TagsRequested { .. } => 0,
-                    } as u32,
-                );
+                via.accepted = u64::from(match &v.verdict.body {
+                    crate::protocol::wire::VerdictBody::Final { outcomes, .. } => {
+                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count()
+                    }
+                    crate::protocol::wire::VerdictBody::TagsRequested { .. } => 0,
+                } as u32);
                 for m in &v.messages {
                     write.readings.push(ReadingRow {
                         member: m.id.0,
@@ -1079,7 +1100,9 @@ impl Udc {
                 seen.dedup();
                 for id in seen {
                     if let Some(slot) = sessions.get(GroupId(group), id) {
-                        write.sessions.push(self.session_row(group, id, slot, 0, now_ms)?);
+                        write
+                            .sessions
+                            .push(self.session_row(group, id, slot, 0, now_ms)?);
                     }
                 }
             }
