@@ -27,9 +27,27 @@
 //! 3. If the answer requested tags: [`Verifier::handle_tag_reply`] when the
 //!    gateway answers, or [`Verifier::localization_expired`] when the
 //!    caller's deadline passes, with the state loaded as in step 1.
+//!
+//! # Outcomes beyond their names
+//!
+//! - [`Outcome::MalformedPayload`] is also given to an entry that verified
+//!   but cannot be used: a psk-ecdhe `E_i` whose X25519 result is all zero,
+//!   a non-empty payload in an auth round, an ack that does not bind a group
+//!   message V sent (or is not 52 bytes). The member itself sealed these, so
+//!   they are not "unverified via gateway".
+//! - [`Outcome::UnverifiedViaGateway`] covers every entry of a failing chunk
+//!   that could have been accepted but whose individual tag did not come
+//!   back equal to V's (omitted, forged, wrong count, chunk not requested
+//!   because over the bound, or expiry). Count it per gateway, never per
+//!   member.
+//! - A confirm carries the group's *current* epoch and key, which is newer
+//!   than the challenge's epoch if a rekey happened while the round was
+//!   open; nothing is ever sealed under an ended epoch's key.
 
 mod assess;
+mod dh;
 mod group;
+mod kdf;
 mod log;
 mod registry;
 mod round;
@@ -49,8 +67,9 @@ pub use self::state::{
 };
 
 use self::assess::{Assessment, TagSource};
+use self::kdf::FastDeriver;
 use crate::protocol::codec::DecodeError;
-use crate::protocol::keys::{MasterSecret, MemberKeyDeriver};
+use crate::protocol::keys::MasterSecret;
 use crate::protocol::suite::{SigningKey, aggregate, ct_eq16};
 use crate::protocol::wire::{
     Batch, BatchBody, BatchStructureError, ChunkTags, Confirm, Direct, DirectInner, GatewayId,
@@ -84,7 +103,7 @@ impl Default for VerifierConfig {
 /// Holds no protocol state (see the module docs). Secrets are zeroized on
 /// drop and `Debug` prints only the key id.
 pub struct Verifier {
-    deriver: MemberKeyDeriver,
+    deriver: FastDeriver,
     online: SigningKey,
     key_id: u32,
     key_cert: Option<KeyCertificate>,
@@ -114,7 +133,7 @@ impl Verifier {
         config: VerifierConfig,
     ) -> Self {
         Self {
-            deriver: MemberKeyDeriver::new(ms),
+            deriver: FastDeriver::new(ms),
             online,
             key_id,
             key_cert,

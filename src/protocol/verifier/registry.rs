@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::keys::{MemberKey, MemberKeyDeriver};
+use super::kdf::FastDeriver;
+use crate::protocol::keys::MemberKey;
 use crate::protocol::wire::{GroupId, MemberId};
 
 /// Whether a member may still authenticate.
@@ -100,7 +101,7 @@ impl MemberRecord {
 
     /// `K_i` for version `kv`, or `None` when V cannot know it (a version
     /// below an imported key's).
-    pub(crate) fn key_for(&self, kv: u32, deriver: &MemberKeyDeriver) -> Option<MemberKey> {
+    pub(crate) fn key_for(&self, kv: u32, deriver: &FastDeriver) -> Option<MemberKey> {
         match &self.key {
             KeySource::Imported { kv: ikv, key } if *ikv == kv => Some(key.clone()),
             KeySource::Imported { kv: ikv, .. } if kv < *ikv => None,

@@ -15,12 +15,14 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
 use super::assess::Screened;
+use super::dh::RoundDh;
+use super::kdf::{FastPrk0, response_keys, session_keys, transcript_hash};
 use super::registry::{MemberRecord, MemberStatus};
 use super::state::{
-    EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionSlot, SessionState, SessionTable,
+    EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionState, SessionTable,
 };
 use super::{UsageError, VerdictCounters, Verifier};
-use crate::protocol::keys::{Prk0, ResponseKeys, response_keys, session_keys, transcript_hash};
+use crate::protocol::keys::ResponseKeys;
 use crate::protocol::suite::{EphemeralKeyPair, Gcm, Iv12, Key16};
 use crate::protocol::wire::{
     Challenge, Confirm, GroupId, MAX_READ_REQUEST, MemberId, Mode, Outcome, Purpose, ResponseEntry,
@@ -95,7 +97,7 @@ impl Verifier {
 
 /// Key material of a screened candidate, kept for its finalization.
 pub(crate) struct CandidateKeys {
-    prk0: Prk0,
+    prk0: FastPrk0,
     resp: ResponseKeys,
 }
 
@@ -206,12 +208,9 @@ pub(crate) fn finalize(
         kv_confirmed: Vec::new(),
         ecdhe_missed: Vec::new(),
     };
-    // One key pair for the whole batch: restoring it costs a base-point
-    // multiplication.
+    // `e_V` is restored once for the whole batch.
     let e_v = match (&round.mode, &round.e_v_secret) {
-        (Mode::PskEcdhe, Some(EphemeralSecret(s))) => {
-            Some(EphemeralKeyPair::from_secret_bytes(s.expose()))
-        }
+        (Mode::PskEcdhe, Some(EphemeralSecret(s))) => RoundDh::new(s).ok(),
         _ => None,
     };
     for (i, e) in entries.iter().enumerate() {
@@ -227,7 +226,7 @@ pub(crate) fn finalize(
         // X25519 only now, for entries whose psk tag verified.
         let dh = match (round.mode, &e_v, &e.e_i) {
             (Mode::Psk, _, _) => None,
-            (Mode::PskEcdhe, Some(pair), Some(e_i)) => match pair.diffie_hellman(e_i) {
+            (Mode::PskEcdhe, Some(pair), Some(e_i)) => match pair.agree(e_i) {
                 Ok(dh) => Some(dh),
                 Err(_) => {
                     outcomes[i] = Outcome::MalformedPayload;
@@ -258,7 +257,7 @@ pub(crate) fn finalize(
             }
         }
 
-        let s = session_keys(&k.prk0, dh.as_ref());
+        let s = session_keys(&k.prk0, dh.as_deref());
         let sid = SessionId(s.sid);
         out.confirms.push(seal_confirm(
             group,
@@ -269,8 +268,7 @@ pub(crate) fn finalize(
             &s.iv_conf,
         ));
 
-        let fresh_slot = sessions.get(group.group, e.id).is_none();
-        let slot: &mut SessionSlot = sessions.entry(group.group, e.id);
+        let (slot, fresh_slot) = sessions.entry_new(group.group, e.id);
         if fresh_slot || round.mode == Mode::PskEcdhe {
             slot.ecdhe_mark = group.ecdhe_rounds;
         } else {

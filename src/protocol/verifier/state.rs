@@ -355,6 +355,16 @@ impl SessionTable {
         self.slots.entry((group, id)).or_default()
     }
 
+    /// The slot of (group, member), created empty if absent, and whether it
+    /// was just created (one search instead of two).
+    pub(crate) fn entry_new(&mut self, group: GroupId, id: MemberId) -> (&mut SessionSlot, bool) {
+        use std::collections::btree_map::Entry;
+        match self.slots.entry((group, id)) {
+            Entry::Occupied(o) => (o.into_mut(), false),
+            Entry::Vacant(v) => (v.insert(SessionSlot::default()), true),
+        }
+    }
+
     /// Adds or replaces a loaded slot.
     pub fn insert(&mut self, group: GroupId, id: MemberId, slot: SessionSlot) {
         self.slots.insert((group, id), slot);

@@ -6,8 +6,8 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::protocol::keys::{
-    MemberKey, Prk0, SessionKeys, response_keys, session_keys, sign_key_certificate,
-    transcript_hash, uplink_nonce,
+    MemberKey, MemberKeyDeriver, Prk0, SessionKeys, response_keys, session_keys,
+    sign_key_certificate, transcript_hash, uplink_nonce,
 };
 use crate::protocol::suite::{EphemeralKeyPair, Gcm, VerifyingKey};
 use crate::protocol::wire::{
@@ -505,6 +505,27 @@ fn imported_keys_verify_and_unknown_old_versions_are_localized() {
     let b = f.batch(&round, &[&s], 8);
     let (_, v) = responses(f.handle(&b, Some(&mut round)));
     assert_eq!(outcomes(&v.verdict), [Outcome::Accepted]);
+
+    // An answer under a version below the imported one: V cannot know that
+    // key, so the entry's chunk is localized; the honest neighbour is still
+    // accepted and the old version is set aside.
+    let honest = f.members([1]).remove(0);
+    let (mut round, ch) = f.open(Mode::Psk, Purpose::Auth);
+    let old = TestMember {
+        id: MemberId(9),
+        kv: 3,
+        key: MemberKey::from_bytes([3; 32]),
+    }
+    .respond(&ch, b"", &mut f.rng);
+    let h = honest.respond(&ch, b"", &mut f.rng);
+    let refs = [&h, &old];
+    let b = f.batch(&round, &refs, 8);
+    assert_eq!(tags_requested(&f.handle(&b, Some(&mut round))), [0]);
+    let (_, v) = responses(f.reply(&b, vec![all_tags(&refs, 8, 0)], Some(&mut round)));
+    assert_eq!(
+        outcomes(&v.verdict),
+        [Outcome::Accepted, Outcome::StaleKeyVersion]
+    );
 }
 
 #[test]
