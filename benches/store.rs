@@ -85,8 +85,9 @@ fn batch(round: u64) -> BatchWrite {
             gateway: GW.into(),
             batch_id: round,
             batch_hash: [round as u8; 32],
-            // One outcome byte and one ~70-byte confirm per member.
-            verdict: vec![0xC0; (MEMBERS * 71) as usize],
+            // One outcome byte and one ~70-byte confirm per member; mostly
+            // ciphertext, so incompressible (PostgreSQL's TOAST gives up).
+            verdict: noise((MEMBERS * 71) as usize, round),
             pending: None,
         }),
         via: Some(Via {
@@ -123,6 +124,19 @@ fn batch(round: u64) -> BatchWrite {
             .collect(),
         ..BatchWrite::default()
     }
+}
+
+/// Incompressible filler (xorshift64).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// CPU time (user + system) of a process so far, from `/proc/<pid>/stat`.

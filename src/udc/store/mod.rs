@@ -498,7 +498,9 @@ pub struct Via {
     pub localizations: u64,
     /// Entries unverified via this gateway to add (misbehaviour count).
     pub unverified: u64,
-    /// Members seen behind this gateway (the member -> gateway map).
+    /// Members seen behind this gateway (the member -> gateway map; a
+    /// member's row is rewritten only when its gateway changes, with the
+    /// time of the move).
     pub seen: Vec<u64>,
 }
 
@@ -553,8 +555,11 @@ pub struct BatchWrite {
     /// Rounds to close: status closed, sealed state erased.
     pub closed_rounds: Vec<(u32, u64)>,
     /// New sessions: current moves to previous, the new one becomes current.
+    /// At most one per (member, group) per write (PostgreSQL refuses a
+    /// second one; the verifier creates one per member per round anyway).
     pub sessions: Vec<SessionRow>,
-    /// Replay windows to advance (compare-and-set).
+    /// Replay windows to advance (compare-and-set), at most one per session
+    /// per write.
     pub replay: Vec<ReplayUpdate>,
     /// Session states to replace.
     pub session_states: Vec<SessionStateUpdate>,
@@ -864,6 +869,11 @@ pub trait Store: Send + Sync {
         to_ms: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
+    /// The gateway a member was last seen behind, and since when (unix ms).
+    fn member_gateway(
+        &self,
+        member: u64,
+    ) -> impl Future<Output = Result<Option<(String, u64)>, StoreError>> + Send;
     /// Per-gateway counters, by gateway.
     fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayRow>, StoreError>> + Send;
 }
@@ -985,6 +995,7 @@ impl Store for AnyStore {
         fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;
         fn delete_schedule(&self, id: u64) -> bool;
         fn readings(&self, member: u64, from_ms: u64, to_ms: u64, limit: u32) -> Vec<ReadingRow>;
+        fn member_gateway(&self, member: u64) -> Option<(String, u64)>;
         fn gateways(&self) -> Vec<GatewayRow>;
     }
 }

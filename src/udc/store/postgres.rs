@@ -589,7 +589,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
                 "INSERT INTO member_gateway (member, gateway, seen_at_ms) \
                  SELECT m, $2, $3 FROM UNNEST($1::int8[]) AS x(m) \
                  ON CONFLICT (member) DO UPDATE SET gateway = EXCLUDED.gateway, \
-                 seen_at_ms = EXCLUDED.seen_at_ms",
+                 seen_at_ms = EXCLUDED.seen_at_ms WHERE member_gateway.gateway <> EXCLUDED.gateway",
             )
             .await?;
             tx.execute(&st, &[&seen, &v.gateway, &now]).await?;
@@ -1395,6 +1395,16 @@ impl Store for PostgresStore {
                 payload: x.try_get(5)?,
             })
         })
+    }
+
+    async fn member_gateway(&self, member: u64) -> Result<Option<(String, u64)>, StoreError> {
+        let r = self
+            .query(
+                "SELECT gateway, seen_at_ms FROM member_gateway WHERE member = $1",
+                &[&i(member)],
+            )
+            .await?;
+        Ok(rows(r, |x| Ok((x.try_get(0)?, u(x.try_get(1)?))))?.pop())
     }
 
     async fn gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {

@@ -504,7 +504,7 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
         let mut st = tx.prepare_cached(
             "INSERT INTO member_gateway (member, gateway, seen_at_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (member) DO UPDATE SET gateway = excluded.gateway, \
-             seen_at_ms = excluded.seen_at_ms",
+             seen_at_ms = excluded.seen_at_ms WHERE member_gateway.gateway <> excluded.gateway",
         )?;
         for m in &v.seen {
             st.execute(params![i(*m), &v.gateway, now])?;
@@ -1215,6 +1215,16 @@ impl Store for SqliteStore {
                 params![i(member), i(from_ms), i(to_ms), i64::from(limit)],
                 |r| reading_row(member, r),
             )
+        })
+        .await
+    }
+
+    async fn member_gateway(&self, member: u64) -> Result<Option<(String, u64)>, StoreError> {
+        self.read(move |tx| {
+            let mut st = tx.prepare_cached(
+                "SELECT gateway, seen_at_ms FROM member_gateway WHERE member = ?1",
+            )?;
+            Ok(collect(&mut st, [i(member)], |r| Ok((r.get(0)?, u(r.get(1)?))))?.pop())
         })
         .await
     }
