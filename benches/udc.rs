@@ -109,7 +109,8 @@ async fn main() {
     let members = arg("--members", 10_000);
     let per_batch = arg("--batch", 1000) as usize;
     let dir = tempfile::tempdir().unwrap();
-    let pki = dapgw::tls::dev_pki::generate(&dir.path().join("pki"), &[], &["gw-1".into()]).unwrap();
+    let pki =
+        dapgw::tls::dev_pki::generate(&dir.path().join("pki"), &[], &["gw-1".into()]).unwrap();
     let keys = dir.path().join("keys");
     keys_cmd::init(&keys).unwrap();
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
@@ -133,33 +134,61 @@ async fn main() {
     let addr = l.local_addr().unwrap();
     let admin_addr = a.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(udc::run(config, udc::Listeners { udc: l, admin: a }, async move {
-        let _ = rx.await;
-    }));
-    let deriver = MemberKeyDeriver::new(&keys_cmd::load_master(&keys.join(keys_cmd::files::MASTER)).unwrap());
+    let task = tokio::spawn(udc::run(
+        config,
+        udc::Listeners { udc: l, admin: a },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let deriver =
+        MemberKeyDeriver::new(&keys_cmd::load_master(&keys.join(keys_cmd::files::MASTER)).unwrap());
     let import: Vec<_> = (1..=members)
         .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
         .collect();
-    admin(admin_addr, "POST", "/v1/admin/members/import", serde_json::json!({"members": import}).to_string()).await;
+    admin(
+        admin_addr,
+        "POST",
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}).to_string(),
+    )
+    .await;
     let (_, cert, key) = &pki.clients[0];
     let client = Client {
         addr,
-        tls: dapgw::tls::client_config(&pki.ca_cert, cert, key).unwrap().config(),
+        tls: dapgw::tls::client_config(&pki.ca_cert, cert, key)
+            .unwrap()
+            .config(),
     };
     let mut send = client.connect().await;
-    let (s, _) = call(&mut send, Method::PUT, "/v1/subscriptions", Bytes::from(format!("{{\"groups\":[{G}]}}"))).await;
+    let (s, _) = call(
+        &mut send,
+        Method::PUT,
+        "/v1/subscriptions",
+        Bytes::from(format!("{{\"groups\":[{G}]}}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
     let mut cursor = 0u64;
     let mut batch_id = 0u64;
     let mut per_member = Vec::new();
-    for (label, purpose, reading) in [("auth", "auth", &b""[..]), ("read", "read", &[0x5a; 16][..])] {
+    for (label, purpose, reading) in [
+        ("auth", "auth", &b""[..]),
+        ("read", "read", &[0x5a; 16][..]),
+    ] {
         let v: serde_json::Value = serde_json::from_str(
             &admin(admin_addr, "POST", "/v1/admin/rounds",
                 serde_json::json!({"group": G, "mode": "psk", "purpose": purpose, "read_request": "01"}).to_string()).await,
         ).unwrap();
         let round = v["round"].as_u64().unwrap();
-        let (s, body) = call(&mut send, Method::GET, &format!("/v1/downlink?after={cursor}&wait_ms=1000"), Bytes::new()).await;
+        let (s, body) = call(
+            &mut send,
+            Method::GET,
+            &format!("/v1/downlink?after={cursor}&wait_ms=1000"),
+            Bytes::new(),
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
         // The last record is this round's challenge.
         let mut b = &body[..];
@@ -182,8 +211,18 @@ async fn main() {
                 let th = transcript_hash(&ch_hash, id, 1, &n_i, None);
                 let (rk, _) = response_keys(&deriver.member_key(id, 1), &th);
                 let mut c = reading.to_vec();
-                let tag = Gcm::new(rk.k_resp.expose()).seal_in_place(rk.iv_resp.expose(), &th, &mut c);
-                (ResponseEntry { id: MemberId(id), kv: 1, n_i, e_i: None, c: Bytes::from(c) }, tag)
+                let tag =
+                    Gcm::new(rk.k_resp.expose()).seal_in_place(rk.iv_resp.expose(), &th, &mut c);
+                (
+                    ResponseEntry {
+                        id: MemberId(id),
+                        kv: 1,
+                        n_i,
+                        e_i: None,
+                        c: Bytes::from(c),
+                    },
+                    tag,
+                )
             })
             .collect();
         let bodies: Vec<Bytes> = answers
@@ -195,8 +234,15 @@ async fn main() {
                     batch_id,
                     group: GroupId(G),
                     chunk_size: 64,
-                    body: BatchBody::Responses { round, mode: Mode::Psk, entries: part.iter().map(|(e, _)| e.clone()).collect() },
-                    aggregates: part.chunks(64).map(|c| aggregate(c.iter().map(|(_, t)| t))).collect(),
+                    body: BatchBody::Responses {
+                        round,
+                        mode: Mode::Psk,
+                        entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                    },
+                    aggregates: part
+                        .chunks(64)
+                        .map(|c| aggregate(c.iter().map(|(_, t)| t)))
+                        .collect(),
                 }
                 .to_bytes()
             })
@@ -224,7 +270,10 @@ async fn main() {
         per_member.push(us);
     }
     if let [auth, read] = per_member[..] {
-        println!("udc per reading (read round minus auth round): {:.2} us CPU", read - auth);
+        println!(
+            "udc per reading (read round minus auth round): {:.2} us CPU",
+            read - auth
+        );
     }
     let _ = tx.send(());
     let _ = task.await;

@@ -34,6 +34,10 @@ struct Harness {
 
 impl Harness {
     async fn start(store_url: Option<String>) -> Self {
+        Self::start_with(store_url, 60_000).await
+    }
+
+    async fn start_with(store_url: Option<String>, localize_timeout_ms: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dapgw::tls::dev_pki::generate(
             &dir.path().join("pki"),
@@ -57,7 +61,7 @@ impl Harness {
             storage_key_file: keys.join(keys_cmd::files::STORAGE),
             signing_key_file: keys.join(keys_cmd::files::SIGNING),
             key_cert_file: keys.join(keys_cmd::files::SIGNING_CERT),
-            localize_timeout_ms: 60_000,
+            localize_timeout_ms,
             ..UdcConfig::default()
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -650,5 +654,74 @@ async fn udc_over_tls_with_postgres() {
     cluster.create_database("udc_http").unwrap();
     let h = Harness::start(Some(cluster.url("udc_http"))).await;
     scenario(&h).await;
+    h.stop().await;
+}
+
+/// A tag request the gateway never answers is finalized by the background
+/// task after `DAPGW_LOCALIZE_TIMEOUT_MS`: the unresolved chunk's entries
+/// become unverified via gateway, and a retried batch gets that verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_tag_request_expires() {
+    let h = Harness::start_with(None, 1).await;
+    let import: Vec<_> = (1..=4u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    h.call(
+        Some("gw-1"),
+        Method::PUT,
+        "/v1/subscriptions",
+        r#"{"groups":[7]}"#,
+    )
+    .await;
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let (_, body) = h
+        .call(
+            Some("gw-1"),
+            Method::GET,
+            "/v1/downlink?after=0&wait_ms=0",
+            Bytes::new(),
+        )
+        .await;
+    let challenge = records(&body)[0].4.clone();
+    let mut entries: Vec<_> = (1..=4).map(|id| respond(&h, id, &challenge)).collect();
+    entries[0].0.n_i[0] ^= 1;
+    let bytes = batch("gw-1", 1, round, entries).to_bytes();
+    let (s, first) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(matches!(
+        Verdict::decode(&first).unwrap().body,
+        VerdictBody::TagsRequested { .. }
+    ));
+    // The background task runs every second; allow it ten passes.
+    let mut fin = None;
+    for _ in 0..40 {
+        let (s, answer) = h
+            .call(Some("gw-1"), Method::POST, "/v1/batches", bytes.clone())
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let v = Verdict::decode(&answer).unwrap();
+        if let VerdictBody::Final { .. } = v.body {
+            fin = Some(v);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let fin = fin.expect("the localization expired into a final verdict");
+    assert_eq!(outcomes(&fin), vec![Outcome::UnverifiedViaGateway; 4]);
     h.stop().await;
 }

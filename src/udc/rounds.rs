@@ -20,6 +20,9 @@ use crate::udc::store::{self, Store as _};
 /// How often the background task looks for work.
 pub const TICK: Duration = Duration::from_secs(1);
 
+/// How long downlink records are kept for gateways to fetch.
+pub const DOWNLINK_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Runs [`tick`] every [`TICK`] until `shutdown` completes.
 pub async fn background(udc: Arc<Udc>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
@@ -43,6 +46,9 @@ pub async fn tick(udc: &Udc) -> Result<(), ServiceError> {
     while udc.expire_localizations(64).await? == 64 {}
     run_schedules(udc, now_ms()).await?;
     udc.close_due_rounds(now_ms()).await?;
+    udc.store()
+        .trim_downlink(now_ms().saturating_sub(DOWNLINK_RETENTION_MS))
+        .await?;
     Ok(())
 }
 
