@@ -34,8 +34,9 @@ struct Cli {
 enum Command {
     /// Run the gateway (DAP): members -> batches -> the UDC.
     Gateway(ServiceArgs),
-    /// Run the reference data center (UDC) that verifies batches.
-    Udc(ServiceArgs),
+    /// Run the reference data center (UDC) that verifies batches, or (with a
+    /// subcommand) operate a running one through its admin API.
+    Udc(UdcArgs),
     /// Create key material.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -57,11 +58,209 @@ struct ServiceArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct UdcArgs {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Operator action; without one, the UDC service runs.
+    #[command(subcommand)]
+    op: Option<UdcOp>,
+}
+
+/// Where the operator subcommands find the admin API.
+#[derive(Args, Debug, Clone)]
+struct AdminTarget {
+    /// The UDC's admin listener: host:port or http://host:port.
+    #[arg(
+        long,
+        env = "DAPGW_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9091",
+        global = true
+    )]
+    admin: String,
+    /// File holding the operator bearer token.
+    #[arg(long, env = "DAPGW_ADMIN_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum UdcOp {
+    /// Rounds: start one now, show one, schedule recurring ones.
+    #[command(subcommand)]
+    Round(RoundOp),
+    /// Alias of `round`: `dapgw udc rounds show G R`.
+    #[command(subcommand)]
+    Rounds(RoundOp),
+    /// Send a configuration update to a group, or show who acked one.
+    Update(UpdateArgs),
+    /// Revoke a member (new epoch and rekey in its groups).
+    Revoke(RevokeArgs),
+    /// Members: list them, add one, import a registry file.
+    Members(MembersArgs),
+    /// Readings of a member in a time range.
+    Readings(ReadingsArgs),
+    /// Per-gateway counters.
+    Gateways(TargetOnly),
+}
+
+#[derive(Args, Debug)]
+struct TargetOnly {
+    #[command(flatten)]
+    target: AdminTarget,
+}
+
+#[derive(Subcommand, Debug)]
+enum RoundOp {
+    /// Open a round for a group now.
+    Start {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The group.
+        #[arg(long)]
+        group: u32,
+        /// psk or psk-ecdhe.
+        #[arg(long, default_value = "psk-ecdhe")]
+        mode: String,
+        /// auth or read.
+        #[arg(long, default_value = "auth")]
+        purpose: String,
+        /// Read request bytes (hex), for read rounds.
+        #[arg(long)]
+        read_request: Option<String>,
+        /// Seconds the round stays open.
+        #[arg(long, default_value_t = 300)]
+        duration_s: u64,
+    },
+    /// Show a round's results.
+    Show {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The group.
+        group: u32,
+        /// The round.
+        round: u64,
+    },
+    /// Schedule recurring rounds (e.g. every 14400 s for 6 reads a day).
+    Schedule {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The group.
+        #[arg(long)]
+        group: u32,
+        /// Period in seconds.
+        #[arg(long)]
+        every_s: u64,
+        /// psk or psk-ecdhe.
+        #[arg(long, default_value = "psk-ecdhe")]
+        mode: String,
+        /// auth or read.
+        #[arg(long, default_value = "read")]
+        purpose: String,
+    },
+    /// List schedules.
+    Schedules(TargetOnly),
+}
+
+#[derive(Args, Debug)]
+struct UpdateArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// The group.
+    #[arg(long)]
+    group: u32,
+    /// File whose bytes are the payload.
+    #[arg(long, conflicts_with = "show")]
+    payload_file: Option<PathBuf>,
+    /// Last round the update applies to.
+    #[arg(long)]
+    valid_through_round: Option<u64>,
+    /// Show who acked update SEQ instead of sending one.
+    #[arg(long, value_name = "SEQ")]
+    show: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// The member.
+    member: u64,
+}
+
+#[derive(Args, Debug)]
+struct MembersArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// Add this member (with --groups) instead of listing.
+    #[arg(long, requires = "groups")]
+    add: Option<u64>,
+    /// Groups of the added member, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<u32>,
+    /// Import a registry file written by `dapgw keys members`.
+    #[arg(long, value_name = "FILE", conflicts_with = "add")]
+    import: Option<PathBuf>,
+    /// List members after this id.
+    #[arg(long)]
+    after: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct ReadingsArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// The member.
+    #[arg(long)]
+    member: u64,
+    /// From (unix ms, inclusive).
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// To (unix ms, exclusive).
+    #[arg(long, default_value_t = u64::MAX)]
+    to: u64,
+}
+
 #[derive(Subcommand, Debug)]
 enum KeysCommand {
     /// Write a throwaway CA, a server certificate and client certificates
-    /// (development and tests only).
+    /// (development and tests only). Name member certificates
+    /// `--client member-<id>`.
     DevPki(DevPkiArgs),
+    /// Write a master secret, storage key, offline root key and a
+    /// root-certified online signing key into DIR (0600 for secrets).
+    Init {
+        /// Directory to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Replace the online signing key with a fresh one certified by the root.
+    RotateSigningKey {
+        /// Directory written by `keys init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The root key, if it was moved out of DIR.
+        #[arg(long, value_name = "FILE")]
+        root: Option<PathBuf>,
+    },
+    /// Write member credentials (the file a meter factory injects) and the
+    /// UDC's registry import file (`<out>.import.json`).
+    Members {
+        /// Directory written by `keys init` (master.key, root.pub).
+        #[arg(long, value_name = "DIR")]
+        keys: PathBuf,
+        /// First member id.
+        #[arg(long)]
+        from: u64,
+        /// How many members.
+        #[arg(long)]
+        count: u64,
+        /// Groups, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        groups: Vec<u32>,
+        /// Credential file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +302,7 @@ fn main() -> ExitCode {
         Command::Gateway(args) => gateway(args),
         Command::Udc(args) => udc(args),
         Command::Keys(KeysCommand::DevPki(args)) => report(dev_pki(args)),
+        Command::Keys(cmd) => report(keys(cmd)),
         Command::Demo(DemoArgs {}) => report(not_built("demo")),
         Command::Sim(args) => report(sim(args)),
         Command::Bench(BenchArgs {}) => report(not_built("bench")),
@@ -209,7 +409,11 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
     })
 }
 
-fn udc(args: ServiceArgs) -> ExitCode {
+fn udc(args: UdcArgs) -> ExitCode {
+    if let Some(op) = args.op {
+        return report(udc_op(op));
+    }
+    let args = args.service;
     let config = match load("udc", config::load_udc(args.config.as_deref())) {
         Ok(c) => c,
         Err(code) => return code,
@@ -220,10 +424,20 @@ fn udc(args: ServiceArgs) -> ExitCode {
     report_logged(runtime().and_then(|rt| {
         rt.block_on(async {
             let admin = bind_admin(config.admin_listen).await?;
-            tracing::info!(admin = %admin.local_addr()?, "admin listener bound");
-            // The UDC helper replaces this with the service's run function.
-            drop(admin);
-            anyhow::bail!("the udc service is not built yet")
+            let listen = config.listen;
+            let udc_listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen} (DAPGW_LISTEN)"))?;
+            tracing::info!(admin = %admin.local_addr()?, listen = %udc_listener.local_addr()?, "udc listening");
+            dapgw::udc::run(
+                config,
+                dapgw::udc::Listeners {
+                    udc: udc_listener,
+                    admin,
+                },
+                sigterm(),
+            )
+            .await
         })
     }))
 }
@@ -232,6 +446,206 @@ async fn bind_admin(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::Tc
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the admin listener on {addr} (DAPGW_ADMIN_LISTEN)"))
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn sigterm() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    use dapgw::udc::keys_cmd;
+    match cmd {
+        KeysCommand::DevPki(args) => dev_pki(args),
+        KeysCommand::Init { out } => {
+            for p in keys_cmd::init(&out)? {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "move {} to offline storage; the UDC needs only master.key, storage.key, signing.key and signing.cert",
+                out.join(keys_cmd::files::ROOT).display()
+            );
+            Ok(())
+        }
+        KeysCommand::RotateSigningKey { dir, root } => {
+            let v = keys_cmd::rotate_signing_key(&dir, root.as_deref())?;
+            println!("new online signing key, key_version {v}; restart or reload the UDC");
+            Ok(())
+        }
+        KeysCommand::Members {
+            keys,
+            from,
+            count,
+            groups,
+            out,
+        } => {
+            let import = keys_cmd::members(
+                &keys.join(keys_cmd::files::MASTER),
+                &keys.join(keys_cmd::files::ROOT_PUB),
+                from,
+                count,
+                &groups,
+                &out,
+            )?;
+            println!("wrote {} ({count} credentials, mode 0600)", out.display());
+            println!(
+                "wrote {} (load it with `dapgw udc members --import`)",
+                import.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs one operator action against the admin API and prints the JSON
+/// answer.
+fn udc_op(op: UdcOp) -> anyhow::Result<()> {
+    use serde_json::json;
+    let (target, method, path, body) = match op {
+        UdcOp::Round(r) | UdcOp::Rounds(r) => match r {
+            RoundOp::Start {
+                target,
+                group,
+                mode,
+                purpose,
+                read_request,
+                duration_s,
+            } => (
+                target,
+                "POST",
+                "/v1/admin/rounds".to_string(),
+                Some(json!({"group": group, "mode": mode, "purpose": purpose,
+                            "read_request": read_request, "duration_s": duration_s})),
+            ),
+            RoundOp::Show {
+                target,
+                group,
+                round,
+            } => (
+                target,
+                "GET",
+                format!("/v1/admin/rounds/{group}/{round}"),
+                None,
+            ),
+            RoundOp::Schedule {
+                target,
+                group,
+                every_s,
+                mode,
+                purpose,
+            } => (
+                target,
+                "POST",
+                "/v1/admin/schedules".to_string(),
+                Some(json!({"group": group, "every_s": every_s, "mode": mode, "purpose": purpose})),
+            ),
+            RoundOp::Schedules(t) => (t.target, "GET", "/v1/admin/schedules".to_string(), None),
+        },
+        UdcOp::Update(u) => match (u.show, u.payload_file) {
+            (Some(seq), _) => (
+                u.target,
+                "GET",
+                format!("/v1/admin/groups/{}/updates/{seq}", u.group),
+                None,
+            ),
+            (None, Some(file)) => {
+                let payload =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                (
+                    u.target,
+                    "POST",
+                    format!("/v1/admin/groups/{}/updates", u.group),
+                    Some(json!({"payload_hex": hex::encode(payload),
+                                "valid_through_round": u.valid_through_round})),
+                )
+            }
+            (None, None) => anyhow::bail!("give --payload-file FILE or --show SEQ"),
+        },
+        UdcOp::Revoke(r) => (
+            r.target,
+            "POST",
+            format!("/v1/admin/members/{}/revoke", r.member),
+            None,
+        ),
+        UdcOp::Members(m) => match (m.add, m.import) {
+            (Some(id), _) => (
+                m.target,
+                "POST",
+                "/v1/admin/members".to_string(),
+                Some(json!({"id": id, "groups": m.groups})),
+            ),
+            (None, Some(file)) => {
+                let text =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let v: serde_json::Value = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not JSON", file.display()))?;
+                (
+                    m.target,
+                    "POST",
+                    "/v1/admin/members/import".to_string(),
+                    Some(v),
+                )
+            }
+            (None, None) => {
+                let path = match m.after {
+                    Some(a) => format!("/v1/admin/members?after={a}"),
+                    None => "/v1/admin/members".to_string(),
+                };
+                (m.target, "GET", path, None)
+            }
+        },
+        UdcOp::Readings(r) => (
+            r.target,
+            "GET",
+            format!(
+                "/v1/admin/readings?member={}&from={}&to={}",
+                r.member, r.from, r.to
+            ),
+            None,
+        ),
+        UdcOp::Gateways(t) => (t.target, "GET", "/v1/admin/gateways".to_string(), None),
+    };
+    let token = match &target.token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .trim()
+            .to_string(),
+        None => anyhow::bail!("the operator API needs --token-file (or DAPGW_ADMIN_TOKEN_FILE)"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, answer) = rt.block_on(dapgw::udc::admin_api::request(
+        &target.admin,
+        method,
+        &path,
+        Some(&token),
+        body.map(|b| b.to_string()),
+        Duration::from_secs(30),
+    ))?;
+    println!("{answer}");
+    if !(200..300).contains(&status) {
+        anyhow::bail!("the UDC answered {status}");
+    }
+    Ok(())
 }
 
 fn dev_pki(args: DevPkiArgs) -> anyhow::Result<()> {

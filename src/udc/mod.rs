@@ -2,5 +2,134 @@
 //! here, the sans-IO verifier (`protocol::verifier`) decides, and [`store`]
 //! persists what it decided so that several UDC processes can share one
 //! registry, one round state and one downlink queue.
+//!
+//! ```text
+//! gateway --mTLS--> server --> service (verifier + seal) --> store
+//! operator --bearer--> admin_api --> service
+//! ```
 
+pub mod admin_api;
+pub mod keys_cmd;
+pub mod rounds;
+pub mod server;
+pub mod service;
 pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::config::UdcConfig;
+use crate::protocol::verifier::{Verifier, VerifierConfig};
+
+/// The sockets `run` serves, bound by the caller (so a bad config fails
+/// before anything is bound, and tests can bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Gateway-facing HTTPS listener (`DAPGW_LISTEN`).
+    pub udc: TcpListener,
+    /// Admin listener (`DAPGW_ADMIN_LISTEN`).
+    pub admin: TcpListener,
+}
+
+/// Loads the keys, opens the store and serves until `shutdown` completes;
+/// then stops accepting, lets in-flight requests finish (the admin listener
+/// reports not ready while draining) and returns.
+pub async fn run(
+    config: UdcConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let udc = build(&config).await?;
+    let tls = crate::tls::server_config(
+        &config.tls_cert,
+        &config.tls_key,
+        Some(&config.client_ca),
+        false,
+    )
+    .context("loading the TLS server configuration")?;
+    let registry = udc.registry().clone();
+    let readiness = crate::admin::Readiness::udc();
+    readiness.set_store(true);
+    let token = match &config.admin_token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {} (DAPGW_ADMIN_TOKEN_FILE)", p.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let fallback = token.map(|t| admin_api::fallback(udc.clone(), t));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let opts = server::ServerOptions {
+        max_body_bytes: usize::try_from(config.max_body_bytes.get()).unwrap_or(usize::MAX),
+        ..server::ServerOptions::default()
+    };
+    let server = tokio::spawn(server::serve(
+        listeners.udc,
+        tls.acceptor(),
+        udc.clone(),
+        opts,
+        stopped(stop_rx.clone()),
+    ));
+    let admin = tokio::spawn(crate::admin::serve_with_fallback(
+        listeners.admin,
+        registry,
+        readiness.clone(),
+        fallback,
+        stopped(stop_rx.clone()),
+    ));
+    let background = tokio::spawn(rounds::background(udc.clone(), stopped(stop_rx.clone())));
+    shutdown.await;
+    tracing::info!("draining");
+    readiness.set_draining();
+    let _ = stop_tx.send(true);
+    let grace = std::time::Duration::from_millis(config.drain_grace_ms);
+    let _ = tokio::time::timeout(grace, async {
+        let _ = server.await;
+        let _ = admin.await;
+        let _ = background.await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Loads the key files and opens the store of `config`.
+pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
+    let ms = keys_cmd::load_master(&config.master_secret_file)?;
+    let storage = keys_cmd::load_storage_key(&config.storage_key_file)?;
+    let online = keys_cmd::load_signing_key(&config.signing_key_file)?;
+    let cert = keys_cmd::load_key_cert(&config.key_cert_file)?;
+    if cert.public_key != online.verifying_key().to_bytes() {
+        anyhow::bail!(
+            "{} does not certify the key in {}",
+            config.key_cert_file.display(),
+            config.signing_key_file.display()
+        );
+    }
+    let verifier = Verifier::new(
+        &ms,
+        online,
+        cert.key_id,
+        Some(cert),
+        VerifierConfig::default(),
+    );
+    let store = store::open(config.store_url.expose())
+        .await
+        .with_context(|| format!("opening the store {}", config.store_url.redacted()))?;
+    let registry = prometheus::Registry::new();
+    let metrics = crate::telemetry::UdcMetrics::register(&registry);
+    Ok(service::Udc::new(
+        verifier,
+        storage,
+        store,
+        metrics,
+        registry,
+        config.localize_timeout_ms,
+    ))
+}

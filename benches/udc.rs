@@ -1,0 +1,280 @@
+//! UDC CPU per member for a 10,000-member psk round through the HTTP API
+//! (mutual TLS, HTTP/2) with SQLite, storage included, and the extra cost
+//! per reading (a read round with a 16-byte reading per member).
+//!
+//! The UDC runs in this process; the members' responses are computed
+//! before the clock starts, so the measured process CPU is the UDC's plus
+//! the client's sending of the batches (TLS encryption of ~1 MB; small).
+//! Each round is posted as batches of `--batch` entries (default 1000).
+//!
+//! Run: `cargo bench --bench udc [-- --members N --batch N]`
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use dapgw::config::UdcConfig;
+use dapgw::protocol::keys::{MemberKeyDeriver, response_keys, transcript_hash};
+use dapgw::protocol::suite::{Gcm, aggregate};
+use dapgw::protocol::wire::{
+    Batch, BatchBody, GatewayId, GroupId, MemberId, Mode, Outcome, ResponseEntry, Verdict,
+    VerdictBody,
+};
+use dapgw::udc::{self, keys_cmd};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+
+const G: u32 = 1;
+const TOKEN: &str = "bench-token";
+
+/// CPU time (user + system, in seconds) of this process so far, from
+/// `/proc/self/stat` (clock ticks of 10 ms: run enough members).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+struct Client {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    async fn connect(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+}
+
+async fn call(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> (StatusCode, Bytes) {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"))
+        .body(Full::new(body))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let s = resp.status();
+    (s, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+async fn admin(addr: SocketAddr, method: &str, path: &str, body: String) -> String {
+    let (s, b) = udc::admin_api::request(
+        &addr.to_string(),
+        method,
+        path,
+        Some(TOKEN),
+        Some(body),
+        std::time::Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    assert!((200..300).contains(&s), "{path}: {s} {b}");
+    b
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let members = arg("--members", 10_000);
+    let per_batch = arg("--batch", 1000) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let pki =
+        dapgw::tls::dev_pki::generate(&dir.path().join("pki"), &[], &["gw-1".into()]).unwrap();
+    let keys = dir.path().join("keys");
+    keys_cmd::init(&keys).unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let config = UdcConfig {
+        tls_cert: pki.server_cert.clone(),
+        tls_key: pki.server_key.clone(),
+        client_ca: pki.ca_cert.clone(),
+        admin_token_file: Some(dir.path().join("token")),
+        store_url: dapgw::config::SecretUrl::new(format!(
+            "sqlite://{}",
+            dir.path().join("udc.sqlite3").display()
+        )),
+        master_secret_file: keys.join(keys_cmd::files::MASTER),
+        storage_key_file: keys.join(keys_cmd::files::STORAGE),
+        signing_key_file: keys.join(keys_cmd::files::SIGNING),
+        key_cert_file: keys.join(keys_cmd::files::SIGNING_CERT),
+        ..UdcConfig::default()
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let admin_addr = a.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(udc::run(
+        config,
+        udc::Listeners { udc: l, admin: a },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let deriver =
+        MemberKeyDeriver::new(&keys_cmd::load_master(&keys.join(keys_cmd::files::MASTER)).unwrap());
+    let import: Vec<_> = (1..=members)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    admin(
+        admin_addr,
+        "POST",
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}).to_string(),
+    )
+    .await;
+    let (_, cert, key) = &pki.clients[0];
+    let client = Client {
+        addr,
+        tls: dapgw::tls::client_config(&pki.ca_cert, cert, key)
+            .unwrap()
+            .config(),
+    };
+    let mut send = client.connect().await;
+    let (s, _) = call(
+        &mut send,
+        Method::PUT,
+        "/v1/subscriptions",
+        Bytes::from(format!("{{\"groups\":[{G}]}}")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    let mut cursor = 0u64;
+    let mut batch_id = 0u64;
+    let mut per_member = Vec::new();
+    for (label, purpose, reading) in [
+        ("auth", "auth", &b""[..]),
+        ("read", "read", &[0x5a; 16][..]),
+    ] {
+        let v: serde_json::Value = serde_json::from_str(
+            &admin(admin_addr, "POST", "/v1/admin/rounds",
+                serde_json::json!({"group": G, "mode": "psk", "purpose": purpose, "read_request": "01"}).to_string()).await,
+        ).unwrap();
+        let round = v["round"].as_u64().unwrap();
+        let (s, body) = call(
+            &mut send,
+            Method::GET,
+            &format!("/v1/downlink?after={cursor}&wait_ms=1000"),
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        // The last record is this round's challenge.
+        let mut b = &body[..];
+        let mut challenge = Bytes::new();
+        while !b.is_empty() {
+            cursor = u64::from_be_bytes(b[..8].try_into().unwrap());
+            let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
+            if b[8] == 1 {
+                challenge = Bytes::copy_from_slice(&b[25..25 + len]);
+            }
+            b = &b[25 + len..];
+        }
+        // Members answer (not measured).
+        let ch_hash: [u8; 32] = Sha256::digest(&challenge).into();
+        let answers: Vec<(ResponseEntry, [u8; 16])> = (1..=members)
+            .map(|id| {
+                let mut n_i = [0u8; 16];
+                n_i[..8].copy_from_slice(&id.to_be_bytes());
+                n_i[8] = round as u8;
+                let th = transcript_hash(&ch_hash, id, 1, &n_i, None);
+                let (rk, _) = response_keys(&deriver.member_key(id, 1), &th);
+                let mut c = reading.to_vec();
+                let tag =
+                    Gcm::new(rk.k_resp.expose()).seal_in_place(rk.iv_resp.expose(), &th, &mut c);
+                (
+                    ResponseEntry {
+                        id: MemberId(id),
+                        kv: 1,
+                        n_i,
+                        e_i: None,
+                        c: Bytes::from(c),
+                    },
+                    tag,
+                )
+            })
+            .collect();
+        let bodies: Vec<Bytes> = answers
+            .chunks(per_batch)
+            .map(|part| {
+                batch_id += 1;
+                Batch {
+                    gateway_id: GatewayId::new("gw-1").unwrap(),
+                    batch_id,
+                    group: GroupId(G),
+                    chunk_size: 64,
+                    body: BatchBody::Responses {
+                        round,
+                        mode: Mode::Psk,
+                        entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                    },
+                    aggregates: part
+                        .chunks(64)
+                        .map(|c| aggregate(c.iter().map(|(_, t)| t)))
+                        .collect(),
+                }
+                .to_bytes()
+            })
+            .collect();
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        let mut accepted = 0usize;
+        for body in bodies {
+            let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
+            assert_eq!(s, StatusCode::OK);
+            let v = Verdict::decode(&answer).unwrap();
+            if let VerdictBody::Final { outcomes, .. } = &v.body {
+                accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu0;
+        assert_eq!(accepted as u64, members, "every member accepted");
+        let us = cpu * 1e6 / members as f64;
+        println!(
+            "udc {label} round, psk, {members} members in batches of {per_batch}, sqlite: \
+             {us:.2} us CPU/member ({:.2} us wall/member)",
+            wall * 1e6 / members as f64
+        );
+        per_member.push(us);
+    }
+    if let [auth, read] = per_member[..] {
+        println!(
+            "udc per reading (read round minus auth round): {:.2} us CPU",
+            read - auth
+        );
+    }
+    let _ = tx.send(());
+    let _ = task.await;
+}

@@ -1,0 +1,596 @@
+//! The operator API under `/v1/admin/` on the admin listener (bearer
+//! token), handed to `admin::serve_with_fallback` next to `/metrics`,
+//! `/healthz` and `/readyz`. The `dapgw udc ...` CLI subcommands call it.
+//!
+//! ```text
+//! operator/CLI --Bearer--> admin listener --fallback--> route --> service::Udc / Store
+//! ```
+//!
+//! Bodies are JSON; errors are `{"error", "reason"}` like the gateway-facing
+//! server.
+// `Err` carries the HTTP answer itself, built at most once per request.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq as _;
+
+use super::server::error;
+use super::service::{ServiceError, Udc, now_ms};
+use crate::admin::{AdminResponse, Fallback};
+use crate::protocol::wire::Purpose;
+use crate::udc::rounds::parse_mode;
+use crate::udc::store::{self, Store as _};
+
+/// The fallback handler serving the operator API with bearer `token`.
+pub fn fallback(udc: Arc<Udc>, token: String) -> Fallback {
+    let token = Arc::new(token);
+    Arc::new(move |req| {
+        let udc = udc.clone();
+        let token = token.clone();
+        Box::pin(async move {
+            if !req.uri().path().starts_with("/v1/admin/") {
+                return None;
+            }
+            Some(handle(req, &udc, &token).await)
+        })
+    })
+}
+
+fn authorized(req: &Request<Bytes>, token: &str) -> bool {
+    let Some(h) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = h.strip_prefix("Bearer ") else {
+        return false;
+    };
+    !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
+fn json_resp(status: StatusCode, v: Value) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn bad(reason: &str) -> AdminResponse {
+    error(StatusCode::BAD_REQUEST, "bad_request", reason)
+}
+
+fn svc_err(e: ServiceError) -> AdminResponse {
+    match e {
+        ServiceError::BadRequest(r) => bad(&r),
+        ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
+        ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
+        other => {
+            tracing::error!(error = ?other, "admin request failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request failed; see the UDC log",
+            )
+        }
+    }
+}
+
+fn store_err(e: store::StoreError) -> AdminResponse {
+    svc_err(e.into())
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminResponse> {
+    serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))
+}
+
+fn query(req: &Request<Bytes>, key: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_owned())
+}
+
+fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, AdminResponse> {
+    s.parse()
+        .map_err(|_| bad(&format!("{what} must be an unsigned integer")))
+}
+
+fn purpose_name(p: store::RoundPurpose) -> &'static str {
+    match p {
+        store::RoundPurpose::Auth => "auth",
+        store::RoundPurpose::Read => "read",
+    }
+}
+
+fn mode_name(m: crate::protocol::wire::Mode) -> &'static str {
+    match m {
+        crate::protocol::wire::Mode::Psk => "psk",
+        crate::protocol::wire::Mode::PskEcdhe => "psk-ecdhe",
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRound {
+    group: u32,
+    mode: Option<String>,
+    purpose: Option<String>,
+    /// Hex bytes of the read request (read rounds).
+    read_request: Option<String>,
+    /// How long the round stays open (default 300 s).
+    duration_s: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSchedule {
+    group: u32,
+    every_s: u64,
+    mode: Option<String>,
+    purpose: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUpdate {
+    payload_b64: Option<String>,
+    payload_hex: Option<String>,
+    valid_through_round: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMember {
+    id: u64,
+    groups: Vec<u32>,
+    kv: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Import {
+    members: Vec<super::keys_cmd::ImportMember>,
+}
+
+/// Decodes standard base64 (with or without padding).
+fn b64(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+async fn handle(req: Request<Bytes>, udc: &Udc, token: &str) -> AdminResponse {
+    if !authorized(&req, token) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the operator API needs Authorization: Bearer <token>",
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    match route(&req, udc).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminResponse> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let parts: Vec<&str> = path
+        .strip_prefix("/v1/admin/")
+        .unwrap_or("")
+        .split('/')
+        .collect();
+    let m = req.method().clone();
+    let body = req.body();
+    match (m, parts.as_slice()) {
+        (Method::POST, ["rounds"]) => {
+            let b: StartRound = parse_json(body)?;
+            let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
+                .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
+            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
+                "auth" => Purpose::Auth,
+                "read" => {
+                    let req = hex::decode(b.read_request.as_deref().unwrap_or(""))
+                        .map_err(|_| bad("read_request must be hex"))?;
+                    Purpose::Read(Bytes::from(req))
+                }
+                _ => return Err(bad("purpose must be auth or read")),
+            };
+            let duration = b.duration_s.unwrap_or(300).saturating_mul(1000);
+            let round = udc
+                .open_round(b.group, mode, purpose, Some(duration))
+                .await
+                .map_err(svc_err)?;
+            Ok(json_resp(
+                StatusCode::CREATED,
+                json!({"group": b.group, "round": round}),
+            ))
+        }
+        (Method::GET, ["rounds", g, r]) => {
+            let g: u32 = num(g, "group")?;
+            let r: u64 = num(r, "round")?;
+            let rep = udc
+                .store()
+                .round_report(g, r)
+                .await
+                .map_err(store_err)?
+                .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such round"))?;
+            let missing = udc
+                .store()
+                .round_missing(g, r, None, 1000)
+                .await
+                .map_err(store_err)?;
+            let outcomes = udc
+                .store()
+                .round_outcomes(g, r, None, 1000)
+                .await
+                .map_err(store_err)?;
+            let rejected: Vec<Value> = outcomes
+                .iter()
+                .filter(|o| o.kind != store::OutcomeKind::Accepted)
+                .map(|o| json!({"member": o.member, "reason": o.reason, "gateway": o.gateway}))
+                .collect();
+            Ok(json_resp(
+                StatusCode::OK,
+                json!({
+                    "group": g,
+                    "round": r,
+                    "mode": mode_name(rep.round.mode),
+                    "purpose": purpose_name(rep.round.purpose),
+                    "status": format!("{:?}", rep.round.status).to_lowercase(),
+                    "opened_at_ms": rep.round.opened_at_ms,
+                    "closes_at_ms": rep.round.closes_at_ms,
+                    "accepted": rep.accepted,
+                    "rejected_by_reason": rep.rejected.iter().map(|(k, n)| json!({"reason": k, "count": n})).collect::<Vec<_>>(),
+                    "rejected": rejected,
+                    "unverified": rep.unverified,
+                    "missing_count": rep.missing,
+                    "missing": missing,
+                    "localizations": rep.localizations,
+                }),
+            ))
+        }
+        (Method::POST, ["rounds", g, r, "close"]) => {
+            let g: u32 = num(g, "group")?;
+            let r: u64 = num(r, "round")?;
+            let closed = udc.close_round(g, r).await.map_err(svc_err)?;
+            Ok(json_resp(StatusCode::OK, json!({"closed": closed})))
+        }
+        (Method::POST, ["schedules"]) => {
+            let b: NewSchedule = parse_json(body)?;
+            if b.every_s == 0 {
+                return Err(bad("every_s must be positive"));
+            }
+            let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
+                .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
+            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
+                "auth" => store::RoundPurpose::Auth,
+                "read" => store::RoundPurpose::Read,
+                _ => return Err(bad("purpose must be auth or read")),
+            };
+            let every_ms = b.every_s.saturating_mul(1000);
+            let id = udc
+                .store()
+                .insert_schedule(store::ScheduleRow {
+                    id: 0,
+                    group: b.group,
+                    every_ms,
+                    mode,
+                    purpose,
+                    next_at_ms: now_ms(),
+                })
+                .await
+                .map_err(store_err)?;
+            Ok(json_resp(StatusCode::CREATED, json!({"id": id})))
+        }
+        (Method::GET, ["schedules"]) => {
+            let list = udc.store().schedules().await.map_err(store_err)?;
+            let list: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    json!({"id": s.id, "group": s.group, "every_s": s.every_ms / 1000,
+                           "mode": mode_name(s.mode), "purpose": purpose_name(s.purpose),
+                           "next_at_ms": s.next_at_ms})
+                })
+                .collect();
+            Ok(json_resp(StatusCode::OK, json!({ "schedules": list })))
+        }
+        (Method::DELETE, ["schedules", id]) => {
+            let id: u64 = num(id, "schedule id")?;
+            if udc.store().delete_schedule(id).await.map_err(store_err)? {
+                Ok(json_resp(StatusCode::OK, json!({"deleted": id})))
+            } else {
+                Err(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such schedule",
+                ))
+            }
+        }
+        (Method::POST, ["groups", g, "updates"]) => {
+            let g: u32 = num(g, "group")?;
+            let b: NewUpdate = parse_json(body)?;
+            let payload = match (&b.payload_b64, &b.payload_hex) {
+                (Some(s), None) => b64(s).ok_or_else(|| bad("payload_b64 is not base64"))?,
+                (None, Some(s)) => hex::decode(s).map_err(|_| bad("payload_hex is not hex"))?,
+                _ => return Err(bad("give exactly one of payload_b64 and payload_hex")),
+            };
+            let seq = udc
+                .publish_update(g, &payload, b.valid_through_round)
+                .await
+                .map_err(svc_err)?;
+            Ok(json_resp(
+                StatusCode::CREATED,
+                json!({"group": g, "seq": seq}),
+            ))
+        }
+        (Method::GET, ["groups", g, "updates", seq]) => {
+            let g: u32 = num(g, "group")?;
+            let seq: u64 = num(seq, "seq")?;
+            let msg = udc
+                .store()
+                .group_message(g, seq)
+                .await
+                .map_err(store_err)?
+                .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such update"))?;
+            let acks = udc.store().acks(g, seq).await.map_err(store_err)?;
+            Ok(json_resp(
+                StatusCode::OK,
+                json!({
+                    "group": g, "seq": seq, "epoch": msg.epoch,
+                    "payload_sha256": hex::encode(msg.payload_hash),
+                    "created_at_ms": msg.created_at_ms,
+                    "acked": acks.iter().map(|a| json!({"member": a.member, "at_ms": a.at_ms})).collect::<Vec<_>>(),
+                }),
+            ))
+        }
+        (Method::POST, ["members"]) => {
+            let b: NewMember = parse_json(body)?;
+            if b.groups.is_empty() {
+                return Err(bad("groups must not be empty"));
+            }
+            udc.add_member(b.id, b.groups.clone(), b.kv.unwrap_or(1))
+                .await
+                .map_err(svc_err)?;
+            Ok(json_resp(
+                StatusCode::CREATED,
+                json!({"id": b.id, "groups": b.groups}),
+            ))
+        }
+        (Method::POST, ["members", "import"]) => {
+            let b: Import = parse_json(body)?;
+            let now = now_ms();
+            let rows = b
+                .members
+                .into_iter()
+                .map(|m| store::MemberRow {
+                    id: m.id,
+                    groups: m.groups,
+                    key_source: store::KeySource::Derived,
+                    kv: m.kv,
+                    status: store::MemberStatus::Active,
+                    added_at_ms: now,
+                })
+                .collect();
+            let n = udc.import_members(rows).await.map_err(svc_err)?;
+            Ok(json_resp(StatusCode::CREATED, json!({"imported": n})))
+        }
+        (Method::POST, ["members", id, "revoke"]) => {
+            let id: u64 = num(id, "member id")?;
+            if udc.revoke_member(id).await.map_err(svc_err)? {
+                Ok(json_resp(StatusCode::OK, json!({"revoked": id})))
+            } else {
+                Err(error(StatusCode::NOT_FOUND, "not_found", "no such member"))
+            }
+        }
+        (Method::GET, ["members"]) => {
+            let after = match query(req, "after") {
+                Some(a) => Some(num::<u64>(&a, "after")?),
+                None => None,
+            };
+            let limit = match query(req, "limit") {
+                Some(l) => num::<u32>(&l, "limit")?.min(10_000),
+                None => 1000,
+            };
+            let rows = udc
+                .store()
+                .list_members(after, limit)
+                .await
+                .map_err(store_err)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let sessions = udc.store().member_sessions(r.id).await.map_err(store_err)?;
+                let last_auth = sessions.iter().map(|s| s.last_auth_ms).max();
+                out.push(json!({
+                    "id": r.id,
+                    "groups": r.groups,
+                    "kv": r.kv,
+                    "status": format!("{:?}", r.status).to_lowercase(),
+                    "key_source": match r.key_source { store::KeySource::Derived => "derived", store::KeySource::Imported(_) => "imported" },
+                    "last_auth_ms": last_auth,
+                    "sessions": sessions.iter().filter(|s| s.current.is_some()).map(|s| json!({"group": s.group, "last_auth_ms": s.last_auth_ms})).collect::<Vec<_>>(),
+                }));
+            }
+            Ok(json_resp(StatusCode::OK, json!({ "members": out })))
+        }
+        (Method::GET, ["readings"]) => {
+            let member: u64 = num(
+                &query(req, "member").ok_or_else(|| bad("member is required"))?,
+                "member",
+            )?;
+            let from: u64 = match query(req, "from") {
+                Some(v) => num(&v, "from")?,
+                None => 0,
+            };
+            let to: u64 = match query(req, "to") {
+                Some(v) => num(&v, "to")?,
+                None => u64::MAX,
+            };
+            let rows = udc
+                .store()
+                .readings(member, from, to, 10_000)
+                .await
+                .map_err(store_err)?;
+            let list: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({"member": r.member, "group": r.group, "ts_ms": r.ts_ms,
+                           "kind": r.kind, "ctr": r.ctr, "payload_hex": hex::encode(&r.payload)})
+                })
+                .collect();
+            Ok(json_resp(StatusCode::OK, json!({ "readings": list })))
+        }
+        (Method::GET, ["gateways"]) => {
+            let rows = udc.store().gateways().await.map_err(store_err)?;
+            let list: Vec<Value> = rows
+                .iter()
+                .map(|g| {
+                    json!({"gateway": g.gateway, "batches": g.batches, "entries": g.entries,
+                           "accepted": g.accepted, "localizations": g.localizations,
+                           "unverified_via_gateway": g.unverified, "last_batch_ms": g.last_batch_ms})
+                })
+                .collect();
+            Ok(json_resp(StatusCode::OK, json!({ "gateways": list })))
+        }
+        _ => Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such operator endpoint",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::b64;
+
+    #[test]
+    fn base64_decodes_with_and_without_padding() {
+        assert_eq!(b64("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(b64("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(b64("aGk=").unwrap(), b"hi");
+        assert_eq!(b64("").unwrap(), b"");
+        assert!(b64("a").is_none());
+        assert!(b64("a$==").is_none());
+    }
+}
+
+/// Why [`request`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target is not `host:port` or `http://host:port`.
+    #[error("bad admin address `{0}`: expected host:port or http://host:port")]
+    BadTarget(String),
+    /// No connection or an HTTP failure.
+    #[error("admin API at {target}: {reason}")]
+    Failed {
+        /// The address.
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("no answer from the admin API at {0} in time")]
+    Timeout(String),
+}
+
+/// One operator API request (the CLI's transport): plain HTTP/1.1 to the
+/// admin listener at `target`, with bearer `token`. Returns the status
+/// code and the body text.
+pub async fn request(
+    target: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<String>,
+    timeout: std::time::Duration,
+) -> Result<(u16, String), ClientError> {
+    let authority = target
+        .strip_prefix("http://")
+        .unwrap_or(target)
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .replace("0.0.0.0:", "127.0.0.1:");
+    if !authority.contains(':') {
+        return Err(ClientError::BadTarget(target.to_owned()));
+    }
+    let fail = |reason: String| ClientError::Failed {
+        target: authority.clone(),
+        reason,
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, authority.as_str())
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Timeout(authority.clone())),
+    }
+}

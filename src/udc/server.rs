@@ -1,0 +1,390 @@
+//! The UDC's gateway-facing HTTPS server (HTTP/2 and HTTP/1.1 over
+//! tokio-rustls, mutual TLS).
+//!
+//! ```text
+//! gateway --TLS (client cert: gateway id = first DNS SAN)--> route --> service::Udc
+//! member  --TLS (no cert)--> /v1/direct --rate limit--> service::Udc
+//! ```
+//!
+//! The gateway id comes from the verified client certificate only; a batch
+//! naming another gateway is refused with 403. Every error answer is JSON
+//! `{"error", "reason"}`; nothing a peer sends can panic the server.
+// `Err` carries the HTTP answer itself, built at most once per request.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::service::{ServiceError, Udc};
+
+/// Content type of protocol messages.
+pub const WIRE: &str = "application/vnd.dapgw";
+/// Content type of downlink record streams.
+pub const RECORDS: &str = "application/vnd.dapgw.records";
+/// Longest long poll on `/v1/downlink`.
+pub const MAX_WAIT_MS: u64 = 25_000;
+
+/// Server tunables.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Direct submissions allowed per source IP per second (burst = rate).
+    pub direct_per_second: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 << 20,
+            direct_per_second: 5,
+        }
+    }
+}
+
+/// A per-source token bucket for `/v1/direct`.
+#[derive(Debug, Default)]
+struct RateLimiter {
+    buckets: StdMutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes one token for `ip`; false when the bucket is empty.
+    fn allow(&self, ip: IpAddr, rate: u32) -> bool {
+        let rate = f64::from(rate.max(1));
+        let now = Instant::now();
+        let mut map = match self.buckets.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        // Bound memory under address churn: forget full buckets.
+        if map.len() > 100_000 {
+            map.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < rate);
+        }
+        let (tokens, at) = map.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct State {
+    udc: Arc<Udc>,
+    opts: ServerOptions,
+    limiter: RateLimiter,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves gateways and direct members on `listener` with `tls` until
+/// `shutdown` completes; then in-flight requests finish and it returns.
+pub async fn serve(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    udc: Arc<Udc>,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = Arc::new(State {
+        udc,
+        opts,
+        limiter: RateLimiter::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(connection(stream, peer, tls.clone(), state.clone(), stop_rx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "udc listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let identity = crate::tls::peer_identity(stream.get_ref().1);
+    let identity: Arc<Option<String>> = Arc::new(identity);
+    let svc = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let identity = identity.clone();
+        async move { Ok::<_, Infallible>(route(req, &state, identity.as_deref(), peer).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// A JSON error answer `{"error": code, "reason": reason}`.
+pub(crate) fn error(status: StatusCode, code: &str, reason: &str) -> Resp {
+    let body = serde_json::json!({ "error": code, "reason": reason }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn bytes(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    r
+}
+
+fn service_error(e: ServiceError) -> Resp {
+    match e {
+        ServiceError::BadRequest(r) => error(StatusCode::BAD_REQUEST, "bad_request", &r),
+        ServiceError::WrongGateway { .. } => {
+            error(StatusCode::FORBIDDEN, "wrong_gateway", &e.to_string())
+        }
+        ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
+        ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
+        ServiceError::Internal(detail) => {
+            tracing::error!(error = %detail, "request failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the UDC could not complete the request; retry later",
+            )
+        }
+    }
+}
+
+/// Reads the body under the cap; `Err` is the answer to send.
+async fn body(req: Request<Incoming>, cap: usize) -> Result<Bytes, Resp> {
+    match Limited::new(req.into_body(), cap).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request body over {cap} bytes"),
+            ))
+        }
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// Parses `a=1&b=2` into pairs (no percent-decoding needed for our keys).
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+async fn route(
+    req: Request<Incoming>,
+    state: &State,
+    identity: Option<&str>,
+    peer: SocketAddr,
+) -> Resp {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let allowed = match path.as_str() {
+        "/v1/batches" | "/v1/tags" | "/v1/direct" => Method::POST,
+        "/v1/subscriptions" => Method::PUT,
+        "/v1/downlink" => Method::GET,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    };
+    if method != allowed {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            &format!("{path} takes {allowed}"),
+        );
+    }
+    if path == "/v1/direct" {
+        return direct(req, state, peer).await;
+    }
+    let Some(gateway) = identity else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "no_client_certificate",
+            "gateway endpoints need a client certificate",
+        );
+    };
+    let gateway = gateway.to_owned();
+    match path.as_str() {
+        "/v1/batches" | "/v1/tags" => {
+            let b = match body(req, state.opts.max_body_bytes).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let res = if path == "/v1/batches" {
+                state.udc.handle_batch(&gateway, b).await
+            } else {
+                state.udc.handle_tags(&gateway, b).await
+            };
+            match res {
+                Ok(answer) => bytes(StatusCode::OK, WIRE, answer),
+                Err(e) => service_error(e),
+            }
+        }
+        "/v1/subscriptions" => {
+            let b = match body(req, 1 << 20).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Subs {
+                groups: Vec<u32>,
+            }
+            let subs: Subs = match serde_json::from_slice(&b) {
+                Ok(s) => s,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, "bad_json", &e.to_string());
+                }
+            };
+            match state.udc.subscribe(&gateway, subs.groups).await {
+                Ok(()) => bytes(StatusCode::NO_CONTENT, "text/plain", Bytes::new()),
+                Err(e) => service_error(e),
+            }
+        }
+        _ => downlink(req, state, &gateway).await,
+    }
+}
+
+async fn downlink(req: Request<Incoming>, state: &State, gateway: &str) -> Resp {
+    let q = query(&req);
+    let parse = |k: &str, default: u64| -> Result<u64, Resp> {
+        match q.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    &format!("{k} must be an unsigned integer"),
+                )
+            }),
+        }
+    };
+    let (after, wait_ms) = match (parse("after", 0), parse("wait_ms", MAX_WAIT_MS)) {
+        (Ok(a), Ok(w)) => (a, w.min(MAX_WAIT_MS)),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        // Register interest before reading so an append in between wakes us.
+        let notified = state.udc.downlink_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match state.udc.downlink(gateway, after).await {
+            Ok(records) if !records.is_empty() => {
+                return bytes(StatusCode::OK, RECORDS, records);
+            }
+            Ok(_) => {}
+            Err(e) => return service_error(e),
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return bytes(StatusCode::NO_CONTENT, RECORDS, Bytes::new());
+        }
+    }
+}
+
+async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp {
+    if !state.limiter.allow(peer.ip(), state.opts.direct_per_second) {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many direct submissions from this source",
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    let b = match body(req, 64 << 10).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match state.udc.handle_direct(b).await {
+        Ok(answer) => bytes(StatusCode::OK, WIRE, answer),
+        // Uniform: an unauthenticated submitter learns nothing more.
+        Err(ServiceError::Internal(detail)) => {
+            tracing::error!(error = %detail, "direct submission failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the UDC could not complete the request; retry later",
+            )
+        }
+        Err(_) => error(
+            StatusCode::BAD_REQUEST,
+            "not_accepted",
+            "the submission was not accepted",
+        ),
+    }
+}

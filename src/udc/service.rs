@@ -1,0 +1,1248 @@
+//! The UDC's glue between the HTTP server, the sans-IO verifier and the
+//! store.
+//!
+//! ```text
+//! server --bytes--> Udc::handle_batch --load--> Store --state values--> Verifier
+//!                         |<-------------------- output -------------------|
+//!                         '--seal + ONE apply_batch transaction--> Store --> answer
+//! ```
+//!
+//! The store is the truth: every call loads the state it needs, the
+//! verifier decides, and everything the decision changed (verdict, group,
+//! round, sessions, readings, acks, outcomes, counters, downlink) goes into
+//! one [`BatchWrite`] applied before the answer leaves. Secret-bearing state
+//! is sealed with the [`StorageKey`] under the row's identity as AAD.
+//! Mutations are serialized by one lock per process; several processes on
+//! one PostgreSQL store rely on the store's verdict key and compare-and-set.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, Notify};
+
+use crate::protocol::keys::StorageKey;
+use crate::protocol::verifier::{
+    BatchEvent, BatchState, GroupState, LogKey, LoggedVerdict, MemberRecord, PendingAssessment,
+    ReceivedBatch, Registry, RoundState, SessionSlot, SessionTable, VerdictLog, Verifier,
+    VerifierError,
+};
+use crate::protocol::wire::{
+    BatchBody, Confirm, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome, Purpose,
+    TagReply, Verdict, VerdictBody,
+};
+use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcMetrics};
+use crate::udc::store::{
+    self, AnyStore, Audience, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget, GroupRow,
+    OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed, SessionRow,
+    Store, StoreError, VerdictWrite, Via,
+};
+
+/// Why a request was refused; the server maps each kind to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The body is not a well-formed message of the expected type (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The batch's gateway id is not the client certificate's (403).
+    #[error("batch gateway id {batch:?} is not the client certificate's {cert:?}")]
+    WrongGateway {
+        /// From the batch.
+        batch: String,
+        /// From the certificate.
+        cert: String,
+    },
+    /// The batch id was used for different content, or a tag reply names
+    /// another batch hash (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Nothing pending for this (gateway, batch id) (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// A store or sealing failure (500; details are logged, not sent).
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(format!("store: {e}"))
+    }
+}
+
+/// The row identities used as sealing AAD: a table name, then fixed-width
+/// fields (and length-prefixed strings), so no two identities coincide.
+mod aad {
+    pub(super) fn group(g: u32) -> Vec<u8> {
+        let mut v = b"groups\0".to_vec();
+        v.extend_from_slice(&g.to_be_bytes());
+        v
+    }
+    pub(super) fn round(g: u32, r: u64) -> Vec<u8> {
+        let mut v = b"rounds\0".to_vec();
+        v.extend_from_slice(&g.to_be_bytes());
+        v.extend_from_slice(&r.to_be_bytes());
+        v
+    }
+    pub(super) fn session(m: u64, g: u32) -> Vec<u8> {
+        let mut v = b"sessions\0".to_vec();
+        v.extend_from_slice(&m.to_be_bytes());
+        v.extend_from_slice(&g.to_be_bytes());
+        v
+    }
+    pub(super) fn pending(gw: &str, batch_id: u64) -> Vec<u8> {
+        let mut v = b"pending\0".to_vec();
+        v.push(gw.len() as u8);
+        v.extend_from_slice(gw.as_bytes());
+        v.extend_from_slice(&batch_id.to_be_bytes());
+        v
+    }
+}
+
+/// The in-memory view of the members a batch names, for the verifier.
+struct LoadedRegistry(BTreeMap<MemberId, MemberRecord>);
+
+impl Registry for LoadedRegistry {
+    fn member(&self, id: MemberId) -> Option<MemberRecord> {
+        self.0.get(&id).cloned()
+    }
+}
+
+/// A one-record verdict log: what the store held for the key before the
+/// call, and what the verifier filed during it.
+#[derive(Default)]
+struct OneLog {
+    stored: Option<(LogKey, LoggedVerdict)>,
+    filed: Option<(LogKey, LoggedVerdict)>,
+}
+
+impl VerdictLog for OneLog {
+    fn get(&self, key: &LogKey) -> Option<LoggedVerdict> {
+        self.stored
+            .as_ref()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+    fn put(&mut self, key: LogKey, record: LoggedVerdict) {
+        self.filed = Some((key, record));
+    }
+}
+
+/// What [`Udc::judge`] needs to know about the request besides the state.
+struct Ctx {
+    /// The gateway the request came through (`None`: direct).
+    via: Option<String>,
+    /// The store key of the verdict record.
+    log_gateway: String,
+    log_batch_id: u64,
+    /// The batch id named in the answer.
+    batch_id: u64,
+    group: u32,
+    ids: Vec<MemberId>,
+    round: Option<u64>,
+    mode: Mode,
+    hash: [u8; 32],
+    key: LogKey,
+}
+
+/// The UDC service state shared by every connection.
+pub struct Udc {
+    verifier: Verifier,
+    storage: StorageKey,
+    store: AnyStore,
+    metrics: UdcMetrics,
+    registry: prometheus::Registry,
+    localize_timeout_ms: u64,
+    /// Serializes state changes within this process.
+    lock: Mutex<()>,
+    /// Hot round states (their accepted sets), by (group, round).
+    rounds: Mutex<BTreeMap<(u32, u64), RoundState>>,
+    /// Woken whenever downlink records are appended.
+    pub(crate) downlink_notify: Notify,
+}
+
+impl std::fmt::Debug for Udc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Udc")
+            .field("verifier", &self.verifier)
+            .field("storage", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
+    rand_core::UnwrapErr(getrandom::SysRng)
+}
+
+impl Udc {
+    /// A service over an opened store.
+    pub fn new(
+        verifier: Verifier,
+        storage: StorageKey,
+        store: AnyStore,
+        metrics: UdcMetrics,
+        registry: prometheus::Registry,
+        localize_timeout_ms: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            verifier,
+            storage,
+            store,
+            metrics,
+            registry,
+            localize_timeout_ms,
+            lock: Mutex::new(()),
+            rounds: Mutex::new(BTreeMap::new()),
+            downlink_notify: Notify::new(),
+        })
+    }
+
+    /// The registry holding [`UdcMetrics`] (served on `/metrics`).
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &UdcMetrics {
+        &self.metrics
+    }
+
+    /// Finalizes up to `limit` localizations whose tag reply did not come in
+    /// time (their unresolved entries become unverified via gateway).
+    /// Returns how many were finalized.
+    pub async fn expire_localizations(&self, limit: u32) -> Result<usize, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let expired = self.store.expired_localizations(now_ms(), limit).await?;
+        let n = expired.len();
+        for p in expired {
+            let assessment: PendingAssessment =
+                self.open(&aad::pending(&p.gateway, p.batch_id), &p.pending)?;
+            let batch = ReceivedBatch::decode(Bytes::from(assessment.batch.clone()))
+                .map_err(|e| ServiceError::Internal(format!("stored batch: {e}")))?;
+            let stored = LoggedVerdict {
+                request_hash: p.batch_hash,
+                answer: p.verdict.clone(),
+                pending: Some(assessment),
+            };
+            let gateway = batch.batch().gateway_id;
+            let batch_id = p.batch_id;
+            self.metrics
+                .gateway_misbehaviour
+                .get(crate::telemetry::MisbehaviourKind::TagReplyTimeout)
+                .inc();
+            self.judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
+                v.localization_expired(gateway, batch_id, st, reg, log, now)
+            })
+            .await?;
+        }
+        Ok(n)
+    }
+
+    /// Closes every open round whose deadline is at or before `now_ms`.
+    /// Returns how many were closed.
+    pub async fn close_due_rounds(&self, now_ms: u64) -> Result<usize, ServiceError> {
+        let due: Vec<(u32, u64)> = self
+            .store
+            .open_rounds()
+            .await?
+            .into_iter()
+            .filter(|r| r.closes_at_ms.is_some_and(|t| t <= now_ms))
+            .map(|r| (r.group, r.round))
+            .collect();
+        for (g, r) in &due {
+            self.close_round(*g, *r).await?;
+        }
+        Ok(due.len())
+    }
+
+    /// Closes a round: no more responses are accepted and its sealed state
+    /// (e_V in psk-ecdhe) is erased. False if it was not open.
+    pub async fn close_round(&self, group: u32, round: u64) -> Result<bool, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let Some(row) = self.store.round(group, round).await? else {
+            return Ok(false);
+        };
+        if row.status != RoundStatus::Open {
+            return Ok(false);
+        }
+        self.apply(BatchWrite {
+            now_ms: now_ms(),
+            closed_rounds: vec![(group, round)],
+            ..BatchWrite::default()
+        })
+        .await?;
+        self.rounds.lock().await.remove(&(group, round));
+        let outcome = match self.store.round_report(group, round).await? {
+            Some(rep) if rep.missing == 0 && rep.unverified == 0 && rep.rejected.is_empty() => {
+                crate::telemetry::UdcRoundOutcome::Complete
+            }
+            Some(rep) if rep.accepted > 0 => crate::telemetry::UdcRoundOutcome::Partial,
+            _ => crate::telemetry::UdcRoundOutcome::Expired,
+        };
+        self.metrics.rounds.get(outcome).inc();
+        Ok(true)
+    }
+
+    /// Signs and queues a configuration update for `group` (fan-out to
+    /// every subscribed gateway). Returns its seq.
+    pub async fn publish_update(
+        &self,
+        group: u32,
+        payload: &[u8],
+        valid_through_round: Option<u64>,
+    ) -> Result<u64, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let now = now_ms();
+        let (mut state, row) = self.load_group(group).await?;
+        let valid = valid_through_round.unwrap_or(u64::MAX);
+        let msg = self
+            .verifier
+            .group_message(&mut state, payload, valid, &mut rng())
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let seq = state.latest_seq;
+        self.apply(BatchWrite {
+            now_ms: now,
+            groups: vec![self.group_row(&state, &row)?],
+            group_messages: vec![store::GroupMessageRow {
+                group,
+                seq,
+                epoch: state.epoch,
+                bytes: msg.to_vec(),
+                payload_hash: state.config_hash,
+                created_at_ms: now,
+            }],
+            downlink: vec![DownlinkPush {
+                target: DownlinkTarget::Subscribers,
+                records: vec![DownlinkRecord {
+                    audience: Audience::Group,
+                    group,
+                    message: msg.to_vec(),
+                }],
+            }],
+            ..BatchWrite::default()
+        })
+        .await?;
+        self.metrics.group_updates.inc();
+        Ok(seq)
+    }
+
+    /// Registers members without a rekey (initial provisioning from the
+    /// `dapgw keys members` import file), in transactions of 10,000.
+    pub async fn import_members(&self, rows: Vec<store::MemberRow>) -> Result<usize, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let n = rows.len();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<_> = rows.by_ref().take(10_000).collect();
+            self.apply(BatchWrite {
+                now_ms: now_ms(),
+                members: chunk,
+                ..BatchWrite::default()
+            })
+            .await?;
+        }
+        Ok(n)
+    }
+
+    /// Every session slot of `group`'s active members.
+    async fn group_sessions(&self, group: u32) -> Result<SessionTable, ServiceError> {
+        let mut table = SessionTable::new();
+        let mut after = None;
+        loop {
+            let ids = self.store.group_members(group, after, 10_000).await?;
+            let Some(last) = ids.last() else { break };
+            after = Some(*last);
+            let ids: Vec<MemberId> = ids.into_iter().map(MemberId).collect();
+            let part = self.load_sessions(group, &ids).await?;
+            for id in ids {
+                if let Some(slot) = part.get(GroupId(group), id) {
+                    table.insert(GroupId(group), id, slot.clone());
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
+    /// each, rekeying every member with a session, all in one transaction.
+    pub async fn add_member(&self, id: u64, groups: Vec<u32>, kv: u32) -> Result<(), ServiceError> {
+        let _guard = self.lock.lock().await;
+        let now = now_ms();
+        let mut write = BatchWrite {
+            now_ms: now,
+            members: vec![store::MemberRow {
+                id,
+                groups: groups.clone(),
+                key_source: store::KeySource::Derived,
+                kv,
+                status: store::MemberStatus::Active,
+                added_at_ms: now,
+            }],
+            ..BatchWrite::default()
+        };
+        for g in groups {
+            self.rekey_into(&mut write, g, None).await?;
+        }
+        self.apply(write).await?;
+        Ok(())
+    }
+
+    /// Revokes member `id`: its status, its sessions, and a new epoch in
+    /// each of its groups with rekeys to every other member. False if the
+    /// member is unknown.
+    pub async fn revoke_member(&self, id: u64) -> Result<bool, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let Some(Some(mut row)) = self.store.members(vec![id]).await?.pop() else {
+            return Ok(false);
+        };
+        row.status = store::MemberStatus::Revoked;
+        let groups = row.groups.clone();
+        let mut write = BatchWrite {
+            now_ms: now_ms(),
+            members: vec![row],
+            ..BatchWrite::default()
+        };
+        for g in groups {
+            self.rekey_into(&mut write, g, Some(MemberId(id))).await?;
+        }
+        self.apply(write).await?;
+        Ok(true)
+    }
+
+    /// Adds a new epoch of `group` (revoking `revoked` if given) to `write`:
+    /// the group row, the changed session slots and the rekeys.
+    async fn rekey_into(
+        &self,
+        write: &mut BatchWrite,
+        group: u32,
+        revoked: Option<MemberId>,
+    ) -> Result<(), ServiceError> {
+        let (mut state, row) = self.load_group(group).await?;
+        let mut sessions = self.group_sessions(group).await?;
+        if let Some(r) = revoked
+            && sessions.get(GroupId(group), r).is_none()
+        {
+            // Its sessions may exist even though it is no longer listed
+            // as active: load them so they are erased too.
+            let extra = self.load_sessions(group, &[r]).await?;
+            if let Some(slot) = extra.get(GroupId(group), r) {
+                sessions.insert(GroupId(group), r, slot.clone());
+            }
+        }
+        let rekeys = match revoked {
+            Some(r) => self
+                .verifier
+                .revoke(&mut state, r, &mut sessions, &mut rng()),
+            None => self
+                .verifier
+                .add_member(&mut state, &mut sessions, &mut rng()),
+        }
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let now = write.now_ms;
+        for id in sessions.members_of(GroupId(group)) {
+            if let Some(slot) = sessions.get(GroupId(group), id) {
+                write
+                    .sessions
+                    .push(self.session_row(group, id, slot, 0, now)?);
+            }
+        }
+        if let Some(r) = revoked {
+            // An empty slot replaces the revoked member's sessions.
+            write
+                .sessions
+                .push(self.session_row(group, r, &SessionSlot::default(), 0, now)?);
+        }
+        write.groups.push(self.group_row(&state, &row)?);
+        let records = rekeys
+            .iter()
+            .map(|k| DownlinkRecord {
+                audience: Audience::Member(k.id.0),
+                group,
+                message: k.to_bytes().to_vec(),
+            })
+            .collect::<Vec<_>>();
+        if !records.is_empty() {
+            write.downlink.push(DownlinkPush {
+                target: DownlinkTarget::Subscribers,
+                records,
+            });
+        }
+        Ok(())
+    }
+
+    /// The store (for read-only listings).
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    fn seal<T: serde::Serialize>(&self, aad: &[u8], value: &T) -> Result<Sealed, ServiceError> {
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(value).map_err(|e| ServiceError::Internal(e.to_string()))?,
+        );
+        Ok(Sealed::new(self.storage.seal_row(&mut rng(), aad, &plain)))
+    }
+
+    fn open<T: serde::de::DeserializeOwned>(
+        &self,
+        aad: &[u8],
+        sealed: &Sealed,
+    ) -> Result<T, ServiceError> {
+        let plain = self
+            .storage
+            .open_row(aad, sealed.as_bytes())
+            .map_err(|_| ServiceError::Internal("a sealed row does not open".into()))?;
+        serde_json::from_slice(&plain).map_err(|e| ServiceError::Internal(e.to_string()))
+    }
+
+    /// Loads a group's state and its row (for the compare-and-set version);
+    /// creates the group on first use.
+    async fn load_group(&self, group: u32) -> Result<(GroupState, GroupRow), ServiceError> {
+        if let Some(row) = self.store.group(group).await? {
+            let state: GroupState = self.open(&aad::group(group), &row.state)?;
+            return Ok((state, row));
+        }
+        let state = GroupState::new(GroupId(group), &mut rng());
+        let row = GroupRow {
+            group,
+            epoch: state.epoch,
+            next_round: state.next_round,
+            seq: state.latest_seq,
+            config_hash: state.config_hash,
+            state: self.seal(&aad::group(group), &state)?,
+            version: 1,
+        };
+        match self.store.insert_group(row.clone()).await {
+            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let row = self
+            .store
+            .group(group)
+            .await?
+            .ok_or_else(|| ServiceError::Internal("group vanished".into()))?;
+        let state: GroupState = self.open(&aad::group(group), &row.state)?;
+        Ok((state, row))
+    }
+
+    fn group_row(&self, state: &GroupState, old: &GroupRow) -> Result<GroupRow, ServiceError> {
+        Ok(GroupRow {
+            group: old.group,
+            epoch: state.epoch,
+            next_round: state.next_round,
+            seq: state.latest_seq,
+            config_hash: state.config_hash,
+            state: self.seal(&aad::group(old.group), state)?,
+            version: old.version,
+        })
+    }
+
+    /// Opens the next round of `group` and queues its challenge for every
+    /// subscribed gateway, in one transaction. Returns the round number.
+    pub async fn open_round(
+        &self,
+        group: u32,
+        mode: Mode,
+        purpose: Purpose,
+        duration_ms: Option<u64>,
+    ) -> Result<u64, ServiceError> {
+        let _guard = self.lock.lock().await;
+        let now = now_ms();
+        let (mut state, row) = self.load_group(group).await?;
+        let not_after = duration_ms.map(|d| (now + d) / 1000);
+        let store_purpose = match purpose {
+            Purpose::Auth => store::RoundPurpose::Auth,
+            Purpose::Read(_) => store::RoundPurpose::Read,
+        };
+        let (round, challenge) = self
+            .verifier
+            .open_round(&mut state, mode, purpose, not_after, &mut rng())
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let write = BatchWrite {
+            now_ms: now,
+            groups: vec![self.group_row(&state, &row)?],
+            new_rounds: vec![RoundRow {
+                group,
+                round: round.round,
+                opened_at_ms: now,
+                closes_at_ms: duration_ms.map(|d| now + d),
+                mode,
+                purpose: store_purpose,
+                challenge: challenge.to_vec(),
+                state: self.seal(&aad::round(group, round.round), &round)?,
+                status: RoundStatus::Open,
+            }],
+            downlink: vec![DownlinkPush {
+                target: DownlinkTarget::Subscribers,
+                records: vec![DownlinkRecord {
+                    audience: Audience::Group,
+                    group,
+                    message: challenge.to_vec(),
+                }],
+            }],
+            ..BatchWrite::default()
+        };
+        self.apply(write).await?;
+        let no = round.round;
+        self.rounds.lock().await.insert((group, no), round);
+        Ok(no)
+    }
+
+    async fn apply(&self, write: BatchWrite) -> Result<store::Applied, ServiceError> {
+        let t = Instant::now();
+        let has_downlink = !write.downlink.is_empty();
+        let applied = self.store.apply_batch(write).await;
+        self.metrics
+            .store
+            .get(StoreOp::Write)
+            .observe(t.elapsed().as_secs_f64());
+        let applied = applied?;
+        if has_downlink {
+            self.downlink_notify.notify_waiters();
+        }
+        Ok(applied)
+    }
+
+    /// Members of a batch, as verifier records.
+    async fn load_registry(&self, ids: &[MemberId]) -> Result<LoadedRegistry, ServiceError> {
+        let rows = self
+            .store
+            .members(ids.iter().map(|m| m.0).collect())
+            .await?;
+        let mut map = BTreeMap::new();
+        for row in rows.into_iter().flatten() {
+            let groups = row.groups.iter().map(|g| GroupId(*g)).collect();
+            let mut rec = match &row.key_source {
+                store::KeySource::Derived => {
+                    MemberRecord::derived(MemberId(row.id), row.kv, groups)
+                }
+                store::KeySource::Imported(sealed) => {
+                    let key: crate::protocol::verifier::KeySource =
+                        self.open(&member_aad(row.id), sealed)?;
+                    let mut r = MemberRecord::derived(MemberId(row.id), row.kv, groups);
+                    r.key = key;
+                    r
+                }
+            };
+            if row.status == store::MemberStatus::Revoked {
+                rec.status = crate::protocol::verifier::MemberStatus::Revoked;
+            }
+            map.insert(MemberId(row.id), rec);
+        }
+        Ok(LoadedRegistry(map))
+    }
+
+    /// Session slots of (member, group), opened.
+    async fn load_sessions(
+        &self,
+        group: u32,
+        ids: &[MemberId],
+    ) -> Result<SessionTable, ServiceError> {
+        let keys = ids.iter().map(|m| (m.0, group)).collect();
+        let pairs = self.store.sessions(keys).await?;
+        let mut table = SessionTable::new();
+        for (id, pair) in ids.iter().zip(pairs) {
+            let Some(slot) = pair.and_then(|p| p.current) else {
+                continue;
+            };
+            let s: SessionSlot = self.open(&aad::session(id.0, group), &slot.state)?;
+            table.insert(GroupId(group), *id, s);
+        }
+        Ok(table)
+    }
+
+    /// The round a batch answers, if stored and not closed.
+    async fn load_round(
+        &self,
+        group: u32,
+        round: u64,
+    ) -> Result<Option<(RoundState, RoundRow)>, ServiceError> {
+        let Some(row) = self.store.round(group, round).await? else {
+            return Ok(None);
+        };
+        if row.status != RoundStatus::Open || row.state.as_bytes().is_empty() {
+            return Ok(None);
+        }
+        if let Some(st) = self.rounds.lock().await.get(&(group, round)) {
+            return Ok(Some((st.clone(), row)));
+        }
+        // Cache miss (restart, or another process judged batches): the
+        // accepted set is rebuilt from the stored outcomes.
+        let mut st: RoundState = self.open(&aad::round(group, round), &row.state)?;
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .round_outcomes(group, round, after, 10_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.member);
+            for o in &page {
+                if o.kind == OutcomeKind::Accepted {
+                    st.accepted.insert(MemberId(o.member));
+                }
+            }
+        }
+        Ok(Some((st, row)))
+    }
+
+    /// Handles `POST /v1/batches` from gateway `cert_gateway`.
+    pub async fn handle_batch(
+        &self,
+        cert_gateway: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ServiceError> {
+        let batch = ReceivedBatch::decode(body).map_err(|e| {
+            self.metrics
+                .batches
+                .get(EntryKind::Response, UdcBatchOutcome::Rejected)
+                .inc();
+            ServiceError::BadRequest(e.to_string())
+        })?;
+        let b = batch.batch();
+        let gateway = b.gateway_id.as_str().to_owned();
+        if gateway != cert_gateway {
+            return Err(ServiceError::WrongGateway {
+                batch: gateway,
+                cert: cert_gateway.to_owned(),
+            });
+        }
+        let kind = match batch.round() {
+            Some(_) => EntryKind::Response,
+            None => EntryKind::Uplink,
+        };
+        let _guard = self.lock.lock().await;
+        let stored = self.stored_log(&gateway, b.batch_id).await?;
+        let res = self
+            .judge(batch_ctx(&batch), stored, |v, st, reg, log, now| {
+                v.handle_batch(&batch, st, reg, log, now)
+            })
+            .await;
+        self.count_batch(kind, &res);
+        res
+    }
+
+    /// Handles `POST /v1/tags` from gateway `cert_gateway`.
+    pub async fn handle_tags(
+        &self,
+        cert_gateway: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ServiceError> {
+        let reply = TagReply::decode(&body).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let gateway = reply.gateway_id.as_str().to_owned();
+        if gateway != cert_gateway {
+            return Err(ServiceError::WrongGateway {
+                batch: gateway,
+                cert: cert_gateway.to_owned(),
+            });
+        }
+        let _guard = self.lock.lock().await;
+        let pending = self
+            .store
+            .pending_localization(&gateway, reply.batch_id)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no localization is pending for batch {}",
+                    reply.batch_id
+                ))
+            })?;
+        if pending.batch_hash != reply.batch_hash {
+            return Err(ServiceError::Conflict(format!(
+                "the tag reply names another batch hash than batch {}",
+                reply.batch_id
+            )));
+        }
+        let assessment: PendingAssessment =
+            self.open(&aad::pending(&gateway, reply.batch_id), &pending.pending)?;
+        let batch = ReceivedBatch::decode(Bytes::from(assessment.batch.clone()))
+            .map_err(|e| ServiceError::Internal(format!("stored batch: {e}")))?;
+        let stored = LoggedVerdict {
+            request_hash: pending.batch_hash,
+            answer: pending.verdict.clone(),
+            pending: Some(assessment),
+        };
+        let res = self
+            .judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
+                v.handle_tag_reply(&reply, st, reg, log, now)
+            })
+            .await;
+        if res.is_ok() {
+            self.metrics.localizations.inc();
+        }
+        res
+    }
+
+    /// Handles `POST /v1/direct`: a member's Response or Uplink judged as
+    /// a batch of one. Answers a Verdict for that batch (gateway id
+    /// `direct`, batch id 0, batch hash = SHA-256 of the inner message);
+    /// anything not accepted is [`ServiceError::BadRequest`] so the server
+    /// can answer unauthenticated submitters uniformly.
+    pub async fn handle_direct(&self, body: Bytes) -> Result<Bytes, ServiceError> {
+        let direct = Direct::decode(&body).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let inner = direct
+            .inner_message()
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let hash: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            &direct.inner,
+        ))
+        .into();
+        let (id, group, round, mode) = match &inner {
+            DirectInner::Response(r) => (r.id, r.group.0, Some(r.round), r.mode()),
+            DirectInner::Uplink(u) => (u.id, u.group.0, None, Mode::Psk),
+        };
+        let log_gateway = format!("direct-{}-{group}", id.0);
+        let key = match round {
+            Some(round) => LogKey::Direct {
+                member: id,
+                group: GroupId(group),
+                round,
+            },
+            None => LogKey::Direct {
+                member: id,
+                group: GroupId(group),
+                round: u64::MAX,
+            },
+        };
+        let ctx = Ctx {
+            via: None,
+            log_gateway: log_gateway.clone(),
+            log_batch_id: round.unwrap_or(u64::MAX),
+            batch_id: 0,
+            group,
+            ids: vec![id],
+            round,
+            mode,
+            hash,
+            key,
+        };
+        let _guard = self.lock.lock().await;
+        let stored = match round {
+            Some(r) => self.stored_log(&log_gateway, r).await?,
+            None => None,
+        };
+        let accepted = std::sync::atomic::AtomicBool::new(false);
+        let answer = self
+            .judge(ctx, stored, |v, st, reg, log, now| {
+                let out = v.handle_direct(&direct, st, reg, log, now)?;
+                accepted.store(
+                    out.outcome == Outcome::Accepted,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let confirms = out
+                    .confirm
+                    .as_ref()
+                    .and_then(|c| Confirm::decode(c).ok())
+                    .into_iter()
+                    .collect();
+                let verdict = Verdict {
+                    gateway_id: GatewayId::new("direct")
+                        .map_err(|_| crate::protocol::verifier::UsageError::WrongGroupState)?,
+                    batch_id: 0,
+                    batch_hash: hash,
+                    body: VerdictBody::Final {
+                        outcomes: vec![out.outcome],
+                        confirms,
+                    },
+                };
+                Ok(crate::protocol::verifier::BatchOutput {
+                    answer: verdict.to_bytes(),
+                    event: out.event,
+                })
+            })
+            .await?;
+        if accepted.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(answer)
+        } else {
+            Err(ServiceError::BadRequest("not accepted".into()))
+        }
+    }
+
+    fn count_batch(&self, kind: EntryKind, res: &Result<Bytes, ServiceError>) {
+        let outcome = match res {
+            Ok(_) => UdcBatchOutcome::Accepted,
+            Err(ServiceError::Internal(_)) => UdcBatchOutcome::Error,
+            Err(_) => UdcBatchOutcome::Rejected,
+        };
+        self.metrics.batches.get(kind, outcome).inc();
+    }
+
+    /// The stored verdict of (gateway, batch id), as a log record.
+    async fn stored_log(
+        &self,
+        gateway: &str,
+        batch_id: u64,
+    ) -> Result<Option<LoggedVerdict>, ServiceError> {
+        let Some(v) = self.store.verdict(gateway, batch_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(LoggedVerdict {
+            request_hash: v.batch_hash,
+            answer: v.verdict,
+            pending: None,
+        }))
+    }
+
+    /// Loads the state a request is judged against, runs `call`, and
+    /// persists everything it changed in one transaction before returning
+    /// the answer.
+    async fn judge<F>(
+        &self,
+        ctx: Ctx,
+        stored: Option<LoggedVerdict>,
+        call: F,
+    ) -> Result<Bytes, ServiceError>
+    where
+        F: FnOnce(
+            &Verifier,
+            BatchState<'_>,
+            &LoadedRegistry,
+            &mut OneLog,
+            u64,
+        ) -> Result<crate::protocol::verifier::BatchOutput, VerifierError>,
+    {
+        let group = ctx.group;
+        let ids = ctx.ids.clone();
+        let gateway = ctx.log_gateway.clone();
+        let mut log = OneLog {
+            stored: stored.map(|s| (ctx.key, s)),
+            filed: None,
+        };
+        // A retry of a final batch verdict needs no state at all.
+        if ctx.via.is_some()
+            && let Some((_, rec)) = &log.stored
+            && rec.pending.is_none()
+        {
+            if rec.request_hash == ctx.hash {
+                return Ok(Bytes::from(rec.answer.clone()));
+            }
+            return Err(ServiceError::Conflict(format!(
+                "batch id {} was already used for a different batch",
+                ctx.batch_id
+            )));
+        }
+        let t_read = Instant::now();
+        let (group_state, group_row) = self.load_group(group).await?;
+        let registry = self.load_registry(&ids).await?;
+        let mut sessions = self.load_sessions(group, &ids).await?;
+        let mut round = match ctx.round {
+            Some(r) => self.load_round(group, r).await?,
+            None => None,
+        };
+        self.metrics
+            .store
+            .get(StoreOp::Read)
+            .observe(t_read.elapsed().as_secs_f64());
+        let now_ms = now_ms();
+        let t_verify = Instant::now();
+        let out = call(
+            &self.verifier,
+            BatchState {
+                group: &group_state,
+                round: round.as_mut().map(|(s, _)| s),
+                sessions: &mut sessions,
+            },
+            &registry,
+            &mut log,
+            now_ms / 1000,
+        )
+        .map_err(map_verifier_error)?;
+        self.metrics
+            .batch_verify
+            .observe(t_verify.elapsed().as_secs_f64());
+        let answer = out.answer.clone();
+        let mut write = BatchWrite {
+            now_ms,
+            ..BatchWrite::default()
+        };
+        let mut via = Via {
+            gateway: ctx.via.clone().unwrap_or_default(),
+            batches: u64::from(stored_is_none(&log)),
+            entries: ids.len() as u64,
+            ..Via::default()
+        };
+        let filed = log.filed.take();
+        match out.event {
+            BatchEvent::Replayed => return Ok(answer),
+            BatchEvent::TagsRequested { chunks } => {
+                let Some((_, rec)) = filed else {
+                    return Err(ServiceError::Internal("nothing filed".into()));
+                };
+                let pending = rec
+                    .pending
+                    .as_ref()
+                    .ok_or_else(|| ServiceError::Internal("tag request without pending".into()))?;
+                write.verdict = Some(VerdictWrite {
+                    gateway: gateway.clone(),
+                    batch_id: ctx.log_batch_id,
+                    batch_hash: rec.request_hash,
+                    verdict: rec.answer.clone(),
+                    pending: Some(PendingWrite {
+                        pending: self.seal(&aad::pending(&gateway, ctx.log_batch_id), pending)?,
+                        expires_at_ms: now_ms + self.localize_timeout_ms,
+                    }),
+                });
+                via.localizations = chunks.len() as u64;
+                if let Some(r) = ctx.round {
+                    write.round_localizations.push(store::RoundLocalizations {
+                        group,
+                        round: r,
+                        chunks: chunks.len() as u64,
+                    });
+                }
+                via.entries = 0;
+                write.via = ctx.via.is_some().then_some(via);
+                self.apply(write).await?;
+                return Ok(answer);
+            }
+            BatchEvent::Responses(v) => {
+                let outcomes = match &v.verdict.body {
+                    crate::protocol::wire::VerdictBody::Final { outcomes, .. } => outcomes.clone(),
+                    crate::protocol::wire::VerdictBody::TagsRequested { .. } => Vec::new(),
+                };
+                let round_no = ctx.round.unwrap_or(0);
+                let mode = ctx.mode;
+                for (id, o) in ids.iter().zip(&outcomes) {
+                    let kind = match o {
+                        Outcome::Accepted => OutcomeKind::Accepted,
+                        Outcome::UnverifiedViaGateway => OutcomeKind::Unverified,
+                        _ => OutcomeKind::Rejected,
+                    };
+                    write.outcomes.push(OutcomeRow {
+                        group,
+                        round: round_no,
+                        member: id.0,
+                        kind,
+                        reason: std::borrow::Cow::Owned(format!("{o:?}")),
+                        gateway: ctx.via.clone(),
+                    });
+                    self.count_outcome(*o, mode);
+                }
+                via.accepted = u64::from(v.counters.count(Outcome::Accepted));
+                via.unverified = u64::from(v.counters.unverified());
+                for reading in &v.readings {
+                    write.readings.push(ReadingRow {
+                        member: reading.id.0,
+                        group,
+                        sid: [0; 8],
+                        ctr: round_no,
+                        ts_ms: now_ms,
+                        kind: 0,
+                        payload: reading.payload.clone(),
+                    });
+                }
+                self.metrics.readings.inc_by(v.readings.len() as u64);
+                for id in &v.touched {
+                    if let Some(slot) = sessions.get(GroupId(group), *id) {
+                        write
+                            .sessions
+                            .push(self.session_row(group, *id, slot, round_no, now_ms)?);
+                    }
+                }
+                // The confirms go down to the member through its gateway.
+                if let crate::protocol::wire::VerdictBody::Final { confirms, .. } = &v.verdict.body
+                {
+                    let records = confirms
+                        .iter()
+                        .map(|c| DownlinkRecord {
+                            audience: Audience::Member(c.id.0),
+                            group,
+                            message: c.to_bytes().to_vec(),
+                        })
+                        .collect::<Vec<_>>();
+                    if let (false, Some(gw)) = (records.is_empty(), &ctx.via) {
+                        write.downlink.push(DownlinkPush {
+                            target: DownlinkTarget::Gateway(gw.clone()),
+                            records,
+                        });
+                    }
+                }
+            }
+            BatchEvent::Uplinks(v) => {
+                via.accepted = u64::from(match &v.verdict.body {
+                    crate::protocol::wire::VerdictBody::Final { outcomes, .. } => {
+                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count()
+                    }
+                    crate::protocol::wire::VerdictBody::TagsRequested { .. } => 0,
+                } as u32);
+                for m in &v.messages {
+                    write.readings.push(ReadingRow {
+                        member: m.id.0,
+                        group,
+                        sid: m.sid.0,
+                        ctr: m.ctr,
+                        ts_ms: now_ms,
+                        kind: m.kind.code(),
+                        payload: m.payload.clone(),
+                    });
+                }
+                self.metrics.readings.inc_by(v.messages.len() as u64);
+                for a in &v.acks {
+                    write.acks.push(store::AckRow {
+                        group: a.group.0,
+                        seq: a.seq,
+                        member: a.member.0,
+                        at_ms: now_ms,
+                    });
+                }
+                self.metrics.acks.inc_by(v.acks.len() as u64);
+                let mut seen: Vec<MemberId> = ids.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                for id in seen {
+                    if let Some(slot) = sessions.get(GroupId(group), id) {
+                        write
+                            .sessions
+                            .push(self.session_row(group, id, slot, 0, now_ms)?);
+                    }
+                }
+            }
+        }
+        if let Some((_, rec)) = filed {
+            write.verdict = Some(VerdictWrite {
+                gateway: gateway.clone(),
+                batch_id: ctx.log_batch_id,
+                batch_hash: rec.request_hash,
+                verdict: rec.answer,
+                pending: None,
+            });
+        }
+        let _ = &group_row;
+        write.via = ctx.via.is_some().then_some(via);
+        self.apply(write).await?;
+        // The accepted set lives in the hot cache; the store's outcome rows
+        // are its truth (see `load_round`).
+        if let Some((rs, _)) = round {
+            self.rounds.lock().await.insert((group, rs.round), rs);
+        }
+        Ok(answer)
+    }
+
+    fn count_outcome(&self, o: Outcome, mode: Mode) {
+        use crate::telemetry::RejectReason as R;
+        let reason = match o {
+            Outcome::Accepted => {
+                let label = match mode {
+                    Mode::Psk => ModeLabel::Psk,
+                    Mode::PskEcdhe => ModeLabel::PskEcdhe,
+                };
+                self.metrics.members_authenticated.get(label).inc();
+                return;
+            }
+            Outcome::UnknownMember | Outcome::NotInGroup | Outcome::Revoked => R::UnknownMember,
+            Outcome::RoundNotOpen | Outcome::StaleKeyVersion => R::StaleRound,
+            Outcome::AlreadyAccepted | Outcome::ReplayedCounter => R::Replay,
+            Outcome::UnverifiedViaGateway => R::BadTag,
+            Outcome::UnknownSession | Outcome::MalformedPayload => R::Malformed,
+        };
+        self.metrics.entries_rejected.get(reason).inc();
+    }
+
+    fn session_row(
+        &self,
+        group: u32,
+        id: MemberId,
+        slot: &SessionSlot,
+        round: u64,
+        now_ms: u64,
+    ) -> Result<SessionRow, ServiceError> {
+        let sid = slot
+            .pending
+            .as_ref()
+            .or(slot.current.as_ref())
+            .map(|s| s.sid.0)
+            .unwrap_or([0; 8]);
+        Ok(SessionRow {
+            member: id.0,
+            group,
+            sid,
+            state: self.seal(&aad::session(id.0, group), slot)?,
+            round,
+            created_at_ms: now_ms,
+        })
+    }
+
+    /// Replaces gateway `gateway`'s group subscriptions.
+    pub async fn subscribe(&self, gateway: &str, groups: Vec<u32>) -> Result<(), ServiceError> {
+        self.store.set_subscriptions(gateway, groups).await?;
+        Ok(())
+    }
+
+    /// Records of `gateway`'s queue after `after`, framed (HTTP.md records
+    /// framing). Empty when none.
+    pub async fn downlink(&self, gateway: &str, after: u64) -> Result<Vec<u8>, ServiceError> {
+        let records = self.store.read_downlink(gateway, after, 1024).await?;
+        let mut out = Vec::new();
+        for r in records {
+            out.extend_from_slice(&r.cursor.to_be_bytes());
+            let (aud, member) = match r.record.audience {
+                Audience::Group => (1u8, 0u64),
+                Audience::Member(m) => (2u8, m),
+            };
+            out.push(aud);
+            out.extend_from_slice(&r.record.group.to_be_bytes());
+            out.extend_from_slice(&member.to_be_bytes());
+            out.extend_from_slice(&(r.record.message.len() as u32).to_be_bytes());
+            out.extend_from_slice(&r.record.message);
+        }
+        Ok(out)
+    }
+}
+
+/// The judging context of a gateway's batch.
+fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
+    let b = batch.batch();
+    let gateway = b.gateway_id.as_str().to_owned();
+    Ctx {
+        via: Some(gateway.clone()),
+        log_gateway: gateway,
+        log_batch_id: b.batch_id,
+        batch_id: b.batch_id,
+        group: b.group.0,
+        ids: batch.member_ids(),
+        round: batch.round(),
+        mode: match b.body {
+            BatchBody::Responses { mode, .. } => mode,
+            BatchBody::Uplinks { .. } => Mode::Psk,
+        },
+        hash: batch.hash(),
+        key: batch.log_key(),
+    }
+}
+
+fn stored_is_none(log: &OneLog) -> bool {
+    log.stored.is_none()
+}
+
+/// The sealing identity of an imported member key.
+fn member_aad(id: u64) -> Vec<u8> {
+    let mut v = b"members\0".to_vec();
+    v.extend_from_slice(&id.to_be_bytes());
+    v
+}
+
+fn map_verifier_error(e: VerifierError) -> ServiceError {
+    use crate::protocol::verifier::BatchError as B;
+    match e {
+        VerifierError::Peer(B::BatchIdReused { batch_id, .. }) => ServiceError::Conflict(format!(
+            "batch id {batch_id} was already used for a different batch"
+        )),
+        VerifierError::Peer(B::TagReplyMismatch { batch_id }) => ServiceError::Conflict(format!(
+            "the tag reply names another batch hash than batch {batch_id}"
+        )),
+        VerifierError::Peer(B::UnknownBatch { batch_id, .. }) => {
+            ServiceError::NotFound(format!("no localization is pending for batch {batch_id}"))
+        }
+        VerifierError::Peer(other) => ServiceError::BadRequest(other.to_string()),
+        VerifierError::Usage(u) => ServiceError::Internal(u.to_string()),
+    }
+}
