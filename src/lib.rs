@@ -27,4 +27,6 @@ pub mod telemetry;
 #[cfg(feature = "service")]
 pub mod tls;
 #[cfg(feature = "service")]
+pub mod sim;
+#[cfg(feature = "service")]
 pub mod udc;

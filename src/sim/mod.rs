@@ -1,0 +1,3 @@
+//! Simulated members and the side-by-side benchmark (feature `service`).
+
+pub mod bench;
