@@ -23,10 +23,10 @@ pub mod admin;
 #[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
+pub mod sim;
+#[cfg(feature = "service")]
 pub mod telemetry;
 #[cfg(feature = "service")]
 pub mod tls;
-#[cfg(feature = "service")]
-pub mod sim;
 #[cfg(feature = "service")]
 pub mod udc;

@@ -12,7 +12,14 @@ const MEMBERS: u64 = 20;
 
 fn run_bench(extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
-        .args(["bench", "--members", &MEMBERS.to_string(), "--concurrency", "8", "--json"])
+        .args([
+            "bench",
+            "--members",
+            &MEMBERS.to_string(),
+            "--concurrency",
+            "8",
+            "--json",
+        ])
         .args(["--timeout-s", "120"])
         .args(extra)
         .output()

@@ -169,11 +169,9 @@ async fn udc_handle(
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string);
             match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(body) => empty(state.record(
-                    peer.as_deref(),
-                    header.as_deref(),
-                    &body.to_bytes(),
-                )),
+                Ok(body) => {
+                    empty(state.record(peer.as_deref(), header.as_deref(), &body.to_bytes()))
+                }
                 Err(_) => {
                     state.rejected.fetch_add(1, Ordering::Relaxed);
                     empty(StatusCode::PAYLOAD_TOO_LARGE)

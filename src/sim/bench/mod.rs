@@ -565,20 +565,23 @@ impl RoleProc {
 
     /// The next event, which must be one of `want`.
     fn expect(&mut self, want: &[&str]) -> anyhow::Result<Value> {
-        let ev = self.events.recv_timeout(self.timeout).map_err(|e| match e {
-            mpsc::RecvTimeoutError::Timeout => anyhow!(
-                "role {} silent for {:?} (waiting for {want:?})",
-                self.label,
-                self.timeout
-            ),
-            mpsc::RecvTimeoutError::Disconnected => {
-                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                anyhow!(
-                    "role {} ended ({status}) while waiting for {want:?}",
-                    self.label
-                )
-            }
-        })?;
+        let ev = self
+            .events
+            .recv_timeout(self.timeout)
+            .map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => anyhow!(
+                    "role {} silent for {:?} (waiting for {want:?})",
+                    self.label,
+                    self.timeout
+                ),
+                mpsc::RecvTimeoutError::Disconnected => {
+                    let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    anyhow!(
+                        "role {} ended ({status}) while waiting for {want:?}",
+                        self.label
+                    )
+                }
+            })?;
         let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
         if !want.contains(&name) {
             bail!("role {}: expected {want:?}, got {ev}", self.label);
@@ -802,10 +805,7 @@ pub fn run(opts: &BenchOptions, scenarios: &[Scenario]) -> anyhow::Result<BenchR
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0);
             (
-                std::env::temp_dir().join(format!(
-                    "dapgw-bench-{}-{nanos}",
-                    std::process::id()
-                )),
+                std::env::temp_dir().join(format!("dapgw-bench-{}-{nanos}", std::process::id())),
                 true,
             )
         }
@@ -891,7 +891,8 @@ fn leaf(
     usage: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
 ) -> anyhow::Result<(String, zeroize::Zeroizing<String>)> {
-    let mut params = CertificateParams::new(name.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    let mut params =
+        CertificateParams::new(name.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
     params.distinguished_name.push(DnType::CommonName, name[0]);
     params.is_ca = IsCa::NoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -1076,9 +1077,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
-        self.traffic
-            .bytes_in
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         res
     }
 }
@@ -1120,10 +1119,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
