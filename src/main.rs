@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use dapgw::sim::bench;
 use dapgw::{admin, config, telemetry, tls};
 
 /// Exit status for a configuration that does not load or validate.
@@ -281,7 +282,20 @@ struct DevPkiArgs {
 struct DemoArgs {}
 
 #[derive(Args, Debug)]
-struct BenchArgs {}
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    role: Option<BenchRole>,
+    #[command(flatten)]
+    options: bench::BenchOptions,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchRole {
+    /// One role process of a bench scenario (started by `dapgw bench`).
+    #[command(subcommand, hide = true)]
+    Role(bench::RoleCommand),
+}
 
 #[derive(Args, Debug)]
 struct HealthArgs {
@@ -305,7 +319,11 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => report(keys(cmd)),
         Command::Demo(DemoArgs {}) => report(not_built("demo")),
         Command::Sim(args) => report(sim(args)),
-        Command::Bench(BenchArgs {}) => report(not_built("bench")),
+        Command::Bench(BenchArgs {
+            role: Some(BenchRole::Role(role)),
+            ..
+        }) => report(bench::run_role(role)),
+        Command::Bench(BenchArgs { options, .. }) => report(bench::main(&options)),
         Command::Health(args) => health(args),
     }
 }

@@ -23,6 +23,7 @@
 //! a state file continues from its stored cursor.
 
 pub mod agent;
+pub mod bench;
 pub mod client;
 pub mod run;
 

@@ -1,0 +1,129 @@
+//! `dapgw bench` end to end with a tiny N: every baseline scenario runs as
+//! real processes over real TLS on loopback, every member's reading reaches
+//! the UDC exactly once, and the JSON report has every field. The figures
+//! themselves are not asserted (they depend on the machine).
+#![cfg(feature = "service")]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const MEMBERS: u64 = 20;
+
+fn run_bench(extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args([
+            "bench",
+            "--members",
+            &MEMBERS.to_string(),
+            "--concurrency",
+            "8",
+            "--json",
+        ])
+        .args(["--timeout-s", "120"])
+        .args(extra)
+        .output()
+        .expect("running dapgw bench");
+    assert!(
+        out.status.success(),
+        "dapgw bench failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
+fn number(obj: &Value, key: &str) -> f64 {
+    obj.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {obj}"))
+}
+
+fn assert_exactly_once(name: &str, s: &Value) {
+    assert_eq!(s["members"], MEMBERS, "{name}");
+    assert_eq!(s["readings_delivered"], MEMBERS, "{name}: readings");
+    assert_eq!(s["members_delivered"], MEMBERS, "{name}: distinct members");
+    assert_eq!(s["readings_duplicate"], 0, "{name}: duplicates");
+    assert_eq!(s["readings_rejected"], 0, "{name}: rejected");
+    assert_eq!(s["members_missing"], 0, "{name}: missing");
+    assert_eq!(s["driver"]["ok"], MEMBERS, "{name}: driver ok");
+    assert_eq!(s["driver"]["failed"], 0, "{name}: driver failed");
+}
+
+fn assert_phase_fields(name: &str, s: &Value, gateway: bool) {
+    for key in [
+        "wall_s",
+        "udc_cpu_us_per_member",
+        "udc_bytes_per_member",
+        "udc_bytes_out_per_member",
+        "udc_requests_per_member",
+        "udc_connections",
+        "members_cpu_us_per_member",
+    ] {
+        assert!(number(s, key) >= 0.0, "{name}: {key}");
+    }
+    // Every member's request reached the UDC, and bytes were counted there.
+    assert!(number(s, "udc_bytes_per_member") > 0.0, "{name}");
+    assert_eq!(number(s, "udc_requests_per_member"), 1.0, "{name}");
+    if gateway {
+        assert!(number(s, "gateway_cpu_us_per_member") >= 0.0, "{name}");
+        assert!(number(s, "gateway_bytes_per_member") > 0.0, "{name}");
+    } else {
+        assert!(s["gateway_cpu_us_per_member"].is_null(), "{name}");
+        assert!(s["gateway_bytes_per_member"].is_null(), "{name}");
+    }
+}
+
+#[test]
+fn both_baselines_deliver_every_reading_once_and_report_every_field() {
+    let report = run_bench(&[]);
+    assert_eq!(report["members"], MEMBERS);
+    assert!(report["build"].is_string());
+    // No dapgw scenario ran: the ratios object is there and empty.
+    assert_eq!(report["ratios"], Value::Object(Default::default()));
+    let scenarios = report["scenarios"].as_object().expect("scenarios object");
+    let names: Vec<_> = scenarios.keys().map(String::as_str).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+
+    let direct = &scenarios["direct-mtls"];
+    assert_exactly_once("direct-mtls", direct);
+    assert_phase_fields("direct-mtls", direct, false);
+    // One connection per member, each a full handshake.
+    assert_eq!(direct["udc_connections"], MEMBERS);
+    assert_eq!(direct["driver"]["full_handshakes"], MEMBERS);
+    assert!(direct["warmup"].is_null());
+
+    let resumed = &scenarios["direct-mtls-resumed"];
+    assert_exactly_once("direct-mtls-resumed", resumed);
+    assert_phase_fields("direct-mtls-resumed", resumed, false);
+    // The measured connections all resumed; the warm-up did the full ones
+    // and delivered no reading.
+    assert_eq!(resumed["driver"]["resumed_handshakes"], MEMBERS);
+    assert_eq!(resumed["driver"]["full_handshakes"], 0);
+    let warm = &resumed["warmup"];
+    assert_phase_fields("direct-mtls-resumed warm-up", warm, false);
+    assert_eq!(warm["driver"]["full_handshakes"], MEMBERS);
+    assert_eq!(warm["udc_connections"], MEMBERS);
+
+    let hop = &scenarios["hop-by-hop"];
+    assert_exactly_once("hop-by-hop", hop);
+    assert_phase_fields("hop-by-hop", hop, true);
+    // The gateway's single upstream link was opened before the measurement.
+    assert_eq!(hop["udc_connections"], 0);
+}
+
+#[test]
+fn one_scenario_can_be_chosen_and_an_unknown_one_is_refused() {
+    let report = run_bench(&["--scenario", "hop-by-hop"]);
+    let scenarios = report["scenarios"].as_object().expect("scenarios object");
+    assert_eq!(scenarios.len(), 1);
+    assert_exactly_once("hop-by-hop", &scenarios["hop-by-hop"]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(["bench", "--members", "2", "--scenario", "nope"])
+        .output()
+        .expect("running dapgw bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario nope"));
+}
