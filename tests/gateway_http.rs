@@ -247,8 +247,10 @@ async fn bad_input_at_every_endpoint() {
 }
 
 /// Byte-identical re-sends are accepted again with the same entry; a
-/// different message in the same slot is 409; a response for a round the
-/// gateway never relayed is 409 and is not kept.
+/// different message in the same slot is kept as an alternative (the gateway
+/// cannot tell which one the member sealed; V judges each on its tag) up to
+/// the cap, past which it is 409; a response for a round the gateway never
+/// relayed is 409 and is not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_and_idempotent_resends() {
     let (pki, udc, _dir, gw) = setup().await;
@@ -259,14 +261,19 @@ async fn conflicts_and_idempotent_resends() {
     let again = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_eq!(first.json()["entry"], again.json()["entry"]);
-    let other = c.post(uplink(9, 3, 1, b"two").to_bytes()).await;
+    for alt in [&b"two"[..], b"three", b"four"] {
+        let held = c.post(uplink(9, 3, 1, alt).to_bytes()).await;
+        assert_eq!(held.status, StatusCode::ACCEPTED);
+        assert_ne!(held.json()["entry"], first.json()["entry"]);
+    }
+    let other = c.post(uplink(9, 3, 1, b"five").to_bytes()).await;
     assert_refused(&other, StatusCode::CONFLICT, "conflict");
 
     let stray = c.post(response(9, 3, 77, b"").to_bytes()).await;
     assert_refused(&stray, StatusCode::CONFLICT, "round_not_open");
 
-    // A round opened by a challenge: same response twice is fine, another
-    // response for the same (member, round) is 409.
+    // A round opened by a challenge: same response twice is fine, other
+    // responses for the same (member, round) are held up to the cap.
     let ch = challenge(3, 5).to_bytes();
     udc.push(1, 3, 0, &ch);
     let mut m = Client::connect(gw.members, &pki, false).await;
@@ -276,20 +283,28 @@ async fn conflicts_and_idempotent_resends() {
     let r2 = m.post(response(9, 3, 5, b"a").to_bytes()).await;
     assert_eq!(r2.status, StatusCode::ACCEPTED);
     assert_eq!(r1.json()["entry"], r2.json()["entry"]);
-    let r3 = m.post(response(9, 3, 5, b"b").to_bytes()).await;
+    for alt in [&b"b"[..], b"c", b"d"] {
+        let held = m.post(response(9, 3, 5, alt).to_bytes()).await;
+        assert_eq!(held.status, StatusCode::ACCEPTED);
+    }
+    let r3 = m.post(response(9, 3, 5, b"e").to_bytes()).await;
     assert_refused(&r3, StatusCode::CONFLICT, "conflict");
-    // The uplink and the response, nothing else.
-    assert_eq!(gw.metric("dapgw_spool_entries").await, 2.0);
+    // Four uplinks and four responses, nothing else.
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 8.0);
 
+    // Every held message reaches the UDC once: one per slot in the first
+    // batches, the alternatives in follow-up batches (the fake UDC counts a
+    // second message for a slot as a duplicate; a real one judges its tag).
     udc.set_mode(UdcMode::Up);
-    udc.wait_until("both entries", |s| s.applied.lock().unwrap().len() == 2)
-        .await;
-    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    udc.wait_until("every held entry", |s| {
+        s.applied.lock().unwrap().len() == 2 && *s.duplicates.lock().unwrap() == 6
+    })
+    .await;
     // Resent after the batch completed: still 202, still applied once.
     let late = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
     assert_eq!(late.status, StatusCode::ACCEPTED);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 6);
     assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
     gw.stop().await;
 }

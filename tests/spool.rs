@@ -239,13 +239,20 @@ async fn full_spool_pushes_back_and_resumes() {
 }
 
 #[tokio::test]
-async fn resend_is_idempotent_and_different_content_conflicts() {
+async fn resend_is_idempotent_and_alternatives_are_capped() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), BIG).unwrap();
     let a = spool.append(response(1, b"resp-1")).await.unwrap();
     assert_eq!(spool.append(response(1, b"resp-1")).await.unwrap(), a);
+    // A different response in the same slot is kept as an alternative (the
+    // gateway cannot tell which one the member sealed), up to the cap.
+    let alt = spool.append(response(1, b"resp-X")).await.unwrap();
+    assert!(alt > a);
+    assert_eq!(spool.append(response(1, b"resp-X")).await.unwrap(), alt);
+    spool.append(response(1, b"resp-Y")).await.unwrap();
+    spool.append(response(1, b"resp-Z")).await.unwrap();
     assert!(matches!(
-        spool.append(response(1, b"resp-X")).await,
+        spool.append(response(1, b"resp-W")).await,
         Err(SpoolError::Conflict)
     ));
     // Same member, next round: a new slot.
@@ -259,20 +266,23 @@ async fn resend_is_idempotent_and_different_content_conflicts() {
     let sid = *b"session1";
     let u = spool.append(uplink(1, sid, 1, b"up-1")).await.unwrap();
     assert_eq!(spool.append(uplink(1, sid, 1, b"up-1")).await.unwrap(), u);
+    for alt in [&b"up-A"[..], b"up-B", b"up-C"] {
+        spool.append(uplink(1, sid, 1, alt)).await.unwrap();
+    }
     assert!(matches!(
-        spool.append(uplink(1, sid, 1, b"up-2")).await,
+        spool.append(uplink(1, sid, 1, b"up-D")).await,
         Err(SpoolError::Conflict)
     ));
     let u2 = spool.append(uplink(1, sid, 2, b"up-2")).await.unwrap();
     assert!(u2 > u);
     // Another member may use the same (sid, ctr) bytes.
     spool.append(uplink(2, sid, 1, b"up-1")).await.unwrap();
-    assert_eq!(spool.entries(), 5);
+    assert_eq!(spool.entries(), 11);
 
     // Still idempotent after a restart, and while the entry sits in a batch.
     spool.close().await;
     let spool = Spool::open(dir.path(), BIG).unwrap();
-    assert_eq!(spool.entries(), 5);
+    assert_eq!(spool.entries(), 11);
     let b = spool.next_batch_id().await.unwrap();
     spool
         .seal_batch(b, &[a], Bytes::from_static(b"B"), vec![[1; 16]])
@@ -280,7 +290,7 @@ async fn resend_is_idempotent_and_different_content_conflicts() {
         .unwrap();
     assert_eq!(spool.append(response(1, b"resp-1")).await.unwrap(), a);
     assert!(matches!(
-        spool.append(response(1, b"resp-Y")).await,
+        spool.append(response(1, b"resp-W")).await,
         Err(SpoolError::Conflict)
     ));
     let ups: Vec<EntryId> = spool
@@ -290,7 +300,7 @@ async fn resend_is_idempotent_and_different_content_conflicts() {
         .iter()
         .map(|e| e.id)
         .collect();
-    assert_eq!(ups.len(), 3);
+    assert_eq!(ups.len(), 6);
     assert!(ups.windows(2).all(|w| w[0] < w[1]), "insertion order");
     spool.close().await;
 }

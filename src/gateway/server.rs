@@ -748,7 +748,7 @@ fn spool_refusal(ctx: &Ctx, e: SpoolError) -> Refusal {
             StatusCode::CONFLICT,
             "conflict",
             MalformedReason::Duplicate,
-            "a different message is already stored for this round or uplink counter",
+            "too many different messages are already held for this round or uplink counter",
         ),
         SpoolError::TooLarge { .. } => Refusal::malformed(
             StatusCode::PAYLOAD_TOO_LARGE,

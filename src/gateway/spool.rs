@@ -120,6 +120,10 @@ const AUD_MEMBER: i64 = 2;
 /// Stream kinds in the `entries` table.
 const STREAM_ROUND: i64 = 1;
 const STREAM_UPLINK: i64 = 2;
+/// Different messages kept per slot ((group, round, member) for responses,
+/// (member, sid, ctr) for uplinks): the aggregator's cap, so the spool never
+/// acknowledges what the aggregator would refuse.
+const MAX_VARIANTS: usize = crate::protocol::aggregator::MAX_VARIANTS;
 /// Name of the batch id counter in the `counters` table.
 const BATCH_COUNTER: &str = "batch_id";
 
@@ -166,6 +170,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
      INSERT INTO counters (name, value) VALUES ('batch_id', 0);
      CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+    // v2: a different message under a taken slot is kept as an alternative
+    // (up to MAX_VARIANTS per slot) instead of refused: the gateway holds no
+    // key, so "first one wins" would let any device pre-empt a member.
+    "DROP INDEX entries_round_slot;
+     DROP INDEX entries_uplink_slot;
+     CREATE INDEX entries_round_slot ON entries(grp, round, member) WHERE kind = 1;
+     CREATE INDEX entries_uplink_slot ON entries(member, sort_key) WHERE kind = 2;",
 ];
 
 /// Errors of the spool boundary.
@@ -190,10 +201,12 @@ pub enum SpoolError {
         /// The spool's capacity.
         max_bytes: u64,
     },
-    /// The member already has a different entry in this slot (another
-    /// response for the same round, or another uplink with the same
-    /// `(sid, ctr)`). Usually a buggy or hostile member; answer 409.
-    #[error("member already has a different entry for this round or uplink counter")]
+    /// The slot (a member's response to one round, or its uplink with one
+    /// `(sid, ctr)`) already holds the maximum number of different messages.
+    /// The gateway cannot tell which one the member sealed (only V can), so
+    /// it keeps several and lets V judge each; past the cap it is a flood
+    /// under that member's id. Answer 409.
+    #[error("too many different entries for this round or uplink counter")]
     Conflict,
     /// A batch id was sealed or completed before with different content.
     #[error("batch {0} was already sealed or completed with different content")]
@@ -647,7 +660,8 @@ impl Spool {
     /// Appends a member entry and returns once it is durable.
     ///
     /// A byte-for-byte re-send (same slot, same sort key and bytes) returns
-    /// the existing id; different content in an occupied slot is
+    /// the existing id; different content in an occupied slot is kept as an
+    /// alternative, up to `MAX_VARIANTS` messages per slot, and past that is
     /// [`SpoolError::Conflict`]. When the entry does not fit, returns
     /// [`SpoolError::Full`] and stores nothing.
     pub async fn append(&self, entry: NewEntry) -> Result<EntryId, SpoolError> {
@@ -1360,34 +1374,40 @@ impl Writer {
     fn append(&mut self, e: &NewEntry) -> Result<EntryId, SpoolError> {
         let (kind, grp, round) = e.stream.columns();
         let member = u2i(e.member);
-        let existing: Option<(i64, Vec<u8>, Vec<u8>)> = match e.stream {
+        // Every message already held in this slot (the first one and its
+        // alternatives), oldest first.
+        let existing: Vec<(i64, Vec<u8>, Vec<u8>)> = match e.stream {
             StreamKey::Round { .. } => self
                 .conn
                 .prepare_cached(
                     "SELECT id, sort_key, bytes FROM entries
-                     WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3",
+                     WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3
+                     ORDER BY id",
                 )?
-                .query_row(params![grp, round, member], |r| {
+                .query_map(params![grp, round, member], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?,
+                })?
+                .collect::<Result<_, _>>()?,
             StreamKey::Uplink { .. } => self
                 .conn
                 .prepare_cached(
                     "SELECT id, sort_key, bytes FROM entries
-                     WHERE kind = 2 AND member = ?1 AND sort_key = ?2",
+                     WHERE kind = 2 AND member = ?1 AND sort_key = ?2
+                     ORDER BY id",
                 )?
-                .query_row(params![member, e.sort_key], |r| {
+                .query_map(params![member, e.sort_key], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?,
+                })?
+                .collect::<Result<_, _>>()?,
         };
-        if let Some((id, sort_key, bytes)) = existing {
-            return if sort_key == e.sort_key && bytes == e.bytes[..] {
-                Ok(EntryId(i2u(id)))
-            } else {
-                Err(SpoolError::Conflict)
-            };
+        if let Some((id, ..)) = existing
+            .iter()
+            .find(|(_, sort_key, bytes)| *sort_key == e.sort_key && *bytes == e.bytes[..])
+        {
+            return Ok(EntryId(i2u(*id)));
+        }
+        if existing.len() >= MAX_VARIANTS {
+            return Err(SpoolError::Conflict);
         }
         let size = entry_size(e);
         self.check_room(size)?;
