@@ -9,10 +9,13 @@
 //! on-CPU time (Linux `/proc/thread-self/schedstat`) instead of wall time,
 //! so time spent descheduled by other load is not counted.
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::hint::black_box;
 
-use criterion::measurement::{Measurement, ValueFormatter};
-use criterion::{Criterion, Throughput};
+use criterion::Criterion;
+use criterion::measurement::Measurement;
 use dapgw::protocol::keys::{
     MasterSecret, MemberKeyDeriver, response_keys, session_keys, transcript_hash,
 };
@@ -92,63 +95,10 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
     });
 }
 
-/// Nanoseconds this thread has spent on a CPU (first field of schedstat).
-struct ThreadCpuTime;
-
-fn thread_cpu_ns() -> u64 {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat")
-        .expect("DAPGW_BENCH_CPU needs Linux /proc/thread-self/schedstat");
-    text.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("schedstat starts with a number")
-}
-
-impl Measurement for ThreadCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-    fn start(&self) -> u64 {
-        thread_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        thread_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &CpuNanos
-    }
-}
-
-/// Prints CPU nanoseconds as "cpu-ns" so wall and CPU figures are not mixed up.
-struct CpuNanos;
-
-impl ValueFormatter for CpuNanos {
-    fn scale_values(&self, _typical: f64, _values: &mut [f64]) -> &'static str {
-        "cpu-ns"
-    }
-    fn scale_throughputs(&self, _typical: f64, t: &Throughput, values: &mut [f64]) -> &'static str {
-        if let Throughput::Elements(n) | Throughput::Bytes(n) = *t {
-            values.iter_mut().for_each(|v| *v /= n as f64);
-        }
-        "cpu-ns/elem"
-    }
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
-    }
-}
-
 fn main() {
     if std::env::var_os("DAPGW_BENCH_CPU").is_some() {
         let mut c = Criterion::default()
-            .with_measurement(ThreadCpuTime)
+            .with_measurement(cpu::ThreadCpuTime)
             .configure_from_args();
         bench(&mut c);
         c.final_summary();

@@ -10,11 +10,13 @@
 //! Run with a short measurement time, e.g.
 //! `cargo bench --bench verifier -- --measurement-time 3 --warm-up-time 1`.
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sha2::{Digest, Sha256};
 
@@ -52,82 +54,6 @@ impl rand_core::TryRng for BenchRng {
     }
 }
 impl rand_core::TryCryptoRng for BenchRng {}
-
-/// Criterion measurement of the calling thread's CPU time, in nanoseconds.
-struct ThreadCpuTime;
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes only into `ts`, a valid timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-impl Measurement for ThreadCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-
-    fn start(&self) -> u64 {
-        thread_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        thread_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &CpuFormatter
-    }
-}
-
-/// Formats CPU nanoseconds like criterion's wall-time formatter does.
-struct CpuFormatter;
-
-impl ValueFormatter for CpuFormatter {
-    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
-        let (div, unit) = match typical {
-            t if t < 1e3 => (1.0, "ns cpu"),
-            t if t < 1e6 => (1e3, "µs cpu"),
-            t if t < 1e9 => (1e6, "ms cpu"),
-            _ => (1e9, "s cpu"),
-        };
-        values.iter_mut().for_each(|v| *v /= div);
-        unit
-    }
-
-    fn scale_throughputs(&self, typical: f64, t: &Throughput, values: &mut [f64]) -> &'static str {
-        let n = match t {
-            Throughput::Elements(n)
-            | Throughput::Bytes(n)
-            | Throughput::BytesDecimal(n)
-            | Throughput::Bits(n) => *n,
-            _ => 1,
-        } as f64;
-        let per_s = n * 1e9 / typical;
-        let (div, unit) = match per_s {
-            p if p < 1e3 => (1.0, "elem/cpu-s"),
-            p if p < 1e6 => (1e3, "Kelem/cpu-s"),
-            _ => (1e6, "Melem/cpu-s"),
-        };
-        values.iter_mut().for_each(|v| *v = n * 1e9 / *v / div);
-        unit
-    }
-
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
-    }
-}
 
 const G: GroupId = GroupId(1);
 const MS: [u8; 32] = [7; 32];
@@ -242,7 +168,7 @@ fn run(
     (round, sessions, log, len)
 }
 
-fn responses(crit: &mut Criterion<ThreadCpuTime>) {
+fn responses(crit: &mut Criterion<cpu::ThreadCpuTime>) {
     let mut group = crit.benchmark_group("verifier_responses");
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
@@ -270,7 +196,7 @@ fn responses(crit: &mut Criterion<ThreadCpuTime>) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().with_measurement(ThreadCpuTime);
+    config = Criterion::default().with_measurement(cpu::ThreadCpuTime);
     targets = responses
 }
 criterion_main!(benches);
