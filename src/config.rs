@@ -132,6 +132,10 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     number("retry_max_ms", MS),
     text("log", LOG),
     text("log_format", LOG_FORMAT),
+    text(
+        "misbehave",
+        "tamper:<member-id> (demonstration only; unset in production)",
+    ),
 ];
 
 /// Settings of `dapgw udc`, in the order they are documented.
@@ -416,6 +420,11 @@ pub struct GatewayConfig {
     pub log: String,
     /// `DAPGW_LOG_FORMAT` (default `text`): `text` or `json`.
     pub log_format: LogFormat,
+    /// `DAPGW_MISBEHAVE` (unset): demonstration only. `tamper:<member-id>`
+    /// makes this gateway dishonest (it alters one response per round and
+    /// invents one for `<member-id>`) so the UDC can be seen catching it;
+    /// see [`crate::gateway::misbehave`].
+    pub misbehave: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -446,6 +455,7 @@ impl Default for GatewayConfig {
             retry_max_ms: 30_000,
             log: "info".into(),
             log_format: LogFormat::Text,
+            misbehave: None,
         }
     }
 }
@@ -619,10 +629,15 @@ impl GatewayConfig {
                 ),
             );
         }
-        if self.listen == self.admin_listen {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             p.push("admin_listen", "must differ from DAPGW_LISTEN");
         }
         check_log(p, &self.log);
+        if let Some(m) = &self.misbehave
+            && let Err(reason) = crate::gateway::misbehave::MisbehaveSpec::parse(m)
+        {
+            p.push("misbehave", reason);
+        }
     }
 }
 
@@ -658,7 +673,7 @@ impl UdcConfig {
         p.positive_ms("localize_timeout_ms", self.localize_timeout_ms);
         p.positive_ms("drain_grace_ms", self.drain_grace_ms);
         check_body(p, self.max_body_bytes);
-        if self.listen == self.admin_listen {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             p.push("admin_listen", "must differ from DAPGW_LISTEN");
         }
         check_log(p, &self.log);
@@ -1072,6 +1087,7 @@ pub fn load_gateway(config_path: Option<&Path>) -> Result<GatewayConfig, ConfigE
         retry_max_ms: field(&fig, &mut p, "retry_max_ms", d.retry_max_ms),
         log: field(&fig, &mut p, "log", d.log),
         log_format: field(&fig, &mut p, "log_format", d.log_format),
+        misbehave: field(&fig, &mut p, "misbehave", d.misbehave),
     };
     finish(p, |v| c.check(v))?;
     Ok(c)
@@ -1136,6 +1152,7 @@ mod tests {
         // Optional fields are None by default and then omitted: fill them.
         let gk = keys(&GatewayConfig {
             member_client_ca: Some("x".into()),
+            misbehave: Some("x".into()),
             ..GatewayConfig::default()
         });
         assert_eq!(g, gk);

@@ -23,6 +23,8 @@ pub mod admin;
 #[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
+pub mod demo;
+#[cfg(feature = "service")]
 pub mod sim;
 #[cfg(feature = "service")]
 pub mod telemetry;

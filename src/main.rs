@@ -41,8 +41,9 @@ enum Command {
     /// Create key material.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Run a gateway, a UDC and simulated members on this host.
-    Demo(DemoArgs),
+    /// The whole use case on this host: a UDC, two gateways and simulated
+    /// members in a throwaway deployment, six steps, a summary.
+    Demo(dapgw::demo::DemoArgs),
     /// Run simulated members against a gateway.
     Sim(dapgw::sim::run::SimArgs),
     /// Measure the gateway against direct member-to-UDC traffic.
@@ -279,9 +280,6 @@ struct DevPkiArgs {
 }
 
 #[derive(Args, Debug)]
-struct DemoArgs {}
-
-#[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
     #[command(subcommand)]
@@ -317,7 +315,7 @@ fn main() -> ExitCode {
         Command::Udc(args) => udc(args),
         Command::Keys(KeysCommand::DevPki(args)) => report(dev_pki(args)),
         Command::Keys(cmd) => report(keys(cmd)),
-        Command::Demo(DemoArgs {}) => report(not_built("demo")),
+        Command::Demo(args) => report(dapgw::demo::main(args)),
         Command::Sim(args) => report(sim(args)),
         Command::Bench(BenchArgs {
             role: Some(BenchRole::Role(role)),
@@ -349,10 +347,6 @@ fn report_logged(res: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn not_built(what: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`dapgw {what}` is not built yet")
 }
 
 fn sim(args: dapgw::sim::run::SimArgs) -> anyhow::Result<()> {

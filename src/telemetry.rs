@@ -716,18 +716,15 @@ impl UdcMetrics {
 // ---------------------------------------------------------------------------
 
 /// `dapgw_process_cpu_seconds_total`, `dapgw_process_resident_memory_bytes`
-/// and `dapgw_process_open_fds`, read from `/proc/self` each time the
-/// registry is gathered. On systems without `/proc` the values stay 0.
+/// and `dapgw_process_open_fds`, read each time the registry is gathered
+/// (CPU from the process CPU clock, the rest from `/proc/self`; on systems
+/// without `/proc` those stay 0).
 #[derive(Clone, Debug)]
 pub struct ProcessMetrics {
     cpu: Counter,
     rss: IntGauge,
     fds: IntGauge,
 }
-
-/// Clock ticks per second of `/proc/<pid>/stat` times: USER_HZ, fixed at 100
-/// in the Linux user ABI on every architecture we build for.
-const USER_HZ: f64 = 100.0;
 
 impl ProcessMetrics {
     /// Registers the process collector in `r`.
@@ -751,7 +748,7 @@ impl ProcessMetrics {
     }
 
     fn refresh(&self) {
-        if let Some(secs) = read_cpu_seconds(Path::new("/proc/self/stat")) {
+        if let Some(secs) = process_cpu_seconds() {
             // A counter only moves forward; /proc never goes back.
             let delta = secs - self.cpu.get();
             if delta > 0.0 {
@@ -785,21 +782,13 @@ impl Collector for ProcessMetrics {
     }
 }
 
-/// utime + stime of `/proc/self/stat`, in seconds.
-fn read_cpu_seconds(path: &Path) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    parse_cpu_seconds(&stat)
-}
-
-fn parse_cpu_seconds(stat: &str) -> Option<f64> {
-    // The command name (field 2) may hold spaces and parentheses: skip past
-    // the last ')'. Fields after it start at field 3 (state).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    // utime and stime are fields 14 and 15, i.e. the 12th and 13th after ')'.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+/// CPU time of the whole process (every thread, live or exited) in
+/// seconds: `CLOCK_PROCESS_CPUTIME_ID`, with nanosecond resolution
+/// (`/proc/self/stat` counts 10 ms ticks, too coarse to tell what one
+/// round of a few thousand members costs).
+fn process_cpu_seconds() -> Option<f64> {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
 }
 
 /// `VmRSS` of `/proc/self/status`, in bytes.
@@ -883,9 +872,16 @@ mod tests {
 
     #[test]
     fn proc_parsers() {
-        let stat = "1234 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0 100";
-        assert_eq!(parse_cpu_seconds(stat), Some(3.0));
-        assert_eq!(parse_cpu_seconds("garbage"), None);
+        let a = process_cpu_seconds().expect("a CPU clock");
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(
+            process_cpu_seconds().expect("a CPU clock") > a,
+            "the clock moves with work"
+        );
         let status = "Name:\tdapgw\nVmRSS:\t   2048 kB\nThreads: 4\n";
         assert_eq!(parse_rss_bytes(status), Some(2048 * 1024));
         assert_eq!(parse_rss_bytes("Name: x\n"), None);

@@ -24,6 +24,7 @@
 
 pub mod collector;
 pub mod downlink;
+pub mod misbehave;
 pub(crate) mod server;
 pub mod spool;
 pub(crate) mod upstream;
@@ -143,6 +144,22 @@ pub async fn run(
         },
     })?;
 
+    let misbehave = match config.misbehave.as_deref() {
+        None => None,
+        Some(s) => {
+            let spec =
+                misbehave::MisbehaveSpec::parse(s).map_err(|reason| GatewayError::Setting {
+                    variable: "DAPGW_MISBEHAVE",
+                    reason,
+                })?;
+            tracing::warn!(
+                invent = %spec.invent,
+                "DAPGW_MISBEHAVE is set: this gateway alters one response per round and invents another (demonstration only)"
+            );
+            Some(misbehave::Misbehave::new(spec))
+        }
+    };
+
     let registry = Registry::new();
     let metrics = GatewayMetrics::try_register(&registry)?;
     ProcessMetrics::register(&registry)?;
@@ -220,6 +237,7 @@ pub async fn run(
         limits: server::Limits::from_config(&config),
         member_certs: config.member_client_ca.is_some(),
         drain: drain_rx,
+        misbehave,
     });
     let server = tokio::spawn(server::serve(listeners.members, server_tls, ctx));
     tracing::info!("gateway running");

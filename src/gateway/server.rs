@@ -106,6 +106,8 @@ pub(crate) struct Ctx {
     pub(crate) member_certs: bool,
     /// Turns true when the drain starts.
     pub(crate) drain: watch::Receiver<bool>,
+    /// `DAPGW_MISBEHAVE`: demonstration-only tampering (off in production).
+    pub(crate) misbehave: Option<super::misbehave::Misbehave>,
 }
 
 /// Accepts members until the drain starts, then stops accepting and waits
@@ -655,6 +657,23 @@ async fn uplink(
     require_content_type(&req, &[WIRE_CONTENT_TYPE, "application/octet-stream"])?;
     let body = read_body(ctx, req, ctx.limits.max_body).await?;
     let msg = MemberMessage::decode(&body).map_err(decode_refusal)?;
+    let (body, msg) = match (&ctx.misbehave, msg) {
+        (Some(m), MemberMessage::Response(r)) => match m.tamper(&r) {
+            Some((altered, invented)) => {
+                tracing::warn!(
+                    altered = altered.id.0,
+                    invented = invented.id.0,
+                    group = altered.group.0,
+                    round = altered.round,
+                    "misbehave: tampered"
+                );
+                relay_invented(ctx, invented).await;
+                (altered.to_bytes(), MemberMessage::Response(altered))
+            }
+            None => (body, MemberMessage::Response(r)),
+        },
+        (_, msg) => (body, msg),
+    };
     let (stream, kind, sort_key) = match &msg {
         MemberMessage::Response(r) => {
             *endpoint = MemberEndpoint::Response;
@@ -702,12 +721,40 @@ async fn uplink(
                 &serde_json::json!({"entry": id.get()}),
             ))
         }
-        Err(SubmitError::Refused(e)) => Err(collect_refusal(e)),
+        Err(SubmitError::Refused(e)) => {
+            tracing::debug!(member, error = %e, "member entry refused");
+            Err(collect_refusal(e))
+        }
         Err(_) => Err(Refusal::overloaded(
             "draining",
             "the gateway is shutting down; retry with another gateway or later",
             1,
         )),
+    }
+}
+
+/// Spools and collects a response the misbehaving gateway made up, as if
+/// its member had posted it (see [`super::misbehave`]).
+async fn relay_invented(ctx: &Ctx, r: crate::protocol::wire::Response) {
+    let entry = NewEntry {
+        stream: StreamKey::Round {
+            group: r.group.0,
+            round: r.round,
+        },
+        member: r.id.0,
+        sort_key: r.id.0.to_be_bytes().to_vec(),
+        bytes: r.to_bytes(),
+    };
+    let member = r.id;
+    match ctx.spool.append(entry).await {
+        Ok(id) => {
+            if let Err(e) = ctx.collector.collect(MemberMessage::Response(r), id).await {
+                tracing::warn!(member = %member, error = %e, "misbehave: invented response refused");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(member = %member, error = %e, "misbehave: could not spool the invented response")
+        }
     }
 }
 

@@ -97,6 +97,8 @@ pub struct GroupMessageOutcome {
 pub struct Stats {
     /// Agents whose attach succeeded (counted once per agent start).
     pub attached: AtomicU64,
+    /// Attaches repeated after the gateway connection failed.
+    pub reattached: AtomicU64,
     /// Challenges answered with a new response.
     pub rounds_answered: AtomicU64,
     /// Stored responses re-sent for a repeated challenge.
@@ -123,6 +125,7 @@ impl Default for Stats {
     fn default() -> Self {
         Self {
             attached: AtomicU64::new(0),
+            reattached: AtomicU64::new(0),
             rounds_answered: AtomicU64::new(0),
             responses_resent: AtomicU64::new(0),
             confirms_opened: AtomicU64::new(0),
@@ -206,6 +209,7 @@ impl Stats {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "attached": c(&self.attached),
+            "reattached": c(&self.reattached),
             "rounds_answered": c(&self.rounds_answered),
             "responses_resent": c(&self.responses_resent),
             "confirms_opened": c(&self.confirms_opened),
@@ -445,6 +449,10 @@ impl Agent {
                             }
                             if pause(backoff, &mut stop).await { return Ok(()); }
                             backoff = (backoff * 2).min(self.config.backoff_max);
+                            // A gateway that restarted may have lost who is
+                            // attached: say so again (the stored cursor
+                            // stays, so nothing is missed or repeated).
+                            self.reattach().await;
                         }
                     }
                     poll = Box::pin(self.poll());
@@ -461,6 +469,22 @@ impl Agent {
                     None => commands_open = false,
                 },
             }
+        }
+    }
+
+    /// One attach attempt after a transport failure; failures are counted
+    /// and the poll loop's backoff retries.
+    async fn reattach(&self) {
+        let res = self
+            .client
+            .attach(self.member.id(), &self.groups, self.config.request_timeout)
+            .await;
+        match res {
+            Ok(Ok(_)) => self.stats.bump(&self.stats.reattached),
+            Ok(Err(reply)) => self
+                .stats
+                .error(&format!("attach.{}", reply.status.as_u16())),
+            Err(e) => self.stats.error(&format!("transport.{}", e.kind())),
         }
     }
 

@@ -39,10 +39,13 @@ use agent::{Agent, AgentConfig, AgentError, Command, GroupMessageOutcome, Stats}
 use client::{ClientError, ClientOptions, GatewayClient};
 
 /// Members per pooled connection when [`ClientOptions::connections`] is 0.
-/// Each member keeps one long poll in flight, and HTTP/2 servers commonly
-/// allow 100 to 200 concurrent streams per connection (hyper: 200); a
-/// request beyond the limit waits for a stream, behind long polls.
-pub const STREAMS_PER_CONNECTION: usize = 100;
+/// Each member keeps one long poll in flight and may post while it waits,
+/// so it needs up to two streams; the gateway allows 64 concurrent streams
+/// per connection (`gateway::server::MAX_STREAMS`). With more members than
+/// half of that, a member's post would wait for a stream behind long polls
+/// that only end when everyone has answered: a round would stall until its
+/// deadline.
+pub const STREAMS_PER_CONNECTION: usize = 32;
 
 /// What a fleet runs.
 #[derive(Clone, Debug)]
@@ -257,3 +260,6 @@ impl Fleet {
         failed
     }
 }
+
+// A member needs up to two streams at once (its long poll and a post).
+const _: () = assert!(2 * STREAMS_PER_CONNECTION <= crate::gateway::server::MAX_STREAMS as usize);

@@ -124,6 +124,8 @@ pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
         .with_context(|| format!("opening the store {}", config.store_url.redacted()))?;
     let registry = prometheus::Registry::new();
     let metrics = crate::telemetry::UdcMetrics::register(&registry);
+    crate::telemetry::ProcessMetrics::register(&registry)
+        .context("registering the process metrics")?;
     Ok(service::Udc::new(
         verifier,
         storage,

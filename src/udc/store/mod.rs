@@ -1004,6 +1004,11 @@ impl Store for AnyStore {
 // Column codecs shared by both backends
 // ---------------------------------------------------------------------------
 
+/// Largest time bound a query takes: timestamps are stored as signed
+/// 64-bit integers, so an open upper bound (`u64::MAX`) is clamped here
+/// rather than wrapped to -1 (which would match nothing).
+pub(crate) const MAX_MS: u64 = i64::MAX as u64;
+
 /// `u64` to its stored (bit-cast) form.
 #[inline]
 fn i(v: u64) -> i64 {

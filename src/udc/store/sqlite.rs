@@ -1212,7 +1212,12 @@ impl Store for SqliteStore {
             )?;
             collect(
                 &mut st,
-                params![i(member), i(from_ms), i(to_ms), i64::from(limit)],
+                params![
+                    i(member),
+                    i(from_ms.min(MAX_MS)),
+                    i(to_ms.min(MAX_MS)),
+                    i64::from(limit)
+                ],
                 |r| reading_row(member, r),
             )
         })
