@@ -153,6 +153,8 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Every check.
     pub checks: Vec<Check>,
+    /// Wall time of each step, in seconds.
+    pub step_seconds: Vec<(String, f64)>,
     /// Where the deployment was kept, if it was.
     pub kept: Option<PathBuf>,
     /// Errors the simulated members counted, by kind (transport failures,
@@ -186,6 +188,7 @@ impl Summary {
             "tls_udc_cpu_us_per_handshake": round2(self.tls_udc_cpu_us_per_handshake),
             "tls_bytes_per_handshake": round2(self.tls_bytes_per_handshake),
             "elapsed_s": round2(self.elapsed_s),
+            "step_seconds": self.step_seconds.iter().map(|(k, v)| json!({"step": k, "s": round2(*v)})).collect::<Vec<_>>(),
             "checks": self.checks.iter().map(|c| json!({"step": c.step, "check": c.what, "ok": c.ok})).collect::<Vec<_>>(),
             "kept": self.kept.as_ref().map(|p| p.display().to_string()),
             "member_errors": self.member_errors,
@@ -250,7 +253,15 @@ impl Summary {
                 ratio(self.tls_bytes_per_handshake, self.udc_bytes_per_member)
             ),
         );
-        row("elapsed", format!("{:.1} s", self.elapsed_s));
+        let steps: Vec<String> = self
+            .step_seconds
+            .iter()
+            .map(|(k, v)| format!("{}: {v:.1}", k.split(' ').next().unwrap_or(k)))
+            .collect();
+        row(
+            "elapsed",
+            format!("{:.1} s (by step, s: {})", self.elapsed_s, steps.join(", ")),
+        );
         let failed: Vec<&Check> = self.checks.iter().filter(|c| !c.ok).collect();
         if failed.is_empty() {
             out.push_str(&format!("\n  all {} checks held\n", self.checks.len()));
@@ -386,6 +397,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
                 backoff_min: Duration::from_millis(50),
                 backoff_max: Duration::from_secs(1),
                 request_timeout: Duration::from_secs(20),
+                // Thousands of meters on one disk: their state files are
+                // replaced before each message leaves, without fsync.
+                fsync: false,
             },
             member_tls: BTreeMap::new(),
         })?;
@@ -440,15 +454,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
 
 impl Demo {
     async fn steps(&mut self, started: Instant) -> anyhow::Result<()> {
+        self.step_seconds("setup", started);
+        let t = Instant::now();
         self.authenticate().await?;
+        self.step_seconds("1 authentication round", t);
+        let t = Instant::now();
         self.read_round().await?;
+        self.step_seconds("2 group read", t);
+        let t = Instant::now();
         self.readings().await?;
+        self.step_seconds("3 unsolicited readings", t);
+        let t = Instant::now();
         self.update().await?;
+        self.step_seconds("4 configuration update", t);
+        let t = Instant::now();
         self.revoke().await?;
+        self.step_seconds("5 revocation and rekey", t);
+        let t = Instant::now();
         self.misbehave().await?;
+        self.step_seconds("6 misbehaving gateway", t);
         self.summary.elapsed_s = started.elapsed().as_secs_f64();
         self.compare_tls().await?;
         Ok(())
+    }
+
+    fn step_seconds(&mut self, step: &str, since: Instant) {
+        self.summary
+            .step_seconds
+            .push((step.to_string(), since.elapsed().as_secs_f64()));
     }
 
     fn check(&mut self, step: u8, what: impl Into<String>, ok: bool) {

@@ -62,6 +62,11 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Timeout of attach and uplink requests.
     pub request_timeout: Duration,
+    /// fsync each state file (and its directory) before the message that
+    /// depends on it leaves, as a real meter must. Off only where thousands
+    /// of simulated meters share one disk and their power-loss durability is
+    /// not under test (`dapgw demo`): the file is still replaced first.
+    pub fsync: bool,
 }
 
 impl Default for AgentConfig {
@@ -74,6 +79,7 @@ impl Default for AgentConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
+            fsync: true,
         }
     }
 }
@@ -290,6 +296,18 @@ pub fn read_state(path: &Path) -> Result<Option<(u64, Vec<u8>)>, AgentError> {
 
 /// Replaces a state file atomically: temp file, fsync, rename, fsync dir.
 pub fn write_state(path: &Path, cursor: u64, state: &[u8]) -> Result<(), AgentError> {
+    write_state_with(path, cursor, state, true)
+}
+
+/// [`write_state`], with the two fsyncs only when `fsync` (without them the
+/// file is still replaced atomically before the message leaves, but a power
+/// loss may take back the last change).
+pub fn write_state_with(
+    path: &Path,
+    cursor: u64,
+    state: &[u8],
+    fsync: bool,
+) -> Result<(), AgentError> {
     let err = |source| AgentError::Storage {
         path: path.to_path_buf(),
         source,
@@ -306,10 +324,13 @@ pub fn write_state(path: &Path, cursor: u64, state: &[u8]) -> Result<(), AgentEr
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(&tmp).map_err(err)?;
     f.write_all(&data).map_err(err)?;
-    f.sync_all().map_err(err)?;
+    if fsync {
+        f.sync_all().map_err(err)?;
+    }
     drop(f);
     std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent()
+    if fsync
+        && let Some(dir) = path.parent()
         && let Ok(d) = std::fs::File::open(dir)
     {
         d.sync_all().map_err(err)?;
@@ -566,7 +587,7 @@ impl Agent {
                             &mut rand_core::UnwrapErr(getrandom::SysRng),
                         ) {
                             Ok(out) => {
-                                store(&self.path, self.cursor, out.state()).await?;
+                                store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
                                 self.stats.bump(&self.stats.rounds_answered);
                                 Some(out.persisted())
                             }
@@ -587,7 +608,7 @@ impl Agent {
             }
             Some(MessageType::Confirm) => match self.member.handle_confirm(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state()).await?;
+                    store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.confirms_opened);
                 }
@@ -605,7 +626,7 @@ impl Agent {
                             seq: Some(ev.seq),
                             result: Ok(()),
                         };
-                        store(&self.path, self.cursor, out.state()).await?;
+                        store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
                         let ack = out.persisted();
                         self.stats.record_group(id, outcome);
                         self.stats.bump(&self.stats.updates_applied);
@@ -626,7 +647,7 @@ impl Agent {
             }
             Some(MessageType::Rekey) => match self.member.handle_rekey(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state()).await?;
+                    store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.rekeys_applied);
                 }
@@ -634,7 +655,7 @@ impl Agent {
             },
             Some(MessageType::KeyUpdate) => match self.member.handle_key_update(&r.message) {
                 Ok(out) => {
-                    store(&self.path, self.cursor, out.state()).await?;
+                    store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
                     out.persisted();
                     self.stats.bump(&self.stats.key_updates_applied);
                 }
@@ -655,7 +676,7 @@ impl Agent {
             .seal_uplink(group, UplinkKind::Reading, payload.as_bytes())
         {
             Ok(out) => {
-                store(&self.path, self.cursor, out.state())
+                store(&self.path, self.cursor, out.state(), self.config.fsync)
                     .await
                     .map_err(|e| e.to_string())?;
                 out.persisted()
@@ -719,12 +740,17 @@ impl Agent {
 /// Stores `state` (if any) with the cursor of the last record handled
 /// before the current one, on the blocking pool (the fsyncs would otherwise
 /// stall the runtime's few worker threads); returns once it is durable.
-async fn store(path: &Path, cursor: Option<u64>, state: Option<&[u8]>) -> Result<(), AgentError> {
+async fn store(
+    path: &Path,
+    cursor: Option<u64>,
+    state: Option<&[u8]>,
+    fsync: bool,
+) -> Result<(), AgentError> {
     let Some(state) = state else { return Ok(()) };
     let state = zeroize::Zeroizing::new(state.to_vec());
     let path = path.to_path_buf();
     let p = path.clone();
-    tokio::task::spawn_blocking(move || write_state(&p, cursor.unwrap_or(0), &state))
+    tokio::task::spawn_blocking(move || write_state_with(&p, cursor.unwrap_or(0), &state, fsync))
         .await
         .map_err(|_| AgentError::Storage {
             path,

@@ -257,16 +257,28 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .round_missing(g, r, None, 1000)
                 .await
                 .map_err(store_err)?;
-            let outcomes = udc
-                .store()
-                .round_outcomes(g, r, None, 1000)
-                .await
-                .map_err(store_err)?;
-            let rejected: Vec<Value> = outcomes
-                .iter()
-                .filter(|o| o.kind != store::OutcomeKind::Accepted)
-                .map(|o| json!({"member": o.member, "reason": o.reason, "gateway": o.gateway}))
-                .collect();
+            // Rejections are few among many acceptances: page through the
+            // outcomes (by member id) and list up to 1000 of them.
+            let mut rejected: Vec<Value> = Vec::new();
+            let mut after = None;
+            loop {
+                let page = udc
+                    .store()
+                    .round_outcomes(g, r, after, 1000)
+                    .await
+                    .map_err(store_err)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.member);
+                rejected.extend(
+                    page.iter()
+                        .filter(|o| o.kind != store::OutcomeKind::Accepted)
+                        .map(|o| json!({"member": o.member, "reason": o.reason, "gateway": o.gateway})),
+                );
+                if page.len() < 1000 || rejected.len() >= 1000 {
+                    break;
+                }
+            }
+            rejected.truncate(1000);
             Ok(json_resp(
                 StatusCode::OK,
                 json!({
