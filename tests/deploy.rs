@@ -1258,8 +1258,351 @@ fn selectors_are_found() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// The compose stack, run as host processes
+// ---------------------------------------------------------------------------
+
+/// deploy/compose.yaml as `docker-compose config` resolves it (anchors,
+/// merges, defaults), converted to JSON by the YAML module docker-compose
+/// itself runs on; `None` after a skip message where either is missing.
+fn compose_json() -> Option<Value> {
+    let dc = require("docker-compose", "apt-get install docker-compose")?;
+    let python = require("python3", "apt-get install python3-yaml")?;
+    let out = run(Command::new(dc)
+        .args(["-f", "deploy/compose.yaml", "config"])
+        .current_dir(root()));
+    assert_ok("docker-compose config", &out);
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ok("python3 yaml -> json", &out);
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// `(volume, container path, writable)` of each named-volume mount.
+fn mounts(svc: &Value) -> Vec<(String, String, bool)> {
+    svc["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let mut parts = v.as_str()?.split(':');
+            let (vol, path) = (parts.next()?, parts.next()?);
+            // Bind mounts (prometheus, grafana) start with a path.
+            (!vol.starts_with(['.', '/'])).then(|| {
+                (
+                    vol.to_string(),
+                    path.to_string(),
+                    parts.next() != Some("ro"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s.as_str().expect("a string").to_string())
+        .collect()
+}
+
+fn is_dapgw(svc: &Value) -> bool {
+    svc["image"] == "localhost/dapgw:dev"
+}
+
+/// The image's `ENV` settings and its `HEALTHCHECK` command, read from
+/// deploy/Dockerfile, so the host run sees what a container sees.
+fn image_env_and_healthcheck() -> (Vec<(String, String)>, Vec<String>) {
+    let dockerfile = read("deploy/Dockerfile");
+    let env = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("ENV K=V");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let joined = dockerfile.replace("\\\n", " ");
+    let hc = joined
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("HEALTHCHECK");
+    let cmd = &hc[hc.find("CMD [").expect("exec-form CMD") + 4..];
+    (env, serde_json::from_str(cmd.trim()).unwrap())
+}
+
+/// Every path a dapgw service writes lies in a writable volume (the
+/// image's root filesystem is read-only), and every port it exposes is
+/// bound by a variable of its own (not by a default nobody sees).
 #[test]
-#[ignore = "needs gateway+udc+sim"]
+fn compose_services_name_their_ports_and_paths() {
+    let Some(compose) = compose_json() else {
+        return;
+    };
+    let mut checked = 0;
+    for (name, svc) in compose["services"].as_object().unwrap() {
+        if !is_dapgw(svc) {
+            continue;
+        }
+        let cmd = strings(&svc["command"]);
+        let env = &svc["environment"];
+        for port in strings(&svc["expose"]) {
+            let bound = format!("0.0.0.0:{port}");
+            assert!(
+                env.as_object()
+                    .is_some_and(|e| e.values().any(|v| v == bound.as_str())),
+                "{name}: exposes {port} but no variable binds {bound}"
+            );
+        }
+        let mut written = Vec::new();
+        match cmd.first().map(String::as_str) {
+            Some("gateway") => written.push(
+                env["DAPGW_SPOOL_DIR"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: set DAPGW_SPOOL_DIR explicitly"))
+                    .to_string(),
+            ),
+            Some("udc") if cmd.len() == 1 => written.push(
+                env["DAPGW_STORE_URL"]
+                    .as_str()
+                    .and_then(|u| u.strip_prefix("sqlite://"))
+                    .unwrap_or_else(|| panic!("{name}: a sqlite:// DAPGW_STORE_URL"))
+                    .to_string(),
+            ),
+            Some("sim") => {
+                let at = cmd
+                    .iter()
+                    .position(|a| a == "--state-dir")
+                    .unwrap_or_else(|| panic!("{name}: sim needs --state-dir (cwd is /)"));
+                written.push(cmd[at + 1].clone());
+            }
+            Some("keys") => {
+                let at = cmd.iter().position(|a| a == "--out").unwrap();
+                written.push(cmd[at + 1].clone());
+            }
+            _ => continue,
+        }
+        let mounts = mounts(svc);
+        for path in written {
+            assert!(
+                mounts
+                    .iter()
+                    .any(|(_, m, rw)| *rw && Path::new(&path).starts_with(m)),
+                "{name}: {path} is not in a writable volume ({mounts:?})"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} paths checked");
+}
+
+/// One compose service started on this host: its admin address (if it
+/// exposes 9090), its environment and the image's health check.
+struct HostService {
+    env: Vec<(String, String)>,
+    admin: Option<SocketAddr>,
+}
+
+/// Runs the dapgw services of deploy/compose.yaml as host processes, with
+/// their exact commands and environment; only host names, listen ports and
+/// volume paths are mapped onto this host (each `service:port` and each
+/// service's `0.0.0.0:port` to a free loopback port, each named volume to a
+/// directory).
+struct HostStack {
+    dir: PathBuf,
+    /// `service:port` -> loopback port.
+    ports: BTreeMap<String, u16>,
+    services: BTreeMap<String, HostService>,
+    procs: Vec<Proc>,
+    logs: BTreeMap<String, PathBuf>,
+    healthcheck: Vec<String>,
+}
+
+impl HostStack {
+    /// Maps container names and paths of `service` onto this host.
+    fn rewrite(&self, service: &str, svc: &Value, s: &str) -> String {
+        let mut out = s.to_string();
+        for (key, port) in &self.ports {
+            out = out.replace(key.as_str(), &format!("127.0.0.1:{port}"));
+            let (owner, p) = key.split_once(':').unwrap();
+            if owner == service {
+                out = out.replace(&format!("0.0.0.0:{p}"), &format!("127.0.0.1:{port}"));
+            }
+        }
+        let mut mounts = mounts(svc);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.1.len()));
+        for (vol, path, _) in mounts {
+            if out.contains(&path) {
+                let host = self.dir.join("volumes").join(&vol);
+                out = out.replace(&path, &host.display().to_string());
+            }
+        }
+        out
+    }
+
+    /// The `argv` of `svc` on this host: the dapgw binary under test for
+    /// the dapgw image, the command itself (a `sh -c` one-shot) otherwise.
+    fn command(&self, name: &str, svc: &Value) -> Command {
+        self.command_with(name, svc, &strings(&svc["command"]))
+    }
+
+    /// [`command`](Self::command) with other arguments, in the same
+    /// environment.
+    fn command_with(&self, name: &str, svc: &Value, args: &[String]) -> Command {
+        let args: Vec<String> = args.iter().map(|a| self.rewrite(name, svc, a)).collect();
+        let mut cmd = if is_dapgw(svc) {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_dapgw"));
+            c.args(&args);
+            c
+        } else {
+            assert_eq!(args[0], "sh", "{name}: only sh one-shots run on the host");
+            let mut c = Command::new("sh");
+            c.args(&args[1..]);
+            c
+        };
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in &self.services[name].env {
+            cmd.env(k, v);
+        }
+        // cwd is / in the image: a relative path would land nowhere useful.
+        let cwd = self.dir.join("cwd").join(name);
+        std::fs::create_dir_all(&cwd).unwrap();
+        cmd.current_dir(cwd);
+        cmd
+    }
+
+    /// Starts every dapgw service (and `sh` one-shot) in dependency order:
+    /// one-shots run to completion, the others are waited for until the
+    /// image's health check passes when a later service depends on it.
+    fn up(dir: &Path, compose: &Value) -> HostStack {
+        let services = compose["services"].as_object().unwrap();
+        let (image_env, healthcheck) = image_env_and_healthcheck();
+        let runs_here = |svc: &Value| {
+            is_dapgw(svc) || strings(&svc["command"]).first().is_some_and(|c| c == "sh")
+        };
+        let mut ports = BTreeMap::new();
+        for (name, svc) in services {
+            if runs_here(svc) {
+                for p in strings(&svc["expose"]) {
+                    ports.insert(format!("{name}:{p}"), free_port());
+                }
+            }
+        }
+        let mut stack = HostStack {
+            dir: dir.to_path_buf(),
+            ports,
+            services: BTreeMap::new(),
+            procs: Vec::new(),
+            logs: BTreeMap::new(),
+            healthcheck,
+        };
+        for (name, svc) in services {
+            if !runs_here(svc) {
+                continue;
+            }
+            for (vol, _, _) in mounts(svc) {
+                std::fs::create_dir_all(dir.join("volumes").join(vol)).unwrap();
+            }
+            let mut env = if is_dapgw(svc) {
+                image_env.clone()
+            } else {
+                Vec::new()
+            };
+            for (k, v) in svc["environment"].as_object().into_iter().flatten() {
+                env.retain(|e| &e.0 != k);
+                env.push((k.clone(), v.as_str().unwrap().to_string()));
+            }
+            let env = env
+                .into_iter()
+                .map(|(k, v)| (k, stack.rewrite(name, svc, &v)))
+                .collect::<Vec<_>>();
+            let admin = stack
+                .ports
+                .get(&format!("{name}:9090"))
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)));
+            stack
+                .services
+                .insert(name.clone(), HostService { env, admin });
+        }
+        // Dependency order; ties by name.
+        let mut done = BTreeSet::new();
+        while done.len() < stack.services.len() {
+            let next = stack
+                .services
+                .keys()
+                .find(|n| {
+                    !done.contains(*n)
+                        && services[n.as_str()]["depends_on"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .all(|(d, _)| done.contains(d) || !stack.services.contains_key(d))
+                })
+                .unwrap_or_else(|| panic!("a dependency cycle or an unknown service"))
+                .clone();
+            let svc = &services[&next];
+            for (dep, cond) in svc["depends_on"].as_object().into_iter().flatten() {
+                if cond["condition"] == "service_healthy" {
+                    stack.wait_healthy(dep);
+                }
+            }
+            let log = dir.join(format!("{next}.log"));
+            let mut cmd = stack.command(&next, svc);
+            if svc["restart"] == "no" {
+                let out = run(&mut cmd);
+                std::fs::write(&log, text(&out)).unwrap();
+                assert_ok(&format!("compose one-shot `{next}` ({cmd:?})"), &out);
+            } else {
+                stack.procs.push(Proc::spawn(&next, &mut cmd, &log));
+            }
+            stack.logs.insert(next.clone(), log);
+            done.insert(next);
+        }
+        stack
+    }
+
+    /// Runs the image's HEALTHCHECK command in `name`'s environment until
+    /// it passes, as `depends_on: condition: service_healthy` does.
+    fn wait_healthy(&mut self, name: &str) {
+        let args = self.healthcheck[1..].to_vec();
+        let env = self.services[name].env.clone();
+        wait_for(&format!("{name} healthy"), Duration::from_secs(90), || {
+            self.alive();
+            let mut c = Command::new(env!("CARGO_BIN_EXE_dapgw"));
+            c.args(&args).env_clear().envs(env.iter().cloned());
+            run(&mut c).status.success().then_some(())
+        });
+    }
+
+    /// Panics with its log if a long-running service has exited.
+    fn alive(&mut self) {
+        for p in &mut self.procs {
+            let log = self.logs.get(&p.0).cloned().unwrap_or_default();
+            p.alive(&log);
+        }
+    }
+
+    fn admin(&self, name: &str) -> SocketAddr {
+        self.services[name].admin.expect("an admin listener")
+    }
+}
+
+#[test]
 fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     let Some(prometheus) = require("prometheus", "apt-get install prometheus") else {
         return;
@@ -1267,157 +1610,126 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     let Some(promtool) = require("promtool", "apt-get install prometheus") else {
         return;
     };
-    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let Some(compose) = compose_json() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let pki = t.join("pki");
-    let keys = t.join("keys");
-    let out = run(Command::new(bin)
-        .args(["keys", "dev-pki", "--out"])
-        .arg(&pki)
-        .args(["--client", "gw-1"]));
-    assert_ok("dapgw keys dev-pki", &out);
-    let out = run(Command::new(bin).args(["keys", "init", "--out"]).arg(&keys));
-    assert_ok("dapgw keys init", &out);
-    let creds = t.join("members.json");
-    let out = run(Command::new(bin)
-        .args([
-            "keys", "members", "--from", "1", "--count", "50", "--groups", "g1", "--out",
-        ])
-        .arg(&creds));
-    assert_ok("dapgw keys members", &out);
+    let started = Instant::now();
+    let mut stack = HostStack::up(t, &compose);
+    eprintln!("compose stack up on this host in {:?}", started.elapsed());
+    let gateways: Vec<String> = stack
+        .services
+        .keys()
+        .filter(|n| n.starts_with("gateway-"))
+        .cloned()
+        .collect();
+    assert_eq!(gateways.len(), 2, "{gateways:?}");
 
-    let (udc_port, udc_admin, gw_port, gw_admin, prom_port) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
-    let clean = |c: &mut Command| {
-        for (k, _) in std::env::vars() {
-            if k.starts_with("DAPGW_") {
-                c.env_remove(k);
-            }
-        }
-    };
-    let udc_log = t.join("udc.log");
-    let mut udc_cmd = Command::new(bin);
-    clean(&mut udc_cmd);
-    udc_cmd
-        .arg("udc")
-        .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
-        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
-        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
-        .env("DAPGW_TLS_KEY", pki.join("server.key"))
-        .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
-        .env(
-            "DAPGW_STORE_URL",
-            format!("sqlite://{}", t.join("udc.sqlite3").display()),
-        )
-        .env("DAPGW_MASTER_SECRET_FILE", keys.join("master-secret"))
-        .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage-key"))
-        .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing-key"))
-        .env("DAPGW_KEY_CERT_FILE", keys.join("signing-key.cert"));
-    let mut udc = Proc::spawn("udc", &mut udc_cmd, &udc_log);
-
-    let gw_log = t.join("gateway.log");
-    let mut gw_cmd = Command::new(bin);
-    clean(&mut gw_cmd);
-    gw_cmd
-        .arg("gateway")
-        .env(
-            "DAPGW_UPSTREAM_URL",
-            format!("https://127.0.0.1:{udc_port}"),
-        )
-        .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
-        .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
-        .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
-        .env("DAPGW_GATEWAY_ID", "gw-1")
-        .env("DAPGW_LISTEN", format!("127.0.0.1:{gw_port}"))
-        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
-        .env("DAPGW_TLS_KEY", pki.join("server.key"))
-        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{gw_admin}"))
-        .env("DAPGW_SPOOL_DIR", t.join("spool"))
-        .env("DAPGW_ROUND_DEADLINE_MS", "2000")
-        .env("DAPGW_BATCH_LINGER_MS", "50");
-    let mut gw = Proc::spawn("gateway", &mut gw_cmd, &gw_log);
-    let gw_admin_addr: SocketAddr = ([127, 0, 0, 1], gw_admin).into();
-    let udc_admin_addr: SocketAddr = ([127, 0, 0, 1], udc_admin).into();
-    wait_for("gateway ready", Duration::from_secs(60), || {
-        udc.alive(&udc_log);
-        gw.alive(&gw_log);
-        http_get(gw_admin_addr, "/readyz").filter(|(s, _)| *s == 200)
-    });
-
-    let sim_log = t.join("sim.log");
-    let mut sim_cmd = Command::new(bin);
-    clean(&mut sim_cmd);
-    sim_cmd
-        .args(["sim", "--gateway"])
-        .arg(format!("https://127.0.0.1:{gw_port}"))
-        .arg("--credentials")
-        .arg(&creds)
-        .args(["--members", "50"])
-        .arg("--state-dir")
-        .arg(t.join("sim"))
-        .env("SSL_CERT_FILE", pki.join("ca.pem"));
-    let mut sim = Proc::spawn("sim", &mut sim_cmd, &sim_log);
-
-    // Prometheus on loopback, scraping both admin listeners every second.
-    let rules = t.join("alerts.yml");
-    std::fs::copy(root().join("deploy/prometheus/alerts.yml"), &rules).unwrap();
-    let cfg = t.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files: [alerts.yml]\n\
-             scrape_configs:\n\
-             \x20 - job_name: dapgw-gateway\n    static_configs: [{{targets: [\"127.0.0.1:{gw_admin}\"]}}]\n\
-             \x20 - job_name: dapgw-udc\n    static_configs: [{{targets: [\"127.0.0.1:{udc_admin}\"]}}]\n"
-        ),
+    // Prometheus with the stack's own scrape config and rules: only the
+    // addresses are mapped, and it scrapes every second.
+    let prom_port = free_port();
+    let prom_dir = t.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::copy(
+        root().join("deploy/prometheus/alerts.yml"),
+        prom_dir.join("alerts.yml"),
     )
     .unwrap();
-    let out = run(Command::new(&promtool).args(["check", "config"]).arg(&cfg));
+    let mut cfg = read("deploy/prometheus/prometheus.yml")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+        .replace("localhost:9090", &format!("127.0.0.1:{prom_port}"));
+    for (key, port) in &stack.ports {
+        cfg = cfg.replace(&format!("\"{key}\""), &format!("\"127.0.0.1:{port}\""));
+    }
+    for name in stack.services.keys() {
+        assert!(
+            !cfg.contains(&format!("\"{name}:")),
+            "a target of {name} is not mapped:\n{cfg}"
+        );
+    }
+    let cfg_file = prom_dir.join("prometheus.yml");
+    std::fs::write(&cfg_file, &cfg).unwrap();
+    let out = run(Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(&cfg_file));
     assert_ok("promtool check config (live)", &out);
     let prom_log = t.join("prometheus.log");
     let mut prom = Proc::spawn(
         "prometheus",
         Command::new(prometheus)
-            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--config.file={}", cfg_file.display()))
             .arg(format!("--storage.tsdb.path={}", t.join("tsdb").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
         &prom_log,
     );
     let prom_addr: SocketAddr = ([127, 0, 0, 1], prom_port).into();
 
-    // Wait until both targets have been scraped for a while and the members
-    // have produced traffic through the gateway to the UDC.
+    // An operator's ad-hoc round next to the compose file's schedule, as
+    // deploy/README.md shows it (`udc round start` in the `rounds` service).
+    let rounds = &compose["services"]["rounds"];
+    let mut argv = strings(&rounds["command"]);
+    let at = argv.iter().position(|a| a == "schedule").unwrap();
+    argv.truncate(at);
+    argv.extend(
+        [
+            "start",
+            "--group",
+            "1",
+            "--mode",
+            "psk",
+            "--purpose",
+            "auth",
+        ]
+        .map(String::from),
+    );
+    let admin_args: Vec<String> = strings(&rounds["command"])
+        .windows(2)
+        .filter(|w| w[0] == "--admin" || w[0] == "--token-file")
+        .flat_map(|w| w.to_vec())
+        .collect();
+    argv.extend(admin_args);
+    let mut cmd = stack.command_with("rounds", rounds, &argv);
+    let out = run(&mut cmd);
+    assert_ok("dapgw udc round start", &out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"round\""),
+        "{}",
+        text(&out)
+    );
+
+    // Wait until every target has been scraped for a while and members
+    // have produced traffic through both gateways to the UDC.
+    let traffic = Instant::now();
     wait_for(
         "traffic seen by prometheus",
-        Duration::from_secs(180),
+        Duration::from_secs(240),
         || {
-            for (p, log) in [
-                (&mut udc, &udc_log),
-                (&mut gw, &gw_log),
-                (&mut prom, &prom_log),
-            ] {
-                p.alive(log);
-            }
-            let _ = sim.1.try_wait();
+            stack.alive();
+            prom.alive(&prom_log);
             let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
-            (ok("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
-                && ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
+            let per_gateway = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n == 2);
+            (ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
+                && per_gateway("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
                 && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
-                && ok("increase(dapgw_batches_total{outcome=\"ok\"}[1m]) > 0"))
+                && ok("increase(dapgw_udc_readings_total[1m]) > 0")
+                && per_gateway(
+                    "sum by (instance) (increase(dapgw_batches_total{outcome=\"ok\"}[1m])) > 0",
+                ))
             .then_some(())
         },
     );
+    eprintln!(
+        "traffic through both gateways after {:?}",
+        traffic.elapsed()
+    );
 
-    // promtool check metrics on both real pages.
-    for (name, addr) in [("gateway", gw_admin_addr), ("udc", udc_admin_addr)] {
-        let (status, page) = http_get(addr, "/metrics").unwrap();
+    // promtool check metrics on every real page.
+    let mut pages = vec!["udc".to_string()];
+    pages.extend(gateways.iter().cloned());
+    for name in &pages {
+        let (status, page) = http_get(stack.admin(name), "/metrics").unwrap();
         assert_eq!(status, 200, "{name} /metrics");
         let mut child = Command::new(&promtool)
             .args(["check", "metrics"])
@@ -1436,16 +1748,26 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
             &format!("promtool check metrics ({name})"),
             &child.wait_with_output().unwrap(),
         );
+        if name.starts_with("gateway-") {
+            // The limit the spool alerts compare against: the default.
+            let max = GatewayConfig::default().spool_max_bytes.get();
+            assert!(
+                page.contains(&format!("\ndapgw_spool_max_bytes {max}\n")),
+                "{name}: dapgw_spool_max_bytes"
+            );
+        }
     }
 
-    // Every dashboard expression returns data.
+    // Every dashboard expression returns data, for each gateway alone too.
     let mut failures = Vec::new();
+    let mut checked = 0;
     for (name, d) in dashboards() {
         for e in panel_exprs(&name, &d)
             .into_iter()
             .chain(variable_exprs(&name, &d))
         {
             let q = substitute(&e.promql, "30s");
+            checked += 1;
             match prom_query(prom_addr, &q) {
                 Ok(0) => failures.push(format!("{}: empty result for {q}", e.origin)),
                 Ok(_) => {}
@@ -1456,6 +1778,7 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     // Every alert expression evaluates, and each series it selects exists
     // (the alert itself is quiet on a healthy site).
     for (name, e) in alert_exprs(&read("deploy/prometheus/alerts.yml")) {
+        checked += 1;
         if let Err(err) = prom_query(prom_addr, &e.promql) {
             failures.push(format!("alert {name}: {err}"));
         }
@@ -1468,5 +1791,9 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    drop(sim);
+    eprintln!("{checked} dashboard and alert expressions returned data");
+    // No alert fires on the healthy stack.
+    let firing = prom_query(prom_addr, "ALERTS{alertstate=\"firing\"}").unwrap();
+    assert_eq!(firing, 0, "alerts fire on a healthy stack");
+    drop(stack);
 }
