@@ -4,9 +4,10 @@
 //!
 //! A check whose tool is missing prints `skipped: ...` with the install
 //! command and passes, except under `CI=true`, where a missing tool fails.
-//! Two checks need the running services and are `#[ignore]`d until they
-//! land: the container running the gateway, and a live Prometheus that
-//! scrapes a gateway and a UDC under `dapgw sim` traffic.
+//! The container tests build the static release binary the image packages
+//! when it is missing or stale (.ci/run builds it before `cargo test`).
+//! The live test runs deploy/compose.yaml's own commands as host processes
+//! (gateways, UDC, members) under a real Prometheus.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -867,27 +868,35 @@ fn podman(podman: &Path) -> Command {
     c
 }
 
-/// Builds TEST_IMAGE once per test process; `None` (after a skip message)
-/// where buildah, podman, runc or the static binary are missing.
+/// Brings the static binary up to date with the sources: `cargo build`
+/// with .ci/run's flags, a no-op (seconds) after .ci/run built it, a full
+/// release build (about 6 minutes on 2 busy cores) from nothing.
+fn build_static_binary() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let start = Instant::now();
+    eprintln!("building {STATIC_BIN} (release, crt-static; minutes if it is stale)");
+    let out = run(Command::new(cargo)
+        .args(["build", "--release", "--locked"])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--bin", "dapgw"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(root()));
+    assert_ok("cargo build (static release binary)", &out);
+    eprintln!("{STATIC_BIN} up to date after {:?}", start.elapsed());
+}
+
+/// Builds TEST_IMAGE once per test process (and the static binary it
+/// packages); `None` (after a skip message) where buildah, podman or runc
+/// are missing.
 fn test_image() -> Option<PathBuf> {
     static BUILT: Mutex<bool> = Mutex::new(false);
     let buildah = require("buildah", "apt-get install buildah")?;
     let podman = require("podman", "apt-get install podman")?;
     require("runc", "apt-get install runc")?;
-    let bin = root().join(STATIC_BIN);
-    if !bin.is_file() {
-        let how = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
-                   --target x86_64-unknown-linux-gnu --bin dapgw";
-        assert!(
-            !in_ci(),
-            "the static binary {STATIC_BIN} is required in CI: {how}"
-        );
-        eprintln!("skipped: {STATIC_BIN} is not built ({how})");
-        return None;
-    }
-    assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !*built {
+        build_static_binary();
+        let bin = root().join(STATIC_BIN);
+        assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
         let out = run(Command::new(buildah)
             .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
             .args([
@@ -1002,6 +1011,35 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_string()))
 }
 
+/// Polls `f` until it returns `Some`, or `None` once `deadline` passed.
+fn poll_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Opens rounds with `start` until `answered` sees members answer: the
+/// gateway subscribes to a group only after its members attached, and a
+/// challenge queued before that never reaches them (nothing outside the
+/// gateway shows the subscription, so a round that found nobody is
+/// followed by another).
+fn start_rounds_until_answered(mut start: impl FnMut(), mut answered: impl FnMut() -> bool) {
+    for _ in 0..8 {
+        start();
+        if poll_until(Duration::from_secs(15), || answered().then_some(())).is_some() {
+            return;
+        }
+    }
+    panic!("8 rounds and no member answered");
+}
+
 /// Polls `f` until it returns `Some` or `deadline` passes.
 fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -1030,7 +1068,6 @@ fn dev_pki(dir: &Path) {
 }
 
 #[test]
-#[ignore = "needs the gateway service (issue 3)"]
 fn container_image_runs_gateway() {
     let Some(podman_bin) = test_image() else {
         return;
@@ -1690,13 +1727,25 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
         .flat_map(|w| w.to_vec())
         .collect();
     argv.extend(admin_args);
-    let mut cmd = stack.command_with("rounds", rounds, &argv);
-    let out = run(&mut cmd);
-    assert_ok("dapgw udc round start", &out);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("\"round\""),
-        "{}",
-        text(&out)
+    let udc_admin = stack.admin("udc");
+    start_rounds_until_answered(
+        || {
+            let out = run(&mut stack.command_with("rounds", rounds, &argv));
+            assert_ok("dapgw udc round start", &out);
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("\"round\""),
+                "{}",
+                text(&out)
+            );
+        },
+        || {
+            let page = metrics(udc_admin);
+            sample(
+                &page,
+                "dapgw_udc_members_authenticated_total",
+                "mode=\"psk\"",
+            ) > 0.0
+        },
     );
 
     // Wait until every target has been scraped for a while and members
@@ -1796,4 +1845,337 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     let firing = prom_query(prom_addr, "ALERTS{alertstate=\"firing\"}").unwrap();
     assert_eq!(firing, 0, "alerts fire on a healthy stack");
     drop(stack);
+}
+
+// ---------------------------------------------------------------------------
+// README troubleshooting: what the operator sees, observed
+// ---------------------------------------------------------------------------
+
+/// The README troubleshooting row whose first cell starts with `problem`.
+fn troubleshooting_row(problem: &str) -> String {
+    let readme = read("README.md");
+    let at = readme
+        .find("### Troubleshooting")
+        .expect("README troubleshooting");
+    readme[at..]
+        .lines()
+        .find(|l| l.starts_with(&format!("| {problem}")))
+        .unwrap_or_else(|| panic!("README troubleshooting has no row `{problem}`"))
+        .to_string()
+}
+
+/// `phrase` is in the README row and in what was observed.
+fn seen(row: &str, observed: &str, phrase: &str) {
+    assert!(row.contains(phrase), "README row lacks `{phrase}`: {row}");
+    assert!(
+        observed.contains(phrase),
+        "README says `{phrase}`, but it was not observed:\n{observed}"
+    );
+}
+
+/// The value of an unlabelled sample, or the sum of a family's samples
+/// whose labels contain `labels`.
+fn sample(page: &str, name: &str, labels: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A gateway's environment with everything but the upstream fixed.
+fn gateway_env(cmd: &mut Command, pki: &Path, listen: u16, admin: u16, spool: &Path) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAPGW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("gateway")
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{listen}"))
+        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+        .env("DAPGW_TLS_KEY", pki.join("server.key"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DAPGW_SPOOL_DIR", spool)
+        .env("DAPGW_DRAIN_GRACE_MS", "1000");
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    http_get(admin, "/metrics").map(|r| r.1).unwrap_or_default()
+}
+
+/// The README's rows for an unreachable upstream and for certificate
+/// errors, checked against a real gateway.
+#[test]
+fn readme_troubleshooting_upstream_and_certificates() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, other) = (t.join("pki"), t.join("other-pki"));
+    for dir in [&pki, &other] {
+        let out = run(Command::new(bin)
+            .args(["keys", "dev-pki", "--out"])
+            .arg(dir)
+            .args(["--client", "gw-1"]));
+        assert_ok("dapgw keys dev-pki", &out);
+    }
+
+    // Upstream unreachable: nothing listens on the UDC's port.
+    let row = troubleshooting_row("upstream unreachable");
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let log = t.join("unreachable.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool-1"));
+    cmd.env(
+        "DAPGW_UPSTREAM_URL",
+        format!("https://127.0.0.1:{}", free_port()),
+    )
+    .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"));
+    let mut gw = Proc::spawn("gateway (unreachable upstream)", &mut cmd, &log);
+    let observed = wait_for("the upstream warnings", Duration::from_secs(60), || {
+        gw.alive(&log);
+        let l = std::fs::read_to_string(&log).unwrap();
+        (l.contains("downlink pull failed") && l.contains("subscription not sent")).then_some(l)
+    });
+    let (status, ready) = http_get(admin_addr, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    let page = metrics(admin_addr);
+    let observed = format!("{observed}\n/readyz 503 {ready}\n{page}");
+    for phrase in [
+        "downlink pull failed; retrying error=connecting to the udc: Connection refused (os error 111)",
+        "subscription not sent; retrying",
+        "dapgw_upstream_up 0",
+        "{\"not_ready\":[\"upstream\"],\"ready\":false}",
+    ] {
+        seen(&row, &observed, phrase);
+    }
+    drop(gw);
+
+    // Certificate errors: the "UDC" (here the gateway's own member
+    // listener) shows a certificate of another CA.
+    let row = troubleshooting_row("certificate errors");
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let log = t.join("bad-ca.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool-2"));
+    cmd.env("DAPGW_UPSTREAM_URL", format!("https://127.0.0.1:{listen}"))
+        .env("DAPGW_UPSTREAM_CA", other.join("ca.pem"));
+    let mut gw = Proc::spawn("gateway (wrong upstream CA)", &mut cmd, &log);
+    let observed = wait_for("the certificate warning", Duration::from_secs(60), || {
+        gw.alive(&log);
+        let l = std::fs::read_to_string(&log).unwrap();
+        l.contains("invalid peer certificate").then_some(l)
+    });
+    let observed = format!("{observed}\n{}", metrics(admin_addr));
+    for phrase in [
+        "retrying error=tls handshake with the udc: invalid peer certificate: ",
+        "invalid peer certificate: BadSignature",
+        "dapgw_upstream_up 0",
+    ] {
+        seen(&row, &observed, phrase);
+    }
+}
+
+/// The README's spool-full row (and the recovery its upstream row
+/// promises), checked with a real UDC, gateway and members: readings flow,
+/// the UDC goes away, a 1 MiB spool fills and pushes members back, the UDC
+/// returns and the spool drains.
+#[test]
+fn readme_troubleshooting_spool_full_and_recovery() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, keys, creds) = (t.join("pki"), t.join("keys"), t.join("members.json"));
+    for args in [
+        vec![
+            "keys",
+            "dev-pki",
+            "--out",
+            pki.to_str().unwrap(),
+            "--client",
+            "gw-1",
+        ],
+        vec!["keys", "init", "--out", keys.to_str().unwrap()],
+        vec![
+            "keys",
+            "members",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--from",
+            "1",
+            "--count",
+            "50",
+            "--groups",
+            "7",
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+    ] {
+        assert_ok(
+            &format!("dapgw {args:?}"),
+            &run(Command::new(bin).args(&args)),
+        );
+    }
+    let token = t.join("admin-token");
+    std::fs::write(&token, format!("token-{}", std::process::id())).unwrap();
+
+    let (udc_port, udc_admin, listen, admin) = (free_port(), free_port(), free_port(), free_port());
+    let udc_admin_addr = SocketAddr::from(([127, 0, 0, 1], udc_admin));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let udc_cmd = || {
+        let mut c = Command::new(bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                c.env_remove(k);
+            }
+        }
+        c.arg("udc")
+            .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
+            .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
+            .env("DAPGW_ADMIN_TOKEN_FILE", &token)
+            .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+            .env("DAPGW_TLS_KEY", pki.join("server.key"))
+            .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
+            .env(
+                "DAPGW_STORE_URL",
+                format!("sqlite://{}", t.join("udc.sqlite3").display()),
+            )
+            .env("DAPGW_MASTER_SECRET_FILE", keys.join("master.key"))
+            .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage.key"))
+            .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing.key"))
+            .env("DAPGW_KEY_CERT_FILE", keys.join("signing.cert"));
+        c
+    };
+    let udc_log = t.join("udc.log");
+    let mut udc = Some(Proc::spawn("udc", &mut udc_cmd(), &udc_log));
+    let gw_log = t.join("gateway.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool"));
+    cmd.env(
+        "DAPGW_UPSTREAM_URL",
+        format!("https://127.0.0.1:{udc_port}"),
+    )
+    .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
+    .env("DAPGW_SPOOL_MAX_BYTES", "1MiB");
+    let mut gw = Proc::spawn("gateway", &mut cmd, &gw_log);
+    wait_for("gateway ready", Duration::from_secs(60), || {
+        gw.alive(&gw_log);
+        http_get(admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+    let operator = |args: &[&str]| {
+        let out = run(Command::new(bin)
+            .arg("udc")
+            .args(args)
+            .arg("--admin")
+            .arg(udc_admin_addr.to_string())
+            .arg("--token-file")
+            .arg(&token));
+        assert_ok(&format!("dapgw udc {args:?}"), &out);
+    };
+    operator(&[
+        "members",
+        "--import",
+        &format!("{}.import.json", creds.display()),
+    ]);
+    let sim_log = t.join("sim.log");
+    let _sim = Proc::spawn(
+        "sim",
+        Command::new(bin)
+            .args(["sim", "--gateway", &format!("https://127.0.0.1:{listen}")])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--credentials")
+            .arg(&creds)
+            .arg("--state-dir")
+            .arg(t.join("sim"))
+            .args(["--reading-interval-ms", "20"]),
+        &sim_log,
+    );
+    // Members attach, then a read round gives them sessions to send
+    // readings in.
+    wait_for("members attached", Duration::from_secs(60), || {
+        (sample(&metrics(admin_addr), "dapgw_members_connected", "") > 0.0).then_some(())
+    });
+    start_rounds_until_answered(
+        || {
+            operator(&[
+                "round",
+                "start",
+                "--group",
+                "7",
+                "--mode",
+                "psk-ecdhe",
+                "--purpose",
+                "read",
+                "--read-request",
+                "01",
+            ])
+        },
+        || {
+            sample(
+                &metrics(udc_admin_addr),
+                "dapgw_udc_members_authenticated_total",
+                "",
+            ) > 0.0
+        },
+    );
+    wait_for("readings at the UDC", Duration::from_secs(90), || {
+        gw.alive(&gw_log);
+        let page = metrics(udc_admin_addr);
+        (sample(&page, "dapgw_udc_readings_total", "") > 100.0).then_some(())
+    });
+
+    // The UDC goes away; the spool fills and members are pushed back.
+    drop(udc.take());
+    let page = wait_for("spool full", Duration::from_secs(180), || {
+        gw.alive(&gw_log);
+        let page = metrics(admin_addr);
+        (sample(&page, "dapgw_spool_rejected_total", "") > 0.0).then_some(page)
+    });
+    let row = troubleshooting_row("spool full");
+    let max = sample(&page, "dapgw_spool_max_bytes", "");
+    assert_eq!(max, 1048576.0);
+    assert!(
+        sample(&page, "dapgw_spool_bytes", "") >= 0.9 * max,
+        "{page}"
+    );
+    assert!(
+        sample(
+            &page,
+            "dapgw_member_requests_total",
+            "outcome=\"overloaded\""
+        ) > 0.0,
+        "{page}"
+    );
+    for phrase in [
+        "`dapgw_spool_bytes` at `dapgw_spool_max_bytes`",
+        "`dapgw_spool_rejected_total`",
+        "`dapgw_member_requests_total{outcome=\"overloaded\"}`",
+    ] {
+        assert!(row.contains(phrase), "README row lacks {phrase}: {row}");
+    }
+    let up_row = troubleshooting_row("upstream unreachable");
+    let log = std::fs::read_to_string(&gw_log).unwrap();
+    seen(&up_row, &log, "batch not delivered; retrying batch=");
+    assert!(sample(&page, "dapgw_batches_total", "outcome=\"error\"") > 0.0);
+
+    // The UDC returns: the link comes up and the spool drains.
+    let peak = sample(&page, "dapgw_spool_bytes", "");
+    let _udc = Proc::spawn("udc (again)", &mut udc_cmd(), &t.join("udc-2.log"));
+    wait_for("spool draining", Duration::from_secs(180), || {
+        gw.alive(&gw_log);
+        let page = metrics(admin_addr);
+        (sample(&page, "dapgw_upstream_up", "") == 1.0
+            && sample(&page, "dapgw_spool_bytes", "") < peak / 2.0)
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(&gw_log).unwrap();
+    let after = &log[log.rfind("batch not delivered").unwrap()..];
+    seen(&up_row, after, "upstream link up udc=");
 }
