@@ -719,6 +719,49 @@ fn readme_documents_the_defaults() {
     }
 }
 
+/// The README's short gateway table: real variables, in the reference
+/// table's order, with the true defaults.
+#[test]
+fn readme_deployment_section_states_true_defaults() {
+    let readme = read("README.md");
+    let rows = readme_table(&readme, "### Gateway settings");
+    assert!(rows.len() >= 10, "{rows:?}");
+    let all: Vec<String> = config::gateway_variables().map(|v| v.0).collect();
+    let defaults = serde_json::to_value(GatewayConfig::default()).unwrap();
+    let mut last = 0;
+    for (var, cell) in &rows {
+        let at = all
+            .iter()
+            .position(|v| v == var)
+            .unwrap_or_else(|| panic!("README: {var} is not a gateway variable"));
+        assert!(at >= last, "README: {var} out of order");
+        last = at;
+        let key = var
+            .strip_prefix(config::ENV_PREFIX)
+            .unwrap()
+            .to_ascii_lowercase();
+        assert_eq!(cell, &default_cell(defaults.get(&key)), "README: {var}");
+    }
+    // Every required variable is in it.
+    for var in &all {
+        let key = var
+            .strip_prefix(config::ENV_PREFIX)
+            .unwrap()
+            .to_ascii_lowercase();
+        if default_cell(defaults.get(&key)) == "required" {
+            assert!(rows.iter().any(|r| &r.0 == var), "README misses {var}");
+        }
+    }
+    let any: BTreeSet<String> = config::gateway_variables()
+        .chain(config::udc_variables())
+        .map(|v| v.0)
+        .chain([config::CONFIG_VAR.to_string()])
+        .collect();
+    for v in dapgw_variables(&readme) {
+        assert!(any.contains(&v), "README: {v} is not a dapgw variable");
+    }
+}
+
 #[test]
 fn stop_grace_covers_the_drain() {
     let drain_s = GatewayConfig::default().drain_grace_ms.div_ceil(1000);
