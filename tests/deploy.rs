@@ -2222,3 +2222,108 @@ fn readme_troubleshooting_spool_full_and_recovery() {
     let after = &log[log.rfind("batch not delivered").unwrap()..];
     seen(&up_row, after, "upstream link up udc=");
 }
+
+/// `DAPGW_*` settings of an env file (`K=V`) or a ConfigMap's data
+/// (`K: V`, quotes stripped); comments skipped.
+fn settings_of(file: &str) -> Vec<(String, String)> {
+    read(file)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("DAPGW_"))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .or_else(|| l.split_once(": "))
+                .unwrap_or_else(|| panic!("{file}: {l}"));
+            (k.to_string(), v.trim().trim_matches('"').to_string())
+        })
+        .collect()
+}
+
+/// The systemd env example and the Kubernetes ConfigMap start a gateway
+/// as written: only file paths (onto a dev PKI), listen addresses and the
+/// upstream (a closed port) are replaced; every other value is parsed by
+/// the real binary, and the spool limit it reports is the one written.
+#[test]
+fn env_example_and_configmap_start_a_gateway() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let pki = t.join("pki");
+    let out = run(Command::new(bin)
+        .args(["keys", "dev-pki", "--out"])
+        .arg(&pki)
+        .args(["--client", "gw-1"]));
+    assert_ok("dapgw keys dev-pki", &out);
+    // The file names deploy/ uses for the gateway's TLS material.
+    let files = [
+        ("upstream-ca.pem", "ca.pem"),
+        ("client.pem", "client-gw-1.pem"),
+        ("client.key", "client-gw-1.key"),
+        ("server.pem", "server.pem"),
+        ("server.key", "server.key"),
+    ];
+    for (file, extra) in [
+        ("deploy/systemd/gateway.env.example", None),
+        // The StatefulSet sets the id from the pod name.
+        (
+            "deploy/kubernetes/gateway-configmap.yaml",
+            Some(("DAPGW_GATEWAY_ID", "dapgw-gateway-0")),
+        ),
+    ] {
+        let mut settings = settings_of(file);
+        settings.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
+        let admin = free_port();
+        let mut cmd = Command::new(bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("gateway");
+        let mut max = GatewayConfig::default().spool_max_bytes.get().to_string();
+        for (k, v) in &settings {
+            let v = match k.as_str() {
+                "DAPGW_UPSTREAM_URL" => format!("https://127.0.0.1:{}", free_port()),
+                "DAPGW_LISTEN" => format!("127.0.0.1:{}", free_port()),
+                "DAPGW_ADMIN_LISTEN" => continue,
+                "DAPGW_SPOOL_DIR" => t.join(format!("spool-{admin}")).display().to_string(),
+                _ => match v.strip_prefix("/etc/dapgw/tls/") {
+                    Some(name) => {
+                        let dev = files
+                            .iter()
+                            .find(|f| f.0 == name)
+                            .unwrap_or_else(|| panic!("{file}: unknown file {name}"))
+                            .1;
+                        pki.join(dev).display().to_string()
+                    }
+                    None => v.clone(),
+                },
+            };
+            if k == "DAPGW_SPOOL_MAX_BYTES" {
+                max = v.replace("MiB", "");
+                max = (max.parse::<u64>().unwrap() << 20).to_string();
+            }
+            cmd.env(k, v);
+        }
+        cmd.env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
+        if !settings.iter().any(|s| s.0 == "DAPGW_SPOOL_DIR") {
+            // The unit's StateDirectory holds the default spool.
+            cmd.env("DAPGW_SPOOL_DIR", t.join(format!("spool-{admin}")));
+        }
+        let log = t.join(format!("gateway-{admin}.log"));
+        let mut gw = Proc::spawn(file, &mut cmd, &log);
+        let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+        let page = wait_for(file, Duration::from_secs(60), || {
+            gw.alive(&log);
+            http_get(admin_addr, "/healthz")
+                .filter(|(s, _)| *s == 200)
+                .and_then(|_| http_get(admin_addr, "/metrics"))
+                .map(|r| r.1)
+        });
+        assert!(
+            page.contains(&format!("\ndapgw_spool_max_bytes {max}\n")),
+            "{file}: spool limit {max}"
+        );
+    }
+}
