@@ -2327,3 +2327,80 @@ fn env_example_and_configmap_start_a_gateway() {
         );
     }
 }
+
+/// The Dockerfile's from-source stage copies every file `cargo build`
+/// reads: the manifest's declared targets and every `include_str!` /
+/// `include_bytes!` of the sources (the UDC embeds its SQL migrations).
+#[test]
+fn builder_stage_copies_every_file_the_build_reads() {
+    let dockerfile = read("deploy/Dockerfile");
+    let stage = dockerfile
+        .split("\nFROM ")
+        .find(|s| s.contains("AS builder"))
+        .expect("a builder stage");
+    let copied: Vec<&str> = stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let is_copied = |rel: &str| {
+        copied
+            .iter()
+            .any(|c| rel == *c || rel.starts_with(&format!("{}/", c.trim_end_matches('/'))))
+    };
+    let mut needed = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    // Declared benches without a path live in benches/NAME.rs.
+    let manifest = read("Cargo.toml");
+    for block in manifest.split("[[bench]]").skip(1) {
+        let name = block
+            .lines()
+            .find_map(|l| l.strip_prefix("name = "))
+            .unwrap()
+            .trim_matches('"');
+        needed.push(format!("benches/{name}.rs"));
+    }
+    // Files the sources embed, resolved against the including file.
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let src = std::fs::read_to_string(&p).unwrap_or_default();
+            for mac in ["include_str!(\"", "include_bytes!(\""] {
+                for (at, _) in src.match_indices(mac) {
+                    let rest = &src[at + mac.len()..];
+                    let rel = &rest[..rest.find('"').unwrap()];
+                    let mut path = p.parent().unwrap().to_path_buf();
+                    for c in Path::new(rel).components() {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                path.pop();
+                            }
+                            other => path.push(other),
+                        }
+                    }
+                    let rel = path.strip_prefix(root()).unwrap();
+                    needed.push(rel.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        needed.iter().any(|n| n.starts_with("migrations/")),
+        "{needed:?}"
+    );
+    for n in &needed {
+        assert!(root().join(n).is_file(), "{n} does not exist");
+        assert!(
+            is_copied(n),
+            "the builder stage does not copy {n} ({copied:?})"
+        );
+    }
+}
