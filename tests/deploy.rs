@@ -949,6 +949,8 @@ fn test_image() -> Option<PathBuf> {
                 TEST_IMAGE,
                 "-f",
                 "deploy/Dockerfile",
+                "--ignorefile",
+                "deploy/Dockerfile.dockerignore",
                 ".",
             ])
             .current_dir(root()));
