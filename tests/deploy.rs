@@ -1487,6 +1487,40 @@ fn compose_services_name_their_ports_and_paths() {
         }
     }
     assert!(checked >= 8, "only {checked} paths checked");
+
+    // A named volume takes the ownership of the first image mounting it: a
+    // service of another image (busybox) that shares a volume with dapgw
+    // services starts only after a dapgw service that mounts it.
+    let services = compose["services"].as_object().unwrap();
+    let deps = |name: &str| -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![name.to_string()];
+        while let Some(n) = todo.pop() {
+            for (d, _) in services[&n]["depends_on"].as_object().into_iter().flatten() {
+                if seen.insert(d.clone()) {
+                    todo.push(d.clone());
+                }
+            }
+        }
+        seen
+    };
+    for (name, svc) in services {
+        if is_dapgw(svc) {
+            continue;
+        }
+        for (vol, _, _) in mounts(svc) {
+            let shared = services
+                .values()
+                .any(|o| is_dapgw(o) && mounts(o).iter().any(|m| m.0 == vol));
+            if shared {
+                assert!(
+                    deps(name).iter().any(|d| is_dapgw(&services[d])
+                        && mounts(&services[d]).iter().any(|m| m.0 == vol)),
+                    "{name} may create volume {vol} before a dapgw service does"
+                );
+            }
+        }
+    }
 }
 
 /// One compose service started on this host: its admin address (if it
