@@ -483,6 +483,10 @@ pub struct GatewayMetrics {
     pub spool_bytes: IntGauge,
     /// `dapgw_spool_entries`: entries waiting in the spool.
     pub spool_entries: IntGauge,
+    /// `dapgw_spool_max_bytes`: the configured spool limit
+    /// (`DAPGW_SPOOL_MAX_BYTES`), so alerts compare `dapgw_spool_bytes`
+    /// against the limit each gateway really has.
+    pub spool_max_bytes: IntGauge,
     /// `dapgw_spool_rejected_total`: member requests refused for a full spool.
     pub spool_rejected: IntCounter,
     /// `dapgw_tag_requests_total`: localization requests from the UDC.
@@ -565,6 +569,11 @@ impl GatewayMetrics {
             )?,
             spool_bytes: gauge(r, "dapgw_spool_bytes", "Bytes held in the spool on disk.")?,
             spool_entries: gauge(r, "dapgw_spool_entries", "Entries waiting in the spool.")?,
+            spool_max_bytes: gauge(
+                r,
+                "dapgw_spool_max_bytes",
+                "Configured spool limit; beyond it members are pushed back (503).",
+            )?,
             spool_rejected: counter(
                 r,
                 "dapgw_spool_rejected_total",

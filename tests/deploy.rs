@@ -4,9 +4,10 @@
 //!
 //! A check whose tool is missing prints `skipped: ...` with the install
 //! command and passes, except under `CI=true`, where a missing tool fails.
-//! Two checks need the running services and are `#[ignore]`d until they
-//! land: the container running the gateway, and a live Prometheus that
-//! scrapes a gateway and a UDC under `dapgw sim` traffic.
+//! The container tests build the static release binary the image packages
+//! when it is missing or stale (.ci/run builds it before `cargo test`).
+//! The live test runs deploy/compose.yaml's own commands as host processes
+//! (gateways, UDC, members) under a real Prometheus.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -718,6 +719,49 @@ fn readme_documents_the_defaults() {
     }
 }
 
+/// The README's short gateway table: real variables, in the reference
+/// table's order, with the true defaults.
+#[test]
+fn readme_deployment_section_states_true_defaults() {
+    let readme = read("README.md");
+    let rows = readme_table(&readme, "### Gateway settings");
+    assert!(rows.len() >= 10, "{rows:?}");
+    let all: Vec<String> = config::gateway_variables().map(|v| v.0).collect();
+    let defaults = serde_json::to_value(GatewayConfig::default()).unwrap();
+    let mut last = 0;
+    for (var, cell) in &rows {
+        let at = all
+            .iter()
+            .position(|v| v == var)
+            .unwrap_or_else(|| panic!("README: {var} is not a gateway variable"));
+        assert!(at >= last, "README: {var} out of order");
+        last = at;
+        let key = var
+            .strip_prefix(config::ENV_PREFIX)
+            .unwrap()
+            .to_ascii_lowercase();
+        assert_eq!(cell, &default_cell(defaults.get(&key)), "README: {var}");
+    }
+    // Every required variable is in it.
+    for var in &all {
+        let key = var
+            .strip_prefix(config::ENV_PREFIX)
+            .unwrap()
+            .to_ascii_lowercase();
+        if default_cell(defaults.get(&key)) == "required" {
+            assert!(rows.iter().any(|r| &r.0 == var), "README misses {var}");
+        }
+    }
+    let any: BTreeSet<String> = config::gateway_variables()
+        .chain(config::udc_variables())
+        .map(|v| v.0)
+        .chain([config::CONFIG_VAR.to_string()])
+        .collect();
+    for v in dapgw_variables(&readme) {
+        assert!(any.contains(&v), "README: {v} is not a dapgw variable");
+    }
+}
+
 #[test]
 fn stop_grace_covers_the_drain() {
     let drain_s = GatewayConfig::default().drain_grace_ms.div_ceil(1000);
@@ -867,27 +911,35 @@ fn podman(podman: &Path) -> Command {
     c
 }
 
-/// Builds TEST_IMAGE once per test process; `None` (after a skip message)
-/// where buildah, podman, runc or the static binary are missing.
+/// Brings the static binary up to date with the sources: `cargo build`
+/// with .ci/run's flags, a no-op (seconds) after .ci/run built it, a full
+/// release build (about 6 minutes on 2 busy cores) from nothing.
+fn build_static_binary() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let start = Instant::now();
+    eprintln!("building {STATIC_BIN} (release, crt-static; minutes if it is stale)");
+    let out = run(Command::new(cargo)
+        .args(["build", "--release", "--locked"])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--bin", "dapgw"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(root()));
+    assert_ok("cargo build (static release binary)", &out);
+    eprintln!("{STATIC_BIN} up to date after {:?}", start.elapsed());
+}
+
+/// Builds TEST_IMAGE once per test process (and the static binary it
+/// packages); `None` (after a skip message) where buildah, podman or runc
+/// are missing.
 fn test_image() -> Option<PathBuf> {
     static BUILT: Mutex<bool> = Mutex::new(false);
     let buildah = require("buildah", "apt-get install buildah")?;
     let podman = require("podman", "apt-get install podman")?;
     require("runc", "apt-get install runc")?;
-    let bin = root().join(STATIC_BIN);
-    if !bin.is_file() {
-        let how = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
-                   --target x86_64-unknown-linux-gnu --bin dapgw";
-        assert!(
-            !in_ci(),
-            "the static binary {STATIC_BIN} is required in CI: {how}"
-        );
-        eprintln!("skipped: {STATIC_BIN} is not built ({how})");
-        return None;
-    }
-    assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !*built {
+        build_static_binary();
+        let bin = root().join(STATIC_BIN);
+        assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
         let out = run(Command::new(buildah)
             .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
             .args([
@@ -897,6 +949,8 @@ fn test_image() -> Option<PathBuf> {
                 TEST_IMAGE,
                 "-f",
                 "deploy/Dockerfile",
+                "--ignorefile",
+                "deploy/Dockerfile.dockerignore",
                 ".",
             ])
             .current_dir(root()));
@@ -1002,6 +1056,35 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_string()))
 }
 
+/// Polls `f` until it returns `Some`, or `None` once `deadline` passed.
+fn poll_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Opens rounds with `start` until `answered` sees members answer: the
+/// gateway subscribes to a group only after its members attached, and a
+/// challenge queued before that never reaches them (nothing outside the
+/// gateway shows the subscription, so a round that found nobody is
+/// followed by another).
+fn start_rounds_until_answered(mut start: impl FnMut(), mut answered: impl FnMut() -> bool) {
+    for _ in 0..8 {
+        start();
+        if poll_until(Duration::from_secs(15), || answered().then_some(())).is_some() {
+            return;
+        }
+    }
+    panic!("8 rounds and no member answered");
+}
+
 /// Polls `f` until it returns `Some` or `deadline` passes.
 fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -1030,7 +1113,6 @@ fn dev_pki(dir: &Path) {
 }
 
 #[test]
-#[ignore = "needs the gateway service (issue 3)"]
 fn container_image_runs_gateway() {
     let Some(podman_bin) = test_image() else {
         return;
@@ -1258,8 +1340,385 @@ fn selectors_are_found() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// The compose stack, run as host processes
+// ---------------------------------------------------------------------------
+
+/// deploy/compose.yaml as `docker-compose config` resolves it (anchors,
+/// merges, defaults), converted to JSON by the YAML module docker-compose
+/// itself runs on; `None` after a skip message where either is missing.
+fn compose_json() -> Option<Value> {
+    let dc = require("docker-compose", "apt-get install docker-compose")?;
+    let python = require("python3", "apt-get install python3-yaml")?;
+    let out = run(Command::new(dc)
+        .args(["-f", "deploy/compose.yaml", "config"])
+        .current_dir(root()));
+    assert_ok("docker-compose config", &out);
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ok("python3 yaml -> json", &out);
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// `(volume, container path, writable)` of each named-volume mount.
+fn mounts(svc: &Value) -> Vec<(String, String, bool)> {
+    svc["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let mut parts = v.as_str()?.split(':');
+            let (vol, path) = (parts.next()?, parts.next()?);
+            // Bind mounts (prometheus, grafana) start with a path.
+            (!vol.starts_with(['.', '/'])).then(|| {
+                (
+                    vol.to_string(),
+                    path.to_string(),
+                    parts.next() != Some("ro"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s.as_str().expect("a string").to_string())
+        .collect()
+}
+
+fn is_dapgw(svc: &Value) -> bool {
+    svc["image"] == "localhost/dapgw:dev"
+}
+
+/// The image's `ENV` settings and its `HEALTHCHECK` command, read from
+/// deploy/Dockerfile, so the host run sees what a container sees.
+fn image_env_and_healthcheck() -> (Vec<(String, String)>, Vec<String>) {
+    let dockerfile = read("deploy/Dockerfile");
+    let env = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("ENV K=V");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let joined = dockerfile.replace("\\\n", " ");
+    let hc = joined
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("HEALTHCHECK");
+    let cmd = &hc[hc.find("CMD [").expect("exec-form CMD") + 4..];
+    (env, serde_json::from_str(cmd.trim()).unwrap())
+}
+
+/// Every path a dapgw service writes lies in a writable volume (the
+/// image's root filesystem is read-only), and every port it exposes is
+/// bound by a variable of its own (not by a default nobody sees).
 #[test]
-#[ignore = "needs gateway+udc+sim"]
+fn compose_services_name_their_ports_and_paths() {
+    let Some(compose) = compose_json() else {
+        return;
+    };
+    let mut checked = 0;
+    for (name, svc) in compose["services"].as_object().unwrap() {
+        if !is_dapgw(svc) {
+            continue;
+        }
+        let cmd = strings(&svc["command"]);
+        let env = &svc["environment"];
+        for port in strings(&svc["expose"]) {
+            let bound = format!("0.0.0.0:{port}");
+            assert!(
+                env.as_object()
+                    .is_some_and(|e| e.values().any(|v| v == bound.as_str())),
+                "{name}: exposes {port} but no variable binds {bound}"
+            );
+        }
+        let mut written = Vec::new();
+        match cmd.first().map(String::as_str) {
+            Some("gateway") => written.push(
+                env["DAPGW_SPOOL_DIR"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: set DAPGW_SPOOL_DIR explicitly"))
+                    .to_string(),
+            ),
+            Some("udc") if cmd.len() == 1 => written.push(
+                env["DAPGW_STORE_URL"]
+                    .as_str()
+                    .and_then(|u| u.strip_prefix("sqlite://"))
+                    .unwrap_or_else(|| panic!("{name}: a sqlite:// DAPGW_STORE_URL"))
+                    .to_string(),
+            ),
+            Some("sim") => {
+                let at = cmd
+                    .iter()
+                    .position(|a| a == "--state-dir")
+                    .unwrap_or_else(|| panic!("{name}: sim needs --state-dir (cwd is /)"));
+                written.push(cmd[at + 1].clone());
+            }
+            Some("keys") => {
+                let at = cmd.iter().position(|a| a == "--out").unwrap();
+                written.push(cmd[at + 1].clone());
+            }
+            _ => continue,
+        }
+        let mounts = mounts(svc);
+        for path in written {
+            assert!(
+                mounts
+                    .iter()
+                    .any(|(_, m, rw)| *rw && Path::new(&path).starts_with(m)),
+                "{name}: {path} is not in a writable volume ({mounts:?})"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} paths checked");
+
+    // A named volume takes the ownership of the first image mounting it: a
+    // service of another image (busybox) that shares a volume with dapgw
+    // services starts only after a dapgw service that mounts it.
+    let services = compose["services"].as_object().unwrap();
+    let deps = |name: &str| -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![name.to_string()];
+        while let Some(n) = todo.pop() {
+            for (d, _) in services[&n]["depends_on"].as_object().into_iter().flatten() {
+                if seen.insert(d.clone()) {
+                    todo.push(d.clone());
+                }
+            }
+        }
+        seen
+    };
+    for (name, svc) in services {
+        if is_dapgw(svc) {
+            continue;
+        }
+        for (vol, _, _) in mounts(svc) {
+            let shared = services
+                .values()
+                .any(|o| is_dapgw(o) && mounts(o).iter().any(|m| m.0 == vol));
+            if shared {
+                assert!(
+                    deps(name).iter().any(|d| is_dapgw(&services[d])
+                        && mounts(&services[d]).iter().any(|m| m.0 == vol)),
+                    "{name} may create volume {vol} before a dapgw service does"
+                );
+            }
+        }
+    }
+}
+
+/// One compose service started on this host: its admin address (if it
+/// exposes 9090), its environment and the image's health check.
+struct HostService {
+    env: Vec<(String, String)>,
+    admin: Option<SocketAddr>,
+}
+
+/// Runs the dapgw services of deploy/compose.yaml as host processes, with
+/// their exact commands and environment; only host names, listen ports and
+/// volume paths are mapped onto this host (each `service:port` and each
+/// service's `0.0.0.0:port` to a free loopback port, each named volume to a
+/// directory).
+struct HostStack {
+    dir: PathBuf,
+    /// `service:port` -> loopback port.
+    ports: BTreeMap<String, u16>,
+    services: BTreeMap<String, HostService>,
+    procs: Vec<Proc>,
+    logs: BTreeMap<String, PathBuf>,
+    healthcheck: Vec<String>,
+}
+
+impl HostStack {
+    /// Maps container names and paths of `service` onto this host.
+    fn rewrite(&self, service: &str, svc: &Value, s: &str) -> String {
+        let mut out = s.to_string();
+        for (key, port) in &self.ports {
+            out = out.replace(key.as_str(), &format!("127.0.0.1:{port}"));
+            let (owner, p) = key.split_once(':').unwrap();
+            if owner == service {
+                out = out.replace(&format!("0.0.0.0:{p}"), &format!("127.0.0.1:{port}"));
+            }
+        }
+        let mut mounts = mounts(svc);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.1.len()));
+        for (vol, path, _) in mounts {
+            if out.contains(&path) {
+                let host = self.dir.join("volumes").join(&vol);
+                out = out.replace(&path, &host.display().to_string());
+            }
+        }
+        out
+    }
+
+    /// The `argv` of `svc` on this host: the dapgw binary under test for
+    /// the dapgw image, the command itself (a `sh -c` one-shot) otherwise.
+    fn command(&self, name: &str, svc: &Value) -> Command {
+        self.command_with(name, svc, &strings(&svc["command"]))
+    }
+
+    /// [`command`](Self::command) with other arguments, in the same
+    /// environment.
+    fn command_with(&self, name: &str, svc: &Value, args: &[String]) -> Command {
+        let args: Vec<String> = args.iter().map(|a| self.rewrite(name, svc, a)).collect();
+        let mut cmd = if is_dapgw(svc) {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_dapgw"));
+            c.args(&args);
+            c
+        } else {
+            assert_eq!(args[0], "sh", "{name}: only sh one-shots run on the host");
+            let mut c = Command::new("sh");
+            c.args(&args[1..]);
+            c
+        };
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in &self.services[name].env {
+            cmd.env(k, v);
+        }
+        // cwd is / in the image: a relative path would land nowhere useful.
+        let cwd = self.dir.join("cwd").join(name);
+        std::fs::create_dir_all(&cwd).unwrap();
+        cmd.current_dir(cwd);
+        cmd
+    }
+
+    /// Starts every dapgw service (and `sh` one-shot) in dependency order:
+    /// one-shots run to completion, the others are waited for until the
+    /// image's health check passes when a later service depends on it.
+    fn up(dir: &Path, compose: &Value) -> HostStack {
+        let services = compose["services"].as_object().unwrap();
+        let (image_env, healthcheck) = image_env_and_healthcheck();
+        let runs_here = |svc: &Value| {
+            is_dapgw(svc) || strings(&svc["command"]).first().is_some_and(|c| c == "sh")
+        };
+        let mut ports = BTreeMap::new();
+        for (name, svc) in services {
+            if runs_here(svc) {
+                for p in strings(&svc["expose"]) {
+                    ports.insert(format!("{name}:{p}"), free_port());
+                }
+            }
+        }
+        let mut stack = HostStack {
+            dir: dir.to_path_buf(),
+            ports,
+            services: BTreeMap::new(),
+            procs: Vec::new(),
+            logs: BTreeMap::new(),
+            healthcheck,
+        };
+        for (name, svc) in services {
+            if !runs_here(svc) {
+                continue;
+            }
+            for (vol, _, _) in mounts(svc) {
+                std::fs::create_dir_all(dir.join("volumes").join(vol)).unwrap();
+            }
+            let mut env = if is_dapgw(svc) {
+                image_env.clone()
+            } else {
+                Vec::new()
+            };
+            for (k, v) in svc["environment"].as_object().into_iter().flatten() {
+                env.retain(|e| &e.0 != k);
+                env.push((k.clone(), v.as_str().unwrap().to_string()));
+            }
+            let env = env
+                .into_iter()
+                .map(|(k, v)| (k, stack.rewrite(name, svc, &v)))
+                .collect::<Vec<_>>();
+            let admin = stack
+                .ports
+                .get(&format!("{name}:9090"))
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)));
+            stack
+                .services
+                .insert(name.clone(), HostService { env, admin });
+        }
+        // Dependency order; ties by name.
+        let mut done = BTreeSet::new();
+        while done.len() < stack.services.len() {
+            let next = stack
+                .services
+                .keys()
+                .find(|n| {
+                    !done.contains(*n)
+                        && services[n.as_str()]["depends_on"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .all(|(d, _)| done.contains(d) || !stack.services.contains_key(d))
+                })
+                .unwrap_or_else(|| panic!("a dependency cycle or an unknown service"))
+                .clone();
+            let svc = &services[&next];
+            for (dep, cond) in svc["depends_on"].as_object().into_iter().flatten() {
+                if cond["condition"] == "service_healthy" {
+                    stack.wait_healthy(dep);
+                }
+            }
+            let log = dir.join(format!("{next}.log"));
+            let mut cmd = stack.command(&next, svc);
+            if svc["restart"] == "no" {
+                let out = run(&mut cmd);
+                std::fs::write(&log, text(&out)).unwrap();
+                assert_ok(&format!("compose one-shot `{next}` ({cmd:?})"), &out);
+            } else {
+                stack.procs.push(Proc::spawn(&next, &mut cmd, &log));
+            }
+            stack.logs.insert(next.clone(), log);
+            done.insert(next);
+        }
+        stack
+    }
+
+    /// Runs the image's HEALTHCHECK command in `name`'s environment until
+    /// it passes, as `depends_on: condition: service_healthy` does.
+    fn wait_healthy(&mut self, name: &str) {
+        let args = self.healthcheck[1..].to_vec();
+        let env = self.services[name].env.clone();
+        wait_for(&format!("{name} healthy"), Duration::from_secs(90), || {
+            self.alive();
+            let mut c = Command::new(env!("CARGO_BIN_EXE_dapgw"));
+            c.args(&args).env_clear().envs(env.iter().cloned());
+            run(&mut c).status.success().then_some(())
+        });
+    }
+
+    /// Panics with its log if a long-running service has exited.
+    fn alive(&mut self) {
+        for p in &mut self.procs {
+            let log = self.logs.get(&p.0).cloned().unwrap_or_default();
+            p.alive(&log);
+        }
+    }
+
+    fn admin(&self, name: &str) -> SocketAddr {
+        self.services[name].admin.expect("an admin listener")
+    }
+}
+
+#[test]
 fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     let Some(prometheus) = require("prometheus", "apt-get install prometheus") else {
         return;
@@ -1267,157 +1726,138 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     let Some(promtool) = require("promtool", "apt-get install prometheus") else {
         return;
     };
-    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let Some(compose) = compose_json() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let pki = t.join("pki");
-    let keys = t.join("keys");
-    let out = run(Command::new(bin)
-        .args(["keys", "dev-pki", "--out"])
-        .arg(&pki)
-        .args(["--client", "gw-1"]));
-    assert_ok("dapgw keys dev-pki", &out);
-    let out = run(Command::new(bin).args(["keys", "init", "--out"]).arg(&keys));
-    assert_ok("dapgw keys init", &out);
-    let creds = t.join("members.json");
-    let out = run(Command::new(bin)
-        .args([
-            "keys", "members", "--from", "1", "--count", "50", "--groups", "g1", "--out",
-        ])
-        .arg(&creds));
-    assert_ok("dapgw keys members", &out);
+    let started = Instant::now();
+    let mut stack = HostStack::up(t, &compose);
+    eprintln!("compose stack up on this host in {:?}", started.elapsed());
+    let gateways: Vec<String> = stack
+        .services
+        .keys()
+        .filter(|n| n.starts_with("gateway-"))
+        .cloned()
+        .collect();
+    assert_eq!(gateways.len(), 2, "{gateways:?}");
 
-    let (udc_port, udc_admin, gw_port, gw_admin, prom_port) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
-    let clean = |c: &mut Command| {
-        for (k, _) in std::env::vars() {
-            if k.starts_with("DAPGW_") {
-                c.env_remove(k);
-            }
-        }
-    };
-    let udc_log = t.join("udc.log");
-    let mut udc_cmd = Command::new(bin);
-    clean(&mut udc_cmd);
-    udc_cmd
-        .arg("udc")
-        .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
-        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
-        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
-        .env("DAPGW_TLS_KEY", pki.join("server.key"))
-        .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
-        .env(
-            "DAPGW_STORE_URL",
-            format!("sqlite://{}", t.join("udc.sqlite3").display()),
-        )
-        .env("DAPGW_MASTER_SECRET_FILE", keys.join("master-secret"))
-        .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage-key"))
-        .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing-key"))
-        .env("DAPGW_KEY_CERT_FILE", keys.join("signing-key.cert"));
-    let mut udc = Proc::spawn("udc", &mut udc_cmd, &udc_log);
-
-    let gw_log = t.join("gateway.log");
-    let mut gw_cmd = Command::new(bin);
-    clean(&mut gw_cmd);
-    gw_cmd
-        .arg("gateway")
-        .env(
-            "DAPGW_UPSTREAM_URL",
-            format!("https://127.0.0.1:{udc_port}"),
-        )
-        .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
-        .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
-        .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
-        .env("DAPGW_GATEWAY_ID", "gw-1")
-        .env("DAPGW_LISTEN", format!("127.0.0.1:{gw_port}"))
-        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
-        .env("DAPGW_TLS_KEY", pki.join("server.key"))
-        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{gw_admin}"))
-        .env("DAPGW_SPOOL_DIR", t.join("spool"))
-        .env("DAPGW_ROUND_DEADLINE_MS", "2000")
-        .env("DAPGW_BATCH_LINGER_MS", "50");
-    let mut gw = Proc::spawn("gateway", &mut gw_cmd, &gw_log);
-    let gw_admin_addr: SocketAddr = ([127, 0, 0, 1], gw_admin).into();
-    let udc_admin_addr: SocketAddr = ([127, 0, 0, 1], udc_admin).into();
-    wait_for("gateway ready", Duration::from_secs(60), || {
-        udc.alive(&udc_log);
-        gw.alive(&gw_log);
-        http_get(gw_admin_addr, "/readyz").filter(|(s, _)| *s == 200)
-    });
-
-    let sim_log = t.join("sim.log");
-    let mut sim_cmd = Command::new(bin);
-    clean(&mut sim_cmd);
-    sim_cmd
-        .args(["sim", "--gateway"])
-        .arg(format!("https://127.0.0.1:{gw_port}"))
-        .arg("--credentials")
-        .arg(&creds)
-        .args(["--members", "50"])
-        .arg("--state-dir")
-        .arg(t.join("sim"))
-        .env("SSL_CERT_FILE", pki.join("ca.pem"));
-    let mut sim = Proc::spawn("sim", &mut sim_cmd, &sim_log);
-
-    // Prometheus on loopback, scraping both admin listeners every second.
-    let rules = t.join("alerts.yml");
-    std::fs::copy(root().join("deploy/prometheus/alerts.yml"), &rules).unwrap();
-    let cfg = t.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files: [alerts.yml]\n\
-             scrape_configs:\n\
-             \x20 - job_name: dapgw-gateway\n    static_configs: [{{targets: [\"127.0.0.1:{gw_admin}\"]}}]\n\
-             \x20 - job_name: dapgw-udc\n    static_configs: [{{targets: [\"127.0.0.1:{udc_admin}\"]}}]\n"
-        ),
+    // Prometheus with the stack's own scrape config and rules: only the
+    // addresses are mapped, and it scrapes every second.
+    let prom_port = free_port();
+    let prom_dir = t.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::copy(
+        root().join("deploy/prometheus/alerts.yml"),
+        prom_dir.join("alerts.yml"),
     )
     .unwrap();
-    let out = run(Command::new(&promtool).args(["check", "config"]).arg(&cfg));
+    let mut cfg = read("deploy/prometheus/prometheus.yml")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+        .replace("localhost:9090", &format!("127.0.0.1:{prom_port}"));
+    for (key, port) in &stack.ports {
+        cfg = cfg.replace(&format!("\"{key}\""), &format!("\"127.0.0.1:{port}\""));
+    }
+    for name in stack.services.keys() {
+        assert!(
+            !cfg.contains(&format!("\"{name}:")),
+            "a target of {name} is not mapped:\n{cfg}"
+        );
+    }
+    let cfg_file = prom_dir.join("prometheus.yml");
+    std::fs::write(&cfg_file, &cfg).unwrap();
+    let out = run(Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(&cfg_file));
     assert_ok("promtool check config (live)", &out);
     let prom_log = t.join("prometheus.log");
     let mut prom = Proc::spawn(
         "prometheus",
         Command::new(prometheus)
-            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--config.file={}", cfg_file.display()))
             .arg(format!("--storage.tsdb.path={}", t.join("tsdb").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
         &prom_log,
     );
     let prom_addr: SocketAddr = ([127, 0, 0, 1], prom_port).into();
 
-    // Wait until both targets have been scraped for a while and the members
-    // have produced traffic through the gateway to the UDC.
-    wait_for(
-        "traffic seen by prometheus",
-        Duration::from_secs(180),
+    // An operator's ad-hoc round next to the compose file's schedule, as
+    // deploy/README.md shows it (`udc round start` in the `rounds` service).
+    let rounds = &compose["services"]["rounds"];
+    let mut argv = strings(&rounds["command"]);
+    let at = argv.iter().position(|a| a == "schedule").unwrap();
+    argv.truncate(at);
+    argv.extend(
+        [
+            "start",
+            "--group",
+            "1",
+            "--mode",
+            "psk",
+            "--purpose",
+            "auth",
+        ]
+        .map(String::from),
+    );
+    let admin_args: Vec<String> = strings(&rounds["command"])
+        .windows(2)
+        .filter(|w| w[0] == "--admin" || w[0] == "--token-file")
+        .flat_map(|w| w.to_vec())
+        .collect();
+    argv.extend(admin_args);
+    let udc_admin = stack.admin("udc");
+    start_rounds_until_answered(
         || {
-            for (p, log) in [
-                (&mut udc, &udc_log),
-                (&mut gw, &gw_log),
-                (&mut prom, &prom_log),
-            ] {
-                p.alive(log);
-            }
-            let _ = sim.1.try_wait();
-            let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
-            (ok("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
-                && ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
-                && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
-                && ok("increase(dapgw_batches_total{outcome=\"ok\"}[1m]) > 0"))
-            .then_some(())
+            let out = run(&mut stack.command_with("rounds", rounds, &argv));
+            assert_ok("dapgw udc round start", &out);
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("\"round\""),
+                "{}",
+                text(&out)
+            );
+        },
+        || {
+            let page = metrics(udc_admin);
+            sample(
+                &page,
+                "dapgw_udc_members_authenticated_total",
+                "mode=\"psk\"",
+            ) > 0.0
         },
     );
 
-    // promtool check metrics on both real pages.
-    for (name, addr) in [("gateway", gw_admin_addr), ("udc", udc_admin_addr)] {
-        let (status, page) = http_get(addr, "/metrics").unwrap();
+    // Wait until every target has been scraped for a while and members
+    // have produced traffic through both gateways to the UDC.
+    let traffic = Instant::now();
+    wait_for(
+        "traffic seen by prometheus",
+        Duration::from_secs(240),
+        || {
+            stack.alive();
+            prom.alive(&prom_log);
+            let ok = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n > 0);
+            let per_gateway = |q: &str| prom_query(prom_addr, q).is_ok_and(|n| n == 2);
+            (ok("count_over_time(up{job=\"dapgw-udc\"}[1m]) > 20")
+                && per_gateway("count_over_time(up{job=\"dapgw-gateway\"}[1m]) > 20")
+                && ok("increase(dapgw_udc_members_authenticated_total[1m]) > 0")
+                && ok("increase(dapgw_udc_readings_total[1m]) > 0")
+                && per_gateway(
+                    "sum by (instance) (increase(dapgw_batches_total{outcome=\"ok\"}[1m])) > 0",
+                ))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "traffic through both gateways after {:?}",
+        traffic.elapsed()
+    );
+
+    // promtool check metrics on every real page.
+    let mut pages = vec!["udc".to_string()];
+    pages.extend(gateways.iter().cloned());
+    for name in &pages {
+        let (status, page) = http_get(stack.admin(name), "/metrics").unwrap();
         assert_eq!(status, 200, "{name} /metrics");
         let mut child = Command::new(&promtool)
             .args(["check", "metrics"])
@@ -1436,16 +1876,26 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
             &format!("promtool check metrics ({name})"),
             &child.wait_with_output().unwrap(),
         );
+        if name.starts_with("gateway-") {
+            // The limit the spool alerts compare against: the default.
+            let max = GatewayConfig::default().spool_max_bytes.get();
+            assert!(
+                page.contains(&format!("\ndapgw_spool_max_bytes {max}\n")),
+                "{name}: dapgw_spool_max_bytes"
+            );
+        }
     }
 
-    // Every dashboard expression returns data.
+    // Every dashboard expression returns data, for each gateway alone too.
     let mut failures = Vec::new();
+    let mut checked = 0;
     for (name, d) in dashboards() {
         for e in panel_exprs(&name, &d)
             .into_iter()
             .chain(variable_exprs(&name, &d))
         {
             let q = substitute(&e.promql, "30s");
+            checked += 1;
             match prom_query(prom_addr, &q) {
                 Ok(0) => failures.push(format!("{}: empty result for {q}", e.origin)),
                 Ok(_) => {}
@@ -1456,6 +1906,7 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
     // Every alert expression evaluates, and each series it selects exists
     // (the alert itself is quiet on a healthy site).
     for (name, e) in alert_exprs(&read("deploy/prometheus/alerts.yml")) {
+        checked += 1;
         if let Err(err) = prom_query(prom_addr, &e.promql) {
             failures.push(format!("alert {name}: {err}"));
         }
@@ -1468,5 +1919,524 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    drop(sim);
+    eprintln!("{checked} dashboard and alert expressions returned data");
+    // No alert fires on the healthy stack.
+    let firing = prom_query(prom_addr, "ALERTS{alertstate=\"firing\"}").unwrap();
+    assert_eq!(firing, 0, "alerts fire on a healthy stack");
+    drop(stack);
+}
+
+// ---------------------------------------------------------------------------
+// README troubleshooting: what the operator sees, observed
+// ---------------------------------------------------------------------------
+
+/// The README troubleshooting row whose first cell starts with `problem`.
+fn troubleshooting_row(problem: &str) -> String {
+    let readme = read("README.md");
+    let at = readme
+        .find("### Troubleshooting")
+        .expect("README troubleshooting");
+    readme[at..]
+        .lines()
+        .find(|l| l.starts_with(&format!("| {problem}")))
+        .unwrap_or_else(|| panic!("README troubleshooting has no row `{problem}`"))
+        .to_string()
+}
+
+/// `phrase` is in the README row and in what was observed.
+fn seen(row: &str, observed: &str, phrase: &str) {
+    assert!(row.contains(phrase), "README row lacks `{phrase}`: {row}");
+    assert!(
+        observed.contains(phrase),
+        "README says `{phrase}`, but it was not observed:\n{observed}"
+    );
+}
+
+/// The value of an unlabelled sample, or the sum of a family's samples
+/// whose labels contain `labels`.
+fn sample(page: &str, name: &str, labels: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A gateway's environment with everything but the upstream fixed.
+fn gateway_env(cmd: &mut Command, pki: &Path, listen: u16, admin: u16, spool: &Path) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAPGW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("gateway")
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", pki.join("client-gw-1.pem"))
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", pki.join("client-gw-1.key"))
+        .env("DAPGW_GATEWAY_ID", "gw-1")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{listen}"))
+        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+        .env("DAPGW_TLS_KEY", pki.join("server.key"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DAPGW_SPOOL_DIR", spool)
+        .env("DAPGW_DRAIN_GRACE_MS", "1000");
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    http_get(admin, "/metrics").map(|r| r.1).unwrap_or_default()
+}
+
+/// The README's rows for an unreachable upstream and for certificate
+/// errors, checked against a real gateway.
+#[test]
+fn readme_troubleshooting_upstream_and_certificates() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, other) = (t.join("pki"), t.join("other-pki"));
+    for dir in [&pki, &other] {
+        let out = run(Command::new(bin)
+            .args(["keys", "dev-pki", "--out"])
+            .arg(dir)
+            .args(["--client", "gw-1"]));
+        assert_ok("dapgw keys dev-pki", &out);
+    }
+
+    // Upstream unreachable: nothing listens on the UDC's port.
+    let row = troubleshooting_row("upstream unreachable");
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let log = t.join("unreachable.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool-1"));
+    cmd.env(
+        "DAPGW_UPSTREAM_URL",
+        format!("https://127.0.0.1:{}", free_port()),
+    )
+    .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"));
+    let mut gw = Proc::spawn("gateway (unreachable upstream)", &mut cmd, &log);
+    let observed = wait_for("the upstream warnings", Duration::from_secs(60), || {
+        gw.alive(&log);
+        let l = std::fs::read_to_string(&log).unwrap();
+        (l.contains("downlink pull failed") && l.contains("subscription not sent")).then_some(l)
+    });
+    let (status, ready) = http_get(admin_addr, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    let page = metrics(admin_addr);
+    let observed = format!("{observed}\n/readyz 503 {ready}\n{page}");
+    for phrase in [
+        "downlink pull failed; retrying error=connecting to the udc: Connection refused (os error 111)",
+        "subscription not sent; retrying",
+        "dapgw_upstream_up 0",
+        "{\"not_ready\":[\"upstream\"],\"ready\":false}",
+    ] {
+        seen(&row, &observed, phrase);
+    }
+    drop(gw);
+
+    // Certificate errors: the "UDC" (here the gateway's own member
+    // listener) shows a certificate of another CA.
+    let row = troubleshooting_row("certificate errors");
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let log = t.join("bad-ca.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool-2"));
+    cmd.env("DAPGW_UPSTREAM_URL", format!("https://127.0.0.1:{listen}"))
+        .env("DAPGW_UPSTREAM_CA", other.join("ca.pem"));
+    let mut gw = Proc::spawn("gateway (wrong upstream CA)", &mut cmd, &log);
+    let observed = wait_for("the certificate warning", Duration::from_secs(60), || {
+        gw.alive(&log);
+        let l = std::fs::read_to_string(&log).unwrap();
+        l.contains("invalid peer certificate").then_some(l)
+    });
+    let observed = format!("{observed}\n{}", metrics(admin_addr));
+    for phrase in [
+        "retrying error=tls handshake with the udc: invalid peer certificate: ",
+        "invalid peer certificate: BadSignature",
+        "dapgw_upstream_up 0",
+    ] {
+        seen(&row, &observed, phrase);
+    }
+}
+
+/// The README's spool-full row (and the recovery its upstream row
+/// promises), checked with a real UDC, gateway and members: readings flow,
+/// the UDC goes away, a 1 MiB spool fills and pushes members back, the UDC
+/// returns and the spool drains.
+#[test]
+fn readme_troubleshooting_spool_full_and_recovery() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, keys, creds) = (t.join("pki"), t.join("keys"), t.join("members.json"));
+    for args in [
+        vec![
+            "keys",
+            "dev-pki",
+            "--out",
+            pki.to_str().unwrap(),
+            "--client",
+            "gw-1",
+        ],
+        vec!["keys", "init", "--out", keys.to_str().unwrap()],
+        vec![
+            "keys",
+            "members",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--from",
+            "1",
+            "--count",
+            "50",
+            "--groups",
+            "7",
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+    ] {
+        assert_ok(
+            &format!("dapgw {args:?}"),
+            &run(Command::new(bin).args(&args)),
+        );
+    }
+    let token = t.join("admin-token");
+    std::fs::write(&token, format!("token-{}", std::process::id())).unwrap();
+
+    let (udc_port, udc_admin, listen, admin) = (free_port(), free_port(), free_port(), free_port());
+    let udc_admin_addr = SocketAddr::from(([127, 0, 0, 1], udc_admin));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let udc_cmd = || {
+        let mut c = Command::new(bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                c.env_remove(k);
+            }
+        }
+        c.arg("udc")
+            .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
+            .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
+            .env("DAPGW_ADMIN_TOKEN_FILE", &token)
+            .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+            .env("DAPGW_TLS_KEY", pki.join("server.key"))
+            .env("DAPGW_CLIENT_CA", pki.join("ca.pem"))
+            .env(
+                "DAPGW_STORE_URL",
+                format!("sqlite://{}", t.join("udc.sqlite3").display()),
+            )
+            .env("DAPGW_MASTER_SECRET_FILE", keys.join("master.key"))
+            .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage.key"))
+            .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing.key"))
+            .env("DAPGW_KEY_CERT_FILE", keys.join("signing.cert"));
+        c
+    };
+    let udc_log = t.join("udc.log");
+    let mut udc = Some(Proc::spawn("udc", &mut udc_cmd(), &udc_log));
+    let gw_log = t.join("gateway.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool"));
+    cmd.env(
+        "DAPGW_UPSTREAM_URL",
+        format!("https://127.0.0.1:{udc_port}"),
+    )
+    .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
+    .env("DAPGW_SPOOL_MAX_BYTES", "1MiB");
+    let mut gw = Proc::spawn("gateway", &mut cmd, &gw_log);
+    wait_for("gateway ready", Duration::from_secs(60), || {
+        gw.alive(&gw_log);
+        http_get(admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+    let operator = |args: &[&str]| {
+        let out = run(Command::new(bin)
+            .arg("udc")
+            .args(args)
+            .arg("--admin")
+            .arg(udc_admin_addr.to_string())
+            .arg("--token-file")
+            .arg(&token));
+        assert_ok(&format!("dapgw udc {args:?}"), &out);
+    };
+    operator(&[
+        "members",
+        "--import",
+        &format!("{}.import.json", creds.display()),
+    ]);
+    let sim_log = t.join("sim.log");
+    let _sim = Proc::spawn(
+        "sim",
+        Command::new(bin)
+            .args(["sim", "--gateway", &format!("https://127.0.0.1:{listen}")])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--credentials")
+            .arg(&creds)
+            .arg("--state-dir")
+            .arg(t.join("sim"))
+            .args(["--reading-interval-ms", "20"]),
+        &sim_log,
+    );
+    // Members attach, then a read round gives them sessions to send
+    // readings in.
+    wait_for("members attached", Duration::from_secs(60), || {
+        (sample(&metrics(admin_addr), "dapgw_members_connected", "") > 0.0).then_some(())
+    });
+    start_rounds_until_answered(
+        || {
+            operator(&[
+                "round",
+                "start",
+                "--group",
+                "7",
+                "--mode",
+                "psk-ecdhe",
+                "--purpose",
+                "read",
+                "--read-request",
+                "01",
+            ])
+        },
+        || {
+            sample(
+                &metrics(udc_admin_addr),
+                "dapgw_udc_members_authenticated_total",
+                "",
+            ) > 0.0
+        },
+    );
+    wait_for("readings at the UDC", Duration::from_secs(90), || {
+        gw.alive(&gw_log);
+        let page = metrics(udc_admin_addr);
+        (sample(&page, "dapgw_udc_readings_total", "") > 100.0).then_some(())
+    });
+
+    // The UDC goes away; the spool fills and members are pushed back.
+    drop(udc.take());
+    let page = wait_for("spool full", Duration::from_secs(180), || {
+        gw.alive(&gw_log);
+        let page = metrics(admin_addr);
+        (sample(&page, "dapgw_spool_rejected_total", "") > 0.0).then_some(page)
+    });
+    let row = troubleshooting_row("spool full");
+    let max = sample(&page, "dapgw_spool_max_bytes", "");
+    assert_eq!(max, 1048576.0);
+    assert!(
+        sample(&page, "dapgw_spool_bytes", "") >= 0.9 * max,
+        "{page}"
+    );
+    assert!(
+        sample(
+            &page,
+            "dapgw_member_requests_total",
+            "outcome=\"overloaded\""
+        ) > 0.0,
+        "{page}"
+    );
+    for phrase in [
+        "`dapgw_spool_bytes` at `dapgw_spool_max_bytes`",
+        "`dapgw_spool_rejected_total`",
+        "`dapgw_member_requests_total{outcome=\"overloaded\"}`",
+    ] {
+        assert!(row.contains(phrase), "README row lacks {phrase}: {row}");
+    }
+    let up_row = troubleshooting_row("upstream unreachable");
+    let log = std::fs::read_to_string(&gw_log).unwrap();
+    seen(&up_row, &log, "batch not delivered; retrying batch=");
+    assert!(sample(&page, "dapgw_batches_total", "outcome=\"error\"") > 0.0);
+
+    // The UDC returns: the link comes up and the spool drains.
+    let peak = sample(&page, "dapgw_spool_bytes", "");
+    let _udc = Proc::spawn("udc (again)", &mut udc_cmd(), &t.join("udc-2.log"));
+    wait_for("spool draining", Duration::from_secs(180), || {
+        gw.alive(&gw_log);
+        let page = metrics(admin_addr);
+        (sample(&page, "dapgw_upstream_up", "") == 1.0
+            && sample(&page, "dapgw_spool_bytes", "") < peak / 2.0)
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(&gw_log).unwrap();
+    let after = &log[log.rfind("batch not delivered").unwrap()..];
+    seen(&up_row, after, "upstream link up udc=");
+}
+
+/// `DAPGW_*` settings of an env file (`K=V`) or a ConfigMap's data
+/// (`K: V`, quotes stripped); comments skipped.
+fn settings_of(file: &str) -> Vec<(String, String)> {
+    read(file)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("DAPGW_"))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .or_else(|| l.split_once(": "))
+                .unwrap_or_else(|| panic!("{file}: {l}"));
+            (k.to_string(), v.trim().trim_matches('"').to_string())
+        })
+        .collect()
+}
+
+/// The systemd env example and the Kubernetes ConfigMap start a gateway
+/// as written: only file paths (onto a dev PKI), listen addresses and the
+/// upstream (a closed port) are replaced; every other value is parsed by
+/// the real binary, and the spool limit it reports is the one written.
+#[test]
+fn env_example_and_configmap_start_a_gateway() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let pki = t.join("pki");
+    let out = run(Command::new(bin)
+        .args(["keys", "dev-pki", "--out"])
+        .arg(&pki)
+        .args(["--client", "gw-1"]));
+    assert_ok("dapgw keys dev-pki", &out);
+    // The file names deploy/ uses for the gateway's TLS material.
+    let files = [
+        ("upstream-ca.pem", "ca.pem"),
+        ("client.pem", "client-gw-1.pem"),
+        ("client.key", "client-gw-1.key"),
+        ("server.pem", "server.pem"),
+        ("server.key", "server.key"),
+    ];
+    for (file, extra) in [
+        ("deploy/systemd/gateway.env.example", None),
+        // The StatefulSet sets the id from the pod name.
+        (
+            "deploy/kubernetes/gateway-configmap.yaml",
+            Some(("DAPGW_GATEWAY_ID", "dapgw-gateway-0")),
+        ),
+    ] {
+        let mut settings = settings_of(file);
+        settings.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
+        let admin = free_port();
+        let mut cmd = Command::new(bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("gateway");
+        let mut max = GatewayConfig::default().spool_max_bytes.get().to_string();
+        for (k, v) in &settings {
+            let v = match k.as_str() {
+                "DAPGW_UPSTREAM_URL" => format!("https://127.0.0.1:{}", free_port()),
+                "DAPGW_LISTEN" => format!("127.0.0.1:{}", free_port()),
+                "DAPGW_ADMIN_LISTEN" => continue,
+                "DAPGW_SPOOL_DIR" => t.join(format!("spool-{admin}")).display().to_string(),
+                _ => match v.strip_prefix("/etc/dapgw/tls/") {
+                    Some(name) => {
+                        let dev = files
+                            .iter()
+                            .find(|f| f.0 == name)
+                            .unwrap_or_else(|| panic!("{file}: unknown file {name}"))
+                            .1;
+                        pki.join(dev).display().to_string()
+                    }
+                    None => v.clone(),
+                },
+            };
+            if k == "DAPGW_SPOOL_MAX_BYTES" {
+                max = v.replace("MiB", "");
+                max = (max.parse::<u64>().unwrap() << 20).to_string();
+            }
+            cmd.env(k, v);
+        }
+        cmd.env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
+        if !settings.iter().any(|s| s.0 == "DAPGW_SPOOL_DIR") {
+            // The unit's StateDirectory holds the default spool.
+            cmd.env("DAPGW_SPOOL_DIR", t.join(format!("spool-{admin}")));
+        }
+        let log = t.join(format!("gateway-{admin}.log"));
+        let mut gw = Proc::spawn(file, &mut cmd, &log);
+        let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+        let page = wait_for(file, Duration::from_secs(60), || {
+            gw.alive(&log);
+            http_get(admin_addr, "/healthz")
+                .filter(|(s, _)| *s == 200)
+                .and_then(|_| http_get(admin_addr, "/metrics"))
+                .map(|r| r.1)
+        });
+        assert!(
+            page.contains(&format!("\ndapgw_spool_max_bytes {max}\n")),
+            "{file}: spool limit {max}"
+        );
+    }
+}
+
+/// The Dockerfile's from-source stage copies every file `cargo build`
+/// reads: the manifest's declared targets and every `include_str!` /
+/// `include_bytes!` of the sources (the UDC embeds its SQL migrations).
+#[test]
+fn builder_stage_copies_every_file_the_build_reads() {
+    let dockerfile = read("deploy/Dockerfile");
+    let stage = dockerfile
+        .split("\nFROM ")
+        .find(|s| s.contains("AS builder"))
+        .expect("a builder stage");
+    let copied: Vec<&str> = stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let is_copied = |rel: &str| {
+        copied
+            .iter()
+            .any(|c| rel == *c || rel.starts_with(&format!("{}/", c.trim_end_matches('/'))))
+    };
+    let mut needed = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    // Declared benches without a path live in benches/NAME.rs.
+    let manifest = read("Cargo.toml");
+    for block in manifest.split("[[bench]]").skip(1) {
+        let name = block
+            .lines()
+            .find_map(|l| l.strip_prefix("name = "))
+            .unwrap()
+            .trim_matches('"');
+        needed.push(format!("benches/{name}.rs"));
+    }
+    // Files the sources embed, resolved against the including file.
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let src = std::fs::read_to_string(&p).unwrap_or_default();
+            for mac in ["include_str!(\"", "include_bytes!(\""] {
+                for (at, _) in src.match_indices(mac) {
+                    let rest = &src[at + mac.len()..];
+                    let rel = &rest[..rest.find('"').unwrap()];
+                    let mut path = p.parent().unwrap().to_path_buf();
+                    for c in Path::new(rel).components() {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                path.pop();
+                            }
+                            other => path.push(other),
+                        }
+                    }
+                    let rel = path.strip_prefix(root()).unwrap();
+                    needed.push(rel.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        needed.iter().any(|n| n.starts_with("migrations/")),
+        "{needed:?}"
+    );
+    for n in &needed {
+        assert!(root().join(n).is_file(), "{n} does not exist");
+        assert!(
+            is_copied(n),
+            "the builder stage does not copy {n} ({copied:?})"
+        );
+    }
 }

@@ -171,6 +171,9 @@ pub async fn run(
         .await
         .map_err(|_| SpoolError::Closed)??;
     readiness.set_spool(true);
+    metrics
+        .spool_max_bytes
+        .set(i64::try_from(max).unwrap_or(i64::MAX));
     update_spool_gauges(&spool, &metrics);
 
     let attached = Arc::new(Attached::new());
