@@ -587,7 +587,8 @@ impl Agent {
                             &mut rand_core::UnwrapErr(getrandom::SysRng),
                         ) {
                             Ok(out) => {
-                                store(&self.path, self.cursor, out.state(), self.config.fsync).await?;
+                                store(&self.path, self.cursor, out.state(), self.config.fsync)
+                                    .await?;
                                 self.stats.bump(&self.stats.rounds_answered);
                                 Some(out.persisted())
                             }
