@@ -156,7 +156,18 @@ pub async fn run(
     readiness.set_spool(true);
     update_spool_gauges(&spool, &metrics);
 
+    // The members attached before a restart: their groups stay subscribed
+    // and their rounds expect them.
     let attached = Arc::new(Attached::new());
+    let restored = spool.attached_members().await?;
+    if !restored.is_empty() {
+        tracing::info!(members = restored.len(), "restored the attach registry");
+    }
+    for (member, groups) in restored {
+        if attached.attach(member, &groups).is_err() {
+            break;
+        }
+    }
     let sealed = Arc::new(Notify::new());
     let (drain_tx, drain_rx) = watch::channel(false);
     let (flushed_tx, flushed_rx) = watch::channel(false);
@@ -335,8 +346,8 @@ async fn reload_on_sighup(server: tls::ReloadableServer, client: tls::Reloadable
 
 /// Which members are attached, and to which groups: a routing hint for the
 /// collector (who to expect in a round) and for the upstream subscriptions
-/// (whose downlink to pull). Kept in memory; members re-attach after a
-/// gateway restart.
+/// (whose downlink to pull). Kept in memory and persisted in the spool by
+/// the attach endpoint, so a restarted gateway starts with it.
 #[derive(Debug)]
 pub struct Attached {
     inner: Mutex<AttachedInner>,
@@ -372,12 +383,14 @@ impl Attached {
         }
     }
 
-    /// Records (or replaces) `member`'s groups.
-    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<(), AttachFull> {
-        let mut groups = groups.to_vec();
-        groups.sort_unstable();
-        groups.dedup();
+    /// Records (or replaces) `member`'s groups; true when that changed
+    /// what was recorded (the caller persists it then).
+    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+        let groups = normalize_groups(groups);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.members.get(&member) == Some(&groups) {
+            return Ok(false);
+        }
         if !inner.members.contains_key(&member) && inner.members.len() >= MAX_ATTACHED_MEMBERS {
             return Err(AttachFull(inner.members.len()));
         }
@@ -401,7 +414,7 @@ impl Attached {
             *cur = list;
             changed
         });
-        Ok(())
+        Ok(true)
     }
 
     /// The members attached to `group`, sorted.
@@ -434,6 +447,14 @@ impl Attached {
     }
 }
 
+/// A group list as the registry keeps it: sorted, without repeats.
+pub(crate) fn normalize_groups(groups: &[u32]) -> Vec<u32> {
+    let mut groups = groups.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,7 +463,8 @@ mod tests {
     fn attach_replaces_groups_and_tracks_the_group_list() {
         let a = Attached::new();
         let rx = a.subscribe_groups();
-        a.attach(1, &[7, 3, 7]).unwrap();
+        assert!(a.attach(1, &[7, 3, 7]).unwrap());
+        assert!(!a.attach(1, &[3, 7]).unwrap(), "the same groups again");
         a.attach(2, &[3]).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 7]);
         assert_eq!(a.members_of(3), vec![MemberId(1), MemberId(2)]);

@@ -625,9 +625,22 @@ async fn attach(
         ));
     }
     check_identity(ctx, identity, parsed.member)?;
-    ctx.attached
+    let changed = ctx
+        .attached
         .attach(parsed.member, &parsed.groups)
         .map_err(|e| Refusal::overloaded("attach_full", e.to_string(), 60))?;
+    // Durable before the answer, so a restarted gateway still routes for
+    // this member.
+    if changed {
+        let groups = super::normalize_groups(&parsed.groups);
+        ctx.spool
+            .set_attached(parsed.member, &groups)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "attach not persisted");
+                Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
+            })?;
+    }
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"cursor": ctx.spool.last_cursor()}),

@@ -177,6 +177,21 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX entries_uplink_slot;
      CREATE INDEX entries_round_slot ON entries(grp, round, member) WHERE kind = 1;
      CREATE INDEX entries_uplink_slot ON entries(member, sort_key) WHERE kind = 2;",
+    // v3: the routing state that must survive a restart: which members are
+    // attached to which groups (the subscription and who a round expects),
+    // and the rounds whose challenge was relayed (so their responses are
+    // still taken after a restart).
+    "CREATE TABLE attached (
+        member INTEGER PRIMARY KEY,         -- u64 as its i64 bit pattern
+        groups BLOB    NOT NULL             -- u32 big-endian each, sorted
+     ) WITHOUT ROWID;
+     CREATE TABLE open_rounds (
+        grp         INTEGER NOT NULL,
+        round       INTEGER NOT NULL,
+        mode        INTEGER NOT NULL,
+        deadline_ms INTEGER NOT NULL,       -- unix ms
+        PRIMARY KEY (grp, round)
+     ) WITHOUT ROWID;",
 ];
 
 /// Errors of the spool boundary.
@@ -422,6 +437,19 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
+/// A round whose challenge the gateway relayed, as the spool records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenRoundRow {
+    /// The group.
+    pub group: u32,
+    /// The round number.
+    pub round: u64,
+    /// The round's mode code (`wire::Mode`).
+    pub mode: u8,
+    /// When the gateway closes it (unix ms).
+    pub deadline_ms: u64,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
@@ -455,6 +483,16 @@ enum Request {
     SetMeta {
         key: String,
         value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    SetAttached {
+        member: u64,
+        groups: Vec<u32>,
+        reply: Reply<()>,
+    },
+    SetRound {
+        round: OpenRoundRow,
+        now_ms: u64,
         reply: Reply<()>,
     },
     Shutdown(oneshot::Sender<()>),
@@ -957,6 +995,89 @@ impl Spool {
         .await
     }
 
+    /// Durably records that `member` is attached to `groups` (replacing
+    /// what was recorded), so a restarted gateway still subscribes to its
+    /// groups and expects it in their rounds. Not counted in
+    /// [`Spool::bytes`]: the registry is bounded by the attach cap, not by
+    /// the spool bound, so attaching never fails for a full spool.
+    pub async fn set_attached(&self, member: u64, groups: &[u32]) -> Result<(), SpoolError> {
+        if groups.len() > MAX_READ_GROUPS {
+            return Err(SpoolError::Invalid("too many groups"));
+        }
+        let groups = groups.to_vec();
+        self.call(|reply| Request::SetAttached {
+            member,
+            groups,
+            reply,
+        })
+        .await
+    }
+
+    /// Every recorded attachment: `(member, groups)`, by member.
+    pub async fn attached_members(&self) -> Result<Vec<(u64, Vec<u32>)>, SpoolError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT member, groups FROM attached ORDER BY member")?;
+            let rows = st.query_map([], |r| Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (member, blob) = row?;
+                if blob.len() % 4 != 0 || blob.len() / 4 > MAX_READ_GROUPS {
+                    return Err(SpoolError::Invalid("stored groups of an attached member"));
+                }
+                let groups = blob
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                out.push((member, groups));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Durably records a round whose challenge is being relayed (replacing
+    /// its previous record), and forgets rounds whose deadline is before
+    /// `now_ms`.
+    pub async fn set_open_round(&self, round: OpenRoundRow, now_ms: u64) -> Result<(), SpoolError> {
+        self.call(|reply| Request::SetRound {
+            round,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// The recorded rounds whose deadline is at or after `now_ms`.
+    pub async fn open_rounds(&self, now_ms: u64) -> Result<Vec<OpenRoundRow>, SpoolError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT grp, round, mode, deadline_ms FROM open_rounds \
+                 WHERE deadline_ms >= ?1 ORDER BY grp, round",
+            )?;
+            let rows = st.query_map([clamp(now_ms)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (g, round, mode, deadline) = row?;
+                let bad = || SpoolError::Invalid("stored open round");
+                out.push(OpenRoundRow {
+                    group: u32::try_from(g).map_err(|_| bad())?,
+                    round: i2u(round),
+                    mode: u8::try_from(mode).map_err(|_| bad())?,
+                    deadline_ms: i2u(deadline),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Accounted bytes stored (entries, batches, downlink, records).
     pub fn bytes(&self) -> u64 {
         self.inner.shared.bytes.load(Ordering::Relaxed)
@@ -1177,7 +1298,10 @@ fn fail(req: Request, err: SpoolError) -> Pending {
         Request::Append(_, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
-        Request::Seal { reply, .. } | Request::SetMeta { reply, .. } => pending(reply, Err(err)),
+        Request::Seal { reply, .. }
+        | Request::SetMeta { reply, .. }
+        | Request::SetAttached { reply, .. }
+        | Request::SetRound { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
             pending(reply, Err(err))
         }
@@ -1320,6 +1444,48 @@ impl Writer {
                     w.conn
                         .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                         .execute(params![key, value])?;
+                    Ok(())
+                }),
+            ),
+            Request::SetAttached {
+                member,
+                groups,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
+                    w.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO attached (member, groups) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![u2i(member), blob])?;
+                    Ok(())
+                }),
+            ),
+            Request::SetRound {
+                round,
+                now_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    // Rounds past their deadline are of no use after a
+                    // restart; they go as new ones come.
+                    w.conn
+                        .prepare_cached("DELETE FROM open_rounds WHERE deadline_ms < ?1")?
+                        .execute([clamp(now_ms)])?;
+                    w.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO open_rounds (grp, round, mode, deadline_ms) \
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![
+                            i64::from(round.group),
+                            clamp(round.round),
+                            i64::from(round.mode),
+                            clamp(round.deadline_ms)
+                        ])?;
                     Ok(())
                 }),
             ),
