@@ -1123,3 +1123,52 @@ async fn gateway_memory_holds_no_key() {
     );
     assert!(gw.term().await.success());
 }
+
+/// A round whose challenge the gateway relayed before a SIGKILL: after the
+/// restart the members' responses are still taken (202, not 409
+/// `round_not_open`), V confirms them, and the restarted gateway counts the
+/// round complete (it expected the members attached before the kill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_round_survives_a_gateway_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut w = World::new();
+    let _udc = w.start_udc().await;
+    let gw = w.start_gateway(true).await;
+    let ids = [1u64, 2];
+    w.import(&ids).await;
+    let c = GatewayClient::new(w.client_options(1)).unwrap();
+    let mut drivers = Vec::new();
+    for id in ids {
+        let member = Member::new(&w.credential(id)).unwrap();
+        let cursor = c
+            .attach(MemberId(id), &[GroupId(G)], Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        drivers.push(Driver { id, member, cursor });
+    }
+    w.wait_subscribed().await;
+    let round = w.open_round("psk").await;
+    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let mut responses = Vec::new();
+    for d in &mut drivers {
+        let ch = d.next(&c, MessageType::Challenge).await;
+        let Challenged::Answer(answer) = d.member.handle_challenge(&ch, None).unwrap() else {
+            panic!("a fresh challenge")
+        };
+        responses.push(answer.respond(b"", &mut rng).unwrap().persisted());
+    }
+    gw.kill9();
+    w.hold_gw_ports();
+    let gw = w.start_gateway(true).await;
+    for r in responses {
+        post(&c, r).await;
+    }
+    for d in &mut drivers {
+        let conf = d.next(&c, MessageType::Confirm).await;
+        d.member.handle_confirm(&conf).unwrap().persisted();
+    }
+    w.wait_round_accepted(round, 2).await;
+    wait_metric(&w, "dapgw_rounds_total{outcome=\"complete\"}", 1.0).await;
+    assert!(gw.term().await.success());
+}

@@ -1030,6 +1030,8 @@ impl Spool {
                     .collect();
                 out.push((member, groups));
             }
+            // Stored as i64: ids above i64::MAX come first in SQL order.
+            out.sort_unstable_by_key(|(m, _)| *m);
             Ok(out)
         })
         .await
