@@ -463,6 +463,53 @@ async fn tag_requests_are_answered_from_kept_tags() {
     gw.stop().await;
 }
 
+/// A batch the UDC refuses outright (400) becomes a dead letter: kept in
+/// the spool with its exact bytes and the UDC's reason, counted in
+/// `dapgw_batches_total{outcome="rejected"}` and
+/// `dapgw_dead_letter_batches`, and it does not block later batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_become_dead_letters() {
+    let (pki, udc, dir, gw) = setup().await;
+    udc.set_mode(UdcMode::Refusing);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let refused = uplink(8, 2, 1, b"refused");
+    assert_eq!(
+        c.post(refused.to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    let start = std::time::Instant::now();
+    while gw.metric("dapgw_dead_letter_batches").await < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no dead letter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gw.metric("dapgw_batches_total{kind=\"uplink\",outcome=\"rejected\"}")
+            .await,
+        1.0
+    );
+    // Later batches go through.
+    udc.set_mode(UdcMode::Up);
+    assert_eq!(
+        c.post(uplink(8, 2, 2, b"fine").to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    udc.wait_until("the next batch", |s| s.applied.lock().unwrap().len() == 1)
+        .await;
+    gw.stop().await;
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let dead = spool.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].status, dead[0].entries), (400, 1));
+    assert!(dead[0].reason.contains("refused by the test"), "{dead:?}");
+    let batch = dapgw::protocol::wire::Batch::decode(&dead[0].bytes).unwrap();
+    let dapgw::protocol::wire::BatchBody::Uplinks { entries } = &batch.body else {
+        panic!("an uplink batch")
+    };
+    assert_eq!(entries[0].c, refused.c);
+    assert_eq!(spool.entries(), 0);
+    spool.close().await;
+}
+
 /// SIGTERM-style drain: readiness is 503 at once, the listener stops
 /// accepting, and `run` returns within the grace time even with the UDC
 /// refusing batches; what was accepted stays in the spool and is delivered

@@ -145,6 +145,11 @@ pub async fn run(
 
     let registry = Registry::new();
     let metrics = GatewayMetrics::try_register(&registry)?;
+    let dead_letters = prometheus::IntGauge::new(
+        "dapgw_dead_letter_batches",
+        "Batches the UDC refused outright (400, 409, 413), kept in the spool's dead_letters table",
+    )?;
+    registry.register(Box::new(dead_letters.clone()))?;
     ProcessMetrics::register(&registry)?;
     let readiness = Readiness::gateway();
 
@@ -218,6 +223,7 @@ pub async fn run(
     tasks.spawn(housekeeping(
         spool.clone(),
         metrics.clone(),
+        dead_letters,
         readiness.clone(),
     ));
     tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls));
@@ -290,15 +296,23 @@ pub(crate) fn update_spool_gauges(spool: &Spool, metrics: &GatewayMetrics) {
         .set(i64::try_from(spool.entries()).unwrap_or(i64::MAX));
 }
 
-/// Refreshes the spool gauges, probes the spool, and prunes downlink items
-/// older than [`DOWNLINK_RETENTION`].
-async fn housekeeping(spool: Spool, metrics: GatewayMetrics, readiness: Readiness) {
+/// Refreshes the spool gauges (and `dapgw_dead_letter_batches`), probes the
+/// spool, and prunes downlink items older than [`DOWNLINK_RETENTION`].
+async fn housekeeping(
+    spool: Spool,
+    metrics: GatewayMetrics,
+    dead_letters: prometheus::IntGauge,
+    readiness: Readiness,
+) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
     loop {
         tick.tick().await;
         update_spool_gauges(&spool, &metrics);
+        if let Ok(n) = spool.dead_letter_count().await {
+            dead_letters.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(PRUNE_EVERY_TICKS) {
             // A successful write is also the spool's health probe.

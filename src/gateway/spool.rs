@@ -192,7 +192,21 @@ const MIGRATIONS: &[&str] = &[
         deadline_ms INTEGER NOT NULL,       -- unix ms
         PRIMARY KEY (grp, round)
      ) WITHOUT ROWID;",
+    // v4: batches the UDC refused outright (400, 409, 413), kept for the
+    // operator instead of dropped.
+    "CREATE TABLE dead_letters (
+        batch_id   INTEGER PRIMARY KEY,
+        status     INTEGER NOT NULL,        -- the UDC's HTTP status
+        reason     TEXT    NOT NULL,        -- the UDC's error body (capped)
+        entries    INTEGER NOT NULL,
+        bytes      BLOB    NOT NULL,        -- the batch exactly as sent
+        tags       BLOB    NOT NULL,        -- its individual tags
+        created_ms INTEGER NOT NULL
+     );",
 ];
+
+/// Most bytes of the UDC's refusal kept with a dead letter.
+pub const MAX_DEAD_LETTER_REASON: usize = 512;
 
 /// Errors of the spool boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -437,6 +451,23 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
+/// A batch the UDC refused outright, kept in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its batch id.
+    pub batch_id: u64,
+    /// The UDC's HTTP status.
+    pub status: u16,
+    /// The UDC's error body (at most [`MAX_DEAD_LETTER_REASON`] bytes).
+    pub reason: String,
+    /// Member entries it carried.
+    pub entries: u64,
+    /// The batch exactly as sent.
+    pub bytes: Bytes,
+    /// When it was refused (unix ms).
+    pub created_ms: u64,
+}
+
 /// A round whose challenge the gateway relayed, as the spool records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenRoundRow {
@@ -483,6 +514,13 @@ enum Request {
     SetMeta {
         key: String,
         value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        batch_id: u64,
+        status: u16,
+        reason: String,
+        now_ms: u64,
         reply: Reply<()>,
     },
     SetAttached {
@@ -995,6 +1033,61 @@ impl Spool {
         .await
     }
 
+    /// Completes a batch the UDC refused outright (`status`, with its error
+    /// body `reason`): in one transaction the batch (its exact bytes and
+    /// tags) is kept as a dead letter for the operator, and the batch and
+    /// its entries leave the pipeline, so later batches are not blocked
+    /// behind it. Never refused for space.
+    pub async fn dead_letter_batch(
+        &self,
+        batch_id: u64,
+        status: u16,
+        reason: &str,
+        now_unix_ms: u64,
+    ) -> Result<(), SpoolError> {
+        let reason = reason.to_owned();
+        self.call(|reply| Request::DeadLetter {
+            batch_id,
+            status,
+            reason,
+            now_ms: now_unix_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// How many dead letters are kept.
+    pub async fn dead_letter_count(&self) -> Result<u64, SpoolError> {
+        self.read(|c| {
+            Ok(i2u(c
+                .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+                .query_row([], |r| r.get(0))?))
+        })
+        .await
+    }
+
+    /// The dead letters kept, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT batch_id, status, reason, entries, bytes, created_ms
+                 FROM dead_letters ORDER BY created_ms, batch_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(DeadLetter {
+                    batch_id: i2u(r.get(0)?),
+                    status: u16::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    reason: r.get(2)?,
+                    entries: i2u(r.get(3)?),
+                    bytes: Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                    created_ms: i2u(r.get(5)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Durably records that `member` is attached to `groups` (replacing
     /// what was recorded), so a restarted gateway still subscribes to its
     /// groups and expects it in their rounds. Not counted in
@@ -1303,6 +1396,7 @@ fn fail(req: Request, err: SpoolError) -> Pending {
         Request::Seal { reply, .. }
         | Request::SetMeta { reply, .. }
         | Request::SetAttached { reply, .. }
+        | Request::DeadLetter { reply, .. }
         | Request::SetRound { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
             pending(reply, Err(err))
@@ -1448,6 +1542,16 @@ impl Writer {
                         .execute(params![key, value])?;
                     Ok(())
                 }),
+            ),
+            Request::DeadLetter {
+                batch_id,
+                status,
+                reason,
+                now_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| w.dead_letter(batch_id, status, &reason, now_ms)),
             ),
             Request::SetAttached {
                 member,
@@ -1756,6 +1860,79 @@ impl Writer {
         // The verdict's confirms are queued even if the spool is full: they
         // are what frees the member, and the entries just freed exceed them.
         self.push_downlink(downlink, now_ms, false)
+    }
+
+    /// Moves a refused batch into `dead_letters` and completes it (its
+    /// entries go, no confirm is queued). Dead letters are outside the
+    /// accounted bytes but kept to a quarter of `max_bytes`: the oldest go
+    /// first.
+    fn dead_letter(
+        &mut self,
+        batch_id: u64,
+        status: u16,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), SpoolError> {
+        let marker: [u8; 32] = Sha256::digest(format!("refused {status}")).into();
+        if self.completed_hash(batch_id)?.is_some() {
+            // Done before (a repeated call): the same answer as complete.
+            return self.complete(batch_id, &marker, &[], now_ms).map(|_| ());
+        }
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT bytes, tags FROM batches WHERE id = ?1")?
+            .query_row([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (bytes, tags) = row.ok_or(SpoolError::UnknownBatch(batch_id))?;
+        let entries: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM entries WHERE batch_id = ?1")?
+            .query_row([clamp(batch_id)], |r| r.get(0))?;
+        let mut end = reason.len().min(MAX_DEAD_LETTER_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters
+                 (batch_id, status, reason, entries, bytes, tags, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                clamp(batch_id),
+                i64::from(status),
+                &reason[..end],
+                entries,
+                bytes,
+                tags,
+                clamp(now_ms)
+            ])?;
+        // Oldest first out, never the one just kept.
+        let cap = self.max_bytes / 4;
+        loop {
+            let total: i64 = self
+                .conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(length(bytes) + length(tags) + length(reason)), 0)
+                     FROM dead_letters",
+                )?
+                .query_row([], |r| r.get(0))?;
+            if i2u(total) <= cap {
+                break;
+            }
+            let gone = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM dead_letters WHERE batch_id =
+                     (SELECT batch_id FROM dead_letters WHERE batch_id != ?1
+                      ORDER BY created_ms, batch_id LIMIT 1)",
+                )?
+                .execute([clamp(batch_id)])?;
+            if gone == 0 {
+                break;
+            }
+        }
+        self.complete(batch_id, &marker, &[], now_ms).map(|_| ())
     }
 
     fn push_downlink(

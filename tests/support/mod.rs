@@ -124,6 +124,8 @@ pub enum UdcMode {
     Failing,
     /// Asks for the tags of chunk 0 first, then answers finally.
     TagsFirst,
+    /// Refuses every batch outright (400 with a JSON reason).
+    Refusing,
 }
 
 #[derive(Default)]
@@ -322,6 +324,14 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
         (Method::POST, "/v1/batches") => {
             if mode == UdcMode::Failing {
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
+            }
+            if mode == UdcMode::Refusing {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(
+                        b"{\"error\":\"decode\",\"reason\":\"refused by the test\"}",
+                    ),
+                );
             }
             let Ok(batch) = Batch::decode(&body) else {
                 return answer(StatusCode::BAD_REQUEST, Bytes::from_static(b"{}"));
