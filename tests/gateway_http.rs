@@ -249,7 +249,8 @@ async fn bad_input_at_every_endpoint() {
 /// Byte-identical re-sends are accepted again with the same entry; a
 /// different message in the same slot is kept as an alternative (the gateway
 /// cannot tell which one the member sealed; V judges each on its tag) up to
-/// the cap, past which it is 409; a response for a round the gateway never
+/// the cap, past which it is 409, and one per source (a source's second
+/// different message is 409); a response for a round the gateway never
 /// relayed is 409 and is not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_and_idempotent_resends() {
@@ -261,12 +262,21 @@ async fn conflicts_and_idempotent_resends() {
     let again = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_eq!(first.json()["entry"], again.json()["entry"]);
-    for alt in [&b"two"[..], b"three", b"four"] {
-        let held = c.post(uplink(9, 3, 1, alt).to_bytes()).await;
+    // One source holds one message per slot: its second, different one is
+    // refused, so it can never fill the slot's alternatives.
+    let same_source = c.post(uplink(9, 3, 1, b"two").to_bytes()).await;
+    assert_refused(&same_source, StatusCode::CONFLICT, "conflict");
+    // Other sources (127.0.0.2..4) each get one alternative, up to the cap.
+    let mut others = Vec::new();
+    for (n, alt) in [&b"two"[..], b"three", b"four"].into_iter().enumerate() {
+        let mut o = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 2 + n as u8]).await;
+        let held = o.post(uplink(9, 3, 1, alt).to_bytes()).await;
         assert_eq!(held.status, StatusCode::ACCEPTED);
         assert_ne!(held.json()["entry"], first.json()["entry"]);
+        others.push(o);
     }
-    let other = c.post(uplink(9, 3, 1, b"five").to_bytes()).await;
+    let mut fifth = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 9]).await;
+    let other = fifth.post(uplink(9, 3, 1, b"five").to_bytes()).await;
     assert_refused(&other, StatusCode::CONFLICT, "conflict");
 
     let stray = c.post(response(9, 3, 77, b"").to_bytes()).await;
@@ -283,11 +293,13 @@ async fn conflicts_and_idempotent_resends() {
     let r2 = m.post(response(9, 3, 5, b"a").to_bytes()).await;
     assert_eq!(r2.status, StatusCode::ACCEPTED);
     assert_eq!(r1.json()["entry"], r2.json()["entry"]);
-    for alt in [&b"b"[..], b"c", b"d"] {
-        let held = m.post(response(9, 3, 5, alt).to_bytes()).await;
+    let r_same = m.post(response(9, 3, 5, b"b").to_bytes()).await;
+    assert_refused(&r_same, StatusCode::CONFLICT, "conflict");
+    for (n, alt) in [&b"b"[..], b"c", b"d"].into_iter().enumerate() {
+        let held = others[n].post(response(9, 3, 5, alt).to_bytes()).await;
         assert_eq!(held.status, StatusCode::ACCEPTED);
     }
-    let r3 = m.post(response(9, 3, 5, b"e").to_bytes()).await;
+    let r3 = fifth.post(response(9, 3, 5, b"e").to_bytes()).await;
     assert_refused(&r3, StatusCode::CONFLICT, "conflict");
     // Four uplinks and four responses, nothing else.
     assert_eq!(gw.metric("dapgw_spool_entries").await, 8.0);

@@ -623,6 +623,47 @@ async fn meta_is_durable() {
     spool.close().await;
 }
 
+/// One source holds at most one message per slot; a byte-identical
+/// re-send from it is still the same entry, and other sources fill the
+/// rest of the slot up to the cap. Entries without a source are not limited.
+#[tokio::test]
+async fn one_source_cannot_fill_a_slots_alternatives() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), BIG).unwrap();
+    let a = [1u8; 16];
+    let first = spool
+        .append_from(uplink(5, [1; 8], 1, b"x"), a)
+        .await
+        .unwrap();
+    assert_eq!(
+        spool
+            .append_from(uplink(5, [1; 8], 1, b"x"), a)
+            .await
+            .unwrap(),
+        first
+    );
+    assert!(matches!(
+        spool.append_from(uplink(5, [1; 8], 1, b"y"), a).await,
+        Err(SpoolError::Conflict)
+    ));
+    // Another slot of the same member from the same source is fine.
+    spool
+        .append_from(uplink(5, [1; 8], 2, b"y"), a)
+        .await
+        .unwrap();
+    for (n, body) in [&b"y"[..], b"z", b"w"].into_iter().enumerate() {
+        spool
+            .append_from(uplink(5, [1; 8], 1, body), [2 + n as u8; 16])
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        spool.append_from(uplink(5, [1; 8], 1, b"v"), [9; 16]).await,
+        Err(SpoolError::Conflict)
+    ));
+    spool.close().await;
+}
+
 /// The attach registry and the open rounds survive a reopen; a round past
 /// its deadline is not listed, and is forgotten when the next one comes.
 #[tokio::test]

@@ -131,8 +131,8 @@ pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, _peer)) => {
-                conns.spawn(connection(tcp, tls.acceptor(), ctx.clone(), permit));
+            Ok((tcp, peer)) => {
+                conns.spawn(connection(tcp, peer, tls.acceptor(), ctx.clone(), permit));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -263,8 +263,24 @@ impl Drop for Connected {
     }
 }
 
+/// Where a member request came from: the peer's IP as 16 bytes (IPv4 as
+/// IPv4-mapped IPv6). The spool lets one source hold one message per slot.
+#[derive(Clone, Copy, Debug)]
+struct Source([u8; 16]);
+
+impl Source {
+    fn of(ip: std::net::IpAddr) -> Self {
+        let v6 = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        Source(v6.octets())
+    }
+}
+
 async fn connection(
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     ctx: Arc<Ctx>,
     _permit: OwnedSemaphorePermit,
@@ -292,7 +308,9 @@ async fn connection(
     let identity: Option<Arc<str>> = tls::peer_identity(tls.get_ref().1).map(Arc::from);
     let svc_ctx = ctx.clone();
     let svc_activity = activity.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let source = Source::of(peer.ip());
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(source);
         let ctx = svc_ctx.clone();
         let identity = identity.clone();
         let guard = InFlight::new(svc_activity.clone());
@@ -665,6 +683,7 @@ async fn uplink(
     endpoint: &mut MemberEndpoint,
 ) -> Result<Reply, Refusal> {
     require_method(&req, Method::POST)?;
+    let source = req.extensions().get::<Source>().copied();
     require_content_type(&req, &[WIRE_CONTENT_TYPE, "application/octet-stream"])?;
     let body = read_body(ctx, req, ctx.limits.max_body).await?;
     let msg = MemberMessage::decode(&body).map_err(decode_refusal)?;
@@ -696,7 +715,11 @@ async fn uplink(
         sort_key,
         bytes: body,
     };
-    let id = match ctx.spool.append(entry).await {
+    let appended = match source {
+        Some(src) => ctx.spool.append_from(entry, src.0).await,
+        None => ctx.spool.append(entry).await,
+    };
+    let id = match appended {
         Ok(id) => {
             ctx.readiness.set_spool(true);
             id

@@ -203,6 +203,9 @@ const MIGRATIONS: &[&str] = &[
         tags       BLOB    NOT NULL,        -- its individual tags
         created_ms INTEGER NOT NULL
      );",
+    // v5: where each entry came from (the member's IP), so one source
+    // cannot fill every alternative of a slot.
+    "ALTER TABLE entries ADD COLUMN source BLOB;",
 ];
 
 /// Most bytes of the UDC's refusal kept with a dead letter.
@@ -485,7 +488,7 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
 enum Request {
-    Append(NewEntry, Reply<EntryId>),
+    Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
     Seal {
@@ -741,7 +744,21 @@ impl Spool {
     /// [`SpoolError::Conflict`]. When the entry does not fit, returns
     /// [`SpoolError::Full`] and stores nothing.
     pub async fn append(&self, entry: NewEntry) -> Result<EntryId, SpoolError> {
-        self.call(|r| Request::Append(entry, r)).await
+        self.call(|r| Request::Append(entry, None, r)).await
+    }
+
+    /// [`Spool::append`] for an entry from `source` (the sender's address,
+    /// IPv4 as IPv4-mapped IPv6): on top of the slot's cap, one source may
+    /// hold only one message per slot, so a single source can never fill a
+    /// slot's alternatives and pre-empt the member (a member sends one
+    /// message per slot and re-sends it byte for byte). A second, different
+    /// message from the same source is [`SpoolError::Conflict`].
+    pub async fn append_from(
+        &self,
+        entry: NewEntry,
+        source: [u8; 16],
+    ) -> Result<EntryId, SpoolError> {
+        self.call(|r| Request::Append(entry, Some(source), r)).await
     }
 
     /// Deletes an entry that is in no batch (the collector refused it after
@@ -1390,7 +1407,7 @@ fn group_aborted() -> SpoolError {
 /// Fails a request without touching the database.
 fn fail(req: Request, err: SpoolError) -> Pending {
     match req {
-        Request::Append(_, r) => pending(r, Err(err)),
+        Request::Append(_, _, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
         Request::Seal { reply, .. }
@@ -1502,7 +1519,7 @@ impl Writer {
         match req {
             // An append validates before its single INSERT, which SQLite
             // undoes alone if it fails: no savepoint needed on the hot path.
-            Request::Append(e, r) => pending(r, self.append(&e)),
+            Request::Append(e, source, r) => pending(r, self.append(&e, source)),
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
             Request::NextBatchId(r) => pending(r, self.savepoint(Writer::next_batch_id)),
             Request::Seal {
@@ -1643,52 +1660,67 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, e: &NewEntry) -> Result<EntryId, SpoolError> {
+    fn append(&mut self, e: &NewEntry, source: Option<[u8; 16]>) -> Result<EntryId, SpoolError> {
         let (kind, grp, round) = e.stream.columns();
         let member = u2i(e.member);
         // Every message already held in this slot (the first one and its
-        // alternatives), oldest first.
-        let existing: Vec<(i64, Vec<u8>, Vec<u8>)> = match e.stream {
+        // alternatives) with its source, oldest first.
+        type Held = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+        let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Held> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        };
+        let existing: Vec<Held> = match e.stream {
             StreamKey::Round { .. } => self
                 .conn
                 .prepare_cached(
-                    "SELECT id, sort_key, bytes FROM entries
+                    "SELECT id, sort_key, bytes, source FROM entries
                      WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3
                      ORDER BY id",
                 )?
-                .query_map(params![grp, round, member], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+                .query_map(params![grp, round, member], row)?
                 .collect::<Result<_, _>>()?,
             StreamKey::Uplink { .. } => self
                 .conn
                 .prepare_cached(
-                    "SELECT id, sort_key, bytes FROM entries
+                    "SELECT id, sort_key, bytes, source FROM entries
                      WHERE kind = 2 AND member = ?1 AND sort_key = ?2
                      ORDER BY id",
                 )?
-                .query_map(params![member, e.sort_key], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+                .query_map(params![member, e.sort_key], row)?
                 .collect::<Result<_, _>>()?,
         };
         if let Some((id, ..)) = existing
             .iter()
-            .find(|(_, sort_key, bytes)| *sort_key == e.sort_key && *bytes == e.bytes[..])
+            .find(|(_, sort_key, bytes, _)| *sort_key == e.sort_key && *bytes == e.bytes[..])
         {
             return Ok(EntryId(i2u(*id)));
         }
         if existing.len() >= MAX_VARIANTS {
             return Err(SpoolError::Conflict);
         }
+        if let Some(src) = source
+            && existing
+                .iter()
+                .any(|(.., s)| s.as_deref() == Some(&src[..]))
+        {
+            return Err(SpoolError::Conflict);
+        }
         let size = entry_size(e);
         self.check_room(size)?;
         self.conn
             .prepare_cached(
-                "INSERT INTO entries (kind, grp, round, member, sort_key, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO entries (kind, grp, round, member, sort_key, bytes, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![kind, grp, round, member, e.sort_key, &e.bytes[..]])?;
+            .execute(params![
+                kind,
+                grp,
+                round,
+                member,
+                e.sort_key,
+                &e.bytes[..],
+                source.as_ref().map(|s| &s[..])
+            ])?;
         self.tent.bytes += size;
         self.tent.entries += 1;
         Ok(EntryId(i2u(self.conn.last_insert_rowid())))
@@ -2153,7 +2185,7 @@ mod tests {
 
     fn append_req(member: u64) -> (Request, Rx<EntryId>) {
         let (tx, rx) = oneshot::channel();
-        (Request::Append(entry(member, b"body"), tx), rx)
+        (Request::Append(entry(member, b"body"), None, tx), rx)
     }
 
     fn push_req(kind: u8) -> (Request, Rx<Vec<u64>>) {
