@@ -832,6 +832,42 @@ async fn handshake_ok(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool 
     connector.connect(name, tcp).await.is_ok()
 }
 
+/// The member-facing certificate reloads when its files change, with no
+/// signal; an open connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_reloads_on_file_change() {
+    let pki1 = pki(&["gw-1"]);
+    let pki2 = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("member.crt");
+    let key = dir.path().join("member.key");
+    std::fs::copy(&pki1.server_cert, &cert).unwrap();
+    std::fs::copy(&pki1.server_key, &key).unwrap();
+    let mut config = gateway_config(&pki1, udc.addr, &dir.path().join("spool"));
+    config.tls_cert = cert.clone();
+    config.tls_key = key.clone();
+    let gw = Gateway::start(config).await;
+    assert!(handshake_ok(gw.members, &pki1.ca).await);
+    assert!(!handshake_ok(gw.members, &pki2.ca).await);
+    let mut open = Client::connect(gw.members, &pki1, true).await;
+    // Replaced the way cert-manager does: new files renamed over the old.
+    std::fs::copy(&pki2.server_key, dir.path().join("k.tmp")).unwrap();
+    std::fs::rename(dir.path().join("k.tmp"), &key).unwrap();
+    std::fs::copy(&pki2.server_cert, dir.path().join("c.tmp")).unwrap();
+    std::fs::rename(dir.path().join("c.tmp"), &cert).unwrap();
+    let start = std::time::Instant::now();
+    while !handshake_ok(gw.members, &pki2.ca).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the changed files were not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open.attach(1, &[1]).await.status, StatusCode::OK);
+    gw.stop().await;
+}
+
 /// The binary: config from the environment, ready once the UDC link is up,
 /// the TLS certificate reloaded on SIGHUP without a restart, exit 0 on
 /// SIGTERM within the grace time.

@@ -226,7 +226,16 @@ pub async fn run(
         dead_letters,
         readiness.clone(),
     ));
-    tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls));
+    tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls.clone()));
+    tasks.spawn(reload_on_file_change(
+        server_tls.clone(),
+        [config.tls_cert.clone(), config.tls_key.clone()],
+        client_tls,
+        [
+            config.upstream_client_cert.clone(),
+            config.upstream_client_key.clone(),
+        ],
+    ));
 
     let ctx = Arc::new(server::Ctx {
         spool: spool.clone(),
@@ -354,6 +363,54 @@ async fn reload_on_sighup(server: tls::ReloadableServer, client: tls::Reloadable
         }
         if let Err(e) = client.reload() {
             tracing::error!(error = %e, "upstream client certificate not reloaded");
+        }
+    }
+}
+
+/// How often the TLS files are checked for a change.
+pub const TLS_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// What identifies a file's current content cheaply: modification time,
+/// size and inode (a rename-over replaces the inode).
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Reloads a certificate when its certificate or key file changes (checked
+/// every [`TLS_WATCH_EVERY`]), besides SIGHUP: for tools that replace the
+/// files and signal nobody (cert-manager, a mounted secret). A reload that
+/// fails (e.g. the certificate is replaced before its key) keeps the old
+/// certificate and is tried again on the next change.
+async fn reload_on_file_change(
+    server: tls::ReloadableServer,
+    server_files: [std::path::PathBuf; 2],
+    client: tls::ReloadableClient,
+    client_files: [std::path::PathBuf; 2],
+) {
+    let stamps = |files: &[std::path::PathBuf; 2]| files.each_ref().map(|f| file_stamp(f));
+    let mut seen_server = stamps(&server_files);
+    let mut seen_client = stamps(&client_files);
+    let mut tick = tokio::time::interval(TLS_WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamps(&server_files);
+        if now != seen_server {
+            seen_server = now;
+            tracing::info!("member-facing TLS files changed: reloading");
+            if let Err(e) = server.reload() {
+                tracing::error!(error = %e, "member-facing certificate not reloaded");
+            }
+        }
+        let now = stamps(&client_files);
+        if now != seen_client {
+            seen_client = now;
+            tracing::info!("upstream client TLS files changed: reloading");
+            if let Err(e) = client.reload() {
+                tracing::error!(error = %e, "upstream client certificate not reloaded");
+            }
         }
     }
 }
