@@ -798,7 +798,7 @@ async fn udc_down_for_a_while_loses_nothing() {
     .await;
     until("an empty spool", || async {
         match w.gw_metric("dapgw_spool_entries").await {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
