@@ -488,6 +488,20 @@ impl Attached {
         Ok(true)
     }
 
+    /// Whether [`Attached::attach`] would change what is recorded for
+    /// `member` (its cap checked too), without changing anything.
+    pub fn would_change(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+        let groups = normalize_groups(groups);
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.members.get(&member) {
+            Some(g) => Ok(*g != groups),
+            None if inner.members.len() >= MAX_ATTACHED_MEMBERS => {
+                Err(AttachFull(inner.members.len()))
+            }
+            None => Ok(true),
+        }
+    }
+
     /// The members attached to `group`, sorted.
     pub fn members_of(&self, group: u32) -> Vec<MemberId> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());

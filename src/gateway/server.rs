@@ -643,13 +643,15 @@ async fn attach(
         ));
     }
     check_identity(ctx, identity, parsed.member)?;
-    let changed = ctx
+    let full = |e: super::AttachFull| Refusal::overloaded("attach_full", e.to_string(), 60);
+    // Durable before it takes effect and before the answer, so a restarted
+    // gateway still routes for this member, and a failed write leaves the
+    // registry as it was (the retry writes again).
+    if ctx
         .attached
-        .attach(parsed.member, &parsed.groups)
-        .map_err(|e| Refusal::overloaded("attach_full", e.to_string(), 60))?;
-    // Durable before the answer, so a restarted gateway still routes for
-    // this member.
-    if changed {
+        .would_change(parsed.member, &parsed.groups)
+        .map_err(full)?
+    {
         let groups = super::normalize_groups(&parsed.groups);
         ctx.spool
             .set_attached(parsed.member, &groups)
@@ -658,6 +660,7 @@ async fn attach(
                 tracing::error!(error = %e, "attach not persisted");
                 Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
             })?;
+        ctx.attached.attach(parsed.member, &groups).map_err(full)?;
     }
     Ok(json(
         StatusCode::OK,
