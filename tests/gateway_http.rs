@@ -249,7 +249,8 @@ async fn bad_input_at_every_endpoint() {
 /// Byte-identical re-sends are accepted again with the same entry; a
 /// different message in the same slot is kept as an alternative (the gateway
 /// cannot tell which one the member sealed; V judges each on its tag) up to
-/// the cap, past which it is 409; a response for a round the gateway never
+/// the cap, past which it is 409, and one per source (a source's second
+/// different message is 409); a response for a round the gateway never
 /// relayed is 409 and is not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_and_idempotent_resends() {
@@ -261,12 +262,21 @@ async fn conflicts_and_idempotent_resends() {
     let again = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_eq!(first.json()["entry"], again.json()["entry"]);
-    for alt in [&b"two"[..], b"three", b"four"] {
-        let held = c.post(uplink(9, 3, 1, alt).to_bytes()).await;
+    // One source holds one message per slot: its second, different one is
+    // refused, so it can never fill the slot's alternatives.
+    let same_source = c.post(uplink(9, 3, 1, b"two").to_bytes()).await;
+    assert_refused(&same_source, StatusCode::CONFLICT, "conflict");
+    // Other sources (127.0.0.2..4) each get one alternative, up to the cap.
+    let mut others = Vec::new();
+    for (n, alt) in [&b"two"[..], b"three", b"four"].into_iter().enumerate() {
+        let mut o = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 2 + n as u8]).await;
+        let held = o.post(uplink(9, 3, 1, alt).to_bytes()).await;
         assert_eq!(held.status, StatusCode::ACCEPTED);
         assert_ne!(held.json()["entry"], first.json()["entry"]);
+        others.push(o);
     }
-    let other = c.post(uplink(9, 3, 1, b"five").to_bytes()).await;
+    let mut fifth = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 9]).await;
+    let other = fifth.post(uplink(9, 3, 1, b"five").to_bytes()).await;
     assert_refused(&other, StatusCode::CONFLICT, "conflict");
 
     let stray = c.post(response(9, 3, 77, b"").to_bytes()).await;
@@ -283,11 +293,13 @@ async fn conflicts_and_idempotent_resends() {
     let r2 = m.post(response(9, 3, 5, b"a").to_bytes()).await;
     assert_eq!(r2.status, StatusCode::ACCEPTED);
     assert_eq!(r1.json()["entry"], r2.json()["entry"]);
-    for alt in [&b"b"[..], b"c", b"d"] {
-        let held = m.post(response(9, 3, 5, alt).to_bytes()).await;
+    let r_same = m.post(response(9, 3, 5, b"b").to_bytes()).await;
+    assert_refused(&r_same, StatusCode::CONFLICT, "conflict");
+    for (n, alt) in [&b"b"[..], b"c", b"d"].into_iter().enumerate() {
+        let held = others[n].post(response(9, 3, 5, alt).to_bytes()).await;
         assert_eq!(held.status, StatusCode::ACCEPTED);
     }
-    let r3 = m.post(response(9, 3, 5, b"e").to_bytes()).await;
+    let r3 = fifth.post(response(9, 3, 5, b"e").to_bytes()).await;
     assert_refused(&r3, StatusCode::CONFLICT, "conflict");
     // Four uplinks and four responses, nothing else.
     assert_eq!(gw.metric("dapgw_spool_entries").await, 8.0);
@@ -303,9 +315,22 @@ async fn conflicts_and_idempotent_resends() {
     // Resent after the batch completed: still 202, still applied once.
     let late = c.post(uplink(9, 3, 1, b"one").to_bytes()).await;
     assert_eq!(late.status, StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A marker in the same stream, sent after it: batches go out in id
+    // order, so once the marker is applied a stored copy of the late
+    // re-send would have been applied too.
+    let marker = c.post(uplink(10, 3, 1, b"marker").to_bytes()).await;
+    assert_eq!(marker.status, StatusCode::ACCEPTED);
+    udc.wait_until("the marker", |s| s.applied.lock().unwrap().len() == 3)
+        .await;
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 6);
-    assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
+    let start = std::time::Instant::now();
+    while gw.metric("dapgw_spool_entries").await != 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the spool never emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     gw.stop().await;
 }
 
@@ -448,6 +473,53 @@ async fn tag_requests_are_answered_from_kept_tags() {
         replies.len() as f64
     );
     gw.stop().await;
+}
+
+/// A batch the UDC refuses outright (400) becomes a dead letter: kept in
+/// the spool with its exact bytes and the UDC's reason, counted in
+/// `dapgw_batches_total{outcome="rejected"}` and
+/// `dapgw_dead_letter_batches`, and it does not block later batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_become_dead_letters() {
+    let (pki, udc, dir, gw) = setup().await;
+    udc.set_mode(UdcMode::Refusing);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let refused = uplink(8, 2, 1, b"refused");
+    assert_eq!(
+        c.post(refused.to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    let start = std::time::Instant::now();
+    while gw.metric("dapgw_dead_letter_batches").await < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no dead letter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gw.metric("dapgw_batches_total{kind=\"uplink\",outcome=\"rejected\"}")
+            .await,
+        1.0
+    );
+    // Later batches go through.
+    udc.set_mode(UdcMode::Up);
+    assert_eq!(
+        c.post(uplink(8, 2, 2, b"fine").to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    udc.wait_until("the next batch", |s| s.applied.lock().unwrap().len() == 1)
+        .await;
+    gw.stop().await;
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let dead = spool.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].status, dead[0].entries), (400, 1));
+    assert!(dead[0].reason.contains("refused by the test"), "{dead:?}");
+    let batch = dapgw::protocol::wire::Batch::decode(&dead[0].bytes).unwrap();
+    let dapgw::protocol::wire::BatchBody::Uplinks { entries } = &batch.body else {
+        panic!("an uplink batch")
+    };
+    assert_eq!(entries[0].c, refused.c);
+    assert_eq!(spool.entries(), 0);
+    spool.close().await;
 }
 
 /// SIGTERM-style drain: readiness is 503 at once, the listener stops
@@ -758,6 +830,42 @@ async fn handshake_ok(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool 
     };
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.is_ok()
+}
+
+/// The member-facing certificate reloads when its files change, with no
+/// signal; an open connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_reloads_on_file_change() {
+    let pki1 = pki(&["gw-1"]);
+    let pki2 = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("member.crt");
+    let key = dir.path().join("member.key");
+    std::fs::copy(&pki1.server_cert, &cert).unwrap();
+    std::fs::copy(&pki1.server_key, &key).unwrap();
+    let mut config = gateway_config(&pki1, udc.addr, &dir.path().join("spool"));
+    config.tls_cert = cert.clone();
+    config.tls_key = key.clone();
+    let gw = Gateway::start(config).await;
+    assert!(handshake_ok(gw.members, &pki1.ca).await);
+    assert!(!handshake_ok(gw.members, &pki2.ca).await);
+    let mut open = Client::connect(gw.members, &pki1, true).await;
+    // Replaced the way cert-manager does: new files renamed over the old.
+    std::fs::copy(&pki2.server_key, dir.path().join("k.tmp")).unwrap();
+    std::fs::rename(dir.path().join("k.tmp"), &key).unwrap();
+    std::fs::copy(&pki2.server_cert, dir.path().join("c.tmp")).unwrap();
+    std::fs::rename(dir.path().join("c.tmp"), &cert).unwrap();
+    let start = std::time::Instant::now();
+    while !handshake_ok(gw.members, &pki2.ca).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the changed files were not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open.attach(1, &[1]).await.status, StatusCode::OK);
+    gw.stop().await;
 }
 
 /// The binary: config from the environment, ready once the UDC link is up,

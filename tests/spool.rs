@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dapgw::gateway::spool::{
-    Audience, DownlinkItem, EntryId, FULL_RETRY_AFTER, NewEntry, ROW_OVERHEAD, Spool, SpoolError,
-    StreamKey,
+    Audience, DownlinkItem, EntryId, FULL_RETRY_AFTER, NewEntry, OpenRoundRow, ROW_OVERHEAD, Spool,
+    SpoolError, StreamKey,
 };
 
 const ROUND: StreamKey = StreamKey::Round {
@@ -619,6 +619,88 @@ async fn meta_is_durable() {
     assert_eq!(
         spool.get_meta("udc_cursor").await.unwrap(),
         Some(9u64.to_be_bytes().to_vec())
+    );
+    spool.close().await;
+}
+
+/// One source holds at most one message per slot; a byte-identical
+/// re-send from it is still the same entry, and other sources fill the
+/// rest of the slot up to the cap. Entries without a source are not limited.
+#[tokio::test]
+async fn one_source_cannot_fill_a_slots_alternatives() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), BIG).unwrap();
+    let a = [1u8; 16];
+    let first = spool
+        .append_from(uplink(5, [1; 8], 1, b"x"), a)
+        .await
+        .unwrap();
+    assert_eq!(
+        spool
+            .append_from(uplink(5, [1; 8], 1, b"x"), a)
+            .await
+            .unwrap(),
+        first
+    );
+    assert!(matches!(
+        spool.append_from(uplink(5, [1; 8], 1, b"y"), a).await,
+        Err(SpoolError::Conflict)
+    ));
+    // Another slot of the same member from the same source is fine.
+    spool
+        .append_from(uplink(5, [1; 8], 2, b"y"), a)
+        .await
+        .unwrap();
+    for (n, body) in [&b"y"[..], b"z", b"w"].into_iter().enumerate() {
+        spool
+            .append_from(uplink(5, [1; 8], 1, body), [2 + n as u8; 16])
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        spool.append_from(uplink(5, [1; 8], 1, b"v"), [9; 16]).await,
+        Err(SpoolError::Conflict)
+    ));
+    spool.close().await;
+}
+
+/// The attach registry and the open rounds survive a reopen; a round past
+/// its deadline is not listed, and is forgotten when the next one comes.
+#[tokio::test]
+async fn attach_registry_and_open_rounds_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), BIG).unwrap();
+    spool.set_attached(u64::MAX, &[1, 7]).await.unwrap();
+    spool.set_attached(3, &[7]).await.unwrap();
+    spool.set_attached(3, &[8, 9]).await.unwrap();
+    assert!(matches!(
+        spool.set_attached(4, &vec![1; 300]).await,
+        Err(SpoolError::Invalid(_))
+    ));
+    let round = |round, deadline_ms| OpenRoundRow {
+        group: 7,
+        round,
+        mode: 2,
+        deadline_ms,
+    };
+    spool.set_open_round(round(1, 1_000), 500).await.unwrap();
+    spool.set_open_round(round(2, 5_000), 500).await.unwrap();
+    spool.close().await;
+
+    let spool = Spool::open(dir.path(), BIG).unwrap();
+    assert_eq!(
+        spool.attached_members().await.unwrap(),
+        vec![(3, vec![8, 9]), (u64::MAX, vec![1, 7])]
+    );
+    assert_eq!(
+        spool.open_rounds(2_000).await.unwrap(),
+        vec![round(2, 5_000)]
+    );
+    assert_eq!(spool.open_rounds(0).await.unwrap().len(), 2);
+    spool.set_open_round(round(3, 9_000), 2_000).await.unwrap();
+    assert_eq!(
+        spool.open_rounds(0).await.unwrap(),
+        vec![round(2, 5_000), round(3, 9_000)]
     );
     spool.close().await;
 }

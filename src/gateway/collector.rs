@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Attached;
-use super::spool::{EntryId, Spool, SpoolError};
+use super::spool::{EntryId, OpenRoundRow, Spool, SpoolError};
 use crate::protocol::aggregator::{
     Aggregator, AggregatorConfig, BatchIdSource, BatchTrigger, CollectError, Collected, ReadyBatch,
     RoundSpec, SpooledEntry, UsageError,
@@ -225,7 +225,20 @@ impl Collector {
         sealed: Arc<Notify>,
         events: Option<mpsc::UnboundedSender<CollectorEvent>>,
     ) -> Result<Collector, SpoolError> {
-        let (agg, pending) = restore(&spool, &config.aggregator).await?;
+        let (agg, pending, restored) = restore(&spool, &config.aggregator, &attached).await?;
+        let rounds = restored
+            .into_iter()
+            .map(|(key, deadline)| {
+                (
+                    key,
+                    OpenRound {
+                        deadline,
+                        missing: 0,
+                        counted: false,
+                    },
+                )
+            })
+            .collect();
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let task = Task {
             agg,
@@ -236,7 +249,7 @@ impl Collector {
             sealed,
             events,
             pending,
-            rounds: HashMap::new(),
+            rounds,
             reserved: None,
             unsealed: VecDeque::new(),
             seal_retry: SEAL_RETRY_MIN,
@@ -276,13 +289,50 @@ impl Collector {
     }
 }
 
-/// Rebuilds the aggregator from the entries the spool holds outside any
-/// batch (after a restart, the rounds are unknown: their responses go out at
-/// once). Returns it with the set of entry ids it holds.
+/// A restored round: its key and deadline.
+type RestoredRound = ((GroupId, u64), std::time::Instant);
+
+/// Rebuilds the aggregator from the rounds the spool recorded as open (with
+/// the members attached to their groups now and what is left of their
+/// deadline) and the entries it holds outside any batch (a response of a
+/// round not recorded goes out at once). Returns it with the set of entry
+/// ids it holds and the rounds it reopened.
 async fn restore(
     spool: &Spool,
     config: &AggregatorConfig,
-) -> Result<(Aggregator<EntryId>, HashSet<EntryId>), SpoolError> {
+    attached: &Attached,
+) -> Result<(Aggregator<EntryId>, HashSet<EntryId>, Vec<RestoredRound>), SpoolError> {
+    let now_ms = super::unix_ms();
+    let now = Instant::now().into_std();
+    let mut specs = Vec::new();
+    for r in spool.open_rounds(now_ms).await? {
+        let Some(mode) = Mode::from_code(r.mode) else {
+            tracing::warn!(
+                group = r.group,
+                round = r.round,
+                "recorded round has an unknown mode; skipped"
+            );
+            continue;
+        };
+        let deadline = now + Duration::from_millis(r.deadline_ms.saturating_sub(now_ms));
+        specs.push(RoundSpec {
+            group: GroupId(r.group),
+            round: r.round,
+            mode,
+            members: attached.members_of(r.group),
+            deadline,
+        });
+    }
+    let reopened: Vec<RestoredRound> = specs
+        .iter()
+        .map(|s| ((s.group, s.round), s.deadline))
+        .collect();
+    if !reopened.is_empty() {
+        tracing::info!(
+            rounds = reopened.len(),
+            "reopened the rounds recorded in the spool"
+        );
+    }
     let mut entries = Vec::new();
     let mut corrupt = Vec::new();
     let streams = spool.unbatched_streams().await?;
@@ -302,10 +352,12 @@ async fn restore(
     // restored backlog rather than refuse part of it.
     let mut restore_config = config.clone();
     restore_config.max_held_entries = config.max_held_entries.saturating_add(entries.len());
-    restore_config.max_collectors = config.max_collectors.saturating_add(streams.len());
+    restore_config.max_collectors = config
+        .max_collectors
+        .saturating_add(streams.len())
+        .saturating_add(specs.len());
     let pending: HashSet<EntryId> = entries.iter().map(|(_, id)| *id).collect();
-    let now = Instant::now().into_std();
-    let (agg, refused) = Aggregator::restore(restore_config, Vec::new(), entries, now)
+    let (agg, refused) = Aggregator::restore(restore_config, specs, entries, now)
         .map_err(|_| SpoolError::Invalid("aggregator configuration refused at restore"))?;
     let mut pending = pending;
     for (err, id) in refused {
@@ -322,7 +374,7 @@ async fn restore(
             "restored unbatched entries from the spool"
         );
     }
-    Ok((agg, pending))
+    Ok((agg, pending, reopened))
 }
 
 /// Hands the aggregator the batch id reserved in the spool beforehand (the
@@ -342,6 +394,9 @@ impl BatchIdSource for Reserved<'_> {
 struct OpenRound {
     deadline: std::time::Instant,
     missing: usize,
+    /// Already counted in `dapgw_rounds_total` (complete, when every
+    /// expected member's answer went into a batch before the deadline).
+    counted: bool,
 }
 
 struct Task {
@@ -404,7 +459,7 @@ impl Task {
                     mode,
                     reply,
                 }) => {
-                    let res = self.expect(group, round, mode);
+                    let res = self.expect(group, round, mode).await;
                     let _ = reply.send(res);
                     self.poll(Instant::now()).await;
                 }
@@ -417,9 +472,23 @@ impl Task {
         }
     }
 
-    fn expect(&mut self, group: GroupId, round: u64, mode: Mode) -> Result<(), UsageError> {
+    async fn expect(&mut self, group: GroupId, round: u64, mode: Mode) -> Result<(), UsageError> {
         let now = Instant::now().into_std();
         let deadline = now + self.config.round_deadline;
+        // Recorded before members can read the challenge, so a restarted
+        // gateway still takes this round's responses. A failed record only
+        // costs that (the round is open here either way).
+        let row = OpenRoundRow {
+            group: group.0,
+            round,
+            mode: mode.code(),
+            deadline_ms: super::unix_ms().saturating_add(
+                u64::try_from(self.config.round_deadline.as_millis()).unwrap_or(u64::MAX),
+            ),
+        };
+        if let Err(e) = self.spool.set_open_round(row, super::unix_ms()).await {
+            tracing::warn!(group = group.0, round, error = %e, "open round not recorded in the spool");
+        }
         let spec = RoundSpec {
             group,
             round,
@@ -434,6 +503,7 @@ impl Task {
             .or_insert(OpenRound {
                 deadline,
                 missing: 0,
+                counted: false,
             });
         Ok(())
     }
@@ -534,6 +604,9 @@ impl Task {
             if r.deadline > at_std {
                 return true;
             }
+            if r.counted {
+                return false;
+            }
             let outcome = if r.missing > 0 {
                 GatewayRoundOutcome::Deadline
             } else {
@@ -584,6 +657,15 @@ impl Task {
             .observe(batch.handles.len() as f64);
         if let Some(round) = batch.round {
             self.note_missing(batch.group, round, batch.missing.len());
+            // Every expected member answered: the round is complete now,
+            // not only at its deadline (late alternatives may still follow).
+            if batch.trigger == BatchTrigger::AllAnswered
+                && let Some(r) = self.rounds.get_mut(&(batch.group, round))
+                && !r.counted
+            {
+                r.counted = true;
+                self.metrics.rounds.get(GatewayRoundOutcome::Complete).inc();
+            }
         }
         self.sealed.notify_one();
         tracing::debug!(

@@ -162,6 +162,11 @@ pub async fn run(
 
     let registry = Registry::new();
     let metrics = GatewayMetrics::try_register(&registry)?;
+    let dead_letters = prometheus::IntGauge::new(
+        "dapgw_dead_letter_batches",
+        "Batches the UDC refused outright (400, 409, 413), kept in the spool's dead_letters table",
+    )?;
+    registry.register(Box::new(dead_letters.clone()))?;
     ProcessMetrics::register(&registry)?;
     let readiness = Readiness::gateway();
 
@@ -176,7 +181,18 @@ pub async fn run(
         .set(i64::try_from(max).unwrap_or(i64::MAX));
     update_spool_gauges(&spool, &metrics);
 
+    // The members attached before a restart: their groups stay subscribed
+    // and their rounds expect them.
     let attached = Arc::new(Attached::new());
+    let restored = spool.attached_members().await?;
+    if !restored.is_empty() {
+        tracing::info!(members = restored.len(), "restored the attach registry");
+    }
+    for (member, groups) in restored {
+        if attached.attach(member, &groups).is_err() {
+            break;
+        }
+    }
     let sealed = Arc::new(Notify::new());
     let (drain_tx, drain_rx) = watch::channel(false);
     let (flushed_tx, flushed_rx) = watch::channel(false);
@@ -227,9 +243,19 @@ pub async fn run(
     tasks.spawn(housekeeping(
         spool.clone(),
         metrics.clone(),
+        dead_letters,
         readiness.clone(),
     ));
-    tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls));
+    tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls.clone()));
+    tasks.spawn(reload_on_file_change(
+        server_tls.clone(),
+        [config.tls_cert.clone(), config.tls_key.clone()],
+        client_tls,
+        [
+            config.upstream_client_cert.clone(),
+            config.upstream_client_key.clone(),
+        ],
+    ));
 
     let ctx = Arc::new(server::Ctx {
         spool: spool.clone(),
@@ -300,15 +326,23 @@ pub(crate) fn update_spool_gauges(spool: &Spool, metrics: &GatewayMetrics) {
         .set(i64::try_from(spool.entries()).unwrap_or(i64::MAX));
 }
 
-/// Refreshes the spool gauges, probes the spool, and prunes downlink items
-/// older than [`DOWNLINK_RETENTION`].
-async fn housekeeping(spool: Spool, metrics: GatewayMetrics, readiness: Readiness) {
+/// Refreshes the spool gauges (and `dapgw_dead_letter_batches`), probes the
+/// spool, and prunes downlink items older than [`DOWNLINK_RETENTION`].
+async fn housekeeping(
+    spool: Spool,
+    metrics: GatewayMetrics,
+    dead_letters: prometheus::IntGauge,
+    readiness: Readiness,
+) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
     loop {
         tick.tick().await;
         update_spool_gauges(&spool, &metrics);
+        if let Ok(n) = spool.dead_letter_count().await {
+            dead_letters.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(PRUNE_EVERY_TICKS) {
             // A successful write is also the spool's health probe.
@@ -354,10 +388,58 @@ async fn reload_on_sighup(server: tls::ReloadableServer, client: tls::Reloadable
     }
 }
 
+/// How often the TLS files are checked for a change.
+pub const TLS_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// What identifies a file's current content cheaply: modification time,
+/// size and inode (a rename-over replaces the inode).
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Reloads a certificate when its certificate or key file changes (checked
+/// every [`TLS_WATCH_EVERY`]), besides SIGHUP: for tools that replace the
+/// files and signal nobody (cert-manager, a mounted secret). A reload that
+/// fails (e.g. the certificate is replaced before its key) keeps the old
+/// certificate and is tried again on the next change.
+async fn reload_on_file_change(
+    server: tls::ReloadableServer,
+    server_files: [std::path::PathBuf; 2],
+    client: tls::ReloadableClient,
+    client_files: [std::path::PathBuf; 2],
+) {
+    let stamps = |files: &[std::path::PathBuf; 2]| files.each_ref().map(|f| file_stamp(f));
+    let mut seen_server = stamps(&server_files);
+    let mut seen_client = stamps(&client_files);
+    let mut tick = tokio::time::interval(TLS_WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamps(&server_files);
+        if now != seen_server {
+            seen_server = now;
+            tracing::info!("member-facing TLS files changed: reloading");
+            if let Err(e) = server.reload() {
+                tracing::error!(error = %e, "member-facing certificate not reloaded");
+            }
+        }
+        let now = stamps(&client_files);
+        if now != seen_client {
+            seen_client = now;
+            tracing::info!("upstream client TLS files changed: reloading");
+            if let Err(e) = client.reload() {
+                tracing::error!(error = %e, "upstream client certificate not reloaded");
+            }
+        }
+    }
+}
+
 /// Which members are attached, and to which groups: a routing hint for the
 /// collector (who to expect in a round) and for the upstream subscriptions
-/// (whose downlink to pull). Kept in memory; members re-attach after a
-/// gateway restart.
+/// (whose downlink to pull). Kept in memory and persisted in the spool by
+/// the attach endpoint, so a restarted gateway starts with it.
 #[derive(Debug)]
 pub struct Attached {
     inner: Mutex<AttachedInner>,
@@ -393,12 +475,14 @@ impl Attached {
         }
     }
 
-    /// Records (or replaces) `member`'s groups.
-    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<(), AttachFull> {
-        let mut groups = groups.to_vec();
-        groups.sort_unstable();
-        groups.dedup();
+    /// Records (or replaces) `member`'s groups; true when that changed
+    /// what was recorded (the caller persists it then).
+    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+        let groups = normalize_groups(groups);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.members.get(&member) == Some(&groups) {
+            return Ok(false);
+        }
         if !inner.members.contains_key(&member) && inner.members.len() >= MAX_ATTACHED_MEMBERS {
             return Err(AttachFull(inner.members.len()));
         }
@@ -422,7 +506,21 @@ impl Attached {
             *cur = list;
             changed
         });
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether [`Attached::attach`] would change what is recorded for
+    /// `member` (its cap checked too), without changing anything.
+    pub fn would_change(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+        let groups = normalize_groups(groups);
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.members.get(&member) {
+            Some(g) => Ok(*g != groups),
+            None if inner.members.len() >= MAX_ATTACHED_MEMBERS => {
+                Err(AttachFull(inner.members.len()))
+            }
+            None => Ok(true),
+        }
     }
 
     /// The members attached to `group`, sorted.
@@ -455,6 +553,14 @@ impl Attached {
     }
 }
 
+/// A group list as the registry keeps it: sorted, without repeats.
+pub(crate) fn normalize_groups(groups: &[u32]) -> Vec<u32> {
+    let mut groups = groups.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,7 +569,8 @@ mod tests {
     fn attach_replaces_groups_and_tracks_the_group_list() {
         let a = Attached::new();
         let rx = a.subscribe_groups();
-        a.attach(1, &[7, 3, 7]).unwrap();
+        assert!(a.attach(1, &[7, 3, 7]).unwrap());
+        assert!(!a.attach(1, &[3, 7]).unwrap(), "the same groups again");
         a.attach(2, &[3]).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 7]);
         assert_eq!(a.members_of(3), vec![MemberId(1), MemberId(2)]);

@@ -133,8 +133,8 @@ pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((tcp, _peer)) => {
-                conns.spawn(connection(tcp, tls.acceptor(), ctx.clone(), permit));
+            Ok((tcp, peer)) => {
+                conns.spawn(connection(tcp, peer, tls.acceptor(), ctx.clone(), permit));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -265,8 +265,24 @@ impl Drop for Connected {
     }
 }
 
+/// Where a member request came from: the peer's IP as 16 bytes (IPv4 as
+/// IPv4-mapped IPv6). The spool lets one source hold one message per slot.
+#[derive(Clone, Copy, Debug)]
+struct Source([u8; 16]);
+
+impl Source {
+    fn of(ip: std::net::IpAddr) -> Self {
+        let v6 = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        Source(v6.octets())
+    }
+}
+
 async fn connection(
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     ctx: Arc<Ctx>,
     _permit: OwnedSemaphorePermit,
@@ -294,7 +310,9 @@ async fn connection(
     let identity: Option<Arc<str>> = tls::peer_identity(tls.get_ref().1).map(Arc::from);
     let svc_ctx = ctx.clone();
     let svc_activity = activity.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let source = Source::of(peer.ip());
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(source);
         let ctx = svc_ctx.clone();
         let identity = identity.clone();
         let guard = InFlight::new(svc_activity.clone());
@@ -627,9 +645,25 @@ async fn attach(
         ));
     }
     check_identity(ctx, identity, parsed.member)?;
-    ctx.attached
-        .attach(parsed.member, &parsed.groups)
-        .map_err(|e| Refusal::overloaded("attach_full", e.to_string(), 60))?;
+    let full = |e: super::AttachFull| Refusal::overloaded("attach_full", e.to_string(), 60);
+    // Durable before it takes effect and before the answer, so a restarted
+    // gateway still routes for this member, and a failed write leaves the
+    // registry as it was (the retry writes again).
+    if ctx
+        .attached
+        .would_change(parsed.member, &parsed.groups)
+        .map_err(full)?
+    {
+        let groups = super::normalize_groups(&parsed.groups);
+        ctx.spool
+            .set_attached(parsed.member, &groups)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "attach not persisted");
+                Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
+            })?;
+        ctx.attached.attach(parsed.member, &groups).map_err(full)?;
+    }
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"cursor": ctx.spool.last_cursor()}),
@@ -654,6 +688,7 @@ async fn uplink(
     endpoint: &mut MemberEndpoint,
 ) -> Result<Reply, Refusal> {
     require_method(&req, Method::POST)?;
+    let source = req.extensions().get::<Source>().copied();
     require_content_type(&req, &[WIRE_CONTENT_TYPE, "application/octet-stream"])?;
     let body = read_body(ctx, req, ctx.limits.max_body).await?;
     let msg = MemberMessage::decode(&body).map_err(decode_refusal)?;
@@ -702,7 +737,11 @@ async fn uplink(
         sort_key,
         bytes: body,
     };
-    let id = match ctx.spool.append(entry).await {
+    let appended = match source {
+        Some(src) => ctx.spool.append_from(entry, src.0).await,
+        None => ctx.spool.append(entry).await,
+    };
+    let id = match appended {
         Ok(id) => {
             ctx.readiness.set_spool(true);
             id

@@ -177,7 +177,39 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX entries_uplink_slot;
      CREATE INDEX entries_round_slot ON entries(grp, round, member) WHERE kind = 1;
      CREATE INDEX entries_uplink_slot ON entries(member, sort_key) WHERE kind = 2;",
+    // v3: the routing state that must survive a restart: which members are
+    // attached to which groups (the subscription and who a round expects),
+    // and the rounds whose challenge was relayed (so their responses are
+    // still taken after a restart).
+    "CREATE TABLE attached (
+        member INTEGER PRIMARY KEY,         -- u64 as its i64 bit pattern
+        groups BLOB    NOT NULL             -- u32 big-endian each, sorted
+     ) WITHOUT ROWID;
+     CREATE TABLE open_rounds (
+        grp         INTEGER NOT NULL,
+        round       INTEGER NOT NULL,
+        mode        INTEGER NOT NULL,
+        deadline_ms INTEGER NOT NULL,       -- unix ms
+        PRIMARY KEY (grp, round)
+     ) WITHOUT ROWID;",
+    // v4: batches the UDC refused outright (400, 409, 413), kept for the
+    // operator instead of dropped.
+    "CREATE TABLE dead_letters (
+        batch_id   INTEGER PRIMARY KEY,
+        status     INTEGER NOT NULL,        -- the UDC's HTTP status
+        reason     TEXT    NOT NULL,        -- the UDC's error body (capped)
+        entries    INTEGER NOT NULL,
+        bytes      BLOB    NOT NULL,        -- the batch exactly as sent
+        tags       BLOB    NOT NULL,        -- its individual tags
+        created_ms INTEGER NOT NULL
+     );",
+    // v5: where each entry came from (the member's IP), so one source
+    // cannot fill every alternative of a slot.
+    "ALTER TABLE entries ADD COLUMN source BLOB;",
 ];
+
+/// Most bytes of the UDC's refusal kept with a dead letter.
+pub const MAX_DEAD_LETTER_REASON: usize = 512;
 
 /// Errors of the spool boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -422,11 +454,41 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
+/// A batch the UDC refused outright, kept in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its batch id.
+    pub batch_id: u64,
+    /// The UDC's HTTP status.
+    pub status: u16,
+    /// The UDC's error body (at most [`MAX_DEAD_LETTER_REASON`] bytes).
+    pub reason: String,
+    /// Member entries it carried.
+    pub entries: u64,
+    /// The batch exactly as sent.
+    pub bytes: Bytes,
+    /// When it was refused (unix ms).
+    pub created_ms: u64,
+}
+
+/// A round whose challenge the gateway relayed, as the spool records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenRoundRow {
+    /// The group.
+    pub group: u32,
+    /// The round number.
+    pub round: u64,
+    /// The round's mode code (`wire::Mode`).
+    pub mode: u8,
+    /// When the gateway closes it (unix ms).
+    pub deadline_ms: u64,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
 enum Request {
-    Append(NewEntry, Reply<EntryId>),
+    Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
     Seal {
@@ -455,6 +517,23 @@ enum Request {
     SetMeta {
         key: String,
         value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        batch_id: u64,
+        status: u16,
+        reason: String,
+        now_ms: u64,
+        reply: Reply<()>,
+    },
+    SetAttached {
+        member: u64,
+        groups: Vec<u32>,
+        reply: Reply<()>,
+    },
+    SetRound {
+        round: OpenRoundRow,
+        now_ms: u64,
         reply: Reply<()>,
     },
     Shutdown(oneshot::Sender<()>),
@@ -665,7 +744,21 @@ impl Spool {
     /// [`SpoolError::Conflict`]. When the entry does not fit, returns
     /// [`SpoolError::Full`] and stores nothing.
     pub async fn append(&self, entry: NewEntry) -> Result<EntryId, SpoolError> {
-        self.call(|r| Request::Append(entry, r)).await
+        self.call(|r| Request::Append(entry, None, r)).await
+    }
+
+    /// [`Spool::append`] for an entry from `source` (the sender's address,
+    /// IPv4 as IPv4-mapped IPv6): on top of the slot's cap, one source may
+    /// hold only one message per slot, so a single source can never fill a
+    /// slot's alternatives and pre-empt the member (a member sends one
+    /// message per slot and re-sends it byte for byte). A second, different
+    /// message from the same source is [`SpoolError::Conflict`].
+    pub async fn append_from(
+        &self,
+        entry: NewEntry,
+        source: [u8; 16],
+    ) -> Result<EntryId, SpoolError> {
+        self.call(|r| Request::Append(entry, Some(source), r)).await
     }
 
     /// Deletes an entry that is in no batch (the collector refused it after
@@ -957,6 +1050,146 @@ impl Spool {
         .await
     }
 
+    /// Completes a batch the UDC refused outright (`status`, with its error
+    /// body `reason`): in one transaction the batch (its exact bytes and
+    /// tags) is kept as a dead letter for the operator, and the batch and
+    /// its entries leave the pipeline, so later batches are not blocked
+    /// behind it. Never refused for space.
+    pub async fn dead_letter_batch(
+        &self,
+        batch_id: u64,
+        status: u16,
+        reason: &str,
+        now_unix_ms: u64,
+    ) -> Result<(), SpoolError> {
+        let reason = reason.to_owned();
+        self.call(|reply| Request::DeadLetter {
+            batch_id,
+            status,
+            reason,
+            now_ms: now_unix_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// How many dead letters are kept.
+    pub async fn dead_letter_count(&self) -> Result<u64, SpoolError> {
+        self.read(|c| {
+            Ok(i2u(c
+                .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+                .query_row([], |r| r.get(0))?))
+        })
+        .await
+    }
+
+    /// The dead letters kept, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT batch_id, status, reason, entries, bytes, created_ms
+                 FROM dead_letters ORDER BY created_ms, batch_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(DeadLetter {
+                    batch_id: i2u(r.get(0)?),
+                    status: u16::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    reason: r.get(2)?,
+                    entries: i2u(r.get(3)?),
+                    bytes: Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                    created_ms: i2u(r.get(5)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Durably records that `member` is attached to `groups` (replacing
+    /// what was recorded), so a restarted gateway still subscribes to its
+    /// groups and expects it in their rounds. Not counted in
+    /// [`Spool::bytes`]: the registry is bounded by the attach cap, not by
+    /// the spool bound, so attaching never fails for a full spool.
+    pub async fn set_attached(&self, member: u64, groups: &[u32]) -> Result<(), SpoolError> {
+        if groups.len() > MAX_READ_GROUPS {
+            return Err(SpoolError::Invalid("too many groups"));
+        }
+        let groups = groups.to_vec();
+        self.call(|reply| Request::SetAttached {
+            member,
+            groups,
+            reply,
+        })
+        .await
+    }
+
+    /// Every recorded attachment: `(member, groups)`, by member.
+    pub async fn attached_members(&self) -> Result<Vec<(u64, Vec<u32>)>, SpoolError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT member, groups FROM attached ORDER BY member")?;
+            let rows = st.query_map([], |r| Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (member, blob) = row?;
+                if blob.len() % 4 != 0 || blob.len() / 4 > MAX_READ_GROUPS {
+                    return Err(SpoolError::Invalid("stored groups of an attached member"));
+                }
+                let groups = blob
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                out.push((member, groups));
+            }
+            // Stored as i64: ids above i64::MAX come first in SQL order.
+            out.sort_unstable_by_key(|(m, _)| *m);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Durably records a round whose challenge is being relayed (replacing
+    /// its previous record), and forgets rounds whose deadline is before
+    /// `now_ms`.
+    pub async fn set_open_round(&self, round: OpenRoundRow, now_ms: u64) -> Result<(), SpoolError> {
+        self.call(|reply| Request::SetRound {
+            round,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// The recorded rounds whose deadline is at or after `now_ms`.
+    pub async fn open_rounds(&self, now_ms: u64) -> Result<Vec<OpenRoundRow>, SpoolError> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT grp, round, mode, deadline_ms FROM open_rounds \
+                 WHERE deadline_ms >= ?1 ORDER BY grp, round",
+            )?;
+            let rows = st.query_map([clamp(now_ms)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (g, round, mode, deadline) = row?;
+                let bad = || SpoolError::Invalid("stored open round");
+                out.push(OpenRoundRow {
+                    group: u32::try_from(g).map_err(|_| bad())?,
+                    round: i2u(round),
+                    mode: u8::try_from(mode).map_err(|_| bad())?,
+                    deadline_ms: i2u(deadline),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Accounted bytes stored (entries, batches, downlink, records).
     pub fn bytes(&self) -> u64 {
         self.inner.shared.bytes.load(Ordering::Relaxed)
@@ -1174,10 +1407,14 @@ fn group_aborted() -> SpoolError {
 /// Fails a request without touching the database.
 fn fail(req: Request, err: SpoolError) -> Pending {
     match req {
-        Request::Append(_, r) => pending(r, Err(err)),
+        Request::Append(_, _, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
-        Request::Seal { reply, .. } | Request::SetMeta { reply, .. } => pending(reply, Err(err)),
+        Request::Seal { reply, .. }
+        | Request::SetMeta { reply, .. }
+        | Request::SetAttached { reply, .. }
+        | Request::DeadLetter { reply, .. }
+        | Request::SetRound { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
             pending(reply, Err(err))
         }
@@ -1282,7 +1519,7 @@ impl Writer {
         match req {
             // An append validates before its single INSERT, which SQLite
             // undoes alone if it fails: no savepoint needed on the hot path.
-            Request::Append(e, r) => pending(r, self.append(&e)),
+            Request::Append(e, source, r) => pending(r, self.append(&e, source)),
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
             Request::NextBatchId(r) => pending(r, self.savepoint(Writer::next_batch_id)),
             Request::Seal {
@@ -1320,6 +1557,58 @@ impl Writer {
                     w.conn
                         .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                         .execute(params![key, value])?;
+                    Ok(())
+                }),
+            ),
+            Request::DeadLetter {
+                batch_id,
+                status,
+                reason,
+                now_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| w.dead_letter(batch_id, status, &reason, now_ms)),
+            ),
+            Request::SetAttached {
+                member,
+                groups,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
+                    w.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO attached (member, groups) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![u2i(member), blob])?;
+                    Ok(())
+                }),
+            ),
+            Request::SetRound {
+                round,
+                now_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    // Rounds past their deadline are of no use after a
+                    // restart; they go as new ones come.
+                    w.conn
+                        .prepare_cached("DELETE FROM open_rounds WHERE deadline_ms < ?1")?
+                        .execute([clamp(now_ms)])?;
+                    w.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO open_rounds (grp, round, mode, deadline_ms) \
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![
+                            i64::from(round.group),
+                            clamp(round.round),
+                            i64::from(round.mode),
+                            clamp(round.deadline_ms)
+                        ])?;
                     Ok(())
                 }),
             ),
@@ -1371,52 +1660,67 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, e: &NewEntry) -> Result<EntryId, SpoolError> {
+    fn append(&mut self, e: &NewEntry, source: Option<[u8; 16]>) -> Result<EntryId, SpoolError> {
         let (kind, grp, round) = e.stream.columns();
         let member = u2i(e.member);
         // Every message already held in this slot (the first one and its
-        // alternatives), oldest first.
-        let existing: Vec<(i64, Vec<u8>, Vec<u8>)> = match e.stream {
+        // alternatives) with its source, oldest first.
+        type Held = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+        let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Held> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        };
+        let existing: Vec<Held> = match e.stream {
             StreamKey::Round { .. } => self
                 .conn
                 .prepare_cached(
-                    "SELECT id, sort_key, bytes FROM entries
+                    "SELECT id, sort_key, bytes, source FROM entries
                      WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3
                      ORDER BY id",
                 )?
-                .query_map(params![grp, round, member], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+                .query_map(params![grp, round, member], row)?
                 .collect::<Result<_, _>>()?,
             StreamKey::Uplink { .. } => self
                 .conn
                 .prepare_cached(
-                    "SELECT id, sort_key, bytes FROM entries
+                    "SELECT id, sort_key, bytes, source FROM entries
                      WHERE kind = 2 AND member = ?1 AND sort_key = ?2
                      ORDER BY id",
                 )?
-                .query_map(params![member, e.sort_key], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+                .query_map(params![member, e.sort_key], row)?
                 .collect::<Result<_, _>>()?,
         };
         if let Some((id, ..)) = existing
             .iter()
-            .find(|(_, sort_key, bytes)| *sort_key == e.sort_key && *bytes == e.bytes[..])
+            .find(|(_, sort_key, bytes, _)| *sort_key == e.sort_key && *bytes == e.bytes[..])
         {
             return Ok(EntryId(i2u(*id)));
         }
         if existing.len() >= MAX_VARIANTS {
             return Err(SpoolError::Conflict);
         }
+        if let Some(src) = source
+            && existing
+                .iter()
+                .any(|(.., s)| s.as_deref() == Some(&src[..]))
+        {
+            return Err(SpoolError::Conflict);
+        }
         let size = entry_size(e);
         self.check_room(size)?;
         self.conn
             .prepare_cached(
-                "INSERT INTO entries (kind, grp, round, member, sort_key, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO entries (kind, grp, round, member, sort_key, bytes, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![kind, grp, round, member, e.sort_key, &e.bytes[..]])?;
+            .execute(params![
+                kind,
+                grp,
+                round,
+                member,
+                e.sort_key,
+                &e.bytes[..],
+                source.as_ref().map(|s| &s[..])
+            ])?;
         self.tent.bytes += size;
         self.tent.entries += 1;
         Ok(EntryId(i2u(self.conn.last_insert_rowid())))
@@ -1588,6 +1892,79 @@ impl Writer {
         // The verdict's confirms are queued even if the spool is full: they
         // are what frees the member, and the entries just freed exceed them.
         self.push_downlink(downlink, now_ms, false)
+    }
+
+    /// Moves a refused batch into `dead_letters` and completes it (its
+    /// entries go, no confirm is queued). Dead letters are outside the
+    /// accounted bytes but kept to a quarter of `max_bytes`: the oldest go
+    /// first.
+    fn dead_letter(
+        &mut self,
+        batch_id: u64,
+        status: u16,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), SpoolError> {
+        let marker: [u8; 32] = Sha256::digest(format!("refused {status}")).into();
+        if self.completed_hash(batch_id)?.is_some() {
+            // Done before (a repeated call): the same answer as complete.
+            return self.complete(batch_id, &marker, &[], now_ms).map(|_| ());
+        }
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT bytes, tags FROM batches WHERE id = ?1")?
+            .query_row([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (bytes, tags) = row.ok_or(SpoolError::UnknownBatch(batch_id))?;
+        let entries: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM entries WHERE batch_id = ?1")?
+            .query_row([clamp(batch_id)], |r| r.get(0))?;
+        let mut end = reason.len().min(MAX_DEAD_LETTER_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters
+                 (batch_id, status, reason, entries, bytes, tags, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                clamp(batch_id),
+                i64::from(status),
+                &reason[..end],
+                entries,
+                bytes,
+                tags,
+                clamp(now_ms)
+            ])?;
+        // Oldest first out, never the one just kept.
+        let cap = self.max_bytes / 4;
+        loop {
+            let total: i64 = self
+                .conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(length(bytes) + length(tags) + length(reason)), 0)
+                     FROM dead_letters",
+                )?
+                .query_row([], |r| r.get(0))?;
+            if i2u(total) <= cap {
+                break;
+            }
+            let gone = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM dead_letters WHERE batch_id =
+                     (SELECT batch_id FROM dead_letters WHERE batch_id != ?1
+                      ORDER BY created_ms, batch_id LIMIT 1)",
+                )?
+                .execute([clamp(batch_id)])?;
+            if gone == 0 {
+                break;
+            }
+        }
+        self.complete(batch_id, &marker, &[], now_ms).map(|_| ())
     }
 
     fn push_downlink(
@@ -1808,7 +2185,7 @@ mod tests {
 
     fn append_req(member: u64) -> (Request, Rx<EntryId>) {
         let (tx, rx) = oneshot::channel();
-        (Request::Append(entry(member, b"body"), tx), rx)
+        (Request::Append(entry(member, b"body"), None, tx), rx)
     }
 
     fn push_req(kind: u8) -> (Request, Rx<Vec<u64>>) {

@@ -35,7 +35,9 @@ use tokio::time::Instant;
 use super::collector::CollectorHandle;
 use super::downlink::{RecordsError, parse_records};
 use super::server::WIRE_CONTENT_TYPE;
-use super::spool::{Audience, DownlinkItem, PendingBatch, Spool, SpoolError};
+use super::spool::{
+    Audience, DownlinkItem, MAX_DEAD_LETTER_REASON, PendingBatch, Spool, SpoolError,
+};
 use super::{Attached, unix_ms, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
 use crate::protocol::aggregator::{KeptTags, TagRequestError, answer_tag_request};
@@ -430,7 +432,7 @@ impl Upstream {
                             batch = batch.batch_id,
                             %status,
                             entries = batch.entry_count,
-                            "the udc refused the batch; its entries are dropped"
+                            "the udc refused the batch; kept as a dead letter in the spool"
                         );
                     }
                     Err(e) => {
@@ -488,9 +490,13 @@ impl Upstream {
                         reason = %String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]),
                         "udc refused"
                     );
-                    let marker = format!("refused {}", s.as_u16());
+                    // Kept as a dead letter for the operator; the batch
+                    // leaves the pipeline so later ones are not blocked.
+                    let reason = String::from_utf8_lossy(
+                        &answer.body[..answer.body.len().min(MAX_DEAD_LETTER_REASON)],
+                    );
                     self.spool
-                        .complete_batch(batch.batch_id, marker.as_bytes(), Vec::new(), unix_ms())
+                        .dead_letter_batch(batch.batch_id, s.as_u16(), &reason, unix_ms())
                         .await?;
                     return Ok(Sent::Rejected(s));
                 }

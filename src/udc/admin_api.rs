@@ -475,9 +475,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(v) => num(&v, "to")?,
                 None => u64::MAX,
             };
+            // The store keeps times as i64: u64::MAX ("no bound") would
+            // wrap to -1 and match nothing.
+            let cap = |v: u64| v.min(i64::MAX as u64);
             let rows = udc
                 .store()
-                .readings(member, from, to, 10_000)
+                .readings(member, cap(from), cap(to), 10_000)
                 .await
                 .map_err(store_err)?;
             let list: Vec<Value> = rows

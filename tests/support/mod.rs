@@ -124,6 +124,8 @@ pub enum UdcMode {
     Failing,
     /// Asks for the tags of chunk 0 first, then answers finally.
     TagsFirst,
+    /// Refuses every batch outright (400 with a JSON reason).
+    Refusing,
 }
 
 #[derive(Default)]
@@ -323,6 +325,14 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
             if mode == UdcMode::Failing {
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
             }
+            if mode == UdcMode::Refusing {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(
+                        b"{\"error\":\"decode\",\"reason\":\"refused by the test\"}",
+                    ),
+                );
+            }
             let Ok(batch) = Batch::decode(&body) else {
                 return answer(StatusCode::BAD_REQUEST, Bytes::from_static(b"{}"));
             };
@@ -456,11 +466,27 @@ impl Client {
         Self::connect_as(addr, pki, h2, None).await
     }
 
+    /// A connection from local address `ip` (any 127.x.y.z on Linux): a
+    /// distinct source for the gateway's per-source limits.
+    pub async fn connect_from(addr: SocketAddr, pki: &Pki, h2: bool, ip: [u8; 4]) -> Client {
+        Self::connect_with(addr, pki, h2, None, Some(ip)).await
+    }
+
     pub async fn connect_as(
         addr: SocketAddr,
         pki: &Pki,
         h2: bool,
         cert: Option<(&Path, &Path)>,
+    ) -> Client {
+        Self::connect_with(addr, pki, h2, cert, None).await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        pki: &Pki,
+        h2: bool,
+        cert: Option<(&Path, &Path)>,
+        from: Option<[u8; 4]>,
     ) -> Client {
         let roots = tls::load_roots(&pki.ca).unwrap();
         let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
@@ -479,7 +505,14 @@ impl Client {
             b"http/1.1".to_vec()
         }];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tcp = match from {
+            Some(ip) => {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.bind(SocketAddr::from((ip, 0))).unwrap();
+                sock.connect(addr).await.unwrap()
+            }
+            None => TcpStream::connect(addr).await.unwrap(),
+        };
         tcp.set_nodelay(true).unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let stream = connector.connect(name, tcp).await.unwrap();
