@@ -445,7 +445,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     "status": format!("{:?}", r.status).to_lowercase(),
                     "key_source": match r.key_source { store::KeySource::Derived => "derived", store::KeySource::Imported(_) => "imported" },
                     "last_auth_ms": last_auth,
-                    "sessions": sessions.iter().filter(|s| s.current.is_some()).map(|s| json!({"group": s.group, "last_auth_ms": s.last_auth_ms})).collect::<Vec<_>>(),
+                    "sessions": sessions.iter().filter(|s| s.sid.is_some()).map(|s| json!({"group": s.group, "last_auth_ms": s.last_auth_ms})).collect::<Vec<_>>(),
                 }));
             }
             Ok(json_resp(StatusCode::OK, json!({ "members": out })))

@@ -124,12 +124,16 @@ pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
         .with_context(|| format!("opening the store {}", config.store_url.redacted()))?;
     let registry = prometheus::Registry::new();
     let metrics = crate::telemetry::UdcMetrics::register(&registry);
-    Ok(service::Udc::new(
+    let udc = service::Udc::new(
         verifier,
         storage,
         store,
         metrics,
         registry,
         config.localize_timeout_ms,
-    ))
+    );
+    udc.load_gauges()
+        .await
+        .context("counting the stored sessions")?;
+    Ok(udc)
 }

@@ -109,6 +109,35 @@ impl Registry for LoadedRegistry {
     }
 }
 
+/// What was read of each loaded session slot of one group: its version
+/// (the compare-and-set of the write) and whether it held a session (for
+/// `dapgw_udc_sessions_active`). A member without a stored row is absent
+/// (version 0, no session).
+#[derive(Default)]
+struct SlotVersions(std::collections::HashMap<MemberId, (u64, bool)>);
+
+/// Session slots to write for one group, with the change of
+/// `dapgw_udc_sessions_active` they make once applied.
+struct SlotWrites<'a> {
+    group: u32,
+    versions: &'a SlotVersions,
+    rng: BufferedRng,
+    rows: Vec<SessionRow>,
+    active_delta: i64,
+}
+
+impl<'a> SlotWrites<'a> {
+    fn new(group: u32, versions: &'a SlotVersions) -> Self {
+        Self {
+            group,
+            versions,
+            rng: BufferedRng::new(),
+            rows: Vec::new(),
+            active_delta: 0,
+        }
+    }
+}
+
 /// A one-record verdict log: what the store held for the key before the
 /// call, and what the verifier filed during it.
 #[derive(Default)]
@@ -183,6 +212,58 @@ fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
     rand_core::UnwrapErr(getrandom::SysRng)
 }
 
+/// The operating system's randomness drawn 512 bytes per system call, for
+/// the many row nonces of one batch (one `getrandom` call per sealed row
+/// cost more than sealing the row). Bytes are handed out once; the buffer
+/// is zeroized on drop. Lives for one request only.
+pub(crate) struct BufferedRng {
+    buf: zeroize::Zeroizing<[u8; 512]>,
+    used: usize,
+}
+
+impl BufferedRng {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: zeroize::Zeroizing::new([0; 512]),
+            used: 512,
+        }
+    }
+}
+
+impl rand_core::TryRng for BufferedRng {
+    type Error = core::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        let mut dst = dst;
+        while !dst.is_empty() {
+            if self.used == self.buf.len() {
+                rand_core::Rng::fill_bytes(&mut rng(), &mut self.buf[..]);
+                self.used = 0;
+            }
+            let n = dst.len().min(self.buf.len() - self.used);
+            let (head, rest) = dst.split_at_mut(n);
+            head.copy_from_slice(&self.buf[self.used..self.used + n]);
+            // Handed out once: wipe what was taken.
+            self.buf[self.used..self.used + n].fill(0);
+            self.used += n;
+            dst = rest;
+        }
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for BufferedRng {}
+
 impl Udc {
     /// A service over an opened store.
     pub fn new(
@@ -214,6 +295,16 @@ impl Udc {
     /// The metrics.
     pub fn metrics(&self) -> &UdcMetrics {
         &self.metrics
+    }
+
+    /// Sets the gauges kept from the store (`dapgw_udc_sessions_active`):
+    /// called once at start; the service maintains them from then on.
+    pub async fn load_gauges(&self) -> Result<(), ServiceError> {
+        let n = self.store.count_sessions().await?;
+        self.metrics
+            .sessions_active
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// Finalizes up to `limit` localizations whose tag reply did not come in
@@ -353,23 +444,28 @@ impl Udc {
         Ok(n)
     }
 
-    /// Every session slot of `group`'s active members.
-    async fn group_sessions(&self, group: u32) -> Result<SessionTable, ServiceError> {
+    /// Every session slot of `group`'s active members, with what was read.
+    async fn group_sessions(
+        &self,
+        group: u32,
+    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let mut table = SessionTable::new();
+        let mut versions = SlotVersions::default();
         let mut after = None;
         loop {
             let ids = self.store.group_members(group, after, 10_000).await?;
             let Some(last) = ids.last() else { break };
             after = Some(*last);
             let ids: Vec<MemberId> = ids.into_iter().map(MemberId).collect();
-            let part = self.load_sessions(group, &ids).await?;
+            let (part, v) = self.load_sessions(group, &ids).await?;
             for id in ids {
                 if let Some(slot) = part.get(GroupId(group), id) {
                     table.insert(GroupId(group), id, slot.clone());
                 }
             }
+            versions.0.extend(v.0);
         }
-        Ok(table)
+        Ok((table, versions))
     }
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
@@ -389,10 +485,12 @@ impl Udc {
             }],
             ..BatchWrite::default()
         };
+        let mut delta = 0;
         for g in groups {
-            self.rekey_into(&mut write, g, None).await?;
+            self.rekey_into(&mut write, &mut delta, g, None).await?;
         }
         self.apply(write).await?;
+        self.metrics.sessions_active.add(delta);
         Ok(())
     }
 
@@ -411,10 +509,13 @@ impl Udc {
             members: vec![row],
             ..BatchWrite::default()
         };
+        let mut delta = 0;
         for g in groups {
-            self.rekey_into(&mut write, g, Some(MemberId(id))).await?;
+            self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
+                .await?;
         }
         self.apply(write).await?;
+        self.metrics.sessions_active.add(delta);
         Ok(true)
     }
 
@@ -423,20 +524,22 @@ impl Udc {
     async fn rekey_into(
         &self,
         write: &mut BatchWrite,
+        active_delta: &mut i64,
         group: u32,
         revoked: Option<MemberId>,
     ) -> Result<(), ServiceError> {
         let (mut state, row) = self.load_group(group).await?;
-        let mut sessions = self.group_sessions(group).await?;
+        let (mut sessions, mut versions) = self.group_sessions(group).await?;
         if let Some(r) = revoked
-            && sessions.get(GroupId(group), r).is_none()
+            && !versions.0.contains_key(&r)
         {
             // Its sessions may exist even though it is no longer listed
             // as active: load them so they are erased too.
-            let extra = self.load_sessions(group, &[r]).await?;
+            let (extra, v) = self.load_sessions(group, &[r]).await?;
             if let Some(slot) = extra.get(GroupId(group), r) {
                 sessions.insert(GroupId(group), r, slot.clone());
             }
+            versions.0.extend(v.0);
         }
         let rekeys = match revoked {
             Some(r) => self
@@ -447,20 +550,22 @@ impl Udc {
                 .add_member(&mut state, &mut sessions, &mut rng()),
         }
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let now = write.now_ms;
+        let mut slots = SlotWrites::new(group, &versions);
         for id in sessions.members_of(GroupId(group)) {
-            if let Some(slot) = sessions.get(GroupId(group), id) {
-                write
-                    .sessions
-                    .push(self.session_row(group, id, slot, 0, now)?);
+            if let Some(slot) = sessions.get(GroupId(group), id)
+                && Some(id) != revoked
+            {
+                self.push_slot(&mut slots, id, slot, None);
             }
         }
-        if let Some(r) = revoked {
+        if let Some(r) = revoked
+            && versions.0.contains_key(&r)
+        {
             // An empty slot replaces the revoked member's sessions.
-            write
-                .sessions
-                .push(self.session_row(group, r, &SessionSlot::default(), 0, now)?);
+            self.push_slot(&mut slots, r, &SessionSlot::default(), None);
         }
+        write.sessions.append(&mut slots.rows);
+        *active_delta += slots.active_delta;
         write.groups.push(self.group_row(&state, &row)?);
         let records = rekeys
             .iter()
@@ -489,6 +594,26 @@ impl Udc {
             serde_json::to_vec(value).map_err(|e| ServiceError::Internal(e.to_string()))?,
         );
         Ok(Sealed::new(self.storage.seal_row(&mut rng(), aad, &plain)))
+    }
+
+    /// Seals a session slot in its compact binary form.
+    fn seal_slot(&self, rng: &mut BufferedRng, aad: &[u8], slot: &SessionSlot) -> Sealed {
+        Sealed::new(self.storage.seal_row(rng, aad, &slot.encode()))
+    }
+
+    /// Opens a session slot sealed by [`Self::seal_slot`] (or as JSON, the
+    /// form written before the binary one; JSON starts with `{`).
+    fn open_slot(&self, aad: &[u8], sealed: &Sealed) -> Result<SessionSlot, ServiceError> {
+        let plain = self
+            .storage
+            .open_row(aad, sealed.as_bytes())
+            .map_err(|_| ServiceError::Internal("a sealed row does not open".into()))?;
+        if plain.first() == Some(&b'{') {
+            return serde_json::from_slice(&plain)
+                .map_err(|e| ServiceError::Internal(e.to_string()));
+        }
+        SessionSlot::decode(&plain)
+            .map_err(|e| ServiceError::Internal(format!("stored session slot: {e}")))
     }
 
     fn open<T: serde::de::DeserializeOwned>(
@@ -640,23 +765,29 @@ impl Udc {
         Ok(LoadedRegistry(map))
     }
 
-    /// Session slots of (member, group), opened.
+    /// Session slots of (member, group), opened, with what was read.
     async fn load_sessions(
         &self,
         group: u32,
         ids: &[MemberId],
-    ) -> Result<SessionTable, ServiceError> {
+    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let keys = ids.iter().map(|m| (m.0, group)).collect();
-        let pairs = self.store.sessions(keys).await?;
+        let stored = self.store.sessions(keys).await?;
         let mut table = SessionTable::new();
-        for (id, pair) in ids.iter().zip(pairs) {
-            let Some(slot) = pair.and_then(|p| p.current) else {
-                continue;
+        let mut versions = SlotVersions::default();
+        for (id, row) in ids.iter().zip(stored) {
+            let Some(row) = row else { continue };
+            let slot = match &row.state {
+                Some(sealed) => Some(self.open_slot(&aad::session(id.0, group), sealed)?),
+                None => None,
             };
-            let s: SessionSlot = self.open(&aad::session(id.0, group), &slot.state)?;
-            table.insert(GroupId(group), *id, s);
+            let active = slot.as_ref().is_some_and(|s| !s.is_empty());
+            versions.0.insert(*id, (row.version, active));
+            if let Some(slot) = slot {
+                table.insert(GroupId(group), *id, slot);
+            }
         }
-        Ok(table)
+        Ok((table, versions))
     }
 
     /// The round a batch answers, if stored and not closed.
@@ -671,8 +802,11 @@ impl Udc {
         if row.status != RoundStatus::Open || row.state.as_bytes().is_empty() {
             return Ok(None);
         }
-        if let Some(st) = self.rounds.lock().await.get(&(group, round)) {
-            return Ok(Some((st.clone(), row)));
+        // Taken out of the cache (no copy of the accepted set); `judge`
+        // puts it back after a successful write. On an error it is rebuilt
+        // from the store on the next call.
+        if let Some(st) = self.rounds.lock().await.remove(&(group, round)) {
+            return Ok(Some((st, row)));
         }
         // Cache miss (restart, or another process judged batches): the
         // accepted set is rebuilt from the stored outcomes.
@@ -933,7 +1067,7 @@ impl Udc {
         let t_read = Instant::now();
         let (group_state, group_row) = self.load_group(group).await?;
         let registry = self.load_registry(&ids).await?;
-        let mut sessions = self.load_sessions(group, &ids).await?;
+        let (mut sessions, versions) = self.load_sessions(group, &ids).await?;
         let mut round = match ctx.round {
             Some(r) => self.load_round(group, r).await?,
             None => None,
@@ -960,6 +1094,7 @@ impl Udc {
             .batch_verify
             .observe(t_verify.elapsed().as_secs_f64());
         let answer = out.answer.clone();
+        let mut slots = SlotWrites::new(group, &versions);
         let mut write = BatchWrite {
             now_ms,
             ..BatchWrite::default()
@@ -971,6 +1106,14 @@ impl Udc {
             ..Via::default()
         };
         let filed = log.filed.take();
+        if matches!(
+            out.event,
+            BatchEvent::Replayed | BatchEvent::TagsRequested { .. }
+        ) && let Some((rs, _)) = round.take()
+        {
+            // Unchanged: back into the cache.
+            self.rounds.lock().await.insert((group, rs.round), rs);
+        }
         match out.event {
             BatchEvent::Replayed => return Ok(answer),
             BatchEvent::TagsRequested { chunks } => {
@@ -1022,7 +1165,7 @@ impl Udc {
                         round: round_no,
                         member: id.0,
                         kind,
-                        reason: std::borrow::Cow::Owned(format!("{o:?}")),
+                        reason: std::borrow::Cow::Borrowed(outcome_reason(*o)),
                         gateway: ctx.via.clone(),
                     });
                     self.count_outcome(*o, mode);
@@ -1043,9 +1186,7 @@ impl Udc {
                 self.metrics.readings.inc_by(v.readings.len() as u64);
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
-                        write
-                            .sessions
-                            .push(self.session_row(group, *id, slot, round_no, now_ms)?);
+                        self.push_slot(&mut slots, *id, slot, Some(now_ms));
                     }
                 }
                 // The confirms go down to the member through its gateway.
@@ -1100,9 +1241,7 @@ impl Udc {
                 seen.dedup();
                 for id in seen {
                     if let Some(slot) = sessions.get(GroupId(group), id) {
-                        write
-                            .sessions
-                            .push(self.session_row(group, id, slot, 0, now_ms)?);
+                        self.push_slot(&mut slots, id, slot, None);
                     }
                 }
             }
@@ -1118,7 +1257,9 @@ impl Udc {
         }
         let _ = &group_row;
         write.via = ctx.via.is_some().then_some(via);
+        write.sessions = std::mem::take(&mut slots.rows);
         self.apply(write).await?;
+        self.metrics.sessions_active.add(slots.active_delta);
         // The accepted set lives in the hot cache; the store's outcome rows
         // are its truth (see `load_round`).
         if let Some((rs, _)) = round {
@@ -1147,28 +1288,31 @@ impl Udc {
         self.metrics.entries_rejected.get(reason).inc();
     }
 
-    fn session_row(
+    /// Seals `slot` of member `id` into `w`, compare-and-set against the
+    /// version it was read at. `auth_at_ms`: the member just authenticated.
+    fn push_slot(
         &self,
-        group: u32,
+        w: &mut SlotWrites<'_>,
         id: MemberId,
         slot: &SessionSlot,
-        round: u64,
-        now_ms: u64,
-    ) -> Result<SessionRow, ServiceError> {
-        let sid = slot
-            .pending
-            .as_ref()
-            .or(slot.current.as_ref())
-            .map(|s| s.sid.0)
-            .unwrap_or([0; 8]);
-        Ok(SessionRow {
+        auth_at_ms: Option<u64>,
+    ) {
+        let (version, was_active) = w.versions.0.get(&id).copied().unwrap_or((0, false));
+        let newest = slot.pending.as_ref().or(slot.current.as_ref());
+        let state = match newest {
+            Some(_) => self.seal_slot(&mut w.rng, &aad::session(id.0, w.group), slot),
+            None => Sealed::default(),
+        };
+        w.active_delta += i64::from(newest.is_some()) - i64::from(was_active);
+        w.rows.push(SessionRow {
             member: id.0,
-            group,
-            sid,
-            state: self.seal(&aad::session(id.0, group), slot)?,
-            round,
-            created_at_ms: now_ms,
-        })
+            group: w.group,
+            sid: newest.map(|s| s.sid.0),
+            state,
+            round: newest.map_or(0, |s| s.round),
+            authenticated_at_ms: auth_at_ms,
+            version,
+        });
     }
 
     /// Replaces gateway `gateway`'s group subscriptions.
@@ -1216,6 +1360,23 @@ fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
         },
         hash: batch.hash(),
         key: batch.log_key(),
+    }
+}
+
+/// The reason code stored with an outcome (its variant name).
+fn outcome_reason(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Accepted => "Accepted",
+        Outcome::UnknownMember => "UnknownMember",
+        Outcome::NotInGroup => "NotInGroup",
+        Outcome::RoundNotOpen => "RoundNotOpen",
+        Outcome::AlreadyAccepted => "AlreadyAccepted",
+        Outcome::Revoked => "Revoked",
+        Outcome::UnverifiedViaGateway => "UnverifiedViaGateway",
+        Outcome::StaleKeyVersion => "StaleKeyVersion",
+        Outcome::ReplayedCounter => "ReplayedCounter",
+        Outcome::UnknownSession => "UnknownSession",
+        Outcome::MalformedPayload => "MalformedPayload",
     }
 }
 
