@@ -788,6 +788,9 @@ async fn readings_query(f: Fixture) {
     assert_eq!(got.iter().map(|r| r.ctr).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(s.readings(2, 0, 1_000, 10).await.unwrap().len(), 1);
     assert!(s.readings(3, 0, 1_000, 10).await.unwrap().is_empty());
+    // No upper bound (u64::MAX) means no upper bound, not -1.
+    assert_eq!(s.readings(1, 0, u64::MAX, 10).await.unwrap().len(), 3);
+    assert_eq!(s.readings(1, 250, u64::MAX, 10).await.unwrap().len(), 1);
 }
 
 async fn sealed_blobs_round_trip_untouched(f: Fixture) {

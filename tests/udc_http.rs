@@ -7,12 +7,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dapgw::config::UdcConfig;
+use dapgw::protocol::keys::MemberCredential;
 use dapgw::protocol::keys::{MasterSecret, MemberKeyDeriver, response_keys, transcript_hash};
+use dapgw::protocol::member::{Challenged, Member};
 use dapgw::protocol::suite::{Gcm, aggregate};
 use dapgw::protocol::wire::{
     Batch, BatchBody, ChunkTags, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome,
     Response, ResponseEntry, TagReply, Verdict, VerdictBody,
 };
+use dapgw::protocol::wire::{Uplink, UplinkEntry, UplinkKind};
 use dapgw::udc::{self, keys_cmd};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -30,6 +33,8 @@ struct Harness {
     master: MasterSecret,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Kept to start the UDC again over the same store and keys.
+    config: UdcConfig,
 }
 
 impl Harness {
@@ -71,7 +76,7 @@ impl Harness {
         let master = keys_cmd::load_master(&keys.join(keys_cmd::files::MASTER)).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(udc::run(
-            config,
+            config.clone(),
             udc::Listeners { udc: l, admin: a },
             async move {
                 let _ = rx.await;
@@ -85,7 +90,92 @@ impl Harness {
             master,
             stop: Some(tx),
             task,
+            config,
         }
+    }
+
+    /// Stops the UDC (draining) and starts a new process-worth of it (a new
+    /// `Udc`, empty caches and metrics) over the same store and keys.
+    async fn restart(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.unwrap().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = l.local_addr().unwrap();
+        self.admin = a.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = tokio::spawn(udc::run(
+            self.config.clone(),
+            udc::Listeners { udc: l, admin: a },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+    }
+
+    /// `/metrics` of the admin listener, as text.
+    async fn metrics(&self) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/metrics")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// A member running the real member state machine, provisioned like
+    /// the UDC's import (derived key, version 1, group G).
+    fn real_member(&self, id: u64) -> Member {
+        let root = keys_cmd::read_hex::<32>(
+            &self
+                ._dir
+                .path()
+                .join("keys")
+                .join(keys_cmd::files::ROOT_PUB),
+        )
+        .unwrap();
+        Member::new(&MemberCredential {
+            id,
+            kv: 1,
+            key: MemberKeyDeriver::new(&self.master).member_key(id, 1),
+            groups: vec![G],
+            root_public_key: *root,
+        })
+        .unwrap()
+    }
+
+    /// gw-1's downlink records after `after` (waits up to 5 s for one).
+    async fn downlink(&self, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)> {
+        let (s, body) = self
+            .call(
+                Some("gw-1"),
+                Method::GET,
+                &format!("/v1/downlink?after={after}&wait_ms=5000"),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "no downlink records after {after}");
+        records(&body)
+    }
+
+    /// Posts a batch as gw-1 and decodes the verdict.
+    async fn post_batch(&self, b: &Batch) -> Verdict {
+        let (s, body) = self
+            .call(Some("gw-1"), Method::POST, "/v1/batches", b.to_bytes())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body:?}");
+        Verdict::decode(&body).unwrap()
     }
 
     async fn stop(mut self) {
@@ -723,5 +813,317 @@ async fn unanswered_tag_request_expires() {
     }
     let fin = fin.expect("the localization expired into a final verdict");
     assert_eq!(outcomes(&fin), vec![Outcome::UnverifiedViaGateway; 4]);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Real members: sessions, uplinks, acks and read rounds across restarts
+// ---------------------------------------------------------------------------
+
+fn member_rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
+    rand_core::UnwrapErr(getrandom::SysRng)
+}
+
+/// Every member answers `challenge` with `payload`: the batch entries.
+fn answer(
+    members: &mut [Member],
+    challenge: &Bytes,
+    payload: &[u8],
+) -> Vec<(ResponseEntry, [u8; 16])> {
+    members
+        .iter_mut()
+        .map(|m| {
+            let bytes = match m.handle_challenge(challenge, None).unwrap() {
+                Challenged::Answer(a) => a.respond(payload, &mut member_rng()).unwrap().persisted(),
+                Challenged::Resend(b) => b,
+            };
+            let r = Response::decode(&bytes).unwrap();
+            (r.entry(), r.tag)
+        })
+        .collect()
+}
+
+/// An uplink batch of gw-1 from sealed uplink messages, in chunks of 4.
+fn uplink_batch(batch_id: u64, sealed: &[Bytes]) -> Batch {
+    let mut ups: Vec<Uplink> = sealed.iter().map(|b| Uplink::decode(b).unwrap()).collect();
+    ups.sort_by_key(|u| u.entry().sort_key());
+    Batch {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id,
+        group: GroupId(G),
+        chunk_size: 4,
+        body: BatchBody::Uplinks {
+            entries: ups.iter().map(Uplink::entry).collect::<Vec<UplinkEntry>>(),
+        },
+        aggregates: ups
+            .chunks(4)
+            .map(|c| aggregate(c.iter().map(|u| &u.tag)))
+            .collect(),
+    }
+}
+
+/// The value of one sample of `/metrics` text (0 when absent): `name` with
+/// every label of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The last group record (challenge or group message) in `recs`.
+fn last_group_record(recs: &[(u64, u8, u32, u64, Bytes)]) -> Bytes {
+    recs.iter().rev().find(|r| r.1 == 1).unwrap().4.clone()
+}
+
+/// Real members through gw-1: a psk round, a UDC restart between the
+/// confirms and the first readings (the pending sessions must survive),
+/// readings and an alarm, a second restart (the replay windows must
+/// survive), a group update and its acks, a read round with a localization,
+/// a revocation; then every contract metric is checked against what
+/// happened since the last restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_across_restarts_and_the_metrics() {
+    let mut h = Harness::start(None).await;
+    let import: Vec<_> = (1..=3u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
+
+    // An auth round; the confirms reach the members.
+    h.op(
+        Method::POST,
+        "/v1/admin/rounds",
+        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+    )
+    .await;
+    let recs = h.downlink(0).await;
+    let mut cursor = recs.last().unwrap().0;
+    let entries = answer(&mut members, &last_group_record(&recs), b"");
+    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    for (_, aud, _, id, msg) in &recs {
+        assert_eq!(*aud, 2);
+        let m = &mut members[(*id - 1) as usize];
+        m.handle_confirm(msg).unwrap().persisted();
+    }
+    assert!(members.iter().all(|m| m.session(GroupId(G)).is_some()));
+
+    // Restart between the confirms and the first readings: the gauge comes
+    // back from the store, and the (still unused) sessions verify.
+    h.restart().await;
+    let text = h.metrics().await;
+    assert_eq!(
+        metric(&text, "dapgw_udc_sessions_active", &[]),
+        3.0,
+        "{text}"
+    );
+    let first: Vec<Bytes> = members
+        .iter_mut()
+        .enumerate()
+        .map(|(i, m)| {
+            let kind = if i == 2 {
+                UplinkKind::Alarm
+            } else {
+                UplinkKind::Reading
+            };
+            m.seal_uplink(GroupId(G), kind, format!("reading {i}").as_bytes())
+                .unwrap()
+                .persisted()
+        })
+        .collect();
+    let v = h.post_batch(&uplink_batch(2, &first)).await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::Accepted; 3],
+        "sessions survived the restart"
+    );
+    let r = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=3",
+            serde_json::Value::Null,
+        )
+        .await;
+    let got = r["readings"].as_array().unwrap();
+    assert_eq!(got.len(), 1, "{r}");
+    assert_eq!(got[0]["kind"], UplinkKind::Alarm.code());
+    assert_eq!(got[0]["payload_hex"], hex::encode("reading 2"));
+
+    // Restart again: the replay windows survive. Member 1's first uplink
+    // again is a replay; its next one is fresh.
+    h.restart().await;
+    let next = members[0]
+        .seal_uplink(GroupId(G), UplinkKind::Reading, b"second")
+        .unwrap()
+        .persisted();
+    let v = h
+        .post_batch(&uplink_batch(3, &[first[0].clone(), next]))
+        .await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+
+    // A group update: every member opens it and acks it.
+    let u = h
+        .op(
+            Method::POST,
+            &format!("/v1/admin/groups/{G}/updates"),
+            serde_json::json!({"payload_hex": "c0ffee"}),
+        )
+        .await;
+    let seq = u["seq"].as_u64().unwrap();
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    let update = last_group_record(&recs);
+    let acks: Vec<Bytes> = members
+        .iter_mut()
+        .map(|m| m.handle_group_message(&update).unwrap().persisted())
+        .collect();
+    let v = h.post_batch(&uplink_batch(4, &acks)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let shown = h
+        .op(
+            Method::GET,
+            &format!("/v1/admin/groups/{G}/updates/{seq}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(shown["acked"].as_array().unwrap().len(), 3, "{shown}");
+
+    // A read round; member 3's reading is altered on the way, so the chunk
+    // is localized and member 3 ends unverified via the gateway.
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "read", "read_request": "01"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let recs = h.downlink(cursor).await;
+    let mut entries = answer(&mut members, &last_group_record(&recs), b"meter 42.0 kWh");
+    let tags: Vec<[u8; 16]> = entries.iter().map(|(_, t)| *t).collect();
+    let mut c = entries[2].0.c.to_vec();
+    c[0] ^= 1;
+    entries[2].0.c = Bytes::from(c);
+    let b = batch("gw-1", 5, round, entries);
+    let v = h.post_batch(&b).await;
+    assert!(matches!(v.body, VerdictBody::TagsRequested { .. }), "{v:?}");
+    let reply = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 5,
+        batch_hash: Sha256::digest(b.to_bytes()).into(),
+        chunks: vec![ChunkTags { chunk: 0, tags }],
+    };
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/tags", reply.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![
+            Outcome::Accepted,
+            Outcome::Accepted,
+            Outcome::UnverifiedViaGateway
+        ]
+    );
+    let r = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=2",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert!(
+        r["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["payload_hex"] == hex::encode("meter 42.0 kWh")),
+        "{r}"
+    );
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/rounds/{G}/{round}/close"),
+        serde_json::Value::Null,
+    )
+    .await;
+    h.op(
+        Method::POST,
+        "/v1/admin/members/2/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+
+    // Every contract metric, counted since the last restart.
+    let text = h.metrics().await;
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    assert_eq!(
+        m("dapgw_udc_members_authenticated_total", &[("mode", "psk")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        m("dapgw_udc_entries_rejected_total", &[("reason", "replay")]),
+        1.0
+    );
+    assert_eq!(
+        m("dapgw_udc_entries_rejected_total", &[("reason", "bad_tag")]),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "dapgw_udc_batches_total",
+            &[("kind", "uplink"), ("outcome", "accepted")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m(
+            "dapgw_udc_batches_total",
+            &[("kind", "response"), ("outcome", "accepted")]
+        ),
+        1.0
+    );
+    assert!(m("dapgw_udc_batch_verify_seconds_count", &[]) >= 4.0);
+    assert_eq!(m("dapgw_udc_localizations_total", &[]), 1.0);
+    assert_eq!(m("dapgw_udc_rounds_total", &[("outcome", "partial")]), 1.0);
+    assert_eq!(
+        m("dapgw_udc_readings_total", &[]),
+        3.0,
+        "1 uplink + 2 read-round readings"
+    );
+    assert_eq!(m("dapgw_udc_group_updates_total", &[]), 1.0);
+    assert_eq!(m("dapgw_udc_acks_total", &[]), 3.0);
+    assert!(m("dapgw_udc_store_seconds_count", &[("op", "read")]) >= 4.0);
+    assert!(m("dapgw_udc_store_seconds_count", &[("op", "write")]) >= 6.0);
+    assert_eq!(m("dapgw_udc_sessions_active", &[]), 2.0, "member 2 revoked");
     h.stop().await;
 }

@@ -1209,12 +1209,15 @@ impl Udc {
                 }
             }
             BatchEvent::Uplinks(v) => {
-                via.accepted = u64::from(match &v.verdict.body {
-                    crate::protocol::wire::VerdictBody::Final { outcomes, .. } => {
-                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count()
+                if let VerdictBody::Final { outcomes, .. } = &v.verdict.body {
+                    via.accepted =
+                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count() as u64;
+                    // Rejected uplinks count by reason; accepted ones are
+                    // not authentications.
+                    for o in outcomes.iter().filter(|o| **o != Outcome::Accepted) {
+                        self.count_outcome(*o, Mode::Psk);
                     }
-                    crate::protocol::wire::VerdictBody::TagsRequested { .. } => 0,
-                } as u32);
+                }
                 for m in &v.messages {
                     write.readings.push(ReadingRow {
                         member: m.id.0,

@@ -967,6 +967,13 @@ fn i(v: u64) -> i64 {
     v as i64
 }
 
+/// A time bound (unix ms) to its stored form, saturating at `i64::MAX`:
+/// bit-casting `u64::MAX` ("no upper bound") would make it -1.
+#[inline]
+fn ts(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Stored form back to `u64`.
 #[inline]
 fn u(v: i64) -> u64 {

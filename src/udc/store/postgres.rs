@@ -1358,7 +1358,7 @@ impl Store for PostgresStore {
             .query(
                 "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
                  AND ts_ms >= $2 AND ts_ms < $3 ORDER BY ts_ms, grp, ctr LIMIT $4",
-                &[&i(member), &i(from_ms), &i(to_ms), &i64::from(limit)],
+                &[&i(member), &ts(from_ms), &ts(to_ms), &i64::from(limit)],
             )
             .await?;
         rows(r, |x| {

@@ -1182,7 +1182,7 @@ impl Store for SqliteStore {
             )?;
             collect(
                 &mut st,
-                params![i(member), i(from_ms), i(to_ms), i64::from(limit)],
+                params![i(member), ts(from_ms), ts(to_ms), i64::from(limit)],
                 |r| reading_row(member, r),
             )
         })
