@@ -26,7 +26,7 @@ const G: u32 = 7;
 const TOKEN: &str = "test-admin-token";
 
 struct Harness {
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
     addr: SocketAddr,
     admin: SocketAddr,
     pki: dapgw::tls::dev_pki::DevPki,
@@ -83,7 +83,7 @@ impl Harness {
             },
         ));
         Self {
-            _dir: dir,
+            _dir: Arc::new(dir),
             addr,
             admin,
             pki,
@@ -114,6 +114,32 @@ impl Harness {
                 let _ = rx.await;
             },
         ));
+    }
+
+    /// A second UDC process over the same store and keys (its own
+    /// listeners, caches and metrics), as several behind a load balancer.
+    async fn second(&self) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin) = (l.local_addr().unwrap(), a.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(udc::run(
+            self.config.clone(),
+            udc::Listeners { udc: l, admin: a },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            _dir: self._dir.clone(),
+            addr,
+            admin,
+            pki: self.pki.clone(),
+            master: keys_cmd::load_master(&self.config.master_secret_file).unwrap(),
+            stop: Some(tx),
+            task,
+            config: self.config.clone(),
+        }
     }
 
     /// `/metrics` of the admin listener, as text.
@@ -216,6 +242,18 @@ impl Harness {
         path: &str,
         body: impl Into<Bytes>,
     ) -> (StatusCode, Bytes) {
+        let (s, _, b) = self.call_h(gw, method, path, body).await;
+        (s, b)
+    }
+
+    /// [`Self::call`], with the answer's headers.
+    async fn call_h(
+        &self,
+        gw: Option<&str>,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, hyper::HeaderMap, Bytes) {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(self.tls(gw));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -233,8 +271,9 @@ impl Harness {
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body)
+        (status, headers, body)
     }
 
     /// One request to the operator API (HTTP/1.1, plain).
@@ -723,23 +762,31 @@ async fn udc_over_tls_with_sqlite() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udc_over_tls_with_postgres() {
+/// A throwaway PostgreSQL cluster, or `None` (with a visible message) where
+/// PostgreSQL is not installed outside CI.
+async fn pg_cluster() -> Option<dapgw::udc::store::PgCluster> {
     use dapgw::udc::store::{PgCluster, PgClusterError};
-    let cluster = match tokio::task::spawn_blocking(|| PgCluster::start(false))
+    match tokio::task::spawn_blocking(|| PgCluster::start(false))
         .await
         .unwrap()
     {
-        Ok(c) => c,
+        Ok(c) => Some(c),
         Err(e @ PgClusterError::NotInstalled(_)) => {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI=true but the PostgreSQL tests cannot run: {e}"
             );
             eprintln!("SKIPPED: PostgreSQL is not available here: {e}");
-            return;
+            None
         }
         Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udc_over_tls_with_postgres() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
     };
     cluster.create_database("udc_http").unwrap();
     let h = Harness::start(Some(cluster.url("udc_http"))).await;
@@ -1126,4 +1173,154 @@ async fn members_across_restarts_and_the_metrics() {
     assert!(m("dapgw_udc_store_seconds_count", &[("op", "write")]) >= 6.0);
     assert_eq!(m("dapgw_udc_sessions_active", &[]), 2.0, "member 2 revoked");
     h.stop().await;
+}
+
+/// Two UDC processes over one PostgreSQL store: a batch applied by one is
+/// answered by the other from the stored verdict (not applied twice), and a
+/// write that loses a race on a session slot is a 503 with `Retry-After`
+/// (nothing written), after which the retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_udcs_share_one_postgres_store() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("two_udcs").unwrap();
+    let url = cluster.url("two_udcs");
+    let a = Harness::start(Some(url.clone())).await;
+    let b = a.second().await;
+    let import: Vec<_> = (1..=4u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    a.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = a
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let round = a
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    // The queue is shared: b serves the challenge a queued.
+    let recs = b.downlink(0).await;
+    let mut cursor = recs.last().unwrap().0;
+    let challenge = last_group_record(&recs);
+    let b1 = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=4).map(|id| respond(&a, id, &challenge)).collect(),
+    );
+    let (s, from_a) = a
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b1.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        outcomes(&Verdict::decode(&from_a).unwrap()),
+        vec![Outcome::Accepted; 4]
+    );
+    let (s, from_b) = b
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b1.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(from_a, from_b, "answered from the stored verdict");
+    let gws = b
+        .op(Method::GET, "/v1/admin/gateways", serde_json::Value::Null)
+        .await;
+    assert_eq!(gws["gateways"][0]["batches"], 1, "{gws}");
+    assert_eq!(gws["gateways"][0]["entries"], 4, "{gws}");
+    let confirms = b.downlink(cursor).await;
+    assert_eq!(confirms.len(), 4, "one confirm each, not two");
+    cursor = confirms.last().unwrap().0;
+
+    // Round 2 (opened by b). While a judges its batch, another writer
+    // changes member 1's session slot: a's write must lose cleanly.
+    let round2 = b
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    let challenge = last_group_record(&a.downlink(cursor).await);
+    let b2 = batch(
+        "gw-1",
+        2,
+        round2,
+        (1..=4).map(|id| respond(&a, id, &challenge)).collect(),
+    );
+    let (pg, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg.batch_execute(
+        "BEGIN; UPDATE sessions SET version = version + 1 WHERE member = 1 AND grp = 7",
+    )
+    .await
+    .unwrap();
+    let ((status, headers, body), ()) = tokio::join!(
+        a.call_h(Some("gw-1"), Method::POST, "/v1/batches", b2.to_bytes()),
+        async {
+            // Commit once a's write waits on the row lock.
+            for _ in 0..1000 {
+                let n: i64 = pg
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            pg.batch_execute("COMMIT").await.unwrap();
+        }
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["error"], "busy");
+    assert!(
+        e["reason"].as_str().is_some_and(|r| r.contains("retry")),
+        "{e}"
+    );
+    // Nothing of a's judgement was written; the retry (through b) works.
+    let (s, body) = b
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b2.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::Accepted; 4]
+    );
+    let rep = a
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round2}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(rep["accepted"], 4, "{rep}");
+    b.stop().await;
+    a.stop().await;
 }

@@ -74,6 +74,12 @@ fn svc_err(e: ServiceError) -> AdminResponse {
         ServiceError::BadRequest(r) => bad(&r),
         ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
         ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
+        ServiceError::Busy(r) => {
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "busy", &r);
+            resp.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         other => {
             tracing::error!(error = ?other, "admin request failed");
             error(

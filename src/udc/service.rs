@@ -60,6 +60,12 @@ pub enum ServiceError {
     /// Nothing pending for this (gateway, batch id) (404).
     #[error("{0}")]
     NotFound(String),
+    /// Another UDC process sharing the store changed a row this request
+    /// read (a session slot, a group, a round) between the read and the
+    /// write; nothing was written. Retry the request (503 with
+    /// `Retry-After`).
+    #[error("{0}")]
+    Busy(String),
     /// A store or sealing failure (500; details are logged, not sent).
     #[error("internal error")]
     Internal(String),
@@ -67,7 +73,12 @@ pub enum ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
-        Self::Internal(format!("store: {e}"))
+        match e {
+            StoreError::Conflict(what) => Self::Busy(format!(
+                "another UDC process changed the {what} concurrently; retry"
+            )),
+            e => Self::Internal(format!("store: {e}")),
+        }
     }
 }
 
@@ -722,6 +733,11 @@ impl Udc {
     }
 
     async fn apply(&self, write: BatchWrite) -> Result<store::Applied, ServiceError> {
+        Ok(self.apply_store(write).await?)
+    }
+
+    /// Applies a write set, timed; wakes downlink long polls.
+    async fn apply_store(&self, write: BatchWrite) -> Result<store::Applied, StoreError> {
         let t = Instant::now();
         let has_downlink = !write.downlink.is_empty();
         let applied = self.store.apply_batch(write).await;
@@ -734,6 +750,31 @@ impl Udc {
             self.downlink_notify.notify_waiters();
         }
         Ok(applied)
+    }
+
+    /// Applies the write of a judged batch. `Some(answer)` when another UDC
+    /// process sharing the store filed a verdict for the same (gateway,
+    /// batch id) first: the same batch gets that process's answer (nothing
+    /// of this judgement is written), another batch a conflict.
+    async fn apply_verdict(
+        &self,
+        write: BatchWrite,
+        gateway: &str,
+        ctx: &Ctx,
+    ) -> Result<Option<Bytes>, ServiceError> {
+        match self.apply_store(write).await {
+            Ok(_) => Ok(None),
+            Err(StoreError::VerdictExists { batch_hash, .. }) if batch_hash == ctx.hash => {
+                let stored = self.store.verdict(gateway, ctx.log_batch_id).await?;
+                let v = stored.ok_or_else(|| ServiceError::Busy("verdict vanished".into()))?;
+                Ok(Some(Bytes::from(v.verdict)))
+            }
+            Err(StoreError::VerdictExists { .. }) => Err(ServiceError::Conflict(format!(
+                "batch id {} was already used for a different batch",
+                ctx.batch_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Members of a batch, as verifier records.
@@ -1004,7 +1045,7 @@ impl Udc {
     fn count_batch(&self, kind: EntryKind, res: &Result<Bytes, ServiceError>) {
         let outcome = match res {
             Ok(_) => UdcBatchOutcome::Accepted,
-            Err(ServiceError::Internal(_)) => UdcBatchOutcome::Error,
+            Err(ServiceError::Internal(_) | ServiceError::Busy(_)) => UdcBatchOutcome::Error,
             Err(_) => UdcBatchOutcome::Rejected,
         };
         self.metrics.batches.get(kind, outcome).inc();
@@ -1144,7 +1185,9 @@ impl Udc {
                 }
                 via.entries = 0;
                 write.via = ctx.via.is_some().then_some(via);
-                self.apply(write).await?;
+                if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
+                    return Ok(stored);
+                }
                 return Ok(answer);
             }
             BatchEvent::Responses(v) => {
@@ -1261,7 +1304,15 @@ impl Udc {
         let _ = &group_row;
         write.via = ctx.via.is_some().then_some(via);
         write.sessions = std::mem::take(&mut slots.rows);
-        self.apply(write).await?;
+        if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
+            // Another process judged this batch first: its answer stands,
+            // and this process's view of the round is stale.
+            self.rounds
+                .lock()
+                .await
+                .remove(&(group, ctx.round.unwrap_or(0)));
+            return Ok(stored);
+        }
         self.metrics.sessions_active.add(slots.active_delta);
         // The accepted set lives in the hot cache; the store's outcome rows
         // are its truth (see `load_round`).
