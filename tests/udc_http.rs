@@ -1324,3 +1324,254 @@ async fn two_udcs_share_one_postgres_store() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Bad input at every endpoint: a 4xx with a JSON `{"error", "reason"}`
+/// body, never a 5xx or a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_4xx_with_a_json_reason() {
+    let h = Harness::start(None).await;
+    let check = |what: &str, s: StatusCode, body: &[u8], want: StatusCode, code: &str| {
+        assert_eq!(s, want, "{what}: {}", String::from_utf8_lossy(body));
+        let e: serde_json::Value =
+            serde_json::from_slice(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body:?}"));
+        assert_eq!(e["error"], code, "{what}: {e}");
+        assert!(
+            e["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{what}: {e}"
+        );
+    };
+    // A valid uplink batch, cut short, and a tag reply nobody asked for.
+    let valid = uplink_batch(1, &[]).to_bytes();
+    let orphan = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 99,
+        batch_hash: [0; 32],
+        chunks: vec![],
+    };
+    let gw = [
+        (
+            "batch garbage",
+            Method::POST,
+            "/v1/batches",
+            Bytes::from_static(b"\x01\x04garbage"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "batch truncated",
+            Method::POST,
+            "/v1/batches",
+            valid.slice(..valid.len() - 1),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "batch empty",
+            Method::POST,
+            "/v1/batches",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "tags garbage",
+            Method::POST,
+            "/v1/tags",
+            Bytes::from_static(b"nope"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "tags unknown batch",
+            Method::POST,
+            "/v1/tags",
+            orphan.to_bytes(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "subscriptions not json",
+            Method::PUT,
+            "/v1/subscriptions",
+            Bytes::from_static(b"groups=7"),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            "subscriptions wrong type",
+            Method::PUT,
+            "/v1/subscriptions",
+            Bytes::from_static(br#"{"groups":"7"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            "downlink cursor",
+            Method::GET,
+            "/v1/downlink?after=abc",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            "downlink wait",
+            Method::GET,
+            "/v1/downlink?after=0&wait_ms=-5",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            "direct garbage",
+            Method::POST,
+            "/v1/direct",
+            Bytes::from_static(b"\x01\x0b\x00"),
+            StatusCode::BAD_REQUEST,
+            "not_accepted",
+        ),
+        (
+            "direct too large",
+            Method::POST,
+            "/v1/direct",
+            Bytes::from(vec![0u8; 65 << 10]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            "wrong method",
+            Method::DELETE,
+            "/v1/batches",
+            Bytes::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+        (
+            "unknown path",
+            Method::GET,
+            "/v1/nothing",
+            Bytes::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (what, method, path, body, want, code) in gw {
+        let (s, b) = h.call(Some("gw-1"), method, path, body).await;
+        check(what, s, &b, want, code);
+    }
+    let (s, b) = h
+        .call(None, Method::POST, "/v1/batches", valid.clone())
+        .await;
+    check(
+        "no certificate",
+        s,
+        &b,
+        StatusCode::FORBIDDEN,
+        "no_client_certificate",
+    );
+
+    // The operator API.
+    let raw = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
+    let admin = [
+        (
+            "round bad mode",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"rsa","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round no group",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"mode":"psk","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round read request",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","purpose":"read","read_request":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round report id",
+            Method::GET,
+            "/v1/admin/rounds/7/x",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round unknown",
+            Method::GET,
+            "/v1/admin/rounds/7/12345",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "update payload",
+            Method::POST,
+            "/v1/admin/groups/7/updates",
+            raw(r#"{"payload_hex":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "update unknown",
+            Method::GET,
+            "/v1/admin/groups/7/updates/9",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "readings no member",
+            Method::GET,
+            "/v1/admin/readings",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "member bad id",
+            Method::POST,
+            "/v1/admin/members",
+            raw(r#"{"id":"one","groups":[7]}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "revoke unknown",
+            Method::POST,
+            "/v1/admin/members/999/revoke",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "schedule bad period",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":"often","mode":"psk","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "members limit",
+            Method::GET,
+            "/v1/admin/members?limit=lots",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (what, method, path, body, want, code) in admin {
+        let (s, v) = h.admin(Some(TOKEN), method, path, body).await;
+        check(what, s, v.to_string().as_bytes(), want, code);
+    }
+    h.stop().await;
+}
