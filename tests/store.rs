@@ -146,6 +146,7 @@ both!(
     localization_pending_then_final,
     group_optimistic_concurrency,
     session_slots_are_compare_and_set,
+    retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
     readings_query,
     sealed_blobs_round_trip_untouched,
@@ -694,6 +695,43 @@ async fn session_slots_are_compare_and_set(f: Fixture) {
     let s = f.open().await;
     let p = slot1(&s).await.unwrap();
     assert_eq!(p.version, 3);
+}
+
+async fn retention_trims_readings_and_final_verdicts(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    // Batch 1 (final, filed at 20,000) with readings at 20,000; a pending
+    // verdict filed at 1,000; later readings.
+    s.apply_batch(batch(1, 0x11, 2)).await.unwrap();
+    s.apply_batch(BatchWrite {
+        now_ms: 1_000,
+        verdict: Some(VerdictWrite {
+            gateway: GW.into(),
+            batch_id: 2,
+            batch_hash: [0x22; 32],
+            verdict: vec![5],
+            pending: Some(PendingWrite {
+                pending: Sealed::new(vec![1]),
+                expires_at_ms: u64::MAX >> 1,
+            }),
+        }),
+        readings: vec![reading(1, 7, 30_000), reading(2, 7, 40_000)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.trim_readings(20_000).await.unwrap(), 0, "strictly before");
+    assert_eq!(s.trim_readings(35_000).await.unwrap(), 3);
+    assert_eq!(count_readings(&s, 2).await, 1);
+    assert_eq!(s.trim_verdicts(20_000).await.unwrap(), 0);
+    assert_eq!(
+        s.trim_verdicts(u64::MAX).await.unwrap(),
+        1,
+        "only the final one"
+    );
+    assert!(s.verdict(GW, 1).await.unwrap().is_none());
+    assert!(s.verdict(GW, 2).await.unwrap().is_some());
+    assert!(s.pending_localization(GW, 2).await.unwrap().is_some());
 }
 
 async fn downlink_cursors_and_fanout(f: Fixture) {

@@ -131,6 +131,10 @@ pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
         metrics,
         registry,
         config.localize_timeout_ms,
+        service::Retention::from_days(
+            config.readings_retention_days,
+            config.verdicts_retention_days,
+        ),
     );
     udc.load_gauges()
         .await

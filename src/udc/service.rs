@@ -194,6 +194,10 @@ pub struct Udc {
     metrics: UdcMetrics,
     registry: prometheus::Registry,
     localize_timeout_ms: u64,
+    /// How long readings and final verdicts are kept.
+    retention: Retention,
+    /// When [`Udc::trim_history`] last ran (unix ms), so it runs hourly.
+    last_trim_ms: std::sync::atomic::AtomicU64,
     /// Serializes state changes within this process.
     lock: Mutex<()>,
     /// Hot round states (their accepted sets), by (group, round).
@@ -210,6 +214,29 @@ impl std::fmt::Debug for Udc {
             .finish_non_exhaustive()
     }
 }
+
+/// How long the UDC keeps history (`None`: forever).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Readings and alarms (`DAPGW_READINGS_RETENTION_DAYS`).
+    pub readings_ms: Option<u64>,
+    /// Final batch verdicts (`DAPGW_VERDICTS_RETENTION_DAYS`).
+    pub verdicts_ms: Option<u64>,
+}
+
+impl Retention {
+    /// From day counts, 0 meaning forever.
+    pub fn from_days(readings: u64, verdicts: u64) -> Self {
+        let ms = |d: u64| (d > 0).then(|| d.saturating_mul(24 * 3600 * 1000));
+        Self {
+            readings_ms: ms(readings),
+            verdicts_ms: ms(verdicts),
+        }
+    }
+}
+
+/// How often history is trimmed.
+const TRIM_EVERY_MS: u64 = 3600 * 1000;
 
 /// Unix milliseconds now.
 pub(crate) fn now_ms() -> u64 {
@@ -284,6 +311,7 @@ impl Udc {
         metrics: UdcMetrics,
         registry: prometheus::Registry,
         localize_timeout_ms: u64,
+        retention: Retention,
     ) -> Arc<Self> {
         Arc::new(Self {
             verifier,
@@ -292,6 +320,8 @@ impl Udc {
             metrics,
             registry,
             localize_timeout_ms,
+            retention,
+            last_trim_ms: std::sync::atomic::AtomicU64::new(0),
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
             downlink_notify: Notify::new(),
@@ -347,6 +377,38 @@ impl Udc {
             .await?;
         }
         Ok(n)
+    }
+
+    /// Deletes readings and final verdicts past their retention, at most
+    /// once an hour (the deletes scan their tables). Returns (readings,
+    /// verdicts) deleted, or `None` when it was not due.
+    pub async fn trim_history(&self, now_ms: u64) -> Result<Option<(u64, u64)>, ServiceError> {
+        use std::sync::atomic::Ordering;
+        let last = self.last_trim_ms.load(Ordering::Relaxed);
+        if last != 0 && now_ms < last.saturating_add(TRIM_EVERY_MS) {
+            return Ok(None);
+        }
+        self.last_trim_ms.store(now_ms.max(1), Ordering::Relaxed);
+        let readings = match self.retention.readings_ms {
+            Some(keep) => {
+                self.store
+                    .trim_readings(now_ms.saturating_sub(keep))
+                    .await?
+            }
+            None => 0,
+        };
+        let verdicts = match self.retention.verdicts_ms {
+            Some(keep) => {
+                self.store
+                    .trim_verdicts(now_ms.saturating_sub(keep))
+                    .await?
+            }
+            None => 0,
+        };
+        if readings + verdicts > 0 {
+            tracing::info!(readings, verdicts, "history past its retention deleted");
+        }
+        Ok(Some((readings, verdicts)))
     }
 
     /// Closes every open round whose deadline is at or before `now_ms`.
@@ -1459,5 +1521,44 @@ fn map_verifier_error(e: VerifierError) -> ServiceError {
         }
         VerifierError::Peer(other) => ServiceError::BadRequest(other.to_string()),
         VerifierError::Usage(u) => ServiceError::Internal(u.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_days_zero_keeps_forever() {
+        let r = Retention::from_days(400, 0);
+        assert_eq!(r.readings_ms, Some(400 * 86_400_000));
+        assert_eq!(r.verdicts_ms, None);
+        assert_eq!(
+            Retention::from_days(u64::MAX, 1).readings_ms,
+            Some(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn buffered_rng_hands_each_byte_out_once() {
+        use rand_core::Rng as _;
+        let mut r = BufferedRng::new();
+        let mut seen = Vec::new();
+        // Across several refills, in odd-sized pieces.
+        for n in [12, 500, 7, 512, 1, 1000] {
+            let mut b = vec![0u8; n];
+            r.fill_bytes(&mut b);
+            seen.push(b);
+        }
+        let all: Vec<u8> = seen.concat();
+        assert_eq!(all.len(), 2032);
+        // 16-byte windows of fresh randomness never repeat.
+        let mut windows: Vec<&[u8]> = all.chunks(16).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        assert_eq!(windows.len(), all.len().div_ceil(16));
+        // What was handed out is wiped from the buffer.
+        assert!(r.buf[..r.used].iter().all(|b| *b == 0));
+        assert_ne!(r.next_u64(), r.next_u64());
     }
 }

@@ -773,6 +773,15 @@ pub trait Store: Send + Sync {
     /// Deletes records created before `before_ms`; returns how many.
     fn trim_downlink(&self, before_ms: u64)
     -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes readings accepted before `before_ms` (retention); returns
+    /// how many.
+    fn trim_readings(&self, before_ms: u64)
+    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes final verdicts filed before `before_ms` (retention; pending
+    /// ones expire through their localization); returns how many. A batch
+    /// retried after that is judged again, against the state of then.
+    fn trim_verdicts(&self, before_ms: u64)
+    -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Replaces the gateway's group subscriptions.
     fn set_subscriptions(
         &self,
@@ -943,6 +952,8 @@ impl Store for AnyStore {
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
         fn latest_cursor(&self, gateway: &str) -> u64;
         fn trim_downlink(&self, before_ms: u64) -> u64;
+        fn trim_readings(&self, before_ms: u64) -> u64;
+        fn trim_verdicts(&self, before_ms: u64) -> u64;
         fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> ();
         fn subscriptions(&self, gateway: &str) -> Vec<u32>;
         fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;

@@ -1222,6 +1222,19 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn trim_readings(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.exec("DELETE FROM readings WHERE ts_ms < $1", &[&ts(before_ms)])
+            .await
+    }
+
+    async fn trim_verdicts(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.exec(
+            "DELETE FROM verdicts WHERE final = 1 AND created_at_ms < $1",
+            &[&ts(before_ms)],
+        )
+        .await
+    }
+
     async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
         let groups: Vec<i64> = normalized_groups(&groups)
             .into_iter()

@@ -1042,6 +1042,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn trim_readings(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute("DELETE FROM readings WHERE ts_ms < ?1", [ts(before_ms)])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn trim_verdicts(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute(
+                "DELETE FROM verdicts WHERE final = 1 AND created_at_ms < ?1",
+                [ts(before_ms)],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
         let gateway = gateway.to_owned();
         self.call(move |c| {
