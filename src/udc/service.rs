@@ -198,6 +198,8 @@ pub struct Udc {
     retention: Retention,
     /// When [`Udc::trim_history`] last ran (unix ms), so it runs hourly.
     last_trim_ms: std::sync::atomic::AtomicU64,
+    /// When the gauges were last recounted from the store (unix ms).
+    last_count_ms: std::sync::atomic::AtomicU64,
     /// Serializes state changes within this process.
     lock: Mutex<()>,
     /// Hot round states (their accepted sets), by (group, round).
@@ -237,6 +239,9 @@ impl Retention {
 
 /// How often history is trimmed.
 const TRIM_EVERY_MS: u64 = 3600 * 1000;
+
+/// How often `dapgw_udc_sessions_active` is recounted from the store.
+pub const RECOUNT_EVERY_MS: u64 = 5 * 60 * 1000;
 
 /// Unix milliseconds now.
 pub(crate) fn now_ms() -> u64 {
@@ -322,6 +327,7 @@ impl Udc {
             localize_timeout_ms,
             retention,
             last_trim_ms: std::sync::atomic::AtomicU64::new(0),
+            last_count_ms: std::sync::atomic::AtomicU64::new(0),
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
             downlink_notify: Notify::new(),
@@ -339,13 +345,32 @@ impl Udc {
     }
 
     /// Sets the gauges kept from the store (`dapgw_udc_sessions_active`):
-    /// called once at start; the service maintains them from then on.
+    /// called at start; the service moves them with its own changes, and
+    /// [`Self::recount_gauges`] brings in other processes' changes.
     pub async fn load_gauges(&self) -> Result<(), ServiceError> {
         let n = self.store.count_sessions().await?;
         self.metrics
             .sessions_active
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.last_count_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`Self::load_gauges`] again if the last count is older than
+    /// [`RECOUNT_EVERY_MS`] (several processes may share the store).
+    pub async fn recount_gauges(&self, now_ms: u64) -> Result<bool, ServiceError> {
+        let last = self
+            .last_count_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms < last.saturating_add(RECOUNT_EVERY_MS) {
+            return Ok(false);
+        }
+        // Under the lock: no change of this process lands between the
+        // count and the set.
+        let _guard = self.lock.lock().await;
+        self.load_gauges().await?;
+        Ok(true)
     }
 
     /// Finalizes up to `limit` localizations whose tag reply did not come in
