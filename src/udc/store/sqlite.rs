@@ -144,18 +144,27 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 // Row mapping
 // ---------------------------------------------------------------------------
 
-const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms";
+/// A member's columns and its groups as one comma-separated list, so one
+/// statement step reads a whole member (a second statement per member
+/// cost as much as the row).
+const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms, \
+    (SELECT group_concat(grp) FROM member_groups WHERE member = members.id)";
 
-fn member_row(tx: &Transaction<'_>, r: &Row<'_>) -> Result<MemberRow, StoreError> {
-    let id: i64 = r.get(0)?;
-    let mut stmt =
-        tx.prepare_cached("SELECT grp FROM member_groups WHERE member = ?1 ORDER BY grp")?;
-    let groups = stmt
-        .query_map([id], |g| g.get::<_, i64>(0))?
-        .map(|g| u32_col(g?, "member group"))
+fn member_row(r: &Row<'_>) -> Result<MemberRow, StoreError> {
+    let list: Option<String> = r.get(6)?;
+    let mut groups = list
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(|g| {
+            g.parse::<u32>()
+                .map_err(|_| StoreError::Corrupt("member group"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
+    groups.sort_unstable();
     Ok(MemberRow {
-        id: u(id),
+        id: u(r.get(0)?),
         groups,
         kv: u32_col(r.get(1)?, "member kv")?,
         key_source: key_source_col(r.get(2)?, r.get(3)?)?,
@@ -649,7 +658,7 @@ impl Store for SqliteStore {
             for id in ids {
                 let mut rows = st.query([i(id)])?;
                 out.push(match rows.next()? {
-                    Some(r) => Some(member_row(tx, r)?),
+                    Some(r) => Some(member_row(r)?),
                     None => None,
                 });
             }
@@ -668,9 +677,11 @@ impl Store for SqliteStore {
                 "SELECT {MEMBER_COLS} FROM members WHERE id {} ?1 ORDER BY id LIMIT ?2",
                 after_op(after)
             ))?;
-            collect(&mut st, params![after_key(after), i64::from(limit)], |r| {
-                member_row(tx, r)
-            })
+            collect(
+                &mut st,
+                params![after_key(after), i64::from(limit)],
+                member_row,
+            )
         })
         .await
     }
