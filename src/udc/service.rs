@@ -1216,8 +1216,19 @@ impl Udc {
             &registry,
             &mut log,
             now_ms / 1000,
-        )
-        .map_err(map_verifier_error)?;
+        );
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // Refused as a whole, nothing changed: the round state goes
+                // back into the cache (a hostile gateway's bad batches must
+                // not force a rebuild from the store each time).
+                if let (VerifierError::Peer(_), Some((rs, _))) = (&e, round.take()) {
+                    self.rounds.lock().await.insert((group, rs.round), rs);
+                }
+                return Err(map_verifier_error(e));
+            }
+        };
         self.metrics
             .batch_verify
             .observe(t_verify.elapsed().as_secs_f64());
