@@ -839,7 +839,7 @@ mod tests {
             id: MemberId(u64::MAX - u64::from(sid)),
             sid: SessionId([sid; 8]),
             round: u64::from(sid) << 40,
-            mode: if sid % 2 == 0 {
+            mode: if sid.is_multiple_of(2) {
                 Mode::Psk
             } else {
                 Mode::PskEcdhe
