@@ -1307,7 +1307,9 @@ impl Udc {
                         member: id.0,
                         kind,
                         reason: std::borrow::Cow::Borrowed(outcome_reason(*o)),
-                        gateway: ctx.via.clone(),
+                        // The store fills it from `write.via` (no copy
+                        // of the gateway id per member).
+                        gateway: None,
                     });
                     self.count_outcome(*o, mode);
                 }
