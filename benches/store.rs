@@ -1,5 +1,5 @@
 //! What storing one verified batch costs: `apply_batch` of a 10,000-member
-//! psk batch (verdict with the confirms, 10,000 session rotations, 10,000
+//! psk batch (verdict with the confirms, 10,000 session slot writes, 10,000
 //! round outcomes, 10,000 member->gateway rows, gateway counters) on SQLite
 //! (WAL, synchronous=FULL) and, where installed, on a throwaway PostgreSQL
 //! cluster with fsync on.
@@ -76,9 +76,10 @@ async fn open_round(s: &AnyStore, round: u64) {
 
 /// The write set of one fully accepted psk batch answering `round`.
 fn batch(round: u64) -> BatchWrite {
-    // Sealed session state: k_up, iv_up, k_down, down_ctr, GK_e (68 bytes)
-    // plus the storage seal's nonce and tag (28 bytes).
-    let state = vec![0x5A; 96];
+    // A sealed session slot holding the used session and the new pending
+    // one (`SessionSlot::encode`: 11 + 2 x 97 bytes) plus the storage
+    // seal's nonce and tag (28 bytes).
+    let state = vec![0x5A; 233];
     BatchWrite {
         now_ms: round,
         verdict: Some(VerdictWrite {
@@ -105,10 +106,13 @@ fn batch(round: u64) -> BatchWrite {
                 SessionRow {
                     member,
                     group: G,
-                    sid,
+                    sid: Some(sid),
                     state: Sealed::new(state.clone()),
                     round,
-                    created_at_ms: round,
+                    authenticated_at_ms: Some(round),
+                    // Rounds count from 1, each member's slot is written
+                    // once per round: the version read is round - 1.
+                    version: round - 1,
                 }
             })
             .collect(),

@@ -98,6 +98,7 @@ const BYTES: &str =
 const ADDR: &str = "a socket address such as 127.0.0.1:9090 or [::]:8443";
 const LOG: &str = "a tracing filter such as `info` or `info,dapgw=debug`";
 const LOG_FORMAT: &str = "`text` or `json`";
+const DAYS: &str = "a whole number of days (0 keeps forever)";
 
 /// Settings of `dapgw gateway`, in the order they are documented.
 const GATEWAY_SETTINGS: &[Setting] = &[
@@ -159,6 +160,8 @@ const UDC_SETTINGS: &[Setting] = &[
     text("key_cert_file", "a path to the key certificate file"),
     text("default_mode", "`psk` or `psk-ecdhe`"),
     number("localize_timeout_ms", MS),
+    number("readings_retention_days", DAYS),
+    number("verdicts_retention_days", DAYS),
     text("log", LOG),
     text("log_format", LOG_FORMAT),
     number("drain_grace_ms", MS),
@@ -497,6 +500,13 @@ pub struct UdcConfig {
     /// `DAPGW_LOCALIZE_TIMEOUT_MS` (default 10000): how long the UDC waits
     /// for a gateway's individual tags of a failed chunk.
     pub localize_timeout_ms: u64,
+    /// `DAPGW_READINGS_RETENTION_DAYS` (default 400; 0 keeps forever):
+    /// readings and alarms older than this are deleted.
+    pub readings_retention_days: u64,
+    /// `DAPGW_VERDICTS_RETENTION_DAYS` (default 30; 0 keeps forever): final
+    /// batch verdicts older than this are deleted (a batch retried later is
+    /// judged again).
+    pub verdicts_retention_days: u64,
     /// `DAPGW_LOG` (default `info`).
     pub log: String,
     /// `DAPGW_LOG_FORMAT` (default `text`).
@@ -524,6 +534,8 @@ impl Default for UdcConfig {
             key_cert_file: PathBuf::new(),
             default_mode: DefaultMode::PskEcdhe,
             localize_timeout_ms: 10_000,
+            readings_retention_days: 400,
+            verdicts_retention_days: 30,
             log: "info".into(),
             log_format: LogFormat::Text,
             drain_grace_ms: 10_000,
@@ -1112,6 +1124,18 @@ pub fn load_udc(config_path: Option<&Path>) -> Result<UdcConfig, ConfigError> {
         key_cert_file: field(&fig, &mut p, "key_cert_file", d.key_cert_file),
         default_mode: field(&fig, &mut p, "default_mode", d.default_mode),
         localize_timeout_ms: field(&fig, &mut p, "localize_timeout_ms", d.localize_timeout_ms),
+        readings_retention_days: field(
+            &fig,
+            &mut p,
+            "readings_retention_days",
+            d.readings_retention_days,
+        ),
+        verdicts_retention_days: field(
+            &fig,
+            &mut p,
+            "verdicts_retention_days",
+            d.verdicts_retention_days,
+        ),
         log: field(&fig, &mut p, "log", d.log),
         log_format: field(&fig, &mut p, "log_format", d.log_format),
         drain_grace_ms: field(&fig, &mut p, "drain_grace_ms", d.drain_grace_ms),

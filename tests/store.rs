@@ -145,14 +145,50 @@ both!(
     retried_batch_changes_nothing,
     localization_pending_then_final,
     group_optimistic_concurrency,
-    sessions_current_and_previous,
-    replay_window_persists_and_is_compare_and_set,
+    session_slots_are_compare_and_set,
+    retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
     readings_query,
     sealed_blobs_round_trip_untouched,
     round_report_and_outcomes,
     group_messages_acks_schedules,
 );
+
+/// A version 1 SQLite database (current/previous session columns) is
+/// migrated to one slot per (member, group): the current slot (which held
+/// the whole sealed verifier slot) carries over, an all-zero sid (an empty
+/// slot) becomes empty.
+#[tokio::test]
+async fn sqlite_v1_sessions_migrate_to_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.sqlite3");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(include_str!("../migrations/sqlite/0001_init.sql"))
+            .unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
+             cur_created_ms, cur_hi, cur_bits, prev_sid, prev_state, prev_round, \
+             prev_created_ms, prev_hi, prev_bits) \
+             VALUES (1, 7, 500, x'0101010101010101', x'AA', 3, 500, 0, 0, \
+             x'0202020202020202', x'BB', 2, 400, 0, 0), \
+             (2, 7, 600, x'0000000000000000', x'CC', 0, 600, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = open(&format!("sqlite://{}", path.display())).await.unwrap();
+    let got = s.sessions(vec![(1, 7), (2, 7)]).await.unwrap();
+    let one = got[0].clone().unwrap();
+    assert_eq!(one.sid, Some([1; 8]));
+    assert_eq!(one.state, Some(Sealed::new(vec![0xAA])));
+    assert_eq!((one.round, one.last_auth_ms, one.version), (3, 500, 1));
+    let two = got[1].clone().unwrap();
+    assert!(two.sid.is_none() && two.state.is_none());
+    assert_eq!(two.last_auth_ms, 600);
+    assert_eq!(s.count_sessions().await.unwrap(), 1);
+}
 
 // ---------------------------------------------------------------------------
 // Builders
@@ -204,14 +240,17 @@ fn sid(member: u64, n: u8) -> [u8; 8] {
     s
 }
 
-fn session(member: u64, n: u8, round: u64) -> SessionRow {
+/// Slot `n` of a member, written over the stored slot of version
+/// `version` (0: none stored), authenticated at 10,000 + n.
+fn session(member: u64, n: u8, round: u64, version: u64) -> SessionRow {
     SessionRow {
         member,
         group: G,
-        sid: sid(member, n),
+        sid: Some(sid(member, n)),
         state: Sealed::new(vec![n; 60]),
         round,
-        created_at_ms: 10_000 + u64::from(n),
+        authenticated_at_ms: Some(10_000 + u64::from(n)),
+        version,
     }
 }
 
@@ -275,7 +314,7 @@ fn batch(batch_id: u64, hash: u8, n: u64) -> BatchWrite {
             unverified: 0,
             seen: (1..=n).collect(),
         }),
-        sessions: (1..=n).map(|m| session(m, 1, 1)).collect(),
+        sessions: (1..=n).map(|m| session(m, 1, 1, 0)).collect(),
         outcomes: (1..=n).map(|m| accepted(m, 1)).collect(),
         readings: (1..=n).map(|m| reading(m, 1, 20_000)).collect(),
         downlink: vec![DownlinkPush {
@@ -310,7 +349,11 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     let (a, b) = tokio::join!(f.open(), f.open());
     drop((a, b));
     let s = f.open().await;
-    assert_eq!(f.schema_versions().await, vec![1]);
+    let expected = match f.kind {
+        Kind::Sqlite => vec![2],
+        Kind::Postgres => vec![1, 2],
+    };
+    assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
     assert_eq!(got, vec![Some(member(42, &[3, G]))]);
 }
@@ -433,7 +476,7 @@ async fn retried_batch_changes_nothing(f: Fixture) {
         .pop()
         .unwrap()
         .unwrap();
-    assert!(pair.previous.is_none(), "a retry must not rotate sessions");
+    assert_eq!(pair.version, 1, "a retry must not rewrite sessions");
 }
 
 async fn localization_pending_then_final(f: Fixture) {
@@ -563,116 +606,65 @@ async fn group_optimistic_concurrency(f: Fixture) {
     assert_eq!(s.list_groups().await.unwrap().len(), 1);
 }
 
-async fn sessions_current_and_previous(f: Fixture) {
+/// Member 1's stored slot in G.
+async fn slot1(s: &AnyStore) -> Option<StoredSlot> {
+    s.sessions(vec![(1, G)]).await.unwrap().pop().unwrap()
+}
+
+async fn session_slots_are_compare_and_set(f: Fixture) {
     let s = f.open().await;
     setup(&s, 2).await;
     let write = |rows: Vec<SessionRow>| BatchWrite {
         sessions: rows,
         ..BatchWrite::default()
     };
-    s.apply_batch(write(vec![session(1, 1, 1), session(2, 1, 1)]))
+    assert_eq!(s.count_sessions().await.unwrap(), 0);
+    s.apply_batch(write(vec![session(1, 1, 1, 0), session(2, 1, 1, 0)]))
         .await
         .unwrap();
-    let p = s
-        .sessions(vec![(1, G)])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert_eq!(p.current.as_ref().unwrap().sid, sid(1, 1));
-    assert!(p.previous.is_none());
-    assert_eq!(p.last_auth_ms, 10_001);
-    // A new round: current moves to previous.
-    s.apply_batch(write(vec![session(1, 2, 2)])).await.unwrap();
-    let p = s
-        .sessions(vec![(1, G)])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert_eq!(p.current.as_ref().unwrap().sid, sid(1, 2));
-    assert_eq!(p.current.as_ref().unwrap().round, 2);
-    assert_eq!(p.previous.as_ref().unwrap().sid, sid(1, 1));
-    assert_eq!(p.previous.as_ref().unwrap().state, Sealed::new(vec![1; 60]));
-    // Uplinks on the previous session keep both.
-    let w1 = ReplayWindow {
-        highest: 3,
-        bitmap: 0b11,
-    };
-    s.apply_batch(BatchWrite {
-        replay: vec![ReplayUpdate {
-            member: 1,
-            group: G,
-            sid: sid(1, 1),
-            from: ReplayWindow::default(),
-            to: w1,
-        }],
-        ..BatchWrite::default()
-    })
+    let p = slot1(&s).await.unwrap();
+    assert_eq!(p.sid, Some(sid(1, 1)));
+    assert_eq!(p.state, Some(Sealed::new(vec![1; 60])));
+    assert_eq!((p.round, p.version, p.last_auth_ms), (1, 1, 10_001));
+    assert_eq!(s.count_sessions().await.unwrap(), 2);
+    // A second insert of a new slot (another process got there first) and
+    // a write over a stale version both fail, with the rest of the write.
+    for stale in [session(1, 2, 2, 0), session(1, 2, 2, 7)] {
+        let r = s
+            .apply_batch(BatchWrite {
+                sessions: vec![stale],
+                readings: vec![reading(1, 5, 5)],
+                ..BatchWrite::default()
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    }
+    assert_eq!(count_readings(&s, 1).await, 0);
+    // A write at the version read replaces the slot and bumps the version;
+    // without an authentication time the last-auth time stays.
+    s.apply_batch(write(vec![SessionRow {
+        authenticated_at_ms: None,
+        ..session(1, 2, 2, 1)
+    }]))
     .await
     .unwrap();
-    let p = s
-        .sessions(vec![(1, G)])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert_eq!(p.previous.as_ref().unwrap().window, w1);
-    // The new session's first use drops the previous one.
-    s.apply_batch(BatchWrite {
-        replay: vec![ReplayUpdate {
-            member: 1,
-            group: G,
-            sid: sid(1, 2),
-            from: ReplayWindow::default(),
-            to: ReplayWindow {
-                highest: 1,
-                bitmap: 0,
-            },
-        }],
-        ..BatchWrite::default()
-    })
+    let p = slot1(&s).await.unwrap();
+    assert_eq!(p.sid, Some(sid(1, 2)));
+    assert_eq!(p.state, Some(Sealed::new(vec![2; 60])));
+    assert_eq!((p.round, p.version, p.last_auth_ms), (2, 2, 10_001));
+    // The same version cannot be used twice (lost update).
+    let r = s.apply_batch(write(vec![session(1, 3, 3, 1)])).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    // An empty slot (revocation) stores no state.
+    s.apply_batch(write(vec![SessionRow {
+        sid: None,
+        ..session(1, 3, 3, 2)
+    }]))
     .await
     .unwrap();
-    let p = s
-        .sessions(vec![(1, G)])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert!(p.previous.is_none());
-    assert_eq!(p.current.as_ref().unwrap().window.highest, 1);
-    // Session state replacement (e.g. a reserved down_ctr).
-    s.apply_batch(BatchWrite {
-        session_states: vec![SessionStateUpdate {
-            member: 1,
-            group: G,
-            sid: sid(1, 2),
-            state: Sealed::new(vec![0x77; 61]),
-        }],
-        ..BatchWrite::default()
-    })
-    .await
-    .unwrap();
-    let missing = s
-        .apply_batch(BatchWrite {
-            session_states: vec![SessionStateUpdate {
-                member: 1,
-                group: G,
-                sid: [0; 8],
-                state: Sealed::new(vec![1]),
-            }],
-            ..BatchWrite::default()
-        })
-        .await;
-    assert!(
-        matches!(missing, Err(StoreError::NotFound(_))),
-        "{missing:?}"
-    );
+    let p = slot1(&s).await.unwrap();
+    assert!(p.sid.is_none() && p.state.is_none());
+    assert_eq!(s.count_sessions().await.unwrap(), 1);
     // Batch read: order kept, unknown = None, duplicates answered twice.
     let got = s
         .sessions(vec![(2, G), (9, G), (1, G), (2, G)])
@@ -680,72 +672,66 @@ async fn sessions_current_and_previous(f: Fixture) {
         .unwrap();
     assert_eq!(got[0].as_ref().unwrap().member, 2);
     assert!(got[1].is_none());
-    assert_eq!(
-        got[2].as_ref().unwrap().current.as_ref().unwrap().state,
-        Sealed::new(vec![0x77; 61])
-    );
+    assert_eq!(got[2].as_ref().unwrap().version, 3);
     assert_eq!(got[3], got[0]);
-    assert_eq!(s.member_sessions(1).await.unwrap().len(), 1);
-    // Recovery drops every session but keeps the last-auth time.
-    assert_eq!(s.drop_all_sessions().await.unwrap(), 2);
+    assert_eq!(s.member_sessions(2).await.unwrap().len(), 1);
+    // Recovery drops every session but keeps the last-auth time, and a
+    // writer that read before the drop loses.
+    assert_eq!(s.drop_all_sessions().await.unwrap(), 1);
     let p = s
-        .sessions(vec![(1, G)])
+        .sessions(vec![(2, G)])
         .await
         .unwrap()
         .pop()
         .unwrap()
         .unwrap();
-    assert!(p.current.is_none() && p.previous.is_none());
-    assert_eq!(p.last_auth_ms, 10_002);
-}
-
-async fn replay_window_persists_and_is_compare_and_set(f: Fixture) {
-    let s = f.open().await;
-    setup(&s, 1).await;
-    s.apply_batch(BatchWrite {
-        sessions: vec![session(1, 1, 1)],
-        ..BatchWrite::default()
-    })
-    .await
-    .unwrap();
-    let w = ReplayWindow {
-        highest: u64::MAX,
-        bitmap: 0x8000_0000_0000_0001,
-    };
-    let update = ReplayUpdate {
-        member: 1,
-        group: G,
-        sid: sid(1, 1),
-        from: ReplayWindow::default(),
-        to: w,
-    };
-    s.apply_batch(BatchWrite {
-        replay: vec![update],
-        readings: vec![reading(1, 1, 1)],
-        ..BatchWrite::default()
-    })
-    .await
-    .unwrap();
-    // A second process that read the old window loses, with its readings.
-    let stale = s
-        .apply_batch(BatchWrite {
-            replay: vec![update],
-            readings: vec![reading(1, 2, 2)],
-            ..BatchWrite::default()
-        })
-        .await;
-    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
-    assert_eq!(count_readings(&s, 1).await, 1);
+    assert!(p.sid.is_none() && p.state.is_none());
+    assert_eq!((p.last_auth_ms, p.version), (10_001, 2));
+    let r = s.apply_batch(write(vec![session(2, 2, 2, 1)])).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(s.count_sessions().await.unwrap(), 0);
+    // Persisted across a reopen.
     drop(s);
     let s = f.open().await;
-    let p = s
-        .sessions(vec![(1, G)])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .unwrap();
-    assert_eq!(p.current.unwrap().window, w);
+    let p = slot1(&s).await.unwrap();
+    assert_eq!(p.version, 3);
+}
+
+async fn retention_trims_readings_and_final_verdicts(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    // Batch 1 (final, filed at 20,000) with readings at 20,000; a pending
+    // verdict filed at 1,000; later readings.
+    s.apply_batch(batch(1, 0x11, 2)).await.unwrap();
+    s.apply_batch(BatchWrite {
+        now_ms: 1_000,
+        verdict: Some(VerdictWrite {
+            gateway: GW.into(),
+            batch_id: 2,
+            batch_hash: [0x22; 32],
+            verdict: vec![5],
+            pending: Some(PendingWrite {
+                pending: Sealed::new(vec![1]),
+                expires_at_ms: u64::MAX >> 1,
+            }),
+        }),
+        readings: vec![reading(1, 7, 30_000), reading(2, 7, 40_000)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.trim_readings(20_000).await.unwrap(), 0, "strictly before");
+    assert_eq!(s.trim_readings(35_000).await.unwrap(), 3);
+    assert_eq!(count_readings(&s, 2).await, 1);
+    assert_eq!(s.trim_verdicts(20_000).await.unwrap(), 0);
+    assert_eq!(
+        s.trim_verdicts(u64::MAX).await.unwrap(),
+        1,
+        "only the final one"
+    );
+    assert!(s.verdict(GW, 1).await.unwrap().is_none());
+    assert!(s.verdict(GW, 2).await.unwrap().is_some());
+    assert!(s.pending_localization(GW, 2).await.unwrap().is_some());
 }
 
 async fn downlink_cursors_and_fanout(f: Fixture) {
@@ -840,6 +826,9 @@ async fn readings_query(f: Fixture) {
     assert_eq!(got.iter().map(|r| r.ctr).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(s.readings(2, 0, 1_000, 10).await.unwrap().len(), 1);
     assert!(s.readings(3, 0, 1_000, 10).await.unwrap().is_empty());
+    // No upper bound (u64::MAX) means no upper bound, not -1.
+    assert_eq!(s.readings(1, 0, u64::MAX, 10).await.unwrap().len(), 3);
+    assert_eq!(s.readings(1, 250, u64::MAX, 10).await.unwrap().len(), 1);
 }
 
 async fn sealed_blobs_round_trip_untouched(f: Fixture) {
@@ -855,7 +844,7 @@ async fn sealed_blobs_round_trip_untouched(f: Fixture) {
     let mut r = round_row(G, 1);
     r.state = Sealed::new(all.clone());
     r.challenge = all[..1000].to_vec();
-    let mut sess = session(1, 1, 1);
+    let mut sess = session(1, 1, 1, 0);
     sess.state = Sealed::new(Vec::new());
     s.apply_batch(BatchWrite {
         new_rounds: vec![r.clone()],
@@ -887,7 +876,7 @@ async fn sealed_blobs_round_trip_untouched(f: Fixture) {
         .pop()
         .unwrap()
         .unwrap();
-    assert_eq!(p.current.unwrap().state, Sealed::new(Vec::new()));
+    assert_eq!(p.state, Some(Sealed::new(Vec::new())));
     let pl = s.pending_localization(GW, 1).await.unwrap().unwrap();
     assert_eq!(
         (pl.pending.as_bytes(), &pl.verdict[..]),

@@ -7,12 +7,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dapgw::config::UdcConfig;
+use dapgw::protocol::keys::MemberCredential;
 use dapgw::protocol::keys::{MasterSecret, MemberKeyDeriver, response_keys, transcript_hash};
+use dapgw::protocol::member::{Challenged, Member};
 use dapgw::protocol::suite::{Gcm, aggregate};
 use dapgw::protocol::wire::{
     Batch, BatchBody, ChunkTags, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome,
     Response, ResponseEntry, TagReply, Verdict, VerdictBody,
 };
+use dapgw::protocol::wire::{Uplink, UplinkEntry, UplinkKind};
 use dapgw::udc::{self, keys_cmd};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -23,13 +26,15 @@ const G: u32 = 7;
 const TOKEN: &str = "test-admin-token";
 
 struct Harness {
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
     addr: SocketAddr,
     admin: SocketAddr,
     pki: dapgw::tls::dev_pki::DevPki,
     master: MasterSecret,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Kept to start the UDC again over the same store and keys.
+    config: UdcConfig,
 }
 
 impl Harness {
@@ -71,21 +76,132 @@ impl Harness {
         let master = keys_cmd::load_master(&keys.join(keys_cmd::files::MASTER)).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(udc::run(
-            config,
+            config.clone(),
             udc::Listeners { udc: l, admin: a },
             async move {
                 let _ = rx.await;
             },
         ));
         Self {
-            _dir: dir,
+            _dir: Arc::new(dir),
             addr,
             admin,
             pki,
             master,
             stop: Some(tx),
             task,
+            config,
         }
+    }
+
+    /// Stops the UDC (draining) and starts a new process-worth of it (a new
+    /// `Udc`, empty caches and metrics) over the same store and keys.
+    async fn restart(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.unwrap().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = l.local_addr().unwrap();
+        self.admin = a.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = tokio::spawn(udc::run(
+            self.config.clone(),
+            udc::Listeners { udc: l, admin: a },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+    }
+
+    /// A second UDC process over the same store and keys (its own
+    /// listeners, caches and metrics), as several behind a load balancer.
+    async fn second(&self) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin) = (l.local_addr().unwrap(), a.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(udc::run(
+            self.config.clone(),
+            udc::Listeners { udc: l, admin: a },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            _dir: self._dir.clone(),
+            addr,
+            admin,
+            pki: self.pki.clone(),
+            master: keys_cmd::load_master(&self.config.master_secret_file).unwrap(),
+            stop: Some(tx),
+            task,
+            config: self.config.clone(),
+        }
+    }
+
+    /// `/metrics` of the admin listener, as text.
+    async fn metrics(&self) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/metrics")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// A member running the real member state machine, provisioned like
+    /// the UDC's import (derived key, version 1, group G).
+    fn real_member(&self, id: u64) -> Member {
+        let root = keys_cmd::read_hex::<32>(
+            &self
+                ._dir
+                .path()
+                .join("keys")
+                .join(keys_cmd::files::ROOT_PUB),
+        )
+        .unwrap();
+        Member::new(&MemberCredential {
+            id,
+            kv: 1,
+            key: MemberKeyDeriver::new(&self.master).member_key(id, 1),
+            groups: vec![G],
+            root_public_key: *root,
+        })
+        .unwrap()
+    }
+
+    /// gw-1's downlink records after `after` (waits up to 5 s for one).
+    async fn downlink(&self, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)> {
+        let (s, body) = self
+            .call(
+                Some("gw-1"),
+                Method::GET,
+                &format!("/v1/downlink?after={after}&wait_ms=5000"),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "no downlink records after {after}");
+        records(&body)
+    }
+
+    /// Posts a batch as gw-1 and decodes the verdict.
+    async fn post_batch(&self, b: &Batch) -> Verdict {
+        let (s, body) = self
+            .call(Some("gw-1"), Method::POST, "/v1/batches", b.to_bytes())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body:?}");
+        Verdict::decode(&body).unwrap()
     }
 
     async fn stop(mut self) {
@@ -126,6 +242,18 @@ impl Harness {
         path: &str,
         body: impl Into<Bytes>,
     ) -> (StatusCode, Bytes) {
+        let (s, _, b) = self.call_h(gw, method, path, body).await;
+        (s, b)
+    }
+
+    /// [`Self::call`], with the answer's headers.
+    async fn call_h(
+        &self,
+        gw: Option<&str>,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, hyper::HeaderMap, Bytes) {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(self.tls(gw));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -143,8 +271,9 @@ impl Harness {
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body)
+        (status, headers, body)
     }
 
     /// One request to the operator API (HTTP/1.1, plain).
@@ -633,23 +762,31 @@ async fn udc_over_tls_with_sqlite() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udc_over_tls_with_postgres() {
+/// A throwaway PostgreSQL cluster, or `None` (with a visible message) where
+/// PostgreSQL is not installed outside CI.
+async fn pg_cluster() -> Option<dapgw::udc::store::PgCluster> {
     use dapgw::udc::store::{PgCluster, PgClusterError};
-    let cluster = match tokio::task::spawn_blocking(|| PgCluster::start(false))
+    match tokio::task::spawn_blocking(|| PgCluster::start(false))
         .await
         .unwrap()
     {
-        Ok(c) => c,
+        Ok(c) => Some(c),
         Err(e @ PgClusterError::NotInstalled(_)) => {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI=true but the PostgreSQL tests cannot run: {e}"
             );
             eprintln!("SKIPPED: PostgreSQL is not available here: {e}");
-            return;
+            None
         }
         Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udc_over_tls_with_postgres() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
     };
     cluster.create_database("udc_http").unwrap();
     let h = Harness::start(Some(cluster.url("udc_http"))).await;
@@ -723,5 +860,718 @@ async fn unanswered_tag_request_expires() {
     }
     let fin = fin.expect("the localization expired into a final verdict");
     assert_eq!(outcomes(&fin), vec![Outcome::UnverifiedViaGateway; 4]);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Real members: sessions, uplinks, acks and read rounds across restarts
+// ---------------------------------------------------------------------------
+
+fn member_rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
+    rand_core::UnwrapErr(getrandom::SysRng)
+}
+
+/// Every member answers `challenge` with `payload`: the batch entries.
+fn answer(
+    members: &mut [Member],
+    challenge: &Bytes,
+    payload: &[u8],
+) -> Vec<(ResponseEntry, [u8; 16])> {
+    members
+        .iter_mut()
+        .map(|m| {
+            let bytes = match m.handle_challenge(challenge, None).unwrap() {
+                Challenged::Answer(a) => a.respond(payload, &mut member_rng()).unwrap().persisted(),
+                Challenged::Resend(b) => b,
+            };
+            let r = Response::decode(&bytes).unwrap();
+            (r.entry(), r.tag)
+        })
+        .collect()
+}
+
+/// An uplink batch of gw-1 from sealed uplink messages, in chunks of 4.
+fn uplink_batch(batch_id: u64, sealed: &[Bytes]) -> Batch {
+    let mut ups: Vec<Uplink> = sealed.iter().map(|b| Uplink::decode(b).unwrap()).collect();
+    ups.sort_by_key(|u| u.entry().sort_key());
+    Batch {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id,
+        group: GroupId(G),
+        chunk_size: 4,
+        body: BatchBody::Uplinks {
+            entries: ups.iter().map(Uplink::entry).collect::<Vec<UplinkEntry>>(),
+        },
+        aggregates: ups
+            .chunks(4)
+            .map(|c| aggregate(c.iter().map(|u| &u.tag)))
+            .collect(),
+    }
+}
+
+/// The value of one sample of `/metrics` text (0 when absent): `name` with
+/// every label of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The last group record (challenge or group message) in `recs`.
+fn last_group_record(recs: &[(u64, u8, u32, u64, Bytes)]) -> Bytes {
+    recs.iter().rev().find(|r| r.1 == 1).unwrap().4.clone()
+}
+
+/// Real members through gw-1: a psk round, a UDC restart between the
+/// confirms and the first readings (the pending sessions must survive),
+/// readings and an alarm, a second restart (the replay windows must
+/// survive), a group update and its acks, a read round with a localization,
+/// a revocation; then every contract metric is checked against what
+/// happened since the last restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_across_restarts_and_the_metrics() {
+    let mut h = Harness::start(None).await;
+    let import: Vec<_> = (1..=3u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
+
+    // An auth round; the confirms reach the members.
+    h.op(
+        Method::POST,
+        "/v1/admin/rounds",
+        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+    )
+    .await;
+    let recs = h.downlink(0).await;
+    let mut cursor = recs.last().unwrap().0;
+    let entries = answer(&mut members, &last_group_record(&recs), b"");
+    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    for (_, aud, _, id, msg) in &recs {
+        assert_eq!(*aud, 2);
+        let m = &mut members[(*id - 1) as usize];
+        m.handle_confirm(msg).unwrap().persisted();
+    }
+    assert!(members.iter().all(|m| m.session(GroupId(G)).is_some()));
+
+    // Restart between the confirms and the first readings: the gauge comes
+    // back from the store, and the (still unused) sessions verify.
+    h.restart().await;
+    let text = h.metrics().await;
+    assert_eq!(
+        metric(&text, "dapgw_udc_sessions_active", &[]),
+        3.0,
+        "{text}"
+    );
+    let first: Vec<Bytes> = members
+        .iter_mut()
+        .enumerate()
+        .map(|(i, m)| {
+            let kind = if i == 2 {
+                UplinkKind::Alarm
+            } else {
+                UplinkKind::Reading
+            };
+            m.seal_uplink(GroupId(G), kind, format!("reading {i}").as_bytes())
+                .unwrap()
+                .persisted()
+        })
+        .collect();
+    let v = h.post_batch(&uplink_batch(2, &first)).await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::Accepted; 3],
+        "sessions survived the restart"
+    );
+    let r = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=3",
+            serde_json::Value::Null,
+        )
+        .await;
+    let got = r["readings"].as_array().unwrap();
+    assert_eq!(got.len(), 1, "{r}");
+    assert_eq!(got[0]["kind"], UplinkKind::Alarm.code());
+    assert_eq!(got[0]["payload_hex"], hex::encode("reading 2"));
+
+    // Restart again: the replay windows survive. Member 1's first uplink
+    // again is a replay; its next one is fresh.
+    h.restart().await;
+    let next = members[0]
+        .seal_uplink(GroupId(G), UplinkKind::Reading, b"second")
+        .unwrap()
+        .persisted();
+    let v = h
+        .post_batch(&uplink_batch(3, &[first[0].clone(), next]))
+        .await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+
+    // A group update: every member opens it and acks it.
+    let u = h
+        .op(
+            Method::POST,
+            &format!("/v1/admin/groups/{G}/updates"),
+            serde_json::json!({"payload_hex": "c0ffee"}),
+        )
+        .await;
+    let seq = u["seq"].as_u64().unwrap();
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    let update = last_group_record(&recs);
+    let acks: Vec<Bytes> = members
+        .iter_mut()
+        .map(|m| m.handle_group_message(&update).unwrap().persisted())
+        .collect();
+    let v = h.post_batch(&uplink_batch(4, &acks)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let shown = h
+        .op(
+            Method::GET,
+            &format!("/v1/admin/groups/{G}/updates/{seq}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(shown["acked"].as_array().unwrap().len(), 3, "{shown}");
+
+    // A read round; member 3's reading is altered on the way, so the chunk
+    // is localized and member 3 ends unverified via the gateway.
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "read", "read_request": "01"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let recs = h.downlink(cursor).await;
+    let mut entries = answer(&mut members, &last_group_record(&recs), b"meter 42.0 kWh");
+    let tags: Vec<[u8; 16]> = entries.iter().map(|(_, t)| *t).collect();
+    let mut c = entries[2].0.c.to_vec();
+    c[0] ^= 1;
+    entries[2].0.c = Bytes::from(c);
+    let b = batch("gw-1", 5, round, entries);
+    let v = h.post_batch(&b).await;
+    assert!(matches!(v.body, VerdictBody::TagsRequested { .. }), "{v:?}");
+    let reply = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 5,
+        batch_hash: Sha256::digest(b.to_bytes()).into(),
+        chunks: vec![ChunkTags { chunk: 0, tags }],
+    };
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/tags", reply.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![
+            Outcome::Accepted,
+            Outcome::Accepted,
+            Outcome::UnverifiedViaGateway
+        ]
+    );
+    let r = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=2",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert!(
+        r["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["payload_hex"] == hex::encode("meter 42.0 kWh")),
+        "{r}"
+    );
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/rounds/{G}/{round}/close"),
+        serde_json::Value::Null,
+    )
+    .await;
+    h.op(
+        Method::POST,
+        "/v1/admin/members/2/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+
+    // Every contract metric, counted since the last restart.
+    let text = h.metrics().await;
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    assert_eq!(
+        m("dapgw_udc_members_authenticated_total", &[("mode", "psk")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        m("dapgw_udc_entries_rejected_total", &[("reason", "replay")]),
+        1.0
+    );
+    assert_eq!(
+        m("dapgw_udc_entries_rejected_total", &[("reason", "bad_tag")]),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "dapgw_udc_batches_total",
+            &[("kind", "uplink"), ("outcome", "accepted")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m(
+            "dapgw_udc_batches_total",
+            &[("kind", "response"), ("outcome", "accepted")]
+        ),
+        1.0
+    );
+    assert!(m("dapgw_udc_batch_verify_seconds_count", &[]) >= 4.0);
+    assert_eq!(m("dapgw_udc_localizations_total", &[]), 1.0);
+    assert_eq!(m("dapgw_udc_rounds_total", &[("outcome", "partial")]), 1.0);
+    assert_eq!(
+        m("dapgw_udc_readings_total", &[]),
+        3.0,
+        "1 uplink + 2 read-round readings"
+    );
+    assert_eq!(m("dapgw_udc_group_updates_total", &[]), 1.0);
+    assert_eq!(m("dapgw_udc_acks_total", &[]), 3.0);
+    assert!(m("dapgw_udc_store_seconds_count", &[("op", "read")]) >= 4.0);
+    assert!(m("dapgw_udc_store_seconds_count", &[("op", "write")]) >= 6.0);
+    assert_eq!(m("dapgw_udc_sessions_active", &[]), 2.0, "member 2 revoked");
+    h.stop().await;
+}
+
+/// Two UDC processes over one PostgreSQL store: a batch applied by one is
+/// answered by the other from the stored verdict (not applied twice), and a
+/// write that loses a race on a session slot is a 503 with `Retry-After`
+/// (nothing written), after which the retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_udcs_share_one_postgres_store() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("two_udcs").unwrap();
+    let url = cluster.url("two_udcs");
+    let a = Harness::start(Some(url.clone())).await;
+    let b = a.second().await;
+    let import: Vec<_> = (1..=4u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    a.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = a
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let round = a
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    // The queue is shared: b serves the challenge a queued.
+    let recs = b.downlink(0).await;
+    let mut cursor = recs.last().unwrap().0;
+    let challenge = last_group_record(&recs);
+    let b1 = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=4).map(|id| respond(&a, id, &challenge)).collect(),
+    );
+    let (s, from_a) = a
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b1.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        outcomes(&Verdict::decode(&from_a).unwrap()),
+        vec![Outcome::Accepted; 4]
+    );
+    let (s, from_b) = b
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b1.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(from_a, from_b, "answered from the stored verdict");
+    let gws = b
+        .op(Method::GET, "/v1/admin/gateways", serde_json::Value::Null)
+        .await;
+    assert_eq!(gws["gateways"][0]["batches"], 1, "{gws}");
+    assert_eq!(gws["gateways"][0]["entries"], 4, "{gws}");
+    let confirms = b.downlink(cursor).await;
+    assert_eq!(confirms.len(), 4, "one confirm each, not two");
+    cursor = confirms.last().unwrap().0;
+
+    // Round 2 (opened by b). While a judges its batch, another writer
+    // changes member 1's session slot: a's write must lose cleanly.
+    let round2 = b
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    let challenge = last_group_record(&a.downlink(cursor).await);
+    let b2 = batch(
+        "gw-1",
+        2,
+        round2,
+        (1..=4).map(|id| respond(&a, id, &challenge)).collect(),
+    );
+    let (pg, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg.batch_execute(
+        "BEGIN; UPDATE sessions SET version = version + 1 WHERE member = 1 AND grp = 7",
+    )
+    .await
+    .unwrap();
+    let ((status, headers, body), ()) = tokio::join!(
+        a.call_h(Some("gw-1"), Method::POST, "/v1/batches", b2.to_bytes()),
+        async {
+            // Commit once a's write waits on the row lock.
+            for _ in 0..1000 {
+                let n: i64 = pg
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            pg.batch_execute("COMMIT").await.unwrap();
+        }
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["error"], "busy");
+    assert!(
+        e["reason"].as_str().is_some_and(|r| r.contains("retry")),
+        "{e}"
+    );
+    // Nothing of a's judgement was written; the retry (through b) works.
+    let (s, body) = b
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b2.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::Accepted; 4]
+    );
+    let rep = a
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round2}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(rep["accepted"], 4, "{rep}");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// Bad input at every endpoint: a 4xx with a JSON `{"error", "reason"}`
+/// body, never a 5xx or a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_4xx_with_a_json_reason() {
+    let h = Harness::start(None).await;
+    let check = |what: &str, s: StatusCode, body: &[u8], want: StatusCode, code: &str| {
+        assert_eq!(s, want, "{what}: {}", String::from_utf8_lossy(body));
+        let e: serde_json::Value =
+            serde_json::from_slice(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body:?}"));
+        assert_eq!(e["error"], code, "{what}: {e}");
+        assert!(
+            e["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{what}: {e}"
+        );
+    };
+    // A valid uplink batch, cut short, and a tag reply nobody asked for.
+    let valid = uplink_batch(1, &[]).to_bytes();
+    let orphan = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 99,
+        batch_hash: [0; 32],
+        chunks: vec![],
+    };
+    let gw = [
+        (
+            "batch garbage",
+            Method::POST,
+            "/v1/batches",
+            Bytes::from_static(b"\x01\x04garbage"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "batch truncated",
+            Method::POST,
+            "/v1/batches",
+            valid.slice(..valid.len() - 1),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "batch empty",
+            Method::POST,
+            "/v1/batches",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "tags garbage",
+            Method::POST,
+            "/v1/tags",
+            Bytes::from_static(b"nope"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "tags unknown batch",
+            Method::POST,
+            "/v1/tags",
+            orphan.to_bytes(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "subscriptions not json",
+            Method::PUT,
+            "/v1/subscriptions",
+            Bytes::from_static(b"groups=7"),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            "subscriptions wrong type",
+            Method::PUT,
+            "/v1/subscriptions",
+            Bytes::from_static(br#"{"groups":"7"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            "downlink cursor",
+            Method::GET,
+            "/v1/downlink?after=abc",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            "downlink wait",
+            Method::GET,
+            "/v1/downlink?after=0&wait_ms=-5",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            "direct garbage",
+            Method::POST,
+            "/v1/direct",
+            Bytes::from_static(b"\x01\x0b\x00"),
+            StatusCode::BAD_REQUEST,
+            "not_accepted",
+        ),
+        (
+            "direct too large",
+            Method::POST,
+            "/v1/direct",
+            Bytes::from(vec![0u8; 65 << 10]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            "wrong method",
+            Method::DELETE,
+            "/v1/batches",
+            Bytes::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+        (
+            "unknown path",
+            Method::GET,
+            "/v1/nothing",
+            Bytes::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (what, method, path, body, want, code) in gw {
+        let (s, b) = h.call(Some("gw-1"), method, path, body).await;
+        check(what, s, &b, want, code);
+    }
+    let (s, b) = h
+        .call(None, Method::POST, "/v1/batches", valid.clone())
+        .await;
+    check(
+        "no certificate",
+        s,
+        &b,
+        StatusCode::FORBIDDEN,
+        "no_client_certificate",
+    );
+
+    // The operator API.
+    let raw = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
+    let admin = [
+        (
+            "round bad mode",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"rsa","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round no group",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"mode":"psk","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round read request",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","purpose":"read","read_request":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round report id",
+            Method::GET,
+            "/v1/admin/rounds/7/x",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round unknown",
+            Method::GET,
+            "/v1/admin/rounds/7/12345",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "update payload",
+            Method::POST,
+            "/v1/admin/groups/7/updates",
+            raw(r#"{"payload_hex":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "update unknown",
+            Method::GET,
+            "/v1/admin/groups/7/updates/9",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "readings no member",
+            Method::GET,
+            "/v1/admin/readings",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "member bad id",
+            Method::POST,
+            "/v1/admin/members",
+            raw(r#"{"id":"one","groups":[7]}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "revoke unknown",
+            Method::POST,
+            "/v1/admin/members/999/revoke",
+            serde_json::Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "schedule bad period",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":"often","mode":"psk","purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "members limit",
+            Method::GET,
+            "/v1/admin/members?limit=lots",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (what, method, path, body, want, code) in admin {
+        let (s, v) = h.admin(Some(TOKEN), method, path, body).await;
+        check(what, s, v.to_string().as_bytes(), want, code);
+    }
     h.stop().await;
 }

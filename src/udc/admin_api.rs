@@ -74,6 +74,12 @@ fn svc_err(e: ServiceError) -> AdminResponse {
         ServiceError::BadRequest(r) => bad(&r),
         ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
         ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
+        ServiceError::Busy(r) => {
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "busy", &r);
+            resp.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         other => {
             tracing::error!(error = ?other, "admin request failed");
             error(
@@ -457,7 +463,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     "status": format!("{:?}", r.status).to_lowercase(),
                     "key_source": match r.key_source { store::KeySource::Derived => "derived", store::KeySource::Imported(_) => "imported" },
                     "last_auth_ms": last_auth,
-                    "sessions": sessions.iter().filter(|s| s.current.is_some()).map(|s| json!({"group": s.group, "last_auth_ms": s.last_auth_ms})).collect::<Vec<_>>(),
+                    "sessions": sessions.iter().filter(|s| s.sid.is_some()).map(|s| json!({"group": s.group, "last_auth_ms": s.last_auth_ms})).collect::<Vec<_>>(),
                 }));
             }
             Ok(json_resp(StatusCode::OK, json!({ "members": out })))
@@ -475,12 +481,9 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(v) => num(&v, "to")?,
                 None => u64::MAX,
             };
-            // The store keeps times as i64: u64::MAX ("no bound") would
-            // wrap to -1 and match nothing.
-            let cap = |v: u64| v.min(i64::MAX as u64);
             let rows = udc
                 .store()
-                .readings(member, cap(from), cap(to), 10_000)
+                .readings(member, from, to, 10_000)
                 .await
                 .map_err(store_err)?;
             let list: Vec<Value> = rows

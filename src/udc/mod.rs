@@ -126,12 +126,20 @@ pub async fn build(config: &UdcConfig) -> anyhow::Result<Arc<service::Udc>> {
     let metrics = crate::telemetry::UdcMetrics::register(&registry);
     crate::telemetry::ProcessMetrics::register(&registry)
         .context("registering the process metrics")?;
-    Ok(service::Udc::new(
+    let udc = service::Udc::new(
         verifier,
         storage,
         store,
         metrics,
         registry,
         config.localize_timeout_ms,
-    ))
+        service::Retention::from_days(
+            config.readings_retention_days,
+            config.verdicts_retention_days,
+        ),
+    );
+    udc.load_gauges()
+        .await
+        .context("counting the stored sessions")?;
+    Ok(udc)
 }

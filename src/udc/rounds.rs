@@ -41,7 +41,9 @@ pub async fn background(udc: Arc<Udc>, shutdown: impl Future<Output = ()>) {
 }
 
 /// One pass: expired localizations, due schedules, rounds past their
-/// deadline.
+/// deadline, downlink records past their retention, (hourly) readings and
+/// verdicts past theirs, and (every five minutes) the gauges kept from the
+/// store.
 pub async fn tick(udc: &Udc) -> Result<(), ServiceError> {
     while udc.expire_localizations(64).await? == 64 {}
     run_schedules(udc, now_ms()).await?;
@@ -49,6 +51,8 @@ pub async fn tick(udc: &Udc) -> Result<(), ServiceError> {
     udc.store()
         .trim_downlink(now_ms().saturating_sub(DOWNLINK_RETENTION_MS))
         .await?;
+    udc.trim_history(now_ms()).await?;
+    udc.recount_gauges(now_ms()).await?;
     Ok(())
 }
 

@@ -201,6 +201,12 @@ fn service_error(e: ServiceError) -> Resp {
         }
         ServiceError::Conflict(r) => error(StatusCode::CONFLICT, "conflict", &r),
         ServiceError::NotFound(r) => error(StatusCode::NOT_FOUND, "not_found", &r),
+        ServiceError::Busy(r) => {
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "busy", &r);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         ServiceError::Internal(detail) => {
             tracing::error!(error = %detail, "request failed");
             error(
@@ -372,6 +378,7 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
     };
     match state.udc.handle_direct(b).await {
         Ok(answer) => bytes(StatusCode::OK, WIRE, answer),
+        Err(e @ ServiceError::Busy(_)) => service_error(e),
         // Uniform: an unauthenticated submitter learns nothing more.
         Err(ServiceError::Internal(detail)) => {
             tracing::error!(error = %detail, "direct submission failed");

@@ -60,6 +60,12 @@ pub enum ServiceError {
     /// Nothing pending for this (gateway, batch id) (404).
     #[error("{0}")]
     NotFound(String),
+    /// Another UDC process sharing the store changed a row this request
+    /// read (a session slot, a group, a round) between the read and the
+    /// write; nothing was written. Retry the request (503 with
+    /// `Retry-After`).
+    #[error("{0}")]
+    Busy(String),
     /// A store or sealing failure (500; details are logged, not sent).
     #[error("internal error")]
     Internal(String),
@@ -67,7 +73,12 @@ pub enum ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
-        Self::Internal(format!("store: {e}"))
+        match e {
+            StoreError::Conflict(what) => Self::Busy(format!(
+                "another UDC process changed the {what} concurrently; retry"
+            )),
+            e => Self::Internal(format!("store: {e}")),
+        }
     }
 }
 
@@ -106,6 +117,35 @@ struct LoadedRegistry(BTreeMap<MemberId, MemberRecord>);
 impl Registry for LoadedRegistry {
     fn member(&self, id: MemberId) -> Option<MemberRecord> {
         self.0.get(&id).cloned()
+    }
+}
+
+/// What was read of each loaded session slot of one group: its version
+/// (the compare-and-set of the write) and whether it held a session (for
+/// `dapgw_udc_sessions_active`). A member without a stored row is absent
+/// (version 0, no session).
+#[derive(Default)]
+struct SlotVersions(std::collections::HashMap<MemberId, (u64, bool)>);
+
+/// Session slots to write for one group, with the change of
+/// `dapgw_udc_sessions_active` they make once applied.
+struct SlotWrites<'a> {
+    group: u32,
+    versions: &'a SlotVersions,
+    rng: BufferedRng,
+    rows: Vec<SessionRow>,
+    active_delta: i64,
+}
+
+impl<'a> SlotWrites<'a> {
+    fn new(group: u32, versions: &'a SlotVersions) -> Self {
+        Self {
+            group,
+            versions,
+            rng: BufferedRng::new(),
+            rows: Vec::new(),
+            active_delta: 0,
+        }
     }
 }
 
@@ -154,6 +194,12 @@ pub struct Udc {
     metrics: UdcMetrics,
     registry: prometheus::Registry,
     localize_timeout_ms: u64,
+    /// How long readings and final verdicts are kept.
+    retention: Retention,
+    /// When [`Udc::trim_history`] last ran (unix ms), so it runs hourly.
+    last_trim_ms: std::sync::atomic::AtomicU64,
+    /// When the gauges were last recounted from the store (unix ms).
+    last_count_ms: std::sync::atomic::AtomicU64,
     /// Serializes state changes within this process.
     lock: Mutex<()>,
     /// Hot round states (their accepted sets), by (group, round).
@@ -171,6 +217,32 @@ impl std::fmt::Debug for Udc {
     }
 }
 
+/// How long the UDC keeps history (`None`: forever).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Readings and alarms (`DAPGW_READINGS_RETENTION_DAYS`).
+    pub readings_ms: Option<u64>,
+    /// Final batch verdicts (`DAPGW_VERDICTS_RETENTION_DAYS`).
+    pub verdicts_ms: Option<u64>,
+}
+
+impl Retention {
+    /// From day counts, 0 meaning forever.
+    pub fn from_days(readings: u64, verdicts: u64) -> Self {
+        let ms = |d: u64| (d > 0).then(|| d.saturating_mul(24 * 3600 * 1000));
+        Self {
+            readings_ms: ms(readings),
+            verdicts_ms: ms(verdicts),
+        }
+    }
+}
+
+/// How often history is trimmed.
+const TRIM_EVERY_MS: u64 = 3600 * 1000;
+
+/// How often `dapgw_udc_sessions_active` is recounted from the store.
+pub const RECOUNT_EVERY_MS: u64 = 5 * 60 * 1000;
+
 /// Unix milliseconds now.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -183,6 +255,58 @@ fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
     rand_core::UnwrapErr(getrandom::SysRng)
 }
 
+/// The operating system's randomness drawn 512 bytes per system call, for
+/// the many row nonces of one batch (one `getrandom` call per sealed row
+/// cost more than sealing the row). Bytes are handed out once; the buffer
+/// is zeroized on drop. Lives for one request only.
+pub(crate) struct BufferedRng {
+    buf: zeroize::Zeroizing<[u8; 512]>,
+    used: usize,
+}
+
+impl BufferedRng {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: zeroize::Zeroizing::new([0; 512]),
+            used: 512,
+        }
+    }
+}
+
+impl rand_core::TryRng for BufferedRng {
+    type Error = core::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        let mut dst = dst;
+        while !dst.is_empty() {
+            if self.used == self.buf.len() {
+                rand_core::Rng::fill_bytes(&mut rng(), &mut self.buf[..]);
+                self.used = 0;
+            }
+            let n = dst.len().min(self.buf.len() - self.used);
+            let (head, rest) = dst.split_at_mut(n);
+            head.copy_from_slice(&self.buf[self.used..self.used + n]);
+            // Handed out once: wipe what was taken.
+            self.buf[self.used..self.used + n].fill(0);
+            self.used += n;
+            dst = rest;
+        }
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for BufferedRng {}
+
 impl Udc {
     /// A service over an opened store.
     pub fn new(
@@ -192,6 +316,7 @@ impl Udc {
         metrics: UdcMetrics,
         registry: prometheus::Registry,
         localize_timeout_ms: u64,
+        retention: Retention,
     ) -> Arc<Self> {
         Arc::new(Self {
             verifier,
@@ -200,6 +325,9 @@ impl Udc {
             metrics,
             registry,
             localize_timeout_ms,
+            retention,
+            last_trim_ms: std::sync::atomic::AtomicU64::new(0),
+            last_count_ms: std::sync::atomic::AtomicU64::new(0),
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
             downlink_notify: Notify::new(),
@@ -214,6 +342,35 @@ impl Udc {
     /// The metrics.
     pub fn metrics(&self) -> &UdcMetrics {
         &self.metrics
+    }
+
+    /// Sets the gauges kept from the store (`dapgw_udc_sessions_active`):
+    /// called at start; the service moves them with its own changes, and
+    /// [`Self::recount_gauges`] brings in other processes' changes.
+    pub async fn load_gauges(&self) -> Result<(), ServiceError> {
+        let n = self.store.count_sessions().await?;
+        self.metrics
+            .sessions_active
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.last_count_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`Self::load_gauges`] again if the last count is older than
+    /// [`RECOUNT_EVERY_MS`] (several processes may share the store).
+    pub async fn recount_gauges(&self, now_ms: u64) -> Result<bool, ServiceError> {
+        let last = self
+            .last_count_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms < last.saturating_add(RECOUNT_EVERY_MS) {
+            return Ok(false);
+        }
+        // Under the lock: no change of this process lands between the
+        // count and the set.
+        let _guard = self.lock.lock().await;
+        self.load_gauges().await?;
+        Ok(true)
     }
 
     /// Finalizes up to `limit` localizations whose tag reply did not come in
@@ -245,6 +402,38 @@ impl Udc {
             .await?;
         }
         Ok(n)
+    }
+
+    /// Deletes readings and final verdicts past their retention, at most
+    /// once an hour (the deletes scan their tables). Returns (readings,
+    /// verdicts) deleted, or `None` when it was not due.
+    pub async fn trim_history(&self, now_ms: u64) -> Result<Option<(u64, u64)>, ServiceError> {
+        use std::sync::atomic::Ordering;
+        let last = self.last_trim_ms.load(Ordering::Relaxed);
+        if last != 0 && now_ms < last.saturating_add(TRIM_EVERY_MS) {
+            return Ok(None);
+        }
+        self.last_trim_ms.store(now_ms.max(1), Ordering::Relaxed);
+        let readings = match self.retention.readings_ms {
+            Some(keep) => {
+                self.store
+                    .trim_readings(now_ms.saturating_sub(keep))
+                    .await?
+            }
+            None => 0,
+        };
+        let verdicts = match self.retention.verdicts_ms {
+            Some(keep) => {
+                self.store
+                    .trim_verdicts(now_ms.saturating_sub(keep))
+                    .await?
+            }
+            None => 0,
+        };
+        if readings + verdicts > 0 {
+            tracing::info!(readings, verdicts, "history past its retention deleted");
+        }
+        Ok(Some((readings, verdicts)))
     }
 
     /// Closes every open round whose deadline is at or before `now_ms`.
@@ -353,23 +542,28 @@ impl Udc {
         Ok(n)
     }
 
-    /// Every session slot of `group`'s active members.
-    async fn group_sessions(&self, group: u32) -> Result<SessionTable, ServiceError> {
+    /// Every session slot of `group`'s active members, with what was read.
+    async fn group_sessions(
+        &self,
+        group: u32,
+    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let mut table = SessionTable::new();
+        let mut versions = SlotVersions::default();
         let mut after = None;
         loop {
             let ids = self.store.group_members(group, after, 10_000).await?;
             let Some(last) = ids.last() else { break };
             after = Some(*last);
             let ids: Vec<MemberId> = ids.into_iter().map(MemberId).collect();
-            let part = self.load_sessions(group, &ids).await?;
+            let (part, v) = self.load_sessions(group, &ids).await?;
             for id in ids {
                 if let Some(slot) = part.get(GroupId(group), id) {
                     table.insert(GroupId(group), id, slot.clone());
                 }
             }
+            versions.0.extend(v.0);
         }
-        Ok(table)
+        Ok((table, versions))
     }
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
@@ -389,10 +583,12 @@ impl Udc {
             }],
             ..BatchWrite::default()
         };
+        let mut delta = 0;
         for g in groups {
-            self.rekey_into(&mut write, g, None).await?;
+            self.rekey_into(&mut write, &mut delta, g, None).await?;
         }
         self.apply(write).await?;
+        self.metrics.sessions_active.add(delta);
         Ok(())
     }
 
@@ -411,10 +607,13 @@ impl Udc {
             members: vec![row],
             ..BatchWrite::default()
         };
+        let mut delta = 0;
         for g in groups {
-            self.rekey_into(&mut write, g, Some(MemberId(id))).await?;
+            self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
+                .await?;
         }
         self.apply(write).await?;
+        self.metrics.sessions_active.add(delta);
         Ok(true)
     }
 
@@ -423,20 +622,22 @@ impl Udc {
     async fn rekey_into(
         &self,
         write: &mut BatchWrite,
+        active_delta: &mut i64,
         group: u32,
         revoked: Option<MemberId>,
     ) -> Result<(), ServiceError> {
         let (mut state, row) = self.load_group(group).await?;
-        let mut sessions = self.group_sessions(group).await?;
+        let (mut sessions, mut versions) = self.group_sessions(group).await?;
         if let Some(r) = revoked
-            && sessions.get(GroupId(group), r).is_none()
+            && !versions.0.contains_key(&r)
         {
             // Its sessions may exist even though it is no longer listed
             // as active: load them so they are erased too.
-            let extra = self.load_sessions(group, &[r]).await?;
+            let (extra, v) = self.load_sessions(group, &[r]).await?;
             if let Some(slot) = extra.get(GroupId(group), r) {
                 sessions.insert(GroupId(group), r, slot.clone());
             }
+            versions.0.extend(v.0);
         }
         let rekeys = match revoked {
             Some(r) => self
@@ -447,20 +648,22 @@ impl Udc {
                 .add_member(&mut state, &mut sessions, &mut rng()),
         }
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let now = write.now_ms;
+        let mut slots = SlotWrites::new(group, &versions);
         for id in sessions.members_of(GroupId(group)) {
-            if let Some(slot) = sessions.get(GroupId(group), id) {
-                write
-                    .sessions
-                    .push(self.session_row(group, id, slot, 0, now)?);
+            if let Some(slot) = sessions.get(GroupId(group), id)
+                && Some(id) != revoked
+            {
+                self.push_slot(&mut slots, id, slot, None);
             }
         }
-        if let Some(r) = revoked {
+        if let Some(r) = revoked
+            && versions.0.contains_key(&r)
+        {
             // An empty slot replaces the revoked member's sessions.
-            write
-                .sessions
-                .push(self.session_row(group, r, &SessionSlot::default(), 0, now)?);
+            self.push_slot(&mut slots, r, &SessionSlot::default(), None);
         }
+        write.sessions.append(&mut slots.rows);
+        *active_delta += slots.active_delta;
         write.groups.push(self.group_row(&state, &row)?);
         let records = rekeys
             .iter()
@@ -489,6 +692,26 @@ impl Udc {
             serde_json::to_vec(value).map_err(|e| ServiceError::Internal(e.to_string()))?,
         );
         Ok(Sealed::new(self.storage.seal_row(&mut rng(), aad, &plain)))
+    }
+
+    /// Seals a session slot in its compact binary form.
+    fn seal_slot(&self, rng: &mut BufferedRng, aad: &[u8], slot: &SessionSlot) -> Sealed {
+        Sealed::new(self.storage.seal_row(rng, aad, &slot.encode()))
+    }
+
+    /// Opens a session slot sealed by [`Self::seal_slot`] (or as JSON, the
+    /// form written before the binary one; JSON starts with `{`).
+    fn open_slot(&self, aad: &[u8], sealed: &Sealed) -> Result<SessionSlot, ServiceError> {
+        let plain = self
+            .storage
+            .open_row(aad, sealed.as_bytes())
+            .map_err(|_| ServiceError::Internal("a sealed row does not open".into()))?;
+        if plain.first() == Some(&b'{') {
+            return serde_json::from_slice(&plain)
+                .map_err(|e| ServiceError::Internal(e.to_string()));
+        }
+        SessionSlot::decode(&plain)
+            .map_err(|e| ServiceError::Internal(format!("stored session slot: {e}")))
     }
 
     fn open<T: serde::de::DeserializeOwned>(
@@ -597,6 +820,11 @@ impl Udc {
     }
 
     async fn apply(&self, write: BatchWrite) -> Result<store::Applied, ServiceError> {
+        Ok(self.apply_store(write).await?)
+    }
+
+    /// Applies a write set, timed; wakes downlink long polls.
+    async fn apply_store(&self, write: BatchWrite) -> Result<store::Applied, StoreError> {
         let t = Instant::now();
         let has_downlink = !write.downlink.is_empty();
         let applied = self.store.apply_batch(write).await;
@@ -609,6 +837,31 @@ impl Udc {
             self.downlink_notify.notify_waiters();
         }
         Ok(applied)
+    }
+
+    /// Applies the write of a judged batch. `Some(answer)` when another UDC
+    /// process sharing the store filed a verdict for the same (gateway,
+    /// batch id) first: the same batch gets that process's answer (nothing
+    /// of this judgement is written), another batch a conflict.
+    async fn apply_verdict(
+        &self,
+        write: BatchWrite,
+        gateway: &str,
+        ctx: &Ctx,
+    ) -> Result<Option<Bytes>, ServiceError> {
+        match self.apply_store(write).await {
+            Ok(_) => Ok(None),
+            Err(StoreError::VerdictExists { batch_hash, .. }) if batch_hash == ctx.hash => {
+                let stored = self.store.verdict(gateway, ctx.log_batch_id).await?;
+                let v = stored.ok_or_else(|| ServiceError::Busy("verdict vanished".into()))?;
+                Ok(Some(Bytes::from(v.verdict)))
+            }
+            Err(StoreError::VerdictExists { .. }) => Err(ServiceError::Conflict(format!(
+                "batch id {} was already used for a different batch",
+                ctx.batch_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Members of a batch, as verifier records.
@@ -640,23 +893,29 @@ impl Udc {
         Ok(LoadedRegistry(map))
     }
 
-    /// Session slots of (member, group), opened.
+    /// Session slots of (member, group), opened, with what was read.
     async fn load_sessions(
         &self,
         group: u32,
         ids: &[MemberId],
-    ) -> Result<SessionTable, ServiceError> {
+    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let keys = ids.iter().map(|m| (m.0, group)).collect();
-        let pairs = self.store.sessions(keys).await?;
+        let stored = self.store.sessions(keys).await?;
         let mut table = SessionTable::new();
-        for (id, pair) in ids.iter().zip(pairs) {
-            let Some(slot) = pair.and_then(|p| p.current) else {
-                continue;
+        let mut versions = SlotVersions::default();
+        for (id, row) in ids.iter().zip(stored) {
+            let Some(row) = row else { continue };
+            let slot = match &row.state {
+                Some(sealed) => Some(self.open_slot(&aad::session(id.0, group), sealed)?),
+                None => None,
             };
-            let s: SessionSlot = self.open(&aad::session(id.0, group), &slot.state)?;
-            table.insert(GroupId(group), *id, s);
+            let active = slot.as_ref().is_some_and(|s| !s.is_empty());
+            versions.0.insert(*id, (row.version, active));
+            if let Some(slot) = slot {
+                table.insert(GroupId(group), *id, slot);
+            }
         }
-        Ok(table)
+        Ok((table, versions))
     }
 
     /// The round a batch answers, if stored and not closed.
@@ -671,8 +930,11 @@ impl Udc {
         if row.status != RoundStatus::Open || row.state.as_bytes().is_empty() {
             return Ok(None);
         }
-        if let Some(st) = self.rounds.lock().await.get(&(group, round)) {
-            return Ok(Some((st.clone(), row)));
+        // Taken out of the cache (no copy of the accepted set); `judge`
+        // puts it back after a successful write. On an error it is rebuilt
+        // from the store on the next call.
+        if let Some(st) = self.rounds.lock().await.remove(&(group, round)) {
+            return Ok(Some((st, row)));
         }
         // Cache miss (restart, or another process judged batches): the
         // accepted set is rebuilt from the stored outcomes.
@@ -870,7 +1132,7 @@ impl Udc {
     fn count_batch(&self, kind: EntryKind, res: &Result<Bytes, ServiceError>) {
         let outcome = match res {
             Ok(_) => UdcBatchOutcome::Accepted,
-            Err(ServiceError::Internal(_)) => UdcBatchOutcome::Error,
+            Err(ServiceError::Internal(_) | ServiceError::Busy(_)) => UdcBatchOutcome::Error,
             Err(_) => UdcBatchOutcome::Rejected,
         };
         self.metrics.batches.get(kind, outcome).inc();
@@ -933,7 +1195,7 @@ impl Udc {
         let t_read = Instant::now();
         let (group_state, group_row) = self.load_group(group).await?;
         let registry = self.load_registry(&ids).await?;
-        let mut sessions = self.load_sessions(group, &ids).await?;
+        let (mut sessions, versions) = self.load_sessions(group, &ids).await?;
         let mut round = match ctx.round {
             Some(r) => self.load_round(group, r).await?,
             None => None,
@@ -954,12 +1216,24 @@ impl Udc {
             &registry,
             &mut log,
             now_ms / 1000,
-        )
-        .map_err(map_verifier_error)?;
+        );
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // Refused as a whole, nothing changed: the round state goes
+                // back into the cache (a hostile gateway's bad batches must
+                // not force a rebuild from the store each time).
+                if let (VerifierError::Peer(_), Some((rs, _))) = (&e, round.take()) {
+                    self.rounds.lock().await.insert((group, rs.round), rs);
+                }
+                return Err(map_verifier_error(e));
+            }
+        };
         self.metrics
             .batch_verify
             .observe(t_verify.elapsed().as_secs_f64());
         let answer = out.answer.clone();
+        let mut slots = SlotWrites::new(group, &versions);
         let mut write = BatchWrite {
             now_ms,
             ..BatchWrite::default()
@@ -971,6 +1245,14 @@ impl Udc {
             ..Via::default()
         };
         let filed = log.filed.take();
+        if matches!(
+            out.event,
+            BatchEvent::Replayed | BatchEvent::TagsRequested { .. }
+        ) && let Some((rs, _)) = round.take()
+        {
+            // Unchanged: back into the cache.
+            self.rounds.lock().await.insert((group, rs.round), rs);
+        }
         match out.event {
             BatchEvent::Replayed => return Ok(answer),
             BatchEvent::TagsRequested { chunks } => {
@@ -1001,7 +1283,9 @@ impl Udc {
                 }
                 via.entries = 0;
                 write.via = ctx.via.is_some().then_some(via);
-                self.apply(write).await?;
+                if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
+                    return Ok(stored);
+                }
                 return Ok(answer);
             }
             BatchEvent::Responses(v) => {
@@ -1022,8 +1306,10 @@ impl Udc {
                         round: round_no,
                         member: id.0,
                         kind,
-                        reason: std::borrow::Cow::Owned(format!("{o:?}")),
-                        gateway: ctx.via.clone(),
+                        reason: std::borrow::Cow::Borrowed(outcome_reason(*o)),
+                        // The store fills it from `write.via` (no copy
+                        // of the gateway id per member).
+                        gateway: None,
                     });
                     self.count_outcome(*o, mode);
                 }
@@ -1043,9 +1329,7 @@ impl Udc {
                 self.metrics.readings.inc_by(v.readings.len() as u64);
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
-                        write
-                            .sessions
-                            .push(self.session_row(group, *id, slot, round_no, now_ms)?);
+                        self.push_slot(&mut slots, *id, slot, Some(now_ms));
                     }
                 }
                 // The confirms go down to the member through its gateway.
@@ -1068,12 +1352,15 @@ impl Udc {
                 }
             }
             BatchEvent::Uplinks(v) => {
-                via.accepted = u64::from(match &v.verdict.body {
-                    crate::protocol::wire::VerdictBody::Final { outcomes, .. } => {
-                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count()
+                if let VerdictBody::Final { outcomes, .. } = &v.verdict.body {
+                    via.accepted =
+                        outcomes.iter().filter(|o| **o == Outcome::Accepted).count() as u64;
+                    // Rejected uplinks count by reason; accepted ones are
+                    // not authentications.
+                    for o in outcomes.iter().filter(|o| **o != Outcome::Accepted) {
+                        self.count_outcome(*o, Mode::Psk);
                     }
-                    crate::protocol::wire::VerdictBody::TagsRequested { .. } => 0,
-                } as u32);
+                }
                 for m in &v.messages {
                     write.readings.push(ReadingRow {
                         member: m.id.0,
@@ -1100,9 +1387,7 @@ impl Udc {
                 seen.dedup();
                 for id in seen {
                     if let Some(slot) = sessions.get(GroupId(group), id) {
-                        write
-                            .sessions
-                            .push(self.session_row(group, id, slot, 0, now_ms)?);
+                        self.push_slot(&mut slots, id, slot, None);
                     }
                 }
             }
@@ -1118,7 +1403,17 @@ impl Udc {
         }
         let _ = &group_row;
         write.via = ctx.via.is_some().then_some(via);
-        self.apply(write).await?;
+        write.sessions = std::mem::take(&mut slots.rows);
+        if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
+            // Another process judged this batch first: its answer stands,
+            // and this process's view of the round is stale.
+            self.rounds
+                .lock()
+                .await
+                .remove(&(group, ctx.round.unwrap_or(0)));
+            return Ok(stored);
+        }
+        self.metrics.sessions_active.add(slots.active_delta);
         // The accepted set lives in the hot cache; the store's outcome rows
         // are its truth (see `load_round`).
         if let Some((rs, _)) = round {
@@ -1147,28 +1442,31 @@ impl Udc {
         self.metrics.entries_rejected.get(reason).inc();
     }
 
-    fn session_row(
+    /// Seals `slot` of member `id` into `w`, compare-and-set against the
+    /// version it was read at. `auth_at_ms`: the member just authenticated.
+    fn push_slot(
         &self,
-        group: u32,
+        w: &mut SlotWrites<'_>,
         id: MemberId,
         slot: &SessionSlot,
-        round: u64,
-        now_ms: u64,
-    ) -> Result<SessionRow, ServiceError> {
-        let sid = slot
-            .pending
-            .as_ref()
-            .or(slot.current.as_ref())
-            .map(|s| s.sid.0)
-            .unwrap_or([0; 8]);
-        Ok(SessionRow {
+        auth_at_ms: Option<u64>,
+    ) {
+        let (version, was_active) = w.versions.0.get(&id).copied().unwrap_or((0, false));
+        let newest = slot.pending.as_ref().or(slot.current.as_ref());
+        let state = match newest {
+            Some(_) => self.seal_slot(&mut w.rng, &aad::session(id.0, w.group), slot),
+            None => Sealed::default(),
+        };
+        w.active_delta += i64::from(newest.is_some()) - i64::from(was_active);
+        w.rows.push(SessionRow {
             member: id.0,
-            group,
-            sid,
-            state: self.seal(&aad::session(id.0, group), slot)?,
-            round,
-            created_at_ms: now_ms,
-        })
+            group: w.group,
+            sid: newest.map(|s| s.sid.0),
+            state,
+            round: newest.map_or(0, |s| s.round),
+            authenticated_at_ms: auth_at_ms,
+            version,
+        });
     }
 
     /// Replaces gateway `gateway`'s group subscriptions.
@@ -1219,6 +1517,23 @@ fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
     }
 }
 
+/// The reason code stored with an outcome (its variant name).
+fn outcome_reason(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Accepted => "Accepted",
+        Outcome::UnknownMember => "UnknownMember",
+        Outcome::NotInGroup => "NotInGroup",
+        Outcome::RoundNotOpen => "RoundNotOpen",
+        Outcome::AlreadyAccepted => "AlreadyAccepted",
+        Outcome::Revoked => "Revoked",
+        Outcome::UnverifiedViaGateway => "UnverifiedViaGateway",
+        Outcome::StaleKeyVersion => "StaleKeyVersion",
+        Outcome::ReplayedCounter => "ReplayedCounter",
+        Outcome::UnknownSession => "UnknownSession",
+        Outcome::MalformedPayload => "MalformedPayload",
+    }
+}
+
 fn stored_is_none(log: &OneLog) -> bool {
     log.stored.is_none()
 }
@@ -1244,5 +1559,44 @@ fn map_verifier_error(e: VerifierError) -> ServiceError {
         }
         VerifierError::Peer(other) => ServiceError::BadRequest(other.to_string()),
         VerifierError::Usage(u) => ServiceError::Internal(u.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_days_zero_keeps_forever() {
+        let r = Retention::from_days(400, 0);
+        assert_eq!(r.readings_ms, Some(400 * 86_400_000));
+        assert_eq!(r.verdicts_ms, None);
+        assert_eq!(
+            Retention::from_days(u64::MAX, 1).readings_ms,
+            Some(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn buffered_rng_hands_each_byte_out_once() {
+        use rand_core::Rng as _;
+        let mut r = BufferedRng::new();
+        let mut seen = Vec::new();
+        // Across several refills, in odd-sized pieces.
+        for n in [12, 500, 7, 512, 1, 1000] {
+            let mut b = vec![0u8; n];
+            r.fill_bytes(&mut b);
+            seen.push(b);
+        }
+        let all: Vec<u8> = seen.concat();
+        assert_eq!(all.len(), 2032);
+        // 16-byte windows of fresh randomness never repeat.
+        let mut windows: Vec<&[u8]> = all.chunks(16).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        assert_eq!(windows.len(), all.len().div_ceil(16));
+        // What was handed out is wiped from the buffer.
+        assert!(r.buf[..r.used].iter().all(|b| *b == 0));
+        assert_ne!(r.next_u64(), r.next_u64());
     }
 }

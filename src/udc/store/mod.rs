@@ -275,99 +275,58 @@ pub struct PendingLocalization {
     pub expires_at_ms: u64,
 }
 
-/// A new session for (member, group), written when a member is accepted.
+/// The session slot of one (member, group) to write, compare-and-set.
+///
+/// The slot is the verifier's `SessionSlot` sealed whole: every session V
+/// keeps for the pair (the one last seen in use, the newest not yet seen in
+/// use, up to two older unused ones), each with its keys, replay window and
+/// downlink counter. One row per pair, so a restart (or another UDC
+/// process) sees exactly what the verifier left, and the version makes a
+/// concurrent change of the same slot (two processes accepting uplinks of
+/// one member) a [`StoreError::Conflict`] instead of a lost replay-window
+/// update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionRow {
     /// The member.
     pub member: u64,
     /// The group.
     pub group: u32,
-    /// The session id.
-    pub sid: [u8; 8],
-    /// Sealed session state (k_up, iv_up, k_down, down_ctr, GK_e).
+    /// The newest session's id (shown by listings); `None` writes an empty
+    /// slot (revoked member).
+    pub sid: Option<[u8; 8]>,
+    /// The sealed slot (ignored when `sid` is `None`).
     pub state: Sealed,
-    /// The round that created it.
+    /// The round that created the newest session.
     pub round: u64,
-    /// When it was created (unix ms); also the member's last authentication
-    /// in this group.
-    pub created_at_ms: u64,
+    /// When the member authenticated (a round's response accepted), to
+    /// record as its last authentication in this group; `None` keeps the
+    /// stored time (an uplink or a rekey changed the slot).
+    pub authenticated_at_ms: Option<u64>,
+    /// The version the slot was read at ([`StoredSlot::version`], 0 when
+    /// no row was stored). The write stores `version + 1` only if the
+    /// stored version still equals it; otherwise the whole write fails
+    /// with [`StoreError::Conflict`].
+    pub version: u64,
 }
 
-/// An uplink replay window: the highest accepted counter and a 64-bit map
-/// of the counters below it (bit i = `highest - 1 - i` seen).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReplayWindow {
-    /// Highest accepted ctr (0 = none yet).
-    pub highest: u64,
-    /// Seen map below `highest`.
-    pub bitmap: u64,
-}
-
-/// One stored session slot.
+/// The stored session slot of one (member, group).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionSlot {
-    /// The session id.
-    pub sid: [u8; 8],
-    /// Sealed session state.
-    pub state: Sealed,
-    /// The round that created it.
-    pub round: u64,
-    /// When it was created (unix ms).
-    pub created_at_ms: u64,
-    /// Its replay window.
-    pub window: ReplayWindow,
-}
-
-/// The sessions V holds for one (member, group): the current one and the
-/// previous one, kept until the current one is first used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionPair {
+pub struct StoredSlot {
     /// The member.
     pub member: u64,
     /// The group.
     pub group: u32,
-    /// The newest session.
-    pub current: Option<SessionSlot>,
-    /// The session before it, if the current one is still unused.
-    pub previous: Option<SessionSlot>,
+    /// The newest session's id; `None` when the slot is empty.
+    pub sid: Option<[u8; 8]>,
+    /// The sealed slot; `None` when empty.
+    pub state: Option<Sealed>,
+    /// The round that created the newest session.
+    pub round: u64,
     /// The member's last successful authentication in this group (unix ms);
     /// kept by [`Store::drop_all_sessions`].
     pub last_auth_ms: u64,
-}
-
-/// Advance one session's replay window, compare-and-set.
-///
-/// Applies only if the stored window of the session named by `sid` still
-/// equals `from`; otherwise the whole write fails with
-/// [`StoreError::Conflict`] (another UDC process accepted an uplink of this
-/// session meanwhile). Advancing the current slot's window is the current
-/// session's first use: the previous slot is dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReplayUpdate {
-    /// The member.
-    pub member: u64,
-    /// The group.
-    pub group: u32,
-    /// The session.
-    pub sid: [u8; 8],
-    /// The window as read.
-    pub from: ReplayWindow,
-    /// The window after the accepted uplinks.
-    pub to: ReplayWindow,
-}
-
-/// Replace the sealed state of an existing session slot (e.g. after a
-/// down_ctr was reserved for a rekey entry).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionStateUpdate {
-    /// The member.
-    pub member: u64,
-    /// The group.
-    pub group: u32,
-    /// The session.
-    pub sid: [u8; 8],
-    /// The new sealed state.
-    pub state: Sealed,
+    /// Compare-and-set version (see [`SessionRow::version`]).
+    pub version: u64,
 }
 
 /// One accepted uplink reading (or alarm), payload already decrypted.
@@ -536,7 +495,7 @@ pub struct RoundLocalizations {
 
 /// Everything one batch (or one other atomic change) writes, applied by
 /// [`Store::apply_batch`] in one transaction in this order: verdict,
-/// members, groups, rounds, sessions, replay windows, readings, acks,
+/// members, groups, rounds, sessions, readings, acks,
 /// outcomes, counters, downlink. Any failure rolls all of it back.
 #[derive(Clone, Debug, Default)]
 pub struct BatchWrite {
@@ -554,15 +513,9 @@ pub struct BatchWrite {
     pub new_rounds: Vec<RoundRow>,
     /// Rounds to close: status closed, sealed state erased.
     pub closed_rounds: Vec<(u32, u64)>,
-    /// New sessions: current moves to previous, the new one becomes current.
-    /// At most one per (member, group) per write (PostgreSQL refuses a
-    /// second one; the verifier creates one per member per round anyway).
+    /// Session slots to write, compare-and-set on their version; at most
+    /// one per (member, group) per write.
     pub sessions: Vec<SessionRow>,
-    /// Replay windows to advance (compare-and-set), at most one per session
-    /// per write.
-    pub replay: Vec<ReplayUpdate>,
-    /// Session states to replace.
-    pub session_states: Vec<SessionStateUpdate>,
     /// Readings to insert; a duplicate (member, group, sid, ctr) fails the
     /// write.
     pub readings: Vec<ReadingRow>,
@@ -783,15 +736,18 @@ pub trait Store: Send + Sync {
     fn sessions(
         &self,
         keys: Vec<(u64, u32)>,
-    ) -> impl Future<Output = Result<Vec<Option<SessionPair>>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<StoredSlot>>, StoreError>> + Send;
     /// Every session of one member, by group.
     fn member_sessions(
         &self,
         member: u64,
-    ) -> impl Future<Output = Result<Vec<SessionPair>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<StoredSlot>, StoreError>> + Send;
     /// Drops every session (recovery after a restore); last-auth times stay.
     /// Returns the number of (member, group) rows cleared.
     fn drop_all_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The number of (member, group) pairs holding at least one session
+    /// (`dapgw_udc_sessions_active` at start).
+    fn count_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Appends downlink records (a [`BatchWrite`] with only `downlink`).
     fn push_downlink(
@@ -816,6 +772,15 @@ pub trait Store: Send + Sync {
     fn latest_cursor(&self, gateway: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Deletes records created before `before_ms`; returns how many.
     fn trim_downlink(&self, before_ms: u64)
+    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes readings accepted before `before_ms` (retention); returns
+    /// how many.
+    fn trim_readings(&self, before_ms: u64)
+    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Deletes final verdicts filed before `before_ms` (retention; pending
+    /// ones expire through their localization); returns how many. A batch
+    /// retried after that is judged again, against the state of then.
+    fn trim_verdicts(&self, before_ms: u64)
     -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Replaces the gateway's group subscriptions.
     fn set_subscriptions(
@@ -980,12 +945,15 @@ impl Store for AnyStore {
         fn pending_localization(&self, gateway: &str, batch_id: u64) -> Option<PendingLocalization>;
         fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
         fn apply_batch(&self, write: BatchWrite) -> Applied;
-        fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<SessionPair>>;
-        fn member_sessions(&self, member: u64) -> Vec<SessionPair>;
+        fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
+        fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
+        fn count_sessions(&self) -> u64;
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
         fn latest_cursor(&self, gateway: &str) -> u64;
         fn trim_downlink(&self, before_ms: u64) -> u64;
+        fn trim_readings(&self, before_ms: u64) -> u64;
+        fn trim_verdicts(&self, before_ms: u64) -> u64;
         fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> ();
         fn subscriptions(&self, gateway: &str) -> Vec<u32>;
         fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;
@@ -1004,15 +972,17 @@ impl Store for AnyStore {
 // Column codecs shared by both backends
 // ---------------------------------------------------------------------------
 
-/// Largest time bound a query takes: timestamps are stored as signed
-/// 64-bit integers, so an open upper bound (`u64::MAX`) is clamped here
-/// rather than wrapped to -1 (which would match nothing).
-pub(crate) const MAX_MS: u64 = i64::MAX as u64;
-
 /// `u64` to its stored (bit-cast) form.
 #[inline]
 fn i(v: u64) -> i64 {
     v as i64
+}
+
+/// A time bound (unix ms) to its stored form, saturating at `i64::MAX`:
+/// bit-casting `u64::MAX` ("no upper bound") would make it -1.
+#[inline]
+fn ts(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Stored form back to `u64`.
@@ -1175,33 +1145,9 @@ fn report(
     r
 }
 
-/// Builds a session slot from nullable columns (all NULL = empty slot).
-fn slot_cols(
-    sid: Option<Vec<u8>>,
-    state: Option<Vec<u8>>,
-    round: Option<i64>,
-    created: Option<i64>,
-    hi: Option<i64>,
-    bits: Option<i64>,
-) -> Result<Option<SessionSlot>, StoreError> {
-    let Some(sid) = sid else {
-        return Ok(None);
-    };
-    let (Some(state), Some(round), Some(created), Some(hi), Some(bits)) =
-        (state, round, created, hi, bits)
-    else {
-        return Err(StoreError::Corrupt("half-empty session slot"));
-    };
-    Ok(Some(SessionSlot {
-        sid: sid_col(sid)?,
-        state: Sealed::new(state),
-        round: u(round),
-        created_at_ms: u(created),
-        window: ReplayWindow {
-            highest: u(hi),
-            bitmap: u(bits),
-        },
-    }))
+/// The sid column of a stored slot (NULL = empty slot).
+fn opt_sid_col(v: Option<Vec<u8>>) -> Result<Option<[u8; 8]>, StoreError> {
+    v.map(sid_col).transpose()
 }
 
 #[cfg(test)]

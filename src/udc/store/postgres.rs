@@ -6,12 +6,12 @@
 //! Bulk writes use one multi-row statement per table over `UNNEST` of typed
 //! arrays (binary parameters, one round trip per table per batch). COPY
 //! would be a little faster for plain inserts, but it cannot express the
-//! `ON CONFLICT` rules the write set needs (session slot rotation, sticky
-//! accepted outcomes, idempotent acks) without a staging table and a second
+//! `ON CONFLICT` rules the write set needs (sticky accepted outcomes,
+//! idempotent acks) without a staging table and a second
 //! statement per table; `UNNEST` keeps one statement and one code path.
 //!
 //! Concurrency between processes (READ COMMITTED): compare-and-set rows
-//! (group version, replay windows, schedules) re-check their `WHERE` after
+//! (group version, session slot version, schedules) re-check their `WHERE` after
 //! waiting for a concurrent writer; downlink cursors come from a per-gateway
 //! head row that stays locked until commit, so cursors become visible in
 //! order; the verdict insert is `ON CONFLICT DO NOTHING`, which waits for a
@@ -34,10 +34,16 @@ pub(crate) const POOL_SIZE: usize = 4;
 
 /// Versioned migrations, applied in order and recorded in
 /// `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/postgres/0002_session_slots.sql"),
+    ),
+];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
 const MIGRATION_LOCK: i64 = 0x0064_6170_6777;
@@ -242,27 +248,17 @@ fn round_row(r: &Row) -> Result<RoundRow, StoreError> {
     })
 }
 
-fn session_pair(r: &Row) -> Result<SessionPair, StoreError> {
-    Ok(SessionPair {
+fn stored_slot(r: &Row) -> Result<StoredSlot, StoreError> {
+    let sid = opt_sid_col(r.try_get(3)?)?;
+    let state: Option<Vec<u8>> = r.try_get(4)?;
+    Ok(StoredSlot {
         member: u(r.try_get(0)?),
         group: u32_col(r.try_get(1)?, "session group")?,
         last_auth_ms: u(r.try_get(2)?),
-        current: slot_cols(
-            r.try_get(3)?,
-            r.try_get(4)?,
-            r.try_get(5)?,
-            r.try_get(6)?,
-            r.try_get(7)?,
-            r.try_get(8)?,
-        )?,
-        previous: slot_cols(
-            r.try_get(9)?,
-            r.try_get(10)?,
-            r.try_get(11)?,
-            r.try_get(12)?,
-            r.try_get(13)?,
-            r.try_get(14)?,
-        )?,
+        state: sid.and(state).map(Sealed::new),
+        sid,
+        round: u(r.try_get(5)?),
+        version: u(r.try_get(6)?),
     })
 }
 
@@ -384,67 +380,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
         }
     }
     if !w.sessions.is_empty() {
-        let (mut m, mut g, mut sid, mut state, mut round, mut t) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for s in &w.sessions {
-            m.push(i(s.member));
-            g.push(i64::from(s.group));
-            sid.push(&s.sid[..]);
-            state.push(s.state.as_bytes());
-            round.push(i(s.round));
-            t.push(i(s.created_at_ms));
-        }
-        // The old current slot becomes the previous one (SET sees the old row).
-        let st = prep(
-            &tx,
-            stmts,
-            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, \
-             cur_round, cur_created_ms, cur_hi, cur_bits) \
-             SELECT m, g, t, s, st, r, t, 0, 0 FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], \
-             $4::bytea[], $5::int8[], $6::int8[]) AS x(m, g, s, st, r, t) \
-             ON CONFLICT (member, grp) DO UPDATE SET last_auth_ms = EXCLUDED.last_auth_ms, \
-             prev_sid = sessions.cur_sid, prev_state = sessions.cur_state, \
-             prev_round = sessions.cur_round, prev_created_ms = sessions.cur_created_ms, \
-             prev_hi = sessions.cur_hi, prev_bits = sessions.cur_bits, \
-             cur_sid = EXCLUDED.cur_sid, cur_state = EXCLUDED.cur_state, \
-             cur_round = EXCLUDED.cur_round, cur_created_ms = EXCLUDED.cur_created_ms, \
-             cur_hi = 0, cur_bits = 0",
-        )
-        .await?;
-        tx.execute(&st, &[&m, &g, &sid, &state, &round, &t]).await?;
-    }
-    if !w.replay.is_empty() {
-        write_replay(&tx, stmts, &w.replay).await?;
-    }
-    if !w.session_states.is_empty() {
-        let (mut m, mut g, mut sid, mut state) = (vec![], vec![], vec![], vec![]);
-        for s in &w.session_states {
-            m.push(i(s.member));
-            g.push(i64::from(s.group));
-            sid.push(&s.sid[..]);
-            state.push(s.state.as_bytes());
-        }
-        let cur = prep(
-            &tx,
-            stmts,
-            "UPDATE sessions s SET cur_state = x.st FROM UNNEST($1::int8[], $2::int8[], \
-             $3::bytea[], $4::bytea[]) AS x(m, g, sid, st) \
-             WHERE s.member = x.m AND s.grp = x.g AND s.cur_sid = x.sid",
-        )
-        .await?;
-        let prev = prep(
-            &tx,
-            stmts,
-            "UPDATE sessions s SET prev_state = x.st FROM UNNEST($1::int8[], $2::int8[], \
-             $3::bytea[], $4::bytea[]) AS x(m, g, sid, st) \
-             WHERE s.member = x.m AND s.grp = x.g AND s.prev_sid = x.sid",
-        )
-        .await?;
-        let p: [&(dyn ToSql + Sync); 4] = [&m, &g, &sid, &state];
-        let n = tx.execute(&cur, &p).await? + tx.execute(&prev, &p).await?;
-        if n != w.session_states.len() as u64 {
-            return Err(StoreError::NotFound("session"));
-        }
+        write_sessions(&tx, stmts, &w.sessions).await?;
     }
     if !w.readings.is_empty() {
         let (mut m, mut g, mut sid, mut ctr, mut ts, mut kind, mut payload) =
@@ -741,44 +677,82 @@ async fn write_members(
     Ok(())
 }
 
-/// Advances replay windows compare-and-set: first against current slots
-/// (dropping the previous slot: the current session is now in use), then
-/// against previous slots; every update must have matched exactly once.
-async fn write_replay(
+/// Writes session slots compare-and-set on their version: new rows (version
+/// 0) in one insert, existing ones in one update; every row must have
+/// matched exactly once (READ COMMITTED re-checks the version after waiting
+/// for a concurrent writer of the same row).
+async fn write_sessions(
     tx: &Tx<'_>,
     stmts: &mut Cache,
-    replay: &[ReplayUpdate],
+    sessions: &[SessionRow],
 ) -> Result<(), StoreError> {
-    let (mut m, mut g, mut sid, mut fh, mut fb, mut th, mut tb) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for r in replay {
-        m.push(i(r.member));
-        g.push(i64::from(r.group));
-        sid.push(&r.sid[..]);
-        fh.push(i(r.from.highest));
-        fb.push(i(r.from.bitmap));
-        th.push(i(r.to.highest));
-        tb.push(i(r.to.bitmap));
+    #[derive(Default)]
+    struct Cols<'a> {
+        m: Vec<i64>,
+        g: Vec<i64>,
+        sid: Vec<Option<&'a [u8]>>,
+        state: Vec<Option<&'a [u8]>>,
+        round: Vec<i64>,
+        auth: Vec<Option<i64>>,
+        version: Vec<i64>,
     }
-    let cur = prep(tx, stmts, "UPDATE sessions s SET cur_hi = x.th, cur_bits = x.tb, prev_sid = NULL, \
-         prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, prev_bits = NULL \
-         FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[], \
-         $7::int8[]) AS x(m, g, sid, fh, fb, th, tb) WHERE s.member = x.m AND s.grp = x.g \
-         AND s.cur_sid = x.sid AND s.cur_hi = x.fh AND s.cur_bits = x.fb")
-    .await?;
-    let prev = prep(
-        tx,
-        stmts,
-        "UPDATE sessions s SET prev_hi = x.th, prev_bits = x.tb \
-         FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[], \
-         $7::int8[]) AS x(m, g, sid, fh, fb, th, tb) WHERE s.member = x.m AND s.grp = x.g \
-         AND s.prev_sid = x.sid AND s.prev_hi = x.fh AND s.prev_bits = x.fb",
-    )
-    .await?;
-    let p: [&(dyn ToSql + Sync); 7] = [&m, &g, &sid, &fh, &fb, &th, &tb];
-    let n = tx.execute(&cur, &p).await? + tx.execute(&prev, &p).await?;
-    if n != replay.len() as u64 {
-        return Err(StoreError::Conflict("replay window"));
+    let (mut new, mut old) = (Cols::default(), Cols::default());
+    for s in sessions {
+        let c = if s.version == 0 { &mut new } else { &mut old };
+        c.m.push(i(s.member));
+        c.g.push(i64::from(s.group));
+        c.sid.push(s.sid.as_ref().map(|x| &x[..]));
+        c.state.push(s.sid.map(|_| s.state.as_bytes()));
+        c.round.push(i(s.round));
+        c.auth.push(s.authenticated_at_ms.map(i));
+        c.version.push(i(s.version));
+    }
+    let mut n = 0;
+    if !new.m.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) \
+             SELECT m, g, coalesce(t, 0), s, st, r, 1 FROM UNNEST($1::int8[], $2::int8[], \
+             $3::bytea[], $4::bytea[], $5::int8[], $6::int8[]) AS x(m, g, s, st, r, t) \
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+        n += tx
+            .execute(
+                &st,
+                &[&new.m, &new.g, &new.sid, &new.state, &new.round, &new.auth],
+            )
+            .await?;
+    }
+    if !old.m.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "UPDATE sessions s SET sid = x.s, state = x.st, round = x.r, \
+             last_auth_ms = coalesce(x.t, s.last_auth_ms), version = s.version + 1 \
+             FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::bytea[], $5::int8[], \
+             $6::int8[], $7::int8[]) AS x(m, g, s, st, r, t, v) \
+             WHERE s.member = x.m AND s.grp = x.g AND s.version = x.v",
+        )
+        .await?;
+        n += tx
+            .execute(
+                &st,
+                &[
+                    &old.m,
+                    &old.g,
+                    &old.sid,
+                    &old.state,
+                    &old.round,
+                    &old.auth,
+                    &old.version,
+                ],
+            )
+            .await?;
+    }
+    if n != sessions.len() as u64 {
+        return Err(StoreError::Conflict("session slot"));
     }
     Ok(())
 }
@@ -1151,23 +1125,19 @@ impl Store for PostgresStore {
         apply(&mut g, write).await
     }
 
-    async fn sessions(
-        &self,
-        keys: Vec<(u64, u32)>,
-    ) -> Result<Vec<Option<SessionPair>>, StoreError> {
+    async fn sessions(&self, keys: Vec<(u64, u32)>) -> Result<Vec<Option<StoredSlot>>, StoreError> {
         let m: Vec<i64> = keys.iter().map(|k| i(k.0)).collect();
         let g: Vec<i64> = keys.iter().map(|k| i64::from(k.1)).collect();
         let r = self
             .query(
-                "SELECT s.member, s.grp, s.last_auth_ms, s.cur_sid, s.cur_state, s.cur_round, \
-                 s.cur_created_ms, s.cur_hi, s.cur_bits, s.prev_sid, s.prev_state, s.prev_round, \
-                 s.prev_created_ms, s.prev_hi, s.prev_bits FROM sessions s \
+                "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, s.version \
+                 FROM sessions s \
                  JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
                  ON s.member = k.m AND s.grp = k.g",
                 &[&m, &g],
             )
             .await?;
-        let found: HashMap<(u64, u32), SessionPair> = rows(r, session_pair)?
+        let found: HashMap<(u64, u32), StoredSlot> = rows(r, stored_slot)?
             .into_iter()
             .map(|p| ((p.member, p.group), p))
             .collect();
@@ -1175,27 +1145,35 @@ impl Store for PostgresStore {
         Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<SessionPair>, StoreError> {
+    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
         let r = self
             .query(
-                "SELECT member, grp, last_auth_ms, cur_sid, cur_state, cur_round, cur_created_ms, \
-                 cur_hi, cur_bits, prev_sid, prev_state, prev_round, prev_created_ms, prev_hi, \
-                 prev_bits FROM sessions WHERE member = $1 ORDER BY grp",
+                "SELECT member, grp, last_auth_ms, sid, state, round, version FROM sessions \
+                 WHERE member = $1 ORDER BY grp",
                 &[&i(member)],
             )
             .await?;
-        rows(r, session_pair)
+        rows(r, stored_slot)
     }
 
     async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
         self.exec(
-            "UPDATE sessions SET cur_sid = NULL, cur_state = NULL, cur_round = NULL, \
-             cur_created_ms = NULL, cur_hi = NULL, cur_bits = NULL, prev_sid = NULL, \
-             prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, \
-             prev_bits = NULL WHERE cur_sid IS NOT NULL OR prev_sid IS NOT NULL",
+            "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
+             WHERE sid IS NOT NULL",
             &[],
         )
         .await
+    }
+
+    async fn count_sessions(&self) -> Result<u64, StoreError> {
+        let r = self
+            .query("SELECT count(*) FROM sessions WHERE sid IS NOT NULL", &[])
+            .await?;
+        let n: i64 = r
+            .first()
+            .ok_or(StoreError::Corrupt("count returned no row"))?
+            .try_get(0)?;
+        Ok(u(n))
     }
 
     async fn read_downlink(
@@ -1240,6 +1218,19 @@ impl Store for PostgresStore {
         self.exec(
             "DELETE FROM downlink WHERE created_at_ms < $1",
             &[&i(before_ms)],
+        )
+        .await
+    }
+
+    async fn trim_readings(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.exec("DELETE FROM readings WHERE ts_ms < $1", &[&ts(before_ms)])
+            .await
+    }
+
+    async fn trim_verdicts(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.exec(
+            "DELETE FROM verdicts WHERE final = 1 AND created_at_ms < $1",
+            &[&ts(before_ms)],
         )
         .await
     }
@@ -1380,12 +1371,7 @@ impl Store for PostgresStore {
             .query(
                 "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
                  AND ts_ms >= $2 AND ts_ms < $3 ORDER BY ts_ms, grp, ctr LIMIT $4",
-                &[
-                    &i(member),
-                    &i(from_ms.min(MAX_MS)),
-                    &i(to_ms.min(MAX_MS)),
-                    &i64::from(limit),
-                ],
+                &[&i(member), &ts(from_ms), &ts(to_ms), &i64::from(limit)],
             )
             .await?;
         rows(r, |x| {

@@ -23,7 +23,13 @@ use super::*;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records
 /// the last one applied.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../../migrations/sqlite/0002_session_slots.sql"),
+    ),
+];
 
 /// The SQLite store.
 #[derive(Clone)]
@@ -138,18 +144,27 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 // Row mapping
 // ---------------------------------------------------------------------------
 
-const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms";
+/// A member's columns and its groups as one comma-separated list, so one
+/// statement step reads a whole member (a second statement per member
+/// cost as much as the row).
+const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms, \
+    (SELECT group_concat(grp) FROM member_groups WHERE member = members.id)";
 
-fn member_row(tx: &Transaction<'_>, r: &Row<'_>) -> Result<MemberRow, StoreError> {
-    let id: i64 = r.get(0)?;
-    let mut stmt =
-        tx.prepare_cached("SELECT grp FROM member_groups WHERE member = ?1 ORDER BY grp")?;
-    let groups = stmt
-        .query_map([id], |g| g.get::<_, i64>(0))?
-        .map(|g| u32_col(g?, "member group"))
+fn member_row(r: &Row<'_>) -> Result<MemberRow, StoreError> {
+    let list: Option<String> = r.get(6)?;
+    let mut groups = list
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(|g| {
+            g.parse::<u32>()
+                .map_err(|_| StoreError::Corrupt("member group"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
+    groups.sort_unstable();
     Ok(MemberRow {
-        id: u(id),
+        id: u(r.get(0)?),
         groups,
         kv: u32_col(r.get(1)?, "member kv")?,
         key_source: key_source_col(r.get(2)?, r.get(3)?)?,
@@ -189,31 +204,19 @@ fn round_row(r: &Row<'_>) -> Result<RoundRow, StoreError> {
     })
 }
 
-const SESSION_COLS: &str = "member, grp, last_auth_ms, \
-    cur_sid, cur_state, cur_round, cur_created_ms, cur_hi, cur_bits, \
-    prev_sid, prev_state, prev_round, prev_created_ms, prev_hi, prev_bits";
+const SESSION_COLS: &str = "member, grp, last_auth_ms, sid, state, round, version";
 
-fn session_pair(r: &Row<'_>) -> Result<SessionPair, StoreError> {
-    Ok(SessionPair {
+fn stored_slot(r: &Row<'_>) -> Result<StoredSlot, StoreError> {
+    let sid = opt_sid_col(r.get(3)?)?;
+    let state: Option<Vec<u8>> = r.get(4)?;
+    Ok(StoredSlot {
         member: u(r.get(0)?),
         group: u32_col(r.get(1)?, "session group")?,
         last_auth_ms: u(r.get(2)?),
-        current: slot_cols(
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get(6)?,
-            r.get(7)?,
-            r.get(8)?,
-        )?,
-        previous: slot_cols(
-            r.get(9)?,
-            r.get(10)?,
-            r.get(11)?,
-            r.get(12)?,
-            r.get(13)?,
-            r.get(14)?,
-        )?,
+        state: sid.and(state).map(Sealed::new),
+        sid,
+        round: u(r.get(5)?),
+        version: u(r.get(6)?),
     })
 }
 
@@ -334,70 +337,41 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
         }
     }
     if !w.sessions.is_empty() {
-        // The old current slot becomes the previous one; SET expressions see
-        // the row as it was before the update.
-        let mut st = tx.prepare_cached(
-            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
-             cur_created_ms, cur_hi, cur_bits) VALUES (?1, ?2, ?6, ?3, ?4, ?5, ?6, 0, 0) \
-             ON CONFLICT (member, grp) DO UPDATE SET last_auth_ms = excluded.last_auth_ms, \
-             prev_sid = cur_sid, prev_state = cur_state, prev_round = cur_round, \
-             prev_created_ms = cur_created_ms, prev_hi = cur_hi, prev_bits = cur_bits, \
-             cur_sid = excluded.cur_sid, cur_state = excluded.cur_state, \
-             cur_round = excluded.cur_round, cur_created_ms = excluded.cur_created_ms, \
-             cur_hi = 0, cur_bits = 0",
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) \
+             VALUES (?1, ?2, coalesce(?6, 0), ?3, ?4, ?5, 1) ON CONFLICT DO NOTHING",
+        )?;
+        let mut upd = tx.prepare_cached(
+            "UPDATE sessions SET sid = ?3, state = ?4, round = ?5, \
+             last_auth_ms = coalesce(?6, last_auth_ms), version = version + 1 \
+             WHERE member = ?1 AND grp = ?2 AND version = ?7",
         )?;
         for s in &w.sessions {
-            st.execute(params![
-                i(s.member),
-                i64::from(s.group),
-                &s.sid[..],
-                s.state.as_bytes(),
-                i(s.round),
-                i(s.created_at_ms)
-            ])?;
-        }
-    }
-    if !w.replay.is_empty() {
-        let mut cur = tx.prepare_cached(
-            "UPDATE sessions SET cur_hi = ?6, cur_bits = ?7, prev_sid = NULL, prev_state = NULL, \
-             prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, prev_bits = NULL \
-             WHERE member = ?1 AND grp = ?2 AND cur_sid = ?3 AND cur_hi = ?4 AND cur_bits = ?5",
-        )?;
-        let mut prev = tx.prepare_cached(
-            "UPDATE sessions SET prev_hi = ?6, prev_bits = ?7 \
-             WHERE member = ?1 AND grp = ?2 AND prev_sid = ?3 AND prev_hi = ?4 AND prev_bits = ?5",
-        )?;
-        for r in &w.replay {
-            let p = params![
-                i(r.member),
-                i64::from(r.group),
-                &r.sid[..],
-                i(r.from.highest),
-                i(r.from.bitmap),
-                i(r.to.highest),
-                i(r.to.bitmap)
-            ];
-            if cur.execute(p)? != 1 && prev.execute(p)? != 1 {
-                return Err(StoreError::Conflict("replay window"));
-            }
-        }
-    }
-    if !w.session_states.is_empty() {
-        let mut cur = tx.prepare_cached(
-            "UPDATE sessions SET cur_state = ?4 WHERE member = ?1 AND grp = ?2 AND cur_sid = ?3",
-        )?;
-        let mut prev = tx.prepare_cached(
-            "UPDATE sessions SET prev_state = ?4 WHERE member = ?1 AND grp = ?2 AND prev_sid = ?3",
-        )?;
-        for s in &w.session_states {
-            let p = params![
-                i(s.member),
-                i64::from(s.group),
-                &s.sid[..],
-                s.state.as_bytes()
-            ];
-            if cur.execute(p)? != 1 && prev.execute(p)? != 1 {
-                return Err(StoreError::NotFound("session"));
+            let state = s.sid.map(|_| s.state.as_bytes());
+            let sid = s.sid.as_ref().map(|x| &x[..]);
+            let auth = s.authenticated_at_ms.map(i);
+            let n = if s.version == 0 {
+                ins.execute(params![
+                    i(s.member),
+                    i64::from(s.group),
+                    sid,
+                    state,
+                    i(s.round),
+                    auth
+                ])?
+            } else {
+                upd.execute(params![
+                    i(s.member),
+                    i64::from(s.group),
+                    sid,
+                    state,
+                    i(s.round),
+                    auth,
+                    i(s.version)
+                ])?
+            };
+            if n != 1 {
+                return Err(StoreError::Conflict("session slot"));
             }
         }
     }
@@ -684,7 +658,7 @@ impl Store for SqliteStore {
             for id in ids {
                 let mut rows = st.query([i(id)])?;
                 out.push(match rows.next()? {
-                    Some(r) => Some(member_row(tx, r)?),
+                    Some(r) => Some(member_row(r)?),
                     None => None,
                 });
             }
@@ -703,9 +677,11 @@ impl Store for SqliteStore {
                 "SELECT {MEMBER_COLS} FROM members WHERE id {} ?1 ORDER BY id LIMIT ?2",
                 after_op(after)
             ))?;
-            collect(&mut st, params![after_key(after), i64::from(limit)], |r| {
-                member_row(tx, r)
-            })
+            collect(
+                &mut st,
+                params![after_key(after), i64::from(limit)],
+                member_row,
+            )
         })
         .await
     }
@@ -982,29 +958,26 @@ impl Store for SqliteStore {
         self.call(move |c| apply(c, write)).await
     }
 
-    async fn sessions(
-        &self,
-        keys: Vec<(u64, u32)>,
-    ) -> Result<Vec<Option<SessionPair>>, StoreError> {
+    async fn sessions(&self, keys: Vec<(u64, u32)>) -> Result<Vec<Option<StoredSlot>>, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
             ))?;
             let mut out = Vec::with_capacity(keys.len());
             for (m, g) in keys {
-                out.push(collect(&mut st, params![i(m), i64::from(g)], session_pair)?.pop());
+                out.push(collect(&mut st, params![i(m), i64::from(g)], stored_slot)?.pop());
             }
             Ok(out)
         })
         .await
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<SessionPair>, StoreError> {
+    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 ORDER BY grp"
             ))?;
-            collect(&mut st, [i(member)], session_pair)
+            collect(&mut st, [i(member)], stored_slot)
         })
         .await
     }
@@ -1012,13 +985,21 @@ impl Store for SqliteStore {
     async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
         self.call(move |c| {
             let n = c.execute(
-                "UPDATE sessions SET cur_sid = NULL, cur_state = NULL, cur_round = NULL, \
-                 cur_created_ms = NULL, cur_hi = NULL, cur_bits = NULL, prev_sid = NULL, \
-                 prev_state = NULL, prev_round = NULL, prev_created_ms = NULL, prev_hi = NULL, \
-                 prev_bits = NULL WHERE cur_sid IS NOT NULL OR prev_sid IS NOT NULL",
+                "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
+                 WHERE sid IS NOT NULL",
                 [],
             )?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn count_sessions(&self) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            let n: i64 = tx
+                .prepare_cached("SELECT count(*) FROM sessions WHERE sid IS NOT NULL")?
+                .query_row([], |r| r.get(0))?;
+            Ok(u(n))
         })
         .await
     }
@@ -1066,6 +1047,25 @@ impl Store for SqliteStore {
             let n = c.execute(
                 "DELETE FROM downlink WHERE created_at_ms < ?1",
                 [i(before_ms)],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn trim_readings(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute("DELETE FROM readings WHERE ts_ms < ?1", [ts(before_ms)])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn trim_verdicts(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.call(move |c| {
+            let n = c.execute(
+                "DELETE FROM verdicts WHERE final = 1 AND created_at_ms < ?1",
+                [ts(before_ms)],
             )?;
             Ok(n as u64)
         })
@@ -1212,12 +1212,7 @@ impl Store for SqliteStore {
             )?;
             collect(
                 &mut st,
-                params![
-                    i(member),
-                    i(from_ms.min(MAX_MS)),
-                    i(to_ms.min(MAX_MS)),
-                    i64::from(limit)
-                ],
+                params![i(member), ts(from_ms), ts(to_ms), i64::from(limit)],
                 |r| reading_row(member, r),
             )
         })
