@@ -524,7 +524,8 @@ async fn agents_share_connections() {
     let ids: Vec<u64> = (1..=n).collect();
     let (fake, url, ca) = start(World::with_members(16, &[G], ids.clone()), dir.path()).await;
     let t0 = std::time::Instant::now();
-    // 0: the fleet sizes the pool (one connection per 100 members).
+    // 0: the fleet sizes the pool (one connection per STREAMS_PER_CONNECTION
+    // members).
     let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 0);
     wait(&f, "attach", |s| count(&s.attached) == n).await;
     let t_attach = t0.elapsed();
@@ -537,7 +538,7 @@ async fn agents_share_connections() {
         "{n} members: attached in {t_attach:?}, round with confirms done at {:?}",
         t0.elapsed()
     );
-    let pool = n.div_ceil(100);
+    let pool = n.div_ceil(dapgw::sim::STREAMS_PER_CONNECTION as u64);
     assert!(f.connections_opened() <= pool, "{}", f.connections_opened());
     assert!(count(&fake.connections) <= pool);
     assert!(f.shutdown().await.is_empty());
