@@ -65,6 +65,14 @@ const MEMBERS_PER_CONNECTION: usize = 32;
 /// last readings to be stored (the UDC offers no notification for that).
 const METRICS_POLL: Duration = Duration::from_millis(20);
 
+/// While it waits, the driver prints the fleet's counters on stderr this
+/// often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Members per admin import request (the admin listener's body cap is
+/// 64 KiB; a member's row is about 35 bytes of JSON).
+const IMPORT_CHUNK: usize = 1000;
+
 /// Files in a scenario's work directory.
 mod files {
     /// Key material from `keys_cmd::init`.
@@ -460,6 +468,10 @@ pub(crate) async fn gateway(args: GatewayRoleArgs) -> anyhow::Result<()> {
         tls_cert: args.pki.join("server.pem"),
         tls_key: args.pki.join("server.key"),
         spool_dir: args.work.join(files::SPOOL),
+        // A round is cut as soon as every attached member answered; the
+        // deadline only bounds a failed run. 30 s (the default) can pass on
+        // a loaded 2-core machine while 10,000 members answer.
+        round_deadline_ms: 600_000,
         log: "warn".into(),
         log_format: LogFormat::Text,
         drain_grace_ms: 2000,
@@ -547,13 +559,22 @@ async fn wait_fleet(
     what: &str,
     cond: impl Fn(&crate::sim::agent::Stats) -> bool,
 ) -> anyhow::Result<()> {
-    if fleet.wait_for(timeout, cond).await {
-        Ok(())
-    } else {
-        bail!(
-            "{what}: not reached within {timeout:?}; members: {}",
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if fleet.wait_for(left.min(PROGRESS_EVERY), &cond).await {
+            return Ok(());
+        }
+        if left <= PROGRESS_EVERY {
+            bail!(
+                "{what}: not reached within {timeout:?}; members: {}",
+                fleet.stats().to_json()
+            );
+        }
+        eprintln!(
+            "dapgw bench members: waiting for {what}: {}",
             fleet.stats().to_json()
-        )
+        );
     }
 }
 
@@ -654,10 +675,20 @@ pub(crate) async fn members(args: MembersRoleArgs) -> anyhow::Result<()> {
     let creds_path = args.work.join(files::CREDENTIALS);
     let mut import_path = creds_path.clone().into_os_string();
     import_path.push(".import.json");
-    let import = std::fs::read_to_string(Path::new(&import_path))
-        .context("reading the members' import file")?;
-    op.call("POST", "/v1/admin/members/import", Some(import))
-        .await?;
+    let import: keys_cmd::ImportFile = serde_json::from_slice(
+        &std::fs::read(Path::new(&import_path)).context("reading the members' import file")?,
+    )
+    .context("parsing the members' import file")?;
+    // The admin listener takes bodies up to 64 KiB: import in chunks.
+    for chunk in import.members.chunks(IMPORT_CHUNK) {
+        let rows: Vec<Value> = chunk
+            .iter()
+            .map(|m| json!({"id": m.id, "kv": m.kv, "groups": m.groups}))
+            .collect();
+        let body = json!({ "members": rows }).to_string();
+        op.call("POST", "/v1/admin/members/import", Some(body))
+            .await?;
+    }
     let file: CredentialFile = serde_json::from_slice(
         &std::fs::read(&creds_path).context("reading the member credentials")?,
     )
