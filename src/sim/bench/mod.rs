@@ -1239,6 +1239,64 @@ mod tests {
     }
 
     #[test]
+    fn counter_sources_replace_a_role_counter_with_another_role_s() {
+        let snap = |udc_bytes: u64, relay_bytes: u64, cpu_ms: u64| Snapshot {
+            at: Instant::now(),
+            cpu: BTreeMap::from([
+                ("udc".to_string(), Duration::from_millis(cpu_ms)),
+                ("udc-link".to_string(), Duration::ZERO),
+            ]),
+            counters: BTreeMap::from([
+                (
+                    "udc".to_string(),
+                    BTreeMap::from([("bytes_in".to_string(), udc_bytes)]),
+                ),
+                (
+                    "udc-link".to_string(),
+                    BTreeMap::from([("bytes_in".to_string(), relay_bytes)]),
+                ),
+            ]),
+        };
+        let sources = [CounterSource::new(
+            "udc", "bytes_in", "udc-link", "bytes_in",
+        )];
+        let p = phase(&snap(5, 100, 10), &snap(7, 350, 30), &json!({}), &sources);
+        // The relay's difference, not the UDC's own; CPU is the UDC's.
+        assert_eq!(p.counter("udc", "bytes_in"), 250);
+        assert_eq!(p.cpu_us("udc"), Some(20_000.0));
+        let p = phase(&snap(5, 100, 10), &snap(7, 350, 30), &json!({}), &[]);
+        assert_eq!(p.counter("udc", "bytes_in"), 2);
+    }
+
+    #[test]
+    fn all_scenarios_have_unique_names_and_the_references_last() {
+        let all = all_scenarios();
+        let names: Vec<_> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "direct-mtls",
+                "direct-mtls-resumed",
+                "hop-by-hop",
+                "dapgw-psk",
+                "dapgw-psk-ecdhe"
+            ]
+        );
+        for s in &all {
+            // Every settle command and counter source names a server role.
+            let labels: Vec<_> = s.servers.iter().map(|r| r.label.as_str()).collect();
+            assert!(labels.contains(&s.udc.as_str()), "{}", s.name);
+            for (label, _) in &s.settle {
+                assert!(labels.contains(&label.as_str()), "{}", s.name);
+            }
+            for c in &s.counter_sources {
+                assert!(labels.contains(&c.role.as_str()), "{}", s.name);
+                assert!(labels.contains(&c.from_role.as_str()), "{}", s.name);
+            }
+        }
+    }
+
+    #[test]
     fn member_names_round_trip_and_junk_is_refused() {
         assert_eq!(member_index(&member_name(17), 20), Some(17));
         assert_eq!(member_index("m-20", 20), None);
