@@ -210,8 +210,9 @@ pub fn run_role(cmd: RoleCommand) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 
 /// One process of a scenario: `exe <args>`, where the args may hold the
-/// placeholders `{pki}`, `{members}`, `{concurrency}` and `{addr:LABEL}`
-/// (the address announced by an earlier role).
+/// placeholders `{pki}`, `{members}`, `{concurrency}`, `{timeout}` (the
+/// harness's `--timeout-s`) and `{addr:LABEL}` (the address announced by
+/// an earlier role; `{addr:LABEL.name}` for its further listeners).
 #[derive(Clone, Debug)]
 pub struct RoleLaunch {
     /// Name of the role in the report (`udc`, `gateway`, `members`).
@@ -804,6 +805,7 @@ pub fn run_scenario(
         ("pki".to_string(), pki.display().to_string()),
         ("members".to_string(), opts.members.to_string()),
         ("concurrency".to_string(), opts.concurrency.to_string()),
+        ("timeout".to_string(), opts.timeout_s.to_string()),
     ]);
     let mut servers: Vec<RoleProc> = Vec::new();
     for role in &sc.servers {
