@@ -75,6 +75,8 @@ pub(crate) fn scenario(resumed: bool) -> Scenario {
         driver: RoleLaunch::bench_role("members", &drv),
         udc: "udc".into(),
         gateway: None,
+        counter_sources: Vec::new(),
+        settle: Vec::new(),
     }
 }
 

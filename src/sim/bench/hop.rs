@@ -61,6 +61,8 @@ pub(crate) fn scenario() -> Scenario {
         ),
         udc: "udc".into(),
         gateway: Some("gateway".into()),
+        counter_sources: Vec::new(),
+        settle: Vec::new(),
     }
 }
 

@@ -23,19 +23,30 @@
 //!   `{"event":"final","counters":{...}}` and exits 0. Counters are `u64`s;
 //!   the harness reports their difference over the measured phase
 //!   (`bytes_in` counted at the TCP layer, `requests`, `readings`, ...).
+//!   A ready event may also carry `"addrs":{"name":"host:port"}`: further
+//!   listeners, named `{addr:LABEL.name}` in later roles' arguments.
+//! - a scenario may list `settle` commands: after the driver is ready and
+//!   before the measurement, the harness sends each to its server role,
+//!   which answers `{"event":"settled"}` once the deployment is in the
+//!   state the workload needs (e.g. the gateway has subscribed).
 //! - load driver: `{"event":"ready"}`; on `go` it runs a phase and prints
 //!   `{"event":"warm",...}` (a warm-up phase, e.g. obtaining TLS tickets:
 //!   measured separately, then it waits for the next `go`) or
 //!   `{"event":"done",...}` with its stats; then it exits on stdin EOF.
 //!
-//! Built-in baselines: `direct-mtls` and `direct-mtls-resumed` (flow A,
-//! [`direct`]) and `hop-by-hop` (flow B, [`hop`]). dapgw's own path plugs
-//! in as further [`Scenario`]s (`dapgw-psk`, `dapgw-psk-ecdhe`): the
-//! ratios are taken against those when present.
+//! Scenarios, in report order: `direct-mtls` and `direct-mtls-resumed`
+//! (flow A, [`direct`]), `hop-by-hop` (flow B, [`hop`]), and dapgw's own
+//! path `dapgw-psk` and `dapgw-psk-ecdhe` ([`dapgw`]: the real UDC and
+//! gateway services, each in its own process, with counting TCP relays
+//! ([`relay`]) in front of them so their traffic is counted at the TCP
+//! layer without touching their code). The ratios are taken against the
+//! dapgw scenarios when they ran.
 
 pub mod cpu;
+pub mod dapgw;
 pub mod direct;
 pub mod hop;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -74,7 +85,7 @@ pub struct BenchOptions {
     /// Member connections in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// Scenario to run (repeatable); default: every built-in baseline.
+    /// Scenario to run (repeatable); default: all of them.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
     /// Print one JSON object instead of the table.
@@ -101,6 +112,14 @@ pub enum RoleCommand {
     Gateway(GatewayArgs),
     /// The load driver: N members, each on its own TLS connection.
     Members(MembersArgs),
+    /// The real UDC service (`udc::run`) on a fresh SQLite store.
+    DapgwUdc(dapgw::UdcRoleArgs),
+    /// The real gateway service (`gateway::run`).
+    DapgwGateway(dapgw::GatewayRoleArgs),
+    /// The dapgw load driver: a `sim::Fleet` of members and the operator.
+    DapgwMembers(dapgw::MembersRoleArgs),
+    /// A TCP relay counting the bytes that pass through it.
+    Relay(relay::RelayArgs),
 }
 
 /// How the baseline UDC learns which member a reading is from.
@@ -179,6 +198,10 @@ pub fn run_role(cmd: RoleCommand) -> anyhow::Result<()> {
         RoleCommand::Udc(args) => rt.block_on(direct::udc(args)),
         RoleCommand::Gateway(args) => rt.block_on(hop::gateway(args)),
         RoleCommand::Members(args) => rt.block_on(direct::members(args)),
+        RoleCommand::DapgwUdc(args) => rt.block_on(dapgw::udc(args)),
+        RoleCommand::DapgwGateway(args) => rt.block_on(dapgw::gateway(args)),
+        RoleCommand::DapgwMembers(args) => rt.block_on(dapgw::members(args)),
+        RoleCommand::Relay(args) => rt.block_on(relay::relay(args)),
     }
 }
 
@@ -187,8 +210,9 @@ pub fn run_role(cmd: RoleCommand) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 
 /// One process of a scenario: `exe <args>`, where the args may hold the
-/// placeholders `{pki}`, `{members}`, `{concurrency}` and `{addr:LABEL}`
-/// (the address announced by an earlier role).
+/// placeholders `{pki}`, `{members}`, `{concurrency}`, `{timeout}` (the
+/// harness's `--timeout-s`) and `{addr:LABEL}` (the address announced by
+/// an earlier role; `{addr:LABEL.name}` for its further listeners).
 #[derive(Clone, Debug)]
 pub struct RoleLaunch {
     /// Name of the role in the report (`udc`, `gateway`, `members`).
@@ -225,6 +249,38 @@ pub struct Scenario {
     pub udc: String,
     /// Label of the server role that is the gateway, if any.
     pub gateway: Option<String>,
+    /// Counters of one role taken from another role (e.g. the UDC's
+    /// `bytes_in` from the relay in front of it).
+    pub counter_sources: Vec<CounterSource>,
+    /// `(server label, command)` sent after the driver is ready, before
+    /// the measurement; each role answers `settled`.
+    pub settle: Vec<(String, String)>,
+}
+
+/// Counter `counter` of role `role` is counter `from_counter` of role
+/// `from_role` (replacing whatever `role` reported under that name).
+#[derive(Clone, Debug)]
+pub struct CounterSource {
+    /// The role the counter is reported for.
+    pub role: String,
+    /// Its name there.
+    pub counter: String,
+    /// The role that counts it.
+    pub from_role: String,
+    /// Its name in that role's counters.
+    pub from_counter: String,
+}
+
+impl CounterSource {
+    /// `role.counter` comes from `from_role.from_counter`.
+    pub fn new(role: &str, counter: &str, from_role: &str, from_counter: &str) -> Self {
+        Self {
+            role: role.into(),
+            counter: counter.into(),
+            from_role: from_role.into(),
+            from_counter: from_counter.into(),
+        }
+    }
 }
 
 /// The built-in baselines, in report order.
@@ -234,6 +290,15 @@ pub fn baseline_scenarios() -> Vec<Scenario> {
         direct::scenario(true),
         hop::scenario(),
     ]
+}
+
+/// Every scenario `dapgw bench` knows, in report order: the baselines,
+/// then dapgw in psk and psk-ecdhe mode.
+pub fn all_scenarios() -> Vec<Scenario> {
+    let mut v = baseline_scenarios();
+    v.push(dapgw::scenario(crate::protocol::wire::Mode::Psk));
+    v.push(dapgw::scenario(crate::protocol::wire::Mode::PskEcdhe));
+    v
 }
 
 // ---------------------------------------------------------------------------
@@ -364,6 +429,9 @@ impl ScenarioResult {
             "readings_rejected".into(),
             json!(udc_final("readings_rejected")),
         );
+        if let Some(a) = self.udc_final.get("authenticated") {
+            obj.insert("members_authenticated".into(), json!(a));
+        }
         obj.insert(
             "members_missing".into(),
             json!(self.members as u64 - udc_final("readings_distinct").min(self.members as u64)),
@@ -381,13 +449,16 @@ impl ScenarioResult {
         Value::Object(obj)
     }
 
-    /// Every member's reading arrived exactly once and nothing failed.
+    /// Every member's reading arrived exactly once, nothing failed, and
+    /// (where the UDC reports it) every member authenticated.
     pub fn delivered_exactly_once(&self) -> bool {
         let f = |k: &str| self.udc_final.get(k).copied().unwrap_or(0);
-        f("readings") == self.members as u64
-            && f("readings_distinct") == self.members as u64
+        let n = self.members as u64;
+        f("readings") == n
+            && f("readings_distinct") == n
             && f("readings_duplicate") == 0
             && f("readings_rejected") == 0
+            && self.udc_final.get("authenticated").is_none_or(|&a| a == n)
     }
 }
 
@@ -663,8 +734,8 @@ fn snapshot(servers: &mut [RoleProc], driver: &RoleProc) -> anyhow::Result<Snaps
     })
 }
 
-fn phase(from: &Snapshot, to: &Snapshot, driver: &Value) -> PhaseResult {
-    let roles = to
+fn phase(from: &Snapshot, to: &Snapshot, driver: &Value, sources: &[CounterSource]) -> PhaseResult {
+    let mut roles: BTreeMap<String, RolePhase> = to
         .cpu
         .iter()
         .map(|(label, cpu)| {
@@ -687,6 +758,16 @@ fn phase(from: &Snapshot, to: &Snapshot, driver: &Value) -> PhaseResult {
             )
         })
         .collect();
+    for src in sources {
+        let v = roles
+            .get(&src.from_role)
+            .and_then(|r| r.counters.get(&src.from_counter))
+            .copied()
+            .unwrap_or(0);
+        if let Some(r) = roles.get_mut(&src.role) {
+            r.counters.insert(src.counter.clone(), v);
+        }
+    }
     let mut stats = driver.as_object().cloned().unwrap_or_default();
     stats.remove("event");
     PhaseResult {
@@ -724,6 +805,7 @@ pub fn run_scenario(
         ("pki".to_string(), pki.display().to_string()),
         ("members".to_string(), opts.members.to_string()),
         ("concurrency".to_string(), opts.concurrency.to_string()),
+        ("timeout".to_string(), opts.timeout_s.to_string()),
     ]);
     let mut servers: Vec<RoleProc> = Vec::new();
     for role in &sc.servers {
@@ -737,6 +819,16 @@ pub fn run_scenario(
         if let Some(addr) = ready.get("addr").and_then(Value::as_str) {
             vars.insert(format!("addr:{}", role.label), addr.to_string());
         }
+        for (name, addr) in ready
+            .get("addrs")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(addr) = addr.as_str() {
+                vars.insert(format!("addr:{}.{name}", role.label), addr.to_string());
+            }
+        }
         servers.push(p);
     }
     let args = sc
@@ -747,6 +839,14 @@ pub fn run_scenario(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut driver = RoleProc::spawn(exe, &sc.driver.label, &args, timeout)?;
     driver.expect(&["ready"])?;
+    for (label, cmd) in &sc.settle {
+        let role = servers
+            .iter_mut()
+            .find(|s| &s.label == label)
+            .ok_or_else(|| anyhow!("settle: no server role {label}"))?;
+        role.send(cmd)?;
+        role.expect(&["settled"])?;
+    }
 
     let mut warmup = None;
     let mut start = snapshot(&mut servers, &driver)?;
@@ -754,13 +854,13 @@ pub fn run_scenario(
     let mut ev = driver.expect(&["warm", "done"])?;
     if ev.get("event").and_then(Value::as_str) == Some("warm") {
         let warm_end = snapshot(&mut servers, &driver)?;
-        warmup = Some(phase(&start, &warm_end, &ev));
+        warmup = Some(phase(&start, &warm_end, &ev, &sc.counter_sources));
         start = snapshot(&mut servers, &driver)?;
         driver.send("go")?;
         ev = driver.expect(&["done"])?;
     }
     let end = snapshot(&mut servers, &driver)?;
-    let measured = phase(&start, &end, &ev);
+    let measured = phase(&start, &end, &ev, &sc.counter_sources);
 
     driver.finish(None)?;
     let mut udc_final = BTreeMap::new();
@@ -833,10 +933,10 @@ pub fn run(opts: &BenchOptions, scenarios: &[Scenario]) -> anyhow::Result<BenchR
     res
 }
 
-/// `dapgw bench`: runs the built-in baselines and prints the table or JSON.
-/// Fails if any member's reading did not arrive exactly once.
+/// `dapgw bench`: runs every scenario (or those chosen) and prints the
+/// table or JSON. Fails if any member's reading did not arrive exactly once.
 pub fn main(opts: &BenchOptions) -> anyhow::Result<()> {
-    let report = run(opts, &baseline_scenarios())?;
+    let report = run(opts, &all_scenarios())?;
     let mut out = std::io::stdout().lock();
     if opts.json {
         writeln!(out, "{}", report.to_json())?;
@@ -1138,6 +1238,64 @@ mod tests {
         assert_eq!(substitute("{addr:udc}", &vars).unwrap(), "127.0.0.1:9");
         assert!(substitute("{nope}", &vars).is_err());
         assert!(substitute("{pki", &vars).is_err());
+    }
+
+    #[test]
+    fn counter_sources_replace_a_role_counter_with_another_role_s() {
+        let snap = |udc_bytes: u64, relay_bytes: u64, cpu_ms: u64| Snapshot {
+            at: Instant::now(),
+            cpu: BTreeMap::from([
+                ("udc".to_string(), Duration::from_millis(cpu_ms)),
+                ("udc-link".to_string(), Duration::ZERO),
+            ]),
+            counters: BTreeMap::from([
+                (
+                    "udc".to_string(),
+                    BTreeMap::from([("bytes_in".to_string(), udc_bytes)]),
+                ),
+                (
+                    "udc-link".to_string(),
+                    BTreeMap::from([("bytes_in".to_string(), relay_bytes)]),
+                ),
+            ]),
+        };
+        let sources = [CounterSource::new(
+            "udc", "bytes_in", "udc-link", "bytes_in",
+        )];
+        let p = phase(&snap(5, 100, 10), &snap(7, 350, 30), &json!({}), &sources);
+        // The relay's difference, not the UDC's own; CPU is the UDC's.
+        assert_eq!(p.counter("udc", "bytes_in"), 250);
+        assert_eq!(p.cpu_us("udc"), Some(20_000.0));
+        let p = phase(&snap(5, 100, 10), &snap(7, 350, 30), &json!({}), &[]);
+        assert_eq!(p.counter("udc", "bytes_in"), 2);
+    }
+
+    #[test]
+    fn all_scenarios_have_unique_names_and_the_references_last() {
+        let all = all_scenarios();
+        let names: Vec<_> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "direct-mtls",
+                "direct-mtls-resumed",
+                "hop-by-hop",
+                "dapgw-psk",
+                "dapgw-psk-ecdhe"
+            ]
+        );
+        for s in &all {
+            // Every settle command and counter source names a server role.
+            let labels: Vec<_> = s.servers.iter().map(|r| r.label.as_str()).collect();
+            assert!(labels.contains(&s.udc.as_str()), "{}", s.name);
+            for (label, _) in &s.settle {
+                assert!(labels.contains(&label.as_str()), "{}", s.name);
+            }
+            for c in &s.counter_sources {
+                assert!(labels.contains(&c.role.as_str()), "{}", s.name);
+                assert!(labels.contains(&c.from_role.as_str()), "{}", s.name);
+            }
+        }
     }
 
     #[test]
