@@ -354,14 +354,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
     .await
     .context("provisioning task")??;
     let udc = Udc::start(&exe, &p)?;
-    let imported = udc
-        .admin(
-            "POST",
-            "/v1/admin/members/import",
-            Some(serde_json::from_slice(&std::fs::read(&p.import)?)?),
-        )
-        .await
-        .context("importing the member registry")?;
+    let registry: Value = serde_json::from_slice(&std::fs::read(&p.import)?)?;
+    let mut imported = 0;
+    for chunk in crate::udc::admin_api::import_chunks(&registry).unwrap_or_default() {
+        let v = udc
+            .admin("POST", "/v1/admin/members/import", Some(chunk))
+            .await
+            .context("importing the member registry")?;
+        imported += v["imported"].as_u64().unwrap_or(0);
+    }
     let mut gateways = Vec::new();
     for id in ["gw-a", "gw-b"] {
         gateways.push(Gateway::start(&exe, &p, udc.listen, id)?);
@@ -415,8 +416,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
     };
     progress(&setup, timeout, || async { Ok(attached()) }, n).await?;
     setup.finish_with_message(format!(
-        "UDC + 2 gateways up, {} members registered, {n} attached ({} offline)",
-        imported["imported"], 1
+        "UDC + 2 gateways up, {imported} members registered, {n} attached (1 offline)"
     ));
     let mut demo = Demo {
         exe,

@@ -517,7 +517,28 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
 
 #[cfg(test)]
 mod tests {
-    use super::b64;
+    use super::{Value, b64, import_chunks, json};
+
+    #[test]
+    fn import_bodies_are_split_in_order() {
+        let members: Vec<Value> = (0..2500)
+            .map(|i| json!({"id": i, "kv": 1, "groups": [1]}))
+            .collect();
+        let chunks = import_chunks(&json!({ "members": members })).unwrap();
+        assert_eq!(chunks.len(), 3);
+        let ids: Vec<u64> = chunks
+            .iter()
+            .flat_map(|c| c["members"].as_array().unwrap().clone())
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, (0..2500).collect::<Vec<u64>>());
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.to_string().len() < crate::admin::MAX_FALLBACK_BODY)
+        );
+        assert!(import_chunks(&json!({"x": 1})).is_none());
+    }
 
     #[test]
     fn base64_decodes_with_and_without_padding() {
@@ -528,6 +549,27 @@ mod tests {
         assert!(b64("a").is_none());
         assert!(b64("a$==").is_none());
     }
+}
+
+/// Members per `POST /v1/admin/members/import` request: the admin listener
+/// takes bodies up to [`crate::admin::MAX_FALLBACK_BODY`] (64 KiB) and a
+/// member is about 40 bytes of JSON.
+pub const IMPORT_CHUNK: usize = 1000;
+
+/// Splits a registry import body (`{"members": [...]}`, the file `dapgw keys
+/// members` writes) into bodies of at most [`IMPORT_CHUNK`] members, in
+/// order. `None` when `body` has no `members` array.
+pub fn import_chunks(body: &Value) -> Option<Vec<Value>> {
+    let members = body.get("members")?.as_array()?;
+    if members.is_empty() {
+        return Some(vec![json!({"members": []})]);
+    }
+    Some(
+        members
+            .chunks(IMPORT_CHUNK)
+            .map(|c| json!({ "members": c }))
+            .collect(),
+    )
 }
 
 /// Why [`request`] failed.

@@ -56,7 +56,6 @@ pub const FIRST_MEMBER: u64 = 1;
 /// The gateway id (the DNS SAN of the bench PKI's `gateway.pem`).
 const GATEWAY_ID: &str = super::GATEWAY_IDENTITY;
 
-
 /// How often the driver reads the UDC's `/metrics` while it waits for the
 /// last readings to be stored (the UDC offers no notification for that).
 const METRICS_POLL: Duration = Duration::from_millis(20);
