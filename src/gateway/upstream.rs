@@ -632,37 +632,15 @@ impl Upstream {
 
     /// Keeps the UDC's subscription equal to the attached members' groups,
     /// re-sending it on every new connection.
-    ///
-    /// After a restart the attach registry is empty until members attach
-    /// again; an empty subscription would make the UDC stop queueing the
-    /// groups' messages for this gateway in between, and members would miss
-    /// them. So the groups subscribed before the restart (kept in the
-    /// spool) stay subscribed for [`SUBSCRIPTION_SETTLE`] after start.
     pub(crate) async fn run_subscriptions(self) {
         let mut backoff = Backoff::new(self.retry_max);
         let mut groups_rx = self.attached.subscribe_groups();
         let mut gen_rx = self.link.generation.subscribe();
         let stop = wait_true(self.drain.clone());
         tokio::pin!(stop);
-        let restored = match self.spool.get_meta(SUBSCRIPTION_KEY).await {
-            Ok(Some(b)) => decode_groups(&b),
-            Ok(None) => Vec::new(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the stored subscription failed");
-                Vec::new()
-            }
-        };
-        let settle = tokio::time::sleep(SUBSCRIPTION_SETTLE);
-        tokio::pin!(settle);
-        let mut settled = restored.is_empty();
         let mut sent: Option<(Vec<u32>, u64)> = None;
         loop {
-            let mut groups = groups_rx.borrow_and_update().clone();
-            if !settled {
-                groups.extend(&restored);
-                groups.sort_unstable();
-                groups.dedup();
-            }
+            let groups = groups_rx.borrow_and_update().clone();
             let generation = *gen_rx.borrow_and_update();
             if sent.as_ref() != Some(&(groups.clone(), generation)) {
                 let body = serde_json::json!({ "groups": groups }).to_string();
@@ -678,13 +656,6 @@ impl Upstream {
                 match res {
                     Ok(a) if a.status.is_success() => {
                         backoff.reset();
-                        if let Err(e) = self
-                            .spool
-                            .set_meta(SUBSCRIPTION_KEY, &encode_groups(&groups))
-                            .await
-                        {
-                            tracing::warn!(error = %e, "storing the subscription failed");
-                        }
                         // The PUT may itself have dialled the connection.
                         sent = Some((groups, *gen_rx.borrow_and_update()));
                         continue;
@@ -699,45 +670,14 @@ impl Upstream {
                 () = &mut stop => return,
                 _ = groups_rx.changed() => {}
                 _ = gen_rx.changed() => {}
-                () = &mut settle, if !settled => settled = true,
             }
         }
     }
 }
 
-/// Spool meta key of the groups last subscribed at the UDC.
-pub(crate) const SUBSCRIPTION_KEY: &str = "udc_subscription";
-
-/// How long the groups subscribed before a restart stay subscribed while
-/// members attach again (longer than a member's reconnect backoff).
-pub(crate) const SUBSCRIPTION_SETTLE: Duration = Duration::from_secs(120);
-
-/// Groups as concatenated big-endian `u32`s.
-fn encode_groups(groups: &[u32]) -> Vec<u8> {
-    groups.iter().flat_map(|g| g.to_be_bytes()).collect()
-}
-
-fn decode_groups(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stored_groups_round_trip() {
-        assert_eq!(
-            decode_groups(&encode_groups(&[1, 7, u32::MAX])),
-            vec![1, 7, u32::MAX]
-        );
-        assert!(
-            decode_groups(&[0, 0, 1]).is_empty(),
-            "a torn value restores nothing"
-        );
-    }
 
     #[test]
     fn target_parses_https_only() {
