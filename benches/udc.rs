@@ -191,24 +191,27 @@ async fn main() {
                 serde_json::json!({"group": G, "mode": "psk", "purpose": purpose, "read_request": "01"}).to_string()).await,
         ).unwrap();
         let round = v["round"].as_u64().unwrap();
-        let (s, body) = call(
-            &mut send,
-            Method::GET,
-            &format!("/v1/downlink?after={cursor}&wait_ms=1000"),
-            Bytes::new(),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK);
-        // The last record is this round's challenge.
-        let mut b = &body[..];
+        // Read the queue up to this round's challenge (after the confirms
+        // of the previous round; the UDC answers up to 1024 records a call).
         let mut challenge = Bytes::new();
-        while !b.is_empty() {
-            cursor = u64::from_be_bytes(b[..8].try_into().unwrap());
-            let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
-            if b[8] == 1 {
-                challenge = Bytes::copy_from_slice(&b[25..25 + len]);
+        while challenge.is_empty() {
+            let (s, body) = call(
+                &mut send,
+                Method::GET,
+                &format!("/v1/downlink?after={cursor}&wait_ms=1000"),
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK);
+            let mut b = &body[..];
+            while !b.is_empty() {
+                cursor = u64::from_be_bytes(b[..8].try_into().unwrap());
+                let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
+                if b[8] == 1 {
+                    challenge = Bytes::copy_from_slice(&b[25..25 + len]);
+                }
+                b = &b[25 + len..];
             }
-            b = &b[25 + len..];
         }
         // Members answer (not measured).
         let ch_hash: [u8; 32] = Sha256::digest(&challenge).into();
