@@ -11,17 +11,17 @@
 //!        └── operator: admin API (import, open round, /metrics) ──────────^
 //! ```
 //!
-//! - `udc` role ([`udc`]): writes fresh key material (`keys_cmd::init`,
+//! - `udc` role: writes fresh key material (`keys_cmd::init`,
 //!   `keys_cmd::members`) and an admin token into its work directory, then
 //!   runs `udc::run` unchanged on a fresh SQLite store. Its final counters
 //!   come from a second read-only use of that store (readings per member,
 //!   the round's accepted count) and its own `/metrics`.
 //! - `udc-link` and `member-link` ([`super::relay`]): count the bytes the
 //!   UDC and the gateway receive, at the TCP layer.
-//! - `gateway` role ([`gateway`]): `gateway::run` unchanged; its counters
+//! - `gateway` role: `gateway::run` unchanged; its counters
 //!   are read from its own `/metrics` (upstream requests = requests the
 //!   UDC received).
-//! - `members` driver ([`members`]): imports the members through the admin
+//! - `members` driver: imports the members through the admin
 //!   API and attaches a [`Fleet`] (setup, not measured); then, measured:
 //!   opens one round, waits until every member opened its confirm
 //!   (mutually authenticated), has every member send one reading, and
