@@ -8,7 +8,6 @@ fn demo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
         .arg("demo")
         .args(args)
-        .env_remove("DAPGW_DEMO_LOG")
         .output()
         .expect("run dapgw demo");
     (

@@ -141,9 +141,6 @@ impl Proc {
         }
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         cmd.env("DAPGW_LOG_FORMAT", "json");
-        if let Some(filter) = std::env::var_os("DAPGW_DEMO_LOG") {
-            cmd.env("DAPGW_LOG", filter);
-        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({})", exe.display()))?;
@@ -286,7 +283,8 @@ pub struct Udc {
 impl Udc {
     /// Starts `dapgw udc` on the provisioned files with a SQLite store in
     /// the deployment directory.
-    pub fn start(exe: &Path, p: &Provisioned) -> anyhow::Result<Self> {
+    /// `log` is its tracing filter.
+    pub fn start(exe: &Path, p: &Provisioned, log: &str) -> anyhow::Result<Self> {
         let k = |f: &str| p.keys.join(f).display().to_string();
         let env = BTreeMap::from([
             ("DAPGW_LISTEN", "127.0.0.1:0".to_string()),
@@ -305,7 +303,7 @@ impl Udc {
             ("DAPGW_KEY_CERT_FILE", k(keys_cmd::files::SIGNING_CERT)),
             ("DAPGW_LOCALIZE_TIMEOUT_MS", "10000".to_string()),
             ("DAPGW_DRAIN_GRACE_MS", "3000".to_string()),
-            ("DAPGW_LOG", "info".to_string()),
+            ("DAPGW_LOG", log.to_string()),
         ]);
         let mut proc = Proc::spawn(exe, &p.dir, "udc", &["udc"], &env)?;
         let fields = proc.wait_line("udc listening", START_TIMEOUT)?;
@@ -373,7 +371,14 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `dapgw gateway` `id` dialling `udc`, its spool in
     /// `<dir>/spool-<id>`.
-    pub fn start(exe: &Path, p: &Provisioned, udc: SocketAddr, id: &str) -> anyhow::Result<Self> {
+    /// `log` is its tracing filter.
+    pub fn start(
+        exe: &Path,
+        p: &Provisioned,
+        udc: SocketAddr,
+        id: &str,
+        log: &str,
+    ) -> anyhow::Result<Self> {
         let (_, cert, key) = p
             .pki
             .clients
@@ -401,7 +406,7 @@ impl Gateway {
             ("DAPGW_ROUND_DEADLINE_MS", "20000".to_string()),
             ("DAPGW_RETRY_MAX_MS", "1000".to_string()),
             ("DAPGW_DRAIN_GRACE_MS", "3000".to_string()),
-            ("DAPGW_LOG", "info".to_string()),
+            ("DAPGW_LOG", log.to_string()),
         ]);
         Self::spawn(exe, &p.dir, id, env)
     }

@@ -77,6 +77,10 @@ pub struct DemoArgs {
     /// Give up on a step after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_s: u64,
+    /// Log filter of the UDC and gateway processes (their JSON logs go to
+    /// files in the deployment directory).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log: String,
     /// The executable run as UDC and gateways (default: this one).
     #[arg(skip)]
     pub exe: Option<PathBuf>,
@@ -353,7 +357,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
     })
     .await
     .context("provisioning task")??;
-    let udc = Udc::start(&exe, &p)?;
+    let udc = Udc::start(&exe, &p, &args.log)?;
     let registry: Value = serde_json::from_slice(&std::fs::read(&p.import)?)?;
     let mut imported = 0;
     for chunk in crate::udc::admin_api::import_chunks(&registry).unwrap_or_default() {
@@ -365,7 +369,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Summary> {
     }
     let mut gateways = Vec::new();
     for id in ["gw-a", "gw-b"] {
-        gateways.push(Gateway::start(&exe, &p, udc.listen, id)?);
+        gateways.push(Gateway::start(&exe, &p, udc.listen, id, &args.log)?);
     }
     for g in &gateways {
         g.wait_ready(Duration::from_secs(30)).await?;
