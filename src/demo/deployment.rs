@@ -25,7 +25,6 @@ use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 
 use crate::protocol::keys::{CredentialFile, MemberCredential};
-use crate::sim::bench::cpu;
 use crate::tls::dev_pki;
 use crate::udc::keys_cmd;
 
@@ -85,7 +84,7 @@ pub fn provision(
     getrandom::fill(&mut raw).map_err(|e| anyhow!("no randomness for the admin token: {e}"))?;
     let token = hex::encode(raw);
     let token_file = dir.join("admin.token");
-    write_private(&token_file, token.as_bytes())?;
+    keys_cmd::write_file(&token_file, token.as_bytes(), 0o600)?;
     Ok(Provisioned {
         dir: dir.to_path_buf(),
         keys,
@@ -95,18 +94,6 @@ pub fn provision(
         token_file,
         token,
     })
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents)?;
-    Ok(())
 }
 
 /// A child process of this executable (`dapgw udc` or `dapgw gateway`).
@@ -172,16 +159,6 @@ impl Proc {
             lines,
             log,
         })
-    }
-
-    /// The OS process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// CPU time (user + system) the process has used so far.
-    pub fn cpu(&self) -> anyhow::Result<Duration> {
-        cpu::process_cpu(self.pid()).map_err(|e| anyhow!("{}: {e}", self.name))
     }
 
     /// Waits for a log line whose message is `message` and returns its
