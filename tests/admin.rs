@@ -31,7 +31,16 @@ struct Server {
 
 impl Server {
     async fn start(registry: Registry, readiness: Readiness, fallback: Option<Fallback>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", registry, readiness, fallback).await
+    }
+
+    async fn start_on(
+        bind: &str,
+        registry: Registry,
+        readiness: Readiness,
+        fallback: Option<Fallback>,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(admin::serve_with_fallback(
@@ -92,7 +101,10 @@ async fn endpoints_and_readiness_transitions() {
     let registry = Registry::new();
     let metrics = GatewayMetrics::register(&registry);
     let readiness = Readiness::gateway();
-    let server = Server::start(registry, readiness.clone(), None).await;
+    // A loopback address of its own: the other tests bind 127.0.0.1, so none
+    // of them can take this port over once the server closes it, and the
+    // final "listener closed" check cannot race with them.
+    let server = Server::start_on("127.0.0.91:0", registry, readiness.clone(), None).await;
     let addr = server.addr;
 
     // Liveness is independent of readiness.
