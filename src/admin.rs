@@ -318,6 +318,57 @@ async fn fallback(req: Request<Incoming>, f: &Fallback) -> AdminResponse {
 }
 
 // ---------------------------------------------------------------------------
+// Reading a metrics page (the demo, the bench and the tests)
+// ---------------------------------------------------------------------------
+
+/// A parsed `/metrics` page in the Prometheus text format: every sample
+/// keyed by its series (`name{labels}` exactly as exposed).
+///
+/// This is the one reader of metric pages in dapgw: the demo and the bench
+/// read the UDC's CPU clock and byte counters through it, and the tests
+/// check the contract metrics with it.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsPage(std::collections::BTreeMap<String, f64>);
+
+impl MetricsPage {
+    /// Parses the text exposition format. Comment lines and lines whose value
+    /// is not a number are skipped.
+    pub fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.trim().to_string(), value.parse::<f64>().ok()?))
+            })
+            .collect();
+        MetricsPage(samples)
+    }
+
+    /// The value of one series, written exactly as exposed (`name` or
+    /// `name{k="v",...}` with the labels in the exposed order).
+    pub fn get(&self, series: &str) -> Option<f64> {
+        self.0.get(series).copied()
+    }
+
+    /// The sum of every sample of metric `name` whose labels include all of
+    /// `labels` (`key="value"` pairs); 0 when there is none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                let (n, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Probe (`dapgw health`)
 // ---------------------------------------------------------------------------
 
@@ -465,6 +516,24 @@ async fn probe_inner(authority: &str, check: ProbeCheck) -> Result<(), ProbeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_page_gets_and_sums_by_name_and_labels() {
+        let m = MetricsPage::parse(
+            "# HELP x y\n# TYPE x_total counter\n\
+             x_total{direction=\"sent\",kind=\"a\"} 3\n\
+             x_total{direction=\"sent\",kind=\"b\"} 4\n\
+             x_total{direction=\"received\"} 10\nx 1e3\nx_totalish 5\nbroken\nnan_ok x\n",
+        );
+        assert_eq!(m.sum("x_total", &[("direction", "sent")]), 7.0);
+        assert_eq!(m.sum("x_total", &[]), 17.0);
+        assert_eq!(m.sum("x", &[]), 1000.0);
+        assert_eq!(m.sum("missing", &[]), 0.0);
+        assert_eq!(m.get("x_total{direction=\"received\"}"), Some(10.0));
+        assert_eq!(m.get("x_totalish"), Some(5.0));
+        assert_eq!(m.get("x_total"), None);
+        assert_eq!(m.get("nan_ok"), None);
+    }
 
     #[test]
     fn readiness_latch() {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 
+use crate::admin::MetricsPage;
 use crate::protocol::keys::{CredentialFile, MemberCredential};
 use crate::tls::dev_pki;
 use crate::udc::keys_cmd;
@@ -316,8 +317,8 @@ impl Udc {
     }
 
     /// The UDC's `/metrics` page, parsed.
-    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        Metrics::scrape(self.admin).await
+    pub async fn metrics(&self) -> anyhow::Result<MetricsPage> {
+        scrape(self.admin).await
     }
 
     /// The UDC process's CPU seconds so far, as it reports them
@@ -424,8 +425,8 @@ impl Gateway {
     }
 
     /// The gateway's `/metrics` page, parsed.
-    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        Metrics::scrape(self.admin).await
+    pub async fn metrics(&self) -> anyhow::Result<MetricsPage> {
+        scrape(self.admin).await
     }
 
     /// Waits until `/readyz` answers 200 (upstream link and spool usable).
@@ -451,70 +452,19 @@ impl Gateway {
     }
 }
 
-/// A parsed Prometheus text page: series (name with labels, as printed)
-/// to value.
-#[derive(Debug, Default, Clone)]
-pub struct Metrics(BTreeMap<String, f64>);
-
-impl Metrics {
-    async fn scrape(admin: SocketAddr) -> anyhow::Result<Self> {
-        let (status, text) = crate::udc::admin_api::request(
-            &admin.to_string(),
-            "GET",
-            "/metrics",
-            None,
-            None,
-            ADMIN_TIMEOUT,
-        )
-        .await?;
-        if status != 200 {
-            bail!("GET /metrics on {admin}: {status}");
-        }
-        Ok(Self::parse(&text))
+/// `GET /metrics` of an admin listener, parsed.
+async fn scrape(admin: SocketAddr) -> anyhow::Result<MetricsPage> {
+    let (status, text) = crate::udc::admin_api::request(
+        &admin.to_string(),
+        "GET",
+        "/metrics",
+        None,
+        None,
+        ADMIN_TIMEOUT,
+    )
+    .await?;
+    if status != 200 {
+        bail!("GET /metrics on {admin}: {status}");
     }
-
-    /// Parses the text exposition format (comments skipped).
-    pub fn parse(text: &str) -> Self {
-        let mut m = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            if let Some((series, value)) = line.rsplit_once(' ')
-                && let Ok(v) = value.parse::<f64>()
-            {
-                m.insert(series.to_string(), v);
-            }
-        }
-        Self(m)
-    }
-
-    /// The sum of every series of `name` whose labels include all of
-    /// `labels` (`key="value"` pairs); 0 when none.
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .iter()
-            .filter(|(series, _)| {
-                let (n, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            })
-            .map(|(_, v)| *v)
-            .sum()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_sum_by_name_and_labels() {
-        let m = Metrics::parse(
-            "# HELP x y\nx_total{direction=\"sent\",kind=\"a\"} 3\nx_total{direction=\"sent\",kind=\"b\"} 4\nx_total{direction=\"received\"} 10\nx 1e3\nx_totalish 5\n",
-        );
-        assert_eq!(m.sum("x_total", &[("direction", "sent")]), 7.0);
-        assert_eq!(m.sum("x_total", &[]), 17.0);
-        assert_eq!(m.sum("x", &[]), 1000.0);
-        assert_eq!(m.sum("missing", &[]), 0.0);
-    }
+    Ok(MetricsPage::parse(&text))
 }
