@@ -51,8 +51,11 @@ fn entries_mut(batch: &mut Batch) -> &mut Vec<ResponseEntry> {
 }
 
 /// Encoded length of a response entry (docs/protocol.md, Batch).
-fn entry_len(e: &ResponseEntry) -> usize {
-    8 + 4 + 16 + if e.e_i.is_some() { 32 } else { 0 } + 2 + e.c.len()
+/// Bytes of a response batch before its first entry (docs/protocol.md,
+/// "Batch"): header, gateway id, batch id, kind, group, round, mode, chunk
+/// size, count.
+fn header_len(b: &Batch) -> usize {
+    2 + 1 + b.gateway_id.as_str().len() + 8 + 1 + 4 + 8 + 1 + 2 + 4
 }
 
 /// Sends a (tampered) batch whose tags the gateway keeps as `kept`; V's tag
@@ -171,9 +174,7 @@ fn gateway_alters_any_byte_of_any_entry_or_aggregate() {
             Ok(IDS.to_vec())
         );
         // Everything after the header: entries, then aggregates.
-        let body_len: usize =
-            entries(&honest).iter().map(entry_len).sum::<usize>() + 16 * honest.aggregates.len();
-        let start = bytes.len() - body_len;
+        let start = header_len(&honest);
         let (mut refused, mut judged) = (0, 0);
         for i in start..bytes.len() {
             for flip in [0x01u8, 0x80, 0xFF] {
@@ -210,9 +211,7 @@ fn gateway_alters_any_byte_of_any_entry_or_aggregate() {
 fn gateway_alters_header_bytes_never_gains_acceptance() {
     let (w, honest, tags) = answered_round(Mode::Psk, 2);
     let bytes = honest.to_bytes();
-    let body_len: usize =
-        entries(&honest).iter().map(entry_len).sum::<usize>() + 16 * honest.aggregates.len();
-    for i in 0..bytes.len() - body_len {
+    for i in 0..header_len(&honest) {
         for flip in [0x01u8, 0x80, 0xFF] {
             let mut t = bytes.to_vec();
             t[i] ^= flip;

@@ -25,8 +25,21 @@ fn gateway_id() -> impl Strategy<Value = GatewayId> {
     "[a-z0-9._-]{1,64}".prop_map(|s| GatewayId::new(&s).unwrap())
 }
 
+/// Member ids: anywhere in `u64`, or dense (batches then hold the one-byte
+/// deltas of a real deployment's ids, and duplicates).
 fn member_id() -> impl Strategy<Value = MemberId> {
-    any::<u64>().prop_map(MemberId)
+    prop_oneof![any::<u64>(), 0u64..48, (u64::MAX - 8)..=u64::MAX].prop_map(MemberId)
+}
+
+/// Key versions: anywhere, or the few a deployment uses (batch entries
+/// then repeat the previous entry's kv, which the compact layout leaves off).
+fn key_version() -> impl Strategy<Value = u32> {
+    prop_oneof![any::<u32>(), 0u32..3]
+}
+
+/// Uplink counters: anywhere, or small.
+fn counter() -> impl Strategy<Value = u64> {
+    prop_oneof![any::<u64>(), 0u64..300]
 }
 
 fn group_id() -> impl Strategy<Value = GroupId> {
@@ -88,7 +101,7 @@ prop_compose! {
 prop_compose! {
     fn response_entry(mode: Mode)(
         id in member_id(),
-        kv in any::<u32>(),
+        kv in key_version(),
         n_i in any::<[u8; 16]>(),
         e_i in any::<[u8; 32]>(),
         c in payload(MAX_PAYLOAD),
@@ -115,7 +128,7 @@ prop_compose! {
         id in member_id(),
         sid in session_id(),
         kind in uplink_kind(),
-        ctr in any::<u64>(),
+        ctr in counter(),
         c in payload(MAX_PAYLOAD),
     ) -> UplinkEntry {
         UplinkEntry { id, sid, kind, ctr, c }
@@ -399,6 +412,44 @@ proptest! {
         }
         prop_assert_eq!(next, b.len());
         prop_assert_eq!(b.chunks().len(), b.chunk_count());
+    }
+
+    /// The compact entries (id deltas, kv left off when repeated) carry any
+    /// order: an unsorted batch or one with a duplicate decodes to the same
+    /// value, and the verifier's structure check names the first entry out
+    /// of order.
+    #[test]
+    fn batches_in_any_entry_order_round_trip_and_disorder_is_found(
+        b in batch(),
+        order in vec(any::<prop::sample::Index>(), 1..24),
+    ) {
+        let mut b = b;
+        fn shuffle<T: Clone>(entries: &mut Vec<T>, order: &[prop::sample::Index]) {
+            // Picks with replacement: duplicates included.
+            let picked: Vec<T> = order.iter().map(|i| entries[i.index(entries.len())].clone()).collect();
+            *entries = picked;
+        }
+        let keys: Vec<(MemberId, SessionId, u64)> = match &mut b.body {
+            BatchBody::Responses { entries, .. } => {
+                shuffle(entries, &order);
+                entries.iter().map(|e| (e.id, SessionId([0; 8]), 0)).collect()
+            }
+            BatchBody::Uplinks { entries } => {
+                shuffle(entries, &order);
+                entries.iter().map(UplinkEntry::sort_key).collect()
+            }
+        };
+        b.aggregates = vec![[3; 16]; b.chunk_count()];
+        let bytes = b.to_bytes();
+        prop_assert_eq!(bytes.len(), b.encoded_len());
+        let back = Batch::decode(&bytes).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+        prop_assert_eq!(&back, &b);
+        prop_assert_eq!(back.to_bytes(), bytes);
+        let first_bad = keys.windows(2).position(|w| w[0] >= w[1]).map(|i| i + 1);
+        prop_assert_eq!(
+            back.check_structure(),
+            first_bad.map_or(Ok(()), |i| Err(BatchStructureError::NotSorted(i)))
+        );
     }
 
     #[test]

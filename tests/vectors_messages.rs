@@ -765,6 +765,96 @@ fn aggregate_of(tags: &[Vec<u8>]) -> Vec<u8> {
     hsh.finalize()[..16].to_vec()
 }
 
+/// An unsigned LEB128 varint at `at`, minimal: the value and the offset
+/// after it.
+fn leb128(b: &[u8], mut at: usize) -> (u64, usize) {
+    let (mut v, mut shift) = (0u64, 0);
+    loop {
+        let byte = b[at];
+        at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            assert!(byte != 0 || shift == 0, "non-minimal varint");
+            return (v, at);
+        }
+        shift += 7;
+    }
+}
+
+/// Parses a batch's header and entries (docs/protocol.md, "Batch") and
+/// rebuilds each entry's Response or Uplink message with its tag.
+fn batch_entries_as_messages(b: &[u8], f: &Value, tags: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let gw = usize::from(b[2]);
+    let mut at = 3 + gw + 8;
+    let kind = b[at];
+    let group = &b[at + 1..at + 5];
+    assert_eq!(group, be32(&f["group"]));
+    at += 5;
+    let (round, mode) = if kind == 1 {
+        let r = &b[at..at + 8];
+        at += 9;
+        (Some(r), b[at - 1])
+    } else {
+        (None, 0)
+    };
+    let count = u32::from_be_bytes(b[at + 2..at + 6].try_into().unwrap()) as usize;
+    at += 6;
+    let (mut prev_id, mut prev_kv) = (0u64, 0u64);
+    let mut out = Vec::new();
+    for tag in tags.iter().take(count) {
+        let (z, next) = leb128(b, at);
+        // ZigZag delta from the previous id, modulo 2^64.
+        let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let id = prev_id.wrapping_add(delta as u64);
+        prev_id = id;
+        at = next;
+        let mut m = vec![1u8];
+        if let Some(round) = round {
+            let (len_kv, next) = leb128(b, at);
+            at = next;
+            if len_kv & 1 == 1 {
+                let (kv, next) = leb128(b, at);
+                assert_ne!(kv, prev_kv);
+                (prev_kv, at) = (kv, next);
+            }
+            let len = (len_kv >> 1) as usize;
+            let fixed = 16 + if mode == 2 { 32 } else { 0 };
+            m.push(0x02);
+            m.extend(id.to_be_bytes());
+            m.extend(u32::try_from(prev_kv).unwrap().to_be_bytes());
+            m.extend(group);
+            m.extend(round);
+            m.push(mode);
+            m.extend(&b[at..at + fixed]);
+            m.extend(u16::try_from(len).unwrap().to_be_bytes());
+            m.extend(&b[at + fixed..at + fixed + len]);
+            at += fixed + len;
+        } else {
+            let sid = &b[at..at + 8];
+            let (ctr, next) = leb128(b, at + 8);
+            let (len_kind, next) = leb128(b, next);
+            let len = (len_kind >> 2) as usize;
+            m.push(0x03);
+            m.extend(group);
+            m.extend(id.to_be_bytes());
+            m.extend(sid);
+            m.push((len_kind & 3) as u8);
+            m.extend(ctr.to_be_bytes());
+            m.extend(u16::try_from(len).unwrap().to_be_bytes());
+            m.extend(&b[next..next + len]);
+            at = next + len;
+        }
+        m.extend(tag);
+        out.push(m);
+    }
+    // Only the aggregates follow.
+    assert_eq!(
+        b.len() - at,
+        16 * count.div_ceil(num(&f["chunk_size"]) as usize)
+    );
+    out
+}
+
 /// `vec16` at `at`: the bytes and the offset after them.
 fn vec16(b: &[u8], at: usize) -> (&[u8], usize) {
     let n = usize::from(u16::from_be_bytes([b[at], b[at + 1]]));
@@ -978,6 +1068,20 @@ fn check_file(v: &Value) {
                     .collect();
                 assert_eq!(listed, aggs);
                 assert_eq!(unhex(&f["batch_hash"]), Sha256::digest(&b).to_vec());
+                // The entries, parsed from the layout in docs/protocol.md:
+                // each one with its gateway tag must be a member's message
+                // in the file, byte for byte (but the one the gateway
+                // altered).
+                let members: Vec<Vec<u8>> = vectors
+                    .iter()
+                    .map(|x| unhex(&x["hex"]))
+                    .filter(|m| matches!(m[1], 0x02 | 0x03))
+                    .collect();
+                let rebuilt = batch_entries_as_messages(&b, f, &tags);
+                assert_eq!(rebuilt.len(), count, "{name}");
+                let found = rebuilt.iter().filter(|m| members.contains(m)).count();
+                let altered = usize::from(name == "batch_read_altered");
+                assert_eq!(found, count - altered, "{name}: entries");
             }
             0x05 | 0x06 => {
                 let batch = if b[1] == 0x05 {

@@ -229,6 +229,45 @@ impl<'a> Reader<'a> {
         self.take_bytes(len, what)
     }
 
+    /// A canonical unsigned LEB128 varint (see [`put_varint`]): seven bits
+    /// a byte, least significant group first, the high bit set on every
+    /// byte but the last. At most [`MAX_VARINT_LEN`] bytes; a value over
+    /// `u64::MAX` and a non-minimal encoding (a last byte of zero after
+    /// another byte) are `Invalid(what)`, so every value has one encoding.
+    pub(crate) fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for i in 0..MAX_VARINT_LEN {
+            let at = self.pos + i;
+            let b = match self.src.get(at) {
+                Some(&b) if at < self.end => b,
+                _ => return Err(DecodeError::Truncated(what)),
+            };
+            // The tenth byte holds bit 63 only.
+            if i == MAX_VARINT_LEN - 1 && b > 1 {
+                return Err(DecodeError::Invalid(what));
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return Err(DecodeError::Invalid(what));
+                }
+                self.pos += i + 1;
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::Invalid(what))
+    }
+
+    /// A canonical varint that must fit a `u32` (`Invalid(what)` above).
+    pub(crate) fn varint_u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        let start = self.pos;
+        let v = self.varint(what)?;
+        u32::try_from(v).map_err(|_| {
+            self.pos = start;
+            DecodeError::Invalid(what)
+        })
+    }
+
     /// Checks a count of items read from the wire before a `Vec` is sized
     /// for it: over `cap` is `TooLong`; if even `count` items of the
     /// smallest encoding (`min_item_len` bytes) cannot fit in what remains,
@@ -249,6 +288,37 @@ impl<'a> Reader<'a> {
             _ => Err(DecodeError::Truncated(what)),
         }
     }
+}
+
+/// Longest varint: ten bytes carry 64 bits.
+pub(crate) const MAX_VARINT_LEN: usize = 10;
+
+/// Writes `v` as a canonical unsigned LEB128 varint (the shortest one):
+/// 0..=127 in one byte, below 2^14 in two, up to ten bytes.
+pub(crate) fn put_varint(out: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
+}
+
+/// Length in bytes of [`put_varint`]'s encoding of `v`.
+pub(crate) fn varint_len(v: u64) -> usize {
+    // Bits needed (at least one), seven per byte.
+    let bits = 64 - (v | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
+}
+
+/// ZigZag: a signed difference as an unsigned varint value (0, -1, 1, -2,
+/// ... become 0, 1, 2, 3, ...). A bijection between `i64` and `u64`.
+pub(crate) fn zigzag(d: i64) -> u64 {
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+/// The inverse of [`zigzag`].
+pub(crate) fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
 /// Writes a `vec8`.
@@ -477,6 +547,86 @@ mod tests {
     #[should_panic(expected = "vec8 field longer than 255 bytes")]
     fn oversized_vec8_panics_instead_of_truncating() {
         put_vec8(&mut BytesMut::new(), &[0; 256]);
+    }
+
+    #[test]
+    fn varints_round_trip_at_every_length_boundary() {
+        let mut values = vec![
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::MAX,
+            u64::MAX - 1,
+        ];
+        values.extend((1..64).flat_map(|s| [(1u64 << s) - 1, 1u64 << s]));
+        for v in values {
+            let mut out = BytesMut::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v), "{v}");
+            let b = out.freeze();
+            let mut r = Reader::new(&b);
+            assert_eq!(r.varint("v").unwrap(), v);
+            r.expect_end("v").unwrap();
+        }
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(127), 1);
+        assert_eq!(varint_len(128), 2);
+        assert_eq!(varint_len(u64::MAX), MAX_VARINT_LEN);
+    }
+
+    #[test]
+    fn non_canonical_and_overflowing_varints_are_refused() {
+        for bad in [
+            &[0x80, 0x00][..],                                             // 0 in two bytes
+            &[0xff, 0x00],                                                 // 127 in two bytes
+            &[0x80, 0x80, 0x00],                                           // padded
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], // 2^64
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80], // 11 bytes
+        ] {
+            let b = bytes(bad);
+            assert_eq!(
+                Reader::new(&b).varint("v"),
+                Err(DecodeError::Invalid("v")),
+                "{bad:?}"
+            );
+        }
+        // Cut off inside the varint, including by a sub-reader's end.
+        let b = bytes(&[0x80]);
+        assert_eq!(
+            Reader::new(&b).varint("v"),
+            Err(DecodeError::Truncated("v"))
+        );
+        let b = bytes(&[0, 1, 0x80, 0x01]);
+        let mut r = Reader::new(&b);
+        let mut sub = r.vec16_reader(8, "s").unwrap();
+        assert_eq!(sub.varint("v"), Err(DecodeError::Truncated("v")));
+        // u32 bound.
+        let b = bytes(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert_eq!(Reader::new(&b).varint_u32("v").unwrap(), u32::MAX);
+        let b = bytes(&[0x80, 0x80, 0x80, 0x80, 0x10]);
+        assert_eq!(
+            Reader::new(&b).varint_u32("v"),
+            Err(DecodeError::Invalid("v"))
+        );
+    }
+
+    #[test]
+    fn zigzag_is_a_bijection_around_zero_and_at_the_extremes() {
+        for (d, z) in [
+            (0i64, 0u64),
+            (-1, 1),
+            (1, 2),
+            (-2, 3),
+            (i64::MAX, u64::MAX - 1),
+            (i64::MIN, u64::MAX),
+        ] {
+            assert_eq!(zigzag(d), z);
+            assert_eq!(unzigzag(z), d);
+        }
     }
 
     #[test]

@@ -27,7 +27,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{
-    DecodeError, FixedWriter, Reader, len16, len32, put_opt_flag, put_vec8, put_vec16, put_vec32,
+    DecodeError, FixedWriter, Reader, len16, len32, put_opt_flag, put_varint, put_vec8, put_vec16,
+    put_vec32, unzigzag, varint_len, zigzag,
 };
 
 /// The protocol version byte that starts every message.
@@ -74,10 +75,12 @@ pub const ACK_PAYLOAD_LEN: usize = 52;
 const RESPONSE_FIXED_LEN: usize = 8 + 4 + 4 + 8 + 1 + 16 + 2 + TAG_LEN;
 /// Uplink body bytes other than the payload.
 const UPLINK_FIXED_LEN: usize = 4 + 8 + 8 + 1 + 8 + 2 + TAG_LEN;
-/// Smallest response entry in a batch (psk, empty payload).
-const RESPONSE_ENTRY_MIN_LEN: usize = 8 + 4 + 16 + 2;
-/// Smallest uplink entry in a batch (empty payload).
-const UPLINK_ENTRY_MIN_LEN: usize = 8 + 8 + 1 + 8 + 2;
+/// Smallest response entry in a batch (psk, empty payload, kv as before):
+/// one-byte id delta, one-byte length, `n_i`.
+const RESPONSE_ENTRY_MIN_LEN: usize = 1 + 1 + 16;
+/// Smallest uplink entry in a batch (empty payload): one-byte id delta,
+/// `sid`, one-byte counter, one-byte length and kind.
+const UPLINK_ENTRY_MIN_LEN: usize = 1 + 8 + 1 + 1;
 
 // ---------------------------------------------------------------------------
 // Labels: the single place for every domain-separation string of the protocol.
@@ -874,35 +877,106 @@ impl ResponseEntry {
         self.id
     }
 
-    fn encode(&self, out: &mut BytesMut) {
-        out.put_u64(self.id.0);
-        out.put_u32(self.kv);
+    /// The `len_kv` field: payload length and whether `kv` follows.
+    fn len_kv(&self, base: EntryBase) -> u64 {
+        ((self.c.len() as u64) << 1) | u64::from(self.kv != base.kv)
+    }
+
+    /// Appends the compact encoding relative to the previous entry `base`,
+    /// then moves `base` to this entry.
+    fn encode(&self, base: &mut EntryBase, out: &mut BytesMut) {
+        put_varint(out, base.id_delta(self.id));
+        put_varint(out, self.len_kv(*base));
+        if self.kv != base.kv {
+            put_varint(out, u64::from(self.kv));
+        }
         out.put_slice(&self.n_i);
         if let Some(e_i) = &self.e_i {
             out.put_slice(e_i);
         }
-        put_vec16(out, &self.c);
+        out.put_slice(&self.c);
+        *base = EntryBase {
+            id: self.id.0,
+            kv: self.kv,
+        };
     }
 
-    fn read(r: &mut Reader<'_>, mode: Mode) -> Result<Self, DecodeError> {
-        let id = MemberId(r.u64("batch.entry.id")?);
-        let kv = r.u32("batch.entry.kv")?;
+    fn read(r: &mut Reader<'_>, mode: Mode, base: &mut EntryBase) -> Result<Self, DecodeError> {
+        let id = base.apply_delta(r.varint("batch.entry.id")?);
+        let len_kv = r.varint("batch.entry.len_kv")?;
+        let len = payload_len(len_kv >> 1, "batch.entry.c")?;
+        let kv = if len_kv & 1 == 1 {
+            // Present only when it differs: one encoding per value.
+            match r.varint_u32("batch.entry.kv")? {
+                kv if kv == base.kv => return Err(DecodeError::Invalid("batch.entry.kv")),
+                kv => kv,
+            }
+        } else {
+            base.kv
+        };
         let n_i = r.array("batch.entry.n_i")?;
         let e_i = match mode {
             Mode::Psk => None,
             Mode::PskEcdhe => Some(r.array("batch.entry.e_i")?),
         };
+        let c = r.take_bytes(len, "batch.entry.c")?;
+        *base = EntryBase { id: id.0, kv };
         Ok(Self {
             id,
             kv,
             n_i,
             e_i,
-            c: r.vec16(MAX_PAYLOAD, "batch.entry.c")?,
+            c,
         })
     }
 
-    fn encoded_len(&self) -> usize {
-        RESPONSE_ENTRY_MIN_LEN + if self.e_i.is_some() { 32 } else { 0 } + self.c.len()
+    /// Length of the compact encoding after the entry `base`.
+    fn encoded_len(&self, base: EntryBase) -> usize {
+        let kv = if self.kv != base.kv {
+            varint_len(u64::from(self.kv))
+        } else {
+            0
+        };
+        varint_len(base.id_delta(self.id))
+            + varint_len(self.len_kv(base))
+            + kv
+            + 16
+            + if self.e_i.is_some() { 32 } else { 0 }
+            + self.c.len()
+    }
+}
+
+/// What a batch entry's compact encoding is relative to: the previous
+/// entry's member id and (response batches) key version, both zero before
+/// the first entry.
+#[derive(Clone, Copy, Debug, Default)]
+struct EntryBase {
+    id: u64,
+    kv: u32,
+}
+
+impl EntryBase {
+    /// The `id` field of an entry: ZigZag of the difference to the previous
+    /// id, modulo 2^64. Every sequence of ids has one encoding, so an
+    /// unsorted batch or one with a duplicate still decodes, for the
+    /// verifier to refuse as a structural fault.
+    fn id_delta(self, id: MemberId) -> u64 {
+        zigzag(id.0.wrapping_sub(self.id) as i64)
+    }
+
+    /// The inverse of [`EntryBase::id_delta`].
+    fn apply_delta(self, z: u64) -> MemberId {
+        MemberId(self.id.wrapping_add(unzigzag(z) as u64))
+    }
+}
+
+/// A payload length read from a batch entry, checked against
+/// [`MAX_PAYLOAD`] before anything is taken (the bytes themselves are then
+/// checked against what remains).
+fn payload_len(len: u64, what: &'static str) -> Result<usize, DecodeError> {
+    match usize::try_from(len) {
+        Ok(n) if n <= MAX_PAYLOAD => Ok(n),
+        _ => Err(DecodeError::TooLong(what)),
     }
 }
 
@@ -1013,26 +1087,49 @@ impl UplinkEntry {
         (self.id, self.sid, self.ctr)
     }
 
-    fn encode(&self, out: &mut BytesMut) {
-        out.put_u64(self.id.0);
-        out.put_slice(&self.sid.0);
-        out.put_u8(self.kind.code());
-        out.put_u64(self.ctr);
-        put_vec16(out, &self.c);
+    /// The `len_kind` field: payload length and kind in one number.
+    fn len_kind(&self) -> u64 {
+        ((self.c.len() as u64) << 2) | u64::from(self.kind.code())
     }
 
-    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    /// Appends the compact encoding relative to the previous entry `base`,
+    /// then moves `base` to this entry.
+    fn encode(&self, base: &mut EntryBase, out: &mut BytesMut) {
+        put_varint(out, base.id_delta(self.id));
+        out.put_slice(&self.sid.0);
+        put_varint(out, self.ctr);
+        put_varint(out, self.len_kind());
+        out.put_slice(&self.c);
+        base.id = self.id.0;
+    }
+
+    fn read(r: &mut Reader<'_>, base: &mut EntryBase) -> Result<Self, DecodeError> {
+        let id = base.apply_delta(r.varint("batch.entry.id")?);
+        let sid = SessionId(r.array("batch.entry.sid")?);
+        let ctr = r.varint("batch.entry.ctr")?;
+        let len_kind = r.varint("batch.entry.len_kind")?;
+        // The low two bits are the kind code (1..=3; 0 is no kind).
+        let kind = UplinkKind::from_code((len_kind & 3) as u8)
+            .ok_or(DecodeError::Invalid("batch.entry.kind"))?;
+        let len = payload_len(len_kind >> 2, "batch.entry.c")?;
+        let c = r.take_bytes(len, "batch.entry.c")?;
+        base.id = id.0;
         Ok(Self {
-            id: MemberId(r.u64("batch.entry.id")?),
-            sid: SessionId(r.array("batch.entry.sid")?),
-            kind: UplinkKind::read(r, "batch.entry.kind")?,
-            ctr: r.u64("batch.entry.ctr")?,
-            c: r.vec16(MAX_PAYLOAD, "batch.entry.c")?,
+            id,
+            sid,
+            kind,
+            ctr,
+            c,
         })
     }
 
-    fn encoded_len(&self) -> usize {
-        UPLINK_ENTRY_MIN_LEN + self.c.len()
+    /// Length of the compact encoding after the entry `base`.
+    fn encoded_len(&self, base: EntryBase) -> usize {
+        varint_len(base.id_delta(self.id))
+            + 8
+            + varint_len(self.ctr)
+            + varint_len(self.len_kind())
+            + self.c.len()
     }
 }
 
@@ -1231,9 +1328,14 @@ impl Body for Batch {
         }
         out.put_u16(self.chunk_size);
         out.put_u32(len32(self.len()));
+        let mut base = EntryBase::default();
         match &self.body {
-            BatchBody::Responses { entries, .. } => entries.iter().for_each(|e| e.encode(out)),
-            BatchBody::Uplinks { entries } => entries.iter().for_each(|e| e.encode(out)),
+            BatchBody::Responses { entries, .. } => {
+                entries.iter().for_each(|e| e.encode(&mut base, out));
+            }
+            BatchBody::Uplinks { entries } => {
+                entries.iter().for_each(|e| e.encode(&mut base, out));
+            }
         }
         for a in &self.aggregates {
             out.put_slice(a);
@@ -1259,11 +1361,13 @@ impl Body for Batch {
         if count == 0 {
             return Err(DecodeError::Invalid("batch.count"));
         }
+        let mut base = EntryBase::default();
         let body = match round_mode {
             Some((round, mode)) => {
                 let min_len = RESPONSE_ENTRY_MIN_LEN + if mode == Mode::PskEcdhe { 32 } else { 0 };
-                let entries =
-                    Self::read_entries(r, count, min_len, |r| ResponseEntry::read(r, mode))?;
+                let entries = Self::read_entries(r, count, min_len, |r| {
+                    ResponseEntry::read(r, mode, &mut base)
+                })?;
                 BatchBody::Responses {
                     round,
                     mode,
@@ -1271,7 +1375,9 @@ impl Body for Batch {
                 }
             }
             None => BatchBody::Uplinks {
-                entries: Self::read_entries(r, count, UPLINK_ENTRY_MIN_LEN, UplinkEntry::read)?,
+                entries: Self::read_entries(r, count, UPLINK_ENTRY_MIN_LEN, |r| {
+                    UplinkEntry::read(r, &mut base)
+                })?,
             },
         };
         let chunks = chunk_count(count, chunk_size);
@@ -1291,17 +1397,33 @@ impl Body for Batch {
     }
 
     fn body_len(&self) -> usize {
+        // Each entry's length depends on the one before it.
         let (head, entries) = match &self.body {
             BatchBody::Responses { entries, .. } => (
                 9,
                 entries
                     .iter()
-                    .map(ResponseEntry::encoded_len)
+                    .scan(EntryBase::default(), |base, e| {
+                        let len = e.encoded_len(*base);
+                        *base = EntryBase {
+                            id: e.id.0,
+                            kv: e.kv,
+                        };
+                        Some(len)
+                    })
                     .sum::<usize>(),
             ),
-            BatchBody::Uplinks { entries } => {
-                (0, entries.iter().map(UplinkEntry::encoded_len).sum())
-            }
+            BatchBody::Uplinks { entries } => (
+                0,
+                entries
+                    .iter()
+                    .scan(EntryBase::default(), |base, e| {
+                        let len = e.encoded_len(*base);
+                        base.id = e.id.0;
+                        Some(len)
+                    })
+                    .sum(),
+            ),
         };
         self.gateway_id.encoded_len()
             + 8
@@ -2604,10 +2726,11 @@ mod tests {
             err(&patched(&b, 28, &[0, 0, 0x40, 0])),
             DecodeError::Truncated("batch.count")
         );
-        // One entry too many: the fourth runs into the aggregates and off the end.
+        // One entry too many: the fourth is read from the first aggregate's
+        // bytes, and the aggregates then run off the end.
         assert_eq!(
             err(&patched(&b, 28, &[0, 0, 0, 4])),
-            DecodeError::Truncated("batch.entry.c")
+            DecodeError::Truncated("batch.aggregates")
         );
         // Gateway ids: empty, over 64, bad character.
         assert_eq!(
@@ -2683,6 +2806,110 @@ mod tests {
             Direct::decode(&d.to_bytes()),
             Err(DecodeError::TooLong("direct.inner"))
         );
+    }
+
+    /// The compact entry layout byte for byte (docs/protocol.md, "Batch").
+    #[test]
+    fn batch_entries_are_compact_deltas_and_varints() {
+        let b = response_batch(2, 64, Mode::Psk);
+        let bytes = b.to_bytes();
+        // Header 2 | gateway id 11 | batch id 8 | kind 1 | group 4 | round 8
+        // | mode 1 | chunk size 2 | count 4 = 41.
+        let entries = &bytes[41..bytes.len() - 16];
+        let mut want = vec![2, (7 << 1) | 1, 1]; // id 1 = 0 + 1; len 7, kv 1 follows
+        want.extend([5; 16]);
+        want.extend(b"reading");
+        want.extend([2, 7 << 1]); // id 2 = 1 + 1; len 7, kv as before
+        want.extend([5; 16]);
+        want.extend(b"reading");
+        assert_eq!(entries, &want[..]);
+
+        let u = uplink_batch().to_bytes();
+        // Header 2 | gateway id 11 | batch id 8 | kind 1 | group 4 | chunk
+        // size 2 | count 4 = 32.
+        let entries = &u[32..u.len() - 32];
+        let mut want = Vec::new();
+        for (delta, ctr) in [(84u8, 1u8), (0, 2), (0, 3)] {
+            want.push(delta); // zigzag(42 - 0) = 84, then zigzag(0)
+            want.extend([8; 8]);
+            want.push(ctr);
+            want.push((4 << 2) | UplinkKind::Alarm.code()); // len 4, kind 2
+            want.extend(b"fire");
+        }
+        assert_eq!(entries, &want[..]);
+    }
+
+    #[test]
+    fn unsorted_duplicate_and_extreme_ids_decode_for_the_verifier_to_judge() {
+        let mut b = response_batch(3, 2, Mode::PskEcdhe);
+        let BatchBody::Responses { entries, .. } = &mut b.body else {
+            panic!()
+        };
+        entries[0].id = MemberId(u64::MAX);
+        entries[1].id = MemberId(0);
+        entries[2].id = MemberId(0);
+        entries[1].kv = u32::MAX;
+        let back = Batch::decode(&b.to_bytes()).unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.to_bytes(), b.to_bytes());
+        assert_eq!(
+            back.check_structure(),
+            Err(BatchStructureError::NotSorted(1))
+        );
+
+        let mut u = uplink_batch();
+        let BatchBody::Uplinks { entries } = &mut u.body else {
+            panic!()
+        };
+        entries[1].ctr = u64::MAX;
+        entries[2].id = MemberId(1u64 << 63);
+        entries.swap(0, 1);
+        let back = Batch::decode(&u.to_bytes()).unwrap();
+        assert_eq!(back, u);
+        assert_eq!(
+            back.check_structure(),
+            Err(BatchStructureError::NotSorted(1))
+        );
+    }
+
+    #[test]
+    fn compact_entry_fields_are_strict() {
+        let b = Message::Batch(response_batch(2, 64, Mode::Psk));
+        // First entry at 41: id 02 | len_kv 0f | kv 01 | n_i [16] | c [7].
+        // A non-minimal id delta (02 as 82 00) shifts everything: refuse it.
+        let mut v = b.to_bytes().to_vec();
+        v.splice(41..42, [0x82, 0x00]);
+        assert_eq!(err(&v), DecodeError::Invalid("batch.entry.id"));
+        // kv flagged although equal to the previous entry's kv (second entry
+        // at 41 + 26: id 02 | len_kv 0e): a second encoding of kv 1.
+        let mut v = b.to_bytes().to_vec();
+        v.splice(68..69, [0x0f, 0x01]);
+        assert_eq!(err(&v), DecodeError::Invalid("batch.entry.kv"));
+        // kv over u32::MAX.
+        let mut v = b.to_bytes().to_vec();
+        v.splice(43..44, [0x80, 0x80, 0x80, 0x80, 0x10]);
+        assert_eq!(err(&v), DecodeError::Invalid("batch.entry.kv"));
+        // A payload length over the cap, before the bytes are looked at.
+        let mut v = b.to_bytes().to_vec();
+        v.splice(42..43, [0x83, 0x10]); // (1025 << 1) | 1
+        assert_eq!(err(&v), DecodeError::TooLong("batch.entry.c"));
+        // A length within the cap but longer than the input.
+        let mut v = b.to_bytes().to_vec();
+        v.splice(42..43, [0x81, 0x10]); // (1024 << 1) | 1
+        assert_eq!(err(&v), DecodeError::Truncated("batch.entry.c"));
+
+        let u = Message::Batch(uplink_batch());
+        // First uplink entry at 32: id | sid [8] | ctr | len_kind | c.
+        assert_eq!(
+            err(&patched(&u, 42, &[4 << 2])),
+            DecodeError::Invalid("batch.entry.kind")
+        );
+        let mut v = u.to_bytes().to_vec();
+        v.splice(41..42, [0x81, 0x00]);
+        assert_eq!(err(&v), DecodeError::Invalid("batch.entry.ctr"));
+        let mut v = u.to_bytes().to_vec();
+        v.splice(42..43, [0x86, 0x40]); // (1025 << 2) | 2
+        assert_eq!(err(&v), DecodeError::TooLong("batch.entry.c"));
     }
 
     #[test]

@@ -144,17 +144,17 @@ pub fn client_tls(
 type H2 = http2::SendRequest<Full<Bytes>>;
 type H1 = http1::SendRequest<Full<Bytes>>;
 
-/// One pool slot: a live HTTP/2 connection, or a note that the server only
-/// speaks HTTP/1.1.
+/// One pool slot: a live HTTP/2 connection (with its number, from
+/// [`Inner::opened`]), or a note that the server only speaks HTTP/1.1.
 enum Slot {
     Empty,
-    H2(H2),
+    H2(H2, u64),
     H1Only,
 }
 
-/// A connection just opened.
+/// A connection just opened (HTTP/2 with its number).
 enum Conn {
-    H2(H2),
+    H2(H2, u64),
     H1(H1),
 }
 
@@ -290,6 +290,13 @@ impl GatewayClient {
     }
 
     /// One request on a pooled connection, within `timeout`.
+    ///
+    /// A request that times out on a pooled HTTP/2 connection takes that
+    /// connection out of the pool: a connection on which a request got no
+    /// answer in time may be wedged without being closed (`is_closed()`
+    /// stays false), and every retry queued on it would time out too. The
+    /// next request opens a fresh one; requests still in flight on the old
+    /// one finish or time out on it, and it closes when the last is done.
     pub async fn request(
         &self,
         method: Method,
@@ -297,9 +304,31 @@ impl GatewayClient {
         body: Option<(&str, Bytes)>,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        tokio::time::timeout(timeout, self.request_inner(method, path, body))
+        let idx = self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+        // The pooled connection this request went out on (0: none yet).
+        let used = AtomicU64::new(0);
+        match tokio::time::timeout(timeout, self.request_inner(method, path, body, idx, &used))
             .await
-            .map_err(|_| ClientError::Timeout)?
+        {
+            Ok(res) => res,
+            Err(_) => {
+                self.evict(idx, used.load(Ordering::Relaxed));
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+
+    /// Empties slot `idx` if it still holds connection number `conn`. A
+    /// slot that is locked is being reconnected already: left alone.
+    fn evict(&self, idx: usize, conn: u64) {
+        if conn == 0 {
+            return;
+        }
+        if let Ok(mut slot) = self.inner.slots[idx].try_lock()
+            && matches!(&*slot, Slot::H2(_, n) if *n == conn)
+        {
+            *slot = Slot::Empty;
+        }
     }
 
     async fn request_inner(
@@ -307,6 +336,8 @@ impl GatewayClient {
         method: Method,
         path: &str,
         body: Option<(&str, Bytes)>,
+        idx: usize,
+        used: &AtomicU64,
     ) -> Result<Reply, ClientError> {
         let inner = &self.inner;
         let mut req = Request::builder()
@@ -322,15 +353,18 @@ impl GatewayClient {
         let req = req
             .body(Full::new(payload))
             .map_err(|e| ClientError::Body(e.to_string()))?;
-        let idx = inner.next_slot.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
         let h2 = {
             let mut slot = inner.slots[idx].lock().await;
             match &*slot {
-                Slot::H2(s) if !s.is_closed() => Some(s.clone()),
+                Slot::H2(s, n) if !s.is_closed() => {
+                    used.store(*n, Ordering::Relaxed);
+                    Some(s.clone())
+                }
                 Slot::H1Only => None,
                 _ => match self.connect().await? {
-                    Conn::H2(s) => {
-                        *slot = Slot::H2(s.clone());
+                    Conn::H2(s, n) => {
+                        used.store(n, Ordering::Relaxed);
+                        *slot = Slot::H2(s.clone(), n);
                         Some(s)
                     }
                     Conn::H1(s) => {
@@ -393,7 +427,7 @@ impl GatewayClient {
         match self.connect().await? {
             Conn::H1(s) => Ok(s),
             // The server now offers h2: use it for this one request.
-            Conn::H2(_) => Err(ClientError::Body(
+            Conn::H2(..) => Err(ClientError::Body(
                 "gateway switched protocols between connections".into(),
             )),
         }
@@ -432,7 +466,7 @@ impl GatewayClient {
                 .connect(inner.server_name.clone(), tcp)
                 .await
                 .map_err(ClientError::Connect)?;
-            inner.opened.fetch_add(1, Ordering::Relaxed);
+            let number = inner.opened.fetch_add(1, Ordering::Relaxed) + 1;
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             let io = TokioIo::new(tls);
             if is_h2 {
@@ -441,7 +475,7 @@ impl GatewayClient {
                     // A closed connection is noticed by the next request.
                     let _ = conn.await;
                 });
-                Ok(Conn::H2(send))
+                Ok(Conn::H2(send, number))
             } else {
                 let (send, conn) = http1::handshake(io).await?;
                 tokio::spawn(async move {
@@ -635,5 +669,70 @@ mod tests {
             decode_records(&Bytes::from(huge)),
             Err(RecordError::TooLong(_))
         ));
+    }
+
+    /// A gateway whose first connection never answers (as a wedged
+    /// connection would): the request that times out on it takes it out of
+    /// the pool, and the retry goes out on a fresh connection and is
+    /// answered. Without the eviction every retry queues on the first one.
+    #[tokio::test]
+    async fn a_request_that_times_out_takes_its_connection_out_of_the_pool() {
+        use std::convert::Infallible;
+
+        let dir = tempfile::tempdir().unwrap();
+        crate::sim::bench::generate_pki(dir.path(), 0).unwrap();
+        let server = crate::sim::bench::server_tls(dir.path(), &[b"h2"], false).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for n in 0u32.. {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let wedged = n == 0;
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    if wedged {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, Infallible>(
+                        hyper::Response::builder()
+                            .status(StatusCode::ACCEPTED)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    )
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc),
+                );
+            }
+        });
+        let client = GatewayClient::new(ClientOptions {
+            gateway: format!("https://localhost:{port}"),
+            tls: client_tls(
+                &dir.path().join("ca.pem"),
+                Some((
+                    &dir.path().join("gateway.pem"),
+                    &dir.path().join("gateway.key"),
+                )),
+            )
+            .unwrap(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let first = client
+            .uplink(Bytes::from_static(b"x"), Duration::from_millis(500))
+            .await;
+        assert!(matches!(first, Err(ClientError::Timeout)), "{first:?}");
+        assert_eq!(client.connections_opened(), 1);
+        let second = client
+            .uplink(Bytes::from_static(b"x"), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(second.status, StatusCode::ACCEPTED);
+        assert_eq!(client.connections_opened(), 2);
     }
 }

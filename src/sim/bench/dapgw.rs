@@ -225,6 +225,13 @@ pub struct MembersRoleArgs {
     pub timeout_s: u64,
 }
 
+/// The tracing filter of the dapgw roles: `DAPGW_BENCH_LOG` if set (for
+/// example `warn,h2=debug` to see every HTTP/2 frame), else `warn`. Logs go
+/// to the role's stderr, which the harness passes through.
+fn role_log() -> String {
+    std::env::var("DAPGW_BENCH_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// Reads one command line from the harness; `None` at EOF.
 async fn next_command(control: &mut ControlIn) -> anyhow::Result<Option<String>> {
     control.next().await
@@ -306,7 +313,7 @@ fn udc_config(args: &UdcRoleArgs) -> UdcConfig {
         storage_key_file: keys.join(keys_cmd::files::STORAGE),
         signing_key_file: keys.join(keys_cmd::files::SIGNING),
         key_cert_file: keys.join(keys_cmd::files::SIGNING_CERT),
-        log: "warn".into(),
+        log: role_log(),
         log_format: LogFormat::Text,
         drain_grace_ms: 2000,
         ..UdcConfig::default()
@@ -471,7 +478,7 @@ pub(crate) async fn gateway(args: GatewayRoleArgs) -> anyhow::Result<()> {
         // deadline only bounds a failed run. 30 s (the default) can pass on
         // a loaded 2-core machine while 10,000 members answer.
         round_deadline_ms: 600_000,
-        log: "warn".into(),
+        log: role_log(),
         log_format: LogFormat::Text,
         drain_grace_ms: 2000,
         ..GatewayConfig::default()
@@ -662,6 +669,7 @@ pub(crate) async fn members(args: MembersRoleArgs) -> anyhow::Result<()> {
     if crate::udc::rounds::parse_mode(&args.mode).is_none() {
         bail!("--mode must be psk or psk-ecdhe");
     }
+    let _ = crate::telemetry::init_logging(&role_log(), LogFormat::Text);
     let timeout = Duration::from_secs(args.timeout_s);
     let token = std::fs::read_to_string(args.work.join(files::TOKEN))
         .context("reading the admin token the UDC role wrote")?;
