@@ -206,6 +206,11 @@ const MIGRATIONS: &[&str] = &[
     // v5: where each entry came from (the member's IP), so one source
     // cannot fill every alternative of a slot.
     "ALTER TABLE entries ADD COLUMN source BLOB;",
+    // v6: when each attached member was last heard from, so a member that
+    // never returns expires (DAPGW_ATTACH_TTL_S). Members attached before
+    // this version count as heard from at the upgrade.
+    "ALTER TABLE attached ADD COLUMN seen_ms INTEGER NOT NULL DEFAULT 0;
+     UPDATE attached SET seen_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;",
 ];
 
 /// Most bytes of the UDC's refusal kept with a dead letter.
@@ -484,6 +489,18 @@ pub struct OpenRoundRow {
     pub deadline_ms: u64,
 }
 
+/// One member of the persisted attach registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedRow {
+    /// The member id.
+    pub member: u64,
+    /// Its groups, sorted.
+    pub groups: Vec<u32>,
+    /// When it was last heard from as recorded (unix ms); the in-memory
+    /// registry may know a later time not yet written.
+    pub seen_ms: u64,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
@@ -529,7 +546,18 @@ enum Request {
     SetAttached {
         member: u64,
         groups: Vec<u32>,
+        seen_ms: u64,
         reply: Reply<()>,
+    },
+    TouchAttached {
+        seen: Vec<(u64, u64)>,
+        reply: Reply<()>,
+    },
+    ExpireAttached {
+        /// Only these members (still subject to the cutoff); all when None.
+        members: Option<Vec<u64>>,
+        cutoff_ms: u64,
+        reply: Reply<u64>,
     },
     SetRound {
         round: OpenRoundRow,
@@ -1106,11 +1134,17 @@ impl Spool {
     }
 
     /// Durably records that `member` is attached to `groups` (replacing
-    /// what was recorded), so a restarted gateway still subscribes to its
-    /// groups and expects it in their rounds. Not counted in
-    /// [`Spool::bytes`]: the registry is bounded by the attach cap, not by
-    /// the spool bound, so attaching never fails for a full spool.
-    pub async fn set_attached(&self, member: u64, groups: &[u32]) -> Result<(), SpoolError> {
+    /// what was recorded), last heard from at `seen_ms` (unix ms), so a
+    /// restarted gateway still subscribes to its groups and expects it in
+    /// their rounds until it expires. Not counted in [`Spool::bytes`]: the
+    /// registry is bounded by the attach cap, not by the spool bound, so
+    /// attaching never fails for a full spool.
+    pub async fn set_attached(
+        &self,
+        member: u64,
+        groups: &[u32],
+        seen_ms: u64,
+    ) -> Result<(), SpoolError> {
         if groups.len() > MAX_READ_GROUPS {
             return Err(SpoolError::Invalid("too many groups"));
         }
@@ -1118,19 +1152,51 @@ impl Spool {
         self.call(|reply| Request::SetAttached {
             member,
             groups,
+            seen_ms,
             reply,
         })
         .await
     }
 
-    /// Every recorded attachment: `(member, groups)`, by member.
-    pub async fn attached_members(&self) -> Result<Vec<(u64, Vec<u32>)>, SpoolError> {
+    /// Moves the recorded last-heard time of attached members forward
+    /// (`(member, seen_ms)` pairs; a time older than the recorded one and a
+    /// member not attached are ignored), in one transaction.
+    pub async fn touch_attached(&self, seen: Vec<(u64, u64)>) -> Result<(), SpoolError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.call(|reply| Request::TouchAttached { seen, reply })
+            .await
+    }
+
+    /// Forgets attached members last heard from before `cutoff_ms`: only
+    /// `members` if given (each still only if its recorded time is before
+    /// the cutoff, so one attached again meanwhile stays), else every such
+    /// member. Returns how many were forgotten.
+    pub async fn expire_attached(
+        &self,
+        members: Option<Vec<u64>>,
+        cutoff_ms: u64,
+    ) -> Result<u64, SpoolError> {
+        self.call(|reply| Request::ExpireAttached {
+            members,
+            cutoff_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Every recorded attachment, by member.
+    pub async fn attached_members(&self) -> Result<Vec<AttachedRow>, SpoolError> {
         self.read(|c| {
-            let mut st = c.prepare_cached("SELECT member, groups FROM attached ORDER BY member")?;
-            let rows = st.query_map([], |r| Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))?;
+            let mut st =
+                c.prepare_cached("SELECT member, groups, seen_ms FROM attached ORDER BY member")?;
+            let rows = st.query_map([], |r| {
+                Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?, i2u(r.get(2)?)))
+            })?;
             let mut out = Vec::new();
             for row in rows {
-                let (member, blob) = row?;
+                let (member, blob, seen_ms) = row?;
                 if blob.len() % 4 != 0 || blob.len() / 4 > MAX_READ_GROUPS {
                     return Err(SpoolError::Invalid("stored groups of an attached member"));
                 }
@@ -1138,10 +1204,14 @@ impl Spool {
                     .chunks_exact(4)
                     .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
-                out.push((member, groups));
+                out.push(AttachedRow {
+                    member,
+                    groups,
+                    seen_ms,
+                });
             }
             // Stored as i64: ids above i64::MAX come first in SQL order.
-            out.sort_unstable_by_key(|(m, _)| *m);
+            out.sort_unstable_by_key(|r| r.member);
             Ok(out)
         })
         .await
@@ -1413,12 +1483,14 @@ fn fail(req: Request, err: SpoolError) -> Pending {
         Request::Seal { reply, .. }
         | Request::SetMeta { reply, .. }
         | Request::SetAttached { reply, .. }
+        | Request::TouchAttached { reply, .. }
         | Request::DeadLetter { reply, .. }
         | Request::SetRound { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
             pending(reply, Err(err))
         }
         Request::Prune { reply, .. } => pending(reply, Err(err)),
+        Request::ExpireAttached { reply, .. } => pending(reply, Err(err)),
         Request::Shutdown(tx) => Box::new(move |_| {
             let _ = tx.send(());
         }),
@@ -1573,6 +1645,7 @@ impl Writer {
             Request::SetAttached {
                 member,
                 groups,
+                seen_ms,
                 reply,
             } => pending(
                 reply,
@@ -1580,10 +1653,50 @@ impl Writer {
                     let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
                     w.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO attached (member, groups) VALUES (?1, ?2)",
+                            "INSERT OR REPLACE INTO attached (member, groups, seen_ms) \
+                             VALUES (?1, ?2, ?3)",
                         )?
-                        .execute(params![u2i(member), blob])?;
+                        .execute(params![u2i(member), blob, clamp(seen_ms)])?;
                     Ok(())
+                }),
+            ),
+            Request::TouchAttached { seen, reply } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let mut st = w.conn.prepare_cached(
+                        "UPDATE attached SET seen_ms = max(seen_ms, ?2) WHERE member = ?1",
+                    )?;
+                    for (member, seen_ms) in seen {
+                        st.execute(params![u2i(member), clamp(seen_ms)])?;
+                    }
+                    Ok(())
+                }),
+            ),
+            Request::ExpireAttached {
+                members,
+                cutoff_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let cutoff = clamp(cutoff_ms);
+                    let Some(members) = members else {
+                        let n = w
+                            .conn
+                            .prepare_cached("DELETE FROM attached WHERE seen_ms < ?1")?
+                            .execute([cutoff])?;
+                        return Ok(n as u64);
+                    };
+                    // The cutoff again: a member attached anew since the
+                    // caller chose it carries a fresh time and stays.
+                    let mut st = w.conn.prepare_cached(
+                        "DELETE FROM attached WHERE member = ?1 AND seen_ms < ?2",
+                    )?;
+                    let mut n = 0u64;
+                    for m in members {
+                        n += st.execute([u2i(m), cutoff])? as u64;
+                    }
+                    Ok(n)
                 }),
             ),
             Request::SetRound {
