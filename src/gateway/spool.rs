@@ -489,6 +489,28 @@ pub struct OpenRoundRow {
     pub deadline_ms: u64,
 }
 
+/// A write queued with the spool's writer: resolves (as a future) to its
+/// result once the group it went into has committed.
+#[derive(Debug)]
+#[must_use = "the write may fail; await it for its result"]
+pub struct Queued<T>(Option<oneshot::Receiver<Result<T, SpoolError>>>);
+
+impl<T> std::future::Future for Queued<T> {
+    type Output = Result<T, SpoolError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(rx) = self.0.as_mut() else {
+            return std::task::Poll::Ready(Err(SpoolError::Closed));
+        };
+        std::pin::Pin::new(rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(SpoolError::Closed)))
+    }
+}
+
 /// One member of the persisted attach registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedRow {
@@ -508,6 +530,7 @@ enum Request {
     Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
+    ReserveBatchIds(u64, Reply<u64>),
     Seal {
         batch_id: u64,
         entries: Vec<EntryId>,
@@ -746,12 +769,18 @@ impl Spool {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, SpoolError> {
+        self.submit(make).await
+    }
+
+    /// Queues a write now (so writes submitted one after the other are
+    /// applied in that order, in the same group commit when they arrive
+    /// together) and returns a handle that resolves after its commit.
+    fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Queued<T> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(make(tx))
-            .map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        match self.inner.tx.send(make(tx)) {
+            Ok(()) => Queued(Some(rx)),
+            Err(_) => Queued(None),
+        }
     }
 
     async fn read<T: Send + 'static>(
@@ -802,6 +831,36 @@ impl Spool {
     /// is never sealed.
     pub async fn next_batch_id(&self) -> Result<u64, SpoolError> {
         self.call(Request::NextBatchId).await
+    }
+
+    /// Reserves `n` batch ids at once (one durable write for all of them)
+    /// and returns them: strictly increasing across restarts, never reused.
+    /// Ids reserved but never sealed are skipped, which the UDC allows
+    /// (ids are unique and increasing, not contiguous).
+    pub async fn reserve_batch_ids(&self, n: u64) -> Result<std::ops::Range<u64>, SpoolError> {
+        let n = n.max(1);
+        let last = self.call(|r| Request::ReserveBatchIds(n, r)).await?;
+        Ok(last + 1 - n..last + 1)
+    }
+
+    /// Like [`Spool::seal_batch`], but queued with the writer at once: seals
+    /// queued one after the other are applied in that order. The returned
+    /// [`Queued`] resolves after the commit.
+    pub fn queue_seal_batch(
+        &self,
+        batch_id: u64,
+        entry_ids: &[EntryId],
+        batch_bytes: Bytes,
+        tags: Vec<[u8; 16]>,
+    ) -> Queued<()> {
+        let entries = entry_ids.to_vec();
+        self.submit(|reply| Request::Seal {
+            batch_id,
+            entries,
+            bytes: batch_bytes,
+            tags,
+            reply,
+        })
     }
 
     /// Stores a batch (the exact bytes sent upstream and one tag per entry,
@@ -1480,6 +1539,7 @@ fn fail(req: Request, err: SpoolError) -> Pending {
         Request::Append(_, _, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
+        Request::ReserveBatchIds(_, r) => pending(r, Err(err)),
         Request::Seal { reply, .. }
         | Request::SetMeta { reply, .. }
         | Request::SetAttached { reply, .. }
@@ -1593,7 +1653,10 @@ impl Writer {
             // undoes alone if it fails: no savepoint needed on the hot path.
             Request::Append(e, source, r) => pending(r, self.append(&e, source)),
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
-            Request::NextBatchId(r) => pending(r, self.savepoint(Writer::next_batch_id)),
+            Request::NextBatchId(r) => pending(r, self.savepoint(|w| w.reserve_batch_ids(1))),
+            Request::ReserveBatchIds(n, r) => {
+                pending(r, self.savepoint(|w| w.reserve_batch_ids(n)))
+            }
             Request::Seal {
                 batch_id,
                 entries,
@@ -1856,13 +1919,14 @@ impl Writer {
         Ok(true)
     }
 
-    fn next_batch_id(&mut self) -> Result<u64, SpoolError> {
+    /// Moves the batch id counter up by `n`; returns the last id reserved.
+    fn reserve_batch_ids(&mut self, n: u64) -> Result<u64, SpoolError> {
         let id: i64 = self
             .conn
             .prepare_cached(
-                "UPDATE counters SET value = value + 1 WHERE name = ?1 RETURNING value",
+                "UPDATE counters SET value = value + ?2 WHERE name = ?1 RETURNING value",
             )?
-            .query_row([BATCH_COUNTER], |r| r.get(0))?;
+            .query_row(params![BATCH_COUNTER, clamp(n)], |r| r.get(0))?;
         Ok(i2u(id))
     }
 
