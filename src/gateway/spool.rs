@@ -73,6 +73,7 @@
 //! A batch repeats its entries' bytes, so the database may hold up to about
 //! twice `max_bytes` while every entry is sealed and unanswered.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// Bytes charged per stored row on top of its blobs (row header, integer
 /// columns, index entries). An estimate that errs high for small rows.
@@ -616,11 +617,94 @@ struct Shared {
     entries: AtomicU64,
     batches: AtomicU64,
     downlink: AtomicU64,
-    /// Latest downlink cursor; long-polls wait on it.
+    /// Latest downlink cursor.
     cursor: watch::Sender<u64>,
+    /// Long polls waiting for downlink items, by audience: a commit wakes
+    /// only the polls whose member or group it stored an item for.
+    waiters: Mutex<Waiters>,
+}
+
+/// An audience as stored: `(aud_kind, aud_id)`.
+type AudienceKey = (i64, i64);
+
+/// The registry behind [`Spool::watch_downlink`].
+#[derive(Default)]
+struct Waiters {
+    next_id: u64,
+    by_audience: HashMap<AudienceKey, HashMap<u64, Arc<Notify>>>,
+}
+
+impl Waiters {
+    fn wake(&self, touched: &[AudienceKey]) {
+        for key in touched {
+            if let Some(polls) = self.by_audience.get(key) {
+                for n in polls.values() {
+                    // A permit is kept if the poll is not waiting yet.
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// A long poll's registration for wake-ups: [`DownlinkWatch::notified`]
+/// completes after a commit stored an item for its member or one of its
+/// groups (or stored one since the watch was made). Unregisters on drop.
+pub struct DownlinkWatch {
+    shared: Arc<Shared>,
+    id: u64,
+    keys: Vec<AudienceKey>,
+    notify: Arc<Notify>,
+}
+
+impl fmt::Debug for DownlinkWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DownlinkWatch")
+            .field("audiences", &self.keys.len())
+            .finish()
+    }
+}
+
+impl DownlinkWatch {
+    /// Waits for the next wake-up (one already due completes at once).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for DownlinkWatch {
+    fn drop(&mut self) {
+        let mut w = self
+            .shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if let Some(polls) = w.by_audience.get_mut(key) {
+                polls.remove(&self.id);
+                if polls.is_empty() {
+                    w.by_audience.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// Wakes the long polls of the audiences a commit stored items for.
+    fn wake(&self, touched: &mut Vec<AudienceKey>) {
+        if touched.is_empty() {
+            return;
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wake(touched);
+        touched.clear();
+    }
+
     fn publish(&self, c: &Counters) {
         self.bytes.store(c.bytes, Ordering::Relaxed);
         self.entries.store(c.entries, Ordering::Relaxed);
@@ -727,6 +811,7 @@ impl Spool {
             batches: AtomicU64::new(0),
             downlink: AtomicU64::new(0),
             cursor,
+            waiters: Mutex::new(Waiters::default()),
         });
         shared.publish(&counters);
 
@@ -737,6 +822,7 @@ impl Spool {
             committed: counters,
             tent: counters,
             shared: shared.clone(),
+            touched: Vec::new(),
             poisoned: false,
             _lock: lock,
         };
@@ -1101,8 +1187,39 @@ impl Spool {
         .await
     }
 
-    /// Watches the latest downlink cursor: a long-poll waits for a change
-    /// instead of sleeping.
+    /// Registers a long poll of `member` in `groups` for wake-ups: see
+    /// [`DownlinkWatch`]. Register before reading, so nothing committed
+    /// between the read and the wait is missed.
+    pub fn watch_downlink(&self, member: u64, groups: &[u32]) -> DownlinkWatch {
+        let mut keys: Vec<AudienceKey> = groups
+            .iter()
+            .map(|&g| (AUD_GROUP, i64::from(g)))
+            .chain([(AUD_MEMBER, u2i(member))])
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let notify = Arc::new(Notify::new());
+        let shared = self.inner.shared.clone();
+        let mut w = shared.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let id = w.next_id;
+        w.next_id += 1;
+        for key in &keys {
+            w.by_audience
+                .entry(*key)
+                .or_default()
+                .insert(id, notify.clone());
+        }
+        drop(w);
+        DownlinkWatch {
+            shared,
+            id,
+            keys,
+            notify,
+        }
+    }
+
+    /// Watches the latest downlink cursor (every commit that stores an item
+    /// changes it).
     pub fn subscribe_downlink(&self) -> watch::Receiver<u64> {
         self.inner.shared.cursor.subscribe()
     }
@@ -1566,6 +1683,9 @@ struct Writer {
     /// Counters including the open transaction's work.
     tent: Counters,
     shared: Arc<Shared>,
+    /// Audiences the open transaction stored downlink items for; their long
+    /// polls are woken after the commit.
+    touched: Vec<AudienceKey>,
     /// Set when a failed request could not be undone by its savepoint; the
     /// open transaction must then be rolled back, not committed.
     poisoned: bool,
@@ -1636,9 +1756,15 @@ impl Writer {
         };
         match commit_err {
             None => self.committed = self.tent,
-            Some(_) => self.tent = self.committed,
+            Some(_) => {
+                self.tent = self.committed;
+                self.touched.clear();
+            }
         }
         self.shared.publish(&self.committed);
+        // After the cursor is published: a poll registered before this
+        // wake-up reads everything committed.
+        self.shared.wake(&mut self.touched);
         for a in answers {
             a(commit_err.as_ref());
         }
@@ -2181,6 +2307,8 @@ impl Writer {
                     clamp(now_ms)
                 ])?;
             let cursor = i2u(self.conn.last_insert_rowid());
+            // A request rolled back later only costs a spurious wake-up.
+            self.touched.push((aud_kind, aud_id));
             self.tent.bytes += size;
             self.tent.downlink += 1;
             self.tent.last_cursor = self.tent.last_cursor.max(cursor);
@@ -2251,6 +2379,57 @@ impl SpoolError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit wakes only the long polls of the audiences it stored an
+    /// item for; a wake-up before the poll waits is kept; dropped watches
+    /// leave the registry.
+    #[tokio::test]
+    async fn downlink_wakes_only_the_polls_it_concerns() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        async fn ready(w: &DownlinkWatch) -> bool {
+            tokio::time::timeout(Duration::ZERO, w.notified())
+                .await
+                .is_ok()
+        }
+        let a = spool.watch_downlink(1, &[5]);
+        let b = spool.watch_downlink(2, &[6, 6]);
+        let c = spool.watch_downlink(3, &[]);
+        let item = |audience, byte| DownlinkItem {
+            audience,
+            kind: 1,
+            bytes: Bytes::from(vec![byte; 8]),
+        };
+        spool
+            .push_downlink(vec![item(Audience::Group(6), 1)], 0)
+            .await
+            .unwrap();
+        assert!(!ready(&a).await);
+        assert!(ready(&b).await);
+        assert!(!ready(&c).await);
+        assert!(!ready(&b).await, "one wake-up per commit");
+        spool
+            .push_downlink(
+                vec![item(Audience::Member(3), 2), item(Audience::Member(3), 3)],
+                0,
+            )
+            .await
+            .unwrap();
+        assert!(!ready(&a).await);
+        assert!(!ready(&b).await);
+        assert!(ready(&c).await);
+        // An identical item stores nothing new and wakes nobody.
+        spool
+            .push_downlink(vec![item(Audience::Group(6), 1)], 0)
+            .await
+            .unwrap();
+        assert!(!ready(&b).await);
+        drop((a, b, c));
+        let w = spool.inner.shared.waiters.lock().unwrap();
+        assert!(w.by_audience.is_empty());
+        drop(w);
+        spool.close().await;
+    }
 
     fn entry(member: u64, body: &'static [u8]) -> NewEntry {
         NewEntry {
@@ -2346,6 +2525,7 @@ mod tests {
             batches: AtomicU64::new(0),
             downlink: AtomicU64::new(0),
             cursor,
+            waiters: Mutex::new(Waiters::default()),
         });
         Writer {
             conn,
@@ -2353,6 +2533,7 @@ mod tests {
             committed: counters,
             tent: counters,
             shared,
+            touched: Vec::new(),
             poisoned: false,
             _lock: File::create(dir.join(LOCK_FILE)).unwrap(),
         }
