@@ -1015,23 +1015,23 @@ impl Spool {
     /// items' cursors. Repeating it with the same verdict is a no-op that
     /// queues nothing; a different verdict is [`SpoolError::BatchConflict`].
     /// Never refused for space. `now_unix_ms` stamps the items for
-    /// [`Spool::prune_downlink_older_than`].
-    pub async fn complete_batch(
+    /// [`Spool::prune_downlink_older_than`]. Queued with the writer at
+    /// once (in call order); await the result.
+    pub fn complete_batch(
         &self,
         batch_id: u64,
         verdict_bytes: &[u8],
         downlink: Vec<DownlinkItem>,
         now_unix_ms: u64,
-    ) -> Result<Vec<u64>, SpoolError> {
+    ) -> Queued<Vec<u64>> {
         let verdict_hash: [u8; 32] = Sha256::digest(verdict_bytes).into();
-        self.call(|reply| Request::Complete {
+        self.submit(|reply| Request::Complete {
             batch_id,
             verdict_hash,
             downlink,
             now_ms: now_unix_ms,
             reply,
         })
-        .await
     }
 
     /// Entries of `stream` not yet in a batch, in insertion order; the
