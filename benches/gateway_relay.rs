@@ -1,7 +1,9 @@
-//! Member uplinks relayed through the gateway per second, and the latency
-//! the gateway adds, with real TLS on loopback and a fast fake UDC
-//! (tests/support). The load generator runs in the same process, on the same
-//! two cores.
+//! Member uplinks relayed through the gateway per second, the latency the
+//! gateway adds, and the CPU each relayed message costs, with real TLS on
+//! loopback and a fast fake UDC (tests/support). The load generator runs in
+//! the same process, on the same two cores, on a runtime of its own (as do
+//! the gateway and the fake UDC), so the CPU each part spends can be told
+//! apart by thread.
 //!
 //! ```text
 //! cargo bench --bench gateway_relay
@@ -11,14 +13,26 @@
 //! Reported:
 //! - acked/s: uplinks answered 202 (durable in the spool) per second;
 //! - relayed/s: uplinks that reached the UDC per second over the same window;
+//! - CPU per relayed message: the process CPU clock over the run (send
+//!   window plus the tail until the UDC has everything) divided by the
+//!   uplinks relayed, and split by thread: gateway runtime (its workers and
+//!   blocking pool), the spool's writer thread, the load generator, the
+//!   fake UDC;
 //! - ack latency p50/p99: POST sent -> 202 received (what the gateway adds
 //!   for the member: decode, spool group commit with fsync, collector);
 //! - relay latency p50/p99: POST sent -> batch received by the UDC, minus the
 //!   configured linger (batch cutting, sealing with fsync, upload).
+//!
+//! The load is closed-loop: `CONNS x INFLIGHT` requests are always
+//! outstanding, so by Little's law the latency is at least
+//! `in flight / throughput` (512 in flight at 20,000/s is 25.6 ms of
+//! queueing). The added latency is measured with few in flight
+//! (`DAPGW_BENCH_CONNS=4 DAPGW_BENCH_INFLIGHT=4`), the throughput with many.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -40,6 +54,43 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The process CPU clock (every thread, living or gone), in nanoseconds.
+fn process_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// CPU nanoseconds of every live thread of this process, by thread name
+/// (`/proc/self/task/*/schedstat`, first field), summed per name.
+fn thread_cpu_ns() -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let ns: u64 = std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        *out.entry(name).or_default() += ns;
+    }
+    out
+}
+
+fn runtime(name: &str, workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing
     // useful: run a short smoke version then.
@@ -49,31 +100,38 @@ fn main() {
     let inflight = env("DAPGW_BENCH_INFLIGHT", 32) as usize;
     let linger_ms = env("DAPGW_BENCH_LINGER_MS", 2);
     let payload = vec![0x5a; env("DAPGW_BENCH_PAYLOAD", 64) as usize];
+    let gw_workers = env("DAPGW_BENCH_GW_WORKERS", 2) as usize;
+    let gen_workers = env("DAPGW_BENCH_GEN_WORKERS", 2) as usize;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let pki = pki(&["gw-1"]);
-        let udc = FakeUdc::start(&pki).await;
-        let base = std::env::var("DAPGW_BENCH_DIR").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string()
-        });
-        let dir = tempfile::tempdir_in(&base).unwrap();
-        let mut cfg = gateway_config(&pki, udc.addr, dir.path());
-        cfg.batch_linger_ms = linger_ms;
-        cfg.batch_max_entries = 1024;
-        cfg.spool_max_bytes = dapgw::config::ByteSize::mib(1024);
-        cfg.max_connections = 65536;
-        let gw = Gateway::start(cfg).await;
+    let gw_rt = runtime("gw-rt", gw_workers);
+    let udc_rt = runtime("udc-rt", 1);
+    let gen_rt = runtime("gen-rt", gen_workers);
 
-        let mut handles = Vec::new();
+    let pki = pki(&["gw-1"]);
+    let udc = udc_rt.block_on(FakeUdc::start(&pki));
+    let base = std::env::var("DAPGW_BENCH_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string());
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.batch_linger_ms = linger_ms;
+    cfg.batch_max_entries = 1024;
+    cfg.spool_max_bytes = dapgw::config::ByteSize::mib(1024);
+    cfg.max_connections = 65536;
+    let gw = gw_rt.block_on(Gateway::start(cfg));
+    let members = gw.members;
+
+    let (sent, window, start, cpu0, threads0) = gen_rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            clients.push(Client::connect(members, &pki, true).await);
+        }
+        udc.state.record_arrivals.store(true, Ordering::Relaxed);
+        let cpu0 = process_cpu_ns();
+        let threads0 = thread_cpu_ns();
         let start = Instant::now();
         let deadline = start + Duration::from_secs(secs);
-        for c in 0..conns {
-            let client = Client::connect(gw.members, &pki, true).await;
+        let mut handles = Vec::new();
+        for (c, client) in clients.iter().enumerate() {
             for i in 0..inflight {
                 let mut client = client.try_clone().unwrap();
                 let member = (c * inflight + i) as u64 + 1;
@@ -94,64 +152,95 @@ fn main() {
                 }));
             }
         }
-        udc.state.record_arrivals.store(true, Ordering::Relaxed);
         let mut sent = Vec::new();
         for h in handles {
             sent.extend(h.await.unwrap());
         }
-        let window = start.elapsed();
-        let n = sent.len();
-        udc.wait_until("every uplink at the udc", |s| {
-            s.applied.lock().unwrap().len() >= n
-        })
-        .await;
-        let arrivals: std::collections::HashMap<(u64, u64), Instant> = udc
-            .state
-            .arrivals
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|&(m, c, t)| ((m, c), t))
-            .collect();
-        let linger = Duration::from_millis(linger_ms);
-        let mut acks: Vec<Duration> = sent.iter().map(|s| s.3).collect();
-        let mut relays: Vec<Duration> = sent
-            .iter()
-            .filter_map(|&(m, c, t, _)| arrivals.get(&(m, c)).map(|a| a.duration_since(t)))
-            .map(|d| d.saturating_sub(linger))
-            .collect();
-        let relayed_in_window = sent
-            .iter()
-            .filter(|&&(m, c, _, _)| arrivals.get(&(m, c)).is_some_and(|a| *a <= start + window))
-            .count();
-        acks.sort_unstable();
-        relays.sort_unstable();
-        let batches = udc.state.batches.lock().unwrap().len();
-        println!(
-            "gateway_relay: {conns} h2 connections x {inflight} in flight, {}-byte payloads, linger {linger_ms} ms, {secs} s",
-            payload.len()
-        );
-        println!(
-            "  acked      {n} uplinks, {:.0}/s",
-            n as f64 / window.as_secs_f64()
-        );
-        println!(
-            "  relayed    {:.0}/s in the window ({} batches, {:.0} entries/batch)",
-            relayed_in_window as f64 / window.as_secs_f64(),
-            batches,
-            n as f64 / batches.max(1) as f64
-        );
-        println!(
-            "  ack latency    p50 {:?}  p99 {:?}",
-            pct(&acks, 0.50),
-            pct(&acks, 0.99)
-        );
-        println!(
-            "  relay latency  p50 {:?}  p99 {:?}  (send -> udc, minus linger)",
-            pct(&relays, 0.50),
-            pct(&relays, 0.99)
-        );
-        assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
-        gw.stop().await;
+        (sent, start.elapsed(), start, cpu0, threads0)
     });
+    let n = sent.len();
+    gen_rt.block_on(udc.wait_until("every uplink at the udc", |s| {
+        s.applied.lock().unwrap().len() >= n
+    }));
+    let cpu = process_cpu_ns() - cpu0;
+    let threads1 = thread_cpu_ns();
+    let total = start.elapsed();
+
+    let arrivals: std::collections::HashMap<(u64, u64), Instant> = udc
+        .state
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(m, c, t)| ((m, c), t))
+        .collect();
+    let linger = Duration::from_millis(linger_ms);
+    let mut acks: Vec<Duration> = sent.iter().map(|s| s.3).collect();
+    let mut relays: Vec<Duration> = sent
+        .iter()
+        .filter_map(|&(m, c, t, _)| arrivals.get(&(m, c)).map(|a| a.duration_since(t)))
+        .map(|d| d.saturating_sub(linger))
+        .collect();
+    let relayed_in_window = sent
+        .iter()
+        .filter(|&&(m, c, _, _)| arrivals.get(&(m, c)).is_some_and(|a| *a <= start + window))
+        .count();
+    acks.sort_unstable();
+    relays.sort_unstable();
+    let batches = udc.state.batches.lock().unwrap().len();
+    println!(
+        "gateway_relay: {conns} h2 connections x {inflight} in flight, {}-byte payloads, linger {linger_ms} ms, {secs} s; runtimes: gateway {gw_workers}, load {gen_workers}, udc 1 workers",
+        payload.len()
+    );
+    println!(
+        "  acked      {n} uplinks, {:.0}/s",
+        n as f64 / window.as_secs_f64()
+    );
+    println!(
+        "  relayed    {:.0}/s in the window ({} batches, {:.0} entries/batch)",
+        relayed_in_window as f64 / window.as_secs_f64(),
+        batches,
+        n as f64 / batches.max(1) as f64
+    );
+    let per = |ns: u64| ns as f64 / 1e3 / n.max(1) as f64;
+    println!(
+        "  cpu        {:.1} us/message (process, {:.2} s cpu over {:.2} s wall = {:.2} cores)",
+        per(cpu),
+        cpu as f64 / 1e9,
+        total.as_secs_f64(),
+        cpu as f64 / 1e9 / total.as_secs_f64()
+    );
+    let mut groups: BTreeMap<&str, u64> = BTreeMap::new();
+    for (name, ns) in &threads1 {
+        let d = ns.saturating_sub(threads0.get(name).copied().unwrap_or(0));
+        let group = match name.as_str() {
+            "gw-rt" => "gateway runtime",
+            "dapgw-spool" => "spool writer",
+            "gen-rt" => "load generator",
+            "udc-rt" => "fake udc",
+            _ => "other",
+        };
+        *groups.entry(group).or_default() += d;
+    }
+    let split: Vec<String> = groups
+        .iter()
+        .map(|(g, ns)| format!("{g} {:.1}", per(*ns)))
+        .collect();
+    println!(
+        "  cpu split  {} (us/message, live threads)",
+        split.join(", ")
+    );
+    println!(
+        "  ack latency    p50 {:?}  p99 {:?}",
+        pct(&acks, 0.50),
+        pct(&acks, 0.99)
+    );
+    println!(
+        "  relay latency  p50 {:?}  p99 {:?}  (send -> udc, minus linger)",
+        pct(&relays, 0.50),
+        pct(&relays, 0.99)
+    );
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    gw_rt.block_on(gw.stop());
+    drop(udc);
 }

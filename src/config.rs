@@ -48,6 +48,14 @@ pub const MAX_BATCH_ENTRIES: u32 = 16_384;
 /// Upper bound on `DAPGW_CHUNK_SIZE`: the wire cap on the chunk size c.
 pub const MAX_CHUNK_SIZE: u16 = 1_024;
 
+/// Default of `DAPGW_ATTACH_TTL_S`: a meter silent for a week is taken for
+/// gone (meters report at least daily; a week rides out outages).
+pub const DEFAULT_ATTACH_TTL_S: u64 = 7 * 24 * 3600;
+
+/// Upper bound on `DAPGW_ATTACH_TTL_S` (ten years): keeps the expiry
+/// arithmetic in milliseconds far from overflow.
+pub const MAX_ATTACH_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
 /// Smallest accepted `DAPGW_MAX_BODY_BYTES`: one capped uplink (1,024-byte
 /// payload) plus framing must always fit.
 pub const MIN_BODY_BYTES: u64 = 4_096;
@@ -131,6 +139,10 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     number("drain_grace_ms", MS),
     number("upstream_timeout_ms", MS),
     number("retry_max_ms", MS),
+    number(
+        "attach_ttl_s",
+        "a whole number of seconds from 1 to 315360000 (ten years)",
+    ),
     text("log", LOG),
     text("log_format", LOG_FORMAT),
     text(
@@ -419,6 +431,11 @@ pub struct GatewayConfig {
     /// `DAPGW_RETRY_MAX_MS` (default 30000): cap of the jittered exponential
     /// backoff between upstream retries.
     pub retry_max_ms: u64,
+    /// `DAPGW_ATTACH_TTL_S` (default 604800, 7 days): a member that sends
+    /// no request for this long is dropped from the attach registry (no
+    /// longer expected in rounds, its groups unsubscribed when it was their
+    /// last member). Any member request naming it refreshes it.
+    pub attach_ttl_s: u64,
     /// `DAPGW_LOG` (default `info`): tracing filter.
     pub log: String,
     /// `DAPGW_LOG_FORMAT` (default `text`): `text` or `json`.
@@ -456,6 +473,7 @@ impl Default for GatewayConfig {
             drain_grace_ms: 10_000,
             upstream_timeout_ms: 30_000,
             retry_max_ms: 30_000,
+            attach_ttl_s: DEFAULT_ATTACH_TTL_S,
             log: "info".into(),
             log_format: LogFormat::Text,
             misbehave: None,
@@ -577,6 +595,10 @@ impl GatewayConfig {
     pub fn retry_max(&self) -> Duration {
         ms(self.retry_max_ms)
     }
+    /// `attach_ttl_s` as a duration.
+    pub fn attach_ttl(&self) -> Duration {
+        Duration::from_secs(self.attach_ttl_s)
+    }
 
     /// Checks every setting and returns all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -621,6 +643,7 @@ impl GatewayConfig {
             u32::MAX.into(),
         );
         check_body(p, self.max_body_bytes);
+        p.range("attach_ttl_s", self.attach_ttl_s, 1, MAX_ATTACH_TTL_S);
         for (key, v) in [
             ("batch_linger_ms", self.batch_linger_ms),
             ("round_deadline_ms", self.round_deadline_ms),
@@ -1097,6 +1120,7 @@ pub fn load_gateway(config_path: Option<&Path>) -> Result<GatewayConfig, ConfigE
         drain_grace_ms: field(&fig, &mut p, "drain_grace_ms", d.drain_grace_ms),
         upstream_timeout_ms: field(&fig, &mut p, "upstream_timeout_ms", d.upstream_timeout_ms),
         retry_max_ms: field(&fig, &mut p, "retry_max_ms", d.retry_max_ms),
+        attach_ttl_s: field(&fig, &mut p, "attach_ttl_s", d.attach_ttl_s),
         log: field(&fig, &mut p, "log", d.log),
         log_format: field(&fig, &mut p, "log_format", d.log_format),
         misbehave: field(&fig, &mut p, "misbehave", d.misbehave),

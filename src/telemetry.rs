@@ -500,6 +500,11 @@ pub struct GatewayMetrics {
     pub member_bytes: Counter1<Direction>,
     /// `dapgw_upstream_bytes_total{direction}`.
     pub upstream_bytes: Counter1<Direction>,
+    /// `dapgw_attached_members`: members in the attach registry.
+    pub attached_members: IntGauge,
+    /// `dapgw_attach_expired_total`: members dropped from the attach
+    /// registry after `DAPGW_ATTACH_TTL_S` without a request.
+    pub attach_expired: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -606,6 +611,16 @@ impl GatewayMetrics {
                 "dapgw_upstream_bytes_total",
                 "Body bytes exchanged with the UDC, by direction.",
                 "direction",
+            )?,
+            attached_members: gauge(
+                r,
+                "dapgw_attached_members",
+                "Members in the attach registry (expected in their groups' rounds).",
+            )?,
+            attach_expired: counter(
+                r,
+                "dapgw_attach_expired_total",
+                "Members dropped from the attach registry after DAPGW_ATTACH_TTL_S without a request.",
             )?,
         })
     }

@@ -89,6 +89,7 @@ fn gateway_defaults() {
         assert_eq!(c.drain_grace_ms, d.drain_grace_ms);
         assert_eq!(c.upstream_timeout_ms, d.upstream_timeout_ms);
         assert_eq!(c.retry_max_ms, d.retry_max_ms);
+        assert_eq!(c.attach_ttl_s, 7 * 24 * 3600);
         Ok(())
     });
 }
@@ -121,6 +122,7 @@ fn every_gateway_variable_is_read() {
         jail.set_env("DAPGW_DRAIN_GRACE_MS", "3500");
         jail.set_env("DAPGW_UPSTREAM_TIMEOUT_MS", "4500");
         jail.set_env("DAPGW_RETRY_MAX_MS", "5500");
+        jail.set_env("DAPGW_ATTACH_TTL_S", "3600");
         jail.set_env("DAPGW_LOG", "warn,dapgw=debug");
         jail.set_env("DAPGW_LOG_FORMAT", "json");
         let c = load_gateway(None).unwrap();
@@ -150,6 +152,8 @@ fn every_gateway_variable_is_read() {
         assert_eq!(c.log, "warn,dapgw=debug");
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.retry_max().as_millis(), 5500);
+        assert_eq!(c.attach_ttl_s, 3600);
+        assert_eq!(c.attach_ttl().as_secs(), 3600);
         Ok(())
     });
 }
@@ -259,6 +263,9 @@ const GATEWAY_BAD: &[(&str, &str)] = &[
     ("DAPGW_UPSTREAM_TIMEOUT_MS", "1e3"),
     ("DAPGW_RETRY_MAX_MS", "0"),
     ("DAPGW_RETRY_MAX_MS", "never"),
+    ("DAPGW_ATTACH_TTL_S", "0"),
+    ("DAPGW_ATTACH_TTL_S", "7d"),
+    ("DAPGW_ATTACH_TTL_S", "315360001"),
     ("DAPGW_LOG", "dapgw=[{"),
     ("DAPGW_LOG_FORMAT", "xml"),
     ("DAPGW_LOG_FORMAT", "1"),

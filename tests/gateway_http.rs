@@ -682,6 +682,19 @@ async fn store(spool: &Spool, msg: &MemberMessage) -> dapgw::gateway::spool::Ent
         .unwrap()
 }
 
+/// The next `Sealed` event. A seal commits after the driver moved on, so a
+/// round closing meanwhile may be reported first: such events are skipped.
+async fn next_sealed(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<CollectorEvent>,
+) -> Option<CollectorEvent> {
+    loop {
+        match events.recv().await? {
+            CollectorEvent::RoundClosed { .. } => continue,
+            sealed => return Some(sealed),
+        }
+    }
+}
+
 /// Uplinks linger exactly the configured time on the virtual clock, then go
 /// out together; the size cap cuts at once.
 #[tokio::test(start_paused = true)]
@@ -704,7 +717,7 @@ async fn batch_emission_on_a_paused_clock() {
         trigger,
         cut_at,
         ..
-    }) = b.events.recv().await
+    }) = next_sealed(&mut b.events).await
     else {
         panic!("no batch")
     };
@@ -734,7 +747,7 @@ async fn batch_emission_on_a_paused_clock() {
         cut_at,
         entries,
         ..
-    }) = b.events.recv().await
+    }) = next_sealed(&mut b.events).await
     else {
         panic!("no batch")
     };
@@ -749,8 +762,8 @@ async fn batch_emission_on_a_paused_clock() {
 #[tokio::test(start_paused = true)]
 async fn rounds_close_on_all_answered_or_at_the_deadline() {
     let attached = Arc::new(Attached::new());
-    attached.attach(1, &[7]).unwrap();
-    attached.attach(2, &[7]).unwrap();
+    attached.attach(1, &[7], 0).unwrap();
+    attached.attach(2, &[7], 0).unwrap();
     let mut b = collector(200, 5_000, attached).await;
     let handle = b.collector.handle();
 
@@ -773,7 +786,7 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
         cut_at,
         round,
         ..
-    }) = b.events.recv().await
+    }) = next_sealed(&mut b.events).await
     else {
         panic!("no batch")
     };
@@ -789,7 +802,7 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
         cut_at,
         missing,
         ..
-    }) = b.events.recv().await
+    }) = next_sealed(&mut b.events).await
     else {
         panic!("no batch")
     };
@@ -966,4 +979,107 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Waits (checking every 20 ms, at most 20 s) until the fake UDC's latest
+/// subscription is `want`.
+async fn wait_subscription(udc: &FakeUdc, want: &[u32]) {
+    for _ in 0..1000 {
+        if udc
+            .state
+            .subscriptions
+            .lock()
+            .unwrap()
+            .last()
+            .map(Vec::as_slice)
+            == Some(want)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "subscription never became {want:?}: {:?}",
+        udc.state.subscriptions.lock().unwrap()
+    );
+}
+
+/// A member silent for longer than `DAPGW_ATTACH_TTL_S` leaves the attach
+/// registry, and its group the UDC subscription; a member that keeps
+/// polling stays. A restart drops, before anything else, the members that
+/// expired while the gateway was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_members_expire_from_the_attach_registry() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.attach_ttl_s = 2;
+    let gw = Gateway::start(cfg.clone()).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    // Member 2 attaches first: if its polls did not refresh it, it would
+    // expire before member 1 and the subscription would pass through [5].
+    assert_eq!(c.attach(2, &[6]).await.status, StatusCode::OK);
+    assert_eq!(c.attach(1, &[5]).await.status, StatusCode::OK);
+    wait_subscription(&udc, &[5, 6]).await;
+    let mut keep = c.try_clone().unwrap();
+    let alive = tokio::spawn(async move {
+        loop {
+            let r = keep.poll(2, &[6], 0, 100).await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT);
+        }
+    });
+    wait_subscription(&udc, &[6]).await;
+    assert!(
+        !udc.state
+            .subscriptions
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_slice() == [5]),
+        "member 2 expired although it kept polling"
+    );
+    assert_eq!(gw.metric("dapgw_attach_expired_total").await, 1.0);
+    assert_eq!(gw.metric("dapgw_attached_members").await, 1.0);
+    alive.abort();
+    let _ = alive.await;
+    gw.stop().await;
+
+    // While the gateway is down: member 3 was last heard from ten days ago.
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    spool
+        .set_attached(3, &[8], now_ms - 10 * 86_400_000)
+        .await
+        .unwrap();
+    spool.close().await;
+    udc.state.subscriptions.lock().unwrap().clear();
+    cfg.attach_ttl_s = 86_400;
+    let gw = Gateway::start(cfg).await;
+    wait_subscription(&udc, &[6]).await;
+    assert!(
+        udc.state
+            .subscriptions
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| !s.contains(&8)),
+        "an expired member was subscribed after the restart"
+    );
+    assert_eq!(gw.metric("dapgw_attach_expired_total").await, 1.0);
+    assert_eq!(gw.metric("dapgw_attached_members").await, 1.0);
+    gw.stop().await;
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let members: Vec<u64> = spool
+        .attached_members()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.member)
+        .collect();
+    assert_eq!(members, vec![2]);
+    spool.close().await;
 }

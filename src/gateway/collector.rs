@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Attached;
-use super::spool::{EntryId, OpenRoundRow, Spool, SpoolError};
+use super::spool::{EntryId, OpenRoundRow, Queued, Spool, SpoolError};
 use crate::protocol::aggregator::{
     Aggregator, AggregatorConfig, BatchIdSource, BatchTrigger, CollectError, Collected, ReadyBatch,
     RoundSpec, SpooledEntry, UsageError,
@@ -39,6 +39,12 @@ use crate::telemetry::{GatewayMetrics, GatewayRoundOutcome};
 
 /// Inputs queued for the collector before submitters wait (backpressure).
 const INPUT_QUEUE: usize = 4096;
+
+/// Most queued inputs handled before the driver cuts due batches.
+const DRAIN_MAX: usize = 256;
+
+/// Batch ids reserved in the spool with one write.
+const BATCH_ID_BLOCK: u64 = 64;
 
 /// First wait before retrying a failed seal; doubles up to [`SEAL_RETRY_MAX`].
 const SEAL_RETRY_MIN: Duration = Duration::from_millis(50);
@@ -250,7 +256,8 @@ impl Collector {
             events,
             pending,
             rounds,
-            reserved: None,
+            ids: 0..0,
+            sealing: VecDeque::new(),
             unsealed: VecDeque::new(),
             seal_retry: SEAL_RETRY_MIN,
             retry_at: None,
@@ -377,17 +384,24 @@ async fn restore(
     Ok((agg, pending, reopened))
 }
 
-/// Hands the aggregator the batch id reserved in the spool beforehand (the
-/// spool persists ids before handing them out; the aggregator asks
-/// synchronously, at most once per `poll_batch`).
-struct Reserved<'a>(&'a mut Option<u64>);
+/// Hands the aggregator batch ids reserved in the spool beforehand (the
+/// spool persists ids before handing them out, a block at a time; the
+/// aggregator asks synchronously, at most once per `poll_batch`).
+struct Reserved<'a>(&'a mut std::ops::Range<u64>);
 
 impl BatchIdSource for Reserved<'_> {
     fn next_batch_id(&mut self) -> u64 {
-        // Always filled before `poll_batch`; 0 would be refused by the
-        // aggregator's monotonic check rather than sent.
-        self.0.take().unwrap_or(0)
+        // Never empty when asked; 0 would be refused by the aggregator's
+        // monotonic check rather than sent.
+        self.0.next().unwrap_or(0)
     }
+}
+
+/// A cut batch whose seal is queued in the spool.
+struct Sealing {
+    batch: ReadyBatch<EntryId>,
+    cut_at: Instant,
+    done: Queued<()>,
 }
 
 /// A round opened by [`CollectorHandle::expect`], tracked for metrics.
@@ -413,12 +427,22 @@ struct Task {
     pending: HashSet<EntryId>,
     /// Rounds opened here, until their deadline (for `dapgw_rounds_total`).
     rounds: HashMap<(GroupId, u64), OpenRound>,
-    /// A batch id from the spool, waiting for the next cut.
-    reserved: Option<u64>,
+    /// Batch ids reserved in the spool, for the next cuts.
+    ids: std::ops::Range<u64>,
+    /// Seals queued in the spool, oldest first; their entries stay in
+    /// `pending` until the seal has committed.
+    sealing: VecDeque<Sealing>,
     /// Batches cut but not sealed (the spool failed); retried in order.
     unsealed: VecDeque<(ReadyBatch<EntryId>, Instant)>,
     seal_retry: Duration,
     retry_at: Option<Instant>,
+}
+
+/// What woke the collector's driver loop.
+enum Wake {
+    Input(Option<Input>),
+    Timer,
+    Sealed(Result<(), SpoolError>),
 }
 
 impl Task {
@@ -431,44 +455,82 @@ impl Task {
             .into_iter()
             .flatten()
             .min();
-            let input = tokio::select! {
-                biased;
-                input = rx.recv() => input,
-                () = sleep_until(wake) => {
+            let idle = self.sealing.is_empty();
+            let event = {
+                // Seals complete in the order they were queued: only the
+                // oldest is awaited.
+                let oldest = self.sealing.front_mut().map(|s| &mut s.done);
+                tokio::select! {
+                    biased;
+                    res = async {
+                        match oldest {
+                            Some(done) => done.await,
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Sealed(res),
+                    input = rx.recv() => Wake::Input(input),
+                    // While a seal is in flight its completion drives the
+                    // loop (and due timers are handled right after it), so
+                    // a paused test clock never jumps past a seal.
+                    () = sleep_until(wake), if idle => Wake::Timer,
+                }
+            };
+            let first = match event {
+                Wake::Sealed(res) => {
+                    self.seal_done(res);
+                    let now = Instant::now();
+                    if wake.is_some_and(|w| w <= now) {
+                        self.poll(now).await;
+                    }
+                    continue;
+                }
+                Wake::Timer => {
                     self.poll(Instant::now()).await;
                     continue;
                 }
+                Wake::Input(None) => break,
+                Wake::Input(Some(input)) => input,
             };
-            match input {
-                None => break,
-                Some(Input::Stop(reply)) => {
-                    let _ = reply.send(());
-                    break;
+            // Handle whatever else is queued too before cutting, so a burst
+            // is cut into full batches rather than polled once per input.
+            let mut next = Some(first);
+            let mut handled = 0;
+            while let Some(input) = next.take() {
+                match input {
+                    Input::Stop(reply) => {
+                        self.wait_sealing().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Input::Flush(reply) => {
+                        let horizon = self.config.round_deadline
+                            + self.config.aggregator.uplink_linger
+                            + Duration::from_secs(1);
+                        let now = Instant::now();
+                        self.poll_at(now, now + horizon).await;
+                        self.wait_sealing().await;
+                        let _ = reply.send(());
+                    }
+                    Input::Expect {
+                        group,
+                        round,
+                        mode,
+                        reply,
+                    } => {
+                        let res = self.expect(group, round, mode).await;
+                        let _ = reply.send(res);
+                    }
+                    Input::Collect { msg, entry, reply } => {
+                        let res = self.collect(msg, entry).await;
+                        let _ = reply.send(res);
+                    }
                 }
-                Some(Input::Flush(reply)) => {
-                    let horizon = self.config.round_deadline
-                        + self.config.aggregator.uplink_linger
-                        + Duration::from_secs(1);
-                    let now = Instant::now();
-                    self.poll_at(now, now + horizon).await;
-                    let _ = reply.send(());
-                }
-                Some(Input::Expect {
-                    group,
-                    round,
-                    mode,
-                    reply,
-                }) => {
-                    let res = self.expect(group, round, mode).await;
-                    let _ = reply.send(res);
-                    self.poll(Instant::now()).await;
-                }
-                Some(Input::Collect { msg, entry, reply }) => {
-                    let res = self.collect(msg, entry).await;
-                    let _ = reply.send(res);
-                    self.poll(Instant::now()).await;
+                handled += 1;
+                if handled < DRAIN_MAX {
+                    next = rx.try_recv().ok();
                 }
             }
+            self.poll(Instant::now()).await;
         }
     }
 
@@ -557,34 +619,42 @@ impl Task {
         }
         let at_std = at.into_std();
         loop {
-            if self.reserved.is_none() && self.agg.pending() > 0 {
-                match self.spool.next_batch_id().await {
-                    Ok(id) => self.reserved = Some(id),
+            if self.ids.is_empty() && self.agg.pending() > 0 {
+                match self.spool.reserve_batch_ids(BATCH_ID_BLOCK).await {
+                    Ok(ids) => self.ids = ids,
                     Err(e) => {
-                        tracing::error!(error = %e, "spool refused a batch id; retrying");
+                        tracing::error!(error = %e, "spool refused batch ids; retrying");
                         self.schedule_retry(now);
                         return;
                     }
                 }
             }
-            let cut = if self.reserved.is_some() {
-                self.agg
-                    .poll_batch(at_std, &mut Reserved(&mut self.reserved))
-            } else {
+            let cut = if self.ids.is_empty() {
                 // Nothing pending: only rounds to close, no id is asked for.
                 self.agg.poll_batch(at_std, &mut || 0)
+            } else {
+                self.agg.poll_batch(at_std, &mut Reserved(&mut self.ids))
             };
             match cut {
                 Ok(Some(batch)) => {
-                    self.unsealed.push_back((batch, now));
-                    if !self.seal_backlog().await {
-                        break;
-                    }
+                    // Queued now, awaited by the driver loop: members'
+                    // entries keep flowing while the seal commits.
+                    let done = self.spool.queue_seal_batch(
+                        batch.batch_id,
+                        &batch.handles,
+                        batch.bytes.clone(),
+                        batch.tags.tags.clone(),
+                    );
+                    self.sealing.push_back(Sealing {
+                        batch,
+                        cut_at: now,
+                        done,
+                    });
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "aggregator refused a batch id");
-                    self.reserved = None;
+                    self.ids = 0..0;
                     break;
                 }
             }
@@ -641,6 +711,33 @@ impl Task {
             self.sealed(batch, cut_at);
         }
         true
+    }
+
+    /// The oldest queued seal committed (or failed: then its batch is
+    /// sealed again later, with the same id and bytes).
+    fn seal_done(&mut self, res: Result<(), SpoolError>) {
+        let Some(s) = self.sealing.pop_front() else {
+            return;
+        };
+        match res {
+            Ok(()) => {
+                self.seal_retry = SEAL_RETRY_MIN;
+                self.sealed(s.batch, s.cut_at);
+            }
+            Err(e) => {
+                tracing::error!(batch = s.batch.batch_id, error = %e, "sealing a batch failed; retrying");
+                self.unsealed.push_back((s.batch, s.cut_at));
+                self.schedule_retry(s.cut_at);
+            }
+        }
+    }
+
+    /// Waits for every queued seal (the drain and the stop).
+    async fn wait_sealing(&mut self) {
+        while let Some(s) = self.sealing.front_mut() {
+            let res = (&mut s.done).await;
+            self.seal_done(res);
+        }
     }
 
     fn schedule_retry(&mut self, now: Instant) {

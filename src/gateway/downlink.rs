@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! upstream --push_downlink--> [spool] --read_downlink(member, groups, after)--> GET /v1/downlink
-//!                                |  cursor watch wakes long polls
+//!                                |  commits wake the polls of the audiences they touched
 //! ```
 //!
 //! A member long-polls with the last cursor it processed; it gets every item
@@ -41,38 +41,41 @@ const AUDIENCE_MEMBER: u8 = 2;
 
 /// Waits until the spool holds items for the member after `q.after`, up to
 /// `q.wait` (or until the drain starts), and returns them (empty: none).
+///
+/// The poll registers with the spool for its member and groups before it
+/// reads, and is woken only by commits that stored an item for one of them
+/// (not by every item for anyone): an idle member costs no query while
+/// others' items arrive.
 pub(crate) async fn poll(
     spool: &Spool,
     q: &PollQuery,
     mut drain: watch::Receiver<bool>,
 ) -> Result<Vec<DownlinkRecord>, SpoolError> {
     let deadline = Instant::now() + q.wait;
-    let mut cursor = spool.subscribe_downlink();
-    // Items at or below `scanned` were already looked at for this member.
-    let mut scanned = q.after;
+    let watch = spool.watch_downlink(q.member, &q.groups);
+    // A member that has read up to the latest cursor has nothing to read
+    // until a wake-up (published after the cursor, so none is missed).
+    let mut read = spool.last_cursor() > q.after;
     loop {
-        let latest = *cursor.borrow_and_update();
-        if latest > scanned {
+        if read {
             let records = spool
-                .read_downlink(q.member, &q.groups, scanned, READ_LIMIT)
+                .read_downlink(q.member, &q.groups, q.after, READ_LIMIT)
                 .await?;
             if !records.is_empty() {
                 return Ok(records);
             }
-            // The watch is published after the commit: everything up to
-            // `latest` was visible to the read.
-            scanned = latest;
         }
         if *drain.borrow_and_update() {
             return Ok(Vec::new());
         }
         tokio::select! {
-            changed = cursor.changed() => {
+            () = watch.notified() => read = true,
+            changed = drain.changed() => {
                 if changed.is_err() {
                     return Ok(Vec::new());
                 }
+                read = false;
             }
-            _ = drain.changed() => {}
             () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
         }
     }

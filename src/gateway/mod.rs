@@ -182,17 +182,34 @@ pub async fn run(
     update_spool_gauges(&spool, &metrics);
 
     // The members attached before a restart: their groups stay subscribed
-    // and their rounds expect them.
+    // and their rounds expect them, unless they expired meanwhile.
+    let attach_ttl = config.attach_ttl();
     let attached = Arc::new(Attached::new());
+    let expired = spool
+        .expire_attached(None, unix_ms().saturating_sub(duration_ms(attach_ttl)))
+        .await?;
+    if expired > 0 {
+        tracing::info!(
+            members = expired,
+            "expired attached members silent for longer than DAPGW_ATTACH_TTL_S"
+        );
+        metrics.attach_expired.inc_by(expired);
+    }
     let restored = spool.attached_members().await?;
     if !restored.is_empty() {
         tracing::info!(members = restored.len(), "restored the attach registry");
     }
-    for (member, groups) in restored {
-        if attached.attach(member, &groups).is_err() {
+    for row in restored {
+        if attached
+            .restore(row.member, &row.groups, row.seen_ms)
+            .is_err()
+        {
             break;
         }
     }
+    metrics
+        .attached_members
+        .set(i64::try_from(attached.len()).unwrap_or(i64::MAX));
     let sealed = Arc::new(Notify::new());
     let (drain_tx, drain_rx) = watch::channel(false);
     let (flushed_tx, flushed_rx) = watch::channel(false);
@@ -245,6 +262,12 @@ pub async fn run(
         metrics.clone(),
         dead_letters,
         readiness.clone(),
+    ));
+    tasks.spawn(expire_attached(
+        attached.clone(),
+        spool.clone(),
+        metrics.clone(),
+        attach_ttl,
     ));
     tasks.spawn(reload_on_sighup(server_tls.clone(), client_tls.clone()));
     tasks.spawn(reload_on_file_change(
@@ -365,6 +388,89 @@ async fn housekeeping(
     }
 }
 
+/// A duration in whole milliseconds, saturating.
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Longest pause between two sweeps of the attach registry.
+const ATTACH_SWEEP_MAX: Duration = Duration::from_secs(60);
+
+/// Longest a member's last-heard time may run ahead of the spool's copy
+/// before a sweep writes it.
+const ATTACH_SAVE_MAX: Duration = Duration::from_secs(3600);
+
+/// How often the attach registry is swept for `ttl`: a quarter of it, at
+/// most [`ATTACH_SWEEP_MAX`], so a member expires between `ttl` and
+/// `ttl` plus a quarter of it (at most a minute more) after its last
+/// request.
+pub(crate) fn attach_sweep_every(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(10), ATTACH_SWEEP_MAX)
+}
+
+/// How far a member's last-heard time may run ahead of the spool's copy:
+/// an eighth of `ttl`, at most [`ATTACH_SAVE_MAX`]. Refreshes are written
+/// in bulk by the sweep, not on every request; after a restart a member
+/// may therefore expire up to this much (plus one sweep) early.
+pub(crate) fn attach_save_step(ttl: Duration) -> Duration {
+    (ttl / 8).min(ATTACH_SAVE_MAX)
+}
+
+/// One sweep of the attach registry at `now_ms`: writes the refreshed
+/// last-heard times the spool lags behind on, then drops the members
+/// silent for longer than `ttl` from memory (the subscription follows the
+/// registry's group list) and from the spool. Returns the members dropped.
+pub(crate) async fn sweep_attached(
+    attached: &Attached,
+    spool: &Spool,
+    metrics: &GatewayMetrics,
+    ttl: Duration,
+    now_ms: u64,
+) -> Vec<u64> {
+    let refreshed = attached.unsaved(duration_ms(attach_save_step(ttl)));
+    if !refreshed.is_empty() {
+        match spool.touch_attached(refreshed.clone()).await {
+            Ok(()) => attached.mark_saved(&refreshed),
+            Err(e) => tracing::warn!(error = %e, "attached members' last-heard times not stored"),
+        }
+    }
+    let cutoff = now_ms.saturating_sub(duration_ms(ttl));
+    let gone = attached.expire(cutoff);
+    if !gone.is_empty() {
+        tracing::info!(
+            members = gone.len(),
+            "expired attached members silent for longer than DAPGW_ATTACH_TTL_S"
+        );
+        metrics
+            .attach_expired
+            .inc_by(u64::try_from(gone.len()).unwrap_or(u64::MAX));
+        // Only rows still older than the cutoff go: a member attached anew
+        // since is kept. A failed delete is retried at the next start.
+        if let Err(e) = spool.expire_attached(Some(gone.clone()), cutoff).await {
+            tracing::warn!(error = %e, "expired attached members not removed from the spool");
+        }
+    }
+    metrics
+        .attached_members
+        .set(i64::try_from(attached.len()).unwrap_or(i64::MAX));
+    gone
+}
+
+/// Sweeps the attach registry every [`attach_sweep_every`]`(ttl)`.
+async fn expire_attached(
+    attached: Arc<Attached>,
+    spool: Spool,
+    metrics: GatewayMetrics,
+    ttl: Duration,
+) {
+    let mut tick = tokio::time::interval(attach_sweep_every(ttl));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sweep_attached(&attached, &spool, &metrics, ttl, unix_ms()).await;
+    }
+}
+
 /// Reloads the member-facing certificate and the upstream client
 /// certificate on every SIGHUP. Open connections keep their certificate; a
 /// failed reload keeps the old one.
@@ -440,6 +546,11 @@ async fn reload_on_file_change(
 /// collector (who to expect in a round) and for the upstream subscriptions
 /// (whose downlink to pull). Kept in memory and persisted in the spool by
 /// the attach endpoint, so a restarted gateway starts with it.
+///
+/// Each member carries when it was last heard from (any member request
+/// naming it, see [`Attached::touch`]); [`Attached::expire`] drops those
+/// silent for longer than `DAPGW_ATTACH_TTL_S`. Times are unix
+/// milliseconds passed in by the caller, so tests choose them.
 #[derive(Debug)]
 pub struct Attached {
     inner: Mutex<AttachedInner>,
@@ -450,9 +561,19 @@ pub struct Attached {
 
 #[derive(Debug, Default)]
 struct AttachedInner {
-    members: HashMap<u64, Vec<u32>>,
+    members: HashMap<u64, AttachedMember>,
     /// Members per group; `BTreeMap` so the group list comes out sorted.
     by_group: BTreeMap<u32, BTreeSet<u64>>,
+}
+
+#[derive(Debug)]
+struct AttachedMember {
+    groups: Vec<u32>,
+    /// Last heard from (unix ms).
+    seen_ms: u64,
+    /// The last-heard time the spool holds; refreshed in bulk by the sweep
+    /// ([`Attached::unsaved`]) rather than written on every request.
+    stored_ms: u64,
 }
 
 /// The attach registry holds [`MAX_ATTACHED_MEMBERS`] members already.
@@ -475,47 +596,65 @@ impl Attached {
         }
     }
 
-    /// Records (or replaces) `member`'s groups; true when that changed
-    /// what was recorded (the caller persists it then).
-    pub fn attach(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AttachedInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records (or replaces) `member`'s groups, heard from at `now_ms`
+    /// (which the caller has just persisted with them); true when that
+    /// changed the groups recorded (the caller persists it then).
+    pub fn attach(&self, member: u64, groups: &[u32], now_ms: u64) -> Result<bool, AttachFull> {
+        self.restore(member, groups, now_ms)
+    }
+
+    /// Like [`Attached::attach`], with the time read back from the spool
+    /// at start.
+    pub fn restore(&self, member: u64, groups: &[u32], seen_ms: u64) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.members.get(&member) == Some(&groups) {
+        let mut inner = self.lock();
+        if let Some(m) = inner.members.get_mut(&member)
+            && m.groups == groups
+        {
+            m.seen_ms = m.seen_ms.max(seen_ms);
             return Ok(false);
         }
         if !inner.members.contains_key(&member) && inner.members.len() >= MAX_ATTACHED_MEMBERS {
             return Err(AttachFull(inner.members.len()));
         }
-        if let Some(old) = inner.members.insert(member, groups.clone()) {
-            for g in old {
-                if let Some(set) = inner.by_group.get_mut(&g) {
-                    set.remove(&member);
-                    if set.is_empty() {
-                        inner.by_group.remove(&g);
-                    }
-                }
-            }
+        let entry = AttachedMember {
+            groups: groups.clone(),
+            seen_ms,
+            stored_ms: seen_ms,
+        };
+        if let Some(old) = inner.members.insert(member, entry) {
+            inner.unlink(member, &old.groups);
         }
         for g in groups {
             inner.by_group.entry(g).or_default().insert(member);
         }
-        let list: Vec<u32> = inner.by_group.keys().copied().collect();
-        drop(inner);
-        self.groups.send_if_modified(|cur| {
-            let changed = *cur != list;
-            *cur = list;
-            changed
-        });
+        self.publish_groups(inner);
         Ok(true)
+    }
+
+    /// Notes that `member` was heard from at `now_ms`; false when it is
+    /// not attached (nothing recorded then).
+    pub fn touch(&self, member: u64, now_ms: u64) -> bool {
+        match self.lock().members.get_mut(&member) {
+            Some(m) => {
+                m.seen_ms = m.seen_ms.max(now_ms);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether [`Attached::attach`] would change what is recorded for
     /// `member` (its cap checked too), without changing anything.
     pub fn would_change(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
         match inner.members.get(&member) {
-            Some(g) => Ok(*g != groups),
+            Some(m) => Ok(m.groups != groups),
             None if inner.members.len() >= MAX_ATTACHED_MEMBERS => {
                 Err(AttachFull(inner.members.len()))
             }
@@ -523,9 +662,57 @@ impl Attached {
         }
     }
 
+    /// Drops every member last heard from before `cutoff_ms` and returns
+    /// them, sorted. Groups left without members leave the subscription.
+    pub fn expire(&self, cutoff_ms: u64) -> Vec<u64> {
+        let mut inner = self.lock();
+        let mut gone: Vec<u64> = inner
+            .members
+            .iter()
+            .filter(|(_, m)| m.seen_ms < cutoff_ms)
+            .map(|(&id, _)| id)
+            .collect();
+        if gone.is_empty() {
+            return gone;
+        }
+        gone.sort_unstable();
+        for id in &gone {
+            if let Some(old) = inner.members.remove(id) {
+                inner.unlink(*id, &old.groups);
+            }
+        }
+        self.publish_groups(inner);
+        gone
+    }
+
+    /// The members heard from at least `step_ms` after the time the spool
+    /// holds for them, with their latest time: what the sweep writes.
+    pub fn unsaved(&self, step_ms: u64) -> Vec<(u64, u64)> {
+        let inner = self.lock();
+        let mut out: Vec<(u64, u64)> = inner
+            .members
+            .iter()
+            .filter(|(_, m)| m.seen_ms >= m.stored_ms.saturating_add(step_ms))
+            .map(|(&id, m)| (id, m.seen_ms))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Records that the spool now holds these times (after a successful
+    /// [`Spool::touch_attached`]).
+    pub fn mark_saved(&self, saved: &[(u64, u64)]) {
+        let mut inner = self.lock();
+        for (id, t) in saved {
+            if let Some(m) = inner.members.get_mut(id) {
+                m.stored_ms = m.stored_ms.max(*t);
+            }
+        }
+    }
+
     /// The members attached to `group`, sorted.
     pub fn members_of(&self, group: u32) -> Vec<MemberId> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
         inner
             .by_group
             .get(&group)
@@ -535,11 +722,7 @@ impl Attached {
 
     /// Number of attached members.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .members
-            .len()
+        self.lock().members.len()
     }
 
     /// Whether no member is attached.
@@ -550,6 +733,32 @@ impl Attached {
     /// Watches the sorted list of groups that have members.
     pub fn subscribe_groups(&self) -> watch::Receiver<Vec<u32>> {
         self.groups.subscribe()
+    }
+
+    /// Publishes the group list if it changed. Still under the lock, so two
+    /// concurrent changes cannot publish their lists out of order.
+    fn publish_groups(&self, inner: std::sync::MutexGuard<'_, AttachedInner>) {
+        let list: Vec<u32> = inner.by_group.keys().copied().collect();
+        self.groups.send_if_modified(|cur| {
+            let changed = *cur != list;
+            *cur = list;
+            changed
+        });
+        drop(inner);
+    }
+}
+
+impl AttachedInner {
+    /// Removes `member` from the per-group sets of `groups`.
+    fn unlink(&mut self, member: u64, groups: &[u32]) {
+        for g in groups {
+            if let Some(set) = self.by_group.get_mut(g) {
+                set.remove(&member);
+                if set.is_empty() {
+                    self.by_group.remove(g);
+                }
+            }
+        }
     }
 }
 
@@ -569,14 +778,102 @@ mod tests {
     fn attach_replaces_groups_and_tracks_the_group_list() {
         let a = Attached::new();
         let rx = a.subscribe_groups();
-        assert!(a.attach(1, &[7, 3, 7]).unwrap());
-        assert!(!a.attach(1, &[3, 7]).unwrap(), "the same groups again");
-        a.attach(2, &[3]).unwrap();
+        assert!(a.attach(1, &[7, 3, 7], 0).unwrap());
+        assert!(!a.attach(1, &[3, 7], 0).unwrap(), "the same groups again");
+        a.attach(2, &[3], 0).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 7]);
         assert_eq!(a.members_of(3), vec![MemberId(1), MemberId(2)]);
-        a.attach(1, &[5]).unwrap();
+        a.attach(1, &[5], 0).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 5]);
         assert_eq!(a.members_of(7), Vec::<MemberId>::new());
         assert_eq!(a.len(), 2);
+    }
+
+    #[test]
+    fn silent_members_expire_and_their_groups_leave_the_subscription() {
+        let a = Attached::new();
+        let rx = a.subscribe_groups();
+        a.attach(1, &[5], 1_000).unwrap();
+        a.attach(2, &[5, 6], 1_000).unwrap();
+        a.attach(3, &[7], 1_000).unwrap();
+        // Member 2 is heard from later; touching an unknown member does
+        // nothing.
+        assert!(a.touch(2, 5_000));
+        assert!(!a.touch(9, 5_000));
+        // Re-attaching with the same groups refreshes as well.
+        assert!(!a.attach(3, &[7], 4_000).unwrap());
+        assert_eq!(a.expire(1_000), Vec::<u64>::new(), "not before the cutoff");
+        assert_eq!(a.expire(4_500), vec![1, 3]);
+        assert_eq!(a.members_of(5), vec![MemberId(2)]);
+        assert_eq!(a.members_of(7), Vec::<MemberId>::new());
+        assert_eq!(*rx.borrow(), vec![5, 6]);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.expire(5_001), vec![2]);
+        assert!(rx.borrow().is_empty());
+        assert!(a.is_empty());
+        // An expired member attaches again as new.
+        assert!(a.attach(2, &[5, 6], 9_000).unwrap());
+        assert_eq!(*rx.borrow(), vec![5, 6]);
+    }
+
+    #[test]
+    fn only_times_ahead_of_the_spool_by_a_step_are_saved() {
+        let a = Attached::new();
+        a.attach(1, &[5], 1_000).unwrap();
+        a.attach(2, &[5], 1_000).unwrap();
+        a.touch(1, 1_400);
+        a.touch(2, 1_600);
+        assert_eq!(a.unsaved(500), vec![(2, 1_600)]);
+        a.mark_saved(&[(2, 1_600)]);
+        assert!(a.unsaved(500).is_empty());
+        assert_eq!(a.unsaved(0), vec![(1, 1_400), (2, 1_600)]);
+    }
+
+    #[test]
+    fn sweep_periods_follow_the_ttl() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(attach_sweep_every(7 * day), ATTACH_SWEEP_MAX);
+        assert_eq!(attach_save_step(7 * day), ATTACH_SAVE_MAX);
+        let s = Duration::from_secs(2);
+        assert_eq!(attach_sweep_every(s), Duration::from_millis(500));
+        assert_eq!(attach_save_step(s), Duration::from_millis(250));
+    }
+
+    /// The sweep writes refreshed times, drops silent members from memory
+    /// and from the spool, and keeps a member attached anew meanwhile.
+    #[tokio::test]
+    async fn sweep_expires_in_memory_and_in_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let metrics = GatewayMetrics::register(&Registry::new());
+        let ttl = Duration::from_secs(100);
+        let a = Attached::new();
+        for (m, g) in [(1u64, 5u32), (2, 6), (3, 7)] {
+            spool.set_attached(m, &[g], 0).await.unwrap();
+            a.attach(m, &[g], 0).unwrap();
+        }
+        // Member 2 keeps talking (memory only); member 3 is silent in
+        // memory but attaches anew through another path before the delete.
+        a.touch(2, 90_000);
+        spool.set_attached(3, &[7], 95_000).await.unwrap();
+        let gone = sweep_attached(&a, &spool, &metrics, ttl, 120_000).await;
+        assert_eq!(gone, vec![1, 3]);
+        assert_eq!(metrics.attach_expired.get(), 2);
+        assert_eq!(metrics.attached_members.get(), 1);
+        assert_eq!(*a.subscribe_groups().borrow(), vec![6]);
+        let rows: Vec<(u64, u64)> = spool
+            .attached_members()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.member, r.seen_ms))
+            .collect();
+        // Member 2's time was written (it ran ahead by more than ttl/8);
+        // member 3's fresh row survived the conditional delete.
+        assert_eq!(rows, vec![(2, 90_000), (3, 95_000)]);
+        // At start, everything older than the cutoff goes at once.
+        assert_eq!(spool.expire_attached(None, 92_000).await.unwrap(), 1);
+        assert_eq!(spool.attached_members().await.unwrap().len(), 1);
+        spool.close().await;
     }
 }

@@ -648,21 +648,29 @@ async fn attach(
     let full = |e: super::AttachFull| Refusal::overloaded("attach_full", e.to_string(), 60);
     // Durable before it takes effect and before the answer, so a restarted
     // gateway still routes for this member, and a failed write leaves the
-    // registry as it was (the retry writes again).
-    if ctx
+    // registry as it was (the retry writes again). The same groups again
+    // only refresh the member's last-heard time, unless the member expired
+    // in between (then it is written as new).
+    let now = super::unix_ms();
+    let unchanged = !ctx
         .attached
         .would_change(parsed.member, &parsed.groups)
-        .map_err(full)?
-    {
+        .map_err(full)?;
+    if !(unchanged && ctx.attached.touch(parsed.member, now)) {
         let groups = super::normalize_groups(&parsed.groups);
         ctx.spool
-            .set_attached(parsed.member, &groups)
+            .set_attached(parsed.member, &groups, now)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "attach not persisted");
                 Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
             })?;
-        ctx.attached.attach(parsed.member, &groups).map_err(full)?;
+        ctx.attached
+            .attach(parsed.member, &groups, now)
+            .map_err(full)?;
+        ctx.metrics
+            .attached_members
+            .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
     }
     Ok(json(
         StatusCode::OK,
@@ -731,6 +739,7 @@ async fn uplink(
     };
     let member = msg.member().0;
     check_identity(ctx, identity, member)?;
+    ctx.attached.touch(member, super::unix_ms());
     let entry = NewEntry {
         stream,
         member,
@@ -755,9 +764,11 @@ async fn uplink(
             if collected == crate::protocol::aggregator::Collected::New {
                 ctx.metrics.uplink_entries.get(kind).inc();
             }
-            Ok(json(
+            // The hot path: formatted directly, not through a JSON value.
+            Ok(reply(
                 StatusCode::ACCEPTED,
-                &serde_json::json!({"entry": id.get()}),
+                "application/json",
+                Bytes::from(format!("{{\"entry\":{}}}", id.get())),
             ))
         }
         Err(SubmitError::Refused(e)) => {
@@ -972,6 +983,7 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
         )
     })?;
     check_identity(ctx, identity, q.member)?;
+    ctx.attached.touch(q.member, super::unix_ms());
     let records = downlink::poll(&ctx.spool, &q, ctx.drain.clone())
         .await
         .map_err(|e| {

@@ -73,6 +73,7 @@
 //! A batch repeats its entries' bytes, so the database may hold up to about
 //! twice `max_bytes` while every entry is sealed and unanswered.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// Bytes charged per stored row on top of its blobs (row header, integer
 /// columns, index entries). An estimate that errs high for small rows.
@@ -206,6 +207,11 @@ const MIGRATIONS: &[&str] = &[
     // v5: where each entry came from (the member's IP), so one source
     // cannot fill every alternative of a slot.
     "ALTER TABLE entries ADD COLUMN source BLOB;",
+    // v6: when each attached member was last heard from, so a member that
+    // never returns expires (DAPGW_ATTACH_TTL_S). Members attached before
+    // this version count as heard from at the upgrade.
+    "ALTER TABLE attached ADD COLUMN seen_ms INTEGER NOT NULL DEFAULT 0;
+     UPDATE attached SET seen_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;",
 ];
 
 /// Most bytes of the UDC's refusal kept with a dead letter.
@@ -484,6 +490,40 @@ pub struct OpenRoundRow {
     pub deadline_ms: u64,
 }
 
+/// A write queued with the spool's writer: resolves (as a future) to its
+/// result once the group it went into has committed.
+#[derive(Debug)]
+#[must_use = "the write may fail; await it for its result"]
+pub struct Queued<T>(Option<oneshot::Receiver<Result<T, SpoolError>>>);
+
+impl<T> std::future::Future for Queued<T> {
+    type Output = Result<T, SpoolError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(rx) = self.0.as_mut() else {
+            return std::task::Poll::Ready(Err(SpoolError::Closed));
+        };
+        std::pin::Pin::new(rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(SpoolError::Closed)))
+    }
+}
+
+/// One member of the persisted attach registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedRow {
+    /// The member id.
+    pub member: u64,
+    /// Its groups, sorted.
+    pub groups: Vec<u32>,
+    /// When it was last heard from as recorded (unix ms); the in-memory
+    /// registry may know a later time not yet written.
+    pub seen_ms: u64,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
@@ -491,6 +531,7 @@ enum Request {
     Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
+    ReserveBatchIds(u64, Reply<u64>),
     Seal {
         batch_id: u64,
         entries: Vec<EntryId>,
@@ -529,7 +570,18 @@ enum Request {
     SetAttached {
         member: u64,
         groups: Vec<u32>,
+        seen_ms: u64,
         reply: Reply<()>,
+    },
+    TouchAttached {
+        seen: Vec<(u64, u64)>,
+        reply: Reply<()>,
+    },
+    ExpireAttached {
+        /// Only these members (still subject to the cutoff); all when None.
+        members: Option<Vec<u64>>,
+        cutoff_ms: u64,
+        reply: Reply<u64>,
     },
     SetRound {
         round: OpenRoundRow,
@@ -565,11 +617,94 @@ struct Shared {
     entries: AtomicU64,
     batches: AtomicU64,
     downlink: AtomicU64,
-    /// Latest downlink cursor; long-polls wait on it.
+    /// Latest downlink cursor.
     cursor: watch::Sender<u64>,
+    /// Long polls waiting for downlink items, by audience: a commit wakes
+    /// only the polls whose member or group it stored an item for.
+    waiters: Mutex<Waiters>,
+}
+
+/// An audience as stored: `(aud_kind, aud_id)`.
+type AudienceKey = (i64, i64);
+
+/// The registry behind [`Spool::watch_downlink`].
+#[derive(Default)]
+struct Waiters {
+    next_id: u64,
+    by_audience: HashMap<AudienceKey, HashMap<u64, Arc<Notify>>>,
+}
+
+impl Waiters {
+    fn wake(&self, touched: &[AudienceKey]) {
+        for key in touched {
+            if let Some(polls) = self.by_audience.get(key) {
+                for n in polls.values() {
+                    // A permit is kept if the poll is not waiting yet.
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// A long poll's registration for wake-ups: [`DownlinkWatch::notified`]
+/// completes after a commit stored an item for its member or one of its
+/// groups (or stored one since the watch was made). Unregisters on drop.
+pub struct DownlinkWatch {
+    shared: Arc<Shared>,
+    id: u64,
+    keys: Vec<AudienceKey>,
+    notify: Arc<Notify>,
+}
+
+impl fmt::Debug for DownlinkWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DownlinkWatch")
+            .field("audiences", &self.keys.len())
+            .finish()
+    }
+}
+
+impl DownlinkWatch {
+    /// Waits for the next wake-up (one already due completes at once).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for DownlinkWatch {
+    fn drop(&mut self) {
+        let mut w = self
+            .shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if let Some(polls) = w.by_audience.get_mut(key) {
+                polls.remove(&self.id);
+                if polls.is_empty() {
+                    w.by_audience.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// Wakes the long polls of the audiences a commit stored items for.
+    fn wake(&self, touched: &mut Vec<AudienceKey>) {
+        if touched.is_empty() {
+            return;
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wake(touched);
+        touched.clear();
+    }
+
     fn publish(&self, c: &Counters) {
         self.bytes.store(c.bytes, Ordering::Relaxed);
         self.entries.store(c.entries, Ordering::Relaxed);
@@ -676,6 +811,7 @@ impl Spool {
             batches: AtomicU64::new(0),
             downlink: AtomicU64::new(0),
             cursor,
+            waiters: Mutex::new(Waiters::default()),
         });
         shared.publish(&counters);
 
@@ -686,6 +822,7 @@ impl Spool {
             committed: counters,
             tent: counters,
             shared: shared.clone(),
+            touched: Vec::new(),
             poisoned: false,
             _lock: lock,
         };
@@ -718,12 +855,18 @@ impl Spool {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, SpoolError> {
+        self.submit(make).await
+    }
+
+    /// Queues a write now (so writes submitted one after the other are
+    /// applied in that order, in the same group commit when they arrive
+    /// together) and returns a handle that resolves after its commit.
+    fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Queued<T> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(make(tx))
-            .map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        match self.inner.tx.send(make(tx)) {
+            Ok(()) => Queued(Some(rx)),
+            Err(_) => Queued(None),
+        }
     }
 
     async fn read<T: Send + 'static>(
@@ -774,6 +917,36 @@ impl Spool {
     /// is never sealed.
     pub async fn next_batch_id(&self) -> Result<u64, SpoolError> {
         self.call(Request::NextBatchId).await
+    }
+
+    /// Reserves `n` batch ids at once (one durable write for all of them)
+    /// and returns them: strictly increasing across restarts, never reused.
+    /// Ids reserved but never sealed are skipped, which the UDC allows
+    /// (ids are unique and increasing, not contiguous).
+    pub async fn reserve_batch_ids(&self, n: u64) -> Result<std::ops::Range<u64>, SpoolError> {
+        let n = n.max(1);
+        let last = self.call(|r| Request::ReserveBatchIds(n, r)).await?;
+        Ok(last + 1 - n..last + 1)
+    }
+
+    /// Like [`Spool::seal_batch`], but queued with the writer at once: seals
+    /// queued one after the other are applied in that order. The returned
+    /// [`Queued`] resolves after the commit.
+    pub fn queue_seal_batch(
+        &self,
+        batch_id: u64,
+        entry_ids: &[EntryId],
+        batch_bytes: Bytes,
+        tags: Vec<[u8; 16]>,
+    ) -> Queued<()> {
+        let entries = entry_ids.to_vec();
+        self.submit(|reply| Request::Seal {
+            batch_id,
+            entries,
+            bytes: batch_bytes,
+            tags,
+            reply,
+        })
     }
 
     /// Stores a batch (the exact bytes sent upstream and one tag per entry,
@@ -842,23 +1015,23 @@ impl Spool {
     /// items' cursors. Repeating it with the same verdict is a no-op that
     /// queues nothing; a different verdict is [`SpoolError::BatchConflict`].
     /// Never refused for space. `now_unix_ms` stamps the items for
-    /// [`Spool::prune_downlink_older_than`].
-    pub async fn complete_batch(
+    /// [`Spool::prune_downlink_older_than`]. Queued with the writer at
+    /// once (in call order); await the result.
+    pub fn complete_batch(
         &self,
         batch_id: u64,
         verdict_bytes: &[u8],
         downlink: Vec<DownlinkItem>,
         now_unix_ms: u64,
-    ) -> Result<Vec<u64>, SpoolError> {
+    ) -> Queued<Vec<u64>> {
         let verdict_hash: [u8; 32] = Sha256::digest(verdict_bytes).into();
-        self.call(|reply| Request::Complete {
+        self.submit(|reply| Request::Complete {
             batch_id,
             verdict_hash,
             downlink,
             now_ms: now_unix_ms,
             reply,
         })
-        .await
     }
 
     /// Entries of `stream` not yet in a batch, in insertion order; the
@@ -1014,8 +1187,39 @@ impl Spool {
         .await
     }
 
-    /// Watches the latest downlink cursor: a long-poll waits for a change
-    /// instead of sleeping.
+    /// Registers a long poll of `member` in `groups` for wake-ups: see
+    /// [`DownlinkWatch`]. Register before reading, so nothing committed
+    /// between the read and the wait is missed.
+    pub fn watch_downlink(&self, member: u64, groups: &[u32]) -> DownlinkWatch {
+        let mut keys: Vec<AudienceKey> = groups
+            .iter()
+            .map(|&g| (AUD_GROUP, i64::from(g)))
+            .chain([(AUD_MEMBER, u2i(member))])
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let notify = Arc::new(Notify::new());
+        let shared = self.inner.shared.clone();
+        let mut w = shared.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let id = w.next_id;
+        w.next_id += 1;
+        for key in &keys {
+            w.by_audience
+                .entry(*key)
+                .or_default()
+                .insert(id, notify.clone());
+        }
+        drop(w);
+        DownlinkWatch {
+            shared,
+            id,
+            keys,
+            notify,
+        }
+    }
+
+    /// Watches the latest downlink cursor (every commit that stores an item
+    /// changes it).
     pub fn subscribe_downlink(&self) -> watch::Receiver<u64> {
         self.inner.shared.cursor.subscribe()
     }
@@ -1106,11 +1310,17 @@ impl Spool {
     }
 
     /// Durably records that `member` is attached to `groups` (replacing
-    /// what was recorded), so a restarted gateway still subscribes to its
-    /// groups and expects it in their rounds. Not counted in
-    /// [`Spool::bytes`]: the registry is bounded by the attach cap, not by
-    /// the spool bound, so attaching never fails for a full spool.
-    pub async fn set_attached(&self, member: u64, groups: &[u32]) -> Result<(), SpoolError> {
+    /// what was recorded), last heard from at `seen_ms` (unix ms), so a
+    /// restarted gateway still subscribes to its groups and expects it in
+    /// their rounds until it expires. Not counted in [`Spool::bytes`]: the
+    /// registry is bounded by the attach cap, not by the spool bound, so
+    /// attaching never fails for a full spool.
+    pub async fn set_attached(
+        &self,
+        member: u64,
+        groups: &[u32],
+        seen_ms: u64,
+    ) -> Result<(), SpoolError> {
         if groups.len() > MAX_READ_GROUPS {
             return Err(SpoolError::Invalid("too many groups"));
         }
@@ -1118,19 +1328,51 @@ impl Spool {
         self.call(|reply| Request::SetAttached {
             member,
             groups,
+            seen_ms,
             reply,
         })
         .await
     }
 
-    /// Every recorded attachment: `(member, groups)`, by member.
-    pub async fn attached_members(&self) -> Result<Vec<(u64, Vec<u32>)>, SpoolError> {
+    /// Moves the recorded last-heard time of attached members forward
+    /// (`(member, seen_ms)` pairs; a time older than the recorded one and a
+    /// member not attached are ignored), in one transaction.
+    pub async fn touch_attached(&self, seen: Vec<(u64, u64)>) -> Result<(), SpoolError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.call(|reply| Request::TouchAttached { seen, reply })
+            .await
+    }
+
+    /// Forgets attached members last heard from before `cutoff_ms`: only
+    /// `members` if given (each still only if its recorded time is before
+    /// the cutoff, so one attached again meanwhile stays), else every such
+    /// member. Returns how many were forgotten.
+    pub async fn expire_attached(
+        &self,
+        members: Option<Vec<u64>>,
+        cutoff_ms: u64,
+    ) -> Result<u64, SpoolError> {
+        self.call(|reply| Request::ExpireAttached {
+            members,
+            cutoff_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Every recorded attachment, by member.
+    pub async fn attached_members(&self) -> Result<Vec<AttachedRow>, SpoolError> {
         self.read(|c| {
-            let mut st = c.prepare_cached("SELECT member, groups FROM attached ORDER BY member")?;
-            let rows = st.query_map([], |r| Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))?;
+            let mut st =
+                c.prepare_cached("SELECT member, groups, seen_ms FROM attached ORDER BY member")?;
+            let rows = st.query_map([], |r| {
+                Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?, i2u(r.get(2)?)))
+            })?;
             let mut out = Vec::new();
             for row in rows {
-                let (member, blob) = row?;
+                let (member, blob, seen_ms) = row?;
                 if blob.len() % 4 != 0 || blob.len() / 4 > MAX_READ_GROUPS {
                     return Err(SpoolError::Invalid("stored groups of an attached member"));
                 }
@@ -1138,10 +1380,14 @@ impl Spool {
                     .chunks_exact(4)
                     .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
-                out.push((member, groups));
+                out.push(AttachedRow {
+                    member,
+                    groups,
+                    seen_ms,
+                });
             }
             // Stored as i64: ids above i64::MAX come first in SQL order.
-            out.sort_unstable_by_key(|(m, _)| *m);
+            out.sort_unstable_by_key(|r| r.member);
             Ok(out)
         })
         .await
@@ -1410,15 +1656,18 @@ fn fail(req: Request, err: SpoolError) -> Pending {
         Request::Append(_, _, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
+        Request::ReserveBatchIds(_, r) => pending(r, Err(err)),
         Request::Seal { reply, .. }
         | Request::SetMeta { reply, .. }
         | Request::SetAttached { reply, .. }
+        | Request::TouchAttached { reply, .. }
         | Request::DeadLetter { reply, .. }
         | Request::SetRound { reply, .. } => pending(reply, Err(err)),
         Request::Complete { reply, .. } | Request::PushDownlink { reply, .. } => {
             pending(reply, Err(err))
         }
         Request::Prune { reply, .. } => pending(reply, Err(err)),
+        Request::ExpireAttached { reply, .. } => pending(reply, Err(err)),
         Request::Shutdown(tx) => Box::new(move |_| {
             let _ = tx.send(());
         }),
@@ -1434,6 +1683,9 @@ struct Writer {
     /// Counters including the open transaction's work.
     tent: Counters,
     shared: Arc<Shared>,
+    /// Audiences the open transaction stored downlink items for; their long
+    /// polls are woken after the commit.
+    touched: Vec<AudienceKey>,
     /// Set when a failed request could not be undone by its savepoint; the
     /// open transaction must then be rolled back, not committed.
     poisoned: bool,
@@ -1504,9 +1756,15 @@ impl Writer {
         };
         match commit_err {
             None => self.committed = self.tent,
-            Some(_) => self.tent = self.committed,
+            Some(_) => {
+                self.tent = self.committed;
+                self.touched.clear();
+            }
         }
         self.shared.publish(&self.committed);
+        // After the cursor is published: a poll registered before this
+        // wake-up reads everything committed.
+        self.shared.wake(&mut self.touched);
         for a in answers {
             a(commit_err.as_ref());
         }
@@ -1521,7 +1779,10 @@ impl Writer {
             // undoes alone if it fails: no savepoint needed on the hot path.
             Request::Append(e, source, r) => pending(r, self.append(&e, source)),
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
-            Request::NextBatchId(r) => pending(r, self.savepoint(Writer::next_batch_id)),
+            Request::NextBatchId(r) => pending(r, self.savepoint(|w| w.reserve_batch_ids(1))),
+            Request::ReserveBatchIds(n, r) => {
+                pending(r, self.savepoint(|w| w.reserve_batch_ids(n)))
+            }
             Request::Seal {
                 batch_id,
                 entries,
@@ -1573,6 +1834,7 @@ impl Writer {
             Request::SetAttached {
                 member,
                 groups,
+                seen_ms,
                 reply,
             } => pending(
                 reply,
@@ -1580,10 +1842,50 @@ impl Writer {
                     let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
                     w.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO attached (member, groups) VALUES (?1, ?2)",
+                            "INSERT OR REPLACE INTO attached (member, groups, seen_ms) \
+                             VALUES (?1, ?2, ?3)",
                         )?
-                        .execute(params![u2i(member), blob])?;
+                        .execute(params![u2i(member), blob, clamp(seen_ms)])?;
                     Ok(())
+                }),
+            ),
+            Request::TouchAttached { seen, reply } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let mut st = w.conn.prepare_cached(
+                        "UPDATE attached SET seen_ms = max(seen_ms, ?2) WHERE member = ?1",
+                    )?;
+                    for (member, seen_ms) in seen {
+                        st.execute(params![u2i(member), clamp(seen_ms)])?;
+                    }
+                    Ok(())
+                }),
+            ),
+            Request::ExpireAttached {
+                members,
+                cutoff_ms,
+                reply,
+            } => pending(
+                reply,
+                self.savepoint(|w| {
+                    let cutoff = clamp(cutoff_ms);
+                    let Some(members) = members else {
+                        let n = w
+                            .conn
+                            .prepare_cached("DELETE FROM attached WHERE seen_ms < ?1")?
+                            .execute([cutoff])?;
+                        return Ok(n as u64);
+                    };
+                    // The cutoff again: a member attached anew since the
+                    // caller chose it carries a fresh time and stays.
+                    let mut st = w.conn.prepare_cached(
+                        "DELETE FROM attached WHERE member = ?1 AND seen_ms < ?2",
+                    )?;
+                    let mut n = 0u64;
+                    for m in members {
+                        n += st.execute([u2i(m), cutoff])? as u64;
+                    }
+                    Ok(n)
                 }),
             ),
             Request::SetRound {
@@ -1743,13 +2045,14 @@ impl Writer {
         Ok(true)
     }
 
-    fn next_batch_id(&mut self) -> Result<u64, SpoolError> {
+    /// Moves the batch id counter up by `n`; returns the last id reserved.
+    fn reserve_batch_ids(&mut self, n: u64) -> Result<u64, SpoolError> {
         let id: i64 = self
             .conn
             .prepare_cached(
-                "UPDATE counters SET value = value + 1 WHERE name = ?1 RETURNING value",
+                "UPDATE counters SET value = value + ?2 WHERE name = ?1 RETURNING value",
             )?
-            .query_row([BATCH_COUNTER], |r| r.get(0))?;
+            .query_row(params![BATCH_COUNTER, clamp(n)], |r| r.get(0))?;
         Ok(i2u(id))
     }
 
@@ -2004,6 +2307,8 @@ impl Writer {
                     clamp(now_ms)
                 ])?;
             let cursor = i2u(self.conn.last_insert_rowid());
+            // A request rolled back later only costs a spurious wake-up.
+            self.touched.push((aud_kind, aud_id));
             self.tent.bytes += size;
             self.tent.downlink += 1;
             self.tent.last_cursor = self.tent.last_cursor.max(cursor);
@@ -2074,6 +2379,57 @@ impl SpoolError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit wakes only the long polls of the audiences it stored an
+    /// item for; a wake-up before the poll waits is kept; dropped watches
+    /// leave the registry.
+    #[tokio::test]
+    async fn downlink_wakes_only_the_polls_it_concerns() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        async fn ready(w: &DownlinkWatch) -> bool {
+            tokio::time::timeout(Duration::ZERO, w.notified())
+                .await
+                .is_ok()
+        }
+        let a = spool.watch_downlink(1, &[5]);
+        let b = spool.watch_downlink(2, &[6, 6]);
+        let c = spool.watch_downlink(3, &[]);
+        let item = |audience, byte| DownlinkItem {
+            audience,
+            kind: 1,
+            bytes: Bytes::from(vec![byte; 8]),
+        };
+        spool
+            .push_downlink(vec![item(Audience::Group(6), 1)], 0)
+            .await
+            .unwrap();
+        assert!(!ready(&a).await);
+        assert!(ready(&b).await);
+        assert!(!ready(&c).await);
+        assert!(!ready(&b).await, "one wake-up per commit");
+        spool
+            .push_downlink(
+                vec![item(Audience::Member(3), 2), item(Audience::Member(3), 3)],
+                0,
+            )
+            .await
+            .unwrap();
+        assert!(!ready(&a).await);
+        assert!(!ready(&b).await);
+        assert!(ready(&c).await);
+        // An identical item stores nothing new and wakes nobody.
+        spool
+            .push_downlink(vec![item(Audience::Group(6), 1)], 0)
+            .await
+            .unwrap();
+        assert!(!ready(&b).await);
+        drop((a, b, c));
+        let w = spool.inner.shared.waiters.lock().unwrap();
+        assert!(w.by_audience.is_empty());
+        drop(w);
+        spool.close().await;
+    }
 
     fn entry(member: u64, body: &'static [u8]) -> NewEntry {
         NewEntry {
@@ -2169,6 +2525,7 @@ mod tests {
             batches: AtomicU64::new(0),
             downlink: AtomicU64::new(0),
             cursor,
+            waiters: Mutex::new(Waiters::default()),
         });
         Writer {
             conn,
@@ -2176,6 +2533,7 @@ mod tests {
             committed: counters,
             tent: counters,
             shared,
+            touched: Vec::new(),
             poisoned: false,
             _lock: File::create(dir.join(LOCK_FILE)).unwrap(),
         }

@@ -36,7 +36,7 @@ use super::collector::CollectorHandle;
 use super::downlink::{RecordsError, parse_records};
 use super::server::WIRE_CONTENT_TYPE;
 use super::spool::{
-    Audience, DownlinkItem, MAX_DEAD_LETTER_REASON, PendingBatch, Spool, SpoolError,
+    Audience, DownlinkItem, MAX_DEAD_LETTER_REASON, PendingBatch, Queued, Spool, SpoolError,
 };
 use super::{Attached, unix_ms, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
@@ -393,7 +393,8 @@ fn batch_kind(bytes: &[u8]) -> EntryKind {
 
 /// How a batch exchange ended without an error to retry.
 enum Sent {
-    Completed,
+    /// The final verdict is being stored (queued in the spool).
+    Completed(Queued<Vec<u64>>),
     Rejected(StatusCode),
 }
 
@@ -423,9 +424,15 @@ impl Upstream {
                 }
                 continue;
             }
+            // Each verdict is stored while the next batch is on its way;
+            // all are stored before the spool is listed again.
+            let mut storing = Vec::new();
             for batch in &pending {
                 match self.send_batch(batch).await {
-                    Ok(Sent::Completed) => backoff.reset(),
+                    Ok(Sent::Completed(done)) => {
+                        backoff.reset();
+                        storing.push((batch.batch_id, done));
+                    }
                     Ok(Sent::Rejected(status)) => {
                         backoff.reset();
                         tracing::error!(
@@ -441,8 +448,15 @@ impl Upstream {
                         break;
                     }
                 }
-                update_spool_gauges(&self.spool, &self.metrics);
             }
+            for (batch_id, done) in storing {
+                // Not stored: the batch stays sealed and is sent again; the
+                // UDC answers it from its stored verdict.
+                if let Err(e) = done.await {
+                    tracing::warn!(batch = batch_id, error = %e, "verdict not stored; the batch is sent again");
+                }
+            }
+            update_spool_gauges(&self.spool, &self.metrics);
         }
     }
 
@@ -450,7 +464,7 @@ impl Upstream {
         let kind = batch_kind(&batch.bytes);
         let res = self.exchange_batch(batch).await;
         let outcome = match &res {
-            Ok(Sent::Completed) => BatchOutcome::Ok,
+            Ok(Sent::Completed(_)) => BatchOutcome::Ok,
             Ok(Sent::Rejected(_)) => BatchOutcome::Rejected,
             Err(_) => BatchOutcome::Error,
         };
@@ -519,10 +533,10 @@ impl Upstream {
                             bytes: c.to_bytes(),
                         })
                         .collect();
-                    self.spool
-                        .complete_batch(batch.batch_id, &answer.body, items, unix_ms())
-                        .await?;
-                    return Ok(Sent::Completed);
+                    let done =
+                        self.spool
+                            .complete_batch(batch.batch_id, &answer.body, items, unix_ms());
+                    return Ok(Sent::Completed(done));
                 }
                 VerdictBody::TagsRequested { chunks } => {
                     self.metrics.tag_requests.inc();
