@@ -1,6 +1,8 @@
 //! UDC CPU per member for a 10,000-member psk round through the HTTP API
-//! (mutual TLS, HTTP/2) with SQLite, storage included, and the extra cost
-//! per reading (a read round with a 16-byte reading per member).
+//! (mutual TLS, HTTP/2) with SQLite, storage included, and the cost per
+//! reading: a read round with a 16-byte reading per member, then one
+//! 16-byte uplink reading per member in the read round's sessions (the
+//! `dapgw bench` workload is an auth round plus one such reading).
 //!
 //! The UDC runs in this process; the members' responses are computed
 //! before the clock starts, so the measured process CPU is the UDC's plus
@@ -15,11 +17,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dapgw::config::UdcConfig;
-use dapgw::protocol::keys::{MemberKeyDeriver, response_keys, transcript_hash};
+use dapgw::protocol::keys::{
+    MemberKeyDeriver, response_keys, session_keys, transcript_hash, uplink_nonce,
+};
 use dapgw::protocol::suite::{Gcm, aggregate};
 use dapgw::protocol::wire::{
-    Batch, BatchBody, GatewayId, GroupId, MemberId, Mode, Outcome, ResponseEntry, Verdict,
-    VerdictBody,
+    Batch, BatchBody, GatewayId, GroupId, MemberId, Mode, Outcome, ResponseEntry, SessionId,
+    UplinkEntry, UplinkKind, Verdict, VerdictBody, uplink_aad,
 };
 use dapgw::udc::{self, keys_cmd};
 use http_body_util::{BodyExt, Full};
@@ -182,6 +186,8 @@ async fn main() {
     let mut cursor = 0u64;
     let mut batch_id = 0u64;
     let mut per_member = Vec::new();
+    // Each member's uplink key, nonce base and sid in its newest session.
+    let mut sessions = Vec::new();
     for (label, purpose, reading) in [
         ("auth", "auth", &b""[..]),
         ("read", "read", &[0x5a; 16][..]),
@@ -215,13 +221,16 @@ async fn main() {
         }
         // Members answer (not measured).
         let ch_hash: [u8; 32] = Sha256::digest(&challenge).into();
+        sessions.clear();
         let answers: Vec<(ResponseEntry, [u8; 16])> = (1..=members)
             .map(|id| {
                 let mut n_i = [0u8; 16];
                 n_i[..8].copy_from_slice(&id.to_be_bytes());
                 n_i[8] = round as u8;
                 let th = transcript_hash(&ch_hash, id, 1, &n_i, None);
-                let (rk, _) = response_keys(&deriver.member_key(id, 1), &th);
+                let (rk, prk0) = response_keys(&deriver.member_key(id, 1), &th);
+                let sk = session_keys(&prk0, None);
+                sessions.push((sk.k_up, sk.iv_up, SessionId(sk.sid)));
                 let mut c = reading.to_vec();
                 let tag =
                     Gcm::new(rk.k_resp.expose()).seal_in_place(rk.iv_resp.expose(), &th, &mut c);
@@ -281,10 +290,75 @@ async fn main() {
         );
         per_member.push(us);
     }
+    // One uplink reading per member, in the read round's sessions.
+    let answers: Vec<(UplinkEntry, [u8; 16])> = (1..=members)
+        .zip(&sessions)
+        .map(|(id, (k_up, iv_up, sid))| {
+            let ctr = 1;
+            let kind = UplinkKind::Reading;
+            let mut c = vec![0x5a; 16];
+            let aad = uplink_aad(kind, GroupId(G), MemberId(id), *sid, ctr);
+            let tag =
+                Gcm::new(k_up.expose()).seal_in_place(&uplink_nonce(iv_up, ctr), &aad, &mut c);
+            let entry = UplinkEntry {
+                id: MemberId(id),
+                sid: *sid,
+                kind,
+                ctr,
+                c: Bytes::from(c),
+            };
+            (entry, tag)
+        })
+        .collect();
+    let bodies: Vec<Bytes> = answers
+        .chunks(per_batch)
+        .map(|part| {
+            batch_id += 1;
+            Batch {
+                gateway_id: GatewayId::new("gw-1").unwrap(),
+                batch_id,
+                group: GroupId(G),
+                chunk_size: 64,
+                body: BatchBody::Uplinks {
+                    entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                },
+                aggregates: part
+                    .chunks(64)
+                    .map(|c| aggregate(c.iter().map(|(_, t)| t)))
+                    .collect(),
+            }
+            .to_bytes()
+        })
+        .collect();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut accepted = 0usize;
+    for body in bodies {
+        let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
+        assert_eq!(s, StatusCode::OK);
+        let v = Verdict::decode(&answer).unwrap();
+        if let VerdictBody::Final { outcomes, .. } = &v.body {
+            accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    assert_eq!(accepted as u64, members, "every uplink accepted");
+    let uplink = cpu * 1e6 / members as f64;
+    println!(
+        "udc uplink readings, one per member, {members} members in batches of {per_batch}, \
+         sqlite: {uplink:.2} us CPU/reading ({:.2} us wall/reading)",
+        wall * 1e6 / members as f64
+    );
     if let [auth, read] = per_member[..] {
         println!(
-            "udc per reading (read round minus auth round): {:.2} us CPU",
+            "udc per reading in a read round (read round minus auth round): {:.2} us CPU",
             read - auth
+        );
+        println!(
+            "udc auth round plus one uplink reading (the dapgw bench workload): \
+             {:.2} us CPU/member",
+            auth + uplink
         );
     }
     let _ = tx.send(());

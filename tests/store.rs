@@ -151,6 +151,7 @@ both!(
     readings_query,
     sealed_blobs_round_trip_untouched,
     round_report_and_outcomes,
+    second_acceptance_fails_the_write,
     group_messages_acks_schedules,
 );
 
@@ -350,8 +351,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![2],
-        Kind::Postgres => vec![1, 2],
+        Kind::Sqlite => vec![3],
+        Kind::Postgres => vec![1, 2, 3],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -979,6 +980,51 @@ async fn round_report_and_outcomes(f: Fixture) {
         .collect();
     assert_eq!(open, vec![2]);
     assert_eq!(s.round_report(G, 99).await.unwrap(), None);
+}
+
+/// The store, not a process's cache, decides acceptance: a write that
+/// accepts a member already accepted in the round fails as a whole
+/// (nothing of it is written), whoever wrote the first acceptance.
+async fn second_acceptance_fails_the_write(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 3).await;
+    s.apply_batch(batch(1, 0x01, 2)).await.unwrap();
+    // Another batch accepting member 3 and (again) member 2.
+    let mut again = batch(2, 0x02, 3);
+    again.sessions = vec![session(2, 2, 1, 1), session(3, 1, 1, 0)];
+    again.readings.clear();
+    let before = s.latest_cursor(GW).await.unwrap();
+    let r = s.apply_batch(again.clone()).await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict("round outcome"))),
+        "{r:?}"
+    );
+    assert_eq!(s.verdict(GW, 2).await.unwrap(), None, "nothing written");
+    assert_eq!(s.sessions(vec![(3, G)]).await.unwrap(), vec![None]);
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), before);
+    assert_eq!(s.round_report(G, 1).await.unwrap().unwrap().accepted, 2);
+    // Without the duplicate the same write goes through; a rejected
+    // outcome for an accepted member is no conflict (it is not written).
+    again.outcomes = vec![
+        OutcomeRow {
+            kind: OutcomeKind::Rejected,
+            reason: Cow::Borrowed("AlreadyAccepted"),
+            ..accepted(2, 1)
+        },
+        accepted(3, 1),
+    ];
+    again.sessions = vec![session(3, 1, 1, 0)];
+    s.apply_batch(again).await.unwrap();
+    let rep = s.round_report(G, 1).await.unwrap().unwrap();
+    assert_eq!((rep.accepted, rep.rejected.len()), (3, 0));
+    // The same member in another round is a new acceptance.
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![round_row(G, 2)],
+        outcomes: vec![accepted(2, 2)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
 }
 
 async fn group_messages_acks_schedules(f: Fixture) {

@@ -1325,6 +1325,107 @@ async fn two_udcs_share_one_postgres_store() {
     a.stop().await;
 }
 
+/// Two UDC processes on one PostgreSQL store, each with the round in its
+/// own cache from before the other's acceptances: a response already
+/// accepted through one process, replayed (by another gateway) through the
+/// other, gets no second session. The store decides: the write fails as a
+/// whole (503 `busy`, nothing written), and the retry answers
+/// `AlreadyAccepted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_udcs_accept_a_member_once_per_round() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("accept_once").unwrap();
+    let a = Harness::start(Some(cluster.url("accept_once"))).await;
+    let b = a.second().await;
+    let import: Vec<_> = (1..=4u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    a.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    for gw in ["gw-1", "gw-2"] {
+        let (s, _) = a
+            .call(Some(gw), Method::PUT, "/v1/subscriptions", r#"{"groups":[7]}"#)
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+    let round = a
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    let recs = a.downlink(0).await;
+    let cursor = recs.last().unwrap().0;
+    let challenge = last_group_record(&recs);
+    let mk = |gw: &str, batch_id: u64, ids: &[u64]| {
+        batch(
+            gw,
+            batch_id,
+            round,
+            ids.iter().map(|m| respond(&a, *m, &challenge)).collect(),
+        )
+        .to_bytes()
+    };
+    // b caches the round (accepting member 4), then a accepts 1 and 2.
+    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 1, &[4])).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    let (s, body) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 1, &[1, 2])).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::Accepted; 2]
+    );
+    // Member 1's response again, through b (whose cache does not know).
+    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 2, &[1, 3])).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["error"], "busy", "{e}");
+    // The retry (same batch, same process) is judged against the store.
+    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 2, &[1, 3])).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::AlreadyAccepted, Outcome::Accepted]
+    );
+    // And the other way round: member 4 (accepted by b) through a.
+    let (s, _) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 2, &[4])).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, body) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 2, &[4])).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::AlreadyAccepted]
+    );
+    let rep = b
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(rep["accepted"], 4, "{rep}");
+    // One confirm per member: gw-1 got those of 1 and 2 only.
+    let confirms: Vec<u64> = a
+        .downlink(cursor)
+        .await
+        .iter()
+        .filter(|r| r.1 == 2)
+        .map(|r| r.3)
+        .collect();
+    assert_eq!(confirms, vec![1, 2]);
+    b.stop().await;
+    a.stop().await;
+}
+
 /// Bad input at every endpoint: a 4xx with a JSON `{"error", "reason"}`
 /// body, never a 5xx or a dropped connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

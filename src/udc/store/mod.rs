@@ -525,11 +525,14 @@ pub struct BatchWrite {
     pub group_messages: Vec<GroupMessageRow>,
     /// Per-member round outcomes. An accepted outcome is final; a later
     /// rejected or unverified one for the same member and round does not
-    /// overwrite it.
+    /// overwrite it, and a second accepted one fails the whole write with
+    /// [`StoreError::Conflict`] (the store, not a process's cache, decides
+    /// that a member is accepted once per round).
     pub outcomes: Vec<OutcomeRow>,
     /// Round localization counters to add to.
     pub round_localizations: Vec<RoundLocalizations>,
-    /// Downlink records to append.
+    /// Downlink records to append (stored as one row per gateway queue:
+    /// the records of one write share a row).
     pub downlink: Vec<DownlinkPush>,
 }
 
@@ -1108,6 +1111,95 @@ fn audience_col(code: i64, member: i64) -> Result<Audience, StoreError> {
         1 => Ok(Audience::Group),
         2 => Ok(Audience::Member(u(member))),
         _ => Err(StoreError::Corrupt("downlink audience")),
+    }
+}
+
+/// The `message` column of a downlink row holding `recs.len() > 1` records
+/// (migration 3): each framed as `audience u8 | group u32 | member u64 |
+/// length u32 | message`, big-endian, one after the other.
+fn bundle(recs: &[&DownlinkRecord]) -> Vec<u8> {
+    let len: usize = recs.iter().map(|r| 17 + r.message.len()).sum();
+    let mut out = Vec::with_capacity(len);
+    for r in recs {
+        let (aud, member) = audience_cols(r.audience);
+        out.push(aud as u8);
+        out.extend_from_slice(&r.group.to_be_bytes());
+        out.extend_from_slice(&u(member).to_be_bytes());
+        out.extend_from_slice(&(r.message.len() as u32).to_be_bytes());
+        out.extend_from_slice(&r.message);
+    }
+    out
+}
+
+/// One stored downlink row: `n` records whose last cursor is `last`.
+struct DownlinkRow {
+    last: u64,
+    n: i64,
+    audience: i64,
+    group: i64,
+    member: i64,
+    message: Vec<u8>,
+}
+
+impl DownlinkRow {
+    /// Appends the row's records with a cursor above `after` to `out`, up
+    /// to `limit` records in all. A bundle that does not parse (or whose
+    /// record count is not `n`) is [`StoreError::Corrupt`].
+    fn unbundle(
+        self,
+        after: u64,
+        limit: usize,
+        out: &mut Vec<StoredRecord>,
+    ) -> Result<(), StoreError> {
+        let n = u64::try_from(self.n)
+            .ok()
+            .filter(|n| *n >= 1 && *n <= self.last.saturating_add(1))
+            .ok_or(StoreError::Corrupt("downlink record count"))?;
+        if n == 1 {
+            if self.last > after && out.len() < limit {
+                out.push(StoredRecord {
+                    cursor: self.last,
+                    record: DownlinkRecord {
+                        audience: audience_col(self.audience, self.member)?,
+                        group: u32_col(self.group, "downlink group")?,
+                        message: self.message,
+                    },
+                });
+            }
+            return Ok(());
+        }
+        let corrupt = || StoreError::Corrupt("downlink bundle");
+        // The first record's cursor (n <= last + 1 was checked).
+        let first = self.last - (n - 1);
+        let mut b = &self.message[..];
+        let mut k = 0u64;
+        while !b.is_empty() {
+            let (head, rest) = b.split_at_checked(17).ok_or_else(corrupt)?;
+            let len = u32::from_be_bytes([head[13], head[14], head[15], head[16]]) as usize;
+            let (msg, rest) = rest.split_at_checked(len).ok_or_else(corrupt)?;
+            if k >= n {
+                return Err(corrupt());
+            }
+            let cursor = first + k;
+            if cursor > after && out.len() < limit {
+                let mut member = [0u8; 8];
+                member.copy_from_slice(&head[5..13]);
+                out.push(StoredRecord {
+                    cursor,
+                    record: DownlinkRecord {
+                        audience: audience_col(i64::from(head[0]), i(u64::from_be_bytes(member)))?,
+                        group: u32::from_be_bytes([head[1], head[2], head[3], head[4]]),
+                        message: msg.to_vec(),
+                    },
+                });
+            }
+            k += 1;
+            b = rest;
+        }
+        if k != n {
+            return Err(corrupt());
+        }
+        Ok(())
     }
 }
 

@@ -43,6 +43,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/postgres/0002_session_slots.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_downlink_bundles.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -450,27 +454,40 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     let gateway = w.via.as_ref().map(|v| v.gateway.as_str());
     if !w.outcomes.is_empty() {
         let (mut g, mut r, mut m, mut k, mut reason) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut accepted = 0u64;
         for o in &w.outcomes {
             g.push(i64::from(o.group));
             r.push(i(o.round));
             m.push(i(o.member));
             k.push(outcome_code(o.kind));
             reason.push(o.reason.as_ref());
+            accepted += u64::from(o.kind == OutcomeKind::Accepted);
         }
-        // An accepted outcome sticks (the WHERE on the update).
+        // An accepted outcome sticks (the WHERE on the update), and the
+        // store decides acceptance: every accepted outcome of this write
+        // must have been written (READ COMMITTED re-checks the WHERE after
+        // waiting for a concurrent writer of the same row), else another
+        // process accepted that member in this round first and the whole
+        // write fails.
         let st = prep(
             &tx,
             stmts,
-            "INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) \
-             SELECT g, r, m, k, rs, $6, $7 FROM UNNEST($1::int8[], $2::int8[], $3::int8[], \
-             $4::int8[], $5::text[]) AS x(g, r, m, k, rs) \
+            "WITH w AS (INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, \
+             at_ms) SELECT g, r, m, k, rs, $6, $7 FROM UNNEST($1::int8[], $2::int8[], \
+             $3::int8[], $4::int8[], $5::text[]) AS x(g, r, m, k, rs) \
              ON CONFLICT (grp, round, member) DO UPDATE SET kind = EXCLUDED.kind, \
              reason = EXCLUDED.reason, gateway = EXCLUDED.gateway, at_ms = EXCLUDED.at_ms \
-             WHERE round_outcomes.kind <> 0",
+             WHERE round_outcomes.kind <> 0 RETURNING kind) \
+             SELECT count(*) FROM w WHERE kind = 0",
         )
         .await?;
-        tx.execute(&st, &[&g, &r, &m, &k, &reason, &gateway, &now])
-            .await?;
+        let written: i64 = tx
+            .query_one(&st, &[&g, &r, &m, &k, &reason, &gateway, &now])
+            .await?
+            .get(0);
+        if u64::try_from(written).ok() != Some(accepted) {
+            return Err(StoreError::Conflict("round outcome"));
+        }
     }
     for l in &w.round_localizations {
         let st = prep(
@@ -806,25 +823,31 @@ async fn write_downlink(
          ON CONFLICT (gateway) DO UPDATE SET last_cursor = downlink_heads.last_cursor + EXCLUDED.last_cursor \
          RETURNING last_cursor")
     .await?;
-    let ins = prep(tx, stmts, "INSERT INTO downlink (gateway, cursor, audience, grp, member, message, created_at_ms) \
-         SELECT $1, c, a, g, m, msg, $7 FROM UNNEST($2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-         $6::bytea[]) AS x(c, a, g, m, msg)")
+    let ins = prep(
+        tx,
+        stmts,
+        "INSERT INTO downlink (gateway, cursor, n, audience, grp, member, message, \
+         created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
     .await?;
     let mut heads = Vec::with_capacity(per_gateway.len());
     for (gateway, recs) in per_gateway {
         let n = recs.len() as i64;
         let last: i64 = tx.query_one(&head, &[&gateway, &n]).await?.try_get(0)?;
-        let (mut c, mut a, mut g, mut m, mut msg) = (vec![], vec![], vec![], vec![], vec![]);
-        for (k, rec) in recs.iter().enumerate() {
-            let (aud, member) = audience_cols(rec.audience);
-            c.push(last - n + 1 + k as i64);
-            a.push(aud);
-            g.push(i64::from(rec.group));
-            m.push(member);
-            msg.push(&rec.message[..]);
-        }
-        tx.execute(&ins, &[&gateway, &c, &a, &g, &m, &msg, &now])
-            .await?;
+        // One row per queue: a single record as is, several as a bundle
+        // keyed by the last cursor (migration 3).
+        let (aud, grp, member, message) = match recs[..] {
+            [rec] => {
+                let (aud, member) = audience_cols(rec.audience);
+                (aud, i64::from(rec.group), member, rec.message.clone())
+            }
+            _ => (0, 0, 0, bundle(&recs)),
+        };
+        tx.execute(
+            &ins,
+            &[&gateway, &last, &n, &aud, &grp, &member, &message, &now],
+        )
+        .await?;
         heads.push((gateway.to_owned(), u(last)));
     }
     Ok(heads)
@@ -1182,23 +1205,31 @@ impl Store for PostgresStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
+        // Rows are keyed by their last cursor: a bundle straddling `after`
+        // is read whole and cut.
         let r = self
             .query(
-                "SELECT cursor, audience, grp, member, message FROM downlink WHERE gateway = $1 \
-                 AND cursor > $2 ORDER BY cursor LIMIT $3",
+                "SELECT cursor, n, audience, grp, member, message FROM downlink \
+                 WHERE gateway = $1 AND cursor > $2 ORDER BY cursor LIMIT $3",
                 &[&gateway, &i(after), &i64::from(limit)],
             )
             .await?;
-        rows(r, |x| {
-            Ok(StoredRecord {
-                cursor: u(x.try_get(0)?),
-                record: DownlinkRecord {
-                    audience: audience_col(x.try_get(1)?, x.try_get(3)?)?,
-                    group: u32_col(x.try_get(2)?, "downlink group")?,
-                    message: x.try_get(4)?,
-                },
-            })
-        })
+        let mut out = Vec::new();
+        for x in r {
+            if out.len() >= limit as usize {
+                break;
+            }
+            DownlinkRow {
+                last: u(x.try_get(0)?),
+                n: x.try_get(1)?,
+                audience: x.try_get(2)?,
+                group: x.try_get(3)?,
+                member: x.try_get(4)?,
+                message: x.try_get(5)?,
+            }
+            .unbundle(after, limit as usize, &mut out)?;
+        }
+        Ok(out)
     }
 
     async fn latest_cursor(&self, gateway: &str) -> Result<u64, StoreError> {
@@ -1215,11 +1246,16 @@ impl Store for PostgresStore {
     }
 
     async fn trim_downlink(&self, before_ms: u64) -> Result<u64, StoreError> {
-        self.exec(
-            "DELETE FROM downlink WHERE created_at_ms < $1",
-            &[&i(before_ms)],
-        )
-        .await
+        // Records, not rows (a row may hold a bundle).
+        let r = self
+            .query(
+                "WITH d AS (DELETE FROM downlink WHERE created_at_ms < $1 RETURNING n) \
+                 SELECT coalesce(sum(n), 0)::int8 FROM d",
+                &[&i(before_ms)],
+            )
+            .await?;
+        let n: i64 = r.first().map_or(Ok(0), |x| x.try_get(0))?;
+        Ok(u(n))
     }
 
     async fn trim_readings(&self, before_ms: u64) -> Result<u64, StoreError> {

@@ -29,6 +29,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/sqlite/0002_session_slots.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/sqlite/0003_downlink_bundles.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -77,6 +81,9 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // 32 MiB of page cache (the default is 2 MiB): a round's session
+        // slots, outcomes and member rows stay in memory between batches.
+        conn.pragma_update(None, "cache_size", -32768)?;
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         Ok(conn)
@@ -435,7 +442,7 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
              at_ms = excluded.at_ms WHERE round_outcomes.kind <> 0",
         )?;
         for o in &w.outcomes {
-            st.execute(params![
+            let n = st.execute(params![
                 i64::from(o.group),
                 i(o.round),
                 i(o.member),
@@ -444,6 +451,11 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
                 gateway,
                 now
             ])?;
+            // The store decides acceptance: a member already accepted in
+            // this round (by another process) fails the whole write.
+            if n != 1 && o.kind == OutcomeKind::Accepted {
+                return Err(StoreError::Conflict("round outcome"));
+            }
         }
     }
     if !w.round_localizations.is_empty() {
@@ -620,29 +632,114 @@ fn write_downlink(
          RETURNING last_cursor",
     )?;
     let mut ins = tx.prepare_cached(
-        "INSERT INTO downlink (gateway, cursor, audience, grp, member, message, created_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO downlink (gateway, cursor, n, audience, grp, member, message, \
+         created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let mut heads = Vec::with_capacity(per_gateway.len());
     for (gateway, recs) in per_gateway {
         let n = recs.len() as i64;
         let last: i64 = head.query_row(params![&gateway, n], |r| r.get(0))?;
-        for (k, rec) in recs.iter().enumerate() {
-            let (aud, member) = audience_cols(rec.audience);
-            let cursor = last - n + 1 + k as i64;
-            ins.execute(params![
-                &gateway,
-                cursor,
-                aud,
-                i64::from(rec.group),
-                member,
-                &rec.message,
-                now
-            ])?;
+        // One row per queue: a single record as is, several as a bundle
+        // keyed by the last cursor (migration 3).
+        match recs[..] {
+            [rec] => {
+                let (aud, member) = audience_cols(rec.audience);
+                ins.execute(params![
+                    &gateway,
+                    last,
+                    1,
+                    aud,
+                    i64::from(rec.group),
+                    member,
+                    &rec.message,
+                    now
+                ])?;
+            }
+            _ => {
+                ins.execute(params![&gateway, last, n, 0, 0, 0, bundle(&recs), now])?;
+            }
         }
         heads.push((gateway, u(last)));
     }
     Ok(heads)
+}
+
+// ---------------------------------------------------------------------------
+// Batch reads
+// ---------------------------------------------------------------------------
+
+/// The signed key range of a batch's member ids when one range scan reads
+/// them cheaper than a point lookup each: at least 16 strictly increasing
+/// ids (as a batch's are) spanning at most 4 keys per id, on one side of
+/// the signed order's wrap. `None`: look them up one by one.
+fn dense_span(ids: &[u64]) -> Option<(i64, i64)> {
+    let (&first, &last) = (ids.first()?, ids.last()?);
+    let span = last.checked_sub(first)?;
+    let dense = ids.len() >= 16
+        && first >> 63 == last >> 63
+        && span / 4 < ids.len() as u64
+        && ids.windows(2).all(|w| w[0] < w[1]);
+    dense.then(|| (i(first), i(last)))
+}
+
+/// [`Store::members`] for a dense batch: the members and their groups in
+/// the range, two range scans merged in order.
+fn members_in_span(
+    tx: &Transaction<'_>,
+    ids: &[u64],
+    lo: i64,
+    hi: i64,
+) -> Result<Vec<Option<MemberRow>>, StoreError> {
+    let mut st = tx.prepare_cached(
+        "SELECT id, kv, key_source, imported_key, status, added_at_ms, NULL FROM members \
+         WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
+    )?;
+    let found = collect(&mut st, params![lo, hi], member_row)?;
+    let mut st = tx.prepare_cached(
+        "SELECT member, grp FROM member_groups WHERE member BETWEEN ?1 AND ?2 \
+         ORDER BY member, grp",
+    )?;
+    let groups = collect(&mut st, params![lo, hi], |r| {
+        Ok((u(r.get(0)?), u32_col(r.get(1)?, "member group")?))
+    })?;
+    let (mut found, mut groups) = (found.into_iter().peekable(), groups.into_iter().peekable());
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        // Both scans and `ids` ascend in the same (one-signed-half) order.
+        while found.next_if(|m| m.id < id).is_some() {}
+        while groups.next_if(|g| g.0 < id).is_some() {}
+        let Some(mut row) = found.next_if(|m| m.id == id) else {
+            out.push(None);
+            continue;
+        };
+        while let Some((_, g)) = groups.next_if(|g| g.0 == id) {
+            row.groups.push(g);
+        }
+        out.push(Some(row));
+    }
+    Ok(out)
+}
+
+/// [`Store::sessions`] for a dense batch of one group: one range scan.
+fn slots_in_span(
+    tx: &Transaction<'_>,
+    ids: &[u64],
+    group: u32,
+    lo: i64,
+    hi: i64,
+) -> Result<Vec<Option<StoredSlot>>, StoreError> {
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT {SESSION_COLS} FROM sessions WHERE member BETWEEN ?1 AND ?2 AND grp = ?3 \
+         ORDER BY member"
+    ))?;
+    let found = collect(&mut st, params![lo, hi, i64::from(group)], stored_slot)?;
+    let mut found = found.into_iter().peekable();
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        while found.next_if(|s| s.member < id).is_some() {}
+        out.push(found.next_if(|s| s.member == id));
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -652,6 +749,9 @@ fn write_downlink(
 impl Store for SqliteStore {
     async fn members(&self, ids: Vec<u64>) -> Result<Vec<Option<MemberRow>>, StoreError> {
         self.read(move |tx| {
+            if let Some((lo, hi)) = dense_span(&ids) {
+                return members_in_span(tx, &ids, lo, hi);
+            }
             let mut st =
                 tx.prepare_cached(&format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"))?;
             let mut out = Vec::with_capacity(ids.len());
@@ -960,6 +1060,14 @@ impl Store for SqliteStore {
 
     async fn sessions(&self, keys: Vec<(u64, u32)>) -> Result<Vec<Option<StoredSlot>>, StoreError> {
         self.read(move |tx| {
+            if let Some(group) = keys.first().map(|k| k.1)
+                && keys.iter().all(|k| k.1 == group)
+            {
+                let ids: Vec<u64> = keys.iter().map(|k| k.0).collect();
+                if let Some((lo, hi)) = dense_span(&ids) {
+                    return slots_in_span(tx, &ids, group, lo, hi);
+                }
+            }
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
             ))?;
@@ -1012,20 +1120,29 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let gateway = gateway.to_owned();
         self.read(move |tx| {
+            // Rows are keyed by their last cursor: a bundle straddling
+            // `after` is read whole and cut.
             let mut st = tx.prepare_cached(
-                "SELECT cursor, audience, grp, member, message FROM downlink \
+                "SELECT cursor, n, audience, grp, member, message FROM downlink \
                  WHERE gateway = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
             )?;
-            collect(&mut st, params![gateway, i(after), i64::from(limit)], |r| {
-                Ok(StoredRecord {
-                    cursor: u(r.get(0)?),
-                    record: DownlinkRecord {
-                        audience: audience_col(r.get(1)?, r.get(3)?)?,
-                        group: u32_col(r.get(2)?, "downlink group")?,
-                        message: r.get(4)?,
-                    },
-                })
-            })
+            let mut rows = st.query(params![gateway, i(after), i64::from(limit)])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                if out.len() >= limit as usize {
+                    break;
+                }
+                DownlinkRow {
+                    last: u(r.get(0)?),
+                    n: r.get(1)?,
+                    audience: r.get(2)?,
+                    group: r.get(3)?,
+                    member: r.get(4)?,
+                    message: r.get(5)?,
+                }
+                .unbundle(after, limit as usize, &mut out)?;
+            }
+            Ok(out)
         })
         .await
     }
@@ -1044,11 +1161,15 @@ impl Store for SqliteStore {
 
     async fn trim_downlink(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.call(move |c| {
-            let n = c.execute(
-                "DELETE FROM downlink WHERE created_at_ms < ?1",
-                [i(before_ms)],
-            )?;
-            Ok(n as u64)
+            // Records, not rows (a row may hold a bundle).
+            let mut st =
+                c.prepare_cached("DELETE FROM downlink WHERE created_at_ms < ?1 RETURNING n")?;
+            let mut rows = st.query([i(before_ms)])?;
+            let mut n = 0u64;
+            while let Some(r) = rows.next()? {
+                n = n.saturating_add(u(r.get(0)?));
+            }
+            Ok(n)
         })
         .await
     }
