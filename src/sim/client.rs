@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::protocol::wire::{GroupId, MemberId};
 use crate::tls::{self, ReloadableCert, TlsError};
@@ -145,9 +146,12 @@ type H2 = http2::SendRequest<Full<Bytes>>;
 type H1 = http1::SendRequest<Full<Bytes>>;
 
 /// One pool slot: a live HTTP/2 connection (with its number, from
-/// [`Inner::opened`]), or a note that the server only speaks HTTP/1.1.
+/// [`Inner::opened`]), a connection being opened by a task of its own
+/// (the receiver turns `Some` when it is done: `Err` with the reason if it
+/// failed), or a note that the server only speaks HTTP/1.1.
 enum Slot {
     Empty,
+    Connecting(watch::Receiver<Option<Result<(), String>>>),
     H2(H2, u64),
     H1Only,
 }
@@ -171,7 +175,10 @@ struct Inner {
     server_name: ServerName<'static>,
     authority: String,
     connect_timeout: Duration,
-    slots: Vec<tokio::sync::Mutex<Slot>>,
+    /// Locked only for moments, never across an `.await`: a request's
+    /// future may stop being polled at any point (an agent that is busy
+    /// elsewhere), and a lock it held would stall every request of the slot.
+    slots: Vec<std::sync::Mutex<Slot>>,
     h1_idle: std::sync::Mutex<Vec<H1>>,
     next_slot: AtomicUsize,
     opened: AtomicU64,
@@ -214,9 +221,7 @@ impl GatewayClient {
                 server_name,
                 authority,
                 connect_timeout: options.connect_timeout,
-                slots: (0..n)
-                    .map(|_| tokio::sync::Mutex::new(Slot::Empty))
-                    .collect(),
+                slots: (0..n).map(|_| std::sync::Mutex::new(Slot::Empty)).collect(),
                 h1_idle: std::sync::Mutex::new(Vec::new()),
                 next_slot: AtomicUsize::new(0),
                 opened: AtomicU64::new(0),
@@ -318,16 +323,83 @@ impl GatewayClient {
         }
     }
 
-    /// Empties slot `idx` if it still holds connection number `conn`. A
-    /// slot that is locked is being reconnected already: left alone.
+    /// Empties slot `idx` if it still holds connection number `conn`.
     fn evict(&self, idx: usize, conn: u64) {
         if conn == 0 {
             return;
         }
-        if let Ok(mut slot) = self.inner.slots[idx].try_lock()
-            && matches!(&*slot, Slot::H2(_, n) if *n == conn)
-        {
+        let mut slot = lock(&self.inner.slots[idx]);
+        if matches!(&*slot, Slot::H2(_, n) if *n == conn) {
             *slot = Slot::Empty;
+        }
+    }
+
+    /// The live HTTP/2 connection of slot `idx` (its number in `used`), or
+    /// `None` if the gateway speaks HTTP/1.1 only. An empty slot is filled
+    /// by a connect running in a task of its own, which every request of
+    /// the slot waits for: one connect per slot at a time, and it finishes
+    /// whether or not the request that started it is still polled.
+    async fn pooled(&self, idx: usize, used: &AtomicU64) -> Result<Option<H2>, ClientError> {
+        loop {
+            let mut wait = {
+                let mut slot = lock(&self.inner.slots[idx]);
+                match &*slot {
+                    Slot::H2(s, n) if !s.is_closed() => {
+                        used.store(*n, Ordering::Relaxed);
+                        return Ok(Some(s.clone()));
+                    }
+                    Slot::H1Only => return Ok(None),
+                    Slot::Connecting(rx) => rx.clone(),
+                    _ => {
+                        let (tx, rx) = watch::channel(None);
+                        *slot = Slot::Connecting(rx.clone());
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let res = this.connect().await;
+                            let done = {
+                                let mut slot = lock(&this.inner.slots[idx]);
+                                match res {
+                                    Ok(Conn::H2(s, n)) => {
+                                        *slot = Slot::H2(s, n);
+                                        Ok(())
+                                    }
+                                    Ok(Conn::H1(s)) => {
+                                        *slot = Slot::H1Only;
+                                        this.idle_h1(s);
+                                        Ok(())
+                                    }
+                                    Err(e) => {
+                                        *slot = Slot::Empty;
+                                        Err(format!("{}: {e}", e.kind()))
+                                    }
+                                }
+                            };
+                            let _ = tx.send(Some(done));
+                        });
+                        rx
+                    }
+                }
+            };
+            let done = match wait.wait_for(Option::is_some).await {
+                Ok(v) => v.clone(),
+                Err(_) => {
+                    // The connect task ended without a word: free the slot.
+                    let mut slot = lock(&self.inner.slots[idx]);
+                    if matches!(&*slot, Slot::Connecting(_)) {
+                        *slot = Slot::Empty;
+                    }
+                    return Err(ClientError::Connect(std::io::Error::other(
+                        "connect task ended",
+                    )));
+                }
+            };
+            match done {
+                // Take what the connect put into the slot.
+                Some(Ok(())) => continue,
+                Some(Err(e)) if e.starts_with("timeout") => return Err(ClientError::Timeout),
+                Some(Err(e)) => return Err(ClientError::Connect(std::io::Error::other(e))),
+                None => continue,
+            }
         }
     }
 
@@ -353,28 +425,7 @@ impl GatewayClient {
         let req = req
             .body(Full::new(payload))
             .map_err(|e| ClientError::Body(e.to_string()))?;
-        let h2 = {
-            let mut slot = inner.slots[idx].lock().await;
-            match &*slot {
-                Slot::H2(s, n) if !s.is_closed() => {
-                    used.store(*n, Ordering::Relaxed);
-                    Some(s.clone())
-                }
-                Slot::H1Only => None,
-                _ => match self.connect().await? {
-                    Conn::H2(s, n) => {
-                        used.store(n, Ordering::Relaxed);
-                        *slot = Slot::H2(s.clone(), n);
-                        Some(s)
-                    }
-                    Conn::H1(s) => {
-                        *slot = Slot::H1Only;
-                        self.idle_h1(s);
-                        None
-                    }
-                },
-            }
-        };
+        let h2 = self.pooled(idx, used).await?;
         let resp = match h2 {
             Some(mut s) => {
                 s.ready().await?;
@@ -488,6 +539,11 @@ impl GatewayClient {
             .await
             .map_err(|_| ClientError::Timeout)?
     }
+}
+
+/// Locks a pool slot (a poisoned lock still holds a valid `Slot`).
+fn lock(m: &std::sync::Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ClientError> {
@@ -734,5 +790,76 @@ mod tests {
             .unwrap();
         assert_eq!(second.status, StatusCode::ACCEPTED);
         assert_eq!(client.connections_opened(), 2);
+    }
+
+    /// The bench flake: an agent's long poll started the slot's connect
+    /// and then was not polled while the agent sent a reading; the slot's
+    /// lock, held across the connect, stalled every request of every member
+    /// on that slot. A request future that stops being polled mid-connect
+    /// must not stop the others.
+    #[tokio::test]
+    async fn a_connect_started_by_a_request_no_longer_polled_still_serves_the_others() {
+        use std::convert::Infallible;
+
+        let dir = tempfile::tempdir().unwrap();
+        crate::sim::bench::generate_pki(dir.path(), 0).unwrap();
+        let server = crate::sim::bench::server_tls(dir.path(), &[b"h2"], false).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A slow handshake: the first request is still connecting
+                    // when it stops being polled.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .status(StatusCode::ACCEPTED)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let client = GatewayClient::new(ClientOptions {
+            gateway: format!("https://localhost:{port}"),
+            tls: client_tls(
+                &dir.path().join("ca.pem"),
+                Some((
+                    &dir.path().join("gateway.pem"),
+                    &dir.path().join("gateway.key"),
+                )),
+            )
+            .unwrap(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let mut first = Box::pin(client.uplink(Bytes::from_static(b"a"), Duration::from_secs(30)));
+        // Polled until it is connecting, then kept but no longer polled.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut first)
+                .await
+                .is_err()
+        );
+        let second = client
+            .uplink(Bytes::from_static(b"b"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(second.status, StatusCode::ACCEPTED);
+        assert_eq!(client.connections_opened(), 1);
+        // The first one, polled again, goes out on the same connection.
+        assert_eq!(first.await.unwrap().status, StatusCode::ACCEPTED);
     }
 }
