@@ -1070,9 +1070,9 @@ async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
     for (k, &m) in asked.iter().enumerate() {
         let one = s.members(vec![m]).await.unwrap().pop().unwrap();
         assert_eq!(dense_members[k], one, "member {m}");
-        let expected = ids.contains(&m).then(|| {
-            member(m, if m % 3 == 0 { &[3, G][..] } else { &[G][..] })
-        });
+        let expected = ids
+            .contains(&m)
+            .then(|| member(m, if m % 3 == 0 { &[3, G][..] } else { &[G][..] }));
         assert_eq!(one, expected, "member {m}");
         let slot = s.sessions(vec![(m, G)]).await.unwrap().pop().unwrap();
         assert_eq!(dense_slots[k], slot, "slot of {m}");
@@ -1088,7 +1088,10 @@ async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(
-        mixed.iter().map(|x| x.as_ref().map(|x| x.group)).collect::<Vec<_>>(),
+        mixed
+            .iter()
+            .map(|x| x.as_ref().map(|x| x.group))
+            .collect::<Vec<_>>(),
         vec![Some(3), Some(G), None]
     );
 }
