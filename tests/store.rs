@@ -152,6 +152,7 @@ both!(
     sealed_blobs_round_trip_untouched,
     round_report_and_outcomes,
     second_acceptance_fails_the_write,
+    dense_and_sparse_batch_reads_agree,
     group_messages_acks_schedules,
 );
 
@@ -1027,6 +1028,74 @@ async fn second_acceptance_fails_the_write(f: Fixture) {
     .unwrap();
 }
 
+/// A batch's members and session slots read the same whether its ids are
+/// dense (SQLite reads them with range scans) or sparse (point lookups):
+/// gaps, unknown ids, other groups' slots and several groups per member.
+async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
+    let s = f.open().await;
+    // Members 100..=160 without multiples of 7; every third also in group 3.
+    let ids: Vec<u64> = (100..=160).filter(|m| m % 7 != 0).collect();
+    s.apply_batch(BatchWrite {
+        members: ids
+            .iter()
+            .map(|&m| member(m, if m % 3 == 0 { &[3, G][..] } else { &[G][..] }))
+            .collect(),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Slots in group G for even members, in group 3 for members 5 mod 6.
+    let mut slots: Vec<SessionRow> = ids
+        .iter()
+        .filter(|m| *m % 2 == 0)
+        .map(|&m| session(m, 1, 1, 0))
+        .collect();
+    slots.extend(ids.iter().filter(|m| *m % 6 == 5).map(|&m| SessionRow {
+        group: 3,
+        ..session(m, 2, 1, 0)
+    }));
+    s.apply_batch(BatchWrite {
+        sessions: slots,
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Dense: 95..=165 (71 ids, 15 unknown); sparse: the same ids one by one.
+    let asked: Vec<u64> = (95..=165).collect();
+    let dense_members = s.members(asked.clone()).await.unwrap();
+    let dense_slots = s
+        .sessions(asked.iter().map(|&m| (m, G)).collect())
+        .await
+        .unwrap();
+    for (k, &m) in asked.iter().enumerate() {
+        let one = s.members(vec![m]).await.unwrap().pop().unwrap();
+        assert_eq!(dense_members[k], one, "member {m}");
+        let expected = ids
+            .contains(&m)
+            .then(|| member(m, if m % 3 == 0 { &[3, G][..] } else { &[G][..] }));
+        assert_eq!(one, expected, "member {m}");
+        let slot = s.sessions(vec![(m, G)]).await.unwrap().pop().unwrap();
+        assert_eq!(dense_slots[k], slot, "slot of {m}");
+        assert_eq!(
+            slot.map(|x| x.sid),
+            (ids.contains(&m) && m % 2 == 0).then_some(Some(sid(m, 1))),
+            "slot of {m}"
+        );
+    }
+    // Mixed groups or an unsorted list take the point-lookup path.
+    let mixed = s
+        .sessions(vec![(101, 3), (102, G), (103, G)])
+        .await
+        .unwrap();
+    assert_eq!(
+        mixed
+            .iter()
+            .map(|x| x.as_ref().map(|x| x.group))
+            .collect::<Vec<_>>(),
+        vec![Some(3), Some(G), None]
+    );
+}
+
 async fn group_messages_acks_schedules(f: Fixture) {
     let s = f.open().await;
     setup(&s, 3).await;
@@ -1102,4 +1171,57 @@ async fn group_messages_acks_schedules(f: Fixture) {
     assert!(s.delete_schedule(id2).await.unwrap());
     assert!(!s.delete_schedule(id2).await.unwrap());
     assert_eq!(s.schedules().await.unwrap().len(), 1);
+}
+
+/// A downlink bundle row that does not parse (truncated, or holding another
+/// number of records than its count) is a typed `Corrupt` error on read,
+/// never a panic or a wrong record.
+#[tokio::test]
+async fn corrupt_downlink_bundles_are_errors() {
+    let f = fixture(Kind::Sqlite).unwrap();
+    let s = f.open().await;
+    s.push_downlink(
+        1,
+        vec![DownlinkPush {
+            target: DownlinkTarget::Gateway("gw".into()),
+            records: (1..=3u8)
+                .map(|k| DownlinkRecord {
+                    audience: Audience::Member(u64::from(k)),
+                    group: G,
+                    message: vec![k; 5],
+                })
+                .collect(),
+        }],
+    )
+    .await
+    .unwrap();
+    let got = s.read_downlink("gw", 1, 10).await.unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|r| (r.cursor, r.record.audience))
+            .collect::<Vec<_>>(),
+        vec![(2, Audience::Member(2)), (3, Audience::Member(3))]
+    );
+    let path = f.url.trim_start_matches("sqlite://").to_owned();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let original: Vec<u8> = c
+        .query_row("SELECT message FROM downlink", [], |r| r.get(0))
+        .unwrap();
+    for damage in [
+        "UPDATE downlink SET message = substr(message, 1, length(message) - 1)",
+        "UPDATE downlink SET message = unhex(hex(message) || '00')",
+        "UPDATE downlink SET n = 4",
+        "UPDATE downlink SET n = 2",
+        "UPDATE downlink SET n = 0",
+    ] {
+        c.execute_batch(damage).unwrap();
+        let r = s.read_downlink("gw", 0, 10).await;
+        assert!(matches!(r, Err(StoreError::Corrupt(_))), "{damage}: {r:?}");
+        c.execute(
+            "UPDATE downlink SET n = 3, message = ?1",
+            rusqlite::params![&original],
+        )
+        .unwrap();
+        assert_eq!(s.read_downlink("gw", 0, 10).await.unwrap().len(), 3);
+    }
 }

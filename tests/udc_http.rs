@@ -1350,7 +1350,12 @@ async fn two_udcs_accept_a_member_once_per_round() {
     .await;
     for gw in ["gw-1", "gw-2"] {
         let (s, _) = a
-            .call(Some(gw), Method::PUT, "/v1/subscriptions", r#"{"groups":[7]}"#)
+            .call(
+                Some(gw),
+                Method::PUT,
+                "/v1/subscriptions",
+                r#"{"groups":[7]}"#,
+            )
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT);
     }
@@ -1376,30 +1381,72 @@ async fn two_udcs_accept_a_member_once_per_round() {
         .to_bytes()
     };
     // b caches the round (accepting member 4), then a accepts 1 and 2.
-    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 1, &[4])).await;
+    let (s, body) = b
+        .call(
+            Some("gw-2"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-2", 1, &[4]),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
-    let (s, body) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 1, &[1, 2])).await;
+    let (s, body) = a
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-1", 1, &[1, 2]),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
     assert_eq!(
         outcomes(&Verdict::decode(&body).unwrap()),
         vec![Outcome::Accepted; 2]
     );
     // Member 1's response again, through b (whose cache does not know).
-    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 2, &[1, 3])).await;
+    let (s, body) = b
+        .call(
+            Some("gw-2"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-2", 2, &[1, 3]),
+        )
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
     let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(e["error"], "busy", "{e}");
     // The retry (same batch, same process) is judged against the store.
-    let (s, body) = b.call(Some("gw-2"), Method::POST, "/v1/batches", mk("gw-2", 2, &[1, 3])).await;
+    let (s, body) = b
+        .call(
+            Some("gw-2"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-2", 2, &[1, 3]),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
     assert_eq!(
         outcomes(&Verdict::decode(&body).unwrap()),
         vec![Outcome::AlreadyAccepted, Outcome::Accepted]
     );
     // And the other way round: member 4 (accepted by b) through a.
-    let (s, _) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 2, &[4])).await;
+    let (s, _) = a
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-1", 2, &[4]),
+        )
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    let (s, body) = a.call(Some("gw-1"), Method::POST, "/v1/batches", mk("gw-1", 2, &[4])).await;
+    let (s, body) = a
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/batches",
+            mk("gw-1", 2, &[4]),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         outcomes(&Verdict::decode(&body).unwrap()),

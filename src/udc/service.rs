@@ -13,7 +13,10 @@
 //! one [`BatchWrite`] applied before the answer leaves. Secret-bearing state
 //! is sealed with the [`StorageKey`] under the row's identity as AAD.
 //! Mutations are serialized by one lock per process; several processes on
-//! one PostgreSQL store rely on the store's verdict key and compare-and-set.
+//! one PostgreSQL store rely on the store's verdict key, compare-and-set,
+//! and the store's check that a member is accepted once per round (a
+//! process's cache of a round's accepted set may be stale; a write it
+//! misjudged fails as a whole and the retry reloads the set).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
