@@ -2120,26 +2120,29 @@ impl Writer {
                 Err(SpoolError::BatchConflict(batch_id))
             };
         }
+        let mut mark = self.conn.prepare_cached(
+            "UPDATE entries SET batch_id = ?1 WHERE id = ?2 AND batch_id IS NULL",
+        )?;
         for &entry in entries {
+            // One statement per entry on the hot path; only a refusal looks
+            // up why.
+            if mark.execute([clamp(batch_id), clamp(entry.0)])? == 1 {
+                continue;
+            }
             let current: Option<Option<i64>> = self
                 .conn
                 .prepare_cached("SELECT batch_id FROM entries WHERE id = ?1")?
                 .query_row([clamp(entry.0)], |r| r.get(0))
                 .optional()?;
-            match current {
-                None => return Err(SpoolError::UnknownEntry(entry)),
-                Some(Some(b)) => {
-                    return Err(SpoolError::EntryInBatch {
-                        entry,
-                        batch: i2u(b),
-                    });
-                }
-                Some(None) => {}
-            }
-            self.conn
-                .prepare_cached("UPDATE entries SET batch_id = ?1 WHERE id = ?2")?
-                .execute([clamp(batch_id), clamp(entry.0)])?;
+            return Err(match current {
+                Some(Some(b)) => SpoolError::EntryInBatch {
+                    entry,
+                    batch: i2u(b),
+                },
+                _ => SpoolError::UnknownEntry(entry),
+            });
         }
+        drop(mark);
         self.conn
             .prepare_cached(
                 "INSERT INTO batches (id, bytes, tags, entry_count) VALUES (?1, ?2, ?3, ?4)",
