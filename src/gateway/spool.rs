@@ -2428,9 +2428,15 @@ mod tests {
             .unwrap();
         assert!(!ready(&b).await);
         drop((a, b, c));
-        let w = spool.inner.shared.waiters.lock().unwrap();
-        assert!(w.by_audience.is_empty());
-        drop(w);
+        let empty = spool
+            .inner
+            .shared
+            .waiters
+            .lock()
+            .unwrap()
+            .by_audience
+            .is_empty();
+        assert!(empty);
         spool.close().await;
     }
 
