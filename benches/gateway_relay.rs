@@ -230,6 +230,15 @@ fn main() {
         "  cpu split  {} (us/message, live threads)",
         split.join(", ")
     );
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!("  peak rss   {rss} (whole process)");
     println!(
         "  ack latency    p50 {:?}  p99 {:?}",
         pct(&acks, 0.50),

@@ -13,6 +13,15 @@
 //! ([`Aggregator::poll_batch`]), seal them in the spool, and sleep until
 //! [`Aggregator::poll_timeout`] with tokio's clock (so tests can pause it).
 //!
+//! Sealing does not stall the loop: a cut batch's seal is queued in the
+//! spool (seals queued together commit in one group, in order) and the
+//! driver keeps taking members' entries until the commit is reported;
+//! entries stay in `pending` until then. Batch ids are reserved in the
+//! spool a block at a time. If a seal fails, its batch is sealed again
+//! later with the same id and bytes; seals queued after it may commit
+//! first, so after a spool failure batches can reach the UDC out of id
+//! order (ids stay unique; the UDC files verdicts by id).
+//!
 //! An entry the aggregator refuses (a round that is not open, a conflicting
 //! re-send) or absorbs as a re-send of an entry the spool no longer holds is
 //! discarded from the spool again before the member gets its answer, so the

@@ -60,6 +60,15 @@ pub const MAX_MEMBER_GROUPS: usize = spool::MAX_READ_GROUPS;
 /// it. Members that stay away longer miss it (docs/gateway.md, "Retention").
 pub const DOWNLINK_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a batched uplink is remembered, so a member's byte-identical
+/// re-send (its 202 was lost) is absorbed instead of batched again. Later
+/// re-sends go to the UDC, which refuses a repeated counter.
+pub const UPLINK_DEDUP_WINDOW: Duration = Duration::from_secs(30);
+
+/// Most entries the collector holds (pending plus remembered for
+/// [`UPLINK_DEDUP_WINDOW`]); a few hundred bytes each.
+pub const UPLINK_HELD_MAX: usize = 1 << 20;
+
 /// How often the spool gauges are refreshed and old downlink items pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
@@ -131,7 +140,13 @@ pub async fn run(
     let mut agg = AggregatorConfig::new(gateway_id);
     agg.chunk_size = config.chunk_size;
     agg.max_batch_entries = usize::try_from(config.batch_max_entries).unwrap_or(usize::MAX);
-    agg.max_held_entries = agg.max_held_entries.max(agg.max_batch_entries);
+    // The aggregator remembers every batched uplink for its de-duplication
+    // window, so the held cap bounds the sustained rate at cap / window: the
+    // protocol core's defaults (65,536 over 60 s) allow only about 1,100
+    // uplinks/s. The gateway holds up to UPLINK_HELD_MAX over
+    // UPLINK_DEDUP_WINDOW (about 35,000/s; beyond it members get 503 busy).
+    agg.uplink_dedup_window = UPLINK_DEDUP_WINDOW;
+    agg.max_held_entries = UPLINK_HELD_MAX.max(agg.max_batch_entries);
     agg.uplink_linger = config.batch_linger();
     agg.validate().map_err(|e| match e {
         UsageError::Config(reason) => GatewayError::Setting {

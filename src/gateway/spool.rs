@@ -2009,20 +2009,24 @@ impl Writer {
         }
         let size = entry_size(e);
         self.check_room(size)?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO entries (kind, grp, round, member, sort_key, bytes, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                kind,
-                grp,
-                round,
-                member,
-                e.sort_key,
-                &e.bytes[..],
-                source.as_ref().map(|s| &s[..])
-            ])?;
+        // The kind is a literal, not a parameter: a bound value that decides
+        // whether a partial index (`WHERE kind = ...`) applies makes SQLite
+        // re-prepare the cached statement on every execution.
+        let sql = if kind == STREAM_ROUND {
+            "INSERT INTO entries (kind, grp, round, member, sort_key, bytes, source)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)"
+        } else {
+            "INSERT INTO entries (kind, grp, round, member, sort_key, bytes, source)
+             VALUES (2, ?1, ?2, ?3, ?4, ?5, ?6)"
+        };
+        self.conn.prepare_cached(sql)?.execute(params![
+            grp,
+            round,
+            member,
+            e.sort_key,
+            &e.bytes[..],
+            source.as_ref().map(|s| &s[..])
+        ])?;
         self.tent.bytes += size;
         self.tent.entries += 1;
         Ok(EntryId(i2u(self.conn.last_insert_rowid())))
@@ -2120,25 +2124,45 @@ impl Writer {
                 Err(SpoolError::BatchConflict(batch_id))
             };
         }
-        for &entry in entries {
-            let current: Option<Option<i64>> = self
-                .conn
-                .prepare_cached("SELECT batch_id FROM entries WHERE id = ?1")?
-                .query_row([clamp(entry.0)], |r| r.get(0))
-                .optional()?;
-            match current {
-                None => return Err(SpoolError::UnknownEntry(entry)),
-                Some(Some(b)) => {
-                    return Err(SpoolError::EntryInBatch {
-                        entry,
-                        batch: i2u(b),
-                    });
+        // One statement for the whole batch (the ids as a JSON array): the
+        // batch id decides the partial index `entries_batch`, so SQLite
+        // re-prepares the statement on every execution; once per batch, not
+        // per entry. Only a refusal looks up which entry and why.
+        let ids: Vec<i64> = entries.iter().map(|e| clamp(e.0)).collect();
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != ids.len() {
+            return Err(SpoolError::Invalid("an entry appears twice in one batch"));
+        }
+        let ids_json = serde_json::to_string(&ids)
+            .map_err(|_| SpoolError::Invalid("batch entry ids do not serialize"))?;
+        let marked = self
+            .conn
+            .prepare_cached(
+                "UPDATE entries SET batch_id = ?1
+                 WHERE batch_id IS NULL AND id IN (SELECT value FROM json_each(?2))",
+            )?
+            .execute(params![clamp(batch_id), ids_json])?;
+        if marked != ids.len() {
+            for &entry in entries {
+                let current: Option<Option<i64>> = self
+                    .conn
+                    .prepare_cached("SELECT batch_id FROM entries WHERE id = ?1")?
+                    .query_row([clamp(entry.0)], |r| r.get(0))
+                    .optional()?;
+                match current {
+                    Some(Some(b)) if b == clamp(batch_id) => {}
+                    Some(Some(b)) => {
+                        return Err(SpoolError::EntryInBatch {
+                            entry,
+                            batch: i2u(b),
+                        });
+                    }
+                    _ => return Err(SpoolError::UnknownEntry(entry)),
                 }
-                Some(None) => {}
             }
-            self.conn
-                .prepare_cached("UPDATE entries SET batch_id = ?1 WHERE id = ?2")?
-                .execute([clamp(batch_id), clamp(entry.0)])?;
+            return Err(SpoolError::Invalid("batch entries changed while sealing"));
         }
         self.conn
             .prepare_cached(
@@ -2425,9 +2449,15 @@ mod tests {
             .unwrap();
         assert!(!ready(&b).await);
         drop((a, b, c));
-        let w = spool.inner.shared.waiters.lock().unwrap();
-        assert!(w.by_audience.is_empty());
-        drop(w);
+        let empty = spool
+            .inner
+            .shared
+            .waiters
+            .lock()
+            .unwrap()
+            .by_audience
+            .is_empty();
+        assert!(empty);
         spool.close().await;
     }
 
