@@ -102,8 +102,7 @@ async fn endpoints_and_readiness_transitions() {
     let metrics = GatewayMetrics::register(&registry);
     let readiness = Readiness::gateway();
     // A loopback address of its own: the other tests bind 127.0.0.1, so none
-    // of them can take this port over once the server closes it, and the
-    // final "listener closed" check cannot race with them.
+    // of them can take this port over once the server closes it.
     let server = Server::start_on("127.0.0.91:0", registry, readiness.clone(), None).await;
     let addr = server.addr;
 
@@ -185,8 +184,18 @@ async fn endpoints_and_readiness_transitions() {
     assert_eq!(get(addr, "/healthz").await.0, StatusCode::OK);
 
     server.stop().await;
-    // The listener is closed once serve returns.
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    // The listener is closed once serve returns. A child process that another
+    // test forks (promtool, `dapgw health`) holds a copy of every descriptor
+    // until its exec closes them (CLOEXEC), so a connect can still land in
+    // that instant: the port must be refused within a short deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admin listener still accepts after serve returned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
