@@ -683,6 +683,22 @@ pub fn encode_records(records: &[Record]) -> Bytes {
 mod tests {
     use super::*;
 
+    /// A client with one pooled connection to a test server on `port`,
+    /// trusting the dev PKI in `dir`.
+    fn one_connection_client(dir: &std::path::Path, port: u16) -> GatewayClient {
+        GatewayClient::new(ClientOptions {
+            gateway: format!("https://localhost:{port}"),
+            tls: client_tls(
+                &dir.join("ca.pem"),
+                Some((&dir.join("gateway.pem"), &dir.join("gateway.key"))),
+            )
+            .unwrap(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+    }
+
     fn rec(cursor: u64, audience: Audience) -> Record {
         Record {
             cursor,
@@ -765,20 +781,7 @@ mod tests {
                 );
             }
         });
-        let client = GatewayClient::new(ClientOptions {
-            gateway: format!("https://localhost:{port}"),
-            tls: client_tls(
-                &dir.path().join("ca.pem"),
-                Some((
-                    &dir.path().join("gateway.pem"),
-                    &dir.path().join("gateway.key"),
-                )),
-            )
-            .unwrap(),
-            connections: 1,
-            connect_timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let client = one_connection_client(dir.path(), port);
         let first = client
             .uplink(Bytes::from_static(b"x"), Duration::from_millis(500))
             .await;
@@ -832,20 +835,7 @@ mod tests {
                 });
             }
         });
-        let client = GatewayClient::new(ClientOptions {
-            gateway: format!("https://localhost:{port}"),
-            tls: client_tls(
-                &dir.path().join("ca.pem"),
-                Some((
-                    &dir.path().join("gateway.pem"),
-                    &dir.path().join("gateway.key"),
-                )),
-            )
-            .unwrap(),
-            connections: 1,
-            connect_timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let client = one_connection_client(dir.path(), port);
         let mut first = Box::pin(client.uplink(Bytes::from_static(b"a"), Duration::from_secs(30)));
         // Polled until it is connecting, then kept but no longer polled.
         assert!(
