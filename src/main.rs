@@ -199,7 +199,8 @@ struct MembersArgs {
     /// Groups of the added member, comma separated.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<u32>,
-    /// Import a registry file written by `dapgw keys members`.
+    /// Import a registry file written by `dapgw keys members` or `dapgw
+    /// keys import-vendor`.
     #[arg(long, value_name = "FILE", conflicts_with = "add")]
     import: Option<PathBuf>,
     /// List members after this id.
@@ -262,6 +263,32 @@ enum KeysCommand {
         /// Credential file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+    /// Turn a meter vendor's key file (`id,key-hex` per line) into the UDC's
+    /// registry import file, each key imported as
+    /// `K_i = HKDF(vendor key, "dapgw v1 import")` and sealed under the
+    /// storage key (never in the clear in the file or on the operator API).
+    ImportVendor {
+        /// Directory written by `keys init` (storage.key, root.pub).
+        #[arg(long, value_name = "DIR")]
+        keys: PathBuf,
+        /// The vendor's key file.
+        #[arg(long, value_name = "FILE")]
+        vendor_keys: PathBuf,
+        /// Groups, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        groups: Vec<u32>,
+        /// Key version the imported keys get.
+        #[arg(long, default_value_t = 1)]
+        kv: u32,
+        /// Registry import file to write (load it with `dapgw udc members
+        /// --import`).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Also write the member credential file that meters holding these
+        /// vendor keys compute (for simulated meters and tests only).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<PathBuf>,
     },
 }
 
@@ -522,6 +549,32 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 "wrote {} (load it with `dapgw udc members --import`)",
                 import.display()
             );
+            Ok(())
+        }
+        KeysCommand::ImportVendor {
+            keys,
+            vendor_keys,
+            groups,
+            kv,
+            out,
+            credentials,
+        } => {
+            let done = keys_cmd::import_vendor(
+                &keys,
+                &vendor_keys,
+                &groups,
+                kv,
+                &out,
+                credentials.as_deref(),
+            )?;
+            println!(
+                "wrote {} ({} members, keys sealed, mode 0600; load it with `dapgw udc members --import`)",
+                done.import.display(),
+                done.members
+            );
+            if let Some(c) = done.credentials {
+                println!("wrote {} (member credentials, mode 0600)", c.display());
+            }
             Ok(())
         }
     }

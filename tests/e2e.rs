@@ -409,9 +409,14 @@ impl World {
 
     /// A fleet of members `ids` keeping its state in `state`.
     fn fleet(&self, ids: &[u64], state: &str) -> Fleet {
+        self.fleet_of(ids.iter().map(|id| self.credential(*id)).collect(), state)
+    }
+
+    /// A fleet of members holding `credentials`, keeping its state in `state`.
+    fn fleet_of(&self, credentials: Vec<MemberCredential>, state: &str) -> Fleet {
         Fleet::spawn(FleetConfig {
             client: self.client_options(1),
-            credentials: ids.iter().map(|id| self.credential(*id)).collect(),
+            credentials,
             agent: AgentConfig {
                 state_dir: self.path(state),
                 wait_ms: 5_000,
@@ -705,6 +710,165 @@ async fn round_readings_group_message_reconnect_and_revocation() {
     assert!(a.try_failed().is_empty());
     assert!(a.shutdown().await.is_empty());
     assert!(b.shutdown().await.is_empty());
+    assert!(gw.term().await.success());
+}
+
+/// Runs the built `dapgw` with `args`; its exit status, stdout and stderr.
+fn dapgw_cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(args)
+        .env_remove("DAPGW_ADMIN_LISTEN")
+        .env_remove("DAPGW_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Meters provisioned by their vendor: `dapgw keys import-vendor` turns
+/// the vendor's key file into a registry import file with the keys sealed
+/// under the UDC's storage key, `dapgw udc members --import` loads it, and
+/// the imported members authenticate end to end and deliver readings next
+/// to a member whose key derives from MS. A meter holding the wrong key is
+/// rejected alone; an import file sealed under another deployment's
+/// storage key is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendor_imported_members_authenticate_end_to_end() {
+    let _serial = SERIAL.lock().await;
+    let mut w = World::new();
+    let _udc = w.start_udc().await;
+    let gw = w.start_gateway(true).await;
+
+    let vendor_key = |id: u64| -> String { format!("{:02x}", id).repeat(24) };
+    let vendor = w.path("vendor.csv");
+    std::fs::write(
+        &vendor,
+        format!(
+            "id,key\n21,{}\n22,{}\n23,{}\n",
+            vendor_key(21),
+            vendor_key(22),
+            vendor_key(23)
+        ),
+    )
+    .unwrap();
+    let import = w.path("vendor-import.json");
+    let creds = w.path("vendor-creds.json");
+    let (ok, stdout, stderr) = dapgw_cli(&[
+        "keys".as_ref(),
+        "import-vendor".as_ref(),
+        "--keys".as_ref(),
+        w.keys.as_os_str(),
+        "--vendor-keys".as_ref(),
+        vendor.as_os_str(),
+        "--groups".as_ref(),
+        G.to_string().as_ref(),
+        "--out".as_ref(),
+        import.as_os_str(),
+        "--credentials".as_ref(),
+        creds.as_os_str(),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(!stdout.contains(&vendor_key(21)) && !stderr.contains(&vendor_key(21)));
+    assert!(
+        !std::fs::read_to_string(&import)
+            .unwrap()
+            .contains(&vendor_key(21)),
+        "the import file holds a vendor key"
+    );
+
+    let admin = format!("127.0.0.1:{}", w.udc_admin.port);
+    let load = |file: &Path| {
+        dapgw_cli(&[
+            "udc".as_ref(),
+            "members".as_ref(),
+            "--admin".as_ref(),
+            admin.as_ref(),
+            "--token-file".as_ref(),
+            w.path("token").as_os_str(),
+            "--import".as_ref(),
+            file.as_os_str(),
+        ])
+    };
+
+    // Sealed under another deployment's storage key: refused, nothing
+    // imported.
+    let other = w.path("other-keys");
+    keys_cmd::init(&other).unwrap();
+    let foreign = w.path("foreign-import.json");
+    keys_cmd::import_vendor(&other, &vendor, &[G], 1, &foreign, None).unwrap();
+    let (ok, stdout, stderr) = load(&foreign);
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(stdout.contains("does not open"), "{stdout}{stderr}");
+    let listed = w.op("GET", "/v1/admin/members", None).await;
+    assert_eq!(listed["members"], json!([]), "{listed}");
+
+    let (ok, stdout, stderr) = load(&import);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["imported"],
+        3,
+        "{stdout}"
+    );
+    w.import(&[20]).await;
+    let listed = w.op("GET", "/v1/admin/members", None).await;
+    let sources: BTreeMap<u64, String> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                m["key_source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        BTreeMap::from([
+            (20, "derived".to_owned()),
+            (21, "imported".to_owned()),
+            (22, "imported".to_owned()),
+            (23, "imported".to_owned()),
+        ])
+    );
+
+    // 21 and 22 hold what their vendor key imports as; 23's meter was
+    // provisioned from MS instead (a factory mix-up): only 23 fails.
+    let file: dapgw::protocol::keys::CredentialFile =
+        serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+    let mut credentials: Vec<MemberCredential> =
+        file.members.into_iter().filter(|c| c.id != 23).collect();
+    credentials.push(w.credential(20));
+    credentials.push(w.credential(23));
+    let f = w.fleet_of(credentials, "state-vendor");
+    wait_fleet(&f, "attach", |s| count(&s.attached) == 4).await;
+    w.wait_subscribed().await;
+    let round = w.open_round("psk").await;
+    wait_fleet(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    until("3 accepted and member 23 rejected", || async {
+        let rep = w.round_report(round).await;
+        let rejected: Vec<u64> = rep["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["member"].as_u64())
+            .collect();
+        if rep["accepted"] == 3 && rejected == [23] {
+            Ok(())
+        } else {
+            Err(rep.to_string())
+        }
+    })
+    .await;
+
+    for id in [20, 21, 22] {
+        f.send_reading(id).await.unwrap();
+    }
+    wait_readings(&w, &[20, 21, 22], 1).await;
+    f.shutdown().await;
     assert!(gw.term().await.success());
 }
 

@@ -418,15 +418,31 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let rows = b
                 .members
                 .into_iter()
-                .map(|m| store::MemberRow {
-                    id: m.id,
-                    groups: m.groups,
-                    key_source: store::KeySource::Derived,
-                    kv: m.kv,
-                    status: store::MemberStatus::Active,
-                    added_at_ms: now,
+                .map(|m| {
+                    if m.groups.is_empty() {
+                        return Err(bad(&format!("member {}: groups must not be empty", m.id)));
+                    }
+                    if m.kv == 0 {
+                        return Err(bad(&format!("member {}: kv must be at least 1", m.id)));
+                    }
+                    let key_source = match m.sealed_key {
+                        None => store::KeySource::Derived,
+                        Some(h) => {
+                            store::KeySource::Imported(store::Sealed::new(hex::decode(h).map_err(
+                                |_| bad(&format!("member {}: sealed_key is not hex", m.id)),
+                            )?))
+                        }
+                    };
+                    Ok(store::MemberRow {
+                        id: m.id,
+                        groups: m.groups,
+                        key_source,
+                        kv: m.kv,
+                        status: store::MemberStatus::Active,
+                        added_at_ms: now,
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<_>, _>>()?;
             let n = udc.import_members(rows).await.map_err(svc_err)?;
             Ok(json_resp(StatusCode::CREATED, json!({"imported": n})))
         }
@@ -538,6 +554,31 @@ mod tests {
                 .all(|c| c.to_string().len() < crate::admin::MAX_FALLBACK_BODY)
         );
         assert!(import_chunks(&json!({"x": 1})).is_none());
+        let empty = import_chunks(&json!({"members": []})).unwrap();
+        assert_eq!(empty, vec![json!({"members": []})]);
+    }
+
+    #[test]
+    fn imported_members_are_split_by_size() {
+        // An imported member carries a sealed key (~360 hex characters):
+        // 1000 of them would not fit the admin listener's 64 KiB.
+        let sealed = "ab".repeat(180);
+        let members: Vec<Value> = (0..1000)
+            .map(|i| json!({"id": i, "kv": 1, "groups": [1], "sealed_key": sealed}))
+            .collect();
+        let chunks = import_chunks(&json!({ "members": members })).unwrap();
+        assert!(chunks.len() > 1, "{}", chunks.len());
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.to_string().len() < crate::admin::MAX_FALLBACK_BODY)
+        );
+        let ids: Vec<u64> = chunks
+            .iter()
+            .flat_map(|c| c["members"].as_array().unwrap().clone())
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, (0..1000).collect::<Vec<u64>>());
     }
 
     #[test]
@@ -551,25 +592,36 @@ mod tests {
     }
 }
 
-/// Members per `POST /v1/admin/members/import` request: the admin listener
-/// takes bodies up to [`crate::admin::MAX_FALLBACK_BODY`] (64 KiB) and a
-/// member is about 40 bytes of JSON.
+/// Most members per `POST /v1/admin/members/import` request.
 pub const IMPORT_CHUNK: usize = 1000;
 
+/// Most bytes of JSON per import request: the admin listener takes bodies
+/// up to [`crate::admin::MAX_FALLBACK_BODY`] (64 KiB). A derived member is
+/// about 40 bytes, an imported one (with its sealed key) about 400.
+const IMPORT_CHUNK_BYTES: usize = crate::admin::MAX_FALLBACK_BODY - 4096;
+
 /// Splits a registry import body (`{"members": [...]}`, the file `dapgw keys
-/// members` writes) into bodies of at most [`IMPORT_CHUNK`] members, in
-/// order. `None` when `body` has no `members` array.
+/// members` or `keys import-vendor` writes) into bodies of at most
+/// [`IMPORT_CHUNK`] members and 60 KiB each, in order. `None` when `body`
+/// has no `members` array.
 pub fn import_chunks(body: &Value) -> Option<Vec<Value>> {
     let members = body.get("members")?.as_array()?;
-    if members.is_empty() {
-        return Some(vec![json!({"members": []})]);
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<Value> = Vec::new();
+    let mut bytes = 0;
+    for m in members {
+        let len = m.to_string().len() + 1;
+        if !chunk.is_empty() && (chunk.len() == IMPORT_CHUNK || bytes + len > IMPORT_CHUNK_BYTES) {
+            chunks.push(json!({ "members": std::mem::take(&mut chunk) }));
+            bytes = 0;
+        }
+        bytes += len;
+        chunk.push(m.clone());
     }
-    Some(
-        members
-            .chunks(IMPORT_CHUNK)
-            .map(|c| json!({ "members": c }))
-            .collect(),
-    )
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(json!({ "members": chunk }));
+    }
+    Some(chunks)
 }
 
 /// Why [`request`] failed.

@@ -6,6 +6,8 @@
 //!               signing.key (online), signing.cert (root-signed KeyCertificate)
 //! keys rotate-signing-key --> signing.key, signing.cert (key_version + 1)
 //! keys members --> credentials JSON (factory) + registry import JSON (UDC)
+//! keys import-vendor --> registry import JSON with sealed imported keys (UDC)
+//!                        [+ credentials JSON for simulated meters]
 //! ```
 //!
 //! Every file holds lowercase hex and a newline (the certificate: the hex of
@@ -18,11 +20,13 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use zeroize::Zeroizing;
 
+use super::service::member_aad;
 use crate::protocol::keys::{
-    CredentialFile, MasterSecret, MemberCredential, MemberKeyDeriver, StorageKey,
-    sign_key_certificate,
+    CredentialFile, MasterSecret, MemberCredential, MemberKey, MemberKeyDeriver, StorageKey,
+    import_member_key, sign_key_certificate,
 };
 use crate::protocol::suite::{Key16, SigningKey};
+use crate::protocol::verifier::KeySource;
 use crate::protocol::wire::KeyCertificate;
 
 /// File names written by [`init`] inside its directory.
@@ -57,6 +61,17 @@ pub enum KeysError {
     Format {
         /// The file.
         path: PathBuf,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// A line of a text file does not hold what it should (its content is
+    /// never quoted: it may hold a key).
+    #[error("{path} line {line}: {what}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// The line number, from 1.
+        line: usize,
         /// What is wrong.
         what: &'static str,
     },
@@ -222,8 +237,10 @@ pub fn rotate_signing_key(dir: &Path, root_file: Option<&Path>) -> Result<u32, K
     Ok(version)
 }
 
-/// One entry of the registry import file written by [`members`].
+/// One entry of the registry import file written by [`members`] or
+/// [`import_vendor`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImportMember {
     /// Member id.
     pub id: u64,
@@ -231,10 +248,16 @@ pub struct ImportMember {
     pub kv: u32,
     /// Groups.
     pub groups: Vec<u32>,
+    /// For a vendor-imported member: hex of its key `K_i(kv)`, sealed under
+    /// the UDC's storage key with the member's row identity (the form the
+    /// store keeps). Absent for members whose keys derive from MS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<String>,
 }
 
-/// The registry import file: `{"members": [{"id", "kv", "groups"}...]}`
-/// (no key: derived members' keys come from MS).
+/// The registry import file: `{"members": [{"id", "kv", "groups"
+/// [, "sealed_key"]}...]}` (derived members carry no key: theirs come from
+/// MS; imported members carry theirs sealed, never in the clear).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImportFile {
     /// The members.
@@ -281,6 +304,7 @@ pub fn members(
                 id,
                 kv: 1,
                 groups: groups.to_vec(),
+                sealed_key: None,
             })
             .collect(),
     };
@@ -290,6 +314,188 @@ pub fn members(
     let json = serde_json::to_vec_pretty(&import).map_err(|e| KeysError::Usage(e.to_string()))?;
     write_file(&import_path, &json, 0o644)?;
     Ok(import_path)
+}
+
+/// Key lengths a vendor key file may hold, in bytes (128 to 512 bits).
+pub const VENDOR_KEY_BYTES: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// Most members one vendor key file may hold.
+pub const VENDOR_FILE_MAX_MEMBERS: usize = 10_000_000;
+
+/// A meter vendor's per-meter key, as read from a vendor key file. Never
+/// used as a dapgw key itself: [`import_member_key`] turns it into `K_i`.
+/// Zeroized on drop; `Debug` shows the id only.
+pub struct VendorKey {
+    /// The member (meter) id.
+    pub id: u64,
+    key: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for VendorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VendorKey")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl VendorKey {
+    /// The member key `K_i(kv)` this vendor key imports as.
+    pub fn member_key(&self, kv: u32) -> MemberKey {
+        import_member_key(&self.key, self.id, kv)
+    }
+}
+
+/// Reads a vendor key file: one `id,key` per line, the id in decimal and
+/// the key in hex (16 to 64 bytes); blank lines, lines starting with `#`
+/// and a first line `id,key` are skipped. Ids must be unique. Errors name
+/// the line, never its content.
+pub fn read_vendor_keys(path: &Path) -> Result<Vec<VendorKey>, KeysError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io_err(path))?);
+    let bad = |line: usize, what: &'static str| KeysError::Line {
+        path: path.to_path_buf(),
+        line,
+        what,
+    };
+    let mut keys = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || (i == 0 && line == "id,key") {
+            continue;
+        }
+        let Some((id, key)) = line.split_once(',') else {
+            return Err(bad(i + 1, "expected `id,key`"));
+        };
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| bad(i + 1, "the id is not a decimal u64"))?;
+        let key =
+            Zeroizing::new(hex::decode(key.trim()).map_err(|_| bad(i + 1, "the key is not hex"))?);
+        if !VENDOR_KEY_BYTES.contains(&key.len()) {
+            return Err(bad(i + 1, "the key must be 16 to 64 bytes"));
+        }
+        if !seen.insert(id) {
+            return Err(bad(i + 1, "the id appears twice"));
+        }
+        if keys.len() == VENDOR_FILE_MAX_MEMBERS {
+            return Err(bad(i + 1, "more than 10,000,000 members"));
+        }
+        keys.push(VendorKey { id, key });
+    }
+    if keys.is_empty() {
+        return Err(KeysError::Format {
+            path: path.to_path_buf(),
+            what: "no member keys",
+        });
+    }
+    Ok(keys)
+}
+
+/// The sealed form of an imported key as the UDC's store keeps it: the
+/// verifier's [`KeySource::Imported`] sealed under `storage` with the
+/// member's row identity.
+fn seal_imported(
+    storage: &StorageKey,
+    id: u64,
+    kv: u32,
+    key: MemberKey,
+) -> Result<Vec<u8>, KeysError> {
+    let source = KeySource::Imported { kv, key };
+    let plain =
+        Zeroizing::new(serde_json::to_vec(&source).map_err(|e| KeysError::Usage(e.to_string()))?);
+    Ok(storage.seal_row(
+        &mut rand_core::UnwrapErr(getrandom::SysRng),
+        &member_aad(id),
+        &plain,
+    ))
+}
+
+/// What [`import_vendor`] wrote.
+#[derive(Debug)]
+pub struct VendorImport {
+    /// How many members the files hold.
+    pub members: usize,
+    /// The registry import file (0600).
+    pub import: PathBuf,
+    /// The member credential file, if asked for (0600).
+    pub credentials: Option<PathBuf>,
+}
+
+/// `dapgw keys import-vendor`: turns a meter vendor's key file into the
+/// UDC's registry import file `out` (0600), each member's key version `kv`
+/// key `K_i = import_member_key(vendor_key, id, kv)` sealed under the
+/// storage key of `keys_dir`, so the file and the operator API that loads
+/// it never carry a key in the clear. With `credentials`, also writes the
+/// member credential file (0600) that meters computing `K_i` from their
+/// vendor key hold (for simulated meters and tests; a real meter derives
+/// `K_i` in its firmware, and that file should not exist).
+pub fn import_vendor(
+    keys_dir: &Path,
+    vendor: &Path,
+    groups: &[u32],
+    kv: u32,
+    out: &Path,
+    credentials: Option<&Path>,
+) -> Result<VendorImport, KeysError> {
+    if groups.is_empty() {
+        return Err(KeysError::Usage(
+            "--groups must name at least one group".into(),
+        ));
+    }
+    if kv == 0 {
+        return Err(KeysError::Usage("--kv must be at least 1".into()));
+    }
+    let storage = load_storage_key(&keys_dir.join(files::STORAGE))?;
+    let vendor_keys = read_vendor_keys(vendor)?;
+    let members = vendor_keys
+        .iter()
+        .map(|v| {
+            Ok(ImportMember {
+                id: v.id,
+                kv,
+                groups: groups.to_vec(),
+                sealed_key: Some(hex::encode(seal_imported(
+                    &storage,
+                    v.id,
+                    kv,
+                    v.member_key(kv),
+                )?)),
+            })
+        })
+        .collect::<Result<Vec<_>, KeysError>>()?;
+    let json = serde_json::to_vec_pretty(&ImportFile { members })
+        .map_err(|e| KeysError::Usage(e.to_string()))?;
+    write_file(out, &json, 0o600)?;
+    let credentials = match credentials {
+        Some(path) => {
+            let root_public_key = *read_hex::<32>(&keys_dir.join(files::ROOT_PUB))?;
+            let creds = vendor_keys
+                .iter()
+                .map(|v| MemberCredential {
+                    id: v.id,
+                    kv,
+                    key: v.member_key(kv),
+                    groups: groups.to_vec(),
+                    root_public_key,
+                })
+                .collect();
+            let json = Zeroizing::new(
+                serde_json::to_vec_pretty(&CredentialFile::new(creds))
+                    .map_err(|e| KeysError::Usage(e.to_string()))?,
+            );
+            write_file(path, &json, 0o600)?;
+            Some(path.to_path_buf())
+        }
+        None => None,
+    };
+    Ok(VendorImport {
+        members: vendor_keys.len(),
+        import: out.to_path_buf(),
+        credentials,
+    })
 }
 
 #[cfg(test)]
@@ -363,8 +569,116 @@ mod tests {
             ImportMember {
                 id: 102,
                 kv: 1,
-                groups: vec![7, 8]
+                groups: vec![7, 8],
+                sealed_key: None,
             }
         );
+    }
+
+    fn vendor_file(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("vendor.csv");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn vendor_key_file_is_read_strictly_and_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let k16 = "a1".repeat(16);
+        let k64 = "b2".repeat(64);
+        let ok = vendor_file(
+            dir.path(),
+            &format!("id,key\n# comment\n\n5,{k16}\n 6 , {k64} \n"),
+        );
+        let keys = read_vendor_keys(&ok).unwrap();
+        assert_eq!(keys.iter().map(|k| k.id).collect::<Vec<_>>(), [5, 6]);
+        assert_eq!(
+            keys[0].member_key(1).expose(),
+            import_member_key(&[0xa1; 16], 5, 1).expose()
+        );
+        let shown = format!("{keys:?}");
+        assert!(
+            shown.contains("redacted") && !shown.contains("a1a1"),
+            "{shown}"
+        );
+
+        let secret = "c3".repeat(15);
+        for (text, line, what) in [
+            (format!("1,{k16}\n2;{secret}\n"), 2, "expected `id,key`"),
+            (format!("x,{k16}\n"), 1, "the id is not a decimal u64"),
+            (format!("1,{secret}zz\n"), 1, "the key is not hex"),
+            (format!("1,{secret}\n"), 1, "the key must be 16 to 64 bytes"),
+            (format!("1,{k64}c3\n"), 1, "the key must be 16 to 64 bytes"),
+            (format!("1,{k16}\n1,{k64}\n"), 2, "the id appears twice"),
+        ] {
+            let err = read_vendor_keys(&vendor_file(dir.path(), &text)).unwrap_err();
+            assert!(
+                matches!(&err, KeysError::Line { line: l, what: w, .. } if *l == line && *w == what),
+                "{text}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(!msg.contains("c3c3") && !msg.contains("a1a1"), "{msg}");
+        }
+        let empty = read_vendor_keys(&vendor_file(dir.path(), "id,key\n# none\n"));
+        assert!(matches!(empty, Err(KeysError::Format { .. })));
+    }
+
+    #[test]
+    fn vendor_import_seals_keys_the_udc_can_open() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let vendor = vendor_file(
+            dir.path(),
+            &format!("7,{}\n8,{}\n", "11".repeat(16), "22".repeat(32)),
+        );
+        let out = dir.path().join("import.json");
+        let creds_path = dir.path().join("creds.json");
+        let done = import_vendor(dir.path(), &vendor, &[3, 4], 2, &out, Some(&creds_path)).unwrap();
+        assert_eq!(done.members, 2);
+        #[cfg(unix)]
+        for f in [&out, &creds_path] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        let expected = import_member_key(&[0x22; 32], 8, 2);
+        assert!(!text.contains(&hex::encode(expected.expose())));
+        assert!(!text.contains(&"22".repeat(32)));
+
+        let storage = load_storage_key(&dir.path().join(files::STORAGE)).unwrap();
+        let file: ImportFile = serde_json::from_str(&text).unwrap();
+        assert_eq!(file.members.len(), 2);
+        let m = &file.members[1];
+        assert_eq!((m.id, m.kv, m.groups.as_slice()), (8, 2, &[3, 4][..]));
+        let sealed = hex::decode(m.sealed_key.as_ref().unwrap()).unwrap();
+        let plain = storage.open_row(&member_aad(8), &sealed).unwrap();
+        // The form docs/protocol.md ("Registry import file") gives.
+        assert!(plain.starts_with(br#"{"Imported":{"kv":2,"key":["#));
+        assert_eq!(&member_aad(8)[..], b"members\0\0\0\0\0\0\0\0\x08");
+        let source: KeySource = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(
+            source,
+            KeySource::Imported {
+                kv: 2,
+                key: expected.clone()
+            }
+        );
+        // Sealed under member 8's identity: it does not open as member 7's.
+        assert!(storage.open_row(&member_aad(7), &sealed).is_err());
+
+        let creds: CredentialFile =
+            serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
+        assert_eq!(creds.members[1].key.expose(), expected.expose());
+        assert_eq!(creds.members[1].kv, 2);
+
+        assert!(matches!(
+            import_vendor(dir.path(), &vendor, &[], 1, &out, None),
+            Err(KeysError::Usage(_))
+        ));
+        assert!(matches!(
+            import_vendor(dir.path(), &vendor, &[3], 0, &out, None),
+            Err(KeysError::Usage(_))
+        ));
     }
 }

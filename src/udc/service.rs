@@ -529,7 +529,32 @@ impl Udc {
 
     /// Registers members without a rekey (initial provisioning from the
     /// `dapgw keys members` import file), in transactions of 10,000.
+    ///
+    /// An imported key (sealed by `dapgw keys import-vendor`) must open
+    /// under this UDC's storage key as the member's key of version `kv`;
+    /// otherwise nothing is imported (400).
     pub async fn import_members(&self, rows: Vec<store::MemberRow>) -> Result<usize, ServiceError> {
+        for row in &rows {
+            if let store::KeySource::Imported(sealed) = &row.key_source {
+                let opened = self
+                    .storage
+                    .open_row(&member_aad(row.id), sealed.as_bytes())
+                    .ok()
+                    .and_then(|plain| {
+                        serde_json::from_slice::<crate::protocol::verifier::KeySource>(&plain).ok()
+                    });
+                match opened {
+                    Some(crate::protocol::verifier::KeySource::Imported { kv, .. })
+                        if kv == row.kv => {}
+                    _ => {
+                        return Err(ServiceError::BadRequest(format!(
+                            "member {}: sealed_key does not open under this UDC's storage key as its key version {}",
+                            row.id, row.kv
+                        )));
+                    }
+                }
+            }
+        }
         let _guard = self.lock.lock().await;
         let n = rows.len();
         let mut rows = rows.into_iter().peekable();
@@ -1542,7 +1567,7 @@ fn stored_is_none(log: &OneLog) -> bool {
 }
 
 /// The sealing identity of an imported member key.
-fn member_aad(id: u64) -> Vec<u8> {
+pub(crate) fn member_aad(id: u64) -> Vec<u8> {
     let mut v = b"members\0".to_vec();
     v.extend_from_slice(&id.to_be_bytes());
     v
