@@ -548,16 +548,8 @@ impl World {
         if s != 200 {
             return None;
         }
-        metric(&text, series)
+        dapgw::admin::MetricsPage::parse(&text).get(series)
     }
-}
-
-/// The value of the first line of `text` whose series is `series`.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn count(a: &std::sync::atomic::AtomicU64) -> u64 {
