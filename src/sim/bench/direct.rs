@@ -209,6 +209,43 @@ where
     };
 }
 
+/// Accepts TCP connections on `listener` until aborted, counting their
+/// bytes in `traffic`, and serves each with [`serve_http`] after the TLS
+/// handshake (a failed handshake closes that connection only).
+pub(crate) fn serve_tls<F, Fut>(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    traffic: Arc<Traffic>,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>, Option<Arc<str>>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                // Out of descriptors, say: back off instead of spinning.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let traffic = traffic.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(Counting::new(tcp, traffic)).await else {
+                    return;
+                };
+                serve_http(tls, handler).await;
+            });
+        }
+    })
+}
+
 /// `dapgw bench role udc`.
 pub(crate) async fn udc(args: UdcArgs) -> anyhow::Result<()> {
     let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -228,23 +265,9 @@ pub(crate) async fn udc(args: UdcArgs) -> anyhow::Result<()> {
         seen: (0..args.members).map(|_| AtomicU8::new(0)).collect(),
     });
     emit(json!({"event": "ready", "addr": listener.local_addr()?.to_string()}));
-    let accept_state = state.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let state = accept_state.clone();
-            tokio::spawn(async move {
-                let io = Counting::new(tcp, state.traffic.clone());
-                let Ok(tls) = acceptor.accept(io).await else {
-                    return;
-                };
-                serve_http(tls, move |req, peer| udc_handle(req, peer, state.clone())).await;
-            });
-        }
+    let handler_state = state.clone();
+    let accept = serve_tls(listener, acceptor, state.traffic.clone(), move |req, peer| {
+        udc_handle(req, peer, handler_state.clone())
     });
     let res = ControlIn::new().serve(|| state.counters()).await;
     accept.abort();

@@ -19,8 +19,8 @@ use rustls_pki_types::ServerName;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
-use super::direct::{MAX_BODY, MEMBER_HEADER, serve_http};
-use super::{ControlIn, Counting, GatewayArgs, RoleLaunch, Scenario, Traffic, emit};
+use super::direct::{MAX_BODY, MEMBER_HEADER, serve_tls};
+use super::{ControlIn, GatewayArgs, RoleLaunch, Scenario, Traffic, emit};
 
 /// The `hop-by-hop` scenario.
 pub(crate) fn scenario() -> Scenario {
@@ -166,23 +166,9 @@ pub(crate) async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         upstream,
     });
     emit(json!({"event": "ready", "addr": listener.local_addr()?.to_string()}));
-    let accept_state = state.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let state = accept_state.clone();
-            tokio::spawn(async move {
-                let io = Counting::new(tcp, state.traffic.clone());
-                let Ok(tls) = acceptor.accept(io).await else {
-                    return;
-                };
-                serve_http(tls, move |req, peer| handle(req, peer, state.clone())).await;
-            });
-        }
+    let handler_state = state.clone();
+    let accept = serve_tls(listener, acceptor, state.traffic.clone(), move |req, peer| {
+        handle(req, peer, handler_state.clone())
     });
     let counters = || {
         let mut m = Map::new();
