@@ -618,6 +618,18 @@ impl GatewayConfig {
         if let Some(ca) = &self.member_client_ca {
             p.file("member_client_ca", ca);
         }
+        check_tls_pair(p, ("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key));
+        if let Some(ca) = &self.member_client_ca {
+            check_roots(p, "member_client_ca", ca);
+        }
+        check_roots(p, "upstream_ca", &self.upstream_ca);
+        if check_tls_pair(
+            p,
+            ("upstream_client_cert", &self.upstream_client_cert),
+            ("upstream_client_key", &self.upstream_client_key),
+        ) {
+            check_gateway_identity(p, &self.gateway_id, &self.upstream_client_cert);
+        }
         if self.spool_dir.as_os_str().is_empty() {
             p.push("spool_dir", "must not be empty");
         }
@@ -697,6 +709,8 @@ impl UdcConfig {
         p.file("tls_cert", &self.tls_cert);
         p.file("tls_key", &self.tls_key);
         p.file("client_ca", &self.client_ca);
+        check_tls_pair(p, ("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key));
+        check_roots(p, "client_ca", &self.client_ca);
         if let Some(f) = &self.admin_token_file {
             p.file("admin_token_file", f);
         }
@@ -705,6 +719,7 @@ impl UdcConfig {
         p.file("storage_key_file", &self.storage_key_file);
         p.file("signing_key_file", &self.signing_key_file);
         p.file("key_cert_file", &self.key_cert_file);
+        check_udc_keys(p, self);
         p.positive_ms("localize_timeout_ms", self.localize_timeout_ms);
         p.positive_ms("drain_grace_ms", self.drain_grace_ms);
         check_body(p, self.max_body_bytes);
@@ -712,6 +727,116 @@ impl UdcConfig {
             p.push("admin_listen", "must differ from DAPGW_LISTEN");
         }
         check_log(p, &self.log);
+    }
+}
+
+/// Loads a certificate chain and its key (when both files exist, which
+/// `Problems::file` checks) so that a file holding the wrong thing, or a key
+/// that does not match its certificate, stops startup before any port is
+/// bound. True when the pair is usable.
+fn check_tls_pair(p: &mut Problems, cert: (&str, &Path), key: (&str, &Path)) -> bool {
+    use crate::tls::TlsError;
+    if !cert.1.is_file() || !key.1.is_file() {
+        return false;
+    }
+    match crate::tls::ReloadableCert::load(cert.1, key.1) {
+        Ok(_) => true,
+        Err(e) => {
+            let var = match &e {
+                TlsError::NoPrivateKey { .. } | TlsError::Key { .. } => key.0,
+                TlsError::Read { path, .. } | TlsError::Pem { path, .. } if path == key.1 => key.0,
+                _ => cert.0,
+            };
+            let message = match &e {
+                TlsError::Key { source, .. } => format!(
+                    "`{}` cannot be used with the certificate in {}: {source}",
+                    key.1.display(),
+                    var_name(cert.0)
+                ),
+                other => other.to_string(),
+            };
+            p.push(var, message);
+            false
+        }
+    }
+}
+
+/// Reads the UDC's key files (those that exist) as the UDC will, so a file
+/// holding the wrong thing stops startup before any port is bound; the
+/// online key must be the one its certificate certifies. Messages never
+/// quote a file's content.
+fn check_udc_keys(p: &mut Problems, c: &UdcConfig) {
+    use crate::udc::keys_cmd;
+    fn show(e: keys_cmd::KeysError) -> String {
+        e.to_string()
+    }
+    if c.master_secret_file.is_file()
+        && let Err(e) = keys_cmd::load_master(&c.master_secret_file)
+    {
+        p.push("master_secret_file", show(e));
+    }
+    if c.storage_key_file.is_file()
+        && let Err(e) = keys_cmd::load_storage_key(&c.storage_key_file)
+    {
+        p.push("storage_key_file", show(e));
+    }
+    let signing = c
+        .signing_key_file
+        .is_file()
+        .then(|| keys_cmd::load_signing_key(&c.signing_key_file));
+    let cert = c
+        .key_cert_file
+        .is_file()
+        .then(|| keys_cmd::load_key_cert(&c.key_cert_file));
+    match (signing, cert) {
+        (Some(Err(e)), _) => p.push("signing_key_file", show(e)),
+        (_, Some(Err(e))) => p.push("key_cert_file", show(e)),
+        (Some(Ok(key)), Some(Ok(cert))) if cert.public_key != key.verifying_key().to_bytes() => {
+            p.push(
+                "key_cert_file",
+                "certifies another public key than the one of DAPGW_SIGNING_KEY_FILE",
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Loads a CA file as trust anchors (when it exists).
+fn check_roots(p: &mut Problems, key: &str, path: &Path) {
+    if path.is_file()
+        && let Err(e) = crate::tls::load_roots(path)
+    {
+        p.push(key, e.to_string());
+    }
+}
+
+/// The UDC identifies a gateway by its client certificate (the first DNS
+/// name, or the CN) and refuses every batch whose gateway id differs: a
+/// gateway whose `DAPGW_GATEWAY_ID` is not its certificate's identity could
+/// never deliver anything, so it does not start.
+fn check_gateway_identity(p: &mut Problems, gateway_id: &str, cert: &Path) {
+    if gateway_id.is_empty() {
+        return; // reported as required
+    }
+    let Ok(chain) = crate::tls::load_certs(cert) else {
+        return;
+    };
+    let identity = chain
+        .first()
+        .and_then(|leaf| crate::tls::identity_from_der(leaf));
+    match identity {
+        Some(id) if id == gateway_id => {}
+        Some(id) => p.push(
+            "gateway_id",
+            format!(
+                "`{gateway_id}` is not the identity `{id}` of the client certificate in \
+                 DAPGW_UPSTREAM_CLIENT_CERT; the UDC would refuse every batch"
+            ),
+        ),
+        None => p.push(
+            "upstream_client_cert",
+            "the leaf certificate names no DNS subjectAltName or printable CN; the UDC could not identify this gateway",
+        ),
     }
 }
 

@@ -14,9 +14,71 @@ use dapgw::config::{
 use dapgw::telemetry::LogFormat;
 use figment::Jail;
 
-/// Creates an empty file (validation only checks that paths exist).
+/// Real key material for the files a valid configuration names: a
+/// development PKI (CA, server certificate, client certificate of gateway
+/// `gw-1`) and a UDC key directory, made once per test binary. Validation
+/// loads them, so placeholders would be refused.
+fn material() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = IDENTITIES.map(String::from);
+        dapgw::tls::dev_pki::generate(&dir.path().join("pki"), &[], &ids).unwrap();
+        dapgw::udc::keys_cmd::init(&dir.path().join("keys")).unwrap();
+        dir
+    })
+    .path()
+}
+
+/// Gateway ids the tests use, each with a client certificate in
+/// [`material`].
+const IDENTITIES: [&str; 7] = [
+    "gw-1",
+    "substation.7_b-x",
+    "from-env",
+    "0017",
+    "1.50",
+    "true",
+    "0099",
+];
+
+/// Points the upstream client certificate and key at gateway `id`'s (the
+/// gateway id must be its certificate's identity).
+fn use_identity(jail: &mut Jail, id: &str) {
+    for (var, ext) in [
+        ("DAPGW_UPSTREAM_CLIENT_CERT", "pem"),
+        ("DAPGW_UPSTREAM_CLIENT_KEY", "key"),
+    ] {
+        let text =
+            std::fs::read_to_string(material().join(format!("pki/client-{id}.{ext}"))).unwrap();
+        let name = format!("id-{id}.{ext}");
+        jail.create_file(&name, &text).unwrap();
+        jail.set_env(var, name);
+    }
+}
+
+/// Creates `name` in the jail holding what a file of that name holds in a
+/// valid configuration (by name: CA, certificate, key, UDC key file).
 fn touch(jail: &Jail, name: &str) -> String {
-    jail.create_file(name, "placeholder").unwrap();
+    let source = match name {
+        "udc-ca.pem" | "ca2.pem" | "member-ca.pem" | "b.pem" | "gw-ca.pem" => "pki/ca.pem",
+        "gw.pem" => "pki/client-gw-1.pem",
+        "gw.key" => "pki/client-gw-1.key",
+        "c2.pem" => "pki/client-substation.7_b-x.pem",
+        "k2.pem" => "pki/client-substation.7_b-x.key",
+        "server.pem" | "s2.pem" | "a.pem" => "pki/server.pem",
+        "server.key" | "s2.key" | "a.key" => "pki/server.key",
+        "ms.bin" | "ms2" => "keys/master.key",
+        "storage.key" | "sk2" => "keys/storage.key",
+        "signing.key" | "sig2" => "keys/signing.key",
+        "key.cert" | "kc2" => "keys/signing.cert",
+        _ => {
+            jail.create_file(name, "placeholder").unwrap();
+            return name.to_string();
+        }
+    };
+    let text = std::fs::read_to_string(material().join(source)).unwrap();
+    jail.create_file(name, &text).unwrap();
     name.to_string()
 }
 
@@ -505,6 +567,7 @@ fn toml_then_env_precedence() {
         )?;
         jail.set_env("DAPGW_CHUNK_SIZE", "16");
         jail.set_env("DAPGW_GATEWAY_ID", "from-env");
+        use_identity(jail, "from-env");
         let c = load_gateway(Some(Path::new("gw.toml"))).unwrap();
         assert_eq!(c.batch_linger_ms, 300, "TOML over default");
         assert_eq!(c.spool_max_bytes, ByteSize(512 << 20));
@@ -537,20 +600,25 @@ fn numeric_looking_strings_keep_their_text() {
     Jail::expect_with(|jail| {
         gateway_env(jail);
         jail.set_env("DAPGW_GATEWAY_ID", "0017");
+        use_identity(jail, "0017");
         assert_eq!(load_gateway(None).unwrap().gateway_id, "0017");
         jail.set_env("DAPGW_GATEWAY_ID", "1.50");
+        use_identity(jail, "1.50");
         assert_eq!(load_gateway(None).unwrap().gateway_id, "1.50");
         jail.set_env("DAPGW_GATEWAY_ID", "true");
+        use_identity(jail, "true");
         assert_eq!(load_gateway(None).unwrap().gateway_id, "true");
         // Paths that look like numbers or TOML arrays stay paths.
         jail.set_env("DAPGW_SPOOL_DIR", "[1]");
         assert_eq!(load_gateway(None).unwrap().spool_dir, Path::new("[1]"));
-        jail.create_file("0042", "x")?;
+        let server_pem = std::fs::read_to_string(material().join("pki/server.pem")).unwrap();
+        jail.create_file("0042", &server_pem)?;
         jail.set_env("DAPGW_TLS_CERT", "0042");
         assert_eq!(load_gateway(None).unwrap().tls_cert, Path::new("0042"));
 
         jail.create_file("gw.toml", "gateway_id = \"0099\"\n")?;
         jail.set_env("DAPGW_GATEWAY_ID", "");
+        use_identity(jail, "0099");
         let c = load_gateway(Some(Path::new("gw.toml"))).unwrap();
         assert_eq!(c.gateway_id, "0099");
         Ok(())
@@ -595,6 +663,67 @@ fn debug_and_errors_print_no_secret() {
     });
 }
 
+/// TLS material and UDC key files are loaded during validation: a file
+/// that exists but holds the wrong thing, a key that is not its
+/// certificate's, or a gateway id that is not its certificate's identity
+/// is refused naming the variable (exit 64 before any port is bound, see
+/// `cli_refuses_unusable_tls_material_before_binding`).
+#[test]
+fn unusable_tls_and_key_files_are_refused_naming_their_variable() {
+    Jail::expect_with(|jail| {
+        gateway_env(jail);
+        // The UDC would refuse every batch of a gateway whose id is not its
+        // certificate's.
+        jail.set_env("DAPGW_GATEWAY_ID", "gw-2");
+        let err = gw_err();
+        assert!(err.names("DAPGW_GATEWAY_ID"), "{err}");
+        assert!(err.to_string().contains("`gw-1`"), "{err}");
+
+        gateway_env(jail);
+        jail.create_file("garbage.pem", "not a certificate")?;
+        jail.set_env("DAPGW_TLS_CERT", "garbage.pem");
+        let err = gw_err();
+        assert!(err.names("DAPGW_TLS_CERT"), "{err}");
+
+        gateway_env(jail);
+        // The server's key with the gateway's client certificate.
+        jail.set_env("DAPGW_UPSTREAM_CLIENT_KEY", touch(jail, "server.key"));
+        let err = gw_err();
+        assert!(err.names("DAPGW_UPSTREAM_CLIENT_KEY"), "{err}");
+        assert!(!err.names("DAPGW_GATEWAY_ID"), "{err}");
+
+        gateway_env(jail);
+        jail.set_env("DAPGW_UPSTREAM_CA", "garbage.pem");
+        assert!(gw_err().names("DAPGW_UPSTREAM_CA"));
+        jail.set_env("DAPGW_UPSTREAM_CA", touch(jail, "udc-ca.pem"));
+        jail.set_env("DAPGW_MEMBER_CLIENT_CA", "garbage.pem");
+        assert!(gw_err().names("DAPGW_MEMBER_CLIENT_CA"));
+
+        udc_env(jail);
+        jail.create_file("short.key", "abcd\n")?;
+        jail.set_env("DAPGW_MASTER_SECRET_FILE", "short.key");
+        jail.set_env("DAPGW_STORAGE_KEY_FILE", "short.key");
+        jail.set_env("DAPGW_CLIENT_CA", "garbage.pem");
+        let err = udc_err();
+        for var in [
+            "DAPGW_MASTER_SECRET_FILE",
+            "DAPGW_STORAGE_KEY_FILE",
+            "DAPGW_CLIENT_CA",
+        ] {
+            assert!(err.names(var), "{var}: {err}");
+        }
+
+        // An online key that its certificate does not certify.
+        udc_env(jail);
+        jail.create_file("other.key", &format!("{}\n", "11".repeat(32)))?;
+        jail.set_env("DAPGW_SIGNING_KEY_FILE", "other.key");
+        let err = udc_err();
+        assert!(err.names("DAPGW_KEY_CERT_FILE"), "{err}");
+        assert!(!err.to_string().contains(&"11".repeat(32)), "{err}");
+        Ok(())
+    });
+}
+
 /// The `dapgw` binary with a clean environment.
 fn dapgw(dir: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"));
@@ -633,6 +762,34 @@ fn cli_exits_64_naming_every_bad_variable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn cli_refuses_unusable_tls_material_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dapgw::tls::dev_pki::generate(dir.path(), &[], &["gw-1".into()]).unwrap();
+    // Held: a gateway that got as far as binding would fail with exit 1.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let out = dapgw(dir.path())
+        .args(["gateway"])
+        .env("DAPGW_UPSTREAM_URL", "https://localhost:9443")
+        .env("DAPGW_UPSTREAM_CA", &pki.ca_cert)
+        .env("DAPGW_UPSTREAM_CLIENT_CERT", &pki.clients[0].1)
+        .env("DAPGW_UPSTREAM_CLIENT_KEY", &pki.clients[0].2)
+        .env("DAPGW_GATEWAY_ID", "gw-2")
+        .env("DAPGW_TLS_CERT", &garbage)
+        .env("DAPGW_TLS_KEY", &pki.server_key)
+        .env("DAPGW_LISTEN", held.local_addr().unwrap().to_string())
+        .env("DAPGW_SPOOL_DIR", dir.path().join("spool"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for var in ["DAPGW_GATEWAY_ID", "DAPGW_TLS_CERT"] {
+        assert!(err.contains(var), "{var} not named: {err}");
+    }
 }
 
 #[test]

@@ -19,10 +19,23 @@ fn demo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
 
 #[test]
 fn demo_runs_every_step_and_reports_json() {
-    let members = 24u64;
+    run_and_check(24, "psk");
+}
+
+/// The same six steps with an ephemeral X25519 exchange in every session.
+#[test]
+fn demo_runs_in_psk_ecdhe_mode() {
+    run_and_check(12, "psk-ecdhe");
+}
+
+/// Runs the demo with `members` in `mode` and checks its JSON summary
+/// field by field.
+fn run_and_check(members: u64, mode: &str) {
     let (status, stdout, stderr) = demo(&[
         "--members",
         &members.to_string(),
+        "--mode",
+        mode,
         "--json",
         "--step-timeout-s",
         "90",
@@ -32,7 +45,7 @@ fn demo_runs_every_step_and_reports_json() {
         .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
     assert_eq!(v["ok"], true, "{v:#}");
     assert_eq!(v["members"], members);
-    assert_eq!(v["mode"], "psk");
+    assert_eq!(v["mode"], mode);
     assert_eq!(v["authenticated"], members, "step 1: every member");
     // Step 2 (read round) and step 3 (unsolicited): one reading each.
     assert_eq!(v["readings_delivered"], 2 * members);

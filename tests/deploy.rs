@@ -719,22 +719,45 @@ fn readme_documents_the_defaults() {
     }
 }
 
-/// The README's short gateway table: real variables, in the reference
-/// table's order, with the true defaults.
+/// The README's short gateway and UDC tables: real variables, in the
+/// reference table's order, with the true defaults, every required one.
 #[test]
 fn readme_deployment_section_states_true_defaults() {
     let readme = read("README.md");
-    let rows = readme_table(&readme, "### Gateway settings");
-    assert!(rows.len() >= 10, "{rows:?}");
-    let all: Vec<String> = config::gateway_variables().map(|v| v.0).collect();
-    let defaults = serde_json::to_value(GatewayConfig::default()).unwrap();
+    readme_short_table(
+        &readme,
+        "### Gateway settings",
+        config::gateway_variables().map(|v| v.0).collect(),
+        serde_json::to_value(GatewayConfig::default()).unwrap(),
+    );
+    readme_short_table(
+        &readme,
+        "### UDC settings",
+        config::udc_variables().map(|v| v.0).collect(),
+        serde_json::to_value(config::UdcConfig::default()).unwrap(),
+    );
+    let any: BTreeSet<String> = config::gateway_variables()
+        .chain(config::udc_variables())
+        .map(|v| v.0)
+        .chain([config::CONFIG_VAR.to_string()])
+        .collect();
+    for v in dapgw_variables(&readme) {
+        assert!(any.contains(&v), "README: {v} is not a dapgw variable");
+    }
+}
+
+/// Checks the README table under `heading` against the service's
+/// variables `all` (in order) and `defaults`.
+fn readme_short_table(readme: &str, heading: &str, all: Vec<String>, defaults: Value) {
+    let rows = readme_table(readme, heading);
+    assert!(rows.len() >= 8, "{heading}: {rows:?}");
     let mut last = 0;
     for (var, cell) in &rows {
         let at = all
             .iter()
             .position(|v| v == var)
-            .unwrap_or_else(|| panic!("README: {var} is not a gateway variable"));
-        assert!(at >= last, "README: {var} out of order");
+            .unwrap_or_else(|| panic!("README {heading}: {var} is not one of its variables"));
+        assert!(at >= last, "README {heading}: {var} out of order");
         last = at;
         let key = var
             .strip_prefix(config::ENV_PREFIX)
@@ -749,16 +772,11 @@ fn readme_deployment_section_states_true_defaults() {
             .unwrap()
             .to_ascii_lowercase();
         if default_cell(defaults.get(&key)) == "required" {
-            assert!(rows.iter().any(|r| &r.0 == var), "README misses {var}");
+            assert!(
+                rows.iter().any(|r| &r.0 == var),
+                "README {heading} misses {var}"
+            );
         }
-    }
-    let any: BTreeSet<String> = config::gateway_variables()
-        .chain(config::udc_variables())
-        .map(|v| v.0)
-        .chain([config::CONFIG_VAR.to_string()])
-        .collect();
-    for v in dapgw_variables(&readme) {
-        assert!(any.contains(&v), "README: {v} is not a dapgw variable");
     }
 }
 
@@ -2289,13 +2307,16 @@ fn env_example_and_configmap_start_a_gateway() {
     let out = run(Command::new(bin)
         .args(["keys", "dev-pki", "--out"])
         .arg(&pki)
-        .args(["--client", "gw-1"]));
+        // A client certificate for each gateway id the files set: the
+        // gateway refuses to start with an id that is not its certificate's.
+        .args(["--client", "substation-0017", "--client", "dapgw-gateway-0"]));
     assert_ok("dapgw keys dev-pki", &out);
-    // The file names deploy/ uses for the gateway's TLS material.
+    // The file names deploy/ uses for the gateway's TLS material (the
+    // client certificate is the one of the file's gateway id).
     let files = [
         ("upstream-ca.pem", "ca.pem"),
-        ("client.pem", "client-gw-1.pem"),
-        ("client.key", "client-gw-1.key"),
+        ("client.pem", "client-{id}.pem"),
+        ("client.key", "client-{id}.key"),
         ("server.pem", "server.pem"),
         ("server.key", "server.key"),
     ];
@@ -2309,6 +2330,12 @@ fn env_example_and_configmap_start_a_gateway() {
     ] {
         let mut settings = settings_of(file);
         settings.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
+        let id = settings
+            .iter()
+            .rev()
+            .find(|s| s.0 == "DAPGW_GATEWAY_ID")
+            .map(|s| s.1.clone())
+            .unwrap_or_else(|| panic!("{file}: no DAPGW_GATEWAY_ID"));
         let admin = free_port();
         let mut cmd = Command::new(bin);
         for (k, _) in std::env::vars() {
@@ -2331,7 +2358,7 @@ fn env_example_and_configmap_start_a_gateway() {
                             .find(|f| f.0 == name)
                             .unwrap_or_else(|| panic!("{file}: unknown file {name}"))
                             .1;
-                        pki.join(dev).display().to_string()
+                        pki.join(dev.replace("{id}", &id)).display().to_string()
                     }
                     None => v.clone(),
                 },

@@ -266,9 +266,12 @@ pub(crate) async fn udc(args: UdcArgs) -> anyhow::Result<()> {
     });
     emit(json!({"event": "ready", "addr": listener.local_addr()?.to_string()}));
     let handler_state = state.clone();
-    let accept = serve_tls(listener, acceptor, state.traffic.clone(), move |req, peer| {
-        udc_handle(req, peer, handler_state.clone())
-    });
+    let accept = serve_tls(
+        listener,
+        acceptor,
+        state.traffic.clone(),
+        move |req, peer| udc_handle(req, peer, handler_state.clone()),
+    );
     let res = ControlIn::new().serve(|| state.counters()).await;
     accept.abort();
     res

@@ -167,9 +167,12 @@ pub(crate) async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     });
     emit(json!({"event": "ready", "addr": listener.local_addr()?.to_string()}));
     let handler_state = state.clone();
-    let accept = serve_tls(listener, acceptor, state.traffic.clone(), move |req, peer| {
-        handle(req, peer, handler_state.clone())
-    });
+    let accept = serve_tls(
+        listener,
+        acceptor,
+        state.traffic.clone(),
+        move |req, peer| handle(req, peer, handler_state.clone()),
+    );
     let counters = || {
         let mut m = Map::new();
         state.traffic.fill(&mut m);
