@@ -1148,7 +1148,7 @@ async fn post(c: &GatewayClient, msg: Bytes) {
 /// from MS, nor the group message's plaintext; the scan does find what the
 /// gateway does hold in plaintext (an attached member id, the challenge).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_memory_holds_no_key() {
+async fn gateway_memory_and_udc_store_hold_no_key() {
     let _serial = SERIAL.lock().await;
     let mut w = World::new();
     let _udc = w.start_udc().await;
@@ -1278,6 +1278,25 @@ async fn gateway_memory_holds_no_key() {
         "key material in the gateway's memory: {found:?}"
     );
     assert!(gw.term().await.success());
+
+    // At rest: the UDC seals sessions and group keys under the storage
+    // key, so none of the same keys is in its database files in the
+    // clear (the main file, and the WAL that holds the latest writes).
+    let files: Vec<Vec<u8>> = ["udc.sqlite3", "udc.sqlite3-wal"]
+        .iter()
+        .filter_map(|f| std::fs::read(w.path(f)).ok())
+        .collect();
+    let store_controls = vec![("schema".to_string(), b"CREATE TABLE".to_vec())];
+    assert_eq!(
+        find_all(&files, &store_controls).len(),
+        1,
+        "the scan does not see the UDC's database"
+    );
+    let found = find_all(&files, &needles);
+    assert!(
+        found.is_empty(),
+        "key material in the clear in the UDC's store: {found:?}"
+    );
 }
 
 /// A round whose challenge the gateway relayed before a SIGKILL: after the
