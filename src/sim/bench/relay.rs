@@ -45,29 +45,64 @@ async fn forward(client: TcpStream, upstream: std::net::SocketAddr, traffic: Arc
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
 
+/// A counting relay running as a task: what every connection to
+/// [`addr`](Self::addr) sends is forwarded to the upstream and counted in
+/// [`traffic`](Self::traffic) (`bytes_in`: what the upstream receives, TLS
+/// records included). Stops when dropped.
+pub(crate) struct Relay {
+    /// Where the relay listens.
+    pub(crate) addr: std::net::SocketAddr,
+    /// Bytes and connections so far.
+    pub(crate) traffic: Arc<Traffic>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Binds `listen` and forwards every connection to `upstream`.
+    pub(crate) async fn spawn(
+        listen: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let addr = listener.local_addr()?;
+        let traffic: Arc<Traffic> = Arc::default();
+        let accept_traffic = traffic.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, _)) => {
+                        tokio::spawn(forward(tcp, upstream, accept_traffic.clone()));
+                    }
+                    // Out of descriptors, say: back off instead of spinning.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            traffic,
+            accept,
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
 /// `dapgw bench role relay`.
 pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let traffic: Arc<Traffic> = Arc::default();
-    emit(json!({"event": "ready", "addr": listener.local_addr()?.to_string()}));
-    let accept_traffic = traffic.clone();
-    let upstream = args.upstream;
-    let accept = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(forward(tcp, upstream, accept_traffic.clone()));
-        }
-    });
+    let relay = Relay::spawn(args.listen, args.upstream).await?;
+    emit(json!({"event": "ready", "addr": relay.addr.to_string()}));
+    let traffic = relay.traffic.clone();
     let counters = || {
         let mut m = Map::new();
         traffic.fill(&mut m);
         Value::Object(m)
     };
-    let res = ControlIn::new().serve(counters).await;
-    accept.abort();
-    res
+    ControlIn::new().serve(counters).await
 }
