@@ -2,6 +2,7 @@
 //! 127.0.0.1:0, readiness transitions, the `dapgw health` probe, and
 //! `promtool check metrics` on both services' metric pages.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -366,7 +367,11 @@ async fn promtool_accepts_both_metric_pages() {
                     Ok("true"),
                     "promtool is required in CI (apt-get install prometheus)"
                 );
-                eprintln!("skipped: promtool not installed (apt-get install prometheus)");
+                // Straight to stderr: libtest captures `eprintln!` of a passing test.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipped: promtool not installed (apt-get install prometheus)"
+                );
                 return;
             }
         }
@@ -379,7 +384,12 @@ async fn promtool_rejects_a_bad_page() {
     let page = "# HELP dapgw_bad Bad.\n# TYPE dapgw_bad counter\ndapgw_bad 1\n";
     match promtool_check(page) {
         Some((ok, out)) => assert!(!ok, "promtool accepted a bad page: {out}"),
-        None => eprintln!("skipped: promtool not installed (apt-get install prometheus)"),
+        None => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: promtool not installed (apt-get install prometheus)"
+            );
+        }
     }
 }
 

@@ -51,7 +51,11 @@ fn require(tool: &str, install: &str) -> Option<PathBuf> {
     });
     if found.is_none() {
         assert!(!in_ci(), "{tool} is required in CI ({install})");
-        eprintln!("skipped: {tool} is not installed ({install})");
+        // Straight to stderr: libtest captures `eprintln!` of a passing test.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: {tool} is not installed ({install})"
+        );
     }
     found
 }
