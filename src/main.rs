@@ -161,6 +161,22 @@ enum RoundOp {
     },
     /// List schedules.
     Schedules(TargetOnly),
+    /// Delete a schedule.
+    Unschedule {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The schedule id (from `schedules`).
+        id: u64,
+    },
+    /// Close an open round now (members not heard from count as missing).
+    Close {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The group.
+        group: u32,
+        /// The round.
+        round: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +237,10 @@ struct ReadingsArgs {
     /// To (unix ms, exclusive).
     #[arg(long, default_value_t = u64::MAX)]
     to: u64,
+    /// At most this many (1 to 10000); `"truncated": true` says there are
+    /// more: ask again with `--from` the last one's `ts_ms`.
+    #[arg(long, default_value_t = 10_000)]
+    limit: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -623,6 +643,19 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 Some(json!({"group": group, "every_s": every_s, "mode": mode, "purpose": purpose})),
             ),
             RoundOp::Schedules(t) => (t.target, "GET", "/v1/admin/schedules".to_string(), None),
+            RoundOp::Unschedule { target, id } => {
+                (target, "DELETE", format!("/v1/admin/schedules/{id}"), None)
+            }
+            RoundOp::Close {
+                target,
+                group,
+                round,
+            } => (
+                target,
+                "POST",
+                format!("/v1/admin/rounds/{group}/{round}/close"),
+                None,
+            ),
         },
         UdcOp::Update(u) => match (u.show, u.payload_file) {
             (Some(seq), _) => (
@@ -681,8 +714,8 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             r.target,
             "GET",
             format!(
-                "/v1/admin/readings?member={}&from={}&to={}",
-                r.member, r.from, r.to
+                "/v1/admin/readings?member={}&from={}&to={}&limit={}",
+                r.member, r.from, r.to, r.limit
             ),
             None,
         ),

@@ -864,6 +864,197 @@ async fn vendor_imported_members_authenticate_end_to_end() {
     assert!(gw.term().await.success());
 }
 
+/// `dapgw udc OP... --admin A --token-file T` as an operator runs it; the
+/// JSON it prints (it must succeed).
+fn udc_cli(w: &World, op: &[&str]) -> Value {
+    let (ok, stdout, stderr) = udc_cli_raw(w, op);
+    assert!(ok, "dapgw udc {op:?}: {stdout}{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{op:?}: {e}: {stdout}"))
+}
+
+fn udc_cli_raw(w: &World, op: &[&str]) -> (bool, String, String) {
+    let admin = format!("127.0.0.1:{}", w.udc_admin.port);
+    let token = w.path("token");
+    let mut args: Vec<&std::ffi::OsStr> = vec!["udc".as_ref()];
+    args.extend(op.iter().map(|a| std::ffi::OsStr::new(*a)));
+    args.extend([
+        "--admin".as_ref(),
+        admin.as_ref(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+    ]);
+    dapgw_cli(&args)
+}
+
+/// Every operator subcommand of `dapgw udc` against a running UDC with a
+/// gateway and members: members (import, add, list), rounds (start, show
+/// with per-gateway results, close), schedules (add, list, delete),
+/// updates (send, show acks), readings (with a limit), revoke, gateways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_runs_every_operation() {
+    let _serial = SERIAL.lock().await;
+    let mut w = World::new();
+    let _udc = w.start_udc().await;
+    let gw = w.start_gateway(true).await;
+
+    // Members: 1 and 2 from `keys members`' import file, 3 added by hand
+    // (it stays offline).
+    let creds = w.path("creds.json");
+    let keys = w.keys.to_str().unwrap().to_owned();
+    let (ok, out, err) = dapgw_cli(
+        &[
+            "keys",
+            "members",
+            "--keys",
+            &keys,
+            "--from",
+            "1",
+            "--count",
+            "2",
+            "--groups",
+            "7",
+            "--out",
+            creds.to_str().unwrap(),
+        ]
+        .map(std::ffi::OsStr::new),
+    );
+    assert!(ok, "{out}{err}");
+    let import = format!("{}.import.json", creds.display());
+    assert_eq!(
+        udc_cli(&w, &["members", "--import", &import])["imported"],
+        2
+    );
+    assert_eq!(
+        udc_cli(&w, &["members", "--add", "3", "--groups", "7"])["id"],
+        3
+    );
+    let listed = udc_cli(&w, &["members"]);
+    let ids: Vec<u64> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3], "{listed}");
+    assert_eq!(
+        udc_cli(&w, &["members", "--after", "2"])["members"][0]["id"],
+        3
+    );
+
+    // A round through the gateway: 1 and 2 answer, 3 is missing.
+    let f = w.fleet(&[1, 2], "state-cli");
+    wait_fleet(&f, "attach", |s| count(&s.attached) == 2).await;
+    w.wait_subscribed().await;
+    let started = udc_cli(
+        &w,
+        &[
+            "round",
+            "start",
+            "--group",
+            "7",
+            "--mode",
+            "psk",
+            "--duration-s",
+            "600",
+        ],
+    );
+    let round = started["round"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{started}"));
+    wait_fleet(&f, "confirms", |s| count(&s.confirms_opened) == 2).await;
+    w.wait_round_accepted(round, 2).await;
+    let r = round.to_string();
+    let shown = udc_cli(&w, &["round", "show", "7", &r]);
+    assert_eq!(shown["accepted"], 2, "{shown}");
+    assert_eq!(shown["missing"], json!([3]), "{shown}");
+    assert_eq!(
+        shown["by_gateway"],
+        json!([{"gateway": "gw-1", "accepted": 2, "rejected_by_reason": []}]),
+        "{shown}"
+    );
+    assert_eq!(udc_cli(&w, &["round", "close", "7", &r])["closed"], true);
+    assert_eq!(
+        udc_cli(&w, &["rounds", "show", "7", &r])["status"],
+        "closed"
+    );
+
+    // Schedules.
+    let id = udc_cli(
+        &w,
+        &[
+            "round",
+            "schedule",
+            "--group",
+            "7",
+            "--every-s",
+            "14400",
+            "--purpose",
+            "read",
+        ],
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let list = udc_cli(&w, &["round", "schedules"]);
+    assert_eq!(list["schedules"][0]["every_s"], 14400, "{list}");
+    assert_eq!(list["schedules"][0]["purpose"], "read", "{list}");
+    let id_s = id.to_string();
+    assert_eq!(udc_cli(&w, &["round", "unschedule", &id_s])["deleted"], id);
+    assert_eq!(udc_cli(&w, &["round", "schedules"])["schedules"], json!([]));
+    let (ok, out, _) = udc_cli_raw(&w, &["round", "unschedule", &id_s]);
+    assert!(!ok && out.contains("not_found"), "{out}");
+
+    // An update and its acks.
+    let payload = w.path("update.bin");
+    std::fs::write(&payload, b"tariff v9").unwrap();
+    let sent = udc_cli(
+        &w,
+        &[
+            "update",
+            "--group",
+            "7",
+            "--payload-file",
+            payload.to_str().unwrap(),
+        ],
+    );
+    let seq = sent["seq"].as_u64().unwrap_or_else(|| panic!("{sent}"));
+    wait_fleet(&f, "update", |s| s.updates_applied_for(G, seq) == 2).await;
+    let seq_s = seq.to_string();
+    until("the acks, through the CLI", || async {
+        let v = udc_cli(&w, &["update", "--group", "7", "--show", &seq_s]);
+        if v["acked"].as_array().map(Vec::len) == Some(2) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await;
+
+    // Readings, a page at a time.
+    f.send_reading(1).await.unwrap();
+    f.send_reading(1).await.unwrap();
+    wait_readings(&w, &[1], 2).await;
+    let page = udc_cli(&w, &["readings", "--member", "1", "--limit", "1"]);
+    assert_eq!(page["readings"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["truncated"], true, "{page}");
+    let all = udc_cli(&w, &["readings", "--member", "1"]);
+    assert_eq!(all["truncated"], false, "{all}");
+
+    // Revoke, then the registry and the gateway counters.
+    assert_eq!(udc_cli(&w, &["revoke", "2"])["revoked"], 2);
+    let listed = udc_cli(&w, &["members"]);
+    assert_eq!(listed["members"][1]["status"], "revoked", "{listed}");
+    let gws = udc_cli(&w, &["gateways"]);
+    assert_eq!(gws["gateways"][0]["gateway"], "gw-1", "{gws}");
+    assert!(
+        gws["gateways"][0]["accepted"].as_u64().unwrap() >= 2,
+        "{gws}"
+    );
+    assert_eq!(gws["gateways"][0]["rejected"], 0, "{gws}");
+
+    f.shutdown().await;
+    assert!(gw.term().await.success());
+}
+
 /// Sets up the UDC, the gateway and a fleet of members `ids` that went
 /// through one round; returns the fleet.
 async fn with_sessions(w: &World, ids: &[u64]) -> Fleet {

@@ -164,6 +164,13 @@ struct NewMember {
     kv: Option<u32>,
 }
 
+/// One gateway's entries in a round: accepted, and rejected by reason.
+#[derive(Default)]
+struct GatewayTally {
+    accepted: u64,
+    rejected: std::collections::BTreeMap<String, u64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Import {
@@ -263,9 +270,11 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .round_missing(g, r, None, 1000)
                 .await
                 .map_err(store_err)?;
-            // Rejections are few among many acceptances: page through the
-            // outcomes (by member id) and list up to 1000 of them.
+            // Page through the outcomes (by member id): tally them per
+            // gateway and list up to 1000 rejections.
             let mut rejected: Vec<Value> = Vec::new();
+            let mut by_gateway: std::collections::BTreeMap<String, GatewayTally> =
+                std::collections::BTreeMap::new();
             let mut after = None;
             loop {
                 let page = udc
@@ -275,16 +284,34 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     .map_err(store_err)?;
                 let Some(last) = page.last() else { break };
                 after = Some(last.member);
-                rejected.extend(
-                    page.iter()
-                        .filter(|o| o.kind != store::OutcomeKind::Accepted)
-                        .map(|o| json!({"member": o.member, "reason": o.reason, "gateway": o.gateway})),
-                );
-                if page.len() < 1000 || rejected.len() >= 1000 {
+                for o in &page {
+                    let via = o.gateway.as_deref().unwrap_or("direct");
+                    let tally = by_gateway.entry(via.to_owned()).or_default();
+                    if o.kind == store::OutcomeKind::Accepted {
+                        tally.accepted += 1;
+                        continue;
+                    }
+                    *tally.rejected.entry(o.reason.to_string()).or_default() += 1;
+                    if rejected.len() < 1000 {
+                        rejected.push(
+                            json!({"member": o.member, "reason": o.reason, "gateway": o.gateway}),
+                        );
+                    }
+                }
+                if page.len() < 1000 {
                     break;
                 }
             }
-            rejected.truncate(1000);
+            let by_gateway: Vec<Value> = by_gateway
+                .into_iter()
+                .map(|(gw, t)| {
+                    json!({
+                        "gateway": gw,
+                        "accepted": t.accepted,
+                        "rejected_by_reason": t.rejected.iter().map(|(k, n)| json!({"reason": k, "count": n})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
             Ok(json_resp(
                 StatusCode::OK,
                 json!({
@@ -298,6 +325,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     "accepted": rep.accepted,
                     "rejected_by_reason": rep.rejected.iter().map(|(k, n)| json!({"reason": k, "count": n})).collect::<Vec<_>>(),
                     "rejected": rejected,
+                    "by_gateway": by_gateway,
                     "unverified": rep.unverified,
                     "missing_count": rep.missing,
                     "missing": missing,
@@ -497,11 +525,18 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(v) => num(&v, "to")?,
                 None => u64::MAX,
             };
+            let limit = match query(req, "limit") {
+                Some(l) => num::<u32>(&l, "limit")?.clamp(1, 10_000),
+                None => 10_000,
+            };
             let rows = udc
                 .store()
-                .readings(member, from, to, 10_000)
+                .readings(member, from, to, limit)
                 .await
                 .map_err(store_err)?;
+            // A full page may have more behind it: the caller asks again
+            // from the last reading's time (readings come by time).
+            let truncated = rows.len() == limit as usize;
             let list: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -509,7 +544,10 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                            "kind": r.kind, "ctr": r.ctr, "payload_hex": hex::encode(&r.payload)})
                 })
                 .collect();
-            Ok(json_resp(StatusCode::OK, json!({ "readings": list })))
+            Ok(json_resp(
+                StatusCode::OK,
+                json!({ "readings": list, "truncated": truncated }),
+            ))
         }
         (Method::GET, ["gateways"]) => {
             let rows = udc.store().gateways().await.map_err(store_err)?;
@@ -517,7 +555,8 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .iter()
                 .map(|g| {
                     json!({"gateway": g.gateway, "batches": g.batches, "entries": g.entries,
-                           "accepted": g.accepted, "localizations": g.localizations,
+                           "accepted": g.accepted, "rejected": g.entries.saturating_sub(g.accepted),
+                           "localizations": g.localizations,
                            "unverified_via_gateway": g.unverified, "last_batch_ms": g.last_batch_ms})
                 })
                 .collect();
