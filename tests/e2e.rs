@@ -997,6 +997,19 @@ async fn operator_cli_runs_every_operation() {
     let list = udc_cli(&w, &["round", "schedules"]);
     assert_eq!(list["schedules"][0]["every_s"], 14400, "{list}");
     assert_eq!(list["schedules"][0]["purpose"], "read", "{list}");
+    // The schedule's first round opens at once (the UDC's next tick), and
+    // the members answer it.
+    let next = (round + 1).to_string();
+    until("the scheduled read round, answered", || async {
+        let (ok, out, _) = udc_cli_raw(&w, &["round", "show", "7", &next]);
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+        if ok && v["purpose"] == "read" && v["accepted"] == 2 {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     let id_s = id.to_string();
     assert_eq!(udc_cli(&w, &["round", "unschedule", &id_s])["deleted"], id);
     assert_eq!(udc_cli(&w, &["round", "schedules"])["schedules"], json!([]));
