@@ -145,6 +145,7 @@ both!(
     retried_batch_changes_nothing,
     localization_pending_then_final,
     group_optimistic_concurrency,
+    batch_checks_group_epoch,
     session_slots_are_compare_and_set,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
@@ -606,6 +607,48 @@ async fn group_optimistic_concurrency(f: Fixture) {
         3
     );
     assert_eq!(s.list_groups().await.unwrap().len(), 1);
+}
+
+/// A batch judged at the group's epoch 1 is refused whole once another
+/// writer moved the group to epoch 2 (a revocation), also for a group that
+/// does not exist; judged at epoch 2 it applies.
+async fn batch_checks_group_epoch(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let read = s.group(G).await.unwrap().unwrap();
+    assert_eq!(read.epoch, 1);
+    // Unchanged epoch: applies (an unrelated group update does not matter).
+    s.update_group(GroupRow {
+        next_round: 2,
+        ..read.clone()
+    })
+    .await
+    .unwrap();
+    let mut ok = batch(1, 0xB1, 1);
+    ok.group_epochs = vec![(G, 1)];
+    s.apply_batch(ok).await.unwrap();
+    // Another process revokes: new epoch.
+    let now = s.group(G).await.unwrap().unwrap();
+    s.update_group(GroupRow { epoch: 2, ..now }).await.unwrap();
+    let mut stale = batch(2, 0xB2, 2);
+    stale.sessions = vec![session(2, 1, 1, 0)];
+    stale.outcomes = vec![accepted(2, 1)];
+    stale.readings = vec![reading(2, 1, 20_000)];
+    stale.group_epochs = vec![(G, 1)];
+    let err = s.apply_batch(stale.clone()).await;
+    assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
+    assert_eq!(s.verdict(GW, 2).await.unwrap(), None);
+    assert_eq!(s.sessions(vec![(2, G)]).await.unwrap(), vec![None]);
+    assert_eq!(count_readings(&s, 2).await, 1);
+    let mut missing = stale.clone();
+    missing.group_epochs = vec![(G + 1, 1)];
+    assert!(matches!(
+        s.apply_batch(missing).await,
+        Err(StoreError::Conflict(_))
+    ));
+    stale.group_epochs = vec![(G, 2)];
+    s.apply_batch(stale).await.unwrap();
+    assert!(s.sessions(vec![(2, G)]).await.unwrap()[0].is_some());
 }
 
 /// Member 1's stored slot in G.

@@ -1723,3 +1723,91 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
     }
     h.stop().await;
 }
+
+/// Two `Udc`s on one store: `b` revokes member 2 after `a` has read the
+/// group and judged a batch accepting it, but before `a` writes. `a`'s
+/// write is refused as a whole (busy, nothing stored), and the retried
+/// batch is judged at the new epoch: member 2 is revoked, the others
+/// accepted, and member 2 never holds a session.
+async fn revocation_between_read_and_write(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    let h = Harness::start(store_url).await;
+    let a = udc::build(&h.config).await.unwrap();
+    let b = udc::build(&h.config).await.unwrap();
+    let rows = (1..=3u64)
+        .map(|id| MemberRow {
+            id,
+            groups: vec![G],
+            key_source: KeySource::Derived,
+            kv: 1,
+            status: MemberStatus::Active,
+            added_at_ms: 0,
+        })
+        .collect();
+    a.import_members(rows).await.unwrap();
+    a.subscribe("gw-1", vec![G]).await.unwrap();
+    let round = a
+        .open_round(
+            G,
+            Mode::Psk,
+            dapgw::protocol::wire::Purpose::Auth,
+            Some(60_000),
+        )
+        .await
+        .unwrap();
+    let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
+    let epoch_before = a.store().group(G).await.unwrap().unwrap().epoch;
+    let body = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let other = b.clone();
+    a.before_next_batch_write(async move {
+        assert!(other.revoke_member(2).await.unwrap());
+    });
+    let err = a.handle_batch("gw-1", body.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let store = a.store();
+    assert!(store.verdict("gw-1", 1).await.unwrap().is_none());
+    assert!(store.group(G).await.unwrap().unwrap().epoch > epoch_before);
+    let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
+    assert!(
+        slots
+            .iter()
+            .all(|s| s.as_ref().is_none_or(|s| s.sid.is_none())),
+        "nothing of the refused write is stored: {slots:?}"
+    );
+    // The gateway's retry (to either process) is judged at the new epoch.
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
+    );
+    let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
+    let has_session = |s: &Option<dapgw::udc::store::StoredSlot>| {
+        s.as_ref().is_some_and(|s| s.sid.is_some())
+    };
+    assert_eq!(
+        slots.iter().map(has_session).collect::<Vec<_>>(),
+        vec![true, false, true]
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_between_read_and_write_sqlite() {
+    revocation_between_read_and_write(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_between_read_and_write_postgres() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("revoke_race").unwrap();
+    revocation_between_read_and_write(Some(cluster.url("revoke_race"))).await;
+}

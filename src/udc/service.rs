@@ -209,7 +209,13 @@ pub struct Udc {
     rounds: Mutex<BTreeMap<(u32, u64), RoundState>>,
     /// Woken whenever downlink records are appended.
     pub(crate) downlink_notify: Notify,
+    /// Test seam: awaited once just before the next judged write
+    /// ([`Udc::before_next_batch_write`]).
+    pre_write: std::sync::Mutex<Option<PreWrite>>,
 }
+
+/// What [`Udc::before_next_batch_write`] runs.
+type PreWrite = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl std::fmt::Debug for Udc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,7 +340,19 @@ impl Udc {
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
             downlink_notify: Notify::new(),
+            pre_write: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Runs `f` once, after the next judged batch (or tag reply, or direct
+    /// submission) has read its state and been decided but before its
+    /// write: lets a test commit a concurrent change (another process's
+    /// revocation) exactly in that window.
+    #[doc(hidden)]
+    pub fn before_next_batch_write(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut slot) = self.pre_write.lock() {
+            *slot = Some(Box::pin(f));
+        }
     }
 
     /// The registry holding [`UdcMetrics`] (served on `/metrics`).
@@ -1429,9 +1447,15 @@ impl Udc {
                 pending: None,
             });
         }
-        let _ = &group_row;
+        // Judged against this epoch: a revocation or rekey that another
+        // process committed since the read fails the write (busy, retry).
+        write.group_epochs.push((group, group_row.epoch));
         write.via = ctx.via.is_some().then_some(via);
         write.sessions = std::mem::take(&mut slots.rows);
+        let hook = self.pre_write.lock().ok().and_then(|mut h| h.take());
+        if let Some(hook) = hook {
+            hook.await;
+        }
         if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
             // Another process judged this batch first: its answer stands,
             // and this process's view of the round is stale.

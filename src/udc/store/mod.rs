@@ -494,8 +494,8 @@ pub struct RoundLocalizations {
 }
 
 /// Everything one batch (or one other atomic change) writes, applied by
-/// [`Store::apply_batch`] in one transaction in this order: verdict,
-/// members, groups, rounds, sessions, readings, acks,
+/// [`Store::apply_batch`] in one transaction in this order: group epoch
+/// checks, verdict, members, groups, rounds, sessions, readings, acks,
 /// outcomes, counters, downlink. Any failure rolls all of it back.
 #[derive(Clone, Debug, Default)]
 pub struct BatchWrite {
@@ -505,6 +505,13 @@ pub struct BatchWrite {
     pub verdict: Option<VerdictWrite>,
     /// The gateway the batch came through and its counter deltas.
     pub via: Option<Via>,
+    /// (group, epoch) pairs the write was judged against: checked first,
+    /// and if a group's stored epoch is no longer the one given (another
+    /// process revoked or added a member meanwhile) nothing is written and
+    /// the write fails with [`StoreError::Conflict`]. On PostgreSQL the
+    /// group row stays share-locked until the commit, so a rekey cannot
+    /// commit between this check and the write.
+    pub group_epochs: Vec<(u32, u64)>,
     /// Members to insert or replace.
     pub members: Vec<MemberRow>,
     /// Group rows to update, compare-and-set on `version`.

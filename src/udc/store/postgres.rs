@@ -311,6 +311,22 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     let Conn { client, stmts } = conn;
     let tx = client.transaction().await?;
     let now = i(w.now_ms);
+    for (g, epoch) in &w.group_epochs {
+        // FOR SHARE: a rekey's UPDATE of the group row waits for this
+        // commit (and then fails its own compare-and-set on the slots this
+        // write changed); a rekey committed before is seen here.
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT epoch FROM group_state WHERE grp = $1 FOR SHARE",
+        )
+        .await?;
+        let row = tx.query_opt(&st, &[&i64::from(*g)]).await?;
+        let stored: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
+        if stored != Some(i(*epoch)) {
+            return Err(StoreError::Conflict("group epoch"));
+        }
+    }
     if let Some(v) = &w.verdict {
         write_verdict(&tx, stmts, v, now).await?;
     }

@@ -285,6 +285,19 @@ fn after_op(after: Option<u64>) -> &'static str {
 fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = i(w.now_ms);
+    if !w.group_epochs.is_empty() {
+        // The write lock is held (IMMEDIATE): no other writer can change
+        // the group between this check and the commit.
+        let mut st = tx.prepare_cached("SELECT epoch FROM group_state WHERE grp = ?1")?;
+        for (g, epoch) in &w.group_epochs {
+            let stored: Option<i64> = st
+                .query_row([i64::from(*g)], |r| r.get(0))
+                .optional()?;
+            if stored != Some(i(*epoch)) {
+                return Err(StoreError::Conflict("group epoch"));
+            }
+        }
+    }
     if let Some(v) = &w.verdict {
         write_verdict(&tx, v, now)?;
     }
