@@ -133,6 +133,7 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     number("round_deadline_ms", MS),
     number("chunk_size", "an integer from 1 to 1024"),
     number("max_connections", "an integer greater than 0"),
+    number("max_connections_per_ip", "an integer greater than 0"),
     number("max_body_bytes", BYTES),
     number("header_timeout_ms", MS),
     number("idle_timeout_ms", MS),
@@ -417,6 +418,10 @@ pub struct GatewayConfig {
     pub chunk_size: u16,
     /// `DAPGW_MAX_CONNECTIONS` (default 4096): concurrent member connections.
     pub max_connections: u32,
+    /// `DAPGW_MAX_CONNECTIONS_PER_IP` (default 64): concurrent member
+    /// connections from one source address (an IPv6 source is its /64);
+    /// beyond it a new connection is closed at once.
+    pub max_connections_per_ip: u32,
     /// `DAPGW_MAX_BODY_BYTES` (default 16 KiB): largest member request body.
     pub max_body_bytes: ByteSize,
     /// `DAPGW_HEADER_TIMEOUT_MS` (default 10000): time for a member to send
@@ -467,6 +472,7 @@ impl Default for GatewayConfig {
             round_deadline_ms: 30_000,
             chunk_size: 64,
             max_connections: 4096,
+            max_connections_per_ip: 64,
             max_body_bytes: ByteSize(16 * 1024),
             header_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -651,6 +657,12 @@ impl GatewayConfig {
         p.range(
             "max_connections",
             self.max_connections.into(),
+            1,
+            u32::MAX.into(),
+        );
+        p.range(
+            "max_connections_per_ip",
+            self.max_connections_per_ip.into(),
             1,
             u32::MAX.into(),
         );
@@ -1239,6 +1251,12 @@ pub fn load_gateway(config_path: Option<&Path>) -> Result<GatewayConfig, ConfigE
         round_deadline_ms: field(&fig, &mut p, "round_deadline_ms", d.round_deadline_ms),
         chunk_size: field(&fig, &mut p, "chunk_size", d.chunk_size),
         max_connections: field(&fig, &mut p, "max_connections", d.max_connections),
+        max_connections_per_ip: field(
+            &fig,
+            &mut p,
+            "max_connections_per_ip",
+            d.max_connections_per_ip,
+        ),
         max_body_bytes: field(&fig, &mut p, "max_body_bytes", d.max_body_bytes),
         header_timeout_ms: field(&fig, &mut p, "header_timeout_ms", d.header_timeout_ms),
         idle_timeout_ms: field(&fig, &mut p, "idle_timeout_ms", d.idle_timeout_ms),

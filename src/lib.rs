@@ -25,6 +25,8 @@ pub mod config;
 #[cfg(feature = "service")]
 pub mod demo;
 #[cfg(feature = "service")]
+mod limits;
+#[cfg(feature = "service")]
 pub mod sim;
 #[cfg(feature = "service")]
 pub mod telemetry;

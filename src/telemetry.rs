@@ -162,6 +162,22 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a listener refused or closed a connection (label `reason`).
+    LimitReason {
+        /// The source already holds its `DAPGW_MAX_CONNECTIONS_PER_IP`
+        /// connections: closed at accept.
+        PerIpLimit = "per_ip_limit",
+        /// The TLS handshake did not finish within `DAPGW_HEADER_TIMEOUT_MS`.
+        HandshakeTimeout = "handshake_timeout",
+        /// A request head (or an HTTP/2 frame) began and did not end within
+        /// `DAPGW_HEADER_TIMEOUT_MS`.
+        HeaderTimeout = "header_timeout",
+        /// No request for `DAPGW_IDLE_TIMEOUT_MS`.
+        IdleTimeout = "idle_timeout",
+    }
+}
+
+label_enum! {
     /// What a batch or an upward entry carries (label `kind`).
     EntryKind {
         /// Responses to a challenge (one round).
@@ -505,6 +521,9 @@ pub struct GatewayMetrics {
     /// `dapgw_attach_expired_total`: members dropped from the attach
     /// registry after `DAPGW_ATTACH_TTL_S` without a request.
     pub attach_expired: IntCounter,
+    /// `dapgw_member_connections_closed_total{reason}`: member connections
+    /// refused or closed by a limit.
+    pub connections_closed: Counter1<LimitReason>,
 }
 
 impl GatewayMetrics {
@@ -622,6 +641,12 @@ impl GatewayMetrics {
                 "dapgw_attach_expired_total",
                 "Members dropped from the attach registry after DAPGW_ATTACH_TTL_S without a request.",
             )?,
+            connections_closed: Counter1::register(
+                r,
+                "dapgw_member_connections_closed_total",
+                "Member connections refused or closed by a limit, by reason.",
+                "reason",
+            )?,
         })
     }
 }
@@ -657,6 +682,9 @@ pub struct UdcMetrics {
     pub sessions_active: IntGauge,
     /// `dapgw_udc_gateway_misbehaviour_total{kind}`.
     pub gateway_misbehaviour: Counter1<MisbehaviourKind>,
+    /// `dapgw_udc_connections_closed_total{reason}`: connections refused
+    /// or closed by a limit.
+    pub connections_closed: Counter1<LimitReason>,
 }
 
 impl UdcMetrics {
@@ -730,6 +758,12 @@ impl UdcMetrics {
                 "dapgw_udc_gateway_misbehaviour_total",
                 "Gateway misbehaviour detected, by kind.",
                 "kind",
+            )?,
+            connections_closed: Counter1::register(
+                r,
+                "dapgw_udc_connections_closed_total",
+                "Connections refused or closed by a limit, by reason.",
+                "reason",
             )?,
         })
     }

@@ -825,3 +825,24 @@ fn cli_json_logs_are_all_json() {
     assert!(err.contains("DAPGW_ADMIN_LISTEN"), "{err}");
     drop(held);
 }
+
+/// `DAPGW_MAX_CONNECTIONS_PER_IP`: default 64, read from the environment,
+/// refused naming the variable when not a positive integer.
+#[test]
+fn gateway_max_connections_per_ip() {
+    Jail::expect_with(|jail| {
+        gateway_env(jail);
+        assert_eq!(load_gateway(None).unwrap().max_connections_per_ip, 64);
+        jail.set_env("DAPGW_MAX_CONNECTIONS_PER_IP", "8");
+        assert_eq!(load_gateway(None).unwrap().max_connections_per_ip, 8);
+        for bad in ["0", "-1", "many", "4294967296"] {
+            jail.set_env("DAPGW_MAX_CONNECTIONS_PER_IP", bad);
+            let e = gw_err();
+            assert!(
+                e.to_string().contains("DAPGW_MAX_CONNECTIONS_PER_IP"),
+                "{bad}: {e}"
+            );
+        }
+        Ok(())
+    });
+}

@@ -1,8 +1,9 @@
 //! The member-facing HTTPS server: the entry of `member -> gateway`.
 //!
 //! ```text
-//! TCP accept (connection cap) -> TLS 1.3 (handshake timeout, optional client cert)
-//!   -> hyper auto (HTTP/1.1 or HTTP/2; header read timeout, idle timeout)
+//! TCP accept (connection cap, per-source cap) -> TLS 1.3 (handshake timeout,
+//!   optional client cert) -> crate::limits (head timeout, idle timeout)
+//!   -> hyper auto (HTTP/1.1 or HTTP/2)
 //!   -> POST /v1/attach | POST /v1/uplink | GET /v1/downlink
 //! ```
 //!
@@ -14,19 +15,17 @@
 //! gateway: bodies are decoded by the wire codec, which returns typed errors.
 //!
 //! Slow or flooding clients cannot starve others: connections are capped
-//! (`DAPGW_MAX_CONNECTIONS`, waiting in the kernel backlog beyond it), the
-//! TLS handshake and the request headers must arrive within
-//! `DAPGW_HEADER_TIMEOUT_MS`, a request body within the same time, a
-//! connection with no request in flight and no traffic for
-//! `DAPGW_IDLE_TIMEOUT_MS` is closed, and one HTTP/2 connection carries at
-//! most [`MAX_STREAMS`] requests at once.
+//! (`DAPGW_MAX_CONNECTIONS`, waiting in the kernel backlog beyond it) and
+//! so are those of one source (`DAPGW_MAX_CONNECTIONS_PER_IP`, closed at
+//! accept beyond it), the TLS handshake and each request head (HTTP/1.1 or
+//! HTTP/2) must arrive within `DAPGW_HEADER_TIMEOUT_MS` of its first byte, a
+//! request body within the same time, a connection with no request for
+//! `DAPGW_IDLE_TIMEOUT_MS` is closed however many bytes (PINGs) it moves,
+//! and one HTTP/2 connection carries at most [`MAX_STREAMS`] requests at
+//! once. See [`crate::limits`].
 
 use std::convert::Infallible;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,7 +36,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -48,10 +46,12 @@ use super::spool::{NewEntry, Spool, SpoolError, StreamKey};
 use super::{Attached, MAX_MEMBER_GROUPS, downlink, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
 use crate::config::GatewayConfig;
+use crate::limits::{Activity, CLOSE_GRACE, ConnLimits, Expired, SourceSlot, SourceSlots, Watched};
 use crate::protocol::aggregator::CollectError;
 use crate::protocol::codec::DecodeError;
 use crate::telemetry::{
-    Direction, EntryKind, GatewayMetrics, MalformedReason, MemberEndpoint, RequestOutcome,
+    Direction, EntryKind, GatewayMetrics, LimitReason, MalformedReason, MemberEndpoint,
+    RequestOutcome,
 };
 use crate::tls::{self, ReloadableServer};
 
@@ -68,14 +68,11 @@ pub(crate) const RECORDS_CONTENT_TYPE: &str = "application/vnd.dapgw.records";
 /// fit many times over.
 const MAX_ATTACH_BODY: usize = 16 * 1024;
 
-/// After a graceful close is asked of an idle connection, how long it may
-/// take before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
 /// The member-facing limits, from the config.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: usize,
     pub(crate) max_body: usize,
     pub(crate) header_timeout: Duration,
     pub(crate) idle_timeout: Duration,
@@ -87,9 +84,22 @@ impl Limits {
             max_connections: usize::try_from(c.max_connections)
                 .unwrap_or(usize::MAX)
                 .max(1),
+            max_connections_per_ip: usize::try_from(c.max_connections_per_ip)
+                .unwrap_or(usize::MAX)
+                .max(1),
             max_body: usize::try_from(c.max_body_bytes.get()).unwrap_or(usize::MAX),
             header_timeout: c.header_timeout(),
             idle_timeout: c.idle_timeout(),
+        }
+    }
+
+    /// The connection part, shared with the UDC's listener.
+    fn conn(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            max_per_source: self.max_connections_per_ip,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -113,7 +123,9 @@ pub(crate) struct Ctx {
 /// Accepts members until the drain starts, then stops accepting and waits
 /// for the open connections to finish (the caller bounds the wait).
 pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc<Ctx>) {
-    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let limits = ctx.limits.conn();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = SourceSlots::new(limits.max_per_source);
     let stop = wait_true(ctx.drain.clone());
     tokio::pin!(stop);
     let mut conns = JoinSet::new();
@@ -134,7 +146,24 @@ pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc
         };
         match accepted {
             Ok((tcp, peer)) => {
-                conns.spawn(connection(tcp, peer, tls.acceptor(), ctx.clone(), permit));
+                // One source at its cap: closed before any TLS work, and its
+                // global slot is free again at once.
+                let Some(source) = sources.try_take(peer.ip()) else {
+                    ctx.metrics
+                        .connections_closed
+                        .get(LimitReason::PerIpLimit)
+                        .inc();
+                    tracing::debug!(%peer, "member source at its connection cap");
+                    drop(tcp);
+                    continue;
+                };
+                conns.spawn(connection(
+                    tcp,
+                    peer,
+                    tls.acceptor(),
+                    ctx.clone(),
+                    (permit, source),
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -145,115 +174,6 @@ pub(crate) async fn serve(listener: TcpListener, tls: ReloadableServer, ctx: Arc
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
-}
-
-/// Traffic and requests on one connection, for the idle timeout.
-struct Activity {
-    base: Instant,
-    /// Milliseconds after `base` of the last byte read or written.
-    last_ms: AtomicU64,
-    /// Requests being handled.
-    in_flight: AtomicUsize,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// When the connection becomes idle, if nothing happens before.
-    fn idle_at(&self, idle: Duration) -> Instant {
-        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
-    }
-
-    fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0
-    }
-}
-
-/// Counts a request as in flight for its lifetime.
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn new(a: Arc<Activity>) -> Self {
-        a.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(a)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
-}
-
-/// A TCP stream that records when bytes last moved.
-struct Watched {
-    tcp: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        res
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.tcp).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        res
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
 }
 
 /// Decrements `dapgw_members_connected` when the connection ends.
@@ -285,29 +205,28 @@ async fn connection(
     peer: std::net::SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     ctx: Arc<Ctx>,
-    _permit: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, SourceSlot),
 ) {
     ctx.metrics.members_connected.inc();
     let _connected = Connected(ctx.metrics.clone());
     let _ = tcp.set_nodelay(true);
-    let limits = ctx.limits;
-    let activity = Arc::new(Activity::new());
-    let io = Watched {
-        tcp,
-        activity: activity.clone(),
-    };
-    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+    let limits = ctx.limits.conn();
+    let closed = &ctx.metrics.connections_closed;
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "member tls handshake failed");
             return;
         }
         Err(_) => {
+            closed.get(LimitReason::HandshakeTimeout).inc();
             tracing::debug!("member tls handshake timed out");
             return;
         }
     };
     let identity: Option<Arc<str>> = tls::peer_identity(tls.get_ref().1).map(Arc::from);
+    let activity = Activity::new();
+    let io = Watched::new(tls, activity.clone());
     let svc_ctx = ctx.clone();
     let svc_activity = activity.clone();
     let source = Source::of(peer.ip());
@@ -315,7 +234,7 @@ async fn connection(
         req.extensions_mut().insert(source);
         let ctx = svc_ctx.clone();
         let identity = identity.clone();
-        let guard = InFlight::new(svc_activity.clone());
+        let guard = svc_activity.request();
         async move {
             let resp = handle(&ctx, identity.as_deref(), req).await;
             drop(guard);
@@ -323,31 +242,30 @@ async fn connection(
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Request heads are timed by the watchdog below for both protocols
+    // (hyper's HTTP/1 timer would also close idle keep-alive connections).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(None)
         .keep_alive(true)
         .max_buf_size(64 * 1024);
+    // PINGs from the gateway find dead peers under a long poll; a peer's
+    // PINGs keep nothing open (idle counts requests, not bytes).
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(16 * 1024)
-        .keep_alive_interval(None);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let stop = wait_true(ctx.drain.clone());
     tokio::pin!(stop);
     let mut closing: Option<Instant> = None;
     loop {
-        let idle_at = if activity.busy() {
-            // Re-check soon: a long poll ends within its wait.
-            Instant::now() + limits.idle_timeout
-        } else {
-            activity.idle_at(limits.idle_timeout)
-        };
-        let wake = closing.map_or(idle_at, |c| c.min(idle_at));
+        let close_at = closing.unwrap_or_else(|| Instant::now() + limits.idle_timeout);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -359,16 +277,25 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.idle_timeout);
             }
-            () = tokio::time::sleep_until(wake) => {
-                if closing.is_some_and(|c| Instant::now() >= c) {
-                    return;
-                }
-                if !activity.busy() && Instant::now() >= activity.idle_at(limits.idle_timeout) {
-                    tracing::debug!("closing idle member connection");
+            why = activity.expired(&limits), if closing.is_none() => match why {
+                Expired::Idle => {
+                    closed.get(LimitReason::IdleTimeout).inc();
+                    tracing::debug!(%peer, "closing idle member connection");
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Instant::now() + CLOSE_GRACE);
                 }
-            }
+                Expired::Header => {
+                    closed.get(LimitReason::HeaderTimeout).inc();
+                    tracing::debug!(%peer, "member request head timed out");
+                    if activity.is_h2() {
+                        return;
+                    }
+                    // HTTP/1.1: a 408, then the end of the stream.
+                    activity.cut();
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+            },
+            () = tokio::time::sleep_until(close_at), if closing.is_some() => return,
         }
     }
 }

@@ -1,0 +1,400 @@
+//! The gateway's connection limits against hostile clients, over real TLS on
+//! loopback: the per-source connection cap (a second source, 127.0.0.2,
+//! still gets in), request heads cut at `DAPGW_HEADER_TIMEOUT_MS` (HTTP/1.1
+//! with a 408, HTTP/2 by closing), and connections kept open only by PINGs
+//! or single bytes closed at `DAPGW_IDLE_TIMEOUT_MS`. Raw clients speak the
+//! bytes themselves so they can send half a head.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Generous bound for anything the gateway must do "soon".
+const PATIENCE: Duration = Duration::from_secs(15);
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn start(
+    tweak: impl FnOnce(&mut dapgw::config::GatewayConfig),
+) -> (Pki, FakeUdc, tempfile::TempDir, Gateway) {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    tweak(&mut cfg);
+    let gw = Gateway::start(cfg).await;
+    (pki, udc, dir, gw)
+}
+
+/// A TLS connection from `from` (any 127.x.y.z) offering `alpn`.
+async fn raw(
+    addr: SocketAddr,
+    pki: &Pki,
+    alpn: &[u8],
+    from: [u8; 4],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let roots = dapgw::tls::load_roots(&pki.ca).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(dapgw::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((from, 0)))?;
+    let tcp = sock.connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3: a server that closes at once is seen on the first read.
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// An HTTP/2 frame.
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Frame types in a buffer of server frames (after its SETTINGS).
+fn frame_types(mut buf: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while buf.len() >= 9 {
+        let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+        types.push(buf[3]);
+        buf = &buf[(9 + len).min(buf.len())..];
+    }
+    types
+}
+
+/// Reads until the gateway closes the connection; panics if it does not
+/// within [`PATIENCE`]. Returns what was read and when the close came.
+async fn read_until_closed(tls: &mut TlsStream<TcpStream>) -> (Vec<u8>, Instant) {
+    let mut got = Vec::new();
+    let res = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "the gateway did not close the connection");
+    (got, Instant::now())
+}
+
+/// One source holds its `DAPGW_MAX_CONNECTIONS_PER_IP` connections; its
+/// next connection is closed at accept and counted, while a second source
+/// is served; a slot comes back when a connection of the source ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_cap_refuses_one_source_while_another_is_served() {
+    let (pki, _udc, _dir, gw) = start(|c| c.max_connections_per_ip = 2).await;
+    let a = [127, 0, 0, 1];
+    let mut c1 = Client::connect_from(gw.members, &pki, true, a).await;
+    let mut c2 = Client::connect_from(gw.members, &pki, false, a).await;
+    assert_eq!(c1.attach(1, &[7]).await.status, StatusCode::OK);
+    assert_eq!(c2.attach(2, &[7]).await.status, StatusCode::OK);
+
+    // The third connection from 127.0.0.1 is closed before TLS completes
+    // (or, TLS 1.3, on the first read).
+    match raw(gw.members, &pki, b"h2", a).await {
+        Err(_) => {}
+        Ok(mut tls) => {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(PATIENCE, tls.read(&mut b)).await;
+            assert!(
+                matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+                "third connection of one source was served: {r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"per_ip_limit\"}")
+            .await,
+        1.0
+    );
+
+    // Another source is served meanwhile, and the first source's open
+    // connections keep working.
+    let mut other = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 2]).await;
+    assert_eq!(other.attach(3, &[7]).await.status, StatusCode::OK);
+    assert_eq!(c1.attach(1, &[7]).await.status, StatusCode::OK);
+
+    // A connection of the first source ends: its slot is free again.
+    drop(c2);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(mut tls) = raw(gw.members, &pki, b"http/1.1", a).await {
+            tls.write_all(
+                b"GET /v1/downlink?member=1&wait_ms=0 HTTP/1.1\r\nhost: localhost\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut head = [0u8; 12];
+            if tls.read_exact(&mut head).await.is_ok() {
+                assert_eq!(&head, b"HTTP/1.1 204");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source's slot never came back"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"per_ip_limit\"}")
+            .await
+            >= 1.0
+    );
+    drop((c1, other));
+    gw.stop().await;
+}
+
+/// HTTP/1.1: half a request head gets a 408 and the close at the header
+/// timeout, also while single bytes keep trickling in; a keep-alive
+/// connection waiting between requests is not cut at the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_half_head_gets_408_at_the_header_timeout() {
+    let header = Duration::from_millis(500);
+    let (pki, _udc, _dir, gw) = start(|c| {
+        c.header_timeout_ms = header.as_millis() as u64;
+        c.idle_timeout_ms = 30_000;
+    })
+    .await;
+    let from = [127, 0, 0, 1];
+
+    // Half a head, then silence.
+    let mut tls = raw(gw.members, &pki, b"http/1.1", from).await.unwrap();
+    let sent = Instant::now();
+    tls.write_all(b"POST /v1/uplink HTTP/1.1\r\nhost: localhost\r\ncontent-le")
+        .await
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut tls).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error\":\"timeout\""), "{text}");
+    assert!(
+        closed - sent >= header - Duration::from_millis(20),
+        "{:?}",
+        closed - sent
+    );
+
+    // Single bytes every 50 ms: the head never ends, the bytes do not help.
+    let tls = raw(gw.members, &pki, b"http/1.1", from).await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let sent = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /v1/downlink?member=1 HTTP/1.1\r\nhost: localhost\r\nx-pad: "
+            .iter()
+            .cycle()
+            .take(400)
+        {
+            if wr.write_all(&[*b]).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = rd.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a trickled head kept the connection");
+    let took = sent.elapsed();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"));
+    assert!(took >= header - Duration::from_millis(20), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    trickle.abort();
+    assert_eq!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"header_timeout\"}")
+            .await,
+        2.0
+    );
+
+    // Between requests nothing is pending: twice the header timeout later
+    // the same keep-alive connection still serves.
+    let mut c = Client::connect_from(gw.members, &pki, false, from).await;
+    assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
+    tokio::time::sleep(header * 2).await;
+    assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+/// HTTP/2: a HEADERS frame cut short, a header block left open (no
+/// END_HEADERS, no CONTINUATION) and frames sent byte by byte are all cut
+/// at the header timeout although the connection is otherwise fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_half_head_is_cut_at_the_header_timeout() {
+    let header = Duration::from_millis(500);
+    let (pki, _udc, _dir, gw) = start(|c| {
+        c.header_timeout_ms = header.as_millis() as u64;
+        c.idle_timeout_ms = 30_000;
+    })
+    .await;
+    let from = [127, 0, 0, 1];
+    let settings = frame(0x4, 0, 0, &[]);
+    let cases: [Vec<u8>; 2] = [
+        // HEADERS (END_HEADERS) announcing 40 bytes, 9 sent.
+        frame(0x1, 0x4 | 0x1, 1, &[0x82; 40])[..18].to_vec(),
+        // A whole HEADERS frame without END_HEADERS, and no CONTINUATION.
+        frame(0x1, 0x1, 1, &[0x82, 0x87, 0x84]),
+    ];
+    for half in cases {
+        let mut tls = raw(gw.members, &pki, b"h2", from).await.unwrap();
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(&settings);
+        tls.write_all(&hello).await.unwrap();
+        let sent = Instant::now();
+        tls.write_all(&half).await.unwrap();
+        tls.flush().await.unwrap();
+        let (_, closed) = read_until_closed(&mut tls).await;
+        let took = closed - sent;
+        assert!(took >= header - Duration::from_millis(20), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+
+    // PING frames written one byte every 40 ms: each frame takes longer
+    // than the header timeout to arrive.
+    let mut tls = raw(gw.members, &pki, b"h2", from).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(&settings);
+    tls.write_all(&hello).await.unwrap();
+    tls.flush().await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let sent = Instant::now();
+    let trickle = tokio::spawn(async move {
+        let ping = frame(0x6, 0, 0, &[1; 8]);
+        for b in ping.iter().cycle().take(400) {
+            if wr.write_all(&[*b]).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    });
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = rd.read(&mut buf).await {}
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "a trickle of single bytes kept the connection"
+    );
+    assert!(sent.elapsed() >= header - Duration::from_millis(20));
+    trickle.abort();
+    assert_eq!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"header_timeout\"}")
+            .await,
+        3.0
+    );
+    gw.stop().await;
+}
+
+/// An HTTP/2 connection that only sends PINGs (answered, so bytes move
+/// both ways) is closed with a GOAWAY at the idle timeout; a connection
+/// that keeps making requests, or waits in a long poll longer than the
+/// idle timeout, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_kept_alive_by_pings_is_closed() {
+    let idle = Duration::from_millis(800);
+    let (pki, _udc, _dir, gw) = start(|c| {
+        c.header_timeout_ms = 400;
+        c.idle_timeout_ms = idle.as_millis() as u64;
+    })
+    .await;
+    let from = [127, 0, 0, 1];
+
+    let mut tls = raw(gw.members, &pki, b"h2", from).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    tls.write_all(&hello).await.unwrap();
+    tls.flush().await.unwrap();
+    let opened = Instant::now();
+    // PING every 50 ms, and ACK the gateway's own keep-alive PINGs as a
+    // well-behaved HTTP/2 client does.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut buf = [0u8; 4096];
+        let mut pending = Vec::new();
+        for i in 0u64.. {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let ping = frame(0x6, 0, 0, &i.to_be_bytes());
+                    if tls.write_all(&ping).await.is_err() || tls.flush().await.is_err() {
+                        return;
+                    }
+                }
+                r = tls.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while pending.len() >= 9 {
+                            let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                            if pending.len() < 9 + len {
+                                break;
+                            }
+                            let f: Vec<u8> = pending.drain(..9 + len).collect();
+                            if f[3] == 0x6 && f[4] & 0x1 == 0 {
+                                let ack = frame(0x6, 0x1, 0, &f[9..]);
+                                if tls.write_all(&ack).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "PINGs kept an idle connection open");
+    let took = opened.elapsed();
+    assert!(took >= idle - Duration::from_millis(20), "{took:?}");
+    let types = frame_types(&got);
+    assert!(types.contains(&0x6), "PINGs were answered: {types:?}");
+    assert!(types.contains(&0x7), "closed with a GOAWAY: {types:?}");
+    assert_eq!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"idle_timeout\"}")
+            .await,
+        1.0
+    );
+
+    // Requests every 300 ms keep a connection; so does a long poll that
+    // outlasts the idle timeout.
+    let mut c = Client::connect_from(gw.members, &pki, true, from).await;
+    for _ in 0..5 {
+        assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let r = c.poll(1, &[7], 0, 1500).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
+    assert_eq!(
+        gw.metric("dapgw_member_connections_closed_total{reason=\"idle_timeout\"}")
+            .await,
+        1.0
+    );
+    gw.stop().await;
+}
