@@ -214,6 +214,16 @@ const MIGRATIONS: &[&str] = &[
      UPDATE attached SET seen_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;",
 ];
 
+/// The messages held in a round response's slot (run for every append).
+const SLOT_ROUND_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
+     WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3 ORDER BY id";
+/// The messages held in an uplink's slot (run for every append).
+const SLOT_UPLINK_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
+     WHERE kind = 2 AND member = ?1 AND sort_key = ?2 ORDER BY id";
+/// Drops a completed batch's entries with the bytes each freed.
+const COMPLETE_ENTRIES_SQL: &str =
+    "DELETE FROM entries WHERE batch_id = ?1 RETURNING length(bytes) + length(sort_key)";
+
 /// Most bytes of the UDC's refusal kept with a dead letter.
 pub const MAX_DEAD_LETTER_REASON: usize = 512;
 
@@ -1531,8 +1541,20 @@ fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
     if sync != 2 {
         return Err(SpoolError::Invalid("sqlite refused synchronous=FULL"));
     }
-    conn.set_prepared_statement_cache_capacity(64);
+    plan_once(&conn)?;
     Ok(conn)
+}
+
+/// Caches prepared statements, and makes their plans independent of the
+/// values bound (SQLite's query planner stability guarantee). Without it a
+/// partial index (`entries_batch ... WHERE batch_id IS NOT NULL`) made SQLite
+/// compare its condition with the bound values of every `column = ?` term,
+/// and re-parse and re-plan the statement whenever they changed: every
+/// entry's slot lookup, about half the writer's CPU.
+fn plan_once(conn: &Connection) -> Result<(), SpoolError> {
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
 }
 
 fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
@@ -1542,7 +1564,7 @@ fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.execute_batch("PRAGMA query_only = ON;")?;
-    conn.set_prepared_statement_cache_capacity(64);
+    plan_once(&conn)?;
     Ok(conn)
 }
 
@@ -1974,20 +1996,12 @@ impl Writer {
         let existing: Vec<Held> = match e.stream {
             StreamKey::Round { .. } => self
                 .conn
-                .prepare_cached(
-                    "SELECT id, sort_key, bytes, source FROM entries
-                     WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3
-                     ORDER BY id",
-                )?
+                .prepare_cached(SLOT_ROUND_SQL)?
                 .query_map(params![grp, round, member], row)?
                 .collect::<Result<_, _>>()?,
             StreamKey::Uplink { .. } => self
                 .conn
-                .prepare_cached(
-                    "SELECT id, sort_key, bytes, source FROM entries
-                     WHERE kind = 2 AND member = ?1 AND sort_key = ?2
-                     ORDER BY id",
-                )?
+                .prepare_cached(SLOT_UPLINK_SQL)?
                 .query_map(params![member, e.sort_key], row)?
                 .collect::<Result<_, _>>()?,
         };
@@ -2124,10 +2138,8 @@ impl Writer {
                 Err(SpoolError::BatchConflict(batch_id))
             };
         }
-        // One statement for the whole batch (the ids as a JSON array): the
-        // batch id decides the partial index `entries_batch`, so SQLite
-        // re-prepares the statement on every execution; once per batch, not
-        // per entry. Only a refusal looks up which entry and why.
+        // One statement for the whole batch (the ids as a JSON array). Only
+        // a refusal looks up which entry and why.
         let ids: Vec<i64> = entries.iter().map(|e| clamp(e.0)).collect();
         let mut distinct = ids.clone();
         distinct.sort_unstable();
@@ -2194,16 +2206,10 @@ impl Writer {
             .query_row([clamp(batch_id)], |r| r.get(0))
             .optional()?;
         let batch_blobs = batch_blobs.ok_or(SpoolError::UnknownBatch(batch_id))?;
-        let (n, blobs): (i64, i64) = self
-            .conn
-            .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(length(bytes) + length(sort_key)), 0)
-                 FROM entries WHERE batch_id = ?1",
-            )?
-            .query_row([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        self.conn
-            .prepare_cached("DELETE FROM entries WHERE batch_id = ?1")?
-            .execute([clamp(batch_id)])?;
+        // One pass: the entries go and say how many bytes they freed.
+        let lengths = self.delete_lengths(COMPLETE_ENTRIES_SQL, &[clamp(batch_id)])?;
+        let n = lengths.len() as i64;
+        let blobs: i64 = lengths.iter().sum();
         self.conn
             .prepare_cached("DELETE FROM batches WHERE id = ?1")?
             .execute([clamp(batch_id)])?;
@@ -2656,6 +2662,44 @@ mod tests {
         match Spool::open(dir.path(), 1 << 20) {
             Err(SpoolError::Schema { found: 99, .. }) => {}
             other => panic!("expected a schema error, got {other:?}"),
+        }
+    }
+
+    /// The statements run for every entry and every batch are prepared
+    /// once: none may depend on a bound value (a partial index `WHERE x IS
+    /// NOT NULL` made SQLite re-parse and re-plan every slot lookup).
+    #[test]
+    fn hot_statements_are_not_reprepared() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        let last = w.reserve_batch_ids(3).unwrap();
+        for b in 0..3u64 {
+            let mut ids = Vec::new();
+            for m in 0..20u64 {
+                let member = b * 100 + m;
+                let up = NewEntry {
+                    stream: StreamKey::Uplink { group: 1 },
+                    member,
+                    sort_key: member.to_be_bytes().to_vec(),
+                    bytes: Bytes::from(vec![m as u8; 8]),
+                };
+                ids.push(w.append(&up, None).unwrap());
+                ids.push(w.append(&entry(member, b"body"), None).unwrap());
+            }
+            let batch_id = last - 2 + b;
+            let tags = vec![[0u8; 16]; ids.len()];
+            w.seal(batch_id, &ids, &Bytes::from_static(b"batch"), &tags)
+                .unwrap();
+            w.complete(batch_id, &[7; 32], &[], 0).unwrap();
+        }
+        assert_eq!(recount(&w.conn).unwrap().entries, 0);
+        for sql in [SLOT_ROUND_SQL, SLOT_UPLINK_SQL, COMPLETE_ENTRIES_SQL] {
+            let reprepared = w
+                .conn
+                .prepare_cached(sql)
+                .unwrap()
+                .get_status(rusqlite::StatementStatus::RePrepare);
+            assert_eq!(reprepared, 0, "{sql}");
         }
     }
 
