@@ -1553,7 +1553,10 @@ fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
 /// entry's slot lookup, about half the writer's CPU.
 fn plan_once(conn: &Connection) -> Result<(), SpoolError> {
     conn.set_prepared_statement_cache_capacity(64);
-    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     Ok(())
 }
 
