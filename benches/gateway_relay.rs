@@ -177,6 +177,7 @@ fn main() {
     cfg.batch_max_entries = 1024;
     cfg.spool_max_bytes = dapgw::config::ByteSize::mib(1024);
     cfg.max_connections = 65536;
+    cfg.max_connections_per_ip = 65536;
     let gw = gw_rt.block_on(Gateway::start(cfg));
     let members = gw.members;
 

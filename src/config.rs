@@ -179,6 +179,11 @@ const UDC_SETTINGS: &[Setting] = &[
     text("log_format", LOG_FORMAT),
     number("drain_grace_ms", MS),
     number("max_body_bytes", BYTES),
+    number("max_connections", "an integer greater than 0"),
+    number("max_connections_per_ip", "an integer greater than 0"),
+    number("header_timeout_ms", MS),
+    number("body_timeout_ms", MS),
+    number("idle_timeout_ms", MS),
 ];
 
 /// Which service a configuration is for; selects the setting table.
@@ -540,6 +545,21 @@ pub struct UdcConfig {
     /// `DAPGW_MAX_BODY_BYTES` (default 32 MiB): a full batch of 16384
     /// entries fits.
     pub max_body_bytes: ByteSize,
+    /// `DAPGW_MAX_CONNECTIONS` (default 1024): concurrent connections
+    /// (gateways and direct members).
+    pub max_connections: u32,
+    /// `DAPGW_MAX_CONNECTIONS_PER_IP` (default 64): concurrent connections
+    /// from one source address (an IPv6 source is its /64).
+    pub max_connections_per_ip: u32,
+    /// `DAPGW_HEADER_TIMEOUT_MS` (default 10000): TLS handshake, and each
+    /// request head from its first byte.
+    pub header_timeout_ms: u64,
+    /// `DAPGW_BODY_TIMEOUT_MS` (default 60000): a whole request body (a
+    /// full batch is 32 MiB).
+    pub body_timeout_ms: u64,
+    /// `DAPGW_IDLE_TIMEOUT_MS` (default 60000): connections with no request
+    /// for this long close.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for UdcConfig {
@@ -564,6 +584,11 @@ impl Default for UdcConfig {
             log_format: LogFormat::Text,
             drain_grace_ms: 10_000,
             max_body_bytes: ByteSize::mib(32),
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -735,6 +760,19 @@ impl UdcConfig {
         p.positive_ms("localize_timeout_ms", self.localize_timeout_ms);
         p.positive_ms("drain_grace_ms", self.drain_grace_ms);
         check_body(p, self.max_body_bytes);
+        for (key, v) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+        ] {
+            p.range(key, v.into(), 1, u32::MAX.into());
+        }
+        for (key, v) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            p.positive_ms(key, v);
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             p.push("admin_listen", "must differ from DAPGW_LISTEN");
         }
@@ -1307,6 +1345,16 @@ pub fn load_udc(config_path: Option<&Path>) -> Result<UdcConfig, ConfigError> {
         log_format: field(&fig, &mut p, "log_format", d.log_format),
         drain_grace_ms: field(&fig, &mut p, "drain_grace_ms", d.drain_grace_ms),
         max_body_bytes: field(&fig, &mut p, "max_body_bytes", d.max_body_bytes),
+        max_connections: field(&fig, &mut p, "max_connections", d.max_connections),
+        max_connections_per_ip: field(
+            &fig,
+            &mut p,
+            "max_connections_per_ip",
+            d.max_connections_per_ip,
+        ),
+        header_timeout_ms: field(&fig, &mut p, "header_timeout_ms", d.header_timeout_ms),
+        body_timeout_ms: field(&fig, &mut p, "body_timeout_ms", d.body_timeout_ms),
+        idle_timeout_ms: field(&fig, &mut p, "idle_timeout_ms", d.idle_timeout_ms),
     };
     finish(p, |v| c.check(v))?;
     Ok(c)

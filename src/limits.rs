@@ -444,7 +444,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<T> {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 this.saw(&buf.filled()[before..]);
             }
-            Poll::Pending => {
+            // Only HTTP/1.1 is ever cut through the reader (HTTP/2 is
+            // dropped), so the HTTP/2 path takes no lock.
+            Poll::Pending if !matches!(this.proto, Proto::H2(_)) => {
                 let mut reader = this
                     .activity
                     .reader

@@ -846,3 +846,54 @@ fn gateway_max_connections_per_ip() {
         Ok(())
     });
 }
+
+/// The UDC's connection limits: defaults, read from the environment, and
+/// refused naming the variable when zero or not a number.
+#[test]
+fn udc_connection_limits() {
+    Jail::expect_with(|jail| {
+        udc_env(jail);
+        let c = load_udc(None).unwrap();
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_connections_per_ip,
+                c.header_timeout_ms,
+                c.body_timeout_ms,
+                c.idle_timeout_ms
+            ),
+            (1024, 64, 10_000, 60_000, 60_000)
+        );
+        jail.set_env("DAPGW_MAX_CONNECTIONS", "10");
+        jail.set_env("DAPGW_MAX_CONNECTIONS_PER_IP", "3");
+        jail.set_env("DAPGW_HEADER_TIMEOUT_MS", "1500");
+        jail.set_env("DAPGW_BODY_TIMEOUT_MS", "2500");
+        jail.set_env("DAPGW_IDLE_TIMEOUT_MS", "3500");
+        let c = load_udc(None).unwrap();
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_connections_per_ip,
+                c.header_timeout_ms,
+                c.body_timeout_ms,
+                c.idle_timeout_ms
+            ),
+            (10, 3, 1500, 2500, 3500)
+        );
+        for var in [
+            "DAPGW_MAX_CONNECTIONS",
+            "DAPGW_MAX_CONNECTIONS_PER_IP",
+            "DAPGW_HEADER_TIMEOUT_MS",
+            "DAPGW_BODY_TIMEOUT_MS",
+            "DAPGW_IDLE_TIMEOUT_MS",
+        ] {
+            for bad in ["0", "soon"] {
+                jail.set_env(var, bad);
+                let e = udc_err();
+                assert!(e.to_string().contains(var), "{var}={bad}: {e}");
+                jail.set_env(var, "100");
+            }
+        }
+        Ok(())
+    });
+}

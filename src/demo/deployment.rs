@@ -381,6 +381,8 @@ impl Gateway {
                 p.dir.join(format!("spool-{id}")).display().to_string(),
             ),
             ("DAPGW_BATCH_LINGER_MS", "50".to_string()),
+            // Every simulated member connects from 127.0.0.1.
+            ("DAPGW_MAX_CONNECTIONS_PER_IP", "65536".to_string()),
             ("DAPGW_ROUND_DEADLINE_MS", "20000".to_string()),
             ("DAPGW_RETRY_MAX_MS", "1000".to_string()),
             ("DAPGW_DRAIN_GRACE_MS", "3000".to_string()),

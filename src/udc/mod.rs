@@ -52,6 +52,7 @@ pub async fn run(
     let registry = udc.registry().clone();
     let readiness = crate::admin::Readiness::udc();
     readiness.set_store(true);
+    let probe = tokio::spawn(probe_store(udc.clone(), readiness.clone()));
     let token = match &config.admin_token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -66,8 +67,15 @@ pub async fn run(
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let ms = std::time::Duration::from_millis;
     let opts = server::ServerOptions {
         max_body_bytes: usize::try_from(config.max_body_bytes.get()).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+        max_connections_per_ip: usize::try_from(config.max_connections_per_ip)
+            .unwrap_or(usize::MAX),
+        header_timeout: ms(config.header_timeout_ms),
+        body_timeout: ms(config.body_timeout_ms),
+        idle_timeout: ms(config.idle_timeout_ms),
         ..server::ServerOptions::default()
     };
     let server = tokio::spawn(server::serve(
@@ -88,6 +96,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("draining");
     readiness.set_draining();
+    probe.abort();
     let _ = stop_tx.send(true);
     let grace = std::time::Duration::from_millis(config.drain_grace_ms);
     let _ = tokio::time::timeout(grace, async {
@@ -97,6 +106,46 @@ pub async fn run(
     })
     .await;
     Ok(())
+}
+
+/// How often `/readyz` asks the store.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A probe slower than this counts as a failure (a hung database).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Keeps the store's part of `/readyz` current: one indexed read (the
+/// downlink cursor of a gateway name no gateway can have) every
+/// [`PROBE_EVERY`]; an error or no answer within [`PROBE_TIMEOUT`] makes the
+/// UDC not ready until a probe succeeds again.
+async fn probe_store(udc: Arc<service::Udc>, readiness: crate::admin::Readiness) {
+    use store::Store as _;
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ok = true;
+    loop {
+        every.tick().await;
+        let ok = match tokio::time::timeout(PROBE_TIMEOUT, udc.store().latest_cursor("")).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                if was_ok {
+                    tracing::error!(error = %e, "store probe failed; not ready");
+                }
+                false
+            }
+            Err(_) => {
+                if was_ok {
+                    tracing::error!("store probe timed out; not ready");
+                }
+                false
+            }
+        };
+        if ok && !was_ok {
+            tracing::info!("store probe answered; ready again");
+        }
+        readiness.set_store(ok);
+        was_ok = ok;
+    }
 }
 
 /// Loads the key files and opens the store of `config`.

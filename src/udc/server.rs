@@ -6,6 +6,12 @@
 //! member  --TLS (no cert)--> /v1/direct --rate limit--> service::Udc
 //! ```
 //!
+//! Before hyper, `crate::limits` caps connections (`DAPGW_MAX_CONNECTIONS`,
+//! `DAPGW_MAX_CONNECTIONS_PER_IP`) and times the TLS handshake and each
+//! request head (`DAPGW_HEADER_TIMEOUT_MS`; HTTP/1.1 gets a 408) and idle
+//! connections (`DAPGW_IDLE_TIMEOUT_MS`, counted in requests, not bytes); a
+//! request body must arrive within `DAPGW_BODY_TIMEOUT_MS` (408).
+//!
 //! The gateway id comes from the verified client certificate only; a batch
 //! naming another gateway is refused with 403. Every error answer is JSON
 //! `{"error", "reason"}`; nothing a peer sends can panic the server.
@@ -16,7 +22,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -25,10 +31,13 @@ use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::service::{ServiceError, Udc};
+use crate::limits::{Activity, CLOSE_GRACE, ConnLimits, Expired, SourceSlot, SourceSlots, Watched};
+use crate::telemetry::LimitReason;
 
 /// Content type of protocol messages.
 pub const WIRE: &str = "application/vnd.dapgw";
@@ -44,6 +53,17 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Direct submissions allowed per source IP per second (burst = rate).
     pub direct_per_second: u32,
+    /// Open connections at most; beyond it they wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Open connections from one source (IPv6: one /64); beyond it a new
+    /// connection is closed at accept.
+    pub max_connections_per_ip: usize,
+    /// TLS handshake, and each request head from its first byte.
+    pub header_timeout: Duration,
+    /// A whole request body (408 beyond it).
+    pub body_timeout: Duration,
+    /// No request for this long: the connection is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +71,22 @@ impl Default for ServerOptions {
         Self {
             max_body_bytes: 32 << 20,
             direct_per_second: 5,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ServerOptions {
+    fn conn(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections.max(1),
+            max_per_source: self.max_connections_per_ip.max(1),
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -110,14 +146,38 @@ pub async fn serve(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let limits = state.opts.conn();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = SourceSlots::new(limits.max_per_source);
     tokio::pin!(shutdown);
     loop {
+        // A slot before accepting: beyond the cap, peers wait in the backlog.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(connection(stream, peer, tls.clone(), state.clone(), stop_rx.clone()));
+                    let Some(source) = sources.try_take(peer.ip()) else {
+                        state.udc.metrics().connections_closed.get(LimitReason::PerIpLimit).inc();
+                        tracing::debug!(%peer, "source at its connection cap");
+                        continue;
+                    };
+                    conns.spawn(connection(
+                        stream,
+                        peer,
+                        tls.clone(),
+                        state.clone(),
+                        stop_rx.clone(),
+                        (permit, source),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "udc listener: accept failed");
@@ -136,41 +196,92 @@ async fn connection(
     peer: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
     state: Arc<State>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    _slots: (OwnedSemaphorePermit, SourceSlot),
 ) {
-    let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await;
+    let limits = state.opts.conn();
+    let closed = state.udc.metrics().connections_closed.clone();
+    let handshake = tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await;
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "tls handshake failed");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            closed.get(LimitReason::HandshakeTimeout).inc();
+            return;
+        }
     };
     let identity = crate::tls::peer_identity(stream.get_ref().1);
     let identity: Arc<Option<String>> = Arc::new(identity);
+    let activity = Activity::new();
+    let svc_activity = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let identity = identity.clone();
-        async move { Ok::<_, Infallible>(route(req, &state, identity.as_deref(), peer).await) }
+        let guard = svc_activity.request();
+        async move {
+            let resp = route(req, &state, identity.as_deref(), peer).await;
+            drop(guard);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    // Heads are timed by the watchdog below (crate::limits), for both
+    // protocols.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(16 * 1024)
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(Watched::new(stream, activity.clone())), svc);
     tokio::pin!(conn);
     let stopped = async move {
+        let mut stop = stop;
         let _ = stop.wait_for(|s| *s).await;
     };
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+    tokio::pin!(stopped);
+    // After a drain starts, in-flight requests finish (bounded by the
+    // caller's grace); after a limit, CLOSE_GRACE.
+    let mut closing: Option<Option<Instant>> = None;
+    loop {
+        let close_at = closing
+            .flatten()
+            .unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
             }
-        }
-        () = stopped => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            () = &mut stopped, if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(None);
+            }
+            why = activity.expired(&limits), if closing.is_none() => match why {
+                Expired::Idle => {
+                    closed.get(LimitReason::IdleTimeout).inc();
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Some(Instant::now() + CLOSE_GRACE));
+                }
+                Expired::Header => {
+                    closed.get(LimitReason::HeaderTimeout).inc();
+                    tracing::debug!(%peer, "request head timed out");
+                    if activity.is_h2() {
+                        return;
+                    }
+                    activity.cut();
+                    closing = Some(Some(Instant::now() + CLOSE_GRACE));
+                }
+            },
+            () = tokio::time::sleep_until(close_at), if closing.flatten().is_some() => return,
         }
     }
 }
@@ -218,9 +329,18 @@ fn service_error(e: ServiceError) -> Resp {
     }
 }
 
-/// Reads the body under the cap; `Err` is the answer to send.
-async fn body(req: Request<Incoming>, cap: usize) -> Result<Bytes, Resp> {
-    match Limited::new(req.into_body(), cap).collect().await {
+/// Reads the body under the cap within `within`; `Err` is the answer to
+/// send.
+async fn body(req: Request<Incoming>, cap: usize, within: Duration) -> Result<Bytes, Resp> {
+    let read = tokio::time::timeout(within, Limited::new(req.into_body(), cap).collect()).await;
+    let Ok(read) = read else {
+        return Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request body did not arrive in time",
+        ));
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -285,7 +405,7 @@ async fn route(
     let gateway = gateway.to_owned();
     match path.as_str() {
         "/v1/batches" | "/v1/tags" => {
-            let b = match body(req, state.opts.max_body_bytes).await {
+            let b = match body(req, state.opts.max_body_bytes, state.opts.body_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -300,7 +420,7 @@ async fn route(
             }
         }
         "/v1/subscriptions" => {
-            let b = match body(req, 1 << 20).await {
+            let b = match body(req, 1 << 20, state.opts.body_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -372,7 +492,7 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
-    let b = match body(req, 64 << 10).await {
+    let b = match body(req, 64 << 10, state.opts.body_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };

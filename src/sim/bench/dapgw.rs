@@ -316,6 +316,9 @@ fn udc_config(args: &UdcRoleArgs) -> UdcConfig {
         log: role_log(),
         log_format: LogFormat::Text,
         drain_grace_ms: 2000,
+        // Direct members all connect from 127.0.0.1.
+        max_connections: 65_536,
+        max_connections_per_ip: 65_536,
         ..UdcConfig::default()
     }
 }
@@ -478,6 +481,8 @@ pub(crate) async fn gateway(args: GatewayRoleArgs) -> anyhow::Result<()> {
         // deadline only bounds a failed run. 30 s (the default) can pass on
         // a loaded 2-core machine while 10,000 members answer.
         round_deadline_ms: 600_000,
+        // Every simulated member connects from 127.0.0.1.
+        max_connections_per_ip: 65_536,
         log: role_log(),
         log_format: LogFormat::Text,
         drain_grace_ms: 2000,
