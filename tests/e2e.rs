@@ -532,6 +532,22 @@ impl World {
             .collect()
     }
 
+    /// The gateway's whole `/metrics` page.
+    async fn gw_page(&self) -> dapgw::admin::MetricsPage {
+        let (s, text) = dapgw::udc::admin_api::request(
+            &format!("127.0.0.1:{}", self.gw_admin.port),
+            "GET",
+            "/metrics",
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200, "{text}");
+        dapgw::admin::MetricsPage::parse(&text)
+    }
+
     /// A gateway metric's value (the first series starting with `series`),
     /// or `None` when the gateway does not answer.
     async fn gw_metric(&self, series: &str) -> Option<f64> {
@@ -698,6 +714,30 @@ async fn round_readings_group_message_reconnect_and_revocation() {
         }
     })
     .await;
+
+    // The gateway's traffic metrics saw all of it: every kind of downlink
+    // message relayed, member and upstream bytes both ways, upstream
+    // request durations.
+    let page = w.gw_page().await;
+    for (kind, min) in [
+        ("challenge", 6.0),
+        ("confirm", 6.0),
+        ("group", 14.0),
+        ("rekey", 5.0),
+    ] {
+        let n = page.sum("dapgw_downlink_messages_total", &[("kind", kind)]);
+        assert!(
+            n >= min,
+            "dapgw_downlink_messages_total{{kind={kind}}} = {n}"
+        );
+    }
+    for name in ["dapgw_member_bytes_total", "dapgw_upstream_bytes_total"] {
+        for direction in ["received", "sent"] {
+            let n = page.sum(name, &[("direction", direction)]);
+            assert!(n > 0.0, "{name}{{direction={direction}}} = {n}");
+        }
+    }
+    assert!(page.sum("dapgw_upstream_request_duration_seconds_count", &[]) > 0.0);
 
     assert!(a.try_failed().is_empty());
     assert!(a.shutdown().await.is_empty());
