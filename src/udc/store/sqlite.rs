@@ -290,9 +290,7 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
         // the group between this check and the commit.
         let mut st = tx.prepare_cached("SELECT epoch FROM group_state WHERE grp = ?1")?;
         for (g, epoch) in &w.group_epochs {
-            let stored: Option<i64> = st
-                .query_row([i64::from(*g)], |r| r.get(0))
-                .optional()?;
+            let stored: Option<i64> = st.query_row([i64::from(*g)], |r| r.get(0)).optional()?;
             if stored != Some(i(*epoch)) {
                 return Err(StoreError::Conflict("group epoch"));
             }
