@@ -9,7 +9,14 @@
 //! the client's sending of the batches (TLS encryption of ~1 MB; small).
 //! Each round is posted as batches of `--batch` entries (default 1000).
 //!
-//! Run: `cargo bench --bench udc [-- --members N --batch N]`
+//! `--sparse 1` deals the members out to the batches in turn (batch k holds
+//! members k, k + B, k + 2B, ... for B batches), so a batch's ids are about
+//! B apart, as when members answer in their own time and a gateway flushes
+//! whatever arrived (`dapgw bench`); otherwise a batch holds consecutive ids.
+//! After each round's batches the confirms are pulled from the downlink in
+//! the measured phase, as the gateway does.
+//!
+//! Run: `cargo bench --bench udc [-- --members N --batch N --sparse 1]`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +110,35 @@ async fn admin(addr: SocketAddr, method: &str, path: &str, body: String) -> Stri
     b
 }
 
+/// Pulls the downlink after `cursor` until it is empty (a short wait);
+/// returns the member records read and moves `cursor`.
+async fn pull_all(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    cursor: &mut u64,
+) -> u64 {
+    let mut n = 0;
+    loop {
+        let (s, body) = call(
+            send,
+            Method::GET,
+            &format!("/v1/downlink?after={cursor}&wait_ms=0"),
+            Bytes::new(),
+        )
+        .await;
+        if s == StatusCode::NO_CONTENT {
+            return n;
+        }
+        assert_eq!(s, StatusCode::OK);
+        let mut b = &body[..];
+        while !b.is_empty() {
+            *cursor = u64::from_be_bytes(b[..8].try_into().unwrap());
+            let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
+            n += u64::from(b[8] == 2);
+            b = &b[25 + len..];
+        }
+    }
+}
+
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -116,6 +152,15 @@ fn arg(name: &str, default: u64) -> u64 {
 async fn main() {
     let members = arg("--members", 10_000);
     let per_batch = arg("--batch", 1000) as usize;
+    let sparse = arg("--sparse", 0) == 1;
+    // The order in which members are cut into batches (indexes into 1..=N).
+    let order: Vec<usize> = if sparse {
+        let n = members as usize;
+        let batches = n.div_ceil(per_batch);
+        (0..batches).flat_map(|k| (k..n).step_by(batches)).collect()
+    } else {
+        (0..members as usize).collect()
+    };
     let dir = tempfile::tempdir().unwrap();
     let pki =
         dapgw::tls::dev_pki::generate(&dir.path().join("pki"), &[], &["gw-1".into()]).unwrap();
@@ -246,6 +291,7 @@ async fn main() {
                 )
             })
             .collect();
+        let answers: Vec<&(ResponseEntry, [u8; 16])> = order.iter().map(|i| &answers[*i]).collect();
         let bodies: Vec<Bytes> = answers
             .chunks(per_batch)
             .map(|part| {
@@ -279,9 +325,12 @@ async fn main() {
                 accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
             }
         }
+        // The confirms, as the gateway pulls them.
+        let confirms = pull_all(&mut send, &mut cursor).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu0;
         assert_eq!(accepted as u64, members, "every member accepted");
+        assert_eq!(confirms, members, "one confirm per member");
         let us = cpu * 1e6 / members as f64;
         println!(
             "udc {label} round, psk, {members} members in batches of {per_batch}, sqlite: \
@@ -310,6 +359,7 @@ async fn main() {
             (entry, tag)
         })
         .collect();
+    let answers: Vec<&(UplinkEntry, [u8; 16])> = order.iter().map(|i| &answers[*i]).collect();
     let bodies: Vec<Bytes> = answers
         .chunks(per_batch)
         .map(|part| {

@@ -1788,9 +1788,8 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
         vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
     );
     let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
-    let has_session = |s: &Option<dapgw::udc::store::StoredSlot>| {
-        s.as_ref().is_some_and(|s| s.sid.is_some())
-    };
+    let has_session =
+        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
     assert_eq!(
         slots.iter().map(has_session).collect::<Vec<_>>(),
         vec![true, false, true]
