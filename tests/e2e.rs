@@ -737,7 +737,17 @@ async fn round_readings_group_message_reconnect_and_revocation() {
             assert!(n > 0.0, "{name}{{direction={direction}}} = {n}");
         }
     }
-    assert!(page.sum("dapgw_upstream_request_duration_seconds_count", &[]) > 0.0);
+    // Requests timed: batches, a tag reply per tag request and a
+    // subscription update or two, not the downlink long polls (their
+    // duration is the UDC's wait; at least six of them relayed this run's
+    // challenges, confirms, updates and rekeys).
+    let timed = page.sum("dapgw_upstream_request_duration_seconds_count", &[]);
+    let batches = page.sum("dapgw_batches_total", &[]);
+    let tags = page.sum("dapgw_tag_requests_total", &[]);
+    assert!(
+        timed > 0.0 && timed <= batches + 2.0 * tags + 3.0,
+        "{timed} requests timed for {batches} batches and {tags} tag requests"
+    );
 
     assert!(a.try_failed().is_empty());
     assert!(a.shutdown().await.is_empty());

@@ -269,10 +269,32 @@ impl Link {
         timeout: Duration,
     ) -> Result<Answer, UpstreamError> {
         let start = Instant::now();
-        let res = tokio::time::timeout(timeout, self.exchange(method, path, body)).await;
+        let res = self.bounded(method, path, body, timeout).await;
         self.metrics
             .upstream_request_duration
             .observe(start.elapsed().as_secs_f64());
+        res
+    }
+
+    /// A downlink long poll: [`request`](Self::request) without the
+    /// duration histogram, which would otherwise be made of the UDC's
+    /// wait time (up to 25 s per poll) and say nothing about latency.
+    pub(crate) async fn long_poll(
+        self: &Arc<Self>,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        self.bounded(Method::GET, path, None, timeout).await
+    }
+
+    async fn bounded(
+        self: &Arc<Self>,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+        timeout: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        let res = tokio::time::timeout(timeout, self.exchange(method, path, body)).await;
         let res = res.map_err(|_| UpstreamError::Timeout(timeout))?;
         if let Ok(a) = &res {
             self.metrics
@@ -579,7 +601,7 @@ impl Upstream {
             let path = format!("/v1/downlink?after={cursor}&wait_ms={UPSTREAM_WAIT_MS}");
             let res = tokio::select! {
                 () = &mut stop => return,
-                r = self.link.request(Method::GET, &path, None, timeout) => r,
+                r = self.link.long_poll(&path, timeout) => r,
             };
             let failed = match res {
                 Ok(a) if a.status == StatusCode::OK => {
