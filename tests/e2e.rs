@@ -534,23 +534,14 @@ impl World {
 
     /// The gateway's whole `/metrics` page.
     async fn gw_page(&self) -> dapgw::admin::MetricsPage {
-        let (s, text) = dapgw::udc::admin_api::request(
-            &format!("127.0.0.1:{}", self.gw_admin.port),
-            "GET",
-            "/metrics",
-            None,
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 200, "{text}");
-        dapgw::admin::MetricsPage::parse(&text)
+        self.try_gw_page()
+            .await
+            .expect("the gateway serves /metrics")
     }
 
-    /// A gateway metric's value (the first series starting with `series`),
-    /// or `None` when the gateway does not answer.
-    async fn gw_metric(&self, series: &str) -> Option<f64> {
+    /// The gateway's `/metrics` page, or `None` when the gateway does not
+    /// answer 200.
+    async fn try_gw_page(&self) -> Option<dapgw::admin::MetricsPage> {
         let (s, text) = dapgw::udc::admin_api::request(
             &format!("127.0.0.1:{}", self.gw_admin.port),
             "GET",
@@ -561,10 +552,13 @@ impl World {
         )
         .await
         .ok()?;
-        if s != 200 {
-            return None;
-        }
-        dapgw::admin::MetricsPage::parse(&text).get(series)
+        (s == 200).then(|| dapgw::admin::MetricsPage::parse(&text))
+    }
+
+    /// A gateway metric's value (the series `series` exactly), or `None`
+    /// when the gateway does not answer.
+    async fn gw_metric(&self, series: &str) -> Option<f64> {
+        self.try_gw_page().await?.get(series)
     }
 }
 
