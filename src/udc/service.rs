@@ -554,15 +554,11 @@ impl Udc {
     pub async fn import_members(&self, rows: Vec<store::MemberRow>) -> Result<usize, ServiceError> {
         for row in &rows {
             if let store::KeySource::Imported(sealed) = &row.key_source {
-                let opened = self
-                    .storage
-                    .open_row(&member_aad(row.id), sealed.as_bytes())
-                    .ok()
-                    .and_then(|plain| {
-                        serde_json::from_slice::<crate::protocol::verifier::KeySource>(&plain).ok()
-                    });
+                // The same opening `load_registry` does for a stored row.
+                let opened =
+                    self.open::<crate::protocol::verifier::KeySource>(&member_aad(row.id), sealed);
                 match opened {
-                    Some(crate::protocol::verifier::KeySource::Imported { kv, .. })
+                    Ok(crate::protocol::verifier::KeySource::Imported { kv, .. })
                         if kv == row.kv => {}
                     _ => {
                         return Err(ServiceError::BadRequest(format!(
