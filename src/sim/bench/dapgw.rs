@@ -37,6 +37,7 @@ use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
 use super::{ControlIn, CounterSource, RoleLaunch, Scenario, emit};
+use crate::admin::MetricsPage;
 use crate::config::{GatewayConfig, SecretUrl, UdcConfig};
 use crate::protocol::keys::CredentialFile;
 use crate::protocol::wire::Mode;
@@ -244,20 +245,8 @@ fn token() -> String {
     hex::encode(&b[..])
 }
 
-/// The sum of every sample of metric `name` in a Prometheus text exposition.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let metric = key.split('{').next()?.trim();
-            (metric == name).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-/// `GET /metrics` of an admin listener.
-async fn scrape(admin: &str) -> anyhow::Result<String> {
+/// `GET /metrics` of an admin listener, parsed.
+async fn scrape(admin: &str) -> anyhow::Result<MetricsPage> {
     let (status, body) = crate::udc::admin_api::request(
         admin,
         "GET",
@@ -270,7 +259,7 @@ async fn scrape(admin: &str) -> anyhow::Result<String> {
     if status != 200 {
         bail!("GET /metrics at {admin}: HTTP {status}");
     }
-    Ok(body)
+    Ok(MetricsPage::parse(&body))
 }
 
 // ---------------------------------------------------------------------------
@@ -364,7 +353,7 @@ async fn udc_final(
         }
     }
     let metrics = scrape(admin).await?;
-    let rejected = metric_sum(&metrics, "dapgw_udc_entries_rejected_total") as u64;
+    let rejected = metrics.sum("dapgw_udc_entries_rejected_total", &[]) as u64;
     let mut m = Map::new();
     for (k, v) in [
         ("readings", total),
@@ -374,7 +363,7 @@ async fn udc_final(
         ("authenticated", authenticated),
         (
             "udc_readings_metric",
-            metric_sum(&metrics, "dapgw_udc_readings_total") as u64,
+            metrics.sum("dapgw_udc_readings_total", &[]) as u64,
         ),
     ] {
         m.insert(k.into(), json!(v));
@@ -461,7 +450,7 @@ async fn gateway_counters(admin: &str) -> anyhow::Result<Value> {
         ("downlink_messages", "dapgw_downlink_messages_total"),
         ("tag_requests", "dapgw_tag_requests_total"),
     ] {
-        m.insert(k.into(), json!(metric_sum(&text, metric) as u64));
+        m.insert(k.into(), json!(text.sum(metric, &[]) as u64));
     }
     Ok(Value::Object(m))
 }
@@ -638,7 +627,9 @@ async fn workload(
     let mut polls = 0u64;
     let stored = loop {
         polls += 1;
-        let stored = metric_sum(&scrape(&op.admin).await?, "dapgw_udc_readings_total") as u64;
+        let stored = scrape(&op.admin)
+            .await?
+            .sum("dapgw_udc_readings_total", &[]) as u64;
         if stored >= ok || Instant::now() > deadline {
             break stored;
         }
@@ -764,16 +755,6 @@ pub(crate) async fn members(args: MembersRoleArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metric_sum_adds_every_labelled_sample_of_one_name() {
-        let text = "# HELP x y\n# TYPE dapgw_a counter\n\
-                    dapgw_a{k=\"1\"} 2\ndapgw_a{k=\"2\"} 3.5\ndapgw_ab 100\n\
-                    dapgw_a_count 7\ndapgw_a 1\n";
-        assert_eq!(metric_sum(text, "dapgw_a"), 6.5);
-        assert_eq!(metric_sum(text, "dapgw_a_count"), 7.0);
-        assert_eq!(metric_sum(text, "missing"), 0.0);
-    }
 
     #[test]
     fn scenarios_name_their_mode_and_count_udc_traffic_at_a_relay() {
