@@ -32,9 +32,8 @@ pub async fn background(udc: Arc<Udc>, shutdown: impl Future<Output = ()>) {
         tokio::select! {
             () = &mut shutdown => return,
             _ = every.tick() => {
-                if let Err(e) = tick(&udc).await {
-                    tracing::warn!(error = %e, "background round work failed");
-                }
+                // Each failing step is logged by `tick` itself.
+                let _ = tick(&udc).await;
             }
         }
     }
@@ -44,51 +43,102 @@ pub async fn background(udc: Arc<Udc>, shutdown: impl Future<Output = ()>) {
 /// deadline, downlink records past their retention, (hourly) readings and
 /// verdicts past theirs, and (every five minutes) the gauges kept from the
 /// store.
+///
+/// Each step runs whatever the others did: a failing step (a store
+/// hiccup, a schedule whose round cannot be opened) is logged and does not
+/// keep rounds from closing or history from being trimmed. Returns the
+/// first error, after every step has run.
 pub async fn tick(udc: &Udc) -> Result<(), ServiceError> {
-    while udc.expire_localizations(64).await? == 64 {}
-    run_schedules(udc, now_ms()).await?;
-    udc.close_due_rounds(now_ms()).await?;
-    udc.store()
-        .trim_downlink(now_ms().saturating_sub(DOWNLINK_RETENTION_MS))
-        .await?;
-    udc.trim_history(now_ms()).await?;
-    udc.recount_gauges(now_ms()).await?;
-    Ok(())
+    let mut first: Option<ServiceError> = None;
+    let mut note = |step: &'static str, r: Result<(), ServiceError>| {
+        if let Err(e) = r {
+            tracing::warn!(step, error = %e, "background round work failed");
+            first.get_or_insert(e);
+        }
+    };
+    note(
+        "localizations",
+        async {
+            while udc.expire_localizations(64).await? == 64 {}
+            Ok(())
+        }
+        .await,
+    );
+    note("schedules", run_schedules(udc, now_ms()).await.map(drop));
+    note(
+        "close rounds",
+        udc.close_due_rounds(now_ms()).await.map(drop),
+    );
+    note(
+        "trim downlink",
+        udc.store()
+            .trim_downlink(now_ms().saturating_sub(DOWNLINK_RETENTION_MS))
+            .await
+            .map(drop)
+            .map_err(ServiceError::from),
+    );
+    note("trim history", udc.trim_history(now_ms()).await.map(drop));
+    note("gauges", udc.recount_gauges(now_ms()).await.map(drop));
+    first.map_or(Ok(()), Err)
 }
 
 /// Opens a round for every schedule due at `now_ms` that this process
 /// claims first. Returns the rounds opened as (group, round).
+///
+/// A schedule whose round cannot be opened is logged and skipped (its
+/// slot is claimed, so it is tried again at its next period): it does not
+/// keep the other schedules from running. The error returned is the
+/// failure to list the schedules.
 pub async fn run_schedules(udc: &Udc, now_ms: u64) -> Result<Vec<(u32, u64)>, ServiceError> {
     let mut opened = Vec::new();
     for s in udc.store().schedules().await? {
         if s.next_at_ms > now_ms {
             continue;
         }
-        // Skip missed slots instead of opening a burst of rounds.
-        let every = s.every_ms.max(1);
-        let behind = (now_ms - s.next_at_ms) / every + 1;
-        let next = s.next_at_ms.saturating_add(behind.saturating_mul(every));
-        if !udc.store().claim_schedule(s.id, s.next_at_ms, next).await? {
-            continue;
+        match run_schedule(udc, &s, now_ms).await {
+            Ok(Some(round)) => opened.push((s.group, round)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                schedule = s.id,
+                group = s.group,
+                error = %e,
+                "scheduled round not opened; next try at the next period"
+            ),
         }
-        let purpose = match s.purpose {
-            store::RoundPurpose::Auth => Purpose::Auth,
-            store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::new()),
-        };
-        // A scheduled round stays open for most of its period.
-        let duration = every.saturating_mul(9) / 10;
-        let round = udc
-            .open_round(s.group, s.mode, purpose, Some(duration))
-            .await?;
-        tracing::info!(
-            group = s.group,
-            round,
-            schedule = s.id,
-            "scheduled round opened"
-        );
-        opened.push((s.group, round));
     }
     Ok(opened)
+}
+
+/// Claims schedule `s`'s due slot and opens its round; `None` when another
+/// process claimed it first.
+async fn run_schedule(
+    udc: &Udc,
+    s: &store::ScheduleRow,
+    now_ms: u64,
+) -> Result<Option<u64>, ServiceError> {
+    // Skip missed slots instead of opening a burst of rounds.
+    let every = s.every_ms.max(1);
+    let behind = (now_ms - s.next_at_ms) / every + 1;
+    let next = s.next_at_ms.saturating_add(behind.saturating_mul(every));
+    if !udc.store().claim_schedule(s.id, s.next_at_ms, next).await? {
+        return Ok(None);
+    }
+    let purpose = match s.purpose {
+        store::RoundPurpose::Auth => Purpose::Auth,
+        store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::new()),
+    };
+    // A scheduled round stays open for most of its period.
+    let duration = every.saturating_mul(9) / 10;
+    let round = udc
+        .open_round(s.group, s.mode, purpose, Some(duration))
+        .await?;
+    tracing::info!(
+        group = s.group,
+        round,
+        schedule = s.id,
+        "scheduled round opened"
+    );
+    Ok(Some(round))
 }
 
 /// The wire mode named by a config/API string.
@@ -97,5 +147,100 @@ pub fn parse_mode(s: &str) -> Option<Mode> {
         "psk" => Some(Mode::Psk),
         "psk-ecdhe" => Some(Mode::PskEcdhe),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{SecretUrl, UdcConfig};
+    use crate::udc::keys_cmd::{self, files};
+    use crate::udc::store::{GroupRow, RoundPurpose, ScheduleRow, Sealed};
+
+    /// A UDC over a fresh SQLite store and fresh keys in `dir`.
+    async fn udc(dir: &Path) -> Arc<Udc> {
+        let keys = dir.join("keys");
+        keys_cmd::init(&keys).unwrap();
+        let config = UdcConfig {
+            store_url: SecretUrl::new(format!("sqlite://{}", dir.join("udc.sqlite3").display())),
+            master_secret_file: keys.join(files::MASTER),
+            storage_key_file: keys.join(files::STORAGE),
+            signing_key_file: keys.join(files::SIGNING),
+            key_cert_file: keys.join(files::SIGNING_CERT),
+            ..UdcConfig::default()
+        };
+        crate::udc::build(&config).await.unwrap()
+    }
+
+    /// Group `group` exists but its sealed state cannot be opened (as if
+    /// sealed under another storage key): every round for it fails.
+    async fn unopenable_group(udc: &Udc, group: u32) {
+        udc.store()
+            .insert_group(GroupRow {
+                group,
+                epoch: 1,
+                next_round: 1,
+                seq: 0,
+                config_hash: [0; 32],
+                state: Sealed::new(vec![0x5a; 64]),
+                version: 1,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn schedule(udc: &Udc, group: u32) -> u64 {
+        udc.store()
+            .insert_schedule(ScheduleRow {
+                id: 0,
+                group,
+                every_ms: 3_600_000,
+                mode: Mode::Psk,
+                purpose: RoundPurpose::Auth,
+                next_at_ms: 0,
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_schedule_that_cannot_open_its_round_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let udc = udc(dir.path()).await;
+        unopenable_group(&udc, 7).await;
+        let broken = schedule(&udc, 7).await;
+        schedule(&udc, 8).await;
+        let now = now_ms();
+        let opened = run_schedules(&udc, now).await.unwrap();
+        assert_eq!(opened, [(8, 1)]);
+        // The broken schedule's slot is spent: it is tried again one period
+        // on, not every second.
+        let broken = udc
+            .store()
+            .schedules()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.id == broken)
+            .unwrap();
+        assert!(broken.next_at_ms > now, "{broken:?}");
+        assert_eq!(run_schedules(&udc, now).await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn a_failing_schedule_does_not_keep_due_rounds_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let udc = udc(dir.path()).await;
+        let round = udc
+            .open_round(8, Mode::Psk, Purpose::Auth, Some(0))
+            .await
+            .unwrap();
+        unopenable_group(&udc, 7).await;
+        schedule(&udc, 7).await;
+        tick(&udc).await.unwrap();
+        let row = udc.store().round(8, round).await.unwrap().unwrap();
+        assert_eq!(row.status, store::RoundStatus::Closed);
     }
 }
