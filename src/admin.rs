@@ -5,6 +5,9 @@
 //! GET /metrics  Prometheus text format of the service's registry
 //! GET /healthz  200 "ok" while the process runs (liveness)
 //! GET /readyz   200 when every part is usable, else 503 + JSON naming them
+//! GET /readyz?exclude=upstream
+//!               the same without the named check (Kubernetes convention;
+//!               repeatable; `draining` cannot be excluded)
 //! ```
 //!
 //! [`Readiness`] is the latch the service flips as its upstream link, spool
@@ -42,6 +45,12 @@ pub const MAX_FALLBACK_BODY: usize = 64 * 1024;
 // ---------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------
+
+/// The readiness checks a probe may leave out with `/readyz?exclude=NAME`.
+/// The gateway's Kubernetes readiness probe excludes `upstream`: a gateway
+/// whose WAN link is down still takes members' traffic into its spool, so
+/// the member Service must keep routing to it.
+pub const EXCLUDABLE: [&str; 3] = ["upstream", "spool", "store"];
 
 /// Readiness latch shared by the service's tasks and the admin server.
 /// Clones share state. Ready when every required part is up and the
@@ -116,19 +125,26 @@ impl Readiness {
 
     /// The parts that are not ready, in a fixed order; empty when ready.
     pub fn not_ready(&self) -> Vec<&'static str> {
+        self.not_ready_excluding(&[])
+    }
+
+    /// Like [`not_ready`](Self::not_ready), ignoring the checks named in
+    /// `exclude` (among [`EXCLUDABLE`]). Draining is never ignored.
+    pub fn not_ready_excluding(&self, exclude: &[&str]) -> Vec<&'static str> {
         let i = &self.inner;
         let mut parts = Vec::new();
         if i.draining.load(Ordering::Acquire) {
             parts.push("draining");
         }
-        if i.needs_upstream && !i.upstream.load(Ordering::Acquire) {
-            parts.push("upstream");
-        }
-        if i.needs_spool && !i.spool.load(Ordering::Acquire) {
-            parts.push("spool");
-        }
-        if i.needs_store && !i.store.load(Ordering::Acquire) {
-            parts.push("store");
+        let checks = [
+            ("upstream", i.needs_upstream, &i.upstream),
+            ("spool", i.needs_spool, &i.spool),
+            ("store", i.needs_store, &i.store),
+        ];
+        for (name, needed, up) in checks {
+            if needed && !exclude.contains(&name) && !up.load(Ordering::Acquire) {
+                parts.push(name);
+            }
         }
         parts
     }
@@ -273,7 +289,20 @@ async fn route(req: Request<Incoming>, state: &State) -> AdminResponse {
         ),
         "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => {
-            let not_ready = state.readiness.not_ready();
+            let exclude = match readyz_exclusions(req.uri().query()) {
+                Ok(e) => e,
+                Err(bad) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain; charset=utf-8",
+                        format!(
+                            "unknown readiness check `{bad}` in exclude=; known: {}\n",
+                            EXCLUDABLE.join(", ")
+                        ),
+                    );
+                }
+            };
+            let not_ready = state.readiness.not_ready_excluding(&exclude);
             let (status, body) = if not_ready.is_empty() {
                 (StatusCode::OK, serde_json::json!({ "ready": true }))
             } else {
@@ -289,6 +318,27 @@ async fn route(req: Request<Incoming>, state: &State) -> AdminResponse {
             None => not_found(),
         },
     }
+}
+
+/// The checks named by the `exclude` parameters of a /readyz query (other
+/// parameters, such as Kubernetes' `verbose`, are ignored); `Err` carries
+/// an unknown name, cut to 64 bytes, so a mistyped probe fails loudly
+/// instead of silently checking everything.
+fn readyz_exclusions(query: Option<&str>) -> Result<Vec<&'static str>, String> {
+    let mut out = Vec::new();
+    for pair in query.unwrap_or("").split('&') {
+        let Some(("exclude", value)) = pair.split_once('=') else {
+            continue;
+        };
+        match EXCLUDABLE.iter().find(|c| **c == value) {
+            Some(c) => out.push(*c),
+            None => {
+                let cut = value.char_indices().nth(64).map_or(value.len(), |(i, _)| i);
+                return Err(value[..cut].to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn not_found() -> AdminResponse {

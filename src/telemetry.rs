@@ -130,6 +130,36 @@ label_enum! {
 }
 
 label_enum! {
+    /// Member-facing endpoint whose requests are timed (label `endpoint` of
+    /// `dapgw_member_request_duration_seconds`): every [`MemberEndpoint`]
+    /// but the long poll, whose duration is mostly the wait for records.
+    TimedEndpoint {
+        /// A member announcing its id and groups.
+        Attach = "attach",
+        /// A member's response to a challenge.
+        Response = "response",
+        /// A member's unsolicited uplink.
+        Uplink = "uplink",
+        /// Any other path (answered 404).
+        Other = "other",
+    }
+}
+
+impl MemberEndpoint {
+    /// The label of this endpoint's request duration; `None` for the long
+    /// poll, which is not timed.
+    pub fn timed(self) -> Option<TimedEndpoint> {
+        match self {
+            MemberEndpoint::Attach => Some(TimedEndpoint::Attach),
+            MemberEndpoint::Response => Some(TimedEndpoint::Response),
+            MemberEndpoint::Uplink => Some(TimedEndpoint::Uplink),
+            MemberEndpoint::Poll => None,
+            MemberEndpoint::Other => Some(TimedEndpoint::Other),
+        }
+    }
+}
+
+label_enum! {
     /// Result of a member request (label `outcome`).
     RequestOutcome {
         /// Accepted (2xx).
@@ -483,6 +513,9 @@ pub struct GatewayMetrics {
     pub member_requests: Counter2<MemberEndpoint, RequestOutcome>,
     /// `dapgw_malformed_requests_total{endpoint,reason}`.
     pub malformed_requests: Counter2<MemberEndpoint, MalformedReason>,
+    /// `dapgw_member_request_duration_seconds{endpoint}`: from the request
+    /// head to the response, whatever the outcome; long polls excluded.
+    pub member_request_duration: Histogram1<TimedEndpoint>,
     /// `dapgw_uplink_entries_total{kind}`: entries accepted from members.
     pub uplink_entries: Counter1<EntryKind>,
     /// `dapgw_downlink_messages_total{kind}`: messages relayed to members.
@@ -555,6 +588,13 @@ impl GatewayMetrics {
                 "dapgw_malformed_requests_total",
                 "Member requests refused as malformed, by endpoint and reason.",
                 ["endpoint", "reason"],
+            )?,
+            member_request_duration: Histogram1::register(
+                r,
+                "dapgw_member_request_duration_seconds",
+                "Duration of member requests (body read, checks, spool write) by endpoint; long polls excluded.",
+                "endpoint",
+                LOCAL_SECONDS_BUCKETS,
             )?,
             uplink_entries: Counter1::register(
                 r,

@@ -9,6 +9,9 @@
 //! The live test runs deploy/compose.yaml's own commands as host processes
 //! (gateways, UDC, members) under a real Prometheus.
 
+#[path = "support/skip.rs"]
+mod skip;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,9 +26,29 @@ use dapgw::telemetry::{self, GatewayMetrics, ProcessMetrics, UdcMetrics};
 use prometheus::Registry;
 use serde_json::Value;
 
-/// Versions the dashboards are type-checked against.
-const GRAFANA_SCHEMA: &str = "13.2.3";
+/// TypeScript version of the dashboards' type check.
 const TYPESCRIPT: &str = "5.9.3";
+
+/// The Grafana that compose.yaml runs (its image tag): the dashboards are
+/// type-checked against `@grafana/schema` of this same version, so the
+/// check and the deployment cannot drift apart.
+fn grafana_version() -> String {
+    const IMAGE: &str = "image: docker.io/grafana/grafana:";
+    let compose = read("deploy/compose.yaml");
+    let at = compose
+        .find(IMAGE)
+        .expect("compose.yaml runs grafana/grafana");
+    let tag: String = compose[at + IMAGE.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    assert_eq!(
+        tag.split('.').count(),
+        3,
+        "pin grafana/grafana to an exact version in compose.yaml, not {tag:?}"
+    );
+    tag
+}
 
 /// Image tag the tests build.
 const TEST_IMAGE: &str = "localhost/dapgw:test";
@@ -37,10 +60,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// `tool` on PATH, or `None` after a visible skip message; in CI a missing
 /// tool fails the test.
 fn require(tool: &str, install: &str) -> Option<PathBuf> {
@@ -50,12 +69,7 @@ fn require(tool: &str, install: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        assert!(!in_ci(), "{tool} is required in CI ({install})");
-        // Straight to stderr: libtest captures `eprintln!` of a passing test.
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {tool} is not installed ({install})"
-        );
+        skip::skip(tool, &format_args!("not installed ({install})"));
     }
     found
 }
@@ -218,14 +232,20 @@ fn alert_exprs(rules: &str) -> Vec<(String, Expr)> {
 /// `.+` for job and instance (their "All" value), fixed ranges for the
 /// interval variables.
 fn substitute(promql: &str, range: &str) -> String {
+    substitute_instance(promql, range, ".+")
+}
+
+/// Like [`substitute`], with `instance` as the instance variable's value
+/// (one target, as when an operator picks one gateway).
+fn substitute_instance(promql: &str, range: &str, instance: &str) -> String {
     let s = promql
         .replace("$__rate_interval", range)
         .replace("$__interval", range)
         .replace("$__range", "1h")
         .replace("${job}", ".+")
         .replace("$job", ".+")
-        .replace("${instance}", ".+")
-        .replace("$instance", ".+");
+        .replace("${instance}", instance)
+        .replace("$instance", instance);
     assert!(!s.contains('$'), "unknown variable left in {s}");
     s
 }
@@ -526,22 +546,23 @@ fn dashboards_are_provisioning_ready() {
     assert!(compose.contains("../dashboards:/var/lib/grafana/dashboards/dapgw:ro"));
 }
 
-/// `npm install`s the pinned `@grafana/schema` and `typescript` into
-/// target/deploy-npm unless they are there already.
+/// `npm install`s `@grafana/schema` of compose's Grafana and the pinned
+/// `typescript` into target/deploy-npm unless they are there already.
 fn npm_tools(npm: &Path) -> PathBuf {
     let dir = root().join("target/deploy-npm");
+    let grafana = grafana_version();
     let installed = |pkg: &str, version: &str| {
         std::fs::read_to_string(dir.join("node_modules").join(pkg).join("package.json"))
             .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
     };
-    if !(installed("@grafana/schema", GRAFANA_SCHEMA) && installed("typescript", TYPESCRIPT)) {
+    if !(installed("@grafana/schema", &grafana) && installed("typescript", TYPESCRIPT)) {
         std::fs::create_dir_all(&dir).unwrap();
         let out = run(Command::new(npm)
             .arg("install")
             .arg("--prefix")
             .arg(&dir)
             .args(["--no-audit", "--no-fund", "--loglevel=error"])
-            .arg(format!("@grafana/schema@{GRAFANA_SCHEMA}"))
+            .arg(format!("@grafana/schema@{grafana}"))
             .arg(format!("typescript@{TYPESCRIPT}")));
         assert_ok("npm install @grafana/schema typescript", &out);
     }
@@ -849,7 +870,7 @@ fn kubernetes_manifests_validate() {
         "runAsNonRoot: true",
         "runAsUser: 65532",
         "path: /healthz",
-        "path: /readyz",
+        "path: /readyz?exclude=upstream",
         "volumeClaimTemplates:",
         "prometheus.io/scrape: \"true\"",
         // Service links would inject DAPGW_GATEWAY_* variables, which the
@@ -858,6 +879,40 @@ fn kubernetes_manifests_validate() {
     ] {
         assert!(ss.contains(needed), "statefulset lacks {needed}");
     }
+}
+
+/// The StatefulSet's probes and replica count, without a tool: readiness
+/// routes the members' Service, so it must ignore the upstream (a gateway
+/// spools through a WAN outage); liveness is /healthz; one replica, since
+/// every replica would mount the one client-certificate Secret.
+#[test]
+fn kubernetes_probes_and_replicas() {
+    let ss = read("deploy/kubernetes/gateway-statefulset.yaml");
+    let probe_path = |probe: &str| -> String {
+        let at = ss
+            .find(&format!("{probe}:"))
+            .unwrap_or_else(|| panic!("statefulset has no {probe}"));
+        ss[at..]
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("path: "))
+            .unwrap_or_else(|| panic!("{probe} has no httpGet path"))
+            .to_string()
+    };
+    assert_eq!(probe_path("readinessProbe"), "/readyz?exclude=upstream");
+    assert_eq!(probe_path("livenessProbe"), "/healthz");
+    let replicas: Vec<&str> = ss
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("replicas:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        replicas,
+        ["1"],
+        "one gateway per StatefulSet (see its header)"
+    );
+    // One Secret for the whole template: a second replica could not have
+    // its own client certificate.
+    assert_eq!(ss.matches("secretName:").count(), 1);
 }
 
 #[test]
@@ -1263,6 +1318,305 @@ fn container_image_runs_gateway() {
             serde_json::from_str::<Value>(line).is_ok(),
             "DAPGW_LOG_FORMAT=json but a log line is not JSON: {line}"
         );
+    }
+}
+
+/// Containers and volumes a test started, removed whatever happens.
+struct Containers {
+    podman: PathBuf,
+    names: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = podman(&self.podman).args(["rm", "-f", n]).output();
+        }
+        for v in &self.volumes {
+            let _ = podman(&self.podman)
+                .args(["volume", "rm", "-f", v])
+                .output();
+        }
+    }
+}
+
+impl Containers {
+    /// `podman run -d` of TEST_IMAGE as `name`, with the image's runtime
+    /// restrictions (read-only root, no capability), host networking, the
+    /// given `-v` mounts and `-e` variables, and `args` as the command.
+    fn start(&mut self, name: &str, mounts: &[String], env: &[String], args: &[&str]) {
+        let mut cmd = podman(&self.podman);
+        cmd.args(["run", "-d", "--name", name, "--runtime", "runc"])
+            .args([
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(["--network", "host", "--read-only", "--cap-drop=ALL"])
+            .args(["--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]);
+        for m in mounts {
+            cmd.arg("-v").arg(m);
+        }
+        for e in env {
+            cmd.arg("-e").arg(e);
+        }
+        self.names.push(name.to_string());
+        let out = run(cmd.arg(TEST_IMAGE).args(args));
+        assert_ok(&format!("podman run -d ({name})"), &out);
+    }
+
+    /// A named volume, removed at the end.
+    fn volume(&mut self, name: &str) -> String {
+        self.volumes.push(name.to_string());
+        name.to_string()
+    }
+
+    fn logs(&self, name: &str) -> String {
+        text(&run(podman(&self.podman).args(["logs", name])))
+    }
+
+    /// Panics with the container's log if it is not running.
+    fn alive(&self, name: &str) {
+        let out =
+            run(podman(&self.podman).args(["inspect", "--format", "{{.State.Running}}", name]));
+        if String::from_utf8_lossy(&out.stdout).trim() != "true" {
+            panic!("container {name} is not running:\n{}", self.logs(name));
+        }
+    }
+
+    /// `podman stop` (the image's STOPSIGNAL, SIGTERM); asserts exit code 0
+    /// well before the 30 s stop timeout would have killed it.
+    fn stop_exits_0(&self, name: &str) {
+        let start = Instant::now();
+        let out = run(podman(&self.podman).args(["stop", "--time", "30", name]));
+        assert_ok(&format!("podman stop {name}"), &out);
+        let elapsed = start.elapsed();
+        let out =
+            run(podman(&self.podman).args(["inspect", "--format", "{{.State.ExitCode}}", name]));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "0",
+            "{name}: exit code after SIGTERM; logs:\n{}",
+            self.logs(name)
+        );
+        assert!(
+            elapsed < Duration::from_secs(20),
+            "{name}: stop took {elapsed:?}"
+        );
+    }
+}
+
+/// Makes `dir` and everything in it readable by the container user (test
+/// key material only: the containers run as 65532).
+fn readable_by_all(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            readable_by_all(&p);
+        } else {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}
+
+/// The same image runs `dapgw udc` and `dapgw sim`: a UDC container (keys
+/// and the development PKI mounted read-only, a volume for its store)
+/// turns healthy; a gateway container and a `sim` container carry a round
+/// to it, and the UDC's /metrics counts the members authenticated; each
+/// exits 0 on SIGTERM.
+#[test]
+fn container_image_runs_udc_and_sim() {
+    let Some(podman_bin) = test_image() else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, keys, secrets) = (t.join("pki"), t.join("keys"), t.join("secrets"));
+    std::fs::create_dir(&secrets).unwrap();
+    let creds = secrets.join("members.json");
+    for args in [
+        vec![
+            "keys",
+            "dev-pki",
+            "--out",
+            pki.to_str().unwrap(),
+            "--client",
+            "gw-c",
+        ],
+        vec!["keys", "init", "--out", keys.to_str().unwrap()],
+        vec![
+            "keys",
+            "members",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--from",
+            "1",
+            "--count",
+            "20",
+            "--groups",
+            "3",
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+    ] {
+        assert_ok(
+            &format!("dapgw {args:?}"),
+            &run(Command::new(bin).args(&args)),
+        );
+    }
+    let token = secrets.join("admin-token");
+    std::fs::write(&token, format!("token-{}", std::process::id())).unwrap();
+    readable_by_all(t);
+
+    let id = std::process::id();
+    let (udc_name, gw_name, sim_name) = (
+        format!("dapgw-udc-{id}"),
+        format!("dapgw-gw-{id}"),
+        format!("dapgw-sim-{id}"),
+    );
+    let mut c = Containers {
+        podman: podman_bin.clone(),
+        names: Vec::new(),
+        volumes: Vec::new(),
+    };
+    let (udc_port, udc_admin, listen, admin) = (free_port(), free_port(), free_port(), free_port());
+    let udc_admin_addr = SocketAddr::from(([127, 0, 0, 1], udc_admin));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let ro = |host: &Path, at: &str| format!("{}:{at}:ro", host.display());
+    let pki_ro = ro(&pki, "/etc/dapgw/pki");
+
+    // The UDC, configured as compose.yaml configures it.
+    let udc_data = c.volume(&format!("{udc_name}-data"));
+    c.start(
+        &udc_name,
+        &[
+            pki_ro.clone(),
+            ro(&keys, "/etc/dapgw/keys"),
+            ro(&secrets, "/etc/dapgw/secrets"),
+            format!("{udc_data}:/var/lib/dapgw"),
+        ],
+        &[
+            format!("DAPGW_LISTEN=127.0.0.1:{udc_port}"),
+            format!("DAPGW_ADMIN_LISTEN=127.0.0.1:{udc_admin}"),
+            "DAPGW_ADMIN_TOKEN_FILE=/etc/dapgw/secrets/admin-token".into(),
+            "DAPGW_TLS_CERT=/etc/dapgw/pki/server.pem".into(),
+            "DAPGW_TLS_KEY=/etc/dapgw/pki/server.key".into(),
+            "DAPGW_CLIENT_CA=/etc/dapgw/pki/ca.pem".into(),
+            "DAPGW_STORE_URL=sqlite:///var/lib/dapgw/udc.sqlite3".into(),
+            "DAPGW_MASTER_SECRET_FILE=/etc/dapgw/keys/master.key".into(),
+            "DAPGW_STORAGE_KEY_FILE=/etc/dapgw/keys/storage.key".into(),
+            "DAPGW_SIGNING_KEY_FILE=/etc/dapgw/keys/signing.key".into(),
+            "DAPGW_KEY_CERT_FILE=/etc/dapgw/keys/signing.cert".into(),
+            "DAPGW_LOG_FORMAT=json".into(),
+        ],
+        &["udc"],
+    );
+    wait_for("the UDC's /readyz 200", Duration::from_secs(60), || {
+        c.alive(&udc_name);
+        http_get(udc_admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+    // The image's HEALTHCHECK passes for the UDC too.
+    let out = run(podman(&podman_bin).args(["healthcheck", "run", &udc_name]));
+    assert_ok("podman healthcheck run (udc)", &out);
+
+    // The operator registers the members (host binary, as an operator's
+    // machine would).
+    let operator = |args: &[&str]| {
+        let out = run(Command::new(bin)
+            .arg("udc")
+            .args(args)
+            .arg("--admin")
+            .arg(udc_admin_addr.to_string())
+            .arg("--token-file")
+            .arg(&token));
+        assert_ok(&format!("dapgw udc {args:?}"), &out);
+    };
+    operator(&[
+        "members",
+        "--import",
+        &format!("{}.import.json", creds.display()),
+    ]);
+
+    // A gateway to it, then simulated members behind the gateway.
+    let spool = c.volume(&format!("{gw_name}-spool"));
+    c.start(
+        &gw_name,
+        &[pki_ro.clone(), format!("{spool}:/var/lib/dapgw")],
+        &[
+            format!("DAPGW_UPSTREAM_URL=https://127.0.0.1:{udc_port}"),
+            "DAPGW_UPSTREAM_CA=/etc/dapgw/pki/ca.pem".into(),
+            "DAPGW_UPSTREAM_CLIENT_CERT=/etc/dapgw/pki/client-gw-c.pem".into(),
+            "DAPGW_UPSTREAM_CLIENT_KEY=/etc/dapgw/pki/client-gw-c.key".into(),
+            "DAPGW_GATEWAY_ID=gw-c".into(),
+            "DAPGW_TLS_CERT=/etc/dapgw/pki/server.pem".into(),
+            "DAPGW_TLS_KEY=/etc/dapgw/pki/server.key".into(),
+            format!("DAPGW_LISTEN=127.0.0.1:{listen}"),
+            format!("DAPGW_ADMIN_LISTEN=127.0.0.1:{admin}"),
+            "DAPGW_DRAIN_GRACE_MS=3000".into(),
+        ],
+        &["gateway"],
+    );
+    wait_for("the gateway's /readyz 200", Duration::from_secs(60), || {
+        c.alive(&gw_name);
+        http_get(admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+    let sim_state = c.volume(&format!("{sim_name}-state"));
+    let gateway_url = format!("https://127.0.0.1:{listen}");
+    c.start(
+        &sim_name,
+        &[
+            pki_ro,
+            ro(&secrets, "/etc/dapgw/secrets"),
+            format!("{sim_state}:/var/lib/dapgw"),
+        ],
+        &[],
+        &[
+            "sim",
+            "--gateway",
+            &gateway_url,
+            "--ca",
+            "/etc/dapgw/pki/ca.pem",
+            "--credentials",
+            "/etc/dapgw/secrets/members.json",
+            "--state-dir",
+            "/var/lib/dapgw/sim",
+        ],
+    );
+    wait_for("members attached", Duration::from_secs(60), || {
+        c.alive(&sim_name);
+        (sample(&metrics(admin_addr), "dapgw_members_connected", "") > 0.0).then_some(())
+    });
+    start_rounds_until_answered(
+        || {
+            operator(&[
+                "round",
+                "start",
+                "--group",
+                "3",
+                "--mode",
+                "psk",
+                "--purpose",
+                "read",
+                "--read-request",
+                "01",
+            ])
+        },
+        || {
+            sample(
+                &metrics(udc_admin_addr),
+                "dapgw_udc_members_authenticated_total",
+                "",
+            ) > 0.0
+        },
+    );
+
+    // SIGTERM: every role exits 0.
+    for name in [&sim_name, &gw_name, &udc_name] {
+        c.stop_exits_0(name);
     }
 }
 
@@ -1908,20 +2262,30 @@ fn live_prometheus_scrapes_gateway_and_udc_under_sim_traffic() {
         }
     }
 
-    // Every dashboard expression returns data, for each gateway alone too.
+    // Every dashboard expression returns data, for all instances and, on
+    // the gateway dashboard, for each gateway alone too (its instance
+    // variable set to that gateway's scrape target).
     let mut failures = Vec::new();
     let mut checked = 0;
     for (name, d) in dashboards() {
+        let mut instances = vec![".+".to_string()];
+        if name.contains("gateway") {
+            for gw in ["gateway-1", "gateway-2"] {
+                instances.push(stack.admin(gw).to_string());
+            }
+        }
         for e in panel_exprs(&name, &d)
             .into_iter()
             .chain(variable_exprs(&name, &d))
         {
-            let q = substitute(&e.promql, "30s");
-            checked += 1;
-            match prom_query(prom_addr, &q) {
-                Ok(0) => failures.push(format!("{}: empty result for {q}", e.origin)),
-                Ok(_) => {}
-                Err(err) => failures.push(format!("{}: {err}", e.origin)),
+            for instance in &instances {
+                let q = substitute_instance(&e.promql, "30s", instance);
+                checked += 1;
+                match prom_query(prom_addr, &q) {
+                    Ok(0) => failures.push(format!("{}: empty result for {q}", e.origin)),
+                    Ok(_) => {}
+                    Err(err) => failures.push(format!("{}: {err}", e.origin)),
+                }
             }
         }
     }
@@ -2081,6 +2445,97 @@ fn readme_troubleshooting_upstream_and_certificates() {
     ] {
         seen(&row, &observed, phrase);
     }
+}
+
+/// The README's certificate row, second half: the UDC refuses the
+/// gateway's client certificate (its `DAPGW_CLIENT_CA` is another CA), as
+/// a real UDC and gateway show it.
+#[test]
+fn readme_troubleshooting_client_certificate_refused() {
+    let bin = env!("CARGO_BIN_EXE_dapgw");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (pki, other, keys) = (t.join("pki"), t.join("other-pki"), t.join("keys"));
+    for dir in [&pki, &other] {
+        let out = run(Command::new(bin)
+            .args(["keys", "dev-pki", "--out"])
+            .arg(dir)
+            .args(["--client", "gw-1"]));
+        assert_ok("dapgw keys dev-pki", &out);
+    }
+    assert_ok(
+        "dapgw keys init",
+        &run(Command::new(bin).args(["keys", "init", "--out"]).arg(&keys)),
+    );
+    let token = t.join("admin-token");
+    std::fs::write(&token, "token").unwrap();
+    let (udc_port, udc_admin, listen, admin) = (free_port(), free_port(), free_port(), free_port());
+    let mut udc_cmd = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAPGW_") {
+            udc_cmd.env_remove(k);
+        }
+    }
+    udc_cmd
+        .arg("udc")
+        .env("DAPGW_LISTEN", format!("127.0.0.1:{udc_port}"))
+        .env("DAPGW_ADMIN_LISTEN", format!("127.0.0.1:{udc_admin}"))
+        .env("DAPGW_ADMIN_TOKEN_FILE", &token)
+        .env("DAPGW_TLS_CERT", pki.join("server.pem"))
+        .env("DAPGW_TLS_KEY", pki.join("server.key"))
+        // Not the CA of the gateway's client certificate.
+        .env("DAPGW_CLIENT_CA", other.join("ca.pem"))
+        .env(
+            "DAPGW_STORE_URL",
+            format!("sqlite://{}", t.join("udc.sqlite3").display()),
+        )
+        .env("DAPGW_MASTER_SECRET_FILE", keys.join("master.key"))
+        .env("DAPGW_STORAGE_KEY_FILE", keys.join("storage.key"))
+        .env("DAPGW_SIGNING_KEY_FILE", keys.join("signing.key"))
+        .env("DAPGW_KEY_CERT_FILE", keys.join("signing.cert"));
+    let udc_log = t.join("udc.log");
+    let mut udc = Proc::spawn("udc", &mut udc_cmd, &udc_log);
+    let udc_admin_addr = SocketAddr::from(([127, 0, 0, 1], udc_admin));
+    wait_for("the UDC ready", Duration::from_secs(60), || {
+        udc.alive(&udc_log);
+        http_get(udc_admin_addr, "/readyz").filter(|(s, _)| *s == 200)
+    });
+
+    let row = troubleshooting_row("certificate errors");
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let log = t.join("gateway.log");
+    let mut cmd = Command::new(bin);
+    gateway_env(&mut cmd, &pki, listen, admin, &t.join("spool"));
+    cmd.env(
+        "DAPGW_UPSTREAM_URL",
+        format!("https://127.0.0.1:{udc_port}"),
+    )
+    .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"));
+    let mut gw = Proc::spawn("gateway (client certificate refused)", &mut cmd, &log);
+    let phrases = [
+        "upstream link up",
+        "upstream link failed error=connection error",
+        "error=http/2 with the udc: operation was canceled",
+    ];
+    let observed = wait_for("the refusal in the log", Duration::from_secs(90), || {
+        gw.alive(&log);
+        let l = std::fs::read_to_string(&log).unwrap();
+        phrases.iter().all(|p| l.contains(p)).then_some(l)
+    });
+    for phrase in phrases {
+        seen(&row, &observed, phrase);
+    }
+    // Between attempts the link is down, and the gateway is not ready.
+    let page = wait_for("dapgw_upstream_up 0", Duration::from_secs(30), || {
+        let page = metrics(admin_addr);
+        page.contains("dapgw_upstream_up 0").then_some(page)
+    });
+    seen(&row, &page, "dapgw_upstream_up 0");
+    wait_for("/readyz 503 upstream", Duration::from_secs(30), || {
+        http_get(admin_addr, "/readyz").filter(|(s, body)| *s == 503 && body.contains("upstream"))
+    });
+    // The refusal is the UDC's TLS check, not a crash.
+    udc.alive(&udc_log);
 }
 
 /// The README's spool-full row (and the recovery its upstream row
@@ -2470,4 +2925,111 @@ fn builder_stage_copies_every_file_the_build_reads() {
             "the builder stage does not copy {n} ({copied:?})"
         );
     }
+}
+
+/// The stages of a Dockerfile in file order: name (`AS name`, or the
+/// position for an unnamed one), base image, and instruction lines
+/// (comments and blank lines dropped, continuations not joined).
+fn dockerfile_stages(dockerfile: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut stages: Vec<(String, String, Vec<String>)> = Vec::new();
+    for line in dockerfile.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("FROM ") {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let base = words[0].to_string();
+            let name = match words.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+                Some(i) => words[i + 1].to_string(),
+                None => stages.len().to_string(),
+            };
+            stages.push((name, base, Vec::new()));
+        } else if let Some(stage) = stages.last_mut() {
+            stage.2.push(line.to_string());
+        }
+    }
+    stages
+}
+
+/// The first `COPY`/`ADD` of the build context's `target/` that building
+/// stage `target` runs, in that stage, the stages it is built from or
+/// copies from, or (legacy builders build every earlier stage) any stage
+/// before it; `None` when building it needs nothing from `target/`.
+fn stage_reads_build_output(dockerfile: &str, target: &str) -> Option<String> {
+    let stages = dockerfile_stages(dockerfile);
+    let at = stages
+        .iter()
+        .position(|s| s.0 == target)
+        .unwrap_or_else(|| panic!("deploy/Dockerfile has no stage {target}"));
+    let mut needed: BTreeSet<usize> = (0..=at).collect();
+    let mut todo = vec![at];
+    while let Some(i) = todo.pop() {
+        let (_, base, lines) = &stages[i];
+        let froms = lines
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|w| w.strip_prefix("--from="))
+            .chain([base.as_str()]);
+        for dep in froms {
+            if let Some(j) = stages.iter().position(|s| s.0 == dep)
+                && needed.insert(j)
+            {
+                todo.push(j);
+            }
+        }
+    }
+    needed.into_iter().find_map(|i| {
+        let (name, _, lines) = &stages[i];
+        lines
+            .iter()
+            .filter(|l| l.starts_with("COPY ") || l.starts_with("ADD "))
+            .filter(|l| !l.contains("--from="))
+            .find(|l| {
+                l.split_whitespace()
+                    .any(|w| w == "target" || w.starts_with("target/"))
+            })
+            .map(|l| format!("stage {name}: {l}"))
+    })
+}
+
+/// `docker compose up --build` works from a fresh clone: compose builds a
+/// Dockerfile stage that exists and needs nothing from `target/` (the
+/// default last stage copies a host-built binary, which a fresh clone does
+/// not have).
+#[test]
+fn compose_builds_a_stage_that_needs_nothing_from_target() {
+    let compose = read("deploy/compose.yaml");
+    let code = |l: &str| l.split('#').next().unwrap_or("").trim().to_string();
+    let builds = compose
+        .lines()
+        .filter(|l| code(l).starts_with("build:"))
+        .count();
+    let targets: Vec<String> = compose
+        .lines()
+        .filter_map(|l| {
+            code(l)
+                .strip_prefix("target:")
+                .map(|t| t.trim().to_string())
+        })
+        .collect();
+    assert!(builds >= 1, "compose.yaml builds no image");
+    assert_eq!(
+        targets.len(),
+        builds,
+        "every build in compose.yaml names its Dockerfile target: {targets:?}"
+    );
+    let dockerfile = read("deploy/Dockerfile");
+    for target in &targets {
+        assert_eq!(
+            stage_reads_build_output(&dockerfile, target),
+            None,
+            "compose builds stage {target}, which needs target/ from the host"
+        );
+    }
+    // The check can fail: the default (host binary) stage is caught.
+    let last = dockerfile_stages(&dockerfile).pop().unwrap().0;
+    assert!(
+        stage_reads_build_output(&dockerfile, &last).is_some_and(|s| s.contains("target/")),
+        "the last stage {last} was expected to copy the host-built binary"
+    );
 }

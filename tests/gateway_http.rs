@@ -112,6 +112,25 @@ async fn round_trip_challenge_response_confirm() {
         2.0
     );
     assert_eq!(gw.metric("dapgw_upstream_up").await, 1.0);
+    // Every attach and response was timed, and no long poll was.
+    for endpoint in ["attach", "response"] {
+        let timed = gw
+            .metric(&format!(
+                "dapgw_member_request_duration_seconds_count{{endpoint=\"{endpoint}\"}}"
+            ))
+            .await;
+        let counted = gw
+            .metric(&format!(
+                "dapgw_member_requests_total{{endpoint=\"{endpoint}\",outcome=\"ok\"}}"
+            ))
+            .await;
+        assert_eq!((timed, counted), (2.0, 2.0), "{endpoint}");
+    }
+    let (_, page) = gw.admin_get("/metrics").await;
+    assert!(
+        !page.contains("dapgw_member_request_duration_seconds_count{endpoint=\"poll\"}"),
+        "{page}"
+    );
     // The spool is empty again apart from the downlink.
     assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
     gw.stop().await;

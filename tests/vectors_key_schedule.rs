@@ -1,5 +1,6 @@
 //! Known-answer vectors for the suite 1 key schedule
-//! (`tests/vectors/key_schedule.json`).
+//! (`tests/vectors/key_schedule.json`), the vendor-key import derivation
+//! (`K_import`) included.
 //!
 //! `key_schedule_vectors_match_the_code` recomputes every value with
 //! `dapgw::protocol::keys`; `key_schedule_vectors_match_an_independent_computation`
@@ -11,7 +12,8 @@
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes128Gcm, KeyInit};
 use dapgw::protocol::keys::{
-    MasterSecret, MemberKeyDeriver, response_keys, session_keys, transcript_hash, uplink_nonce,
+    MasterSecret, MemberKeyDeriver, import_member_key, response_keys, session_keys,
+    transcript_hash, uplink_nonce,
 };
 use dapgw::protocol::suite::{EphemeralKeyPair, Gcm};
 use serde_json::{Value, json};
@@ -30,6 +32,12 @@ fn pattern<const N: usize>(start: u8) -> [u8; N] {
 const ID: u64 = 0x0000_0001_0000_03E9;
 const KV: u32 = 2;
 const PAYLOAD_9: &[u8; 9] = b"kWh=12345";
+
+/// A meter vendor's per-member key (16 bytes, as an AES-128 meter key),
+/// the input of the import derivation.
+fn vendor_key() -> [u8; 16] {
+    pattern(0xC0)
+}
 
 /// The fixed inputs of both cases.
 struct Inputs {
@@ -124,6 +132,10 @@ fn compute_file_with_dapgw() -> Value {
         "n_i": hex::encode(n_i),
         "payload_9": hex::encode(PAYLOAD_9),
         "cases": [compute_with_dapgw(false), compute_with_dapgw(true)],
+        "import": {
+            "vendor_key": hex::encode(vendor_key()),
+            "k_import": hex::encode(import_member_key(&vendor_key(), ID, KV).expose()),
+        },
     })
 }
 
@@ -265,6 +277,20 @@ fn key_schedule_vectors_match_an_independent_computation() {
         assert_eq!(unhex(&case["response_c_9"]), c);
         assert_eq!(unhex(&case["response_tag_9"]), tag.as_slice());
     }
+    // K_import: the vendor key through the import KDF, for the same id
+    // and kv, never the vendor key itself nor the derived K_i.
+    let vendor = unhex(&v["import"]["vendor_key"]);
+    assert_eq!(vendor.len(), 16);
+    let prk_import = extract(b"dapgw v1 import", &vendor);
+    let mut info = b"dapgw v1 import".to_vec();
+    info.extend_from_slice(&id.to_be_bytes());
+    info.extend_from_slice(&kv.to_be_bytes());
+    let hk = hkdf::Hkdf::<Sha256>::from_prk(&prk_import).unwrap();
+    let mut k_import = [0u8; 32];
+    hk.expand(&info, &mut k_import).unwrap();
+    assert_eq!(unhex(&v["import"]["k_import"]), k_import);
+    assert_ne!(k_import, k_i);
+
     // The two modes must not share any derived value.
     for field in ["th", "prk0", "k_resp", "k_conf", "k_up", "k_down", "sid"] {
         assert_ne!(cases[0][field], cases[1][field], "{field}");

@@ -386,6 +386,8 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
 }
 
 async fn handle(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Reply {
+    // Wall time, not tokio's (possibly paused) clock: this is a latency.
+    let started = std::time::Instant::now();
     let mut endpoint = match req.uri().path() {
         "/v1/attach" => MemberEndpoint::Attach,
         "/v1/uplink" => MemberEndpoint::Uplink,
@@ -438,6 +440,11 @@ async fn handle(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Re
         .exact()
         .unwrap_or(0);
     m.member_bytes.get(Direction::Sent).inc_by(sent);
+    if let Some(timed) = endpoint.timed() {
+        m.member_request_duration
+            .get(timed)
+            .observe(started.elapsed().as_secs_f64());
+    }
     resp
 }
 

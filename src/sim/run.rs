@@ -39,7 +39,7 @@ pub struct SimArgs {
     /// stops at its first transport failure).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub reconnect: bool,
-    /// Stop after this many seconds; 0: run until Ctrl-C.
+    /// Stop after this many seconds; 0: run until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub duration_s: u64,
     /// HTTP/2 connections shared by all members; 0: one per 100 members
@@ -89,7 +89,7 @@ pub fn select_members(
     Ok(all.into_iter().skip(from).take(to - from).collect())
 }
 
-/// Runs `dapgw sim` to completion (duration or Ctrl-C).
+/// Runs `dapgw sim` to completion (duration, Ctrl-C or SIGTERM).
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.credentials)
         .with_context(|| format!("reading {}", args.credentials.display()))?;
@@ -129,6 +129,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
     let mut every = tokio::time::interval(Duration::from_secs(args.summary_every_s.max(1)));
     every.tick().await;
+    // SIGTERM too: it is the image's STOPSIGNAL, and as a container's PID 1
+    // the process would otherwise ignore it until the runtime kills it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
     loop {
         let until_end = async {
             match deadline {
@@ -139,6 +143,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = until_end => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
             _ = every.tick() => eprintln!("{}", progress_line(&fleet, started)),
         }
     }
