@@ -75,7 +75,7 @@ impl SqliteStore {
         let mut conn = Connection::open(path)?;
         // Measurement knob (docs/udc.md, Performance): the page size of a
         // database created now; an existing file keeps its own.
-        if let Some(bytes) = tuning("DAPGW_SQLITE_PAGE_SIZE") {
+        if let Some(bytes) = tuning(BENCH_PAGE_SIZE_VAR) {
             conn.pragma_update(None, "page_size", bytes)?;
         }
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -95,7 +95,7 @@ impl SqliteStore {
         // session, outcome and reading pages, and a longer interval copies
         // each of them back to the database file once instead of many
         // times. Every commit is still fsynced (`synchronous=FULL`).
-        let pages = tuning("DAPGW_SQLITE_WAL_AUTOCHECKPOINT").unwrap_or(WAL_AUTOCHECKPOINT_PAGES);
+        let pages = tuning(BENCH_WAL_AUTOCHECKPOINT_VAR).unwrap_or(WAL_AUTOCHECKPOINT_PAGES);
         conn.pragma_update(None, "wal_autocheckpoint", pages)?;
         migrate(&mut conn)?;
         Ok(conn)
@@ -142,8 +142,18 @@ impl SqliteStore {
 /// WAL pages between automatic checkpoints.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// Measurement knob: the page size of a SQLite database created by this
+/// process. Outside the `DAPGW_` namespace on purpose: it is not a UDC
+/// setting (`dapgw udc` refuses unknown `DAPGW_*` variables), only a lever
+/// for A/B runs of the benchmarks (docs/udc.md, Performance).
+const BENCH_PAGE_SIZE_VAR: &str = "BENCH_SQLITE_PAGE_SIZE";
+
+/// Measurement knob: WAL pages between automatic checkpoints (default
+/// [`WAL_AUTOCHECKPOINT_PAGES`]); like [`BENCH_PAGE_SIZE_VAR`], not a setting.
+const BENCH_WAL_AUTOCHECKPOINT_VAR: &str = "BENCH_SQLITE_WAL_AUTOCHECKPOINT";
+
 /// A positive integer from environment variable `name`, if set (the
-/// storage tuning knobs used by the benchmarks).
+/// storage measurement knobs above).
 fn tuning(name: &str) -> Option<i64> {
     std::env::var(name)
         .ok()
