@@ -155,6 +155,7 @@ both!(
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
     group_messages_acks_schedules,
+    v3_outcomes_fill_accepted_rounds,
 );
 
 /// A version 1 SQLite database (current/previous session columns) is
@@ -193,39 +194,56 @@ async fn sqlite_v1_sessions_migrate_to_slots() {
     assert_eq!(s.count_sessions().await.unwrap(), 1);
 }
 
-/// A version 3 SQLite database (one outcome row per member) is migrated
-/// to version 4: each slot's accepted rounds are filled from its accepted
+/// A version 3 database (one outcome row per member) is migrated to
+/// version 4: each slot's accepted rounds are filled from its accepted
 /// outcomes, and the round reports still read the old rows.
-#[tokio::test]
-async fn sqlite_v3_outcomes_fill_accepted_rounds() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v3.sqlite3");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        for sql in [
-            include_str!("../migrations/sqlite/0001_init.sql"),
-            include_str!("../migrations/sqlite/0002_session_slots.sql"),
-            include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
-        ] {
-            c.execute_batch(sql).unwrap();
+async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
+    // Rows of version 3 (x'..' is rewritten for PostgreSQL).
+    const ROWS: &str = "INSERT INTO members (id, kv, key_source, status, added_at_ms) VALUES \
+         (1, 1, 0, 0, 0), (2, 1, 0, 0, 0), (3, 1, 0, 0, 0);
+         INSERT INTO member_groups (member, grp) VALUES (1, 7), (2, 7), (3, 7);
+         INSERT INTO rounds (grp, round, opened_at_ms, mode, purpose, challenge, state, status) \
+         VALUES (7, 5, 0, 1, 0, x'00', x'00', 0);
+         INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) VALUES \
+         (1, 7, 1, x'0101010101010101', x'AA', 7, 2), (2, 7, 1, NULL, NULL, 0, 1), \
+         (3, 7, 1, x'0303030303030303', x'CC', 80, 2);
+         INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) VALUES \
+         (7, 5, 1, 0, '', 'gw', 1), (7, 7, 1, 0, '', 'gw', 2), (7, 5, 2, 1, 'Revoked', 'gw', 1), \
+         (7, 1, 3, 0, '', NULL, 1), (7, 80, 3, 0, '', NULL, 9);";
+    match f.kind {
+        Kind::Sqlite => {
+            let path = f.url.trim_start_matches("sqlite://");
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            let c = rusqlite::Connection::open(path).unwrap();
+            for sql in [
+                include_str!("../migrations/sqlite/0001_init.sql"),
+                include_str!("../migrations/sqlite/0002_session_slots.sql"),
+                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+                ROWS,
+            ] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
         }
-        c.pragma_update(None, "user_version", 3).unwrap();
-        c.execute_batch(
-            "INSERT INTO members (id, kv, key_source, status, added_at_ms) VALUES \
-             (1, 1, 0, 0, 0), (2, 1, 0, 0, 0), (3, 1, 0, 0, 0);
-             INSERT INTO member_groups (member, grp) VALUES (1, 7), (2, 7), (3, 7);
-             INSERT INTO rounds (grp, round, opened_at_ms, mode, purpose, challenge, state, status) \
-             VALUES (7, 5, 0, 1, 0, x'00', x'00', 0);
-             INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) VALUES \
-             (1, 7, 1, x'0101010101010101', x'AA', 7, 2), (2, 7, 1, NULL, NULL, 0, 1), \
-             (3, 7, 1, x'0303030303030303', x'CC', 80, 2);
-             INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) VALUES \
-             (7, 5, 1, 0, '', 'gw', 1), (7, 7, 1, 0, '', 'gw', 2), (7, 5, 2, 1, 'Revoked', 'gw', 1), \
-             (7, 1, 3, 0, '', NULL, 1), (7, 80, 3, 0, '', NULL, 9);",
-        )
-        .unwrap();
+        Kind::Postgres => {
+            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for sql in [
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                include_str!("../migrations/postgres/0001_init.sql"),
+                include_str!("../migrations/postgres/0002_session_slots.sql"),
+                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
+                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3)",
+                &ROWS.replace("x'", "'\\x"),
+            ] {
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
     }
-    let s = open(&format!("sqlite://{}", path.display())).await.unwrap();
+    let s = f.open().await;
     let got = s.sessions(vec![(1, 7), (2, 7), (3, 7)]).await.unwrap();
     let rounds: Vec<AcceptedRounds> = got.iter().map(|x| x.as_ref().unwrap().rounds).collect();
     assert_eq!(
