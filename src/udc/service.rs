@@ -1251,7 +1251,7 @@ impl Udc {
         let t_read = Instant::now();
         let read = self
             .store
-            .batch_state(group, ids.iter().map(|m| m.0).collect(), ctx.round)
+            .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round)
             .await?;
         let (group_state, group_row) = match read.group {
             Some(row) => (self.open(&aad::group(group), &row.state)?, row),

@@ -635,9 +635,9 @@ pub struct BatchWrite {
     pub downlink: Vec<DownlinkPush>,
 }
 
-/// What [`Store::batch_state`] read.
+/// What [`Store::batch_reads`] read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BatchState {
+pub struct BatchReads {
     /// The group (`None`: not created yet).
     pub group: Option<GroupRow>,
     /// The members, in the order asked (`None` if unknown).
@@ -851,12 +851,12 @@ pub trait Store: Send + Sync {
     /// `round`, if given) is judged against, read together: SQLite reads it
     /// in one transaction on one trip to its worker thread. The default
     /// makes the four reads one after the other.
-    fn batch_state(
+    fn batch_reads(
         &self,
         group: u32,
         ids: Vec<u64>,
         round: Option<u64>,
-    ) -> impl Future<Output = Result<BatchState, StoreError>> + Send {
+    ) -> impl Future<Output = Result<BatchReads, StoreError>> + Send {
         async move {
             let keys = ids.iter().map(|m| (*m, group)).collect();
             let group_row = self.group(group).await?;
@@ -866,7 +866,7 @@ pub trait Store: Send + Sync {
                 Some(r) => self.round(group, r).await?,
                 None => None,
             };
-            Ok(BatchState {
+            Ok(BatchReads {
                 group: group_row,
                 members,
                 sessions,
@@ -1089,7 +1089,7 @@ impl Store for AnyStore {
         fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
         fn apply_batch(&self, write: BatchWrite) -> Applied;
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
-        fn batch_state(&self, group: u32, ids: Vec<u64>, round: Option<u64>) -> BatchState;
+        fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>) -> BatchReads;
         fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
         fn count_sessions(&self) -> u64;

@@ -1147,12 +1147,12 @@ impl Store for SqliteStore {
         self.read(move |tx| sessions_tx(tx, &keys)).await
     }
 
-    async fn batch_state(
+    async fn batch_reads(
         &self,
         group: u32,
         ids: Vec<u64>,
         round: Option<u64>,
-    ) -> Result<BatchState, StoreError> {
+    ) -> Result<BatchReads, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {GROUP_COLS} FROM group_state WHERE grp = ?1"
@@ -1170,7 +1170,7 @@ impl Store for SqliteStore {
             let members = members_tx(tx, &ids)?;
             let keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
             let sessions = sessions_tx(tx, &keys)?;
-            Ok(BatchState {
+            Ok(BatchReads {
                 group: group_row,
                 members,
                 sessions,
