@@ -1544,6 +1544,63 @@ mod tests {
     }
 
     #[test]
+    fn accepted_rounds_window() {
+        let none = AcceptedRounds::default();
+        assert!(!none.contains(0) && !none.contains(1));
+        let w = none.with(5).unwrap().with(7).unwrap().with(6).unwrap();
+        assert_eq!(
+            w,
+            AcceptedRounds {
+                top: 7,
+                seen: 0b111
+            }
+        );
+        assert!(w.contains(5) && w.contains(6) && w.contains(7) && !w.contains(8));
+        assert_eq!(w.with(6), None, "accepted twice in one round");
+        assert!(!w.contains(4), "not accepted in round 4");
+        // 64 or more rounds behind the newest: refused, never accepted.
+        let far = w.with(7 + 70).unwrap();
+        assert_eq!(far, AcceptedRounds { top: 77, seen: 1 });
+        assert!(far.contains(13) && far.contains(7) && !far.contains(14));
+        assert_eq!(far.with(13), None);
+        assert!(far.with(14).unwrap().contains(14));
+        // Near the top of the range.
+        let top = none.with(u64::MAX).unwrap();
+        assert!(top.contains(u64::MAX) && !top.contains(u64::MAX - 1));
+        let row = SessionRow {
+            member: 1,
+            group: 7,
+            sid: None,
+            state: Sealed::default(),
+            round: 0,
+            authenticated_at_ms: None,
+            version: 1,
+            rounds: w,
+            accepted_in: Some(7),
+        };
+        assert!(matches!(
+            AcceptedRounds::after_write(&row),
+            Err(StoreError::Conflict("round outcome"))
+        ));
+        let ok = SessionRow {
+            accepted_in: Some(8),
+            ..row.clone()
+        };
+        assert_eq!(
+            AcceptedRounds::after_write(&ok).unwrap(),
+            AcceptedRounds {
+                top: 8,
+                seen: 0b1111
+            }
+        );
+        let keep = SessionRow {
+            accepted_in: None,
+            ..row
+        };
+        assert_eq!(AcceptedRounds::after_write(&keep).unwrap(), w);
+    }
+
+    #[test]
     fn u64_mapping_round_trips() {
         for v in [0, 1, u64::MAX, 1 << 63, (1 << 63) - 1] {
             assert_eq!(u(i(v)), v);
