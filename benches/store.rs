@@ -111,8 +111,12 @@ fn batch(round: u64) -> BatchWrite {
                     round,
                     authenticated_at_ms: Some(round),
                     // Rounds count from 1, each member's slot is written
-                    // once per round: the version read is round - 1.
+                    // once per round: the version read is round - 1, and
+                    // the member was accepted in every earlier round.
                     version: round - 1,
+                    rounds: (1..round)
+                        .fold(AcceptedRounds::default(), |w, r| w.with(r).unwrap_or(w)),
+                    accepted_in: Some(round),
                 }
             })
             .collect(),

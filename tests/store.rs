@@ -154,6 +154,7 @@ both!(
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
     group_messages_acks_schedules,
+    v3_outcomes_fill_accepted_rounds,
 );
 
 /// A version 1 SQLite database (current/previous session columns) is
@@ -190,6 +191,76 @@ async fn sqlite_v1_sessions_migrate_to_slots() {
     assert!(two.sid.is_none() && two.state.is_none());
     assert_eq!(two.last_auth_ms, 600);
     assert_eq!(s.count_sessions().await.unwrap(), 1);
+}
+
+/// A version 3 database (one outcome row per member) is migrated to
+/// version 4: each slot's accepted rounds are filled from its accepted
+/// outcomes, and the round reports still read the old rows.
+async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
+    // Rows of version 3 (x'..' is rewritten for PostgreSQL).
+    const ROWS: &str = "INSERT INTO members (id, kv, key_source, status, added_at_ms) VALUES \
+         (1, 1, 0, 0, 0), (2, 1, 0, 0, 0), (3, 1, 0, 0, 0);
+         INSERT INTO member_groups (member, grp) VALUES (1, 7), (2, 7), (3, 7);
+         INSERT INTO rounds (grp, round, opened_at_ms, mode, purpose, challenge, state, status) \
+         VALUES (7, 5, 0, 1, 0, x'00', x'00', 0);
+         INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) VALUES \
+         (1, 7, 1, x'0101010101010101', x'AA', 7, 2), (2, 7, 1, NULL, NULL, 0, 1), \
+         (3, 7, 1, x'0303030303030303', x'CC', 80, 2);
+         INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) VALUES \
+         (7, 5, 1, 0, '', 'gw', 1), (7, 7, 1, 0, '', 'gw', 2), (7, 5, 2, 1, 'Revoked', 'gw', 1), \
+         (7, 1, 3, 0, '', NULL, 1), (7, 80, 3, 0, '', NULL, 9);";
+    match f.kind {
+        Kind::Sqlite => {
+            let path = f.url.trim_start_matches("sqlite://");
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            let c = rusqlite::Connection::open(path).unwrap();
+            for sql in [
+                include_str!("../migrations/sqlite/0001_init.sql"),
+                include_str!("../migrations/sqlite/0002_session_slots.sql"),
+                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+                ROWS,
+            ] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+        }
+        Kind::Postgres => {
+            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for sql in [
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                include_str!("../migrations/postgres/0001_init.sql"),
+                include_str!("../migrations/postgres/0002_session_slots.sql"),
+                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
+                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3)",
+                &ROWS.replace("x'", "'\\x"),
+            ] {
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+    let s = f.open().await;
+    let got = s.sessions(vec![(1, 7), (2, 7), (3, 7)]).await.unwrap();
+    let rounds: Vec<AcceptedRounds> = got.iter().map(|x| x.as_ref().unwrap().rounds).collect();
+    assert_eq!(
+        rounds[0],
+        AcceptedRounds {
+            top: 7,
+            seen: 0b101
+        }
+    );
+    assert!(rounds[0].contains(5) && rounds[0].contains(7) && !rounds[0].contains(6));
+    assert_eq!(rounds[1], AcceptedRounds::default());
+    assert_eq!(rounds[2], AcceptedRounds { top: 80, seen: 1 });
+    // Round 5's report reads the old rows: 1 accepted, 2 rejected, 3 missing.
+    let rep = s.round_report(7, 5).await.unwrap().unwrap();
+    assert_eq!(rep.accepted, 1);
+    assert_eq!(rep.rejected, vec![("Revoked".to_owned(), 1)]);
+    assert_eq!(rep.missing, 1);
+    assert_eq!(s.round_missing(7, 5, None, 10).await.unwrap(), vec![3]);
 }
 
 // ---------------------------------------------------------------------------
@@ -253,6 +324,18 @@ fn session(member: u64, n: u8, round: u64, version: u64) -> SessionRow {
         round,
         authenticated_at_ms: Some(10_000 + u64::from(n)),
         version,
+        rounds: AcceptedRounds::default(),
+        accepted_in: None,
+    }
+}
+
+/// [`session`] accepting the member in `round`, written over `read` (its
+/// stored slot as read, `None`: none stored).
+fn accept(member: u64, n: u8, round: u64, read: Option<&StoredSlot>) -> SessionRow {
+    SessionRow {
+        rounds: read.map_or_else(AcceptedRounds::default, |r| r.rounds),
+        accepted_in: Some(round),
+        ..session(member, n, round, read.map_or(0, |r| r.version))
     }
 }
 
@@ -352,8 +435,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![3],
-        Kind::Postgres => vec![1, 2, 3],
+        Kind::Sqlite => vec![4],
+        Kind::Postgres => vec![1, 2, 3, 4],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -1031,10 +1114,19 @@ async fn round_report_and_outcomes(f: Fixture) {
 async fn second_acceptance_fails_the_write(f: Fixture) {
     let s = f.open().await;
     setup(&s, 3).await;
-    s.apply_batch(batch(1, 0x01, 2)).await.unwrap();
-    // Another batch accepting member 3 and (again) member 2.
+    let slot = |m: u64| {
+        let s = &s;
+        async move { s.sessions(vec![(m, G)]).await.unwrap().pop().unwrap() }
+    };
+    let mut first = batch(1, 0x01, 2);
+    first.sessions = vec![accept(1, 1, 1, None), accept(2, 1, 1, None)];
+    s.apply_batch(first).await.unwrap();
+    let read2 = slot(2).await.unwrap();
+    assert!(read2.rounds.contains(1) && !read2.rounds.contains(2));
+    // Another batch accepting member 3 and (again, over the slot as read)
+    // member 2 in the same round: nothing of it is written.
     let mut again = batch(2, 0x02, 3);
-    again.sessions = vec![session(2, 2, 1, 1), session(3, 1, 1, 0)];
+    again.sessions = vec![accept(2, 2, 1, Some(&read2)), accept(3, 1, 1, None)];
     again.readings.clear();
     let before = s.latest_cursor(GW).await.unwrap();
     let r = s.apply_batch(again.clone()).await;
@@ -1043,11 +1135,27 @@ async fn second_acceptance_fails_the_write(f: Fixture) {
         "{r:?}"
     );
     assert_eq!(s.verdict(GW, 2).await.unwrap(), None, "nothing written");
-    assert_eq!(s.sessions(vec![(3, G)]).await.unwrap(), vec![None]);
+    assert_eq!(slot(3).await, None);
     assert_eq!(s.latest_cursor(GW).await.unwrap(), before);
     assert_eq!(s.round_report(G, 1).await.unwrap().unwrap().accepted, 2);
+    // A writer claiming an older view of the accepted rounds (another
+    // process accepted the member since) fails on the stored window.
+    let stale = SessionRow {
+        rounds: AcceptedRounds::default(),
+        ..accept(2, 2, 1, Some(&read2))
+    };
+    let r = s
+        .apply_batch(BatchWrite {
+            sessions: vec![stale],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict("session slot"))),
+        "{r:?}"
+    );
     // Without the duplicate the same write goes through; a rejected
-    // outcome for an accepted member is no conflict (it is not written).
+    // outcome for an accepted member does not replace it in the report.
     again.outcomes = vec![
         OutcomeRow {
             kind: OutcomeKind::Rejected,
@@ -1056,18 +1164,59 @@ async fn second_acceptance_fails_the_write(f: Fixture) {
         },
         accepted(3, 1),
     ];
-    again.sessions = vec![session(3, 1, 1, 0)];
+    again.sessions = vec![accept(3, 1, 1, None)];
     s.apply_batch(again).await.unwrap();
     let rep = s.round_report(G, 1).await.unwrap().unwrap();
     assert_eq!((rep.accepted, rep.rejected.len()), (3, 0));
-    // The same member in another round is a new acceptance.
+    // The same member in another round is a new acceptance; the slot
+    // remembers both rounds.
     s.apply_batch(BatchWrite {
         new_rounds: vec![round_row(G, 2)],
         outcomes: vec![accepted(2, 2)],
+        sessions: vec![accept(2, 3, 2, Some(&read2))],
         ..BatchWrite::default()
     })
     .await
     .unwrap();
+    let read2 = slot(2).await.unwrap();
+    assert!(read2.rounds.contains(1) && read2.rounds.contains(2));
+    assert_eq!(read2.version, 2);
+    // Emptying the slot (revocation) and dropping every session keep them.
+    s.apply_batch(BatchWrite {
+        sessions: vec![SessionRow {
+            sid: None,
+            authenticated_at_ms: None,
+            rounds: read2.rounds,
+            ..session(2, 4, 2, read2.version)
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    s.drop_all_sessions().await.unwrap();
+    let read2 = slot(2).await.unwrap();
+    assert!(read2.sid.is_none() && read2.rounds.contains(1) && read2.rounds.contains(2));
+    // Round 70 is accepted; round 5 is now too far behind to be told
+    // apart from a second acceptance.
+    s.apply_batch(BatchWrite {
+        sessions: vec![accept(2, 5, 70, Some(&read2))],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let read2 = slot(2).await.unwrap();
+    assert!(read2.rounds.contains(70) && !read2.rounds.contains(69));
+    assert!(read2.rounds.contains(5), "64 or more rounds back");
+    let r = s
+        .apply_batch(BatchWrite {
+            sessions: vec![accept(2, 6, 5, Some(&read2))],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict("round outcome"))),
+        "{r:?}"
+    );
 }
 
 /// A batch's members and session slots read the same whether its ids are

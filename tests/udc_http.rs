@@ -1402,19 +1402,9 @@ async fn two_udcs_accept_a_member_once_per_round() {
         outcomes(&Verdict::decode(&body).unwrap()),
         vec![Outcome::Accepted; 2]
     );
-    // Member 1's response again, through b (whose cache does not know).
-    let (s, body) = b
-        .call(
-            Some("gw-2"),
-            Method::POST,
-            "/v1/batches",
-            mk("gw-2", 2, &[1, 3]),
-        )
-        .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
-    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(e["error"], "busy", "{e}");
-    // The retry (same batch, same process) is judged against the store.
+    // Member 1's response again, through b (whose cached round does not
+    // know): member 1's session slot, read with the batch, says it was
+    // accepted in this round.
     let (s, body) = b
         .call(
             Some("gw-2"),
@@ -1429,15 +1419,6 @@ async fn two_udcs_accept_a_member_once_per_round() {
         vec![Outcome::AlreadyAccepted, Outcome::Accepted]
     );
     // And the other way round: member 4 (accepted by b) through a.
-    let (s, _) = a
-        .call(
-            Some("gw-1"),
-            Method::POST,
-            "/v1/batches",
-            mk("gw-1", 2, &[4]),
-        )
-        .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let (s, body) = a
         .call(
             Some("gw-1"),
@@ -1732,6 +1713,18 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
     use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
     let h = Harness::start(store_url).await;
+    // The harness's own UDC has opened (and migrated) the store once it
+    // answers; two more processes opening a fresh SQLite file at the same
+    // moment could see it locked.
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
     let rows = (1..=3u64)
@@ -1808,4 +1801,104 @@ async fn revocation_between_read_and_write_postgres() {
     };
     cluster.create_database("revoke_race").unwrap();
     revocation_between_read_and_write(Some(cluster.url("revoke_race"))).await;
+}
+
+/// Two UDC processes judge the same member's response in the same round
+/// at the same time: b accepts it (through another gateway) after a read
+/// the member's slot and before a writes. a's write fails as a whole (its
+/// compare-and-set on the slot), nothing of it is stored, and the retry is
+/// judged against b's acceptance: the member is accepted once.
+async fn acceptance_race_between_read_and_write(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    let h = Harness::start(store_url).await;
+    // The harness's own UDC has opened (and migrated) the store once it
+    // answers; two more processes opening a fresh SQLite file at the same
+    // moment could see it locked.
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let a = udc::build(&h.config).await.unwrap();
+    let b = udc::build(&h.config).await.unwrap();
+    let rows = (1..=2u64)
+        .map(|id| MemberRow {
+            id,
+            groups: vec![G],
+            key_source: KeySource::Derived,
+            kv: 1,
+            status: MemberStatus::Active,
+            added_at_ms: 0,
+        })
+        .collect();
+    a.import_members(rows).await.unwrap();
+    a.subscribe("gw-1", vec![G]).await.unwrap();
+    let round = a
+        .open_round(
+            G,
+            Mode::Psk,
+            dapgw::protocol::wire::Purpose::Auth,
+            Some(60_000),
+        )
+        .await
+        .unwrap();
+    let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
+    let body = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=2).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let other = batch("gw-2", 1, round, vec![respond(&h, 1, &challenge)]).to_bytes();
+    let b2 = b.clone();
+    a.before_next_batch_write(async move {
+        let answer = b2.handle_batch("gw-2", other).await.unwrap();
+        assert_eq!(
+            outcomes(&Verdict::decode(&answer).unwrap()),
+            vec![Outcome::Accepted]
+        );
+    });
+    let err = a.handle_batch("gw-1", body.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let store = a.store();
+    assert!(store.verdict("gw-1", 1).await.unwrap().is_none());
+    let two = store.sessions(vec![(2, G)]).await.unwrap().pop().unwrap();
+    assert!(two.is_none(), "nothing of the refused write is stored");
+    // The retry: member 1 already accepted (by b), member 2 accepted now.
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::AlreadyAccepted, Outcome::Accepted]
+    );
+    let rep = store.round_report(G, round).await.unwrap().unwrap();
+    assert_eq!((rep.accepted, rep.missing), (2, 0));
+    let one = store.round_outcomes(G, round, None, 10).await.unwrap();
+    assert_eq!(
+        one.iter()
+            .map(|o| (o.member, o.gateway.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(1, Some("gw-2")), (2, Some("gw-1"))],
+        "member 1's acceptance (through gw-2) stands"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptance_race_between_read_and_write_sqlite() {
+    acceptance_race_between_read_and_write(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptance_race_between_read_and_write_postgres() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("accept_race").unwrap();
+    acceptance_race_between_read_and_write(Some(cluster.url("accept_race"))).await;
 }

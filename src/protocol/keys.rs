@@ -307,9 +307,9 @@ impl StorageKey {
         let mut out = Vec::with_capacity(plaintext.len() + STORAGE_OVERHEAD);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
-        let tag = self
-            .gcm
-            .seal_in_place(&nonce, &storage_aad(identity_aad), &mut out[12..]);
+        let tag = with_storage_aad(identity_aad, |aad| {
+            self.gcm.seal_in_place(&nonce, aad, &mut out[12..])
+        });
         out.extend_from_slice(&tag);
         out
     }
@@ -328,18 +328,28 @@ impl StorageKey {
         let nonce: &[u8; 12] = nonce.try_into().map_err(|_| CryptoError::TooShort)?;
         let tag: &[u8; 16] = tag.try_into().map_err(|_| CryptoError::TooShort)?;
         let mut buf = Zeroizing::new(ct.to_vec());
-        self.gcm
-            .open_in_place(nonce, &storage_aad(identity_aad), &mut buf, tag)?;
+        with_storage_aad(identity_aad, |aad| {
+            self.gcm.open_in_place(nonce, aad, &mut buf, tag)
+        })?;
         Ok(buf)
     }
 }
 
-/// `"dapgw v1 storage" || identity`.
-fn storage_aad(identity: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(STORAGE_LABEL.len() + identity.len());
+/// Runs `f` on `"dapgw v1 storage" || identity`, built on the stack for
+/// the short row identities the UDC uses (no allocation per sealed row).
+fn with_storage_aad<R>(identity: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    const STACK: usize = 128;
+    let n = STORAGE_LABEL.len() + identity.len();
+    if n <= STACK {
+        let mut buf = [0u8; STACK];
+        buf[..STORAGE_LABEL.len()].copy_from_slice(STORAGE_LABEL);
+        buf[STORAGE_LABEL.len()..n].copy_from_slice(identity);
+        return f(&buf[..n]);
+    }
+    let mut aad = Vec::with_capacity(n);
     aad.extend_from_slice(STORAGE_LABEL);
     aad.extend_from_slice(identity);
-    aad
+    f(&aad)
 }
 
 /// The message the root key signs in a key certificate:

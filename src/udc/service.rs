@@ -99,10 +99,12 @@ mod aad {
         v.extend_from_slice(&r.to_be_bytes());
         v
     }
-    pub(super) fn session(m: u64, g: u32) -> Vec<u8> {
-        let mut v = b"sessions\0".to_vec();
-        v.extend_from_slice(&m.to_be_bytes());
-        v.extend_from_slice(&g.to_be_bytes());
+    /// On the stack: built twice per member of a batch.
+    pub(super) fn session(m: u64, g: u32) -> [u8; 21] {
+        let mut v = [0u8; 21];
+        v[..9].copy_from_slice(b"sessions\0");
+        v[9..17].copy_from_slice(&m.to_be_bytes());
+        v[17..].copy_from_slice(&g.to_be_bytes());
         v
     }
     pub(super) fn pending(gw: &str, batch_id: u64) -> Vec<u8> {
@@ -124,11 +126,19 @@ impl Registry for LoadedRegistry {
 }
 
 /// What was read of each loaded session slot of one group: its version
-/// (the compare-and-set of the write) and whether it held a session (for
-/// `dapgw_udc_sessions_active`). A member without a stored row is absent
-/// (version 0, no session).
+/// and accepted rounds (the compare-and-set of the write) and whether it
+/// held a session (for `dapgw_udc_sessions_active`). A member without a
+/// stored row is absent (version 0, no accepted round, no session).
 #[derive(Default)]
-struct SlotVersions(std::collections::HashMap<MemberId, (u64, bool)>);
+struct SlotVersions(std::collections::HashMap<MemberId, SlotRead>);
+
+/// What [`SlotVersions`] keeps of one slot.
+#[derive(Clone, Copy, Default)]
+struct SlotRead {
+    version: u64,
+    rounds: store::AcceptedRounds,
+    active: bool,
+}
 
 /// Session slots to write for one group, with the change of
 /// `dapgw_udc_sessions_active` they make once applied.
@@ -554,7 +564,7 @@ impl Udc {
     pub async fn import_members(&self, rows: Vec<store::MemberRow>) -> Result<usize, ServiceError> {
         for row in &rows {
             if let store::KeySource::Imported(sealed) = &row.key_source {
-                // The same opening `load_registry` does for a stored row.
+                // The same opening `registry_from` does for a stored row.
                 let opened =
                     self.open::<crate::protocol::verifier::KeySource>(&member_aad(row.id), sealed);
                 match opened {
@@ -906,12 +916,11 @@ impl Udc {
         }
     }
 
-    /// Members of a batch, as verifier records.
-    async fn load_registry(&self, ids: &[MemberId]) -> Result<LoadedRegistry, ServiceError> {
-        let rows = self
-            .store
-            .members(ids.iter().map(|m| m.0).collect())
-            .await?;
+    /// Stored member rows as verifier records.
+    fn registry_from(
+        &self,
+        rows: Vec<Option<store::MemberRow>>,
+    ) -> Result<LoadedRegistry, ServiceError> {
         let mut map = BTreeMap::new();
         for row in rows.into_iter().flatten() {
             let groups = row.groups.iter().map(|g| GroupId(*g)).collect();
@@ -943,6 +952,16 @@ impl Udc {
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let keys = ids.iter().map(|m| (m.0, group)).collect();
         let stored = self.store.sessions(keys).await?;
+        self.sessions_from(group, ids, stored)
+    }
+
+    /// Stored session slots of `ids` (in that order), opened.
+    fn sessions_from(
+        &self,
+        group: u32,
+        ids: &[MemberId],
+        stored: Vec<Option<store::StoredSlot>>,
+    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let mut table = SessionTable::new();
         let mut versions = SlotVersions::default();
         for (id, row) in ids.iter().zip(stored) {
@@ -952,7 +971,14 @@ impl Udc {
                 None => None,
             };
             let active = slot.as_ref().is_some_and(|s| !s.is_empty());
-            versions.0.insert(*id, (row.version, active));
+            versions.0.insert(
+                *id,
+                SlotRead {
+                    version: row.version,
+                    rounds: row.rounds,
+                    active,
+                },
+            );
             if let Some(slot) = slot {
                 table.insert(GroupId(group), *id, slot);
             }
@@ -960,13 +986,14 @@ impl Udc {
         Ok((table, versions))
     }
 
-    /// The round a batch answers, if stored and not closed.
-    async fn load_round(
+    /// The round a batch answers, from its stored row, if not closed.
+    async fn round_from(
         &self,
         group: u32,
         round: u64,
+        row: Option<RoundRow>,
     ) -> Result<Option<(RoundState, RoundRow)>, ServiceError> {
-        let Some(row) = self.store.round(group, round).await? else {
+        let Some(row) = row else {
             return Ok(None);
         };
         if row.status != RoundStatus::Open || row.state.as_bytes().is_empty() {
@@ -979,22 +1006,9 @@ impl Udc {
             return Ok(Some((st, row)));
         }
         // Cache miss (restart, or another process judged batches): the
-        // accepted set is rebuilt from the stored outcomes.
-        let mut st: RoundState = self.open(&aad::round(group, round), &row.state)?;
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .round_outcomes(group, round, after, 10_000)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.member);
-            for o in &page {
-                if o.kind == OutcomeKind::Accepted {
-                    st.accepted.insert(MemberId(o.member));
-                }
-            }
-        }
+        // accepted set starts empty; `judge` adds the batch's members that
+        // their session slots say were accepted in this round.
+        let st: RoundState = self.open(&aad::round(group, round), &row.state)?;
         Ok(Some((st, row)))
     }
 
@@ -1235,13 +1249,31 @@ impl Udc {
             )));
         }
         let t_read = Instant::now();
-        let (group_state, group_row) = self.load_group(group).await?;
-        let registry = self.load_registry(&ids).await?;
-        let (mut sessions, versions) = self.load_sessions(group, &ids).await?;
+        let read = self
+            .store
+            .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round)
+            .await?;
+        let (group_state, group_row) = match read.group {
+            Some(row) => (self.open(&aad::group(group), &row.state)?, row),
+            // First use: created.
+            None => self.load_group(group).await?,
+        };
+        let registry = self.registry_from(read.members)?;
+        let (mut sessions, versions) = self.sessions_from(group, &ids, read.sessions)?;
         let mut round = match ctx.round {
-            Some(r) => self.load_round(group, r).await?,
+            Some(r) => self.round_from(group, r, read.round).await?,
             None => None,
         };
+        // The store's truth of who was accepted in this round is each
+        // member's slot (another process may have accepted some since this
+        // process cached the round); the write is compare-and-set on it.
+        if let Some((rs, _)) = round.as_mut() {
+            for (id, read) in &versions.0 {
+                if read.rounds.contains(rs.round) {
+                    rs.accepted.insert(*id);
+                }
+            }
+        }
         self.metrics
             .store
             .get(StoreOp::Read)
@@ -1369,9 +1401,10 @@ impl Udc {
                     });
                 }
                 self.metrics.readings.inc_by(v.readings.len() as u64);
+                // Touched = accepted: each slot write records the round.
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
-                        self.push_slot(&mut slots, *id, slot, Some(now_ms));
+                        self.push_slot(&mut slots, *id, slot, Some((now_ms, round_no)));
                     }
                 }
                 // The confirms go down to the member through its gateway.
@@ -1462,8 +1495,8 @@ impl Udc {
             return Ok(stored);
         }
         self.metrics.sessions_active.add(slots.active_delta);
-        // The accepted set lives in the hot cache; the store's outcome rows
-        // are its truth (see `load_round`).
+        // The accepted set lives in the hot cache; the members' session
+        // slots (accepted rounds) are its truth (see `judge`'s read).
         if let Some((rs, _)) = round {
             self.rounds.lock().await.insert((group, rs.round), rs);
         }
@@ -1491,29 +1524,32 @@ impl Udc {
     }
 
     /// Seals `slot` of member `id` into `w`, compare-and-set against the
-    /// version it was read at. `auth_at_ms`: the member just authenticated.
+    /// version and accepted rounds it was read at. `accepted`: the member
+    /// was just accepted (at this time, in this round).
     fn push_slot(
         &self,
         w: &mut SlotWrites<'_>,
         id: MemberId,
         slot: &SessionSlot,
-        auth_at_ms: Option<u64>,
+        accepted: Option<(u64, u64)>,
     ) {
-        let (version, was_active) = w.versions.0.get(&id).copied().unwrap_or((0, false));
+        let read = w.versions.0.get(&id).copied().unwrap_or_default();
         let newest = slot.pending.as_ref().or(slot.current.as_ref());
         let state = match newest {
             Some(_) => self.seal_slot(&mut w.rng, &aad::session(id.0, w.group), slot),
             None => Sealed::default(),
         };
-        w.active_delta += i64::from(newest.is_some()) - i64::from(was_active);
+        w.active_delta += i64::from(newest.is_some()) - i64::from(read.active);
         w.rows.push(SessionRow {
             member: id.0,
             group: w.group,
             sid: newest.map(|s| s.sid.0),
             state,
             round: newest.map_or(0, |s| s.round),
-            authenticated_at_ms: auth_at_ms,
-            version,
+            authenticated_at_ms: accepted.map(|a| a.0),
+            version: read.version,
+            rounds: read.rounds,
+            accepted_in: accepted.map(|a| a.1),
         });
     }
 

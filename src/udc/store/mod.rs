@@ -37,6 +37,7 @@ mod postgres;
 mod sqlite;
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 
@@ -307,6 +308,92 @@ pub struct SessionRow {
     /// stored version still equals it; otherwise the whole write fails
     /// with [`StoreError::Conflict`].
     pub version: u64,
+    /// The member's accepted rounds as read ([`StoredSlot::rounds`],
+    /// empty when no row was stored); the stored window must still be
+    /// this one.
+    pub rounds: AcceptedRounds,
+    /// The round of `group` in which this write accepts the member (its
+    /// response verified), if any. The store adds it to `rounds`; a round
+    /// already in `rounds` fails the whole write with
+    /// [`StoreError::Conflict`]`("round outcome")`. With the version's
+    /// compare-and-set this is what makes a member accepted once per
+    /// round, also across UDC processes sharing a store.
+    pub accepted_in: Option<u64>,
+}
+
+/// The rounds of one group in which a member was accepted, stored on its
+/// session slot row: a window over round numbers, like the uplink replay
+/// window. `top` is the newest accepted round; bit `i` of `seen` says
+/// round `top - i` was accepted (`seen == 0`: none yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptedRounds {
+    /// The newest accepted round.
+    pub top: u64,
+    /// Bitmap of the accepted rounds at and below `top`.
+    pub seen: u64,
+}
+
+impl AcceptedRounds {
+    /// How many rounds back from the newest accepted one the window
+    /// remembers. A response to an older round cannot be told apart from a
+    /// second acceptance and is set aside as already accepted (a member
+    /// that answered 64 newer rounds of its group does not answer this
+    /// one legitimately).
+    pub const SPAN: u64 = 64;
+
+    /// Whether a response to `round` must not be accepted again: the
+    /// member was accepted in it, or it is [`Self::SPAN`] or more rounds
+    /// older than the newest accepted one.
+    pub fn contains(&self, round: u64) -> bool {
+        if self.seen == 0 || round > self.top {
+            return false;
+        }
+        let back = self.top - round;
+        back >= Self::SPAN || (self.seen >> back) & 1 == 1
+    }
+
+    /// The window with `round` added; `None` if [`Self::contains`] it.
+    pub fn with(self, round: u64) -> Option<Self> {
+        if self.contains(round) {
+            return None;
+        }
+        if self.seen == 0 {
+            return Some(Self {
+                top: round,
+                seen: 1,
+            });
+        }
+        Some(if round > self.top {
+            let shift = round - self.top;
+            let seen = if shift >= Self::SPAN {
+                0
+            } else {
+                self.seen << shift
+            };
+            Self {
+                top: round,
+                seen: seen | 1,
+            }
+        } else {
+            Self {
+                top: self.top,
+                seen: self.seen | (1 << (self.top - round)),
+            }
+        })
+    }
+
+    /// The window a [`SessionRow`] stores: `rounds` plus `accepted_in`, or
+    /// [`StoreError::Conflict`]`("round outcome")` if the member was
+    /// already accepted in that round.
+    fn after_write(row: &SessionRow) -> Result<Self, StoreError> {
+        match row.accepted_in {
+            None => Ok(row.rounds),
+            Some(r) => row
+                .rounds
+                .with(r)
+                .ok_or(StoreError::Conflict("round outcome")),
+        }
+    }
 }
 
 /// The stored session slot of one (member, group).
@@ -327,6 +414,9 @@ pub struct StoredSlot {
     pub last_auth_ms: u64,
     /// Compare-and-set version (see [`SessionRow::version`]).
     pub version: u64,
+    /// The rounds of the group in which the member was accepted (kept by
+    /// [`Store::drop_all_sessions`] and by empty slots).
+    pub rounds: AcceptedRounds,
 }
 
 /// One accepted uplink reading (or alarm), payload already decrypted.
@@ -530,17 +620,32 @@ pub struct BatchWrite {
     pub acks: Vec<AckRow>,
     /// Group messages to publish (an existing (group, seq) is a conflict).
     pub group_messages: Vec<GroupMessageRow>,
-    /// Per-member round outcomes. An accepted outcome is final; a later
-    /// rejected or unverified one for the same member and round does not
-    /// overwrite it, and a second accepted one fails the whole write with
-    /// [`StoreError::Conflict`] (the store, not a process's cache, decides
-    /// that a member is accepted once per round).
+    /// Per-member round outcomes, for the round reports: stored as one
+    /// row per (group, round) of this write, the entries encoded in one
+    /// blob. In a report an accepted outcome is final (a later rejected or
+    /// unverified one for the same member and round does not replace it);
+    /// otherwise the latest wins. That a member is accepted only once per
+    /// round is decided by its session slot write
+    /// ([`SessionRow::accepted_in`]), not here.
     pub outcomes: Vec<OutcomeRow>,
     /// Round localization counters to add to.
     pub round_localizations: Vec<RoundLocalizations>,
     /// Downlink records to append (stored as one row per gateway queue:
     /// the records of one write share a row).
     pub downlink: Vec<DownlinkPush>,
+}
+
+/// What [`Store::batch_reads`] read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchReads {
+    /// The group (`None`: not created yet).
+    pub group: Option<GroupRow>,
+    /// The members, in the order asked (`None` if unknown).
+    pub members: Vec<Option<MemberRow>>,
+    /// Their session slots in the group, in the same order.
+    pub sessions: Vec<Option<StoredSlot>>,
+    /// The round, if one was asked for and is stored.
+    pub round: Option<RoundRow>,
 }
 
 /// What [`Store::apply_batch`] reports back.
@@ -741,6 +846,34 @@ pub trait Store: Send + Sync {
         &self,
         write: BatchWrite,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send;
+
+    /// What a batch of `group` naming members `ids` (and answering
+    /// `round`, if given) is judged against, read together: SQLite reads it
+    /// in one transaction on one trip to its worker thread. The default
+    /// makes the four reads one after the other.
+    fn batch_reads(
+        &self,
+        group: u32,
+        ids: Vec<u64>,
+        round: Option<u64>,
+    ) -> impl Future<Output = Result<BatchReads, StoreError>> + Send {
+        async move {
+            let keys = ids.iter().map(|m| (*m, group)).collect();
+            let group_row = self.group(group).await?;
+            let members = self.members(ids).await?;
+            let sessions = self.sessions(keys).await?;
+            let round = match round {
+                Some(r) => self.round(group, r).await?,
+                None => None,
+            };
+            Ok(BatchReads {
+                group: group_row,
+                members,
+                sessions,
+                round,
+            })
+        }
+    }
 
     /// The sessions of each (member, group), one query, in the same order.
     fn sessions(
@@ -956,6 +1089,7 @@ impl Store for AnyStore {
         fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
         fn apply_batch(&self, write: BatchWrite) -> Applied;
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
+        fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>) -> BatchReads;
         fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
         fn count_sessions(&self) -> u64;
@@ -1218,11 +1352,102 @@ fn normalized_groups(groups: &[u32]) -> Vec<u32> {
     g
 }
 
-/// Assembles a [`RoundReport`] from per-(kind, reason) outcome counts.
+/// The `outcomes` blob of a `round_results` row (migration 4): per entry
+/// `member u64 | kind u8 | reason length u8 | reason`, big-endian, in
+/// order. A reason longer than 255 bytes is cut (reasons are short codes).
+fn encode_outcomes(rows: &[&OutcomeRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 10);
+    for o in rows {
+        let mut n = o.reason.len().min(255);
+        while !o.reason.is_char_boundary(n) {
+            n -= 1;
+        }
+        out.extend_from_slice(&o.member.to_be_bytes());
+        out.push(outcome_code(o.kind) as u8);
+        out.push(n as u8);
+        out.extend_from_slice(&o.reason.as_bytes()[..n]);
+    }
+    out
+}
+
+/// The outcome rows of one write, one entry per (group, round) with its
+/// rows in write order.
+fn outcomes_by_round(rows: &[OutcomeRow]) -> BTreeMap<(u32, u64), Vec<&OutcomeRow>> {
+    let mut by: BTreeMap<(u32, u64), Vec<&OutcomeRow>> = BTreeMap::new();
+    for o in rows {
+        by.entry((o.group, o.round)).or_default().push(o);
+    }
+    by
+}
+
+/// Decodes an [`encode_outcomes`] blob of `n` entries stored for (group,
+/// round) through `gateway`, appending to `out`.
+fn decode_outcomes(
+    group: u32,
+    round: u64,
+    gateway: Option<&str>,
+    n: i64,
+    blob: &[u8],
+    out: &mut Vec<OutcomeRow>,
+) -> Result<(), StoreError> {
+    let corrupt = || StoreError::Corrupt("round results");
+    let mut b = blob;
+    let mut k = 0i64;
+    while !b.is_empty() {
+        let (head, rest) = b.split_at_checked(10).ok_or_else(corrupt)?;
+        let (reason, rest) = rest
+            .split_at_checked(usize::from(head[9]))
+            .ok_or_else(corrupt)?;
+        let mut member = [0u8; 8];
+        member.copy_from_slice(&head[..8]);
+        let reason = std::str::from_utf8(reason).map_err(|_| corrupt())?;
+        out.push(OutcomeRow {
+            group,
+            round,
+            member: u64::from_be_bytes(member),
+            kind: outcome_col(i64::from(head[8]))?,
+            reason: if reason.is_empty() {
+                Cow::Borrowed("")
+            } else {
+                Cow::Owned(reason.to_owned())
+            },
+            gateway: gateway.map(str::to_owned),
+        });
+        k += 1;
+        b = rest;
+    }
+    if k != n {
+        return Err(corrupt());
+    }
+    Ok(())
+}
+
+/// A round's outcomes folded per member, keyed by the stored (signed)
+/// member order the listings use: an accepted outcome sticks, otherwise
+/// the later one (in `rows` order) replaces the earlier.
+fn fold_outcomes(rows: Vec<OutcomeRow>) -> BTreeMap<i64, OutcomeRow> {
+    let mut folded: BTreeMap<i64, OutcomeRow> = BTreeMap::new();
+    for o in rows {
+        match folded.entry(i(o.member)) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(o);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if e.get().kind != OutcomeKind::Accepted {
+                    e.insert(o);
+                }
+            }
+        }
+    }
+    folded
+}
+
+/// Assembles a [`RoundReport`] from a round's folded outcomes and the
+/// group's active members.
 fn report(
     round: RoundRow,
-    counts: Vec<(OutcomeKind, String, u64)>,
-    missing: u64,
+    folded: &BTreeMap<i64, OutcomeRow>,
+    active: &[u64],
     localizations: u64,
 ) -> RoundReport {
     let mut r = RoundReport {
@@ -1230,18 +1455,48 @@ fn report(
         accepted: 0,
         rejected: Vec::new(),
         unverified: 0,
-        missing,
+        missing: active
+            .iter()
+            .filter(|m| !folded.contains_key(&i(**m)))
+            .count() as u64,
         localizations,
     };
-    for (kind, reason, n) in counts {
-        match kind {
-            OutcomeKind::Accepted => r.accepted += n,
-            OutcomeKind::Unverified => r.unverified += n,
-            OutcomeKind::Rejected => r.rejected.push((reason, n)),
+    let mut rejected: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in folded.values() {
+        match o.kind {
+            OutcomeKind::Accepted => r.accepted += 1,
+            OutcomeKind::Unverified => r.unverified += 1,
+            OutcomeKind::Rejected => *rejected.entry(o.reason.as_ref()).or_default() += 1,
         }
     }
-    r.rejected.sort();
+    r.rejected = rejected
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect();
     r
+}
+
+/// Up to `limit` folded outcomes after member `after` (signed order).
+fn outcomes_page(
+    mut folded: BTreeMap<i64, OutcomeRow>,
+    after: Option<u64>,
+    limit: u32,
+) -> Vec<OutcomeRow> {
+    if let Some(a) = after {
+        folded = folded.split_off(&i(a));
+        folded.remove(&i(a));
+    }
+    folded.into_values().take(limit as usize).collect()
+}
+
+/// Up to `limit` of `active` (ascending, after `after` already) without an
+/// outcome.
+fn missing_page(folded: &BTreeMap<i64, OutcomeRow>, active: Vec<u64>, limit: u32) -> Vec<u64> {
+    active
+        .into_iter()
+        .filter(|m| !folded.contains_key(&i(*m)))
+        .take(limit as usize)
+        .collect()
 }
 
 /// The sid column of a stored slot (NULL = empty slot).
@@ -1286,6 +1541,63 @@ mod tests {
     fn sealed_debug_shows_length_only() {
         let s = Sealed::new(vec![0xAB; 5]);
         assert_eq!(format!("{s:?}"), "Sealed(<5 bytes>)");
+    }
+
+    #[test]
+    fn accepted_rounds_window() {
+        let none = AcceptedRounds::default();
+        assert!(!none.contains(0) && !none.contains(1));
+        let w = none.with(5).unwrap().with(7).unwrap().with(6).unwrap();
+        assert_eq!(
+            w,
+            AcceptedRounds {
+                top: 7,
+                seen: 0b111
+            }
+        );
+        assert!(w.contains(5) && w.contains(6) && w.contains(7) && !w.contains(8));
+        assert_eq!(w.with(6), None, "accepted twice in one round");
+        assert!(!w.contains(4), "not accepted in round 4");
+        // 64 or more rounds behind the newest: refused, never accepted.
+        let far = w.with(7 + 70).unwrap();
+        assert_eq!(far, AcceptedRounds { top: 77, seen: 1 });
+        assert!(far.contains(13) && far.contains(7) && !far.contains(14));
+        assert_eq!(far.with(13), None);
+        assert!(far.with(14).unwrap().contains(14));
+        // Near the top of the range.
+        let top = none.with(u64::MAX).unwrap();
+        assert!(top.contains(u64::MAX) && !top.contains(u64::MAX - 1));
+        let row = SessionRow {
+            member: 1,
+            group: 7,
+            sid: None,
+            state: Sealed::default(),
+            round: 0,
+            authenticated_at_ms: None,
+            version: 1,
+            rounds: w,
+            accepted_in: Some(7),
+        };
+        assert!(matches!(
+            AcceptedRounds::after_write(&row),
+            Err(StoreError::Conflict("round outcome"))
+        ));
+        let ok = SessionRow {
+            accepted_in: Some(8),
+            ..row.clone()
+        };
+        assert_eq!(
+            AcceptedRounds::after_write(&ok).unwrap(),
+            AcceptedRounds {
+                top: 8,
+                seen: 0b1111
+            }
+        );
+        let keep = SessionRow {
+            accepted_in: None,
+            ..row
+        };
+        assert_eq!(AcceptedRounds::after_write(&keep).unwrap(), w);
     }
 
     #[test]

@@ -47,6 +47,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../../migrations/postgres/0003_downlink_bundles.sql"),
     ),
+    (
+        4,
+        include_str!("../../../migrations/postgres/0004_batch_outcomes.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -263,6 +267,10 @@ fn stored_slot(r: &Row) -> Result<StoredSlot, StoreError> {
         sid,
         round: u(r.try_get(5)?),
         version: u(r.try_get(6)?),
+        rounds: AcceptedRounds {
+            top: u(r.try_get(7)?),
+            seen: u(r.try_get(8)?),
+        },
     })
 }
 
@@ -469,40 +477,28 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     let gateway = w.via.as_ref().map(|v| v.gateway.as_str());
     if !w.outcomes.is_empty() {
-        let (mut g, mut r, mut m, mut k, mut reason) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut accepted = 0u64;
-        for o in &w.outcomes {
-            g.push(i64::from(o.group));
-            r.push(i(o.round));
-            m.push(i(o.member));
-            k.push(outcome_code(o.kind));
-            reason.push(o.reason.as_ref());
-            accepted += u64::from(o.kind == OutcomeKind::Accepted);
-        }
-        // An accepted outcome sticks (the WHERE on the update), and the
-        // store decides acceptance: every accepted outcome of this write
-        // must have been written (READ COMMITTED re-checks the WHERE after
-        // waiting for a concurrent writer of the same row), else another
-        // process accepted that member in this round first and the whole
-        // write fails.
+        // One row per (group, round) of the write (migration 4).
         let st = prep(
             &tx,
             stmts,
-            "WITH w AS (INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, \
-             at_ms) SELECT g, r, m, k, rs, $6, $7 FROM UNNEST($1::int8[], $2::int8[], \
-             $3::int8[], $4::int8[], $5::text[]) AS x(g, r, m, k, rs) \
-             ON CONFLICT (grp, round, member) DO UPDATE SET kind = EXCLUDED.kind, \
-             reason = EXCLUDED.reason, gateway = EXCLUDED.gateway, at_ms = EXCLUDED.at_ms \
-             WHERE round_outcomes.kind <> 0 RETURNING kind) \
-             SELECT count(*) FROM w WHERE kind = 0",
+            "INSERT INTO round_results (grp, round, gateway, at_ms, n, outcomes) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .await?;
-        let written: i64 = tx
-            .query_one(&st, &[&g, &r, &m, &k, &reason, &gateway, &now])
-            .await?
-            .get(0);
-        if u64::try_from(written).ok() != Some(accepted) {
-            return Err(StoreError::Conflict("round outcome"));
+        for ((g, r), rows) in outcomes_by_round(&w.outcomes) {
+            let blob = encode_outcomes(&rows);
+            tx.execute(
+                &st,
+                &[
+                    &i64::from(g),
+                    &i(r),
+                    &gateway,
+                    &now,
+                    &(rows.len() as i64),
+                    &blob,
+                ],
+            )
+            .await?;
         }
     }
     for l in &w.round_localizations {
@@ -710,6 +706,69 @@ async fn write_members(
     Ok(())
 }
 
+/// Every outcome row stored for a round, in the order [`fold_outcomes`]
+/// wants: version 1's per-member rows first, then the per-batch rows of
+/// version 4 by id.
+async fn round_outcome_rows(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    group: u32,
+    round: u64,
+) -> Result<Vec<OutcomeRow>, StoreError> {
+    let (g, r) = (i64::from(group), i(round));
+    let st = prep(
+        tx,
+        stmts,
+        "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = $1 AND round = $2 \
+         ORDER BY member",
+    )
+    .await?;
+    let mut out = rows(tx.query(&st, &[&g, &r]).await?, |x| {
+        Ok(OutcomeRow {
+            group,
+            round,
+            member: u(x.try_get(0)?),
+            kind: outcome_col(x.try_get(1)?)?,
+            reason: Cow::Owned(x.try_get(2)?),
+            gateway: x.try_get(3)?,
+        })
+    })?;
+    let st = prep(
+        tx,
+        stmts,
+        "SELECT gateway, n, outcomes FROM round_results WHERE grp = $1 AND round = $2 ORDER BY id",
+    )
+    .await?;
+    for x in tx.query(&st, &[&g, &r]).await? {
+        let gateway: Option<&str> = x.try_get(0)?;
+        let blob: &[u8] = x.try_get(2)?;
+        decode_outcomes(group, round, gateway, x.try_get(1)?, blob, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The active members of `group` after `after`, in (signed) id order.
+async fn active_members(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    group: u32,
+    after: Option<u64>,
+) -> Result<Vec<u64>, StoreError> {
+    let st = prep(
+        tx,
+        stmts,
+        "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+         WHERE mg.grp = $1 AND m.status = 0 AND ($2::int8 IS NULL OR mg.member > $2) \
+         ORDER BY mg.member",
+    )
+    .await?;
+    rows(
+        tx.query(&st, &[&i64::from(group), &after_param(after)])
+            .await?,
+        |x| Ok(u(x.try_get(0)?)),
+    )
+}
+
 /// Writes session slots compare-and-set on their version: new rows (version
 /// 0) in one insert, existing ones in one update; every row must have
 /// matched exactly once (READ COMMITTED re-checks the version after waiting
@@ -728,9 +787,14 @@ async fn write_sessions(
         round: Vec<i64>,
         auth: Vec<Option<i64>>,
         version: Vec<i64>,
+        acc_top: Vec<i64>,
+        acc_seen: Vec<i64>,
+        read_top: Vec<i64>,
+        read_seen: Vec<i64>,
     }
     let (mut new, mut old) = (Cols::default(), Cols::default());
     for s in sessions {
+        let acc = AcceptedRounds::after_write(s)?;
         let c = if s.version == 0 { &mut new } else { &mut old };
         c.m.push(i(s.member));
         c.g.push(i64::from(s.group));
@@ -739,22 +803,37 @@ async fn write_sessions(
         c.round.push(i(s.round));
         c.auth.push(s.authenticated_at_ms.map(i));
         c.version.push(i(s.version));
+        c.acc_top.push(i(acc.top));
+        c.acc_seen.push(i(acc.seen));
+        c.read_top.push(i(s.rounds.top));
+        c.read_seen.push(i(s.rounds.seen));
     }
     let mut n = 0;
     if !new.m.is_empty() {
         let st = prep(
             tx,
             stmts,
-            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) \
-             SELECT m, g, coalesce(t, 0), s, st, r, 1 FROM UNNEST($1::int8[], $2::int8[], \
-             $3::bytea[], $4::bytea[], $5::int8[], $6::int8[]) AS x(m, g, s, st, r, t) \
+            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version, \
+             acc_top, acc_seen) \
+             SELECT m, g, coalesce(t, 0), s, st, r, 1, at, sn FROM UNNEST($1::int8[], $2::int8[], \
+             $3::bytea[], $4::bytea[], $5::int8[], $6::int8[], $7::int8[], $8::int8[]) \
+             AS x(m, g, s, st, r, t, at, sn) \
              ON CONFLICT DO NOTHING",
         )
         .await?;
         n += tx
             .execute(
                 &st,
-                &[&new.m, &new.g, &new.sid, &new.state, &new.round, &new.auth],
+                &[
+                    &new.m,
+                    &new.g,
+                    &new.sid,
+                    &new.state,
+                    &new.round,
+                    &new.auth,
+                    &new.acc_top,
+                    &new.acc_seen,
+                ],
             )
             .await?;
     }
@@ -763,10 +842,13 @@ async fn write_sessions(
             tx,
             stmts,
             "UPDATE sessions s SET sid = x.s, state = x.st, round = x.r, \
-             last_auth_ms = coalesce(x.t, s.last_auth_ms), version = s.version + 1 \
+             last_auth_ms = coalesce(x.t, s.last_auth_ms), version = s.version + 1, \
+             acc_top = x.at, acc_seen = x.sn \
              FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::bytea[], $5::int8[], \
-             $6::int8[], $7::int8[]) AS x(m, g, s, st, r, t, v) \
-             WHERE s.member = x.m AND s.grp = x.g AND s.version = x.v",
+             $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[]) \
+             AS x(m, g, s, st, r, t, v, at, sn, rt, rs) \
+             WHERE s.member = x.m AND s.grp = x.g AND s.version = x.v \
+             AND s.acc_top = x.rt AND s.acc_seen = x.rs",
         )
         .await?;
         n += tx
@@ -780,6 +862,10 @@ async fn write_sessions(
                     &old.round,
                     &old.auth,
                     &old.version,
+                    &old.acc_top,
+                    &old.acc_seen,
+                    &old.read_top,
+                    &old.read_seen,
                 ],
             )
             .await?;
@@ -1031,31 +1117,10 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         let (rr, localizations) = (round_row(&row)?, u(row.try_get(9)?));
-        let st = prep(
-            &tx,
-            stmts,
-            "SELECT kind, reason, COUNT(*) FROM round_outcomes WHERE grp = $1 AND round = $2 \
-             GROUP BY kind, reason ORDER BY kind, reason",
-        )
-        .await?;
-        let counts = rows(tx.query(&st, &[&gk, &rk]).await?, |x| {
-            Ok((
-                outcome_col(x.try_get(0)?)?,
-                x.try_get::<_, String>(1)?,
-                u(x.try_get(2)?),
-            ))
-        })?;
-        let st = prep(
-            &tx,
-            stmts,
-            "SELECT COUNT(*) FROM member_groups mg JOIN members m ON m.id = mg.member \
-             WHERE mg.grp = $1 AND m.status = 0 AND NOT EXISTS (SELECT 1 FROM round_outcomes o \
-             WHERE o.grp = $1 AND o.round = $2 AND o.member = mg.member)",
-        )
-        .await?;
-        let missing: i64 = tx.query_one(&st, &[&gk, &rk]).await?.try_get(0)?;
+        let folded = fold_outcomes(round_outcome_rows(&tx, stmts, group, round).await?);
+        let active = active_members(&tx, stmts, group, None).await?;
         tx.commit().await?;
-        Ok(Some(report(rr, counts, u(missing), localizations)))
+        Ok(Some(report(rr, &folded, &active, localizations)))
     }
 
     async fn round_outcomes(
@@ -1065,23 +1130,17 @@ impl Store for PostgresStore {
         after: Option<u64>,
         limit: u32,
     ) -> Result<Vec<OutcomeRow>, StoreError> {
-        let r = self
-            .query(
-                "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = $1 AND round = $2 \
-                 AND ($3::int8 IS NULL OR member > $3) ORDER BY member LIMIT $4",
-                &[&i64::from(group), &i(round), &after_param(after), &i64::from(limit)],
-            )
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
             .await?;
-        rows(r, |x| {
-            Ok(OutcomeRow {
-                group,
-                round,
-                member: u(x.try_get(0)?),
-                kind: outcome_col(x.try_get(1)?)?,
-                reason: Cow::Owned(x.try_get(2)?),
-                gateway: x.try_get(3)?,
-            })
-        })
+        let folded = fold_outcomes(round_outcome_rows(&tx, stmts, group, round).await?);
+        tx.commit().await?;
+        Ok(outcomes_page(folded, after, limit))
     }
 
     async fn round_missing(
@@ -1091,21 +1150,18 @@ impl Store for PostgresStore {
         after: Option<u64>,
         limit: u32,
     ) -> Result<Vec<u64>, StoreError> {
-        let r = self
-            .query(
-                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
-                 WHERE mg.grp = $1 AND m.status = 0 AND ($3::int8 IS NULL OR mg.member > $3) \
-                 AND NOT EXISTS (SELECT 1 FROM round_outcomes o WHERE o.grp = $1 AND o.round = $2 \
-                 AND o.member = mg.member) ORDER BY mg.member LIMIT $4",
-                &[
-                    &i64::from(group),
-                    &i(round),
-                    &after_param(after),
-                    &i64::from(limit),
-                ],
-            )
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
             .await?;
-        rows(r, |x| Ok(u(x.try_get(0)?)))
+        let folded = fold_outcomes(round_outcome_rows(&tx, stmts, group, round).await?);
+        let active = active_members(&tx, stmts, group, after).await?;
+        tx.commit().await?;
+        Ok(missing_page(&folded, active, limit))
     }
 
     async fn verdict(
@@ -1169,8 +1225,8 @@ impl Store for PostgresStore {
         let g: Vec<i64> = keys.iter().map(|k| i64::from(k.1)).collect();
         let r = self
             .query(
-                "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, s.version \
-                 FROM sessions s \
+                "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, s.version, \
+                 s.acc_top, s.acc_seen FROM sessions s \
                  JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
                  ON s.member = k.m AND s.grp = k.g",
                 &[&m, &g],
@@ -1187,8 +1243,8 @@ impl Store for PostgresStore {
     async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
         let r = self
             .query(
-                "SELECT member, grp, last_auth_ms, sid, state, round, version FROM sessions \
-                 WHERE member = $1 ORDER BY grp",
+                "SELECT member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen \
+                 FROM sessions WHERE member = $1 ORDER BY grp",
                 &[&i(member)],
             )
             .await?;

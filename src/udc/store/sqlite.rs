@@ -33,6 +33,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../../migrations/sqlite/0003_downlink_bundles.sql"),
     ),
+    (
+        4,
+        include_str!("../../../migrations/sqlite/0004_batch_outcomes.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -75,7 +79,7 @@ impl SqliteStore {
         let mut conn = Connection::open(path)?;
         // Measurement knob (docs/udc.md, Performance): the page size of a
         // database created now; an existing file keeps its own.
-        if let Some(bytes) = tuning("DAPGW_SQLITE_PAGE_SIZE") {
+        if let Some(bytes) = tuning(BENCH_PAGE_SIZE_VAR) {
             conn.pragma_update(None, "page_size", bytes)?;
         }
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -95,7 +99,7 @@ impl SqliteStore {
         // session, outcome and reading pages, and a longer interval copies
         // each of them back to the database file once instead of many
         // times. Every commit is still fsynced (`synchronous=FULL`).
-        let pages = tuning("DAPGW_SQLITE_WAL_AUTOCHECKPOINT").unwrap_or(WAL_AUTOCHECKPOINT_PAGES);
+        let pages = tuning(BENCH_WAL_AUTOCHECKPOINT_VAR).unwrap_or(WAL_AUTOCHECKPOINT_PAGES);
         conn.pragma_update(None, "wal_autocheckpoint", pages)?;
         migrate(&mut conn)?;
         Ok(conn)
@@ -142,8 +146,18 @@ impl SqliteStore {
 /// WAL pages between automatic checkpoints.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// Measurement knob: the page size of a SQLite database created by this
+/// process. Outside the `DAPGW_` namespace on purpose: it is not a UDC
+/// setting (`dapgw udc` refuses unknown `DAPGW_*` variables), only a lever
+/// for A/B runs of the benchmarks (docs/udc.md, Performance).
+const BENCH_PAGE_SIZE_VAR: &str = "BENCH_SQLITE_PAGE_SIZE";
+
+/// Measurement knob: WAL pages between automatic checkpoints (default
+/// [`WAL_AUTOCHECKPOINT_PAGES`]); like [`BENCH_PAGE_SIZE_VAR`], not a setting.
+const BENCH_WAL_AUTOCHECKPOINT_VAR: &str = "BENCH_SQLITE_WAL_AUTOCHECKPOINT";
+
 /// A positive integer from environment variable `name`, if set (the
-/// storage tuning knobs used by the benchmarks).
+/// storage measurement knobs above).
 fn tuning(name: &str) -> Option<i64> {
     std::env::var(name)
         .ok()
@@ -235,7 +249,8 @@ fn round_row(r: &Row<'_>) -> Result<RoundRow, StoreError> {
     })
 }
 
-const SESSION_COLS: &str = "member, grp, last_auth_ms, sid, state, round, version";
+const SESSION_COLS: &str =
+    "member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen";
 
 fn stored_slot(r: &Row<'_>) -> Result<StoredSlot, StoreError> {
     let sid = opt_sid_col(r.get(3)?)?;
@@ -248,6 +263,10 @@ fn stored_slot(r: &Row<'_>) -> Result<StoredSlot, StoreError> {
         sid,
         round: u(r.get(5)?),
         version: u(r.get(6)?),
+        rounds: AcceptedRounds {
+            top: u(r.get(7)?),
+            seen: u(r.get(8)?),
+        },
     })
 }
 
@@ -380,18 +399,23 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     if !w.sessions.is_empty() {
         let mut ins = tx.prepare_cached(
-            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version) \
-             VALUES (?1, ?2, coalesce(?6, 0), ?3, ?4, ?5, 1) ON CONFLICT DO NOTHING",
+            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version, \
+             acc_top, acc_seen) VALUES (?1, ?2, coalesce(?6, 0), ?3, ?4, ?5, 1, ?7, ?8) \
+             ON CONFLICT DO NOTHING",
         )?;
+        // Compare-and-set on the version and the accepted rounds read.
         let mut upd = tx.prepare_cached(
             "UPDATE sessions SET sid = ?3, state = ?4, round = ?5, \
-             last_auth_ms = coalesce(?6, last_auth_ms), version = version + 1 \
-             WHERE member = ?1 AND grp = ?2 AND version = ?7",
+             last_auth_ms = coalesce(?6, last_auth_ms), version = version + 1, \
+             acc_top = ?8, acc_seen = ?9 \
+             WHERE member = ?1 AND grp = ?2 AND version = ?7 AND acc_top = ?10 \
+             AND acc_seen = ?11",
         )?;
         for s in &w.sessions {
             let state = s.sid.map(|_| s.state.as_bytes());
             let sid = s.sid.as_ref().map(|x| &x[..]);
             let auth = s.authenticated_at_ms.map(i);
+            let acc = AcceptedRounds::after_write(s)?;
             let n = if s.version == 0 {
                 ins.execute(params![
                     i(s.member),
@@ -399,7 +423,9 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
                     sid,
                     state,
                     i(s.round),
-                    auth
+                    auth,
+                    i(acc.top),
+                    i(acc.seen)
                 ])?
             } else {
                 upd.execute(params![
@@ -409,7 +435,11 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
                     state,
                     i(s.round),
                     auth,
-                    i(s.version)
+                    i(s.version),
+                    i(acc.top),
+                    i(acc.seen),
+                    i(s.rounds.top),
+                    i(s.rounds.seen)
                 ])?
             };
             if n != 1 {
@@ -469,28 +499,20 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     let gateway = w.via.as_ref().map(|v| v.gateway.as_str());
     if !w.outcomes.is_empty() {
-        // An accepted outcome sticks (the WHERE on the update).
+        // One row per (group, round) of the write (migration 4).
         let mut st = tx.prepare_cached(
-            "INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (grp, round, member) DO UPDATE \
-             SET kind = excluded.kind, reason = excluded.reason, gateway = excluded.gateway, \
-             at_ms = excluded.at_ms WHERE round_outcomes.kind <> 0",
+            "INSERT INTO round_results (grp, round, gateway, at_ms, n, outcomes) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        for o in &w.outcomes {
-            let n = st.execute(params![
-                i64::from(o.group),
-                i(o.round),
-                i(o.member),
-                outcome_code(o.kind),
-                o.reason.as_ref(),
+        for ((g, r), rows) in outcomes_by_round(&w.outcomes) {
+            st.execute(params![
+                i64::from(g),
+                i(r),
                 gateway,
-                now
+                now,
+                rows.len() as i64,
+                encode_outcomes(&rows)
             ])?;
-            // The store decides acceptance: a member already accepted in
-            // this round (by another process) fails the whole write.
-            if n != 1 && o.kind == OutcomeKind::Accepted {
-                return Err(StoreError::Conflict("round outcome"));
-            }
         }
     }
     if !w.round_localizations.is_empty() {
@@ -777,29 +799,108 @@ fn slots_in_span(
     Ok(out)
 }
 
+/// Every outcome row stored for a round, in the order [`fold_outcomes`]
+/// wants: version 1's per-member rows first, then the per-batch rows of
+/// version 4 by id.
+fn round_outcome_rows(
+    tx: &Transaction<'_>,
+    group: u32,
+    round: u64,
+) -> Result<Vec<OutcomeRow>, StoreError> {
+    let (g, r) = (i64::from(group), i(round));
+    let mut st = tx.prepare_cached(
+        "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = ?1 AND round = ?2 \
+         ORDER BY at_ms, member",
+    )?;
+    let mut out = collect(&mut st, params![g, r], |x| {
+        Ok(OutcomeRow {
+            group,
+            round,
+            member: u(x.get(0)?),
+            kind: outcome_col(x.get(1)?)?,
+            reason: Cow::Owned(x.get(2)?),
+            gateway: x.get(3)?,
+        })
+    })?;
+    let mut st = tx.prepare_cached(
+        "SELECT gateway, n, outcomes FROM round_results WHERE grp = ?1 AND round = ?2 ORDER BY id",
+    )?;
+    let mut rows = st.query(params![g, r])?;
+    while let Some(x) = rows.next()? {
+        let gateway: Option<String> = x.get(0)?;
+        let blob: Vec<u8> = x.get(2)?;
+        decode_outcomes(group, round, gateway.as_deref(), x.get(1)?, &blob, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The active members of `group` after `after`, in (signed) id order.
+fn active_members(
+    tx: &Transaction<'_>,
+    group: u32,
+    after: Option<u64>,
+) -> Result<Vec<u64>, StoreError> {
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
+         WHERE mg.grp = ?1 AND m.status = 0 AND mg.member {} ?2 ORDER BY mg.member",
+        after_op(after)
+    ))?;
+    collect(&mut st, params![i64::from(group), after_key(after)], |r| {
+        Ok(u(r.get(0)?))
+    })
+}
+
+/// [`Store::members`] inside a read transaction.
+fn members_tx(tx: &Transaction<'_>, ids: &[u64]) -> Result<Vec<Option<MemberRow>>, StoreError> {
+    if let Some((lo, hi)) = dense_span(ids) {
+        return members_in_span(tx, ids, lo, hi);
+    }
+    let mut st = tx.prepare_cached(&format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"))?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let mut rows = st.query([i(*id)])?;
+        out.push(match rows.next()? {
+            Some(r) => Some(member_row(r)?),
+            None => None,
+        });
+    }
+    Ok(out)
+}
+
+/// [`Store::sessions`] inside a read transaction.
+fn sessions_tx(
+    tx: &Transaction<'_>,
+    keys: &[(u64, u32)],
+) -> Result<Vec<Option<StoredSlot>>, StoreError> {
+    if let Some(group) = keys.first().map(|k| k.1)
+        && keys.iter().all(|k| k.1 == group)
+    {
+        let ids: Vec<u64> = keys.iter().map(|k| k.0).collect();
+        if let Some((lo, hi)) = dense_span(&ids) {
+            return slots_in_span(tx, &ids, group, lo, hi);
+        }
+    }
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
+    ))?;
+    let mut out = Vec::with_capacity(keys.len());
+    for (m, g) in keys {
+        let mut rows = st.query(params![i(*m), i64::from(*g)])?;
+        out.push(match rows.next()? {
+            Some(r) => Some(stored_slot(r)?),
+            None => None,
+        });
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------
 // The trait
 // ---------------------------------------------------------------------------
 
 impl Store for SqliteStore {
     async fn members(&self, ids: Vec<u64>) -> Result<Vec<Option<MemberRow>>, StoreError> {
-        self.read(move |tx| {
-            if let Some((lo, hi)) = dense_span(&ids) {
-                return members_in_span(tx, &ids, lo, hi);
-            }
-            let mut st =
-                tx.prepare_cached(&format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"))?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                let mut rows = st.query([i(id)])?;
-                out.push(match rows.next()? {
-                    Some(r) => Some(member_row(r)?),
-                    None => None,
-                });
-            }
-            Ok(out)
-        })
-        .await
+        self.read(move |tx| members_tx(tx, &ids)).await
     }
 
     async fn list_members(
@@ -935,35 +1036,20 @@ impl Store for SqliteStore {
         round: u64,
     ) -> Result<Option<RoundReport>, StoreError> {
         self.read(move |tx| {
-            let (g, r) = (i64::from(group), i(round));
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {ROUND_COLS}, localizations FROM rounds WHERE grp = ?1 AND round = ?2"
             ))?;
-            let Some((row, localizations)) = collect(&mut st, params![g, r], |x| {
-                Ok((round_row(x)?, u(x.get(9)?)))
-            })?
-            .pop() else {
+            let Some((row, localizations)) =
+                collect(&mut st, params![i64::from(group), i(round)], |x| {
+                    Ok((round_row(x)?, u(x.get(9)?)))
+                })?
+                .pop()
+            else {
                 return Ok(None);
             };
-            let mut counts = tx.prepare_cached(
-                "SELECT kind, reason, COUNT(*) FROM round_outcomes WHERE grp = ?1 AND round = ?2 \
-                 GROUP BY kind, reason ORDER BY kind, reason",
-            )?;
-            let rows = collect(&mut counts, params![g, r], |x| {
-                Ok((
-                    outcome_col(x.get(0)?)?,
-                    x.get::<_, String>(1)?,
-                    u(x.get(2)?),
-                ))
-            })?;
-            let missing: i64 = tx
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM member_groups mg JOIN members m ON m.id = mg.member \
-                     WHERE mg.grp = ?1 AND m.status = 0 AND NOT EXISTS (SELECT 1 FROM \
-                     round_outcomes o WHERE o.grp = ?1 AND o.round = ?2 AND o.member = mg.member)",
-                )?
-                .query_row(params![g, r], |x| x.get(0))?;
-            Ok(Some(report(row, rows, u(missing), localizations)))
+            let folded = fold_outcomes(round_outcome_rows(tx, group, round)?);
+            let active = active_members(tx, group, None)?;
+            Ok(Some(report(row, &folded, &active, localizations)))
         })
         .await
     }
@@ -976,30 +1062,8 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<OutcomeRow>, StoreError> {
         self.read(move |tx| {
-            let mut st = tx.prepare_cached(&format!(
-                "SELECT member, kind, reason, gateway FROM round_outcomes WHERE grp = ?1 AND \
-                 round = ?2 AND member {} ?3 ORDER BY member LIMIT ?4",
-                after_op(after)
-            ))?;
-            collect(
-                &mut st,
-                params![
-                    i64::from(group),
-                    i(round),
-                    after_key(after),
-                    i64::from(limit)
-                ],
-                |x| {
-                    Ok(OutcomeRow {
-                        group,
-                        round,
-                        member: u(x.get(0)?),
-                        kind: outcome_col(x.get(1)?)?,
-                        reason: Cow::Owned(x.get(2)?),
-                        gateway: x.get(3)?,
-                    })
-                },
-            )
+            let folded = fold_outcomes(round_outcome_rows(tx, group, round)?);
+            Ok(outcomes_page(folded, after, limit))
         })
         .await
     }
@@ -1012,23 +1076,9 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<u64>, StoreError> {
         self.read(move |tx| {
-            let mut st = tx.prepare_cached(&format!(
-                "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
-                 WHERE mg.grp = ?1 AND m.status = 0 AND mg.member {} ?3 AND NOT EXISTS (SELECT 1 \
-                 FROM round_outcomes o WHERE o.grp = ?1 AND o.round = ?2 AND o.member = mg.member) \
-                 ORDER BY mg.member LIMIT ?4",
-                after_op(after)
-            ))?;
-            collect(
-                &mut st,
-                params![
-                    i64::from(group),
-                    i(round),
-                    after_key(after),
-                    i64::from(limit)
-                ],
-                |x| Ok(u(x.get(0)?)),
-            )
+            let folded = fold_outcomes(round_outcome_rows(tx, group, round)?);
+            let active = active_members(tx, group, after)?;
+            Ok(missing_page(&folded, active, limit))
         })
         .await
     }
@@ -1094,23 +1144,38 @@ impl Store for SqliteStore {
     }
 
     async fn sessions(&self, keys: Vec<(u64, u32)>) -> Result<Vec<Option<StoredSlot>>, StoreError> {
+        self.read(move |tx| sessions_tx(tx, &keys)).await
+    }
+
+    async fn batch_reads(
+        &self,
+        group: u32,
+        ids: Vec<u64>,
+        round: Option<u64>,
+    ) -> Result<BatchReads, StoreError> {
         self.read(move |tx| {
-            if let Some(group) = keys.first().map(|k| k.1)
-                && keys.iter().all(|k| k.1 == group)
-            {
-                let ids: Vec<u64> = keys.iter().map(|k| k.0).collect();
-                if let Some((lo, hi)) = dense_span(&ids) {
-                    return slots_in_span(tx, &ids, group, lo, hi);
-                }
-            }
             let mut st = tx.prepare_cached(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
+                "SELECT {GROUP_COLS} FROM group_state WHERE grp = ?1"
             ))?;
-            let mut out = Vec::with_capacity(keys.len());
-            for (m, g) in keys {
-                out.push(collect(&mut st, params![i(m), i64::from(g)], stored_slot)?.pop());
-            }
-            Ok(out)
+            let group_row = collect(&mut st, [i64::from(group)], group_row)?.pop();
+            let round = match round {
+                Some(r) => {
+                    let mut st = tx.prepare_cached(&format!(
+                        "SELECT {ROUND_COLS} FROM rounds WHERE grp = ?1 AND round = ?2"
+                    ))?;
+                    collect(&mut st, params![i64::from(group), i(r)], round_row)?.pop()
+                }
+                None => None,
+            };
+            let members = members_tx(tx, &ids)?;
+            let keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
+            let sessions = sessions_tx(tx, &keys)?;
+            Ok(BatchReads {
+                group: group_row,
+                members,
+                sessions,
+                round,
+            })
         })
         .await
     }
