@@ -11,8 +11,9 @@
 //! gateway's client certificate) carries all three flows; it is dialled on
 //! first use and again after it breaks, with jittered exponential backoff
 //! capped at `DAPGW_RETRY_MAX_MS`. Batches go out in batch-id order, one at
-//! a time; a batch stays in the spool until its final verdict (or a 4xx
-//! refusal) is stored, so a retried batch is answered from the UDC's stored
+//! a time (the next one is sent while the last verdict is being stored);
+//! a batch stays in the spool until its final verdict (or a 4xx refusal)
+//! is stored, so a retried batch is answered from the UDC's stored
 //! verdict, not applied twice. The UDC downlink cursor is persisted in the
 //! spool after the records it covers are stored.
 
