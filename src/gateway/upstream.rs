@@ -415,8 +415,10 @@ fn batch_kind(bytes: &[u8]) -> EntryKind {
     }
 }
 
-/// Drops the verdict commits that have been answered (logging a failure).
-fn settle(storing: &mut VecDeque<(u64, Queued<Vec<u64>>)>) {
+/// Drops the verdict commits that have been answered (logging a failure);
+/// true if there were any.
+fn settle(storing: &mut VecDeque<(u64, Queued<Vec<u64>>)>) -> bool {
+    let before = storing.len();
     storing.retain_mut(|(batch_id, done)| match done.try_take() {
         Some(res) => {
             stored(*batch_id, res);
@@ -424,6 +426,7 @@ fn settle(storing: &mut VecDeque<(u64, Queued<Vec<u64>>)>) {
         }
         None => true,
     });
+    storing.len() != before
 }
 
 /// Logs a verdict that could not be stored: its batch stays sealed and is
@@ -455,7 +458,9 @@ impl Upstream {
         let mut backoff = Backoff::new(self.retry_max);
         let mut storing: VecDeque<(u64, Queued<Vec<u64>>)> = VecDeque::new();
         loop {
-            settle(&mut storing);
+            if settle(&mut storing) {
+                update_spool_gauges(&self.spool, &self.metrics);
+            }
             let flushed = *self.flushed.borrow_and_update();
             let pending = match self.spool.pending_batches().await {
                 Ok(p) => p,
