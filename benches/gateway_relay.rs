@@ -142,6 +142,22 @@ async fn post_uplink(
     (send, status, Bytes::from(got))
 }
 
+/// The cumulative buckets `(le, count)` of the gateway's
+/// `dapgw_upstream_request_duration_seconds` histogram, `+Inf` last (as
+/// `f64::INFINITY`).
+fn upstream_buckets(metrics: &str) -> Vec<(f64, u64)> {
+    let prefix = "dapgw_upstream_request_duration_seconds_bucket{le=\"";
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(prefix)?;
+            let (le, rest) = rest.split_once('"')?;
+            let n = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((le.parse().ok()?, n))
+        })
+        .collect()
+}
+
 fn runtime(name: &str, workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -247,8 +263,22 @@ fn main() {
         .iter()
         .filter(|&&(m, c, _, _)| arrivals.get(&(m, c)).is_some_and(|a| *a <= start + window))
         .count();
+    // After the 202: how long an acknowledged uplink waited for the UDC
+    // (linger, cut, seal, upload), not counting the linger.
+    let mut after_ack: Vec<Duration> = sent
+        .iter()
+        .filter_map(|&(m, c, t, ack)| {
+            arrivals
+                .get(&(m, c))
+                .map(|a| a.saturating_duration_since(t + ack))
+        })
+        .map(|d| d.saturating_sub(linger))
+        .collect();
     acks.sort_unstable();
     relays.sort_unstable();
+    after_ack.sort_unstable();
+    let (_, metrics) = gen_rt.block_on(gw.admin_get("/metrics"));
+    let upstream = upstream_buckets(&metrics);
     let batches = udc.state.batches.lock().unwrap().len();
     println!(
         "gateway_relay: {conns} h2 connections x {inflight} in flight, {}-byte payloads, linger {linger_ms} ms, {secs} s; runtimes: gateway {gw_workers}, load {gen_workers}, udc 1 workers",
@@ -310,6 +340,21 @@ fn main() {
         "  relay latency  p50 {:?}  p99 {:?}  (send -> udc, minus linger)",
         pct(&relays, 0.50),
         pct(&relays, 0.99)
+    );
+    println!(
+        "  after 202      p50 {:?}  p99 {:?}  (202 -> udc, minus linger)",
+        pct(&after_ack, 0.50),
+        pct(&after_ack, 0.99)
+    );
+    let total_upstream = upstream.last().map_or(0, |b| b.1);
+    let over: Vec<String> = upstream
+        .iter()
+        .filter(|(le, _)| *le <= 0.05)
+        .map(|(le, n)| format!("> {} ms {}", le * 1e3, total_upstream - n))
+        .collect();
+    println!(
+        "  upstream       {total_upstream} requests (batches, tag replies, subscriptions); {}",
+        over.join(", ")
     );
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     gw_rt.block_on(gw.stop());

@@ -1902,3 +1902,52 @@ async fn acceptance_race_between_read_and_write_postgres() {
     cluster.create_database("accept_race").unwrap();
     acceptance_race_between_read_and_write(Some(cluster.url("accept_race"))).await;
 }
+
+/// Whether the socket of this process bound to `local` and connected to
+/// `peer` has `TCP_NODELAY` set (found through `/proc/self/fd`); `None`
+/// while there is no such socket yet.
+fn nodelay_of(local: SocketAddr, peer: SocketAddr) -> Option<bool> {
+    use std::os::fd::FromRawFd;
+    for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is only borrowed for two getsockname-like
+        // calls and a getsockopt; ManuallyDrop never closes it. A descriptor
+        // closed and reused meanwhile just fails those calls.
+        let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+        if s.local_addr().ok() == Some(local) && s.peer_addr().ok() == Some(peer) {
+            return s.nodelay().ok();
+        }
+    }
+    None
+}
+
+/// The UDC turns Nagle's algorithm off on the connections it accepts: a
+/// verdict written in two pieces would otherwise wait for the gateway's
+/// delayed ACK (40 ms on Linux), which was the relay latency tail the
+/// gateway_relay bench showed (1 to 2 % of uplinks about 40 ms late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_have_nodelay() {
+    let h = Harness::start(None).await;
+    let client = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let peer = client.local_addr().unwrap();
+    // The server sets it right after accept, on its own task: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = None;
+    while std::time::Instant::now() < deadline {
+        seen = nodelay_of(h.addr, peer);
+        if seen == Some(true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, Some(true), "the udc's side of the connection");
+    drop(client);
+    h.stop().await;
+}

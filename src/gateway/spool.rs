@@ -522,6 +522,20 @@ impl<T> std::future::Future for Queued<T> {
     }
 }
 
+impl<T> Queued<T> {
+    /// The result if the write has been answered already, without waiting.
+    pub fn try_take(&mut self) -> Option<Result<T, SpoolError>> {
+        let Some(rx) = self.0.as_mut() else {
+            return Some(Err(SpoolError::Closed));
+        };
+        match rx.try_recv() {
+            Ok(res) => Some(res),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(SpoolError::Closed)),
+        }
+    }
+}
+
 /// One member of the persisted attach registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedRow {

@@ -11,11 +11,13 @@
 //! gateway's client certificate) carries all three flows; it is dialled on
 //! first use and again after it breaks, with jittered exponential backoff
 //! capped at `DAPGW_RETRY_MAX_MS`. Batches go out in batch-id order, one at
-//! a time; a batch stays in the spool until its final verdict (or a 4xx
-//! refusal) is stored, so a retried batch is answered from the UDC's stored
+//! a time (the next one is sent while the last verdict is being stored);
+//! a batch stays in the spool until its final verdict (or a 4xx refusal)
+//! is stored, so a retried batch is answered from the UDC's stored
 //! verdict, not applied twice. The UDC downlink cursor is persisted in the
 //! spool after the records it covers are stored.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,6 +415,28 @@ fn batch_kind(bytes: &[u8]) -> EntryKind {
     }
 }
 
+/// Drops the verdict commits that have been answered (logging a failure);
+/// true if there were any.
+fn settle(storing: &mut VecDeque<(u64, Queued<Vec<u64>>)>) -> bool {
+    let before = storing.len();
+    storing.retain_mut(|(batch_id, done)| match done.try_take() {
+        Some(res) => {
+            stored(*batch_id, res);
+            false
+        }
+        None => true,
+    });
+    storing.len() != before
+}
+
+/// Logs a verdict that could not be stored: its batch stays sealed and is
+/// sent again; the UDC answers it from its stored verdict.
+fn stored(batch_id: u64, res: Result<Vec<u64>, SpoolError>) {
+    if let Err(e) = res {
+        tracing::warn!(batch = batch_id, error = %e, "verdict not stored; the batch is sent again");
+    }
+}
+
 /// How a batch exchange ended without an error to retry.
 enum Sent {
     /// The final verdict is being stored (queued in the spool).
@@ -423,9 +447,20 @@ enum Sent {
 impl Upstream {
     /// Sends sealed batches in batch-id order until the drain's flush is done
     /// and nothing is left.
+    ///
+    /// A final verdict is stored in the spool (queued with the writer) while
+    /// the sender goes on: the next batches are listed and sent without
+    /// waiting for that commit, and a batch whose verdict is being stored
+    /// is not sent again. A verdict that fails to store leaves its batch
+    /// sealed, so it is listed and sent again (the UDC answers from its
+    /// stored verdict).
     pub(crate) async fn run_batches(mut self) {
         let mut backoff = Backoff::new(self.retry_max);
+        let mut storing: VecDeque<(u64, Queued<Vec<u64>>)> = VecDeque::new();
         loop {
+            if settle(&mut storing) {
+                update_spool_gauges(&self.spool, &self.metrics);
+            }
             let flushed = *self.flushed.borrow_and_update();
             let pending = match self.spool.pending_batches().await {
                 Ok(p) => p,
@@ -435,7 +470,25 @@ impl Upstream {
                     continue;
                 }
             };
+            let pending: Vec<PendingBatch> = pending
+                .into_iter()
+                .filter(|b| !storing.iter().any(|(id, _)| *id == b.batch_id))
+                .collect();
             if pending.is_empty() {
+                if let Some((batch_id, done)) = storing.front_mut() {
+                    // Nothing new to send: wait for the oldest verdict's
+                    // commit (or a new batch), then list again.
+                    let batch_id = *batch_id;
+                    tokio::select! {
+                        res = done => {
+                            storing.pop_front();
+                            stored(batch_id, res);
+                            update_spool_gauges(&self.spool, &self.metrics);
+                        }
+                        () = self.sealed.notified() => {}
+                    }
+                    continue;
+                }
                 if flushed {
                     return;
                 }
@@ -446,14 +499,11 @@ impl Upstream {
                 }
                 continue;
             }
-            // Each verdict is stored while the next batch is on its way;
-            // all are stored before the spool is listed again.
-            let mut storing = Vec::new();
             for batch in &pending {
                 match self.send_batch(batch).await {
                     Ok(Sent::Completed(done)) => {
                         backoff.reset();
-                        storing.push((batch.batch_id, done));
+                        storing.push_back((batch.batch_id, done));
                     }
                     Ok(Sent::Rejected(status)) => {
                         backoff.reset();
@@ -469,13 +519,6 @@ impl Upstream {
                         backoff.sleep().await;
                         break;
                     }
-                }
-            }
-            for (batch_id, done) in storing {
-                // Not stored: the batch stays sealed and is sent again; the
-                // UDC answers it from its stored verdict.
-                if let Err(e) = done.await {
-                    tracing::warn!(batch = batch_id, error = %e, "verdict not stored; the batch is sent again");
                 }
             }
             update_spool_gauges(&self.spool, &self.metrics);

@@ -201,6 +201,9 @@ async fn connection(
 ) {
     let limits = state.opts.conn();
     let closed = state.udc.metrics().connections_closed.clone();
+    // Answers (verdicts) leave at once: with Nagle's algorithm a response
+    // written in two pieces waits for the gateway's delayed ACK (40 ms).
+    let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await;
     let stream = match handshake {
         Ok(Ok(s)) => s,
