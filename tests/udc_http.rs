@@ -908,21 +908,10 @@ fn uplink_batch(batch_id: u64, sealed: &[Bytes]) -> Batch {
     }
 }
 
-/// The value of one sample of `/metrics` text (0 when absent): `name` with
-/// every label of `labels`.
+/// The sum of the samples of `name` in `/metrics` text that carry every
+/// label of `labels` (0 when absent).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse().unwrap())
-        })
-        .unwrap_or(0.0)
+    dapgw::admin::MetricsPage::parse(text).sum(name, labels)
 }
 
 /// The last group record (challenge or group message) in `recs`.

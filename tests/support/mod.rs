@@ -675,13 +675,12 @@ impl Gateway {
         panic!("gateway never became ready");
     }
 
-    /// A metric's value (first sample whose line starts with `series`).
+    /// A metric's value: the sample of `series`, written as exposed
+    /// (`name` or `name{k="v",...}`); panics when there is none.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics").await;
-        text.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        dapgw::admin::MetricsPage::parse(&text)
+            .get(series)
             .unwrap_or_else(|| panic!("no series {series}"))
     }
 
