@@ -322,7 +322,7 @@ async fn route(req: Request<Incoming>, state: &State) -> AdminResponse {
 
 /// The checks named by the `exclude` parameters of a /readyz query (other
 /// parameters, such as Kubernetes' `verbose`, are ignored); `Err` carries
-/// an unknown name, cut to 64 bytes, so a mistyped probe fails loudly
+/// an unknown name, cut to 64 characters, so a mistyped probe fails loudly
 /// instead of silently checking everything.
 fn readyz_exclusions(query: Option<&str>) -> Result<Vec<&'static str>, String> {
     let mut out = Vec::new();

@@ -29,9 +29,15 @@ CREATE INDEX round_results_by_round ON round_results (grp, round, id);
 ALTER TABLE sessions ADD COLUMN acc_top INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN acc_seen INTEGER NOT NULL DEFAULT 0;
 
-UPDATE sessions SET acc_top = coalesce((SELECT max(o.round) FROM round_outcomes o
+-- A temporary index for the two fills: round_outcomes is keyed by
+-- (grp, round, member), so without it each session row scans every
+-- outcome of its group (members x rounds per row).
+CREATE INDEX round_outcomes_accepted_fill ON round_outcomes (grp, member, round)
+    WHERE kind = 0;
+UPDATE sessions SET acc_top = coalesce((SELECT max(o.round) FROM round_outcomes o INDEXED BY round_outcomes_accepted_fill
     WHERE o.grp = sessions.grp AND o.member = sessions.member AND o.kind = 0), 0);
 UPDATE sessions SET acc_seen = coalesce((SELECT sum(1 << (sessions.acc_top - o.round))
-    FROM round_outcomes o WHERE o.grp = sessions.grp AND o.member = sessions.member
+    FROM round_outcomes o INDEXED BY round_outcomes_accepted_fill WHERE o.grp = sessions.grp AND o.member = sessions.member
     AND o.kind = 0 AND sessions.acc_top - o.round < 64), 0)
 WHERE acc_top > 0;
+DROP INDEX round_outcomes_accepted_fill;
