@@ -1693,14 +1693,20 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
     h.stop().await;
 }
 
-/// Two `Udc`s on one store: `b` revokes member 2 after `a` has read the
-/// group and judged a batch accepting it, but before `a` writes. `a`'s
-/// write is refused as a whole (busy, nothing stored), and the retried
-/// batch is judged at the new epoch: member 2 is revoked, the others
-/// accepted, and member 2 never holds a session.
-async fn revocation_between_read_and_write(store_url: Option<String>) {
-    use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+/// A harness and two more `Udc`s on its store (as two processes behind a
+/// load balancer), members `1..=n` of group `G` imported, and an open psk
+/// auth round with its challenge.
+async fn two_udcs_in_a_round(
+    store_url: Option<String>,
+    n: u64,
+) -> (
+    Harness,
+    Arc<udc::service::Udc>,
+    Arc<udc::service::Udc>,
+    u64,
+    Bytes,
+) {
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
     let h = Harness::start(store_url).await;
     // The harness's own UDC has opened (and migrated) the store once it
     // answers; two more processes opening a fresh SQLite file at the same
@@ -1716,7 +1722,7 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
     assert_eq!(s, StatusCode::NO_CONTENT);
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
-    let rows = (1..=3u64)
+    let rows = (1..=n)
         .map(|id| MemberRow {
             id,
             groups: vec![G],
@@ -1738,6 +1744,18 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
         .await
         .unwrap();
     let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
+    (h, a, b, round, challenge)
+}
+
+/// Two `Udc`s on one store: `b` revokes member 2 after `a` has read the
+/// group and judged a batch accepting it, but before `a` writes. `a`'s
+/// write is refused as a whole (busy, nothing stored), and the retried
+/// batch is judged at the new epoch: member 2 is revoked, the others
+/// accepted, and member 2 never holds a session.
+async fn revocation_between_read_and_write(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::Store;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
     let epoch_before = a.store().group(G).await.unwrap().unwrap().epoch;
     let body = batch(
         "gw-1",
@@ -1799,44 +1817,8 @@ async fn revocation_between_read_and_write_postgres() {
 /// judged against b's acceptance: the member is accepted once.
 async fn acceptance_race_between_read_and_write(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
-    let h = Harness::start(store_url).await;
-    // The harness's own UDC has opened (and migrated) the store once it
-    // answers; two more processes opening a fresh SQLite file at the same
-    // moment could see it locked.
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let a = udc::build(&h.config).await.unwrap();
-    let b = udc::build(&h.config).await.unwrap();
-    let rows = (1..=2u64)
-        .map(|id| MemberRow {
-            id,
-            groups: vec![G],
-            key_source: KeySource::Derived,
-            kv: 1,
-            status: MemberStatus::Active,
-            added_at_ms: 0,
-        })
-        .collect();
-    a.import_members(rows).await.unwrap();
-    a.subscribe("gw-1", vec![G]).await.unwrap();
-    let round = a
-        .open_round(
-            G,
-            Mode::Psk,
-            dapgw::protocol::wire::Purpose::Auth,
-            Some(60_000),
-        )
-        .await
-        .unwrap();
-    let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
+    use dapgw::udc::store::Store;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
     let body = batch(
         "gw-1",
         1,
