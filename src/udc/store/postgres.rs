@@ -162,6 +162,17 @@ impl PostgresStore {
     }
 }
 
+/// A read-only transaction over one snapshot (repeatable read), for the
+/// reports that read several tables.
+async fn snapshot(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
 /// A cached prepared statement.
 async fn prep<C: GenericClient + Sync>(
     c: &C,
@@ -1099,12 +1110,7 @@ impl Store for PostgresStore {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
         // One snapshot for the three queries.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(client).await?;
         let (gk, rk) = (i64::from(group), i(round));
         let st = prep(
             &tx,
@@ -1132,12 +1138,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<OutcomeRow>, StoreError> {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(client).await?;
         let folded = fold_outcomes(round_outcome_rows(&tx, stmts, group, round).await?);
         tx.commit().await?;
         Ok(outcomes_page(folded, after, limit))
@@ -1152,12 +1153,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<u64>, StoreError> {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(client).await?;
         let folded = fold_outcomes(round_outcome_rows(&tx, stmts, group, round).await?);
         let active = active_members(&tx, stmts, group, after).await?;
         tx.commit().await?;
