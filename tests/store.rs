@@ -436,8 +436,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![4],
-        Kind::Postgres => vec![1, 2, 3, 4],
+        Kind::Sqlite => vec![6],
+        Kind::Postgres => vec![1, 2, 3, 4, 6],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
