@@ -150,6 +150,17 @@ fn perf_ctl(phase: &str, cmd: &str) {
         return;
     }
     cpu::perf_ctl(cmd);
+    // Under `valgrind --tool=callgrind --collect-atstart=no`, with
+    // BENCH_CALLGRIND set: instruction counts of the same phases (counts do
+    // not depend on the machine's load, unlike CPU time).
+    if std::env::var_os("BENCH_CALLGRIND").is_some() {
+        let on = if cmd == "enable" { "on" } else { "off" };
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("callgrind_control")
+            .args(["-i", on, &pid])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
 }
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -168,13 +179,19 @@ async fn main() {
     let default_batch = u64::from(dapgw::config::GatewayConfig::default().batch_max_entries);
     let per_batch = arg("--batch", default_batch) as usize;
     let sparse = arg("--sparse", 0) == 1;
-    // The order in which members are cut into batches (indexes into 1..=N).
-    let order: Vec<usize> = if sparse {
-        let n = members as usize;
+    // The members of each batch (indexes into 1..=N), ascending.
+    let n = members as usize;
+    let cut: Vec<Vec<usize>> = if sparse {
         let batches = n.div_ceil(per_batch);
-        (0..batches).flat_map(|k| (k..n).step_by(batches)).collect()
+        (0..batches)
+            .map(|k| (k..n).step_by(batches).collect())
+            .collect()
     } else {
-        (0..members as usize).collect()
+        (0..n)
+            .collect::<Vec<_>>()
+            .chunks(per_batch)
+            .map(<[usize]>::to_vec)
+            .collect()
     };
     let dir = tempfile::tempdir().unwrap();
     let pki =
@@ -306,10 +323,11 @@ async fn main() {
                 )
             })
             .collect();
-        let answers: Vec<&(ResponseEntry, [u8; 16])> = order.iter().map(|i| &answers[*i]).collect();
-        let bodies: Vec<Bytes> = answers
-            .chunks(per_batch)
-            .map(|part| {
+        let bodies: Vec<Bytes> = cut
+            .iter()
+            .map(|idx| {
+                let part: Vec<&(ResponseEntry, [u8; 16])> =
+                    idx.iter().map(|i| &answers[*i]).collect();
                 batch_id += 1;
                 Batch {
                     gateway_id: GatewayId::new("gw-1").unwrap(),
@@ -335,7 +353,7 @@ async fn main() {
         let mut accepted = 0usize;
         for body in bodies {
             let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
-            assert_eq!(s, StatusCode::OK);
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
             let v = Verdict::decode(&answer).unwrap();
             if let VerdictBody::Final { outcomes, .. } = &v.body {
                 accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
@@ -376,10 +394,10 @@ async fn main() {
             (entry, tag)
         })
         .collect();
-    let answers: Vec<&(UplinkEntry, [u8; 16])> = order.iter().map(|i| &answers[*i]).collect();
-    let bodies: Vec<Bytes> = answers
-        .chunks(per_batch)
-        .map(|part| {
+    let bodies: Vec<Bytes> = cut
+        .iter()
+        .map(|idx| {
+            let part: Vec<&(UplinkEntry, [u8; 16])> = idx.iter().map(|i| &answers[*i]).collect();
             batch_id += 1;
             Batch {
                 gateway_id: GatewayId::new("gw-1").unwrap(),
