@@ -369,6 +369,9 @@ async fn spool_full_gives_503_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = gateway_config(&pki, udc.addr, dir.path());
     cfg.spool_max_bytes = ByteSize(16 * 1024);
+    // One client fills the whole spool: no share per source here
+    // (tests/gateway_limits.rs tests the share).
+    cfg.spool_max_bytes_per_source = Some(ByteSize(0));
     let gw = Gateway::start(cfg).await;
     let mut c = Client::connect(gw.members, &pki, true).await;
     let mut accepted = HashSet::new();

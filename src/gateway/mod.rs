@@ -187,7 +187,9 @@ pub async fn run(
 
     let dir = config.spool_dir.clone();
     let max = config.spool_max_bytes.get();
-    let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, max))
+    let share = config.spool_share();
+    let spool =
+        tokio::task::spawn_blocking(move || Spool::open_with_source_share(&dir, max, share))
         .await
         .map_err(|_| SpoolError::Closed)??;
     readiness.set_spool(true);
