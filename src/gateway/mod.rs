@@ -190,8 +190,8 @@ pub async fn run(
     let share = config.spool_share();
     let spool =
         tokio::task::spawn_blocking(move || Spool::open_with_source_share(&dir, max, share))
-        .await
-        .map_err(|_| SpoolError::Closed)??;
+            .await
+            .map_err(|_| SpoolError::Closed)??;
     readiness.set_spool(true);
     metrics
         .spool_max_bytes
