@@ -243,6 +243,10 @@ label_enum! {
         /// Transport error, timeout or 5xx; the batch stays spooled and is
         /// retried.
         Error = "error",
+        /// The UDC answered with its final verdict (counted `ok`), but
+        /// storing the verdict in the spool failed (disk); the batch stays
+        /// sealed and is sent again after a backoff.
+        Unstored = "unstored",
     }
 }
 
