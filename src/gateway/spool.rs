@@ -578,7 +578,7 @@ enum Request {
     Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
     /// Reads the share counts: `(bytes held by the source's key, sources
     /// tracked)`.
-    SourceStats(Option<[u8; 16]>, Reply<(u64, usize)>),
+    SourceStats([u8; 16], Reply<(u64, usize)>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
     ReserveBatchIds(u64, Reply<u64>),
@@ -1066,15 +1066,15 @@ impl Spool {
     }
 
     /// Accounted bytes that `source`'s key (its IPv4 address, or its IPv6
-    /// /64) holds in entries the UDC has not answered, as of the last
-    /// commit, and how many sources hold any.
+    /// /64) holds in entries the UDC has not answered, and how many sources
+    /// hold any; read by the writer in turn with the writes queued before
+    /// it, answered after their commit.
     pub async fn source_usage(&self, source: std::net::IpAddr) -> Result<(u64, usize), SpoolError> {
         let v6 = match source {
             std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             std::net::IpAddr::V6(v6) => v6,
         };
-        self.call(|r| Request::SourceStats(Some(v6.octets()), r))
-            .await
+        self.call(|r| Request::SourceStats(v6.octets(), r)).await
     }
 
     /// Deletes an entry that is in no batch (the collector refused it after
@@ -2000,7 +2000,7 @@ impl Writer {
             // undoes alone if it fails: no savepoint needed on the hot path.
             Request::Append(e, source, r) => pending(r, self.append(&e, source)),
             Request::SourceStats(key, r) => {
-                let held = key.map_or(0, |k| self.shares.held(&share_key(&k)));
+                let held = self.shares.held(&share_key(&key));
                 pending(r, Ok((held, self.shares.held.len())))
             }
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
@@ -2875,6 +2875,68 @@ mod tests {
         assert_eq!(recount(&w.conn).unwrap(), w.committed);
         assert_eq!(w.committed.entries, 2);
         assert_eq!(w.committed.downlink, 0);
+    }
+
+    fn sourced_append_req(member: u64, source: [u8; 16]) -> (Request, Rx<EntryId>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Request::Append(entry(member, b"body"), Some(source), tx),
+            rx,
+        )
+    }
+
+    /// The per-source counts follow the transactions exactly: a lost group
+    /// leaves them as before, a request rolled back to its savepoint takes
+    /// its changes with it, and the counts always equal a recount from the
+    /// tables.
+    #[test]
+    fn source_shares_follow_commits_and_rollbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        w.conn
+            .execute_batch(
+                "CREATE TRIGGER lose BEFORE INSERT ON downlink WHEN NEW.kind = 254
+                 BEGIN SELECT RAISE(ROLLBACK, 'injected'); END;
+                 CREATE TRIGGER no_verdict BEFORE INSERT ON completed
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let size = entry_size(&entry(1, b"body"));
+        let (r1, _rx1) = sourced_append_req(1, a);
+        let (p, _rp) = push_req(254);
+        assert!(w.apply_group(vec![r1, p]).is_none());
+        assert!(w.shares.held.is_empty(), "a lost group counts nothing");
+        assert!(w.shares.log.is_empty());
+
+        let (r1, mut rx1) = sourced_append_req(1, a);
+        let (r2, mut rx2) = sourced_append_req(2, b);
+        let (r3, mut rx3) = sourced_append_req(3, a);
+        assert!(w.apply_group(vec![r1, r2, r3]).is_none());
+        let ids: Vec<EntryId> = [&mut rx1, &mut rx2, &mut rx3]
+            .into_iter()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(w.shares.held(&share_key(&a)), 2 * size);
+        assert_eq!(w.shares.held(&share_key(&b)), size);
+        assert_eq!(recount_shares(&w.conn).unwrap(), w.shares.held);
+
+        // A completion that fails after its entries were deleted is rolled
+        // back to its savepoint, counts included.
+        let batch = w.reserve_batch_ids(1).unwrap();
+        w.seal(batch, &ids, &Bytes::from_static(b"B"), &[[0; 16]; 3])
+            .unwrap();
+        let before = w.shares.held.clone();
+        assert!(
+            w.savepoint(|w| w.complete(batch, &[1; 32], &[], 0))
+                .is_err()
+        );
+        assert_eq!(w.shares.held, before);
+        w.conn.execute_batch("DROP TRIGGER no_verdict").unwrap();
+        w.savepoint(|w| w.complete(batch, &[1; 32], &[], 0))
+            .unwrap();
+        assert!(w.shares.held.is_empty(), "answered sources are forgotten");
+        assert_eq!(recount_shares(&w.conn).unwrap(), w.shares.held);
     }
 
     #[tokio::test]
