@@ -481,12 +481,13 @@ impl Upstream {
     /// waiting for that commit, and a batch whose verdict is being stored
     /// is not sent again. A verdict that fails to store leaves its batch
     /// sealed, so it is listed and sent again (the UDC answers from its
-    /// stored verdict), after the same backoff as an upstream error: a
+    /// stored verdict), after a backoff like the one after an upstream
+    /// error (a backoff of its own, reset once a verdict is stored): a
     /// spool that keeps failing (disk error) is not hammered in a tight
-    /// loop. The backoff resets once a verdict is stored (or a batch is
-    /// dead-lettered).
+    /// loop.
     pub(crate) async fn run_batches(mut self) {
         let mut backoff = Backoff::new(self.retry_max);
+        let mut store_backoff = Backoff::new(self.retry_max);
         let mut storing: VecDeque<Storing> = VecDeque::new();
         let mut store_failed = false;
         loop {
@@ -496,11 +497,11 @@ impl Upstream {
                 if settled.failed {
                     store_failed = true;
                 } else {
-                    backoff.reset();
+                    store_backoff.reset();
                 }
             }
             if std::mem::take(&mut store_failed) {
-                backoff.sleep().await;
+                store_backoff.sleep().await;
             }
             let flushed = *self.flushed.borrow_and_update();
             let pending = match self.spool.pending_batches().await {
@@ -524,7 +525,7 @@ impl Upstream {
                         res = done => {
                             storing.pop_front();
                             if self.stored(batch_id, kind, res) {
-                                backoff.reset();
+                                store_backoff.reset();
                             } else {
                                 store_failed = true;
                             }
@@ -547,7 +548,7 @@ impl Upstream {
             for batch in &pending {
                 match self.send_batch(batch).await {
                     Ok(Sent::Completed(done)) => {
-                        // The backoff resets when the verdict is stored.
+                        backoff.reset();
                         storing.push_back((batch.batch_id, batch_kind(&batch.bytes), done));
                     }
                     Ok(Sent::Rejected(status)) => {
