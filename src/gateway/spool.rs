@@ -78,7 +78,7 @@
 //! Opened with [`Spool::open_with_source_share`], the spool also bounds what
 //! one source may hold: the entries appended by [`Spool::append_from`] count
 //! against their source (an IPv4 address, an IPv6 /64: the same key as the
-//! per-source connection cap in [`crate::limits`]) until the UDC has
+//! per-source connection cap in `crate::limits`) until the UDC has
 //! answered for them, and an append that would take a source beyond its
 //! share is [`SpoolError::SourceFull`], so one client posting messages for
 //! made-up member ids cannot fill the spool for every member. A source's
