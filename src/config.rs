@@ -128,6 +128,10 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     text("admin_listen", ADDR),
     text("spool_dir", "a directory path"),
     number("spool_max_bytes", BYTES),
+    number(
+        "spool_max_bytes_per_source",
+        "0 (no share), or a size in bytes (an integer, or with a suffix KiB, MiB or GiB) from twice DAPGW_MAX_BODY_BYTES to DAPGW_SPOOL_MAX_BYTES",
+    ),
     number("batch_max_entries", "an integer from 1 to 16384"),
     number("batch_linger_ms", MS),
     number("round_deadline_ms", MS),
@@ -412,6 +416,13 @@ pub struct GatewayConfig {
     pub spool_dir: PathBuf,
     /// `DAPGW_SPOOL_MAX_BYTES` (default 256 MiB): members get 503 beyond it.
     pub spool_max_bytes: ByteSize,
+    /// `DAPGW_SPOOL_MAX_BYTES_PER_SOURCE` (default unset: an eighth of
+    /// `DAPGW_SPOOL_MAX_BYTES`, at least twice `DAPGW_MAX_BODY_BYTES`; `0`
+    /// turns the share off): what one source
+    /// (an IPv4 address, an IPv6 /64) may hold in the spool until the UDC
+    /// answers for it; beyond it that source gets 503 while others are
+    /// served. See [`GatewayConfig::spool_share`].
+    pub spool_max_bytes_per_source: Option<ByteSize>,
     /// `DAPGW_BATCH_MAX_ENTRIES` (default 4096, at most 16384).
     pub batch_max_entries: u32,
     /// `DAPGW_BATCH_LINGER_MS` (default 200): how long a batch waits to fill.
@@ -472,6 +483,7 @@ impl Default for GatewayConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             spool_dir: PathBuf::from("/var/lib/dapgw/spool"),
             spool_max_bytes: ByteSize::mib(256),
+            spool_max_bytes_per_source: None,
             batch_max_entries: 4096,
             batch_linger_ms: 200,
             round_deadline_ms: 30_000,
@@ -631,6 +643,24 @@ impl GatewayConfig {
         Duration::from_secs(self.attach_ttl_s)
     }
 
+    /// What one source may hold in the spool, in accounted bytes (0 = no
+    /// share): `DAPGW_SPOOL_MAX_BYTES_PER_SOURCE`, or when unset an eighth
+    /// of `DAPGW_SPOOL_MAX_BYTES` (but at least twice
+    /// `DAPGW_MAX_BODY_BYTES`, so a largest message always fits, and at most
+    /// the spool). A default that is on, because a
+    /// gateway in front of many members must not let one client fill the
+    /// spool for all; an eighth still leaves a busy source (a NAT in front
+    /// of many meters) room for a long UDC outage, and a fraction follows
+    /// an operator who resizes the spool.
+    pub fn spool_share(&self) -> u64 {
+        match self.spool_max_bytes_per_source {
+            Some(b) => b.get(),
+            None => (self.spool_max_bytes.get() / 8)
+                .max(self.max_body_bytes.get().saturating_mul(2))
+                .min(self.spool_max_bytes.get()),
+        }
+    }
+
     /// Checks every setting and returns all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::new(Service::Gateway);
@@ -666,6 +696,20 @@ impl GatewayConfig {
         }
         if self.spool_max_bytes.get() < 1024 * 1024 {
             p.push("spool_max_bytes", "must be at least 1 MiB (1048576)");
+        }
+        if let Some(share) = self.spool_max_bytes_per_source
+            && share.get() != 0
+        {
+            let low = self.max_body_bytes.get().saturating_mul(2);
+            let high = self.spool_max_bytes.get();
+            if share.get() < low || share.get() > high {
+                p.push(
+                    "spool_max_bytes_per_source",
+                    format!(
+                        "must be 0 (no share) or from {low} (twice DAPGW_MAX_BODY_BYTES) to {high} (DAPGW_SPOOL_MAX_BYTES)"
+                    ),
+                );
+            }
         }
         p.range(
             "batch_max_entries",
@@ -1284,6 +1328,12 @@ pub fn load_gateway(config_path: Option<&Path>) -> Result<GatewayConfig, ConfigE
         admin_listen: field(&fig, &mut p, "admin_listen", d.admin_listen),
         spool_dir: field(&fig, &mut p, "spool_dir", d.spool_dir),
         spool_max_bytes: field(&fig, &mut p, "spool_max_bytes", d.spool_max_bytes),
+        spool_max_bytes_per_source: field(
+            &fig,
+            &mut p,
+            "spool_max_bytes_per_source",
+            d.spool_max_bytes_per_source,
+        ),
         batch_max_entries: field(&fig, &mut p, "batch_max_entries", d.batch_max_entries),
         batch_linger_ms: field(&fig, &mut p, "batch_linger_ms", d.batch_linger_ms),
         round_deadline_ms: field(&fig, &mut p, "round_deadline_ms", d.round_deadline_ms),

@@ -58,7 +58,7 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The key a source is counted under: IPv4 addresses (also IPv4-mapped
 /// IPv6) on their own, IPv6 by their /64 (one subscriber's prefix; a host
 /// picks any address inside it at will).
-fn source_key(ip: IpAddr) -> [u8; 16] {
+pub(crate) fn source_key(ip: IpAddr) -> [u8; 16] {
     let v6 = match ip {
         IpAddr::V4(v4) => return v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6,

@@ -243,6 +243,10 @@ label_enum! {
         /// Transport error, timeout or 5xx; the batch stays spooled and is
         /// retried.
         Error = "error",
+        /// The UDC answered with its final verdict (counted `ok`), but
+        /// storing the verdict in the spool failed (disk); the batch stays
+        /// sealed and is sent again after a backoff.
+        Unstored = "unstored",
     }
 }
 
@@ -538,6 +542,10 @@ pub struct GatewayMetrics {
     pub spool_max_bytes: IntGauge,
     /// `dapgw_spool_rejected_total`: member requests refused for a full spool.
     pub spool_rejected: IntCounter,
+    /// `dapgw_spool_source_rejected_total`: member requests refused because
+    /// their source held its share of the spool
+    /// (`DAPGW_SPOOL_MAX_BYTES_PER_SOURCE`).
+    pub spool_source_rejected: IntCounter,
     /// `dapgw_tag_requests_total`: localization requests from the UDC.
     pub tag_requests: IntCounter,
     /// `dapgw_rounds_total{outcome}`.
@@ -642,6 +650,11 @@ impl GatewayMetrics {
                 r,
                 "dapgw_spool_rejected_total",
                 "Member requests refused because the spool was full.",
+            )?,
+            spool_source_rejected: counter(
+                r,
+                "dapgw_spool_source_rejected_total",
+                "Member requests refused because their source held its share of the spool.",
             )?,
             tag_requests: counter(
                 r,

@@ -298,6 +298,10 @@ const GATEWAY_BAD: &[(&str, &str)] = &[
     ("DAPGW_ADMIN_LISTEN", "127.0.0.1"),
     ("DAPGW_ADMIN_LISTEN", "0.0.0.0:8443"), // same as DAPGW_LISTEN
     ("DAPGW_SPOOL_MAX_BYTES", "lots"),
+    ("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "some"),
+    ("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "-1"),
+    ("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "1KiB"), // below twice the body cap
+    ("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "1GiB"), // above the spool
     ("DAPGW_SPOOL_MAX_BYTES", "-5"),
     ("DAPGW_SPOOL_MAX_BYTES", "10MB"),
     ("DAPGW_SPOOL_MAX_BYTES", "1024"),
@@ -738,6 +742,7 @@ fn cli_exits_64_naming_every_bad_variable() {
         .args(["gateway"])
         .env("DAPGW_GATEWAY_ID", "0017")
         .env("DAPGW_CHUNK_SIZE", "4096")
+        .env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "512MiB")
         .env("DAPGW_STORE_URL", "sqlite:///x")
         .output()
         .unwrap();
@@ -746,6 +751,7 @@ fn cli_exits_64_naming_every_bad_variable() {
     for var in [
         "DAPGW_UPSTREAM_URL",
         "DAPGW_CHUNK_SIZE",
+        "DAPGW_SPOOL_MAX_BYTES_PER_SOURCE",
         "DAPGW_STORE_URL",
         "DAPGW_TLS_CERT",
     ] {
@@ -824,6 +830,45 @@ fn cli_json_logs_are_all_json() {
     }
     assert!(err.contains("DAPGW_ADMIN_LISTEN"), "{err}");
     drop(held);
+}
+
+/// `DAPGW_SPOOL_MAX_BYTES_PER_SOURCE`: unset by default, which is an
+/// eighth of `DAPGW_SPOOL_MAX_BYTES` (at least twice the body cap); read
+/// from the environment and a TOML file as bytes or with a suffix; `0`
+/// turns the share off; outside twice the body cap..the spool it is
+/// refused naming the variable.
+#[test]
+fn gateway_spool_max_bytes_per_source() {
+    Jail::expect_with(|jail| {
+        gateway_env(jail);
+        let c = load_gateway(None).unwrap();
+        assert_eq!(c.spool_max_bytes_per_source, None);
+        assert_eq!(c.spool_share(), 32 * 1024 * 1024);
+        jail.create_file("gw.toml", "spool_max_bytes_per_source = \"96KiB\"\n")?;
+        let c = load_gateway(Some(Path::new("gw.toml"))).unwrap();
+        assert_eq!(c.spool_share(), 96 * 1024);
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES", "1MiB");
+        jail.set_env("DAPGW_MAX_BODY_BYTES", "256KiB");
+        assert_eq!(load_gateway(None).unwrap().spool_share(), 512 * 1024);
+        jail.set_env("DAPGW_MAX_BODY_BYTES", "16KiB");
+        assert_eq!(load_gateway(None).unwrap().spool_share(), 128 * 1024);
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "64KiB");
+        let c = load_gateway(None).unwrap();
+        assert_eq!(c.spool_max_bytes_per_source, Some(ByteSize(64 * 1024)));
+        assert_eq!(c.spool_share(), 64 * 1024);
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "0");
+        assert_eq!(load_gateway(None).unwrap().spool_share(), 0);
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "1048576");
+        assert_eq!(load_gateway(None).unwrap().spool_share(), 1 << 20);
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "1048577");
+        let e = gw_err();
+        assert!(e.names("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE"), "{e}");
+        jail.set_env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "32767");
+        let e = gw_err();
+        assert!(e.names("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE"), "{e}");
+        assert!(e.to_string().contains("32768"), "{e}");
+        Ok(())
+    });
 }
 
 /// `DAPGW_MAX_CONNECTIONS_PER_IP`: default 64, read from the environment,

@@ -2618,7 +2618,10 @@ fn readme_troubleshooting_spool_full_and_recovery() {
         format!("https://127.0.0.1:{udc_port}"),
     )
     .env("DAPGW_UPSTREAM_CA", pki.join("ca.pem"))
-    .env("DAPGW_SPOOL_MAX_BYTES", "1MiB");
+    .env("DAPGW_SPOOL_MAX_BYTES", "1MiB")
+    // Every simulated member posts from 127.0.0.1: without this the one
+    // source would be held to its share long before the spool is full.
+    .env("DAPGW_SPOOL_MAX_BYTES_PER_SOURCE", "0");
     let mut gw = Proc::spawn("gateway", &mut cmd, &gw_log);
     wait_for("gateway ready", Duration::from_secs(60), || {
         gw.alive(&gw_log);

@@ -369,6 +369,9 @@ async fn spool_full_gives_503_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = gateway_config(&pki, udc.addr, dir.path());
     cfg.spool_max_bytes = ByteSize(16 * 1024);
+    // One client fills the whole spool: no share per source here
+    // (tests/gateway_limits.rs tests the share).
+    cfg.spool_max_bytes_per_source = Some(ByteSize(0));
     let gw = Gateway::start(cfg).await;
     let mut c = Client::connect(gw.members, &pki, true).await;
     let mut accepted = HashSet::new();
@@ -1106,4 +1109,101 @@ async fn silent_members_expire_from_the_attach_registry() {
         .collect();
     assert_eq!(members, vec![2]);
     spool.close().await;
+}
+
+/// Lets the gateway's tasks run at the current (paused) instant.
+async fn run_now() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Advances the paused clock by `total` in 10 ms steps, letting every task
+/// run after each step.
+async fn run_for(total: Duration) {
+    let step = Duration::from_millis(10);
+    let mut done = Duration::ZERO;
+    while done < total {
+        tokio::time::advance(step).await;
+        run_now().await;
+        done += step;
+    }
+}
+
+/// Storing a verdict that keeps failing (a trigger on the spool refuses
+/// the completion record, as a disk error would) does not make the batch
+/// sender re-send in a tight loop: it backs off as after an upstream error
+/// and counts `dapgw_batches_total{outcome="unstored"}`. Once the failure
+/// is gone the verdict is stored: nothing lost, nothing applied twice.
+///
+/// Time is tokio's paused clock moved by the test alone: a task that keeps
+/// yielding keeps the runtime from auto-advancing it while the spool's
+/// writer thread works, so re-sends within a virtual span can be counted.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn verdict_store_failure_backs_off_and_recovers() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.retry_max_ms = 1000;
+    let gw = Gateway::start(cfg).await;
+    let spinner = tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
+    let raw = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    raw.busy_timeout(Duration::from_secs(10)).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER fail_verdict BEFORE INSERT ON completed
+         BEGIN SELECT RAISE(ABORT, 'injected disk error'); END;",
+    )
+    .unwrap();
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let r = c.post(uplink(1, 1, 1, &[1; 64]).to_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+
+    // Ten virtual seconds. With waits of at least half the window (100 ms
+    // doubling to the 1 s cap): 50 + 100 + 200 + 400 ms, then 500 ms each,
+    // so at most 4 + 18 re-sends after the first send.
+    run_for(Duration::from_secs(10)).await;
+    let posts = udc
+        .state
+        .batch_posts
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(posts >= 2, "the batch was not re-sent: {posts}");
+    assert!(posts <= 23, "re-sent {posts} times in 10 s: no backoff");
+    let unstored = gw
+        .metric("dapgw_batches_total{kind=\"uplink\",outcome=\"unstored\"}")
+        .await;
+    assert!(unstored >= (posts - 1) as f64, "{unstored} of {posts}");
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 1.0);
+
+    // The disk recovers: the next re-send's verdict is stored.
+    raw.execute_batch("DROP TRIGGER fail_verdict").unwrap();
+    let mut freed = false;
+    for _ in 0..100 {
+        run_for(Duration::from_millis(100)).await;
+        if gw.metric("dapgw_spool_entries").await == 0.0 {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "the verdict was never stored");
+    let posts = udc
+        .state
+        .batch_posts
+        .load(std::sync::atomic::Ordering::SeqCst);
+    run_for(Duration::from_secs(5)).await;
+    assert_eq!(
+        udc.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst),
+        posts,
+        "a stored batch is not sent again"
+    );
+    assert_eq!(udc.applied(), HashSet::from([(1u64, 1u32, 1u64, 2u8)]));
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    spinner.abort();
+    gw.stop().await;
 }

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -396,5 +397,117 @@ async fn idle_connection_kept_alive_by_pings_is_closed() {
             .await,
         1.0
     );
+    gw.stop().await;
+}
+
+/// Posts uplinks of member `member` with counters from `ctr` on until the
+/// gateway refuses one; returns the counters accepted and the refusal.
+async fn flood(c: &mut Client, member: u64, ctr: &mut u64) -> (Vec<u64>, Reply) {
+    let mut accepted = Vec::new();
+    for _ in 0..1000 {
+        *ctr += 1;
+        let r = c
+            .post(uplink(member, 1, *ctr, &[*ctr as u8; 64]).to_bytes())
+            .await;
+        if r.status != StatusCode::ACCEPTED {
+            return (accepted, r);
+        }
+        accepted.push(*ctr);
+    }
+    panic!("the source was never held to its share");
+}
+
+/// Asserts a 503 `source_share` refusal with a Retry-After and a reason.
+fn assert_source_share(r: &Reply) {
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let j = r.json();
+    assert_eq!(j["error"], "source_share", "{j}");
+    assert!(j["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
+    let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(secs >= 1);
+}
+
+/// One source (127.0.0.1) posting while the UDC cannot answer is held to
+/// `DAPGW_SPOOL_MAX_BYTES_PER_SOURCE`: 503 `source_share`, counted, while a
+/// second source (127.0.0.2) still gets 202. The share holds across a
+/// restart on the same spool, and once the UDC answers the first source's
+/// bytes come back and it is served again; nothing accepted is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_fill_the_spool() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.spool_max_bytes = dapgw::config::ByteSize::mib(1);
+    cfg.spool_max_bytes_per_source = Some(dapgw::config::ByteSize(4096));
+    let gw = Gateway::start(cfg.clone()).await;
+    let (a, b) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+    let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
+    let mut other = Client::connect_from(gw.members, &pki, true, b).await;
+    let mut ctr = 0;
+    let (mut accepted, refused) = flood(&mut flooder, 1, &mut ctr).await;
+    assert_source_share(&refused);
+    assert!(accepted.len() >= 10, "{accepted:?}");
+    assert!(gw.metric("dapgw_spool_bytes").await < 64.0 * 1024.0);
+    let r = other.post(uplink(2, 1, 1, &[2; 64]).to_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(gw.metric("dapgw_spool_source_rejected_total").await, 1.0);
+    assert_eq!(gw.metric("dapgw_spool_rejected_total").await, 0.0);
+    assert_eq!(
+        gw.metric("dapgw_member_requests_total{endpoint=\"uplink\",outcome=\"overloaded\"}")
+            .await,
+        1.0
+    );
+    drop((flooder, other));
+
+    // Restarted on the same spool, the source still holds its share.
+    gw.stop().await;
+    let gw = Gateway::start(cfg).await;
+    let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
+    let mut other = Client::connect_from(gw.members, &pki, false, b).await;
+    ctr += 1;
+    let r = flooder.post(uplink(1, 1, ctr, &[0; 64]).to_bytes()).await;
+    assert_source_share(&r);
+    let r = other.post(uplink(2, 1, 2, &[2; 64]).to_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+
+    // The UDC answers: the source's bytes come back.
+    udc.set_mode(UdcMode::Up);
+    let mut want: HashSet<_> = accepted.iter().map(|&c| (1u64, 1u32, c, 2u8)).collect();
+    want.extend([(2, 1, 1, 2), (2, 1, 2, 2)]);
+    let w = want.clone();
+    udc.wait_until("every accepted entry", move |s| {
+        s.applied.lock().unwrap().is_superset(&w)
+    })
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while gw.metric("dapgw_spool_entries").await > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the verdicts never freed the spool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Held again while the UDC cannot answer: a whole share's worth fits.
+    udc.set_mode(UdcMode::Failing);
+    let (again, refused) = flood(&mut flooder, 1, &mut ctr).await;
+    assert_source_share(&refused);
+    assert_eq!(again.len(), accepted.len(), "{again:?} vs {accepted:?}");
+    accepted.extend(again);
+    udc.set_mode(UdcMode::Up);
+    want.extend(accepted.iter().map(|&c| (1u64, 1u32, c, 2u8)));
+    let w = want.clone();
+    udc.wait_until("every accepted entry", move |s| {
+        s.applied.lock().unwrap().is_superset(&w)
+    })
+    .await;
+    assert_eq!(udc.applied(), want, "only accepted entries arrive");
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     gw.stop().await;
 }

@@ -771,3 +771,204 @@ async fn concurrent_appends_are_all_acked_and_present() {
     }
     spool.close().await;
 }
+
+/// A source address as the server passes it (IPv4 as IPv4-mapped IPv6).
+fn addr(ip: &str) -> [u8; 16] {
+    match ip.parse::<std::net::IpAddr>().unwrap() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// What `source` holds as the spool counts it.
+async fn held(spool: &Spool, source: &str) -> u64 {
+    spool.source_usage(source.parse().unwrap()).await.unwrap().0
+}
+
+/// Every held count and the number of sources, then the same after a
+/// reopen (which recounts from the stored entries): the in-memory counts
+/// must be exactly what the tables say.
+async fn reopen_keeps_shares(spool: Spool, dir: &Path, share: u64, sources: &[&str]) -> Spool {
+    let mut before = Vec::new();
+    for s in sources {
+        before.push(held(&spool, s).await);
+    }
+    let tracked = spool
+        .source_usage(sources[0].parse().unwrap())
+        .await
+        .unwrap()
+        .1;
+    spool.close().await;
+    let spool = Spool::open_with_source_share(dir, BIG, share).unwrap();
+    let mut after = Vec::new();
+    for s in sources {
+        after.push(held(&spool, s).await);
+    }
+    assert_eq!(before, after, "per-source bytes after a restart");
+    let again = spool
+        .source_usage(sources[0].parse().unwrap())
+        .await
+        .unwrap()
+        .1;
+    assert_eq!(tracked, again, "sources tracked after a restart");
+    spool
+}
+
+/// One source (an IPv4 address, an IPv6 /64) holds at most its share of
+/// the spool in entries the UDC has not answered, while other sources are
+/// still served; its count stays exact through discard, verdict,
+/// dead letter, failed appends and a restart, and a source that holds
+/// nothing is forgotten.
+#[tokio::test]
+async fn each_source_holds_at_most_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = [7u8; 100];
+    let per = (body.len() + 16) as u64 + ROW_OVERHEAD;
+    let share = 3 * per;
+    let spool = Spool::open_with_source_share(dir.path(), BIG, share).unwrap();
+    let (a, b) = ("127.0.0.1", "127.0.0.2");
+    let mut a_ids = Vec::new();
+    for ctr in 1..=3 {
+        let id = spool
+            .append_from(uplink(1, [1; 8], ctr, &body), addr(a))
+            .await
+            .unwrap();
+        a_ids.push(id);
+    }
+    assert_eq!(held(&spool, a).await, share);
+    let over = spool
+        .append_from(uplink(1, [1; 8], 4, &body), addr(a))
+        .await;
+    match over {
+        Err(SpoolError::SourceFull { retry_after }) => assert_eq!(retry_after, FULL_RETRY_AFTER),
+        other => panic!("expected SourceFull, got {other:?}"),
+    }
+    // A byte-for-byte re-send is still the same entry at the share.
+    assert_eq!(
+        spool
+            .append_from(uplink(1, [1; 8], 2, &body), addr(a))
+            .await
+            .unwrap(),
+        a_ids[1]
+    );
+    // Another source is served; entries without a source count for none.
+    let b_id = spool
+        .append_from(uplink(2, [2; 8], 1, &body), addr(b))
+        .await
+        .unwrap();
+    spool.append(uplink(3, [3; 8], 1, &body)).await.unwrap();
+    assert_eq!((held(&spool, a).await, held(&spool, b).await), (share, per));
+    assert_eq!(spool.entries(), 5);
+
+    // An IPv6 source is its /64.
+    let (v6a, v6b, v6c) = ("2001:db8::1", "2001:db8::ffff:2", "2001:db8:0:1::1");
+    for ctr in 1..=3 {
+        spool
+            .append_from(uplink(4, [4; 8], ctr, &body), addr(v6a))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        spool
+            .append_from(uplink(5, [5; 8], 1, &body), addr(v6b))
+            .await,
+        Err(SpoolError::SourceFull { .. })
+    ));
+    spool
+        .append_from(uplink(5, [5; 8], 1, &body), addr(v6c))
+        .await
+        .unwrap();
+    assert_eq!(held(&spool, v6b).await, share);
+
+    // A discarded entry gives its bytes back.
+    assert!(spool.discard_unbatched(a_ids[2]).await.unwrap());
+    assert_eq!(held(&spool, a).await, 2 * per);
+    let a3 = spool
+        .append_from(uplink(1, [1; 8], 5, &body), addr(a))
+        .await
+        .unwrap();
+
+    // A failed append (the INSERT fails) leaves the count as it was, and so
+    // does a group whose whole transaction is lost.
+    let raw = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    raw.busy_timeout(Duration::from_secs(10)).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER fail_entry BEFORE INSERT ON entries WHEN NEW.member = 666
+         BEGIN SELECT RAISE(ABORT, 'injected'); END;
+         CREATE TRIGGER lose_group BEFORE INSERT ON downlink WHEN NEW.kind = 254
+         BEGIN SELECT RAISE(ROLLBACK, 'injected'); END;",
+    )
+    .unwrap();
+    assert!(spool.discard_unbatched(a3).await.unwrap());
+    assert!(matches!(
+        spool
+            .append_from(uplink(666, [6; 8], 1, &body), addr(a))
+            .await,
+        Err(SpoolError::Storage(_))
+    ));
+    assert_eq!(held(&spool, a).await, 2 * per);
+    let (lost, appended) = tokio::join!(
+        spool.push_downlink(vec![item(Audience::Group(1), 254, b"lost")], 0),
+        spool.append_from(uplink(7, [7; 8], 1, &body), addr(b)),
+    );
+    assert!(lost.is_err());
+    let b_now = held(&spool, b).await;
+    match appended {
+        // The append went into the lost group: not counted.
+        Err(_) => assert_eq!(b_now, per),
+        // It committed in a group of its own before.
+        Ok(_) => assert_eq!(b_now, 2 * per),
+    }
+    raw.execute_batch("DROP TRIGGER fail_entry; DROP TRIGGER lose_group;")
+        .unwrap();
+    let sources = [a, b, v6a, v6c];
+    let spool = reopen_keeps_shares(spool, dir.path(), share, &sources).await;
+
+    // A verdict frees the bytes of the entries it answers; a dead letter too.
+    let stored_b = spool.unbatched(UPLINK).await.unwrap();
+    let (answered, refused): (Vec<_>, Vec<_>) = stored_b
+        .iter()
+        .map(|e| e.id)
+        .partition(|id| a_ids[..2].contains(id) || *id == b_id);
+    let verdict = spool.next_batch_id().await.unwrap();
+    spool
+        .seal_batch(
+            verdict,
+            &answered,
+            Bytes::from_static(b"batch 1"),
+            vec![[0; 16]; answered.len()],
+        )
+        .await
+        .unwrap();
+    let dead = spool.next_batch_id().await.unwrap();
+    spool
+        .seal_batch(
+            dead,
+            &refused,
+            Bytes::from_static(b"batch 2"),
+            vec![[0; 16]; refused.len()],
+        )
+        .await
+        .unwrap();
+    // Sealed but unanswered still counts.
+    assert_eq!(held(&spool, a).await, 2 * per);
+    spool
+        .complete_batch(verdict, b"verdict", Vec::new(), 0)
+        .await
+        .unwrap();
+    assert_eq!(held(&spool, a).await, 0);
+    assert!(held(&spool, b).await <= per);
+    let spool = reopen_keeps_shares(spool, dir.path(), share, &sources).await;
+    spool
+        .dead_letter_batch(dead, 400, "refused", 0)
+        .await
+        .unwrap();
+    for s in sources {
+        assert_eq!(held(&spool, s).await, 0, "{s}");
+    }
+    assert_eq!(spool.entries(), 0);
+    // Nobody holds anything: no source is tracked any more.
+    assert_eq!(spool.source_usage(a.parse().unwrap()).await.unwrap().1, 0);
+    let spool = reopen_keeps_shares(spool, dir.path(), share, &sources).await;
+    spool.close().await;
+}

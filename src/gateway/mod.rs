@@ -187,9 +187,11 @@ pub async fn run(
 
     let dir = config.spool_dir.clone();
     let max = config.spool_max_bytes.get();
-    let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, max))
-        .await
-        .map_err(|_| SpoolError::Closed)??;
+    let share = config.spool_share();
+    let spool =
+        tokio::task::spawn_blocking(move || Spool::open_with_source_share(&dir, max, share))
+            .await
+            .map_err(|_| SpoolError::Closed)??;
     readiness.set_spool(true);
     metrics
         .spool_max_bytes

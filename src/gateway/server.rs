@@ -186,7 +186,8 @@ impl Drop for Connected {
 }
 
 /// Where a member request came from: the peer's IP as 16 bytes (IPv4 as
-/// IPv4-mapped IPv6). The spool lets one source hold one message per slot.
+/// IPv4-mapped IPv6). The spool lets one source hold one message per slot,
+/// and (by its IPv4 address or IPv6 /64) only its share of the spool.
 #[derive(Clone, Copy, Debug)]
 struct Source([u8; 16]);
 
@@ -772,6 +773,15 @@ fn spool_refusal(ctx: &Ctx, e: SpoolError) -> Refusal {
             Refusal::overloaded(
                 "spool_full",
                 "the gateway's spool is full while the UDC catches up; retry later",
+                retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            )
+        }
+        SpoolError::SourceFull { retry_after } => {
+            ctx.metrics.spool_source_rejected.inc();
+            Refusal::overloaded(
+                "source_share",
+                "this source (address or IPv6 /64) holds its share of the gateway's spool \
+                 until the UDC answers for its messages; other sources are still served; retry later",
                 retry_after.as_secs_f64().ceil().max(1.0) as u64,
             )
         }

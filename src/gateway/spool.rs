@@ -72,6 +72,20 @@
 //! accepted, because refusing them would wedge the pipeline that frees space.
 //! A batch repeats its entries' bytes, so the database may hold up to about
 //! twice `max_bytes` while every entry is sealed and unanswered.
+//!
+//! # Share per source
+//!
+//! Opened with [`Spool::open_with_source_share`], the spool also bounds what
+//! one source may hold: the entries appended by [`Spool::append_from`] count
+//! against their source (an IPv4 address, an IPv6 /64: the same key as the
+//! per-source connection cap in `crate::limits`) until the UDC has
+//! answered for them, and an append that would take a source beyond its
+//! share is [`SpoolError::SourceFull`], so one client posting messages for
+//! made-up member ids cannot fill the spool for every member. A source's
+//! count rises with each append that commits and falls when its entry
+//! leaves: discarded, completed by a verdict, or dead-lettered. The counts
+//! live in the writer only (a source whose count reaches 0 is forgotten) and
+//! are rebuilt from the `source` column of `entries` on [`Spool::open`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -220,12 +234,13 @@ const SLOT_ROUND_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
 /// The messages held in an uplink's slot (run for every append).
 const SLOT_UPLINK_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
      WHERE kind = 2 AND member = ?1 AND sort_key = ?2 ORDER BY id";
-/// Drops a completed batch's entries with the bytes each freed.
-const COMPLETE_ENTRIES_SQL: &str =
-    "DELETE FROM entries WHERE batch_id = ?1 RETURNING length(bytes) + length(sort_key)";
-
 /// Most bytes of the UDC's refusal kept with a dead letter.
 pub const MAX_DEAD_LETTER_REASON: usize = 512;
+
+/// Drops a completed batch's entries with the bytes each freed and its
+/// source, for the per-source share.
+const COMPLETE_ENTRIES_SQL: &str =
+    "DELETE FROM entries WHERE batch_id = ?1 RETURNING length(bytes) + length(sort_key), source";
 
 /// Errors of the spool boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -235,6 +250,14 @@ pub enum SpoolError {
     /// stored before was dropped. Answer the member 503 with `Retry-After`.
     #[error("spool full; retry after {retry_after:?}")]
     Full {
+        /// How long the caller should wait before retrying.
+        retry_after: Duration,
+    },
+    /// The entry's source already holds its share of the spool
+    /// ([`Spool::open_with_source_share`]); nothing was stored. Other
+    /// sources are still served. Answer the member 503 with `Retry-After`.
+    #[error("this source holds its share of the spool; retry after {retry_after:?}")]
+    SourceFull {
         /// How long the caller should wait before retrying.
         retry_after: Duration,
     },
@@ -553,6 +576,9 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 /// A write for the writer thread.
 enum Request {
     Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
+    /// Reads the share counts: `(bytes held by the source's key, sources
+    /// tracked)`.
+    SourceStats([u8; 16], Reply<(u64, usize)>),
     Discard(EntryId, Reply<bool>),
     NextBatchId(Reply<u64>),
     ReserveBatchIds(u64, Reply<u64>),
@@ -632,6 +658,94 @@ struct Counters {
     batches: u64,
     downlink: u64,
     last_cursor: u64,
+}
+
+/// The key a source's share is counted under: the stored address (IPv4 as
+/// IPv4-mapped IPv6) reduced as the connection cap reduces it (IPv4 on its
+/// own, IPv6 to its /64).
+fn share_key(source: &[u8; 16]) -> [u8; 16] {
+    crate::limits::source_key(std::net::IpAddr::V6(std::net::Ipv6Addr::from(*source)))
+}
+
+/// One change to a source's count, as the undo log keeps it.
+#[derive(Debug, Clone, Copy)]
+enum ShareChange {
+    Added([u8; 16], u64),
+    Removed([u8; 16], u64),
+}
+
+/// Accounted bytes of unanswered entries per source key. Kept by the writer
+/// in step with its transactions: every change is logged until the commit,
+/// so a request that rolls back to its savepoint, or a group whose
+/// transaction fails, leaves the counts as they were.
+#[derive(Debug, Default)]
+struct Shares {
+    /// What one source may hold; 0 = no share (counted, never refused).
+    max: u64,
+    /// Only sources holding something: an entry is removed at 0, so the
+    /// map never has more entries than the spool has rows.
+    held: HashMap<[u8; 16], u64>,
+    /// Changes since the last commit, oldest first.
+    log: Vec<ShareChange>,
+}
+
+impl Shares {
+    fn held(&self, key: &[u8; 16]) -> u64 {
+        self.held.get(key).copied().unwrap_or(0)
+    }
+
+    /// Whether `key` may take `size` more bytes.
+    fn fits(&self, key: &[u8; 16], size: u64) -> bool {
+        self.max == 0 || self.held(key).saturating_add(size) <= self.max
+    }
+
+    fn add(&mut self, key: [u8; 16], size: u64) {
+        *self.held.entry(key).or_insert(0) += size;
+        self.log.push(ShareChange::Added(key, size));
+    }
+
+    fn remove(&mut self, key: [u8; 16], size: u64) {
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        let taken = size.min(*held);
+        *held -= taken;
+        if *held == 0 {
+            self.held.remove(&key);
+        }
+        self.log.push(ShareChange::Removed(key, taken));
+    }
+
+    /// Undoes the changes logged after `mark` (newest first).
+    fn undo_to(&mut self, mark: usize) {
+        while self.log.len() > mark {
+            let Some(change) = self.log.pop() else {
+                break;
+            };
+            match change {
+                ShareChange::Added(key, size) => {
+                    if let Some(held) = self.held.get_mut(&key) {
+                        *held = held.saturating_sub(size);
+                        if *held == 0 {
+                            self.held.remove(&key);
+                        }
+                    }
+                }
+                ShareChange::Removed(key, size) => {
+                    if size > 0 {
+                        *self.held.entry(key).or_insert(0) += size;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees the bytes of a departing entry stored with `source`.
+    fn release(&mut self, source: Option<&[u8]>, size: u64) {
+        if let Some(src) = source.and_then(|s| <[u8; 16]>::try_from(s).ok()) {
+            self.remove(share_key(&src), size);
+        }
+    }
 }
 
 /// State shared between handles and the writer thread.
@@ -800,7 +914,21 @@ impl Spool {
     /// recovers its state after a crash. Blocking: call it at startup or in
     /// `spawn_blocking`. `max_bytes` bounds what [`Spool::append`] and
     /// [`Spool::push_downlink`] accept (see the module doc on accounting).
+    /// No source has a share of its own: see
+    /// [`Spool::open_with_source_share`].
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        Spool::open_with_source_share(dir, max_bytes, 0)
+    }
+
+    /// [`Spool::open`], and [`Spool::append_from`] refuses an entry that
+    /// would take its source beyond `max_bytes_per_source` accounted bytes
+    /// of entries the UDC has not answered yet ([`SpoolError::SourceFull`];
+    /// 0 = no share). The counts are rebuilt from the stored entries.
+    pub fn open_with_source_share(
+        dir: &Path,
+        max_bytes: u64,
+        max_bytes_per_source: u64,
+    ) -> Result<Spool, SpoolError> {
         let created = !dir.exists();
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -820,6 +948,11 @@ impl Spool {
         let mut conn = open_writer(&path)?;
         migrate(&mut conn)?;
         let counters = recount(&conn)?;
+        let shares = Shares {
+            max: max_bytes_per_source,
+            held: recount_shares(&conn)?,
+            log: Vec::new(),
+        };
         // Make the new files' directory entries durable before anything is
         // acknowledged from them.
         sync_dir(dir)?;
@@ -848,6 +981,7 @@ impl Spool {
             shared: shared.clone(),
             touched: Vec::new(),
             poisoned: false,
+            shares,
             _lock: lock,
         };
         thread::Builder::new()
@@ -919,13 +1053,28 @@ impl Spool {
     /// hold only one message per slot, so a single source can never fill a
     /// slot's alternatives and pre-empt the member (a member sends one
     /// message per slot and re-sends it byte for byte). A second, different
-    /// message from the same source is [`SpoolError::Conflict`].
+    /// message from the same source is [`SpoolError::Conflict`]. The entry
+    /// counts against its source's share until it leaves the spool; beyond
+    /// the share it is [`SpoolError::SourceFull`] (see
+    /// [`Spool::open_with_source_share`]).
     pub async fn append_from(
         &self,
         entry: NewEntry,
         source: [u8; 16],
     ) -> Result<EntryId, SpoolError> {
         self.call(|r| Request::Append(entry, Some(source), r)).await
+    }
+
+    /// Accounted bytes that `source`'s key (its IPv4 address, or its IPv6
+    /// /64) holds in entries the UDC has not answered, and how many sources
+    /// hold any; read by the writer in turn with the writes queued before
+    /// it, answered after their commit.
+    pub async fn source_usage(&self, source: std::net::IpAddr) -> Result<(u64, usize), SpoolError> {
+        let v6 = match source {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        self.call(|r| Request::SourceStats(v6.octets(), r)).await
     }
 
     /// Deletes an entry that is in no batch (the collector refused it after
@@ -1646,6 +1795,32 @@ fn recount(conn: &Connection) -> Result<Counters, SpoolError> {
     })
 }
 
+/// Rebuilds the per-source counts from the `source` column (after a restart
+/// nothing in memory survived). Rows without a source (appended by
+/// [`Spool::append`]) count against no source.
+fn recount_shares(conn: &Connection) -> Result<HashMap<[u8; 16], u64>, SpoolError> {
+    let mut st = conn.prepare(
+        "SELECT source, COUNT(*), SUM(length(bytes) + length(sort_key)) FROM entries
+         WHERE source IS NOT NULL GROUP BY source",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut held = HashMap::new();
+    for row in rows {
+        let (source, n, blobs) = row?;
+        let Ok(source) = <[u8; 16]>::try_from(source.as_slice()) else {
+            continue;
+        };
+        *held.entry(share_key(&source)).or_insert(0) += i2u(blobs) + i2u(n) * ROW_OVERHEAD;
+    }
+    Ok(held)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1693,6 +1868,7 @@ fn group_aborted() -> SpoolError {
 fn fail(req: Request, err: SpoolError) -> Pending {
     match req {
         Request::Append(_, _, r) => pending(r, Err(err)),
+        Request::SourceStats(_, r) => pending(r, Err(err)),
         Request::Discard(_, r) => pending(r, Err(err)),
         Request::NextBatchId(r) => pending(r, Err(err)),
         Request::ReserveBatchIds(_, r) => pending(r, Err(err)),
@@ -1728,6 +1904,8 @@ struct Writer {
     /// Set when a failed request could not be undone by its savepoint; the
     /// open transaction must then be rolled back, not committed.
     poisoned: bool,
+    /// Bytes each source holds, for the per-source share.
+    shares: Shares,
     /// Held for the writer's lifetime; released when the thread ends.
     _lock: File,
 }
@@ -1794,9 +1972,13 @@ impl Writer {
             },
         };
         match commit_err {
-            None => self.committed = self.tent,
+            None => {
+                self.committed = self.tent;
+                self.shares.log.clear();
+            }
             Some(_) => {
                 self.tent = self.committed;
+                self.shares.undo_to(0);
                 self.touched.clear();
             }
         }
@@ -1817,6 +1999,10 @@ impl Writer {
             // An append validates before its single INSERT, which SQLite
             // undoes alone if it fails: no savepoint needed on the hot path.
             Request::Append(e, source, r) => pending(r, self.append(&e, source)),
+            Request::SourceStats(key, r) => {
+                let held = self.shares.held(&share_key(&key));
+                pending(r, Ok((held, self.shares.held.len())))
+            }
             Request::Discard(id, r) => pending(r, self.savepoint(|w| w.discard(id))),
             Request::NextBatchId(r) => pending(r, self.savepoint(|w| w.reserve_batch_ids(1))),
             Request::ReserveBatchIds(n, r) => {
@@ -1965,12 +2151,14 @@ impl Writer {
     ) -> Result<T, SpoolError> {
         self.conn.prepare_cached("SAVEPOINT req")?.execute([])?;
         let before = self.tent;
+        let mark = self.shares.log.len();
         let out = f(self).and_then(|v| {
             self.conn.prepare_cached("RELEASE req")?.execute([])?;
             Ok(v)
         });
         if out.is_err() {
             self.tent = before;
+            self.shares.undo_to(mark);
             let undone = self
                 .conn
                 .prepare_cached("ROLLBACK TO req")
@@ -2039,6 +2227,14 @@ impl Writer {
             return Err(SpoolError::Conflict);
         }
         let size = entry_size(e);
+        let key = source.as_ref().map(share_key);
+        if let Some(key) = &key
+            && !self.shares.fits(key, size)
+        {
+            return Err(SpoolError::SourceFull {
+                retry_after: FULL_RETRY_AFTER,
+            });
+        }
         self.check_room(size)?;
         // The kind is a literal, not a parameter: a bound value that decides
         // whether a partial index (`WHERE kind = ...`) applies makes SQLite
@@ -2060,21 +2256,26 @@ impl Writer {
         ])?;
         self.tent.bytes += size;
         self.tent.entries += 1;
+        if let Some(key) = key {
+            self.shares.add(key, size);
+        }
         Ok(EntryId(i2u(self.conn.last_insert_rowid())))
     }
 
     fn discard(&mut self, id: EntryId) -> Result<bool, SpoolError> {
-        let size: Option<i64> = self
+        let gone: Option<(i64, Option<Vec<u8>>)> = self
             .conn
             .prepare_cached(
                 "DELETE FROM entries WHERE id = ?1 AND batch_id IS NULL
-                 RETURNING length(bytes) + length(sort_key)",
+                 RETURNING length(bytes) + length(sort_key), source",
             )?
-            .query_row([clamp(id.0)], |r| r.get(0))
+            .query_row([clamp(id.0)], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some(size) = size else {
+        let Some((size, source)) = gone else {
             return Ok(false);
         };
+        self.shares
+            .release(source.as_deref(), i2u(size) + ROW_OVERHEAD);
         self.tent.bytes = self.tent.bytes.saturating_sub(i2u(size) + ROW_OVERHEAD);
         self.tent.entries = self.tent.entries.saturating_sub(1);
         Ok(true)
@@ -2223,10 +2424,20 @@ impl Writer {
             .query_row([clamp(batch_id)], |r| r.get(0))
             .optional()?;
         let batch_blobs = batch_blobs.ok_or(SpoolError::UnknownBatch(batch_id))?;
-        // One pass: the entries go and say how many bytes they freed.
-        let lengths = self.delete_lengths(COMPLETE_ENTRIES_SQL, &[clamp(batch_id)])?;
-        let n = lengths.len() as i64;
-        let blobs: i64 = lengths.iter().sum();
+        // One pass: the entries go and say how many bytes they freed, and
+        // whose share they were.
+        let gone: Vec<(i64, Option<Vec<u8>>)> = self
+            .conn
+            .prepare_cached(COMPLETE_ENTRIES_SQL)?
+            .query_map([clamp(batch_id)], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let n = gone.len() as i64;
+        let mut blobs: i64 = 0;
+        for (len, source) in &gone {
+            blobs += len;
+            self.shares
+                .release(source.as_deref(), i2u(*len) + ROW_OVERHEAD);
+        }
         self.conn
             .prepare_cached("DELETE FROM batches WHERE id = ?1")?
             .execute([clamp(batch_id)])?;
@@ -2588,6 +2799,7 @@ mod tests {
             shared,
             touched: Vec::new(),
             poisoned: false,
+            shares: Shares::default(),
             _lock: File::create(dir.join(LOCK_FILE)).unwrap(),
         }
     }
@@ -2663,6 +2875,68 @@ mod tests {
         assert_eq!(recount(&w.conn).unwrap(), w.committed);
         assert_eq!(w.committed.entries, 2);
         assert_eq!(w.committed.downlink, 0);
+    }
+
+    fn sourced_append_req(member: u64, source: [u8; 16]) -> (Request, Rx<EntryId>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Request::Append(entry(member, b"body"), Some(source), tx),
+            rx,
+        )
+    }
+
+    /// The per-source counts follow the transactions exactly: a lost group
+    /// leaves them as before, a request rolled back to its savepoint takes
+    /// its changes with it, and the counts always equal a recount from the
+    /// tables.
+    #[test]
+    fn source_shares_follow_commits_and_rollbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        w.conn
+            .execute_batch(
+                "CREATE TRIGGER lose BEFORE INSERT ON downlink WHEN NEW.kind = 254
+                 BEGIN SELECT RAISE(ROLLBACK, 'injected'); END;
+                 CREATE TRIGGER no_verdict BEFORE INSERT ON completed
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let size = entry_size(&entry(1, b"body"));
+        let (r1, _rx1) = sourced_append_req(1, a);
+        let (p, _rp) = push_req(254);
+        assert!(w.apply_group(vec![r1, p]).is_none());
+        assert!(w.shares.held.is_empty(), "a lost group counts nothing");
+        assert!(w.shares.log.is_empty());
+
+        let (r1, mut rx1) = sourced_append_req(1, a);
+        let (r2, mut rx2) = sourced_append_req(2, b);
+        let (r3, mut rx3) = sourced_append_req(3, a);
+        assert!(w.apply_group(vec![r1, r2, r3]).is_none());
+        let ids: Vec<EntryId> = [&mut rx1, &mut rx2, &mut rx3]
+            .into_iter()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(w.shares.held(&share_key(&a)), 2 * size);
+        assert_eq!(w.shares.held(&share_key(&b)), size);
+        assert_eq!(recount_shares(&w.conn).unwrap(), w.shares.held);
+
+        // A completion that fails after its entries were deleted is rolled
+        // back to its savepoint, counts included.
+        let batch = w.reserve_batch_ids(1).unwrap();
+        w.seal(batch, &ids, &Bytes::from_static(b"B"), &[[0; 16]; 3])
+            .unwrap();
+        let before = w.shares.held.clone();
+        assert!(
+            w.savepoint(|w| w.complete(batch, &[1; 32], &[], 0))
+                .is_err()
+        );
+        assert_eq!(w.shares.held, before);
+        w.conn.execute_batch("DROP TRIGGER no_verdict").unwrap();
+        w.savepoint(|w| w.complete(batch, &[1; 32], &[], 0))
+            .unwrap();
+        assert!(w.shares.held.is_empty(), "answered sources are forgotten");
+        assert_eq!(recount_shares(&w.conn).unwrap(), w.shares.held);
     }
 
     #[tokio::test]

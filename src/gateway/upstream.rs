@@ -415,25 +415,53 @@ fn batch_kind(bytes: &[u8]) -> EntryKind {
     }
 }
 
-/// Drops the verdict commits that have been answered (logging a failure);
-/// true if there were any.
-fn settle(storing: &mut VecDeque<(u64, Queued<Vec<u64>>)>) -> bool {
-    let before = storing.len();
-    storing.retain_mut(|(batch_id, done)| match done.try_take() {
-        Some(res) => {
-            stored(*batch_id, res);
-            false
-        }
-        None => true,
-    });
-    storing.len() != before
+/// A final verdict being stored: its batch id and kind, and the commit.
+type Storing = (u64, EntryKind, Queued<Vec<u64>>);
+
+/// What the verdict commits settled so far said.
+#[derive(Clone, Copy, Default)]
+struct Settled {
+    /// Some commit was answered.
+    any: bool,
+    /// Some commit failed: its batch is sent again, after a backoff.
+    failed: bool,
 }
 
-/// Logs a verdict that could not be stored: its batch stays sealed and is
-/// sent again; the UDC answers it from its stored verdict.
-fn stored(batch_id: u64, res: Result<Vec<u64>, SpoolError>) {
-    if let Err(e) = res {
-        tracing::warn!(batch = batch_id, error = %e, "verdict not stored; the batch is sent again");
+impl Settled {
+    fn add(&mut self, ok: bool) {
+        self.any = true;
+        self.failed |= !ok;
+    }
+}
+
+impl Upstream {
+    /// Drops the verdict commits that have been answered (see
+    /// [`Upstream::stored`]).
+    fn settle(&self, storing: &mut VecDeque<Storing>) -> Settled {
+        let mut out = Settled::default();
+        storing.retain_mut(|(batch_id, kind, done)| match done.try_take() {
+            Some(res) => {
+                out.add(self.stored(*batch_id, *kind, res));
+                false
+            }
+            None => true,
+        });
+        out
+    }
+
+    /// Whether a verdict was stored. One that was not is logged and counted
+    /// (`dapgw_batches_total{outcome="unstored"}`): its batch stays sealed
+    /// and is sent again after a backoff; the UDC answers it from its
+    /// stored verdict.
+    fn stored(&self, batch_id: u64, kind: EntryKind, res: Result<Vec<u64>, SpoolError>) -> bool {
+        match res {
+            Ok(_) => true,
+            Err(e) => {
+                self.metrics.batches.get(kind, BatchOutcome::Unstored).inc();
+                tracing::warn!(batch = batch_id, error = %e, "verdict not stored; the batch is sent again after a backoff");
+                false
+            }
+        }
     }
 }
 
@@ -453,13 +481,27 @@ impl Upstream {
     /// waiting for that commit, and a batch whose verdict is being stored
     /// is not sent again. A verdict that fails to store leaves its batch
     /// sealed, so it is listed and sent again (the UDC answers from its
-    /// stored verdict).
+    /// stored verdict), after a backoff like the one after an upstream
+    /// error (a backoff of its own, reset once a verdict is stored): a
+    /// spool that keeps failing (disk error) is not hammered in a tight
+    /// loop.
     pub(crate) async fn run_batches(mut self) {
         let mut backoff = Backoff::new(self.retry_max);
-        let mut storing: VecDeque<(u64, Queued<Vec<u64>>)> = VecDeque::new();
+        let mut store_backoff = Backoff::new(self.retry_max);
+        let mut storing: VecDeque<Storing> = VecDeque::new();
+        let mut store_failed = false;
         loop {
-            if settle(&mut storing) {
+            let settled = self.settle(&mut storing);
+            if settled.any {
                 update_spool_gauges(&self.spool, &self.metrics);
+                if settled.failed {
+                    store_failed = true;
+                } else {
+                    store_backoff.reset();
+                }
+            }
+            if std::mem::take(&mut store_failed) {
+                store_backoff.sleep().await;
             }
             let flushed = *self.flushed.borrow_and_update();
             let pending = match self.spool.pending_batches().await {
@@ -472,17 +514,21 @@ impl Upstream {
             };
             let pending: Vec<PendingBatch> = pending
                 .into_iter()
-                .filter(|b| !storing.iter().any(|(id, _)| *id == b.batch_id))
+                .filter(|b| !storing.iter().any(|(id, ..)| *id == b.batch_id))
                 .collect();
             if pending.is_empty() {
-                if let Some((batch_id, done)) = storing.front_mut() {
+                if let Some((batch_id, kind, done)) = storing.front_mut() {
                     // Nothing new to send: wait for the oldest verdict's
                     // commit (or a new batch), then list again.
-                    let batch_id = *batch_id;
+                    let (batch_id, kind) = (*batch_id, *kind);
                     tokio::select! {
                         res = done => {
                             storing.pop_front();
-                            stored(batch_id, res);
+                            if self.stored(batch_id, kind, res) {
+                                store_backoff.reset();
+                            } else {
+                                store_failed = true;
+                            }
                             update_spool_gauges(&self.spool, &self.metrics);
                         }
                         () = self.sealed.notified() => {}
@@ -503,7 +549,7 @@ impl Upstream {
                 match self.send_batch(batch).await {
                     Ok(Sent::Completed(done)) => {
                         backoff.reset();
-                        storing.push_back((batch.batch_id, done));
+                        storing.push_back((batch.batch_id, batch_kind(&batch.bytes), done));
                     }
                     Ok(Sent::Rejected(status)) => {
                         backoff.reset();

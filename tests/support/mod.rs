@@ -148,6 +148,8 @@ pub struct UdcState {
     /// When each uplink (member, ctr) arrived, if `record_arrivals`.
     pub arrivals: Mutex<Vec<(u64, u64, std::time::Instant)>>,
     pub record_arrivals: std::sync::atomic::AtomicBool,
+    /// Every `POST /v1/batches`, re-sends included.
+    pub batch_posts: std::sync::atomic::AtomicU64,
 }
 
 pub struct FakeUdc {
@@ -325,6 +327,8 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
             answer(StatusCode::NO_CONTENT, Bytes::new())
         }
         (Method::POST, "/v1/batches") => {
+            st.batch_posts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if mode == UdcMode::Failing {
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
             }
