@@ -146,6 +146,33 @@ struct NewSchedule {
     every_s: u64,
     mode: Option<String>,
     purpose: Option<String>,
+    /// Hex bytes of the read request its read rounds carry.
+    read_request: Option<String>,
+}
+
+/// A round's purpose from the operator API's `purpose` (default auth) and
+/// `read_request` (hex, read rounds only, at most
+/// [`MAX_READ_REQUEST`](crate::protocol::wire::MAX_READ_REQUEST) bytes;
+/// absent: empty), shared by rounds started now and schedules so both take
+/// the same bodies.
+fn purpose_of(purpose: Option<&str>, read_request: Option<&str>) -> Result<Purpose, AdminResponse> {
+    match (purpose.unwrap_or("auth"), read_request) {
+        ("auth", None) => Ok(Purpose::Auth),
+        ("auth", Some(_)) => Err(bad("read_request is for purpose read only")),
+        ("read", req) => {
+            let req =
+                hex::decode(req.unwrap_or("")).map_err(|_| bad("read_request must be hex"))?;
+            let max = crate::protocol::wire::MAX_READ_REQUEST;
+            if req.len() > max {
+                return Err(bad(&format!(
+                    "read_request of {} bytes is over the {max}-byte cap",
+                    req.len()
+                )));
+            }
+            Ok(Purpose::Read(Bytes::from(req)))
+        }
+        _ => Err(bad("purpose must be auth or read")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -237,15 +264,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let b: StartRound = parse_json(body)?;
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
-            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
-                "auth" => Purpose::Auth,
-                "read" => {
-                    let req = hex::decode(b.read_request.as_deref().unwrap_or(""))
-                        .map_err(|_| bad("read_request must be hex"))?;
-                    Purpose::Read(Bytes::from(req))
-                }
-                _ => return Err(bad("purpose must be auth or read")),
-            };
+            let purpose = purpose_of(b.purpose.as_deref(), b.read_request.as_deref())?;
             let duration = b.duration_s.unwrap_or(300).saturating_mul(1000);
             let round = udc
                 .open_round(b.group, mode, purpose, Some(duration))
@@ -346,11 +365,11 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             }
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
-            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
-                "auth" => store::RoundPurpose::Auth,
-                "read" => store::RoundPurpose::Read,
-                _ => return Err(bad("purpose must be auth or read")),
-            };
+            let (purpose, read_request) =
+                match purpose_of(b.purpose.as_deref(), b.read_request.as_deref())? {
+                    Purpose::Auth => (store::RoundPurpose::Auth, Vec::new()),
+                    Purpose::Read(req) => (store::RoundPurpose::Read, req.to_vec()),
+                };
             let every_ms = b.every_s.saturating_mul(1000);
             let id = udc
                 .store()
@@ -360,6 +379,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     every_ms,
                     mode,
                     purpose,
+                    read_request,
                     next_at_ms: now_ms(),
                 })
                 .await
@@ -371,9 +391,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let list: Vec<Value> = list
                 .iter()
                 .map(|s| {
+                    // read_request: hex for read schedules, null for auth.
+                    let read_request = (s.purpose == store::RoundPurpose::Read)
+                        .then(|| hex::encode(&s.read_request));
                     json!({"id": s.id, "group": s.group, "every_s": s.every_ms / 1000,
                            "mode": mode_name(s.mode), "purpose": purpose_name(s.purpose),
-                           "next_at_ms": s.next_at_ms})
+                           "read_request": read_request, "next_at_ms": s.next_at_ms})
                 })
                 .collect();
             Ok(json_resp(StatusCode::OK, json!({ "schedules": list })))
@@ -529,14 +552,24 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(l) => num::<u32>(&l, "limit")?.clamp(1, 10_000),
                 None => 10_000,
             };
+            let after = match query(req, "after") {
+                Some(t) => Some(store::ReadingKey::from_token(&t).ok_or_else(|| {
+                    bad("after must be a `next` token from an earlier readings page")
+                })?),
+                None => None,
+            };
             let rows = udc
                 .store()
-                .readings(member, from, to, limit)
+                .readings_after(member, from, to, after, limit)
                 .await
                 .map_err(store_err)?;
             // A full page may have more behind it: the caller asks again
-            // from the last reading's time (readings come by time).
+            // with `after` = `next`, the last reading's key.
             let truncated = rows.len() == limit as usize;
+            let next = rows
+                .last()
+                .filter(|_| truncated)
+                .map(|r| r.key().to_token());
             let list: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -546,7 +579,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .collect();
             Ok(json_resp(
                 StatusCode::OK,
-                json!({ "readings": list, "truncated": truncated }),
+                json!({ "readings": list, "truncated": truncated, "next": next }),
             ))
         }
         (Method::GET, ["gateways"]) => {

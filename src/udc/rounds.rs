@@ -125,7 +125,7 @@ async fn run_schedule(
     }
     let purpose = match s.purpose {
         store::RoundPurpose::Auth => Purpose::Auth,
-        store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::new()),
+        store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::from(s.read_request.clone())),
     };
     // A scheduled round stays open for most of its period.
     let duration = every.saturating_mul(9) / 10;
@@ -199,6 +199,7 @@ mod tests {
                 every_ms: 3_600_000,
                 mode: Mode::Psk,
                 purpose: RoundPurpose::Auth,
+                read_request: Vec::new(),
                 next_at_ms: 0,
             })
             .await
