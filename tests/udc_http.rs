@@ -725,19 +725,34 @@ async fn scenario(h: &Harness) {
         serde_json::json!({"id": 40, "groups": [G]}),
     )
     .await;
-    // Schedules.
+    // Schedules: a read schedule keeps its read request, an auth one has
+    // none.
     let v = h
         .op(
             Method::POST,
             "/v1/admin/schedules",
-            serde_json::json!({"group": G, "every_s": 14400, "mode": "psk", "purpose": "read"}),
+            serde_json::json!({"group": G, "every_s": 14400, "mode": "psk", "purpose": "read",
+                               "read_request": "0102ff"}),
         )
         .await;
-    assert!(v["id"].as_u64().is_some());
+    let read_id = v["id"].as_u64().unwrap();
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/schedules",
+            serde_json::json!({"group": G, "every_s": 3600, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    let auth_id = v["id"].as_u64().unwrap();
     let v = h
         .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
         .await;
-    assert_eq!(v["schedules"].as_array().unwrap().len(), 1);
+    let list = v["schedules"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["id"], read_id, "{v}");
+    assert_eq!(list[0]["read_request"], "0102ff", "{v}");
+    assert_eq!(list[1]["id"], auth_id, "{v}");
+    assert_eq!(list[1]["read_request"], serde_json::Value::Null, "{v}");
     let v = h
         .op(
             Method::GET,
@@ -1678,6 +1693,60 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
             "bad_request",
         ),
         (
+            "round read_request too long",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(&format!(
+                r#"{{"group":7,"mode":"psk","purpose":"read","read_request":"{}"}}"#,
+                "00".repeat(257)
+            )),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round auth with read_request",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","purpose":"auth","read_request":"01"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule read_request not hex",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":60,"purpose":"read","read_request":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule read_request too long",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(&format!(
+                r#"{{"group":7,"every_s":60,"purpose":"read","read_request":"{}"}}"#,
+                "00".repeat(257)
+            )),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule auth with read_request",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":60,"purpose":"auth","read_request":"01"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "readings bad after",
+            Method::GET,
+            "/v1/admin/readings?member=1&after=1234",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             "members limit",
             Method::GET,
             "/v1/admin/members?limit=lots",
@@ -1690,6 +1759,92 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
         let (s, v) = h.admin(Some(TOKEN), method, path, body).await;
         check(what, s, v.to_string().as_bytes(), want, code);
     }
+    // None of the refused schedules was stored.
+    let v = h
+        .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
+        .await;
+    assert_eq!(v["schedules"], serde_json::json!([]), "{v}");
+    h.stop().await;
+}
+
+/// One batch of 25 uplinks from one member: 25 readings stored in the same
+/// millisecond. Paged 4 at a time through `next`/`after`, every one comes
+/// back exactly once, in the order of one big page; the last page says
+/// there is no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_page_within_one_millisecond() {
+    let h = Harness::start(None).await;
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 1, "kv": 1, "groups": [G]}]}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut members = vec![h.real_member(1)];
+    h.op(
+        Method::POST,
+        "/v1/admin/rounds",
+        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+    )
+    .await;
+    let recs = h.downlink(0).await;
+    let cursor = recs.last().unwrap().0;
+    let entries = answer(&mut members, &last_group_record(&recs), b"");
+    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    for (_, _, _, _, msg) in h.downlink(cursor).await {
+        members[0].handle_confirm(&msg).unwrap().persisted();
+    }
+    let sealed: Vec<Bytes> = (0..25)
+        .map(|i| {
+            members[0]
+                .seal_uplink(
+                    GroupId(G),
+                    UplinkKind::Reading,
+                    format!("r{i:02}").as_bytes(),
+                )
+                .unwrap()
+                .persisted()
+        })
+        .collect();
+    let v = h.post_batch(&uplink_batch(2, &sealed)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 25]);
+    let whole = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=1",
+            serde_json::Value::Null,
+        )
+        .await;
+    let whole = whole["readings"].as_array().unwrap().clone();
+    assert_eq!(whole.len(), 25);
+    assert!(whole.iter().all(|r| r["ts_ms"] == whole[0]["ts_ms"]));
+    let mut got = Vec::new();
+    let mut path = "/v1/admin/readings?member=1&limit=4".to_string();
+    for _ in 0..8 {
+        let page = h.op(Method::GET, &path, serde_json::Value::Null).await;
+        got.extend(page["readings"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(page["truncated"], true, "{page}");
+                path = format!("/v1/admin/readings?member=1&limit=4&after={next}");
+            }
+            None => {
+                assert_eq!(page["truncated"], false, "{page}");
+                break;
+            }
+        }
+    }
+    assert_eq!(got, whole);
     h.stop().await;
 }
 
