@@ -1704,6 +1704,22 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
             "bad_request",
         ),
         (
+            "round duration past the clock",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","duration_s":18446744073709551615}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule period past the clock",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":18446744073709551615,"purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             "round auth with read_request",
             Method::POST,
             "/v1/admin/rounds",

@@ -150,6 +150,21 @@ struct NewSchedule {
     read_request: Option<String>,
 }
 
+/// The longest round (`duration_s`) and schedule period (`every_s`) the
+/// operator API takes: a year. Longer ones mean nothing to a meter, and
+/// times past the clock's range would overflow the round's deadline.
+const MAX_PERIOD_S: u64 = 366 * 24 * 3600;
+
+/// `v` (seconds, named `what`) if it is at most [`MAX_PERIOD_S`].
+fn period_s(v: u64, what: &str) -> Result<u64, AdminResponse> {
+    if v > MAX_PERIOD_S {
+        return Err(bad(&format!(
+            "{what} must be at most {MAX_PERIOD_S} (a year)"
+        )));
+    }
+    Ok(v)
+}
+
 /// A round's purpose from the operator API's `purpose` (default auth) and
 /// `read_request` (hex, read rounds only, at most
 /// [`MAX_READ_REQUEST`](crate::protocol::wire::MAX_READ_REQUEST) bytes;
@@ -265,7 +280,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
             let purpose = purpose_of(b.purpose.as_deref(), b.read_request.as_deref())?;
-            let duration = b.duration_s.unwrap_or(300).saturating_mul(1000);
+            let duration = period_s(b.duration_s.unwrap_or(300), "duration_s")? * 1000;
             let round = udc
                 .open_round(b.group, mode, purpose, Some(duration))
                 .await
@@ -363,6 +378,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             if b.every_s == 0 {
                 return Err(bad("every_s must be positive"));
             }
+            period_s(b.every_s, "every_s")?;
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
             let (purpose, read_request) =
@@ -370,7 +386,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     Purpose::Auth => (store::RoundPurpose::Auth, Vec::new()),
                     Purpose::Read(req) => (store::RoundPurpose::Read, req.to_vec()),
                 };
-            let every_ms = b.every_s.saturating_mul(1000);
+            let every_ms = b.every_s * 1000;
             let id = udc
                 .store()
                 .insert_schedule(store::ScheduleRow {
