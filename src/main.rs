@@ -141,6 +141,10 @@ enum RoundOp {
         group: u32,
         /// The round.
         round: u64,
+        /// List rejected and missing members after this member id (each
+        /// list holds at most 1000).
+        #[arg(long)]
+        after: Option<u64>,
     },
     /// Schedule recurring rounds (e.g. every 14400 s for 6 reads a day).
     Schedule {
@@ -631,10 +635,14 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 target,
                 group,
                 round,
+                after,
             } => (
                 target,
                 "GET",
-                format!("/v1/admin/rounds/{group}/{round}"),
+                match after {
+                    Some(a) => format!("/v1/admin/rounds/{group}/{round}?after={a}"),
+                    None => format!("/v1/admin/rounds/{group}/{round}"),
+                },
                 None,
             ),
             RoundOp::Schedule {

@@ -1011,6 +1011,9 @@ async fn operator_cli_runs_every_operation() {
     let shown = udc_cli(&w, &["round", "show", "7", &r]);
     assert_eq!(shown["accepted"], 2, "{shown}");
     assert_eq!(shown["missing"], json!([3]), "{shown}");
+    let after = udc_cli(&w, &["round", "show", "7", &r, "--after", "3"]);
+    assert_eq!(after["missing"], json!([]), "{after}");
+    assert_eq!(after["missing_count"], 1, "{after}");
     assert_eq!(
         shown["by_gateway"],
         json!([{"gateway": "gw-1", "accepted": 2, "rejected_by_reason": []}]),

@@ -1755,6 +1755,14 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
             "bad_request",
         ),
         (
+            "round report bad after",
+            Method::GET,
+            "/v1/admin/rounds/7/1?after=x",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             "readings bad after",
             Method::GET,
             "/v1/admin/readings?member=1&after=1234",
@@ -1780,6 +1788,87 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
         .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
         .await;
     assert_eq!(v["schedules"], serde_json::json!([]), "{v}");
+    h.stop().await;
+}
+
+/// A round report's `rejected` and `missing` lists page with `after` (a
+/// member id); the counts stay the round's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_report_lists_page_after_a_member() {
+    let h = Harness::start(None).await;
+    let import: Vec<_> = (1..=5u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let challenge = last_group_record(&h.downlink(0).await);
+    // Member 4 answers; 9 and 10 are no members of this UDC.
+    let entries = [4, 9, 10].map(|id| respond(&h, id, &challenge)).to_vec();
+    let tags: Vec<[u8; 16]> = entries.iter().map(|(_, t)| *t).collect();
+    let b = batch("gw-1", 1, round, entries);
+    // The unknown members' tags do not add up: the UDC asks for the tags.
+    let v = h.post_batch(&b).await;
+    assert!(matches!(v.body, VerdictBody::TagsRequested { .. }), "{v:?}");
+    let reply = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 1,
+        batch_hash: Sha256::digest(b.to_bytes()).into(),
+        chunks: vec![ChunkTags { chunk: 0, tags }],
+    };
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/tags", reply.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    let got = outcomes(&Verdict::decode(&body).unwrap());
+    assert_eq!(got[0], Outcome::Accepted, "{got:?}");
+    assert!(got[1..].iter().all(|o| *o != Outcome::Accepted), "{got:?}");
+    let ids = |v: &serde_json::Value, k: &str| -> Vec<u64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().or_else(|| x["member"].as_u64()).unwrap())
+            .collect()
+    };
+    let path = |after: &str| format!("/v1/admin/rounds/{G}/{round}{after}");
+    let all = h.op(Method::GET, &path(""), serde_json::Value::Null).await;
+    assert_eq!(ids(&all, "missing"), [1, 2, 3, 5], "{all}");
+    assert_eq!(ids(&all, "rejected"), [9, 10], "{all}");
+    let page = h
+        .op(Method::GET, &path("?after=3"), serde_json::Value::Null)
+        .await;
+    assert_eq!(ids(&page, "missing"), [5], "{page}");
+    assert_eq!(ids(&page, "rejected"), [9, 10], "{page}");
+    let page = h
+        .op(Method::GET, &path("?after=9"), serde_json::Value::Null)
+        .await;
+    assert_eq!(ids(&page, "missing"), Vec::<u64>::new(), "{page}");
+    assert_eq!(ids(&page, "rejected"), [10], "{page}");
+    assert_eq!(
+        (&page["accepted"], &page["missing_count"]),
+        (&all["accepted"], &all["missing_count"])
+    );
+    assert_eq!(page["missing_count"], 4, "{page}");
     h.stop().await;
 }
 

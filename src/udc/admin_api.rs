@@ -293,6 +293,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         (Method::GET, ["rounds", g, r]) => {
             let g: u32 = num(g, "group")?;
             let r: u64 = num(r, "round")?;
+            // The `rejected` and `missing` lists start after this member
+            // (the next page of a round with more than 1000 of either).
+            let list_after = match query(req, "after") {
+                Some(a) => Some(num::<u64>(&a, "after")?),
+                None => None,
+            };
             let rep = udc
                 .store()
                 .round_report(g, r)
@@ -301,11 +307,14 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such round"))?;
             let missing = udc
                 .store()
-                .round_missing(g, r, None, 1000)
+                .round_missing(g, r, list_after, 1000)
                 .await
                 .map_err(store_err)?;
             // Page through the outcomes (by member id): tally them per
-            // gateway and list up to 1000 rejections.
+            // gateway and list up to 1000 rejections after `list_after`.
+            // The store lists members in the signed order of their stored
+            // (bit-cast) ids, so "after" compares the same way.
+            let listed = |m: u64| list_after.is_none_or(|a| (m as i64) > (a as i64));
             let mut rejected: Vec<Value> = Vec::new();
             let mut by_gateway: std::collections::BTreeMap<String, GatewayTally> =
                 std::collections::BTreeMap::new();
@@ -326,7 +335,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                         continue;
                     }
                     *tally.rejected.entry(o.reason.to_string()).or_default() += 1;
-                    if rejected.len() < 1000 {
+                    if rejected.len() < 1000 && listed(o.member) {
                         rejected.push(
                             json!({"member": o.member, "reason": o.reason, "gateway": o.gateway}),
                         );
