@@ -1082,6 +1082,22 @@ async fn readings_page_exactly_within_a_millisecond(f: Fixture) {
         rest.iter()
             .all(|r| r.ts_ms == 1_000 && r.key() != first[0].key())
     );
+    // A key before the range (the last reading of 999) starts nothing.
+    let early = one_page[2].key();
+    assert_eq!(early.ts_ms, 999);
+    let got = s
+        .readings_after(1, 1_000, 1_001, Some(early), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(got, one_page[3..123]);
+    // A key past the range's end gives an empty page.
+    let late = one_page[125].key();
+    assert!(
+        s.readings_after(1, 1_000, 1_001, Some(late), 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A key past every reading gives an empty page.
     let last = one_page.last().unwrap().key();
     assert!(

@@ -1492,8 +1492,11 @@ impl Store for PostgresStore {
     ) -> Result<Vec<ReadingRow>, StoreError> {
         // readings_by_time (member, ts_ms) gives the time order; readings of
         // one millisecond are put in (grp, sid, ctr) order by an incremental
-        // sort, cut short by the limit.
-        let r = match after {
+        // sort, cut short by the limit. The scan starts at the key's
+        // millisecond (the row comparison's prefix). A key before `from`
+        // starts nothing (every reading of the range comes after it); one at
+        // or after `from` makes `from` moot.
+        let r = match after.filter(|k| i(k.ts_ms) >= ts(from_ms)) {
             None => {
                 self.query(
                     "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
@@ -1505,12 +1508,10 @@ impl Store for PostgresStore {
             Some(k) => {
                 self.query(
                     "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
-                     AND ts_ms >= $2 AND ts_ms < $3 AND ts_ms >= $5 \
-                     AND (ts_ms, grp, sid, ctr) > ($5, $6, $7, $8) \
-                     ORDER BY ts_ms, grp, sid, ctr LIMIT $4",
+                     AND (ts_ms, grp, sid, ctr) > ($4, $5, $6, $7) AND ts_ms < $2 \
+                     ORDER BY ts_ms, grp, sid, ctr LIMIT $3",
                     &[
                         &i(member),
-                        &ts(from_ms),
                         &ts(to_ms),
                         &i64::from(limit),
                         &i(k.ts_ms),

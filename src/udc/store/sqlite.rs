@@ -1446,9 +1446,14 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ReadingRow>, StoreError> {
         // readings_by_time (member, ts_ms) of a WITHOUT ROWID table carries
         // the primary key's (grp, sid, ctr) after ts_ms: the order below is
-        // the index's, with no sort step.
+        // the index's, with no sort step, and the key comparison is where
+        // the index scan starts. (With `ts_ms >= from` next to it, SQLite
+        // starts at `from` and filters its way to the key: every page would
+        // scan the key's millisecond from its first reading.)
         self.read(move |tx| {
-            let Some(k) = after else {
+            // A key before `from` starts nothing: every reading of the range
+            // comes after it. A key at or after `from` makes `from` moot.
+            let Some(k) = after.filter(|k| i(k.ts_ms) >= ts(from_ms)) else {
                 let mut st = tx.prepare_cached(
                     "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = ?1 \
                      AND ts_ms >= ?2 AND ts_ms < ?3 ORDER BY ts_ms, grp, sid, ctr LIMIT ?4",
@@ -1461,15 +1466,13 @@ impl Store for SqliteStore {
             };
             let mut st = tx.prepare_cached(
                 "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = ?1 \
-                 AND ts_ms >= ?2 AND ts_ms < ?3 AND ts_ms >= ?5 \
-                 AND (ts_ms, grp, sid, ctr) > (?5, ?6, ?7, ?8) \
-                 ORDER BY ts_ms, grp, sid, ctr LIMIT ?4",
+                 AND (ts_ms, grp, sid, ctr) > (?4, ?5, ?6, ?7) AND ts_ms < ?2 \
+                 ORDER BY ts_ms, grp, sid, ctr LIMIT ?3",
             )?;
             collect(
                 &mut st,
                 params![
                     i(member),
-                    ts(from_ms),
                     ts(to_ms),
                     i64::from(limit),
                     i(k.ts_ms),
