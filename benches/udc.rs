@@ -7,7 +7,8 @@
 //! The UDC runs in this process; the members' responses are computed
 //! before the clock starts, so the measured process CPU is the UDC's plus
 //! the client's sending of the batches (TLS encryption of ~1 MB; small).
-//! Each round is posted as batches of `--batch` entries (default 1000).
+//! Each round is posted as batches of `--batch` entries (default: the
+//! gateway's default `DAPGW_BATCH_MAX_ENTRIES`, 4096).
 //!
 //! `--sparse 1` deals the members out to the batches in turn (batch k holds
 //! members k, k + B, k + 2B, ... for B batches), so a batch's ids are about
@@ -32,6 +33,7 @@ use dapgw::protocol::wire::{
     Batch, BatchBody, GatewayId, GroupId, MemberId, Mode, Outcome, ResponseEntry, SessionId,
     UplinkEntry, UplinkKind, Verdict, VerdictBody, uplink_aad,
 };
+use dapgw::sim::bench::cpu;
 use dapgw::udc::{self, keys_cmd};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -139,6 +141,17 @@ async fn pull_all(
     }
 }
 
+/// Profiling hook ([`cpu::perf_ctl`]): `BENCH_PERF_PHASES` (comma-separated:
+/// auth, read, uplink) limits the recording to those phases.
+fn perf_ctl(phase: &str, cmd: &str) {
+    if let Ok(only) = std::env::var("BENCH_PERF_PHASES")
+        && !only.split(',').any(|p| p.trim() == phase)
+    {
+        return;
+    }
+    cpu::perf_ctl(cmd);
+}
+
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -151,7 +164,9 @@ fn arg(name: &str, default: u64) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let members = arg("--members", 10_000);
-    let per_batch = arg("--batch", 1000) as usize;
+    // By default the batches a gateway cuts with its default size cap.
+    let default_batch = u64::from(dapgw::config::GatewayConfig::default().batch_max_entries);
+    let per_batch = arg("--batch", default_batch) as usize;
     let sparse = arg("--sparse", 0) == 1;
     // The order in which members are cut into batches (indexes into 1..=N).
     let order: Vec<usize> = if sparse {
@@ -314,6 +329,7 @@ async fn main() {
                 .to_bytes()
             })
             .collect();
+        perf_ctl(label, "enable");
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         let mut accepted = 0usize;
@@ -329,6 +345,7 @@ async fn main() {
         let confirms = pull_all(&mut send, &mut cursor).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu0;
+        perf_ctl(label, "disable");
         assert_eq!(accepted as u64, members, "every member accepted");
         assert_eq!(confirms, members, "one confirm per member");
         let us = cpu * 1e6 / members as f64;
@@ -380,6 +397,7 @@ async fn main() {
             .to_bytes()
         })
         .collect();
+    perf_ctl("uplink", "enable");
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let mut accepted = 0usize;
@@ -393,6 +411,7 @@ async fn main() {
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    perf_ctl("uplink", "disable");
     assert_eq!(accepted as u64, members, "every uplink accepted");
     let uplink = cpu * 1e6 / members as f64;
     println!(

@@ -412,7 +412,7 @@ pub struct GatewayConfig {
     pub spool_dir: PathBuf,
     /// `DAPGW_SPOOL_MAX_BYTES` (default 256 MiB): members get 503 beyond it.
     pub spool_max_bytes: ByteSize,
-    /// `DAPGW_BATCH_MAX_ENTRIES` (default 1024, at most 16384).
+    /// `DAPGW_BATCH_MAX_ENTRIES` (default 4096, at most 16384).
     pub batch_max_entries: u32,
     /// `DAPGW_BATCH_LINGER_MS` (default 200): how long a batch waits to fill.
     pub batch_linger_ms: u64,
@@ -472,7 +472,7 @@ impl Default for GatewayConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             spool_dir: PathBuf::from("/var/lib/dapgw/spool"),
             spool_max_bytes: ByteSize::mib(256),
-            batch_max_entries: 1024,
+            batch_max_entries: 4096,
             batch_linger_ms: 200,
             round_deadline_ms: 30_000,
             chunk_size: 64,

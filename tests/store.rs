@@ -154,6 +154,7 @@ both!(
     round_report_and_outcomes,
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
+    registry_version_follows_every_registry_change,
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
@@ -489,8 +490,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![5],
-        Kind::Postgres => vec![1, 2, 3, 4, 5],
+        Kind::Sqlite => vec![6],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -1435,6 +1436,85 @@ async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
             .collect::<Vec<_>>(),
         vec![Some(3), Some(G), None]
     );
+}
+
+/// Every change to a member or its groups raises the registry version
+/// (the UDC's member cache depends on it), other writes leave it; a batch
+/// read at the caller's version reads only the members it lacks, at
+/// another version every member of the batch.
+async fn registry_version_follows_every_registry_change(f: Fixture) {
+    let s = f.open().await;
+    let mut last = s.registry_version().await.unwrap();
+    let mut raised = |v: u64, what: &str| {
+        assert!(v > last, "{what}: registry version {v} after {last}");
+        last = v;
+    };
+    s.apply_batch(BatchWrite {
+        members: vec![member(1, &[G]), member(2, &[G]), member(3, &[G, 3])],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    raised(s.registry_version().await.unwrap(), "import");
+    assert!(s.set_member_status(2, MemberStatus::Revoked).await.unwrap());
+    raised(s.registry_version().await.unwrap(), "status");
+    assert!(s.set_kv(3, 2, KeySource::Derived).await.unwrap());
+    raised(s.registry_version().await.unwrap(), "key version");
+    s.upsert_member(member(3, &[G])).await.unwrap();
+    raised(s.registry_version().await.unwrap(), "groups");
+    // Not registry changes: a group, a session slot, a reading.
+    s.insert_group(group_row(G)).await.unwrap();
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(1, 1, 1, 0)],
+        readings: vec![reading(1, 1, 5)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.registry_version().await.unwrap(), last, "other writes");
+
+    let ids = vec![1, 2, 3];
+    let read = s
+        .batch_reads(
+            G,
+            ids.clone(),
+            None,
+            Some(MemberFetch {
+                version: last,
+                missing: vec![2],
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.registry_version, last);
+    assert_eq!(read.members_of, MembersOf::Missing);
+    assert_eq!(read.members.len(), 1);
+    assert_eq!(read.members[0].as_ref().map(|m| m.id), Some(2));
+    assert_eq!(read.sessions.len(), 3, "slots of every member of the batch");
+    let stale = s
+        .batch_reads(
+            G,
+            ids.clone(),
+            None,
+            Some(MemberFetch {
+                version: last - 1,
+                missing: vec![2],
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale.members_of, MembersOf::All);
+    assert_eq!(
+        stale
+            .members
+            .iter()
+            .map(|m| m.as_ref().map(|m| m.id))
+            .collect::<Vec<_>>(),
+        vec![Some(1), Some(2), Some(3)]
+    );
+    let none = s.batch_reads(G, ids, None, None).await.unwrap();
+    assert_eq!(none.members_of, MembersOf::All);
+    assert_eq!(none.members, stale.members);
 }
 
 async fn group_messages_acks_schedules(f: Fixture) {

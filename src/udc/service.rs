@@ -125,6 +125,33 @@ impl Registry for LoadedRegistry {
     }
 }
 
+/// Member records this process has read, all valid at registry version
+/// `version` (docs/udc.md, "Registry cache"). Every change to the registry
+/// raises the store's version in the same transaction, whichever process
+/// makes it, so a batch read that finds another version drops the copy and
+/// reads every member of the batch again. Unknown ids are not kept.
+#[derive(Default)]
+struct RegistryCache {
+    version: Option<u64>,
+    records: std::collections::HashMap<MemberId, MemberRecord>,
+}
+
+/// Most member records a [`RegistryCache`] keeps; beyond, it starts over.
+const REGISTRY_CACHE_MAX: usize = 1 << 20;
+
+impl RegistryCache {
+    /// What a batch naming `ids` must still read, if the copy has a version.
+    fn fetch(&self, ids: &[MemberId]) -> Option<store::MemberFetch> {
+        let version = self.version?;
+        let missing = ids
+            .iter()
+            .filter(|id| !self.records.contains_key(id))
+            .map(|id| id.0)
+            .collect();
+        Some(store::MemberFetch { version, missing })
+    }
+}
+
 /// What was read of each loaded session slot of one group: its version
 /// and accepted rounds (the compare-and-set of the write) and whether it
 /// held a session (for `dapgw_udc_sessions_active`). A member without a
@@ -217,6 +244,8 @@ pub struct Udc {
     lock: Mutex<()>,
     /// Hot round states (their accepted sets), by (group, round).
     rounds: Mutex<BTreeMap<(u32, u64), RoundState>>,
+    /// Member records read from the store, valid at one registry version.
+    registry_cache: std::sync::Mutex<RegistryCache>,
     /// Woken whenever downlink records are appended.
     pub(crate) downlink_notify: Notify,
     /// Test seam: awaited once just before the next judged write
@@ -349,6 +378,7 @@ impl Udc {
             last_count_ms: std::sync::atomic::AtomicU64::new(0),
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
+            registry_cache: std::sync::Mutex::new(RegistryCache::default()),
             downlink_notify: Notify::new(),
             pre_write: std::sync::Mutex::new(None),
         })
@@ -944,6 +974,50 @@ impl Udc {
         Ok(LoadedRegistry(map))
     }
 
+    /// The records of a batch's members `ids`: the `rows` a batch read
+    /// returned (all of them, or the ones the cache missed, as `of` says),
+    /// completed from the cache, which keeps the new ones.
+    fn registry_for(
+        &self,
+        ids: &[MemberId],
+        version: u64,
+        of: store::MembersOf,
+        rows: Vec<Option<store::MemberRow>>,
+    ) -> Result<LoadedRegistry, ServiceError> {
+        let LoadedRegistry(mut map) = self.registry_from(rows)?;
+        let mut cache = self
+            .registry_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match of {
+            store::MembersOf::All => {
+                cache.records.clear();
+                cache.version = Some(version);
+            }
+            // Batches are judged one at a time (`self.lock`), so the copy
+            // the fetch was computed from is still the one here.
+            store::MembersOf::Missing if cache.version != Some(version) => {
+                cache.records.clear();
+                cache.version = None;
+                return Err(ServiceError::Busy("member registry copy changed".into()));
+            }
+            store::MembersOf::Missing => {
+                for id in ids {
+                    if let Some(rec) = cache.records.get(id) {
+                        map.entry(*id).or_insert_with(|| rec.clone());
+                    }
+                }
+            }
+        }
+        if cache.records.len() + map.len() > REGISTRY_CACHE_MAX {
+            cache.records.clear();
+        }
+        for (id, rec) in &map {
+            cache.records.entry(*id).or_insert_with(|| rec.clone());
+        }
+        Ok(LoadedRegistry(map))
+    }
+
     /// Session slots of (member, group), opened, with what was read.
     async fn load_sessions(
         &self,
@@ -1249,16 +1323,22 @@ impl Udc {
             )));
         }
         let t_read = Instant::now();
+        let fetch = self
+            .registry_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fetch(&ids);
         let read = self
             .store
-            .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round)
+            .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round, fetch)
             .await?;
         let (group_state, group_row) = match read.group {
             Some(row) => (self.open(&aad::group(group), &row.state)?, row),
             // First use: created.
             None => self.load_group(group).await?,
         };
-        let registry = self.registry_from(read.members)?;
+        let registry =
+            self.registry_for(&ids, read.registry_version, read.members_of, read.members)?;
         let (mut sessions, versions) = self.sessions_from(group, &ids, read.sessions)?;
         let mut round = match ctx.round {
             Some(r) => self.round_from(group, r, read.round).await?,

@@ -73,6 +73,33 @@ pub fn process_cpu(pid: u32) -> Result<Duration, CpuError> {
     Ok(Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz))
 }
 
+/// Profiling hook: switches a `perf record --control fifo:CTL,ACK -D -1`
+/// session on (`"enable"`) or off (`"disable"`) when `BENCH_PERF_CTL` and
+/// `BENCH_PERF_ACK` name its control and ack FIFOs, so that a profile holds
+/// the measured phase only (docs/benchmarks.md, "Profiling a phase").
+/// Without those variables it does nothing. Not a `DAPGW_*` setting: a
+/// measurement aid of the benchmarks only.
+pub fn perf_ctl(cmd: &str) {
+    let (Ok(ctl), Ok(ack)) = (
+        std::env::var("BENCH_PERF_CTL"),
+        std::env::var("BENCH_PERF_ACK"),
+    ) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(&ctl, format!("{cmd}\n")) {
+        eprintln!("perf control FIFO {ctl}: {e}");
+        return;
+    }
+    // perf answers "ack\n" once the command took effect and keeps the FIFO
+    // open: read those four bytes, not to the end.
+    let mut answer = [0u8; 4];
+    if let Err(e) =
+        std::fs::File::open(&ack).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut answer))
+    {
+        eprintln!("perf ack FIFO {ack}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

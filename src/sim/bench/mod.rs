@@ -850,16 +850,21 @@ pub fn run_scenario(
 
     let mut warmup = None;
     let mut start = snapshot(&mut servers, &driver)?;
+    cpu::perf_ctl("enable");
     driver.send("go")?;
     let mut ev = driver.expect(&["warm", "done"])?;
     if ev.get("event").and_then(Value::as_str) == Some("warm") {
+        // The warm-up is not profiled either.
+        cpu::perf_ctl("disable");
         let warm_end = snapshot(&mut servers, &driver)?;
         warmup = Some(phase(&start, &warm_end, &ev, &sc.counter_sources));
         start = snapshot(&mut servers, &driver)?;
+        cpu::perf_ctl("enable");
         driver.send("go")?;
         ev = driver.expect(&["done"])?;
     }
     let end = snapshot(&mut servers, &driver)?;
+    cpu::perf_ctl("disable");
     let measured = phase(&start, &end, &ev, &sc.counter_sources);
 
     driver.finish(None)?;

@@ -707,12 +707,40 @@ pub struct BatchWrite {
 pub struct BatchReads {
     /// The group (`None`: not created yet).
     pub group: Option<GroupRow>,
-    /// The members, in the order asked (`None` if unknown).
+    /// The registry version the member rows were read at (or after: a row
+    /// is never older than this version).
+    pub registry_version: u64,
+    /// Which ids `members` answers.
+    pub members_of: MembersOf,
+    /// The members, in the order asked (`None` if unknown): the batch's
+    /// ids, or only [`MemberFetch::missing`] (see `members_of`).
     pub members: Vec<Option<MemberRow>>,
-    /// Their session slots in the group, in the same order.
+    /// Their session slots in the group, in the same order as the batch's
+    /// ids.
     pub sessions: Vec<Option<StoredSlot>>,
     /// The round, if one was asked for and is stored.
     pub round: Option<RoundRow>,
+}
+
+/// Member rows a caller already holds, read at registry version `version`:
+/// [`Store::batch_reads`] then reads only the `missing` ones, unless the
+/// registry changed since (another version), when it reads them all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberFetch {
+    /// The registry version the caller's rows were read at.
+    pub version: u64,
+    /// The batch's ids the caller does not hold, ascending.
+    pub missing: Vec<u64>,
+}
+
+/// Which ids [`BatchReads::members`] answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MembersOf {
+    /// Every id of the batch: the caller's copy is stale (or it had none).
+    #[default]
+    All,
+    /// Only [`MemberFetch::missing`]: the caller's copy is current.
+    Missing,
 }
 
 /// What [`Store::apply_batch`] reports back.
@@ -917,17 +945,26 @@ pub trait Store: Send + Sync {
     /// What a batch of `group` naming members `ids` (and answering
     /// `round`, if given) is judged against, read together: SQLite reads it
     /// in one transaction on one trip to its worker thread. The default
-    /// makes the four reads one after the other.
+    /// makes the reads one after the other, the registry version first (so
+    /// that member rows are never older than the version they are read
+    /// with; see [`MemberFetch`]).
     fn batch_reads(
         &self,
         group: u32,
         ids: Vec<u64>,
         round: Option<u64>,
+        fetch: Option<MemberFetch>,
     ) -> impl Future<Output = Result<BatchReads, StoreError>> + Send {
         async move {
             let keys = ids.iter().map(|m| (*m, group)).collect();
+            let registry_version = self.registry_version().await?;
             let group_row = self.group(group).await?;
-            let members = self.members(ids).await?;
+            let (members, members_of) = match fetch {
+                Some(f) if f.version == registry_version => {
+                    (self.members(f.missing).await?, MembersOf::Missing)
+                }
+                _ => (self.members(ids).await?, MembersOf::All),
+            };
             let sessions = self.sessions(keys).await?;
             let round = match round {
                 Some(r) => self.round(group, r).await?,
@@ -935,12 +972,18 @@ pub trait Store: Send + Sync {
             };
             Ok(BatchReads {
                 group: group_row,
+                registry_version,
+                members_of,
                 members,
                 sessions,
                 round,
             })
         }
     }
+
+    /// The member registry's version: a counter that every change to a
+    /// member or its groups raises in the same transaction (migration 6).
+    fn registry_version(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// The sessions of each (member, group), one query, in the same order.
     fn sessions(
@@ -1169,7 +1212,8 @@ impl Store for AnyStore {
         fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
         fn apply_batch(&self, write: BatchWrite) -> Applied;
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
-        fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>) -> BatchReads;
+        fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>, fetch: Option<MemberFetch>) -> BatchReads;
+        fn registry_version(&self) -> u64;
         fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
         fn count_sessions(&self) -> u64;

@@ -55,6 +55,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/postgres/0005_schedule_read_request.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/postgres/0006_registry_version.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -1259,6 +1263,17 @@ impl Store for PostgresStore {
             &[],
         )
         .await
+    }
+
+    async fn registry_version(&self) -> Result<u64, StoreError> {
+        let r = self
+            .query("SELECT v FROM registry_version WHERE id = 1", &[])
+            .await?;
+        let v: i64 = r
+            .first()
+            .ok_or(StoreError::Corrupt("registry version row missing"))?
+            .try_get(0)?;
+        Ok(u(v))
     }
 
     async fn count_sessions(&self) -> Result<u64, StoreError> {

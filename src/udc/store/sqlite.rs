@@ -41,6 +41,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/sqlite/0005_schedule_read_request.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/sqlite/0006_registry_version.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -855,6 +859,14 @@ fn active_members(
     })
 }
 
+/// [`Store::registry_version`] inside a transaction.
+fn registry_version_tx(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+    let v: i64 = tx
+        .prepare_cached("SELECT v FROM registry_version WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    Ok(u(v))
+}
+
 /// [`Store::members`] inside a read transaction.
 fn members_tx(tx: &Transaction<'_>, ids: &[u64]) -> Result<Vec<Option<MemberRow>>, StoreError> {
     if let Some((lo, hi)) = dense_span(ids) {
@@ -1157,8 +1169,10 @@ impl Store for SqliteStore {
         group: u32,
         ids: Vec<u64>,
         round: Option<u64>,
+        fetch: Option<MemberFetch>,
     ) -> Result<BatchReads, StoreError> {
         self.read(move |tx| {
+            let registry_version = registry_version_tx(tx)?;
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {GROUP_COLS} FROM group_state WHERE grp = ?1"
             ))?;
@@ -1172,17 +1186,28 @@ impl Store for SqliteStore {
                 }
                 None => None,
             };
-            let members = members_tx(tx, &ids)?;
+            let (members, members_of) = match fetch {
+                Some(f) if f.version == registry_version => {
+                    (members_tx(tx, &f.missing)?, MembersOf::Missing)
+                }
+                _ => (members_tx(tx, &ids)?, MembersOf::All),
+            };
             let keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
             let sessions = sessions_tx(tx, &keys)?;
             Ok(BatchReads {
                 group: group_row,
+                registry_version,
+                members_of,
                 members,
                 sessions,
                 round,
             })
         })
         .await
+    }
+
+    async fn registry_version(&self) -> Result<u64, StoreError> {
+        self.read(registry_version_tx).await
     }
 
     async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
