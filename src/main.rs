@@ -141,6 +141,10 @@ enum RoundOp {
         group: u32,
         /// The round.
         round: u64,
+        /// List rejected and missing members after this member id (each
+        /// list holds at most 1000).
+        #[arg(long)]
+        after: Option<u64>,
     },
     /// Schedule recurring rounds (e.g. every 14400 s for 6 reads a day).
     Schedule {
@@ -158,6 +162,10 @@ enum RoundOp {
         /// auth or read.
         #[arg(long, default_value = "read")]
         purpose: String,
+        /// Read request bytes (hex) every read round of the schedule
+        /// carries (default: empty, the meter's default reading).
+        #[arg(long)]
+        read_request: Option<String>,
     },
     /// List schedules.
     Schedules(TargetOnly),
@@ -237,10 +245,13 @@ struct ReadingsArgs {
     /// To (unix ms, exclusive).
     #[arg(long, default_value_t = u64::MAX)]
     to: u64,
-    /// At most this many (1 to 10000); `"truncated": true` says there are
-    /// more: ask again with `--from` the last one's `ts_ms`.
+    /// At most this many (1 to 10000); `"truncated": true` says there may
+    /// be more: ask again with `--after` the answer's `next`.
     #[arg(long, default_value_t = 10_000)]
     limit: u32,
+    /// Start after this position (the `next` of the previous page).
+    #[arg(long)]
+    after: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -624,10 +635,14 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 target,
                 group,
                 round,
+                after,
             } => (
                 target,
                 "GET",
-                format!("/v1/admin/rounds/{group}/{round}"),
+                match after {
+                    Some(a) => format!("/v1/admin/rounds/{group}/{round}?after={a}"),
+                    None => format!("/v1/admin/rounds/{group}/{round}"),
+                },
                 None,
             ),
             RoundOp::Schedule {
@@ -636,11 +651,15 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 every_s,
                 mode,
                 purpose,
+                read_request,
             } => (
                 target,
                 "POST",
                 "/v1/admin/schedules".to_string(),
-                Some(json!({"group": group, "every_s": every_s, "mode": mode, "purpose": purpose})),
+                Some(
+                    json!({"group": group, "every_s": every_s, "mode": mode, "purpose": purpose,
+                            "read_request": read_request}),
+                ),
             ),
             RoundOp::Schedules(t) => (t.target, "GET", "/v1/admin/schedules".to_string(), None),
             RoundOp::Unschedule { target, id } => {
@@ -710,15 +729,23 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 (m.target, "GET", path, None)
             }
         },
-        UdcOp::Readings(r) => (
-            r.target,
-            "GET",
-            format!(
+        UdcOp::Readings(r) => {
+            let mut path = format!(
                 "/v1/admin/readings?member={}&from={}&to={}&limit={}",
                 r.member, r.from, r.to, r.limit
-            ),
-            None,
-        ),
+            );
+            if let Some(a) = &r.after {
+                // The token is hex; anything else is refused by the UDC, but
+                // must not change the query's other parameters.
+                anyhow::ensure!(
+                    a.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "--after takes the `next` token of a readings page"
+                );
+                path.push_str("&after=");
+                path.push_str(a);
+            }
+            (r.target, "GET", path, None)
+        }
         UdcOp::Gateways(t) => (t.target, "GET", "/v1/admin/gateways".to_string(), None),
     };
     let token = match &target.token_file {

@@ -1011,6 +1011,9 @@ async fn operator_cli_runs_every_operation() {
     let shown = udc_cli(&w, &["round", "show", "7", &r]);
     assert_eq!(shown["accepted"], 2, "{shown}");
     assert_eq!(shown["missing"], json!([3]), "{shown}");
+    let after = udc_cli(&w, &["round", "show", "7", &r, "--after", "3"]);
+    assert_eq!(after["missing"], json!([]), "{after}");
+    assert_eq!(after["missing_count"], 1, "{after}");
     assert_eq!(
         shown["by_gateway"],
         json!([{"gateway": "gw-1", "accepted": 2, "rejected_by_reason": []}]),
@@ -1034,6 +1037,8 @@ async fn operator_cli_runs_every_operation() {
             "14400",
             "--purpose",
             "read",
+            "--read-request",
+            "0b1800",
         ],
     )["id"]
         .as_u64()
@@ -1041,6 +1046,7 @@ async fn operator_cli_runs_every_operation() {
     let list = udc_cli(&w, &["round", "schedules"]);
     assert_eq!(list["schedules"][0]["every_s"], 14400, "{list}");
     assert_eq!(list["schedules"][0]["purpose"], "read", "{list}");
+    assert_eq!(list["schedules"][0]["read_request"], "0b1800", "{list}");
     // The schedule's first round opens at once (the UDC's next tick), and
     // the members answer it.
     let next = (round + 1).to_string();
@@ -1095,6 +1101,24 @@ async fn operator_cli_runs_every_operation() {
     assert_eq!(page["truncated"], true, "{page}");
     let all = udc_cli(&w, &["readings", "--member", "1"]);
     assert_eq!(all["truncated"], false, "{all}");
+    assert_eq!(all["next"], Value::Null, "{all}");
+    // Page by page with --after: the same readings, each once.
+    let mut paged = page["readings"].as_array().unwrap().clone();
+    let mut next = page["next"].as_str().unwrap().to_owned();
+    for _ in 0..20 {
+        let p = udc_cli(
+            &w,
+            &[
+                "readings", "--member", "1", "--limit", "1", "--after", &next,
+            ],
+        );
+        paged.extend(p["readings"].as_array().unwrap().iter().cloned());
+        match p["next"].as_str() {
+            Some(n) => next = n.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(&paged, all["readings"].as_array().unwrap(), "{all}");
 
     // Revoke, then the registry and the gateway counters.
     assert_eq!(udc_cli(&w, &["revoke", "2"])["revoked"], 2);

@@ -149,6 +149,7 @@ both!(
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
     readings_query,
+    readings_page_exactly_within_a_millisecond,
     sealed_blobs_round_trip_untouched,
     round_report_and_outcomes,
     second_acceptance_fails_the_write,
@@ -156,6 +157,7 @@ both!(
     registry_version_follows_every_registry_change,
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
+    v4_schedules_get_an_empty_read_request,
 );
 
 /// A version 1 SQLite database (current/previous session columns) is
@@ -262,6 +264,58 @@ async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
     assert_eq!(rep.rejected, vec![("Revoked".to_owned(), 1)]);
     assert_eq!(rep.missing, 1);
     assert_eq!(s.round_missing(7, 5, None, 10).await.unwrap(), vec![3]);
+}
+
+/// A version 4 database's schedules (no read request) are migrated to
+/// version 5 with an empty one: their read rounds keep sending what they
+/// sent before, and they can still be claimed.
+async fn v4_schedules_get_an_empty_read_request(f: Fixture) {
+    const ROWS: &str = "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
+         VALUES (7, 60000, 1, 1, 100), (8, 3600000, 2, 0, 200);";
+    match f.kind {
+        Kind::Sqlite => {
+            let path = f.url.trim_start_matches("sqlite://");
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            let c = rusqlite::Connection::open(path).unwrap();
+            for sql in [
+                include_str!("../migrations/sqlite/0001_init.sql"),
+                include_str!("../migrations/sqlite/0002_session_slots.sql"),
+                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+                include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
+                ROWS,
+            ] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 4).unwrap();
+        }
+        Kind::Postgres => {
+            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for sql in [
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                include_str!("../migrations/postgres/0001_init.sql"),
+                include_str!("../migrations/postgres/0002_session_slots.sql"),
+                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
+                include_str!("../migrations/postgres/0004_batch_outcomes.sql"),
+                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3), (4)",
+                ROWS,
+            ] {
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+    let s = f.open().await;
+    let got = s.schedules().await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].group, got[0].purpose, got[0].next_at_ms),
+        (7, RoundPurpose::Read, 100)
+    );
+    assert!(got.iter().all(|r| r.read_request.is_empty()), "{got:?}");
+    assert!(s.claim_schedule(got[0].id, 100, 60_100).await.unwrap());
 }
 
 // ---------------------------------------------------------------------------
@@ -437,7 +491,7 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     let s = f.open().await;
     let expected = match f.kind {
         Kind::Sqlite => vec![6],
-        Kind::Postgres => vec![1, 2, 3, 4, 6],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -959,6 +1013,102 @@ async fn readings_query(f: Fixture) {
     assert_eq!(s.readings(1, 250, u64::MAX, 10).await.unwrap().len(), 1);
 }
 
+/// Many readings of one member in one millisecond (several groups and
+/// sessions, counters on both sides of 2^63), read a page at a time with
+/// each page's last key: every reading comes back exactly once, in the
+/// same order as one big page, whatever the page size.
+async fn readings_page_exactly_within_a_millisecond(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let mut all = Vec::new();
+    let mut j = 0u64;
+    for (ts_ms, n) in [(999, 3), (1_000, 120), (1_001, 5)] {
+        for k in 0..n {
+            let mut r = reading(1, j, ts_ms);
+            // Keys that differ in every column but the time.
+            r.group = [G, 3, G + 1][(k % 3) as usize];
+            r.sid = sid(1, (k % 4) as u8);
+            r.ctr = if k % 5 == 0 { u64::MAX - j } else { j };
+            r.payload = format!("{ts_ms}/{k}").into_bytes();
+            all.push(r);
+            j += 1;
+        }
+    }
+    // Another member's readings of the same millisecond are never listed.
+    let mut other = reading(2, 1, 1_000);
+    other.sid = sid(1, 0);
+    all.push(other);
+    s.apply_batch(BatchWrite {
+        readings: all.clone(),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let one_page = s.readings_after(1, 0, u64::MAX, None, 1_000).await.unwrap();
+    assert_eq!(one_page.len(), 128);
+    // Listed in key order, times first.
+    let keys: Vec<_> = one_page.iter().map(ReadingRow::key).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms),
+        "{keys:?}"
+    );
+    for limit in [1, 7, 40, 127, 128] {
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let page = s
+                .readings_after(1, 0, u64::MAX, after, limit)
+                .await
+                .unwrap();
+            let full = page.len() == limit as usize;
+            // Through the operator API's opaque token and back.
+            after = page
+                .last()
+                .map(|r| ReadingKey::from_token(&r.key().to_token()).unwrap());
+            got.extend(page);
+            if !full {
+                break;
+            }
+        }
+        assert_eq!(got, one_page, "limit {limit}");
+    }
+    // The range still applies after a key: only the millisecond 1000.
+    let first = s.readings_after(1, 1_000, 1_001, None, 1).await.unwrap();
+    let rest = s
+        .readings_after(1, 1_000, 1_001, Some(first[0].key()), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(1 + rest.len(), 120);
+    assert!(
+        rest.iter()
+            .all(|r| r.ts_ms == 1_000 && r.key() != first[0].key())
+    );
+    // A key before the range (the last reading of 999) starts nothing.
+    let early = one_page[2].key();
+    assert_eq!(early.ts_ms, 999);
+    let got = s
+        .readings_after(1, 1_000, 1_001, Some(early), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(got, one_page[3..123]);
+    // A key past the range's end gives an empty page.
+    let late = one_page[125].key();
+    assert!(
+        s.readings_after(1, 1_000, 1_001, Some(late), 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A key past every reading gives an empty page.
+    let last = one_page.last().unwrap().key();
+    assert!(
+        s.readings_after(1, 0, u64::MAX, Some(last), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn sealed_blobs_round_trip_untouched(f: Fixture) {
     let s = f.open().await;
     let all: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
@@ -1423,10 +1573,18 @@ async fn group_messages_acks_schedules(f: Fixture) {
         every_ms: 60_000,
         mode: Mode::PskEcdhe,
         purpose: RoundPurpose::Read,
+        read_request: b"obis 1.8.0\x00\xff".to_vec(),
         next_at_ms: 100,
     };
-    let id = s.insert_schedule(row).await.unwrap();
-    let id2 = s.insert_schedule(row).await.unwrap();
+    let id = s.insert_schedule(row.clone()).await.unwrap();
+    let id2 = s
+        .insert_schedule(ScheduleRow {
+            purpose: RoundPurpose::Auth,
+            read_request: Vec::new(),
+            ..row.clone()
+        })
+        .await
+        .unwrap();
     assert_ne!(id, id2);
     assert!(s.claim_schedule(id, 100, 60_100).await.unwrap());
     assert!(!s.claim_schedule(id, 100, 60_100).await.unwrap());
@@ -1436,9 +1594,10 @@ async fn group_messages_acks_schedules(f: Fixture) {
         ScheduleRow {
             id,
             next_at_ms: 60_100,
-            ..row
+            ..row.clone()
         }
     );
+    assert_eq!(all[1].read_request, b"");
     assert!(s.delete_schedule(id2).await.unwrap());
     assert!(!s.delete_schedule(id2).await.unwrap());
     assert_eq!(s.schedules().await.unwrap().len(), 1);

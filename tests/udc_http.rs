@@ -725,19 +725,34 @@ async fn scenario(h: &Harness) {
         serde_json::json!({"id": 40, "groups": [G]}),
     )
     .await;
-    // Schedules.
+    // Schedules: a read schedule keeps its read request, an auth one has
+    // none.
     let v = h
         .op(
             Method::POST,
             "/v1/admin/schedules",
-            serde_json::json!({"group": G, "every_s": 14400, "mode": "psk", "purpose": "read"}),
+            serde_json::json!({"group": G, "every_s": 14400, "mode": "psk", "purpose": "read",
+                               "read_request": "0102ff"}),
         )
         .await;
-    assert!(v["id"].as_u64().is_some());
+    let read_id = v["id"].as_u64().unwrap();
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/schedules",
+            serde_json::json!({"group": G, "every_s": 3600, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    let auth_id = v["id"].as_u64().unwrap();
     let v = h
         .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
         .await;
-    assert_eq!(v["schedules"].as_array().unwrap().len(), 1);
+    let list = v["schedules"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["id"], read_id, "{v}");
+    assert_eq!(list[0]["read_request"], "0102ff", "{v}");
+    assert_eq!(list[1]["id"], auth_id, "{v}");
+    assert_eq!(list[1]["read_request"], serde_json::Value::Null, "{v}");
     let v = h
         .op(
             Method::GET,
@@ -1678,6 +1693,84 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
             "bad_request",
         ),
         (
+            "round read_request too long",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(&format!(
+                r#"{{"group":7,"mode":"psk","purpose":"read","read_request":"{}"}}"#,
+                "00".repeat(257)
+            )),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round duration past the clock",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","duration_s":18446744073709551615}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule period past the clock",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":18446744073709551615,"purpose":"auth"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round auth with read_request",
+            Method::POST,
+            "/v1/admin/rounds",
+            raw(r#"{"group":7,"mode":"psk","purpose":"auth","read_request":"01"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule read_request not hex",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":60,"purpose":"read","read_request":"zz"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule read_request too long",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(&format!(
+                r#"{{"group":7,"every_s":60,"purpose":"read","read_request":"{}"}}"#,
+                "00".repeat(257)
+            )),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule auth with read_request",
+            Method::POST,
+            "/v1/admin/schedules",
+            raw(r#"{"group":7,"every_s":60,"purpose":"auth","read_request":"01"}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "round report bad after",
+            Method::GET,
+            "/v1/admin/rounds/7/1?after=x",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "readings bad after",
+            Method::GET,
+            "/v1/admin/readings?member=1&after=1234",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             "members limit",
             Method::GET,
             "/v1/admin/members?limit=lots",
@@ -1690,6 +1783,173 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
         let (s, v) = h.admin(Some(TOKEN), method, path, body).await;
         check(what, s, v.to_string().as_bytes(), want, code);
     }
+    // None of the refused schedules was stored.
+    let v = h
+        .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
+        .await;
+    assert_eq!(v["schedules"], serde_json::json!([]), "{v}");
+    h.stop().await;
+}
+
+/// A round report's `rejected` and `missing` lists page with `after` (a
+/// member id); the counts stay the round's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_report_lists_page_after_a_member() {
+    let h = Harness::start(None).await;
+    let import: Vec<_> = (1..=5u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let challenge = last_group_record(&h.downlink(0).await);
+    // Member 4 answers; 9 and 10 are no members of this UDC.
+    let entries = [4, 9, 10].map(|id| respond(&h, id, &challenge)).to_vec();
+    let tags: Vec<[u8; 16]> = entries.iter().map(|(_, t)| *t).collect();
+    let b = batch("gw-1", 1, round, entries);
+    // The unknown members' tags do not add up: the UDC asks for the tags.
+    let v = h.post_batch(&b).await;
+    assert!(matches!(v.body, VerdictBody::TagsRequested { .. }), "{v:?}");
+    let reply = TagReply {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id: 1,
+        batch_hash: Sha256::digest(b.to_bytes()).into(),
+        chunks: vec![ChunkTags { chunk: 0, tags }],
+    };
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/tags", reply.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    let got = outcomes(&Verdict::decode(&body).unwrap());
+    assert_eq!(got[0], Outcome::Accepted, "{got:?}");
+    assert!(got[1..].iter().all(|o| *o != Outcome::Accepted), "{got:?}");
+    let ids = |v: &serde_json::Value, k: &str| -> Vec<u64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().or_else(|| x["member"].as_u64()).unwrap())
+            .collect()
+    };
+    let path = |after: &str| format!("/v1/admin/rounds/{G}/{round}{after}");
+    let all = h.op(Method::GET, &path(""), serde_json::Value::Null).await;
+    assert_eq!(ids(&all, "missing"), [1, 2, 3, 5], "{all}");
+    assert_eq!(ids(&all, "rejected"), [9, 10], "{all}");
+    let page = h
+        .op(Method::GET, &path("?after=3"), serde_json::Value::Null)
+        .await;
+    assert_eq!(ids(&page, "missing"), [5], "{page}");
+    assert_eq!(ids(&page, "rejected"), [9, 10], "{page}");
+    let page = h
+        .op(Method::GET, &path("?after=9"), serde_json::Value::Null)
+        .await;
+    assert_eq!(ids(&page, "missing"), Vec::<u64>::new(), "{page}");
+    assert_eq!(ids(&page, "rejected"), [10], "{page}");
+    assert_eq!(
+        (&page["accepted"], &page["missing_count"]),
+        (&all["accepted"], &all["missing_count"])
+    );
+    assert_eq!(page["missing_count"], 4, "{page}");
+    h.stop().await;
+}
+
+/// One batch of 25 uplinks from one member: 25 readings stored in the same
+/// millisecond. Paged 4 at a time through `next`/`after`, every one comes
+/// back exactly once, in the order of one big page; the last page says
+/// there is no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_page_within_one_millisecond() {
+    let h = Harness::start(None).await;
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 1, "kv": 1, "groups": [G]}]}),
+    )
+    .await;
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut members = vec![h.real_member(1)];
+    h.op(
+        Method::POST,
+        "/v1/admin/rounds",
+        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+    )
+    .await;
+    let recs = h.downlink(0).await;
+    let cursor = recs.last().unwrap().0;
+    let entries = answer(&mut members, &last_group_record(&recs), b"");
+    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    for (_, _, _, _, msg) in h.downlink(cursor).await {
+        members[0].handle_confirm(&msg).unwrap().persisted();
+    }
+    let sealed: Vec<Bytes> = (0..25)
+        .map(|i| {
+            members[0]
+                .seal_uplink(
+                    GroupId(G),
+                    UplinkKind::Reading,
+                    format!("r{i:02}").as_bytes(),
+                )
+                .unwrap()
+                .persisted()
+        })
+        .collect();
+    let v = h.post_batch(&uplink_batch(2, &sealed)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 25]);
+    let whole = h
+        .op(
+            Method::GET,
+            "/v1/admin/readings?member=1",
+            serde_json::Value::Null,
+        )
+        .await;
+    let whole = whole["readings"].as_array().unwrap().clone();
+    assert_eq!(whole.len(), 25);
+    assert!(whole.iter().all(|r| r["ts_ms"] == whole[0]["ts_ms"]));
+    let mut got = Vec::new();
+    let mut path = "/v1/admin/readings?member=1&limit=4".to_string();
+    for _ in 0..8 {
+        let page = h.op(Method::GET, &path, serde_json::Value::Null).await;
+        got.extend(page["readings"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(page["truncated"], true, "{page}");
+                path = format!("/v1/admin/readings?member=1&limit=4&after={next}");
+            }
+            None => {
+                assert_eq!(page["truncated"], false, "{page}");
+                break;
+            }
+        }
+    }
+    assert_eq!(got, whole);
     h.stop().await;
 }
 

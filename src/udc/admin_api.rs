@@ -146,6 +146,48 @@ struct NewSchedule {
     every_s: u64,
     mode: Option<String>,
     purpose: Option<String>,
+    /// Hex bytes of the read request its read rounds carry.
+    read_request: Option<String>,
+}
+
+/// The longest round (`duration_s`) and schedule period (`every_s`) the
+/// operator API takes: a year. Longer ones mean nothing to a meter, and
+/// times past the clock's range would overflow the round's deadline.
+const MAX_PERIOD_S: u64 = 366 * 24 * 3600;
+
+/// `v` (seconds, named `what`) if it is at most [`MAX_PERIOD_S`].
+fn period_s(v: u64, what: &str) -> Result<u64, AdminResponse> {
+    if v > MAX_PERIOD_S {
+        return Err(bad(&format!(
+            "{what} must be at most {MAX_PERIOD_S} (a year)"
+        )));
+    }
+    Ok(v)
+}
+
+/// A round's purpose from the operator API's `purpose` (default auth) and
+/// `read_request` (hex, read rounds only, at most
+/// [`MAX_READ_REQUEST`](crate::protocol::wire::MAX_READ_REQUEST) bytes;
+/// absent: empty), shared by rounds started now and schedules so both take
+/// the same bodies.
+fn purpose_of(purpose: Option<&str>, read_request: Option<&str>) -> Result<Purpose, AdminResponse> {
+    match (purpose.unwrap_or("auth"), read_request) {
+        ("auth", None) => Ok(Purpose::Auth),
+        ("auth", Some(_)) => Err(bad("read_request is for purpose read only")),
+        ("read", req) => {
+            let req =
+                hex::decode(req.unwrap_or("")).map_err(|_| bad("read_request must be hex"))?;
+            let max = crate::protocol::wire::MAX_READ_REQUEST;
+            if req.len() > max {
+                return Err(bad(&format!(
+                    "read_request of {} bytes is over the {max}-byte cap",
+                    req.len()
+                )));
+            }
+            Ok(Purpose::Read(Bytes::from(req)))
+        }
+        _ => Err(bad("purpose must be auth or read")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -237,16 +279,8 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let b: StartRound = parse_json(body)?;
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
-            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
-                "auth" => Purpose::Auth,
-                "read" => {
-                    let req = hex::decode(b.read_request.as_deref().unwrap_or(""))
-                        .map_err(|_| bad("read_request must be hex"))?;
-                    Purpose::Read(Bytes::from(req))
-                }
-                _ => return Err(bad("purpose must be auth or read")),
-            };
-            let duration = b.duration_s.unwrap_or(300).saturating_mul(1000);
+            let purpose = purpose_of(b.purpose.as_deref(), b.read_request.as_deref())?;
+            let duration = period_s(b.duration_s.unwrap_or(300), "duration_s")? * 1000;
             let round = udc
                 .open_round(b.group, mode, purpose, Some(duration))
                 .await
@@ -259,6 +293,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         (Method::GET, ["rounds", g, r]) => {
             let g: u32 = num(g, "group")?;
             let r: u64 = num(r, "round")?;
+            // The `rejected` and `missing` lists start after this member
+            // (the next page of a round with more than 1000 of either).
+            let list_after = match query(req, "after") {
+                Some(a) => Some(num::<u64>(&a, "after")?),
+                None => None,
+            };
             let rep = udc
                 .store()
                 .round_report(g, r)
@@ -267,11 +307,14 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such round"))?;
             let missing = udc
                 .store()
-                .round_missing(g, r, None, 1000)
+                .round_missing(g, r, list_after, 1000)
                 .await
                 .map_err(store_err)?;
             // Page through the outcomes (by member id): tally them per
-            // gateway and list up to 1000 rejections.
+            // gateway and list up to 1000 rejections after `list_after`.
+            // The store lists members in the signed order of their stored
+            // (bit-cast) ids, so "after" compares the same way.
+            let listed = |m: u64| list_after.is_none_or(|a| (m as i64) > (a as i64));
             let mut rejected: Vec<Value> = Vec::new();
             let mut by_gateway: std::collections::BTreeMap<String, GatewayTally> =
                 std::collections::BTreeMap::new();
@@ -292,7 +335,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                         continue;
                     }
                     *tally.rejected.entry(o.reason.to_string()).or_default() += 1;
-                    if rejected.len() < 1000 {
+                    if rejected.len() < 1000 && listed(o.member) {
                         rejected.push(
                             json!({"member": o.member, "reason": o.reason, "gateway": o.gateway}),
                         );
@@ -344,14 +387,15 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             if b.every_s == 0 {
                 return Err(bad("every_s must be positive"));
             }
+            period_s(b.every_s, "every_s")?;
             let mode = parse_mode(b.mode.as_deref().unwrap_or("psk-ecdhe"))
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
-            let purpose = match b.purpose.as_deref().unwrap_or("auth") {
-                "auth" => store::RoundPurpose::Auth,
-                "read" => store::RoundPurpose::Read,
-                _ => return Err(bad("purpose must be auth or read")),
-            };
-            let every_ms = b.every_s.saturating_mul(1000);
+            let (purpose, read_request) =
+                match purpose_of(b.purpose.as_deref(), b.read_request.as_deref())? {
+                    Purpose::Auth => (store::RoundPurpose::Auth, Vec::new()),
+                    Purpose::Read(req) => (store::RoundPurpose::Read, req.to_vec()),
+                };
+            let every_ms = b.every_s * 1000;
             let id = udc
                 .store()
                 .insert_schedule(store::ScheduleRow {
@@ -360,6 +404,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     every_ms,
                     mode,
                     purpose,
+                    read_request,
                     next_at_ms: now_ms(),
                 })
                 .await
@@ -371,9 +416,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let list: Vec<Value> = list
                 .iter()
                 .map(|s| {
+                    // read_request: hex for read schedules, null for auth.
+                    let read_request = (s.purpose == store::RoundPurpose::Read)
+                        .then(|| hex::encode(&s.read_request));
                     json!({"id": s.id, "group": s.group, "every_s": s.every_ms / 1000,
                            "mode": mode_name(s.mode), "purpose": purpose_name(s.purpose),
-                           "next_at_ms": s.next_at_ms})
+                           "read_request": read_request, "next_at_ms": s.next_at_ms})
                 })
                 .collect();
             Ok(json_resp(StatusCode::OK, json!({ "schedules": list })))
@@ -529,14 +577,24 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(l) => num::<u32>(&l, "limit")?.clamp(1, 10_000),
                 None => 10_000,
             };
+            let after = match query(req, "after") {
+                Some(t) => Some(store::ReadingKey::from_token(&t).ok_or_else(|| {
+                    bad("after must be a `next` token from an earlier readings page")
+                })?),
+                None => None,
+            };
             let rows = udc
                 .store()
-                .readings(member, from, to, limit)
+                .readings_after(member, from, to, after, limit)
                 .await
                 .map_err(store_err)?;
             // A full page may have more behind it: the caller asks again
-            // from the last reading's time (readings come by time).
+            // with `after` = `next`, the last reading's key.
             let truncated = rows.len() == limit as usize;
+            let next = rows
+                .last()
+                .filter(|_| truncated)
+                .map(|r| r.key().to_token());
             let list: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -546,7 +604,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .collect();
             Ok(json_resp(
                 StatusCode::OK,
-                json!({ "readings": list, "truncated": truncated }),
+                json!({ "readings": list, "truncated": truncated, "next": next }),
             ))
         }
         (Method::GET, ["gateways"]) => {

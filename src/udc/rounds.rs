@@ -125,7 +125,7 @@ async fn run_schedule(
     }
     let purpose = match s.purpose {
         store::RoundPurpose::Auth => Purpose::Auth,
-        store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::new()),
+        store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::from(s.read_request.clone())),
     };
     // A scheduled round stays open for most of its period.
     let duration = every.saturating_mul(9) / 10;
@@ -199,6 +199,7 @@ mod tests {
                 every_ms: 3_600_000,
                 mode: Mode::Psk,
                 purpose: RoundPurpose::Auth,
+                read_request: Vec::new(),
                 next_at_ms: 0,
             })
             .await
@@ -227,6 +228,40 @@ mod tests {
             .unwrap();
         assert!(broken.next_at_ms > now, "{broken:?}");
         assert_eq!(run_schedules(&udc, now).await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_read_round_carries_its_read_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let udc = udc(dir.path()).await;
+        udc.subscribe("gw-1", vec![8]).await.unwrap();
+        let request = b"obis 1.8.0".to_vec();
+        udc.store()
+            .insert_schedule(ScheduleRow {
+                id: 0,
+                group: 8,
+                every_ms: 3_600_000,
+                mode: Mode::PskEcdhe,
+                purpose: RoundPurpose::Read,
+                read_request: request.clone(),
+                next_at_ms: 0,
+            })
+            .await
+            .unwrap();
+        let opened = run_schedules(&udc, now_ms()).await.unwrap();
+        assert_eq!(opened, [(8, 1)]);
+        // The challenge the subscribed gateway gets asks the members for it.
+        let recs = udc.store().read_downlink("gw-1", 0, 10).await.unwrap();
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        let ch = crate::protocol::wire::Challenge::decode(&bytes::Bytes::from(
+            recs[0].record.message.clone(),
+        ))
+        .unwrap();
+        assert_eq!((ch.group.0, ch.round), (8, 1));
+        assert_eq!(ch.purpose, Purpose::Read(bytes::Bytes::from(request)));
+        let row = udc.store().round(8, 1).await.unwrap().unwrap();
+        assert_eq!(row.purpose, RoundPurpose::Read);
+        assert_eq!(row.challenge, recs[0].record.message);
     }
 
     #[tokio::test]

@@ -438,6 +438,69 @@ pub struct ReadingRow {
     pub payload: Vec<u8>,
 }
 
+impl ReadingRow {
+    /// Where this reading sits in its member's readings (see [`ReadingKey`]).
+    pub fn key(&self) -> ReadingKey {
+        ReadingKey {
+            ts_ms: self.ts_ms,
+            group: self.group,
+            sid: self.sid,
+            ctr: self.ctr,
+        }
+    }
+}
+
+/// A position in one member's readings: [`Store::readings_after`] lists
+/// them in (ts_ms, group, sid, ctr) order, a total order ((member, group,
+/// sid, ctr) is unique), so a page that starts after the previous page's
+/// last key neither repeats nor skips readings of the same millisecond.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadingKey {
+    /// When the UDC accepted the reading (unix ms).
+    pub ts_ms: u64,
+    /// Its group.
+    pub group: u32,
+    /// Its session.
+    pub sid: [u8; 8],
+    /// Its uplink counter.
+    pub ctr: u64,
+}
+
+impl ReadingKey {
+    /// Length of [`ReadingKey::to_token`]'s output.
+    const TOKEN_LEN: usize = 2 * (8 + 4 + 8 + 8);
+
+    /// The key as an opaque page token (56 hex digits) for the operator
+    /// API's `next`/`after`.
+    pub fn to_token(&self) -> String {
+        let mut b = Vec::with_capacity(Self::TOKEN_LEN / 2);
+        b.extend_from_slice(&self.ts_ms.to_be_bytes());
+        b.extend_from_slice(&self.group.to_be_bytes());
+        b.extend_from_slice(&self.sid);
+        b.extend_from_slice(&self.ctr.to_be_bytes());
+        hex::encode(b)
+    }
+
+    /// Parses a token made by [`ReadingKey::to_token`]; `None` for anything
+    /// else.
+    pub fn from_token(token: &str) -> Option<Self> {
+        if token.len() != Self::TOKEN_LEN {
+            return None;
+        }
+        let b = hex::decode(token).ok()?;
+        let (ts_ms, rest) = b.split_first_chunk::<8>()?;
+        let (group, rest) = rest.split_first_chunk::<4>()?;
+        let (sid, rest) = rest.split_first_chunk::<8>()?;
+        let ctr = <[u8; 8]>::try_from(rest).ok()?;
+        Some(Self {
+            ts_ms: u64::from_be_bytes(*ts_ms),
+            group: u32::from_be_bytes(*group),
+            sid: *sid,
+            ctr: u64::from_be_bytes(ctr),
+        })
+    }
+}
+
 /// A member's acknowledgement of a group message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AckRow {
@@ -516,7 +579,7 @@ pub struct GroupMessageRow {
 }
 
 /// A periodic round schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScheduleRow {
     /// Assigned by the store (ignored on insert).
     pub id: u64,
@@ -528,6 +591,10 @@ pub struct ScheduleRow {
     pub mode: Mode,
     /// Purpose of the rounds it opens.
     pub purpose: RoundPurpose,
+    /// The read request its read rounds carry (empty: the meter's default
+    /// reading; always empty for auth schedules). The operator API keeps it
+    /// within the wire's 256 bytes.
+    pub read_request: Vec<u8>,
     /// When it fires next (unix ms).
     pub next_at_ms: u64,
 }
@@ -1012,12 +1079,25 @@ pub trait Store: Send + Sync {
     fn delete_schedule(&self, id: u64) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Up to `limit` readings of a member with `from_ms <= ts_ms < to_ms`,
-    /// by time.
+    /// by time: [`Store::readings_after`] with no start key.
     fn readings(
         &self,
         member: u64,
         from_ms: u64,
         to_ms: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
+    /// Up to `limit` readings of a member with `from_ms <= ts_ms < to_ms`
+    /// whose [`ReadingKey`] comes after `after` (all of them when `None`),
+    /// in key order: (ts_ms, group, sid, ctr), each compared in its stored
+    /// (bit-cast signed) form. Paging with the last key of each page
+    /// returns every reading of the range exactly once.
+    fn readings_after(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        after: Option<ReadingKey>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
     /// The gateway a member was last seen behind, and since when (unix ms).
@@ -1151,6 +1231,7 @@ impl Store for AnyStore {
         fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;
         fn delete_schedule(&self, id: u64) -> bool;
         fn readings(&self, member: u64, from_ms: u64, to_ms: u64, limit: u32) -> Vec<ReadingRow>;
+        fn readings_after(&self, member: u64, from_ms: u64, to_ms: u64, after: Option<ReadingKey>, limit: u32) -> Vec<ReadingRow>;
         fn member_gateway(&self, member: u64) -> Option<(String, u64)>;
         fn gateways(&self) -> Vec<GatewayRow>;
     }

@@ -52,6 +52,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/postgres/0004_batch_outcomes.sql"),
     ),
     (
+        5,
+        include_str!("../../../migrations/postgres/0005_schedule_read_request.sql"),
+    ),
+    (
         6,
         include_str!("../../../migrations/postgres/0006_registry_version.sql"),
     ),
@@ -308,6 +312,7 @@ fn schedule_row(r: &Row) -> Result<ScheduleRow, StoreError> {
         mode: mode_col(r.try_get(3)?)?,
         purpose: purpose_col(r.try_get(4)?)?,
         next_at_ms: u(r.try_get(5)?),
+        read_request: r.try_get(6)?,
     })
 }
 
@@ -1430,14 +1435,15 @@ impl Store for PostgresStore {
     async fn insert_schedule(&self, row: ScheduleRow) -> Result<u64, StoreError> {
         let r = self
             .query(
-                "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms, read_request) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
                 &[
                     &i64::from(row.group),
                     &i(row.every_ms),
                     &mode_code(row.mode),
                     &purpose_code(row.purpose),
                     &i(row.next_at_ms),
+                    &row.read_request,
                 ],
             )
             .await?;
@@ -1450,7 +1456,8 @@ impl Store for PostgresStore {
     async fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         let r = self
             .query(
-                "SELECT id, grp, every_ms, mode, purpose, next_at_ms FROM schedules ORDER BY id",
+                "SELECT id, grp, every_ms, mode, purpose, next_at_ms, read_request FROM schedules \
+                 ORDER BY id",
                 &[],
             )
             .await?;
@@ -1486,13 +1493,51 @@ impl Store for PostgresStore {
         to_ms: u64,
         limit: u32,
     ) -> Result<Vec<ReadingRow>, StoreError> {
-        let r = self
-            .query(
-                "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
-                 AND ts_ms >= $2 AND ts_ms < $3 ORDER BY ts_ms, grp, ctr LIMIT $4",
-                &[&i(member), &ts(from_ms), &ts(to_ms), &i64::from(limit)],
-            )
-            .await?;
+        self.readings_after(member, from_ms, to_ms, None, limit)
+            .await
+    }
+
+    async fn readings_after(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        after: Option<ReadingKey>,
+        limit: u32,
+    ) -> Result<Vec<ReadingRow>, StoreError> {
+        // readings_by_time (member, ts_ms) gives the time order; readings of
+        // one millisecond are put in (grp, sid, ctr) order by an incremental
+        // sort, cut short by the limit. The scan starts at the key's
+        // millisecond (the row comparison's prefix). A key before `from`
+        // starts nothing (every reading of the range comes after it); one at
+        // or after `from` makes `from` moot.
+        let r = match after.filter(|k| i(k.ts_ms) >= ts(from_ms)) {
+            None => {
+                self.query(
+                    "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
+                     AND ts_ms >= $2 AND ts_ms < $3 ORDER BY ts_ms, grp, sid, ctr LIMIT $4",
+                    &[&i(member), &ts(from_ms), &ts(to_ms), &i64::from(limit)],
+                )
+                .await?
+            }
+            Some(k) => {
+                self.query(
+                    "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = $1 \
+                     AND (ts_ms, grp, sid, ctr) > ($4, $5, $6, $7) AND ts_ms < $2 \
+                     ORDER BY ts_ms, grp, sid, ctr LIMIT $3",
+                    &[
+                        &i(member),
+                        &ts(to_ms),
+                        &i64::from(limit),
+                        &i(k.ts_ms),
+                        &i64::from(k.group),
+                        &&k.sid[..],
+                        &i(k.ctr),
+                    ],
+                )
+                .await?
+            }
+        };
         rows(r, |x| {
             Ok(ReadingRow {
                 member,

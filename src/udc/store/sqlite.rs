@@ -38,6 +38,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/sqlite/0004_batch_outcomes.sql"),
     ),
     (
+        5,
+        include_str!("../../../migrations/sqlite/0005_schedule_read_request.sql"),
+    ),
+    (
         6,
         include_str!("../../../migrations/sqlite/0006_registry_version.sql"),
     ),
@@ -287,7 +291,7 @@ fn localization_row(r: &Row<'_>) -> Result<PendingLocalization, StoreError> {
     })
 }
 
-const SCHEDULE_COLS: &str = "id, grp, every_ms, mode, purpose, next_at_ms";
+const SCHEDULE_COLS: &str = "id, grp, every_ms, mode, purpose, next_at_ms, read_request";
 
 fn schedule_row(r: &Row<'_>) -> Result<ScheduleRow, StoreError> {
     Ok(ScheduleRow {
@@ -297,6 +301,7 @@ fn schedule_row(r: &Row<'_>) -> Result<ScheduleRow, StoreError> {
         mode: mode_col(r.get(3)?)?,
         purpose: purpose_col(r.get(4)?)?,
         next_at_ms: u(r.get(5)?),
+        read_request: r.get(6)?,
     })
 }
 
@@ -1394,8 +1399,8 @@ impl Store for SqliteStore {
         self.call(move |c| {
             let id: i64 = c
                 .prepare_cached(
-                    "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                    "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms, \
+                     read_request) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
                 )?
                 .query_row(
                     params![
@@ -1403,7 +1408,8 @@ impl Store for SqliteStore {
                         i(row.every_ms),
                         mode_code(row.mode),
                         purpose_code(row.purpose),
-                        i(row.next_at_ms)
+                        i(row.next_at_ms),
+                        &row.read_request
                     ],
                     |r| r.get(0),
                 )?;
@@ -1451,14 +1457,54 @@ impl Store for SqliteStore {
         to_ms: u64,
         limit: u32,
     ) -> Result<Vec<ReadingRow>, StoreError> {
+        self.readings_after(member, from_ms, to_ms, None, limit)
+            .await
+    }
+
+    async fn readings_after(
+        &self,
+        member: u64,
+        from_ms: u64,
+        to_ms: u64,
+        after: Option<ReadingKey>,
+        limit: u32,
+    ) -> Result<Vec<ReadingRow>, StoreError> {
+        // readings_by_time (member, ts_ms) of a WITHOUT ROWID table carries
+        // the primary key's (grp, sid, ctr) after ts_ms: the order below is
+        // the index's, with no sort step, and the key comparison is where
+        // the index scan starts. (With `ts_ms >= from` next to it, SQLite
+        // starts at `from` and filters its way to the key: every page would
+        // scan the key's millisecond from its first reading.)
         self.read(move |tx| {
+            // A key before `from` starts nothing: every reading of the range
+            // comes after it. A key at or after `from` makes `from` moot.
+            let Some(k) = after.filter(|k| i(k.ts_ms) >= ts(from_ms)) else {
+                let mut st = tx.prepare_cached(
+                    "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = ?1 \
+                     AND ts_ms >= ?2 AND ts_ms < ?3 ORDER BY ts_ms, grp, sid, ctr LIMIT ?4",
+                )?;
+                return collect(
+                    &mut st,
+                    params![i(member), ts(from_ms), ts(to_ms), i64::from(limit)],
+                    |r| reading_row(member, r),
+                );
+            };
             let mut st = tx.prepare_cached(
                 "SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = ?1 \
-                 AND ts_ms >= ?2 AND ts_ms < ?3 ORDER BY ts_ms, grp, ctr LIMIT ?4",
+                 AND (ts_ms, grp, sid, ctr) > (?4, ?5, ?6, ?7) AND ts_ms < ?2 \
+                 ORDER BY ts_ms, grp, sid, ctr LIMIT ?3",
             )?;
             collect(
                 &mut st,
-                params![i(member), ts(from_ms), ts(to_ms), i64::from(limit)],
+                params![
+                    i(member),
+                    ts(to_ms),
+                    i64::from(limit),
+                    i(k.ts_ms),
+                    i64::from(k.group),
+                    &k.sid[..],
+                    i(k.ctr)
+                ],
                 |r| reading_row(member, r),
             )
         })
