@@ -425,7 +425,7 @@ pub struct GatewayConfig {
     pub spool_max_bytes_per_source: Option<ByteSize>,
     /// `DAPGW_BATCH_MAX_ENTRIES` (default 4096, at most 16384).
     pub batch_max_entries: u32,
-    /// `DAPGW_BATCH_LINGER_MS` (default 200): how long a batch waits to fill.
+    /// `DAPGW_BATCH_LINGER_MS` (default 1000): how long a batch waits to fill.
     pub batch_linger_ms: u64,
     /// `DAPGW_ROUND_DEADLINE_MS` (default 30000): a round's responses are
     /// sent upstream when this passes, whoever is missing.
@@ -485,7 +485,7 @@ impl Default for GatewayConfig {
             spool_max_bytes: ByteSize::mib(256),
             spool_max_bytes_per_source: None,
             batch_max_entries: 4096,
-            batch_linger_ms: 200,
+            batch_linger_ms: 1000,
             round_deadline_ms: 30_000,
             chunk_size: 64,
             max_connections: 4096,

@@ -878,7 +878,7 @@ impl Udc {
                 group,
                 round: round.round,
                 opened_at_ms: now,
-                closes_at_ms: duration_ms.map(|d| now + d),
+                closes_at_ms: duration_ms.map(|d| now.saturating_add(d)),
                 mode,
                 purpose: store_purpose,
                 challenge: challenge.to_vec(),
