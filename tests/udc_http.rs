@@ -1793,6 +1793,44 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
 
 /// A round report's `rejected` and `missing` lists page with `after` (a
 /// member id); the counts stay the round's.
+/// A round report whose missing list is cut at 1000 names the next page's
+/// `after`; that page holds the rest and names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_report_names_its_next_page() {
+    let h = Harness::start(None).await;
+    let import: Vec<_> = (1..=1003u64)
+        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+        .collect();
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": import}),
+    )
+    .await;
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    let round = v["round"].as_u64().unwrap();
+    let path = format!("/v1/admin/rounds/{G}/{round}");
+    let first = h.op(Method::GET, &path, serde_json::Value::Null).await;
+    assert_eq!(first["missing"].as_array().unwrap().len(), 1000);
+    assert_eq!(first["next"], 1000, "{}", first["next"]);
+    let rest = h
+        .op(
+            Method::GET,
+            &format!("{path}?after=1000"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(rest["missing"], serde_json::json!([1001, 1002, 1003]));
+    assert!(rest["next"].is_null(), "{rest}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_report_lists_page_after_a_member() {
     let h = Harness::start(None).await;
@@ -1852,6 +1890,7 @@ async fn round_report_lists_page_after_a_member() {
     };
     let path = |after: &str| format!("/v1/admin/rounds/{G}/{round}{after}");
     let all = h.op(Method::GET, &path(""), serde_json::Value::Null).await;
+    assert!(all["next"].is_null(), "both lists complete: {all}");
     assert_eq!(ids(&all, "missing"), [1, 2, 3, 5], "{all}");
     assert_eq!(ids(&all, "rejected"), [9, 10], "{all}");
     let page = h
@@ -2068,6 +2107,64 @@ async fn revocation_between_read_and_write_postgres() {
     };
     cluster.create_database("revoke_race").unwrap();
     revocation_between_read_and_write(Some(cluster.url("revoke_race"))).await;
+}
+
+/// Two `Udc`s on one store: `a` has judged member 2 (its member cache
+/// holds it, active), then `b` revokes member 2. In the next round `a` must
+/// see the revocation (the registry version changed): member 2 is refused
+/// as revoked, member 3 (also cached) accepted.
+async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let body = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    assert!(b.revoke_member(2).await.unwrap());
+    let next = a
+        .open_round(
+            G,
+            Mode::Psk,
+            dapgw::protocol::wire::Purpose::Auth,
+            Some(60_000),
+        )
+        .await
+        .unwrap();
+    let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
+    let body = batch(
+        "gw-1",
+        2,
+        next,
+        (2..=3).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Revoked, Outcome::Accepted]
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_member_revoked_by_another_process_sqlite() {
+    cached_member_revoked_by_another_process(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_member_revoked_by_another_process_postgres() {
+    let Some(cluster) = pg_cluster().await else {
+        return;
+    };
+    cluster.create_database("revoke_cached").unwrap();
+    cached_member_revoked_by_another_process(Some(cluster.url("revoke_cached"))).await;
 }
 
 /// Two UDC processes judge the same member's response in the same round

@@ -345,6 +345,19 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     break;
                 }
             }
+            // The next page starts after the smaller last id of the lists
+            // that were cut at 1000 (signed order, as the store lists them):
+            // the other list may show members again, none is skipped.
+            let last_rejected = (rejected.len() == 1000)
+                .then(|| rejected.last().and_then(|v| v["member"].as_u64()))
+                .flatten();
+            let last_missing = (missing.len() == 1000)
+                .then(|| missing.last().copied())
+                .flatten();
+            let next = last_rejected
+                .into_iter()
+                .chain(last_missing)
+                .min_by_key(|m| *m as i64);
             let by_gateway: Vec<Value> = by_gateway
                 .into_iter()
                 .map(|(gw, t)| {
@@ -372,6 +385,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     "unverified": rep.unverified,
                     "missing_count": rep.missing,
                     "missing": missing,
+                    "next": next,
                     "localizations": rep.localizations,
                 }),
             ))

@@ -944,10 +944,12 @@ pub trait Store: Send + Sync {
 
     /// What a batch of `group` naming members `ids` (and answering
     /// `round`, if given) is judged against, read together: SQLite reads it
-    /// in one transaction on one trip to its worker thread. The default
-    /// makes the reads one after the other, the registry version first (so
-    /// that member rows are never older than the version they are read
-    /// with; see [`MemberFetch`]).
+    /// in one transaction on one trip to its worker thread, PostgreSQL in one
+    /// read-only snapshot. The default makes the reads one after the other:
+    /// the group first (a registry change committed after it comes with a
+    /// new epoch, so the batch's write fails its epoch check), then the
+    /// registry version, then the member rows (never older than the version
+    /// they are kept under; see [`MemberFetch`]).
     fn batch_reads(
         &self,
         group: u32,
@@ -957,8 +959,8 @@ pub trait Store: Send + Sync {
     ) -> impl Future<Output = Result<BatchReads, StoreError>> + Send {
         async move {
             let keys = ids.iter().map(|m| (*m, group)).collect();
-            let registry_version = self.registry_version().await?;
             let group_row = self.group(group).await?;
+            let registry_version = self.registry_version().await?;
             let (members, members_of) = match fetch {
                 Some(f) if f.version == registry_version => {
                     (self.members(f.missing).await?, MembersOf::Missing)

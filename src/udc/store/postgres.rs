@@ -181,6 +181,51 @@ async fn snapshot(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>
         .await?)
 }
 
+/// Member rows by id, with their groups (`ANY($1)`).
+const MEMBERS_SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, \
+     m.added_at_ms, COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
+     WHERE mg.member = m.id), '{}'::int8[]) FROM members m WHERE m.id = ANY($1)";
+
+/// Session slots by (member, group) pairs (`UNNEST($1, $2)`).
+const SESSIONS_SQL: &str = "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, \
+     s.version, s.acc_top, s.acc_seen FROM sessions s \
+     JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
+     ON s.member = k.m AND s.grp = k.g";
+
+/// One group's row.
+const GROUP_SQL: &str = "SELECT grp, epoch, next_round, seq, config_hash, state, version \
+     FROM group_state WHERE grp = $1";
+
+/// One round's row.
+const ROUND_SQL: &str = "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, \
+     state, status FROM rounds WHERE grp = $1 AND round = $2";
+
+/// The registry version (migration 6).
+const REGISTRY_VERSION_SQL: &str = "SELECT v FROM registry_version WHERE id = 1";
+
+/// [`MEMBERS_SQL`]'s rows in the order of `ids` (an id asked twice gets its
+/// answer twice; unknown ids `None`).
+fn members_in_order(ids: &[u64], found: Vec<Row>) -> Result<Vec<Option<MemberRow>>, StoreError> {
+    let by_id: HashMap<u64, MemberRow> = rows(found, member_row)?
+        .into_iter()
+        .map(|m| (m.id, m))
+        .collect();
+    Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
+}
+
+/// [`SESSIONS_SQL`]'s rows in the order of `keys` (a key asked twice gets
+/// its answer twice).
+fn slots_in_order(
+    keys: &[(u64, u32)],
+    found: Vec<Row>,
+) -> Result<Vec<Option<StoredSlot>>, StoreError> {
+    let found: HashMap<(u64, u32), StoredSlot> = rows(found, stored_slot)?
+        .into_iter()
+        .map(|p| ((p.member, p.group), p))
+        .collect();
+    Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+}
+
 /// A cached prepared statement.
 async fn prep<C: GenericClient + Sync>(
     c: &C,
@@ -981,14 +1026,8 @@ async fn write_downlink(
 
 impl Store for PostgresStore {
     async fn members(&self, ids: Vec<u64>) -> Result<Vec<Option<MemberRow>>, StoreError> {
-        const SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, m.added_at_ms, \
-                 COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
-                 WHERE mg.member = m.id), '{}'::int8[]) FROM members m WHERE m.id = ANY($1)";
         let keys: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
-        let found = rows(self.query(SQL, &[&keys]).await?, member_row)?;
-        let by_id: HashMap<u64, MemberRow> = found.into_iter().map(|m| (m.id, m)).collect();
-        // An id asked twice gets its answer twice.
-        Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
+        members_in_order(&ids, self.query(MEMBERS_SQL, &[&keys]).await?)
     }
 
     async fn list_members(
@@ -1068,13 +1107,7 @@ impl Store for PostgresStore {
     }
 
     async fn group(&self, group: u32) -> Result<Option<GroupRow>, StoreError> {
-        let r = self
-            .query(
-                "SELECT grp, epoch, next_round, seq, config_hash, state, version FROM group_state \
-                 WHERE grp = $1",
-                &[&i64::from(group)],
-            )
-            .await?;
+        let r = self.query(GROUP_SQL, &[&i64::from(group)]).await?;
         Ok(rows(r, group_row)?.pop())
     }
 
@@ -1091,11 +1124,7 @@ impl Store for PostgresStore {
 
     async fn round(&self, group: u32, round: u64) -> Result<Option<RoundRow>, StoreError> {
         let r = self
-            .query(
-                "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, status \
-                 FROM rounds WHERE grp = $1 AND round = $2",
-                &[&i64::from(group), &i(round)],
-            )
+            .query(ROUND_SQL, &[&i64::from(group), &i(round)])
             .await?;
         Ok(rows(r, round_row)?.pop())
     }
@@ -1228,21 +1257,60 @@ impl Store for PostgresStore {
     async fn sessions(&self, keys: Vec<(u64, u32)>) -> Result<Vec<Option<StoredSlot>>, StoreError> {
         let m: Vec<i64> = keys.iter().map(|k| i(k.0)).collect();
         let g: Vec<i64> = keys.iter().map(|k| i64::from(k.1)).collect();
-        let r = self
-            .query(
-                "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, s.version, \
-                 s.acc_top, s.acc_seen FROM sessions s \
-                 JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
-                 ON s.member = k.m AND s.grp = k.g",
-                &[&m, &g],
-            )
-            .await?;
-        let found: HashMap<(u64, u32), StoredSlot> = rows(r, stored_slot)?
-            .into_iter()
-            .map(|p| ((p.member, p.group), p))
-            .collect();
-        // A key asked twice gets its answer twice.
-        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+        slots_in_order(&keys, self.query(SESSIONS_SQL, &[&m, &g]).await?)
+    }
+
+    async fn batch_reads(
+        &self,
+        group: u32,
+        ids: Vec<u64>,
+        round: Option<u64>,
+        fetch: Option<MemberFetch>,
+    ) -> Result<BatchReads, StoreError> {
+        let mut c = self.conn().await?;
+        let Conn { client, stmts } = &mut *c;
+        // One snapshot: the registry version, the group's epoch and the
+        // member rows are of one instant, so a revocation committed after
+        // it fails the batch's write on the epoch check, and one committed
+        // before it is seen both in the version and in the rows.
+        let tx = snapshot(client).await?;
+        let st = prep(&tx, stmts, REGISTRY_VERSION_SQL).await?;
+        let v: i64 = tx
+            .query_opt(&st, &[])
+            .await?
+            .ok_or(StoreError::Corrupt("registry version row missing"))?
+            .try_get(0)?;
+        let registry_version = u(v);
+        let st = prep(&tx, stmts, GROUP_SQL).await?;
+        let group_row = rows(tx.query(&st, &[&i64::from(group)]).await?, group_row)?.pop();
+        let round = match round {
+            Some(r) => {
+                let st = prep(&tx, stmts, ROUND_SQL).await?;
+                rows(tx.query(&st, &[&i64::from(group), &i(r)]).await?, round_row)?.pop()
+            }
+            None => None,
+        };
+        let (asked, members_of) = match &fetch {
+            Some(f) if f.version == registry_version => (&f.missing, MembersOf::Missing),
+            _ => (&ids, MembersOf::All),
+        };
+        let keys: Vec<i64> = asked.iter().map(|v| i(*v)).collect();
+        let st = prep(&tx, stmts, MEMBERS_SQL).await?;
+        let members = members_in_order(asked, tx.query(&st, &[&keys]).await?)?;
+        let slot_keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
+        let m: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
+        let g: Vec<i64> = vec![i64::from(group); ids.len()];
+        let st = prep(&tx, stmts, SESSIONS_SQL).await?;
+        let sessions = slots_in_order(&slot_keys, tx.query(&st, &[&m, &g]).await?)?;
+        tx.commit().await?;
+        Ok(BatchReads {
+            group: group_row,
+            registry_version,
+            members_of,
+            members,
+            sessions,
+            round,
+        })
     }
 
     async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
@@ -1266,9 +1334,7 @@ impl Store for PostgresStore {
     }
 
     async fn registry_version(&self) -> Result<u64, StoreError> {
-        let r = self
-            .query("SELECT v FROM registry_version WHERE id = 1", &[])
-            .await?;
+        let r = self.query(REGISTRY_VERSION_SQL, &[]).await?;
         let v: i64 = r
             .first()
             .ok_or(StoreError::Corrupt("registry version row missing"))?
