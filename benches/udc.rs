@@ -269,10 +269,16 @@ async fn main() {
         ("auth", "auth", &b""[..]),
         ("read", "read", &[0x5a; 16][..]),
     ] {
+        // A read request goes with purpose read only (the UDC refuses one
+        // on an auth round).
+        let mut open = serde_json::json!({"group": G, "mode": "psk", "purpose": purpose});
+        if purpose == "read" {
+            open["read_request"] = "01".into();
+        }
         let v: serde_json::Value = serde_json::from_str(
-            &admin(admin_addr, "POST", "/v1/admin/rounds",
-                serde_json::json!({"group": G, "mode": "psk", "purpose": purpose, "read_request": "01"}).to_string()).await,
-        ).unwrap();
+            &admin(admin_addr, "POST", "/v1/admin/rounds", open.to_string()).await,
+        )
+        .unwrap();
         let round = v["round"].as_u64().unwrap();
         // Read the queue up to this round's challenge (after the confirms
         // of the previous round; the UDC answers up to 1024 records a call).
