@@ -1290,10 +1290,7 @@ impl Store for PostgresStore {
             }
             None => None,
         };
-        let (asked, members_of) = match &fetch {
-            Some(f) if f.version == registry_version => (&f.missing, MembersOf::Missing),
-            _ => (&ids, MembersOf::All),
-        };
+        let (asked, members_of) = MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
         let keys: Vec<i64> = asked.iter().map(|v| i(*v)).collect();
         let st = prep(&tx, stmts, MEMBERS_SQL).await?;
         let members = members_in_order(asked, tx.query(&st, &[&keys]).await?)?;
@@ -1550,17 +1547,6 @@ impl Store for PostgresStore {
             .exec("DELETE FROM schedules WHERE id = $1", &[&i(id)])
             .await?
             == 1)
-    }
-
-    async fn readings(
-        &self,
-        member: u64,
-        from_ms: u64,
-        to_ms: u64,
-        limit: u32,
-    ) -> Result<Vec<ReadingRow>, StoreError> {
-        self.readings_after(member, from_ms, to_ms, None, limit)
-            .await
     }
 
     async fn readings_after(
