@@ -38,6 +38,77 @@ impl Fixture {
         open(&self.url).await.expect("open store")
     }
 
+    /// Creates the database as migrations `1..=version` of the repository
+    /// left it (the version recorded as the backend records it), then runs
+    /// `rows` on it (`x'..'` blob literals are rewritten for PostgreSQL).
+    async fn at_version(&self, version: u32, rows: &str) {
+        /// (SQLite, PostgreSQL) text of each migration, from version 1.
+        const MIGRATIONS: [(&str, &str); 4] = [
+            (
+                include_str!("../migrations/sqlite/0001_init.sql"),
+                include_str!("../migrations/postgres/0001_init.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0002_session_slots.sql"),
+                include_str!("../migrations/postgres/0002_session_slots.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
+                include_str!("../migrations/postgres/0004_batch_outcomes.sql"),
+            ),
+        ];
+        let applied = &MIGRATIONS[..version as usize];
+        match self.kind {
+            Kind::Sqlite => {
+                let path = self.url.trim_start_matches("sqlite://");
+                std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+                let c = rusqlite::Connection::open(path).unwrap();
+                for (sql, _) in applied {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.execute_batch(rows).unwrap();
+                c.pragma_update(None, "user_version", version).unwrap();
+            }
+            Kind::Postgres => {
+                let client = self.pg_client().await;
+                client
+                    .batch_execute(
+                        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                         applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                    )
+                    .await
+                    .unwrap();
+                for (v, (_, sql)) in applied.iter().enumerate() {
+                    client.batch_execute(sql).await.unwrap();
+                    client
+                        .execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)",
+                            &[&(v as i64 + 1)],
+                        )
+                        .await
+                        .unwrap();
+                }
+                client
+                    .batch_execute(&rows.replace("x'", "'\\x"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// A connection to the PostgreSQL database.
+    async fn pg_client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     /// Migration versions recorded in the database.
     async fn schema_versions(&self) -> Vec<i64> {
         match self.kind {
@@ -50,10 +121,7 @@ impl Fixture {
                 ]
             }
             Kind::Postgres => {
-                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
+                let client = self.pg_client().await;
                 client
                     .query(
                         "SELECT version FROM schema_migrations ORDER BY version",
@@ -166,25 +234,18 @@ both!(
 /// slot) becomes empty.
 #[tokio::test]
 async fn sqlite_v1_sessions_migrate_to_slots() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v1.sqlite3");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(include_str!("../migrations/sqlite/0001_init.sql"))
-            .unwrap();
-        c.pragma_update(None, "user_version", 1).unwrap();
-        c.execute(
-            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
-             cur_created_ms, cur_hi, cur_bits, prev_sid, prev_state, prev_round, \
-             prev_created_ms, prev_hi, prev_bits) \
-             VALUES (1, 7, 500, x'0101010101010101', x'AA', 3, 500, 0, 0, \
-             x'0202020202020202', x'BB', 2, 400, 0, 0), \
-             (2, 7, 600, x'0000000000000000', x'CC', 0, 600, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL)",
-            [],
-        )
-        .unwrap();
-    }
-    let s = open(&format!("sqlite://{}", path.display())).await.unwrap();
+    let f = fixture(Kind::Sqlite).unwrap();
+    f.at_version(
+        1,
+        "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
+         cur_created_ms, cur_hi, cur_bits, prev_sid, prev_state, prev_round, \
+         prev_created_ms, prev_hi, prev_bits) \
+         VALUES (1, 7, 500, x'0101010101010101', x'AA', 3, 500, 0, 0, \
+         x'0202020202020202', x'BB', 2, 400, 0, 0), \
+         (2, 7, 600, x'0000000000000000', x'CC', 0, 600, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL)",
+    )
+    .await;
+    let s = f.open().await;
     let got = s.sessions(vec![(1, 7), (2, 7)]).await.unwrap();
     let one = got[0].clone().unwrap();
     assert_eq!(one.sid, Some([1; 8]));
@@ -212,39 +273,7 @@ async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
          INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) VALUES \
          (7, 5, 1, 0, '', 'gw', 1), (7, 7, 1, 0, '', 'gw', 2), (7, 5, 2, 1, 'Revoked', 'gw', 1), \
          (7, 1, 3, 0, '', NULL, 1), (7, 80, 3, 0, '', NULL, 9);";
-    match f.kind {
-        Kind::Sqlite => {
-            let path = f.url.trim_start_matches("sqlite://");
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            let c = rusqlite::Connection::open(path).unwrap();
-            for sql in [
-                include_str!("../migrations/sqlite/0001_init.sql"),
-                include_str!("../migrations/sqlite/0002_session_slots.sql"),
-                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
-                ROWS,
-            ] {
-                c.execute_batch(sql).unwrap();
-            }
-            c.pragma_update(None, "user_version", 3).unwrap();
-        }
-        Kind::Postgres => {
-            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for sql in [
-                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                include_str!("../migrations/postgres/0001_init.sql"),
-                include_str!("../migrations/postgres/0002_session_slots.sql"),
-                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
-                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3)",
-                &ROWS.replace("x'", "'\\x"),
-            ] {
-                client.batch_execute(sql).await.unwrap();
-            }
-        }
-    }
+    f.at_version(3, ROWS).await;
     let s = f.open().await;
     let got = s.sessions(vec![(1, 7), (2, 7), (3, 7)]).await.unwrap();
     let rounds: Vec<AcceptedRounds> = got.iter().map(|x| x.as_ref().unwrap().rounds).collect();
@@ -272,41 +301,7 @@ async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
 async fn v4_schedules_get_an_empty_read_request(f: Fixture) {
     const ROWS: &str = "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
          VALUES (7, 60000, 1, 1, 100), (8, 3600000, 2, 0, 200);";
-    match f.kind {
-        Kind::Sqlite => {
-            let path = f.url.trim_start_matches("sqlite://");
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            let c = rusqlite::Connection::open(path).unwrap();
-            for sql in [
-                include_str!("../migrations/sqlite/0001_init.sql"),
-                include_str!("../migrations/sqlite/0002_session_slots.sql"),
-                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
-                include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
-                ROWS,
-            ] {
-                c.execute_batch(sql).unwrap();
-            }
-            c.pragma_update(None, "user_version", 4).unwrap();
-        }
-        Kind::Postgres => {
-            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for sql in [
-                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                include_str!("../migrations/postgres/0001_init.sql"),
-                include_str!("../migrations/postgres/0002_session_slots.sql"),
-                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
-                include_str!("../migrations/postgres/0004_batch_outcomes.sql"),
-                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3), (4)",
-                ROWS,
-            ] {
-                client.batch_execute(sql).await.unwrap();
-            }
-        }
-    }
+    f.at_version(4, ROWS).await;
     let s = f.open().await;
     let got = s.schedules().await.unwrap();
     assert_eq!(got.len(), 2);
