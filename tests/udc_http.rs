@@ -2152,3 +2152,76 @@ async fn accepted_connections_have_nodelay() {
     drop(client);
     h.stop().await;
 }
+
+/// `dapgw udc round start` and `round schedule` without `--purpose` send
+/// none, so they open what the operator API opens for a body without one:
+/// auth rounds (never a reading collected that the operator did not ask
+/// for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_api_default_to_auth_rounds() {
+    let h = Harness::start(None).await;
+    h.import_members(1..=2).await;
+    let admin = h.admin.to_string();
+    let token = h._dir.path().join("token");
+    let cli = |op: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+            .arg("udc")
+            .args(op)
+            .arg("--admin")
+            .arg(&admin)
+            .arg("--token-file")
+            .arg(&token)
+            .env_remove("DAPGW_ADMIN_LISTEN")
+            .env_remove("DAPGW_ADMIN_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "dapgw udc {op:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()
+    };
+    // The round first: a schedule's rounds open in the background.
+    let round = tokio::task::block_in_place(|| {
+        cli(&["round", "start", "--group", "7", "--mode", "psk"])
+    })["round"]
+        .as_u64()
+        .unwrap();
+    let report = h
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(report["purpose"], "auth", "{report}");
+    let by_cli = tokio::task::block_in_place(|| {
+        cli(&["round", "schedule", "--group", "7", "--every-s", "3600"])
+    })["id"]
+        .clone();
+    let by_api = h
+        .op(
+            Method::POST,
+            "/v1/admin/schedules",
+            serde_json::json!({"group": G, "every_s": 3600}),
+        )
+        .await["id"]
+        .clone();
+    let list = h
+        .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
+        .await;
+    let purpose_of = |id: &serde_json::Value| {
+        list["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == *id)
+            .unwrap_or_else(|| panic!("schedule {id} listed: {list}"))["purpose"]
+            .clone()
+    };
+    assert_eq!(purpose_of(&by_cli), "auth", "{list}");
+    assert_eq!(purpose_of(&by_api), "auth", "{list}");
+    h.stop().await;
+}
