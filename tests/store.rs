@@ -851,7 +851,12 @@ async fn session_slots_are_compare_and_set(f: Fixture) {
     assert!(got[1].is_none());
     assert_eq!(got[2].as_ref().unwrap().version, 3);
     assert_eq!(got[3], got[0]);
-    assert_eq!(s.member_sessions(2).await.unwrap().len(), 1);
+    // A run of members' sessions, by member, in one read.
+    let run = s.member_sessions(1, 2).await.unwrap();
+    let run: Vec<(u64, u32, u64)> = run.iter().map(|p| (p.member, p.group, p.version)).collect();
+    assert_eq!(run, vec![(1, G, 3), (2, G, 1)]);
+    assert_eq!(s.member_sessions(2, 2).await.unwrap().len(), 1);
+    assert!(s.member_sessions(3, 9).await.unwrap().is_empty());
     // Recovery drops every session but keeps the last-auth time, and a
     // writer that read before the drop loses.
     assert_eq!(s.drop_all_sessions().await.unwrap(), 1);

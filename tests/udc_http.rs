@@ -2225,3 +2225,61 @@ async fn cli_and_api_default_to_auth_rounds() {
     assert_eq!(purpose_of(&by_api), "auth", "{list}");
     h.stop().await;
 }
+
+/// `GET /v1/admin/members` reads the sessions of a whole page at once: each
+/// member still shows its own last authentication, sessions and key
+/// version, on one page and split over pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_listing_shows_each_members_sessions() {
+    let h = Harness::start(None).await;
+    let r = h.auth_round(4).await;
+    // Members 1 to 3 answer; 4 does not.
+    let entries = (1..=3).map(|id| respond(&h, id, &r.challenge)).collect();
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    // Member 5: key version 2, two groups, never authenticated.
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 5, "kv": 2, "groups": [G, 8]}]}),
+    )
+    .await;
+    let whole = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await["members"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let ids: Vec<u64> = whole.iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    for m in &whole[..3] {
+        let at = m["last_auth_ms"].as_u64().expect("authenticated");
+        assert!(at > 0, "{m}");
+        assert_eq!(
+            m["sessions"],
+            serde_json::json!([{"group": G, "last_auth_ms": at}]),
+            "{m}"
+        );
+        assert_eq!(m["kv"], 1, "{m}");
+    }
+    for m in &whole[3..] {
+        assert!(m["last_auth_ms"].is_null(), "{m}");
+        assert_eq!(m["sessions"], serde_json::json!([]), "{m}");
+    }
+    assert_eq!(whole[4]["kv"], 2);
+    assert_eq!(whole[4]["groups"], serde_json::json!([G, 8]));
+    // Pages of two: the same members with the same sessions.
+    let mut paged = Vec::new();
+    let mut path = "/v1/admin/members?limit=2".to_string();
+    loop {
+        let page = h.op(Method::GET, &path, serde_json::Value::Null).await["members"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let Some(last) = page.last() else { break };
+        path = format!("/v1/admin/members?limit=2&after={}", last["id"]);
+        paged.extend(page);
+    }
+    assert_eq!(paged, whole);
+    h.stop().await;
+}

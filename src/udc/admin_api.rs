@@ -558,9 +558,24 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .list_members(after, limit)
                 .await
                 .map_err(store_err)?;
+            // The page's sessions in one query (the page is a run of
+            // members in the store's order), then by member.
+            let sessions = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) => udc
+                    .store()
+                    .member_sessions(first.id, last.id)
+                    .await
+                    .map_err(store_err)?,
+                _ => Vec::new(),
+            };
+            let mut by_member: std::collections::HashMap<u64, Vec<store::StoredSlot>> =
+                std::collections::HashMap::new();
+            for s in sessions {
+                by_member.entry(s.member).or_default().push(s);
+            }
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let sessions = udc.store().member_sessions(r.id).await.map_err(store_err)?;
+                let sessions = by_member.remove(&r.id).unwrap_or_default();
                 let last_auth = sessions.iter().map(|s| s.last_auth_ms).max();
                 out.push(json!({
                     "id": r.id,

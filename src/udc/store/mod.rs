@@ -1006,10 +1006,14 @@ pub trait Store: Send + Sync {
         &self,
         keys: Vec<(u64, u32)>,
     ) -> impl Future<Output = Result<Vec<Option<StoredSlot>>, StoreError>> + Send;
-    /// Every session of one member, by group.
+    /// Every session of the members from `first` through `last` in the
+    /// order [`Store::list_members`] lists them (that of their stored,
+    /// bit-cast ids), by member then group, in one query: the sessions of
+    /// one page of members.
     fn member_sessions(
         &self,
-        member: u64,
+        first: u64,
+        last: u64,
     ) -> impl Future<Output = Result<Vec<StoredSlot>, StoreError>> + Send;
     /// Drops every session (recovery after a restore); last-auth times stay.
     /// Returns the number of (member, group) rows cleared.
@@ -1232,7 +1236,7 @@ impl Store for AnyStore {
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
         fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>, fetch: Option<MemberFetch>) -> BatchReads;
         fn registry_version(&self) -> u64;
-        fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
+        fn member_sessions(&self, first: u64, last: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
         fn count_sessions(&self) -> u64;
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;

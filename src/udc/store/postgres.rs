@@ -1310,12 +1310,12 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
+    async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         let r = self
             .query(
                 "SELECT member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen \
-                 FROM sessions WHERE member = $1 ORDER BY grp",
-                &[&i(member)],
+                 FROM sessions WHERE member BETWEEN $1 AND $2 ORDER BY member, grp",
+                &[&i(first), &i(last)],
             )
             .await?;
         rows(r, stored_slot)

@@ -1207,12 +1207,13 @@ impl Store for SqliteStore {
         self.read(registry_version_tx).await
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
+    async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 ORDER BY grp"
+                "SELECT {SESSION_COLS} FROM sessions WHERE member BETWEEN ?1 AND ?2 \
+                 ORDER BY member, grp"
             ))?;
-            collect(&mut st, [i(member)], stored_slot)
+            collect(&mut st, [i(first), i(last)], stored_slot)
         })
         .await
     }
