@@ -2283,3 +2283,55 @@ async fn member_listing_shows_each_members_sessions() {
     assert_eq!(paged, whole);
     h.stop().await;
 }
+
+/// The operator API percent-decodes query strings (names and values), and
+/// answers 400 naming the parameter when one is not valid percent-encoded
+/// UTF-8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_query_strings_are_percent_decoded() {
+    let h = Harness::start(None).await;
+    let round = h.auth_round(3).await.round;
+    for after in ["1", "%31"] {
+        let report = h
+            .op(
+                Method::GET,
+                &format!("/v1/admin/rounds/{G}/{round}?after={after}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(report["missing"], serde_json::json!([2, 3]), "{after}");
+    }
+    let listed = h
+        .op(
+            Method::GET,
+            "/v1/admin/members?%61fter=1&limit=%31",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["members"][0]["id"], 2, "{listed}");
+    for (q, param) in [
+        ("after=%zz", "`after`"),
+        ("after=1%3", "`after`"),
+        ("after=%ff", "`after`"),
+        ("limit=1&after=%C3%28", "`after`"),
+        ("%zz=1", "name"),
+    ] {
+        let (s, v) = h
+            .admin(
+                Some(TOKEN),
+                Method::GET,
+                &format!("/v1/admin/members?{q}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(v["error"], "bad_request", "{q}: {v}");
+        let reason = v["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(param) && reason.contains("percent-encoded"),
+            "{q}: {reason}"
+        );
+    }
+    h.stop().await;
+}
