@@ -59,6 +59,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/postgres/0006_registry_version.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/postgres/0007_readings_by_key.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -1557,12 +1561,12 @@ impl Store for PostgresStore {
         after: Option<ReadingKey>,
         limit: u32,
     ) -> Result<Vec<ReadingRow>, StoreError> {
-        // readings_by_time (member, ts_ms) gives the time order; readings of
-        // one millisecond are put in (grp, sid, ctr) order by an incremental
-        // sort, cut short by the limit. The scan starts at the key's
-        // millisecond (the row comparison's prefix). A key before `from`
-        // starts nothing (every reading of the range comes after it); one at
-        // or after `from` makes `from` moot.
+        // readings_by_key (member, ts_ms, grp, sid, ctr) is the order below,
+        // with no sort step, and the row comparison (an index condition
+        // after `member =`) is where the index scan starts: a page reads
+        // its `limit` readings and no more. A key before `from` starts
+        // nothing (every reading of the range comes after it); one at or
+        // after `from` makes `from` moot.
         let r = match after.filter(|k| i(k.ts_ms) >= ts(from_ms)) {
             None => {
                 self.query(
