@@ -123,9 +123,9 @@ enum RoundOp {
         /// psk or psk-ecdhe.
         #[arg(long, default_value = "psk-ecdhe")]
         mode: String,
-        /// auth or read.
-        #[arg(long, default_value = "auth")]
-        purpose: String,
+        /// auth or read (default: the operator API's, auth).
+        #[arg(long)]
+        purpose: Option<String>,
         /// Read request bytes (hex), for read rounds.
         #[arg(long)]
         read_request: Option<String>,
@@ -159,9 +159,9 @@ enum RoundOp {
         /// psk or psk-ecdhe.
         #[arg(long, default_value = "psk-ecdhe")]
         mode: String,
-        /// auth or read.
-        #[arg(long, default_value = "read")]
-        purpose: String,
+        /// auth or read (default: the operator API's, auth).
+        #[arg(long)]
+        purpose: Option<String>,
         /// Read request bytes (hex) every read round of the schedule
         /// carries (default: empty, the meter's default reading).
         #[arg(long)]

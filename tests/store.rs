@@ -38,6 +38,77 @@ impl Fixture {
         open(&self.url).await.expect("open store")
     }
 
+    /// Creates the database as migrations `1..=version` of the repository
+    /// left it (the version recorded as the backend records it), then runs
+    /// `rows` on it (`x'..'` blob literals are rewritten for PostgreSQL).
+    async fn at_version(&self, version: u32, rows: &str) {
+        /// (SQLite, PostgreSQL) text of each migration, from version 1.
+        const MIGRATIONS: [(&str, &str); 4] = [
+            (
+                include_str!("../migrations/sqlite/0001_init.sql"),
+                include_str!("../migrations/postgres/0001_init.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0002_session_slots.sql"),
+                include_str!("../migrations/postgres/0002_session_slots.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
+            ),
+            (
+                include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
+                include_str!("../migrations/postgres/0004_batch_outcomes.sql"),
+            ),
+        ];
+        let applied = &MIGRATIONS[..version as usize];
+        match self.kind {
+            Kind::Sqlite => {
+                let path = self.url.trim_start_matches("sqlite://");
+                std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+                let c = rusqlite::Connection::open(path).unwrap();
+                for (sql, _) in applied {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.execute_batch(rows).unwrap();
+                c.pragma_update(None, "user_version", version).unwrap();
+            }
+            Kind::Postgres => {
+                let client = self.pg_client().await;
+                client
+                    .batch_execute(
+                        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                         applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                    )
+                    .await
+                    .unwrap();
+                for (v, (_, sql)) in applied.iter().enumerate() {
+                    client.batch_execute(sql).await.unwrap();
+                    client
+                        .execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)",
+                            &[&(v as i64 + 1)],
+                        )
+                        .await
+                        .unwrap();
+                }
+                client
+                    .batch_execute(&rows.replace("x'", "'\\x"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// A connection to the PostgreSQL database.
+    async fn pg_client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     /// Migration versions recorded in the database.
     async fn schema_versions(&self) -> Vec<i64> {
         match self.kind {
@@ -50,10 +121,7 @@ impl Fixture {
                 ]
             }
             Kind::Postgres => {
-                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
+                let client = self.pg_client().await;
                 client
                     .query(
                         "SELECT version FROM schema_migrations ORDER BY version",
@@ -150,6 +218,7 @@ both!(
     downlink_cursors_and_fanout,
     readings_query,
     readings_page_exactly_within_a_millisecond,
+    readings_page_exactly_in_a_crowded_millisecond,
     sealed_blobs_round_trip_untouched,
     round_report_and_outcomes,
     second_acceptance_fails_the_write,
@@ -166,25 +235,18 @@ both!(
 /// slot) becomes empty.
 #[tokio::test]
 async fn sqlite_v1_sessions_migrate_to_slots() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v1.sqlite3");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(include_str!("../migrations/sqlite/0001_init.sql"))
-            .unwrap();
-        c.pragma_update(None, "user_version", 1).unwrap();
-        c.execute(
-            "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
-             cur_created_ms, cur_hi, cur_bits, prev_sid, prev_state, prev_round, \
-             prev_created_ms, prev_hi, prev_bits) \
-             VALUES (1, 7, 500, x'0101010101010101', x'AA', 3, 500, 0, 0, \
-             x'0202020202020202', x'BB', 2, 400, 0, 0), \
-             (2, 7, 600, x'0000000000000000', x'CC', 0, 600, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL)",
-            [],
-        )
-        .unwrap();
-    }
-    let s = open(&format!("sqlite://{}", path.display())).await.unwrap();
+    let f = fixture(Kind::Sqlite).unwrap();
+    f.at_version(
+        1,
+        "INSERT INTO sessions (member, grp, last_auth_ms, cur_sid, cur_state, cur_round, \
+         cur_created_ms, cur_hi, cur_bits, prev_sid, prev_state, prev_round, \
+         prev_created_ms, prev_hi, prev_bits) \
+         VALUES (1, 7, 500, x'0101010101010101', x'AA', 3, 500, 0, 0, \
+         x'0202020202020202', x'BB', 2, 400, 0, 0), \
+         (2, 7, 600, x'0000000000000000', x'CC', 0, 600, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL)",
+    )
+    .await;
+    let s = f.open().await;
     let got = s.sessions(vec![(1, 7), (2, 7)]).await.unwrap();
     let one = got[0].clone().unwrap();
     assert_eq!(one.sid, Some([1; 8]));
@@ -212,39 +274,7 @@ async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
          INSERT INTO round_outcomes (grp, round, member, kind, reason, gateway, at_ms) VALUES \
          (7, 5, 1, 0, '', 'gw', 1), (7, 7, 1, 0, '', 'gw', 2), (7, 5, 2, 1, 'Revoked', 'gw', 1), \
          (7, 1, 3, 0, '', NULL, 1), (7, 80, 3, 0, '', NULL, 9);";
-    match f.kind {
-        Kind::Sqlite => {
-            let path = f.url.trim_start_matches("sqlite://");
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            let c = rusqlite::Connection::open(path).unwrap();
-            for sql in [
-                include_str!("../migrations/sqlite/0001_init.sql"),
-                include_str!("../migrations/sqlite/0002_session_slots.sql"),
-                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
-                ROWS,
-            ] {
-                c.execute_batch(sql).unwrap();
-            }
-            c.pragma_update(None, "user_version", 3).unwrap();
-        }
-        Kind::Postgres => {
-            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for sql in [
-                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                include_str!("../migrations/postgres/0001_init.sql"),
-                include_str!("../migrations/postgres/0002_session_slots.sql"),
-                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
-                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3)",
-                &ROWS.replace("x'", "'\\x"),
-            ] {
-                client.batch_execute(sql).await.unwrap();
-            }
-        }
-    }
+    f.at_version(3, ROWS).await;
     let s = f.open().await;
     let got = s.sessions(vec![(1, 7), (2, 7), (3, 7)]).await.unwrap();
     let rounds: Vec<AcceptedRounds> = got.iter().map(|x| x.as_ref().unwrap().rounds).collect();
@@ -272,41 +302,7 @@ async fn v3_outcomes_fill_accepted_rounds(f: Fixture) {
 async fn v4_schedules_get_an_empty_read_request(f: Fixture) {
     const ROWS: &str = "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
          VALUES (7, 60000, 1, 1, 100), (8, 3600000, 2, 0, 200);";
-    match f.kind {
-        Kind::Sqlite => {
-            let path = f.url.trim_start_matches("sqlite://");
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            let c = rusqlite::Connection::open(path).unwrap();
-            for sql in [
-                include_str!("../migrations/sqlite/0001_init.sql"),
-                include_str!("../migrations/sqlite/0002_session_slots.sql"),
-                include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
-                include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
-                ROWS,
-            ] {
-                c.execute_batch(sql).unwrap();
-            }
-            c.pragma_update(None, "user_version", 4).unwrap();
-        }
-        Kind::Postgres => {
-            let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for sql in [
-                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                include_str!("../migrations/postgres/0001_init.sql"),
-                include_str!("../migrations/postgres/0002_session_slots.sql"),
-                include_str!("../migrations/postgres/0003_downlink_bundles.sql"),
-                include_str!("../migrations/postgres/0004_batch_outcomes.sql"),
-                "INSERT INTO schema_migrations (version) VALUES (1), (2), (3), (4)",
-                ROWS,
-            ] {
-                client.batch_execute(sql).await.unwrap();
-            }
-        }
-    }
+    f.at_version(4, ROWS).await;
     let s = f.open().await;
     let got = s.schedules().await.unwrap();
     assert_eq!(got.len(), 2);
@@ -491,7 +487,7 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     let s = f.open().await;
     let expected = match f.kind {
         Kind::Sqlite => vec![6],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -856,7 +852,12 @@ async fn session_slots_are_compare_and_set(f: Fixture) {
     assert!(got[1].is_none());
     assert_eq!(got[2].as_ref().unwrap().version, 3);
     assert_eq!(got[3], got[0]);
-    assert_eq!(s.member_sessions(2).await.unwrap().len(), 1);
+    // A run of members' sessions, by member, in one read.
+    let run = s.member_sessions(1, 2).await.unwrap();
+    let run: Vec<(u64, u32, u64)> = run.iter().map(|p| (p.member, p.group, p.version)).collect();
+    assert_eq!(run, vec![(1, G, 3), (2, G, 1)]);
+    assert_eq!(s.member_sessions(2, 2).await.unwrap().len(), 1);
+    assert!(s.member_sessions(3, 9).await.unwrap().is_empty());
     // Recovery drops every session but keeps the last-auth time, and a
     // writer that read before the drop loses.
     assert_eq!(s.drop_all_sessions().await.unwrap(), 1);
@@ -1011,6 +1012,87 @@ async fn readings_query(f: Fixture) {
     // No upper bound (u64::MAX) means no upper bound, not -1.
     assert_eq!(s.readings(1, 0, u64::MAX, 10).await.unwrap().len(), 3);
     assert_eq!(s.readings(1, 250, u64::MAX, 10).await.unwrap().len(), 1);
+}
+
+/// 2,000 readings of one member in one millisecond (a big batch of
+/// uplinks), paged 150 at a time: each comes back exactly once, in key
+/// order. On PostgreSQL a page's index scan starts at its key and sorts
+/// nothing: it reads its readings, not the key's whole millisecond.
+async fn readings_page_exactly_in_a_crowded_millisecond(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let mut all: Vec<ReadingRow> = (0..2_000u64)
+        .map(|j| {
+            let mut r = reading(1, j, 5_000);
+            r.group = [G, 3][(j % 2) as usize];
+            r.sid = sid(1, (j % 3) as u8);
+            r
+        })
+        .collect();
+    // Another member's readings of the same millisecond.
+    let others: Vec<ReadingRow> = (0..50).map(|j| reading(2, j, 5_000)).collect();
+    s.apply_batch(BatchWrite {
+        readings: all.iter().chain(&others).cloned().collect(),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Key order: each column in its stored (signed) form.
+    let order = |r: &ReadingRow| (r.ts_ms as i64, r.group, r.sid, r.ctr as i64);
+    all.sort_by_key(order);
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.readings_after(1, 0, u64::MAX, after, 150).await.unwrap();
+        let full = page.len() == 150;
+        after = page.last().map(ReadingRow::key);
+        got.extend(page);
+        if !full {
+            break;
+        }
+    }
+    assert_eq!(got.len(), all.len());
+    assert!(got == all, "pages differ from the readings in key order");
+    if f.kind != Kind::Postgres {
+        return;
+    }
+    // The page after the 1000th reading, as the store asks for it (index
+    // scans only, so the plan does not depend on this small table's
+    // statistics).
+    let k = all[999].key();
+    let client = f.pg_client().await;
+    client
+        .batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        .await
+        .unwrap();
+    let plan: Vec<String> = client
+        .query(
+            &format!(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) \
+                 SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings WHERE member = 1 \
+                 AND (ts_ms, grp, sid, ctr) > ({}, {}, '\\x{}'::bytea, {}) AND ts_ms < {} \
+                 ORDER BY ts_ms, grp, sid, ctr LIMIT 150",
+                k.ts_ms,
+                k.group,
+                hex::encode(k.sid),
+                k.ctr,
+                i64::MAX
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Sort"), "{plan}");
+    let scan = plan
+        .lines()
+        .find(|l| l.contains("Index Scan using readings_by_key"))
+        .unwrap_or_else(|| panic!("{plan}"));
+    assert!(scan.contains("rows=150 "), "reads one page: {plan}");
+    assert!(!plan.contains("Rows Removed"), "{plan}");
 }
 
 /// Many readings of one member in one millisecond (several groups and

@@ -327,6 +327,72 @@ impl Harness {
             MemberKeyDeriver::new(&self.master).member_key(id, 1),
         )
     }
+
+    /// Imports members `ids` into group `G` (derived keys, version 1)
+    /// through the operator API; all of them must be imported.
+    async fn import_members(&self, ids: impl IntoIterator<Item = u64>) {
+        let import: Vec<_> = ids
+            .into_iter()
+            .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
+            .collect();
+        let v = self
+            .op(
+                Method::POST,
+                "/v1/admin/members/import",
+                serde_json::json!({"members": import}),
+            )
+            .await;
+        assert_eq!(v["imported"], import.len(), "{v}");
+    }
+
+    /// Subscribes gateway `gw` to group `G`.
+    async fn subscribe(&self, gw: &str) {
+        let (s, _) = self
+            .call(
+                Some(gw),
+                Method::PUT,
+                "/v1/subscriptions",
+                r#"{"groups":[7]}"#,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+
+    /// Opens a psk auth round of group `G` through the operator API and
+    /// returns its number.
+    async fn open_auth_round(&self) -> u64 {
+        self.op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
+        )
+        .await["round"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Members `1..=n` of group `G` imported, gw-1 subscribed, a psk auth
+    /// round open and its challenge read from gw-1's downlink.
+    async fn auth_round(&self, n: u64) -> OpenRound {
+        self.import_members(1..=n).await;
+        self.subscribe("gw-1").await;
+        let round = self.open_auth_round().await;
+        let recs = self.downlink(0).await;
+        OpenRound {
+            round,
+            challenge: last_group_record(&recs),
+            cursor: recs.last().unwrap().0,
+        }
+    }
+}
+
+/// An open round as gw-1 saw it ([`Harness::auth_round`]).
+struct OpenRound {
+    round: u64,
+    /// The round's challenge.
+    challenge: Bytes,
+    /// gw-1's downlink cursor after the challenge.
+    cursor: u64,
 }
 
 /// Parses a downlink records body into (cursor, audience, group, member,
@@ -423,18 +489,7 @@ async fn scenario(h: &Harness) {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
     // Members 1..=24 and 30 in group 7.
-    let import: Vec<_> = (1..=24u64)
-        .chain([30])
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    let v = h
-        .op(
-            Method::POST,
-            "/v1/admin/members/import",
-            serde_json::json!({"members": import}),
-        )
-        .await;
-    assert_eq!(v["imported"], 25);
+    h.import_members((1..=24).chain([30])).await;
 
     // gw-1 subscribes; a round opens; its challenge is in gw-1's downlink.
     let (s, _) = h
@@ -814,39 +869,9 @@ async fn udc_over_tls_with_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_tag_request_expires() {
     let h = Harness::start_with(None, 1).await;
-    let import: Vec<_> = (1..=4u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    h.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    h.call(
-        Some("gw-1"),
-        Method::PUT,
-        "/v1/subscriptions",
-        r#"{"groups":[7]}"#,
-    )
-    .await;
-    let v = h
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk"}),
-        )
-        .await;
-    let round = v["round"].as_u64().unwrap();
-    let (_, body) = h
-        .call(
-            Some("gw-1"),
-            Method::GET,
-            "/v1/downlink?after=0&wait_ms=0",
-            Bytes::new(),
-        )
-        .await;
-    let challenge = records(&body)[0].4.clone();
+    let OpenRound {
+        round, challenge, ..
+    } = h.auth_round(4).await;
     let mut entries: Vec<_> = (1..=4).map(|id| respond(&h, id, &challenge)).collect();
     entries[0].0.n_i[0] ^= 1;
     let bytes = batch("gw-1", 1, round, entries).to_bytes();
@@ -943,37 +968,13 @@ fn last_group_record(recs: &[(u64, u8, u32, u64, Bytes)]) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_across_restarts_and_the_metrics() {
     let mut h = Harness::start(None).await;
-    let import: Vec<_> = (1..=3u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    h.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
     let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
 
     // An auth round; the confirms reach the members.
-    h.op(
-        Method::POST,
-        "/v1/admin/rounds",
-        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-    )
-    .await;
-    let recs = h.downlink(0).await;
-    let mut cursor = recs.last().unwrap().0;
-    let entries = answer(&mut members, &last_group_record(&recs), b"");
-    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    let r = h.auth_round(3).await;
+    let mut cursor = r.cursor;
+    let entries = answer(&mut members, &r.challenge, b"");
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
     let recs = h.downlink(cursor).await;
     cursor = recs.last().unwrap().0;
@@ -1191,33 +1192,9 @@ async fn two_udcs_share_one_postgres_store() {
     let url = cluster.url("two_udcs");
     let a = Harness::start(Some(url.clone())).await;
     let b = a.second().await;
-    let import: Vec<_> = (1..=4u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    a.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    let (s, _) = a
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let round = a
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-        )
-        .await["round"]
-        .as_u64()
-        .unwrap();
+    a.import_members(1..=4).await;
+    a.subscribe("gw-1").await;
+    let round = a.open_auth_round().await;
     // The queue is shared: b serves the challenge a queued.
     let recs = b.downlink(0).await;
     let mut cursor = recs.last().unwrap().0;
@@ -1252,15 +1229,7 @@ async fn two_udcs_share_one_postgres_store() {
 
     // Round 2 (opened by b). While a judges its batch, another writer
     // changes member 1's session slot: a's write must lose cleanly.
-    let round2 = b
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-        )
-        .await["round"]
-        .as_u64()
-        .unwrap();
+    let round2 = b.open_auth_round().await;
     let challenge = last_group_record(&a.downlink(cursor).await);
     let b2 = batch(
         "gw-1",
@@ -1342,38 +1311,12 @@ async fn two_udcs_accept_a_member_once_per_round() {
     cluster.create_database("accept_once").unwrap();
     let a = Harness::start(Some(cluster.url("accept_once"))).await;
     let b = a.second().await;
-    let import: Vec<_> = (1..=4u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    a.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    for gw in ["gw-1", "gw-2"] {
-        let (s, _) = a
-            .call(
-                Some(gw),
-                Method::PUT,
-                "/v1/subscriptions",
-                r#"{"groups":[7]}"#,
-            )
-            .await;
-        assert_eq!(s, StatusCode::NO_CONTENT);
-    }
-    let round = a
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-        )
-        .await["round"]
-        .as_u64()
-        .unwrap();
-    let recs = a.downlink(0).await;
-    let cursor = recs.last().unwrap().0;
-    let challenge = last_group_record(&recs);
+    a.subscribe("gw-2").await;
+    let OpenRound {
+        round,
+        challenge,
+        cursor,
+    } = a.auth_round(4).await;
     let mk = |gw: &str, batch_id: u64, ids: &[u64]| {
         batch(
             gw,
@@ -1798,23 +1741,7 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_report_names_its_next_page() {
     let h = Harness::start(None).await;
-    let import: Vec<_> = (1..=1003u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    h.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    let v = h
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-        )
-        .await;
-    let round = v["round"].as_u64().unwrap();
+    let round = h.auth_round(1003).await.round;
     let path = format!("/v1/admin/rounds/{G}/{round}");
     let first = h.op(Method::GET, &path, serde_json::Value::Null).await;
     assert_eq!(first["missing"].as_array().unwrap().len(), 1000);
@@ -1834,33 +1761,9 @@ async fn round_report_names_its_next_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_report_lists_page_after_a_member() {
     let h = Harness::start(None).await;
-    let import: Vec<_> = (1..=5u64)
-        .map(|id| serde_json::json!({"id": id, "kv": 1, "groups": [G]}))
-        .collect();
-    h.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": import}),
-    )
-    .await;
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let v = h
-        .op(
-            Method::POST,
-            "/v1/admin/rounds",
-            serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-        )
-        .await;
-    let round = v["round"].as_u64().unwrap();
-    let challenge = last_group_record(&h.downlink(0).await);
+    let OpenRound {
+        round, challenge, ..
+    } = h.auth_round(5).await;
     // Member 4 answers; 9 and 10 are no members of this UDC.
     let entries = [4, 9, 10].map(|id| respond(&h, id, &challenge)).to_vec();
     let tags: Vec<[u8; 16]> = entries.iter().map(|(_, t)| *t).collect();
@@ -1918,34 +1821,12 @@ async fn round_report_lists_page_after_a_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_page_within_one_millisecond() {
     let h = Harness::start(None).await;
-    h.op(
-        Method::POST,
-        "/v1/admin/members/import",
-        serde_json::json!({"members": [{"id": 1, "kv": 1, "groups": [G]}]}),
-    )
-    .await;
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
     let mut members = vec![h.real_member(1)];
-    h.op(
-        Method::POST,
-        "/v1/admin/rounds",
-        serde_json::json!({"group": G, "mode": "psk", "purpose": "auth"}),
-    )
-    .await;
-    let recs = h.downlink(0).await;
-    let cursor = recs.last().unwrap().0;
-    let entries = answer(&mut members, &last_group_record(&recs), b"");
-    let v = h.post_batch(&batch("gw-1", 1, 1, entries)).await;
+    let r = h.auth_round(1).await;
+    let entries = answer(&mut members, &r.challenge, b"");
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    for (_, _, _, _, msg) in h.downlink(cursor).await {
+    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
         members[0].handle_confirm(&msg).unwrap().persisted();
     }
     let sealed: Vec<Bytes> = (0..25)
@@ -2010,15 +1891,7 @@ async fn two_udcs_in_a_round(
     // The harness's own UDC has opened (and migrated) the store once it
     // answers; two more processes opening a fresh SQLite file at the same
     // moment could see it locked.
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::PUT,
-            "/v1/subscriptions",
-            r#"{"groups":[7]}"#,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    h.subscribe("gw-1").await;
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
     let rows = (1..=n)
@@ -2277,5 +2150,188 @@ async fn accepted_connections_have_nodelay() {
     }
     assert_eq!(seen, Some(true), "the udc's side of the connection");
     drop(client);
+    h.stop().await;
+}
+
+/// `dapgw udc round start` and `round schedule` without `--purpose` send
+/// none, so they open what the operator API opens for a body without one:
+/// auth rounds (never a reading collected that the operator did not ask
+/// for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_api_default_to_auth_rounds() {
+    let h = Harness::start(None).await;
+    h.import_members(1..=2).await;
+    let admin = h.admin.to_string();
+    let token = h._dir.path().join("token");
+    let cli = |op: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+            .arg("udc")
+            .args(op)
+            .arg("--admin")
+            .arg(&admin)
+            .arg("--token-file")
+            .arg(&token)
+            .env_remove("DAPGW_ADMIN_LISTEN")
+            .env_remove("DAPGW_ADMIN_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "dapgw udc {op:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()
+    };
+    // The round first: a schedule's rounds open in the background.
+    let round = tokio::task::block_in_place(|| {
+        cli(&["round", "start", "--group", "7", "--mode", "psk"])
+    })["round"]
+        .as_u64()
+        .unwrap();
+    let report = h
+        .op(
+            Method::GET,
+            &format!("/v1/admin/rounds/{G}/{round}"),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(report["purpose"], "auth", "{report}");
+    let by_cli = tokio::task::block_in_place(|| {
+        cli(&["round", "schedule", "--group", "7", "--every-s", "3600"])
+    })["id"]
+        .clone();
+    let by_api = h
+        .op(
+            Method::POST,
+            "/v1/admin/schedules",
+            serde_json::json!({"group": G, "every_s": 3600}),
+        )
+        .await["id"]
+        .clone();
+    let list = h
+        .op(Method::GET, "/v1/admin/schedules", serde_json::Value::Null)
+        .await;
+    let purpose_of = |id: &serde_json::Value| {
+        list["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == *id)
+            .unwrap_or_else(|| panic!("schedule {id} listed: {list}"))["purpose"]
+            .clone()
+    };
+    assert_eq!(purpose_of(&by_cli), "auth", "{list}");
+    assert_eq!(purpose_of(&by_api), "auth", "{list}");
+    h.stop().await;
+}
+
+/// `GET /v1/admin/members` reads the sessions of a whole page at once: each
+/// member still shows its own last authentication, sessions and key
+/// version, on one page and split over pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_listing_shows_each_members_sessions() {
+    let h = Harness::start(None).await;
+    let r = h.auth_round(4).await;
+    // Members 1 to 3 answer; 4 does not.
+    let entries = (1..=3).map(|id| respond(&h, id, &r.challenge)).collect();
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    // Member 5: key version 2, two groups, never authenticated.
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 5, "kv": 2, "groups": [G, 8]}]}),
+    )
+    .await;
+    let whole = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await["members"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let ids: Vec<u64> = whole.iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    for m in &whole[..3] {
+        let at = m["last_auth_ms"].as_u64().expect("authenticated");
+        assert!(at > 0, "{m}");
+        assert_eq!(
+            m["sessions"],
+            serde_json::json!([{"group": G, "last_auth_ms": at}]),
+            "{m}"
+        );
+        assert_eq!(m["kv"], 1, "{m}");
+    }
+    for m in &whole[3..] {
+        assert!(m["last_auth_ms"].is_null(), "{m}");
+        assert_eq!(m["sessions"], serde_json::json!([]), "{m}");
+    }
+    assert_eq!(whole[4]["kv"], 2);
+    assert_eq!(whole[4]["groups"], serde_json::json!([G, 8]));
+    // Pages of two: the same members with the same sessions.
+    let mut paged = Vec::new();
+    let mut path = "/v1/admin/members?limit=2".to_string();
+    loop {
+        let page = h.op(Method::GET, &path, serde_json::Value::Null).await["members"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let Some(last) = page.last() else { break };
+        path = format!("/v1/admin/members?limit=2&after={}", last["id"]);
+        paged.extend(page);
+    }
+    assert_eq!(paged, whole);
+    h.stop().await;
+}
+
+/// The operator API percent-decodes query strings (names and values), and
+/// answers 400 naming the parameter when one is not valid percent-encoded
+/// UTF-8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_query_strings_are_percent_decoded() {
+    let h = Harness::start(None).await;
+    let round = h.auth_round(3).await.round;
+    for after in ["1", "%31"] {
+        let report = h
+            .op(
+                Method::GET,
+                &format!("/v1/admin/rounds/{G}/{round}?after={after}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(report["missing"], serde_json::json!([2, 3]), "{after}");
+    }
+    let listed = h
+        .op(
+            Method::GET,
+            "/v1/admin/members?%61fter=1&limit=%31",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(listed["members"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["members"][0]["id"], 2, "{listed}");
+    for (q, param) in [
+        ("after=%zz", "`after`"),
+        ("after=1%3", "`after`"),
+        ("after=%ff", "`after`"),
+        ("limit=1&after=%C3%28", "`after`"),
+        ("%zz=1", "name"),
+    ] {
+        let (s, v) = h
+            .admin(
+                Some(TOKEN),
+                Method::GET,
+                &format!("/v1/admin/members?{q}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(v["error"], "bad_request", "{q}: {v}");
+        let reason = v["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(param) && reason.contains("percent-encoded"),
+            "{q}: {reason}"
+        );
+    }
     h.stop().await;
 }

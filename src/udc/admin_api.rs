@@ -99,13 +99,57 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminRespo
     serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))
 }
 
-fn query(req: &Request<Bytes>, key: &str) -> Option<String> {
-    req.uri()
-        .query()?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_owned())
+/// A request's query string: its `key=value` pairs, percent-decoded
+/// (RFC 3986: `+` stays a plus). A part without `=` is ignored; of a key
+/// given twice the first counts.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// 400 naming the parameter if a `%` is not followed by two hex
+    /// digits or the decoded bytes are not UTF-8.
+    fn parse(query: Option<&str>) -> Result<Self, AdminResponse> {
+        query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| {
+                let k = percent_decode(k).ok_or_else(|| {
+                    bad("a query parameter name is not valid percent-encoded UTF-8")
+                })?;
+                let v = percent_decode(v).ok_or_else(|| {
+                    bad(&format!(
+                        "query parameter `{k}` is not valid percent-encoded UTF-8"
+                    ))
+                })?;
+                Ok((k, v))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `s` percent-decoded; `None` if a `%` is not followed by two hex digits
+/// (which `percent_encoding` would pass through as is) or the result is
+/// not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let escapes_ok = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, AdminResponse> {
@@ -274,6 +318,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         .collect();
     let m = req.method().clone();
     let body = req.body();
+    let q = Query::parse(req.uri().query())?;
     match (m, parts.as_slice()) {
         (Method::POST, ["rounds"]) => {
             let b: StartRound = parse_json(body)?;
@@ -295,8 +340,8 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let r: u64 = num(r, "round")?;
             // The `rejected` and `missing` lists start after this member
             // (the next page of a round with more than 1000 of either).
-            let list_after = match query(req, "after") {
-                Some(a) => Some(num::<u64>(&a, "after")?),
+            let list_after = match q.get("after") {
+                Some(a) => Some(num::<u64>(a, "after")?),
                 None => None,
             };
             let rep = udc
@@ -545,12 +590,12 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             }
         }
         (Method::GET, ["members"]) => {
-            let after = match query(req, "after") {
-                Some(a) => Some(num::<u64>(&a, "after")?),
+            let after = match q.get("after") {
+                Some(a) => Some(num::<u64>(a, "after")?),
                 None => None,
             };
-            let limit = match query(req, "limit") {
-                Some(l) => num::<u32>(&l, "limit")?.min(10_000),
+            let limit = match q.get("limit") {
+                Some(l) => num::<u32>(l, "limit")?.min(10_000),
                 None => 1000,
             };
             let rows = udc
@@ -558,9 +603,24 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .list_members(after, limit)
                 .await
                 .map_err(store_err)?;
+            // The page's sessions in one query (the page is a run of
+            // members in the store's order), then by member.
+            let sessions = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) => udc
+                    .store()
+                    .member_sessions(first.id, last.id)
+                    .await
+                    .map_err(store_err)?,
+                _ => Vec::new(),
+            };
+            let mut by_member: std::collections::HashMap<u64, Vec<store::StoredSlot>> =
+                std::collections::HashMap::new();
+            for s in sessions {
+                by_member.entry(s.member).or_default().push(s);
+            }
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let sessions = udc.store().member_sessions(r.id).await.map_err(store_err)?;
+                let sessions = by_member.remove(&r.id).unwrap_or_default();
                 let last_auth = sessions.iter().map(|s| s.last_auth_ms).max();
                 out.push(json!({
                     "id": r.id,
@@ -576,23 +636,23 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         }
         (Method::GET, ["readings"]) => {
             let member: u64 = num(
-                &query(req, "member").ok_or_else(|| bad("member is required"))?,
+                q.get("member").ok_or_else(|| bad("member is required"))?,
                 "member",
             )?;
-            let from: u64 = match query(req, "from") {
-                Some(v) => num(&v, "from")?,
+            let from: u64 = match q.get("from") {
+                Some(v) => num(v, "from")?,
                 None => 0,
             };
-            let to: u64 = match query(req, "to") {
-                Some(v) => num(&v, "to")?,
+            let to: u64 = match q.get("to") {
+                Some(v) => num(v, "to")?,
                 None => u64::MAX,
             };
-            let limit = match query(req, "limit") {
-                Some(l) => num::<u32>(&l, "limit")?.clamp(1, 10_000),
+            let limit = match q.get("limit") {
+                Some(l) => num::<u32>(l, "limit")?.clamp(1, 10_000),
                 None => 10_000,
             };
-            let after = match query(req, "after") {
-                Some(t) => Some(store::ReadingKey::from_token(&t).ok_or_else(|| {
+            let after = match q.get("after") {
+                Some(t) => Some(store::ReadingKey::from_token(t).ok_or_else(|| {
                     bad("after must be a `next` token from an earlier readings page")
                 })?),
                 None => None,
@@ -690,6 +750,18 @@ mod tests {
             .map(|m| m["id"].as_u64().unwrap())
             .collect();
         assert_eq!(ids, (0..1000).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn query_values_are_strictly_percent_decoded() {
+        use super::percent_decode as d;
+        assert_eq!(d("a%41%3a%2B+").as_deref(), Some("aA:++"));
+        assert_eq!(d("%2541").as_deref(), Some("%41"), "decoded once");
+        assert_eq!(d("%C3%A9").as_deref(), Some("\u{e9}"));
+        assert_eq!(d("").as_deref(), Some(""));
+        for bad in ["%", "a%4", "%zz", "%4g", "%ff", "%C3%28"] {
+            assert_eq!(d(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -733,6 +733,23 @@ pub struct MemberFetch {
     pub missing: Vec<u64>,
 }
 
+impl MemberFetch {
+    /// Which of a batch's `ids` [`Store::batch_reads`] reads member rows
+    /// for, given the caller's `fetch` and the registry version read:
+    /// only the missing ones if the caller's rows are of that version,
+    /// else all of them.
+    pub fn ids_to_read<'a>(
+        fetch: Option<&'a Self>,
+        registry_version: u64,
+        ids: &'a [u64],
+    ) -> (&'a [u64], MembersOf) {
+        match fetch {
+            Some(f) if f.version == registry_version => (&f.missing, MembersOf::Missing),
+            _ => (ids, MembersOf::All),
+        }
+    }
+}
+
 /// Which ids [`BatchReads::members`] answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MembersOf {
@@ -961,12 +978,9 @@ pub trait Store: Send + Sync {
             let keys = ids.iter().map(|m| (*m, group)).collect();
             let group_row = self.group(group).await?;
             let registry_version = self.registry_version().await?;
-            let (members, members_of) = match fetch {
-                Some(f) if f.version == registry_version => {
-                    (self.members(f.missing).await?, MembersOf::Missing)
-                }
-                _ => (self.members(ids).await?, MembersOf::All),
-            };
+            let (asked, members_of) =
+                MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
+            let members = self.members(asked.to_vec()).await?;
             let sessions = self.sessions(keys).await?;
             let round = match round {
                 Some(r) => self.round(group, r).await?,
@@ -992,10 +1006,14 @@ pub trait Store: Send + Sync {
         &self,
         keys: Vec<(u64, u32)>,
     ) -> impl Future<Output = Result<Vec<Option<StoredSlot>>, StoreError>> + Send;
-    /// Every session of one member, by group.
+    /// Every session of the members from `first` through `last` in the
+    /// order [`Store::list_members`] lists them (that of their stored,
+    /// bit-cast ids), by member then group, in one query: the sessions of
+    /// one page of members.
     fn member_sessions(
         &self,
-        member: u64,
+        first: u64,
+        last: u64,
     ) -> impl Future<Output = Result<Vec<StoredSlot>, StoreError>> + Send;
     /// Drops every session (recovery after a restore); last-auth times stay.
     /// Returns the number of (member, group) rows cleared.
@@ -1088,7 +1106,9 @@ pub trait Store: Send + Sync {
         from_ms: u64,
         to_ms: u64,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send {
+        self.readings_after(member, from_ms, to_ms, None, limit)
+    }
     /// Up to `limit` readings of a member with `from_ms <= ts_ms < to_ms`
     /// whose [`ReadingKey`] comes after `after` (all of them when `None`),
     /// in key order: (ts_ms, group, sid, ctr), each compared in its stored
@@ -1216,7 +1236,7 @@ impl Store for AnyStore {
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
         fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>, fetch: Option<MemberFetch>) -> BatchReads;
         fn registry_version(&self) -> u64;
-        fn member_sessions(&self, member: u64) -> Vec<StoredSlot>;
+        fn member_sessions(&self, first: u64, last: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
         fn count_sessions(&self) -> u64;
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
@@ -1232,7 +1252,6 @@ impl Store for AnyStore {
         fn schedules(&self) -> Vec<ScheduleRow>;
         fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;
         fn delete_schedule(&self, id: u64) -> bool;
-        fn readings(&self, member: u64, from_ms: u64, to_ms: u64, limit: u32) -> Vec<ReadingRow>;
         fn readings_after(&self, member: u64, from_ms: u64, to_ms: u64, after: Option<ReadingKey>, limit: u32) -> Vec<ReadingRow>;
         fn member_gateway(&self, member: u64) -> Option<(String, u64)>;
         fn gateways(&self) -> Vec<GatewayRow>;

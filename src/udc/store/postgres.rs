@@ -59,6 +59,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/postgres/0006_registry_version.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/postgres/0007_readings_by_key.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -1290,10 +1294,7 @@ impl Store for PostgresStore {
             }
             None => None,
         };
-        let (asked, members_of) = match &fetch {
-            Some(f) if f.version == registry_version => (&f.missing, MembersOf::Missing),
-            _ => (&ids, MembersOf::All),
-        };
+        let (asked, members_of) = MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
         let keys: Vec<i64> = asked.iter().map(|v| i(*v)).collect();
         let st = prep(&tx, stmts, MEMBERS_SQL).await?;
         let members = members_in_order(asked, tx.query(&st, &[&keys]).await?)?;
@@ -1313,12 +1314,12 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
+    async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         let r = self
             .query(
                 "SELECT member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen \
-                 FROM sessions WHERE member = $1 ORDER BY grp",
-                &[&i(member)],
+                 FROM sessions WHERE member BETWEEN $1 AND $2 ORDER BY member, grp",
+                &[&i(first), &i(last)],
             )
             .await?;
         rows(r, stored_slot)
@@ -1552,17 +1553,6 @@ impl Store for PostgresStore {
             == 1)
     }
 
-    async fn readings(
-        &self,
-        member: u64,
-        from_ms: u64,
-        to_ms: u64,
-        limit: u32,
-    ) -> Result<Vec<ReadingRow>, StoreError> {
-        self.readings_after(member, from_ms, to_ms, None, limit)
-            .await
-    }
-
     async fn readings_after(
         &self,
         member: u64,
@@ -1571,12 +1561,12 @@ impl Store for PostgresStore {
         after: Option<ReadingKey>,
         limit: u32,
     ) -> Result<Vec<ReadingRow>, StoreError> {
-        // readings_by_time (member, ts_ms) gives the time order; readings of
-        // one millisecond are put in (grp, sid, ctr) order by an incremental
-        // sort, cut short by the limit. The scan starts at the key's
-        // millisecond (the row comparison's prefix). A key before `from`
-        // starts nothing (every reading of the range comes after it); one at
-        // or after `from` makes `from` moot.
+        // readings_by_key (member, ts_ms, grp, sid, ctr) is the order below,
+        // with no sort step, and the row comparison (an index condition
+        // after `member =`) is where the index scan starts: a page reads
+        // its `limit` readings and no more. A key before `from` starts
+        // nothing (every reading of the range comes after it); one at or
+        // after `from` makes `from` moot.
         let r = match after.filter(|k| i(k.ts_ms) >= ts(from_ms)) {
             None => {
                 self.query(

@@ -1186,12 +1186,9 @@ impl Store for SqliteStore {
                 }
                 None => None,
             };
-            let (members, members_of) = match fetch {
-                Some(f) if f.version == registry_version => {
-                    (members_tx(tx, &f.missing)?, MembersOf::Missing)
-                }
-                _ => (members_tx(tx, &ids)?, MembersOf::All),
-            };
+            let (asked, members_of) =
+                MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
+            let members = members_tx(tx, asked)?;
             let keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
             let sessions = sessions_tx(tx, &keys)?;
             Ok(BatchReads {
@@ -1210,12 +1207,13 @@ impl Store for SqliteStore {
         self.read(registry_version_tx).await
     }
 
-    async fn member_sessions(&self, member: u64) -> Result<Vec<StoredSlot>, StoreError> {
+    async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 ORDER BY grp"
+                "SELECT {SESSION_COLS} FROM sessions WHERE member BETWEEN ?1 AND ?2 \
+                 ORDER BY member, grp"
             ))?;
-            collect(&mut st, [i(member)], stored_slot)
+            collect(&mut st, [i(first), i(last)], stored_slot)
         })
         .await
     }
@@ -1447,17 +1445,6 @@ impl Store for SqliteStore {
 
     async fn delete_schedule(&self, id: u64) -> Result<bool, StoreError> {
         self.call(move |c| Ok(c.execute("DELETE FROM schedules WHERE id = ?1", [i(id)])? == 1))
-            .await
-    }
-
-    async fn readings(
-        &self,
-        member: u64,
-        from_ms: u64,
-        to_ms: u64,
-        limit: u32,
-    ) -> Result<Vec<ReadingRow>, StoreError> {
-        self.readings_after(member, from_ms, to_ms, None, limit)
             .await
     }
 
