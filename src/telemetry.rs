@@ -354,6 +354,26 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// One of the UDC's in-memory caches (label `cache`).
+    UdcCache {
+        /// Member records, valid at one registry version.
+        Registry = "registry",
+        /// Opened session slots this process wrote.
+        Slot = "slot",
+    }
+}
+
+label_enum! {
+    /// Whether a cache held what a batch needed (label `outcome`).
+    CacheOutcome {
+        /// Served from memory.
+        Hit = "hit",
+        /// Read (and, for a slot, opened) from the store.
+        Miss = "miss",
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Pre-resolved families
 // ---------------------------------------------------------------------------
@@ -738,6 +758,9 @@ pub struct UdcMetrics {
     /// `dapgw_udc_connections_closed_total{reason}`: connections refused
     /// or closed by a limit.
     pub connections_closed: Counter1<LimitReason>,
+    /// `dapgw_udc_cache_lookups_total{cache,outcome}`: per member of a
+    /// batch, whether its record or slot came from memory.
+    pub cache_lookups: Counter2<UdcCache, CacheOutcome>,
 }
 
 impl UdcMetrics {
@@ -817,6 +840,13 @@ impl UdcMetrics {
                 "dapgw_udc_connections_closed_total",
                 "Connections refused or closed by a limit, by reason.",
                 "reason",
+            )?,
+            cache_lookups: Counter2::register(
+                r,
+                "dapgw_udc_cache_lookups_total",
+                "Batch members whose record or session slot came from memory (hit) or the \
+                 store (miss), by cache.",
+                ["cache", "outcome"],
             )?,
         })
     }

@@ -2335,3 +2335,87 @@ async fn admin_query_strings_are_percent_decoded() {
     }
     h.stop().await;
 }
+
+/// The slot cache (docs/udc.md, "Slot cache"): a UDC process takes the
+/// session slots it wrote itself from memory, and reads from the store a
+/// slot another process rewrote since. Here process a accepts members 1
+/// and 2 and their first readings (hits), process b accepts member 1's
+/// next reading, and a is then sent that reading again: a must judge it on
+/// the store's slot (a replay, answered at once) rather than on its own
+/// older copy (which would accept it and then fail its compare-and-set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_cache_serves_own_writes_only() {
+    let a = Harness::start(None).await;
+    let mut members: Vec<Member> = (1..=2).map(|id| a.real_member(id)).collect();
+    let r = a.auth_round(2).await;
+    let v = a
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    for (_, aud, _, id, msg) in a.downlink(r.cursor).await {
+        assert_eq!(aud, 2);
+        members[(id - 1) as usize]
+            .handle_confirm(&msg)
+            .unwrap()
+            .persisted();
+    }
+    let slot = |text: &str, outcome: &str| {
+        metric(
+            text,
+            "dapgw_udc_cache_lookups_total",
+            &[("cache", "slot"), ("outcome", outcome)],
+        )
+    };
+    let mut seal = |i: usize, what: &[u8]| {
+        members[i]
+            .seal_uplink(GroupId(G), UplinkKind::Reading, what)
+            .unwrap()
+            .persisted()
+    };
+
+    // Both slots were written by a's round batch: its next reads hit.
+    let first = [seal(0, b"1a"), seal(1, b"2a")];
+    let v = a.post_batch(&uplink_batch(2, &first)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let v = a.post_batch(&uplink_batch(3, &[seal(0, b"1b")])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    let text = a.metrics().await;
+    assert_eq!(
+        (slot(&text, "hit"), slot(&text, "miss")),
+        (3.0, 0.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "dapgw_udc_cache_lookups_total",
+            &[("cache", "registry"), ("outcome", "hit")]
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // Another process accepts member 1's next reading: its slot changes
+    // under a's copy.
+    let b = a.second().await;
+    let third = seal(0, b"1c");
+    let v = b
+        .post_batch(&uplink_batch(4, std::slice::from_ref(&third)))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    // `post_batch` wants 200: a stale copy would fail the write (503).
+    let v = a.post_batch(&uplink_batch(5, &[third])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::ReplayedCounter]);
+    let text = a.metrics().await;
+    assert_eq!(
+        (slot(&text, "hit"), slot(&text, "miss")),
+        (3.0, 1.0),
+        "{text}"
+    );
+    b.stop().await;
+    a.stop().await;
+}

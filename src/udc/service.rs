@@ -25,7 +25,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{Mutex, Notify};
 
-use crate::protocol::keys::StorageKey;
+use crate::protocol::keys::{STORAGE_OVERHEAD, StorageKey};
 use crate::protocol::verifier::{
     BatchEvent, BatchState, GroupState, LogKey, LoggedVerdict, MemberRecord, PendingAssessment,
     ReceivedBatch, Registry, RoundState, SessionSlot, SessionTable, VerdictLog, Verifier,
@@ -35,7 +35,9 @@ use crate::protocol::wire::{
     BatchBody, Confirm, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome, Purpose,
     TagReply, Verdict, VerdictBody,
 };
-use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcMetrics};
+use crate::telemetry::{
+    CacheOutcome, EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics,
+};
 use crate::udc::store::{
     self, AnyStore, Audience, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget, GroupRow,
     OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed, SessionRow,
@@ -167,6 +169,42 @@ struct SlotRead {
     active: bool,
 }
 
+/// Most slots [`SlotCache`] holds (about half a kilobyte each); past it,
+/// the cache starts again empty.
+const SLOT_CACHE_MAX: usize = 1 << 17;
+
+/// Session slots this process sealed and wrote, opened, by (member,
+/// group), each with the [`SealMark`] of the bytes it wrote (docs/udc.md,
+/// "Slot cache").
+///
+/// A batch read whose stored bytes carry the same mark takes the slot from
+/// here instead of opening it: the stored row is then this process's own
+/// last write (any other write, by any process, seals with a fresh random
+/// nonce). A lookup removes the entry, hit or miss, and only a committed
+/// write puts slots back, so a batch that fails leaves nothing stale.
+#[derive(Default)]
+struct SlotCache(std::collections::HashMap<(u64, u32), (SealMark, SessionSlot)>);
+
+/// What identifies one sealing of a slot: its length, its nonce and its
+/// tag.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SealMark {
+    len: usize,
+    ends: [u8; STORAGE_OVERHEAD],
+}
+
+impl SealMark {
+    fn of(sealed: &[u8]) -> Option<Self> {
+        let len = sealed.len();
+        let nonce = sealed.get(..12)?;
+        let tag = sealed.get(len.checked_sub(16)?..)?;
+        let mut ends = [0u8; STORAGE_OVERHEAD];
+        ends[..12].copy_from_slice(nonce);
+        ends[12..].copy_from_slice(tag);
+        Some(Self { len, ends })
+    }
+}
+
 /// Session slots to write for one group, with the change of
 /// `dapgw_udc_sessions_active` they make once applied.
 struct SlotWrites<'a> {
@@ -174,6 +212,8 @@ struct SlotWrites<'a> {
     versions: &'a SlotVersions,
     rng: BufferedRng,
     rows: Vec<SessionRow>,
+    /// The mark of each slot sealed into `rows`, for [`SlotCache`].
+    marks: Vec<(MemberId, SealMark)>,
     active_delta: i64,
 }
 
@@ -184,6 +224,7 @@ impl<'a> SlotWrites<'a> {
             versions,
             rng: BufferedRng::new(),
             rows: Vec::new(),
+            marks: Vec::new(),
             active_delta: 0,
         }
     }
@@ -246,6 +287,8 @@ pub struct Udc {
     rounds: Mutex<BTreeMap<(u32, u64), RoundState>>,
     /// Member records read from the store, valid at one registry version.
     registry_cache: std::sync::Mutex<RegistryCache>,
+    /// Opened session slots this process wrote.
+    slot_cache: std::sync::Mutex<SlotCache>,
     /// Woken whenever downlink records are appended.
     pub(crate) downlink_notify: Notify,
     /// Test seam: awaited once just before the next judged write
@@ -379,6 +422,7 @@ impl Udc {
             lock: Mutex::new(()),
             rounds: Mutex::new(BTreeMap::new()),
             registry_cache: std::sync::Mutex::new(RegistryCache::default()),
+            slot_cache: std::sync::Mutex::new(SlotCache::default()),
             downlink_notify: Notify::new(),
             pre_write: std::sync::Mutex::new(None),
         })
@@ -985,6 +1029,7 @@ impl Udc {
         rows: Vec<Option<store::MemberRow>>,
     ) -> Result<LoadedRegistry, ServiceError> {
         let LoadedRegistry(mut map) = self.registry_from(rows)?;
+        let mut hits = 0u64;
         let mut cache = self
             .registry_cache
             .lock()
@@ -1004,11 +1049,19 @@ impl Udc {
             store::MembersOf::Missing => {
                 for id in ids {
                     if let Some(rec) = cache.records.get(id) {
+                        hits += 1;
                         map.entry(*id).or_insert_with(|| rec.clone());
                     }
                 }
             }
         }
+        let lookups = &self.metrics.cache_lookups;
+        lookups
+            .get(UdcCache::Registry, CacheOutcome::Hit)
+            .inc_by(hits);
+        lookups
+            .get(UdcCache::Registry, CacheOutcome::Miss)
+            .inc_by(ids.len() as u64 - hits);
         if cache.records.len() + map.len() > REGISTRY_CACHE_MAX {
             cache.records.clear();
         }
@@ -1036,12 +1089,24 @@ impl Udc {
         ids: &[MemberId],
         stored: Vec<Option<store::StoredSlot>>,
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
-        let mut table = SessionTable::new();
+        let mut table = SessionTable::with_capacity(ids.len());
         let mut versions = SlotVersions::default();
+        let mut cache = self.slot_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut hits, mut misses) = (0, 0);
         for (id, row) in ids.iter().zip(stored) {
             let Some(row) = row else { continue };
+            let cached = cache.0.remove(&(id.0, group));
             let slot = match &row.state {
-                Some(sealed) => Some(self.open_slot(&aad::session(id.0, group), sealed)?),
+                Some(sealed) => match cached {
+                    Some((mark, slot)) if SealMark::of(sealed.as_bytes()) == Some(mark) => {
+                        hits += 1;
+                        Some(slot)
+                    }
+                    _ => {
+                        misses += 1;
+                        Some(self.open_slot(&aad::session(id.0, group), sealed)?)
+                    }
+                },
                 None => None,
             };
             let active = slot.as_ref().is_some_and(|s| !s.is_empty());
@@ -1057,7 +1122,32 @@ impl Udc {
                 table.insert(GroupId(group), *id, slot);
             }
         }
+        drop(cache);
+        let lookups = &self.metrics.cache_lookups;
+        lookups.get(UdcCache::Slot, CacheOutcome::Hit).inc_by(hits);
+        lookups
+            .get(UdcCache::Slot, CacheOutcome::Miss)
+            .inc_by(misses);
         Ok((table, versions))
+    }
+
+    /// Keeps the slots of `group` a committed batch wrote (`marks`), moved
+    /// out of the batch's `sessions`, in the [`SlotCache`].
+    fn keep_slots(
+        &self,
+        group: u32,
+        marks: Vec<(MemberId, SealMark)>,
+        sessions: &mut SessionTable,
+    ) {
+        let mut cache = self.slot_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0.len() + marks.len() > SLOT_CACHE_MAX {
+            cache.0.clear();
+        }
+        for (id, mark) in marks {
+            if let Some(slot) = sessions.remove(GroupId(group), id) {
+                cache.0.insert((id.0, group), (mark, slot));
+            }
+        }
     }
 
     /// The round a batch answers, from its stored row, if not closed.
@@ -1575,6 +1665,7 @@ impl Udc {
             return Ok(stored);
         }
         self.metrics.sessions_active.add(slots.active_delta);
+        self.keep_slots(group, std::mem::take(&mut slots.marks), &mut sessions);
         // The accepted set lives in the hot cache; the members' session
         // slots (accepted rounds) are its truth (see `judge`'s read).
         if let Some((rs, _)) = round {
@@ -1619,6 +1710,9 @@ impl Udc {
             Some(_) => self.seal_slot(&mut w.rng, &aad::session(id.0, w.group), slot),
             None => Sealed::default(),
         };
+        if let Some(mark) = SealMark::of(state.as_bytes()) {
+            w.marks.push((id, mark));
+        }
         w.active_delta += i64::from(newest.is_some()) - i64::from(read.active);
         w.rows.push(SessionRow {
             member: id.0,

@@ -18,7 +18,7 @@
 //! ([`StorageKey`](crate::protocol::keys::StorageKey)) with the row's
 //! identity in the AAD before they touch a disk.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -501,15 +501,27 @@ impl SliceReader<'_> {
 /// The UDC loads the slots of a batch's members (or of a whole group, for a
 /// rekey) into one table, passes it in, and writes back the slots named in
 /// the output as touched.
+///
+/// A hash map: a batch's slots are looked up several times each while it is
+/// judged, and a B-tree of a few thousand slots cost more per lookup and
+/// per insert (node splits) than hashing the (group, member) key. Member
+/// ids come from the gateway, so the hasher is std's keyed SipHash.
 #[derive(Clone, Debug, Default)]
 pub struct SessionTable {
-    slots: BTreeMap<(GroupId, MemberId), SessionSlot>,
+    slots: HashMap<(GroupId, MemberId), SessionSlot>,
 }
 
 impl SessionTable {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table with room for `n` slots (a batch's members).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            slots: HashMap::with_capacity(n),
+        }
     }
 
     /// The slot of (group, member), if loaded.
@@ -530,7 +542,7 @@ impl SessionTable {
     /// The slot of (group, member), created empty if absent, and whether it
     /// was just created (one search instead of two).
     pub(crate) fn entry_new(&mut self, group: GroupId, id: MemberId) -> (&mut SessionSlot, bool) {
-        use std::collections::btree_map::Entry;
+        use std::collections::hash_map::Entry;
         match self.slots.entry((group, id)) {
             Entry::Occupied(o) => (o.into_mut(), false),
             Entry::Vacant(v) => (v.insert(SessionSlot::default()), true),
@@ -549,10 +561,14 @@ impl SessionTable {
 
     /// Members of `group` that have a slot, in id order.
     pub fn members_of(&self, group: GroupId) -> Vec<MemberId> {
-        self.slots
-            .range((group, MemberId(0))..=(group, MemberId(u64::MAX)))
-            .map(|((_, id), _)| *id)
-            .collect()
+        let mut ids: Vec<MemberId> = self
+            .slots
+            .keys()
+            .filter(|(g, _)| *g == group)
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Drops every slot of `group` (recovery after a restore).
