@@ -302,11 +302,34 @@ impl StorageKey {
         identity_aad: &[u8],
         plaintext: &[u8],
     ) -> Vec<u8> {
+        self.seal_row_with(rng, identity_aad, plaintext.len(), |out| {
+            out.extend_from_slice(plaintext);
+        })
+    }
+
+    /// Seals one row whose plaintext of exactly `len` bytes `fill` appends
+    /// to the buffer it is given: the plaintext is written straight into
+    /// the output and encrypted there, so it is never copied and no
+    /// plaintext buffer is left to wipe.
+    ///
+    /// # Panics
+    ///
+    /// If `fill` appends other than `len` bytes (a longer plaintext would
+    /// have moved the buffer, leaving a copy of it in freed memory), or if
+    /// `len` is longer than AES-GCM allows.
+    pub fn seal_row_with(
+        &self,
+        rng: &mut impl CryptoRng,
+        identity_aad: &[u8],
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Vec<u8> {
         let mut nonce = [0u8; 12];
         rng.fill_bytes(&mut nonce);
-        let mut out = Vec::with_capacity(plaintext.len() + STORAGE_OVERHEAD);
+        let mut out = Vec::with_capacity(len + STORAGE_OVERHEAD);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
+        fill(&mut out);
+        assert_eq!(out.len(), 12 + len, "sealed row plaintext length");
         let tag = with_storage_aad(identity_aad, |aad| {
             self.gcm.seal_in_place(&nonce, aad, &mut out[12..])
         });

@@ -822,7 +822,10 @@ impl Udc {
 
     /// Seals a session slot in its compact binary form.
     fn seal_slot(&self, rng: &mut BufferedRng, aad: &[u8], slot: &SessionSlot) -> Sealed {
-        Sealed::new(self.storage.seal_row(rng, aad, &slot.encode()))
+        Sealed::new(
+            self.storage
+                .seal_row_with(rng, aad, slot.encoded_len(), |out| slot.encode_into(out)),
+        )
     }
 
     /// Opens a session slot sealed by [`Self::seal_slot`] (or as JSON, the

@@ -387,10 +387,22 @@ impl SessionSlot {
     /// Integers are big-endian. The output holds keys: it lives in a
     /// zeroizing buffer and must be sealed before it is stored.
     pub fn encode(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(self.encoded_len()));
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Length of [`Self::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
         let n = usize::from(self.current.is_some())
             + usize::from(self.pending.is_some())
-            + self.unconfirmed.len();
-        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(11 + n * SESSION_BYTES));
+            + self.unconfirmed.len().min(usize::from(u8::MAX));
+        11 + n * SESSION_BYTES
+    }
+
+    /// Appends [`Self::encode`]'s output (exactly [`Self::encoded_len`]
+    /// bytes) to `out`, for a caller that seals it in place.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(SLOT_FORMAT);
         out.extend_from_slice(&self.ecdhe_mark.to_be_bytes());
         out.push(u8::from(self.current.is_some()) | u8::from(self.pending.is_some()) << 1);
@@ -411,7 +423,6 @@ impl SessionSlot {
             out.extend_from_slice(&s.window.seen.to_be_bytes());
             out.extend_from_slice(&s.down_ctr.to_be_bytes());
         }
-        out
     }
 
     /// Decodes [`Self::encode`]'s output. Trailing bytes, a format other
