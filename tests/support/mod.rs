@@ -155,6 +155,8 @@ pub struct UdcState {
     /// answer from a stored verdict is not held).
     pub hold_answers: std::sync::atomic::AtomicBool,
     pub release: Notify,
+    /// Answers that went into the hold (counted once each).
+    pub held: std::sync::atomic::AtomicU64,
 }
 
 pub struct FakeUdc {
@@ -387,10 +389,14 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 .unwrap()
                 .insert(batch.batch_id, (hash, v.clone()));
             st.batch_notify.notify_waiters();
+            let mut counted = false;
             loop {
                 let released = st.release.notified();
                 if !st.hold_answers.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
+                }
+                if !std::mem::replace(&mut counted, true) {
+                    st.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 released.await;
             }
