@@ -1254,6 +1254,70 @@ async fn verdict_store_failure_backs_off_and_recovers() {
     gw.stop().await;
 }
 
+/// A UDC that fails every batch (503) gets one request per backoff, not
+/// one per batch waiting: after a failed exchange the batch sender sends
+/// the lowest pending batch alone until an exchange succeeds. Once the UDC
+/// is back every batch is delivered, none applied twice.
+///
+/// Paused clock moved by the test alone, as in
+/// `verdict_store_failure_backs_off_and_recovers`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_failing_udc_gets_one_batch_per_backoff() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.retry_max_ms = 1000;
+    let gw = Gateway::start(cfg).await;
+    let spinner = tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    // Three batches, each cut (20 ms linger) before the next uplink.
+    for member in 1..=3u64 {
+        let r = c.post(uplink(member, 1, 1, b"x").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        run_for(Duration::from_millis(100)).await;
+    }
+    let posts = || {
+        udc.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = posts();
+    // Ten virtual seconds: waits of at least half the window (100 ms
+    // doubling to the 1 s cap) allow at most about 22 rounds, so at most
+    // 22 requests with one batch per round (66 with all three).
+    run_for(Duration::from_secs(10)).await;
+    let sent = posts() - before;
+    assert!(sent >= 2, "no retries: {sent}");
+    assert!(
+        sent <= 23,
+        "{sent} requests in 10 s: more than one per backoff"
+    );
+
+    udc.set_mode(UdcMode::Up);
+    let mut delivered = false;
+    for _ in 0..100 {
+        run_for(Duration::from_millis(100)).await;
+        if gw.metric("dapgw_spool_entries").await == 0.0 {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "the backlog was never delivered");
+    assert_eq!(
+        udc.applied(),
+        HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (3, 1, 1, 2)])
+    );
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    spinner.abort();
+    gw.stop().await;
+}
+
 /// Waits until the gateway's spool holds `n` member entries.
 async fn wait_spool_entries(gw: &Gateway, n: f64) {
     for _ in 0..1500 {

@@ -632,7 +632,7 @@ impl Upstream {
     /// while the sender goes on, and a batch whose verdict is being stored
     /// is not sent again. An exchange that fails (transport, timeout, 5xx)
     /// leaves its batch sealed: nothing is sent until a backoff has passed,
-    /// then the lowest pending batch first. A verdict that fails to store
+    /// then the lowest pending batch alone, until an exchange succeeds. A verdict that fails to store
     /// leaves its batch sealed too, so it is listed and sent again (the UDC
     /// answers from its stored verdict), after a backoff of its own (reset
     /// once a verdict is stored): a spool that keeps failing (disk error)
@@ -646,6 +646,9 @@ impl Upstream {
         // Nothing is put on the wire before this (a backoff).
         let mut hold: Option<Instant> = None;
         let mut flush_open = true;
+        // After a failed exchange only one batch is on the wire until an
+        // exchange succeeds: a failing UDC gets one request per backoff.
+        let mut probing = false;
         loop {
             let settled = self.settle(&mut storing);
             if settled.any {
@@ -660,7 +663,8 @@ impl Upstream {
             let held = hold.filter(|t| *t > Instant::now());
             // Whether sealed batches may be waiting unsent.
             let mut unsent = true;
-            if held.is_none() && flying.len() < BATCHES_IN_FLIGHT {
+            let limit = if probing { 1 } else { BATCHES_IN_FLIGHT };
+            if held.is_none() && flying.len() < limit {
                 match self.spool.pending_batches().await {
                     Ok(pending) => {
                         unsent = false;
@@ -672,7 +676,7 @@ impl Upstream {
                                 continue;
                             }
                             let order = Order::of(&batch.bytes);
-                            if flying.len() >= BATCHES_IN_FLIGHT
+                            if flying.len() >= limit
                                 || !flying.iter().all(|f| order.commutes_with(&f.order))
                             {
                                 unsent = true;
@@ -704,7 +708,11 @@ impl Upstream {
             }
             tokio::select! {
                 joined = flight.join_next_with_id(), if !flying.is_empty() => {
-                    self.exchanged(joined, &mut flying, &mut storing, &mut hold, &mut backoff);
+                    if let Some(ok) =
+                        self.exchanged(joined, &mut flying, &mut storing, &mut hold, &mut backoff)
+                    {
+                        probing = !ok;
+                    }
                 }
                 res = async {
                     match storing.front_mut() {
@@ -733,6 +741,7 @@ impl Upstream {
 
     /// One exchange task ended: its batch leaves the flight; a final
     /// verdict is being stored, an error holds the sender for a backoff.
+    /// Returns whether the exchange succeeded (None: no task ended).
     fn exchanged(
         &self,
         joined: Option<Result<(tokio::task::Id, Exchanged), tokio::task::JoinError>>,
@@ -740,16 +749,16 @@ impl Upstream {
         storing: &mut VecDeque<Storing>,
         hold: &mut Option<Instant>,
         backoff: &mut Backoff,
-    ) {
+    ) -> Option<bool> {
         let (task, (batch_id, kind, res)) = match joined {
-            None => return,
+            None => return None,
             Some(Ok(done)) => done,
             Some(Err(e)) => {
                 // Its batch stays sealed and is listed again.
                 flying.retain(|f| f.task != e.id());
                 tracing::error!(error = %e, "a batch exchange task failed; retrying");
                 hold_after(hold, backoff);
-                return;
+                return Some(false);
             }
         };
         flying.retain(|f| f.task != task);
@@ -757,6 +766,7 @@ impl Upstream {
             Ok(Sent::Completed(done)) => {
                 backoff.reset();
                 storing.push_back((batch_id, kind, done));
+                Some(true)
             }
             Ok(Sent::Rejected(status)) => {
                 backoff.reset();
@@ -766,10 +776,12 @@ impl Upstream {
                     "the udc refused the batch; kept as a dead letter in the spool"
                 );
                 update_spool_gauges(&self.spool, &self.metrics);
+                Some(true)
             }
             Err(e) => {
                 tracing::warn!(batch = batch_id, error = %e, "batch not delivered; retrying");
                 hold_after(hold, backoff);
+                Some(false)
             }
         }
     }
