@@ -1008,34 +1008,56 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// Waits (checking every 20 ms, at most 20 s) until the fake UDC's latest
-/// subscription is `want`.
+/// Waits, on any clock, until the UDC's last subscription is `want`: polls
+/// between yields with a real-time bound of 30 s (so a paused clock is
+/// neither needed nor moved).
 async fn wait_subscription(udc: &FakeUdc, want: &[u32]) {
-    for _ in 0..1000 {
-        if udc
-            .state
-            .subscriptions
-            .lock()
-            .unwrap()
-            .last()
-            .map(Vec::as_slice)
-            == Some(want)
-        {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while udc
+        .state
+        .subscriptions
+        .lock()
+        .unwrap()
+        .last()
+        .map(Vec::as_slice)
+        != Some(want)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscription never became {want:?}: {:?}",
+            udc.state.subscriptions.lock().unwrap()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits, on any clock, until the gateway's metric `series` is `want`
+/// (real-time bound of 30 s).
+async fn wait_metric(gw: &Gateway, series: &str, want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = gw.metric(series).await;
+        if got == want {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} stayed {got}, not {want}"
+        );
+        tokio::task::yield_now().await;
     }
-    panic!(
-        "subscription never became {want:?}: {:?}",
-        udc.state.subscriptions.lock().unwrap()
-    );
 }
 
 /// A member silent for longer than `DAPGW_ATTACH_TTL_S` leaves the attach
-/// registry, and its group the UDC subscription; a member that keeps
-/// polling stays. A restart drops, before anything else, the members that
+/// registry, and its group the UDC subscription; a member heard from
+/// meanwhile stays. A restart drops, before anything else, the members that
 /// expired while the gateway was down.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// The registry's clock follows tokio's, paused here and moved by the test
+/// alone (a task that keeps yielding keeps the runtime from auto-advancing
+/// it), so how long each member was silent does not depend on how fast the
+/// machine runs the test.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn silent_members_expire_from_the_attach_registry() {
     let pki = pki(&["gw-1"]);
     let udc = FakeUdc::start(&pki).await;
@@ -1043,33 +1065,40 @@ async fn silent_members_expire_from_the_attach_registry() {
     let mut cfg = gateway_config(&pki, udc.addr, dir.path());
     cfg.attach_ttl_s = 2;
     let gw = Gateway::start(cfg.clone()).await;
+    let spinner = tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
     let mut c = Client::connect(gw.members, &pki, true).await;
-    // Member 2 attaches first: if its polls did not refresh it, it would
-    // expire before member 1 and the subscription would pass through [5].
+    // Member 2 attaches first: if its poll did not refresh it, it would
+    // expire with member 1 and the subscription would end empty.
     assert_eq!(c.attach(2, &[6]).await.status, StatusCode::OK);
     assert_eq!(c.attach(1, &[5]).await.status, StatusCode::OK);
     wait_subscription(&udc, &[5, 6]).await;
-    let mut keep = c.try_clone().unwrap();
-    let alive = tokio::spawn(async move {
-        loop {
-            let r = keep.poll(2, &[6], 0, 100).await;
-            assert_eq!(r.status, StatusCode::NO_CONTENT);
-        }
-    });
+    // 1.5 s later member 2 polls; member 1 stays silent.
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let r = c.poll(2, &[6], 0, 0).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // At 2.5 s member 1 has been silent for longer than the TTL (the sweep
+    // runs every 500 ms), member 2 for 1 s.
+    tokio::time::advance(Duration::from_millis(1000)).await;
     wait_subscription(&udc, &[6]).await;
-    assert!(
-        !udc.state
-            .subscriptions
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|s| s.as_slice() == [5]),
-        "member 2 expired although it kept polling"
-    );
+    {
+        // After [5, 6]: neither [5] (member 2 gone first) nor [] (both gone).
+        let subs = udc.state.subscriptions.lock().unwrap();
+        let both = subs.iter().position(|s| s.as_slice() == [5, 6]).unwrap();
+        assert!(
+            subs[both..]
+                .iter()
+                .all(|s| !s.is_empty() && s.as_slice() != [5]),
+            "member 2 expired although it polled: {subs:?}"
+        );
+    }
+    // The sweep sets the gauge after removing the member from the spool.
+    wait_metric(&gw, "dapgw_attached_members", 1.0).await;
     assert_eq!(gw.metric("dapgw_attach_expired_total").await, 1.0);
-    assert_eq!(gw.metric("dapgw_attached_members").await, 1.0);
-    alive.abort();
-    let _ = alive.await;
+    spinner.abort();
     gw.stop().await;
 
     // While the gateway is down: member 3 was last heard from ten days ago.
@@ -1096,8 +1125,8 @@ async fn silent_members_expire_from_the_attach_registry() {
             .all(|s| !s.contains(&8)),
         "an expired member was subscribed after the restart"
     );
+    wait_metric(&gw, "dapgw_attached_members", 1.0).await;
     assert_eq!(gw.metric("dapgw_attach_expired_total").await, 1.0);
-    assert_eq!(gw.metric("dapgw_attached_members").await, 1.0);
     gw.stop().await;
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     let members: Vec<u64> = spool
@@ -1173,10 +1202,21 @@ async fn verdict_store_failure_backs_off_and_recovers() {
         .load(std::sync::atomic::Ordering::SeqCst);
     assert!(posts >= 2, "the batch was not re-sent: {posts}");
     assert!(posts <= 23, "re-sent {posts} times in 10 s: no backoff");
+    // Each exchange counts one outcome (the last one may still be storing).
     let unstored = gw
         .metric("dapgw_batches_total{kind=\"uplink\",outcome=\"unstored\"}")
         .await;
-    assert!(unstored >= (posts - 1) as f64, "{unstored} of {posts}");
+    let ok = gw
+        .metric("dapgw_batches_total{kind=\"uplink\",outcome=\"ok\"}")
+        .await;
+    assert_eq!(
+        ok, 0.0,
+        "an exchange whose verdict was not stored counted ok"
+    );
+    assert!(
+        unstored >= (posts - 1) as f64 && unstored <= posts as f64,
+        "{unstored} unstored of {posts} exchanges"
+    );
     assert_eq!(gw.metric("dapgw_spool_entries").await, 1.0);
 
     // The disk recovers: the next re-send's verdict is stored.
@@ -1204,6 +1244,202 @@ async fn verdict_store_failure_backs_off_and_recovers() {
     );
     assert_eq!(udc.applied(), HashSet::from([(1u64, 1u32, 1u64, 2u8)]));
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    // Every exchange counted once: the unstored ones and the one stored.
+    let outcome = |o: &str| format!("dapgw_batches_total{{kind=\"uplink\",outcome=\"{o}\"}}");
+    let ok = gw.metric(&outcome("ok")).await;
+    let unstored = gw.metric(&outcome("unstored")).await;
+    assert_eq!(ok, 1.0);
+    assert_eq!(ok + unstored, posts as f64, "{ok} ok + {unstored} unstored");
     spinner.abort();
+    gw.stop().await;
+}
+
+/// A UDC that fails every batch (503) gets one request per backoff, not
+/// one per batch waiting: after a failed exchange the batch sender sends
+/// the lowest pending batch alone until an exchange succeeds. Once the UDC
+/// is back every batch is delivered, none applied twice.
+///
+/// Paused clock moved by the test alone, as in
+/// `verdict_store_failure_backs_off_and_recovers`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_failing_udc_gets_one_batch_per_backoff() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.retry_max_ms = 1000;
+    let gw = Gateway::start(cfg).await;
+    let spinner = tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    // Three batches, each cut (20 ms linger) before the next uplink.
+    for member in 1..=3u64 {
+        let r = c.post(uplink(member, 1, 1, b"x").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        run_for(Duration::from_millis(100)).await;
+    }
+    let posts = || {
+        udc.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = posts();
+    // Ten virtual seconds: waits of at least half the window (100 ms
+    // doubling to the 1 s cap) allow at most about 22 rounds, so at most
+    // 22 requests with one batch per round (66 with all three).
+    run_for(Duration::from_secs(10)).await;
+    let sent = posts() - before;
+    assert!(sent >= 2, "no retries: {sent}");
+    assert!(
+        sent <= 23,
+        "{sent} requests in 10 s: more than one per backoff"
+    );
+
+    udc.set_mode(UdcMode::Up);
+    let mut delivered = false;
+    for _ in 0..100 {
+        run_for(Duration::from_millis(100)).await;
+        if gw.metric("dapgw_spool_entries").await == 0.0 {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "the backlog was never delivered");
+    assert_eq!(
+        udc.applied(),
+        HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (3, 1, 1, 2)])
+    );
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    spinner.abort();
+    gw.stop().await;
+}
+
+/// Waits until the gateway's spool holds `n` member entries.
+async fn wait_spool_entries(gw: &Gateway, n: f64) {
+    for _ in 0..1500 {
+        if gw.metric("dapgw_spool_entries").await == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the spool never held {n} entries");
+}
+
+/// The batch sender does not wait for one verdict before sending the next
+/// batch: while the UDC holds its answer to the first batch, the later ones
+/// are sent, judged and their verdicts stored; the first one's verdict is
+/// stored once the UDC answers. Nothing is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_sent_while_an_earlier_verdict_is_awaited() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    // No timeout re-sends batch 1 while the test holds its answer.
+    cfg.upstream_timeout_ms = 120_000;
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    udc.hold_answers(true);
+    let r = c.post(uplink(1, 1, 1, b"a").to_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    udc.wait_until("batch 1's answer held", |s| {
+        s.held.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    // Batch 1's answer stays held (until `release`); later batches are
+    // answered at once. Member 2, then member 1 again in the same session
+    // (which the UDC may judge before or after its first uplink).
+    udc.state
+        .hold_answers
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    for (n, (member, ctr)) in [(2u64, 1u64), (1, 2)].into_iter().enumerate() {
+        let r = c.post(uplink(member, 1, ctr, b"b").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        udc.wait_until("the batch at the udc", |s| {
+            s.batches.lock().unwrap().len() == n + 2
+        })
+        .await;
+    }
+    // Their verdicts are stored while batch 1's is still awaited.
+    // (The gauge follows the spool's commit, the count the sender.)
+    wait_spool_entries(&gw, 1.0).await;
+    let ok = "dapgw_batches_total{kind=\"uplink\",outcome=\"ok\"}";
+    wait_metric(&gw, ok, 2.0).await;
+    udc.state.release.notify_waiters();
+    wait_spool_entries(&gw, 0.0).await;
+    assert_eq!(
+        udc.applied(),
+        HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (1, 1, 2, 2)])
+    );
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    assert_eq!(
+        udc.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    let ids: Vec<u64> = udc
+        .state
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b.batch_id)
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    wait_metric(&gw, ok, 3.0).await;
+    gw.stop().await;
+}
+
+/// A gateway stopped while several batches are in flight (the UDC applied
+/// them and holds its answers) sends all of them again after its restart
+/// on the same spool: the UDC answers each from its stored verdict, nothing
+/// is applied twice and the spool empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_batches_in_flight_resends_them_and_applies_none_twice() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.drain_grace_ms = 500;
+    let mut gw = Gateway::start(cfg.clone()).await;
+    udc.hold_answers(true);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    for member in 1..=3u64 {
+        let r = c.post(uplink(member, 1, 1, b"x").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        udc.wait_until("the batch at the udc", |s| {
+            s.batches.lock().unwrap().len() == member as usize
+        })
+        .await;
+    }
+    // All three are in flight together; the drain's grace runs out.
+    gw.shutdown().await.unwrap().unwrap();
+    let posts = udc
+        .state
+        .batch_posts
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(posts, 3);
+    udc.hold_answers(false);
+
+    let gw = Gateway::start(cfg).await;
+    wait_spool_entries(&gw, 0.0).await;
+    assert_eq!(
+        udc.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "each batch sent once more"
+    );
+    assert_eq!(udc.state.batches.lock().unwrap().len(), 3);
+    assert_eq!(
+        udc.applied(),
+        HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (3, 1, 1, 2)])
+    );
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     gw.stop().await;
 }

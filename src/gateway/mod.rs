@@ -203,7 +203,10 @@ pub async fn run(
     let attach_ttl = config.attach_ttl();
     let attached = Arc::new(Attached::new());
     let expired = spool
-        .expire_attached(None, unix_ms().saturating_sub(duration_ms(attach_ttl)))
+        .expire_attached(
+            None,
+            attached.now_ms().saturating_sub(duration_ms(attach_ttl)),
+        )
         .await?;
     if expired > 0 {
         tracing::info!(
@@ -317,6 +320,9 @@ pub async fn run(
     readiness.set_draining();
     let _ = drain_tx.send(true);
     tracing::info!(grace_ms = config.drain_grace_ms, "draining");
+    // Past the grace the batch sender is stopped with everything else (its
+    // exchanges in flight too); what it had not finished stays sealed.
+    let batches_abort = batches.abort_handle();
     let drained = tokio::time::timeout(config.drain_grace(), async {
         // Connections finish their requests; long polls end on the drain.
         let _ = server.await;
@@ -336,6 +342,7 @@ pub async fn run(
             "drain grace time over; what is left stays in the spool"
         ),
     }
+    batches_abort.abort();
     collector.stop().await;
     let _ = admin_stop_tx.send(true);
     tasks.abort_all();
@@ -484,7 +491,7 @@ async fn expire_attached(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sweep_attached(&attached, &spool, &metrics, ttl, unix_ms()).await;
+        sweep_attached(&attached, &spool, &metrics, ttl, attached.now_ms()).await;
     }
 }
 
@@ -574,6 +581,9 @@ pub struct Attached {
     /// The sorted set of groups with at least one member; the upstream
     /// client PUTs it as the subscription whenever it changes.
     groups: watch::Sender<Vec<u32>>,
+    /// The registry's clock: the wall clock (unix ms) and tokio's clock
+    /// when the registry was made; see [`Attached::now_ms`].
+    clock: (u64, tokio::time::Instant),
 }
 
 #[derive(Debug, Default)]
@@ -610,7 +620,20 @@ impl Attached {
         Attached {
             inner: Mutex::new(AttachedInner::default()),
             groups: watch::channel(Vec::new()).0,
+            clock: (unix_ms(), tokio::time::Instant::now()),
         }
+    }
+
+    /// The registry's clock, in Unix milliseconds: the wall clock read when
+    /// the registry was made, advanced by tokio's monotonic clock since.
+    /// Members' last-heard times and the TTL sweep use it, so a step of the
+    /// wall clock neither expires every member at once nor keeps them, and
+    /// tests move it with tokio's paused clock.
+    pub fn now_ms(&self) -> u64 {
+        let (base_ms, base) = self.clock;
+        base_ms.saturating_add(duration_ms(
+            tokio::time::Instant::now().saturating_duration_since(base),
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AttachedInner> {

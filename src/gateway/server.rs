@@ -586,7 +586,7 @@ async fn attach(
     // registry as it was (the retry writes again). The same groups again
     // only refresh the member's last-heard time, unless the member expired
     // in between (then it is written as new).
-    let now = super::unix_ms();
+    let now = ctx.attached.now_ms();
     let unchanged = !ctx
         .attached
         .would_change(parsed.member, &parsed.groups)
@@ -674,7 +674,7 @@ async fn uplink(
     };
     let member = msg.member().0;
     check_identity(ctx, identity, member)?;
-    ctx.attached.touch(member, super::unix_ms());
+    ctx.attached.touch(member, ctx.attached.now_ms());
     let entry = NewEntry {
         stream,
         member,
@@ -927,7 +927,7 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
         )
     })?;
     check_identity(ctx, identity, q.member)?;
-    ctx.attached.touch(q.member, super::unix_ms());
+    ctx.attached.touch(q.member, ctx.attached.now_ms());
     let records = downlink::poll(&ctx.spool, &q, ctx.drain.clone())
         .await
         .map_err(|e| {

@@ -150,6 +150,13 @@ pub struct UdcState {
     pub record_arrivals: std::sync::atomic::AtomicBool,
     /// Every `POST /v1/batches`, re-sends included.
     pub batch_posts: std::sync::atomic::AtomicU64,
+    /// While set, a new batch is applied and its verdict stored, but the
+    /// answer waits until this is cleared and `release` notified (an
+    /// answer from a stored verdict is not held).
+    pub hold_answers: std::sync::atomic::AtomicBool,
+    pub release: Notify,
+    /// Answers that went into the hold (counted once each).
+    pub held: std::sync::atomic::AtomicU64,
 }
 
 pub struct FakeUdc {
@@ -238,6 +245,16 @@ impl FakeUdc {
         tokio::time::timeout(Duration::from_secs(30), fut)
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// Holds (`true`) or releases (`false`) the answers to new batches.
+    pub fn hold_answers(&self, hold: bool) {
+        self.state
+            .hold_answers
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+        if !hold {
+            self.state.release.notify_waiters();
+        }
     }
 
     pub fn applied(&self) -> HashSet<(u64, u32, u64, u8)> {
@@ -372,6 +389,17 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 .unwrap()
                 .insert(batch.batch_id, (hash, v.clone()));
             st.batch_notify.notify_waiters();
+            let mut counted = false;
+            loop {
+                let released = st.release.notified();
+                if !st.hold_answers.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if !std::mem::replace(&mut counted, true) {
+                    st.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                released.await;
+            }
             answer(StatusCode::OK, v)
         }
         (Method::POST, "/v1/tags") => {
