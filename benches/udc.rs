@@ -10,8 +10,8 @@
 //! The UDC runs in this process, on a runtime of its own (two workers and
 //! its blocking pool); the client (posting the prepared batches, reading
 //! the verdicts and pulling the confirms) runs alone on the main thread.
-//! The UDC's CPU is every thread's but the client's, read from
-//! `/proc/self/task/*/schedstat`; the client's is printed apart. The
+//! The UDC's CPU is the process CPU clock minus the client thread's CPU
+//! clock; the client's is printed apart. The
 //! members' responses are computed before the clock starts.
 //!
 //! Each round is posted as batches of `--batch` entries (default: the
@@ -50,39 +50,26 @@ use sha2::{Digest, Sha256};
 const G: u32 = 1;
 const TOKEN: &str = "bench-token";
 
-/// CPU time (in seconds) of this process's threads so far, without the
-/// calling thread: the sum over the other threads of
-/// `/proc/self/task/*/schedstat` (nanoseconds; `/proc/self/stat` counts
-/// 10 ms ticks, too coarse for a round of a few tens of milliseconds).
+/// CPU time (in seconds) of this process so far, without the calling
+/// thread's: the process CPU clock (which keeps the time of threads that
+/// have ended, such as idle blocking-pool threads) minus the thread CPU
+/// clock of the caller.
 ///
 /// The bench's client (sending the batches, reading the verdicts and
 /// confirms) runs alone on the calling thread, so this is the UDC's CPU:
 /// its runtime's workers and its blocking pool (SQLite, the verifier).
-/// Threads that ended before the call are not counted: the runtime's
-/// workers live for the whole run, and the blocking-pool threads are kept
-/// alive by the steady stream of store calls.
 fn udc_cpu_seconds() -> f64 {
-    let me = std::fs::read_link("/proc/thread-self")
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_owned()));
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    let ns: u64 = tasks
-        .flatten()
-        .filter(|t| Some(t.file_name()) != me)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    ns as f64 / 1e9
+    cpu_clock(rustix::time::ClockId::ProcessCPUTime) - client_cpu_seconds()
 }
 
 /// CPU time (in seconds) of the calling thread (the bench's client).
 fn client_cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0.0, |ns| ns as f64 / 1e9)
+    cpu_clock(rustix::time::ClockId::ThreadCPUTime)
+}
+
+fn cpu_clock(id: rustix::time::ClockId) -> f64 {
+    let t = rustix::time::clock_gettime(id);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 struct Client {
@@ -496,11 +483,7 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) {
         wall * 1e6 / members as f64,
         client * 1e6 / members as f64
     );
-    if let [auth, reauth, read] = per_member[..] {
-        println!(
-            "udc per reading in a read round (read round minus second auth round): {:.2} us CPU",
-            read - reauth
-        );
+    if let [auth, reauth, _read] = per_member[..] {
         println!(
             "udc first auth round plus one uplink reading (the dapgw bench workload): \
              {:.2} us CPU/member; second auth round plus one reading: {:.2}",

@@ -126,7 +126,8 @@ enum RoundOp {
         /// auth or read (default: the operator API's, auth).
         #[arg(long)]
         purpose: Option<String>,
-        /// Read request bytes (hex), for read rounds.
+        /// Read request bytes (hex), for read rounds: needs `--purpose
+        /// read` (refused on an auth round).
         #[arg(long)]
         read_request: Option<String>,
         /// Seconds the round stays open.
@@ -163,7 +164,8 @@ enum RoundOp {
         #[arg(long)]
         purpose: Option<String>,
         /// Read request bytes (hex) every read round of the schedule
-        /// carries (default: empty, the meter's default reading).
+        /// carries (default: empty, the meter's default reading); needs
+        /// `--purpose read` (refused on an auth schedule).
         #[arg(long)]
         read_request: Option<String>,
     },

@@ -758,8 +758,9 @@ pub struct UdcMetrics {
     /// `dapgw_udc_connections_closed_total{reason}`: connections refused
     /// or closed by a limit.
     pub connections_closed: Counter1<LimitReason>,
-    /// `dapgw_udc_cache_lookups_total{cache,outcome}`: per member of a
-    /// batch, whether its record or slot came from memory.
+    /// `dapgw_udc_cache_lookups_total{cache,outcome}`: per member record
+    /// or stored session slot loaded (for a batch, or a rekey), whether it
+    /// came from memory.
     pub cache_lookups: Counter2<UdcCache, CacheOutcome>,
 }
 
@@ -844,7 +845,7 @@ impl UdcMetrics {
             cache_lookups: Counter2::register(
                 r,
                 "dapgw_udc_cache_lookups_total",
-                "Batch members whose record or session slot came from memory (hit) or the \
+                "Member records and stored session slots loaded, from memory (hit) or the \
                  store (miss), by cache.",
                 ["cache", "outcome"],
             )?,

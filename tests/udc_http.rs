@@ -2419,3 +2419,93 @@ async fn slot_cache_serves_own_writes_only() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Slot-cache hit and miss counts of a `Udc`.
+fn slot_counts(u: &udc::service::Udc) -> (f64, f64) {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&u.registry().gather())
+        .unwrap();
+    let count = |outcome| {
+        metric(
+            &text,
+            "dapgw_udc_cache_lookups_total",
+            &[("cache", "slot"), ("outcome", outcome)],
+        )
+    };
+    (count("hit"), count("miss"))
+}
+
+/// The slot cache inside one process: a rekey (a member added) rewrites
+/// the slots it loaded, so the next batch misses them; a batch that fails
+/// (another process revoked a member between its read and its write)
+/// puts nothing back, so its retry misses too and is judged on the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
+    use dapgw::udc::service::ServiceError;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(None, 3).await;
+    let answer_round = |batch_id: u64, round: u64, challenge: &Bytes| {
+        batch(
+            "gw-1",
+            batch_id,
+            round,
+            (1..=3).map(|m| respond(&h, m, challenge)).collect(),
+        )
+        .to_bytes()
+    };
+    let next_round = |u: Arc<udc::service::Udc>| async move {
+        let r = u
+            .open_round(
+                G,
+                Mode::Psk,
+                dapgw::protocol::wire::Purpose::Auth,
+                Some(60_000),
+            )
+            .await
+            .unwrap();
+        let ch = last_group_record(&records(&u.downlink("gw-1", 0).await.unwrap()));
+        (r, ch)
+    };
+    let v = a
+        .handle_batch("gw-1", answer_round(1, round, &challenge))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&v).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    assert_eq!(slot_counts(&a), (0.0, 0.0), "no slot stored before");
+
+    // The rekey loads the three slots the batch wrote (hits) and rewrites
+    // them: the next round's batch misses all three.
+    a.add_member(4, vec![G], 1).await.unwrap();
+    assert_eq!(slot_counts(&a), (3.0, 0.0));
+    let (r2, ch2) = next_round(a.clone()).await;
+    let v = a
+        .handle_batch("gw-1", answer_round(2, r2, &ch2))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&v).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    assert_eq!(slot_counts(&a), (3.0, 3.0));
+
+    // Its slots are cached; a batch reads them (hits) and fails at its
+    // write, so its retry reads them from the store: member 2's emptied by
+    // the revocation, 1 and 3 as this process last wrote them.
+    let (r3, ch3) = next_round(a.clone()).await;
+    let body = answer_round(3, r3, &ch3);
+    a.before_next_batch_write(async move {
+        assert!(b.revoke_member(2).await.unwrap());
+    });
+    let err = a.handle_batch("gw-1", body.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    assert_eq!(slot_counts(&a), (6.0, 3.0));
+    let v = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&v).unwrap()),
+        vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
+    );
+    assert_eq!(slot_counts(&a), (6.0, 5.0));
+    h.stop().await;
+}

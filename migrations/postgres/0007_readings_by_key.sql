@@ -6,5 +6,9 @@
 -- serves every query the old one served. (SQLite needs no change: its
 -- readings_by_time, on a WITHOUT ROWID table, carries the primary key
 -- after ts_ms.)
-CREATE INDEX readings_by_key ON readings (member, ts_ms, grp, sid, ctr);
-DROP INDEX readings_by_time;
+-- IF NOT EXISTS: on a large store an operator can build the index
+-- beforehand without blocking writers (docs/udc.md, Storage:
+-- CREATE INDEX CONCURRENTLY IF NOT EXISTS readings_by_key ON readings
+-- (member, ts_ms, grp, sid, ctr)), and this step then finds it built.
+CREATE INDEX IF NOT EXISTS readings_by_key ON readings (member, ts_ms, grp, sid, ctr);
+DROP INDEX IF EXISTS readings_by_time;

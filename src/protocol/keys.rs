@@ -303,38 +303,39 @@ impl StorageKey {
         plaintext: &[u8],
     ) -> Vec<u8> {
         self.seal_row_with(rng, identity_aad, plaintext.len(), |out| {
-            out.extend_from_slice(plaintext);
+            out.copy_from_slice(plaintext);
         })
     }
 
-    /// Seals one row whose plaintext of exactly `len` bytes `fill` appends
-    /// to the buffer it is given: the plaintext is written straight into
-    /// the output and encrypted there, so it is never copied and no
-    /// plaintext buffer is left to wipe.
+    /// Seals one row whose plaintext of exactly `len` bytes `fill` writes
+    /// into the slice it is given: the plaintext is written straight into
+    /// the output buffer (allocated once, at its final size) and encrypted
+    /// there, so it is never copied.
     ///
     /// # Panics
     ///
-    /// If `fill` appends other than `len` bytes (a longer plaintext would
-    /// have moved the buffer, leaving a copy of it in freed memory), or if
-    /// `len` is longer than AES-GCM allows.
+    /// If `fill` panics (for example by writing past the slice); the buffer
+    /// is wiped as the panic unwinds. Or if `len` is longer than AES-GCM
+    /// allows (about 64 GiB).
     pub fn seal_row_with(
         &self,
         rng: &mut impl CryptoRng,
         identity_aad: &[u8],
         len: usize,
-        fill: impl FnOnce(&mut Vec<u8>),
+        fill: impl FnOnce(&mut [u8]),
     ) -> Vec<u8> {
         let mut nonce = [0u8; 12];
         rng.fill_bytes(&mut nonce);
-        let mut out = Vec::with_capacity(len + STORAGE_OVERHEAD);
-        out.extend_from_slice(&nonce);
-        fill(&mut out);
-        assert_eq!(out.len(), 12 + len, "sealed row plaintext length");
+        // Wiped if `fill` panics; emptied (nothing left to wipe) once sealed.
+        let mut out = Zeroizing::new(vec![0u8; len + STORAGE_OVERHEAD]);
+        out[..12].copy_from_slice(&nonce);
+        let (body, tag_out) = out[12..].split_at_mut(len);
+        fill(body);
         let tag = with_storage_aad(identity_aad, |aad| {
-            self.gcm.seal_in_place(&nonce, aad, &mut out[12..])
+            self.gcm.seal_in_place(&nonce, aad, body)
         });
-        out.extend_from_slice(&tag);
-        out
+        tag_out.copy_from_slice(&tag);
+        std::mem::take(&mut *out)
     }
 
     /// Opens a row sealed under the same identity.

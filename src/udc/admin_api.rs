@@ -117,8 +117,10 @@ impl Query {
                     bad("a query parameter name is not valid percent-encoded UTF-8")
                 })?;
                 let v = percent_decode(v).ok_or_else(|| {
+                    // The name is the client's: echoed, but not at any length.
+                    let name: String = k.chars().take(64).collect();
                     bad(&format!(
-                        "query parameter `{k}` is not valid percent-encoded UTF-8"
+                        "query parameter `{name}` is not valid percent-encoded UTF-8"
                     ))
                 })?;
                 Ok((k, v))

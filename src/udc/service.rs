@@ -194,13 +194,17 @@ struct SealMark {
 }
 
 impl SealMark {
+    /// The mark of a sealed row (`nonce [12] | ciphertext | tag [16]`).
     fn of(sealed: &[u8]) -> Option<Self> {
+        const NONCE: usize = 12;
         let len = sealed.len();
-        let nonce = sealed.get(..12)?;
-        let tag = sealed.get(len.checked_sub(16)?..)?;
+        let tag = len.checked_sub(STORAGE_OVERHEAD - NONCE)?;
+        if len < STORAGE_OVERHEAD {
+            return None;
+        }
         let mut ends = [0u8; STORAGE_OVERHEAD];
-        ends[..12].copy_from_slice(nonce);
-        ends[12..].copy_from_slice(tag);
+        ends[..NONCE].copy_from_slice(&sealed[..NONCE]);
+        ends[NONCE..].copy_from_slice(&sealed[tag..]);
         Some(Self { len, ends })
     }
 }
@@ -1097,8 +1101,8 @@ impl Udc {
         let mut cache = self.slot_cache.lock().unwrap_or_else(|p| p.into_inner());
         let (mut hits, mut misses) = (0, 0);
         for (id, row) in ids.iter().zip(stored) {
-            let Some(row) = row else { continue };
             let cached = cache.0.remove(&(id.0, group));
+            let Some(row) = row else { continue };
             let slot = match &row.state {
                 Some(sealed) => match cached {
                     Some((mark, slot)) if SealMark::of(sealed.as_bytes()) == Some(mark) => {

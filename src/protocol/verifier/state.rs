@@ -373,6 +373,20 @@ pub const SLOT_FORMAT: u8 = 1;
 /// Bytes of one session in [`SessionSlot::encode`]'s output.
 const SESSION_BYTES: usize = 4 + 8 + 8 + 8 + 1 + 16 + 12 + 16 + 8 + 8 + 8;
 
+/// Writes byte strings one after another into a slice of a known length.
+struct SliceWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl SliceWriter<'_> {
+    /// Appends `bytes`; panics, writing nothing, past the slice's end.
+    fn put(&mut self, bytes: &[u8]) {
+        self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+}
+
 impl SessionSlot {
     /// The compact binary form of the slot, for sealing (the JSON form is
     /// more than three times larger and much slower to build):
@@ -387,7 +401,7 @@ impl SessionSlot {
     /// Integers are big-endian. The output holds keys: it lives in a
     /// zeroizing buffer and must be sealed before it is stored.
     pub fn encode(&self) -> zeroize::Zeroizing<Vec<u8>> {
-        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(self.encoded_len()));
+        let mut out = zeroize::Zeroizing::new(vec![0u8; self.encoded_len()]);
         self.encode_into(&mut out);
         out
     }
@@ -400,29 +414,37 @@ impl SessionSlot {
         11 + n * SESSION_BYTES
     }
 
-    /// Appends [`Self::encode`]'s output (exactly [`Self::encoded_len`]
-    /// bytes) to `out`, for a caller that seals it in place.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.push(SLOT_FORMAT);
-        out.extend_from_slice(&self.ecdhe_mark.to_be_bytes());
-        out.push(u8::from(self.current.is_some()) | u8::from(self.pending.is_some()) << 1);
+    /// Writes [`Self::encode`]'s output into `out`, for a caller that seals
+    /// it in place.
+    ///
+    /// # Panics
+    ///
+    /// If `out` is not exactly [`Self::encoded_len`] bytes long (before
+    /// writing past its end).
+    pub fn encode_into(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.encoded_len(), "session slot buffer length");
+        let mut w = SliceWriter { out, at: 0 };
+        w.put(&[SLOT_FORMAT]);
+        w.put(&self.ecdhe_mark.to_be_bytes());
+        w.put(&[u8::from(self.current.is_some()) | u8::from(self.pending.is_some()) << 1]);
         // At most UNCONFIRMED_KEPT by construction; a longer list is cut
         // here rather than wrapping the count.
         let unconfirmed = &self.unconfirmed[..self.unconfirmed.len().min(usize::from(u8::MAX))];
-        out.push(unconfirmed.len() as u8);
+        w.put(&[unconfirmed.len() as u8]);
         for s in self.current.iter().chain(&self.pending).chain(unconfirmed) {
-            out.extend_from_slice(&s.group.0.to_be_bytes());
-            out.extend_from_slice(&s.id.0.to_be_bytes());
-            out.extend_from_slice(&s.sid.0);
-            out.extend_from_slice(&s.round.to_be_bytes());
-            out.push(s.mode.code());
-            out.extend_from_slice(s.k_up.expose());
-            out.extend_from_slice(s.iv_up.expose());
-            out.extend_from_slice(s.k_down.expose());
-            out.extend_from_slice(&s.window.top.to_be_bytes());
-            out.extend_from_slice(&s.window.seen.to_be_bytes());
-            out.extend_from_slice(&s.down_ctr.to_be_bytes());
+            w.put(&s.group.0.to_be_bytes());
+            w.put(&s.id.0.to_be_bytes());
+            w.put(&s.sid.0);
+            w.put(&s.round.to_be_bytes());
+            w.put(&[s.mode.code()]);
+            w.put(s.k_up.expose());
+            w.put(s.iv_up.expose());
+            w.put(s.k_down.expose());
+            w.put(&s.window.top.to_be_bytes());
+            w.put(&s.window.seen.to_be_bytes());
+            w.put(&s.down_ctr.to_be_bytes());
         }
+        assert_eq!(w.at, w.out.len(), "session slot encoding length");
     }
 
     /// Decodes [`Self::encode`]'s output. Trailing bytes, a format other
@@ -936,6 +958,28 @@ mod tests {
             back.pending.as_ref().unwrap(),
             fresh.pending.as_ref().unwrap()
         ));
+
+        // Every shape a slot can take (current or not, pending or not, 0 to
+        // 2 unconfirmed): the length is what the sealer allocates, and the
+        // encoding decodes back.
+        for shape in 0..12u8 {
+            let mut s = SessionSlot::default();
+            for i in 0..(shape / 4) {
+                s.unconfirmed.push(mk(20 + i));
+            }
+            if shape & 1 == 1 {
+                s.current = Some(mk(30));
+            }
+            if shape & 2 == 2 {
+                s.pending = Some(mk(31));
+            }
+            let enc = s.encode();
+            assert_eq!(enc.len(), s.encoded_len(), "shape {shape}");
+            let back = SessionSlot::decode(&enc).unwrap();
+            assert_eq!(back.current.is_some(), s.current.is_some(), "shape {shape}");
+            assert_eq!(back.pending.is_some(), s.pending.is_some(), "shape {shape}");
+            assert_eq!(back.unconfirmed.len(), s.unconfirmed.len(), "shape {shape}");
+        }
 
         // Every truncation, trailing bytes, bad codes: errors, no panic.
         for cut in 0..bytes.len() {
