@@ -1149,6 +1149,21 @@ async fn run_now() {
 
 /// Advances the paused clock by `total` in 10 ms steps, letting every task
 /// run after each step.
+/// Runs the paused clock in steps of 100 ms until the gateway's spool is
+/// empty (true) or `limit` has passed (false).
+async fn spool_empties_within(gw: &Gateway, limit: Duration) -> bool {
+    let step = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    while waited < limit {
+        run_for(step).await;
+        if gw.metric("dapgw_spool_entries").await == 0.0 {
+            return true;
+        }
+        waited += step;
+    }
+    false
+}
+
 async fn run_for(total: Duration) {
     let step = Duration::from_millis(10);
     let mut done = Duration::ZERO;
@@ -1221,15 +1236,10 @@ async fn verdict_store_failure_backs_off_and_recovers() {
 
     // The disk recovers: the next re-send's verdict is stored.
     raw.execute_batch("DROP TRIGGER fail_verdict").unwrap();
-    let mut freed = false;
-    for _ in 0..100 {
-        run_for(Duration::from_millis(100)).await;
-        if gw.metric("dapgw_spool_entries").await == 0.0 {
-            freed = true;
-            break;
-        }
-    }
-    assert!(freed, "the verdict was never stored");
+    assert!(
+        spool_empties_within(&gw, Duration::from_secs(10)).await,
+        "the verdict was never stored"
+    );
     let posts = udc
         .state
         .batch_posts
@@ -1300,15 +1310,10 @@ async fn a_failing_udc_gets_one_batch_per_backoff() {
     );
 
     udc.set_mode(UdcMode::Up);
-    let mut delivered = false;
-    for _ in 0..100 {
-        run_for(Duration::from_millis(100)).await;
-        if gw.metric("dapgw_spool_entries").await == 0.0 {
-            delivered = true;
-            break;
-        }
-    }
-    assert!(delivered, "the backlog was never delivered");
+    assert!(
+        spool_empties_within(&gw, Duration::from_secs(10)).await,
+        "the backlog was never delivered"
+    );
     assert_eq!(
         udc.applied(),
         HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (3, 1, 1, 2)])

@@ -1906,7 +1906,14 @@ async fn two_udcs_in_a_round(
         .collect();
     a.import_members(rows).await.unwrap();
     a.subscribe("gw-1", vec![G]).await.unwrap();
-    let round = a
+    let (round, challenge) = open_psk_round(&a).await;
+    (h, a, b, round, challenge)
+}
+
+/// Opens a psk auth round of group `G` on `u` and reads its challenge from
+/// gw-1's downlink.
+async fn open_psk_round(u: &udc::service::Udc) -> (u64, Bytes) {
+    let round = u
         .open_round(
             G,
             Mode::Psk,
@@ -1915,8 +1922,8 @@ async fn two_udcs_in_a_round(
         )
         .await
         .unwrap();
-    let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
-    (h, a, b, round, challenge)
+    let challenge = last_group_record(&records(&u.downlink("gw-1", 0).await.unwrap()));
+    (round, challenge)
 }
 
 /// Two `Udc`s on one store: `b` revokes member 2 after `a` has read the
@@ -2452,19 +2459,6 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
         )
         .to_bytes()
     };
-    let next_round = |u: Arc<udc::service::Udc>| async move {
-        let r = u
-            .open_round(
-                G,
-                Mode::Psk,
-                dapgw::protocol::wire::Purpose::Auth,
-                Some(60_000),
-            )
-            .await
-            .unwrap();
-        let ch = last_group_record(&records(&u.downlink("gw-1", 0).await.unwrap()));
-        (r, ch)
-    };
     let v = a
         .handle_batch("gw-1", answer_round(1, round, &challenge))
         .await
@@ -2479,7 +2473,7 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
     // them: the next round's batch misses all three.
     a.add_member(4, vec![G], 1).await.unwrap();
     assert_eq!(slot_counts(&a), (3.0, 0.0));
-    let (r2, ch2) = next_round(a.clone()).await;
+    let (r2, ch2) = open_psk_round(&a).await;
     let v = a
         .handle_batch("gw-1", answer_round(2, r2, &ch2))
         .await
@@ -2493,7 +2487,7 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
     // Its slots are cached; a batch reads them (hits) and fails at its
     // write, so its retry reads them from the store: member 2's emptied by
     // the revocation, 1 and 3 as this process last wrote them.
-    let (r3, ch3) = next_round(a.clone()).await;
+    let (r3, ch3) = open_psk_round(&a).await;
     let body = answer_round(3, r3, &ch3);
     a.before_next_batch_write(async move {
         assert!(b.revoke_member(2).await.unwrap());
