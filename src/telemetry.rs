@@ -765,6 +765,16 @@ pub struct UdcMetrics {
 }
 
 impl UdcMetrics {
+    /// Counts the lookups of one batch (or rekey) in `cache`.
+    pub fn count_cache(&self, cache: UdcCache, hits: u64, misses: u64) {
+        self.cache_lookups
+            .get(cache, CacheOutcome::Hit)
+            .inc_by(hits);
+        self.cache_lookups
+            .get(cache, CacheOutcome::Miss)
+            .inc_by(misses);
+    }
+
     /// Registers every UDC family (and `dapgw_build_info`) in `r`.
     ///
     /// # Panics

@@ -414,6 +414,41 @@ impl<const N: usize> FixedWriter<N> {
     }
 }
 
+/// Fills a borrowed slice field by field, for encodings whose length is
+/// known before they are written ([`FixedWriter`]'s twin for a length known
+/// at run time: no allocation, the caller owns the buffer).
+pub(crate) struct SliceWriter<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> SliceWriter<'a> {
+    /// A writer at the start of `out`.
+    pub(crate) fn new(out: &'a mut [u8]) -> Self {
+        Self { out, pos: 0 }
+    }
+
+    /// Appends `bytes`.
+    ///
+    /// # Panics
+    ///
+    /// If the slice would overflow (before writing anything past it): the
+    /// caller's length is wrong.
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
+        self.out[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
+        self.pos += bytes.len();
+    }
+
+    /// Checks the slice is completely filled.
+    ///
+    /// # Panics
+    ///
+    /// If it is not: the caller's length is wrong.
+    pub(crate) fn finish(self) {
+        assert_eq!(self.pos, self.out.len(), "encoding not completely filled");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

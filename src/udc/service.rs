@@ -35,9 +35,7 @@ use crate::protocol::wire::{
     BatchBody, Confirm, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome, Purpose,
     TagReply, Verdict, VerdictBody,
 };
-use crate::telemetry::{
-    CacheOutcome, EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics,
-};
+use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics};
 use crate::udc::store::{
     self, AnyStore, Audience, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget, GroupRow,
     OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed, SessionRow,
@@ -198,13 +196,12 @@ impl SealMark {
     fn of(sealed: &[u8]) -> Option<Self> {
         const NONCE: usize = 12;
         let len = sealed.len();
-        let tag = len.checked_sub(STORAGE_OVERHEAD - NONCE)?;
         if len < STORAGE_OVERHEAD {
             return None;
         }
         let mut ends = [0u8; STORAGE_OVERHEAD];
         ends[..NONCE].copy_from_slice(&sealed[..NONCE]);
-        ends[NONCE..].copy_from_slice(&sealed[tag..]);
+        ends[NONCE..].copy_from_slice(&sealed[len - (STORAGE_OVERHEAD - NONCE)..]);
         Some(Self { len, ends })
     }
 }
@@ -1062,13 +1059,8 @@ impl Udc {
                 }
             }
         }
-        let lookups = &self.metrics.cache_lookups;
-        lookups
-            .get(UdcCache::Registry, CacheOutcome::Hit)
-            .inc_by(hits);
-        lookups
-            .get(UdcCache::Registry, CacheOutcome::Miss)
-            .inc_by(ids.len() as u64 - hits);
+        self.metrics
+            .count_cache(UdcCache::Registry, hits, ids.len() as u64 - hits);
         if cache.records.len() + map.len() > REGISTRY_CACHE_MAX {
             cache.records.clear();
         }
@@ -1130,11 +1122,7 @@ impl Udc {
             }
         }
         drop(cache);
-        let lookups = &self.metrics.cache_lookups;
-        lookups.get(UdcCache::Slot, CacheOutcome::Hit).inc_by(hits);
-        lookups
-            .get(UdcCache::Slot, CacheOutcome::Miss)
-            .inc_by(misses);
+        self.metrics.count_cache(UdcCache::Slot, hits, misses);
         Ok((table, versions))
     }
 

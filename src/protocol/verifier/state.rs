@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::UsageError;
-use crate::protocol::codec::DecodeError;
+use crate::protocol::codec::{DecodeError, SliceWriter};
 use crate::protocol::suite::{Iv12, Key16, Key32};
 use crate::protocol::wire::{GroupId, MemberId, Mode, SessionId};
 
@@ -373,20 +373,6 @@ pub const SLOT_FORMAT: u8 = 1;
 /// Bytes of one session in [`SessionSlot::encode`]'s output.
 const SESSION_BYTES: usize = 4 + 8 + 8 + 8 + 1 + 16 + 12 + 16 + 8 + 8 + 8;
 
-/// Writes byte strings one after another into a slice of a known length.
-struct SliceWriter<'a> {
-    out: &'a mut [u8],
-    at: usize,
-}
-
-impl SliceWriter<'_> {
-    /// Appends `bytes`; panics, writing nothing, past the slice's end.
-    fn put(&mut self, bytes: &[u8]) {
-        self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
-        self.at += bytes.len();
-    }
-}
-
 impl SessionSlot {
     /// The compact binary form of the slot, for sealing (the JSON form is
     /// more than three times larger and much slower to build):
@@ -410,8 +396,15 @@ impl SessionSlot {
     pub fn encoded_len(&self) -> usize {
         let n = usize::from(self.current.is_some())
             + usize::from(self.pending.is_some())
-            + self.unconfirmed.len().min(usize::from(u8::MAX));
+            + self.encoded_unconfirmed().len();
         11 + n * SESSION_BYTES
+    }
+
+    /// The unconfirmed sessions the encoding carries: at most
+    /// [`UNCONFIRMED_KEPT`] by construction; a longer list is cut at what
+    /// its one-byte count can say rather than wrapping the count.
+    fn encoded_unconfirmed(&self) -> &[SessionState] {
+        &self.unconfirmed[..self.unconfirmed.len().min(usize::from(u8::MAX))]
     }
 
     /// Writes [`Self::encode`]'s output into `out`, for a caller that seals
@@ -423,13 +416,11 @@ impl SessionSlot {
     /// writing past its end).
     pub fn encode_into(&self, out: &mut [u8]) {
         assert_eq!(out.len(), self.encoded_len(), "session slot buffer length");
-        let mut w = SliceWriter { out, at: 0 };
+        let mut w = SliceWriter::new(out);
         w.put(&[SLOT_FORMAT]);
         w.put(&self.ecdhe_mark.to_be_bytes());
         w.put(&[u8::from(self.current.is_some()) | u8::from(self.pending.is_some()) << 1]);
-        // At most UNCONFIRMED_KEPT by construction; a longer list is cut
-        // here rather than wrapping the count.
-        let unconfirmed = &self.unconfirmed[..self.unconfirmed.len().min(usize::from(u8::MAX))];
+        let unconfirmed = self.encoded_unconfirmed();
         w.put(&[unconfirmed.len() as u8]);
         for s in self.current.iter().chain(&self.pending).chain(unconfirmed) {
             w.put(&s.group.0.to_be_bytes());
@@ -444,7 +435,7 @@ impl SessionSlot {
             w.put(&s.window.seen.to_be_bytes());
             w.put(&s.down_ctr.to_be_bytes());
         }
-        assert_eq!(w.at, w.out.len(), "session slot encoding length");
+        w.finish();
     }
 
     /// Decodes [`Self::encode`]'s output. Trailing bytes, a format other
