@@ -18,7 +18,8 @@
 //!
 //! The spool is one SQLite database (`spool.db`) in WAL mode with
 //! `synchronous=FULL`. Every write goes through one writer thread which drains
-//! all queued requests, applies them in one transaction and commits; only then
+//! all queued requests, applies them in one transaction (taking in, before
+//! the commit, those queued while it applied them) and commits; only then
 //! does it answer the callers (group commit). With `synchronous=FULL` the
 //! commit returns after the WAL was `fsync`ed, and a checkpoint `fsync`s the
 //! database before the WAL is reused. Therefore:
@@ -1920,7 +1921,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Some(done) = self.apply_group(group) {
+            // What arrives while the group is applied joins it: a seal cut
+            // meanwhile commits with these appends rather than after this
+            // commit and then its own.
+            if let Some(done) = self.apply_group(group, || rx.try_recv().ok()) {
                 // Close the database and release the lock before answering.
                 drop(self);
                 let _ = done.send(());
@@ -1930,12 +1934,33 @@ impl Writer {
     }
 
     /// Applies a group in one transaction and answers it after the commit.
-    /// Returns the shutdown acknowledgement if the group asked to stop.
-    fn apply_group(&mut self, group: Vec<Request>) -> Option<oneshot::Sender<()>> {
+    /// Once `group` is applied, requests from `late` (those queued since)
+    /// join the same transaction while it is live, until `late` has none or
+    /// the group holds [`MAX_GROUP`]; every request of the group, late or
+    /// not, is answered only after the one commit. Returns the shutdown
+    /// acknowledgement if the group asked to stop (no late request is taken
+    /// after it).
+    fn apply_group(
+        &mut self,
+        group: Vec<Request>,
+        mut late: impl FnMut() -> Option<Request>,
+    ) -> Option<oneshot::Sender<()>> {
         let mut shutdown = None;
         let mut answers: Vec<Pending> = Vec::with_capacity(group.len());
         let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
-        for req in group {
+        let mut queued = group.into_iter();
+        let mut taken = 0;
+        while let Some(req) = queued.next().or_else(|| {
+            // Only into a live transaction: after a loss, what is still
+            // queued goes into the next group rather than failing here.
+            let live = begun.is_ok() && !self.poisoned && !self.conn.is_autocommit();
+            if live && shutdown.is_none() && taken < MAX_GROUP {
+                late()
+            } else {
+                None
+            }
+        }) {
+            taken += 1;
             if let Request::Shutdown(tx) = req {
                 shutdown = Some(tx);
                 continue;
@@ -2845,7 +2870,7 @@ mod tests {
         let (a1, mut r1) = append_req(1);
         let (p, mut rp) = push_req(254);
         let (a2, mut r2) = append_req(2);
-        assert!(w.apply_group(vec![a1, p, a2]).is_none());
+        assert!(w.apply_group(vec![a1, p, a2], || None).is_none());
         assert!(matches!(
             r1.try_recv().unwrap(),
             Err(SpoolError::Storage(_))
@@ -2865,7 +2890,7 @@ mod tests {
         let (a1, mut r1) = append_req(1);
         let (p, mut rp) = push_req(255);
         let (a2, mut r2) = append_req(2);
-        assert!(w.apply_group(vec![a1, p, a2]).is_none());
+        assert!(w.apply_group(vec![a1, p, a2], || None).is_none());
         assert!(r1.try_recv().unwrap().is_ok());
         assert!(matches!(
             rp.try_recv().unwrap(),
@@ -2875,6 +2900,113 @@ mod tests {
         assert_eq!(recount(&w.conn).unwrap(), w.committed);
         assert_eq!(w.committed.entries, 2);
         assert_eq!(w.committed.downlink, 0);
+    }
+
+    fn seal_req(batch_id: u64, entries: Vec<EntryId>) -> (Request, Rx<()>) {
+        let (reply, rx) = oneshot::channel();
+        let tags = vec![[7; 16]; entries.len()];
+        let req = Request::Seal {
+            batch_id,
+            entries,
+            bytes: Bytes::from_static(b"batch"),
+            tags,
+            reply,
+        };
+        (req, rx)
+    }
+
+    /// A seal queued while a group is applied joins that group's
+    /// transaction and is answered by its commit only: when the group is
+    /// lost the seal fails with it (its batch is not stored, so it is never
+    /// listed or uploaded), and when the group commits the batch is in the
+    /// database, as another connection sees it, before the seal is answered.
+    /// No request of the group is answered before the late ones are
+    /// applied; nothing is taken once the transaction is lost, after a
+    /// shutdown, nor beyond `MAX_GROUP`.
+    #[test]
+    fn late_requests_join_the_group_and_share_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        w.conn
+            .execute_batch(
+                "CREATE TRIGGER lose BEFORE INSERT ON downlink WHEN NEW.kind = 254
+                 BEGIN SELECT RAISE(ROLLBACK, 'injected'); END;",
+            )
+            .unwrap();
+        let (a1, mut r1) = append_req(1);
+        let (a2, mut r2) = append_req(2);
+        assert!(w.apply_group(vec![a1, a2], || None).is_none());
+        let ids = vec![
+            r1.try_recv().unwrap().unwrap(),
+            r2.try_recv().unwrap().unwrap(),
+        ];
+        let batch = w.reserve_batch_ids(1).unwrap();
+        let stored = |dir: &Path| -> (i64, i64) {
+            raw(dir)
+                .query_row(
+                    "SELECT (SELECT count(*) FROM batches WHERE bytes = x'6261746368'),
+                            (SELECT count(*) FROM entries WHERE batch_id = ?1)",
+                    [clamp(batch)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+
+        // The seal and then a request that loses the transaction arrive
+        // while an append's group is applied.
+        let (a3, mut r3) = append_req(3);
+        let (s, mut rs) = seal_req(batch, ids.clone());
+        let (p, mut rp) = push_req(254);
+        let mut late = vec![s, p].into_iter();
+        let mut calls = 0;
+        assert!(
+            w.apply_group(vec![a3], || {
+                calls += 1;
+                assert!(r3.try_recv().is_err(), "answered before the commit");
+                late.next()
+            })
+            .is_none()
+        );
+        assert_eq!(calls, 2, "nothing is taken once the transaction is lost");
+        for res in [rs.try_recv().unwrap(), rp.try_recv().unwrap().map(|_| ())] {
+            assert!(matches!(res, Err(SpoolError::Storage(_))), "{res:?}");
+        }
+        assert!(matches!(
+            r3.try_recv().unwrap(),
+            Err(SpoolError::Storage(_))
+        ));
+        assert_eq!(stored(dir.path()), (0, 0));
+        assert_eq!(w.committed.batches, 0);
+
+        // The same seal, late again, in a group that commits.
+        let (a3, mut r3) = append_req(3);
+        let (s, mut rs) = seal_req(batch, ids);
+        let mut late = Some(s);
+        assert!(w.apply_group(vec![a3], || late.take()).is_none());
+        assert!(r3.try_recv().unwrap().is_ok());
+        assert!(rs.try_recv().unwrap().is_ok());
+        assert_eq!(stored(dir.path()), (1, 2));
+        assert_eq!(w.committed.batches, 1);
+        assert_eq!(recount(&w.conn).unwrap(), w.committed);
+
+        // Nothing joins after a shutdown; a group stops at MAX_GROUP.
+        let (tx, _stopped) = oneshot::channel();
+        let mut asked = 0;
+        let stop = w.apply_group(vec![Request::Shutdown(tx)], || {
+            asked += 1;
+            None
+        });
+        assert!(stop.is_some());
+        assert_eq!(asked, 0);
+        let mut asked = 0;
+        assert!(
+            w.apply_group(Vec::new(), || {
+                asked += 1;
+                Some(append_req(1_000 + asked as u64).0)
+            })
+            .is_none()
+        );
+        assert_eq!(asked, MAX_GROUP);
     }
 
     fn sourced_append_req(member: u64, source: [u8; 16]) -> (Request, Rx<EntryId>) {
@@ -2905,14 +3037,14 @@ mod tests {
         let size = entry_size(&entry(1, b"body"));
         let (r1, _rx1) = sourced_append_req(1, a);
         let (p, _rp) = push_req(254);
-        assert!(w.apply_group(vec![r1, p]).is_none());
+        assert!(w.apply_group(vec![r1, p], || None).is_none());
         assert!(w.shares.held.is_empty(), "a lost group counts nothing");
         assert!(w.shares.log.is_empty());
 
         let (r1, mut rx1) = sourced_append_req(1, a);
         let (r2, mut rx2) = sourced_append_req(2, b);
         let (r3, mut rx3) = sourced_append_req(3, a);
-        assert!(w.apply_group(vec![r1, r2, r3]).is_none());
+        assert!(w.apply_group(vec![r1, r2, r3], || None).is_none());
         let ids: Vec<EntryId> = [&mut rx1, &mut rx2, &mut rx3]
             .into_iter()
             .map(|rx| rx.try_recv().unwrap().unwrap())
