@@ -232,7 +232,10 @@ fn summarize(all: &[[f64; PHASES.len()]]) {
         };
         (v[0], median, v[n - 1])
     };
-    println!("over {} runs, UDC CPU us per member (min / median / max):", all.len());
+    println!(
+        "over {} runs, UDC CPU us per member (min / median / max):",
+        all.len()
+    );
     for (i, phase) in PHASES.iter().enumerate() {
         let (min, median, max) = stats(all.iter().map(|r| r[i]).collect());
         println!("  {phase:<28} {min:6.2} / {median:6.2} / {max:6.2}");
