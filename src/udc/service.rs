@@ -224,8 +224,9 @@ impl<'a> SlotWrites<'a> {
             group,
             versions,
             rng: BufferedRng::new(),
-            rows: Vec::new(),
-            marks: Vec::new(),
+            // At most one row per slot read (a batch's members).
+            rows: Vec::with_capacity(versions.0.len()),
+            marks: Vec::with_capacity(versions.0.len()),
             active_delta: 0,
         }
     }
@@ -1033,6 +1034,10 @@ impl Udc {
         rows: Vec<Option<store::MemberRow>>,
     ) -> Result<LoadedRegistry, ServiceError> {
         let LoadedRegistry(mut map) = self.registry_from(rows)?;
+        // The rows just read are the ones the copy lacks (or all of them,
+        // for a new copy): the copy keeps them, and gives the batch the rest.
+        let fresh: Vec<(MemberId, MemberRecord)> =
+            map.iter().map(|(id, rec)| (*id, rec.clone())).collect();
         let mut hits = 0u64;
         let mut cache = self
             .registry_cache
@@ -1052,21 +1057,21 @@ impl Udc {
             }
             store::MembersOf::Missing => {
                 for id in ids {
-                    if let Some(rec) = cache.records.get(id) {
+                    if let std::collections::btree_map::Entry::Vacant(e) = map.entry(*id)
+                        && let Some(rec) = cache.records.get(id)
+                    {
                         hits += 1;
-                        map.entry(*id).or_insert_with(|| rec.clone());
+                        e.insert(rec.clone());
                     }
                 }
             }
         }
         self.metrics
             .count_cache(UdcCache::Registry, hits, ids.len() as u64 - hits);
-        if cache.records.len() + map.len() > REGISTRY_CACHE_MAX {
+        if cache.records.len() + fresh.len() > REGISTRY_CACHE_MAX {
             cache.records.clear();
         }
-        for (id, rec) in &map {
-            cache.records.entry(*id).or_insert_with(|| rec.clone());
-        }
+        cache.records.extend(fresh);
         Ok(LoadedRegistry(map))
     }
 
@@ -1534,6 +1539,7 @@ impl Udc {
                 };
                 let round_no = ctx.round.unwrap_or(0);
                 let mode = ctx.mode;
+                write.outcomes.reserve_exact(outcomes.len());
                 for (id, o) in ids.iter().zip(&outcomes) {
                     let kind = match o {
                         Outcome::Accepted => OutcomeKind::Accepted,
@@ -1601,6 +1607,7 @@ impl Udc {
                         self.count_outcome(*o, Mode::Psk);
                     }
                 }
+                write.readings.reserve_exact(v.messages.len());
                 for m in &v.messages {
                     write.readings.push(ReadingRow {
                         member: m.id.0,
