@@ -97,6 +97,10 @@ enum UdcOp {
     Update(UpdateArgs),
     /// Revoke a member (new epoch and rekey in its groups).
     Revoke(RevokeArgs),
+    /// After restoring the store from a backup (every UDC process
+    /// restarted): raise every group's counters, drop every session, open a
+    /// psk-ecdhe round per group.
+    Recover(RecoverArgs),
     /// Members: list them, add one, import a registry file.
     Members(MembersArgs),
     /// Readings of a member in a time range.
@@ -213,6 +217,16 @@ struct RevokeArgs {
     target: AdminTarget,
     /// The member.
     member: u64,
+}
+
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// Confirms the store was restored from a backup (recovery drops every
+    /// member's session).
+    #[arg(long)]
+    restored_from_backup: bool,
 }
 
 #[derive(Args, Debug)]
@@ -704,6 +718,20 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             format!("/v1/admin/members/{}/revoke", r.member),
             None,
         ),
+        UdcOp::Recover(r) => {
+            if !r.restored_from_backup {
+                anyhow::bail!(
+                    "recovery drops every member's session; run it only after restoring the \
+                     store from a backup, with --restored-from-backup"
+                );
+            }
+            (
+                r.target,
+                "POST",
+                "/v1/admin/recover".to_string(),
+                Some(json!({"confirm": dapgw::udc::admin_api::RECOVER_CONFIRM})),
+            )
+        }
         UdcOp::Members(m) => match (m.add, m.import) {
             (Some(id), _) => (
                 m.target,

@@ -933,7 +933,8 @@ fn udc_cli_raw(w: &World, op: &[&str]) -> (bool, String, String) {
 /// Every operator subcommand of `dapgw udc` against a running UDC with a
 /// gateway and members: members (import, add, list), rounds (start, show
 /// with per-gateway results, close), schedules (add, list, delete),
-/// updates (send, show acks), readings (with a limit), revoke, gateways.
+/// updates (send, show acks), readings (with a limit), revoke, gateways,
+/// recover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_cli_runs_every_operation() {
     let _serial = SERIAL.lock().await;
@@ -1131,6 +1132,17 @@ async fn operator_cli_runs_every_operation() {
         "{gws}"
     );
     assert_eq!(gws["gateways"][0]["rejected"], 0, "{gws}");
+
+    // Recovery after a restore: refused without the confirmation flag,
+    // then raises the counters and opens a psk-ecdhe round per group.
+    let (ok, _, stderr) = udc_cli_raw(&w, &["recover"]);
+    assert!(!ok && stderr.contains("--restored-from-backup"), "{stderr}");
+    let rec = udc_cli(&w, &["recover", "--restored-from-backup"]);
+    assert_eq!(rec["groups"], 1, "{rec}");
+    assert!(
+        rec["rounds_opened"][0]["round"].as_u64().unwrap() > 1 << 32,
+        "{rec}"
+    );
 
     f.shutdown().await;
     assert!(gw.term().await.success());

@@ -224,6 +224,7 @@ both!(
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
     registry_version_follows_every_registry_change,
+    raise_after_restore_moves_cursors_and_the_registry_version,
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
@@ -1736,4 +1737,31 @@ async fn corrupt_downlink_bundles_are_errors() {
         .unwrap();
         assert_eq!(s.read_downlink("gw", 0, 10).await.unwrap().len(), 3);
     }
+}
+
+/// Recovery after a restore: every gateway's next downlink cursor and the
+/// registry version rise by the offset, nothing else changes.
+async fn raise_after_restore_moves_cursors_and_the_registry_version(f: Fixture) {
+    let s = f.open().await;
+    let push = |n: u8| BatchWrite {
+        downlink: vec![DownlinkPush {
+            target: DownlinkTarget::Gateway(GW.into()),
+            records: vec![DownlinkRecord {
+                audience: Audience::Group,
+                group: G,
+                message: vec![n],
+            }],
+        }],
+        ..BatchWrite::default()
+    };
+    s.apply_batch(push(1)).await.unwrap();
+    let cursor = s.latest_cursor(GW).await.unwrap();
+    let version = s.registry_version().await.unwrap();
+    s.raise_after_restore(1 << 32).await.unwrap();
+    assert_eq!(s.registry_version().await.unwrap(), version + (1 << 32));
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), cursor + (1 << 32));
+    s.apply_batch(push(2)).await.unwrap();
+    let recs = s.read_downlink(GW, cursor, 10).await.unwrap();
+    assert_eq!(recs.len(), 1, "only the new record is after the old cursor");
+    assert!(recs[0].cursor > cursor + (1 << 32), "{}", recs[0].cursor);
 }

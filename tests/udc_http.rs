@@ -100,10 +100,17 @@ impl Harness {
     /// Stops the UDC (draining) and starts a new process-worth of it (a new
     /// `Udc`, empty caches and metrics) over the same store and keys.
     async fn restart(&mut self) {
+        self.restart_after(|| {}).await;
+    }
+
+    /// [`Self::restart`], running `between` while the UDC is stopped (to
+    /// copy or restore its store files).
+    async fn restart_after(&mut self, between: impl FnOnce()) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         (&mut self.task).await.unwrap().unwrap();
+        between();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = l.local_addr().unwrap();
@@ -2501,5 +2508,119 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
         vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
     );
     assert_eq!(slot_counts(&a), (6.0, 5.0));
+    h.stop().await;
+}
+
+/// Copies the SQLite store files (`udc.sqlite3` and its WAL and shared
+/// memory, where present) from `from` to `to`, removing those `from` lacks.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for name in ["udc.sqlite3", "udc.sqlite3-wal", "udc.sqlite3-shm"] {
+        let (src, dst) = (from.join(name), to.join(name));
+        if src.exists() {
+            std::fs::copy(&src, &dst).unwrap();
+        } else if dst.exists() {
+            std::fs::remove_file(&dst).unwrap();
+        }
+    }
+}
+
+/// The store restored from a backup, then `POST /v1/admin/recover`
+/// (docs/udc.md, "Recovery after a restore"): an uplink accepted after the
+/// backup cannot be replayed, the new psk-ecdhe round's challenge reaches a
+/// gateway whose cursor is past everything the restored store handed out,
+/// its round number is above every earlier one, and members authenticate
+/// in it. Without the confirmation the call is refused and changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
+    use dapgw::protocol::verifier::state::RESTORE_OFFSET;
+    let mut h = Harness::start(None).await;
+    let dir = h._dir.path().to_path_buf();
+    let backup = tempfile::tempdir().unwrap();
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let recs = h.downlink(r.cursor).await;
+    for (_, _, _, id, msg) in &recs {
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
+            .unwrap()
+            .persisted();
+    }
+    let mut seal = |i: usize, what: &[u8]| {
+        members[i]
+            .seal_uplink(GroupId(G), UplinkKind::Reading, what)
+            .unwrap()
+            .persisted()
+    };
+    let v = h
+        .post_batch(&uplink_batch(2, &[seal(0, b"1a"), seal(1, b"2a")]))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+
+    // The backup; then a reading and a group update it does not hold.
+    h.restart_after(|| copy_store(&dir, backup.path())).await;
+    let late = seal(0, b"1b");
+    let v = h
+        .post_batch(&uplink_batch(3, std::slice::from_ref(&late)))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/groups/{G}/updates"),
+        serde_json::json!({"payload_hex": "c0ffee"}),
+    )
+    .await;
+    let cursor = h.downlink(0).await.last().unwrap().0;
+
+    // Restored: the late reading's counter is free again in the restored
+    // replay window.
+    h.restart_after(|| copy_store(backup.path(), &dir)).await;
+    let (s, body) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/recover",
+            serde_json::json!({"confirm": "yes"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let rec = h
+        .op(
+            Method::POST,
+            "/v1/admin/recover",
+            serde_json::json!({"confirm": "restored-from-backup"}),
+        )
+        .await;
+    assert_eq!(rec["groups"], 1, "{rec}");
+    assert_eq!(rec["sessions_dropped"], 2, "{rec}");
+    let round = rec["rounds_opened"][0]["round"].as_u64().unwrap();
+    assert_eq!(rec["rounds_opened"][0]["group"], G, "{rec}");
+    assert!(round > RESTORE_OFFSET + r.round, "{rec}");
+
+    // The replay finds no session to verify it.
+    let v = h.post_batch(&uplink_batch(4, &[late])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::UnknownSession]);
+
+    // The new challenge comes after the cursor gw-1 held before the
+    // restore, and the members answer it.
+    let recs = h.downlink(cursor).await;
+    let challenge = last_group_record(&recs);
+    let entries = answer(&mut members, &challenge, b"");
+    assert!(entries.iter().all(|(e, _)| e.e_i.is_some()), "psk-ecdhe");
+    let mut b = batch("gw-1", 5, round, entries);
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
     h.stop().await;
 }

@@ -1018,6 +1018,11 @@ pub trait Store: Send + Sync {
     /// Drops every session (recovery after a restore); last-auth times stay.
     /// Returns the number of (member, group) rows cleared.
     fn drop_all_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Raises every gateway's downlink head and the registry version by
+    /// `by`, in one transaction (recovery after a restore: the cursors
+    /// gateways were handed and the versions processes cached before the
+    /// restore are never handed out again).
+    fn raise_after_restore(&self, by: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The number of (member, group) pairs holding at least one session
     /// (`dapgw_udc_sessions_active` at start).
     fn count_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -1238,6 +1243,7 @@ impl Store for AnyStore {
         fn registry_version(&self) -> u64;
         fn member_sessions(&self, first: u64, last: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
+        fn raise_after_restore(&self, by: u64) -> ();
         fn count_sessions(&self) -> u64;
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
         fn latest_cursor(&self, gateway: &str) -> u64;

@@ -1334,6 +1334,23 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn raise_after_restore(&self, by: u64) -> Result<(), StoreError> {
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let tx = client.transaction().await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "UPDATE downlink_heads SET last_cursor = last_cursor + $1",
+        )
+        .await?;
+        tx.execute(&st, &[&i(by)]).await?;
+        let st = prep(&tx, stmts, "UPDATE registry_version SET v = v + $1").await?;
+        tx.execute(&st, &[&i(by)]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn registry_version(&self) -> Result<u64, StoreError> {
         let r = self.query(REGISTRY_VERSION_SQL, &[]).await?;
         let v: i64 = r

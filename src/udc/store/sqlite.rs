@@ -1230,6 +1230,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn raise_after_restore(&self, by: u64) -> Result<(), StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE downlink_heads SET last_cursor = last_cursor + ?1",
+                [i(by)],
+            )?;
+            tx.execute("UPDATE registry_version SET v = v + ?1", [i(by)])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn count_sessions(&self) -> Result<u64, StoreError> {
         self.read(|tx| {
             let n: i64 = tx
