@@ -224,7 +224,7 @@ both!(
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
     registry_version_follows_every_registry_change,
-    raise_after_restore_moves_cursors_and_the_registry_version,
+    recovery_is_one_transaction_and_raises_the_floor,
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
@@ -487,8 +487,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![6],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7],
+        Kind::Sqlite => vec![7],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -1739,29 +1739,168 @@ async fn corrupt_downlink_bundles_are_errors() {
     }
 }
 
-/// Recovery after a restore: every gateway's next downlink cursor and the
-/// registry version rise by the offset, nothing else changes.
-async fn raise_after_restore_moves_cursors_and_the_registry_version(f: Fixture) {
+/// The recovery after a restore, store step (docs/udc.md, "Restoring a
+/// backup"): one transaction raises the floor, creates the named groups
+/// without a row, empties every session, raises every downlink head and the
+/// registry version, then applies the batch (groups, rounds closed and
+/// opened, downlink records above the raised heads); a gateway queue that
+/// starts afterwards starts above the floor. A write that fails at its last
+/// step (a group changed since it was read), one with a stale floor, and one
+/// whose raise would pass u64::MAX write nothing at all.
+async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
+    const OFF: u64 = 1 << 32;
     let s = f.open().await;
-    let push = |n: u8| BatchWrite {
-        downlink: vec![DownlinkPush {
-            target: DownlinkTarget::Gateway(GW.into()),
-            records: vec![DownlinkRecord {
-                audience: Audience::Group,
-                group: G,
-                message: vec![n],
-            }],
-        }],
+    setup(&s, 2).await;
+    // Group 9 named by a member, group 8 by a subscription: neither has a row.
+    s.apply_batch(BatchWrite {
+        members: vec![member(3, &[9])],
+        sessions: vec![session(1, 1, 1, 0)],
+        downlink: vec![push(DownlinkTarget::Gateway(GW.into()), 1)],
         ..BatchWrite::default()
-    };
-    s.apply_batch(push(1)).await.unwrap();
-    let cursor = s.latest_cursor(GW).await.unwrap();
+    })
+    .await
+    .unwrap();
+    s.set_subscriptions("gw-2", vec![8]).await.unwrap();
+    let reads = s.recovery_reads().await.unwrap();
+    assert_eq!(reads.state, RecoveryState::default());
+    assert_eq!(reads.groups.len(), 1);
+    assert_eq!(reads.named_without_row, vec![8, 9]);
+    let open: Vec<(u32, u64)> = reads
+        .open_rounds
+        .iter()
+        .map(|r| (r.group, r.round))
+        .collect();
+    assert_eq!(open, vec![(G, 1)]);
+    assert_eq!(reads.newest_record_ms, Some(5_000), "round 1's opening");
     let version = s.registry_version().await.unwrap();
-    s.raise_after_restore(1 << 32).await.unwrap();
-    assert_eq!(s.registry_version().await.unwrap(), version + (1 << 32));
-    assert_eq!(s.latest_cursor(GW).await.unwrap(), cursor + (1 << 32));
-    s.apply_batch(push(2)).await.unwrap();
-    let recs = s.read_downlink(GW, cursor, 10).await.unwrap();
-    assert_eq!(recs.len(), 1, "only the new record is after the old cursor");
-    assert!(recs[0].cursor > cursor + (1 << 32), "{}", recs[0].cursor);
+    let write = |floor_before: u64, group_version: u64, raise_by: u64| RecoveryWrite {
+        floor_before,
+        floor: OFF,
+        raise_by,
+        new_groups: [8, 9]
+            .map(|g| GroupRow {
+                epoch: OFF + 1,
+                next_round: OFF + 2,
+                seq: OFF,
+                ..group_row(g)
+            })
+            .to_vec(),
+        batch: BatchWrite {
+            now_ms: 70_000,
+            groups: vec![GroupRow {
+                epoch: OFF + 1,
+                next_round: OFF + 3,
+                seq: OFF,
+                version: group_version,
+                ..group_row(G)
+            }],
+            closed_rounds: vec![(G, 1)],
+            new_rounds: vec![round_row(G, OFF + 2)],
+            downlink: vec![
+                push(DownlinkTarget::Gateway(GW.into()), 2),
+                push(DownlinkTarget::Subscribers, 3),
+            ],
+            ..BatchWrite::default()
+        },
+    };
+    assert!(matches!(
+        s.recover(write(0, 9, OFF)).await,
+        Err(StoreError::Conflict("group"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+    assert!(matches!(
+        s.recover(write(5, 1, OFF)).await,
+        Err(StoreError::Conflict("recovery floor"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+    assert!(matches!(
+        s.recover(write(0, 1, u64::MAX)).await,
+        Err(StoreError::CounterExhausted("downlink cursor"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+
+    let done = s.recover(write(0, 1, OFF)).await.unwrap();
+    assert_eq!(
+        done,
+        RecoveryApplied {
+            sessions_dropped: 1,
+            gateways_raised: 1
+        }
+    );
+    let state = s.recovery_state().await.unwrap();
+    assert_eq!(
+        (state.floor, state.recoveries, state.recovered_at_ms),
+        (OFF, 1, Some(70_000))
+    );
+    assert_eq!(s.count_sessions().await.unwrap(), 0);
+    assert_eq!(s.registry_version().await.unwrap(), version + OFF);
+    assert_eq!(s.group(9).await.unwrap().unwrap().next_round, OFF + 2);
+    assert_eq!(s.group(G).await.unwrap().unwrap().next_round, OFF + 3);
+    assert_eq!(
+        s.round(G, 1).await.unwrap().unwrap().status,
+        RoundStatus::Closed
+    );
+    let open: Vec<u64> = s
+        .open_rounds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(open, vec![OFF + 2]);
+    // GW's record comes after its raised head; gw-2's queue (no head in
+    // the store) starts above the floor; so does a queue started later.
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 1 + OFF + 1);
+    let recs = s.read_downlink(GW, 1, 10).await.unwrap();
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the recovery's record is after the old cursor"
+    );
+    assert_eq!(s.latest_cursor("gw-2").await.unwrap(), OFF + 1);
+    s.apply_batch(BatchWrite {
+        downlink: vec![push(DownlinkTarget::Gateway("gw-3".into()), 4)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.latest_cursor("gw-3").await.unwrap(), OFF + 1);
+    // Recovered once: the same write again finds the floor moved.
+    assert!(matches!(
+        s.recover(write(0, 2, OFF)).await,
+        Err(StoreError::Conflict("recovery floor"))
+    ));
+    assert_eq!(s.recovery_reads().await.unwrap().state.floor, OFF);
+}
+
+/// The store of [`recovery_is_one_transaction_and_raises_the_floor`] as
+/// it was before any recovery (registry version `version`).
+async fn recovery_wrote_nothing(s: &AnyStore, version: u64) {
+    assert_eq!(s.recovery_state().await.unwrap().floor, 0);
+    assert_eq!(s.count_sessions().await.unwrap(), 1);
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 1);
+    assert_eq!(s.latest_cursor("gw-2").await.unwrap(), 0);
+    assert_eq!(s.registry_version().await.unwrap(), version);
+    assert!(s.group(8).await.unwrap().is_none());
+    assert_eq!(
+        s.round(G, 1).await.unwrap().unwrap().status,
+        RoundStatus::Open
+    );
+}
+
+/// A downlink push of one one-byte record: of group 8 to its subscribers,
+/// of group G to a named gateway.
+fn push(target: DownlinkTarget, n: u8) -> DownlinkPush {
+    let group = match target {
+        DownlinkTarget::Subscribers => 8,
+        DownlinkTarget::Gateway(_) => G,
+    };
+    DownlinkPush {
+        target,
+        records: vec![DownlinkRecord {
+            audience: Audience::Group,
+            group,
+            message: vec![n],
+        }],
+    }
 }

@@ -95,10 +95,6 @@ fn store_err(e: store::StoreError) -> AdminResponse {
     svc_err(e.into())
 }
 
-/// What `POST /v1/admin/recover` must be sent as `confirm` (it drops every
-/// session; docs/udc.md, "Recovery after a restore").
-pub const RECOVER_CONFIRM: &str = "restored-from-backup";
-
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminResponse> {
     serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))
 }
@@ -586,30 +582,6 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .collect::<Result<Vec<_>, _>>()?;
             let n = udc.import_members(rows).await.map_err(svc_err)?;
             Ok(json_resp(StatusCode::CREATED, json!({"imported": n})))
-        }
-        (Method::POST, ["recover"]) => {
-            #[derive(Deserialize)]
-            struct Confirm {
-                confirm: String,
-            }
-            let b: Confirm = parse_json(body)?;
-            if b.confirm != RECOVER_CONFIRM {
-                return Err(bad(&format!(
-                    "recovery drops every session: send {{\"confirm\": \"{RECOVER_CONFIRM}\"}}"
-                )));
-            }
-            let r = udc.recover_after_restore().await.map_err(svc_err)?;
-            Ok(json_resp(
-                StatusCode::OK,
-                json!({
-                    "groups": r.groups,
-                    "sessions_dropped": r.sessions_dropped,
-                    "rounds_closed": r.rounds_closed,
-                    "rounds_opened": r.rounds_opened.iter()
-                        .map(|(g, r)| json!({"group": g, "round": r}))
-                        .collect::<Vec<_>>(),
-                }),
-            ))
         }
         (Method::POST, ["members", id, "revoke"]) => {
             let id: u64 = num(id, "member id")?;

@@ -42,6 +42,10 @@ use crate::udc::store::{
     Store, StoreError, VerdictWrite, Via,
 };
 
+mod recovery;
+
+pub use recovery::{OpenedRound, RecoverError, Recovery};
+
 /// Why a request was refused; the server maps each kind to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -307,19 +311,6 @@ impl std::fmt::Debug for Udc {
             .field("storage", &"<redacted>")
             .finish_non_exhaustive()
     }
-}
-
-/// What [`Udc::recover_after_restore`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Recovery {
-    /// Groups whose counters rose.
-    pub groups: usize,
-    /// (member, group) session slots emptied.
-    pub sessions_dropped: u64,
-    /// Open rounds closed.
-    pub rounds_closed: usize,
-    /// The psk-ecdhe round opened in each group, as (group, round).
-    pub rounds_opened: Vec<(u32, u64)>,
 }
 
 /// How long the UDC keeps history (`None`: forever).
@@ -757,77 +748,6 @@ impl Udc {
         Ok(true)
     }
 
-    /// Recovery after the store was restored from a backup (docs/udc.md,
-    /// "Recovery after a restore"; docs/protocol.md, "Recovery of V"):
-    /// every group's round, epoch and message seq rise by
-    /// [`RESTORE_OFFSET`](crate::protocol::verifier::state::RESTORE_OFFSET)
-    /// with a fresh group key, every open round is closed, every session is
-    /// dropped (a member's uplinks accepted after the backup cannot be
-    /// replayed against the restored windows), every gateway's downlink
-    /// cursor and the registry version rise by the same offset (no cursor a
-    /// gateway holds is handed out again, no cached registry copy stays
-    /// valid), and a psk-ecdhe auth round opens in every group, which gives
-    /// every member a new session.
-    ///
-    /// Run once, after restoring, with every UDC process restarted. Each
-    /// step leaves the store consistent; if it is interrupted, run it
-    /// again (the offsets then rise again, which is harmless).
-    pub async fn recover_after_restore(&self) -> Result<Recovery, ServiceError> {
-        use crate::protocol::verifier::state::RESTORE_OFFSET;
-        let guard = self.lock.lock().await;
-        let groups = self.store.list_groups().await?;
-        let open = self.store.open_rounds().await?;
-        let mut write = BatchWrite {
-            now_ms: now_ms(),
-            closed_rounds: open.iter().map(|r| (r.group, r.round)).collect(),
-            ..BatchWrite::default()
-        };
-        for row in &groups {
-            let mut state: GroupState = self.open(&aad::group(row.group), &row.state)?;
-            state
-                .after_restore(&mut rng())
-                .map_err(|e| ServiceError::Conflict(format!("group {}: {e}", row.group)))?;
-            write.groups.push(self.group_row(&state, row)?);
-        }
-        self.apply(write).await?;
-        let sessions_dropped = self.store.drop_all_sessions().await?;
-        self.store.raise_after_restore(RESTORE_OFFSET).await?;
-        self.rounds.lock().await.clear();
-        *self
-            .registry_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = RegistryCache::default();
-        self.slot_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clear();
-        let active = self.store.count_sessions().await?;
-        self.metrics
-            .sessions_active
-            .set(i64::try_from(active).unwrap_or(i64::MAX));
-        drop(guard);
-        let mut rounds_opened = Vec::with_capacity(groups.len());
-        for row in &groups {
-            let round = self
-                .open_round(row.group, Mode::PskEcdhe, Purpose::Auth, None)
-                .await?;
-            rounds_opened.push((row.group, round));
-        }
-        tracing::warn!(
-            groups = groups.len(),
-            sessions_dropped,
-            rounds_closed = open.len(),
-            "recovered after a restore: counters raised, sessions dropped, psk-ecdhe rounds opened"
-        );
-        Ok(Recovery {
-            groups: groups.len(),
-            sessions_dropped,
-            rounds_closed: open.len(),
-            rounds_opened,
-        })
-    }
-
     /// Adds a new epoch of `group` (revoking `revoked` if given) to `write`:
     /// the group row, the changed session slots and the rekeys.
     async fn rekey_into(
@@ -947,7 +867,12 @@ impl Udc {
             let state: GroupState = self.open(&aad::group(group), &row.state)?;
             return Ok((state, row));
         }
-        let state = GroupState::new(GroupId(group), &mut rng());
+        // Above the recovery floor: the group may have been used after the
+        // backup this store was restored from (docs/udc.md, "Restoring a
+        // backup").
+        let floor = self.store.recovery_state().await?.floor;
+        let state = GroupState::starting_above(GroupId(group), floor, &mut rng())
+            .map_err(|e| ServiceError::Conflict(format!("group {group}: {e}")))?;
         let row = GroupRow {
             group,
             epoch: state.epoch,
