@@ -109,8 +109,9 @@ enum UdcOp {
     /// process: opens the store of the UDC's config, raises every counter
     /// (groups, gateway cursors, registry version, the floor for what is
     /// created later), drops every session and queues a psk-ecdhe round
-    /// per group, in one transaction. Revocations and key updates made
-    /// after the backup are undone by the restore: make them again.
+    /// per group, in one transaction. Revocations, key updates and
+    /// configuration updates made after the backup are undone by the
+    /// restore: name revoked members with --revoke, make the rest again.
     Recover(RecoverArgs),
     /// Members: list them, add one, import a registry file.
     Members(MembersArgs),
@@ -246,6 +247,37 @@ struct RecoverArgs {
     #[arg(long, value_name = "S", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..=366 * 24 * 3600))]
     round_duration_s: u64,
+    /// Members revoked after the backup (the restore made them active
+    /// again): marked revoked in the recovery's transaction, before its
+    /// rounds are queued. Comma-separated ids; may be repeated.
+    #[arg(long, value_name = "ID[,ID...]", value_delimiter = ',')]
+    revoke: Vec<u64>,
+    /// As --revoke, from a file: one member id per line (blank lines and
+    /// lines starting with `#` are skipped).
+    #[arg(long, value_name = "FILE")]
+    revoked_file: Option<PathBuf>,
+}
+
+/// The member ids of a `--revoked-file`: one per line, blank lines and
+/// `#` comments skipped.
+fn revoked_ids(path: &std::path::Path) -> anyhow::Result<Vec<u64>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--revoked-file {}: {e}", path.display()))?;
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        ids.push(line.parse::<u64>().map_err(|_| {
+            anyhow::anyhow!(
+                "--revoked-file {} line {}: not a member id",
+                path.display(),
+                n + 1
+            )
+        })?);
+    }
+    Ok(ids)
 }
 
 #[derive(Args, Debug)]
@@ -662,6 +694,16 @@ fn udc_recover(args: RecoverArgs, parent_config: Option<PathBuf>) -> ExitCode {
         );
         return ExitCode::from(EX_CONFIG);
     }
+    let mut revoke = args.revoke;
+    if let Some(file) = &args.revoked_file {
+        match revoked_ids(file) {
+            Ok(ids) => revoke.extend(ids),
+            Err(e) => {
+                eprintln!("dapgw udc recover: {e:#}; nothing was written");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    }
     let path = args.config.or(parent_config);
     let config = match load("udc", config::load_udc(path.as_deref())) {
         Ok(c) => c,
@@ -674,7 +716,7 @@ fn udc_recover(args: RecoverArgs, parent_config: Option<PathBuf>) -> ExitCode {
     let duration_ms = args.round_duration_s.saturating_mul(1000);
     let res = rt.block_on(async {
         let udc = dapgw::udc::build(&config).await?;
-        Ok::<_, anyhow::Error>(udc.recover_after_restore(duration_ms).await)
+        Ok::<_, anyhow::Error>(udc.recover_after_restore(duration_ms, revoke).await)
     });
     let rec = match res {
         Ok(Ok(rec)) => rec,
@@ -696,11 +738,21 @@ fn udc_recover(args: RecoverArgs, parent_config: Option<PathBuf>) -> ExitCode {
         || "the backup was taken".to_owned(),
         |ms| format!("{ms} (unix ms; the restored store's newest record)"),
     );
+    if !rec.revoke_not_found.is_empty() {
+        eprintln!(
+            "dapgw udc recover: not in the restored store (added after the backup), nothing \
+             to revoke: {:?}",
+            rec.revoke_not_found
+        );
+    }
     eprintln!(
-        "dapgw udc recover: done. The restore undid every revocation and key update \
-         made after {since}: make them again (`dapgw udc revoke`, \
-         `dapgw udc members --add/--import`) once the UDC runs. Start the UDC processes \
-         now: the recovery rounds close at {} (unix ms).",
+        "dapgw udc recover: done. The restore undid everything made after {since}: \
+         revocations (a member revoked since and not named by --revoke/--revoked-file is \
+         active again: `dapgw udc revoke` it as soon as the UDC runs), key updates and \
+         members added (`dapgw udc members --add/--import`), and configuration updates \
+         (every group's message seq rose by 2^32: publish the current configuration again \
+         in every group, `dapgw udc update`). Start the UDC processes now: the recovery rounds close at {} \
+         (unix ms).",
         rec.rounds_opened
             .iter()
             .map(|r| r.closes_at_ms)

@@ -216,6 +216,7 @@ both!(
     session_slots_are_compare_and_set,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
+    subscribing_queues_open_rounds_challenges,
     readings_query,
     readings_page_exactly_within_a_millisecond,
     readings_page_exactly_in_a_crowded_millisecond,
@@ -918,10 +919,69 @@ async fn retention_trims_readings_and_final_verdicts(f: Fixture) {
     assert!(s.pending_localization(GW, 2).await.unwrap().is_some());
 }
 
+/// A gateway subscribing to a group gets, in the same transaction, the
+/// challenge of every open round of that group not past its close time
+/// (round order); a group it already subscribed to queues nothing again.
+async fn subscribing_queues_open_rounds_challenges(f: Fixture) {
+    let s = f.open().await;
+    s.insert_group(group_row(G)).await.unwrap();
+    let ch = |round: u64, tag: u8, closes: Option<u64>| RoundRow {
+        challenge: vec![tag; 40],
+        closes_at_ms: closes,
+        ..round_row(G, round)
+    };
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![
+            ch(1, 1, Some(65_000)),
+            ch(2, 2, Some(65_000)),
+            ch(3, 3, None),
+            ch(4, 4, Some(9_000)),
+        ],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    s.apply_batch(BatchWrite {
+        closed_rounds: vec![(G, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Round 1 closed, round 4 past its close time at 10_000.
+    assert_eq!(
+        s.set_subscriptions("gw-a", vec![G], 10_000).await.unwrap(),
+        2
+    );
+    let a = s.read_downlink("gw-a", 0, 10).await.unwrap();
+    let got: Vec<(u64, u8, Audience, u32)> = a
+        .iter()
+        .map(|r| {
+            (
+                r.cursor,
+                r.record.message[0],
+                r.record.audience,
+                r.record.group,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, 2, Audience::Group, G), (2, 3, Audience::Group, G)]
+    );
+    // Already subscribed: nothing new; another group: nothing open there.
+    assert_eq!(
+        s.set_subscriptions("gw-a", vec![G, G + 1], 10_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.latest_cursor("gw-a").await.unwrap(), 2);
+}
+
 async fn downlink_cursors_and_fanout(f: Fixture) {
     let s = f.open().await;
-    s.set_subscriptions("gw-a", vec![2, 1, 2]).await.unwrap();
-    s.set_subscriptions("gw-b", vec![2]).await.unwrap();
+    s.set_subscriptions("gw-a", vec![2, 1, 2], 0).await.unwrap();
+    s.set_subscriptions("gw-b", vec![2], 0).await.unwrap();
     assert_eq!(s.subscriptions("gw-a").await.unwrap(), vec![1, 2]);
     let rec = |group: u32, tag: u8, audience: Audience| DownlinkRecord {
         audience,
@@ -964,7 +1024,7 @@ async fn downlink_cursors_and_fanout(f: Fixture) {
         (1, &rec(2, 2, Audience::Member(77)))
     );
     // More records continue the cursors; `after` and `limit` page.
-    s.set_subscriptions("gw-a", vec![2]).await.unwrap();
+    s.set_subscriptions("gw-a", vec![2], 0).await.unwrap();
     s.push_downlink(
         2_000,
         vec![DownlinkPush {
@@ -1760,7 +1820,7 @@ async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
     })
     .await
     .unwrap();
-    s.set_subscriptions("gw-2", vec![8]).await.unwrap();
+    s.set_subscriptions("gw-2", vec![8], 0).await.unwrap();
     let reads = s.recovery_reads().await.unwrap();
     assert_eq!(reads.state, RecoveryState::default());
     assert_eq!(reads.groups.len(), 1);
@@ -1785,6 +1845,8 @@ async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
                 ..group_row(g)
             })
             .to_vec(),
+        revoke: vec![1, 42],
+        newest_record_ms: Some(5_000),
         batch: BatchWrite {
             now_ms: 70_000,
             groups: vec![GroupRow {
@@ -1824,14 +1886,24 @@ async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
         done,
         RecoveryApplied {
             sessions_dropped: 1,
-            gateways_raised: 1
+            gateways_raised: 1,
+            members_revoked: 1,
+            revoke_not_found: vec![42],
         }
     );
     let state = s.recovery_state().await.unwrap();
     assert_eq!(
-        (state.floor, state.recoveries, state.recovered_at_ms),
-        (OFF, 1, Some(70_000))
+        (
+            state.floor,
+            state.recoveries,
+            state.recovered_at_ms,
+            state.newest_record_ms
+        ),
+        (OFF, 1, Some(70_000), Some(5_000))
     );
+    let m = s.members(vec![1, 2]).await.unwrap();
+    let status: Vec<MemberStatus> = m.iter().map(|m| m.as_ref().unwrap().status).collect();
+    assert_eq!(status, vec![MemberStatus::Revoked, MemberStatus::Active]);
     assert_eq!(s.count_sessions().await.unwrap(), 0);
     assert_eq!(s.registry_version().await.unwrap(), version + OFF);
     assert_eq!(s.group(9).await.unwrap().unwrap().next_round, OFF + 2);
@@ -1876,7 +1948,9 @@ async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
 /// The store of [`recovery_is_one_transaction_and_raises_the_floor`] as
 /// it was before any recovery (registry version `version`).
 async fn recovery_wrote_nothing(s: &AnyStore, version: u64) {
-    assert_eq!(s.recovery_state().await.unwrap().floor, 0);
+    assert_eq!(s.recovery_state().await.unwrap(), RecoveryState::default());
+    let m = s.members(vec![1]).await.unwrap();
+    assert_eq!(m[0].as_ref().unwrap().status, MemberStatus::Active);
     assert_eq!(s.count_sessions().await.unwrap(), 1);
     assert_eq!(s.latest_cursor(GW).await.unwrap(), 1);
     assert_eq!(s.latest_cursor("gw-2").await.unwrap(), 0);

@@ -2563,6 +2563,90 @@ async fn gw2_downlink(h: &Harness, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)
     records(&body)
 }
 
+/// A member revoked after the backup (active again in the restored store)
+/// and named by the recovery's revoke list is marked revoked in the
+/// recovery's transaction: the recovery round sets it aside as `Revoked`
+/// while the other member is accepted; an id the store does not hold is
+/// reported, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_revokes_members_revoked_after_the_backup() {
+    let mut h = Harness::start(None).await;
+    let db = h._dir.path().join("udc.sqlite3");
+    let backup = tempfile::tempdir().unwrap();
+    let backup = backup.path().join("udc-backup.sqlite3");
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    backup_store(&db, &backup);
+    h.op(
+        Method::POST,
+        "/v1/admin/members/2/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+    h.halt().await;
+    restore_store(&backup, &db);
+    let rec = {
+        let u = udc::build(&h.config).await.unwrap();
+        u.recover_after_restore(600_000, vec![2, 99]).await.unwrap()
+    };
+    assert_eq!(
+        (rec.members_revoked, rec.revoke_not_found.clone()),
+        (1, vec![99]),
+        "{rec:?}"
+    );
+    h.resume().await;
+    let recs = h.downlink(r.cursor).await;
+    let challenge = last_group_record(&recs);
+    let opened = rec.rounds_opened[0];
+    let mut b = batch(
+        "gw-1",
+        2,
+        opened.round,
+        answer(&mut members, &challenge, b""),
+    );
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted, Outcome::Revoked]);
+    h.stop().await;
+}
+
+/// A gateway subscribing to a group while a round of it is open gets that
+/// round's challenge (the round's fan-out reached only gw-1), and the
+/// members' responses through it are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_during_an_open_round_delivers_its_challenge() {
+    let h = Harness::start(None).await;
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    h.subscribe("gw-2").await;
+    let recs = gw2_downlink(&h, 0).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!((recs[0].1, recs[0].2, &recs[0].4), (1, G, &r.challenge));
+    // Subscribing again to the same group queues nothing more.
+    h.subscribe("gw-2").await;
+    let (s, _) = h
+        .call(
+            Some("gw-2"),
+            Method::GET,
+            &format!("/v1/downlink?after={}", recs[0].0),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &recs[0].4, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    h.stop().await;
+}
+
 /// The store backed up while the UDC runs (`VACUUM INTO`), used on, then
 /// restored with the UDC stopped, and recovered offline before the UDC
 /// starts again (docs/udc.md, "Restoring a backup"). The report counts what
@@ -2652,7 +2736,7 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
     restore_store(&backup, &db);
     let rec = {
         let u = udc::build(&h.config).await.unwrap();
-        u.recover_after_restore(600_000).await.unwrap()
+        u.recover_after_restore(600_000, vec![]).await.unwrap()
     };
     assert_eq!(
         (
@@ -2708,7 +2792,9 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
 
     // gw-2 subscribes again (its subscription went with the restore); its
-    // queue starts above the floor, past the cursor it held.
+    // queue starts above the floor, past the cursor it held, with group 7's
+    // recovery challenge (still open) first: the recovery queued it to the
+    // subscribers of the restored store, which gw-2 was not.
     h.subscribe("gw-2").await;
     h.op(
         Method::POST,
@@ -2718,6 +2804,17 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
     .await;
     let recs = gw2_downlink(&h, gw2_cursor).await;
     assert!(recs[0].0 > RESTORE_OFFSET, "{:?}", recs[0].0);
+    assert_eq!(
+        (recs[0].1, recs[0].2, &recs[0].4),
+        (1, G, &challenge),
+        "the recovery challenge reaches gw-2"
+    );
+    assert!(recs.len() >= 2 && recs[1].4 != challenge, "then the update");
+    // A member handed it a second time re-sends its response.
+    assert!(matches!(
+        members[0].handle_challenge(&recs[0].4, None).unwrap(),
+        Challenged::Resend(_)
+    ));
     // Group 8, first used after the backup, starts above the floor.
     let round = open_round8(&h).await;
     assert!(round > RESTORE_OFFSET && round > late_round8, "{round}");

@@ -8,11 +8,15 @@
 -- a group or gateway first used after the backup (no row in the restored
 -- store to raise) never repeats a number members or gateways already hold.
 -- `recoveries` counts the recoveries run on this store's line of history,
--- `recovered_at_ms` says when the last one ran (NULL: never).
+-- `recovered_at_ms` says when the last one ran (NULL: never),
+-- `newest_record_ms` the newest time the store recorded anything at when
+-- it ran (about when its backup was taken; NULL: never, or an empty store).
 CREATE TABLE recovery (
     id              SMALLINT PRIMARY KEY CHECK (id = 1),
     floor           BIGINT NOT NULL,
     recoveries      BIGINT NOT NULL,
-    recovered_at_ms BIGINT
+    recovered_at_ms BIGINT,
+    newest_record_ms BIGINT
 );
-INSERT INTO recovery (id, floor, recoveries, recovered_at_ms) VALUES (1, 0, 0, NULL);
+INSERT INTO recovery (id, floor, recoveries, recovered_at_ms, newest_record_ms)
+    VALUES (1, 0, 0, NULL, NULL);

@@ -1731,9 +1731,20 @@ impl Udc {
         });
     }
 
-    /// Replaces gateway `gateway`'s group subscriptions.
+    /// Replaces gateway `gateway`'s group subscriptions. For each group
+    /// newly added, the challenge of every open round of that group is
+    /// queued to the gateway in the same store transaction (the round's
+    /// fan-out reached only the subscribers of its time). A member handed
+    /// the same challenge twice re-sends its stored response byte for byte
+    /// (src/protocol/member, `Challenged::Resend`).
     pub async fn subscribe(&self, gateway: &str, groups: Vec<u32>) -> Result<(), ServiceError> {
-        self.store.set_subscriptions(gateway, groups).await?;
+        let queued = self
+            .store
+            .set_subscriptions(gateway, groups, now_ms())
+            .await?;
+        if queued > 0 {
+            self.downlink_notify.notify_waiters();
+        }
         Ok(())
     }
 

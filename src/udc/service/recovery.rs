@@ -31,6 +31,13 @@ pub struct Recovery {
     pub rounds_closed: usize,
     /// Gateway queues whose downlink head rose by 2^32.
     pub gateways_raised: u64,
+    /// Members named by `--revoke` marked revoked (they were active in
+    /// the restored store); the recovery rounds set them aside as
+    /// `Revoked`.
+    pub members_revoked: u64,
+    /// Members named by `--revoke` the restored store does not hold
+    /// (added after the backup: add them again only if they should be).
+    pub revoke_not_found: Vec<u64>,
     /// The new recovery floor: groups and gateway queues first used from
     /// now on start above it.
     pub floor: u64,
@@ -42,7 +49,9 @@ pub struct Recovery {
     pub previous_recovery_ms: Option<u64>,
     /// The newest time the restored store records anything at: about when
     /// the backup was taken. Revocations and key updates made after it are
-    /// undone by the restore and must be made again.
+    /// undone by the restore and must be made again. When nothing is
+    /// recorded after the previous recovery's own rows (the recovery runs
+    /// again on the same restored store), the value that recovery stored.
     pub newest_record_ms: Option<u64>,
     /// The psk-ecdhe auth round opened in each group.
     pub rounds_opened: Vec<OpenedRound>,
@@ -120,9 +129,15 @@ impl Udc {
     /// Run it with no UDC process serving the store (`dapgw udc recover`
     /// opens the store itself). If it fails, nothing was written; if it
     /// is interrupted, the store is as restored: run it again.
+    ///
+    /// `revoke`: members revoked after the backup (the restore made them
+    /// active again), marked revoked in the same transaction, before the
+    /// recovery rounds are queued, so that those rounds set them aside
+    /// (no rekey: no session survives and every group key is fresh).
     pub async fn recover_after_restore(
         &self,
         round_duration_ms: u64,
+        revoke: Vec<u64>,
     ) -> Result<Recovery, RecoverError> {
         let _guard = self.lock.lock().await;
         let reads: RecoveryReads = self.store.recovery_reads().await?;
@@ -166,6 +181,12 @@ impl Udc {
                 version: 1,
             });
         }
+        // A second run on the same restored store finds the first run's
+        // own rows newest (stamped at its time): report the time it found.
+        let newest_record_ms = match (reads.newest_record_ms, reads.state.recovered_at_ms) {
+            (Some(t), Some(at)) if t <= at => reads.state.newest_record_ms,
+            (t, _) => t,
+        };
         let applied = self
             .store
             .recover(RecoveryWrite {
@@ -173,6 +194,8 @@ impl Udc {
                 floor,
                 raise_by: RESTORE_OFFSET,
                 new_groups,
+                revoke,
+                newest_record_ms,
                 batch: write,
             })
             .await?;
@@ -195,10 +218,12 @@ impl Udc {
             sessions_dropped: applied.sessions_dropped,
             rounds_closed: reads.open_rounds.len(),
             gateways_raised: applied.gateways_raised,
+            members_revoked: applied.members_revoked,
+            revoke_not_found: applied.revoke_not_found,
             floor,
             recoveries: reads.state.recoveries.saturating_add(1),
             previous_recovery_ms: reads.state.recovered_at_ms,
-            newest_record_ms: reads.newest_record_ms,
+            newest_record_ms,
             rounds_opened,
         };
         tracing::warn!(
@@ -207,6 +232,7 @@ impl Udc {
             sessions_dropped = report.sessions_dropped,
             rounds_closed = report.rounds_closed,
             gateways_raised = report.gateways_raised,
+            members_revoked = report.members_revoked,
             floor = report.floor,
             "recovered after a restore: counters raised, sessions dropped, psk-ecdhe rounds queued"
         );

@@ -721,6 +721,10 @@ pub struct RecoveryState {
     pub recoveries: u64,
     /// When the last recovery ran (`None`: never).
     pub recovered_at_ms: Option<u64>,
+    /// The newest time the store recorded anything at when the last
+    /// recovery ran (about when its backup was taken; `None`: never, or
+    /// an empty store).
+    pub newest_record_ms: Option<u64>,
 }
 
 /// What [`Store::recovery_reads`] read, of one instant.
@@ -752,18 +756,28 @@ pub struct RecoveryWrite {
     pub raise_by: u64,
     /// Groups to create (named but without a row), at version 1.
     pub new_groups: Vec<GroupRow>,
+    /// Members to mark revoked (revoked after the backup; the restore
+    /// undid it), before the batch's rounds are queued.
+    pub revoke: Vec<u64>,
+    /// Stored as [`RecoveryState::newest_record_ms`].
+    pub newest_record_ms: Option<u64>,
     /// Applied last, in the same transaction (its `now_ms` is the
     /// recovery's time).
     pub batch: BatchWrite,
 }
 
 /// What [`Store::recover`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryApplied {
     /// (member, group) session slots emptied.
     pub sessions_dropped: u64,
     /// Gateway queues whose head rose.
     pub gateways_raised: u64,
+    /// Members of [`RecoveryWrite::revoke`] marked revoked (active until
+    /// then).
+    pub members_revoked: u64,
+    /// Members of [`RecoveryWrite::revoke`] the store does not hold.
+    pub revoke_not_found: Vec<u64>,
 }
 
 /// What [`Store::batch_reads`] read.
@@ -1095,7 +1109,8 @@ pub trait Store: Send + Sync {
     /// The recovery after a restore, in one transaction (docs/udc.md,
     /// "Restoring a backup"): checks that the floor is still
     /// `write.floor_before` ([`StoreError::Conflict`] otherwise), sets the
-    /// floor to `write.floor`, creates `write.new_groups`, empties every
+    /// floor to `write.floor`, marks the members of `write.revoke`
+    /// revoked, creates `write.new_groups`, empties every
     /// session slot, raises every gateway's downlink head and the registry
     /// version by `write.raise_by`, then applies `write.batch` (group
     /// updates, rounds closed and opened, downlink records; those go to
@@ -1143,12 +1158,18 @@ pub trait Store: Send + Sync {
     /// retried after that is judged again, against the state of then.
     fn trim_verdicts(&self, before_ms: u64)
     -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Replaces the gateway's group subscriptions.
+    /// Replaces the gateway's group subscriptions and, in the same
+    /// transaction, queues to that gateway the challenge of every open
+    /// round (not past its close time) of each group newly added, in round
+    /// order: a round opened before the subscription fanned its challenge
+    /// out to the subscribers of then. Returns how many challenges it
+    /// queued.
     fn set_subscriptions(
         &self,
         gateway: &str,
         groups: Vec<u32>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The gateway's subscriptions, sorted.
     fn subscriptions(
         &self,
@@ -1335,7 +1356,7 @@ impl Store for AnyStore {
         fn trim_downlink(&self, before_ms: u64) -> u64;
         fn trim_readings(&self, before_ms: u64) -> u64;
         fn trim_verdicts(&self, before_ms: u64) -> u64;
-        fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> ();
+        fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>, now_ms: u64) -> u64;
         fn subscriptions(&self, gateway: &str) -> Vec<u32>;
         fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;
         fn acks(&self, group: u32, seq: u64) -> Vec<AckRow>;

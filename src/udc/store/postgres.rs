@@ -212,17 +212,20 @@ const ROUND_SQL: &str = "SELECT grp, round, opened_at_ms, closes_at_ms, mode, pu
 const REGISTRY_VERSION_SQL: &str = "SELECT v FROM registry_version WHERE id = 1";
 
 /// The recovery floor's row (migration 8).
-const RECOVERY_SQL: &str = "SELECT floor, recoveries, recovered_at_ms FROM recovery WHERE id = 1";
+const RECOVERY_SQL: &str =
+    "SELECT floor, recoveries, recovered_at_ms, newest_record_ms FROM recovery WHERE id = 1";
 
 /// A [`RECOVERY_SQL`] row.
 fn recovery_state(row: Option<&Row>) -> Result<RecoveryState, StoreError> {
     let row = row.ok_or(StoreError::Corrupt("recovery row missing"))?;
     let (floor, n, at): (i64, i64, Option<i64>) =
         (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let newest: Option<i64> = row.try_get(3)?;
     Ok(RecoveryState {
         floor: u(floor),
         recoveries: u(n),
         recovered_at_ms: at.map(u),
+        newest_record_ms: newest.map(u),
     })
 }
 
@@ -680,11 +683,32 @@ async fn recover(conn: &mut Conn, w: RecoveryWrite) -> Result<RecoveryApplied, S
     let st = prep(
         &tx,
         stmts,
-        "UPDATE recovery SET floor = $1, recoveries = recoveries + 1, recovered_at_ms = $2 \
-         WHERE id = 1",
+        "UPDATE recovery SET floor = $1, recoveries = recoveries + 1, recovered_at_ms = $2, \
+         newest_record_ms = $3 WHERE id = 1",
     )
     .await?;
-    tx.execute(&st, &[&i(w.floor), &i(w.batch.now_ms)]).await?;
+    let newest = w.newest_record_ms.map(i);
+    tx.execute(&st, &[&i(w.floor), &i(w.batch.now_ms), &newest])
+        .await?;
+    let (mut members_revoked, mut revoke_not_found) = (0, Vec::new());
+    let get = prep(
+        &tx,
+        stmts,
+        "SELECT status FROM members WHERE id = $1 FOR UPDATE",
+    )
+    .await?;
+    let set = prep(&tx, stmts, "UPDATE members SET status = $1 WHERE id = $2").await?;
+    let revoked = member_status_code(MemberStatus::Revoked);
+    for &id in &w.revoke {
+        match tx.query_opt(&get, &[&i(id)]).await? {
+            None => revoke_not_found.push(id),
+            Some(r) if r.try_get::<_, i64>(0)? == revoked => {}
+            Some(_) => {
+                tx.execute(&set, &[&revoked, &i(id)]).await?;
+                members_revoked += 1;
+            }
+        }
+    }
     let st = prep(
         &tx,
         stmts,
@@ -762,6 +786,8 @@ async fn recover(conn: &mut Conn, w: RecoveryWrite) -> Result<RecoveryApplied, S
     Ok(RecoveryApplied {
         sessions_dropped,
         gateways_raised: heads.len() as u64,
+        members_revoked,
+        revoke_not_found,
     })
 }
 
@@ -1615,7 +1641,12 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+    async fn set_subscriptions(
+        &self,
+        gateway: &str,
+        groups: Vec<u32>,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
         let groups: Vec<i64> = normalized_groups(&groups)
             .into_iter()
             .map(i64::from)
@@ -1623,8 +1654,18 @@ impl Store for PostgresStore {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
         let tx = client.transaction().await?;
-        let st = prep(&tx, stmts, "DELETE FROM subscriptions WHERE gateway = $1").await?;
-        tx.execute(&st, &[&gateway]).await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "DELETE FROM subscriptions WHERE gateway = $1 RETURNING grp",
+        )
+        .await?;
+        let old: Vec<i64> = tx
+            .query(&st, &[&gateway])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
         let st = prep(
             &tx,
             stmts,
@@ -1632,8 +1673,47 @@ impl Store for PostgresStore {
         )
         .await?;
         tx.execute(&st, &[&gateway, &groups]).await?;
+        let added: Vec<i64> = groups.into_iter().filter(|g| !old.contains(g)).collect();
+        let mut records = Vec::new();
+        if !added.is_empty() {
+            // FOR SHARE on the added groups' rows: a round opening in one of
+            // them (its write updates the group row first) either committed
+            // before this lock, so the next statement sees its round, or
+            // waits for this commit and then fans its challenge out to the
+            // new subscription rows. Either way this gateway gets it.
+            let st = prep(
+                &tx,
+                stmts,
+                "SELECT grp FROM group_state WHERE grp = ANY($1) ORDER BY grp FOR SHARE",
+            )
+            .await?;
+            tx.query(&st, &[&added]).await?;
+            let st = prep(
+                &tx,
+                stmts,
+                "SELECT grp, challenge FROM rounds WHERE status = $1 AND grp = ANY($2) \
+                 AND (closes_at_ms IS NULL OR closes_at_ms > $3) ORDER BY grp, round",
+            )
+            .await?;
+            let open = round_status_code(RoundStatus::Open);
+            for r in tx.query(&st, &[&open, &added, &ts(now_ms)]).await? {
+                records.push(DownlinkRecord {
+                    audience: Audience::Group,
+                    group: u32_col(r.try_get(0)?, "round group")?,
+                    message: r.try_get(1)?,
+                });
+            }
+        }
+        let queued = records.len() as u64;
+        if !records.is_empty() {
+            let push = DownlinkPush {
+                target: DownlinkTarget::Gateway(gateway.to_owned()),
+                records,
+            };
+            write_downlink(&tx, stmts, &[push], ts(now_ms)).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(queued)
     }
 
     async fn subscriptions(&self, gateway: &str) -> Result<Vec<u32>, StoreError> {

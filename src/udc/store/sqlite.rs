@@ -596,10 +596,30 @@ fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied,
         return Err(StoreError::Conflict("recovery floor"));
     }
     tx.prepare_cached(
-        "UPDATE recovery SET floor = ?1, recoveries = recoveries + 1, recovered_at_ms = ?2 \
-         WHERE id = 1",
+        "UPDATE recovery SET floor = ?1, recoveries = recoveries + 1, recovered_at_ms = ?2, \
+         newest_record_ms = ?3 WHERE id = 1",
     )?
-    .execute([i(w.floor), i(w.batch.now_ms)])?;
+    .execute(params![
+        i(w.floor),
+        i(w.batch.now_ms),
+        w.newest_record_ms.map(i)
+    ])?;
+    let (mut members_revoked, mut revoke_not_found) = (0, Vec::new());
+    {
+        let mut set = tx.prepare_cached("UPDATE members SET status = ?1 WHERE id = ?2")?;
+        let mut get = tx.prepare_cached("SELECT status FROM members WHERE id = ?1")?;
+        for &id in &w.revoke {
+            let status: Option<i64> = get.query_row([i(id)], |r| r.get(0)).optional()?;
+            match status {
+                None => revoke_not_found.push(id),
+                Some(s) if s == member_status_code(MemberStatus::Revoked) => {}
+                Some(_) => {
+                    set.execute(params![member_status_code(MemberStatus::Revoked), i(id)])?;
+                    members_revoked += 1;
+                }
+            }
+        }
+    }
     let mut ins = tx.prepare_cached(
         "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
@@ -644,6 +664,8 @@ fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied,
     Ok(RecoveryApplied {
         sessions_dropped,
         gateways_raised: heads.len() as u64,
+        members_revoked,
+        revoke_not_found,
     })
 }
 
@@ -948,13 +970,17 @@ fn registry_version_tx(tx: &Transaction<'_>) -> Result<u64, StoreError> {
 
 /// The recovery floor's row.
 fn recovery_state_tx(tx: &Transaction<'_>) -> Result<RecoveryState, StoreError> {
-    let (floor, n, at): (i64, i64, Option<i64>) = tx
-        .prepare_cached("SELECT floor, recoveries, recovered_at_ms FROM recovery WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let (floor, n, at, newest): (i64, i64, Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT floor, recoveries, recovered_at_ms, newest_record_ms FROM recovery \
+             WHERE id = 1",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
     Ok(RecoveryState {
         floor: u(floor),
         recoveries: u(n),
         recovered_at_ms: at.map(u),
+        newest_record_ms: newest.map(u),
     })
 }
 
@@ -1454,20 +1480,62 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+    async fn set_subscriptions(
+        &self,
+        gateway: &str,
+        groups: Vec<u32>,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
         let gateway = gateway.to_owned();
         self.call(move |c| {
+            // IMMEDIATE: no round opens between reading the open rounds and
+            // the commit (a round opened after it fans out to the new rows).
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let old: Vec<u32> = {
+                let mut st =
+                    tx.prepare_cached("SELECT grp FROM subscriptions WHERE gateway = ?1")?;
+                collect(&mut st, [&gateway], |r| {
+                    u32_col(r.get(0)?, "subscription group")
+                })?
+            };
+            let groups = normalized_groups(&groups);
             tx.execute("DELETE FROM subscriptions WHERE gateway = ?1", [&gateway])?;
             {
                 let mut st =
                     tx.prepare_cached("INSERT INTO subscriptions (gateway, grp) VALUES (?1, ?2)")?;
-                for g in normalized_groups(&groups) {
+                for &g in &groups {
                     st.execute(params![&gateway, i64::from(g)])?;
                 }
             }
+            let mut records = Vec::new();
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT challenge FROM rounds WHERE status = ?1 AND grp = ?2 \
+                     AND (closes_at_ms IS NULL OR closes_at_ms > ?3) ORDER BY round",
+                )?;
+                for &g in groups.iter().filter(|g| !old.contains(g)) {
+                    let open = round_status_code(RoundStatus::Open);
+                    for message in collect(&mut st, params![open, i64::from(g), ts(now_ms)], |r| {
+                        Ok(r.get::<_, Vec<u8>>(0)?)
+                    })? {
+                        records.push(DownlinkRecord {
+                            audience: Audience::Group,
+                            group: g,
+                            message,
+                        });
+                    }
+                }
+            }
+            let queued = records.len() as u64;
+            if !records.is_empty() {
+                let push = DownlinkPush {
+                    target: DownlinkTarget::Gateway(gateway.clone()),
+                    records,
+                };
+                write_downlink(&tx, &[push], ts(now_ms))?;
+            }
             tx.commit()?;
-            Ok(())
+            Ok(queued)
         })
         .await
     }
