@@ -1176,7 +1176,10 @@ async fn operator_cli_runs_every_operation() {
         rec["rounds_opened"][0]["round"].as_u64().unwrap() > 1 << 32,
         "{rec}"
     );
-    assert!(stderr.contains("make them again"), "{stderr}");
+    assert!(
+        stderr.contains("publish the current configuration again"),
+        "{stderr}"
+    );
     // A counter that cannot rise by 2^32: a clear error, exit 65, nothing
     // written (the floor stays).
     let db = rusqlite::Connection::open(w.path("udc.sqlite3")).unwrap();
