@@ -20,6 +20,14 @@ use dapgw::{admin, config, telemetry, tls};
 /// Exit status for a configuration that does not load or validate.
 const EX_CONFIG: u8 = 64;
 
+/// Exit status of `dapgw udc recover` when a counter cannot rise any
+/// further (sysexits' EX_DATAERR).
+const EX_DATAERR: u8 = 65;
+
+/// Exit status of `dapgw udc recover` when the store changed while it ran
+/// (a UDC process is serving it; sysexits' EX_TEMPFAIL).
+const EX_TEMPFAIL: u8 = 75;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "dapgw",
@@ -97,6 +105,14 @@ enum UdcOp {
     Update(UpdateArgs),
     /// Revoke a member (new epoch and rekey in its groups).
     Revoke(RevokeArgs),
+    /// After restoring the store from a backup, before starting any UDC
+    /// process: opens the store of the UDC's config, raises every counter
+    /// (groups, gateway cursors, registry version, the floor for what is
+    /// created later), drops every session and queues a psk-ecdhe round
+    /// per group, in one transaction. Revocations, key updates and
+    /// configuration updates made after the backup are undone by the
+    /// restore: name revoked members with --revoke, make the rest again.
+    Recover(RecoverArgs),
     /// Members: list them, add one, import a registry file.
     Members(MembersArgs),
     /// Readings of a member in a time range.
@@ -213,6 +229,55 @@ struct RevokeArgs {
     target: AdminTarget,
     /// The member.
     member: u64,
+}
+
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    /// Confirms the store was restored from a backup and no UDC process is
+    /// running on it (recovery drops every member's session).
+    #[arg(long)]
+    restored_from_backup: bool,
+    /// The UDC's TOML config file (as for `dapgw udc`); overrides
+    /// DAPGW_CONFIG. DAPGW_* variables override its values. The recovery
+    /// uses its store URL and key files.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How long the recovery's psk-ecdhe rounds stay open, in seconds
+    /// (at most a year). Start the UDC processes well within it.
+    #[arg(long, value_name = "S", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=366 * 24 * 3600))]
+    round_duration_s: u64,
+    /// Members revoked after the backup (the restore made them active
+    /// again): marked revoked in the recovery's transaction, before its
+    /// rounds are queued. Comma-separated ids; may be repeated.
+    #[arg(long, value_name = "ID[,ID...]", value_delimiter = ',')]
+    revoke: Vec<u64>,
+    /// As --revoke, from a file: one member id per line (blank lines and
+    /// lines starting with `#` are skipped).
+    #[arg(long, value_name = "FILE")]
+    revoked_file: Option<PathBuf>,
+}
+
+/// The member ids of a `--revoked-file`: one per line, blank lines and
+/// `#` comments skipped.
+fn revoked_ids(path: &std::path::Path) -> anyhow::Result<Vec<u64>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--revoked-file {}: {e}", path.display()))?;
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        ids.push(line.parse::<u64>().map_err(|_| {
+            anyhow::anyhow!(
+                "--revoked-file {} line {}: not a member id",
+                path.display(),
+                n + 1
+            )
+        })?);
+    }
+    Ok(ids)
 }
 
 #[derive(Args, Debug)]
@@ -482,8 +547,10 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
 }
 
 fn udc(args: UdcArgs) -> ExitCode {
-    if let Some(op) = args.op {
-        return report(udc_op(op));
+    match args.op {
+        Some(UdcOp::Recover(r)) => return udc_recover(r, args.service.config),
+        Some(op) => return report(udc_op(op)),
+        None => {}
     }
     let args = args.service;
     let config = match load("udc", config::load_udc(args.config.as_deref())) {
@@ -613,6 +680,88 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `dapgw udc recover`: the recovery after a restore, offline, on the
+/// store and keys of the UDC's config (docs/udc.md, "Restoring a backup").
+/// Prints the report as JSON; exit 64 on bad config, 65 if a counter is
+/// exhausted, 75 if the store changed while it ran, 1 on other failures.
+fn udc_recover(args: RecoverArgs, parent_config: Option<PathBuf>) -> ExitCode {
+    use dapgw::udc::service::RecoverError;
+    if !args.restored_from_backup {
+        eprintln!(
+            "dapgw udc recover: recovery drops every member's session; run it only after \
+             restoring the store from a backup, with no UDC process running, as \
+             `dapgw udc recover --restored-from-backup`"
+        );
+        return ExitCode::from(EX_CONFIG);
+    }
+    let mut revoke = args.revoke;
+    if let Some(file) = &args.revoked_file {
+        match revoked_ids(file) {
+            Ok(ids) => revoke.extend(ids),
+            Err(e) => {
+                eprintln!("dapgw udc recover: {e:#}; nothing was written");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    }
+    let path = args.config.or(parent_config);
+    let config = match load("udc", config::load_udc(path.as_deref())) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return report(Err(e)),
+    };
+    let duration_ms = args.round_duration_s.saturating_mul(1000);
+    let res = rt.block_on(async {
+        let udc = dapgw::udc::build(&config).await?;
+        Ok::<_, anyhow::Error>(udc.recover_after_restore(duration_ms, revoke).await)
+    });
+    let rec = match res {
+        Ok(Ok(rec)) => rec,
+        Ok(Err(e)) => {
+            eprintln!("dapgw udc recover: {e}");
+            return ExitCode::from(match e {
+                RecoverError::CounterExhausted(_) => EX_DATAERR,
+                RecoverError::StoreChanged(_) => EX_TEMPFAIL,
+                _ => 1,
+            });
+        }
+        Err(e) => return report(Err(e)),
+    };
+    match serde_json::to_string_pretty(&rec) {
+        Ok(json) => println!("{json}"),
+        Err(e) => return report(Err(e.into())),
+    }
+    let since = rec.newest_record_ms.map_or_else(
+        || "the backup was taken".to_owned(),
+        |ms| format!("{ms} (unix ms; the restored store's newest record)"),
+    );
+    if !rec.revoke_not_found.is_empty() {
+        eprintln!(
+            "dapgw udc recover: not in the restored store (added after the backup), nothing \
+             to revoke: {:?}",
+            rec.revoke_not_found
+        );
+    }
+    eprintln!(
+        "dapgw udc recover: done. The restore undid everything made after {since}: \
+         revocations (a member revoked since and not named by --revoke/--revoked-file is \
+         active again: `dapgw udc revoke` it as soon as the UDC runs), key updates and \
+         members added (`dapgw udc members --add/--import`), and configuration updates \
+         (every group's message seq rose by 2^32: publish the current configuration again \
+         in every group, `dapgw udc update`). Start the UDC processes now: the recovery rounds close at {} \
+         (unix ms).",
+        rec.rounds_opened
+            .iter()
+            .map(|r| r.closes_at_ms)
+            .max()
+            .map_or_else(|| "-".to_owned(), |t| t.to_string())
+    );
+    ExitCode::SUCCESS
+}
+
 /// Runs one operator action against the admin API and prints the JSON
 /// answer.
 fn udc_op(op: UdcOp) -> anyhow::Result<()> {
@@ -704,6 +853,8 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             format!("/v1/admin/members/{}/revoke", r.member),
             None,
         ),
+        // Offline, on the store itself (udc_recover), never through the API.
+        UdcOp::Recover(_) => anyhow::bail!("dapgw udc recover runs offline"),
         UdcOp::Members(m) => match (m.add, m.import) {
             (Some(id), _) => (
                 m.target,

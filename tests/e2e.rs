@@ -239,8 +239,21 @@ impl World {
     async fn start_udc(&mut self) -> Proc {
         self.udc_starts += 1;
         let log = self.path(&format!("udc-{}.log", self.udc_starts));
-        let k = |f: &str| self.keys.join(f);
         let mut cmd = self.command("udc", &log);
+        self.udc_env(&mut cmd);
+        self.udc_port.release();
+        self.udc_admin.release();
+        let mut p = Proc {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        };
+        self.wait_ready(&mut p, self.udc_admin.port).await;
+        p
+    }
+
+    /// The UDC's configuration (`DAPGW_*`) on `cmd`.
+    fn udc_env(&self, cmd: &mut Command) {
+        let k = |f: &str| self.keys.join(f);
         cmd.env("DAPGW_LISTEN", format!("127.0.0.1:{}", self.udc_port.port))
             .env(
                 "DAPGW_ADMIN_LISTEN",
@@ -259,14 +272,24 @@ impl World {
             .env("DAPGW_SIGNING_KEY_FILE", k(keys_cmd::files::SIGNING))
             .env("DAPGW_KEY_CERT_FILE", k(keys_cmd::files::SIGNING_CERT))
             .env("DAPGW_DRAIN_GRACE_MS", "2000");
-        self.udc_port.release();
-        self.udc_admin.release();
-        let mut p = Proc {
-            child: Some(cmd.spawn().unwrap()),
-            log,
-        };
-        self.wait_ready(&mut p, self.udc_admin.port).await;
-        p
+    }
+
+    /// Runs `dapgw udc recover` with the UDC's configuration and `args`
+    /// (offline: the UDC must be stopped); (exit code, stdout, stderr).
+    fn udc_recover(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dapgw"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DAPGW_") {
+                cmd.env_remove(k);
+            }
+        }
+        self.udc_env(&mut cmd);
+        let out = cmd.args(["udc", "recover"]).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Starts `dapgw gateway` on its fixed ports and spool and waits until
@@ -933,12 +956,13 @@ fn udc_cli_raw(w: &World, op: &[&str]) -> (bool, String, String) {
 /// Every operator subcommand of `dapgw udc` against a running UDC with a
 /// gateway and members: members (import, add, list), rounds (start, show
 /// with per-gateway results, close), schedules (add, list, delete),
-/// updates (send, show acks), readings (with a limit), revoke, gateways.
+/// updates (send, show acks), readings (with a limit), revoke, gateways;
+/// then, with the UDC stopped, recover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_cli_runs_every_operation() {
     let _serial = SERIAL.lock().await;
     let mut w = World::new();
-    let _udc = w.start_udc().await;
+    let udc = w.start_udc().await;
     let gw = w.start_gateway(true).await;
 
     // Members: 1 and 2 from `keys members`' import file, 3 added by hand
@@ -1134,6 +1158,43 @@ async fn operator_cli_runs_every_operation() {
 
     f.shutdown().await;
     assert!(gw.term().await.success());
+    assert!(udc.term().await.success());
+
+    // Recovery after a restore, offline on the UDC's store: refused
+    // without the confirmation flag (exit 64); then raises the counters
+    // and queues a psk-ecdhe round per group, and says what to re-apply.
+    let (code, _, stderr) = w.udc_recover(&[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--restored-from-backup"), "{stderr}");
+    let (code, out, stderr) = w.udc_recover(&["--restored-from-backup"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let rec: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rec["groups_raised"], 1, "{rec}");
+    assert_eq!(rec["gateways_raised"], 1, "{rec}");
+    assert_eq!(rec["floor"], 1u64 << 32, "{rec}");
+    assert!(
+        rec["rounds_opened"][0]["round"].as_u64().unwrap() > 1 << 32,
+        "{rec}"
+    );
+    assert!(
+        stderr.contains("publish the current configuration again"),
+        "{stderr}"
+    );
+    // A counter that cannot rise by 2^32: a clear error, exit 65, nothing
+    // written (the floor stays).
+    let db = rusqlite::Connection::open(w.path("udc.sqlite3")).unwrap();
+    db.execute("UPDATE downlink_heads SET last_cursor = -2", [])
+        .unwrap();
+    let (code, out, stderr) = w.udc_recover(&["--restored-from-backup"]);
+    assert_eq!(code, Some(65), "{out}{stderr}");
+    assert!(
+        stderr.contains("downlink cursor cannot rise by 2^32"),
+        "{stderr}"
+    );
+    let floor: i64 = db
+        .query_row("SELECT floor FROM recovery", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(floor, 1 << 32);
 }
 
 /// Sets up the UDC, the gateway and a fleet of members `ids` that went

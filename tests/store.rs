@@ -216,6 +216,7 @@ both!(
     session_slots_are_compare_and_set,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
+    subscribing_queues_open_rounds_challenges,
     readings_query,
     readings_page_exactly_within_a_millisecond,
     readings_page_exactly_in_a_crowded_millisecond,
@@ -224,6 +225,7 @@ both!(
     second_acceptance_fails_the_write,
     dense_and_sparse_batch_reads_agree,
     registry_version_follows_every_registry_change,
+    recovery_is_one_transaction_and_raises_the_floor,
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
@@ -486,8 +488,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![6],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7],
+        Kind::Sqlite => vec![7],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -917,10 +919,69 @@ async fn retention_trims_readings_and_final_verdicts(f: Fixture) {
     assert!(s.pending_localization(GW, 2).await.unwrap().is_some());
 }
 
+/// A gateway subscribing to a group gets, in the same transaction, the
+/// challenge of every open round of that group not past its close time
+/// (round order); a group it already subscribed to queues nothing again.
+async fn subscribing_queues_open_rounds_challenges(f: Fixture) {
+    let s = f.open().await;
+    s.insert_group(group_row(G)).await.unwrap();
+    let ch = |round: u64, tag: u8, closes: Option<u64>| RoundRow {
+        challenge: vec![tag; 40],
+        closes_at_ms: closes,
+        ..round_row(G, round)
+    };
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![
+            ch(1, 1, Some(65_000)),
+            ch(2, 2, Some(65_000)),
+            ch(3, 3, None),
+            ch(4, 4, Some(9_000)),
+        ],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    s.apply_batch(BatchWrite {
+        closed_rounds: vec![(G, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Round 1 closed, round 4 past its close time at 10_000.
+    assert_eq!(
+        s.set_subscriptions("gw-a", vec![G], 10_000).await.unwrap(),
+        2
+    );
+    let a = s.read_downlink("gw-a", 0, 10).await.unwrap();
+    let got: Vec<(u64, u8, Audience, u32)> = a
+        .iter()
+        .map(|r| {
+            (
+                r.cursor,
+                r.record.message[0],
+                r.record.audience,
+                r.record.group,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, 2, Audience::Group, G), (2, 3, Audience::Group, G)]
+    );
+    // Already subscribed: nothing new; another group: nothing open there.
+    assert_eq!(
+        s.set_subscriptions("gw-a", vec![G, G + 1], 10_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.latest_cursor("gw-a").await.unwrap(), 2);
+}
+
 async fn downlink_cursors_and_fanout(f: Fixture) {
     let s = f.open().await;
-    s.set_subscriptions("gw-a", vec![2, 1, 2]).await.unwrap();
-    s.set_subscriptions("gw-b", vec![2]).await.unwrap();
+    s.set_subscriptions("gw-a", vec![2, 1, 2], 0).await.unwrap();
+    s.set_subscriptions("gw-b", vec![2], 0).await.unwrap();
     assert_eq!(s.subscriptions("gw-a").await.unwrap(), vec![1, 2]);
     let rec = |group: u32, tag: u8, audience: Audience| DownlinkRecord {
         audience,
@@ -963,7 +1024,7 @@ async fn downlink_cursors_and_fanout(f: Fixture) {
         (1, &rec(2, 2, Audience::Member(77)))
     );
     // More records continue the cursors; `after` and `limit` page.
-    s.set_subscriptions("gw-a", vec![2]).await.unwrap();
+    s.set_subscriptions("gw-a", vec![2], 0).await.unwrap();
     s.push_downlink(
         2_000,
         vec![DownlinkPush {
@@ -1735,5 +1796,186 @@ async fn corrupt_downlink_bundles_are_errors() {
         )
         .unwrap();
         assert_eq!(s.read_downlink("gw", 0, 10).await.unwrap().len(), 3);
+    }
+}
+
+/// The recovery after a restore, store step (docs/udc.md, "Restoring a
+/// backup"): one transaction raises the floor, creates the named groups
+/// without a row, empties every session, raises every downlink head and the
+/// registry version, then applies the batch (groups, rounds closed and
+/// opened, downlink records above the raised heads); a gateway queue that
+/// starts afterwards starts above the floor. A write that fails at its last
+/// step (a group changed since it was read), one with a stale floor, and one
+/// whose raise would pass u64::MAX write nothing at all.
+async fn recovery_is_one_transaction_and_raises_the_floor(f: Fixture) {
+    const OFF: u64 = 1 << 32;
+    let s = f.open().await;
+    setup(&s, 2).await;
+    // Group 9 named by a member, group 8 by a subscription: neither has a row.
+    s.apply_batch(BatchWrite {
+        members: vec![member(3, &[9])],
+        sessions: vec![session(1, 1, 1, 0)],
+        downlink: vec![push(DownlinkTarget::Gateway(GW.into()), 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    s.set_subscriptions("gw-2", vec![8], 0).await.unwrap();
+    let reads = s.recovery_reads().await.unwrap();
+    assert_eq!(reads.state, RecoveryState::default());
+    assert_eq!(reads.groups.len(), 1);
+    assert_eq!(reads.named_without_row, vec![8, 9]);
+    let open: Vec<(u32, u64)> = reads
+        .open_rounds
+        .iter()
+        .map(|r| (r.group, r.round))
+        .collect();
+    assert_eq!(open, vec![(G, 1)]);
+    assert_eq!(reads.newest_record_ms, Some(5_000), "round 1's opening");
+    let version = s.registry_version().await.unwrap();
+    let write = |floor_before: u64, group_version: u64, raise_by: u64| RecoveryWrite {
+        floor_before,
+        floor: OFF,
+        raise_by,
+        new_groups: [8, 9]
+            .map(|g| GroupRow {
+                epoch: OFF + 1,
+                next_round: OFF + 2,
+                seq: OFF,
+                ..group_row(g)
+            })
+            .to_vec(),
+        revoke: vec![1, 42],
+        newest_record_ms: Some(5_000),
+        batch: BatchWrite {
+            now_ms: 70_000,
+            groups: vec![GroupRow {
+                epoch: OFF + 1,
+                next_round: OFF + 3,
+                seq: OFF,
+                version: group_version,
+                ..group_row(G)
+            }],
+            closed_rounds: vec![(G, 1)],
+            new_rounds: vec![round_row(G, OFF + 2)],
+            downlink: vec![
+                push(DownlinkTarget::Gateway(GW.into()), 2),
+                push(DownlinkTarget::Subscribers, 3),
+            ],
+            ..BatchWrite::default()
+        },
+    };
+    assert!(matches!(
+        s.recover(write(0, 9, OFF)).await,
+        Err(StoreError::Conflict("group"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+    assert!(matches!(
+        s.recover(write(5, 1, OFF)).await,
+        Err(StoreError::Conflict("recovery floor"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+    assert!(matches!(
+        s.recover(write(0, 1, u64::MAX)).await,
+        Err(StoreError::CounterExhausted("downlink cursor"))
+    ));
+    recovery_wrote_nothing(&s, version).await;
+
+    let done = s.recover(write(0, 1, OFF)).await.unwrap();
+    assert_eq!(
+        done,
+        RecoveryApplied {
+            sessions_dropped: 1,
+            gateways_raised: 1,
+            members_revoked: 1,
+            revoke_not_found: vec![42],
+        }
+    );
+    let state = s.recovery_state().await.unwrap();
+    assert_eq!(
+        (
+            state.floor,
+            state.recoveries,
+            state.recovered_at_ms,
+            state.newest_record_ms
+        ),
+        (OFF, 1, Some(70_000), Some(5_000))
+    );
+    let m = s.members(vec![1, 2]).await.unwrap();
+    let status: Vec<MemberStatus> = m.iter().map(|m| m.as_ref().unwrap().status).collect();
+    assert_eq!(status, vec![MemberStatus::Revoked, MemberStatus::Active]);
+    assert_eq!(s.count_sessions().await.unwrap(), 0);
+    // Raised, plus the revocation (a registry change).
+    assert_eq!(s.registry_version().await.unwrap(), version + OFF + 1);
+    assert_eq!(s.group(9).await.unwrap().unwrap().next_round, OFF + 2);
+    assert_eq!(s.group(G).await.unwrap().unwrap().next_round, OFF + 3);
+    assert_eq!(
+        s.round(G, 1).await.unwrap().unwrap().status,
+        RoundStatus::Closed
+    );
+    let open: Vec<u64> = s
+        .open_rounds()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(open, vec![OFF + 2]);
+    // GW's record comes after its raised head; gw-2's queue (no head in
+    // the store) starts above the floor; so does a queue started later.
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 1 + OFF + 1);
+    let recs = s.read_downlink(GW, 1, 10).await.unwrap();
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the recovery's record is after the old cursor"
+    );
+    assert_eq!(s.latest_cursor("gw-2").await.unwrap(), OFF + 1);
+    s.apply_batch(BatchWrite {
+        downlink: vec![push(DownlinkTarget::Gateway("gw-3".into()), 4)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.latest_cursor("gw-3").await.unwrap(), OFF + 1);
+    // Recovered once: the same write again finds the floor moved.
+    assert!(matches!(
+        s.recover(write(0, 2, OFF)).await,
+        Err(StoreError::Conflict("recovery floor"))
+    ));
+    assert_eq!(s.recovery_reads().await.unwrap().state.floor, OFF);
+}
+
+/// The store of [`recovery_is_one_transaction_and_raises_the_floor`] as
+/// it was before any recovery (registry version `version`).
+async fn recovery_wrote_nothing(s: &AnyStore, version: u64) {
+    assert_eq!(s.recovery_state().await.unwrap(), RecoveryState::default());
+    let m = s.members(vec![1]).await.unwrap();
+    assert_eq!(m[0].as_ref().unwrap().status, MemberStatus::Active);
+    assert_eq!(s.count_sessions().await.unwrap(), 1);
+    assert_eq!(s.latest_cursor(GW).await.unwrap(), 1);
+    assert_eq!(s.latest_cursor("gw-2").await.unwrap(), 0);
+    assert_eq!(s.registry_version().await.unwrap(), version);
+    assert!(s.group(8).await.unwrap().is_none());
+    assert_eq!(
+        s.round(G, 1).await.unwrap().unwrap().status,
+        RoundStatus::Open
+    );
+}
+
+/// A downlink push of one one-byte record: of group 8 to its subscribers,
+/// of group G to a named gateway.
+fn push(target: DownlinkTarget, n: u8) -> DownlinkPush {
+    let group = match target {
+        DownlinkTarget::Subscribers => 8,
+        DownlinkTarget::Gateway(_) => G,
+    };
+    DownlinkPush {
+        target,
+        records: vec![DownlinkRecord {
+            audience: Audience::Group,
+            group,
+            message: vec![n],
+        }],
     }
 }

@@ -100,10 +100,20 @@ impl Harness {
     /// Stops the UDC (draining) and starts a new process-worth of it (a new
     /// `Udc`, empty caches and metrics) over the same store and keys.
     async fn restart(&mut self) {
+        self.halt().await;
+        self.resume().await;
+    }
+
+    /// Stops the UDC (draining); [`Self::resume`] starts it again.
+    async fn halt(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         (&mut self.task).await.unwrap().unwrap();
+    }
+
+    /// Starts the UDC stopped by [`Self::halt`] on new listeners.
+    async fn resume(&mut self) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = l.local_addr().unwrap();
@@ -2501,5 +2511,312 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
         vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
     );
     assert_eq!(slot_counts(&a), (6.0, 5.0));
+    h.stop().await;
+}
+
+/// Backs up the SQLite store `db` into `to` the way an operator would
+/// while the UDC runs: `VACUUM INTO`, one consistent snapshot (a copy of
+/// the file would miss what sits in the WAL).
+fn backup_store(db: &std::path::Path, to: &std::path::Path) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.execute("VACUUM INTO ?1", [to.to_str().unwrap()]).unwrap();
+}
+
+/// Restores the backup `from` in place of the (stopped) store `db`: the
+/// file replaced, its WAL and shared memory removed.
+fn restore_store(from: &std::path::Path, db: &std::path::Path) {
+    for ext in ["-wal", "-shm"] {
+        let side = db.with_file_name(format!(
+            "{}{ext}",
+            db.file_name().unwrap().to_str().unwrap()
+        ));
+        if side.exists() {
+            std::fs::remove_file(&side).unwrap();
+        }
+    }
+    std::fs::copy(from, db).unwrap();
+}
+
+/// Opens a psk auth round of group 8 (no members) and returns its number.
+async fn open_round8(h: &Harness) -> u64 {
+    h.op(
+        Method::POST,
+        "/v1/admin/rounds",
+        serde_json::json!({"group": 8, "mode": "psk", "purpose": "auth"}),
+    )
+    .await["round"]
+        .as_u64()
+        .unwrap()
+}
+
+/// gw-2's downlink records after `after` (waits up to 5 s for one).
+async fn gw2_downlink(h: &Harness, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)> {
+    let (s, body) = h
+        .call(
+            Some("gw-2"),
+            Method::GET,
+            &format!("/v1/downlink?after={after}&wait_ms=5000"),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "no gw-2 downlink records after {after}");
+    records(&body)
+}
+
+/// A member revoked after the backup (active again in the restored store)
+/// and named by the recovery's revoke list is marked revoked in the
+/// recovery's transaction: the recovery round sets it aside as `Revoked`
+/// while the other member is accepted; an id the store does not hold is
+/// reported, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_revokes_members_revoked_after_the_backup() {
+    let mut h = Harness::start(None).await;
+    let db = h._dir.path().join("udc.sqlite3");
+    let backup = tempfile::tempdir().unwrap();
+    let backup = backup.path().join("udc-backup.sqlite3");
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    backup_store(&db, &backup);
+    h.op(
+        Method::POST,
+        "/v1/admin/members/2/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+    h.halt().await;
+    restore_store(&backup, &db);
+    let rec = {
+        let u = udc::build(&h.config).await.unwrap();
+        u.recover_after_restore(600_000, vec![2, 99]).await.unwrap()
+    };
+    assert_eq!(
+        (rec.members_revoked, rec.revoke_not_found.clone()),
+        (1, vec![99]),
+        "{rec:?}"
+    );
+    h.resume().await;
+    let recs = h.downlink(r.cursor).await;
+    let challenge = last_group_record(&recs);
+    let opened = rec.rounds_opened[0];
+    let mut b = batch(
+        "gw-1",
+        2,
+        opened.round,
+        answer(&mut members, &challenge, b""),
+    );
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted, Outcome::Revoked]);
+    h.stop().await;
+}
+
+/// A gateway subscribing to a group while a round of it is open gets that
+/// round's challenge (the round's fan-out reached only gw-1), and the
+/// members' responses through it are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_during_an_open_round_delivers_its_challenge() {
+    let h = Harness::start(None).await;
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    h.subscribe("gw-2").await;
+    let recs = gw2_downlink(&h, 0).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!((recs[0].1, recs[0].2, &recs[0].4), (1, G, &r.challenge));
+    // Subscribing again to the same group queues nothing more.
+    h.subscribe("gw-2").await;
+    let (s, _) = h
+        .call(
+            Some("gw-2"),
+            Method::GET,
+            &format!("/v1/downlink?after={}", recs[0].0),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &recs[0].4, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    h.stop().await;
+}
+
+/// The store backed up while the UDC runs (`VACUUM INTO`), used on, then
+/// restored with the UDC stopped, and recovered offline before the UDC
+/// starts again (docs/udc.md, "Restoring a backup"). The report counts what
+/// the recovery did; a response to the round open at the backup is
+/// `RoundNotOpen`; an uplink accepted after the backup cannot be replayed;
+/// the recovery's psk-ecdhe challenge reaches gw-1 after the cursor it held
+/// before the restore (with that of group 9, subscribed to but without
+/// state, created above the floor) and the members authenticate in it;
+/// gw-2, first used
+/// after the backup (no cursor row in the restored store), and group 8,
+/// created after the backup (no row), start above the recovery floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
+    use dapgw::protocol::verifier::state::RESTORE_OFFSET;
+    let mut h = Harness::start(None).await;
+    let db = h._dir.path().join("udc.sqlite3");
+    let backup = tempfile::tempdir().unwrap();
+    let backup = backup.path().join("udc-backup.sqlite3");
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let recs = h.downlink(r.cursor).await;
+    for (_, _, _, id, msg) in &recs {
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
+            .unwrap()
+            .persisted();
+    }
+    let mut seal = |i: usize, what: &[u8]| {
+        members[i]
+            .seal_uplink(GroupId(G), UplinkKind::Reading, what)
+            .unwrap()
+            .persisted()
+    };
+    let v = h
+        .post_batch(&uplink_batch(2, &[seal(0, b"1a"), seal(1, b"2a")]))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    // gw-1 also subscribes to group 9, which has no state yet.
+    let (s, _) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            r#"{"groups":[7,9]}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    // The backup, taken while the UDC runs; then what it does not hold: a
+    // reading, a group update, gw-2's first subscription and downlink, and
+    // group 8's first round.
+    backup_store(&db, &backup);
+    let late = seal(0, b"1b");
+    let v = h
+        .post_batch(&uplink_batch(3, std::slice::from_ref(&late)))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/groups/{G}/updates"),
+        serde_json::json!({"payload_hex": "c0ffee"}),
+    )
+    .await;
+    let cursor = h.downlink(0).await.last().unwrap().0;
+    h.subscribe("gw-2").await;
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/groups/{G}/updates"),
+        serde_json::json!({"payload_hex": "c0ffef"}),
+    )
+    .await;
+    let gw2_cursor = gw2_downlink(&h, 0).await.last().unwrap().0;
+    let late_round8 = open_round8(&h).await;
+
+    // Restored with the UDC stopped, recovered offline (as `dapgw udc
+    // recover` does: its own `Udc` over the config's store and keys).
+    h.halt().await;
+    restore_store(&backup, &db);
+    let rec = {
+        let u = udc::build(&h.config).await.unwrap();
+        u.recover_after_restore(600_000, vec![]).await.unwrap()
+    };
+    assert_eq!(
+        (
+            rec.groups_raised,
+            rec.groups_created,
+            rec.sessions_dropped,
+            rec.rounds_closed,
+            rec.gateways_raised
+        ),
+        (1, 1, 2, 1, 1),
+        "{rec:?}"
+    );
+    assert_eq!((rec.floor, rec.recoveries), (RESTORE_OFFSET, 1), "{rec:?}");
+    assert_eq!(rec.previous_recovery_ms, None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(rec.newest_record_ms.is_some_and(|t| t <= now), "{rec:?}");
+    assert_eq!(rec.rounds_opened.len(), 2, "{rec:?}");
+    let (opened, opened9) = (rec.rounds_opened[0], rec.rounds_opened[1]);
+    assert_eq!((opened.group, opened9.group), (G, 9));
+    assert!(opened.round > RESTORE_OFFSET + r.round, "{rec:?}");
+    assert_eq!(opened9.round, RESTORE_OFFSET + 1, "created above the floor");
+    assert!(
+        opened.closes_at_ms > now && opened.closes_at_ms <= now + 600_000,
+        "{rec:?}"
+    );
+    h.resume().await;
+
+    // The round open at the backup was closed.
+    let entries: Vec<_> = (1..=2).map(|id| respond(&h, id, &r.challenge)).collect();
+    let v = h.post_batch(&batch("gw-1", 4, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::RoundNotOpen; 2]);
+    // The replay finds no session to verify it.
+    let v = h.post_batch(&uplink_batch(5, &[late])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::UnknownSession]);
+
+    // The new challenge comes after the cursor gw-1 held before the
+    // restore, and the members answer it.
+    let recs = h.downlink(cursor).await;
+    assert!(recs[0].0 > RESTORE_OFFSET, "{:?}", recs[0].0);
+    let groups: Vec<u32> = recs.iter().map(|r| r.2).collect();
+    assert_eq!(groups, vec![G, 9], "both recovery challenges");
+    let challenge = recs[0].4.clone();
+    let entries = answer(&mut members, &challenge, b"");
+    assert!(entries.iter().all(|(e, _)| e.e_i.is_some()), "psk-ecdhe");
+    let mut b = batch("gw-1", 6, opened.round, entries);
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+
+    // gw-2 subscribes again (its subscription went with the restore); its
+    // queue starts above the floor, past the cursor it held, with group 7's
+    // recovery challenge (still open) first: the recovery queued it to the
+    // subscribers of the restored store, which gw-2 was not.
+    h.subscribe("gw-2").await;
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/groups/{G}/updates"),
+        serde_json::json!({"payload_hex": "c0fff0"}),
+    )
+    .await;
+    let recs = gw2_downlink(&h, gw2_cursor).await;
+    assert!(recs[0].0 > RESTORE_OFFSET, "{:?}", recs[0].0);
+    assert_eq!(
+        (recs[0].1, recs[0].2, &recs[0].4),
+        (1, G, &challenge),
+        "the recovery challenge reaches gw-2"
+    );
+    assert!(recs.len() >= 2 && recs[1].4 != challenge, "then the update");
+    // A member handed it a second time re-sends its response.
+    assert!(matches!(
+        members[0].handle_challenge(&recs[0].4, None).unwrap(),
+        Challenged::Resend(_)
+    ));
+    // Group 8, first used after the backup, starts above the floor.
+    let round = open_round8(&h).await;
+    assert!(round > RESTORE_OFFSET && round > late_round8, "{round}");
     h.stop().await;
 }

@@ -42,6 +42,10 @@ use crate::udc::store::{
     Store, StoreError, VerdictWrite, Via,
 };
 
+mod recovery;
+
+pub use recovery::{OpenedRound, RecoverError, Recovery};
+
 /// Why a request was refused; the server maps each kind to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -864,7 +868,12 @@ impl Udc {
             let state: GroupState = self.open(&aad::group(group), &row.state)?;
             return Ok((state, row));
         }
-        let state = GroupState::new(GroupId(group), &mut rng());
+        // Above the recovery floor: the group may have been used after the
+        // backup this store was restored from (docs/udc.md, "Restoring a
+        // backup").
+        let floor = self.store.recovery_state().await?.floor;
+        let state = GroupState::starting_above(GroupId(group), floor, &mut rng())
+            .map_err(|e| ServiceError::Conflict(format!("group {group}: {e}")))?;
         let row = GroupRow {
             group,
             epoch: state.epoch,
@@ -1729,9 +1738,20 @@ impl Udc {
         });
     }
 
-    /// Replaces gateway `gateway`'s group subscriptions.
+    /// Replaces gateway `gateway`'s group subscriptions. For each group
+    /// newly added, the challenge of every open round of that group is
+    /// queued to the gateway in the same store transaction (the round's
+    /// fan-out reached only the subscribers of its time). A member handed
+    /// the same challenge twice re-sends its stored response byte for byte
+    /// (src/protocol/member, `Challenged::Resend`).
     pub async fn subscribe(&self, gateway: &str, groups: Vec<u32>) -> Result<(), ServiceError> {
-        self.store.set_subscriptions(gateway, groups).await?;
+        let queued = self
+            .store
+            .set_subscriptions(gateway, groups, now_ms())
+            .await?;
+        if queued > 0 {
+            self.downlink_notify.notify_waiters();
+        }
         Ok(())
     }
 

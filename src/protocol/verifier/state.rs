@@ -94,6 +94,27 @@ impl GroupState {
         }
     }
 
+    /// A new group whose round, epoch and seq start above `floor` (V's
+    /// recovery floor after a restore: a group first used after the backup
+    /// has no state to raise, and its members may hold counters up to
+    /// just under the floor): epoch and first round `floor + 1`, seq
+    /// `floor`. `floor` 0 gives [`GroupState::new`].
+    ///
+    /// Refused with [`UsageError::CounterExhausted`] if `floor + 1` would
+    /// pass `u64::MAX`.
+    pub fn starting_above(
+        group: GroupId,
+        floor: u64,
+        rng: &mut impl rand_core::CryptoRng,
+    ) -> Result<Self, UsageError> {
+        let first = floor.checked_add(1).ok_or(UsageError::CounterExhausted)?;
+        let mut state = Self::new(group, rng);
+        state.epoch = first;
+        state.next_round = first;
+        state.latest_seq = floor;
+        Ok(state)
+    }
+
     /// Recovery after V restored this state from a backup: raises the round,
     /// epoch and seq counters by 2^32 and draws a fresh group key, so nothing
     /// members persisted since the backup can be replayed and no counter

@@ -1738,6 +1738,26 @@ fn after_restore_refuses_counters_that_would_overflow() {
 }
 
 #[test]
+fn a_group_starting_above_a_floor_opens_its_first_round_above_it() {
+    let mut f = Fixture::new();
+    let floor = 3 << 32;
+    f.group = GroupState::starting_above(G, floor, &mut f.rng).unwrap();
+    assert_eq!(
+        (f.group.epoch, f.group.latest_seq),
+        (floor + 1, floor),
+        "epoch above the floor, no message yet"
+    );
+    let (round, _) = f.open(Mode::PskEcdhe, Purpose::Auth);
+    assert_eq!(round.round, floor + 1);
+    let zero = GroupState::starting_above(G, 0, &mut f.rng).unwrap();
+    assert_eq!((zero.next_round, zero.epoch, zero.latest_seq), (1, 1, 0));
+    assert_eq!(
+        GroupState::starting_above(G, u64::MAX, &mut f.rng).map(|_| ()),
+        Err(UsageError::CounterExhausted)
+    );
+}
+
+#[test]
 fn direct_uplink_is_checked_like_a_batch_of_one() {
     let mut f = Fixture::new();
     let members = f.members(1..=1);

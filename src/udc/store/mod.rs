@@ -702,6 +702,84 @@ pub struct BatchWrite {
     pub downlink: Vec<DownlinkPush>,
 }
 
+/// [`RecoveryReads::newest_record_ms`], in SQL both backends run.
+pub(crate) const NEWEST_RECORD_SQL: &str = "SELECT max(t) FROM (\
+    SELECT max(added_at_ms) AS t FROM members \
+    UNION ALL SELECT max(opened_at_ms) FROM rounds \
+    UNION ALL SELECT max(created_at_ms) FROM verdicts \
+    UNION ALL SELECT max(created_at_ms) FROM group_messages \
+    UNION ALL SELECT max(created_at_ms) FROM downlink) AS times";
+
+/// The recovery floor's row (one per store).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryState {
+    /// Groups created from now on start their round, epoch and message seq
+    /// above it; gateway queues started from now on hand out cursors above
+    /// it. 0 until the first recovery.
+    pub floor: u64,
+    /// Recoveries run so far on this store's line of history.
+    pub recoveries: u64,
+    /// When the last recovery ran (`None`: never).
+    pub recovered_at_ms: Option<u64>,
+    /// The newest time the store recorded anything at when the last
+    /// recovery ran (about when its backup was taken; `None`: never, or
+    /// an empty store).
+    pub newest_record_ms: Option<u64>,
+}
+
+/// What [`Store::recovery_reads`] read, of one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReads {
+    /// The floor row.
+    pub state: RecoveryState,
+    /// Every group's row, by group.
+    pub groups: Vec<GroupRow>,
+    /// The groups named by a member, a gateway subscription or a schedule
+    /// that have no row, by group.
+    pub named_without_row: Vec<u32>,
+    /// Every open round.
+    pub open_rounds: Vec<RoundRow>,
+    /// The newest time the store records anything at (a member added, a
+    /// round opened, a verdict, a group message, a downlink record):
+    /// about when the backup was taken. `None` on an empty store.
+    pub newest_record_ms: Option<u64>,
+}
+
+/// What [`Store::recover`] writes.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryWrite {
+    /// The floor [`Store::recovery_reads`] read (compare-and-set).
+    pub floor_before: u64,
+    /// The new floor.
+    pub floor: u64,
+    /// Added to every gateway's downlink head and to the registry version.
+    pub raise_by: u64,
+    /// Groups to create (named but without a row), at version 1.
+    pub new_groups: Vec<GroupRow>,
+    /// Members to mark revoked (revoked after the backup; the restore
+    /// undid it), before the batch's rounds are queued.
+    pub revoke: Vec<u64>,
+    /// Stored as [`RecoveryState::newest_record_ms`].
+    pub newest_record_ms: Option<u64>,
+    /// Applied last, in the same transaction (its `now_ms` is the
+    /// recovery's time).
+    pub batch: BatchWrite,
+}
+
+/// What [`Store::recover`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryApplied {
+    /// (member, group) session slots emptied.
+    pub sessions_dropped: u64,
+    /// Gateway queues whose head rose.
+    pub gateways_raised: u64,
+    /// Members of [`RecoveryWrite::revoke`] marked revoked (active until
+    /// then).
+    pub members_revoked: u64,
+    /// Members of [`RecoveryWrite::revoke`] the store does not hold.
+    pub revoke_not_found: Vec<u64>,
+}
+
 /// What [`Store::batch_reads`] read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchReads {
@@ -789,6 +867,10 @@ pub enum StoreError {
     /// reload and retry.
     #[error("concurrent update of {0}; reload and retry")]
     Conflict(&'static str),
+    /// A counter the recovery after a restore raises (named) would pass
+    /// `u64::MAX`; nothing was written.
+    #[error("the {0} cannot rise any further without passing 2^64")]
+    CounterExhausted(&'static str),
     /// A row an update names does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -1015,9 +1097,30 @@ pub trait Store: Send + Sync {
         first: u64,
         last: u64,
     ) -> impl Future<Output = Result<Vec<StoredSlot>, StoreError>> + Send;
-    /// Drops every session (recovery after a restore); last-auth times stay.
+    /// Drops every session; last-auth times stay (the step
+    /// [`Store::recover`] takes inside its transaction).
     /// Returns the number of (member, group) rows cleared.
     fn drop_all_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The recovery floor (migration 7 on SQLite, 8 on PostgreSQL): a group
+    /// created now starts above [`RecoveryState::floor`].
+    fn recovery_state(&self) -> impl Future<Output = Result<RecoveryState, StoreError>> + Send;
+    /// What the recovery after a restore reads, in one snapshot.
+    fn recovery_reads(&self) -> impl Future<Output = Result<RecoveryReads, StoreError>> + Send;
+    /// The recovery after a restore, in one transaction (docs/udc.md,
+    /// "Restoring a backup"): checks that the floor is still
+    /// `write.floor_before` ([`StoreError::Conflict`] otherwise), sets the
+    /// floor to `write.floor`, marks the members of `write.revoke`
+    /// revoked, creates `write.new_groups`, empties every
+    /// session slot, raises every gateway's downlink head and the registry
+    /// version by `write.raise_by`, then applies `write.batch` (group
+    /// updates, rounds closed and opened, downlink records; those go to
+    /// gateway queues above the raised heads and the new floor). A counter
+    /// that would pass `u64::MAX` fails it with
+    /// [`StoreError::CounterExhausted`]; any failure writes nothing.
+    fn recover(
+        &self,
+        write: RecoveryWrite,
+    ) -> impl Future<Output = Result<RecoveryApplied, StoreError>> + Send;
     /// The number of (member, group) pairs holding at least one session
     /// (`dapgw_udc_sessions_active` at start).
     fn count_sessions(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -1055,12 +1158,18 @@ pub trait Store: Send + Sync {
     /// retried after that is judged again, against the state of then.
     fn trim_verdicts(&self, before_ms: u64)
     -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Replaces the gateway's group subscriptions.
+    /// Replaces the gateway's group subscriptions and, in the same
+    /// transaction, queues to that gateway the challenge of every open
+    /// round (not past its close time) of each group newly added, in round
+    /// order: a round opened before the subscription fanned its challenge
+    /// out to the subscribers of then. Returns how many challenges it
+    /// queued.
     fn set_subscriptions(
         &self,
         gateway: &str,
         groups: Vec<u32>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The gateway's subscriptions, sorted.
     fn subscriptions(
         &self,
@@ -1238,13 +1347,16 @@ impl Store for AnyStore {
         fn registry_version(&self) -> u64;
         fn member_sessions(&self, first: u64, last: u64) -> Vec<StoredSlot>;
         fn drop_all_sessions(&self) -> u64;
+        fn recovery_state(&self) -> RecoveryState;
+        fn recovery_reads(&self) -> RecoveryReads;
+        fn recover(&self, write: RecoveryWrite) -> RecoveryApplied;
         fn count_sessions(&self) -> u64;
         fn read_downlink(&self, gateway: &str, after: u64, limit: u32) -> Vec<StoredRecord>;
         fn latest_cursor(&self, gateway: &str) -> u64;
         fn trim_downlink(&self, before_ms: u64) -> u64;
         fn trim_readings(&self, before_ms: u64) -> u64;
         fn trim_verdicts(&self, before_ms: u64) -> u64;
-        fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> ();
+        fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>, now_ms: u64) -> u64;
         fn subscriptions(&self, gateway: &str) -> Vec<u32>;
         fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;
         fn acks(&self, group: u32, seq: u64) -> Vec<AckRow>;

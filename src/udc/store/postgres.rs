@@ -63,6 +63,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../../../migrations/postgres/0007_readings_by_key.sql"),
     ),
+    (
+        8,
+        include_str!("../../../migrations/postgres/0008_recovery.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -206,6 +210,24 @@ const ROUND_SQL: &str = "SELECT grp, round, opened_at_ms, closes_at_ms, mode, pu
 
 /// The registry version (migration 6).
 const REGISTRY_VERSION_SQL: &str = "SELECT v FROM registry_version WHERE id = 1";
+
+/// The recovery floor's row (migration 8).
+const RECOVERY_SQL: &str =
+    "SELECT floor, recoveries, recovered_at_ms, newest_record_ms FROM recovery WHERE id = 1";
+
+/// A [`RECOVERY_SQL`] row.
+fn recovery_state(row: Option<&Row>) -> Result<RecoveryState, StoreError> {
+    let row = row.ok_or(StoreError::Corrupt("recovery row missing"))?;
+    let (floor, n, at): (i64, i64, Option<i64>) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let newest: Option<i64> = row.try_get(3)?;
+    Ok(RecoveryState {
+        floor: u(floor),
+        recoveries: u(n),
+        recovered_at_ms: at.map(u),
+        newest_record_ms: newest.map(u),
+    })
+}
 
 /// [`MEMBERS_SQL`]'s rows in the order of `ids` (an id asked twice gets its
 /// answer twice; unknown ids `None`).
@@ -387,13 +409,20 @@ type Cache = HashMap<&'static str, Statement>;
 async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     let Conn { client, stmts } = conn;
     let tx = client.transaction().await?;
+    let applied = apply_tx(&tx, stmts, w).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
+async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
     for (g, epoch) in &w.group_epochs {
         // FOR SHARE: a rekey's UPDATE of the group row waits for this
         // commit (and then fails its own compare-and-set on the slots this
         // write changed); a rekey committed before is seen here.
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "SELECT epoch FROM group_state WHERE grp = $1 FOR SHARE",
         )
@@ -405,14 +434,14 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
         }
     }
     if let Some(v) = &w.verdict {
-        write_verdict(&tx, stmts, v, now).await?;
+        write_verdict(tx, stmts, v, now).await?;
     }
     if !w.members.is_empty() {
-        write_members(&tx, stmts, &w.members).await?;
+        write_members(tx, stmts, &w.members).await?;
     }
     for g in &w.groups {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "UPDATE group_state SET epoch = $3, next_round = $4, seq = $5, \
              config_hash = $6, state = $7, version = version + 1 WHERE grp = $1 AND version = $2",
@@ -438,7 +467,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     for r in &w.new_rounds {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO rounds (grp, round, opened_at_ms, closes_at_ms, mode, \
              purpose, challenge, state, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -467,7 +496,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     for (g, r) in &w.closed_rounds {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "UPDATE rounds SET status = 1, state = ''::bytea WHERE grp = $1 AND round = $2",
         )
@@ -477,7 +506,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
         }
     }
     if !w.sessions.is_empty() {
-        write_sessions(&tx, stmts, &w.sessions).await?;
+        write_sessions(tx, stmts, &w.sessions).await?;
     }
     if !w.readings.is_empty() {
         let (mut m, mut g, mut sid, mut ctr, mut ts, mut kind, mut payload) =
@@ -492,7 +521,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
             payload.push(&r.payload[..]);
         }
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) \
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int8[], $5::int8[], \
@@ -511,7 +540,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
             t.push(i(a.at_ms));
         }
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO acks (grp, seq, member, at_ms) SELECT * FROM UNNEST($1::int8[], \
              $2::int8[], $3::int8[], $4::int8[]) ON CONFLICT DO NOTHING",
@@ -521,7 +550,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     for gm in &w.group_messages {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO group_messages (grp, seq, epoch, bytes, payload_hash, \
              created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -548,7 +577,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     if !w.outcomes.is_empty() {
         // One row per (group, round) of the write (migration 4).
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO round_results (grp, round, gateway, at_ms, n, outcomes) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -572,7 +601,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     for l in &w.round_localizations {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "UPDATE rounds SET localizations = localizations + $3 WHERE grp = $1 AND round = $2",
         )
@@ -587,7 +616,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     }
     if let Some(v) = &w.via {
         let st = prep(
-            &tx,
+            tx,
             stmts,
             "INSERT INTO gateways (gateway, batches, entries, accepted, localizations, \
              unverified, last_batch_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -618,7 +647,7 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
             seen.sort_unstable();
             seen.dedup();
             let st = prep(
-                &tx,
+                tx,
                 stmts,
                 "INSERT INTO member_gateway (member, gateway, seen_at_ms) \
                  SELECT m, $2, $3 FROM UNNEST($1::int8[]) AS x(m) \
@@ -629,10 +658,136 @@ async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
             tx.execute(&st, &[&seen, &v.gateway, &now]).await?;
         }
     }
-    let heads = write_downlink(&tx, stmts, &w.downlink, now).await?;
-    tx.commit().await?;
+    let heads = write_downlink(tx, stmts, &w.downlink, now).await?;
     Ok(Applied {
         downlink_heads: heads,
+    })
+}
+
+/// [`Store::recover`]: one transaction; the floor row is locked first, so
+/// two recoveries run one after the other (and the second fails its
+/// compare-and-set).
+async fn recover(conn: &mut Conn, w: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
+    let Conn { client, stmts } = conn;
+    let tx = client.transaction().await?;
+    let st = prep(
+        &tx,
+        stmts,
+        "SELECT floor FROM recovery WHERE id = 1 FOR UPDATE",
+    )
+    .await?;
+    let floor: i64 = tx.query_one(&st, &[]).await?.try_get(0)?;
+    if u(floor) != w.floor_before {
+        return Err(StoreError::Conflict("recovery floor"));
+    }
+    let st = prep(
+        &tx,
+        stmts,
+        "UPDATE recovery SET floor = $1, recoveries = recoveries + 1, recovered_at_ms = $2, \
+         newest_record_ms = $3 WHERE id = 1",
+    )
+    .await?;
+    let newest = w.newest_record_ms.map(i);
+    tx.execute(&st, &[&i(w.floor), &i(w.batch.now_ms), &newest])
+        .await?;
+    let (mut members_revoked, mut revoke_not_found) = (0, Vec::new());
+    let get = prep(
+        &tx,
+        stmts,
+        "SELECT status FROM members WHERE id = $1 FOR UPDATE",
+    )
+    .await?;
+    let set = prep(&tx, stmts, "UPDATE members SET status = $1 WHERE id = $2").await?;
+    let revoked = member_status_code(MemberStatus::Revoked);
+    for &id in &w.revoke {
+        match tx.query_opt(&get, &[&i(id)]).await? {
+            None => revoke_not_found.push(id),
+            Some(r) if r.try_get::<_, i64>(0)? == revoked => {}
+            Some(_) => {
+                tx.execute(&set, &[&revoked, &i(id)]).await?;
+                members_revoked += 1;
+            }
+        }
+    }
+    let st = prep(
+        &tx,
+        stmts,
+        "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
+         VALUES ($1, $2, $3, $4, $5, $6, 1) ON CONFLICT DO NOTHING",
+    )
+    .await?;
+    for g in &w.new_groups {
+        let n = tx
+            .execute(
+                &st,
+                &[
+                    &i64::from(g.group),
+                    &i(g.epoch),
+                    &i(g.next_round),
+                    &i(g.seq),
+                    &&g.config_hash[..],
+                    &g.state.as_bytes(),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Err(StoreError::Conflict("group"));
+        }
+    }
+    let st = prep(
+        &tx,
+        stmts,
+        "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
+         WHERE sid IS NOT NULL",
+    )
+    .await?;
+    let sessions_dropped = tx.execute(&st, &[]).await?;
+    // Raised in Rust: the columns hold bit-cast u64s (a sum in SQL would
+    // fail on BIGINT overflow, or wrap a bit-cast value's sign).
+    let st = prep(
+        &tx,
+        stmts,
+        "SELECT gateway, last_cursor FROM downlink_heads FOR UPDATE",
+    )
+    .await?;
+    let heads = tx.query(&st, &[]).await?;
+    let set = prep(
+        &tx,
+        stmts,
+        "UPDATE downlink_heads SET last_cursor = $2 WHERE gateway = $1",
+    )
+    .await?;
+    for row in &heads {
+        let gateway: &str = row.try_get(0)?;
+        let head: i64 = row.try_get(1)?;
+        let raised = u(head)
+            .checked_add(w.raise_by)
+            .ok_or(StoreError::CounterExhausted("downlink cursor"))?;
+        tx.execute(&set, &[&gateway, &i(raised)]).await?;
+    }
+    let st = prep(&tx, stmts, REGISTRY_VERSION_SQL).await?;
+    let v: i64 = tx
+        .query_opt(&st, &[])
+        .await?
+        .ok_or(StoreError::Corrupt("registry version row missing"))?
+        .try_get(0)?;
+    let v = u(v)
+        .checked_add(w.raise_by)
+        .ok_or(StoreError::CounterExhausted("registry version"))?;
+    let st = prep(
+        &tx,
+        stmts,
+        "UPDATE registry_version SET v = $1 WHERE id = 1",
+    )
+    .await?;
+    tx.execute(&st, &[&i(v)]).await?;
+    apply_tx(&tx, stmts, w.batch).await?;
+    tx.commit().await?;
+    Ok(RecoveryApplied {
+        sessions_dropped,
+        gateways_raised: heads.len() as u64,
+        members_revoked,
+        revoke_not_found,
     })
 }
 
@@ -990,9 +1145,14 @@ async fn write_downlink(
             }
         }
     }
-    let head = prep(tx, stmts, "INSERT INTO downlink_heads (gateway, last_cursor) VALUES ($1, $2) \
-         ON CONFLICT (gateway) DO UPDATE SET last_cursor = downlink_heads.last_cursor + EXCLUDED.last_cursor \
-         RETURNING last_cursor")
+    let head = prep(
+        tx,
+        stmts,
+        "INSERT INTO downlink_heads (gateway, last_cursor) \
+         VALUES ($1, $2 + (SELECT floor FROM recovery WHERE id = 1)) \
+         ON CONFLICT (gateway) DO UPDATE SET last_cursor = downlink_heads.last_cursor + $2 \
+         RETURNING last_cursor",
+    )
     .await?;
     let ins = prep(
         tx,
@@ -1334,6 +1494,61 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn recovery_state(&self) -> Result<RecoveryState, StoreError> {
+        let r = self.query(RECOVERY_SQL, &[]).await?;
+        recovery_state(r.first())
+    }
+
+    async fn recovery_reads(&self) -> Result<RecoveryReads, StoreError> {
+        let mut c = self.conn().await?;
+        let Conn { client, stmts } = &mut *c;
+        let tx = snapshot(client).await?;
+        let st = prep(&tx, stmts, RECOVERY_SQL).await?;
+        let state = recovery_state(tx.query(&st, &[]).await?.first())?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT grp, epoch, next_round, seq, config_hash, state, version FROM group_state \
+             ORDER BY grp",
+        )
+        .await?;
+        let groups = rows(tx.query(&st, &[]).await?, group_row)?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT grp FROM member_groups UNION SELECT grp FROM subscriptions \
+             UNION SELECT grp FROM schedules EXCEPT SELECT grp FROM group_state ORDER BY 1",
+        )
+        .await?;
+        let named_without_row = rows(tx.query(&st, &[]).await?, |r| {
+            let g: i64 = r.try_get(0)?;
+            u32::try_from(g).map_err(|_| StoreError::Corrupt("group id"))
+        })?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, state, status \
+             FROM rounds WHERE status = 0 ORDER BY grp, round",
+        )
+        .await?;
+        let open_rounds = rows(tx.query(&st, &[]).await?, round_row)?;
+        let st = prep(&tx, stmts, NEWEST_RECORD_SQL).await?;
+        let newest: Option<i64> = tx.query_one(&st, &[]).await?.try_get(0)?;
+        tx.commit().await?;
+        Ok(RecoveryReads {
+            state,
+            groups,
+            named_without_row,
+            open_rounds,
+            newest_record_ms: newest.map(u),
+        })
+    }
+
+    async fn recover(&self, write: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
+        let mut g = self.conn().await?;
+        recover(&mut g, write).await
+    }
+
     async fn registry_version(&self) -> Result<u64, StoreError> {
         let r = self.query(REGISTRY_VERSION_SQL, &[]).await?;
         let v: i64 = r
@@ -1426,7 +1641,12 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+    async fn set_subscriptions(
+        &self,
+        gateway: &str,
+        groups: Vec<u32>,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
         let groups: Vec<i64> = normalized_groups(&groups)
             .into_iter()
             .map(i64::from)
@@ -1434,8 +1654,18 @@ impl Store for PostgresStore {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
         let tx = client.transaction().await?;
-        let st = prep(&tx, stmts, "DELETE FROM subscriptions WHERE gateway = $1").await?;
-        tx.execute(&st, &[&gateway]).await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "DELETE FROM subscriptions WHERE gateway = $1 RETURNING grp",
+        )
+        .await?;
+        let old: Vec<i64> = tx
+            .query(&st, &[&gateway])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
         let st = prep(
             &tx,
             stmts,
@@ -1443,8 +1673,47 @@ impl Store for PostgresStore {
         )
         .await?;
         tx.execute(&st, &[&gateway, &groups]).await?;
+        let added: Vec<i64> = groups.into_iter().filter(|g| !old.contains(g)).collect();
+        let mut records = Vec::new();
+        if !added.is_empty() {
+            // FOR SHARE on the added groups' rows: a round opening in one of
+            // them (its write updates the group row first) either committed
+            // before this lock, so the next statement sees its round, or
+            // waits for this commit and then fans its challenge out to the
+            // new subscription rows. Either way this gateway gets it.
+            let st = prep(
+                &tx,
+                stmts,
+                "SELECT grp FROM group_state WHERE grp = ANY($1) ORDER BY grp FOR SHARE",
+            )
+            .await?;
+            tx.query(&st, &[&added]).await?;
+            let st = prep(
+                &tx,
+                stmts,
+                "SELECT grp, challenge FROM rounds WHERE status = $1 AND grp = ANY($2) \
+                 AND (closes_at_ms IS NULL OR closes_at_ms > $3) ORDER BY grp, round",
+            )
+            .await?;
+            let open = round_status_code(RoundStatus::Open);
+            for r in tx.query(&st, &[&open, &added, &ts(now_ms)]).await? {
+                records.push(DownlinkRecord {
+                    audience: Audience::Group,
+                    group: u32_col(r.try_get(0)?, "round group")?,
+                    message: r.try_get(1)?,
+                });
+            }
+        }
+        let queued = records.len() as u64;
+        if !records.is_empty() {
+            let push = DownlinkPush {
+                target: DownlinkTarget::Gateway(gateway.to_owned()),
+                records,
+            };
+            write_downlink(&tx, stmts, &[push], ts(now_ms)).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(queued)
     }
 
     async fn subscriptions(&self, gateway: &str) -> Result<Vec<u32>, StoreError> {

@@ -45,6 +45,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/sqlite/0006_registry_version.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/sqlite/0007_recovery.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -336,6 +340,13 @@ fn after_op(after: Option<u64>) -> &'static str {
 
 fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied = apply_tx(&tx, w)?;
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
+fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
     if !w.group_epochs.is_empty() {
         // The write lock is held (IMMEDIATE): no other writer can change
@@ -349,10 +360,10 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
         }
     }
     if let Some(v) = &w.verdict {
-        write_verdict(&tx, v, now)?;
+        write_verdict(tx, v, now)?;
     }
     for m in &w.members {
-        write_member(&tx, m)?;
+        write_member(tx, m)?;
     }
     if !w.groups.is_empty() {
         let mut st = tx.prepare_cached(
@@ -562,10 +573,99 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
             st.execute(params![i(*m), &v.gateway, now])?;
         }
     }
-    let heads = write_downlink(&tx, &w.downlink, now)?;
-    tx.commit()?;
+    let heads = write_downlink(tx, &w.downlink, now)?;
     Ok(Applied {
         downlink_heads: heads,
+    })
+}
+
+/// [`Store::recover`]: one immediate transaction.
+fn recover(conn: &mut Connection, w: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied = recover_tx(&tx, w)?;
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// The writes of [`recover`] inside `tx`.
+fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
+    let floor: i64 = tx
+        .prepare_cached("SELECT floor FROM recovery WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    if u(floor) != w.floor_before {
+        return Err(StoreError::Conflict("recovery floor"));
+    }
+    tx.prepare_cached(
+        "UPDATE recovery SET floor = ?1, recoveries = recoveries + 1, recovered_at_ms = ?2, \
+         newest_record_ms = ?3 WHERE id = 1",
+    )?
+    .execute(params![
+        i(w.floor),
+        i(w.batch.now_ms),
+        w.newest_record_ms.map(i)
+    ])?;
+    let (mut members_revoked, mut revoke_not_found) = (0, Vec::new());
+    {
+        let mut set = tx.prepare_cached("UPDATE members SET status = ?1 WHERE id = ?2")?;
+        let mut get = tx.prepare_cached("SELECT status FROM members WHERE id = ?1")?;
+        for &id in &w.revoke {
+            let status: Option<i64> = get.query_row([i(id)], |r| r.get(0)).optional()?;
+            match status {
+                None => revoke_not_found.push(id),
+                Some(s) if s == member_status_code(MemberStatus::Revoked) => {}
+                Some(_) => {
+                    set.execute(params![member_status_code(MemberStatus::Revoked), i(id)])?;
+                    members_revoked += 1;
+                }
+            }
+        }
+    }
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
+    )?;
+    for g in &w.new_groups {
+        let n = ins.execute(params![
+            i64::from(g.group),
+            i(g.epoch),
+            i(g.next_round),
+            i(g.seq),
+            &g.config_hash[..],
+            g.state.as_bytes()
+        ])?;
+        if n != 1 {
+            return Err(StoreError::Conflict("group"));
+        }
+    }
+    let sessions_dropped = tx.execute(
+        "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
+         WHERE sid IS NOT NULL",
+        [],
+    )? as u64;
+    // Raised in Rust, not in SQL: the columns hold bit-cast u64s, and
+    // SQLite's integer overflow would turn a sum into a float.
+    let mut st = tx.prepare_cached("SELECT gateway, last_cursor FROM downlink_heads")?;
+    let heads: Vec<(String, i64)> = collect(&mut st, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut set =
+        tx.prepare_cached("UPDATE downlink_heads SET last_cursor = ?2 WHERE gateway = ?1")?;
+    for (gateway, head) in &heads {
+        let raised = u(*head)
+            .checked_add(w.raise_by)
+            .ok_or(StoreError::CounterExhausted("downlink cursor"))?;
+        set.execute(params![gateway, i(raised)])?;
+    }
+    let version = registry_version_tx(tx)?.checked_add(w.raise_by);
+    let version = version.ok_or(StoreError::CounterExhausted("registry version"))?;
+    tx.execute(
+        "UPDATE registry_version SET v = ?1 WHERE id = 1",
+        [i(version)],
+    )?;
+    apply_tx(tx, w.batch)?;
+    Ok(RecoveryApplied {
+        sessions_dropped,
+        gateways_raised: heads.len() as u64,
+        members_revoked,
+        revoke_not_found,
     })
 }
 
@@ -693,8 +793,9 @@ fn write_downlink(
         }
     }
     let mut head = tx.prepare_cached(
-        "INSERT INTO downlink_heads (gateway, last_cursor) VALUES (?1, ?2) \
-         ON CONFLICT (gateway) DO UPDATE SET last_cursor = last_cursor + excluded.last_cursor \
+        "INSERT INTO downlink_heads (gateway, last_cursor) \
+         VALUES (?1, ?2 + (SELECT floor FROM recovery WHERE id = 1)) \
+         ON CONFLICT (gateway) DO UPDATE SET last_cursor = last_cursor + ?2 \
          RETURNING last_cursor",
     )?;
     let mut ins = tx.prepare_cached(
@@ -865,6 +966,22 @@ fn registry_version_tx(tx: &Transaction<'_>) -> Result<u64, StoreError> {
         .prepare_cached("SELECT v FROM registry_version WHERE id = 1")?
         .query_row([], |r| r.get(0))?;
     Ok(u(v))
+}
+
+/// The recovery floor's row.
+fn recovery_state_tx(tx: &Transaction<'_>) -> Result<RecoveryState, StoreError> {
+    let (floor, n, at, newest): (i64, i64, Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT floor, recoveries, recovered_at_ms, newest_record_ms FROM recovery \
+             WHERE id = 1",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    Ok(RecoveryState {
+        floor: u(floor),
+        recoveries: u(n),
+        recovered_at_ms: at.map(u),
+        newest_record_ms: newest.map(u),
+    })
 }
 
 /// [`Store::members`] inside a read transaction.
@@ -1230,6 +1347,48 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn recovery_state(&self) -> Result<RecoveryState, StoreError> {
+        self.read(recovery_state_tx).await
+    }
+
+    async fn recovery_reads(&self) -> Result<RecoveryReads, StoreError> {
+        self.read(|tx| {
+            let state = recovery_state_tx(tx)?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {GROUP_COLS} FROM group_state ORDER BY grp"
+            ))?;
+            let groups = collect(&mut st, [], group_row)?;
+            let mut st = tx.prepare_cached(
+                "SELECT grp FROM member_groups UNION SELECT grp FROM subscriptions \
+                 UNION SELECT grp FROM schedules EXCEPT SELECT grp FROM group_state ORDER BY 1",
+            )?;
+            let named = collect(&mut st, [], |r| Ok(r.get::<_, i64>(0)?))?;
+            let named_without_row = named
+                .into_iter()
+                .map(|g| u32::try_from(g).map_err(|_| StoreError::Corrupt("group id")))
+                .collect::<Result<_, _>>()?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {ROUND_COLS} FROM rounds WHERE status = 0 ORDER BY grp, round"
+            ))?;
+            let open_rounds = collect(&mut st, [], round_row)?;
+            let newest: Option<i64> = tx
+                .prepare_cached(NEWEST_RECORD_SQL)?
+                .query_row([], |r| r.get(0))?;
+            Ok(RecoveryReads {
+                state,
+                groups,
+                named_without_row,
+                open_rounds,
+                newest_record_ms: newest.map(u),
+            })
+        })
+        .await
+    }
+
+    async fn recover(&self, write: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
+        self.call(move |c| recover(c, write)).await
+    }
+
     async fn count_sessions(&self) -> Result<u64, StoreError> {
         self.read(|tx| {
             let n: i64 = tx
@@ -1321,20 +1480,62 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>) -> Result<(), StoreError> {
+    async fn set_subscriptions(
+        &self,
+        gateway: &str,
+        groups: Vec<u32>,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
         let gateway = gateway.to_owned();
         self.call(move |c| {
+            // IMMEDIATE: no round opens between reading the open rounds and
+            // the commit (a round opened after it fans out to the new rows).
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let old: Vec<u32> = {
+                let mut st =
+                    tx.prepare_cached("SELECT grp FROM subscriptions WHERE gateway = ?1")?;
+                collect(&mut st, [&gateway], |r| {
+                    u32_col(r.get(0)?, "subscription group")
+                })?
+            };
+            let groups = normalized_groups(&groups);
             tx.execute("DELETE FROM subscriptions WHERE gateway = ?1", [&gateway])?;
             {
                 let mut st =
                     tx.prepare_cached("INSERT INTO subscriptions (gateway, grp) VALUES (?1, ?2)")?;
-                for g in normalized_groups(&groups) {
+                for &g in &groups {
                     st.execute(params![&gateway, i64::from(g)])?;
                 }
             }
+            let mut records = Vec::new();
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT challenge FROM rounds WHERE status = ?1 AND grp = ?2 \
+                     AND (closes_at_ms IS NULL OR closes_at_ms > ?3) ORDER BY round",
+                )?;
+                for &g in groups.iter().filter(|g| !old.contains(g)) {
+                    let open = round_status_code(RoundStatus::Open);
+                    for message in collect(&mut st, params![open, i64::from(g), ts(now_ms)], |r| {
+                        Ok(r.get::<_, Vec<u8>>(0)?)
+                    })? {
+                        records.push(DownlinkRecord {
+                            audience: Audience::Group,
+                            group: g,
+                            message,
+                        });
+                    }
+                }
+            }
+            let queued = records.len() as u64;
+            if !records.is_empty() {
+                let push = DownlinkPush {
+                    target: DownlinkTarget::Gateway(gateway.clone()),
+                    records,
+                };
+                write_downlink(&tx, &[push], ts(now_ms))?;
+            }
             tx.commit()?;
-            Ok(())
+            Ok(queued)
         })
         .await
     }
