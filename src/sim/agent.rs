@@ -122,9 +122,19 @@ pub struct Stats {
     /// Key updates applied.
     pub key_updates_applied: AtomicU64,
     errors: std::sync::Mutex<BTreeMap<String, u64>>,
-    updates_by_seq: std::sync::Mutex<BTreeMap<(u32, u64), u64>>,
-    group_log: std::sync::Mutex<BTreeMap<u64, Vec<GroupMessageOutcome>>>,
+    /// One lock for the per-seq counts and the per-member log, so that an
+    /// observer that sees a count also finds the log entry behind it.
+    groups: std::sync::Mutex<GroupRecords>,
     changed: watch::Sender<u64>,
+}
+
+/// Group messages as the members saw them.
+#[derive(Debug, Default)]
+struct GroupRecords {
+    /// How many members applied each `(group, seq)`.
+    by_seq: BTreeMap<(u32, u64), u64>,
+    /// Every group message each member received, in order.
+    log: BTreeMap<u64, Vec<GroupMessageOutcome>>,
 }
 
 impl Default for Stats {
@@ -141,8 +151,7 @@ impl Default for Stats {
             rekeys_applied: AtomicU64::new(0),
             key_updates_applied: AtomicU64::new(0),
             errors: Default::default(),
-            updates_by_seq: Default::default(),
-            group_log: Default::default(),
+            groups: Default::default(),
             changed: watch::channel(0).0,
         }
     }
@@ -174,40 +183,41 @@ impl Stats {
 
     /// How many members applied `(group, seq)`.
     pub fn updates_applied_for(&self, group: u32, seq: u64) -> u64 {
-        self.updates_by_seq
+        self.groups
             .lock()
             .ok()
-            .and_then(|m| m.get(&(group, seq)).copied())
+            .and_then(|g| g.by_seq.get(&(group, seq)).copied())
             .unwrap_or(0)
     }
 
     /// Members that applied each `(group, seq)`.
     pub fn updates_by_seq(&self) -> BTreeMap<(u32, u64), u64> {
-        self.updates_by_seq
+        self.groups
             .lock()
-            .map(|m| m.clone())
+            .map(|g| g.by_seq.clone())
             .unwrap_or_default()
     }
 
     /// Every group message `member` received, in order, with what became
     /// of it.
     pub fn group_log(&self, member: u64) -> Vec<GroupMessageOutcome> {
-        self.group_log
+        self.groups
             .lock()
             .ok()
-            .and_then(|m| m.get(&member).cloned())
+            .and_then(|g| g.log.get(&member).cloned())
             .unwrap_or_default()
     }
 
     fn record_group(&self, member: u64, outcome: GroupMessageOutcome) {
+        let Ok(mut g) = self.groups.lock() else {
+            return;
+        };
         if outcome.result.is_ok()
-            && let (Some(seq), Ok(mut m)) = (outcome.seq, self.updates_by_seq.lock())
+            && let Some(seq) = outcome.seq
         {
-            *m.entry((outcome.group, seq)).or_default() += 1;
+            *g.by_seq.entry((outcome.group, seq)).or_default() += 1;
         }
-        if let Ok(mut m) = self.group_log.lock() {
-            m.entry(member).or_default().push(outcome);
-        }
+        g.log.entry(member).or_default().push(outcome);
     }
 
     /// The counters as JSON (the `dapgw sim` summary).
@@ -634,7 +644,8 @@ impl Agent {
                         self.send_uplink(ack, "ack").await;
                     }
                     Err(e) => {
-                        self.refused(&e);
+                        // Logged before the error count that observers
+                        // wait on, so whoever sees the count finds the log.
                         self.stats.record_group(
                             id,
                             GroupMessageOutcome {
@@ -643,6 +654,7 @@ impl Agent {
                                 result: Err(e.to_string()),
                             },
                         );
+                        self.refused(&e);
                     }
                 }
             }
