@@ -137,7 +137,7 @@ impl Registry for LoadedRegistry {
 #[derive(Default)]
 struct RegistryCache {
     version: Option<u64>,
-    records: std::collections::HashMap<MemberId, MemberRecord>,
+    records: FastMap<MemberId, MemberRecord>,
 }
 
 /// Most member records a [`RegistryCache`] keeps; beyond, it starts over.
@@ -161,7 +161,15 @@ impl RegistryCache {
 /// held a session (for `dapgw_udc_sessions_active`). A member without a
 /// stored row is absent (version 0, no accepted round, no session).
 #[derive(Default)]
-struct SlotVersions(std::collections::HashMap<MemberId, SlotRead>);
+struct SlotVersions(FastMap<MemberId, SlotRead>);
+
+impl SlotVersions {
+    /// Room for `n` slots (a batch's members), so a batch's reads do not
+    /// grow the map by doubling.
+    fn with_capacity(n: usize) -> Self {
+        Self(FastMap::with_capacity_and_hasher(n, Default::default()))
+    }
+}
 
 /// What [`SlotVersions`] keeps of one slot.
 #[derive(Clone, Copy, Default)]
@@ -185,7 +193,7 @@ const SLOT_CACHE_MAX: usize = 1 << 17;
 /// nonce). A lookup removes the entry, hit or miss, and only a committed
 /// write puts slots back, so a batch that fails leaves nothing stale.
 #[derive(Default)]
-struct SlotCache(std::collections::HashMap<(u64, u32), (SealMark, SessionSlot)>);
+struct SlotCache(FastMap<(u64, u32), (SealMark, SessionSlot)>);
 
 /// What identifies one sealing of a slot: its length, its nonce and its
 /// tag.
@@ -301,6 +309,11 @@ pub struct Udc {
     /// ([`Udc::before_next_batch_write`]).
     pre_write: std::sync::Mutex<Option<PreWrite>>,
 }
+
+/// The hash map of the per-member caches: foldhash, seeded at random per
+/// process and per map, for keys a gateway can pick among but not mint
+/// (see [`SessionTable`]).
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What [`Udc::before_next_batch_write`] runs.
 type PreWrite = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -611,7 +624,7 @@ impl Udc {
         let seq = state.latest_seq;
         self.apply(BatchWrite {
             now_ms: now,
-            groups: vec![self.group_row(&state, &row)?],
+            groups: vec![self.group_row(&state, row.version)?],
             group_messages: vec![store::GroupMessageRow {
                 group,
                 seq,
@@ -796,7 +809,7 @@ impl Udc {
         }
         write.sessions.append(&mut slots.rows);
         *active_delta += slots.active_delta;
-        write.groups.push(self.group_row(&state, &row)?);
+        write.groups.push(self.group_row(&state, row.version)?);
         let records = rekeys
             .iter()
             .map(|k| DownlinkRecord {
@@ -874,15 +887,7 @@ impl Udc {
         let floor = self.store.recovery_state().await?.floor;
         let state = GroupState::starting_above(GroupId(group), floor, &mut rng())
             .map_err(|e| ServiceError::Conflict(format!("group {group}: {e}")))?;
-        let row = GroupRow {
-            group,
-            epoch: state.epoch,
-            next_round: state.next_round,
-            seq: state.latest_seq,
-            config_hash: state.config_hash,
-            state: self.seal(&aad::group(group), &state)?,
-            version: 1,
-        };
+        let row = self.group_row(&state, 1)?;
         match self.store.insert_group(row.clone()).await {
             Ok(()) | Err(StoreError::Conflict(_)) => {}
             Err(e) => return Err(e.into()),
@@ -896,15 +901,19 @@ impl Udc {
         Ok((state, row))
     }
 
-    fn group_row(&self, state: &GroupState, old: &GroupRow) -> Result<GroupRow, ServiceError> {
+    /// The row that stores `state`, sealed, with the compare-and-set
+    /// `version` it is written against (1 for a new group, the version
+    /// read for an update).
+    fn group_row(&self, state: &GroupState, version: u64) -> Result<GroupRow, ServiceError> {
+        let group = state.group.0;
         Ok(GroupRow {
-            group: old.group,
+            group,
             epoch: state.epoch,
             next_round: state.next_round,
             seq: state.latest_seq,
             config_hash: state.config_hash,
-            state: self.seal(&aad::group(old.group), state)?,
-            version: old.version,
+            state: self.seal(&aad::group(group), state)?,
+            version,
         })
     }
 
@@ -931,7 +940,7 @@ impl Udc {
             .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let write = BatchWrite {
             now_ms: now,
-            groups: vec![self.group_row(&state, &row)?],
+            groups: vec![self.group_row(&state, row.version)?],
             new_rounds: vec![RoundRow {
                 group,
                 round: round.round,
@@ -1103,7 +1112,7 @@ impl Udc {
         stored: Vec<Option<store::StoredSlot>>,
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let mut table = SessionTable::with_capacity(ids.len());
-        let mut versions = SlotVersions::default();
+        let mut versions = SlotVersions::with_capacity(ids.len());
         let mut cache = self.slot_cache.lock().unwrap_or_else(|p| p.into_inner());
         let (mut hits, mut misses) = (0, 0);
         for (id, row) in ids.iter().zip(stored) {

@@ -165,21 +165,13 @@ impl Udc {
                 .after_restore(&mut rng())
                 .map_err(|e| group_err(row.group, e))?;
             rounds_opened.push(self.recovery_round(&mut state, closes_at_ms, &mut write)?);
-            write.groups.push(self.group_row(&state, row)?);
+            write.groups.push(self.group_row(&state, row.version)?);
         }
         for &group in &reads.named_without_row {
             let mut state = GroupState::starting_above(GroupId(group), floor, &mut rng())
                 .map_err(|e| group_err(group, e))?;
             rounds_opened.push(self.recovery_round(&mut state, closes_at_ms, &mut write)?);
-            new_groups.push(GroupRow {
-                group,
-                epoch: state.epoch,
-                next_round: state.next_round,
-                seq: state.latest_seq,
-                config_hash: state.config_hash,
-                state: self.seal(&aad::group(group), &state)?,
-                version: 1,
-            });
+            new_groups.push(self.group_row(&state, 1)?);
         }
         // A second run on the same restored store finds the first run's
         // own rows newest (stamped at its time): report the time it found.

@@ -266,6 +266,40 @@ async fn prep<C: GenericClient + Sync>(
     Ok(s)
 }
 
+/// Inserts a new group's row (version 1); a group that already has one is
+/// a [`StoreError::Conflict`].
+async fn insert_group<C: GenericClient + Sync>(
+    c: &C,
+    stmts: &mut HashMap<&'static str, Statement>,
+    row: &GroupRow,
+) -> Result<(), StoreError> {
+    let st = prep(
+        c,
+        stmts,
+        "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
+         VALUES ($1, $2, $3, $4, $5, $6, 1) ON CONFLICT DO NOTHING",
+    )
+    .await?;
+    let n = c
+        .execute(
+            &st,
+            &[
+                &i64::from(row.group),
+                &i(row.epoch),
+                &i(row.next_round),
+                &i(row.seq),
+                &&row.config_hash[..],
+                &row.state.as_bytes(),
+            ],
+        )
+        .await?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict("group"))
+    }
+}
+
 /// Applies missing migrations under a transaction-scoped advisory lock, so
 /// two processes starting together apply each migration once.
 async fn migrate(client: &mut Client) -> Result<(), StoreError> {
@@ -709,30 +743,8 @@ async fn recover(conn: &mut Conn, w: RecoveryWrite) -> Result<RecoveryApplied, S
             }
         }
     }
-    let st = prep(
-        &tx,
-        stmts,
-        "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
-         VALUES ($1, $2, $3, $4, $5, $6, 1) ON CONFLICT DO NOTHING",
-    )
-    .await?;
     for g in &w.new_groups {
-        let n = tx
-            .execute(
-                &st,
-                &[
-                    &i64::from(g.group),
-                    &i(g.epoch),
-                    &i(g.next_round),
-                    &i(g.seq),
-                    &&g.config_hash[..],
-                    &g.state.as_bytes(),
-                ],
-            )
-            .await?;
-        if n != 1 {
-            return Err(StoreError::Conflict("group"));
-        }
+        insert_group(&tx, stmts, g).await?;
     }
     let st = prep(
         &tx,
@@ -1249,25 +1261,9 @@ impl Store for PostgresStore {
     }
 
     async fn insert_group(&self, row: GroupRow) -> Result<(), StoreError> {
-        let n = self
-            .exec(
-                "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 1) ON CONFLICT DO NOTHING",
-                &[
-                    &i64::from(row.group),
-                    &i(row.epoch),
-                    &i(row.next_round),
-                    &i(row.seq),
-                    &&row.config_hash[..],
-                    &row.state.as_bytes(),
-                ],
-            )
-            .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict("group"))
-        }
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        insert_group(&*client, stmts, &row).await
     }
 
     async fn group(&self, group: u32) -> Result<Option<GroupRow>, StoreError> {

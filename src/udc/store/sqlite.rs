@@ -620,22 +620,8 @@ fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied,
             }
         }
     }
-    let mut ins = tx.prepare_cached(
-        "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
-    )?;
     for g in &w.new_groups {
-        let n = ins.execute(params![
-            i64::from(g.group),
-            i(g.epoch),
-            i(g.next_round),
-            i(g.seq),
-            &g.config_hash[..],
-            g.state.as_bytes()
-        ])?;
-        if n != 1 {
-            return Err(StoreError::Conflict("group"));
-        }
+        insert_group(&tx, g)?;
     }
     let sessions_dropped = tx.execute(
         "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
@@ -732,6 +718,29 @@ fn write_verdict(tx: &Transaction<'_>, v: &VerdictWrite, now: i64) -> Result<(),
         batch_hash: hash_col(hash, "batch hash")?,
         is_final,
     })
+}
+
+/// Inserts a new group's row (version 1); a group that already has one is
+/// a [`StoreError::Conflict`].
+fn insert_group(c: &Connection, row: &GroupRow) -> Result<(), StoreError> {
+    let n = c
+        .prepare_cached(
+            "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            i64::from(row.group),
+            i(row.epoch),
+            i(row.next_round),
+            i(row.seq),
+            &row.config_hash[..],
+            row.state.as_bytes()
+        ])?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict("group"))
+    }
 }
 
 fn write_member(tx: &Transaction<'_>, m: &MemberRow) -> Result<(), StoreError> {
@@ -1101,27 +1110,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_group(&self, row: GroupRow) -> Result<(), StoreError> {
-        self.call(move |c| {
-            let n = c
-                .prepare_cached(
-                    "INSERT INTO group_state (grp, epoch, next_round, seq, config_hash, state, \
-                     version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1) ON CONFLICT DO NOTHING",
-                )?
-                .execute(params![
-                    i64::from(row.group),
-                    i(row.epoch),
-                    i(row.next_round),
-                    i(row.seq),
-                    &row.config_hash[..],
-                    row.state.as_bytes()
-                ])?;
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::Conflict("group"))
-            }
-        })
-        .await
+        self.call(move |c| insert_group(c, &row)).await
     }
 
     async fn group(&self, group: u32) -> Result<Option<GroupRow>, StoreError> {
