@@ -621,7 +621,7 @@ fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied,
         }
     }
     for g in &w.new_groups {
-        insert_group(&tx, g)?;
+        insert_group(tx, g)?;
     }
     let sessions_dropped = tx.execute(
         "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
