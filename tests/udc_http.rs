@@ -838,11 +838,35 @@ async fn scenario(h: &Harness) {
     assert_eq!(v["error"], "bad_request");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udc_over_tls_with_sqlite() {
-    let h = Harness::start(None).await;
+/// The whole gateway-facing and operator scenario over mutual TLS, on
+/// each store.
+async fn udc_over_tls(store_url: Option<String>) {
+    let h = Harness::start(store_url).await;
     scenario(&h).await;
     h.stop().await;
+}
+
+/// Declares a `sqlite` and a `postgres` test (in a module named after the
+/// scenario) that run `$scenario(store_url)`: `None` for a fresh SQLite
+/// store, or a database `$db` of a throwaway PostgreSQL cluster.
+macro_rules! on_both_stores {
+    ($scenario:ident, $db:literal) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$scenario(None).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(cluster) = super::pg_cluster().await else {
+                    return;
+                };
+                cluster.create_database($db).unwrap();
+                super::$scenario(Some(cluster.url($db))).await;
+            }
+        }
+    };
 }
 
 /// A throwaway PostgreSQL cluster, or `None` (with a visible message) where
@@ -862,16 +886,7 @@ async fn pg_cluster() -> Option<dapgw::udc::store::PgCluster> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udc_over_tls_with_postgres() {
-    let Some(cluster) = pg_cluster().await else {
-        return;
-    };
-    cluster.create_database("udc_http").unwrap();
-    let h = Harness::start(Some(cluster.url("udc_http"))).await;
-    scenario(&h).await;
-    h.stop().await;
-}
+on_both_stores!(udc_over_tls, "udc_http");
 
 /// A tag request the gateway never answers is finalized by the background
 /// task after `DAPGW_LOCALIZE_TIMEOUT_MS`: the unresolved chunk's entries
@@ -1985,19 +2000,7 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_between_read_and_write_sqlite() {
-    revocation_between_read_and_write(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_between_read_and_write_postgres() {
-    let Some(cluster) = pg_cluster().await else {
-        return;
-    };
-    cluster.create_database("revoke_race").unwrap();
-    revocation_between_read_and_write(Some(cluster.url("revoke_race"))).await;
-}
+on_both_stores!(revocation_between_read_and_write, "revoke_race");
 
 /// Two `Udc`s on one store: `a` has judged member 2 (its member cache
 /// holds it, active), then `b` revokes member 2. In the next round `a` must
@@ -2043,19 +2046,7 @@ async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cached_member_revoked_by_another_process_sqlite() {
-    cached_member_revoked_by_another_process(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cached_member_revoked_by_another_process_postgres() {
-    let Some(cluster) = pg_cluster().await else {
-        return;
-    };
-    cluster.create_database("revoke_cached").unwrap();
-    cached_member_revoked_by_another_process(Some(cluster.url("revoke_cached"))).await;
-}
+on_both_stores!(cached_member_revoked_by_another_process, "revoke_cached");
 
 /// Two UDC processes judge the same member's response in the same round
 /// at the same time: b accepts it (through another gateway) after a read
@@ -2107,19 +2098,7 @@ async fn acceptance_race_between_read_and_write(store_url: Option<String>) {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acceptance_race_between_read_and_write_sqlite() {
-    acceptance_race_between_read_and_write(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acceptance_race_between_read_and_write_postgres() {
-    let Some(cluster) = pg_cluster().await else {
-        return;
-    };
-    cluster.create_database("accept_race").unwrap();
-    acceptance_race_between_read_and_write(Some(cluster.url("accept_race"))).await;
-}
+on_both_stores!(acceptance_race_between_read_and_write, "accept_race");
 
 /// Whether the socket of this process bound to `local` and connected to
 /// `peer` has `TCP_NODELAY` set (found through `/proc/self/fd`); `None`
