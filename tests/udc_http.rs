@@ -2591,6 +2591,49 @@ async fn recovery_revokes_members_revoked_after_the_backup() {
     h.stop().await;
 }
 
+/// The recovery run twice on the same restored store (an operator
+/// repeating the command): the second run finds the first run's own rows
+/// newest, stamped at its time, and reports the first run's
+/// `newest_record_ms` (about the backup's time) instead; it raises the
+/// floor again and counts two recoveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_recovery_reports_the_backups_newest_record() {
+    use dapgw::protocol::verifier::state::RESTORE_OFFSET;
+    let mut h = Harness::start(None).await;
+    let db = h._dir.path().join("udc.sqlite3");
+    let backup = tempfile::tempdir().unwrap();
+    let backup = backup.path().join("udc-backup.sqlite3");
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before = unix_ms();
+    h.auth_round(2).await;
+    backup_store(&db, &backup);
+    h.halt().await;
+    restore_store(&backup, &db);
+    let u = udc::build(&h.config).await.unwrap();
+    let first = u.recover_after_restore(600_000, vec![]).await.unwrap();
+    let second = u.recover_after_restore(600_000, vec![]).await.unwrap();
+    let newest = first.newest_record_ms.expect("the backup holds rows");
+    let first_at = second.previous_recovery_ms.expect("the first run's time");
+    assert!(
+        newest >= before && newest < first_at,
+        "{first:?} {second:?}"
+    );
+    assert_eq!(second.newest_record_ms, Some(newest), "{second:?}");
+    assert_eq!(
+        (second.floor, second.recoveries),
+        (2 * RESTORE_OFFSET, 2),
+        "{second:?}"
+    );
+    drop(u);
+    h.resume().await;
+    h.stop().await;
+}
+
 /// A gateway subscribing to a group while a round of it is open gets that
 /// round's challenge (the round's fan-out reached only gw-1), and the
 /// members' responses through it are accepted.
