@@ -193,7 +193,7 @@ const SLOT_CACHE_MAX: usize = 1 << 17;
 /// nonce). A lookup removes the entry, hit or miss, and only a committed
 /// write puts slots back, so a batch that fails leaves nothing stale.
 #[derive(Default)]
-struct SlotCache(FastMap<(u64, u32), (SealMark, SessionSlot)>);
+struct SlotCache(FastMap<(u64, u32), (SealMark, Box<SessionSlot>)>);
 
 /// What identifies one sealing of a slot: its length, its nonce and its
 /// tag.
@@ -1126,7 +1126,9 @@ impl Udc {
                     }
                     _ => {
                         misses += 1;
-                        Some(self.open_slot(&aad::session(id.0, group), sealed)?)
+                        Some(Box::new(
+                            self.open_slot(&aad::session(id.0, group), sealed)?,
+                        ))
                     }
                 },
                 None => None,
@@ -1141,7 +1143,7 @@ impl Udc {
                 },
             );
             if let Some(slot) = slot {
-                table.insert(GroupId(group), *id, slot);
+                table.insert_boxed(GroupId(group), *id, slot);
             }
         }
         drop(cache);
@@ -1162,7 +1164,7 @@ impl Udc {
             cache.0.clear();
         }
         for (id, mark) in marks {
-            if let Some(slot) = sessions.remove(GroupId(group), id) {
+            if let Some(slot) = sessions.remove_boxed(GroupId(group), id) {
                 cache.0.insert((id.0, group), (mark, slot));
             }
         }

@@ -557,9 +557,14 @@ impl SliceReader<'_> {
 /// picks among provisioned ids (a rekey's table holds the group's, from
 /// the store), a batch holds at most 16,384 entries (the wire cap), and
 /// colliding on purpose would need the process's seed.
+///
+/// Slots are boxed: a slot with three sessions is a few hundred bytes,
+/// and the UDC moves each one from its slot cache into a batch's table and
+/// back ([`Self::insert_boxed`], [`Self::remove_boxed`]); boxed, a move is
+/// a pointer and the table's buckets stay small.
 #[derive(Clone, Debug, Default)]
 pub struct SessionTable {
-    slots: HashMap<(GroupId, MemberId), SessionSlot, foldhash::fast::RandomState>,
+    slots: HashMap<(GroupId, MemberId), Box<SessionSlot>, foldhash::fast::RandomState>,
 }
 
 impl SessionTable {
@@ -577,12 +582,12 @@ impl SessionTable {
 
     /// The slot of (group, member), if loaded.
     pub fn get(&self, group: GroupId, id: MemberId) -> Option<&SessionSlot> {
-        self.slots.get(&(group, id))
+        self.slots.get(&(group, id)).map(|s| &**s)
     }
 
     /// The slot of (group, member), for changing it.
     pub fn get_mut(&mut self, group: GroupId, id: MemberId) -> Option<&mut SessionSlot> {
-        self.slots.get_mut(&(group, id))
+        self.slots.get_mut(&(group, id)).map(|s| &mut **s)
     }
 
     /// The slot of (group, member), created empty if absent.
@@ -596,17 +601,28 @@ impl SessionTable {
         use std::collections::hash_map::Entry;
         match self.slots.entry((group, id)) {
             Entry::Occupied(o) => (o.into_mut(), false),
-            Entry::Vacant(v) => (v.insert(SessionSlot::default()), true),
+            Entry::Vacant(v) => (v.insert(Box::default()), true),
         }
     }
 
     /// Adds or replaces a loaded slot.
     pub fn insert(&mut self, group: GroupId, id: MemberId, slot: SessionSlot) {
+        self.insert_boxed(group, id, Box::new(slot));
+    }
+
+    /// Adds or replaces a loaded slot that is already boxed (moved in
+    /// without copying it).
+    pub fn insert_boxed(&mut self, group: GroupId, id: MemberId, slot: Box<SessionSlot>) {
         self.slots.insert((group, id), slot);
     }
 
     /// Removes a slot (a revoked member's, or all of them after a restore).
     pub fn remove(&mut self, group: GroupId, id: MemberId) -> Option<SessionSlot> {
+        self.remove_boxed(group, id).map(|s| *s)
+    }
+
+    /// Removes a slot and returns it boxed (moved out without copying it).
+    pub fn remove_boxed(&mut self, group: GroupId, id: MemberId) -> Option<Box<SessionSlot>> {
         self.slots.remove(&(group, id))
     }
 
