@@ -2095,6 +2095,28 @@ async fn acceptance_race_between_read_and_write(store_url: Option<String>) {
         vec![(1, Some("gw-2")), (2, Some("gw-1"))],
         "member 1's acceptance (through gw-2) stands"
     );
+    // a's metrics count the committed write only, not the refused one.
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&a.registry().gather())
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "dapgw_udc_members_authenticated_total",
+            &[("mode", "psk")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "dapgw_udc_entries_rejected_total",
+            &[("reason", "replay")]
+        ),
+        1.0,
+        "{text}"
+    );
     h.stop().await;
 }
 

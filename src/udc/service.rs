@@ -244,6 +244,16 @@ impl<'a> SlotWrites<'a> {
     }
 }
 
+/// The metric increments of one judged batch, made once its write has
+/// committed.
+#[derive(Default)]
+struct BatchCounts {
+    readings: u64,
+    acks: u64,
+    /// Each entry's outcome, with the mode of its round (psk for uplinks).
+    outcomes: Vec<(Outcome, Mode)>,
+}
+
 /// A one-record verdict log: what the store held for the key before the
 /// call, and what the verifier filed during it.
 #[derive(Default)]
@@ -1498,6 +1508,7 @@ impl Udc {
             .observe(t_verify.elapsed().as_secs_f64());
         let answer = out.answer.clone();
         let mut slots = SlotWrites::new(group, &versions);
+        let mut counts = BatchCounts::default();
         let mut write = BatchWrite {
             now_ms,
             ..BatchWrite::default()
@@ -1576,7 +1587,7 @@ impl Udc {
                         // of the gateway id per member).
                         gateway: None,
                     });
-                    self.count_outcome(*o, mode);
+                    counts.outcomes.push((*o, mode));
                 }
                 via.accepted = u64::from(v.counters.count(Outcome::Accepted));
                 via.unverified = u64::from(v.counters.unverified());
@@ -1591,7 +1602,7 @@ impl Udc {
                         payload: reading.payload.clone(),
                     });
                 }
-                self.metrics.readings.inc_by(v.readings.len() as u64);
+                counts.readings += v.readings.len() as u64;
                 // Touched = accepted: each slot write records the round.
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
@@ -1624,7 +1635,7 @@ impl Udc {
                     // Rejected uplinks count by reason; accepted ones are
                     // not authentications.
                     for o in outcomes.iter().filter(|o| **o != Outcome::Accepted) {
-                        self.count_outcome(*o, Mode::Psk);
+                        counts.outcomes.push((*o, Mode::Psk));
                     }
                 }
                 write.readings.reserve_exact(v.messages.len());
@@ -1639,7 +1650,7 @@ impl Udc {
                         payload: m.payload.clone(),
                     });
                 }
-                self.metrics.readings.inc_by(v.messages.len() as u64);
+                counts.readings += v.messages.len() as u64;
                 for a in &v.acks {
                     write.acks.push(store::AckRow {
                         group: a.group.0,
@@ -1648,7 +1659,7 @@ impl Udc {
                         at_ms: now_ms,
                     });
                 }
-                self.metrics.acks.inc_by(v.acks.len() as u64);
+                counts.acks += v.acks.len() as u64;
                 let mut seen: Vec<MemberId> = ids.clone();
                 seen.sort_unstable();
                 seen.dedup();
@@ -1686,7 +1697,14 @@ impl Udc {
                 .remove(&(group, ctx.round.unwrap_or(0)));
             return Ok(stored);
         }
+        // Counted once the write has committed: a write that fails is
+        // answered 503 and judged again on the gateway's retry.
         self.metrics.sessions_active.add(slots.active_delta);
+        self.metrics.readings.inc_by(counts.readings);
+        self.metrics.acks.inc_by(counts.acks);
+        for (o, mode) in counts.outcomes {
+            self.count_outcome(o, mode);
+        }
         self.keep_slots(group, std::mem::take(&mut slots.marks), &mut sessions);
         // The accepted set lives in the hot cache; the members' session
         // slots (accepted rounds) are its truth (see `judge`'s read).
