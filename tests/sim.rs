@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +46,12 @@ struct Fake {
     /// Answer every request with garbage.
     garbage: AtomicBool,
     garbage_i: AtomicU64,
+    /// Members whose next (or current) long poll fails at the HTTP level,
+    /// as when the gateway process dies under it; each fails once.
+    fail_polls: Mutex<BTreeSet<u64>>,
+    /// Members whose next attach is refused (503), as by a gateway that is
+    /// still starting; each is refused once.
+    refuse_attaches: Mutex<BTreeSet<u64>>,
 }
 
 impl Fake {
@@ -77,6 +82,21 @@ impl Fake {
         })
         .await
         .expect("uplinks did not arrive");
+    }
+
+    /// Plays a gateway restart: the long poll of each of `members` fails
+    /// (those waiting now are woken to fail), then each one's first attach
+    /// is refused while polls are served as usual.
+    fn restart(&self, members: &[u64]) {
+        self.refuse_attaches
+            .lock()
+            .unwrap()
+            .extend(members.iter().copied());
+        self.fail_polls
+            .lock()
+            .unwrap()
+            .extend(members.iter().copied());
+        self.queue_changed.send_modify(|v| *v += 1);
     }
 }
 
@@ -138,10 +158,16 @@ fn garbage(i: u64) -> Response<Full<Bytes>> {
     }
 }
 
+/// A service error: hyper resets the stream (HTTP/2) or closes the
+/// connection (HTTP/1.1), so the client sees a transport failure.
+fn gateway_died() -> std::io::Error {
+    std::io::Error::other("gateway died")
+}
+
 async fn handle(
     fake: Arc<Fake>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if fake.garbage.load(Ordering::Relaxed) {
         let i = fake.garbage_i.fetch_add(1, Ordering::Relaxed);
         if req.uri().path() == "/v1/attach" {
@@ -165,6 +191,14 @@ async fn handle(
         "/v1/attach" => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert!(v["member"].is_u64() && v["groups"].is_array());
+            let member = v["member"].as_u64().unwrap();
+            if fake.refuse_attaches.lock().unwrap().remove(&member) {
+                return Ok(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting",
+                ));
+            }
             let latest = fake.queue.lock().unwrap().len() as u64;
             reply(
                 StatusCode::OK,
@@ -205,6 +239,7 @@ async fn handle(
             let after: u64 = q["after"].parse().unwrap();
             let wait = Duration::from_millis(q["wait_ms"].parse().unwrap());
             let mut rx = fake.queue_changed.subscribe();
+            let dies = || fake.fail_polls.lock().unwrap().remove(&member);
             let pick = || -> Vec<Record> {
                 fake.queue
                     .lock()
@@ -220,17 +255,21 @@ async fn handle(
             };
             let found = tokio::time::timeout(wait, async {
                 loop {
+                    if dies() {
+                        return None;
+                    }
                     let rs = pick();
                     if !rs.is_empty() {
-                        return rs;
+                        return Some(rs);
                     }
                     if rx.changed().await.is_err() {
-                        return Vec::new();
+                        return Some(Vec::new());
                     }
                 }
             })
             .await
-            .unwrap_or_default();
+            .unwrap_or(Some(Vec::new()))
+            .ok_or_else(gateway_died)?;
             if found.is_empty() {
                 reply(StatusCode::NO_CONTENT, "text/plain", "")
             } else {
@@ -287,6 +326,8 @@ async fn start_with(
         identities: Mutex::new(BTreeSet::new()),
         garbage: AtomicBool::new(false),
         garbage_i: AtomicU64::new(0),
+        fail_polls: Mutex::new(BTreeSet::new()),
+        refuse_attaches: Mutex::new(BTreeSet::new()),
     });
     let f = fake.clone();
     tokio::spawn(async move {
@@ -541,6 +582,46 @@ async fn agents_share_connections() {
     let pool = n.div_ceil(dapgw::sim::STREAMS_PER_CONNECTION as u64);
     assert!(f.connections_opened() <= pool, "{}", f.connections_opened());
     assert!(count(&fake.connections) <= pool);
+    assert!(f.shutdown().await.is_empty());
+}
+
+/// A gateway restart drops every member's long poll, and the restarted
+/// gateway refuses each member's first attach but serves its polls: each
+/// member attaches again before every poll until an attach succeeds, and is
+/// counted once, by id (an agent that tried once and then just polled would
+/// never count, and the demo's step 6 would wait for it in vain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reattach_once_after_a_lost_poll_even_if_the_first_attach_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 1);
+    wait(&f, "attach", |s| count(&s.attached) == 3).await;
+    assert!(f.stats().reattaches().is_empty());
+
+    fake.restart(&ids);
+    wait(&f, "every member re-attached", |s| {
+        s.reattaches().len() == ids.len()
+    })
+    .await;
+    let stats = f.stats();
+    assert_eq!(
+        stats.reattaches(),
+        ids.iter().map(|id| (*id, 1)).collect::<BTreeMap<_, _>>()
+    );
+    assert_eq!(count(&stats.reattached), 3);
+    let errors = stats.errors();
+    assert_eq!(errors.get("attach.503"), Some(&3), "{errors:?}");
+    assert_eq!(errors.get("transport.http"), Some(&3), "{errors:?}");
+    assert!(fake.fail_polls.lock().unwrap().is_empty());
+
+    // Re-attached members still take part in a round.
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
+    fake.wait_uplinks(3).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    assert_eq!(count(&stats.reattached), 3);
     assert!(f.shutdown().await.is_empty());
 }
 
