@@ -101,11 +101,15 @@ async fn round_trip_challenge_response_confirm() {
             StatusCode::NO_CONTENT
         );
     }
-    assert_eq!(
-        gw.metric("dapgw_batches_total{kind=\"response\",outcome=\"ok\"}")
-            .await,
-        1.0
-    );
+    // The confirms are pollable once the spool writer has committed the
+    // verdict; the batch task counts the exchange and updates the spool
+    // gauges after that, so wait for those.
+    wait_metric(
+        &gw,
+        "dapgw_batches_total{kind=\"response\",outcome=\"ok\"}",
+        1.0,
+    )
+    .await;
     assert_eq!(
         gw.metric("dapgw_uplink_entries_total{kind=\"response\"}")
             .await,
@@ -137,7 +141,7 @@ async fn round_trip_challenge_response_confirm() {
         requests - polls
     );
     // The spool is empty again apart from the downlink.
-    assert_eq!(gw.metric("dapgw_spool_entries").await, 0.0);
+    wait_metric(&gw, "dapgw_spool_entries", 0.0).await;
     gw.stop().await;
 }
 
