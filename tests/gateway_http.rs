@@ -525,11 +525,14 @@ async fn refused_batches_become_dead_letters() {
         assert!(start.elapsed() < Duration::from_secs(30), "no dead letter");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        gw.metric("dapgw_batches_total{kind=\"uplink\",outcome=\"rejected\"}")
-            .await,
-        1.0
-    );
+    // The exchange is counted when it returns, after the dead letter is
+    // stored: wait for it.
+    wait_metric(
+        &gw,
+        "dapgw_batches_total{kind=\"uplink\",outcome=\"rejected\"}",
+        1.0,
+    )
+    .await;
     // Later batches go through.
     udc.set_mode(UdcMode::Up);
     assert_eq!(
