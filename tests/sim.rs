@@ -682,7 +682,8 @@ async fn garbage_from_gateway_never_panics() {
 }
 
 /// `dapgw sim` as a process: reads a credentials file, attaches the selected
-/// members, stops after `--duration-s` and prints the JSON summary.
+/// members, stops on SIGTERM or after `--duration-s` and prints the JSON
+/// summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dapgw_sim_command_prints_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -692,41 +693,79 @@ async fn dapgw_sim_command_prints_summary() {
     let cred_path = dir.path().join("members.json");
     std::fs::write(&cred_path, serde_json::to_string(&file).unwrap()).unwrap();
     let state = dir.path().join("state");
-    let args = [
-        "sim".into(),
-        "--gateway".into(),
-        url,
-        "--ca".into(),
-        ca.display().to_string(),
-        "--credentials".into(),
-        cred_path.display().to_string(),
-        "--members".into(),
-        "1..3".into(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--duration-s".into(),
-        "4".into(),
-        "--wait-ms".into(),
-        "500".into(),
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
-            .args(args)
-            .output()
-            .unwrap()
+    let args = |duration_s: &str| -> Vec<String> {
+        [
+            "sim",
+            "--gateway",
+            &url,
+            "--ca",
+            &ca.display().to_string(),
+            "--credentials",
+            &cred_path.display().to_string(),
+            "--members",
+            "1..3",
+            "--state-dir",
+            &state.display().to_string(),
+            "--duration-s",
+            duration_s,
+            "--summary-every-s",
+            "1",
+            "--wait-ms",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // 120 s is a hang guard only: the test stops the run with SIGTERM once
+    // both members are attached, however long that takes on a loaded
+    // machine.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(args("120"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Progress lines are printed once the SIGTERM handler is installed; wait
+    // for one that counts both members attached.
+    let stderr = child.stderr.take().unwrap();
+    let (attached, seen) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("sim ") && line.contains(" attached=2 ");
+            seen.push(line);
+            if done {
+                return (true, seen);
+            }
+        }
+        (false, seen)
     })
     .await
     .unwrap();
+    assert!(attached, "never saw both members attached: {seen:#?}");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{:?}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["members"], 2);
-    // Attaching two members takes milliseconds; the run lasts 4 s.
     assert_eq!(summary["attached"], 2);
+    assert!(
+        summary["elapsed_s"].as_f64().is_some_and(|e| e < 120.0),
+        "SIGTERM did not end the run: {summary}"
+    );
     assert_eq!(summary["agents_failed"], serde_json::json!([]));
     for k in [
         "rounds_answered",
@@ -741,6 +780,37 @@ async fn dapgw_sim_command_prints_summary() {
         assert!(!summary[k].is_null(), "{k} missing: {summary}");
     }
     assert!(state.is_dir());
+
+    // `--duration-s` ends a run by itself (how many members attached in
+    // that second depends on the machine's load, so it is not checked).
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(args("1"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let Ok(out) = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    else {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+        panic!("--duration-s 1 did not end the run within 60 s");
+    };
+    let out = out.unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(summary["members"], 2, "{summary}");
+    assert!(
+        summary["elapsed_s"].as_f64().is_some_and(|e| e >= 1.0),
+        "{summary}"
+    );
+    assert_eq!(summary["agents_failed"], serde_json::json!([]));
 }
 
 /// Members with their own client certificates each present theirs on a
