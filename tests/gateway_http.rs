@@ -592,8 +592,16 @@ async fn drain_within_grace_and_resume_from_spool() {
     }
     assert!(saw_503, "readiness did not turn 503 during the drain");
     task.await.unwrap().unwrap();
+    // Without the grace cut the drain would never end while the UDC fails
+    // every batch, so a bound well above the grace time still catches its
+    // absence; the 20 s margin is what a loaded 2-core CI machine needs to
+    // flush, close the spool and wind down the tasks after the grace ran
+    // out.
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1500 + 1000), "{took:?}");
+    assert!(
+        took < Duration::from_millis(1500) + Duration::from_secs(20),
+        "{took:?}"
+    );
     assert!(
         tokio::net::TcpStream::connect(gw.members).await.is_err(),
         "still accepting after the drain"
@@ -1012,7 +1020,10 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The UDC is up, so the drain has nothing to wait for: this bound is a
+    // hang guard only, sized for a loaded machine rather than for the 2 s
+    // grace.
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 /// Waits, on any clock, until the UDC's last subscription is `want`: polls
