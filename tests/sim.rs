@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +46,12 @@ struct Fake {
     /// Answer every request with garbage.
     garbage: AtomicBool,
     garbage_i: AtomicU64,
+    /// Members whose next (or current) long poll fails at the HTTP level,
+    /// as when the gateway process dies under it; each fails once.
+    fail_polls: Mutex<BTreeSet<u64>>,
+    /// Members whose next attach is refused (503), as by a gateway that is
+    /// still starting; each is refused once.
+    refuse_attaches: Mutex<BTreeSet<u64>>,
 }
 
 impl Fake {
@@ -77,6 +82,21 @@ impl Fake {
         })
         .await
         .expect("uplinks did not arrive");
+    }
+
+    /// Plays a gateway restart: the long poll of each of `members` fails
+    /// (those waiting now are woken to fail), then each one's first attach
+    /// is refused while polls are served as usual.
+    fn restart(&self, members: &[u64]) {
+        self.refuse_attaches
+            .lock()
+            .unwrap()
+            .extend(members.iter().copied());
+        self.fail_polls
+            .lock()
+            .unwrap()
+            .extend(members.iter().copied());
+        self.queue_changed.send_modify(|v| *v += 1);
     }
 }
 
@@ -138,10 +158,16 @@ fn garbage(i: u64) -> Response<Full<Bytes>> {
     }
 }
 
+/// A service error: hyper resets the stream (HTTP/2) or closes the
+/// connection (HTTP/1.1), so the client sees a transport failure.
+fn gateway_died() -> std::io::Error {
+    std::io::Error::other("gateway died")
+}
+
 async fn handle(
     fake: Arc<Fake>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if fake.garbage.load(Ordering::Relaxed) {
         let i = fake.garbage_i.fetch_add(1, Ordering::Relaxed);
         if req.uri().path() == "/v1/attach" {
@@ -165,6 +191,14 @@ async fn handle(
         "/v1/attach" => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert!(v["member"].is_u64() && v["groups"].is_array());
+            let member = v["member"].as_u64().unwrap();
+            if fake.refuse_attaches.lock().unwrap().remove(&member) {
+                return Ok(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting",
+                ));
+            }
             let latest = fake.queue.lock().unwrap().len() as u64;
             reply(
                 StatusCode::OK,
@@ -205,6 +239,7 @@ async fn handle(
             let after: u64 = q["after"].parse().unwrap();
             let wait = Duration::from_millis(q["wait_ms"].parse().unwrap());
             let mut rx = fake.queue_changed.subscribe();
+            let dies = || fake.fail_polls.lock().unwrap().remove(&member);
             let pick = || -> Vec<Record> {
                 fake.queue
                     .lock()
@@ -220,17 +255,21 @@ async fn handle(
             };
             let found = tokio::time::timeout(wait, async {
                 loop {
+                    if dies() {
+                        return None;
+                    }
                     let rs = pick();
                     if !rs.is_empty() {
-                        return rs;
+                        return Some(rs);
                     }
                     if rx.changed().await.is_err() {
-                        return Vec::new();
+                        return Some(Vec::new());
                     }
                 }
             })
             .await
-            .unwrap_or_default();
+            .unwrap_or(Some(Vec::new()))
+            .ok_or_else(gateway_died)?;
             if found.is_empty() {
                 reply(StatusCode::NO_CONTENT, "text/plain", "")
             } else {
@@ -287,6 +326,8 @@ async fn start_with(
         identities: Mutex::new(BTreeSet::new()),
         garbage: AtomicBool::new(false),
         garbage_i: AtomicU64::new(0),
+        fail_polls: Mutex::new(BTreeSet::new()),
+        refuse_attaches: Mutex::new(BTreeSet::new()),
     });
     let f = fake.clone();
     tokio::spawn(async move {
@@ -544,6 +585,46 @@ async fn agents_share_connections() {
     assert!(f.shutdown().await.is_empty());
 }
 
+/// A gateway restart drops every member's long poll, and the restarted
+/// gateway refuses each member's first attach but serves its polls: each
+/// member attaches again before every poll until an attach succeeds, and is
+/// counted once, by id (an agent that tried once and then just polled would
+/// never count, and the demo's step 6 would wait for it in vain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reattach_once_after_a_lost_poll_even_if_the_first_attach_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 1);
+    wait(&f, "attach", |s| count(&s.attached) == 3).await;
+    assert!(f.stats().reattaches().is_empty());
+
+    fake.restart(&ids);
+    wait(&f, "every member re-attached", |s| {
+        s.reattaches().len() == ids.len()
+    })
+    .await;
+    let stats = f.stats();
+    assert_eq!(
+        stats.reattaches(),
+        ids.iter().map(|id| (*id, 1)).collect::<BTreeMap<_, _>>()
+    );
+    assert_eq!(count(&stats.reattached), 3);
+    let errors = stats.errors();
+    assert_eq!(errors.get("attach.503"), Some(&3), "{errors:?}");
+    assert_eq!(errors.get("transport.http"), Some(&3), "{errors:?}");
+    assert!(fake.fail_polls.lock().unwrap().is_empty());
+
+    // Re-attached members still take part in a round.
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
+    fake.wait_uplinks(3).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    assert_eq!(count(&stats.reattached), 3);
+    assert!(f.shutdown().await.is_empty());
+}
+
 /// A gateway without HTTP/2: each in-flight request gets its own HTTP/1.1
 /// connection, idle ones are reused, and the round still completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,7 +682,8 @@ async fn garbage_from_gateway_never_panics() {
 }
 
 /// `dapgw sim` as a process: reads a credentials file, attaches the selected
-/// members, stops after `--duration-s` and prints the JSON summary.
+/// members, stops on SIGTERM or after `--duration-s` and prints the JSON
+/// summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dapgw_sim_command_prints_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -611,41 +693,79 @@ async fn dapgw_sim_command_prints_summary() {
     let cred_path = dir.path().join("members.json");
     std::fs::write(&cred_path, serde_json::to_string(&file).unwrap()).unwrap();
     let state = dir.path().join("state");
-    let args = [
-        "sim".into(),
-        "--gateway".into(),
-        url,
-        "--ca".into(),
-        ca.display().to_string(),
-        "--credentials".into(),
-        cred_path.display().to_string(),
-        "--members".into(),
-        "1..3".into(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--duration-s".into(),
-        "4".into(),
-        "--wait-ms".into(),
-        "500".into(),
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
-            .args(args)
-            .output()
-            .unwrap()
+    let args = |duration_s: &str| -> Vec<String> {
+        [
+            "sim",
+            "--gateway",
+            &url,
+            "--ca",
+            &ca.display().to_string(),
+            "--credentials",
+            &cred_path.display().to_string(),
+            "--members",
+            "1..3",
+            "--state-dir",
+            &state.display().to_string(),
+            "--duration-s",
+            duration_s,
+            "--summary-every-s",
+            "1",
+            "--wait-ms",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // 120 s is a hang guard only: the test stops the run with SIGTERM once
+    // both members are attached, however long that takes on a loaded
+    // machine.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(args("120"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Progress lines are printed once the SIGTERM handler is installed; wait
+    // for one that counts both members attached.
+    let stderr = child.stderr.take().unwrap();
+    let (attached, seen) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("sim ") && line.contains(" attached=2 ");
+            seen.push(line);
+            if done {
+                return (true, seen);
+            }
+        }
+        (false, seen)
     })
     .await
     .unwrap();
+    assert!(attached, "never saw both members attached: {seen:#?}");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{:?}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["members"], 2);
-    // Attaching two members takes milliseconds; the run lasts 4 s.
     assert_eq!(summary["attached"], 2);
+    assert!(
+        summary["elapsed_s"].as_f64().is_some_and(|e| e < 120.0),
+        "SIGTERM did not end the run: {summary}"
+    );
     assert_eq!(summary["agents_failed"], serde_json::json!([]));
     for k in [
         "rounds_answered",
@@ -660,6 +780,37 @@ async fn dapgw_sim_command_prints_summary() {
         assert!(!summary[k].is_null(), "{k} missing: {summary}");
     }
     assert!(state.is_dir());
+
+    // `--duration-s` ends a run by itself (how many members attached in
+    // that second depends on the machine's load, so it is not checked).
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dapgw"))
+        .args(args("1"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let Ok(out) = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    else {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+        panic!("--duration-s 1 did not end the run within 60 s");
+    };
+    let out = out.unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(summary["members"], 2, "{summary}");
+    assert!(
+        summary["elapsed_s"].as_f64().is_some_and(|e| e >= 1.0),
+        "{summary}"
+    );
+    assert_eq!(summary["agents_failed"], serde_json::json!([]));
 }
 
 /// Members with their own client certificates each present theirs on a

@@ -897,22 +897,28 @@ impl Demo {
             "gw-b killed, restarted compromised",
         );
         let b = &self.split[1];
-        let reattached0 = self.fleets[1].stats().reattached.load(Ordering::Relaxed);
+        let reattaches0 = self.fleets[1].stats().reattaches();
         self.gateways[1].restart(
             &self.exe,
             &self.p.dir,
             &[("DAPGW_MISBEHAVE", format!("tamper:{}", self.offline))],
         )?;
         self.gateways[1].wait_ready(self.step_timeout).await?;
-        // Every member of gw-b lost its long poll: wait until all attached
-        // again, so the round expects them.
+        // Every member of gw-b lost its long poll: wait until each one
+        // attached again (counted by member, not by attach, so a member
+        // that re-attached twice cannot stand in for one that has not yet),
+        // so the round expects them.
         let want = b.len() as u64;
         bar.set_length(want);
         let fleet_b = self.fleets[1].clone();
         progress(
             &bar,
             self.step_timeout,
-            || async { Ok(load(&fleet_b.stats().reattached).saturating_sub(reattached0)) },
+            || async {
+                let now = fleet_b.stats().reattaches();
+                let back = b.iter().filter(|m| now.get(m) > reattaches0.get(m)).count();
+                Ok(back as u64)
+            },
             want,
         )
         .await?;

@@ -9,6 +9,13 @@
 //! command and posted to `POST /v1/uplink`. Every outcome is counted in the
 //! fleet's [`Stats`].
 //!
+//! When a poll fails (the gateway may have restarted and forgotten who is
+//! attached), the agent backs off and attaches again before each further
+//! poll until one attach succeeds, keeping its cursor: so each member that
+//! lost its gateway is attached again, and counted in
+//! [`Stats::reattached`] and [`Stats::reattaches`] once per outage (however
+//! many polls and attaches failed before the attach that succeeded).
+//!
 //! # Persistence
 //!
 //! Each member has one file, `member-<id>.state`, replaced atomically
@@ -103,7 +110,10 @@ pub struct GroupMessageOutcome {
 pub struct Stats {
     /// Agents whose attach succeeded (counted once per agent start).
     pub attached: AtomicU64,
-    /// Attaches repeated after the gateway connection failed.
+    /// Attaches repeated, and succeeded, after a poll failed: one per
+    /// member per lost gateway connection (the agent attaches again before
+    /// each poll until one attach succeeds; [`Stats::reattaches`] says
+    /// which members).
     pub reattached: AtomicU64,
     /// Challenges answered with a new response.
     pub rounds_answered: AtomicU64,
@@ -122,6 +132,8 @@ pub struct Stats {
     /// Key updates applied.
     pub key_updates_applied: AtomicU64,
     errors: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Successful re-attaches per member id.
+    reattaches: std::sync::Mutex<BTreeMap<u64, u64>>,
     /// One lock for the per-seq counts and the per-member log, so that an
     /// observer that sees a count also finds the log entry behind it.
     groups: std::sync::Mutex<GroupRecords>,
@@ -151,6 +163,7 @@ impl Default for Stats {
             rekeys_applied: AtomicU64::new(0),
             key_updates_applied: AtomicU64::new(0),
             errors: Default::default(),
+            reattaches: Default::default(),
             groups: Default::default(),
             changed: watch::channel(0).0,
         }
@@ -179,6 +192,25 @@ impl Stats {
     /// Errors by kind.
     pub fn errors(&self) -> BTreeMap<String, u64> {
         self.errors.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Successful re-attaches (see [`Stats::reattached`]) per member id;
+    /// members that never re-attached are absent. An observer that wants
+    /// every member back after an outage compares two snapshots member by
+    /// member rather than the total, which a member that failed twice
+    /// would count twice.
+    pub fn reattaches(&self) -> BTreeMap<u64, u64> {
+        self.reattaches
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    fn record_reattach(&self, member: u64) {
+        if let Ok(mut m) = self.reattaches.lock() {
+            *m.entry(member).or_default() += 1;
+        }
+        self.bump(&self.reattached);
     }
 
     /// How many members applied `(group, seq)`.
@@ -462,6 +494,12 @@ impl Agent {
         });
         let mut poll = Box::pin(self.poll());
         let mut commands_open = true;
+        // Set when a poll fails: the gateway may have restarted and lost
+        // who is attached. Cleared only by a successful attach, which is
+        // tried before every poll until then: a restarted gateway serves
+        // polls without an attach, so waiting for the next poll to fail
+        // could leave a member unattached (and uncounted) for good.
+        let mut need_attach = false;
         loop {
             tokio::select! {
                 changed = stop.changed() => {
@@ -480,11 +518,14 @@ impl Agent {
                             }
                             if pause(backoff, &mut stop).await { return Ok(()); }
                             backoff = (backoff * 2).min(self.config.backoff_max);
-                            // A gateway that restarted may have lost who is
-                            // attached: say so again (the stored cursor
-                            // stays, so nothing is missed or repeated).
-                            self.reattach().await;
+                            need_attach = true;
                         }
+                    }
+                    // A gateway that restarted may have lost who is
+                    // attached: say so again (the stored cursor stays, so
+                    // nothing is missed or repeated).
+                    if need_attach {
+                        need_attach = !self.reattach().await;
                     }
                     poll = Box::pin(self.poll());
                 }
@@ -503,19 +544,28 @@ impl Agent {
         }
     }
 
-    /// One attach attempt after a transport failure; failures are counted
-    /// and the poll loop's backoff retries.
-    async fn reattach(&self) {
+    /// One attach attempt after a failed poll: true if it succeeded.
+    /// Failures are counted, and the poll loop tries again before its next
+    /// poll (after a backoff if that poll fails too).
+    async fn reattach(&self) -> bool {
         let res = self
             .client
             .attach(self.member.id(), &self.groups, self.config.request_timeout)
             .await;
         match res {
-            Ok(Ok(_)) => self.stats.bump(&self.stats.reattached),
-            Ok(Err(reply)) => self
-                .stats
-                .error(&format!("attach.{}", reply.status.as_u16())),
-            Err(e) => self.stats.error(&format!("transport.{}", e.kind())),
+            Ok(Ok(_)) => {
+                self.stats.record_reattach(self.credential.id);
+                true
+            }
+            Ok(Err(reply)) => {
+                self.stats
+                    .error(&format!("attach.{}", reply.status.as_u16()));
+                false
+            }
+            Err(e) => {
+                self.stats.error(&format!("transport.{}", e.kind()));
+                false
+            }
         }
     }
 

@@ -697,14 +697,20 @@ impl Gateway {
     }
 
     /// Waits until /readyz says 200 (upstream link up and spool usable).
+    ///
+    /// Bounded by 30 s of real time: under a paused clock (`start_paused`
+    /// tests) the 20 ms sleeps auto-advance at once, so a bound in steps
+    /// would leave the spool's writer thread and the TLS handshakes, which
+    /// take real time, only a fraction of a second.
     pub async fn wait_ready(&self) {
-        for _ in 0..300 {
-            if self.admin_get("/readyz").await.0 == StatusCode::OK {
-                return;
-            }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.admin_get("/readyz").await.0 != StatusCode::OK {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("gateway never became ready");
     }
 
     /// A metric's value: the sample of `series`, written as exposed
