@@ -320,9 +320,9 @@ pub struct Udc {
     pre_write: std::sync::Mutex<Option<PreWrite>>,
 }
 
-/// The hash map of the per-member caches: foldhash, seeded at random per
-/// process and per map, for keys a gateway can pick among but not mint
-/// (see [`SessionTable`]).
+/// The hash map of the per-member caches: foldhash, for keys a gateway can
+/// pick among but not mint (see [`SessionTable`]); bounded by
+/// `SLOT_CACHE_MAX`, `REGISTRY_CACHE_MAX` or a batch.
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What [`Udc::before_next_batch_write`] runs.
@@ -710,10 +710,10 @@ impl Udc {
             let Some(last) = ids.last() else { break };
             after = Some(*last);
             let ids: Vec<MemberId> = ids.into_iter().map(MemberId).collect();
-            let (part, v) = self.load_sessions(group, &ids).await?;
+            let (mut part, v) = self.load_sessions(group, &ids).await?;
             for id in ids {
-                if let Some(slot) = part.get(GroupId(group), id) {
-                    table.insert(GroupId(group), id, slot.clone());
+                if let Some(slot) = part.remove_boxed(GroupId(group), id) {
+                    table.insert_boxed(GroupId(group), id, slot);
                 }
             }
             versions.0.extend(v.0);

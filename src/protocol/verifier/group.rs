@@ -102,7 +102,8 @@ impl Verifier {
             .epoch
             .checked_add(1)
             .ok_or(UsageError::CounterExhausted)?;
-        sessions.remove(group.group, member);
+        // Dropped in its box: the keys are zeroized where they lie.
+        drop(sessions.remove_boxed(group.group, member));
         self.new_epoch(group, sessions, rng)
     }
 

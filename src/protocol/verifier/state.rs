@@ -551,12 +551,14 @@ impl SliceReader<'_> {
 /// judged, and a B-tree of a few thousand slots cost more per lookup and
 /// per insert (node splits) than hashing the (group, member) key.
 ///
-/// The hasher is foldhash's, seeded at random per process and per table,
-/// not std's SipHash (a few instructions per key instead of a few dozen).
-/// Member ids come from the gateway, but a gateway cannot mint keys: it
-/// picks among provisioned ids (a rekey's table holds the group's, from
-/// the store), a batch holds at most 16,384 entries (the wire cap), and
-/// colliding on purpose would need the process's seed.
+/// The hasher is foldhash's, not std's SipHash (a few instructions per key
+/// instead of a few dozen). Its safety rests on who chooses the keys, not
+/// on its seed (which is only weakly random): member ids come from the
+/// gateway, but a slot is created only for a member whose response
+/// verified against its registry record, and loaded only for ids with a
+/// stored row, so a gateway picks among provisioned ids and cannot mint
+/// colliding ones. A batch's table holds at most 16,384 entries (the wire
+/// cap); a rekey's holds the group's members, from the store.
 ///
 /// Slots are boxed: a slot with three sessions is a few hundred bytes,
 /// and the UDC moves each one from its slot cache into a batch's table and
