@@ -267,26 +267,8 @@ impl Harness {
         path: &str,
         body: impl Into<Bytes>,
     ) -> (StatusCode, hyper::HeaderMap, Bytes) {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(self.tls(gw));
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("https://localhost{path}"))
-            .header("content-type", "application/vnd.dapgw")
-            .body(Full::new(body.into()))
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, headers, body)
+        let mut answers = self.call_burst(gw, method, path, body.into(), 1).await;
+        answers.pop().unwrap()
     }
 
     /// `n` copies of one HTTP/2 request, all in flight at once on one
