@@ -1017,6 +1017,13 @@ fn test_image() -> Option<PathBuf> {
         build_static_binary();
         let bin = root().join(STATIC_BIN);
         assert!(elf_is_static(&bin), "{STATIC_BIN} has a dynamic loader");
+        // The previous build's image goes first: retagged, it would stay
+        // behind as a dangling copy (vfs storage keeps whole layers, so
+        // each one costs the image's full size on disk). A missing image
+        // is the usual case and not an error.
+        let _ = self::podman(&podman)
+            .args(["rmi", "--force", TEST_IMAGE])
+            .output();
         let out = run(Command::new(buildah)
             .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
             .args([
