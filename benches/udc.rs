@@ -186,7 +186,25 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// What `dapgw udc` does first (`keep_freed_memory` in src/main.rs, where
+/// the reasons are): glibc keeps freed memory for the next batch. Unless
+/// `BENCH_MALLOC_DEFAULTS` is set, to measure glibc's defaults instead.
+fn keep_freed_memory() {
+    if std::env::var_os("BENCH_MALLOC_DEFAULTS").is_some() {
+        return;
+    }
+    let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
+    // SAFETY: as in src/main.rs: parameters only, before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     // The UDC on a runtime of its own (two workers, as on the 2-core
     // machine); the client on this thread, so its CPU is told apart.
     let udc_rt = tokio::runtime::Builder::new_multi_thread()
