@@ -480,9 +480,10 @@ fn main() -> ExitCode {
 fn keep_freed_memory() {
     let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt only sets allocator parameters (glibc takes its own
-    // lock); no allocation is live in a way that these settings affect,
-    // and no other thread exists yet.
+    // SAFETY: mallopt takes glibc's allocator lock and only changes
+    // parameters that later calls read; it touches no Rust-owned memory.
+    // No other thread exists yet (M_ARENA_MAX applies to arenas created
+    // from now on).
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, arenas);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
