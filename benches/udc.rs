@@ -187,19 +187,27 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 /// What `dapgw udc` does first (`keep_freed_memory` in src/main.rs, where
-/// the reasons are): glibc keeps freed memory for the next batch. Unless
+/// the reasons are; a binary's function, so it cannot be called from
+/// here): glibc keeps freed memory for the next batch. Unless
 /// `BENCH_MALLOC_DEFAULTS` is set, to measure glibc's defaults instead.
 fn keep_freed_memory() {
     if std::env::var_os("BENCH_MALLOC_DEFAULTS").is_some() {
         return;
     }
-    let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-    let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-    // SAFETY: as in src/main.rs: parameters only, before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (param, value) in [
+        (
+            libc::M_ARENA_MAX,
+            libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX),
+        ),
+        (libc::M_MMAP_THRESHOLD, 32 << 20),
+        (libc::M_TRIM_THRESHOLD, 64 << 20),
+    ] {
+        // SAFETY: as in src/main.rs: the only thread so far; allocator
+        // parameters only.
+        let accepted = unsafe { libc::mallopt(param, value) };
+        assert_eq!(accepted, 1, "mallopt({param}, {value})");
     }
 }
 

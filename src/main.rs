@@ -435,12 +435,7 @@ struct HealthArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The UDC's processes (and every role of `dapgw bench`, so that the
-    // scenarios compare like with like): before any thread exists.
-    if matches!(
-        cli.command,
-        Command::Udc(UdcArgs { op: None, .. }) | Command::Demo(_) | Command::Bench(_)
-    ) {
+    if serves_as_udc(&cli.command) {
         keep_freed_memory();
     }
     match cli.command {
@@ -459,35 +454,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// The processes that act as a UDC: `dapgw udc` serving (not its
+/// operator subcommands), and the UDC roles of `dapgw bench`, the
+/// baselines' as well as dapgw's, so that the scenarios compare like with
+/// like. (`dapgw demo` starts its UDC as a `dapgw udc` child process.)
+fn serves_as_udc(command: &Command) -> bool {
+    use bench::RoleCommand::{DapgwUdc, Udc};
+    matches!(
+        command,
+        Command::Udc(UdcArgs { op: None, .. })
+            | Command::Bench(BenchArgs {
+                role: Some(BenchRole::Role(Udc(_) | DapgwUdc(_))),
+                ..
+            })
+    )
+}
+
 /// Tells glibc's allocator to keep freed memory for reuse instead of
 /// handing it back to the kernel after each batch.
 ///
-/// The UDC's work comes in batches whose buffers (a request body, the
-/// rows of one transaction, the downlink it writes) are megabytes that are
-/// freed and needed again a moment later. By default glibc returns a free
-/// top of heap above 128 KiB to the kernel (`madvise`/`brk`), serves
-/// blocks above 128 KiB to 32 MiB from fresh `mmap`s, and gives each busy
-/// thread an arena of its own that warms up separately; every one of those
-/// pages then faults back in zeroed, and on a VM whose host reclaims free
-/// guest memory, zeroing a page costs microseconds. On the 2-core VM of
-/// docs/udc.md ("Session 10") this cuts a first 10,000-member round's page
-/// faults from about 5,300 to 3,500 and an uplink phase's from a few
-/// hundred to none. Kept: at most 64 MiB of free heap per arena, blocks up
-/// to 32 MiB served from the heap, one arena per core (at least two).
-/// The gateway keeps glibc's defaults: the same settings measured no
-/// difference in its relay bench, and it may run on a small substation box.
+/// The UDC's work comes in batches whose buffers (a request body, the rows
+/// of one transaction, the downlink it writes) are megabytes, freed and
+/// needed again a moment later. By default glibc gives a free top of heap
+/// above its trim threshold back to the kernel, serves blocks above its
+/// mmap threshold from fresh `mmap`s (both start at 128 KiB and rise as
+/// such blocks are freed), and gives each busy thread an arena of its own
+/// that warms up separately. Every page handed back faults in again
+/// zeroed, which costs microseconds on a VM whose host reclaims free guest
+/// memory. Kept instead: up to 64 MiB of free heap per arena, blocks up to
+/// 32 MiB from the heap, one arena per core (at least two), so the process
+/// can hold up to about cores x 64 MiB of free heap after a peak.
+///
+/// Measured on the 2-core VM of docs/udc.md ("Session 10"): a first
+/// 10,000-member round's page faults fell from 4,966-5,444 to
+/// 3,166-4,103 and an uplink phase's from 179-528 to none; CPU time per
+/// member did not change measurably at that machine's noise. The gateway
+/// keeps glibc's defaults (no difference in its relay bench, and it may
+/// run on a small substation box). An operator's own `glibc.malloc.*`
+/// settings in `GLIBC_TUNABLES` win: then nothing is set here.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
+    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+        return;
+    }
     let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt takes glibc's allocator lock and only changes
-    // parameters that later calls read; it touches no Rust-owned memory.
-    // No other thread exists yet (M_ARENA_MAX applies to arenas created
-    // from now on).
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, arenas);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    for (param, value) in [
+        (libc::M_ARENA_MAX, arenas),
+        (libc::M_MMAP_THRESHOLD, 32 << 20),
+        (libc::M_TRIM_THRESHOLD, 64 << 20),
+    ] {
+        // SAFETY: called first thing in `main`, while this is the only
+        // thread (glibc marks mallopt MT-unsafe). It only sets allocator
+        // parameters that later calls read (M_ARENA_MAX: arenas created
+        // from now on) and touches no Rust-owned memory.
+        let accepted = unsafe { libc::mallopt(param, value) };
+        debug_assert_eq!(accepted, 1, "mallopt({param}, {value})");
     }
 }
 

@@ -1020,10 +1020,13 @@ fn test_image() -> Option<PathBuf> {
         // The previous build's image goes first: retagged, it would stay
         // behind as a dangling copy (vfs storage keeps whole layers, so
         // each one costs the image's full size on disk). A missing image
-        // is the usual case and not an error.
-        let _ = self::podman(&podman)
-            .args(["rmi", "--force", TEST_IMAGE])
-            .output();
+        // is the usual case and not an error; any other failure is shown
+        // (the build may then fail for want of space).
+        let out = run(self::podman(&podman).args(["rmi", "--force", TEST_IMAGE]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("image not known") {
+            eprintln!("podman rmi {TEST_IMAGE} failed:\n{}", text(&out));
+        }
         let out = run(Command::new(buildah)
             .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot"])
             .args([
