@@ -1055,3 +1055,82 @@ fn health(args: HealthArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+    }
+
+    /// `keep_freed_memory` goes to the processes that act as a UDC and to
+    /// no other (docs/udc.md, "Session 10").
+    #[test]
+    fn allocator_settings_go_to_udc_processes_only() {
+        let udc = [
+            &["dapgw", "udc"][..],
+            &["dapgw", "udc", "--config", "udc.toml"],
+            &[
+                "dapgw",
+                "bench",
+                "role",
+                "udc",
+                "--pki",
+                "p",
+                "--members",
+                "2",
+            ],
+            &[
+                "dapgw",
+                "bench",
+                "role",
+                "dapgw-udc",
+                "--pki",
+                "p",
+                "--work",
+                "w",
+                "--members",
+                "2",
+            ],
+        ];
+        for args in udc {
+            assert!(serves_as_udc(&command(args)), "{args:?}");
+        }
+        let others = [
+            &["dapgw", "gateway"][..],
+            &["dapgw", "demo"],
+            &["dapgw", "udc", "gateways"],
+            &["dapgw", "udc", "members"],
+            &["dapgw", "bench", "--members", "2"],
+            &[
+                "dapgw",
+                "bench",
+                "role",
+                "dapgw-gateway",
+                "--pki",
+                "p",
+                "--work",
+                "w",
+                "--upstream",
+                "127.0.0.1:1",
+            ],
+            &[
+                "dapgw",
+                "bench",
+                "role",
+                "gateway",
+                "--pki",
+                "p",
+                "--upstream",
+                "127.0.0.1:1",
+            ],
+            &["dapgw", "health"],
+        ];
+        for args in others {
+            assert!(!serves_as_udc(&command(args)), "{args:?}");
+        }
+    }
+}
