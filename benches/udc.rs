@@ -45,6 +45,9 @@ use dapgw::protocol::wire::{
 };
 use dapgw::sim::bench::cpu;
 use dapgw::udc::{self, keys_cmd};
+
+#[path = "../src/alloc_policy.rs"]
+mod alloc_policy;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -186,28 +189,15 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// What `dapgw udc` does first (`keep_freed_memory` in src/main.rs, where
-/// the reasons are; a binary's function, so it cannot be called from
-/// here): glibc keeps freed memory for the next batch. Unless
-/// `BENCH_MALLOC_DEFAULTS` is set, to measure glibc's defaults instead.
+/// What `dapgw udc` does first (src/alloc_policy.rs): glibc keeps freed
+/// memory for the next batch. Unless `BENCH_MALLOC_DEFAULTS` is set, to
+/// measure glibc's defaults instead.
 fn keep_freed_memory() {
-    if std::env::var_os("BENCH_MALLOC_DEFAULTS").is_some() {
-        return;
-    }
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    for (param, value) in [
-        (
-            libc::M_ARENA_MAX,
-            libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX),
-        ),
-        (libc::M_MMAP_THRESHOLD, 32 << 20),
-        (libc::M_TRIM_THRESHOLD, 64 << 20),
-    ] {
-        // SAFETY: as in src/main.rs: the only thread so far; allocator
-        // parameters only.
-        let accepted = unsafe { libc::mallopt(param, value) };
-        assert_eq!(accepted, 1, "mallopt({param}, {value})");
+    if std::env::var_os("BENCH_MALLOC_DEFAULTS").is_none() {
+        assert!(
+            alloc_policy::keep_freed_memory(),
+            "glibc refused an allocator setting"
+        );
     }
 }
 

@@ -17,6 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use dapgw::sim::bench;
 use dapgw::{admin, config, telemetry, tls};
 
+mod alloc_policy;
+
 /// Exit status for a configuration that does not load or validate.
 const EX_CONFIG: u8 = 64;
 
@@ -436,7 +438,8 @@ struct HealthArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if serves_as_udc(&cli.command) {
-        keep_freed_memory();
+        let accepted = alloc_policy::keep_freed_memory();
+        debug_assert!(accepted, "glibc refused an allocator setting");
     }
     match cli.command {
         Command::Gateway(args) => gateway(args),
@@ -469,53 +472,6 @@ fn serves_as_udc(command: &Command) -> bool {
             })
     )
 }
-
-/// Tells glibc's allocator to keep freed memory for reuse instead of
-/// handing it back to the kernel after each batch.
-///
-/// The UDC's work comes in batches whose buffers (a request body, the rows
-/// of one transaction, the downlink it writes) are megabytes, freed and
-/// needed again a moment later. By default glibc gives a free top of heap
-/// above its trim threshold back to the kernel, serves blocks above its
-/// mmap threshold from fresh `mmap`s (both start at 128 KiB and rise as
-/// such blocks are freed), and gives each busy thread an arena of its own
-/// that warms up separately. Every page handed back faults in again
-/// zeroed, which costs microseconds on a VM whose host reclaims free guest
-/// memory. Kept instead: up to 64 MiB of free heap per arena, blocks up to
-/// 32 MiB from the heap, one arena per core (at least two), so the process
-/// can hold up to about cores x 64 MiB of free heap after a peak.
-///
-/// Measured on the 2-core VM of docs/udc.md ("Session 10"): a first
-/// 10,000-member round's page faults fell from 4,966-5,444 to
-/// 3,166-4,103 and an uplink phase's from 179-528 to none; CPU time per
-/// member did not change measurably at that machine's noise. The gateway
-/// keeps glibc's defaults (no difference in its relay bench, and it may
-/// run on a small substation box). An operator's own `glibc.malloc.*`
-/// settings in `GLIBC_TUNABLES` win: then nothing is set here.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
-        return;
-    }
-    let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-    let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
-    for (param, value) in [
-        (libc::M_ARENA_MAX, arenas),
-        (libc::M_MMAP_THRESHOLD, 32 << 20),
-        (libc::M_TRIM_THRESHOLD, 64 << 20),
-    ] {
-        // SAFETY: called first thing in `main`, while this is the only
-        // thread (glibc marks mallopt MT-unsafe). It only sets allocator
-        // parameters that later calls read (M_ARENA_MAX: arenas created
-        // from now on) and touches no Rust-owned memory.
-        let accepted = unsafe { libc::mallopt(param, value) };
-        debug_assert_eq!(accepted, 1, "mallopt({param}, {value})");
-    }
-}
-
-/// Other platforms' allocators keep their own policies.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 /// Prints a runtime error with its causes and maps it to exit status 1.
 fn report(res: anyhow::Result<()>) -> ExitCode {
