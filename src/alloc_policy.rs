@@ -20,8 +20,9 @@
 ///
 /// Measured on the 2-core VM of docs/udc.md ("Session 10"): a first
 /// 10,000-member round's page faults fell from 4,966-5,444 to
-/// 3,166-4,103 and an uplink phase's from 179-528 to none; CPU time per
-/// member did not change measurably at that machine's noise. The gateway
+/// 3,166-4,103, and an uplink phase's from 99-528 to none in most runs
+/// (0 in 7 of 11, at most 745); CPU time per member did not change
+/// measurably at that machine's noise. The gateway
 /// keeps glibc's defaults (no difference in its relay bench, and it may
 /// run on a small substation box). An operator's own `glibc.malloc.*`
 /// settings in `GLIBC_TUNABLES` win: then nothing is set here.
