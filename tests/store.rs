@@ -214,6 +214,7 @@ both!(
     group_optimistic_concurrency,
     batch_checks_group_epoch,
     session_slots_are_compare_and_set,
+    many_rows_in_one_write_stand_or_fall_together,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
     subscribing_queues_open_rounds_challenges,
@@ -880,6 +881,122 @@ async fn session_slots_are_compare_and_set(f: Fixture) {
     let s = f.open().await;
     let p = slot1(&s).await.unwrap();
     assert_eq!(p.version, 3);
+}
+
+/// A write of more slots and readings than one statement carries (the
+/// SQLite store inserts them 64 to a statement, the remainder one by one):
+/// every row lands with its own values, and one bad row anywhere (a slot
+/// inserted meanwhile, a stale version, a duplicate reading) fails the whole
+/// write.
+async fn many_rows_in_one_write_stand_or_fall_together(f: Fixture) {
+    const N: u64 = 64 * 2 + 5;
+    let s = f.open().await;
+    setup(&s, N).await;
+    let n_of = |m: u64| (m % 250) as u8 + 1;
+    let slots = |version: u64, round: u64| -> Vec<SessionRow> {
+        (1..=N)
+            .map(|m| session(m, n_of(m), round + m, version))
+            .collect()
+    };
+    let readings =
+        |ctr: u64| -> Vec<ReadingRow> { (1..=N).map(|m| reading(m, ctr, 1000 + m)).collect() };
+    let check = |got: Vec<Option<StoredSlot>>, version: u64, round: u64| {
+        assert_eq!(got.len() as u64, N);
+        for (m, p) in (1..=N).zip(got) {
+            let p = p.unwrap_or_else(|| panic!("member {m}: no slot"));
+            assert_eq!(p.member, m);
+            assert_eq!(p.sid, Some(sid(m, n_of(m))), "member {m}");
+            assert_eq!(p.state, Some(Sealed::new(vec![n_of(m); 60])), "member {m}");
+            assert_eq!((p.round, p.version), (round + m, version), "member {m}");
+            assert_eq!(p.last_auth_ms, 10_000 + u64::from(n_of(m)), "member {m}");
+        }
+    };
+    let keys: Vec<(u64, u32)> = (1..=N).map(|m| (m, G)).collect();
+
+    // One member's slot was inserted meanwhile (in the second full chunk):
+    // nothing of the write lands.
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(100, 9, 9, 0)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let r = s
+        .apply_batch(BatchWrite {
+            sessions: slots(0, 0),
+            readings: readings(1),
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(count_readings(&s, N).await, 0);
+    assert_eq!(s.count_sessions().await.unwrap(), 1);
+    s.drop_all_sessions().await.unwrap();
+
+    // Without the conflict: every slot and reading, each with its values.
+    let mut first = slots(0, 0);
+    first[99].version = 2; // member 100's row was written twice above
+    s.apply_batch(BatchWrite {
+        sessions: first,
+        readings: readings(1),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let mut got = s.sessions(keys.clone()).await.unwrap();
+    assert_eq!(got[99].as_ref().map(|p| p.version), Some(3));
+    got[99].as_mut().unwrap().version = 1;
+    check(got, 1, 0);
+    for m in 1..=N {
+        let r = s.readings(m, 0, u64::MAX >> 1, 10).await.unwrap();
+        assert_eq!(r, vec![reading(m, 1, 1000 + m)], "member {m}");
+    }
+
+    // A duplicate reading key in the middle of a full chunk, or one stale
+    // slot version among the updates, fails the whole write.
+    let mut dup = readings(2);
+    dup[70] = reading(71, 1, 5);
+    let mut stale = slots(1, 10);
+    stale[99].version = 1; // stored: 3
+    for w in [
+        BatchWrite {
+            sessions: {
+                let mut v = slots(1, 10);
+                v[99].version = 3;
+                v
+            },
+            readings: dup,
+            ..BatchWrite::default()
+        },
+        BatchWrite {
+            sessions: stale,
+            readings: readings(2),
+            ..BatchWrite::default()
+        },
+    ] {
+        let r = s.apply_batch(w).await;
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(count_readings(&s, N).await, N as usize);
+        let mut got = s.sessions(keys.clone()).await.unwrap();
+        got[99].as_mut().unwrap().version = 1;
+        check(got, 1, 0);
+    }
+
+    // Updates of every slot at the version read.
+    let mut next = slots(1, 10);
+    next[99].version = 3;
+    s.apply_batch(BatchWrite {
+        sessions: next,
+        readings: readings(2),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let mut got = s.sessions(keys).await.unwrap();
+    assert_eq!(got[99].as_ref().map(|p| p.version), Some(4));
+    got[99].as_mut().unwrap().version = 2;
+    check(got, 2, 10);
+    assert_eq!(count_readings(&s, N).await, 2 * N as usize);
 }
 
 async fn retention_trims_readings_and_final_verdicts(f: Fixture) {

@@ -345,6 +345,146 @@ fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
     Ok(applied)
 }
 
+/// Rows one multi-row `INSERT` of [`insert_rows`] carries: a statement's
+/// fixed cost (binding, reset, halt) is paid once per this many rows. At 8
+/// values a row that is 512 parameters, far below SQLite's limit of 32,766.
+const ROWS_PER_INSERT: usize = 64;
+
+/// Inserts `rows` with multi-row statements of [`ROWS_PER_INSERT`] rows
+/// (the remainder one by one): `sql(n)` is the statement for `n` rows, and
+/// `bind` binds one row's `width` values from the given parameter index.
+/// Returns whether every row was inserted (a statement changed as many rows
+/// as it carried; it changes fewer under `ON CONFLICT DO NOTHING`).
+fn insert_rows<T>(
+    tx: &Transaction<'_>,
+    rows: &[T],
+    width: usize,
+    sql: impl Fn(usize) -> String,
+    bind: impl Fn(&mut rusqlite::CachedStatement<'_>, usize, &T) -> Result<(), StoreError>,
+) -> Result<bool, StoreError> {
+    let one = |chunk: &[T]| -> Result<bool, StoreError> {
+        let mut st = tx.prepare_cached(&sql(chunk.len()))?;
+        for (k, row) in chunk.iter().enumerate() {
+            bind(&mut st, 1 + width * k, row)?;
+        }
+        Ok(st.raw_execute()? == chunk.len())
+    };
+    let chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        if !one(chunk)? {
+            return Ok(false);
+        }
+    }
+    for row in rest {
+        if !one(std::slice::from_ref(row))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `n` copies of the row of values `row`, for a multi-row `VALUES`.
+fn values(row: &str, n: usize) -> String {
+    vec![row; n].join(", ")
+}
+
+/// Writes session slots: a row read at version 0 is inserted (with
+/// [`insert_rows`]), any other is updated, compare-and-set on its version
+/// and accepted rounds. A slot whose row changed since it was read fails the
+/// whole write with [`StoreError::Conflict`]`("session slot")` (the keys of
+/// one write are distinct: one slot per member and group).
+fn write_slots(tx: &Transaction<'_>, rows: &[SessionRow]) -> Result<(), StoreError> {
+    /// Binds `(member, grp, auth, sid, state, round, acc_top, acc_seen)`
+    /// from `at`, and for an update `(version, read_top, read_seen)` after
+    /// them.
+    fn bind(
+        st: &mut rusqlite::CachedStatement<'_>,
+        at: usize,
+        s: &SessionRow,
+    ) -> Result<(), StoreError> {
+        let acc = AcceptedRounds::after_write(s)?;
+        st.raw_bind_parameter(at, i(s.member))?;
+        st.raw_bind_parameter(at + 1, i64::from(s.group))?;
+        st.raw_bind_parameter(at + 2, s.authenticated_at_ms.map(i))?;
+        st.raw_bind_parameter(at + 3, s.sid.as_ref().map(|x| &x[..]))?;
+        st.raw_bind_parameter(at + 4, s.sid.map(|_| s.state.as_bytes()))?;
+        st.raw_bind_parameter(at + 5, i(s.round))?;
+        st.raw_bind_parameter(at + 6, i(acc.top))?;
+        st.raw_bind_parameter(at + 7, i(acc.seen))?;
+        if s.version != 0 {
+            st.raw_bind_parameter(at + 8, i(s.version))?;
+            st.raw_bind_parameter(at + 9, i(s.rounds.top))?;
+            st.raw_bind_parameter(at + 10, i(s.rounds.seen))?;
+        }
+        Ok(())
+    }
+    let (new, old): (Vec<&SessionRow>, Vec<&SessionRow>) =
+        rows.iter().partition(|s| s.version == 0);
+    // Another process inserted one of these slots since it was read: that
+    // row is skipped, and the write fails.
+    let all = insert_rows(
+        tx,
+        &new,
+        8,
+        |n| {
+            format!(
+                "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version, \
+                 acc_top, acc_seen) VALUES {} ON CONFLICT DO NOTHING",
+                values("(?, ?, coalesce(?, 0), ?, ?, ?, 1, ?, ?)", n)
+            )
+        },
+        |st, at, s| bind(st, at, s),
+    )?;
+    if !all {
+        return Err(StoreError::Conflict("session slot"));
+    }
+    // Updates go one by one: an UPDATE ... FROM (VALUES ...) of many rows
+    // costs more than as many single-row updates (SQLite materializes the
+    // values and updates in two passes; measured in docs/udc.md).
+    let mut st = tx.prepare_cached(
+        "UPDATE sessions SET last_auth_ms = coalesce(?3, last_auth_ms), sid = ?4, state = ?5, \
+         round = ?6, acc_top = ?7, acc_seen = ?8, version = version + 1 \
+         WHERE member = ?1 AND grp = ?2 AND version = ?9 AND acc_top = ?10 AND acc_seen = ?11",
+    )?;
+    for s in old {
+        bind(&mut st, 1, s)?;
+        if st.raw_execute()? != 1 {
+            return Err(StoreError::Conflict("session slot"));
+        }
+    }
+    Ok(())
+}
+
+/// Inserts `rows` into `readings` with [`insert_rows`]. A duplicate key
+/// fails its statement, and with it the batch's transaction.
+fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), StoreError> {
+    let all = insert_rows(
+        tx,
+        rows,
+        7,
+        |n| {
+            format!(
+                "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) VALUES {}",
+                values("(?, ?, ?, ?, ?, ?, ?)", n)
+            )
+        },
+        |st, at, r| {
+            st.raw_bind_parameter(at, i(r.member))?;
+            st.raw_bind_parameter(at + 1, i64::from(r.group))?;
+            st.raw_bind_parameter(at + 2, &r.sid[..])?;
+            st.raw_bind_parameter(at + 3, i(r.ctr))?;
+            st.raw_bind_parameter(at + 4, i(r.ts_ms))?;
+            st.raw_bind_parameter(at + 5, i64::from(r.kind))?;
+            st.raw_bind_parameter(at + 6, &r.payload[..])?;
+            Ok(())
+        },
+    )?;
+    // Without ON CONFLICT a statement inserts every row or fails.
+    debug_assert!(all, "a readings INSERT skipped a row");
+    Ok(())
+}
+
 /// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
 fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
@@ -418,71 +558,10 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
         }
     }
     if !w.sessions.is_empty() {
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO sessions (member, grp, last_auth_ms, sid, state, round, version, \
-             acc_top, acc_seen) VALUES (?1, ?2, coalesce(?6, 0), ?3, ?4, ?5, 1, ?7, ?8) \
-             ON CONFLICT DO NOTHING",
-        )?;
-        // Compare-and-set on the version and the accepted rounds read.
-        let mut upd = tx.prepare_cached(
-            "UPDATE sessions SET sid = ?3, state = ?4, round = ?5, \
-             last_auth_ms = coalesce(?6, last_auth_ms), version = version + 1, \
-             acc_top = ?8, acc_seen = ?9 \
-             WHERE member = ?1 AND grp = ?2 AND version = ?7 AND acc_top = ?10 \
-             AND acc_seen = ?11",
-        )?;
-        for s in &w.sessions {
-            let state = s.sid.map(|_| s.state.as_bytes());
-            let sid = s.sid.as_ref().map(|x| &x[..]);
-            let auth = s.authenticated_at_ms.map(i);
-            let acc = AcceptedRounds::after_write(s)?;
-            let n = if s.version == 0 {
-                ins.execute(params![
-                    i(s.member),
-                    i64::from(s.group),
-                    sid,
-                    state,
-                    i(s.round),
-                    auth,
-                    i(acc.top),
-                    i(acc.seen)
-                ])?
-            } else {
-                upd.execute(params![
-                    i(s.member),
-                    i64::from(s.group),
-                    sid,
-                    state,
-                    i(s.round),
-                    auth,
-                    i(s.version),
-                    i(acc.top),
-                    i(acc.seen),
-                    i(s.rounds.top),
-                    i(s.rounds.seen)
-                ])?
-            };
-            if n != 1 {
-                return Err(StoreError::Conflict("session slot"));
-            }
-        }
+        write_slots(tx, &w.sessions)?;
     }
     if !w.readings.is_empty() {
-        let mut st = tx.prepare_cached(
-            "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for r in &w.readings {
-            st.execute(params![
-                i(r.member),
-                i64::from(r.group),
-                &r.sid[..],
-                i(r.ctr),
-                i(r.ts_ms),
-                i64::from(r.kind),
-                &r.payload
-            ])?;
-        }
+        insert_readings(tx, &w.readings)?;
     }
     if !w.acks.is_empty() {
         let mut st = tx.prepare_cached(
