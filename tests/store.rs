@@ -1650,7 +1650,10 @@ async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
     let mut slots: Vec<SessionRow> = ids
         .iter()
         .filter(|m| *m % 2 == 0)
-        .map(|&m| session(m, 1, 1, 0))
+        .map(|&m| match m % 4 {
+            0 => accept(m, 1, 5, None),
+            _ => session(m, 1, 1, 0),
+        })
         .collect();
     slots.extend(ids.iter().filter(|m| *m % 6 == 5).map(|&m| SessionRow {
         group: 3,
@@ -1696,6 +1699,32 @@ async fn dense_and_sparse_batch_reads_agree(f: Fixture) {
             .collect::<Vec<_>>(),
         vec![Some(3), Some(G), None]
     );
+    // A batch reads what judging needs of the same slots, densely or
+    // sparsely, an emptied slot (revocation) included.
+    s.apply_batch(BatchWrite {
+        sessions: vec![SessionRow {
+            sid: None,
+            ..session(106, 3, 2, 1)
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let sparse: Vec<u64> = vec![95, 106, 112, 130, 1_000, 160];
+    for ids in [asked, sparse] {
+        let read = s.batch_reads(G, ids.clone(), None, None).await.unwrap();
+        let full = s
+            .sessions(ids.iter().map(|&m| (m, G)).collect())
+            .await
+            .unwrap();
+        let full: Vec<Option<BatchSlot>> =
+            full.into_iter().map(|x| x.map(BatchSlot::from)).collect();
+        assert_eq!(read.sessions, full);
+        let emptied = ids.iter().position(|&m| m == 106).unwrap();
+        let slot = read.sessions[emptied].as_ref().unwrap();
+        assert_eq!((slot.state.as_ref(), slot.version), (None, 2));
+        assert!(read.sessions.iter().flatten().any(|x| x.state.is_some()));
+    }
 }
 
 /// Every change to a member or its groups raises the registry version

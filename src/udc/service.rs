@@ -37,9 +37,9 @@ use crate::protocol::wire::{
 };
 use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics};
 use crate::udc::store::{
-    self, AnyStore, Audience, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget, GroupRow,
-    OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed, SessionRow,
-    Store, StoreError, VerdictWrite, Via,
+    self, AnyStore, Audience, BatchSlot, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget,
+    GroupRow, OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed,
+    SessionRow, Store, StoreError, VerdictWrite, Via,
 };
 
 mod recovery;
@@ -1111,6 +1111,7 @@ impl Udc {
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let keys = ids.iter().map(|m| (m.0, group)).collect();
         let stored = self.store.sessions(keys).await?;
+        let stored = stored.into_iter().map(|s| s.map(BatchSlot::from));
         self.sessions_from(group, ids, stored)
     }
 
@@ -1119,7 +1120,7 @@ impl Udc {
         &self,
         group: u32,
         ids: &[MemberId],
-        stored: Vec<Option<store::StoredSlot>>,
+        stored: impl IntoIterator<Item = Option<BatchSlot>>,
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let mut table = SessionTable::with_capacity(ids.len());
         let mut versions = SlotVersions::with_capacity(ids.len());

@@ -1458,7 +1458,10 @@ impl Store for PostgresStore {
         let m: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
         let g: Vec<i64> = vec![i64::from(group); ids.len()];
         let st = prep(&tx, stmts, SESSIONS_SQL).await?;
-        let sessions = slots_in_order(&slot_keys, tx.query(&st, &[&m, &g]).await?)?;
+        let sessions = slots_in_order(&slot_keys, tx.query(&st, &[&m, &g]).await?)?
+            .into_iter()
+            .map(|s| s.map(BatchSlot::from))
+            .collect();
         tx.commit().await?;
         Ok(BatchReads {
             group: group_row,

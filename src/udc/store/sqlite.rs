@@ -975,28 +975,6 @@ fn members_in_span(
     Ok(out)
 }
 
-/// [`Store::sessions`] for a dense batch of one group: one range scan.
-fn slots_in_span(
-    tx: &Transaction<'_>,
-    ids: &[u64],
-    group: u32,
-    lo: i64,
-    hi: i64,
-) -> Result<Vec<Option<StoredSlot>>, StoreError> {
-    let mut st = tx.prepare_cached(&format!(
-        "SELECT {SESSION_COLS} FROM sessions WHERE member BETWEEN ?1 AND ?2 AND grp = ?3 \
-         ORDER BY member"
-    ))?;
-    let found = collect(&mut st, params![lo, hi, i64::from(group)], stored_slot)?;
-    let mut found = found.into_iter().peekable();
-    let mut out = Vec::with_capacity(ids.len());
-    for &id in ids {
-        while found.next_if(|s| s.member < id).is_some() {}
-        out.push(found.next_if(|s| s.member == id));
-    }
-    Ok(out)
-}
-
 /// Every outcome row stored for a round, in the order [`fold_outcomes`]
 /// wants: version 1's per-member rows first, then the per-batch rows of
 /// version 4 by id.
@@ -1098,9 +1076,9 @@ fn sessions_tx(
         && keys.iter().all(|k| k.1 == group)
     {
         let ids: Vec<u64> = keys.iter().map(|k| k.0).collect();
-        if let Some((lo, hi)) = dense_span(&ids) {
-            return slots_in_span(tx, &ids, group, lo, hi);
-        }
+        return slots_of(tx, &ids, group, SESSION_COLS, |r| {
+            stored_slot(r).map(|s| (s.member, s))
+        });
     }
     let mut st = tx.prepare_cached(&format!(
         "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
@@ -1110,6 +1088,72 @@ fn sessions_tx(
         let mut rows = st.query(params![i(*m), i64::from(*g)])?;
         out.push(match rows.next()? {
             Some(r) => Some(stored_slot(r)?),
+            None => None,
+        });
+    }
+    Ok(out)
+}
+
+/// The columns of a [`BatchSlot`], after the member. The state is read only
+/// with a session id, as [`stored_slot`] does.
+const BATCH_SLOT_COLS: &str =
+    "member, CASE WHEN sid IS NULL THEN NULL ELSE state END, version, acc_top, acc_seen";
+
+fn batch_slot(r: &Row<'_>) -> Result<(u64, BatchSlot), StoreError> {
+    let state: Option<Vec<u8>> = r.get(1)?;
+    Ok((
+        u(r.get(0)?),
+        BatchSlot {
+            state: state.map(Sealed::new),
+            version: u(r.get(2)?),
+            rounds: AcceptedRounds {
+                top: u(r.get(3)?),
+                seen: u(r.get(4)?),
+            },
+        },
+    ))
+}
+
+/// The session slots of a batch's members `ids` in `group`, in that order.
+fn batch_slots_tx(
+    tx: &Transaction<'_>,
+    ids: &[u64],
+    group: u32,
+) -> Result<Vec<Option<BatchSlot>>, StoreError> {
+    slots_of(tx, ids, group, BATCH_SLOT_COLS, batch_slot)
+}
+
+/// The slots of `ids` in `group`, in that order, as `row` reads the columns
+/// `cols` (the first of which is the member): with one range scan when the
+/// ids are dense ([`dense_span`]), else one point lookup per id.
+fn slots_of<T>(
+    tx: &Transaction<'_>,
+    ids: &[u64],
+    group: u32,
+    cols: &str,
+    row: impl Fn(&Row<'_>) -> Result<(u64, T), StoreError>,
+) -> Result<Vec<Option<T>>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    if let Some((lo, hi)) = dense_span(ids) {
+        let mut st = tx.prepare_cached(&format!(
+            "SELECT {cols} FROM sessions WHERE member BETWEEN ?1 AND ?2 AND grp = ?3 \
+             ORDER BY member"
+        ))?;
+        let found = collect(&mut st, params![lo, hi, i64::from(group)], row)?;
+        let mut found = found.into_iter().peekable();
+        for &id in ids {
+            while found.next_if(|(m, _)| *m < id).is_some() {}
+            out.push(found.next_if(|(m, _)| *m == id).map(|(_, s)| s));
+        }
+        return Ok(out);
+    }
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT {cols} FROM sessions WHERE member = ?1 AND grp = ?2"
+    ))?;
+    for id in ids {
+        let mut rows = st.query(params![i(*id), i64::from(group)])?;
+        out.push(match rows.next()? {
+            Some(r) => Some(row(r)?.1),
             None => None,
         });
     }
@@ -1374,8 +1418,7 @@ impl Store for SqliteStore {
             let (asked, members_of) =
                 MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
             let members = members_tx(tx, asked)?;
-            let keys: Vec<(u64, u32)> = ids.iter().map(|m| (*m, group)).collect();
-            let sessions = sessions_tx(tx, &keys)?;
+            let sessions = batch_slots_tx(tx, &ids, group)?;
             Ok(BatchReads {
                 group: group_row,
                 registry_version,
