@@ -36,7 +36,7 @@ use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
-use super::{ControlIn, CounterSource, RoleLaunch, Scenario, emit};
+use super::{ControlIn, CounterSource, RoleLaunch, Scenario, counters_event, emit};
 use crate::admin::MetricsPage;
 use crate::config::{GatewayConfig, SecretUrl, UdcConfig};
 use crate::protocol::keys::CredentialFile;
@@ -407,7 +407,7 @@ pub(crate) async fn udc(args: UdcRoleArgs) -> anyhow::Result<()> {
         };
         let Some(cmd) = cmd else { break };
         match cmd.as_str() {
-            "snapshot" => emit(json!({"event": "snapshot", "counters": {}})),
+            "snapshot" => emit(counters_event("snapshot", json!({}))),
             "settle" => {
                 if reader.is_none() {
                     reader = Some(store::open(store_url.expose()).await?);
@@ -425,7 +425,7 @@ pub(crate) async fn udc(args: UdcRoleArgs) -> anyhow::Result<()> {
         None => store::open(store_url.expose()).await?,
     };
     let counters = udc_final(&reader, args.members, &admin_addr).await?;
-    emit(json!({"event": "final", "counters": counters}));
+    emit(counters_event("final", Value::Object(counters)));
     let _ = stop_tx.send(());
     service.await.map_err(|e| anyhow!("udc task: {e}"))??;
     Ok(())
@@ -504,13 +504,13 @@ pub(crate) async fn gateway(args: GatewayRoleArgs) -> anyhow::Result<()> {
         match cmd.as_str() {
             "snapshot" => {
                 let counters = gateway_counters(&admin_addr).await?;
-                emit(json!({"event": "snapshot", "counters": counters}));
+                emit(counters_event("snapshot", counters));
             }
             other => bail!("unknown control command {other:?}"),
         }
     }
     let counters = gateway_counters(&admin_addr).await?;
-    emit(json!({"event": "final", "counters": counters}));
+    emit(counters_event("final", counters));
     let _ = stop_tx.send(());
     service.await.map_err(|e| anyhow!("gateway task: {e}"))??;
     Ok(())

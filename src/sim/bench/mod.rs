@@ -11,15 +11,19 @@
 //! A [`Scenario`] is a set of server role processes, started in order, plus
 //! one load-driver process, and says which role is "the UDC" and which "the
 //! gateway". Every role is `dapgw bench role ...` (or any command speaking
-//! the control protocol below), so its CPU time is its own: `utime + stime`
-//! of `/proc/<pid>/stat` ([`cpu`]), measured between snapshots taken by the
-//! harness, excluding start-up (PKI loading, binding).
+//! the control protocol below), so its CPU time is its own, measured between
+//! snapshots taken by the harness, excluding start-up (PKI loading,
+//! binding): a server role's own `CLOCK_PROCESS_CPUTIME_ID` (nanoseconds),
+//! which it reports in its snapshot events, or, from a role that does not,
+//! and for the load driver, `utime + stime` of `/proc/<pid>/stat` (10 ms
+//! ticks) ([`cpu`]).
 //!
 //! Control protocol, one line each way, events prefixed [`CONTROL_PREFIX`]
 //! on the role's stdout (anything else on stdout is ignored):
 //! - server role: `{"event":"ready","addr":"127.0.0.1:port"}` once
 //!   listening; on the stdin line `snapshot` it prints
-//!   `{"event":"snapshot","counters":{...}}`; on stdin EOF it prints
+//!   `{"event":"snapshot","counters":{...},"cpu_ns":N}` (`cpu_ns`, its
+//!   process CPU clock, is optional); on stdin EOF it prints
 //!   `{"event":"final","counters":{...}}` and exits 0. Counters are `u64`s;
 //!   the harness reports their difference over the measured phase
 //!   (`bytes_in` counted at the TCP layer, `requests`, `readings`, ...).
@@ -444,7 +448,11 @@ impl ScenarioResult {
         );
         obj.insert(
             "cpu_source".into(),
-            json!("utime+stime of /proc/<pid>/stat, measured phase only"),
+            json!(
+                "server roles (UDC, gateway): their own CLOCK_PROCESS_CPUTIME_ID in ns, \
+                 reported at each snapshot; load driver: utime+stime of /proc/<pid>/stat \
+                 (10 ms ticks); measured phase only"
+            ),
         );
         Value::Object(obj)
     }
@@ -670,10 +678,16 @@ impl RoleProc {
             .with_context(|| format!("role {}: sending {line}", self.label))
     }
 
-    fn counters(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
+    /// The role's counters and its CPU time: as it reported it, or else
+    /// read from `/proc`.
+    fn counters(&mut self) -> anyhow::Result<(BTreeMap<String, u64>, Duration)> {
         self.send("snapshot")?;
         let ev = self.expect(&["snapshot"])?;
-        Ok(counters_of(&ev))
+        let cpu = match cpu::reported_cpu(&ev) {
+            Some(cpu) => cpu,
+            None => self.cpu()?,
+        };
+        Ok((counters_of(&ev), cpu))
     }
 
     /// Closes stdin, takes the final event and waits for a clean exit.
@@ -723,8 +737,9 @@ fn snapshot(servers: &mut [RoleProc], driver: &RoleProc) -> anyhow::Result<Snaps
     let mut cpu = BTreeMap::new();
     let mut counters = BTreeMap::new();
     for s in servers.iter_mut() {
-        counters.insert(s.label.clone(), s.counters()?);
-        cpu.insert(s.label.clone(), s.cpu()?);
+        let (c, used) = s.counters()?;
+        counters.insert(s.label.clone(), c);
+        cpu.insert(s.label.clone(), used);
     }
     cpu.insert(driver.label.clone(), driver.cpu()?);
     Ok(Snapshot {
@@ -1092,6 +1107,14 @@ pub(crate) fn server_tls(
     Ok(cfg)
 }
 
+/// A server role's `snapshot` or `final` event: its counters and its own CPU
+/// time so far ([`cpu::own_cpu`], `"cpu_ns"`), which the harness prefers to
+/// the 10 ms ticks of `/proc/<pid>/stat`.
+pub(crate) fn counters_event(event: &str, counters: Value) -> Value {
+    let cpu_ns = u64::try_from(cpu::own_cpu().as_nanos()).unwrap_or(u64::MAX);
+    json!({"event": event, "counters": counters, "cpu_ns": cpu_ns})
+}
+
 /// Prints one control event.
 pub(crate) fn emit(event: Value) {
     let mut out = std::io::stdout().lock();
@@ -1131,11 +1154,11 @@ impl ControlIn {
     pub(crate) async fn serve(mut self, counters: impl Fn() -> Value) -> anyhow::Result<()> {
         while let Some(cmd) = self.next().await? {
             match cmd.as_str() {
-                "snapshot" => emit(json!({"event": "snapshot", "counters": counters()})),
+                "snapshot" => emit(counters_event("snapshot", counters())),
                 other => bail!("unknown control command {other:?}"),
             }
         }
-        emit(json!({"event": "final", "counters": counters()}));
+        emit(counters_event("final", counters()));
         Ok(())
     }
 }
