@@ -67,6 +67,9 @@ fn assert_phase_fields(name: &str, s: &Value, gateway: bool) {
     }
     // Bytes the UDC received were counted.
     assert!(number(s, "udc_bytes_per_member") > 0.0, "{name}");
+    // The UDC's CPU is its own process clock in nanoseconds, not /proc's
+    // 10 ms ticks (a whole microsecond per member at 10,000 members).
+    assert_eq!(s["udc_cpu_clock"], "process_clock_ns", "{name}");
     if gateway {
         assert!(number(s, "gateway_cpu_us_per_member") >= 0.0, "{name}");
         assert!(number(s, "gateway_bytes_per_member") > 0.0, "{name}");

@@ -26,6 +26,9 @@ pub enum CpuError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A role reported a `cpu_ns` that is not a count of nanoseconds.
+    #[error("a role reported cpu_ns {0}, not a count of nanoseconds")]
+    Reported(String),
     /// The stat line does not have the expected fields.
     #[error("/proc/{pid}/stat is not in the expected format")]
     Format {
@@ -86,12 +89,16 @@ pub fn own_cpu() -> Duration {
 }
 
 /// The CPU time a role reported in a control event (`"cpu_ns"`, see
-/// [`own_cpu`]), if it did.
-pub fn reported_cpu(event: &serde_json::Value) -> Option<Duration> {
-    event
-        .get("cpu_ns")
-        .and_then(serde_json::Value::as_u64)
-        .map(Duration::from_nanos)
+/// [`own_cpu`]): `None` if it reported none, an error if the value is not
+/// a count of nanoseconds.
+pub fn reported_cpu(event: &serde_json::Value) -> Result<Option<Duration>, CpuError> {
+    match event.get("cpu_ns") {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|ns| Some(Duration::from_nanos(ns)))
+            .ok_or_else(|| CpuError::Reported(v.to_string())),
+    }
 }
 
 /// Profiling hook: switches a `perf record --control fifo:CTL,ACK -D -1`
@@ -137,18 +144,29 @@ mod tests {
     #[test]
     fn reported_cpu_is_read_from_the_event() {
         let ev = serde_json::json!({"event": "snapshot", "cpu_ns": 1_500});
-        assert_eq!(reported_cpu(&ev), Some(Duration::from_nanos(1_500)));
+        assert_eq!(
+            reported_cpu(&ev).unwrap(),
+            Some(Duration::from_nanos(1_500))
+        );
+        let ev = serde_json::json!({"event": "snapshot"});
+        assert_eq!(reported_cpu(&ev).unwrap(), None);
         for ev in [
-            serde_json::json!({"event": "snapshot"}),
             serde_json::json!({"event": "snapshot", "cpu_ns": "1500"}),
             serde_json::json!({"event": "snapshot", "cpu_ns": -1}),
+            serde_json::json!({"event": "snapshot", "cpu_ns": 1.5}),
         ] {
-            assert_eq!(reported_cpu(&ev), None, "{ev}");
+            assert!(reported_cpu(&ev).is_err(), "{ev}");
         }
     }
 
     #[test]
     fn own_cpu_resolves_below_a_tick_and_agrees_with_proc() {
+        let res = rustix::time::clock_getres(rustix::time::ClockId::ProcessCPUTime);
+        let tick = Duration::from_secs(1) / clock_ticks_per_second() as u32;
+        assert!(
+            Duration::new(res.tv_sec as u64, res.tv_nsec as u32) < tick / 100,
+            "resolution {res:?}"
+        );
         let before = own_cpu();
         let mut x = 0u64;
         let start = std::time::Instant::now();
@@ -162,7 +180,6 @@ mod tests {
         assert!(spent > Duration::ZERO);
         let proc = process_cpu(std::process::id()).unwrap();
         let own = own_cpu();
-        let tick = Duration::from_secs(1) / clock_ticks_per_second() as u32;
         assert!(
             own + 4 * tick >= proc && proc + 4 * tick >= own,
             "{own:?} {proc:?}"

@@ -23,8 +23,9 @@
 //! - server role: `{"event":"ready","addr":"127.0.0.1:port"}` once
 //!   listening; on the stdin line `snapshot` it prints
 //!   `{"event":"snapshot","counters":{...},"cpu_ns":N}` (`cpu_ns`, its
-//!   process CPU clock, is optional); on stdin EOF it prints
-//!   `{"event":"final","counters":{...}}` and exits 0. Counters are `u64`s;
+//!   process CPU clock, is optional; the harness reads it from snapshots
+//!   only); on stdin EOF it prints `{"event":"final","counters":{...}}`
+//!   (the built-in roles add `cpu_ns` there too) and exits 0. Counters are `u64`s;
 //!   the harness reports their difference over the measured phase
 //!   (`bytes_in` counted at the TCP layer, `requests`, `readings`, ...).
 //!   A ready event may also carry `"addrs":{"name":"host:port"}`: further
@@ -73,6 +74,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Prefix of every control event a role prints on its stdout.
 pub const CONTROL_PREFIX: &str = "DAPGW-BENCH ";
+
+/// How the report's CPU figures are read (the JSON's `cpu_source`, the
+/// table's header); each scenario's `udc_cpu_clock` says which applied.
+const CPU_SOURCE: &str = "server roles (UDC, gateway, relays): their own \
+    CLOCK_PROCESS_CPUTIME_ID in ns, reported at each snapshot, else utime+stime of \
+    /proc/<pid>/stat (10 ms ticks); load driver: /proc/<pid>/stat; measured phase only";
 
 /// Scenario names taken as the reference of the ratios, when they ran.
 pub const REFERENCE_SCENARIOS: [&str; 2] = ["dapgw-psk", "dapgw-psk-ecdhe"];
@@ -312,8 +319,11 @@ pub fn all_scenarios() -> Vec<Scenario> {
 /// What one role did over one phase.
 #[derive(Clone, Debug, Default)]
 pub struct RolePhase {
-    /// CPU time (user + system) from `/proc/<pid>/stat`.
+    /// CPU time (user + system, every thread).
     pub cpu: Duration,
+    /// Whether `cpu` comes from the role's own process clock in nanoseconds
+    /// at both ends of the phase (else from `/proc/<pid>/stat` ticks).
+    pub ns_clock: bool,
     /// Counter differences reported by the role (server roles only).
     pub counters: BTreeMap<String, u64>,
 }
@@ -370,6 +380,15 @@ impl PhaseResult {
             .unwrap_or(0)
     }
 
+    /// How role `label`'s CPU was read, for the JSON.
+    fn cpu_clock(&self, label: &str) -> &'static str {
+        match self.role(label) {
+            Some(r) if r.ns_clock => "process_clock_ns",
+            Some(_) => "proc_stat_ticks",
+            None => "none",
+        }
+    }
+
     fn cpu_us(&self, label: &str) -> Option<f64> {
         self.role(label).map(|r| r.cpu.as_secs_f64() * 1e6)
     }
@@ -400,6 +419,7 @@ impl ScenarioResult {
         json!({
             "wall_s": p.wall.as_secs_f64(),
             "udc_cpu_us_per_member": per_member(p.cpu_us(udc).unwrap_or(0.0), n),
+            "udc_cpu_clock": p.cpu_clock(udc),
             "udc_bytes_per_member": per_member(p.counter(udc, "bytes_in") as f64, n),
             "udc_bytes_out_per_member": per_member(p.counter(udc, "bytes_out") as f64, n),
             "udc_requests_per_member": per_member(p.counter(udc, "requests") as f64, n),
@@ -446,14 +466,7 @@ impl ScenarioResult {
                 .as_ref()
                 .map_or(Value::Null, |w| self.phase_json(w)),
         );
-        obj.insert(
-            "cpu_source".into(),
-            json!(
-                "server roles (UDC, gateway): their own CLOCK_PROCESS_CPUTIME_ID in ns, \
-                 reported at each snapshot; load driver: utime+stime of /proc/<pid>/stat \
-                 (10 ms ticks); measured phase only"
-            ),
-        );
+        obj.insert("cpu_source".into(), json!(CPU_SOURCE));
         Value::Object(obj)
     }
 
@@ -519,7 +532,7 @@ impl BenchReport {
     pub fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "{} members, {} in flight, {} build; CPU = utime+stime from /proc, measured phase",
+            "{} members, {} in flight, {} build; CPU: {CPU_SOURCE}",
             self.members,
             self.concurrency,
             if cfg!(debug_assertions) {
@@ -678,16 +691,17 @@ impl RoleProc {
             .with_context(|| format!("role {}: sending {line}", self.label))
     }
 
-    /// The role's counters and its CPU time: as it reported it, or else
-    /// read from `/proc`.
-    fn counters(&mut self) -> anyhow::Result<(BTreeMap<String, u64>, Duration)> {
+    /// The role's counters and its CPU time: as it reported it (`true`),
+    /// or else read from `/proc` (`false`).
+    fn counters(&mut self) -> anyhow::Result<(BTreeMap<String, u64>, Duration, bool)> {
         self.send("snapshot")?;
         let ev = self.expect(&["snapshot"])?;
-        let cpu = match cpu::reported_cpu(&ev) {
-            Some(cpu) => cpu,
-            None => self.cpu()?,
+        let reported = cpu::reported_cpu(&ev).with_context(|| format!("role {}", self.label))?;
+        let (cpu, ns) = match reported {
+            Some(cpu) => (cpu, true),
+            None => (self.cpu()?, false),
         };
-        Ok((counters_of(&ev), cpu))
+        Ok((counters_of(&ev), cpu, ns))
     }
 
     /// Closes stdin, takes the final event and waits for a clean exit.
@@ -730,21 +744,28 @@ fn counters_of(ev: &Value) -> BTreeMap<String, u64> {
 struct Snapshot {
     at: Instant,
     cpu: BTreeMap<String, Duration>,
+    /// The roles whose `cpu` is their own nanosecond clock.
+    ns_clock: std::collections::BTreeSet<String>,
     counters: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 fn snapshot(servers: &mut [RoleProc], driver: &RoleProc) -> anyhow::Result<Snapshot> {
     let mut cpu = BTreeMap::new();
+    let mut ns_clock = std::collections::BTreeSet::new();
     let mut counters = BTreeMap::new();
     for s in servers.iter_mut() {
-        let (c, used) = s.counters()?;
+        let (c, used, ns) = s.counters()?;
         counters.insert(s.label.clone(), c);
         cpu.insert(s.label.clone(), used);
+        if ns {
+            ns_clock.insert(s.label.clone());
+        }
     }
     cpu.insert(driver.label.clone(), driver.cpu()?);
     Ok(Snapshot {
         at: Instant::now(),
         cpu,
+        ns_clock,
         counters,
     })
 }
@@ -768,6 +789,7 @@ fn phase(from: &Snapshot, to: &Snapshot, driver: &Value, sources: &[CounterSourc
                 label.clone(),
                 RolePhase {
                     cpu: cpu.saturating_sub(before),
+                    ns_clock: from.ns_clock.contains(label) && to.ns_clock.contains(label),
                     counters,
                 },
             )
@@ -1109,7 +1131,7 @@ pub(crate) fn server_tls(
 
 /// A server role's `snapshot` or `final` event: its counters and its own CPU
 /// time so far ([`cpu::own_cpu`], `"cpu_ns"`), which the harness prefers to
-/// the 10 ms ticks of `/proc/<pid>/stat`.
+/// the 10 ms ticks of `/proc/<pid>/stat` (it reads it from snapshots only).
 pub(crate) fn counters_event(event: &str, counters: Value) -> Value {
     let cpu_ns = u64::try_from(cpu::own_cpu().as_nanos()).unwrap_or(u64::MAX);
     json!({"event": event, "counters": counters, "cpu_ns": cpu_ns})
@@ -1276,6 +1298,7 @@ mod tests {
                 ("udc".to_string(), Duration::from_millis(cpu_ms)),
                 ("udc-link".to_string(), Duration::ZERO),
             ]),
+            ns_clock: ["udc".to_string()].into(),
             counters: BTreeMap::from([
                 (
                     "udc".to_string(),
@@ -1296,6 +1319,13 @@ mod tests {
         assert_eq!(p.cpu_us("udc"), Some(20_000.0));
         let p = phase(&snap(5, 100, 10), &snap(7, 350, 30), &json!({}), &[]);
         assert_eq!(p.counter("udc", "bytes_in"), 2);
+        // The clock each role's CPU came from, at both ends.
+        assert_eq!(p.cpu_clock("udc"), "process_clock_ns");
+        assert_eq!(p.cpu_clock("udc-link"), "proc_stat_ticks");
+        let mut ticks = snap(5, 100, 10);
+        ticks.ns_clock.clear();
+        let p = phase(&ticks, &snap(7, 350, 30), &json!({}), &[]);
+        assert_eq!(p.cpu_clock("udc"), "proc_stat_ticks");
     }
 
     #[test]

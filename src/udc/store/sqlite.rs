@@ -105,7 +105,10 @@ impl SqliteStore {
         // 32 MiB of page cache (the default is 2 MiB): a round's session
         // slots, outcomes and member rows stay in memory between batches.
         conn.pragma_update(None, "cache_size", -32768)?;
-        conn.set_prepared_statement_cache_capacity(64);
+        // About 80 distinct statements (multi-row inserts among them, whose
+        // preparation is the dearest): room for all of them, so admin and
+        // listing traffic cannot evict the batch path's.
+        conn.set_prepared_statement_cache_capacity(128);
         // Checkpoint after 10,000 WAL pages (about 40 MiB) instead of
         // SQLite's 1,000: batches of scattered member ids rewrite the same
         // session, outcome and reading pages, and a longer interval copies
@@ -362,23 +365,28 @@ fn insert_rows<T>(
     sql: impl Fn(usize) -> String,
     bind: impl Fn(&mut rusqlite::CachedStatement<'_>, usize, &T) -> Result<(), StoreError>,
 ) -> Result<bool, StoreError> {
-    let one = |chunk: &[T]| -> Result<bool, StoreError> {
-        let mut st = tx.prepare_cached(&sql(chunk.len()))?;
+    let run = |st: &mut rusqlite::CachedStatement<'_>, chunk: &[T]| -> Result<bool, StoreError> {
         for (k, row) in chunk.iter().enumerate() {
-            bind(&mut st, 1 + width * k, row)?;
+            bind(st, 1 + width * k, row)?;
         }
         Ok(st.raw_execute()? == chunk.len())
     };
     let chunks = rows.chunks_exact(ROWS_PER_INSERT);
     let rest = chunks.remainder();
-    for chunk in chunks {
-        if !one(chunk)? {
-            return Ok(false);
+    if chunks.len() > 0 {
+        let mut st = tx.prepare_cached(&sql(ROWS_PER_INSERT))?;
+        for chunk in chunks {
+            if !run(&mut st, chunk)? {
+                return Ok(false);
+            }
         }
     }
-    for row in rest {
-        if !one(std::slice::from_ref(row))? {
-            return Ok(false);
+    if !rest.is_empty() {
+        let mut st = tx.prepare_cached(&sql(1))?;
+        for row in rest {
+            if !run(&mut st, std::slice::from_ref(row))? {
+                return Ok(false);
+            }
         }
     }
     Ok(true)
@@ -480,8 +488,11 @@ fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), Stor
             Ok(())
         },
     )?;
-    // Without ON CONFLICT a statement inserts every row or fails.
-    debug_assert!(all, "a readings INSERT skipped a row");
+    // Without ON CONFLICT a statement inserts every row or fails; anything
+    // else is not the SQLite this store was written for.
+    if !all {
+        return Err(StoreError::Corrupt("a readings insert skipped a row"));
+    }
     Ok(())
 }
 
@@ -1080,22 +1091,16 @@ fn sessions_tx(
             stored_slot(r).map(|s| (s.member, s))
         });
     }
-    let mut st = tx.prepare_cached(&format!(
-        "SELECT {SESSION_COLS} FROM sessions WHERE member = ?1 AND grp = ?2"
-    ))?;
-    let mut out = Vec::with_capacity(keys.len());
-    for (m, g) in keys {
-        let mut rows = st.query(params![i(*m), i64::from(*g)])?;
-        out.push(match rows.next()? {
-            Some(r) => Some(stored_slot(r)?),
-            None => None,
-        });
-    }
-    Ok(out)
+    slot_lookups(tx, keys.iter().copied(), SESSION_COLS, |r| {
+        stored_slot(r).map(|s| (s.member, s))
+    })
 }
 
 /// The columns of a [`BatchSlot`], after the member. The state is read only
-/// with a session id, as [`stored_slot`] does.
+/// with a session id, as [`stored_slot`] does. Unlike [`stored_slot`] the
+/// batch path reads neither the session id nor the group, so it does not
+/// check their shape: a slot whose sealed state is damaged still fails to
+/// open (its AEAD tag), and listings check the rest.
 const BATCH_SLOT_COLS: &str =
     "member, CASE WHEN sid IS NULL THEN NULL ELSE state END, version, acc_top, acc_seen";
 
@@ -1133,8 +1138,8 @@ fn slots_of<T>(
     cols: &str,
     row: impl Fn(&Row<'_>) -> Result<(u64, T), StoreError>,
 ) -> Result<Vec<Option<T>>, StoreError> {
-    let mut out = Vec::with_capacity(ids.len());
     if let Some((lo, hi)) = dense_span(ids) {
+        let mut out = Vec::with_capacity(ids.len());
         let mut st = tx.prepare_cached(&format!(
             "SELECT {cols} FROM sessions WHERE member BETWEEN ?1 AND ?2 AND grp = ?3 \
              ORDER BY member"
@@ -1147,11 +1152,23 @@ fn slots_of<T>(
         }
         return Ok(out);
     }
+    slot_lookups(tx, ids.iter().map(|&m| (m, group)), cols, row)
+}
+
+/// The slots of `keys` (member, group), in that order, one point lookup
+/// each (see [`slots_of`]).
+fn slot_lookups<T>(
+    tx: &Transaction<'_>,
+    keys: impl ExactSizeIterator<Item = (u64, u32)>,
+    cols: &str,
+    row: impl Fn(&Row<'_>) -> Result<(u64, T), StoreError>,
+) -> Result<Vec<Option<T>>, StoreError> {
     let mut st = tx.prepare_cached(&format!(
         "SELECT {cols} FROM sessions WHERE member = ?1 AND grp = ?2"
     ))?;
-    for id in ids {
-        let mut rows = st.query(params![i(*id), i64::from(group)])?;
+    let mut out = Vec::with_capacity(keys.len());
+    for (m, g) in keys {
+        let mut rows = st.query(params![i(m), i64::from(g)])?;
         out.push(match rows.next()? {
             Some(r) => Some(row(r)?.1),
             None => None,
