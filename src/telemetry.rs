@@ -945,17 +945,24 @@ fn process_cpu_seconds() -> Option<f64> {
 
 /// Resident memory in bytes, from `/proc/self/statm` (its second field, in
 /// pages). `/proc/self/status` says the same in kB but costs the kernel far
-/// more to render (every field of the task, under its locks): in a
-/// `dapgw bench` profile its read was about half of what a scrape of the
-/// UDC's `/metrics` cost.
+/// more to render (every field of the task): in a `dapgw bench` profile
+/// this collector (that read and the `/proc/self/fd` listing) was about
+/// half of what a scrape of the UDC's `/metrics` cost.
+///
+/// The page size comes from rustix: `sysconf` where rustix uses libc (the
+/// tests and benches), the kernel's auxiliary vector in the release
+/// binary's raw-syscall backend, cached after the first call (the process
+/// CPU clock's vDSO lookup, which runs first in every scrape, has already
+/// read it).
 fn read_rss_bytes(path: &Path) -> Option<i64> {
     let statm = std::fs::read_to_string(path).ok()?;
     parse_statm_rss(&statm, rustix::param::page_size())
 }
 
 fn parse_statm_rss(statm: &str, page_size: usize) -> Option<i64> {
-    let pages: i64 = statm.split_ascii_whitespace().nth(1)?.parse().ok()?;
-    pages.checked_mul(i64::try_from(page_size).ok()?)
+    let pages: u64 = statm.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    let bytes = pages.checked_mul(u64::try_from(page_size).ok()?)?;
+    i64::try_from(bytes).ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -1042,6 +1049,7 @@ mod tests {
         );
         assert_eq!(parse_statm_rss("5120\n", 4096), None);
         assert_eq!(parse_statm_rss("5120 x 300", 4096), None);
+        assert_eq!(parse_statm_rss("5120 -5 300", 4096), None);
         assert_eq!(parse_statm_rss("", 4096), None);
     }
 
@@ -1055,7 +1063,21 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("dapgw_process_resident_memory_bytes "))
             .unwrap();
-        assert!(rss.parse::<i64>().unwrap() > 0);
+        let rss: i64 = rss.parse().unwrap();
+        // The same figure as the kernel's own `VmRSS` (in kB), give or take
+        // what the process allocated between the two reads.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm_rss_kb: i64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("VmRSS in /proc/self/status");
+        let vm_rss = vm_rss_kb * 1024;
+        assert!(
+            rss > vm_rss / 2 && rss < vm_rss * 2,
+            "statm gives {rss} bytes, VmRSS {vm_rss}"
+        );
         let fds = text
             .lines()
             .find_map(|l| l.strip_prefix("dapgw_process_open_fds "))
