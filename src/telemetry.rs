@@ -934,13 +934,19 @@ impl Collector for ProcessMetrics {
     }
 }
 
-/// CPU time of the whole process (every thread, live or exited) in
-/// seconds: `CLOCK_PROCESS_CPUTIME_ID`, with nanosecond resolution
+/// CPU time of the whole process (user + system, every thread, live or
+/// exited): `CLOCK_PROCESS_CPUTIME_ID`, with nanosecond resolution
 /// (`/proc/self/stat` counts 10 ms ticks, too coarse to tell what one
-/// round of a few thousand members costs).
-fn process_cpu_seconds() -> Option<f64> {
+/// round of a few thousand members costs). Also what `dapgw bench`'s
+/// server roles report of themselves.
+pub(crate) fn process_cpu_time() -> std::time::Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    Some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// [`process_cpu_time`] in seconds.
+fn process_cpu_seconds() -> Option<f64> {
+    Some(process_cpu_time().as_secs_f64())
 }
 
 /// Resident memory in bytes, from `/proc/self/statm` (its second field, in

@@ -1110,8 +1110,7 @@ impl Udc {
         ids: &[MemberId],
     ) -> Result<(SessionTable, SlotVersions), ServiceError> {
         let keys = ids.iter().map(|m| (m.0, group)).collect();
-        let stored = self.store.sessions(keys).await?;
-        let stored = stored.into_iter().map(|s| s.map(BatchSlot::from));
+        let stored = BatchSlot::from_stored(self.store.sessions(keys).await?);
         self.sessions_from(group, ids, stored)
     }
 

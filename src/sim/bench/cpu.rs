@@ -1,9 +1,9 @@
 //! CPU time of a bench role process, read from the OS: `utime + stime` of
 //! `/proc/<pid>/stat` (every thread of the process, live or exited), in
 //! clock ticks converted with the kernel's tick rate; and a role's own
-//! `CLOCK_PROCESS_CPUTIME_ID` ([`own_cpu`]), the same accounting with
-//! nanosecond resolution, which server roles report at each snapshot
-//! ([`reported_cpu`]).
+//! `CLOCK_PROCESS_CPUTIME_ID` (`telemetry::process_cpu_time`), the same
+//! accounting with nanosecond resolution, which server roles report at each
+//! snapshot ([`reported_cpu`]).
 //!
 //! The crate forbids `unsafe`, so the tick rate comes from the auxiliary
 //! vector in `/proc/self/auxv` (`AT_CLKTCK`, the value `sysconf(_SC_CLK_TCK)`
@@ -79,18 +79,9 @@ pub fn process_cpu(pid: u32) -> Result<Duration, CpuError> {
     Ok(Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz))
 }
 
-/// CPU time (user + system, every thread, live or exited) this process
-/// consumed so far: `CLOCK_PROCESS_CPUTIME_ID`, in nanoseconds. A tick of
-/// `/proc/<pid>/stat` is 10 ms, a whole microsecond per member at 10,000
-/// members; this clock resolves what one phase costs.
-pub fn own_cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
 /// The CPU time a role reported in a control event (`"cpu_ns"`, see
-/// [`own_cpu`]): `None` if it reported none, an error if the value is not
-/// a count of nanoseconds.
+/// `telemetry::process_cpu_time`): `None` if it reported none, an error if
+/// the value is not a count of nanoseconds.
 pub fn reported_cpu(event: &serde_json::Value) -> Result<Option<Duration>, CpuError> {
     match event.get("cpu_ns") {
         None => Ok(None),
@@ -131,6 +122,7 @@ pub fn perf_ctl(cmd: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::process_cpu_time;
 
     #[test]
     fn parses_utime_and_stime_after_a_tricky_comm() {
@@ -160,26 +152,26 @@ mod tests {
     }
 
     #[test]
-    fn own_cpu_resolves_below_a_tick_and_agrees_with_proc() {
+    fn process_clock_resolves_below_a_tick_and_agrees_with_proc() {
         let res = rustix::time::clock_getres(rustix::time::ClockId::ProcessCPUTime);
         let tick = Duration::from_secs(1) / clock_ticks_per_second() as u32;
         assert!(
             Duration::new(res.tv_sec as u64, res.tv_nsec as u32) < tick / 100,
             "resolution {res:?}"
         );
-        let before = own_cpu();
+        let before = process_cpu_time();
         let mut x = 0u64;
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_millis(60) {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         std::hint::black_box(x);
-        let spent = own_cpu() - before;
+        let spent = process_cpu_time() - before;
         // Some CPU was spent (the loop runs on this thread), and the clock
         // counts the same as /proc within a few ticks.
         assert!(spent > Duration::ZERO);
         let proc = process_cpu(std::process::id()).unwrap();
-        let own = own_cpu();
+        let own = process_cpu_time();
         assert!(
             own + 4 * tick >= proc && proc + 4 * tick >= own,
             "{own:?} {proc:?}"

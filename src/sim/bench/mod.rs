@@ -72,6 +72,8 @@ use rcgen::{
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::telemetry::process_cpu_time;
+
 /// Prefix of every control event a role prints on its stdout.
 pub const CONTROL_PREFIX: &str = "DAPGW-BENCH ";
 
@@ -1130,10 +1132,10 @@ pub(crate) fn server_tls(
 }
 
 /// A server role's `snapshot` or `final` event: its counters and its own CPU
-/// time so far ([`cpu::own_cpu`], `"cpu_ns"`), which the harness prefers to
+/// time so far ([`process_cpu_time`], `"cpu_ns"`), which the harness prefers to
 /// the 10 ms ticks of `/proc/<pid>/stat` (it reads it from snapshots only).
 pub(crate) fn counters_event(event: &str, counters: Value) -> Value {
-    let cpu_ns = u64::try_from(cpu::own_cpu().as_nanos()).unwrap_or(u64::MAX);
+    let cpu_ns = u64::try_from(process_cpu_time().as_nanos()).unwrap_or(u64::MAX);
     json!({"event": event, "counters": counters, "cpu_ns": cpu_ns})
 }
 

@@ -420,6 +420,14 @@ impl From<StoredSlot> for BatchSlot {
     }
 }
 
+impl BatchSlot {
+    /// The batch's view of whole slots read with [`Store::sessions`], in
+    /// the same order.
+    pub fn from_stored(slots: Vec<Option<StoredSlot>>) -> Vec<Option<BatchSlot>> {
+        slots.into_iter().map(|s| s.map(BatchSlot::from)).collect()
+    }
+}
+
 /// The stored session slot of one (member, group).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredSlot {
@@ -1087,9 +1095,7 @@ pub trait Store: Send + Sync {
             let (asked, members_of) =
                 MemberFetch::ids_to_read(fetch.as_ref(), registry_version, &ids);
             let members = self.members(asked.to_vec()).await?;
-            let sessions = (self.sessions(keys).await?.into_iter())
-                .map(|s| s.map(BatchSlot::from))
-                .collect();
+            let sessions = BatchSlot::from_stored(self.sessions(keys).await?);
             let round = match round {
                 Some(r) => self.round(group, r).await?,
                 None => None,

@@ -1458,10 +1458,8 @@ impl Store for PostgresStore {
         let m: Vec<i64> = ids.iter().map(|v| i(*v)).collect();
         let g: Vec<i64> = vec![i64::from(group); ids.len()];
         let st = prep(&tx, stmts, SESSIONS_SQL).await?;
-        let sessions = slots_in_order(&slot_keys, tx.query(&st, &[&m, &g]).await?)?
-            .into_iter()
-            .map(|s| s.map(BatchSlot::from))
-            .collect();
+        let sessions =
+            BatchSlot::from_stored(slots_in_order(&slot_keys, tx.query(&st, &[&m, &g]).await?)?);
         tx.commit().await?;
         Ok(BatchReads {
             group: group_row,

@@ -1078,6 +1078,11 @@ fn members_tx(tx: &Transaction<'_>, ids: &[u64]) -> Result<Vec<Option<MemberRow>
     Ok(out)
 }
 
+/// A whole slot row ([`stored_slot`]) with its member, for [`slots_of`].
+fn keyed_slot(r: &Row<'_>) -> Result<(u64, StoredSlot), StoreError> {
+    stored_slot(r).map(|s| (s.member, s))
+}
+
 /// [`Store::sessions`] inside a read transaction.
 fn sessions_tx(
     tx: &Transaction<'_>,
@@ -1087,13 +1092,9 @@ fn sessions_tx(
         && keys.iter().all(|k| k.1 == group)
     {
         let ids: Vec<u64> = keys.iter().map(|k| k.0).collect();
-        return slots_of(tx, &ids, group, SESSION_COLS, |r| {
-            stored_slot(r).map(|s| (s.member, s))
-        });
+        return slots_of(tx, &ids, group, SESSION_COLS, keyed_slot);
     }
-    slot_lookups(tx, keys.iter().copied(), SESSION_COLS, |r| {
-        stored_slot(r).map(|s| (s.member, s))
-    })
+    slot_lookups(tx, keys.iter().copied(), SESSION_COLS, keyed_slot)
 }
 
 /// The columns of a [`BatchSlot`], after the member. The state is read only
