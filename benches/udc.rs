@@ -5,7 +5,9 @@
 //! (the steady state of a UDC that has been running: every member's slot
 //! is rewritten), a read round with a 16-byte reading per member, then one
 //! 16-byte uplink reading per member in the read round's sessions (the
-//! `dapgw bench` workload is a first auth round plus one such reading).
+//! `dapgw bench` workload is a first auth round plus one such reading),
+//! then a second one (`uplink2`: a later reading in the same session, which
+//! only moves the replay window).
 //!
 //! The UDC runs in this process, on a runtime of its own (two workers and
 //! its blocking pool); the client (posting the prepared batches, reading
@@ -159,7 +161,8 @@ async fn pull_all(
 }
 
 /// Profiling hook ([`cpu::perf_ctl`]): `BENCH_PERF_PHASES` (comma-separated:
-/// auth, read, uplink) limits the recording to those phases.
+/// auth, reauth, read, uplink, uplink2) limits the recording to those
+/// phases.
 fn perf_ctl(phase: &str, cmd: &str) {
     if let Ok(only) = std::env::var("BENCH_PERF_PHASES")
         && !only.split(',').any(|p| p.trim() == phase)
@@ -229,7 +232,7 @@ fn main() {
 
 /// The measured phases, in order, as [`bench`] returns their CPU per
 /// member.
-const PHASES: [&str; 4] = ["auth", "reauth", "read", "uplink"];
+const PHASES: [&str; 5] = ["auth", "reauth", "read", "uplink", "uplink2"];
 
 /// With `--runs N`: each phase's UDC CPU per member over the runs, as
 /// minimum, median and maximum. On a shared machine the CPU time of the
@@ -483,72 +486,82 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
         );
         per_member.push(us);
     }
-    // One uplink reading per member, in the read round's sessions.
-    let answers: Vec<(UplinkEntry, [u8; 16])> = (1..=members)
-        .zip(&sessions)
-        .map(|(id, (k_up, iv_up, sid))| {
-            let ctr = 1;
-            let kind = UplinkKind::Reading;
-            let mut c = vec![0x5a; 16];
-            let aad = uplink_aad(kind, GroupId(G), MemberId(id), *sid, ctr);
-            let tag =
-                Gcm::new(k_up.expose()).seal_in_place(&uplink_nonce(iv_up, ctr), &aad, &mut c);
-            let entry = UplinkEntry {
-                id: MemberId(id),
-                sid: *sid,
-                kind,
-                ctr,
-                c: Bytes::from(c),
-            };
-            (entry, tag)
-        })
-        .collect();
-    let bodies: Vec<Bytes> = cut
-        .iter()
-        .map(|idx| {
-            let part: Vec<&(UplinkEntry, [u8; 16])> = idx.iter().map(|i| &answers[*i]).collect();
-            batch_id += 1;
-            Batch {
-                gateway_id: GatewayId::new("gw-1").unwrap(),
-                batch_id,
-                group: GroupId(G),
-                chunk_size: 64,
-                body: BatchBody::Uplinks {
-                    entries: part.iter().map(|(e, _)| e.clone()).collect(),
-                },
-                aggregates: part
-                    .chunks(64)
-                    .map(|c| aggregate(c.iter().map(|(_, t)| t)))
-                    .collect(),
+    // Two uplink readings per member, in the read round's sessions: the
+    // first (ctr 1) puts the newest session in use and drops the older
+    // ones, so every slot shrinks; the second (ctr 2) only moves the
+    // replay window, the steady state of a session's later readings.
+    let mut per_reading = Vec::with_capacity(2);
+    for (phase, ctr) in [("uplink", 1u64), ("uplink2", 2)] {
+        let answers: Vec<(UplinkEntry, [u8; 16])> = (1..=members)
+            .zip(&sessions)
+            .map(|(id, (k_up, iv_up, sid))| {
+                let kind = UplinkKind::Reading;
+                let mut c = vec![0x5a; 16];
+                let aad = uplink_aad(kind, GroupId(G), MemberId(id), *sid, ctr);
+                let tag =
+                    Gcm::new(k_up.expose()).seal_in_place(&uplink_nonce(iv_up, ctr), &aad, &mut c);
+                let entry = UplinkEntry {
+                    id: MemberId(id),
+                    sid: *sid,
+                    kind,
+                    ctr,
+                    c: Bytes::from(c),
+                };
+                (entry, tag)
+            })
+            .collect();
+        let bodies: Vec<Bytes> = cut
+            .iter()
+            .map(|idx| {
+                let part: Vec<&(UplinkEntry, [u8; 16])> =
+                    idx.iter().map(|i| &answers[*i]).collect();
+                batch_id += 1;
+                Batch {
+                    gateway_id: GatewayId::new("gw-1").unwrap(),
+                    batch_id,
+                    group: GroupId(G),
+                    chunk_size: 64,
+                    body: BatchBody::Uplinks {
+                        entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                    },
+                    aggregates: part
+                        .chunks(64)
+                        .map(|c| aggregate(c.iter().map(|(_, t)| t)))
+                        .collect(),
+                }
+                .to_bytes()
+            })
+            .collect();
+        perf_ctl(phase, "enable");
+        let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
+        let t0 = Instant::now();
+        let mut accepted = 0usize;
+        for body in bodies {
+            let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
+            assert_eq!(s, StatusCode::OK);
+            let v = Verdict::decode(&answer).unwrap();
+            if let VerdictBody::Final { outcomes, .. } = &v.body {
+                accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
             }
-            .to_bytes()
-        })
-        .collect();
-    perf_ctl("uplink", "enable");
-    let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
-    let t0 = Instant::now();
-    let mut accepted = 0usize;
-    for body in bodies {
-        let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
-        assert_eq!(s, StatusCode::OK);
-        let v = Verdict::decode(&answer).unwrap();
-        if let VerdictBody::Final { outcomes, .. } = &v.body {
-            accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
         }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = udc_cpu_seconds() - cpu0;
+        let client = client_cpu_seconds() - client0;
+        perf_ctl(phase, "disable");
+        assert_eq!(accepted as u64, members, "every uplink accepted");
+        let us = cpu * 1e6 / members as f64;
+        println!(
+            "udc uplink readings (ctr {ctr}), one per member, {members} members in batches of \
+             {per_batch}, sqlite: {us:.2} us CPU/reading ({:.2} us wall/reading; client {:.2} us \
+             CPU/reading apart)",
+            wall * 1e6 / members as f64,
+            client * 1e6 / members as f64
+        );
+        per_reading.push(us);
     }
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = udc_cpu_seconds() - cpu0;
-    let client = client_cpu_seconds() - client0;
-    perf_ctl("uplink", "disable");
-    assert_eq!(accepted as u64, members, "every uplink accepted");
-    let uplink = cpu * 1e6 / members as f64;
-    println!(
-        "udc uplink readings, one per member, {members} members in batches of {per_batch}, \
-         sqlite: {uplink:.2} us CPU/reading ({:.2} us wall/reading; client {:.2} us CPU/reading \
-         apart)",
-        wall * 1e6 / members as f64,
-        client * 1e6 / members as f64
-    );
+    let [uplink, uplink2] = per_reading[..] else {
+        unreachable!("two readings measured")
+    };
     let [auth, reauth, read] = per_member[..] else {
         unreachable!("three rounds measured")
     };
@@ -560,5 +573,5 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
     );
     let _ = tx.send(());
     let _ = task.await;
-    [auth, reauth, read, uplink]
+    [auth, reauth, read, uplink, uplink2]
 }
