@@ -1490,6 +1490,46 @@ async fn batches_are_sent_while_an_earlier_verdict_is_awaited() {
     gw.stop().await;
 }
 
+/// A byte-identical re-send of an uplink that is already sealed into a
+/// batch, here after a restart (the aggregator remembers only unbatched
+/// entries then; in a running gateway it forgets them some time after their
+/// batch is cut), is answered 202 with the same entry and not batched
+/// again: were it collected anew, it would be cut into a second batch that
+/// can never be sealed, and nothing after it would be batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_of_a_sealed_uplink_after_a_restart_is_not_batched_again() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.drain_grace_ms = 500;
+    let mut gw = Gateway::start(cfg.clone()).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let first = uplink(1, 1, 1, b"x").to_bytes();
+    let r = c.post(first.clone()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    // Sent (so sealed) and refused for now.
+    udc.wait_until("the batch posted", |s| {
+        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    gw.shutdown().await.unwrap().unwrap();
+
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let again = c.post(first).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.body, r.body, "the stored entry's id");
+    let next = c.post(uplink(2, 1, 1, b"y").to_bytes()).await;
+    assert_eq!(next.status, StatusCode::ACCEPTED);
+    udc.set_mode(UdcMode::Up);
+    wait_spool_entries(&gw, 0.0).await;
+    assert_eq!(udc.applied(), HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2)]));
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    gw.stop().await;
+}
+
 /// A gateway stopped while several batches are in flight (the UDC applied
 /// them and holds its answers) sends all of them again after its restart
 /// on the same spool: the UDC answers each from its stored verdict, nothing

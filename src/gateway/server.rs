@@ -681,18 +681,24 @@ async fn uplink(
         sort_key,
         bytes: body,
     };
-    let appended = match source {
-        Some(src) => ctx.spool.append_from(entry, src.0).await,
-        None => ctx.spool.append(entry).await,
-    };
-    let id = match appended {
-        Ok(id) => {
+    let appended = match ctx.spool.append_entry(entry, source.map(|s| s.0)).await {
+        Ok(appended) => {
             ctx.readiness.set_spool(true);
-            id
+            appended
         }
         Err(e) => return Err(spool_refusal(ctx, e)),
     };
-    let collected = ctx.collector.collect(msg, id).await;
+    let id = appended.id;
+    // A re-send of a message already sealed into a batch is on its way: it
+    // is stored, so 202, and it must not be collected again (the
+    // aggregator forgets a message some time after its batch is cut, and
+    // after a restart; collected anew, it would be cut into a second batch
+    // that can never be sealed).
+    let collected = if appended.batched {
+        Ok(crate::protocol::aggregator::Collected::Duplicate)
+    } else {
+        ctx.collector.collect(msg, id).await
+    };
     update_spool_gauges(&ctx.spool, &ctx.metrics);
     match collected {
         Ok(collected) => {

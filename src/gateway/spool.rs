@@ -230,10 +230,11 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The messages held in a round response's slot (run for every append).
-const SLOT_ROUND_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
+const SLOT_ROUND_SQL: &str = "SELECT id, sort_key, bytes, source, batch_id IS NOT NULL FROM entries
      WHERE kind = 1 AND grp = ?1 AND round = ?2 AND member = ?3 ORDER BY id";
 /// The messages held in an uplink's slot (run for every append).
-const SLOT_UPLINK_SQL: &str = "SELECT id, sort_key, bytes, source FROM entries
+const SLOT_UPLINK_SQL: &str =
+    "SELECT id, sort_key, bytes, source, batch_id IS NOT NULL FROM entries
      WHERE kind = 2 AND member = ?1 AND sort_key = ?2 ORDER BY id";
 /// Most bytes of the UDC's refusal kept with a dead letter.
 pub const MAX_DEAD_LETTER_REASON: usize = 512;
@@ -572,11 +573,20 @@ pub struct AttachedRow {
     pub seen_ms: u64,
 }
 
+/// What [`Spool::append_entry`] stored or found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The new entry, or the stored original of a byte-for-byte re-send.
+    pub id: EntryId,
+    /// The entry is in a sealed batch (only ever for a re-send).
+    pub batched: bool,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A write for the writer thread.
 enum Request {
-    Append(NewEntry, Option<[u8; 16]>, Reply<EntryId>),
+    Append(NewEntry, Option<[u8; 16]>, Reply<Appended>),
     /// Reads the share counts: `(bytes held by the source's key, sources
     /// tracked)`.
     SourceStats([u8; 16], Reply<(u64, usize)>),
@@ -1046,7 +1056,20 @@ impl Spool {
     /// [`SpoolError::Conflict`]. When the entry does not fit, returns
     /// [`SpoolError::Full`] and stores nothing.
     pub async fn append(&self, entry: NewEntry) -> Result<EntryId, SpoolError> {
-        self.call(|r| Request::Append(entry, None, r)).await
+        Ok(self.append_entry(entry, None).await?.id)
+    }
+
+    /// [`Spool::append`] (`source` None) or [`Spool::append_from`], saying
+    /// also whether the entry returned is already in a sealed batch: a
+    /// byte-for-byte re-send of a message that is on its way to the UDC.
+    /// Such an entry must not be collected again (it cannot go into a
+    /// second batch).
+    pub async fn append_entry(
+        &self,
+        entry: NewEntry,
+        source: Option<[u8; 16]>,
+    ) -> Result<Appended, SpoolError> {
+        self.call(|r| Request::Append(entry, source, r)).await
     }
 
     /// [`Spool::append`] for an entry from `source` (the sender's address,
@@ -1063,7 +1086,7 @@ impl Spool {
         entry: NewEntry,
         source: [u8; 16],
     ) -> Result<EntryId, SpoolError> {
-        self.call(|r| Request::Append(entry, Some(source), r)).await
+        Ok(self.append_entry(entry, Some(source)).await?.id)
     }
 
     /// Accounted bytes that `source`'s key (its IPv4 address, or its IPv6
@@ -2214,14 +2237,15 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, e: &NewEntry, source: Option<[u8; 16]>) -> Result<EntryId, SpoolError> {
+    fn append(&mut self, e: &NewEntry, source: Option<[u8; 16]>) -> Result<Appended, SpoolError> {
         let (kind, grp, round) = e.stream.columns();
         let member = u2i(e.member);
         // Every message already held in this slot (the first one and its
-        // alternatives) with its source, oldest first.
-        type Held = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+        // alternatives) with its source and whether it is in a batch,
+        // oldest first.
+        type Held = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>, bool);
         let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Held> {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         };
         let existing: Vec<Held> = match e.stream {
             StreamKey::Round { .. } => self
@@ -2235,11 +2259,14 @@ impl Writer {
                 .query_map(params![member, e.sort_key], row)?
                 .collect::<Result<_, _>>()?,
         };
-        if let Some((id, ..)) = existing
+        if let Some((id, .., batched)) = existing
             .iter()
-            .find(|(_, sort_key, bytes, _)| *sort_key == e.sort_key && *bytes == e.bytes[..])
+            .find(|(_, sort_key, bytes, ..)| *sort_key == e.sort_key && *bytes == e.bytes[..])
         {
-            return Ok(EntryId(i2u(*id)));
+            return Ok(Appended {
+                id: EntryId(i2u(*id)),
+                batched: *batched,
+            });
         }
         if existing.len() >= MAX_VARIANTS {
             return Err(SpoolError::Conflict);
@@ -2247,7 +2274,7 @@ impl Writer {
         if let Some(src) = source
             && existing
                 .iter()
-                .any(|(.., s)| s.as_deref() == Some(&src[..]))
+                .any(|(_, _, _, s, _)| s.as_deref() == Some(&src[..]))
         {
             return Err(SpoolError::Conflict);
         }
@@ -2284,7 +2311,10 @@ impl Writer {
         if let Some(key) = key {
             self.shares.add(key, size);
         }
-        Ok(EntryId(i2u(self.conn.last_insert_rowid())))
+        Ok(Appended {
+            id: EntryId(i2u(self.conn.last_insert_rowid())),
+            batched: false,
+        })
     }
 
     fn discard(&mut self, id: EntryId) -> Result<bool, SpoolError> {
@@ -2831,7 +2861,7 @@ mod tests {
 
     type Rx<T> = oneshot::Receiver<Result<T, SpoolError>>;
 
-    fn append_req(member: u64) -> (Request, Rx<EntryId>) {
+    fn append_req(member: u64) -> (Request, Rx<Appended>) {
         let (tx, rx) = oneshot::channel();
         (Request::Append(entry(member, b"body"), None, tx), rx)
     }
@@ -2937,8 +2967,8 @@ mod tests {
         let (a2, mut r2) = append_req(2);
         assert!(w.apply_group(vec![a1, a2], || None).is_none());
         let ids = vec![
-            r1.try_recv().unwrap().unwrap(),
-            r2.try_recv().unwrap().unwrap(),
+            r1.try_recv().unwrap().unwrap().id,
+            r2.try_recv().unwrap().unwrap().id,
         ];
         let batch = w.reserve_batch_ids(1).unwrap();
         let stored = |dir: &Path| -> (i64, i64) {
@@ -3009,7 +3039,7 @@ mod tests {
         assert_eq!(asked, MAX_GROUP);
     }
 
-    fn sourced_append_req(member: u64, source: [u8; 16]) -> (Request, Rx<EntryId>) {
+    fn sourced_append_req(member: u64, source: [u8; 16]) -> (Request, Rx<Appended>) {
         let (tx, rx) = oneshot::channel();
         (
             Request::Append(entry(member, b"body"), Some(source), tx),
@@ -3047,7 +3077,7 @@ mod tests {
         assert!(w.apply_group(vec![r1, r2, r3], || None).is_none());
         let ids: Vec<EntryId> = [&mut rx1, &mut rx2, &mut rx3]
             .into_iter()
-            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .map(|rx| rx.try_recv().unwrap().unwrap().id)
             .collect();
         assert_eq!(w.shares.held(&share_key(&a)), 2 * size);
         assert_eq!(w.shares.held(&share_key(&b)), size);
@@ -3106,8 +3136,8 @@ mod tests {
                     sort_key: member.to_be_bytes().to_vec(),
                     bytes: Bytes::from(vec![m as u8; 8]),
                 };
-                ids.push(w.append(&up, None).unwrap());
-                ids.push(w.append(&entry(member, b"body"), None).unwrap());
+                ids.push(w.append(&up, None).unwrap().id);
+                ids.push(w.append(&entry(member, b"body"), None).unwrap().id);
             }
             let batch_id = last - 2 + b;
             let tags = vec![[0u8; 16]; ids.len()];
