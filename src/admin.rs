@@ -42,6 +42,17 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request body a fallback handler receives.
 pub const MAX_FALLBACK_BODY: usize = 64 * 1024;
 
+/// Time a client gets to send a fallback request's body (at most
+/// [`MAX_FALLBACK_BODY`]) once its headers are in; then 408. Bodies are
+/// read before the fallback authenticates the request, so without it one
+/// silent client could hold a connection and its buffer for ever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections the admin listener serves at once; one more is closed at
+/// accept. Scrapers, probes and operators need a handful; the cap keeps a
+/// flood of idle connections from taking the process's file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+
 // ---------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------
@@ -212,6 +223,10 @@ pub async fn serve_with_fallback(
             // Reap finished connection tasks so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if conns.len() >= MAX_CONNECTIONS => {
+                    tracing::debug!(%peer, "admin listener at its connection cap");
+                    drop(stream);
+                }
                 Ok((stream, _peer)) => {
                     conns.spawn(connection(stream, state.clone(), stop_rx.clone()));
                 }
@@ -351,13 +366,31 @@ fn not_found() -> AdminResponse {
 
 async fn fallback(req: Request<Incoming>, f: &Fallback) -> AdminResponse {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_FALLBACK_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_FALLBACK_BODY).collect(),
+    );
+    let body = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
             return text(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "text/plain; charset=utf-8",
-                "request body too large or unreadable\n",
+                "application/json",
+                format!(
+                    "{{\"error\":\"body_too_large\",\"reason\":\"the request body is over \
+                     {MAX_FALLBACK_BODY} bytes or unreadable\"}}\n"
+                ),
+            );
+        }
+        Err(_) => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "application/json",
+                format!(
+                    "{{\"error\":\"body_timeout\",\"reason\":\"the request body did not \
+                     arrive within {} s\"}}\n",
+                    BODY_TIMEOUT.as_secs()
+                ),
             );
         }
     };

@@ -369,6 +369,82 @@ async fn fallback_serves_other_paths() {
     server.stop().await;
 }
 
+/// Sends `head` (and nothing more) on a fresh connection and reads until
+/// the server closes it or `within` passes; returns what was read.
+async fn raw_exchange(addr: SocketAddr, head: &str, within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A fallback request's body is read before the fallback authenticates it:
+/// one that does not arrive in time is 408 and one over the cap is 413,
+/// both with a JSON reason, and the fallback never sees either.
+#[tokio::test]
+async fn fallback_bodies_are_bounded_in_time_and_size() {
+    let fallback: Fallback = Arc::new(|_req: Request<Bytes>| {
+        Box::pin(async move { panic!("the fallback must not see a bad body") })
+    });
+    let server = Server::start(Registry::new(), Readiness::udc(), Some(fallback)).await;
+    // Three bytes of a promised hundred, then silence.
+    let slow = raw_exchange(
+        server.addr,
+        "POST /v1/admin/rounds HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc",
+        admin::BODY_TIMEOUT + Duration::from_secs(10),
+    )
+    .await;
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    assert!(slow.contains("\"error\":\"body_timeout\""), "{slow}");
+    let big = admin::MAX_FALLBACK_BODY + 1;
+    let head = format!(
+        "POST /v1/admin/rounds HTTP/1.1\r\nhost: x\r\ncontent-length: {big}\r\n\r\n{}",
+        "a".repeat(big)
+    );
+    let large = raw_exchange(server.addr, &head, Duration::from_secs(10)).await;
+    assert!(large.starts_with("HTTP/1.1 413"), "{large}");
+    assert!(large.contains("\"error\":\"body_too_large\""), "{large}");
+    server.stop().await;
+}
+
+/// Past [`admin::MAX_CONNECTIONS`] open connections a new one is closed at
+/// accept, unanswered; once the others are gone the listener serves again.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed() {
+    let server = Server::start(Registry::new(), Readiness::udc(), None).await;
+    let mut held = Vec::new();
+    for _ in 0..admin::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Accepted in order: this one comes after every held one.
+    let over = raw_exchange(
+        server.addr,
+        "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(over, "", "closed without an answer");
+    drop(held);
+    // The closed connections' tasks end and are reaped; then it answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = raw_exchange(
+            server.addr,
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::task::yield_now().await;
+    }
+    server.stop().await;
+}
+
 /// Why the promtool checks skip where promtool is absent.
 const PROMTOOL_MISSING: &str = "not installed (apt-get install prometheus)";
 

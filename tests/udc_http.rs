@@ -540,6 +540,23 @@ async fn scenario(h: &Harness) {
         StatusCode::FORBIDDEN,
         "gateway endpoints need a certificate"
     );
+    // A subscription list is bounded (distinct groups; repeats count once).
+    let too_many: Vec<u32> = (0..=dapgw::udc::server::MAX_SUBSCRIBED_GROUPS as u32).collect();
+    let (s, b) = h
+        .call(
+            Some("gw-1"),
+            Method::PUT,
+            "/v1/subscriptions",
+            serde_json::json!({ "groups": too_many }).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&b).contains("too_many_groups"));
+    let repeated = serde_json::json!({ "groups": vec![7u32; 10_000] }).to_string();
+    let (s, _) = h
+        .call(Some("gw-1"), Method::PUT, "/v1/subscriptions", repeated)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let v = h
         .op(
             Method::POST,
@@ -874,6 +891,30 @@ async fn scenario(h: &Harness) {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"], "bad_request");
+
+    // A group named twice is one group (once it was two compare-and-set
+    // writes of one group row, the second always lost: 503 for ever);
+    // key version 0 is refused, as on import.
+    let (s, v) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/members",
+            serde_json::json!({"id": 90, "groups": [99, 98, 99]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["groups"], serde_json::json!([98, 99]), "{v}");
+    let (s, v) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/members",
+            serde_json::json!({"id": 91, "groups": [99], "kv": 0}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"], "bad_request");
 }
 

@@ -541,12 +541,19 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             if b.groups.is_empty() {
                 return Err(bad("groups must not be empty"));
             }
-            udc.add_member(b.id, b.groups.clone(), b.kv.unwrap_or(1))
+            let kv = b.kv.unwrap_or(1);
+            if kv == 0 {
+                return Err(bad("kv must be at least 1"));
+            }
+            let mut groups = b.groups;
+            groups.sort_unstable();
+            groups.dedup();
+            udc.add_member(b.id, groups.clone(), kv)
                 .await
                 .map_err(svc_err)?;
             Ok(json_resp(
                 StatusCode::CREATED,
-                json!({"id": b.id, "groups": b.groups}),
+                json!({"id": b.id, "groups": groups}),
             ))
         }
         (Method::POST, ["members", "import"]) => {

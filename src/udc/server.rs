@@ -91,15 +91,25 @@ impl ServerOptions {
     }
 }
 
-/// A per-source token bucket for `/v1/direct`.
+/// Most distinct groups one `PUT /v1/subscriptions` may name (a
+/// substation's gateway serves a handful). The store compares the new set
+/// with the old inside its write transaction, so an unbounded list would
+/// hold every other writer up.
+pub const MAX_SUBSCRIBED_GROUPS: usize = 4096;
+
+/// A per-source token bucket for `/v1/direct`, keyed as the connection
+/// caps count sources ([`crate::limits::source_key`]: an IPv4 address, an
+/// IPv6 /64), so a host cannot get a fresh bucket per address it picks
+/// from its prefix.
 #[derive(Debug, Default)]
 struct RateLimiter {
-    buckets: StdMutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: StdMutex<HashMap<[u8; 16], (f64, Instant)>>,
 }
 
 impl RateLimiter {
-    /// Takes one token for `ip`; false when the bucket is empty.
+    /// Takes one token for `ip`'s source; false when the bucket is empty.
     fn allow(&self, ip: IpAddr, rate: u32) -> bool {
+        let key = crate::limits::source_key(ip);
         let rate = f64::from(rate.max(1));
         let now = Instant::now();
         let mut map = match self.buckets.lock() {
@@ -110,7 +120,7 @@ impl RateLimiter {
         if map.len() > 100_000 {
             map.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < rate);
         }
-        let (tokens, at) = map.entry(ip).or_insert((rate, now));
+        let (tokens, at) = map.entry(key).or_insert((rate, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
         *at = now;
         if *tokens >= 1.0 {
@@ -432,12 +442,21 @@ async fn route(
             struct Subs {
                 groups: Vec<u32>,
             }
-            let subs: Subs = match serde_json::from_slice(&b) {
+            let mut subs: Subs = match serde_json::from_slice(&b) {
                 Ok(s) => s,
                 Err(e) => {
                     return error(StatusCode::BAD_REQUEST, "bad_json", &e.to_string());
                 }
             };
+            subs.groups.sort_unstable();
+            subs.groups.dedup();
+            if subs.groups.len() > MAX_SUBSCRIBED_GROUPS {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "too_many_groups",
+                    &format!("a gateway subscribes to at most {MAX_SUBSCRIBED_GROUPS} groups"),
+                );
+            }
             match state.udc.subscribe(&gateway, subs.groups).await {
                 Ok(()) => bytes(StatusCode::NO_CONTENT, "text/plain", Bytes::new()),
                 Err(e) => service_error(e),
@@ -516,5 +535,33 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
             "not_accepted",
             "the submission was not accepted",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Every address of one IPv6 /64 draws on one bucket (a host picks
+    /// addresses from its prefix at will); another /64 and an IPv4 address
+    /// have their own, and an IPv4-mapped address is its IPv4 address.
+    #[test]
+    fn direct_buckets_are_per_source_not_per_address() {
+        let limiter = RateLimiter::default();
+        for last in 1..=5u16 {
+            assert!(limiter.allow(ip(&format!("2001:db8:1:2::{last:x}")), 5));
+        }
+        assert!(!limiter.allow(ip("2001:db8:1:2:ffff::9"), 5), "same /64");
+        assert!(limiter.allow(ip("2001:db8:1:3::1"), 5), "another /64");
+        for _ in 0..5 {
+            assert!(limiter.allow(ip("192.0.2.7"), 5));
+        }
+        assert!(!limiter.allow(ip("::ffff:192.0.2.7"), 5), "mapped IPv4");
+        assert!(limiter.allow(ip("192.0.2.8"), 5));
     }
 }

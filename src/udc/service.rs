@@ -723,7 +723,16 @@ impl Udc {
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
     /// each, rekeying every member with a session, all in one transaction.
-    pub async fn add_member(&self, id: u64, groups: Vec<u32>, kv: u32) -> Result<(), ServiceError> {
+    pub async fn add_member(
+        &self,
+        id: u64,
+        mut groups: Vec<u32>,
+        kv: u32,
+    ) -> Result<(), ServiceError> {
+        // One rekey per group: a group named twice would be two
+        // compare-and-set writes of the same group row.
+        groups.sort_unstable();
+        groups.dedup();
         let _guard = self.lock.lock().await;
         let now = now_ms();
         let mut write = BatchWrite {
