@@ -50,7 +50,13 @@ impl Harness {
         let pki = dapgw::tls::dev_pki::generate(
             &dir.path().join("pki"),
             &[],
-            &["gw-1".to_string(), "gw-2".to_string()],
+            // The third is named as a direct submission's verdicts once
+            // were (`direct-<member>-<group>`), to show it cannot collide.
+            &[
+                "gw-1".to_string(),
+                "gw-2".to_string(),
+                format!("direct-30-{G}"),
+            ],
         )
         .unwrap();
         let keys = dir.path().join("keys");
@@ -705,6 +711,15 @@ async fn scenario(h: &Harness) {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(again, fin);
 
+    // A gateway named like a direct submission's record posts a batch whose
+    // id is the round: it is judged under its own name, and member 30's
+    // direct response below is still judged (not taken for a re-send).
+    let gw = format!("direct-30-{G}");
+    let again: Vec<_> = (1..=4).map(|id| respond(h, id, &challenge)).collect();
+    let named = batch(&gw, round, round, again).to_bytes();
+    let (s, body) = h.call(Some(&gw), Method::POST, "/v1/batches", named).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+
     // Direct (flow A), no client certificate.
     let (e, tag) = respond(h, 30, &challenge);
     let resp = Response::from_entry(e, GroupId(G), round, tag);
@@ -774,9 +789,11 @@ async fn scenario(h: &Harness) {
     let gws = h
         .op(Method::GET, "/v1/admin/gateways", serde_json::Value::Null)
         .await;
-    let gw1 = &gws["gateways"][0];
-    assert_eq!(gw1["gateway"], "gw-1");
+    let listed = gws["gateways"].as_array().unwrap();
+    let gw1 = listed.iter().find(|g| g["gateway"] == "gw-1").unwrap();
     assert_eq!(gw1["batches"], 2, "{gws}");
+    // Direct submissions are not filed as a gateway's batches.
+    assert_eq!(listed.len(), 2, "gw-1 and direct-30-7 only: {gws}");
     let members = h
         .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
         .await;

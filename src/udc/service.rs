@@ -1321,7 +1321,9 @@ impl Udc {
             DirectInner::Response(r) => (r.id, r.group.0, Some(r.round), r.mode()),
             DirectInner::Uplink(u) => (u.id, u.group.0, None, Mode::Psk),
         };
-        let log_gateway = format!("direct-{}-{group}", id.0);
+        // Filed apart from every gateway: ':' is not a gateway id character
+        // (`GatewayId`), so no certificate can name this record's key.
+        let log_gateway = format!("direct:{}:{group}", id.0);
         let key = match round {
             Some(round) => LogKey::Direct {
                 member: id,
