@@ -18,9 +18,10 @@
 //! driver keeps taking members' entries until the commit is reported;
 //! entries stay in `pending` until then. Batch ids are reserved in the
 //! spool a block at a time. If a seal fails, its batch is sealed again
-//! later with the same id and bytes; seals queued after it may commit
-//! first, so after a spool failure batches can reach the UDC out of id
-//! order (ids stay unique; the UDC files verdicts by id).
+//! later with the same id and bytes, and the seals queued after it fail
+//! too (each is chained to its predecessor, [`Spool::queue_seal_batch`])
+//! and are sealed again after it: batches reach the UDC in the order they
+//! were cut, which is the order the UDC must judge a member's uplinks in.
 //!
 //! An entry the aggregator refuses (a round that is not open, a conflicting
 //! re-send) or absorbs as a re-send of an entry the spool no longer holds is
@@ -648,8 +649,13 @@ impl Task {
                 Ok(Some(batch)) => {
                     // Queued now, awaited by the driver loop: members'
                     // entries keep flowing while the seal commits.
+                    // Chained to the batch cut before it while that one's
+                    // seal is unconfirmed: if it fails, this one fails too
+                    // and both are sealed again in order (seal_backlog).
+                    let after = self.sealing.back().map(|s| s.batch.batch_id);
                     let done = self.spool.queue_seal_batch(
                         batch.batch_id,
+                        after,
                         &batch.handles,
                         batch.bytes.clone(),
                         batch.tags.tags.clone(),

@@ -88,7 +88,7 @@
 //! live in the writer only (a source whose count reaches 0 is forgotten) and
 //! are rebuilt from the `source` column of `entries` on [`Spool::open`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -291,6 +291,16 @@ pub enum SpoolError {
     /// An entry id that is not (or no longer) in the spool.
     #[error("unknown entry {0}")]
     UnknownEntry(EntryId),
+    /// The seal of the batch cut before this one failed in this process
+    /// and has not succeeded since: sealing this one first would let it
+    /// reach the UDC ahead of its predecessor (see [`Spool::queue_seal_batch`]).
+    #[error("batch {batch} waits for the seal of batch {after}")]
+    SealOrder {
+        /// The batch refused.
+        batch: u64,
+        /// Its predecessor, not sealed.
+        after: u64,
+    },
     /// The entry is already part of another batch.
     #[error("entry {entry} is already in batch {batch}")]
     EntryInBatch {
@@ -595,6 +605,8 @@ enum Request {
     ReserveBatchIds(u64, Reply<u64>),
     Seal {
         batch_id: u64,
+        /// The batch cut just before, if its seal was not yet confirmed.
+        after: Option<u64>,
         entries: Vec<EntryId>,
         bytes: Bytes,
         tags: Vec<[u8; 16]>,
@@ -993,6 +1005,8 @@ impl Spool {
             touched: Vec::new(),
             poisoned: false,
             shares,
+            failed_seals: HashSet::new(),
+            group_seals: Vec::new(),
             _lock: lock,
         };
         thread::Builder::new()
@@ -1129,9 +1143,19 @@ impl Spool {
     /// Like [`Spool::seal_batch`], but queued with the writer at once: seals
     /// queued one after the other are applied in that order. The returned
     /// [`Queued`] resolves after the commit.
+    ///
+    /// `after` names the batch cut just before this one when its seal is
+    /// still unconfirmed (queued too). If that seal failed (and has not
+    /// succeeded since), this one fails with [`SpoolError::SealOrder`] and
+    /// stores nothing, and so does every seal chained after it: batches are
+    /// sealed, and so sent upstream, in the order they were cut, even when
+    /// a group commit fails between two queued seals. (The UDC judges a
+    /// member's uplinks in batch order; a later batch first could have its
+    /// new session or higher counters refuse the earlier entries.)
     pub fn queue_seal_batch(
         &self,
         batch_id: u64,
+        after: Option<u64>,
         entry_ids: &[EntryId],
         batch_bytes: Bytes,
         tags: Vec<[u8; 16]>,
@@ -1139,6 +1163,7 @@ impl Spool {
         let entries = entry_ids.to_vec();
         self.submit(|reply| Request::Seal {
             batch_id,
+            after,
             entries,
             bytes: batch_bytes,
             tags,
@@ -1160,6 +1185,7 @@ impl Spool {
         let entries = entry_ids.to_vec();
         self.call(|reply| Request::Seal {
             batch_id,
+            after: None,
             entries,
             bytes: batch_bytes,
             tags,
@@ -1930,6 +1956,11 @@ struct Writer {
     poisoned: bool,
     /// Bytes each source holds, for the per-source share.
     shares: Shares,
+    /// Batches whose last seal failed in this process (a seal chained
+    /// after one of them is refused, [`SpoolError::SealOrder`]).
+    failed_seals: HashSet<u64>,
+    /// Batches sealed in the open transaction (failed if it is lost).
+    group_seals: Vec<u64>,
     /// Held for the writer's lifetime; released when the thread ends.
     _lock: File,
 }
@@ -1996,7 +2027,12 @@ impl Writer {
                 Ok(()) => None,
             };
             answers.push(match broken {
-                Some(e) => fail(req, e),
+                Some(e) => {
+                    if let Request::Seal { batch_id, .. } = &req {
+                        self.failed_seals.insert(*batch_id);
+                    }
+                    fail(req, e)
+                }
                 None => self.apply_one(req),
             });
         }
@@ -2023,11 +2059,14 @@ impl Writer {
             None => {
                 self.committed = self.tent;
                 self.shares.log.clear();
+                self.group_seals.clear();
             }
             Some(_) => {
                 self.tent = self.committed;
                 self.shares.undo_to(0);
                 self.touched.clear();
+                // Applied, then lost with the transaction: failed seals.
+                self.failed_seals.extend(self.group_seals.drain(..));
             }
         }
         self.shared.publish(&self.committed);
@@ -2058,14 +2097,29 @@ impl Writer {
             }
             Request::Seal {
                 batch_id,
+                after,
                 entries,
                 bytes,
                 tags,
                 reply,
-            } => pending(
-                reply,
-                self.savepoint(|w| w.seal(batch_id, &entries, &bytes, &tags)),
-            ),
+            } => {
+                let res = match after {
+                    Some(after) if self.failed_seals.contains(&after) => {
+                        Err(SpoolError::SealOrder {
+                            batch: batch_id,
+                            after,
+                        })
+                    }
+                    _ => self.savepoint(|w| w.seal(batch_id, &entries, &bytes, &tags)),
+                };
+                if res.is_ok() {
+                    self.failed_seals.remove(&batch_id);
+                    self.group_seals.push(batch_id);
+                } else {
+                    self.failed_seals.insert(batch_id);
+                }
+                pending(reply, res)
+            }
             Request::Complete {
                 batch_id,
                 verdict_hash,
@@ -2855,6 +2909,8 @@ mod tests {
             touched: Vec::new(),
             poisoned: false,
             shares: Shares::default(),
+            failed_seals: HashSet::new(),
+            group_seals: Vec::new(),
             _lock: File::create(dir.join(LOCK_FILE)).unwrap(),
         }
     }
@@ -2933,16 +2989,72 @@ mod tests {
     }
 
     fn seal_req(batch_id: u64, entries: Vec<EntryId>) -> (Request, Rx<()>) {
+        seal_after(batch_id, None, entries)
+    }
+
+    fn seal_after(batch_id: u64, after: Option<u64>, entries: Vec<EntryId>) -> (Request, Rx<()>) {
         let (reply, rx) = oneshot::channel();
         let tags = vec![[7; 16]; entries.len()];
         let req = Request::Seal {
             batch_id,
+            after,
             entries,
             bytes: Bytes::from_static(b"batch"),
             tags,
             reply,
         };
         (req, rx)
+    }
+
+    /// Seals chained with `after` keep the order batches were cut in: once
+    /// a seal fails, every seal chained after it fails too and stores
+    /// nothing, until the failed one is sealed again; then its successors
+    /// seal. (A seal lost with its group's transaction counts as failed:
+    /// see the next test.)
+    #[test]
+    fn a_failed_seal_holds_back_the_seals_chained_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = manual_writer(dir.path());
+        let (a1, mut r1) = append_req(1);
+        let (a2, mut r2) = append_req(2);
+        let (a3, mut r3) = append_req(3);
+        assert!(w.apply_group(vec![a1, a2, a3], || None).is_none());
+        let [e1, e2, e3] = [&mut r1, &mut r2, &mut r3].map(|r| r.try_recv().unwrap().unwrap().id);
+        let first = w.reserve_batch_ids(3).unwrap() - 2;
+        let (b1, b2, b3) = (first, first + 1, first + 2);
+        let sealed = |w: &Writer| -> i64 {
+            w.conn
+                .query_row("SELECT count(*) FROM batches", [], |r| r.get(0))
+                .unwrap()
+        };
+
+        let (s1, mut q1) = seal_after(b1, None, vec![e1]);
+        assert!(w.apply_group(vec![s1], || None).is_none());
+        assert!(q1.try_recv().unwrap().is_ok(), "sealed on its own");
+        // b2's seal fails (an unknown entry); b3, chained to it, is refused.
+        let (s2, mut q2) = seal_after(b2, Some(b1), vec![EntryId(9_999)]);
+        let (s3, mut q3) = seal_after(b3, Some(b2), vec![e3]);
+        assert!(w.apply_group(vec![s2, s3], || None).is_none());
+        assert!(matches!(
+            q2.try_recv().unwrap(),
+            Err(SpoolError::UnknownEntry(_))
+        ));
+        assert!(
+            matches!(
+                q3.try_recv().unwrap(),
+                Err(SpoolError::SealOrder { batch, after }) if batch == b3 && after == b2
+            ),
+            "b3 waits for b2"
+        );
+        assert_eq!(sealed(&w), 1, "only b1");
+
+        // b2 sealed again (now with its real entry), then b3 after it.
+        let (s2, mut q2) = seal_after(b2, Some(b1), vec![e2]);
+        let (s3, mut q3) = seal_after(b3, Some(b2), vec![e3]);
+        assert!(w.apply_group(vec![s2, s3], || None).is_none());
+        assert!(q2.try_recv().unwrap().is_ok());
+        assert!(q3.try_recv().unwrap().is_ok());
+        assert_eq!(sealed(&w), 3);
     }
 
     /// A seal queued while a group is applied joins that group's
@@ -3007,6 +3119,9 @@ mod tests {
         ));
         assert_eq!(stored(dir.path()), (0, 0));
         assert_eq!(w.committed.batches, 0);
+        // Lost with its transaction, the seal counts as failed: a seal
+        // chained after it is refused.
+        assert!(w.failed_seals.contains(&batch));
 
         // The same seal, late again, in a group that commits.
         let (a3, mut r3) = append_req(3);
@@ -3018,6 +3133,7 @@ mod tests {
         assert_eq!(stored(dir.path()), (1, 2));
         assert_eq!(w.committed.batches, 1);
         assert_eq!(recount(&w.conn).unwrap(), w.committed);
+        assert!(!w.failed_seals.contains(&batch), "sealed since");
 
         // Nothing joins after a shutdown; a group stops at MAX_GROUP.
         let (tx, _stopped) = oneshot::channel();
