@@ -16,7 +16,7 @@ use dapgw::gateway::Attached;
 use dapgw::gateway::collector::{Collector, CollectorConfig, CollectorEvent, MemberMessage};
 use dapgw::gateway::downlink::{Record, parse_records};
 use dapgw::gateway::spool::{NewEntry, Spool, StreamKey};
-use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger};
+use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger, Collected};
 use dapgw::protocol::wire::{Confirm, GatewayId, GroupId, MemberId, Message, Mode};
 use dapgw::telemetry::GatewayMetrics;
 use hyper::{Method, StatusCode};
@@ -677,11 +677,21 @@ struct Bench {
 }
 
 async fn collector(linger_ms: u64, deadline_ms: u64, attached: Arc<Attached>) -> Bench {
+    collector_with(linger_ms, deadline_ms, attached, |_| {}).await
+}
+
+async fn collector_with(
+    linger_ms: u64,
+    deadline_ms: u64,
+    attached: Arc<Attached>,
+    tune: impl FnOnce(&mut AggregatorConfig),
+) -> Bench {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 24).unwrap();
     let mut agg = AggregatorConfig::new(GatewayId::new("gw-1").unwrap());
     agg.uplink_linger = Duration::from_millis(linger_ms);
     agg.max_batch_entries = 4;
+    tune(&mut agg);
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let registry = prometheus::Registry::new();
     let collector = Collector::start(
@@ -745,6 +755,56 @@ async fn next_sealed(
             sealed => return Some(sealed),
         }
     }
+}
+
+/// A byte-identical re-send of an uplink whose batch was cut but is not
+/// sealed yet (the spool refuses the seal for a while), arriving after the
+/// aggregator forgot it: it is a duplicate, not a new entry. Taken for new,
+/// it was cut into a second batch that could never be sealed (its entry is
+/// in the first) and the collector cut nothing after it. On the real clock
+/// with a 300 ms window: the time passing is what is tested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_while_its_batch_waits_to_be_sealed_is_a_duplicate() {
+    let window = Duration::from_millis(300);
+    let b = collector_with(20, 30_000, Arc::new(Attached::new()), |agg| {
+        agg.uplink_dedup_window = window;
+    })
+    .await;
+    let db = rusqlite::Connection::open(b._dir.path().join("spool.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_seals BEFORE INSERT ON batches
+         BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .unwrap();
+    let handle = b.collector.handle();
+    let first = MemberMessage::Uplink(uplink(1, 5, 1, b"r"));
+    let id = store(&b.spool, &first).await;
+    handle.collect(first.clone(), id).await.unwrap();
+    // Cut after 20 ms, its seal refused and retried; then past the window.
+    tokio::time::sleep(window * 2).await;
+    assert!(b.spool.pending_batches().await.unwrap().is_empty());
+    assert_eq!(store(&b.spool, &first).await, id, "the stored original");
+    assert_eq!(
+        handle.collect(first, id).await.unwrap(),
+        Collected::Duplicate
+    );
+    db.execute_batch("DROP TRIGGER refuse_seals").unwrap();
+    let next = MemberMessage::Uplink(uplink(2, 5, 1, b"s"));
+    let next_id = store(&b.spool, &next).await;
+    handle.collect(next, next_id).await.unwrap();
+    let mut events = b.events;
+    let mut sealed = Vec::new();
+    while sealed.len() < 2 {
+        let Some(CollectorEvent::Sealed { entries, .. }) =
+            tokio::time::timeout(Duration::from_secs(30), next_sealed(&mut events))
+                .await
+                .expect("the collector goes on sealing")
+        else {
+            panic!("no batch")
+        };
+        sealed.push(entries);
+    }
+    assert_eq!(sealed, vec![vec![id], vec![next_id]]);
 }
 
 /// Uplinks linger exactly the configured time on the virtual clock, then go

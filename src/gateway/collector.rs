@@ -585,6 +585,13 @@ impl Task {
         msg: MemberMessage,
         entry: EntryId,
     ) -> Result<Collected, SubmitError> {
+        // The spool returned a stored original that is on its way into a
+        // batch (cut or not, sealed or not): a re-send. Not handed to the
+        // aggregator, which forgets a message some time after cutting it
+        // and would take it for new (a second batch that can never seal).
+        if self.pending.contains(&entry) {
+            return Ok(Collected::Duplicate);
+        }
         let now = Instant::now().into_std();
         let res = match msg {
             MemberMessage::Response(r) => self.agg.handle_response(r, entry, now),
@@ -595,8 +602,6 @@ impl Task {
                 self.pending.insert(entry);
                 true
             }
-            // The spool returned the stored original: keep it.
-            _ if self.pending.contains(&entry) => true,
             // A stored copy the aggregator will never batch: the original
             // was already batched, or the message is refused. Only an
             // unbatched row is deleted, so a sealed original is safe.
@@ -740,9 +745,16 @@ impl Task {
                 self.sealed(s.batch, s.cut_at);
             }
             Err(e) => {
-                tracing::error!(batch = s.batch.batch_id, error = %e, "sealing a batch failed; retrying");
+                // Refused behind a failed predecessor: that failure already
+                // scheduled the retry (the backoff is not doubled again).
+                let chained = matches!(e, SpoolError::SealOrder { .. });
+                if !chained {
+                    tracing::error!(batch = s.batch.batch_id, error = %e, "sealing a batch failed; retrying");
+                }
                 self.unsealed.push_back((s.batch, s.cut_at));
-                self.schedule_retry(s.cut_at);
+                if !chained || self.retry_at.is_none() {
+                    self.schedule_retry(s.cut_at);
+                }
             }
         }
     }
