@@ -53,6 +53,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// flood of idle connections from taking the process's file descriptors.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Connections one source (an IPv4 address, an IPv6 /64) may hold on the
+/// admin listener, so one client cannot take all [`MAX_CONNECTIONS`] and
+/// keep the scraper and the probes out (unless it shares their address).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
+
 // ---------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------
@@ -216,6 +221,7 @@ pub async fn serve_with_fallback(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let sources = crate::limits::SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -227,8 +233,17 @@ pub async fn serve_with_fallback(
                     tracing::debug!(%peer, "admin listener at its connection cap");
                     drop(stream);
                 }
-                Ok((stream, _peer)) => {
-                    conns.spawn(connection(stream, state.clone(), stop_rx.clone()));
+                Ok((stream, peer)) => {
+                    let Some(slot) = sources.try_take(peer.ip()) else {
+                        tracing::debug!(%peer, "admin listener: source at its connection cap");
+                        drop(stream);
+                        continue;
+                    };
+                    let conn = connection(stream, state.clone(), stop_rx.clone());
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.

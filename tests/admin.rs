@@ -369,11 +369,28 @@ async fn fallback_serves_other_paths() {
     server.stop().await;
 }
 
+/// A connection to `addr` from the loopback address `from` (127.0.0.x).
+async fn connect_from(addr: SocketAddr, from: [u8; 4]) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
 /// Sends `head` (and nothing more) on a fresh connection and reads until
 /// the server closes it or `within` passes; returns what was read.
 async fn raw_exchange(addr: SocketAddr, head: &str, within: Duration) -> String {
+    raw_exchange_from(addr, [127, 0, 0, 1], head, within).await
+}
+
+/// [`raw_exchange`] from the loopback address `from`.
+async fn raw_exchange_from(
+    addr: SocketAddr,
+    from: [u8; 4],
+    head: &str,
+    within: Duration,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = connect_from(addr, from).await;
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;
@@ -409,33 +426,53 @@ async fn fallback_bodies_are_bounded_in_time_and_size() {
     server.stop().await;
 }
 
-/// Past [`admin::MAX_CONNECTIONS`] open connections a new one is closed at
-/// accept, unanswered; once the others are gone the listener serves again.
+const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
+/// Past [`admin::MAX_CONNECTIONS_PER_SOURCE`] open connections from one
+/// address a new one from it is closed at accept, unanswered, while
+/// another address is still served.
 #[tokio::test]
-async fn connections_beyond_the_cap_are_closed() {
+async fn connections_beyond_a_sources_cap_are_closed() {
     let server = Server::start(Registry::new(), Readiness::udc(), None).await;
     let mut held = Vec::new();
-    for _ in 0..admin::MAX_CONNECTIONS {
-        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    for _ in 0..admin::MAX_CONNECTIONS_PER_SOURCE {
+        held.push(connect_from(server.addr, [127, 0, 0, 1]).await);
     }
-    // Accepted in order: this one comes after every held one.
-    let over = raw_exchange(
-        server.addr,
-        "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(over, "", "closed without an answer");
+    // Accepted in order: each probe comes after every held connection.
+    let within = Duration::from_secs(10);
+    let over = raw_exchange_from(server.addr, [127, 0, 0, 1], HEALTHZ, within).await;
+    assert_eq!(over, "", "this source is at its cap");
+    let other = raw_exchange_from(server.addr, [127, 0, 0, 2], HEALTHZ, within).await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    drop(held);
+    server.stop().await;
+}
+
+/// Past [`admin::MAX_CONNECTIONS`] open connections in all (from several
+/// addresses, each within its own cap) a new one from anywhere is closed at
+/// accept; once the others are gone the listener serves again.
+#[tokio::test]
+async fn connections_beyond_the_listeners_cap_are_closed() {
+    let server = Server::start(Registry::new(), Readiness::udc(), None).await;
+    let per = admin::MAX_CONNECTIONS_PER_SOURCE;
+    let sources = admin::MAX_CONNECTIONS.div_ceil(per);
+    let mut held = Vec::new();
+    for n in 0..sources {
+        let take = per.min(admin::MAX_CONNECTIONS - held.len());
+        for _ in 0..take {
+            held.push(connect_from(server.addr, [127, 0, 0, 1 + n as u8]).await);
+        }
+    }
+    assert_eq!(held.len(), admin::MAX_CONNECTIONS);
+    let fresh = [127, 0, 0, 1 + sources as u8];
+    let within = Duration::from_secs(10);
+    let over = raw_exchange_from(server.addr, fresh, HEALTHZ, within).await;
+    assert_eq!(over, "", "the listener is at its cap");
     drop(held);
     // The closed connections' tasks end and are reaped; then it answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = raw_exchange(
-            server.addr,
-            "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-            Duration::from_secs(10),
-        )
-        .await;
+        let answer = raw_exchange_from(server.addr, fresh, HEALTHZ, within).await;
         if answer.starts_with("HTTP/1.1 200") {
             break;
         }
