@@ -100,6 +100,41 @@ impl Client {
     }
 }
 
+/// Gateway gw-1's batch `batch_id` of `body`, whose entries' tags (in
+/// `part`, in order) are aggregated in chunks of 64.
+fn batch_bytes<E>(batch_id: u64, body: BatchBody, part: &[&(E, [u8; 16])]) -> Bytes {
+    Batch {
+        gateway_id: GatewayId::new("gw-1").unwrap(),
+        batch_id,
+        group: GroupId(G),
+        chunk_size: 64,
+        body,
+        aggregates: part
+            .chunks(64)
+            .map(|c| aggregate(c.iter().map(|(_, t)| t)))
+            .collect(),
+    }
+    .to_bytes()
+}
+
+/// Posts `bodies` in order (each must be answered 200) and counts the
+/// entries their final verdicts accepted.
+async fn post_batches(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    bodies: Vec<Bytes>,
+) -> usize {
+    let mut accepted = 0;
+    for body in bodies {
+        let (s, answer) = call(send, Method::POST, "/v1/batches", body).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+        let v = Verdict::decode(&answer).unwrap();
+        if let VerdictBody::Final { outcomes, .. } = &v.body {
+            accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+        }
+    }
+    accepted
+}
+
 async fn call(
     send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     method: Method,
@@ -439,36 +474,18 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
                 let part: Vec<&(ResponseEntry, [u8; 16])> =
                     idx.iter().map(|i| &answers[*i]).collect();
                 batch_id += 1;
-                Batch {
-                    gateway_id: GatewayId::new("gw-1").unwrap(),
-                    batch_id,
-                    group: GroupId(G),
-                    chunk_size: 64,
-                    body: BatchBody::Responses {
-                        round,
-                        mode: Mode::Psk,
-                        entries: part.iter().map(|(e, _)| e.clone()).collect(),
-                    },
-                    aggregates: part
-                        .chunks(64)
-                        .map(|c| aggregate(c.iter().map(|(_, t)| t)))
-                        .collect(),
-                }
-                .to_bytes()
+                let body = BatchBody::Responses {
+                    round,
+                    mode: Mode::Psk,
+                    entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                };
+                batch_bytes(batch_id, body, &part)
             })
             .collect();
         perf_ctl(label, "enable");
         let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
         let t0 = Instant::now();
-        let mut accepted = 0usize;
-        for body in bodies {
-            let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
-            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
-            let v = Verdict::decode(&answer).unwrap();
-            if let VerdictBody::Final { outcomes, .. } = &v.body {
-                accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
-            }
-        }
+        let accepted = post_batches(&mut send, bodies).await;
         // The confirms, as the gateway pulls them.
         let confirms = pull_all(&mut send, &mut cursor).await;
         let wall = t0.elapsed().as_secs_f64();
@@ -516,34 +533,16 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
                 let part: Vec<&(UplinkEntry, [u8; 16])> =
                     idx.iter().map(|i| &answers[*i]).collect();
                 batch_id += 1;
-                Batch {
-                    gateway_id: GatewayId::new("gw-1").unwrap(),
-                    batch_id,
-                    group: GroupId(G),
-                    chunk_size: 64,
-                    body: BatchBody::Uplinks {
-                        entries: part.iter().map(|(e, _)| e.clone()).collect(),
-                    },
-                    aggregates: part
-                        .chunks(64)
-                        .map(|c| aggregate(c.iter().map(|(_, t)| t)))
-                        .collect(),
-                }
-                .to_bytes()
+                let body = BatchBody::Uplinks {
+                    entries: part.iter().map(|(e, _)| e.clone()).collect(),
+                };
+                batch_bytes(batch_id, body, &part)
             })
             .collect();
         perf_ctl(phase, "enable");
         let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
         let t0 = Instant::now();
-        let mut accepted = 0usize;
-        for body in bodies {
-            let (s, answer) = call(&mut send, Method::POST, "/v1/batches", body).await;
-            assert_eq!(s, StatusCode::OK);
-            let v = Verdict::decode(&answer).unwrap();
-            if let VerdictBody::Final { outcomes, .. } = &v.body {
-                accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
-            }
-        }
+        let accepted = post_batches(&mut send, bodies).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = udc_cpu_seconds() - cpu0;
         let client = client_cpu_seconds() - client0;
