@@ -661,6 +661,22 @@ async fn one_source_cannot_fill_a_slots_alternatives() {
         spool.append_from(uplink(5, [1; 8], 1, b"v"), [9; 16]).await,
         Err(SpoolError::Conflict)
     ));
+    // An IPv6 source is its /64: a second address of the same /64 is the
+    // same source for the slot, one of another /64 is not.
+    spool
+        .append_from(uplink(6, [1; 8], 1, b"a"), addr("2001:db8::1"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        spool
+            .append_from(uplink(6, [1; 8], 1, b"b"), addr("2001:db8::2"))
+            .await,
+        Err(SpoolError::Conflict)
+    ));
+    spool
+        .append_from(uplink(6, [1; 8], 1, b"b"), addr("2001:db8:0:1::2"))
+        .await
+        .unwrap();
     spool.close().await;
 }
 

@@ -2325,12 +2325,17 @@ impl Writer {
         if existing.len() >= MAX_VARIANTS {
             return Err(SpoolError::Conflict);
         }
-        if let Some(src) = source
-            && existing
-                .iter()
-                .any(|(_, _, _, s, _)| s.as_deref() == Some(&src[..]))
-        {
-            return Err(SpoolError::Conflict);
+        // One message per source and slot, a source as everywhere else (an
+        // IPv4 address, an IPv6 /64): a host picks any address of its /64.
+        if let Some(src) = source {
+            let mine = share_key(&src);
+            if existing.iter().any(|(_, _, _, s, _)| {
+                s.as_deref()
+                    .and_then(|s| <[u8; 16]>::try_from(s).ok())
+                    .is_some_and(|s| share_key(&s) == mine)
+            }) {
+                return Err(SpoolError::Conflict);
+            }
         }
         let size = entry_size(e);
         let key = source.as_ref().map(share_key);
