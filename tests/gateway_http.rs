@@ -1638,3 +1638,40 @@ async fn a_restart_with_batches_in_flight_resends_them_and_applies_none_twice() 
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     gw.stop().await;
 }
+
+/// Attaches may not take the gateway's subscription past the most groups
+/// the UDC takes in one `PUT /v1/subscriptions`: past it the UDC would
+/// refuse every later subscription, and groups attached after would get no
+/// downlink. The attach that would is refused (503 `groups_full`), the
+/// members already attached keep their subscription, and groups already
+/// subscribed stay open to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaches_cannot_take_the_subscription_past_the_udcs_cap() {
+    use dapgw::protocol::MAX_SUBSCRIBED_GROUPS as MAX;
+    let (pki, udc, _dir, gw) = setup().await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let per = 256u32;
+    for m in 0..MAX as u32 / per {
+        let groups: Vec<u32> = (m * per..(m + 1) * per).collect();
+        assert_eq!(
+            c.attach(u64::from(m) + 1, &groups).await.status,
+            StatusCode::OK
+        );
+    }
+    let all: Vec<u32> = (0..MAX as u32).collect();
+    wait_subscription(&udc, &all).await;
+    let r = c.attach(100, &[9_999_999]).await;
+    assert_refused(&r, StatusCode::SERVICE_UNAVAILABLE, "groups_full");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(c.attach(100, &[7, 4095]).await.status, StatusCode::OK);
+    // Nothing past the cap was ever asked of the UDC.
+    assert!(
+        udc.state
+            .subscriptions
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.len() <= MAX)
+    );
+    drop(gw);
+}

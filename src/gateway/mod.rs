@@ -219,13 +219,21 @@ pub async fn run(
     if !restored.is_empty() {
         tracing::info!(members = restored.len(), "restored the attach registry");
     }
+    let mut skipped = 0u64;
     for row in restored {
-        if attached
-            .restore(row.member, &row.groups, row.seen_ms)
-            .is_err()
-        {
-            break;
+        match attached.restore(row.member, &row.groups, row.seen_ms) {
+            Ok(_) => {}
+            Err(AttachFull::Members(_)) => break,
+            // Stored before the group cap existed: that member attaches
+            // again (and is refused while the subscription is full).
+            Err(AttachFull::Groups(_)) => skipped += 1,
         }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            members = skipped,
+            "attach registry: members not restored, their groups would take the subscription past the UDC's cap"
+        );
     }
     metrics
         .attached_members
@@ -603,10 +611,22 @@ struct AttachedMember {
     stored_ms: u64,
 }
 
-/// The attach registry holds [`MAX_ATTACHED_MEMBERS`] members already.
+/// An attach the registry has no room for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the gateway tracks {0} attached members, its cap")]
-pub struct AttachFull(pub usize);
+pub enum AttachFull {
+    /// It holds [`MAX_ATTACHED_MEMBERS`] members already.
+    #[error("the gateway tracks {0} attached members, its cap")]
+    Members(usize),
+    /// The groups would take the subscription past
+    /// [`crate::protocol::MAX_SUBSCRIBED_GROUPS`] (the UDC would refuse
+    /// it, and every group attached after would get no downlink).
+    #[error(
+        "the gateway subscribes to {0} groups and the UDC takes at most {max}; \
+         this attach would add more",
+        max = crate::protocol::MAX_SUBSCRIBED_GROUPS
+    )]
+    Groups(usize),
+}
 
 impl Default for Attached {
     fn default() -> Self {
@@ -658,9 +678,7 @@ impl Attached {
             m.seen_ms = m.seen_ms.max(seen_ms);
             return Ok(false);
         }
-        if !inner.members.contains_key(&member) && inner.members.len() >= MAX_ATTACHED_MEMBERS {
-            return Err(AttachFull(inner.members.len()));
-        }
+        inner.check_room(member, &groups)?;
         let entry = AttachedMember {
             groups: groups.clone(),
             seen_ms,
@@ -693,13 +711,15 @@ impl Attached {
     pub fn would_change(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
         let inner = self.lock();
-        match inner.members.get(&member) {
-            Some(m) => Ok(m.groups != groups),
-            None if inner.members.len() >= MAX_ATTACHED_MEMBERS => {
-                Err(AttachFull(inner.members.len()))
-            }
-            None => Ok(true),
+        if inner
+            .members
+            .get(&member)
+            .is_some_and(|m| m.groups == groups)
+        {
+            return Ok(false);
         }
+        inner.check_room(member, &groups)?;
+        Ok(true)
     }
 
     /// Drops every member last heard from before `cutoff_ms` and returns
@@ -789,6 +809,37 @@ impl Attached {
 }
 
 impl AttachedInner {
+    /// Whether recording `groups` (normalized) for `member` stays within
+    /// both caps: members, and distinct groups once the member's old
+    /// groups that only it held are gone.
+    fn check_room(&self, member: u64, groups: &[u32]) -> Result<(), AttachFull> {
+        let old = self.members.get(&member);
+        if old.is_none() && self.members.len() >= MAX_ATTACHED_MEMBERS {
+            return Err(AttachFull::Members(self.members.len()));
+        }
+        let added = groups
+            .iter()
+            .filter(|g| !self.by_group.contains_key(g))
+            .count();
+        if added == 0 {
+            return Ok(());
+        }
+        let freed = old.map_or(0, |m| {
+            m.groups
+                .iter()
+                .filter(|g| {
+                    groups.binary_search(g).is_err()
+                        && self.by_group.get(g).is_some_and(|s| s.len() == 1)
+                })
+                .count()
+        });
+        let after = self.by_group.len() + added - freed;
+        if after > crate::protocol::MAX_SUBSCRIBED_GROUPS {
+            return Err(AttachFull::Groups(self.by_group.len()));
+        }
+        Ok(())
+    }
+
     /// Removes `member` from the per-group sets of `groups`.
     fn unlink(&mut self, member: u64, groups: &[u32]) {
         for g in groups {
@@ -813,6 +864,42 @@ pub(crate) fn normalize_groups(groups: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_keeps_the_subscription_within_the_udcs_group_cap() {
+        use crate::protocol::MAX_SUBSCRIBED_GROUPS as MAX;
+        let a = Attached::new();
+        let rx = a.subscribe_groups();
+        // Members 0..16 fill the cap with 256 groups each.
+        let per = 256;
+        for m in 0..(MAX / per) as u32 {
+            let groups: Vec<u32> = (m * per as u32..(m + 1) * per as u32).collect();
+            a.attach(u64::from(m), &groups, 0).unwrap();
+        }
+        assert_eq!(rx.borrow().len(), MAX);
+        // A new group is refused, checked and applied alike; nothing changed.
+        assert_eq!(
+            a.would_change(100, &[1_000_000]),
+            Err(AttachFull::Groups(MAX))
+        );
+        assert_eq!(a.attach(100, &[1_000_000], 0), Err(AttachFull::Groups(MAX)));
+        assert_eq!(a.len(), MAX / per);
+        // Groups already subscribed are fine for anyone.
+        assert!(a.attach(100, &[5, 300], 0).unwrap());
+        // A member trading a group only it holds for a new one fits; one
+        // trading a group others hold too does not.
+        a.attach(101, &[0], 0).unwrap();
+        assert_eq!(a.attach(101, &[2_000_000], 0), Err(AttachFull::Groups(MAX)));
+        let mut groups: Vec<u32> = (per as u32..2 * per as u32).collect();
+        groups[0] = 3_000_000;
+        assert!(a.attach(1, &groups, 0).unwrap());
+        assert_eq!(rx.borrow().len(), MAX);
+        assert!(rx.borrow().contains(&3_000_000));
+        assert!(!rx.borrow().contains(&(per as u32)));
+        // Room again once members leave.
+        assert_eq!(a.expire(1).len(), MAX / per + 2);
+        assert!(a.attach(100, &[1_000_000], 1).unwrap());
+    }
 
     #[test]
     fn attach_replaces_groups_and_tracks_the_group_list() {

@@ -580,7 +580,10 @@ async fn attach(
         ));
     }
     check_identity(ctx, identity, parsed.member)?;
-    let full = |e: super::AttachFull| Refusal::overloaded("attach_full", e.to_string(), 60);
+    let full = |e: super::AttachFull| match e {
+        super::AttachFull::Members(_) => Refusal::overloaded("attach_full", e.to_string(), 60),
+        super::AttachFull::Groups(_) => Refusal::overloaded("groups_full", e.to_string(), 60),
+    };
     // Durable before it takes effect and before the answer, so a restarted
     // gateway still routes for this member, and a failed write leaves the
     // registry as it was (the retry writes again). The same groups again

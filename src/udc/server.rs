@@ -91,11 +91,10 @@ impl ServerOptions {
     }
 }
 
-/// Most distinct groups one `PUT /v1/subscriptions` may name (a
-/// substation's gateway serves a handful). The store compares the new set
-/// with the old inside its write transaction, so an unbounded list would
-/// hold every other writer up.
-pub const MAX_SUBSCRIBED_GROUPS: usize = 4096;
+/// Most distinct groups one `PUT /v1/subscriptions` may name. The store
+/// compares the new set with the old inside its write transaction, so an
+/// unbounded list would hold every other writer up.
+pub use crate::protocol::MAX_SUBSCRIBED_GROUPS;
 
 /// A per-source token bucket for `/v1/direct`, keyed as the connection
 /// caps count sources ([`crate::limits::source_key`]: an IPv4 address, an
