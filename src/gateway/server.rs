@@ -42,12 +42,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::collector::{CollectorHandle, MemberMessage, SubmitError};
-use super::spool::{NewEntry, Spool, SpoolError, StreamKey};
+use super::spool::{EntryId, NewEntry, Spool, SpoolError, StreamKey};
 use super::{Attached, MAX_MEMBER_GROUPS, downlink, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
 use crate::config::GatewayConfig;
 use crate::limits::{Activity, CLOSE_GRACE, ConnLimits, Expired, SourceSlot, SourceSlots, Watched};
-use crate::protocol::aggregator::CollectError;
+use crate::protocol::aggregator::{CollectError, Collected};
 use crate::protocol::codec::DecodeError;
 use crate::telemetry::{
     Direction, EntryKind, GatewayMetrics, LimitReason, MalformedReason, MemberEndpoint,
@@ -386,7 +386,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
     )
 }
 
-async fn handle(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Reply {
+async fn handle(ctx: &Arc<Ctx>, identity: Option<&str>, req: Request<Incoming>) -> Reply {
     // Wall time, not tokio's (possibly paused) clock: this is a latency.
     let started = std::time::Instant::now();
     let mut endpoint = match req.uri().path() {
@@ -553,7 +553,7 @@ struct AttachBody {
 }
 
 async fn attach(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     identity: Option<&str>,
     req: Request<Incoming>,
 ) -> Result<Reply, Refusal> {
@@ -595,20 +595,33 @@ async fn attach(
         .would_change(parsed.member, &parsed.groups)
         .map_err(full)?;
     if !(unchanged && ctx.attached.touch(parsed.member, now)) {
+        // Written and recorded by a task of its own, so a client that
+        // goes away mid-write cannot leave the spool and the registry
+        // disagreeing.
+        let task_ctx = Arc::clone(ctx);
+        let member = parsed.member;
         let groups = super::normalize_groups(&parsed.groups);
-        ctx.spool
-            .set_attached(parsed.member, &groups, now)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "attach not persisted");
-                Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
-            })?;
-        ctx.attached
-            .attach(parsed.member, &groups, now)
-            .map_err(full)?;
-        ctx.metrics
-            .attached_members
-            .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
+        let unavailable = || Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1);
+        tokio::spawn(async move {
+            let ctx = task_ctx;
+            ctx.spool
+                .set_attached(member, &groups, now)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "attach not persisted");
+                    unavailable()
+                })?;
+            ctx.attached.attach(member, &groups, now).map_err(full)?;
+            ctx.metrics
+                .attached_members
+                .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
+            Ok::<_, Refusal>(())
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "attach hand-off failed");
+            unavailable()
+        })??;
     }
     Ok(json(
         StatusCode::OK,
@@ -628,7 +641,7 @@ fn json_problem(e: &serde_json::Error) -> String {
 }
 
 async fn uplink(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     identity: Option<&str>,
     req: Request<Incoming>,
     endpoint: &mut MemberEndpoint,
@@ -684,28 +697,23 @@ async fn uplink(
         sort_key,
         bytes: body,
     };
-    let appended = match ctx.spool.append_entry(entry, source.map(|s| s.0)).await {
-        Ok(appended) => {
-            ctx.readiness.set_spool(true);
-            appended
-        }
-        Err(e) => return Err(spool_refusal(ctx, e)),
-    };
-    let id = appended.id;
-    // A re-send of a message already sealed into a batch is on its way: it
-    // is stored, so 202, and it must not be collected again (the
-    // aggregator forgets a message some time after its batch is cut, and
-    // after a restart; collected anew, it would be cut into a second batch
-    // that can never be sealed).
-    let collected = if appended.batched {
-        Ok(crate::protocol::aggregator::Collected::Duplicate)
-    } else {
-        ctx.collector.collect(msg, id).await
-    };
-    update_spool_gauges(&ctx.spool, &ctx.metrics);
+    // The append and the hand-off to the collector run as a task of their
+    // own: a client that resets its HTTP/2 stream (or closes the
+    // connection) drops this handler, and an entry committed to the spool
+    // but never handed over would sit there, counted against the bounds,
+    // until a restart.
+    let task_ctx = Arc::clone(ctx);
+    let source = source.map(|s| s.0);
+    let (id, collected) =
+        tokio::spawn(async move { store_and_collect(&task_ctx, entry, source, msg).await })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "member entry hand-off failed");
+                Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
+            })??;
     match collected {
         Ok(collected) => {
-            if collected == crate::protocol::aggregator::Collected::New {
+            if collected == Collected::New {
                 ctx.metrics.uplink_entries.get(kind).inc();
             }
             // The hot path: formatted directly, not through a JSON value.
@@ -729,6 +737,35 @@ async fn uplink(
 
 /// Spools and collects a response the misbehaving gateway made up, as if
 /// its member had posted it (see [`super::misbehave`]).
+/// Stores `entry` durably and hands `msg` to the collector: the id, and
+/// what the collector made of it.
+async fn store_and_collect(
+    ctx: &Ctx,
+    entry: NewEntry,
+    source: Option<[u8; 16]>,
+    msg: MemberMessage,
+) -> Result<(EntryId, Result<Collected, SubmitError>), Refusal> {
+    let appended = match ctx.spool.append_entry(entry, source).await {
+        Ok(appended) => {
+            ctx.readiness.set_spool(true);
+            appended
+        }
+        Err(e) => return Err(spool_refusal(ctx, e)),
+    };
+    // A re-send of a message already sealed into a batch is on its way: it
+    // is stored, so 202, and it must not be collected again (the
+    // aggregator forgets a message some time after its batch is cut, and
+    // after a restart; collected anew, it would be cut into a second batch
+    // that can never be sealed).
+    let collected = if appended.batched {
+        Ok(Collected::Duplicate)
+    } else {
+        ctx.collector.collect(msg, appended.id).await
+    };
+    update_spool_gauges(&ctx.spool, &ctx.metrics);
+    Ok((appended.id, collected))
+}
+
 async fn relay_invented(ctx: &Ctx, r: crate::protocol::wire::Response) {
     let entry = NewEntry {
         stream: StreamKey::Round {
