@@ -1685,7 +1685,7 @@ async fn attaches_cannot_take_the_subscription_past_the_udcs_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uplink_whose_stream_is_reset_mid_store_still_drains() {
     use hyper::{Request, Uri, header};
-    let (pki, _udc, _dir, mut gw) = setup().await;
+    let (pki, _udc, _dir, gw) = setup().await;
     let mut c = Client::connect(gw.members, &pki, true).await;
     assert_eq!(c.attach(9, &[3]).await.status, StatusCode::OK);
     let roots = dapgw::tls::load_roots(&pki.ca).unwrap();
