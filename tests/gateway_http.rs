@@ -458,6 +458,13 @@ async fn downlink_cursors_survive_reconnects() {
     let mut c = Client::connect(gw.members, &pki, false).await;
     let r = c.poll(42, &[1, 2], after, 100).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // A cursor past everything this spool handed out (a replaced spool,
+    // another gateway's) is refused at once, not left to wait until this
+    // spool passes it; read from 0, the member gets this spool's records.
+    let r = c.poll(42, &[1, 2], after + 1_000, 20_000).await;
+    assert_refused(&r, StatusCode::CONFLICT, "cursor_ahead");
+    let recs = next_records(&mut c, 42, &[1, 2], 0).await;
+    assert_eq!(recs[0].message, expected[0]);
     gw.stop().await;
 }
 

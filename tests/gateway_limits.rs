@@ -511,3 +511,41 @@ async fn one_source_cannot_fill_the_spool() {
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     gw.stop().await;
 }
+
+/// A member's HTTP/2 peer may send at most 64 KiB that the gateway has not
+/// read, per stream and per connection (hyper's defaults are 1 MiB each):
+/// a long poll's unread body cannot pin a megabyte per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_flow_control_windows_are_small() {
+    use hyper::{Method, Request};
+    let (pki, _udc, _dir, gw) = start(|_| {}).await;
+    let tls = raw(gw.members, &pki, b"h2", [127, 0, 0, 1]).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let poll = |wait_ms: u32| {
+        Request::builder()
+            .method(Method::GET)
+            .uri(format!(
+                "https://localhost/v1/downlink?member=1&groups=1&wait_ms={wait_ms}"
+            ))
+            .body(())
+            .unwrap()
+    };
+    // One exchange first, so the server's SETTINGS are in effect.
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send.send_request(poll(0), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::NO_CONTENT);
+    let mut send = send.ready().await.unwrap();
+    let (resp, mut stream) = send.send_request(poll(300), false).unwrap();
+    stream.reserve_capacity(1 << 20);
+    let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(granted <= 64 * 1024, "the window granted: {granted}");
+    // The long poll still answers once its body ends.
+    stream.send_data(bytes::Bytes::new(), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::NO_CONTENT);
+}

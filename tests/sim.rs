@@ -253,23 +253,36 @@ async fn handle(
                     .cloned()
                     .collect()
             };
+            // Like the gateway: a cursor past this queue's end came from
+            // another (replaced) queue.
+            let ahead = || after > fake.queue.lock().unwrap().len() as u64;
             let found = tokio::time::timeout(wait, async {
                 loop {
                     if dies() {
                         return None;
                     }
+                    if ahead() {
+                        return Some(None);
+                    }
                     let rs = pick();
                     if !rs.is_empty() {
-                        return Some(rs);
+                        return Some(Some(rs));
                     }
                     if rx.changed().await.is_err() {
-                        return Some(Vec::new());
+                        return Some(Some(Vec::new()));
                     }
                 }
             })
             .await
-            .unwrap_or(Some(Vec::new()))
+            .unwrap_or(Some(Some(Vec::new())))
             .ok_or_else(gateway_died)?;
+            let Some(found) = found else {
+                return Ok(reply(
+                    StatusCode::CONFLICT,
+                    "application/json",
+                    r#"{"error":"cursor_ahead","reason":"past this queue"}"#,
+                ));
+            };
             if found.is_empty() {
                 reply(StatusCode::NO_CONTENT, "text/plain", "")
             } else {
@@ -550,6 +563,34 @@ async fn agent_round_readings_update_and_restart() {
         w.advance(linger);
     }
     assert_eq!(settle(&fake), vec![1 << 32 | after]);
+    assert!(f.shutdown().await.is_empty());
+}
+
+/// A member whose stored cursor is past everything its gateway's spool
+/// holds (the spool was replaced) is told so (409 `cursor_ahead`) and
+/// reads that spool from its start: it answers the next round instead of
+/// waiting for the new spool to pass its old cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_cursor_is_past_a_replaced_spool_reads_it_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
+    let state = dir.path().join("state");
+    let f = fleet(&url, &ca, creds(&fake, &ids), &state, 2);
+    wait(&f, "attach", |s| count(&s.attached) == 3).await;
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
+    fake.wait_uplinks(3).await;
+    assert_eq!(settle(&fake), vec![1, 2, 3]);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    // The spool is replaced: its cursors start again below the members'.
+    fake.queue.lock().unwrap().clear();
+    fake.queue_changed.send_modify(|v| *v += 1);
+    open_round(&fake);
+    wait(&f, "answers in the new spool", |s| {
+        count(&s.rounds_answered) == 6
+    })
+    .await;
     assert!(f.shutdown().await.is_empty());
 }
 

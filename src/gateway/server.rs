@@ -58,6 +58,11 @@ use crate::tls::{self, ReloadableServer};
 /// Most concurrent requests on one HTTP/2 connection.
 pub(crate) const MAX_STREAMS: u32 = 64;
 
+/// HTTP/2 flow-control window of a member connection and of each of its
+/// streams: what a peer may send that the gateway has not read yet. Larger
+/// bodies still arrive, a window at a time, as the handler reads them.
+const H2_WINDOW: u32 = 64 * 1024;
+
 /// Content type of wire messages.
 pub(crate) const WIRE_CONTENT_TYPE: &str = "application/vnd.dapgw";
 
@@ -258,6 +263,11 @@ async fn connection(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(16 * 1024)
+        // Member bodies are small (`DAPGW_MAX_BODY_BYTES`, 16 KiB by
+        // default): a peer may have at most this much unread in flight
+        // per stream and per connection (hyper's defaults are 1 MiB).
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
         .keep_alive_interval(Some(limits.header_timeout))
         .keep_alive_timeout(limits.header_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -737,6 +747,36 @@ async fn uplink(
 
 /// Spools and collects a response the misbehaving gateway made up, as if
 /// its member had posted it (see [`super::misbehave`]).
+/// Refuses a downlink cursor past every cursor this gateway's spool has
+/// handed out (409 `cursor_ahead`): it came from a spool that was replaced
+/// or from another gateway, and waiting for this spool to pass it would
+/// starve the member of everything stored meanwhile.
+async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
+    let committed = ctx.spool.committed_cursor().await.map_err(|e| {
+        tracing::error!(error = %e, "downlink cursor not read");
+        Refusal {
+            retry_after: Some(1),
+            ..Refusal::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spool_unavailable",
+                "the downlink could not be read; retry later",
+            )
+        }
+    })?;
+    if after <= committed {
+        return Ok(());
+    }
+    Err(Refusal::error(
+        StatusCode::CONFLICT,
+        "cursor_ahead",
+        format!(
+            "cursor {after} is past this gateway's downlink, which ends at {committed}: it \
+             came from a replaced spool or another gateway; read again from 0 (records \
+             already handled come again, and the protocol refuses them as stale)"
+        ),
+    ))
+}
+
 /// Stores `entry` durably and hands `msg` to the collector: the id, and
 /// what the collector made of it.
 async fn store_and_collect(
@@ -972,8 +1012,14 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
             reason,
         )
     })?;
+    // A GET's body is not read: dropped now, not held (with the HTTP/2
+    // window's worth of buffered bytes) for the length of the long poll.
+    drop(req);
     check_identity(ctx, identity, q.member)?;
     ctx.attached.touch(q.member, ctx.attached.now_ms());
+    if q.after > ctx.spool.last_cursor() {
+        check_cursor(ctx, q.after).await?;
+    }
     let records = downlink::poll(&ctx.spool, &q, ctx.drain.clone())
         .await
         .map_err(|e| {

@@ -1452,6 +1452,24 @@ impl Spool {
         *self.inner.shared.cursor.borrow()
     }
 
+    /// The latest downlink cursor committed, read from the database: at
+    /// least [`Spool::last_cursor`], which the writer publishes a moment
+    /// after each commit (a reader may already have handed out a cursor
+    /// that it has not published yet).
+    pub async fn committed_cursor(&self) -> Result<u64, SpoolError> {
+        self.read(|c| {
+            let seq: Option<i64> = c
+                .query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'downlink'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seq.map(i2u).unwrap_or(0))
+        })
+        .await
+    }
+
     /// Durably stores a small value under `key` (e.g. the UDC downlink
     /// cursor the gateway consumed).
     pub async fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), SpoolError> {

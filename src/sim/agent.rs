@@ -37,6 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::StatusCode;
 use tokio::sync::{mpsc, oneshot, watch};
+use zeroize::Zeroizing;
 
 use super::client::{Audience, ClientError, GatewayClient, Record, decode_records};
 use crate::protocol::keys::MemberCredential;
@@ -315,10 +316,16 @@ pub fn state_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("member-{id}.state"))
 }
 
+/// A state file's contents: the downlink cursor and the member state
+/// (which holds keys, so it is wiped when dropped).
+pub type StoredState = (u64, Zeroizing<Vec<u8>>);
+
 /// Reads a state file: `(cursor, member state)`; `None` when absent.
-pub fn read_state(path: &Path) -> Result<Option<(u64, Vec<u8>)>, AgentError> {
+pub fn read_state(path: &Path) -> Result<Option<StoredState>, AgentError> {
+    // The state holds the member's keys: wiped when dropped, like the
+    // buffer `write_state` fills.
     let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+        Ok(b) => Zeroizing::new(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(AgentError::Storage {
@@ -333,7 +340,10 @@ pub fn read_state(path: &Path) -> Result<Option<(u64, Vec<u8>)>, AgentError> {
     }
     let mut c = [0u8; 8];
     c.copy_from_slice(&bytes[5..13]);
-    Ok(Some((u64::from_be_bytes(c), bytes[13..].to_vec())))
+    Ok(Some((
+        u64::from_be_bytes(c),
+        Zeroizing::new(bytes[13..].to_vec()),
+    )))
 }
 
 /// Replaces a state file atomically: temp file, fsync, rename, fsync dir.
@@ -355,7 +365,7 @@ pub fn write_state_with(
         source,
     };
     let tmp = path.with_extension("state.tmp");
-    let mut data = zeroize::Zeroizing::new(Vec::with_capacity(13 + state.len()));
+    let mut data = Zeroizing::new(Vec::with_capacity(13 + state.len()));
     data.extend_from_slice(MAGIC);
     data.push(FILE_VERSION);
     data.extend_from_slice(&cursor.to_be_bytes());
@@ -371,13 +381,24 @@ pub fn write_state_with(
     }
     drop(f);
     std::fs::rename(&tmp, path).map_err(err)?;
-    if fsync
-        && let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        d.sync_all().map_err(err)?;
+    if fsync {
+        // The rename is durable only once the directory is: a directory
+        // that cannot be synced is an error, not skipped (a rename a power
+        // loss takes back would bring back lower reserved counters, and
+        // with them nonces already used).
+        std::fs::File::open(dir_to_sync(path))
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
     }
     Ok(())
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn dir_to_sync(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 /// One member agent. Build with [`Agent::load`], drive with [`Agent::run`].
@@ -405,7 +426,8 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// The agent of `credential`: restored from its state file if present,
-    /// else fresh (and its initial state written).
+    /// else fresh (nothing is written until its first state change: a
+    /// fresh member has used no counter).
     pub fn load(
         credential: MemberCredential,
         client: GatewayClient,
@@ -508,8 +530,13 @@ impl Agent {
                 res = &mut poll => {
                     match res {
                         Ok(reply) => {
-                            backoff = self.config.backoff_min;
-                            self.handle_downlink(reply).await?;
+                            if self.handle_downlink(reply).await? {
+                                backoff = self.config.backoff_min;
+                            } else {
+                                // Refused or garbled: not again at once.
+                                if pause(backoff, &mut stop).await { return Ok(()); }
+                                backoff = (backoff * 2).min(self.config.backoff_max);
+                            }
                         }
                         Err(e) => {
                             self.stats.error(&format!("transport.{}", e.kind()));
@@ -585,20 +612,33 @@ impl Agent {
             .is_some_and(|g| self.member.session(*g).is_some())
     }
 
-    async fn handle_downlink(&mut self, reply: super::client::Reply) -> Result<(), AgentError> {
+    /// Handles one downlink answer; false when the gateway refused the
+    /// poll or sent what cannot be read (the caller backs off then).
+    async fn handle_downlink(&mut self, reply: super::client::Reply) -> Result<bool, AgentError> {
         match reply.status {
             StatusCode::OK => {}
-            StatusCode::NO_CONTENT => return Ok(()),
+            StatusCode::NO_CONTENT => return Ok(true),
+            StatusCode::CONFLICT
+                if serde_json::from_slice::<serde_json::Value>(&reply.body)
+                    .is_ok_and(|j| j["error"] == "cursor_ahead") =>
+            {
+                // Another spool (replaced, or another gateway's): all of
+                // it is new to this member. Records handled before come
+                // again and are refused as stale.
+                self.stats.error("downlink.cursor_ahead");
+                self.cursor = Some(0);
+                return Ok(true);
+            }
             s => {
                 self.stats.error(&format!("downlink.{}", s.as_u16()));
-                return Ok(());
+                return Ok(false);
             }
         }
         let records = match decode_records(&reply.body) {
             Ok(r) => r,
             Err(_) => {
                 self.stats.error("downlink.malformed");
-                return Ok(());
+                return Ok(false);
             }
         };
         for r in records {
@@ -609,7 +649,7 @@ impl Agent {
             self.handle_record(&r).await?;
             self.cursor = Some(r.cursor);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn refused(&self, e: &MemberError) {
@@ -837,5 +877,17 @@ async fn tick(t: &mut Option<tokio::time::Interval>) -> Option<()> {
             Some(())
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_file_without_a_directory_syncs_the_current_one() {
+        assert_eq!(dir_to_sync(Path::new("member-1.state")), Path::new("."));
+        assert_eq!(dir_to_sync(Path::new("s/member-1.state")), Path::new("s"));
+        assert_eq!(dir_to_sync(Path::new("/member-1.state")), Path::new("/"));
     }
 }
