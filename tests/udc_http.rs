@@ -2102,6 +2102,51 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
 
 on_both_stores!(revocation_between_read_and_write, "revoke_race");
 
+/// Two `Udc`s on one store: `a` revokes member 2, which has no session
+/// slot yet, and between `a`'s read of the group and its write `b`
+/// commits a batch giving member 2 its first session (judged before the
+/// revocation). `a`'s write must fail (busy) rather than leave member 2
+/// that session (uplinks are judged on the slot alone); the retried
+/// revocation erases it.
+async fn revocation_racing_a_first_acceptance(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::Store;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let body = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let other = b.clone();
+    a.before_next_rekey_write(async move {
+        let answer = other.handle_batch("gw-1", body).await.unwrap();
+        assert_eq!(
+            outcomes(&Verdict::decode(&answer).unwrap()),
+            vec![Outcome::Accepted; 3]
+        );
+    });
+    let err = a.revoke_member(2).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    assert!(a.revoke_member(2).await.unwrap());
+    let slots = a
+        .store()
+        .sessions(vec![(1, G), (2, G), (3, G)])
+        .await
+        .unwrap();
+    let has_session =
+        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
+    assert_eq!(
+        slots.iter().map(has_session).collect::<Vec<_>>(),
+        vec![true, false, true],
+        "member 2's session is erased"
+    );
+    h.stop().await;
+}
+
+on_both_stores!(revocation_racing_a_first_acceptance, "revoke_first_accept");
+
 /// Two `Udc`s on one store: `a` has judged member 2 (its member cache
 /// holds it, active), then `b` revokes member 2. In the next round `a` must
 /// see the revocation (the registry version changed): member 2 is refused
@@ -2963,5 +3008,60 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
     // Group 8, first used after the backup, starts above the floor.
     let round = open_round8(&h).await;
     assert!(round > RESTORE_OFFSET && round > late_round8, "{round}");
+    h.stop().await;
+}
+
+/// A refused uplink (here a forged one; anyone can post to `/v1/direct`)
+/// leaves its member's session slot as it was, version included: a rewrite
+/// on every refused entry let any client make honest batches that another
+/// UDC process was judging for that member conflict (503). An accepted
+/// uplink still moves the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_uplink_does_not_rewrite_the_members_slot() {
+    use dapgw::udc::store::Store;
+    let h = Harness::start(None).await;
+    let mut members = vec![h.real_member(1)];
+    let r = h.auth_round(1).await;
+    let entries = answer(&mut members, &r.challenge, b"");
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
+        members[0].handle_confirm(&msg).unwrap().persisted();
+    }
+    let u = udc::build(&h.config).await.unwrap();
+    let store = u.store().clone();
+    let version = || async {
+        store.sessions(vec![(1, G)]).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .version
+    };
+    let direct = |up: &Uplink| {
+        Direct::new(&DirectInner::Uplink(up.clone()), aggregate([&up.tag])).to_bytes()
+    };
+    let before = version().await;
+    let sealed = members[0]
+        .seal_uplink(GroupId(G), UplinkKind::Reading, b"1 Wh")
+        .unwrap()
+        .persisted();
+    let honest = Uplink::decode(&sealed).unwrap();
+    let mut forged = honest.clone();
+    let mut c = forged.c.to_vec();
+    c[0] ^= 1;
+    forged.c = Bytes::from(c);
+    let (s, body) = h
+        .call(None, Method::POST, "/v1/direct", direct(&forged))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+    assert_eq!(version().await, before, "a refused uplink moved the slot");
+    let (s, body) = h
+        .call(None, Method::POST, "/v1/direct", direct(&honest))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert!(
+        version().await > before,
+        "an accepted uplink moves the slot"
+    );
+    drop(u);
     h.stop().await;
 }

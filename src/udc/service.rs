@@ -318,6 +318,8 @@ pub struct Udc {
     /// Test seam: awaited once just before the next judged write
     /// ([`Udc::before_next_batch_write`]).
     pre_write: std::sync::Mutex<Option<PreWrite>>,
+    /// Test seam: see [`Udc::before_next_rekey_write`].
+    pre_rekey_write: std::sync::Mutex<Option<PreWrite>>,
 }
 
 /// The hash map of the per-member caches: foldhash, for keys a gateway can
@@ -454,6 +456,7 @@ impl Udc {
             slot_cache: std::sync::Mutex::new(SlotCache::default()),
             downlink_notify: Notify::new(),
             pre_write: std::sync::Mutex::new(None),
+            pre_rekey_write: std::sync::Mutex::new(None),
         })
     }
 
@@ -464,6 +467,15 @@ impl Udc {
     #[doc(hidden)]
     pub fn before_next_batch_write(&self, f: impl Future<Output = ()> + Send + 'static) {
         if let Ok(mut slot) = self.pre_write.lock() {
+            *slot = Some(Box::pin(f));
+        }
+    }
+
+    /// Runs `f` once, after the next revocation has read the group and
+    /// its slots but before its write (see [`Udc::before_next_batch_write`]).
+    #[doc(hidden)]
+    pub fn before_next_rekey_write(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut slot) = self.pre_rekey_write.lock() {
             *slot = Some(Box::pin(f));
         }
     }
@@ -776,6 +788,10 @@ impl Udc {
             self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
                 .await?;
         }
+        let hook = self.pre_rekey_write.lock().ok().and_then(|mut h| h.take());
+        if let Some(hook) = hook {
+            hook.await;
+        }
         self.apply(write).await?;
         self.metrics.sessions_active.add(delta);
         Ok(true)
@@ -820,10 +836,11 @@ impl Udc {
                 self.push_slot(&mut slots, id, slot, None);
             }
         }
-        if let Some(r) = revoked
-            && versions.0.contains_key(&r)
-        {
-            // An empty slot replaces the revoked member's sessions.
+        if let Some(r) = revoked {
+            // An empty slot replaces the revoked member's sessions. Written
+            // also when it had no slot when read: an insert then, which
+            // fails (a conflict, retried) if a batch another process judged
+            // before the revocation has given it its first session since.
             self.push_slot(&mut slots, r, &SessionSlot::default(), None);
         }
         write.sessions.append(&mut slots.rows);
@@ -1671,12 +1688,31 @@ impl Udc {
                     });
                 }
                 counts.acks += v.acks.len() as u64;
+                // Slots whose window moved are written back; the others
+                // named (every entry of theirs refused) are only checked:
+                // rewritten, their versions would move for an entry anyone
+                // can send, and honest batches judged elsewhere meanwhile
+                // would conflict.
+                for id in &v.touched {
+                    if let Some(slot) = sessions.get(GroupId(group), *id) {
+                        self.push_slot(&mut slots, *id, slot, None);
+                    }
+                }
+                let mut touched = v.touched.clone();
+                touched.sort_unstable();
                 let mut seen: Vec<MemberId> = ids.clone();
                 seen.sort_unstable();
                 seen.dedup();
                 for id in seen {
-                    if let Some(slot) = sessions.get(GroupId(group), id) {
-                        self.push_slot(&mut slots, id, slot, None);
+                    if touched.binary_search(&id).is_err()
+                        && let Some(read) = versions.0.get(&id)
+                        && read.version > 0
+                    {
+                        write.slot_checks.push(store::SlotCheck {
+                            member: id.0,
+                            group,
+                            version: read.version,
+                        });
                     }
                 }
             }

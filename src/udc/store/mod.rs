@@ -682,9 +682,21 @@ pub struct RoundLocalizations {
     pub chunks: u64,
 }
 
+/// A session slot's version as a write read it: see
+/// [`BatchWrite::slot_checks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotCheck {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The version read (at least 1: only stored slots are checked).
+    pub version: u64,
+}
+
 /// Everything one batch (or one other atomic change) writes, applied by
 /// [`Store::apply_batch`] in one transaction in this order: group epoch
-/// checks, verdict, members, groups, rounds, sessions, readings, acks,
+/// checks, slot checks, verdict, members, groups, rounds, sessions, readings, acks,
 /// outcomes, counters, downlink. Any failure rolls all of it back.
 #[derive(Clone, Debug, Default)]
 pub struct BatchWrite {
@@ -712,6 +724,13 @@ pub struct BatchWrite {
     /// Session slots to write, compare-and-set on their version; at most
     /// one per (member, group) per write.
     pub sessions: Vec<SessionRow>,
+    /// Session slots the write was judged against but does not change
+    /// (members whose uplinks were all rejected): each must still hold the
+    /// version read, or the write fails with [`StoreError::Conflict`]. On
+    /// PostgreSQL the row stays share-locked until the commit. Unlike a
+    /// rewrite, a check moves no version, so a refused entry cannot make
+    /// honest batches judged elsewhere conflict.
+    pub slot_checks: Vec<SlotCheck>,
     /// Readings to insert; a duplicate (member, group, sid, ctr) fails the
     /// write.
     pub readings: Vec<ReadingRow>,

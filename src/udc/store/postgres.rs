@@ -467,6 +467,24 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("group epoch"));
         }
     }
+    for c in &w.slot_checks {
+        // FOR SHARE: a write of this slot by another process waits for
+        // this commit, so the judgement made on it stays the one applied
+        // first.
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT version FROM sessions WHERE member = $1 AND grp = $2 FOR SHARE",
+        )
+        .await?;
+        let row = tx
+            .query_opt(&st, &[&i(c.member), &i64::from(c.group)])
+            .await?;
+        let stored: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
+        if stored != Some(i(c.version)) {
+            return Err(StoreError::Conflict("session slot"));
+        }
+    }
     if let Some(v) = &w.verdict {
         write_verdict(tx, stmts, v, now).await?;
     }

@@ -510,6 +510,18 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             }
         }
     }
+    if !w.slot_checks.is_empty() {
+        let mut st =
+            tx.prepare_cached("SELECT version FROM sessions WHERE member = ?1 AND grp = ?2")?;
+        for c in &w.slot_checks {
+            let stored: Option<i64> = st
+                .query_row(params![i(c.member), i64::from(c.group)], |r| r.get(0))
+                .optional()?;
+            if stored != Some(i(c.version)) {
+                return Err(StoreError::Conflict("session slot"));
+            }
+        }
+    }
     if let Some(v) = &w.verdict {
         write_verdict(tx, v, now)?;
     }
