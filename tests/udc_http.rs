@@ -3029,7 +3029,7 @@ async fn a_refused_uplink_does_not_rewrite_the_members_slot() {
         members[0].handle_confirm(&msg).unwrap().persisted();
     }
     let u = udc::build(&h.config).await.unwrap();
-    let store = u.store().clone();
+    let store = u.store();
     let version = || async {
         store.sessions(vec![(1, G)]).await.unwrap()[0]
             .as_ref()
