@@ -3065,3 +3065,66 @@ async fn a_refused_uplink_does_not_rewrite_the_members_slot() {
     drop(u);
     h.stop().await;
 }
+
+/// A write wakes the long polls of the gateways whose queues it appended
+/// to, and no others (every poll of every gateway used to re-read its
+/// queue on every write with downlink); and a poll held by one process
+/// sees records another process sharing the store appended, within its
+/// re-read period rather than at the end of its wait.
+async fn downlink_wakes_its_gateway_only_and_sees_other_processes(store_url: Option<String>) {
+    use std::future::Future;
+    use std::task::Poll;
+    let (h, a, b, _round, _challenge) = two_udcs_in_a_round(store_url, 1).await;
+    a.subscribe("gw-2", vec![G + 1]).await.unwrap();
+    let gw1 = a.downlink_waker("gw-1");
+    let gw2 = a.downlink_waker("gw-2");
+    let (n1, n2) = (gw1.notified(), gw2.notified());
+    tokio::pin!(n1);
+    tokio::pin!(n2);
+    n1.as_mut().enable();
+    n2.as_mut().enable();
+    open_psk_round(&a).await;
+    let woken1 = std::future::poll_fn(|cx| Poll::Ready(n1.as_mut().poll(cx).is_ready())).await;
+    let woken2 = std::future::poll_fn(|cx| Poll::Ready(n2.as_mut().poll(cx).is_ready())).await;
+    assert!(woken1, "gw-1's poll is woken");
+    assert!(!woken2, "gw-2's poll is not");
+
+    // The harness's process holds gw-1's poll; `b` appends. (The poll is
+    // sent first and a whole other request is answered before `b`
+    // appends, so the poll has read its empty queue by then; were it not,
+    // the test could only pass wrongly, never fail wrongly.)
+    let h = Arc::new(h);
+    let cursor = h.downlink(0).await.last().unwrap().0;
+    let started = std::time::Instant::now();
+    let poll = tokio::spawn({
+        let h = h.clone();
+        async move {
+            let path = format!("/v1/downlink?after={cursor}&wait_ms=25000");
+            h.call(Some("gw-1"), Method::GET, &path, Bytes::new()).await
+        }
+    });
+    h.downlink(0).await;
+    b.open_round(
+        G,
+        Mode::Psk,
+        dapgw::protocol::wire::Purpose::Auth,
+        Some(60_000),
+    )
+    .await
+    .unwrap();
+    let (status, _) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the other process's round arrives");
+    // Within the re-read period (2 s), not at the end of the 25 s wait.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let h = Arc::into_inner(h).unwrap();
+    h.stop().await;
+}
+
+on_both_stores!(
+    downlink_wakes_its_gateway_only_and_sees_other_processes,
+    "downlink_wake"
+);

@@ -249,6 +249,10 @@ async fn connection(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // A gateway needs a few streams (batches, tag replies, its long
+        // poll); hyper's default of 200 would let one certificate hold
+        // thousands of long polls per connection cap.
+        .max_concurrent_streams(MAX_GATEWAY_STREAMS)
         .max_header_list_size(16 * 1024)
         .keep_alive_interval(Some(limits.header_timeout))
         .keep_alive_timeout(limits.header_timeout);
@@ -484,9 +488,10 @@ async fn downlink(req: Request<Incoming>, state: &State, gateway: &str) -> Resp 
         (Err(r), _) | (_, Err(r)) => return r,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let waker = state.udc.downlink_waker(gateway);
     loop {
         // Register interest before reading so an append in between wakes us.
-        let notified = state.udc.downlink_notify.notified();
+        let notified = waker.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         match state.udc.downlink(gateway, after).await {
@@ -496,11 +501,24 @@ async fn downlink(req: Request<Incoming>, state: &State, gateway: &str) -> Resp 
             Ok(_) => {}
             Err(e) => return service_error(e),
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return bytes(StatusCode::NO_CONTENT, RECORDS, Bytes::new());
         }
+        // Woken by this process's appends to this gateway's queue; read
+        // again every DOWNLINK_RECHECK too, for appends by other processes
+        // sharing the store, which wake nothing here.
+        let _ = tokio::time::timeout_at(deadline.min(now + DOWNLINK_RECHECK), notified).await;
     }
 }
+
+/// Most concurrent HTTP/2 streams on one connection to the UDC.
+const MAX_GATEWAY_STREAMS: u32 = 64;
+
+/// How often a downlink long poll reads its queue again without being
+/// woken: appends by another UDC process on the same store reach the
+/// gateway within this time instead of at the end of its poll.
+const DOWNLINK_RECHECK: Duration = Duration::from_secs(2);
 
 async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp {
     if !state.limiter.allow(peer.ip(), state.opts.direct_per_second) {

@@ -314,7 +314,9 @@ pub struct Udc {
     /// Opened session slots this process wrote.
     slot_cache: std::sync::Mutex<SlotCache>,
     /// Woken whenever downlink records are appended.
-    pub(crate) downlink_notify: Notify,
+    /// Per gateway, what wakes its downlink long polls: a write that
+    /// appended to that gateway's queue (and nothing else).
+    downlink_wakers: std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// Test seam: awaited once just before the next judged write
     /// ([`Udc::before_next_batch_write`]).
     pre_write: std::sync::Mutex<Option<PreWrite>>,
@@ -454,7 +456,7 @@ impl Udc {
             rounds: Mutex::new(BTreeMap::new()),
             registry_cache: std::sync::Mutex::new(RegistryCache::default()),
             slot_cache: std::sync::Mutex::new(SlotCache::default()),
-            downlink_notify: Notify::new(),
+            downlink_wakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             pre_write: std::sync::Mutex::new(None),
             pre_rekey_write: std::sync::Mutex::new(None),
         })
@@ -1019,9 +1021,32 @@ impl Udc {
             .observe(t.elapsed().as_secs_f64());
         let applied = applied?;
         if has_downlink {
-            self.downlink_notify.notify_waiters();
+            self.wake_downlink(applied.downlink_heads.iter().map(|(g, _)| g.as_str()));
         }
         Ok(applied)
+    }
+
+    /// What a long poll of `gateway`'s downlink waits on: notified after
+    /// each write of this process that appends to that gateway's queue.
+    #[doc(hidden)]
+    pub fn downlink_waker(&self, gateway: &str) -> Arc<Notify> {
+        let mut map = self
+            .downlink_wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(gateway.to_string()).or_default().clone()
+    }
+
+    fn wake_downlink<'a>(&self, gateways: impl IntoIterator<Item = &'a str>) {
+        let map = self
+            .downlink_wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for g in gateways {
+            if let Some(n) = map.get(g) {
+                n.notify_waiters();
+            }
+        }
     }
 
     /// Applies the write of a judged batch. `Some(answer)` when another UDC
@@ -1826,7 +1851,7 @@ impl Udc {
             .set_subscriptions(gateway, groups, now_ms())
             .await?;
         if queued > 0 {
-            self.downlink_notify.notify_waiters();
+            self.wake_downlink([gateway]);
         }
         Ok(())
     }
