@@ -3128,3 +3128,72 @@ on_both_stores!(
     downlink_wakes_its_gateway_only_and_sees_other_processes,
     "downlink_wake"
 );
+
+/// Re-adding a member with fewer groups takes it out of the groups it no
+/// longer names as a revocation there would (a new epoch, its sessions
+/// erased, the others rekeyed), and keeps an imported key of the same key
+/// version (replaced by a derived one, the meter could not authenticate).
+async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Option<String>) {
+    use dapgw::udc::store::{KeySource, Sealed, Store};
+    let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let body = batch(
+        "gw-1",
+        1,
+        round,
+        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
+    )
+    .to_bytes();
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    let store = a.store();
+    let epoch = store.group(G).await.unwrap().unwrap().epoch;
+    // Member 2's key becomes an imported one (as a vendor import would).
+    let mut row = store
+        .members(vec![2])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let sealed = Sealed::new(vec![7; 44]);
+    row.key_source = KeySource::Imported(sealed.clone());
+    store
+        .apply_batch(dapgw::udc::store::BatchWrite {
+            members: vec![row],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.add_member(2, vec![G + 1], 1).await.unwrap();
+    assert!(store.group(G).await.unwrap().unwrap().epoch > epoch);
+    let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
+    let has_session =
+        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
+    assert_eq!(
+        slots.iter().map(has_session).collect::<Vec<_>>(),
+        vec![true, false, true],
+        "member 2 left group G: its session there is erased"
+    );
+    let row = store
+        .members(vec![2])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.groups, vec![G + 1]);
+    assert_eq!(
+        row.key_source,
+        KeySource::Imported(sealed),
+        "the imported key stays"
+    );
+    h.stop().await;
+}
+
+on_both_stores!(
+    re_adding_a_member_with_fewer_groups_rekeys_those_it_left,
+    "readd_fewer_groups"
+);

@@ -737,6 +737,8 @@ impl Udc {
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
     /// each, rekeying every member with a session, all in one transaction.
+    /// A re-added member keeps an imported key of the same `kv`, and each
+    /// group it no longer names gets a new epoch without it.
     pub async fn add_member(
         &self,
         id: u64,
@@ -749,21 +751,46 @@ impl Udc {
         groups.dedup();
         let _guard = self.lock.lock().await;
         let now = now_ms();
+        let stored = self.store.members(vec![id]).await?.pop().flatten();
+        // A re-added member keeps an imported (vendor) key of the same key
+        // version: replaced by a derived one, the meter could no longer
+        // authenticate.
+        let key_source = match &stored {
+            Some(row) if row.kv == kv => row.key_source.clone(),
+            _ => store::KeySource::Derived,
+        };
+        // The groups it leaves get a new epoch without it, as for a
+        // revocation in that group: its sessions there are erased and it
+        // cannot read what the group is sent next.
+        let left: Vec<u32> = stored
+            .as_ref()
+            .map(|row| {
+                row.groups
+                    .iter()
+                    .copied()
+                    .filter(|g| groups.binary_search(g).is_err())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut write = BatchWrite {
             now_ms: now,
             members: vec![store::MemberRow {
                 id,
                 groups: groups.clone(),
-                key_source: store::KeySource::Derived,
+                key_source,
                 kv,
                 status: store::MemberStatus::Active,
-                added_at_ms: now,
+                added_at_ms: stored.as_ref().map_or(now, |row| row.added_at_ms),
             }],
             ..BatchWrite::default()
         };
         let mut delta = 0;
         for g in groups {
             self.rekey_into(&mut write, &mut delta, g, None).await?;
+        }
+        for g in left {
+            self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
+                .await?;
         }
         self.apply(write).await?;
         self.metrics.sessions_active.add(delta);
