@@ -3197,3 +3197,58 @@ on_both_stores!(
     re_adding_a_member_with_fewer_groups_rekeys_those_it_left,
     "readd_fewer_groups"
 );
+
+/// A refused uplink's judgement rests on the member's slot as read: if
+/// another process changes that slot before the write (here it accepts
+/// the member's next reading), the write fails (busy, retried) rather than
+/// file a refusal judged on a stale slot; the retry is judged afresh.
+async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    let h = Harness::start(store_url).await;
+    let mut members = vec![h.real_member(1)];
+    let r = h.auth_round(1).await;
+    let entries = answer(&mut members, &r.challenge, b"");
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
+        members[0].handle_confirm(&msg).unwrap().persisted();
+    }
+    let a = udc::build(&h.config).await.unwrap();
+    let b = udc::build(&h.config).await.unwrap();
+    let direct = |up: &Uplink| {
+        Direct::new(&DirectInner::Uplink(up.clone()), aggregate([&up.tag])).to_bytes()
+    };
+    let mut seal = |text: &[u8]| {
+        Uplink::decode(
+            &members[0]
+                .seal_uplink(GroupId(G), UplinkKind::Reading, text)
+                .unwrap()
+                .persisted(),
+        )
+        .unwrap()
+    };
+    let mut forged = seal(b"1 Wh");
+    let honest = seal(b"2 Wh");
+    let mut c = forged.c.to_vec();
+    c[0] ^= 1;
+    forged.c = Bytes::from(c);
+    let forged = direct(&forged);
+    let honest = direct(&honest);
+    a.before_next_batch_write(async move {
+        b.handle_direct(honest).await.unwrap();
+    });
+    let err = a.handle_direct(forged.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    // The retry is judged on the slot as it is now, and refused.
+    assert!(matches!(
+        a.handle_direct(forged).await,
+        Err(ServiceError::BadRequest(_))
+    ));
+    drop(a);
+    h.stop().await;
+}
+
+on_both_stores!(
+    a_refusal_judged_on_a_slot_changed_meanwhile_is_retried,
+    "refusal_stale_slot"
+);
