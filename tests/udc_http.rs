@@ -2628,7 +2628,7 @@ async fn slot_cache_misses_after_a_rekey_and_after_a_failed_batch() {
 
     // The rekey loads the three slots the batch wrote (hits) and rewrites
     // them: the next round's batch misses all three.
-    a.add_member(4, vec![G], 1).await.unwrap();
+    a.add_member(4, vec![G], Some(1)).await.unwrap();
     assert_eq!(slot_counts(&a), (3.0, 0.0));
     let (r2, ch2) = open_psk_round(&a).await;
     let v = a
@@ -3016,10 +3016,9 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
 /// on every refused entry let any client make honest batches that another
 /// UDC process was judging for that member conflict (503). An accepted
 /// uplink still moves the slot.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_uplink_does_not_rewrite_the_members_slot() {
+async fn a_refused_uplink_does_not_rewrite_the_members_slot(store_url: Option<String>) {
     use dapgw::udc::store::Store;
-    let h = Harness::start(None).await;
+    let h = Harness::start(store_url).await;
     let mut members = vec![h.real_member(1)];
     let r = h.auth_round(1).await;
     let entries = answer(&mut members, &r.challenge, b"");
@@ -3065,6 +3064,11 @@ async fn a_refused_uplink_does_not_rewrite_the_members_slot() {
     drop(u);
     h.stop().await;
 }
+
+on_both_stores!(
+    a_refused_uplink_does_not_rewrite_the_members_slot,
+    "refused_uplink_slot"
+);
 
 /// A write wakes the long polls of the gateways whose queues it appended
 /// to, and no others (every poll of every gateway used to re-read its
@@ -3131,8 +3135,9 @@ on_both_stores!(
 
 /// Re-adding a member with fewer groups takes it out of the groups it no
 /// longer names as a revocation there would (a new epoch, its sessions
-/// erased, the others rekeyed), and keeps an imported key of the same key
-/// version (replaced by a derived one, the meter could not authenticate).
+/// erased, the others rekeyed), and keeps its key version and an imported
+/// key (replaced by a derived one of version 1, the meter could not
+/// authenticate).
 async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Option<String>) {
     use dapgw::udc::store::{KeySource, Sealed, Store};
     let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
@@ -3160,6 +3165,7 @@ async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Op
         .unwrap();
     let sealed = Sealed::new(vec![7; 44]);
     row.key_source = KeySource::Imported(sealed.clone());
+    row.kv = 2;
     store
         .apply_batch(dapgw::udc::store::BatchWrite {
             members: vec![row],
@@ -3167,7 +3173,7 @@ async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Op
         })
         .await
         .unwrap();
-    a.add_member(2, vec![G + 1], 1).await.unwrap();
+    a.add_member(2, vec![G + 1], None).await.unwrap();
     assert!(store.group(G).await.unwrap().unwrap().epoch > epoch);
     let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
     let has_session =
@@ -3190,6 +3196,7 @@ async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Op
         KeySource::Imported(sealed),
         "the imported key stays"
     );
+    assert_eq!(row.kv, 2, "the key version stays when none is named");
     h.stop().await;
 }
 

@@ -614,6 +614,10 @@ async fn attach(
         let unavailable = || Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1);
         tokio::spawn(async move {
             let ctx = task_ctx;
+            // Room again, just before the write: another attach may have
+            // taken it since the check above (the spool would then hold a
+            // member the registry refuses).
+            ctx.attached.would_change(member, &groups).map_err(full)?;
             ctx.spool
                 .set_attached(member, &groups, now)
                 .await
@@ -715,17 +719,14 @@ async fn uplink(
     let task_ctx = Arc::clone(ctx);
     let source = source.map(|s| s.0);
     let (id, collected) =
-        tokio::spawn(async move { store_and_collect(&task_ctx, entry, source, msg).await })
+        tokio::spawn(async move { store_and_collect(&task_ctx, entry, kind, source, msg).await })
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "member entry hand-off failed");
                 Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
             })??;
     match collected {
-        Ok(collected) => {
-            if collected == Collected::New {
-                ctx.metrics.uplink_entries.get(kind).inc();
-            }
+        Ok(_) => {
             // The hot path: formatted directly, not through a JSON value.
             Ok(reply(
                 StatusCode::ACCEPTED,
@@ -745,8 +746,6 @@ async fn uplink(
     }
 }
 
-/// Spools and collects a response the misbehaving gateway made up, as if
-/// its member had posted it (see [`super::misbehave`]).
 /// Refuses a downlink cursor past every cursor this gateway's spool has
 /// handed out (409 `cursor_ahead`): it came from a spool that was replaced
 /// or from another gateway, and waiting for this spool to pass it would
@@ -766,15 +765,20 @@ async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
     if after <= committed {
         return Ok(());
     }
-    Err(Refusal::error(
-        StatusCode::CONFLICT,
-        "cursor_ahead",
-        format!(
-            "cursor {after} is past this gateway's downlink, which ends at {committed}: it \
+    // Retry-After: a client that does not know this answer and polls
+    // again at once is slowed down.
+    Err(Refusal {
+        retry_after: Some(1),
+        ..Refusal::error(
+            StatusCode::CONFLICT,
+            "cursor_ahead",
+            format!(
+                "cursor {after} is past this gateway's downlink, which ends at {committed}: it \
              came from a replaced spool or another gateway; read again from 0 (records \
              already handled come again, and the protocol refuses them as stale)"
-        ),
-    ))
+            ),
+        )
+    })
 }
 
 /// Stores `entry` durably and hands `msg` to the collector: the id, and
@@ -782,6 +786,7 @@ async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
 async fn store_and_collect(
     ctx: &Ctx,
     entry: NewEntry,
+    kind: EntryKind,
     source: Option<[u8; 16]>,
     msg: MemberMessage,
 ) -> Result<(EntryId, Result<Collected, SubmitError>), Refusal> {
@@ -803,9 +808,15 @@ async fn store_and_collect(
         ctx.collector.collect(msg, appended.id).await
     };
     update_spool_gauges(&ctx.spool, &ctx.metrics);
+    // Counted here, so an entry whose client went away is counted too.
+    if let Ok(Collected::New) = collected {
+        ctx.metrics.uplink_entries.get(kind).inc();
+    }
     Ok((appended.id, collected))
 }
 
+/// Spools and collects a response the misbehaving gateway made up, as if
+/// its member had posted it (see [`super::misbehave`]).
 async fn relay_invented(ctx: &Ctx, r: crate::protocol::wire::Response) {
     let entry = NewEntry {
         stream: StreamKey::Round {

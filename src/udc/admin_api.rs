@@ -541,14 +541,13 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             if b.groups.is_empty() {
                 return Err(bad("groups must not be empty"));
             }
-            let kv = b.kv.unwrap_or(1);
-            if kv == 0 {
+            if b.kv == Some(0) {
                 return Err(bad("kv must be at least 1"));
             }
             let mut groups = b.groups;
             groups.sort_unstable();
             groups.dedup();
-            udc.add_member(b.id, groups.clone(), kv)
+            udc.add_member(b.id, groups.clone(), b.kv)
                 .await
                 .map_err(svc_err)?;
             Ok(json_resp(
@@ -630,7 +629,13 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let sessions = by_member.remove(&r.id).unwrap_or_default();
-                let last_auth = sessions.iter().map(|s| s.last_auth_ms).max();
+                // 0: a slot written without an authentication (a
+                // revocation's empty slot for a member that had none).
+                let last_auth = sessions
+                    .iter()
+                    .map(|s| s.last_auth_ms)
+                    .filter(|&t| t > 0)
+                    .max();
                 out.push(json!({
                     "id": r.id,
                     "groups": r.groups,

@@ -737,13 +737,14 @@ impl Udc {
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
     /// each, rekeying every member with a session, all in one transaction.
-    /// A re-added member keeps an imported key of the same `kv`, and each
-    /// group it no longer names gets a new epoch without it.
+    /// A re-added member keeps its key version unless `kv` names another
+    /// (a new member starts at 1), keeps an imported key of that version,
+    /// and each group it no longer names gets a new epoch without it.
     pub async fn add_member(
         &self,
         id: u64,
         mut groups: Vec<u32>,
-        kv: u32,
+        kv: Option<u32>,
     ) -> Result<(), ServiceError> {
         // One rekey per group: a group named twice would be two
         // compare-and-set writes of the same group row.
@@ -752,6 +753,8 @@ impl Udc {
         let _guard = self.lock.lock().await;
         let now = now_ms();
         let stored = self.store.members(vec![id]).await?.pop().flatten();
+        // Unnamed, the key version stays what it is (1 for a new member).
+        let kv = kv.or(stored.as_ref().map(|row| row.kv)).unwrap_or(1);
         // A re-added member keeps an imported (vendor) key of the same key
         // version: replaced by a derived one, the meter could no longer
         // authenticate.
@@ -762,8 +765,10 @@ impl Udc {
         // The groups it leaves get a new epoch without it, as for a
         // revocation in that group: its sessions there are erased and it
         // cannot read what the group is sent next.
+        // (A revoked member was taken out of all its groups already.)
         let left: Vec<u32> = stored
             .as_ref()
+            .filter(|row| row.status != store::MemberStatus::Revoked)
             .map(|row| {
                 row.groups
                     .iter()

@@ -443,9 +443,29 @@ type Cache = HashMap<&'static str, Statement>;
 async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
     let Conn { client, stmts } = conn;
     let tx = client.transaction().await?;
-    let applied = apply_tx(&tx, stmts, w).await?;
-    tx.commit().await?;
+    let applied = apply_tx(&tx, stmts, w)
+        .await
+        .map_err(conflict_if_deadlock)?;
+    tx.commit()
+        .await
+        .map_err(|e| conflict_if_deadlock(e.into()))?;
     Ok(applied)
+}
+
+/// A deadlock PostgreSQL broke (or a serialization failure) as the
+/// conflict it is: two writes of the same rows in different orders (a
+/// slot one write checks and another changes, and the other way round).
+/// The caller retries, like any compare-and-set conflict (503 `busy`).
+fn conflict_if_deadlock(e: StoreError) -> StoreError {
+    use tokio_postgres::error::SqlState;
+    if let StoreError::Postgres(pg) = &e
+        && pg.code().is_some_and(|c| {
+            *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        })
+    {
+        return StoreError::Conflict("concurrent write (deadlock)");
+    }
+    e
 }
 
 /// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
@@ -467,22 +487,34 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("group epoch"));
         }
     }
-    for c in &w.slot_checks {
-        // FOR SHARE: a write of this slot by another process waits for
-        // this commit, so the judgement made on it stays the one applied
-        // first.
+    if !w.slot_checks.is_empty() {
+        // One query per group, rows locked in member order. FOR SHARE: a
+        // write of these slots by another process waits for this commit,
+        // so the judgement made on them stays the one applied first.
+        let mut checks = w.slot_checks.clone();
+        checks.sort_unstable_by_key(|c| (c.group, c.member));
         let st = prep(
             tx,
             stmts,
-            "SELECT version FROM sessions WHERE member = $1 AND grp = $2 FOR SHARE",
+            "SELECT member, version FROM sessions WHERE grp = $1 AND member = ANY($2) \
+             ORDER BY member FOR SHARE",
         )
         .await?;
-        let row = tx
-            .query_opt(&st, &[&i(c.member), &i64::from(c.group)])
-            .await?;
-        let stored: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
-        if stored != Some(i(c.version)) {
-            return Err(StoreError::Conflict("session slot"));
+        for group in checks.chunk_by(|a, b| a.group == b.group) {
+            let members: Vec<i64> = group.iter().map(|c| i(c.member)).collect();
+            let rows = tx
+                .query(&st, &[&i64::from(group[0].group), &members])
+                .await?;
+            let mut stored = std::collections::HashMap::with_capacity(rows.len());
+            for r in rows {
+                stored.insert(r.try_get::<_, i64>(0)?, r.try_get::<_, i64>(1)?);
+            }
+            if group
+                .iter()
+                .any(|c| stored.get(&i(c.member)) != Some(&i(c.version)))
+            {
+                return Err(StoreError::Conflict("session slot"));
+            }
         }
     }
     if let Some(v) = &w.verdict {
