@@ -545,13 +545,33 @@ async fn agent_round_readings_update_and_restart() {
     wait(&f, "re-attach", |s| count(&s.attached) == 3).await;
     fake.publish(Audience::Group, G, challenge);
     wait(&f, "resends", |s| count(&s.responses_resent) >= 3).await;
-    fake.wait_uplinks(before + 3).await;
-    let resent: BTreeMap<u64, Bytes> = fake.uplinks()[before..]
-        .iter()
-        .filter(|b| b.get(1) == Some(&0x02))
-        .map(|b| (u64::from_be_bytes(b[2..10].try_into().unwrap()), b.clone()))
-        .collect();
+    // The group message comes again too (each member's stored cursor is
+    // from before it): its ack is sent again, byte for byte.
+    let mut n = before + 3;
+    let resent: BTreeMap<u64, Bytes> = loop {
+        fake.wait_uplinks(n).await;
+        let resent: BTreeMap<u64, Bytes> = fake.uplinks()[before..]
+            .iter()
+            .filter(|b| b.get(1) == Some(&0x02))
+            .map(|b| (u64::from_be_bytes(b[2..10].try_into().unwrap()), b.clone()))
+            .collect();
+        if resent.len() == responses.len() {
+            break resent;
+        }
+        n += 1;
+    };
     assert_eq!(resent, responses);
+    let sent_before: std::collections::HashSet<Bytes> =
+        fake.uplinks()[..before].iter().cloned().collect();
+    for b in fake.uplinks()[before..]
+        .iter()
+        .filter(|b| b.get(1) != Some(&0x02))
+    {
+        assert!(
+            sent_before.contains(b),
+            "a re-sent ack differs from the first"
+        );
+    }
     assert_eq!(count(&f.stats().rounds_answered), 0);
 
     f.send_reading(1).await.unwrap();

@@ -719,6 +719,12 @@ impl Agent {
                 let seq = GroupMessage::decode(&r.message).ok().map(|m| m.seq);
                 let id = self.credential.id;
                 match self.member.handle_group_message(&r.message) {
+                    Ok(out) if out.event().resent => {
+                        // Applied before (a record replayed after a
+                        // restart): its ack again, byte for byte.
+                        let ack = out.persisted();
+                        self.send_uplink(ack, "ack").await;
+                    }
                     Ok(out) => {
                         // Applying the update is recording it; then persist.
                         let ev = out.event();

@@ -249,8 +249,14 @@ pub struct GroupUpdate {
     pub epoch: u64,
     /// Its seq, now the last applied.
     pub seq: u64,
-    /// The plaintext update (configuration), to apply idempotently.
+    /// The plaintext update (configuration), to apply idempotently; empty
+    /// when `resent`.
     pub payload: Zeroizing<Vec<u8>>,
+    /// The last message applied, delivered again (a downlink replayed
+    /// after a crash, a gateway re-sending): nothing to apply, nothing
+    /// changes, and the message to send is the ack sent for it the first
+    /// time, byte for byte.
+    pub resent: bool,
 }
 
 impl core::fmt::Debug for GroupUpdate {
@@ -260,6 +266,7 @@ impl core::fmt::Debug for GroupUpdate {
             .field("epoch", &self.epoch)
             .field("seq", &self.seq)
             .field("payload_len", &self.payload.len())
+            .field("resent", &self.resent)
             .finish()
     }
 }
@@ -589,6 +596,11 @@ impl Member {
     /// state records the seq as applied (and reserves counters if needed).
     /// Apply the update (idempotently) before persisting, so a crash in
     /// between makes the member apply it again rather than lose it.
+    ///
+    /// The last message applied, delivered again byte for byte, is not
+    /// refused as stale: its event says `resent` (nothing to apply), no
+    /// state changes, and its message is the ack sent the first time, so
+    /// an ack lost before it reached V is sent again unchanged.
     pub fn handle_group_message(
         &mut self,
         bytes: &[u8],
@@ -600,6 +612,25 @@ impl Member {
             .groups
             .get(&m.group)
             .ok_or(MemberError::NotOurGroup(m.group))?;
+        let message_hash: [u8; 32] = Sha256::digest(&bytes).into();
+        // The last message applied, byte for byte (so authentic: it was
+        // verified when applied): its ack again, as first sealed. An ack
+        // lost to a crash before it left, or to failed sends, is not lost
+        // for good; no counter is used.
+        if let (Some(seq), Some(sent)) = (group.applied_seq, &group.applied_ack)
+            && seq == m.seq
+            && sent.message_hash == message_hash
+        {
+            let ack = sent.ack.clone();
+            let update = GroupUpdate {
+                group: m.group,
+                epoch: m.epoch,
+                seq: m.seq,
+                payload: Zeroizing::new(Vec::new()),
+                resent: true,
+            };
+            return Ok(Outbox::new(self, None, ack, update));
+        }
         let session = group
             .session
             .as_ref()
@@ -654,7 +685,7 @@ impl Member {
             group: m.group,
             epoch: m.epoch,
             seq: m.seq,
-            message_hash: Sha256::digest(&bytes).into(),
+            message_hash,
         };
         let msg = seal_uplink_in(
             session,
@@ -676,6 +707,10 @@ impl Member {
         let mut next = Box::new(self.state.clone());
         if let Some(g) = next.groups.get_mut(&m.group) {
             g.applied_seq = Some(m.seq);
+            g.applied_ack = Some(state::AppliedAck {
+                message_hash,
+                ack: msg.clone(),
+            });
             if let Some(s) = g.session.as_mut() {
                 reserve_counter(s, ctr);
             }
@@ -685,6 +720,7 @@ impl Member {
             epoch: m.epoch,
             seq: m.seq,
             payload,
+            resent: false,
         };
         Ok(Outbox::new(self, Some(next), msg, update))
     }

@@ -15,12 +15,17 @@ use super::MemberError;
 use crate::protocol::codec::{DecodeError, Reader, put_opt_flag, put_vec16};
 use crate::protocol::keys::{MemberKey, SessionKeys};
 use crate::protocol::suite::{Iv12, Key16, Secret, VerifyingKey, ct_eq};
-use crate::protocol::wire::{GroupId, MAX_DIRECT_INNER, MemberId, Mode, Response, SessionId};
+use crate::protocol::wire::{
+    GroupId, MAX_DIRECT_INNER, MemberId, Mode, Response, SessionId, Uplink, UplinkKind,
+};
 
 /// First bytes of every encoded state.
 const MAGIC: &[u8; 4] = b"dgms";
-/// Version of the state encoding described on [`MemberState`].
-const FORMAT: u8 = 1;
+/// Version of the state encoding described on [`MemberState`]. Format 1
+/// (no stored ack) is still read.
+const FORMAT: u8 = 2;
+/// Longest stored ack: an Uplink of an ack's 52-byte payload (with room).
+pub(super) const MAX_ACK_LEN: usize = 256;
 /// Label hashed in front of the state to form its checksum.
 const CHECKSUM_LABEL: &[u8] = b"dapgw v1 member state";
 /// Length of the trailing checksum.
@@ -37,7 +42,7 @@ pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 /// never printed; the encoding holds them in the clear, so the caller stores
 /// it where the meter keeps its root key.
 ///
-/// # Encoding, format 1
+/// # Encoding, format 2
 ///
 /// Big-endian integers, `opt<T>` a `u8` flag 0/1 then `T`, `vec16` a `u16`
 /// length then bytes, as in docs/protocol.md. The encoding is canonical:
@@ -45,7 +50,7 @@ pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 ///
 /// ```text
 /// magic        [4]   "dgms"
-/// format       u8    = 1
+/// format       u8    = 2 (1 is read too: no applied_ack)
 /// id           u64   member id
 /// kv           u32   version of root_key
 /// root_key     [32]  current member root key K_i (secret)
@@ -58,9 +63,12 @@ pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 /// OnlineKey    = key_id u32 | key_version u32 | public_key [32]
 /// GroupState   = group u32
 ///              | applied_seq   opt<u64>   last group-message seq applied
+///              | applied_ack   opt<AppliedAck>  (format 2; only with applied_seq)
 ///              | announced_seq u64        highest group_seq in an answered challenge
 ///              | answered      opt<Answered>
 ///              | session       opt<Session>
+/// AppliedAck   = message_hash [32]      SHA-256 of that group message
+///              | ack vec16                the exact ack Uplink sent (cap 256)
 /// Answered     = round u64                last round answered
 ///              | ch_hash [32]             SHA-256 of that challenge
 ///              | response vec16           the exact Response sent (cap 1,117)
@@ -113,6 +121,9 @@ pub(crate) struct OnlineKey {
 pub(crate) struct GroupState {
     /// Last group-message seq applied; only a higher one is accepted.
     pub(crate) applied_seq: Option<u64>,
+    /// The message of `applied_seq` (its hash) and the ack sent for it:
+    /// the same message again gets the same ack bytes again.
+    pub(crate) applied_ack: Option<AppliedAck>,
     /// Highest seq announced by a verified challenge: older group messages
     /// are superseded even if never applied.
     pub(crate) announced_seq: u64,
@@ -121,6 +132,15 @@ pub(crate) struct GroupState {
     pub(crate) answered: Option<Answered>,
     /// The current session, from the last confirm opened.
     pub(crate) session: Option<Session>,
+}
+
+/// The last group message applied and the ack sealed for it.
+#[derive(Clone, Debug)]
+pub(crate) struct AppliedAck {
+    /// SHA-256 of the group message's bytes.
+    pub(crate) message_hash: [u8; 32],
+    /// The ack Uplink, byte for byte.
+    pub(crate) ack: Bytes,
 }
 
 /// The last round a member answered in a group.
@@ -188,9 +208,15 @@ impl MemberState {
 
     /// The canonical encoding (see the type's doc). Holds secrets.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        self.encode(FORMAT)
+    }
+
+    /// The encoding in `format` (1 drops the stored acks; for tests of
+    /// reading format 1).
+    pub(super) fn encode(&self, format: u8) -> Zeroizing<Vec<u8>> {
         let mut out = BytesMut::with_capacity(self.encoded_len_hint());
         out.put_slice(MAGIC);
-        out.put_u8(FORMAT);
+        out.put_u8(format);
         out.put_u64(self.id.0);
         out.put_u32(self.kv);
         out.put_slice(self.root_key.expose());
@@ -204,7 +230,7 @@ impl MemberState {
         // The group count is capped at construction and decoding.
         out.put_u16(self.groups.len() as u16);
         for (g, s) in &self.groups {
-            encode_group(&mut out, *g, s);
+            encode_group(&mut out, *g, s, format);
         }
         let sum = checksum(&out);
         out.put_slice(&sum);
@@ -262,11 +288,19 @@ fn decode_where(e: DecodeError) -> &'static str {
     }
 }
 
-fn encode_group(out: &mut BytesMut, g: GroupId, s: &GroupState) {
+fn encode_group(out: &mut BytesMut, g: GroupId, s: &GroupState, format: u8) {
     out.put_u32(g.0);
     put_opt_flag(out, s.applied_seq.is_some());
     if let Some(seq) = s.applied_seq {
         out.put_u64(seq);
+    }
+    if format >= 2 {
+        let ack = s.applied_ack.as_ref().filter(|_| s.applied_seq.is_some());
+        put_opt_flag(out, ack.is_some());
+        if let Some(a) = ack {
+            out.put_slice(&a.message_hash);
+            put_vec16(out, &a.ack);
+        }
     }
     out.put_u64(s.announced_seq);
     put_opt_flag(out, s.answered.is_some());
@@ -308,7 +342,8 @@ fn decode_body(src: &Bytes) -> Result<MemberState, DecodeError> {
     if r.take(4, "state.magic")? != MAGIC {
         return Err(DecodeError::Invalid("state.magic"));
     }
-    if r.u8("state.format")? != FORMAT {
+    let format = r.u8("state.format")?;
+    if format != FORMAT && format != 1 {
         return Err(DecodeError::Invalid("state.format"));
     }
     let id = MemberId(r.u64("state.id")?);
@@ -335,7 +370,7 @@ fn decode_body(src: &Bytes) -> Result<MemberState, DecodeError> {
     let mut groups = BTreeMap::new();
     let mut last: Option<GroupId> = None;
     for _ in 0..n {
-        let (g, s) = decode_group(&mut r, id)?;
+        let (g, s) = decode_group(&mut r, id, format)?;
         if last.is_some_and(|l| g <= l) {
             return Err(DecodeError::Invalid("state.group order"));
         }
@@ -365,9 +400,26 @@ fn read_opt_u64(r: &mut Reader<'_>, what: &'static str) -> Result<Option<u64>, D
     }
 }
 
-fn decode_group(r: &mut Reader<'_>, id: MemberId) -> Result<(GroupId, GroupState), DecodeError> {
+fn decode_group(
+    r: &mut Reader<'_>,
+    id: MemberId,
+    format: u8,
+) -> Result<(GroupId, GroupState), DecodeError> {
     let g = GroupId(r.u32("state.group")?);
     let applied_seq = read_opt_u64(r, "state.group.applied_seq")?;
+    let applied_ack = if format >= 2 && r.opt_flag("state.group.applied_ack")? {
+        let message_hash = r.array("state.applied_ack.message_hash")?;
+        let ack = Bytes::copy_from_slice(&r.vec16(MAX_ACK_LEN, "state.applied_ack.ack")?);
+        let sent =
+            Uplink::decode(&ack).map_err(|_| DecodeError::Invalid("state.applied_ack.ack"))?;
+        if applied_seq.is_none() || sent.id != id || sent.group != g || sent.kind != UplinkKind::Ack
+        {
+            return Err(DecodeError::Invalid("state.applied_ack"));
+        }
+        Some(AppliedAck { message_hash, ack })
+    } else {
+        None
+    };
     let announced_seq = r.u64("state.group.announced_seq")?;
     let answered = if r.opt_flag("state.group.answered")? {
         let round = r.u64("state.answered.round")?;
@@ -442,6 +494,7 @@ fn decode_group(r: &mut Reader<'_>, id: MemberId) -> Result<(GroupId, GroupState
         g,
         GroupState {
             applied_seq,
+            applied_ack,
             announced_seq,
             answered,
             session,

@@ -1014,29 +1014,48 @@ fn group_messages_are_checked_in_order_and_acked() {
     assert_eq!(out.event().payload.as_slice(), b"tariff=2");
     assert_eq!((out.event().seq, out.event().epoch), (3, 1));
     assert!(out.state().is_some(), "the applied seq is persisted first");
-    let ack = f.disk.commit(out);
-    let (u, plain) = open_uplink(&f.keys, &ack);
+    let first_ack = f.disk.commit(out);
+    let (u, plain) = open_uplink(&f.keys, &first_ack);
     assert_eq!(u.kind, UplinkKind::Ack);
     let ack = AckPayload::decode(&plain).unwrap();
     assert_eq!((ack.group, ack.epoch, ack.seq), (G, 1, 3));
     assert_eq!(ack.message_hash, <[u8; 32]>::from(Sha256::digest(&m)));
 
-    // Replayed: stale seq. Then the next seq works, and uses the next ctr.
-    assert_eq!(
-        f.member.handle_group_message(&m).map(|_| ()),
-        Err(MemberError::StaleSeq { seq: 3, applied: 3 })
-    );
+    // The same message again (a replayed downlink, the first ack lost):
+    // the first ack, byte for byte, with no state change and no counter.
+    let again = f.member.handle_group_message(&m).unwrap();
+    assert!(again.event().resent && again.event().payload.is_empty());
+    assert!(again.state().is_none(), "nothing changes");
+    assert_eq!(again.persisted(), first_ack);
+    // An older seq is still stale. Then the next seq works, and uses the
+    // next ctr.
+    let m2 = f.v.group_message(G, 1, 2, 2, &gk, b"tariff=1");
+    assert!(matches!(
+        f.member.handle_group_message(&m2),
+        Err(MemberError::StaleSeq { seq: 2, applied: 3 })
+    ));
     let m4 = f.v.group_message(G, 1, 4, 2, &gk, b"tariff=3");
-    let (u, _) = open_uplink(
-        &f.keys,
-        &f.disk.commit(f.member.handle_group_message(&m4).unwrap()),
-    );
+    let m4_ack = f.disk.commit(f.member.handle_group_message(&m4).unwrap());
+    let (u, _) = open_uplink(&f.keys, &m4_ack);
     assert_eq!(u.ctr, 2);
-    // A reboot remembers the applied seq.
+    // A reboot remembers the applied seq and its ack: m4 again gets m4's
+    // ack, m (older) is stale.
     let cred = f.v.credential(ID, &[G.0, G2.0]);
     let mut rebooted = Member::restore(&cred, f.disk.state.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        rebooted.handle_group_message(&m4).unwrap().persisted(),
+        m4_ack
+    );
     assert!(matches!(
-        rebooted.handle_group_message(&m4),
+        rebooted.handle_group_message(&m),
+        Err(MemberError::StaleSeq { .. })
+    ));
+    // A state stored in format 1 (before acks were kept) still restores:
+    // the applied seq is kept, and the same message is then stale.
+    let old = rebooted.state.encode(1);
+    let mut from_v1 = Member::restore(&cred, &old).unwrap();
+    assert!(matches!(
+        from_v1.handle_group_message(&m4),
         Err(MemberError::StaleSeq { .. })
     ));
 }
@@ -1269,9 +1288,9 @@ fn with_checksum(mut body: Vec<u8>) -> Vec<u8> {
 fn structurally_invalid_state_is_refused_even_with_a_good_checksum() {
     let (cred, bytes) = rich_state();
     let body = &bytes[..bytes.len() - 16];
-    // Format version 2.
+    // Format version 3 (1 and 2 are read).
     let mut b = body.to_vec();
-    b[4] = 2;
+    b[4] = 3;
     assert_eq!(
         Member::restore(&cred, &with_checksum(b)).map(|_| ()),
         Err(MemberError::BadState("state.format"))
