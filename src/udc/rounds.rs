@@ -109,6 +109,9 @@ pub async fn run_schedules(udc: &Udc, now_ms: u64) -> Result<Vec<(u32, u64)>, Se
     Ok(opened)
 }
 
+/// Times a scheduled round is tried again after a conflict.
+const SCHEDULE_RETRIES: u32 = 3;
+
 /// Claims schedule `s`'s due slot and opens its round; `None` when another
 /// process claimed it first.
 async fn run_schedule(
@@ -129,9 +132,22 @@ async fn run_schedule(
     };
     // A scheduled round stays open for most of its period.
     let duration = every.saturating_mul(9) / 10;
-    let round = udc
-        .open_round(s.group, s.mode, purpose, Some(duration))
-        .await?;
+    // The slot is claimed: a transient conflict (another process changed
+    // the group between this one's read and write) is retried at once,
+    // not left to skip the period.
+    let mut attempt = 0;
+    let round = loop {
+        match udc
+            .open_round(s.group, s.mode, purpose.clone(), Some(duration))
+            .await
+        {
+            Err(ServiceError::Busy(why)) if attempt < SCHEDULE_RETRIES => {
+                attempt += 1;
+                tracing::debug!(schedule = s.id, group = s.group, %why, "scheduled round busy; again");
+            }
+            res => break res?,
+        }
+    };
     tracing::info!(
         group = s.group,
         round,
@@ -163,15 +179,41 @@ mod tests {
     async fn udc(dir: &Path) -> Arc<Udc> {
         let keys = dir.join("keys");
         keys_cmd::init(&keys).unwrap();
-        let config = UdcConfig {
+        crate::udc::build(&config(dir)).await.unwrap()
+    }
+
+    /// The configuration of [`udc`] in `dir` (keys made already).
+    fn config(dir: &Path) -> UdcConfig {
+        let keys = dir.join("keys");
+        UdcConfig {
             store_url: SecretUrl::new(format!("sqlite://{}", dir.join("udc.sqlite3").display())),
             master_secret_file: keys.join(files::MASTER),
             storage_key_file: keys.join(files::STORAGE),
             signing_key_file: keys.join(files::SIGNING),
             key_cert_file: keys.join(files::SIGNING_CERT),
             ..UdcConfig::default()
-        };
-        crate::udc::build(&config).await.unwrap()
+        }
+    }
+
+    /// Another process on the same store changes the group between the
+    /// scheduled opening's read and its write: the write conflicts (busy),
+    /// and the schedule tries again at once instead of skipping its period.
+    #[tokio::test]
+    async fn a_scheduled_round_that_conflicts_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = udc(dir.path()).await;
+        let b = crate::udc::build(&config(dir.path())).await.unwrap();
+        a.open_round(8, Mode::Psk, Purpose::Auth, Some(60_000))
+            .await
+            .unwrap();
+        schedule(&a, 8).await;
+        a.before_next_round_write(async move {
+            b.open_round(8, Mode::Psk, Purpose::Auth, Some(60_000))
+                .await
+                .unwrap();
+        });
+        let opened = run_schedules(&a, now_ms()).await.unwrap();
+        assert_eq!(opened, [(8, 3)], "b opened round 2 in between");
     }
 
     /// Group `group` exists but its sealed state cannot be opened (as if

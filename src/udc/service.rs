@@ -322,6 +322,8 @@ pub struct Udc {
     pre_write: std::sync::Mutex<Option<PreWrite>>,
     /// Test seam: see [`Udc::before_next_rekey_write`].
     pre_rekey_write: std::sync::Mutex<Option<PreWrite>>,
+    /// Test seam: see [`Udc::before_next_round_write`].
+    pre_round_write: std::sync::Mutex<Option<PreWrite>>,
 }
 
 /// The hash map of the per-member caches: foldhash, for keys a gateway can
@@ -459,6 +461,7 @@ impl Udc {
             downlink_wakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             pre_write: std::sync::Mutex::new(None),
             pre_rekey_write: std::sync::Mutex::new(None),
+            pre_round_write: std::sync::Mutex::new(None),
         })
     }
 
@@ -478,6 +481,15 @@ impl Udc {
     #[doc(hidden)]
     pub fn before_next_rekey_write(&self, f: impl Future<Output = ()> + Send + 'static) {
         if let Ok(mut slot) = self.pre_rekey_write.lock() {
+            *slot = Some(Box::pin(f));
+        }
+    }
+
+    /// Runs `f` once, after the next round opening has read its group but
+    /// before its write (see [`Udc::before_next_batch_write`]).
+    #[doc(hidden)]
+    pub fn before_next_round_write(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut slot) = self.pre_round_write.lock() {
             *slot = Some(Box::pin(f));
         }
     }
@@ -1032,6 +1044,14 @@ impl Udc {
             }],
             ..BatchWrite::default()
         };
+        let hook = self
+            .pre_round_write
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take());
+        if let Some(hook) = hook {
+            hook.await;
+        }
         self.apply(write).await?;
         let no = round.round;
         self.rounds.lock().await.insert((group, no), round);
