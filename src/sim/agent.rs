@@ -23,7 +23,8 @@
 //! `"DSIM" | version u8 = 1 | cursor u64 | member state`. The cursor stored
 //! is the last record fully handled *before* the change, so a crash between
 //! storing and sending replays that record: the member recognises the
-//! challenge and re-sends the identical response. A restarted agent
+//! challenge (or the group message) and re-sends the identical response
+//! (or ack). A restarted agent
 //! restores the member (uplink counters continue above the stored
 //! high-water mark) and polls from the stored cursor.
 
@@ -624,7 +625,9 @@ impl Agent {
             {
                 // Another spool (replaced, or another gateway's): all of
                 // it is new to this member. Records handled before come
-                // again and are refused as stale.
+                // again: the last challenge and group message answered get
+                // their stored response and ack again, older ones are
+                // refused as stale.
                 self.stats.error("downlink.cursor_ahead");
                 self.cursor = Some(0);
                 return Ok(true);

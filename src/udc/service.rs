@@ -1044,11 +1044,7 @@ impl Udc {
             }],
             ..BatchWrite::default()
         };
-        let hook = self
-            .pre_round_write
-            .lock()
-            .ok()
-            .and_then(|mut h| h.take());
+        let hook = self.pre_round_write.lock().ok().and_then(|mut h| h.take());
         if let Some(hook) = hook {
             hook.await;
         }

@@ -612,14 +612,13 @@ impl Member {
             .groups
             .get(&m.group)
             .ok_or(MemberError::NotOurGroup(m.group))?;
-        let message_hash: [u8; 32] = Sha256::digest(&bytes).into();
         // The last message applied, byte for byte (so authentic: it was
         // verified when applied): its ack again, as first sealed. An ack
         // lost to a crash before it left, or to failed sends, is not lost
-        // for good; no counter is used.
+        // for good; no counter is used. (Hashed only for that seq.)
         if let (Some(seq), Some(sent)) = (group.applied_seq, &group.applied_ack)
             && seq == m.seq
-            && sent.message_hash == message_hash
+            && sent.message_hash == <[u8; 32]>::from(Sha256::digest(&bytes))
         {
             let ack = sent.ack.clone();
             let update = GroupUpdate {
@@ -681,6 +680,7 @@ impl Member {
             .map_err(|_| MemberError::BadTag("group message"))?;
 
         let ctr = next_counter(session, m.group)?;
+        let message_hash: [u8; 32] = Sha256::digest(&bytes).into();
         let ack = AckPayload {
             group: m.group,
             epoch: m.epoch,

@@ -16,7 +16,8 @@ use crate::protocol::codec::{DecodeError, Reader, put_opt_flag, put_vec16};
 use crate::protocol::keys::{MemberKey, SessionKeys};
 use crate::protocol::suite::{Iv12, Key16, Secret, VerifyingKey, ct_eq};
 use crate::protocol::wire::{
-    GroupId, MAX_DIRECT_INNER, MemberId, Mode, Response, SessionId, Uplink, UplinkKind,
+    ACK_PAYLOAD_LEN, GroupId, MAX_DIRECT_INNER, MemberId, Mode, Response, SessionId, Uplink,
+    UplinkKind,
 };
 
 /// First bytes of every encoded state.
@@ -24,8 +25,10 @@ const MAGIC: &[u8; 4] = b"dgms";
 /// Version of the state encoding described on [`MemberState`]. Format 1
 /// (no stored ack) is still read.
 const FORMAT: u8 = 2;
-/// Longest stored ack: an Uplink of an ack's 52-byte payload (with room).
-pub(super) const MAX_ACK_LEN: usize = 256;
+/// Length of a stored ack: an Uplink (type and version bytes, group u32,
+/// id u64, sid [8], kind u8, ctr u64, length u16, tag [16]) of an ack's
+/// 52-byte payload.
+pub(super) const ACK_UPLINK_LEN: usize = 2 + 4 + 8 + 8 + 1 + 8 + 2 + 16 + ACK_PAYLOAD_LEN;
 /// Label hashed in front of the state to form its checksum.
 const CHECKSUM_LABEL: &[u8] = b"dapgw v1 member state";
 /// Length of the trailing checksum.
@@ -46,7 +49,9 @@ pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 ///
 /// Big-endian integers, `opt<T>` a `u8` flag 0/1 then `T`, `vec16` a `u16`
 /// length then bytes, as in docs/protocol.md. The encoding is canonical:
-/// decoding then encoding gives the same bytes.
+/// decoding then encoding gives the same bytes (for format 2; a format-1
+/// state is written as format 2 at its next change, which older builds
+/// cannot read).
 ///
 /// ```text
 /// magic        [4]   "dgms"
@@ -68,7 +73,7 @@ pub(super) const MAX_RESPONSE_LEN: usize = MAX_DIRECT_INNER;
 ///              | answered      opt<Answered>
 ///              | session       opt<Session>
 /// AppliedAck   = message_hash [32]      SHA-256 of that group message
-///              | ack vec16                the exact ack Uplink sent (cap 256)
+///              | ack vec16                the exact ack Uplink sent (101 bytes)
 /// Answered     = round u64                last round answered
 ///              | ch_hash [32]             SHA-256 of that challenge
 ///              | response vec16           the exact Response sent (cap 1,117)
@@ -409,14 +414,19 @@ fn decode_group(
     let applied_seq = read_opt_u64(r, "state.group.applied_seq")?;
     let applied_ack = if format >= 2 && r.opt_flag("state.group.applied_ack")? {
         let message_hash = r.array("state.applied_ack.message_hash")?;
-        let ack = Bytes::copy_from_slice(&r.vec16(MAX_ACK_LEN, "state.applied_ack.ack")?);
+        let ack = Bytes::copy_from_slice(&r.vec16(ACK_UPLINK_LEN, "state.applied_ack.ack")?);
         let sent =
             Uplink::decode(&ack).map_err(|_| DecodeError::Invalid("state.applied_ack.ack"))?;
-        if applied_seq.is_none() || sent.id != id || sent.group != g || sent.kind != UplinkKind::Ack
+        if applied_seq.is_none()
+            || sent.id != id
+            || sent.group != g
+            || sent.kind != UplinkKind::Ack
+            || sent.ctr == 0
+            || sent.c.len() != ACK_PAYLOAD_LEN
         {
             return Err(DecodeError::Invalid("state.applied_ack"));
         }
-        Some(AppliedAck { message_hash, ack })
+        Some((AppliedAck { message_hash, ack }, sent.sid, sent.ctr))
     } else {
         None
     };
@@ -459,6 +469,10 @@ fn decode_group(
     } else {
         None
     };
+    let (applied_ack, ack_sid_ctr) = match applied_ack {
+        Some((a, sid, ctr)) => (Some(a), Some((sid, ctr))),
+        None => (None, None),
+    };
     let session = if r.opt_flag("state.group.session")? {
         let round = r.u64("state.session.round")?;
         let mode = read_mode(r, "state.session.mode")?;
@@ -473,6 +487,12 @@ fn decode_group(
         // A session comes from a round this member answered.
         if answered.as_ref().is_none_or(|a| a.round < round) {
             return Err(DecodeError::Invalid("state.session.round"));
+        }
+        // A stored ack of this session used a counter the state reserved:
+        // otherwise the member could seal a new uplink with that counter
+        // under the same key (a GCM nonce used twice).
+        if ack_sid_ctr.is_some_and(|(s, ctr)| s == sid && ctr > ctr_reserved) {
+            return Err(DecodeError::Invalid("state.applied_ack.ctr"));
         }
         Some(Session {
             round,

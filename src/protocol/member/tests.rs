@@ -1503,3 +1503,41 @@ fn a_confirm_overtaken_by_a_rekey_keeps_the_newer_epoch() {
     let restored = Member::restore(&cred, f.disk.state.as_deref().unwrap()).unwrap();
     assert_eq!(restored.session(G), Some((SessionId(keys2.sid), 2)));
 }
+
+/// A stored ack must be this member's ack in that group, and its counter
+/// one the state reserved (else the member could seal a new uplink with
+/// it under the same key): a state breaking either is refused, checksum
+/// notwithstanding.
+#[test]
+fn a_stored_ack_must_fit_its_group_and_its_reserved_counters() {
+    let (cred, bytes) = rich_state();
+    let state = MemberState::decode(&bytes).unwrap();
+    assert!(
+        state.groups[&G].applied_ack.is_some(),
+        "the fixture holds an ack"
+    );
+    // Its counter above what the state reserved.
+    let mut st = state.clone();
+    st.groups
+        .get_mut(&G)
+        .unwrap()
+        .session
+        .as_mut()
+        .unwrap()
+        .ctr_reserved = 0;
+    assert_eq!(
+        Member::restore(&cred, &st.to_bytes()).map(|_| ()),
+        Err(MemberError::BadState("state.applied_ack.ctr"))
+    );
+    // Another group's ack.
+    let mut st = state.clone();
+    let g = st.groups.get_mut(&G).unwrap();
+    let a = g.applied_ack.as_mut().unwrap();
+    let mut ack = a.ack.to_vec();
+    ack[2..6].copy_from_slice(&G2.0.to_be_bytes());
+    a.ack = Bytes::from(ack);
+    assert_eq!(
+        Member::restore(&cred, &st.to_bytes()).map(|_| ()),
+        Err(MemberError::BadState("state.applied_ack"))
+    );
+}
