@@ -1103,6 +1103,11 @@ async fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// Whether every subscription the UDC was sent so far satisfies `f`.
+fn every_subscription(udc: &FakeUdc, f: impl Fn(&Vec<u32>) -> bool) -> bool {
+    udc.state.subscriptions.lock().unwrap().iter().all(f)
+}
+
 /// Waits, on any clock, until the UDC's last subscription is `want`: polls
 /// between yields with a real-time bound of 30 s (so a paused clock is
 /// neither needed nor moved).
@@ -1212,12 +1217,7 @@ async fn silent_members_expire_from_the_attach_registry() {
     let gw = Gateway::start(cfg).await;
     wait_subscription(&udc, &[6]).await;
     assert!(
-        udc.state
-            .subscriptions
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|s| !s.contains(&8)),
+        every_subscription(&udc, |s| !s.contains(&8)),
         "an expired member was subscribed after the restart"
     );
     wait_metric(&gw, "dapgw_attached_members", 1.0).await;
@@ -1672,14 +1672,7 @@ async fn attaches_cannot_take_the_subscription_past_the_udcs_cap() {
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(c.attach(100, &[7, 4095]).await.status, StatusCode::OK);
     // Nothing past the cap was ever asked of the UDC.
-    assert!(
-        udc.state
-            .subscriptions
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|s| s.len() <= MAX)
-    );
+    assert!(every_subscription(&udc, |s| s.len() <= MAX));
     drop(gw);
 }
 
@@ -1695,21 +1688,11 @@ async fn an_uplink_whose_stream_is_reset_mid_store_still_drains() {
     let (pki, _udc, _dir, gw) = setup().await;
     let mut c = Client::connect(gw.members, &pki, true).await;
     assert_eq!(c.attach(9, &[3]).await.status, StatusCode::OK);
-    let roots = dapgw::tls::load_roots(&pki.ca).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(dapgw::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let mut reset = 0;
     // A few streams per connection: h2 answers a burst of resets with a
     // GOAWAY (its rapid-reset guard), which is not what this test is about.
     for conn_no in 0..40u64 {
-        let tcp = tokio::net::TcpStream::connect(gw.members).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
+        let tls = raw(gw.members, &pki, b"h2", [127, 0, 0, 1]).await.unwrap();
         let (send, conn) = h2::client::handshake(tls).await.unwrap();
         tokio::spawn(async move {
             let _ = conn.await;

@@ -8,8 +8,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
@@ -33,32 +31,6 @@ async fn start(
     tweak(&mut cfg);
     let gw = Gateway::start(cfg).await;
     (pki, udc, dir, gw)
-}
-
-/// A TLS connection from `from` (any 127.x.y.z) offering `alpn`.
-async fn raw(
-    addr: SocketAddr,
-    pki: &Pki,
-    alpn: &[u8],
-    from: [u8; 4],
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let roots = dapgw::tls::load_roots(&pki.ca).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(dapgw::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::from((from, 0)))?;
-    let tcp = sock.connect(addr).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await?;
-    // TLS 1.3: a server that closes at once is seen on the first read.
-    tls.flush().await?;
-    Ok(tls)
 }
 
 /// An HTTP/2 frame.

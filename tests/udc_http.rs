@@ -1939,6 +1939,44 @@ async fn round_report_lists_page_after_a_member() {
     h.stop().await;
 }
 
+/// Member 1 of group `G` (imported, gw-1 subscribed), accepted in a psk
+/// auth round through gw-1 and holding the session its confirm opened.
+async fn member_in_session(h: &Harness) -> Member {
+    let mut members = vec![h.real_member(1)];
+    let r = h.auth_round(1).await;
+    let entries = answer(&mut members, &r.challenge, b"");
+    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    let mut member = members.pop().unwrap();
+    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
+        member.handle_confirm(&msg).unwrap().persisted();
+    }
+    member
+}
+
+/// `member`'s next reading in group `G`, sealed.
+fn reading(member: &mut Member, text: &[u8]) -> Uplink {
+    let sealed = member
+        .seal_uplink(GroupId(G), UplinkKind::Reading, text)
+        .unwrap()
+        .persisted();
+    Uplink::decode(&sealed).unwrap()
+}
+
+/// `up` with its first ciphertext byte flipped: its tag no longer fits.
+fn forged(up: &Uplink) -> Uplink {
+    let mut forged = up.clone();
+    let mut c = forged.c.to_vec();
+    c[0] ^= 1;
+    forged.c = Bytes::from(c);
+    forged
+}
+
+/// `up` as a direct submission (flow A, a batch of one).
+fn direct_uplink(up: &Uplink) -> Bytes {
+    Direct::new(&DirectInner::Uplink(up.clone()), aggregate([&up.tag])).to_bytes()
+}
+
 /// One batch of 25 uplinks from one member: 25 readings stored in the same
 /// millisecond. Paged 4 at a time through `next`/`after`, every one comes
 /// back exactly once, in the order of one big page; the last page says
@@ -1946,17 +1984,10 @@ async fn round_report_lists_page_after_a_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_page_within_one_millisecond() {
     let h = Harness::start(None).await;
-    let mut members = vec![h.real_member(1)];
-    let r = h.auth_round(1).await;
-    let entries = answer(&mut members, &r.challenge, b"");
-    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
-        members[0].handle_confirm(&msg).unwrap().persisted();
-    }
+    let mut member = member_in_session(&h).await;
     let sealed: Vec<Bytes> = (0..25)
         .map(|i| {
-            members[0]
+            member
                 .seal_uplink(
                     GroupId(G),
                     UplinkKind::Reading,
@@ -2035,6 +2066,29 @@ async fn two_udcs_in_a_round(
     (h, a, b, round, challenge)
 }
 
+/// gw-1's batch `batch_id` of the psk responses of members `ids` to
+/// `challenge` (round `round` of group `G`).
+fn psk_batch(
+    h: &Harness,
+    batch_id: u64,
+    round: u64,
+    challenge: &Bytes,
+    ids: std::ops::RangeInclusive<u64>,
+) -> Bytes {
+    batch(
+        "gw-1",
+        batch_id,
+        round,
+        ids.map(|m| respond(h, m, challenge)).collect(),
+    )
+    .to_bytes()
+}
+
+/// Whether a stored slot holds a session.
+fn has_session(s: &Option<dapgw::udc::store::StoredSlot>) -> bool {
+    s.as_ref().is_some_and(|s| s.sid.is_some())
+}
+
 /// Opens a psk auth round of group `G` on `u` and reads its challenge from
 /// gw-1's downlink.
 async fn open_psk_round(u: &udc::service::Udc) -> (u64, Bytes) {
@@ -2061,13 +2115,7 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
     use dapgw::udc::store::Store;
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
     let epoch_before = a.store().group(G).await.unwrap().unwrap().epoch;
-    let body = batch(
-        "gw-1",
-        1,
-        round,
-        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
     let other = b.clone();
     a.before_next_batch_write(async move {
         assert!(other.revoke_member(2).await.unwrap());
@@ -2091,8 +2139,6 @@ async fn revocation_between_read_and_write(store_url: Option<String>) {
         vec![Outcome::Accepted, Outcome::Revoked, Outcome::Accepted]
     );
     let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
-    let has_session =
-        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
     assert_eq!(
         slots.iter().map(has_session).collect::<Vec<_>>(),
         vec![true, false, true]
@@ -2112,13 +2158,7 @@ async fn revocation_racing_a_first_acceptance(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
     use dapgw::udc::store::Store;
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = batch(
-        "gw-1",
-        1,
-        round,
-        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
     let other = b.clone();
     a.before_next_rekey_write(async move {
         let answer = other.handle_batch("gw-1", body).await.unwrap();
@@ -2135,8 +2175,6 @@ async fn revocation_racing_a_first_acceptance(store_url: Option<String>) {
         .sessions(vec![(1, G), (2, G), (3, G)])
         .await
         .unwrap();
-    let has_session =
-        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
     assert_eq!(
         slots.iter().map(has_session).collect::<Vec<_>>(),
         vec![true, false, true],
@@ -2153,13 +2191,7 @@ on_both_stores!(revocation_racing_a_first_acceptance, "revoke_first_accept");
 /// as revoked, member 3 (also cached) accepted.
 async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = batch(
-        "gw-1",
-        1,
-        round,
-        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
     let answer = a.handle_batch("gw-1", body).await.unwrap();
     assert_eq!(
         outcomes(&Verdict::decode(&answer).unwrap()),
@@ -2176,13 +2208,7 @@ async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
         .await
         .unwrap();
     let challenge = last_group_record(&records(&a.downlink("gw-1", 0).await.unwrap()));
-    let body = batch(
-        "gw-1",
-        2,
-        next,
-        (2..=3).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 2, next, &challenge, 2..=3);
     let answer = a.handle_batch("gw-1", body).await.unwrap();
     assert_eq!(
         outcomes(&Verdict::decode(&answer).unwrap()),
@@ -2202,13 +2228,7 @@ async fn acceptance_race_between_read_and_write(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
     use dapgw::udc::store::Store;
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
-    let body = batch(
-        "gw-1",
-        1,
-        round,
-        (1..=2).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 1, round, &challenge, 1..=2);
     let other = batch("gw-2", 1, round, vec![respond(&h, 1, &challenge)]).to_bytes();
     let b2 = b.clone();
     a.before_next_batch_write(async move {
@@ -3019,14 +3039,7 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
 async fn a_refused_uplink_does_not_rewrite_the_members_slot(store_url: Option<String>) {
     use dapgw::udc::store::Store;
     let h = Harness::start(store_url).await;
-    let mut members = vec![h.real_member(1)];
-    let r = h.auth_round(1).await;
-    let entries = answer(&mut members, &r.challenge, b"");
-    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
-        members[0].handle_confirm(&msg).unwrap().persisted();
-    }
+    let mut member = member_in_session(&h).await;
     let u = udc::build(&h.config).await.unwrap();
     let store = u.store();
     let version = || async {
@@ -3035,26 +3048,20 @@ async fn a_refused_uplink_does_not_rewrite_the_members_slot(store_url: Option<St
             .unwrap()
             .version
     };
-    let direct = |up: &Uplink| {
-        Direct::new(&DirectInner::Uplink(up.clone()), aggregate([&up.tag])).to_bytes()
-    };
     let before = version().await;
-    let sealed = members[0]
-        .seal_uplink(GroupId(G), UplinkKind::Reading, b"1 Wh")
-        .unwrap()
-        .persisted();
-    let honest = Uplink::decode(&sealed).unwrap();
-    let mut forged = honest.clone();
-    let mut c = forged.c.to_vec();
-    c[0] ^= 1;
-    forged.c = Bytes::from(c);
+    let honest = reading(&mut member, b"1 Wh");
     let (s, body) = h
-        .call(None, Method::POST, "/v1/direct", direct(&forged))
+        .call(
+            None,
+            Method::POST,
+            "/v1/direct",
+            direct_uplink(&forged(&honest)),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
     assert_eq!(version().await, before, "a refused uplink moved the slot");
     let (s, body) = h
-        .call(None, Method::POST, "/v1/direct", direct(&honest))
+        .call(None, Method::POST, "/v1/direct", direct_uplink(&honest))
         .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
     assert!(
@@ -3108,14 +3115,7 @@ async fn downlink_wakes_its_gateway_only_and_sees_other_processes(store_url: Opt
         }
     });
     h.downlink(0).await;
-    b.open_round(
-        G,
-        Mode::Psk,
-        dapgw::protocol::wire::Purpose::Auth,
-        Some(60_000),
-    )
-    .await
-    .unwrap();
+    open_psk_round(&b).await;
     let (status, _) = poll.await.unwrap();
     assert_eq!(status, StatusCode::OK, "the other process's round arrives");
     // Within the re-read period (2 s), not at the end of the 25 s wait.
@@ -3141,13 +3141,7 @@ on_both_stores!(
 async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Option<String>) {
     use dapgw::udc::store::{KeySource, Sealed, Store};
     let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = batch(
-        "gw-1",
-        1,
-        round,
-        (1..=3).map(|m| respond(&h, m, &challenge)).collect(),
-    )
-    .to_bytes();
+    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
     let answer = a.handle_batch("gw-1", body).await.unwrap();
     assert_eq!(
         outcomes(&Verdict::decode(&answer).unwrap()),
@@ -3176,8 +3170,6 @@ async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Op
     a.add_member(2, vec![G + 1], None).await.unwrap();
     assert!(store.group(G).await.unwrap().unwrap().epoch > epoch);
     let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
-    let has_session =
-        |s: &Option<dapgw::udc::store::StoredSlot>| s.as_ref().is_some_and(|s| s.sid.is_some());
     assert_eq!(
         slots.iter().map(has_session).collect::<Vec<_>>(),
         vec![true, false, true],
@@ -3212,35 +3204,11 @@ on_both_stores!(
 async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
     let h = Harness::start(store_url).await;
-    let mut members = vec![h.real_member(1)];
-    let r = h.auth_round(1).await;
-    let entries = answer(&mut members, &r.challenge, b"");
-    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
-        members[0].handle_confirm(&msg).unwrap().persisted();
-    }
+    let mut member = member_in_session(&h).await;
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
-    let direct = |up: &Uplink| {
-        Direct::new(&DirectInner::Uplink(up.clone()), aggregate([&up.tag])).to_bytes()
-    };
-    let mut seal = |text: &[u8]| {
-        Uplink::decode(
-            &members[0]
-                .seal_uplink(GroupId(G), UplinkKind::Reading, text)
-                .unwrap()
-                .persisted(),
-        )
-        .unwrap()
-    };
-    let mut forged = seal(b"1 Wh");
-    let honest = seal(b"2 Wh");
-    let mut c = forged.c.to_vec();
-    c[0] ^= 1;
-    forged.c = Bytes::from(c);
-    let forged = direct(&forged);
-    let honest = direct(&honest);
+    let forged = direct_uplink(&forged(&reading(&mut member, b"1 Wh")));
+    let honest = direct_uplink(&reading(&mut member, b"2 Wh"));
     a.before_next_batch_write(async move {
         b.handle_direct(honest).await.unwrap();
     });

@@ -746,6 +746,18 @@ async fn uplink(
     }
 }
 
+/// 503 `spool_unavailable` for a downlink the spool could not read.
+fn downlink_unavailable() -> Refusal {
+    Refusal {
+        retry_after: Some(1),
+        ..Refusal::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "spool_unavailable",
+            "the downlink could not be read; retry later",
+        )
+    }
+}
+
 /// Refuses a downlink cursor past every cursor this gateway's spool has
 /// handed out (409 `cursor_ahead`): it came from a spool that was replaced
 /// or from another gateway, and waiting for this spool to pass it would
@@ -753,14 +765,7 @@ async fn uplink(
 async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
     let committed = ctx.spool.committed_cursor().await.map_err(|e| {
         tracing::error!(error = %e, "downlink cursor not read");
-        Refusal {
-            retry_after: Some(1),
-            ..Refusal::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "spool_unavailable",
-                "the downlink could not be read; retry later",
-            )
-        }
+        downlink_unavailable()
     })?;
     if after <= committed {
         return Ok(());
@@ -1035,14 +1040,7 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "downlink read failed");
-            Refusal {
-                retry_after: Some(1),
-                ..Refusal::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "spool_unavailable",
-                    "the downlink could not be read; retry later",
-                )
-            }
+            downlink_unavailable()
         })?;
     if records.is_empty() {
         let mut r = Response::new(Full::new(Bytes::new()));

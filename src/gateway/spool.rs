@@ -1457,17 +1457,7 @@ impl Spool {
     /// after each commit (a reader may already have handed out a cursor
     /// that it has not published yet).
     pub async fn committed_cursor(&self) -> Result<u64, SpoolError> {
-        self.read(|c| {
-            let seq: Option<i64> = c
-                .query_row(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'downlink'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(seq.map(i2u).unwrap_or(0))
-        })
-        .await
+        self.read(downlink_high_water).await
     }
 
     /// Durably stores a small value under `key` (e.g. the UDC downlink
@@ -1823,6 +1813,19 @@ fn migrate(conn: &mut Connection) -> Result<(), SpoolError> {
 
 /// Recomputes the counters from the tables (after a crash nothing in memory
 /// survived, so the tables are the truth).
+/// The last downlink cursor committed (0 before the first item):
+/// AUTOINCREMENT's high-water mark, which survives pruning of every item.
+fn downlink_high_water(conn: &Connection) -> Result<u64, SpoolError> {
+    let seq: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'downlink'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq.map(i2u).unwrap_or(0))
+}
+
 fn recount(conn: &Connection) -> Result<Counters, SpoolError> {
     let (entries, entry_blobs): (i64, i64) = conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(length(bytes) + length(sort_key)), 0) FROM entries",
@@ -1840,14 +1843,7 @@ fn recount(conn: &Connection) -> Result<Counters, SpoolError> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    // AUTOINCREMENT's high-water mark survives pruning of every item.
-    let last_cursor: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'downlink'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let last_cursor = downlink_high_water(conn)?;
     let rows = i2u(entries) + i2u(batches) + i2u(completed) + i2u(downlink);
     let bytes = i2u(entry_blobs)
         + i2u(batch_blobs)
@@ -1859,7 +1855,7 @@ fn recount(conn: &Connection) -> Result<Counters, SpoolError> {
         entries: i2u(entries),
         batches: i2u(batches),
         downlink: i2u(downlink),
-        last_cursor: last_cursor.map(i2u).unwrap_or(0),
+        last_cursor,
     })
 }
 

@@ -319,11 +319,11 @@ pub struct Udc {
     downlink_wakers: std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// Test seam: awaited once just before the next judged write
     /// ([`Udc::before_next_batch_write`]).
-    pre_write: std::sync::Mutex<Option<PreWrite>>,
+    pre_write: Seam,
     /// Test seam: see [`Udc::before_next_rekey_write`].
-    pre_rekey_write: std::sync::Mutex<Option<PreWrite>>,
+    pre_rekey_write: Seam,
     /// Test seam: see [`Udc::before_next_round_write`].
-    pre_round_write: std::sync::Mutex<Option<PreWrite>>,
+    pre_round_write: Seam,
 }
 
 /// The hash map of the per-member caches: foldhash, for keys a gateway can
@@ -333,6 +333,27 @@ type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 /// What [`Udc::before_next_batch_write`] runs.
 type PreWrite = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A test seam: a future set by a test, awaited once at one point of a
+/// write path (between its read and its write), then gone.
+#[derive(Default)]
+struct Seam(std::sync::Mutex<Option<PreWrite>>);
+
+impl Seam {
+    fn set(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(Box::pin(f));
+        }
+    }
+
+    /// Awaits the future set, if any (once).
+    async fn run(&self) {
+        let hook = self.0.lock().ok().and_then(|mut h| h.take());
+        if let Some(hook) = hook {
+            hook.await;
+        }
+    }
+}
 
 impl std::fmt::Debug for Udc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -459,9 +480,9 @@ impl Udc {
             registry_cache: std::sync::Mutex::new(RegistryCache::default()),
             slot_cache: std::sync::Mutex::new(SlotCache::default()),
             downlink_wakers: std::sync::Mutex::new(std::collections::HashMap::new()),
-            pre_write: std::sync::Mutex::new(None),
-            pre_rekey_write: std::sync::Mutex::new(None),
-            pre_round_write: std::sync::Mutex::new(None),
+            pre_write: Seam::default(),
+            pre_rekey_write: Seam::default(),
+            pre_round_write: Seam::default(),
         })
     }
 
@@ -471,27 +492,21 @@ impl Udc {
     /// revocation) exactly in that window.
     #[doc(hidden)]
     pub fn before_next_batch_write(&self, f: impl Future<Output = ()> + Send + 'static) {
-        if let Ok(mut slot) = self.pre_write.lock() {
-            *slot = Some(Box::pin(f));
-        }
+        self.pre_write.set(f);
     }
 
     /// Runs `f` once, after the next revocation has read the group and
     /// its slots but before its write (see [`Udc::before_next_batch_write`]).
     #[doc(hidden)]
     pub fn before_next_rekey_write(&self, f: impl Future<Output = ()> + Send + 'static) {
-        if let Ok(mut slot) = self.pre_rekey_write.lock() {
-            *slot = Some(Box::pin(f));
-        }
+        self.pre_rekey_write.set(f);
     }
 
     /// Runs `f` once, after the next round opening has read its group but
     /// before its write (see [`Udc::before_next_batch_write`]).
     #[doc(hidden)]
     pub fn before_next_round_write(&self, f: impl Future<Output = ()> + Send + 'static) {
-        if let Ok(mut slot) = self.pre_round_write.lock() {
-            *slot = Some(Box::pin(f));
-        }
+        self.pre_round_write.set(f);
     }
 
     /// The registry holding [`UdcMetrics`] (served on `/metrics`).
@@ -834,10 +849,7 @@ impl Udc {
             self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
                 .await?;
         }
-        let hook = self.pre_rekey_write.lock().ok().and_then(|mut h| h.take());
-        if let Some(hook) = hook {
-            hook.await;
-        }
+        self.pre_rekey_write.run().await;
         self.apply(write).await?;
         self.metrics.sessions_active.add(delta);
         Ok(true)
@@ -1044,10 +1056,7 @@ impl Udc {
             }],
             ..BatchWrite::default()
         };
-        let hook = self.pre_round_write.lock().ok().and_then(|mut h| h.take());
-        if let Some(hook) = hook {
-            hook.await;
-        }
+        self.pre_round_write.run().await;
         self.apply(write).await?;
         let no = round.round;
         self.rounds.lock().await.insert((group, no), round);
@@ -1804,10 +1813,7 @@ impl Udc {
         write.group_epochs.push((group, group_row.epoch));
         write.via = ctx.via.is_some().then_some(via);
         write.sessions = std::mem::take(&mut slots.rows);
-        let hook = self.pre_write.lock().ok().and_then(|mut h| h.take());
-        if let Some(hook) = hook {
-            hook.await;
-        }
+        self.pre_write.run().await;
         if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
             // Another process judged this batch first: its answer stands,
             // and this process's view of the round is stale.

@@ -624,6 +624,34 @@ impl Client {
     }
 }
 
+/// A TLS connection to a gateway's member listener from `from` (any
+/// 127.x.y.z) offering `alpn`, no client certificate: for tests that speak
+/// the protocol below [`Client`].
+pub async fn raw(
+    addr: SocketAddr,
+    pki: &Pki,
+    alpn: &[u8],
+    from: [u8; 4],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let roots = tls::load_roots(&pki.ca).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((from, 0)))?;
+    let tcp = sock.connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3: a server that closes at once is seen on the first read.
+    tokio::io::AsyncWriteExt::flush(&mut tls).await?;
+    Ok(tls)
+}
+
 // ---------------------------------------------------------------------------
 // In-process gateway
 // ---------------------------------------------------------------------------
