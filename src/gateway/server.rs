@@ -611,8 +611,7 @@ async fn attach(
         let task_ctx = Arc::clone(ctx);
         let member = parsed.member;
         let groups = super::normalize_groups(&parsed.groups);
-        let unavailable = || Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1);
-        tokio::spawn(async move {
+        detached(async move {
             let ctx = task_ctx;
             // Room again, just before the write: another attach may have
             // taken it since the check above (the spool would then hold a
@@ -623,19 +622,15 @@ async fn attach(
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "attach not persisted");
-                    unavailable()
+                    spool_unavailable()
                 })?;
             ctx.attached.attach(member, &groups, now).map_err(full)?;
             ctx.metrics
                 .attached_members
                 .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
-            Ok::<_, Refusal>(())
+            Ok(())
         })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "attach hand-off failed");
-            unavailable()
-        })??;
+        .await?;
     }
     Ok(json(
         StatusCode::OK,
@@ -719,12 +714,8 @@ async fn uplink(
     let task_ctx = Arc::clone(ctx);
     let source = source.map(|s| s.0);
     let (id, collected) =
-        tokio::spawn(async move { store_and_collect(&task_ctx, entry, kind, source, msg).await })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "member entry hand-off failed");
-                Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
-            })??;
+        detached(async move { store_and_collect(&task_ctx, entry, kind, source, msg).await })
+            .await?;
     match collected {
         Ok(_) => {
             // The hot path: formatted directly, not through a JSON value.
@@ -744,6 +735,23 @@ async fn uplink(
             1,
         )),
     }
+}
+
+/// Runs `work` as a task of its own and awaits it: a client that goes away
+/// drops its request's handler, and must not cut `work` off between a
+/// spool write and what has to follow it.
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Refusal>> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "member request task failed");
+        Err(spool_unavailable())
+    })
+}
+
+/// 503 `spool_unavailable` for a spool write that failed.
+fn spool_unavailable() -> Refusal {
+    Refusal::overloaded("spool_unavailable", "the spool failed; retry", 1)
 }
 
 /// 503 `spool_unavailable` for a downlink the spool could not read.
@@ -780,7 +788,7 @@ async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
             format!(
                 "cursor {after} is past this gateway's downlink, which ends at {committed}: it \
              came from a replaced spool or another gateway; read again from 0 (records \
-             already handled come again, and the protocol refuses them as stale)"
+             already handled come again: the last ones get their stored answers, older ones are refused as stale)"
             ),
         )
     })
