@@ -1780,8 +1780,9 @@ impl Udc {
                         self.push_slot(&mut slots, *id, slot, None);
                     }
                 }
-                let mut touched = v.touched.clone();
-                touched.sort_unstable();
+                // In id order, as the batch's entries (a structural rule).
+                let touched = &v.touched;
+                debug_assert!(touched.is_sorted());
                 let mut seen: Vec<MemberId> = ids.clone();
                 seen.sort_unstable();
                 seen.dedup();
