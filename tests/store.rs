@@ -261,6 +261,62 @@ async fn sqlite_v1_sessions_migrate_to_slots() {
     assert_eq!(s.count_sessions().await.unwrap(), 1);
 }
 
+/// A version 7 SQLite database's readings (a table keyed by member, group,
+/// sid and counter) move to the arrival-ordered table of version 8: every
+/// reading comes back, byte for byte, in the order of a readings page.
+#[tokio::test]
+async fn sqlite_v7_readings_move_to_arrival_order() {
+    const V7: [&str; 7] = [
+        include_str!("../migrations/sqlite/0001_init.sql"),
+        include_str!("../migrations/sqlite/0002_session_slots.sql"),
+        include_str!("../migrations/sqlite/0003_downlink_bundles.sql"),
+        include_str!("../migrations/sqlite/0004_batch_outcomes.sql"),
+        include_str!("../migrations/sqlite/0005_schedule_read_request.sql"),
+        include_str!("../migrations/sqlite/0006_registry_version.sql"),
+        include_str!("../migrations/sqlite/0007_recovery.sql"),
+    ];
+    let f = fixture(Kind::Sqlite).unwrap();
+    let path = f.url.trim_start_matches("sqlite://");
+    std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+    let c = rusqlite::Connection::open(path).unwrap();
+    for sql in V7 {
+        c.execute_batch(sql).unwrap();
+    }
+    // Inserted out of time order, two members, two groups.
+    c.execute_batch(
+        "INSERT INTO readings (member, grp, sid, ctr, ts_ms, kind, payload) VALUES \
+         (1, 7, x'0101010101010101', 3, 300, 1, x'03'), \
+         (1, 7, x'0101010101010101', 1, 100, 1, x'01'), \
+         (2, 7, x'0202020202020202', 1, 100, 2, x'21'), \
+         (1, 8, x'0101010101010101', 2, 100, 1, x'02');",
+    )
+    .unwrap();
+    c.pragma_update(None, "user_version", 7).unwrap();
+    drop(c);
+    let s = f.open().await;
+    assert_eq!(f.schema_versions().await, vec![8]);
+    let got: Vec<(u32, u64, u64, Vec<u8>)> = s
+        .readings_after(1, 0, u64::MAX, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.group, r.ctr, r.ts_ms, r.payload))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (7, 1, 100, vec![1]),
+            (8, 2, 100, vec![2]),
+            (7, 3, 300, vec![3])
+        ]
+    );
+    let two = s.readings_after(2, 0, u64::MAX, None, 10).await.unwrap();
+    assert_eq!(
+        (two.len(), two[0].kind, &two[0].payload[..]),
+        (1, 2, &[0x21][..])
+    );
+}
+
 /// A version 3 database (one outcome row per member) is migrated to
 /// version 4: each slot's accepted rounds are filled from its accepted
 /// outcomes, and the round reports still read the old rows.
@@ -489,7 +545,7 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![7],
+        Kind::Sqlite => vec![8],
         Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
     assert_eq!(f.schema_versions().await, expected);
@@ -543,9 +599,14 @@ async fn apply_batch_is_atomic(f: Fixture) {
     let s = f.open().await;
     setup(&s, 3).await;
     let mut bad = batch(1, 0xB1, 3);
-    // A duplicate (member, group, sid, ctr) fails late in the transaction,
-    // after the verdict, sessions and group update were written.
-    bad.readings.push(reading(2, 1, 20_000));
+    // Localizations counted for a round that does not exist fail late in
+    // the transaction, after the verdict, sessions, readings and group
+    // update were written.
+    bad.round_localizations = vec![RoundLocalizations {
+        group: G,
+        round: 99,
+        chunks: 1,
+    }];
     bad.groups = vec![GroupRow {
         version: 1,
         epoch: 2,
@@ -952,14 +1013,21 @@ async fn many_rows_in_one_write_stand_or_fall_together(f: Fixture) {
         assert_eq!(r, vec![reading(m, 1, 1000 + m)], "member {m}");
     }
 
-    // A duplicate reading key in the middle of a full chunk, or one stale
-    // slot version among the updates, fails the whole write.
+    // A duplicate reading key in the middle of a full chunk (PostgreSQL
+    // keeps the key unique; SQLite's readings are in arrival order since
+    // migration 8, the replay window alone refusing a repeated counter), or
+    // one stale slot version among the updates, fails the whole write.
     let mut dup = readings(2);
     dup[70] = reading(71, 1, 5);
     let mut stale = slots(1, 10);
     stale[99].version = 1; // stored: 3
-    for w in [
-        BatchWrite {
+    let mut failing = vec![BatchWrite {
+        sessions: stale,
+        readings: readings(2),
+        ..BatchWrite::default()
+    }];
+    if f.kind == Kind::Postgres {
+        failing.push(BatchWrite {
             sessions: {
                 let mut v = slots(1, 10);
                 v[99].version = 3;
@@ -967,13 +1035,9 @@ async fn many_rows_in_one_write_stand_or_fall_together(f: Fixture) {
             },
             readings: dup,
             ..BatchWrite::default()
-        },
-        BatchWrite {
-            sessions: stale,
-            readings: readings(2),
-            ..BatchWrite::default()
-        },
-    ] {
+        });
+    }
+    for w in failing {
         let r = s.apply_batch(w).await;
         assert!(r.is_err(), "{r:?}");
         assert_eq!(count_readings(&s, N).await, N as usize);
@@ -1231,7 +1295,28 @@ async fn readings_page_exactly_in_a_crowded_millisecond(f: Fixture) {
     }
     assert_eq!(got.len(), all.len());
     assert!(got == all, "pages differ from the readings in key order");
-    if f.kind != Kind::Postgres {
+    if f.kind == Kind::Sqlite {
+        // The same page's plan on SQLite: a search of readings_by_key
+        // (migration 8), no sort step.
+        let path = f.url.trim_start_matches("sqlite://");
+        let c = rusqlite::Connection::open(path).unwrap();
+        let mut st = c
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT grp, sid, ctr, ts_ms, kind, payload FROM readings \
+                 WHERE member = ?1 AND (ts_ms, grp, sid, ctr) > (?4, ?5, ?6, ?7) AND ts_ms < ?2 \
+                 ORDER BY ts_ms, grp, sid, ctr LIMIT ?3",
+            )
+            .unwrap();
+        let plan: Vec<String> = st
+            .query_map(rusqlite::params![1, 2, 3, 4, 5, vec![0u8; 8], 7], |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("USING INDEX readings_by_key"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
         return;
     }
     // The page after the 1000th reading, as the store asks for it (index

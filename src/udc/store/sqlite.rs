@@ -49,6 +49,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../../../migrations/sqlite/0007_recovery.sql"),
     ),
+    (
+        8,
+        include_str!("../../../migrations/sqlite/0008_readings_in_arrival_order.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -464,8 +468,8 @@ fn write_slots(tx: &Transaction<'_>, rows: &[SessionRow]) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Inserts `rows` into `readings` with [`insert_rows`]. A duplicate key
-/// fails its statement, and with it the batch's transaction.
+/// Inserts `rows` into `readings` with [`insert_rows`], in arrival order
+/// (migration 8: the replay window, not a key, refuses a repeated counter).
 fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), StoreError> {
     let all = insert_rows(
         tx,
@@ -488,8 +492,8 @@ fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), Stor
             Ok(())
         },
     )?;
-    // Without ON CONFLICT a statement inserts every row or fails; anything
-    // else is not the SQLite this store was written for.
+    // A statement inserts every row or fails; anything else is not the
+    // SQLite this store was written for.
     if !all {
         return Err(StoreError::Corrupt("a readings insert skipped a row"));
     }
@@ -1798,9 +1802,8 @@ impl Store for SqliteStore {
         after: Option<ReadingKey>,
         limit: u32,
     ) -> Result<Vec<ReadingRow>, StoreError> {
-        // readings_by_time (member, ts_ms) of a WITHOUT ROWID table carries
-        // the primary key's (grp, sid, ctr) after ts_ms: the order below is
-        // the index's, with no sort step, and the key comparison is where
+        // readings_by_key (member, ts_ms, grp, sid, ctr, migration 8): the
+        // order below is the index's, with no sort step, and the key comparison is where
         // the index scan starts. (With `ts_ms >= from` next to it, SQLite
         // starts at `from` and filters its way to the key: every page would
         // scan the key's millisecond from its first reading.)
