@@ -182,8 +182,12 @@ label_enum! {
         TooLarge = "too_large",
         /// A message type that this endpoint does not take.
         WrongType = "wrong_type",
-        /// Wrong HTTP method or content type.
+        /// Wrong HTTP method (405).
         Method = "method",
+        /// A content type this endpoint does not take (415).
+        ContentType = "content_type",
+        /// The body did not arrive within `DAPGW_HEADER_TIMEOUT_MS` (408).
+        Timeout = "timeout",
         /// The round or group it names is not open at this gateway.
         Stale = "stale",
         /// The same member answered the same round twice.

@@ -10,7 +10,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use hyper::StatusCode;
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -210,6 +211,53 @@ async fn h1_half_head_gets_408_at_the_header_timeout() {
     assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
     tokio::time::sleep(header * 2).await;
     assert_eq!(c.attach(1, &[7]).await.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+/// A whole head whose body stops short gets 408 `timeout` at the header
+/// timeout, counted as a malformed uplink of reason `timeout` (not
+/// `decode`); a body sent with a content type the endpoint does not take
+/// is counted as `content_type` (not `method`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_short_gets_408_timeout() {
+    let header = Duration::from_millis(500);
+    let (pki, _udc, _dir, gw) = start(|c| {
+        c.header_timeout_ms = header.as_millis() as u64;
+        c.idle_timeout_ms = 30_000;
+    })
+    .await;
+    let mut tls = raw(gw.members, &pki, b"http/1.1", [127, 0, 0, 1])
+        .await
+        .unwrap();
+    tls.write_all(
+        b"POST /v1/uplink HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let (got, _) = read_until_closed(&mut tls).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error\":\"timeout\""), "{text}");
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let r = c
+        .send(
+            Method::POST,
+            "/v1/uplink",
+            Some("text/plain"),
+            Bytes::from_static(b"x"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    for (reason, want) in [
+        ("timeout", 1.0),
+        ("content_type", 1.0),
+        ("decode", 0.0),
+        ("method", 0.0),
+    ] {
+        let series =
+            format!("dapgw_malformed_requests_total{{endpoint=\"uplink\",reason=\"{reason}\"}}");
+        assert_eq!(gw.metric(&series).await, want, "{series}");
+    }
     gw.stop().await;
 }
 

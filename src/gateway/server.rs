@@ -486,7 +486,7 @@ fn require_content_type(req: &Request<Incoming>, allowed: &[&str]) -> Result<(),
         _ => Err(Refusal::malformed(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "content_type",
-            MalformedReason::Method,
+            MalformedReason::ContentType,
             format!("content-type must be {}", allowed.join(" or ")),
         )),
     }
@@ -516,7 +516,7 @@ async fn read_body(ctx: &Ctx, req: Request<Incoming>, max: usize) -> Result<Byte
             return Err(Refusal::malformed(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
-                MalformedReason::Decode,
+                MalformedReason::Timeout,
                 "the body did not arrive in time",
             ));
         }
