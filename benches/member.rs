@@ -107,6 +107,7 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
         key: MemberKey::from_bytes([9; 32]),
         groups: vec![G.0],
         root_public_key: v.root.verifying_key().to_bytes(),
+        min_online_key_version: 1,
     };
     // A member in a session after round 1, knowing the online key.
     let mut member = Member::new(&cred).unwrap();

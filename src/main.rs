@@ -658,14 +658,7 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             groups,
             out,
         } => {
-            let import = keys_cmd::members(
-                &keys.join(keys_cmd::files::MASTER),
-                &keys.join(keys_cmd::files::ROOT_PUB),
-                from,
-                count,
-                &groups,
-                &out,
-            )?;
+            let import = keys_cmd::members(&keys, from, count, &groups, &out)?;
             println!("wrote {} ({count} credentials, mode 0600)", out.display());
             println!(
                 "wrote {} (load it with `dapgw udc members --import`)",

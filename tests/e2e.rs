@@ -418,6 +418,7 @@ impl World {
             key: MemberKeyDeriver::new(&self.master).member_key(id, 1),
             groups: vec![G],
             root_public_key: self.root_public,
+            min_online_key_version: 1,
         }
     }
 

@@ -196,6 +196,7 @@ impl Harness {
             key: MemberKeyDeriver::new(&self.master).member_key(id, 1),
             groups: vec![G],
             root_public_key: *root,
+            min_online_key_version: 1,
         })
         .unwrap()
     }

@@ -11,9 +11,10 @@
 -- PostgreSQL store's readings_by_key does.
 --
 -- The key (member, grp, sid, ctr) is no longer enforced unique here: the
--- session's replay window (advanced compare-and-set on the slot's version in
--- the same transaction) is what refuses a repeated counter, as it already
--- was for acks and alarms; the key only ever repeated that check.
+-- session's replay window (uplink readings and alarms) and the slot's
+-- accepted-rounds window (a read round's reading), advanced compare-and-set
+-- on the slot's version in the same transaction, are what refuse a repeat,
+-- as the window always did for acks; the key only ever repeated that check.
 CREATE TABLE readings_v8 (
     member  INTEGER NOT NULL,
     grp     INTEGER NOT NULL,

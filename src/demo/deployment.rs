@@ -68,15 +68,8 @@ pub fn provision(
     let clients: Vec<String> = gateways.iter().map(|g| (*g).to_string()).collect();
     let pki = dev_pki::generate(&dir.join("pki"), &[], &clients).context("keys dev-pki")?;
     let creds_path = dir.join("members.json");
-    let import = keys_cmd::members(
-        &keys.join(keys_cmd::files::MASTER),
-        &keys.join(keys_cmd::files::ROOT_PUB),
-        1,
-        count,
-        &[group],
-        &creds_path,
-    )
-    .context("keys members")?;
+    let import =
+        keys_cmd::members(&keys, 1, count, &[group], &creds_path).context("keys members")?;
     let file: CredentialFile = serde_json::from_slice(
         &std::fs::read(&creds_path).with_context(|| format!("reading {}", creds_path.display()))?,
     )

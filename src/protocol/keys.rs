@@ -437,6 +437,14 @@ pub struct MemberCredential {
     /// V's offline root Ed25519 public key, which the member pins (hex).
     #[serde(with = "hex_32")]
     pub root_public_key: [u8; 32],
+    /// The lowest online key version the member trusts when it has no
+    /// state of its own (first boot, or after losing its state): the
+    /// version certified when the credential was written. Without it a
+    /// member that lost its state would accept any root-signed online key,
+    /// including one retired because it leaked. 0 (credentials written
+    /// before this field) trusts any version.
+    #[serde(default)]
+    pub min_online_key_version: u32,
 }
 
 /// A file of member credentials, `{"format": "dapgw-member-credentials-v1",
@@ -742,6 +750,7 @@ mod tests {
             key: MemberKey::from_bytes([0xAB; 32]),
             groups: vec![7, 8],
             root_public_key: [0xCD; 32],
+            min_online_key_version: 3,
         };
         let file = CredentialFile::new(vec![cred.clone()]);
         let json = serde_json::to_string(&file).unwrap();

@@ -201,6 +201,7 @@ mod tests {
                 key: MemberKey::from_bytes([1; 32]),
                 groups: vec![1],
                 root_public_key: [0; 32],
+                min_online_key_version: 0,
             })
             .collect()
     }

@@ -265,12 +265,13 @@ pub struct ImportFile {
 }
 
 /// `dapgw keys members`: derives credentials of members `from..from+count`
-/// (key version 1) in `groups` and writes the credential file (0600) to
-/// `out` and the registry import file next to it (`<out>.import.json`).
-/// Returns the import file's path.
+/// (key version 1) in `groups` from the key directory `keys` and writes the
+/// credential file (0600) to `out` and the registry import file next to it
+/// (`<out>.import.json`). Returns the import file's path. The credentials'
+/// `min_online_key_version` is the version of the online key certified in
+/// `keys` now.
 pub fn members(
-    master: &Path,
-    root_pub: &Path,
+    keys: &Path,
     from: u64,
     count: u64,
     groups: &[u32],
@@ -282,8 +283,9 @@ pub fn members(
     if from.checked_add(count).is_none() {
         return Err(KeysError::Usage("--from + --count overflows u64".into()));
     }
-    let deriver = MemberKeyDeriver::new(&load_master(master)?);
-    let root_public_key = *read_hex::<32>(root_pub)?;
+    let deriver = MemberKeyDeriver::new(&load_master(&keys.join(files::MASTER))?);
+    let root_public_key = *read_hex::<32>(&keys.join(files::ROOT_PUB))?;
+    let min_online_key_version = load_key_cert(&keys.join(files::SIGNING_CERT))?.key_version;
     let creds = (from..from + count)
         .map(|id| MemberCredential {
             id,
@@ -291,6 +293,7 @@ pub fn members(
             key: deriver.member_key(id, 1),
             groups: groups.to_vec(),
             root_public_key,
+            min_online_key_version,
         })
         .collect::<Vec<_>>();
     let file = CredentialFile::new(creds);
@@ -472,6 +475,8 @@ pub fn import_vendor(
     let credentials = match credentials {
         Some(path) => {
             let root_public_key = *read_hex::<32>(&keys_dir.join(files::ROOT_PUB))?;
+            let min_online_key_version =
+                load_key_cert(&keys_dir.join(files::SIGNING_CERT))?.key_version;
             let creds = vendor_keys
                 .iter()
                 .map(|v| MemberCredential {
@@ -480,6 +485,7 @@ pub fn import_vendor(
                     key: v.member_key(kv),
                     groups: groups.to_vec(),
                     root_public_key,
+                    min_online_key_version,
                 })
                 .collect();
             let json = Zeroizing::new(
@@ -549,20 +555,14 @@ mod tests {
         .unwrap();
 
         let out = dir.path().join("creds.json");
-        let import = members(
-            &dir.path().join(files::MASTER),
-            &dir.path().join(files::ROOT_PUB),
-            100,
-            3,
-            &[7, 8],
-            &out,
-        )
-        .unwrap();
+        let import = members(dir.path(), 100, 3, &[7, 8], &out).unwrap();
         let creds: CredentialFile = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         let d = MemberKeyDeriver::new(&load_master(&dir.path().join(files::MASTER)).unwrap());
         assert_eq!(creds.members.len(), 3);
         assert_eq!(creds.members[1].id, 101);
         assert_eq!(creds.members[1].key.expose(), d.member_key(101, 1).expose());
+        // Written after the rotation: version 1 is no longer trusted.
+        assert!(creds.members.iter().all(|c| c.min_online_key_version == 2));
         let imp: ImportFile = serde_json::from_slice(&std::fs::read(&import).unwrap()).unwrap();
         assert_eq!(
             imp.members[2],

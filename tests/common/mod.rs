@@ -343,6 +343,7 @@ impl World {
             key: MemberKeyDeriver::new(&MasterSecret::from_bytes(MS)).member_key(id, 1),
             groups: groups.to_vec(),
             root_public_key: self.udc.root_public,
+            min_online_key_version: 1,
         };
         let member = Member::new(&cred).unwrap();
         let reading = format!("meter {id}: 0042.{id} kWh").into_bytes();

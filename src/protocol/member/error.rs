@@ -103,8 +103,9 @@ pub enum MemberError {
         round: u64,
     },
     /// The challenge carries a key certificate of a lower version than the
-    /// online key the member knows, or the same version for another key.
-    /// Usually a replayed old challenge.
+    /// online key the member knows, or the same version for another key, or
+    /// of a version below its credential's `min_online_key_version` (then
+    /// `known` is that minimum). Usually a replayed old challenge.
     #[error("stale key certificate version {version}, known {known}")]
     StaleKeyCertificate {
         /// The certificate's version.

@@ -54,7 +54,9 @@
 //! A member that lost its state starts again from its credential with
 //! [`Member::new`]: it holds no session (uplinks are refused until the next
 //! round's confirm), knows no online key until a challenge carries a key
-//! certificate, and may answer a replayed old challenge, which V refuses
+//! certificate (of at least the credential's `min_online_key_version`: an
+//! online key retired before the credential was written, for example
+//! because it leaked, cannot sign challenges to it), and may answer a replayed old challenge, which V refuses
 //! because the round is closed. It applies no group message below the seq
 //! the next challenge announces, so a superseded update cannot be pushed on
 //! it. If its root key was rotated by a key update, the credential's key is
@@ -117,6 +119,8 @@ const MAX_GROUP_MESSAGE_LEN: usize = 2 + 4 + 8 + 8 + 8 + 12 + 4 + MAX_GROUP_CIPH
 pub struct Member {
     /// V's offline root key, pinned by the credential.
     root: VerifyingKey,
+    /// The credential's lowest trusted online key version.
+    min_online: u32,
     /// The committed state: what the caller last persisted (or could derive
     /// from the credential), plus the in-memory uplink counters.
     state: MemberState,
@@ -304,7 +308,11 @@ impl Member {
         if state.groups.len() > MAX_GROUPS {
             return Err(MemberError::InvalidCredential("too many groups"));
         }
-        Ok(Self { root, state })
+        Ok(Self {
+            root,
+            min_online: credential.min_online_key_version,
+            state,
+        })
     }
 
     /// A member continuing from the state it last persisted.
@@ -335,8 +343,18 @@ impl Member {
             }
         }
         state.groups = groups;
+        // A credential issued after the online key the state trusts was
+        // retired: forget that key (the next challenge certifies the
+        // current one).
+        if state
+            .online
+            .is_some_and(|k| k.key_version < fresh.min_online)
+        {
+            state.online = None;
+        }
         Ok(Self {
             root: fresh.root,
+            min_online: fresh.min_online,
             state,
         })
     }
@@ -437,11 +455,18 @@ impl Member {
 
     /// The online key a challenge's certificate introduces: `None` without a
     /// certificate or for the one already known; refused if the root did not
-    /// sign it or its version is not above the known one.
+    /// sign it, its version is not above the known one, or it is below the
+    /// credential's `min_online_key_version`.
     fn check_key_certificate(&self, ch: &Challenge) -> Result<Option<Box<OnlineKey>>, MemberError> {
         let Some(cert) = &ch.key_cert else {
             return Ok(None);
         };
+        if cert.key_version < self.min_online {
+            return Err(MemberError::StaleKeyCertificate {
+                version: cert.key_version,
+                known: self.min_online,
+            });
+        }
         if let Some(known) = &self.state.online {
             let same = cert.key_id == known.key_id
                 && cert.key_version == known.key_version

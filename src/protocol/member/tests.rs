@@ -106,6 +106,7 @@ impl TestV {
             key: member_key(id, 1),
             groups: groups.to_vec(),
             root_public_key: self.root.verifying_key().to_bytes(),
+            min_online_key_version: 0,
         }
     }
 
@@ -624,6 +625,57 @@ fn not_after_is_checked_only_with_a_clock() {
     );
     assert!(member.handle_challenge(&ch, Some(1_000)).is_ok());
     assert!(member.handle_challenge(&ch, None).is_ok());
+}
+
+/// A member without state (first boot, or state lost) trusts no online key
+/// below its credential's `min_online_key_version`, even one the root
+/// certified: a key retired before the credential was written (say, because
+/// it leaked) cannot sign challenges to it. A restored state that trusts
+/// such a key forgets it.
+#[test]
+fn credential_minimum_refuses_retired_online_keys() {
+    let retired = TestV::new();
+    let mut v = TestV::new();
+    v.online = SigningKey::from_seed(&[0x03; 32]);
+    v.key_id = 20;
+    v.key_version = 2;
+    let mut cred = v.credential(ID, &[G.0]);
+    let mut rng = TestRng::new(1);
+    let mut disk = Disk::default();
+
+    // Before the minimum existed, a fresh member took the retired key.
+    let mut old = Member::new(&cred).unwrap();
+    answer(
+        &mut old,
+        &retired.sign(challenge(G, 1)),
+        &mut rng,
+        &mut disk,
+    );
+    assert_eq!(old.online_key(), Some((10, 1)));
+    let persisted = disk.state.clone().unwrap();
+
+    cred.min_online_key_version = 2;
+    let mut fresh = Member::new(&cred).unwrap();
+    assert_eq!(
+        answer_err(&mut fresh, &retired.sign(challenge(G, 1))),
+        MemberError::StaleKeyCertificate {
+            version: 1,
+            known: 2
+        }
+    );
+    assert_eq!(fresh.online_key(), None);
+    answer(&mut fresh, &v.sign(challenge(G, 1)), &mut rng, &mut disk);
+    assert_eq!(fresh.online_key(), Some((20, 2)));
+
+    // The state that trusted version 1, restored under the new credential.
+    let mut restored = Member::restore(&cred, &persisted).unwrap();
+    assert_eq!(restored.online_key(), None);
+    assert_eq!(
+        answer_err(&mut restored, &retired.sign_as_is(challenge(G, 2))),
+        MemberError::UnknownKeyId(10)
+    );
+    answer(&mut restored, &v.sign(challenge(G, 2)), &mut rng, &mut disk);
+    assert_eq!(restored.online_key(), Some((20, 2)));
 }
 
 #[test]

@@ -282,8 +282,7 @@ fn provision(args: &UdcRoleArgs) -> anyhow::Result<()> {
     let keys = args.work.join(files::KEYS);
     keys_cmd::init(&keys)?;
     keys_cmd::members(
-        &keys.join(keys_cmd::files::MASTER),
-        &keys.join(keys_cmd::files::ROOT_PUB),
+        &keys,
         FIRST_MEMBER,
         args.members,
         &[GROUP],
