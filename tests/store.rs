@@ -317,6 +317,78 @@ async fn sqlite_v7_readings_move_to_arrival_order() {
     );
 }
 
+/// A deadlock PostgreSQL breaks between a write's slot checks (rows locked
+/// FOR SHARE in member order) and another transaction that locks the same
+/// rows in the other order is that write's conflict (the UDC answers 503
+/// `busy` and the gateway retries), not a store error (a 500).
+#[tokio::test]
+async fn postgres_deadlock_is_a_conflict() {
+    let Some(f) = fixture(Kind::Postgres) else {
+        return;
+    };
+    let s = f.open().await;
+    setup(&s, 2).await;
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(1, 1, 1, 0), session(2, 1, 1, 0)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    // Another transaction holds member 2's row; its own deadlock check
+    // waits an hour, so the write's backend is the one that breaks it.
+    let other = f.pg_client().await;
+    other
+        .batch_execute(
+            "SET deadlock_timeout = '1h'; BEGIN; \
+             SELECT 1 FROM sessions WHERE member = 2 FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let check = |member| SlotCheck {
+        member,
+        group: G,
+        version: 1,
+    };
+    let write = tokio::spawn(async move {
+        s.apply_batch(BatchWrite {
+            slot_checks: vec![check(1), check(2)],
+            ..BatchWrite::default()
+        })
+        .await
+    });
+    // The write holds member 1's row and waits for member 2's.
+    let watcher = f.pg_client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Now the other transaction asks for member 1's row: a cycle.
+    let other = tokio::spawn(async move {
+        other
+            .batch_execute("SELECT 1 FROM sessions WHERE member = 1 FOR UPDATE; COMMIT")
+            .await
+    });
+    let got = write.await.unwrap();
+    assert!(matches!(got, Err(StoreError::Conflict(_))), "{got:?}");
+    other.await.unwrap().unwrap();
+}
+
 /// A version 3 database (one outcome row per member) is migrated to
 /// version 4: each slot's accepted rounds are filled from its accepted
 /// outcomes, and the round reports still read the old rows.

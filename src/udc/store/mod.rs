@@ -731,8 +731,10 @@ pub struct BatchWrite {
     /// rewrite, a check moves no version, so a refused entry cannot make
     /// honest batches judged elsewhere conflict.
     pub slot_checks: Vec<SlotCheck>,
-    /// Readings to insert; a duplicate (member, group, sid, ctr) fails the
-    /// write.
+    /// Readings to insert. On PostgreSQL a duplicate (member, group, sid,
+    /// ctr) fails the write; SQLite stores readings in arrival order without
+    /// that key (migration 8): the slot's windows, written in the same
+    /// write, are what refuse a repeat.
     pub readings: Vec<ReadingRow>,
     /// Group-message acks (duplicates ignored).
     pub acks: Vec<AckRow>,
