@@ -348,7 +348,8 @@ enum KeysCommand {
     /// Write member credentials (the file a meter factory injects) and the
     /// UDC's registry import file (`<out>.import.json`).
     Members {
-        /// Directory written by `keys init` (master.key, root.pub).
+        /// Directory written by `keys init` (master.key, root.pub, and
+        /// signing.cert for the credentials' minimum online key version).
         #[arg(long, value_name = "DIR")]
         keys: PathBuf,
         /// First member id.
@@ -369,7 +370,8 @@ enum KeysCommand {
     /// `K_i = HKDF(vendor key, "dapgw v1 import")` and sealed under the
     /// storage key (never in the clear in the file or on the operator API).
     ImportVendor {
-        /// Directory written by `keys init` (storage.key, root.pub).
+        /// Directory written by `keys init` (storage.key; root.pub and
+        /// signing.cert with `--credentials`).
         #[arg(long, value_name = "DIR")]
         keys: PathBuf,
         /// The vendor's key file.

@@ -52,6 +52,9 @@ struct Fake {
     /// Members whose next attach is refused (503), as by a gateway that is
     /// still starting; each is refused once.
     refuse_attaches: Mutex<BTreeSet<u64>>,
+    /// How many of the next uplinks are answered 503 (Retry-After 0), as
+    /// by a gateway whose spool is full.
+    refuse_uplinks: AtomicU64,
 }
 
 impl Fake {
@@ -207,6 +210,16 @@ async fn handle(
             )
         }
         "/v1/uplink" => {
+            if fake
+                .refuse_uplinks
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", "{}");
+                r.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, "0".parse().unwrap());
+                return Ok(r);
+            }
             let h: [u8; 32] = Sha256::digest(&body).into();
             if fake.seen.lock().unwrap().contains(&h) {
                 // Byte-identical re-send: idempotent.
@@ -341,6 +354,7 @@ async fn start_with(
         garbage_i: AtomicU64::new(0),
         fail_polls: Mutex::new(BTreeSet::new()),
         refuse_attaches: Mutex::new(BTreeSet::new()),
+        refuse_uplinks: AtomicU64::new(0),
     });
     let f = fake.clone();
     tokio::spawn(async move {
@@ -596,19 +610,25 @@ async fn agent_round_readings_update_and_restart() {
 /// holds (the spool was replaced) is told so (409 `cursor_ahead`) and
 /// reads that spool from its start: it answers the next round instead of
 /// waiting for the new spool to pass its old cursor.
+/// Members `ids` of group G behind a fake gateway, attached and in a
+/// session (a round answered, accepted and confirmed).
+async fn in_session(ids: &[u64], dir: &std::path::Path) -> (Arc<Fake>, Fleet) {
+    let (fake, url, ca) = start(World::with_members(4, &[G], ids.iter().copied()), dir).await;
+    let f = fleet(&url, &ca, creds(&fake, ids), &dir.join("state"), 2);
+    let n = ids.len() as u64;
+    wait(&f, "attach", |s| count(&s.attached) == n).await;
+    open_round(&fake);
+    wait(&f, "answers", |s| count(&s.rounds_answered) == n).await;
+    fake.wait_uplinks(ids.len()).await;
+    assert_eq!(settle(&fake), ids);
+    wait(&f, "confirms", |s| count(&s.confirms_opened) == n).await;
+    (fake, f)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_cursor_is_past_a_replaced_spool_reads_it_from_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let ids = [1u64, 2, 3];
-    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
-    let state = dir.path().join("state");
-    let f = fleet(&url, &ca, creds(&fake, &ids), &state, 2);
-    wait(&f, "attach", |s| count(&s.attached) == 3).await;
-    open_round(&fake);
-    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
-    fake.wait_uplinks(3).await;
-    assert_eq!(settle(&fake), vec![1, 2, 3]);
-    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    let (fake, f) = in_session(&[1, 2, 3], dir.path()).await;
     // The spool is replaced: its cursors start again below the members'.
     fake.queue.lock().unwrap().clear();
     fake.queue_changed.send_modify(|v| *v += 1);
@@ -617,6 +637,51 @@ async fn a_member_whose_cursor_is_past_a_replaced_spool_reads_it_from_the_start(
         count(&s.rounds_answered) == 6
     })
     .await;
+    assert!(f.shutdown().await.is_empty());
+}
+
+/// An ack the gateway would not take (503 on every retry) is not dropped:
+/// the agent keeps its cursor before the group message, polls it again
+/// after a backoff, and the member sends the same ack bytes again, without
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_the_gateway_refused_is_sent_again_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, f) = in_session(&[1], dir.path()).await;
+    let before = fake.uplinks().len();
+    // More 503s than the agent's retries of one uplink (8).
+    fake.refuse_uplinks.store(10, Ordering::Relaxed);
+    let msg = {
+        let mut w = fake.world.lock().unwrap();
+        let w = &mut *w;
+        w.udc
+            .verifier
+            .group_message(
+                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
+                b"tariff: flat",
+                10,
+                &mut w.rng,
+            )
+            .unwrap()
+    };
+    fake.publish(Audience::Group, G, msg);
+    wait(&f, "the ack", |s| count(&s.acks_sent) == 1).await;
+    let s = f.stats();
+    assert_eq!(count(&s.updates_applied), 1);
+    assert!(s.errors()["uplink.503"] >= 10, "{:?}", s.errors());
+    fake.wait_uplinks(before + 1).await;
+    settle(&fake);
+    let w = fake.world.lock().unwrap();
+    let acked: Vec<u64> = w
+        .udc
+        .acks
+        .acked(GroupId(G), 1)
+        .unwrap()
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(acked, vec![1]);
+    drop(w);
     assert!(f.shutdown().await.is_empty());
 }
 

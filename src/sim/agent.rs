@@ -24,7 +24,10 @@
 //! is the last record fully handled *before* the change, so a crash between
 //! storing and sending replays that record: the member recognises the
 //! challenge (or the group message) and re-sends the identical response
-//! (or ack). A restarted agent
+//! (or ack). A response or ack the gateway would not take (503s or
+//! transport failures past the retries) is handled the same way without a
+//! restart: the agent's cursor stays before the record, and the next poll,
+//! after a backoff, brings it again. A restarted agent
 //! restores the member (uplink counters continue above the stored
 //! high-water mark) and polls from the stored cursor.
 
@@ -52,6 +55,18 @@ const FILE_VERSION: u8 = 1;
 /// How often an overloaded (503) or unreachable gateway is retried for one
 /// uplink before the agent gives up on that message.
 const UPLINK_ATTEMPTS: u32 = 8;
+
+/// What became of an uplink [`Agent::send_uplink`] posted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// 202: durable in the gateway's spool.
+    Accepted,
+    /// Refused for good (a 4xx: the same bytes would be refused again).
+    Refused,
+    /// Not taken (503s or transport failures past the retries): worth
+    /// sending again later.
+    Failed,
+}
 
 /// How an agent behaves.
 #[derive(Clone, Debug)]
@@ -649,7 +664,13 @@ impl Agent {
                 self.stats.error("downlink.old_cursor");
                 continue;
             }
-            self.handle_record(&r).await?;
+            if !self.handle_record(&r).await? {
+                // The response or ack it owed did not reach the gateway:
+                // the cursor stays before the record, so the next poll
+                // (after a backoff) brings it again and the member sends
+                // the same bytes again.
+                return Ok(false);
+            }
             self.cursor = Some(r.cursor);
         }
         Ok(true)
@@ -665,12 +686,15 @@ impl Agent {
         self.stats.error(&format!("member.{cause}"));
     }
 
-    async fn handle_record(&mut self, r: &Record) -> Result<(), AgentError> {
+    /// Handles one downlink record; false when the response or ack it
+    /// owes could not be handed to the gateway (503s or transport failures
+    /// past the retries), so that the record is handled again.
+    async fn handle_record(&mut self, r: &Record) -> Result<bool, AgentError> {
         if let Audience::Member(m) = r.audience
             && m != self.member.id()
         {
             self.stats.error("downlink.not_for_us");
-            return Ok(());
+            return Ok(true);
         }
         let ty = r.message.get(1).copied().and_then(MessageType::from_code);
         match ty {
@@ -706,8 +730,10 @@ impl Agent {
                         None
                     }
                 };
-                if let Some(bytes) = out {
-                    self.send_uplink(bytes, "response").await;
+                if let Some(bytes) = out
+                    && self.send_uplink(bytes, "response").await == Sent::Failed
+                {
+                    return Ok(false);
                 }
             }
             Some(MessageType::Confirm) => match self.member.handle_confirm(&r.message) {
@@ -726,7 +752,9 @@ impl Agent {
                         // Applied before (a record replayed after a
                         // restart): its ack again, byte for byte.
                         let ack = out.persisted();
-                        self.send_uplink(ack, "ack").await;
+                        if self.send_uplink(ack, "ack").await == Sent::Failed {
+                            return Ok(false);
+                        }
                     }
                     Ok(out) => {
                         // Applying the update is recording it; then persist.
@@ -740,7 +768,9 @@ impl Agent {
                         let ack = out.persisted();
                         self.stats.record_group(id, outcome);
                         self.stats.bump(&self.stats.updates_applied);
-                        self.send_uplink(ack, "ack").await;
+                        if self.send_uplink(ack, "ack").await == Sent::Failed {
+                            return Ok(false);
+                        }
                     }
                     Err(e) => {
                         // Logged before the error count that observers
@@ -775,7 +805,7 @@ impl Agent {
             },
             _ => self.stats.error("downlink.unexpected_type"),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Seals and sends one reading in the first group's session.
@@ -798,7 +828,7 @@ impl Agent {
                 return Err(e.to_string());
             }
         };
-        if self.send_uplink(bytes, "reading").await {
+        if self.send_uplink(bytes, "reading").await == Sent::Accepted {
             Ok(())
         } else {
             Err("the gateway did not take the reading".into())
@@ -806,8 +836,8 @@ impl Agent {
     }
 
     /// Posts a response or uplink; retries the same bytes on 503 and
-    /// transport failures (the gateway's spool is idempotent). True on 202.
-    async fn send_uplink(&self, bytes: Bytes, what: &str) -> bool {
+    /// transport failures (the gateway's spool is idempotent).
+    async fn send_uplink(&self, bytes: Bytes, what: &str) -> Sent {
         let mut backoff = self.config.backoff_min;
         for _ in 0..UPLINK_ATTEMPTS {
             match self
@@ -821,7 +851,7 @@ impl Agent {
                         "ack" => self.stats.bump(&self.stats.acks_sent),
                         _ => {}
                     }
-                    return true;
+                    return Sent::Accepted;
                 }
                 Ok(r) if r.status == StatusCode::SERVICE_UNAVAILABLE => {
                     self.stats.error("uplink.503");
@@ -833,19 +863,19 @@ impl Agent {
                 Ok(r) => {
                     self.stats
                         .error(&format!("uplink.{}.{}", what, r.status.as_u16()));
-                    return false;
+                    return Sent::Refused;
                 }
                 Err(e) => {
                     self.stats.error(&format!("transport.{}", e.kind()));
                     if !self.config.reconnect {
-                        return false;
+                        return Sent::Failed;
                     }
                     tokio::time::sleep(backoff).await;
                 }
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
-        false
+        Sent::Failed
     }
 }
 
