@@ -671,17 +671,12 @@ async fn an_ack_the_gateway_refused_is_sent_again_without_a_restart() {
     assert!(s.errors()["uplink.503"] >= 10, "{:?}", s.errors());
     fake.wait_uplinks(before + 1).await;
     settle(&fake);
-    let w = fake.world.lock().unwrap();
-    let acked: Vec<u64> = w
-        .udc
-        .acks
-        .acked(GroupId(G), 1)
-        .unwrap()
-        .iter()
-        .map(|m| m.0)
-        .collect();
+    let acked: Vec<u64> = {
+        let w = fake.world.lock().unwrap();
+        let acked = w.udc.acks.acked(GroupId(G), 1).unwrap();
+        acked.iter().map(|m| m.0).collect()
+    };
     assert_eq!(acked, vec![1]);
-    drop(w);
     assert!(f.shutdown().await.is_empty());
 }
 
