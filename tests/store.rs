@@ -230,7 +230,69 @@ both!(
     group_messages_acks_schedules,
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
+    schedule_claim_stands_or_falls_with_its_write,
 );
+
+/// A write's schedule claim is compare-and-set on the due time, and part of
+/// the write: a write that fails after it leaves the schedule due, a stale
+/// claim fails the write before anything is written.
+async fn schedule_claim_stands_or_falls_with_its_write(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 1).await;
+    let id = s
+        .insert_schedule(ScheduleRow {
+            id: 0,
+            group: G,
+            every_ms: 60_000,
+            mode: Mode::Psk,
+            purpose: RoundPurpose::Auth,
+            read_request: Vec::new(),
+            next_at_ms: 100,
+        })
+        .await
+        .unwrap();
+    let claim = ScheduleClaim {
+        id,
+        expected_next_ms: 100,
+        next_ms: 60_100,
+    };
+    // Fails late (localizations for a round that does not exist).
+    let failing = BatchWrite {
+        schedule_claim: Some(claim),
+        round_localizations: vec![RoundLocalizations {
+            group: G,
+            round: 99,
+            chunks: 1,
+        }],
+        ..BatchWrite::default()
+    };
+    assert!(s.apply_batch(failing).await.is_err());
+    assert_eq!(s.schedules().await.unwrap()[0].next_at_ms, 100);
+    // Stands with its write.
+    s.apply_batch(BatchWrite {
+        schedule_claim: Some(claim),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.schedules().await.unwrap()[0].next_at_ms, 60_100);
+    // Stale: a conflict, and the rest of the write is not applied.
+    let got = s
+        .apply_batch(BatchWrite {
+            schedule_claim: Some(claim),
+            closed_rounds: vec![(G, 1)],
+            ..BatchWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(got, Err(StoreError::Conflict("schedule"))),
+        "{got:?}"
+    );
+    assert_eq!(
+        s.round(G, 1).await.unwrap().unwrap().status,
+        RoundStatus::Open
+    );
+}
 
 /// A version 1 SQLite database (current/previous session columns) is
 /// migrated to one slot per (member, group): the current slot (which held

@@ -112,8 +112,11 @@ pub async fn run_schedules(udc: &Udc, now_ms: u64) -> Result<Vec<(u32, u64)>, Se
 /// Times a scheduled round is tried again after a conflict.
 const SCHEDULE_RETRIES: u32 = 3;
 
-/// Claims schedule `s`'s due slot and opens its round; `None` when another
-/// process claimed it first.
+/// Opens schedule `s`'s round, claiming its due slot in the same write;
+/// `None` when another process claimed it first. If the round cannot be
+/// opened (after [`SCHEDULE_RETRIES`] for conflicts), the slot is claimed
+/// on its own so that a broken schedule is tried again one period on, not
+/// at every tick; a crash before either write leaves the slot due.
 async fn run_schedule(
     udc: &Udc,
     s: &store::ScheduleRow,
@@ -123,29 +126,38 @@ async fn run_schedule(
     let every = s.every_ms.max(1);
     let behind = (now_ms - s.next_at_ms) / every + 1;
     let next = s.next_at_ms.saturating_add(behind.saturating_mul(every));
-    if !udc.store().claim_schedule(s.id, s.next_at_ms, next).await? {
-        return Ok(None);
-    }
+    let claim = store::ScheduleClaim {
+        id: s.id,
+        expected_next_ms: s.next_at_ms,
+        next_ms: next,
+    };
     let purpose = match s.purpose {
         store::RoundPurpose::Auth => Purpose::Auth,
         store::RoundPurpose::Read => Purpose::Read(bytes::Bytes::from(s.read_request.clone())),
     };
     // A scheduled round stays open for most of its period.
     let duration = every.saturating_mul(9) / 10;
-    // The slot is claimed: a transient conflict (another process changed
-    // the group between this one's read and write) is retried at once,
-    // not left to skip the period.
+    // A transient conflict (another process changed the group between
+    // this one's read and write) is retried at once, not left to skip the
+    // period.
     let mut attempt = 0;
     let round = loop {
         match udc
-            .open_round(s.group, s.mode, purpose.clone(), Some(duration))
+            .open_scheduled_round(s.group, s.mode, purpose.clone(), Some(duration), claim)
             .await
         {
             Err(ServiceError::Busy(why)) if attempt < SCHEDULE_RETRIES => {
                 attempt += 1;
                 tracing::debug!(schedule = s.id, group = s.group, %why, "scheduled round busy; again");
             }
-            res => break res?,
+            Ok(Some(round)) => break round,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // Spend the slot (unless another process did): the next
+                // try is one period on.
+                udc.store().claim_schedule(s.id, s.next_at_ms, next).await?;
+                return Err(e);
+            }
         }
     };
     tracing::info!(
@@ -214,6 +226,32 @@ mod tests {
         });
         let opened = run_schedules(&a, now_ms()).await.unwrap();
         assert_eq!(opened, [(8, 3)], "b opened round 2 in between");
+    }
+
+    /// The slot is claimed by the write that opens the round, not before
+    /// it: a process that stops between the two no longer skips the
+    /// period. Two processes run the same due schedule at once (b runs it
+    /// whole between a's read and a's write): b opens the round, a's
+    /// claim then fails inside its write and a opens nothing. (Claimed
+    /// before the opening, b found the slot spent by a and opened nothing.)
+    #[tokio::test]
+    async fn a_due_schedule_is_claimed_by_the_write_that_opens_its_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = udc(dir.path()).await;
+        let b = crate::udc::build(&config(dir.path())).await.unwrap();
+        let id = schedule(&a, 8).await;
+        let now = now_ms();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let b2 = b.clone();
+        a.before_next_round_write(async move {
+            let _ = tx.send(run_schedules(&b2, now).await.unwrap());
+        });
+        assert_eq!(run_schedules(&a, now).await.unwrap(), []);
+        assert_eq!(rx.await.unwrap(), [(8, 1)]);
+        assert!(a.store().round(8, 2).await.unwrap().is_none());
+        let s = b.store().schedules().await.unwrap();
+        let s = s.iter().find(|s| s.id == id).unwrap();
+        assert!(s.next_at_ms > now, "{s:?}");
     }
 
     /// Group `group` exists but its sealed state cannot be opened (as if

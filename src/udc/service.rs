@@ -1020,6 +1020,35 @@ impl Udc {
         purpose: Purpose,
         duration_ms: Option<u64>,
     ) -> Result<u64, ServiceError> {
+        self.open_round_claiming(group, mode, purpose, duration_ms, None)
+            .await?
+            .ok_or_else(|| ServiceError::Internal("a round without a claim was not opened".into()))
+    }
+
+    /// [`Self::open_round`] for a schedule: the write that opens the round
+    /// also claims the schedule's due slot (`claim`), so the slot is spent
+    /// if and only if the round opens (a crash or a failed write leaves it
+    /// due). `None` when another process claimed the slot first.
+    pub async fn open_scheduled_round(
+        &self,
+        group: u32,
+        mode: Mode,
+        purpose: Purpose,
+        duration_ms: Option<u64>,
+        claim: store::ScheduleClaim,
+    ) -> Result<Option<u64>, ServiceError> {
+        self.open_round_claiming(group, mode, purpose, duration_ms, Some(claim))
+            .await
+    }
+
+    async fn open_round_claiming(
+        &self,
+        group: u32,
+        mode: Mode,
+        purpose: Purpose,
+        duration_ms: Option<u64>,
+        claim: Option<store::ScheduleClaim>,
+    ) -> Result<Option<u64>, ServiceError> {
         let _guard = self.lock.lock().await;
         let now = now_ms();
         let (mut state, row) = self.load_group(group).await?;
@@ -1054,13 +1083,18 @@ impl Udc {
                     message: challenge.to_vec(),
                 }],
             }],
+            schedule_claim: claim,
             ..BatchWrite::default()
         };
         self.pre_round_write.run().await;
-        self.apply(write).await?;
+        match self.apply_store(write).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict("schedule")) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
         let no = round.round;
         self.rounds.lock().await.insert((group, no), round);
-        Ok(no)
+        Ok(Some(no))
     }
 
     async fn apply(&self, write: BatchWrite) -> Result<store::Applied, ServiceError> {

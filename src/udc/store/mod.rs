@@ -683,6 +683,18 @@ pub struct RoundLocalizations {
 }
 
 /// A session slot's version as a write read it: see
+/// [`BatchWrite::schedule_claim`]: schedule `id`'s `next_at_ms` moves from
+/// `expected_next_ms` to `next_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduleClaim {
+    /// The schedule.
+    pub id: u64,
+    /// Its due time as read.
+    pub expected_next_ms: u64,
+    /// Its next due time.
+    pub next_ms: u64,
+}
+
 /// [`BatchWrite::slot_checks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotCheck {
@@ -695,8 +707,8 @@ pub struct SlotCheck {
 }
 
 /// Everything one batch (or one other atomic change) writes, applied by
-/// [`Store::apply_batch`] in one transaction in this order: group epoch
-/// checks, slot checks, verdict, members, groups, rounds, sessions, readings, acks,
+/// [`Store::apply_batch`] in one transaction in this order: schedule
+/// claim, group epoch checks, slot checks, verdict, members, groups, rounds, sessions, readings, acks,
 /// outcomes, counters, downlink. Any failure rolls all of it back.
 #[derive(Clone, Debug, Default)]
 pub struct BatchWrite {
@@ -706,6 +718,12 @@ pub struct BatchWrite {
     pub verdict: Option<VerdictWrite>,
     /// The gateway the batch came through and its counter deltas.
     pub via: Option<Via>,
+    /// A schedule's due slot that this write (the scheduled round's
+    /// opening) claims: compare-and-set on the schedule's `next_at_ms`,
+    /// first; if another process claimed it since, nothing is written and
+    /// the write fails with [`StoreError::Conflict`]`("schedule")`. The
+    /// slot is spent only if the round opens.
+    pub schedule_claim: Option<ScheduleClaim>,
     /// (group, epoch) pairs the write was judged against: checked first,
     /// and if a group's stored epoch is no longer the one given (another
     /// process revoked or added a member meanwhile) nothing is written and

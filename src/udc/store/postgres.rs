@@ -471,6 +471,22 @@ fn conflict_if_deadlock(e: StoreError) -> StoreError {
 /// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
 async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
+    if let Some(c) = &w.schedule_claim {
+        // A claim by another process waits for this row's lock, then finds
+        // `next_at_ms` moved (READ COMMITTED re-checks the condition).
+        let st = prep(
+            tx,
+            stmts,
+            "UPDATE schedules SET next_at_ms = $3 WHERE id = $1 AND next_at_ms = $2",
+        )
+        .await?;
+        let n = tx
+            .execute(&st, &[&i(c.id), &i(c.expected_next_ms), &i(c.next_ms)])
+            .await?;
+        if n != 1 {
+            return Err(StoreError::Conflict("schedule"));
+        }
+    }
     for (g, epoch) in &w.group_epochs {
         // FOR SHARE: a rekey's UPDATE of the group row waits for this
         // commit (and then fails its own compare-and-set on the slots this

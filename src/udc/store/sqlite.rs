@@ -503,6 +503,16 @@ fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), Stor
 /// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
 fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
+    if let Some(c) = &w.schedule_claim {
+        let n = tx
+            .prepare_cached(
+                "UPDATE schedules SET next_at_ms = ?3 WHERE id = ?1 AND next_at_ms = ?2",
+            )?
+            .execute(params![i(c.id), i(c.expected_next_ms), i(c.next_ms)])?;
+        if n != 1 {
+            return Err(StoreError::Conflict("schedule"));
+        }
+    }
     if !w.group_epochs.is_empty() {
         // The write lock is held (IMMEDIATE): no other writer can change
         // the group between this check and the commit.
