@@ -606,10 +606,6 @@ async fn agent_round_readings_update_and_restart() {
     assert!(f.shutdown().await.is_empty());
 }
 
-/// A member whose stored cursor is past everything its gateway's spool
-/// holds (the spool was replaced) is told so (409 `cursor_ahead`) and
-/// reads that spool from its start: it answers the next round instead of
-/// waiting for the new spool to pass its old cursor.
 /// Members `ids` of group G behind a fake gateway, attached and in a
 /// session (a round answered, accepted and confirmed).
 async fn in_session(ids: &[u64], dir: &std::path::Path) -> (Arc<Fake>, Fleet) {
@@ -625,6 +621,10 @@ async fn in_session(ids: &[u64], dir: &std::path::Path) -> (Arc<Fake>, Fleet) {
     (fake, f)
 }
 
+/// A member whose stored cursor is past everything its gateway's spool
+/// holds (the spool was replaced) is told so (409 `cursor_ahead`) and
+/// reads that spool from its start: it answers the next round instead of
+/// waiting for the new spool to pass its old cursor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_cursor_is_past_a_replaced_spool_reads_it_from_the_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -63,8 +63,8 @@ enum Sent {
     Accepted,
     /// Refused for good (a 4xx: the same bytes would be refused again).
     Refused,
-    /// Not taken (503s or transport failures past the retries): worth
-    /// sending again later.
+    /// Not taken (503s or transport failures past the retries, a 408, a
+    /// 5xx): worth sending again later.
     Failed,
 }
 
@@ -480,7 +480,12 @@ impl Agent {
     }
 
     /// Runs until `stop` turns true (or, without reconnect, until a
-    /// transport failure).
+    /// transport failure of a poll or an attach).
+    ///
+    /// Records are handled in cursor order: a record whose response or ack
+    /// did not get through is handled again (after a backoff) before any
+    /// later one, for as long as it takes, so that a lost ack cannot be
+    /// skipped; later records (rekeys, newer rounds) wait behind it.
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -863,6 +868,12 @@ impl Agent {
                 Ok(r) => {
                     self.stats
                         .error(&format!("uplink.{}.{}", what, r.status.as_u16()));
+                    // A body that arrived too slowly (408) or a failure on
+                    // the gateway's side (5xx) says nothing about the bytes:
+                    // worth sending again later. Any other 4xx refuses them.
+                    if r.status == StatusCode::REQUEST_TIMEOUT || r.status.is_server_error() {
+                        return Sent::Failed;
+                    }
                     return Sent::Refused;
                 }
                 Err(e) => {

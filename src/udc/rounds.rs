@@ -154,8 +154,12 @@ async fn run_schedule(
             Ok(None) => return Ok(None),
             Err(e) => {
                 // Spend the slot (unless another process did): the next
-                // try is one period on.
-                udc.store().claim_schedule(s.id, s.next_at_ms, next).await?;
+                // try is one period on. The round's error is the one
+                // returned; a failure to spend the slot is only logged
+                // (the slot stays due and is tried at the next tick).
+                if let Err(claim) = udc.store().claim_schedule(s.id, s.next_at_ms, next).await {
+                    tracing::warn!(schedule = s.id, error = %claim, "could not spend a failed schedule's slot");
+                }
                 return Err(e);
             }
         }

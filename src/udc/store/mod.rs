@@ -682,7 +682,6 @@ pub struct RoundLocalizations {
     pub chunks: u64,
 }
 
-/// A session slot's version as a write read it: see
 /// [`BatchWrite::schedule_claim`]: schedule `id`'s `next_at_ms` moves from
 /// `expected_next_ms` to `next_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -695,6 +694,7 @@ pub struct ScheduleClaim {
     pub next_ms: u64,
 }
 
+/// A session slot's version as a write read it: see
 /// [`BatchWrite::slot_checks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotCheck {
