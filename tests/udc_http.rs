@@ -2186,6 +2186,45 @@ async fn revocation_racing_a_first_acceptance(store_url: Option<String>) {
 
 on_both_stores!(revocation_racing_a_first_acceptance, "revoke_first_accept");
 
+/// Two `Udc`s on one store: `a` revokes member 3 while no member has a
+/// session (so its new epoch rekeys nobody), and between `a`'s read and
+/// its write `b` commits a batch (judged against the old epoch) giving
+/// members 1 and 2 their first sessions, with the old group key that
+/// member 3 knows. `a`'s write must fail (busy); the retried revocation
+/// rekeys 1 and 2 into the new epoch.
+async fn revocation_racing_other_members_first_acceptance(store_url: Option<String>) {
+    use dapgw::protocol::wire::MessageType;
+    use dapgw::udc::service::ServiceError;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let body = psk_batch(&h, 1, round, &challenge, 1..=2);
+    let other = b.clone();
+    a.before_next_rekey_write(async move {
+        let answer = other.handle_batch("gw-1", body).await.unwrap();
+        assert_eq!(
+            outcomes(&Verdict::decode(&answer).unwrap()),
+            vec![Outcome::Accepted; 2]
+        );
+    });
+    let err = a.revoke_member(3).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    assert!(a.revoke_member(3).await.unwrap());
+    let mut rekeyed: Vec<u64> = records(&a.downlink("gw-1", 0).await.unwrap())
+        .into_iter()
+        .filter(|r| {
+            r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
+        })
+        .map(|r| r.3)
+        .collect();
+    rekeyed.sort_unstable();
+    assert_eq!(rekeyed, vec![1, 2]);
+    h.stop().await;
+}
+
+on_both_stores!(
+    revocation_racing_other_members_first_acceptance,
+    "revoke_other_first_accept"
+);
+
 /// Two `Udc`s on one store: `a` has judged member 2 (its member cache
 /// holds it, active), then `b` revokes member 2. In the next round `a` must
 /// see the revocation (the registry version changed): member 2 is refused

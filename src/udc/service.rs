@@ -742,9 +742,10 @@ impl Udc {
     async fn group_sessions(
         &self,
         group: u32,
-    ) -> Result<(SessionTable, SlotVersions), ServiceError> {
+    ) -> Result<(SessionTable, SlotVersions, Vec<u64>), ServiceError> {
         let mut table = SessionTable::new();
         let mut versions = SlotVersions::default();
+        let mut sessionless = Vec::new();
         let mut after = None;
         loop {
             let ids = self.store.group_members(group, after, 10_000).await?;
@@ -753,13 +754,14 @@ impl Udc {
             let ids: Vec<MemberId> = ids.into_iter().map(MemberId).collect();
             let (mut part, v) = self.load_sessions(group, &ids).await?;
             for id in ids {
-                if let Some(slot) = part.remove_boxed(GroupId(group), id) {
-                    table.insert_boxed(GroupId(group), id, slot);
+                match part.remove_boxed(GroupId(group), id) {
+                    Some(slot) if !slot.is_empty() => table.insert_boxed(GroupId(group), id, slot),
+                    _ => sessionless.push(id.0),
                 }
             }
             versions.0.extend(v.0);
         }
-        Ok((table, versions))
+        Ok((table, versions, sessionless))
     }
 
     /// Adds (or re-adds) member `id` to `groups` and starts a new epoch in
@@ -865,7 +867,7 @@ impl Udc {
         revoked: Option<MemberId>,
     ) -> Result<(), ServiceError> {
         let (mut state, row) = self.load_group(group).await?;
-        let (mut sessions, mut versions) = self.group_sessions(group).await?;
+        let (mut sessions, mut versions, mut sessionless) = self.group_sessions(group).await?;
         if let Some(r) = revoked
             && !versions.0.contains_key(&r)
         {
@@ -904,6 +906,16 @@ impl Udc {
         write.sessions.append(&mut slots.rows);
         *active_delta += slots.active_delta;
         write.groups.push(self.group_row(&state, row.version)?);
+        // Members with no session got no rekey: if a batch another process
+        // judged before this epoch gives one of them its first session
+        // before this write commits, that session holds the old group key
+        // (which a revoked member knows), so the write fails (busy, retried
+        // with the member rekeyed). The revoked member's own slot is
+        // written (above) and checked that way.
+        sessionless.retain(|m| Some(MemberId(*m)) != revoked);
+        if !sessionless.is_empty() {
+            write.sessionless.push((group, sessionless));
+        }
         let records = rekeys
             .iter()
             .map(|k| DownlinkRecord {

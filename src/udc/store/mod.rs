@@ -749,6 +749,14 @@ pub struct BatchWrite {
     /// rewrite, a check moves no version, so a refused entry cannot make
     /// honest batches judged elsewhere conflict.
     pub slot_checks: Vec<SlotCheck>,
+    /// (group, members) that held no session when the write was judged (a
+    /// rekey gave them none): checked after the group rows are written, and
+    /// if any of them holds a session now the write fails with
+    /// [`StoreError::Conflict`]`("session slot")`. On PostgreSQL the check
+    /// runs after the group row's update, which waits for any batch that
+    /// share-locked the group row (judged against the old epoch) to commit,
+    /// so such a batch's first sessions are seen.
+    pub sessionless: Vec<(u32, Vec<u64>)>,
     /// Readings to insert. On PostgreSQL a duplicate (member, group, sid,
     /// ctr) fails the write; SQLite stores readings in arrival order without
     /// that key (migration 8): the slot's windows, written in the same

@@ -565,6 +565,26 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("group"));
         }
     }
+    // After the group rows' updates: a batch that share-locked a group row
+    // (judged against the old epoch) has committed by now, and this
+    // statement's snapshot sees the first sessions it gave.
+    for (g, members) in &w.sessionless {
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT 1 FROM sessions WHERE grp = $1 AND member = ANY($2) \
+             AND sid IS NOT NULL LIMIT 1",
+        )
+        .await?;
+        let members: Vec<i64> = members.iter().map(|m| i(*m)).collect();
+        if tx
+            .query_opt(&st, &[&i64::from(*g), &members])
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::Conflict("session slot"));
+        }
+    }
     for r in &w.new_rounds {
         let st = prep(
             tx,

@@ -562,6 +562,18 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             }
         }
     }
+    if !w.sessionless.is_empty() {
+        let mut st = tx.prepare_cached(
+            "SELECT 1 FROM sessions WHERE member = ?1 AND grp = ?2 AND sid IS NOT NULL",
+        )?;
+        for (g, members) in &w.sessionless {
+            for m in members {
+                if st.exists(params![i(*m), i64::from(*g)])? {
+                    return Err(StoreError::Conflict("session slot"));
+                }
+            }
+        }
+    }
     if !w.new_rounds.is_empty() {
         let mut st = tx.prepare_cached(
             "INSERT INTO rounds (grp, round, opened_at_ms, closes_at_ms, mode, purpose, challenge, \
