@@ -942,19 +942,19 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
     if path == "/v1/admin/members/import"
         && let Some(chunks) = body.as_ref().and_then(dapgw::udc::admin_api::import_chunks)
     {
-        let mut imported = 0u64;
+        let (mut imported, mut skipped) = (0u64, 0u64);
         for chunk in chunks {
             let (status, answer) = send(Some(chunk))?;
             if !(200..300).contains(&status) {
                 println!("{answer}");
                 anyhow::bail!("the UDC answered {status} after {imported} members were imported");
             }
-            imported += serde_json::from_str::<serde_json::Value>(&answer)
-                .ok()
-                .and_then(|v| v["imported"].as_u64())
-                .unwrap_or(0);
+            let answer = serde_json::from_str::<serde_json::Value>(&answer).ok();
+            let count = |k: &str| answer.as_ref().and_then(|v| v[k].as_u64()).unwrap_or(0);
+            imported += count("imported");
+            skipped += count("skipped");
         }
-        println!("{}", json!({ "imported": imported }));
+        println!("{}", json!({ "imported": imported, "skipped": skipped }));
         return Ok(());
     }
     let (status, answer) = send(body)?;

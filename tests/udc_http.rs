@@ -2186,6 +2186,53 @@ async fn revocation_racing_a_first_acceptance(store_url: Option<String>) {
 
 on_both_stores!(revocation_racing_a_first_acceptance, "revoke_first_accept");
 
+/// An import never changes a registered member: run again with a file that
+/// names a member revoked since (active, other groups, another key
+/// version), it skips that member and the others already registered, and
+/// registers only the new id. (And a repeated revocation changes nothing.)
+async fn an_import_never_changes_a_registered_member(store_url: Option<String>) {
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    let (h, a, _b, _round, _challenge) = two_udcs_in_a_round(store_url, 3).await;
+    assert!(a.revoke_member(2).await.unwrap());
+    // Revoking again (a retried call) starts no further epoch.
+    let epoch = a.store().group(G).await.unwrap().unwrap().epoch;
+    assert!(a.revoke_member(2).await.unwrap());
+    assert_eq!(a.store().group(G).await.unwrap().unwrap().epoch, epoch);
+    let rows = (1..=4)
+        .map(|id| MemberRow {
+            id,
+            groups: vec![G, 9],
+            key_source: KeySource::Derived,
+            kv: 2,
+            status: MemberStatus::Active,
+            added_at_ms: 0,
+        })
+        .collect();
+    assert_eq!(a.import_members(rows).await.unwrap(), (1, 3));
+    let got = a.store().members(vec![1, 2, 4]).await.unwrap();
+    let got: Vec<_> = got
+        .into_iter()
+        .map(|m| {
+            let m = m.unwrap();
+            (m.status, m.kv, m.groups)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (MemberStatus::Active, 1, vec![G]),
+            (MemberStatus::Revoked, 1, vec![G]),
+            (MemberStatus::Active, 2, vec![G, 9]),
+        ]
+    );
+    h.stop().await;
+}
+
+on_both_stores!(
+    an_import_never_changes_a_registered_member,
+    "import_unchanged"
+);
+
 /// Two `Udc`s on one store: `a` revokes member 3 while no member has a
 /// session (so its new epoch rekeys nobody), and between `a`'s read and
 /// its write `b` commits a batch (judged against the old epoch) giving

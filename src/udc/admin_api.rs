@@ -586,8 +586,11 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let n = udc.import_members(rows).await.map_err(svc_err)?;
-            Ok(json_resp(StatusCode::CREATED, json!({"imported": n})))
+            let (imported, skipped) = udc.import_members(rows).await.map_err(svc_err)?;
+            Ok(json_resp(
+                StatusCode::CREATED,
+                json!({"imported": imported, "skipped": skipped}),
+            ))
         }
         (Method::POST, ["members", id, "revoke"]) => {
             let id: u64 = num(id, "member id")?;

@@ -701,11 +701,20 @@ impl Udc {
 
     /// Registers members without a rekey (initial provisioning from the
     /// `dapgw keys members` import file), in transactions of 10,000.
+    /// Returns how many were registered and how many were skipped because
+    /// their id is registered already: an import never changes a member
+    /// (running it again, say with a file that names members revoked
+    /// since, must not bring them back or roll back a key version; changes
+    /// go through [`Self::add_member`] and [`Self::revoke_member`], which
+    /// rekey).
     ///
     /// An imported key (sealed by `dapgw keys import-vendor`) must open
     /// under this UDC's storage key as the member's key of version `kv`;
     /// otherwise nothing is imported (400).
-    pub async fn import_members(&self, rows: Vec<store::MemberRow>) -> Result<usize, ServiceError> {
+    pub async fn import_members(
+        &self,
+        rows: Vec<store::MemberRow>,
+    ) -> Result<(usize, usize), ServiceError> {
         for row in &rows {
             if let store::KeySource::Imported(sealed) = &row.key_source {
                 // The same opening `registry_from` does for a stored row.
@@ -724,10 +733,22 @@ impl Udc {
             }
         }
         let _guard = self.lock.lock().await;
-        let n = rows.len();
+        let (mut imported, mut skipped) = (0, 0);
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
-            let chunk: Vec<_> = rows.by_ref().take(10_000).collect();
+            let mut chunk: Vec<_> = rows.by_ref().take(10_000).collect();
+            let stored = self
+                .store
+                .members(chunk.iter().map(|r| r.id).collect())
+                .await?;
+            let before = chunk.len();
+            let mut known = stored.iter().map(Option::is_some);
+            chunk.retain(|_| !known.next().unwrap_or(false));
+            skipped += before - chunk.len();
+            imported += chunk.len();
+            if chunk.is_empty() {
+                continue;
+            }
             self.apply(BatchWrite {
                 now_ms: now_ms(),
                 members: chunk,
@@ -735,7 +756,7 @@ impl Udc {
             })
             .await?;
         }
-        Ok(n)
+        Ok((imported, skipped))
     }
 
     /// Every session slot of `group`'s active members, with what was read.
@@ -839,6 +860,12 @@ impl Udc {
         let Some(Some(mut row)) = self.store.members(vec![id]).await?.pop() else {
             return Ok(false);
         };
+        if row.status == store::MemberStatus::Revoked {
+            // Done before (its sessions erased, its groups rekeyed): a
+            // repeated request (an operator retrying a timed-out call)
+            // starts no further epoch.
+            return Ok(true);
+        }
         row.status = store::MemberStatus::Revoked;
         let groups = row.groups.clone();
         let mut write = BatchWrite {
