@@ -1805,10 +1805,33 @@ fn migrate(conn: &mut Connection) -> Result<(), SpoolError> {
     {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if i == 0 {
+            // A new spool's batch ids start at its creation time.
+            tx.execute(
+                "UPDATE counters SET value = ?2 WHERE name = ?1",
+                params![BATCH_COUNTER, clamp(first_batch_id_floor())],
+            )?;
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
     }
     Ok(())
+}
+
+/// Where a new spool's batch id counter starts: the creation time in unix
+/// milliseconds times 1,024. A gateway whose spool was replaced (a new disk,
+/// a recreated volume) keeps its gateway id, and the UDC keeps its verdicts
+/// by (gateway, batch id) for 30 days: ids counted from 0 again would name
+/// batches the UDC has answered, with other bytes (409, dead-lettered with
+/// every entry in them). Above any id the old spool handed out as long as
+/// it reserved fewer than 1,024 ids per millisecond of its life (at 64 per
+/// reservation, far more batches than the upstream can send) and the clock
+/// did not go back. 2^63 / 1,024 ms is about 285,000 years.
+fn first_batch_id_floor() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    ms.saturating_mul(1024)
 }
 
 /// Recomputes the counters from the tables (after a crash nothing in memory
@@ -2836,6 +2859,27 @@ mod tests {
         let c = Connection::open(dir.join(DB_FILE)).unwrap();
         c.busy_timeout(Duration::from_secs(10)).unwrap();
         c
+    }
+
+    /// A new spool's batch ids start at its creation time (unix ms x 1,024),
+    /// so a replaced spool does not hand out ids the old one used; a
+    /// reopened spool continues its own counter.
+    #[tokio::test]
+    async fn a_new_spool_counts_batch_ids_from_its_creation_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = first_batch_id_floor();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let after = first_batch_id_floor();
+        let first = spool.next_batch_id().await.unwrap();
+        assert!(
+            first > before && first <= after + 1,
+            "{before} < {first} <= {after} + 1"
+        );
+        let second = spool.next_batch_id().await.unwrap();
+        assert!(second > first);
+        spool.close().await;
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert!(spool.next_batch_id().await.unwrap() > second);
     }
 
     /// A failure in the middle of `complete_batch` (injected by a trigger on
