@@ -563,6 +563,32 @@ async fn refused_batches_become_dead_letters() {
     spool.close().await;
 }
 
+/// A final verdict with fewer outcomes than the batch has entries answers
+/// for entries it does not name: the gateway does not complete the batch
+/// (nothing leaves the spool) and sends it again until a whole verdict
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_short_of_outcomes_completes_nothing() {
+    let (pki, udc, _dir, gw) = setup().await;
+    udc.set_mode(UdcMode::ShortVerdict);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    for ctr in 1..=2 {
+        let up = uplink(8, 2, ctr, b"reading");
+        assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
+    }
+    // Answered short at least twice: the batch is sent again.
+    udc.wait_until("a second short answer", |s| {
+        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(gw.metric("dapgw_spool_entries").await, 2.0);
+    udc.set_mode(UdcMode::Up);
+    udc.wait_until("both readings", |s| s.applied.lock().unwrap().len() == 2)
+        .await;
+    wait_metric(&gw, "dapgw_spool_entries", 0.0).await;
+    gw.stop().await;
+}
+
 /// SIGTERM-style drain: readiness is 503 at once, the listener stops
 /// accepting, and `run` returns within the grace time even with the UDC
 /// refusing batches; what was accepted stays in the spool and is delivered

@@ -854,6 +854,14 @@ impl Upstream {
                 return Err(UpstreamError::WrongVerdict);
             }
             match &verdict.body {
+                // One outcome per entry: a final verdict that says less
+                // answers for entries it does not name, and completing the
+                // batch would delete them unjudged.
+                VerdictBody::Final { outcomes, .. }
+                    if outcomes.len() != batch.entry_count as usize =>
+                {
+                    return Err(UpstreamError::WrongVerdict);
+                }
                 VerdictBody::Final { confirms, .. } => {
                     let items = confirms
                         .iter()

@@ -126,6 +126,9 @@ pub enum UdcMode {
     TagsFirst,
     /// Refuses every batch outright (400 with a JSON reason).
     Refusing,
+    /// Answers a final verdict with one outcome fewer than the batch has
+    /// entries (a buggy UDC), applying and storing nothing.
+    ShortVerdict,
 }
 
 #[derive(Default)]
@@ -380,6 +383,13 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                     batch_hash: hash,
                     body: VerdictBody::TagsRequested { chunks: vec![0] },
                 };
+                return answer(StatusCode::OK, v.to_bytes());
+            }
+            if mode == UdcMode::ShortVerdict {
+                let mut v = final_verdict(&batch, hash);
+                if let VerdictBody::Final { outcomes, .. } = &mut v.body {
+                    outcomes.pop();
+                }
                 return answer(StatusCode::OK, v.to_bytes());
             }
             let v = final_verdict(&batch, hash).to_bytes();
