@@ -794,6 +794,7 @@ impl UdcConfig {
         check_roots(p, "client_ca", &self.client_ca);
         if let Some(f) = &self.admin_token_file {
             p.file("admin_token_file", f);
+            check_admin_token(p, f);
         }
         check_store_url(p, self.store_url.expose());
         p.file("master_secret_file", &self.master_secret_file);
@@ -859,6 +860,24 @@ fn check_tls_pair(p: &mut Problems, cert: (&str, &Path), key: (&str, &Path)) -> 
 /// holding the wrong thing stops startup before any port is bound; the
 /// online key must be the one its certificate certifies. Messages never
 /// quote a file's content.
+/// The admin token must be usable as a bearer token: without it the
+/// operator API would start and refuse every call (401), where leaving the
+/// variable unset turns the API off (404). Nothing of the file's content is
+/// put in the message.
+fn check_admin_token(p: &mut Problems, file: &Path) {
+    let Ok(text) = std::fs::read(file) else {
+        return; // `p.file` reported it
+    };
+    let token = String::from_utf8(text).unwrap_or_default();
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        p.push(
+            "admin_token_file",
+            "a file holding the token (printable ASCII without spaces, one line; it is empty or holds other characters)",
+        );
+    }
+}
+
 fn check_udc_keys(p: &mut Problems, c: &UdcConfig) {
     use crate::udc::keys_cmd;
     fn show(e: keys_cmd::KeysError) -> String {

@@ -892,6 +892,31 @@ fn gateway_max_connections_per_ip() {
     });
 }
 
+/// An admin token file that holds no usable token (empty, or with spaces
+/// or control characters inside) stops the UDC at start, naming the
+/// variable and not the content; without the variable the API is off.
+#[test]
+fn udc_admin_token_must_be_usable() {
+    Jail::expect_with(|jail| {
+        udc_env(jail);
+        jail.set_env("DAPGW_ADMIN_TOKEN_FILE", "token");
+        for bad in ["", " \n", "two words\n", "tab\there"] {
+            jail.create_file("token", bad)?;
+            let e = udc_err().to_string();
+            assert!(e.contains("DAPGW_ADMIN_TOKEN_FILE"), "{e}");
+            if !bad.trim().is_empty() {
+                assert!(!e.contains(bad.trim()), "the content leaked: {e}");
+            }
+        }
+        jail.create_file("token", "0123456789abcdef-Token_1\n")?;
+        assert_eq!(
+            load_udc(None).unwrap().admin_token_file,
+            Some(PathBuf::from("token"))
+        );
+        Ok(())
+    });
+}
+
 /// The UDC's connection limits: defaults, read from the environment, and
 /// refused naming the variable when zero or not a number.
 #[test]

@@ -516,20 +516,7 @@ async fn agent_round_readings_update_and_restart() {
     assert_eq!(settle(&fake).len(), 4);
 
     // A group update: applied by all, acked, V learns who applied it.
-    let msg = {
-        let mut w = fake.world.lock().unwrap();
-        let w = &mut *w;
-        w.udc
-            .verifier
-            .group_message(
-                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
-                b"tariff: peak 17-20h",
-                10,
-                &mut w.rng,
-            )
-            .unwrap()
-    };
-    fake.publish(Audience::Group, G, msg);
+    publish_update(&fake, b"tariff: peak 17-20h");
     wait(&f, "acks", |s| {
         count(&s.acks_sent) == 3 && s.updates_applied_for(G, 1) == 3
     })
@@ -606,6 +593,25 @@ async fn agent_round_readings_update_and_restart() {
     assert!(f.shutdown().await.is_empty());
 }
 
+/// V signs a group update of group G with `payload` (not after 10 s) and
+/// the fake gateway publishes it to the group.
+fn publish_update(fake: &Fake, payload: &[u8]) {
+    let msg = {
+        let mut w = fake.world.lock().unwrap();
+        let w = &mut *w;
+        w.udc
+            .verifier
+            .group_message(
+                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
+                payload,
+                10,
+                &mut w.rng,
+            )
+            .unwrap()
+    };
+    fake.publish(Audience::Group, G, msg);
+}
+
 /// Members `ids` of group G behind a fake gateway, attached and in a
 /// session (a round answered, accepted and confirmed).
 async fn in_session(ids: &[u64], dir: &std::path::Path) -> (Arc<Fake>, Fleet) {
@@ -651,20 +657,7 @@ async fn an_ack_the_gateway_refused_is_sent_again_without_a_restart() {
     let before = fake.uplinks().len();
     // More 503s than the agent's retries of one uplink (8).
     fake.refuse_uplinks.store(10, Ordering::Relaxed);
-    let msg = {
-        let mut w = fake.world.lock().unwrap();
-        let w = &mut *w;
-        w.udc
-            .verifier
-            .group_message(
-                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
-                b"tariff: flat",
-                10,
-                &mut w.rng,
-            )
-            .unwrap()
-    };
-    fake.publish(Audience::Group, G, msg);
+    publish_update(&fake, b"tariff: flat");
     wait(&f, "the ack", |s| count(&s.acks_sent) == 1).await;
     let s = f.stats();
     assert_eq!(count(&s.updates_applied), 1);
@@ -993,30 +986,9 @@ async fn member_client_certificates() {
 async fn revoked_member_cannot_read_next_update() {
     use dapgw::protocol::verifier::MemberStatus;
     let dir = tempfile::tempdir().unwrap();
-    let ids = [1u64, 2, 3];
-    let (fake, url, ca) = start(World::with_members(4, &[G], ids), dir.path()).await;
-    let f = fleet(&url, &ca, creds(&fake, &ids), &dir.path().join("state"), 1);
-    wait(&f, "attach", |s| count(&s.attached) == 3).await;
-    open_round(&fake);
-    wait(&f, "answers", |s| count(&s.rounds_answered) == 3).await;
-    fake.wait_uplinks(3).await;
-    assert_eq!(settle(&fake), ids);
-    wait(&f, "confirms", |s| count(&s.confirms_opened) == 3).await;
+    let (fake, f) = in_session(&[1, 2, 3], dir.path()).await;
 
-    let group_message = |payload: &[u8]| {
-        let mut w = fake.world.lock().unwrap();
-        let w = &mut *w;
-        w.udc
-            .verifier
-            .group_message(
-                w.udc.groups.get_mut(&GroupId(G)).unwrap(),
-                payload,
-                10,
-                &mut w.rng,
-            )
-            .unwrap()
-    };
-    fake.publish(Audience::Group, G, group_message(b"update one"));
+    publish_update(&fake, b"update one");
     wait(&f, "first update", |s| s.updates_applied_for(G, 1) == 3).await;
 
     let rekeys = {
@@ -1039,7 +1011,7 @@ async fn revoked_member_cannot_read_next_update() {
         fake.publish(Audience::Member(r.id), G, r.to_bytes());
     }
     wait(&f, "rekeys", |s| count(&s.rekeys_applied) == 2).await;
-    fake.publish(Audience::Group, G, group_message(b"update two"));
+    publish_update(&fake, b"update two");
     wait(&f, "second update", |s| {
         s.updates_applied_for(G, 2) == 2
             && s.errors().get("member.stale").copied().unwrap_or(0) >= 1

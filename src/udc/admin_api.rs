@@ -721,7 +721,35 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
 
 #[cfg(test)]
 mod tests {
-    use super::{Value, b64, import_chunks, json};
+    use super::{ClientError, Value, b64, import_chunks, json, request};
+
+    /// Addresses that are not `host:port` or `http://host:port` are refused
+    /// as such before any connection (an `https://` one used to become a
+    /// host named `https` and a misleading connection error).
+    #[tokio::test]
+    async fn admin_addresses_other_than_plain_http_are_refused() {
+        for target in [
+            "https://127.0.0.1:9091",
+            "ftp://h:1",
+            "localhost",
+            ":9091",
+            "",
+        ] {
+            let got = request(
+                target,
+                "GET",
+                "/healthz",
+                None,
+                None,
+                std::time::Duration::from_secs(1),
+            )
+            .await;
+            assert!(
+                matches!(got, Err(ClientError::BadTarget(_))),
+                "{target}: {got:?}"
+            );
+        }
+    }
 
     #[test]
     fn import_bodies_are_split_in_order() {
@@ -854,14 +882,19 @@ pub async fn request(
     body: Option<String>,
     timeout: std::time::Duration,
 ) -> Result<(u16, String), ClientError> {
-    let authority = target
-        .strip_prefix("http://")
-        .unwrap_or(target)
+    // The admin listener is plain HTTP: any other scheme (`https://`) is
+    // refused here, not taken for a host named `https`.
+    let rest = match target.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Err(ClientError::BadTarget(target.to_owned())),
+        None => target,
+    };
+    let authority = rest
         .split('/')
         .next()
         .unwrap_or("")
         .replace("0.0.0.0:", "127.0.0.1:");
-    if !authority.contains(':') {
+    if !authority.contains(':') || authority.starts_with(':') {
         return Err(ClientError::BadTarget(target.to_owned()));
     }
     let fail = |reason: String| ClientError::Failed {
