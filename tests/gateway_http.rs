@@ -589,6 +589,32 @@ async fn a_verdict_short_of_outcomes_completes_nothing() {
     gw.stop().await;
 }
 
+/// A UDC that answers an empty downlink pull at once (it ignores
+/// `wait_ms`) is pulled from no more than once per `MIN_EMPTY_PULL`
+/// (500 ms), not in a tight loop (which makes thousands of pulls a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_downlink_answer_is_not_pulled_again_at_once() {
+    let (_pki, udc, _dir, gw) = setup().await;
+    udc.state
+        .downlink_ignores_wait
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Ends the pull held now (the gateway may not have made it yet).
+    udc.state.downlink_notify.notify_waiters();
+    udc.wait_until("six pulls", |s| s.downlink_pulls.lock().unwrap().len() >= 6)
+        .await;
+    let pulls = udc.state.downlink_pulls.lock().unwrap().clone();
+    // Pulls 2 to 6 each start at least 500 ms after the one before, so
+    // the sixth arrives at least 2 s after the second started: at least
+    // 1 s after the second arrived, unless that one took a second to.
+    // (The first pull may have been held, answered by the knob.)
+    let span = pulls[5] - pulls[1];
+    assert!(
+        span >= Duration::from_secs(1),
+        "four pulls after empty answers came within {span:?}"
+    );
+    gw.stop().await;
+}
+
 /// SIGTERM-style drain: readiness is 503 at once, the listener stops
 /// accepting, and `run` returns within the grace time even with the UDC
 /// refusing batches; what was accepted stays in the spool and is delivered

@@ -59,6 +59,11 @@ pub(crate) const CURSOR_KEY: &str = "udc_downlink_cursor";
 /// `wait_ms` of the gateway's own long poll at the UDC.
 pub(crate) const UPSTREAM_WAIT_MS: u64 = 25_000;
 
+/// Shortest time between the starts of two downlink pulls when the first
+/// brought nothing new: a UDC that answers an empty pull at once (one that
+/// ignores `wait_ms`, or is shutting down) is not polled in a tight loop.
+pub(crate) const MIN_EMPTY_PULL: Duration = Duration::from_millis(500);
+
 /// Largest response body taken from the UDC (a verdict for 16,384 entries
 /// with confirms is about 1.2 MB; a downlink answer is bounded by the UDC).
 const MAX_UPSTREAM_BODY: usize = 32 << 20;
@@ -915,10 +920,12 @@ impl Upstream {
         let timeout = self.request_timeout + Duration::from_millis(UPSTREAM_WAIT_MS);
         loop {
             let path = format!("/v1/downlink?after={cursor}&wait_ms={UPSTREAM_WAIT_MS}");
+            let started = Instant::now();
             let res = tokio::select! {
                 () = &mut stop => return,
                 r = self.link.long_poll(&path, timeout) => r,
             };
+            let before = cursor;
             let failed = match res {
                 Ok(a) if a.status == StatusCode::OK => {
                     self.store_downlink(&a.body, &mut cursor).await.err()
@@ -928,7 +935,17 @@ impl Upstream {
                 Err(e) => Some(e),
             };
             match failed {
-                None => backoff.reset(),
+                None => {
+                    backoff.reset();
+                    if cursor == before {
+                        // Nothing new: the next pull starts no sooner than
+                        // MIN_EMPTY_PULL after this one did.
+                        tokio::select! {
+                            () = &mut stop => return,
+                            () = tokio::time::sleep_until(started + MIN_EMPTY_PULL) => {}
+                        }
+                    }
+                }
                 Some(e) => {
                     tracing::warn!(error = %e, "downlink pull failed; retrying");
                     tokio::select! { () = &mut stop => return, () = backoff.sleep() => {} }

@@ -160,6 +160,11 @@ pub struct UdcState {
     pub release: Notify,
     /// Answers that went into the hold (counted once each).
     pub held: std::sync::atomic::AtomicU64,
+    /// While set, a downlink pull with nothing new is answered 204 at
+    /// once, whatever its `wait_ms` (a UDC that does not hold long polls).
+    pub downlink_ignores_wait: std::sync::atomic::AtomicBool,
+    /// When each downlink pull arrived.
+    pub downlink_pulls: Mutex<Vec<std::time::Instant>>,
 }
 
 pub struct FakeUdc {
@@ -234,7 +239,8 @@ impl FakeUdc {
         cursor
     }
 
-    /// Waits until `pred` holds over the state, re-checked on every batch.
+    /// Waits until `pred` holds over the state, re-checked on every batch
+    /// and every downlink pull.
     pub async fn wait_until(&self, what: &str, pred: impl Fn(&UdcState) -> bool) {
         let fut = async {
             loop {
@@ -437,6 +443,17 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
             answer(StatusCode::OK, v)
         }
         (Method::GET, "/v1/downlink") => {
+            st.downlink_pulls
+                .lock()
+                .unwrap()
+                .push(std::time::Instant::now());
+            st.batch_notify.notify_waiters();
+            if st
+                .downlink_ignores_wait
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return answer(StatusCode::NO_CONTENT, Bytes::new());
+            }
             let mut after = 0u64;
             let mut wait = 1000u64;
             for kv in query.split('&') {
@@ -460,6 +477,12 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                     .collect();
                 if !out.is_empty() {
                     return answer(StatusCode::OK, Bytes::from(out.concat()));
+                }
+                if st
+                    .downlink_ignores_wait
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return answer(StatusCode::NO_CONTENT, Bytes::new());
                 }
                 if tokio::time::timeout_at(deadline, n).await.is_err() {
                     return answer(StatusCode::NO_CONTENT, Bytes::new());
