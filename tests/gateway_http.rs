@@ -17,7 +17,7 @@ use dapgw::gateway::collector::{Collector, CollectorConfig, CollectorEvent, Memb
 use dapgw::gateway::downlink::{Record, parse_records};
 use dapgw::gateway::spool::{NewEntry, Spool, StreamKey};
 use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger, Collected};
-use dapgw::protocol::wire::{Confirm, GatewayId, GroupId, MemberId, Message, Mode};
+use dapgw::protocol::wire::{BatchBody, Confirm, GatewayId, GroupId, MemberId, Message, Mode};
 use dapgw::telemetry::GatewayMetrics;
 use hyper::{Method, StatusCode};
 use support::*;
@@ -359,6 +359,49 @@ async fn conflicts_and_idempotent_resends() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    gw.stop().await;
+}
+
+/// A backlog of many more sealed batches than the sender lists at once
+/// (it lists only those it may put on the wire) drains whole once the UDC
+/// is back: every entry once. (Uplinks of one stream within the replay
+/// window commute, so they may arrive out of counter order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_longer_than_one_listing_drains_whole() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.batch_max_entries = 1; // a batch per uplink
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    const N: u64 = 40;
+    for ctr in 1..=N {
+        let r = c.post(uplink(1, 1, ctr, b"x").to_bytes()).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+    }
+    wait_metric(&gw, "dapgw_spool_entries", N as f64).await;
+    udc.set_mode(UdcMode::Up);
+    udc.wait_until("the whole backlog", |s| {
+        s.applied.lock().unwrap().len() == N as usize
+    })
+    .await;
+    let mut ctrs: Vec<u64> = udc
+        .state
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| match &b.body {
+            BatchBody::Uplinks { entries } => entries.iter().map(|e| e.ctr).collect(),
+            BatchBody::Responses { .. } => Vec::new(),
+        })
+        .collect();
+    ctrs.sort_unstable();
+    assert_eq!(ctrs, (1..=N).collect::<Vec<_>>(), "each batch once");
+    assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
+    wait_metric(&gw, "dapgw_spool_entries", 0.0).await;
     gw.stop().await;
 }
 
@@ -841,7 +884,13 @@ async fn a_resend_while_its_batch_waits_to_be_sealed_is_a_duplicate() {
     handle.collect(first.clone(), id).await.unwrap();
     // Cut after 20 ms, its seal refused and retried; then past the window.
     tokio::time::sleep(window * 2).await;
-    assert!(b.spool.pending_batches().await.unwrap().is_empty());
+    assert!(
+        b.spool
+            .pending_batches(usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store(&b.spool, &first).await, id, "the stored original");
     assert_eq!(
         handle.collect(first, id).await.unwrap(),
@@ -899,7 +948,7 @@ async fn batch_emission_on_a_paused_clock() {
         Duration::from_millis(200),
         "cut exactly at the linger's end"
     );
-    assert_eq!(b.spool.pending_batches().await.unwrap().len(), 1);
+    assert_eq!(b.spool.pending_batches(usize::MAX).await.unwrap().len(), 1);
 
     // Four more: the size cap (4) cuts without waiting.
     let msgs: Vec<MemberMessage> = (10..14u64)

@@ -386,13 +386,16 @@ async fn pending_batch_survives_reopen_with_identical_bytes_and_tags() {
 
     let spool = Spool::open(dir.path(), BIG).unwrap();
     assert_eq!(spool.bytes(), bytes_before, "accounting recomputed on open");
-    let pending = spool.pending_batches().await.unwrap();
+    let pending = spool.pending_batches(usize::MAX).await.unwrap();
     assert_eq!(
         pending.iter().map(|p| p.batch_id).collect::<Vec<_>>(),
         vec![b1, b2]
     );
     assert_eq!(pending[0].bytes, batch_bytes);
     assert_eq!(pending[0].entry_count, 2);
+    // A bounded listing gives the lowest ids.
+    let first = spool.pending_batches(1).await.unwrap();
+    assert_eq!(first.iter().map(|p| p.batch_id).collect::<Vec<_>>(), [b1]);
     assert_eq!(spool.batch_tags(b1).await.unwrap(), tags[..2].to_vec());
     assert_eq!(spool.batch_tags(b2).await.unwrap(), tags[2..].to_vec());
     assert!(matches!(
@@ -435,7 +438,7 @@ async fn complete_batch_drops_entries_and_queues_downlink_together() {
     assert_eq!(cursors.len(), 2);
     assert!(spool.entry(a).await.unwrap().is_none());
     assert!(spool.entry(b).await.unwrap().is_none());
-    assert!(spool.pending_batches().await.unwrap().is_empty());
+    assert!(spool.pending_batches(usize::MAX).await.unwrap().is_empty());
     assert_eq!(spool.entries(), 0);
     let seen = spool.read_downlink(1, &[7], 0, 100).await.unwrap();
     assert_eq!(seen.len(), 1);

@@ -1194,12 +1194,17 @@ impl Spool {
         .await
     }
 
-    /// Sealed batches without a verdict, in batch-id order.
-    pub async fn pending_batches(&self) -> Result<Vec<PendingBatch>, SpoolError> {
-        self.read(|c| {
-            let mut st =
-                c.prepare_cached("SELECT id, bytes, entry_count FROM batches ORDER BY id")?;
-            let rows = st.query_map([], |r| {
+    /// The first `limit` sealed batches without a verdict, in batch-id
+    /// order. The sender lists only as many as it may put on the wire: a
+    /// backlog of thousands of batches (a long UDC outage) is not read
+    /// whole, bytes and all, every time one exchange ends.
+    pub async fn pending_batches(&self, limit: usize) -> Result<Vec<PendingBatch>, SpoolError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, bytes, entry_count FROM batches ORDER BY id LIMIT ?1",
+            )?;
+            let rows = st.query_map([limit], |r| {
                 Ok(PendingBatch {
                     batch_id: i2u(r.get(0)?),
                     bytes: Bytes::from(r.get::<_, Vec<u8>>(1)?),
@@ -2924,7 +2929,7 @@ mod tests {
         assert_eq!(before.0 + entry_size(&entry(3, b"three")), spool.bytes());
         assert_eq!(before.1 + 1, spool.entries());
         assert_eq!(before.2, spool.downlink_items());
-        assert_eq!(spool.pending_batches().await.unwrap().len(), 1);
+        assert_eq!(spool.pending_batches(usize::MAX).await.unwrap().len(), 1);
         assert_eq!(spool.entry(a).await.unwrap().unwrap().batch_id, Some(id));
         assert!(spool.read_downlink(1, &[], 0, 10).await.unwrap().is_empty());
 

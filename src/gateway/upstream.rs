@@ -670,9 +670,13 @@ impl Upstream {
             let mut unsent = true;
             let limit = if probing { 1 } else { BATCHES_IN_FLIGHT };
             if held.is_none() && flying.len() < limit {
-                match self.spool.pending_batches().await {
+                // Those in flight or being stored are listed too, and
+                // skipped; one more than fits tells whether any wait.
+                let listed = storing.len() + flying.len() + limit + 1;
+                match self.spool.pending_batches(listed).await {
                     Ok(pending) => {
-                        unsent = false;
+                        // A full list may have left batches unlisted.
+                        unsent = pending.len() == listed;
                         for batch in pending {
                             let id = batch.batch_id;
                             if storing.iter().any(|(s, ..)| *s == id)
