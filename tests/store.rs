@@ -451,6 +451,123 @@ async fn postgres_deadlock_is_a_conflict() {
     other.await.unwrap().unwrap();
 }
 
+/// Waits until `n` backends of the test database wait for a lock.
+async fn lock_waiters(f: &Fixture, n: i64, what: &str) {
+    let watcher = f.pg_client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A gateway subscribing to a brand-new group while that group's first
+/// round opens gets the round's challenge: either the subscription sees
+/// the round, or the round's fan-out sees the subscription. Before the
+/// subscription locks, the subscription (locking the group's row, which
+/// did not exist yet) read no open round and the fan-out, not seeing the
+/// uncommitted subscription, skipped the gateway: it never got the
+/// challenge.
+///
+/// The interleaving is forced: another transaction holds the gateway's
+/// downlink head, so the subscription stops, its reads done, where it
+/// queues the open round of a group it already had (`G`).
+#[tokio::test]
+async fn postgres_subscribing_to_a_new_group_races_its_first_round() {
+    let Some(f) = fixture(Kind::Postgres) else {
+        return;
+    };
+    let s = std::sync::Arc::new(f.open().await);
+    const NEW: u32 = G + 7;
+    s.insert_group(group_row(G)).await.unwrap();
+    s.apply_batch(BatchWrite {
+        new_rounds: vec![RoundRow {
+            challenge: vec![1; 40],
+            closes_at_ms: None,
+            ..round_row(G, 1)
+        }],
+        // Gives gw-a a downlink head to hold.
+        downlink: vec![push(DownlinkTarget::Gateway("gw-a".into()), 9)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let holder = f.pg_client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM downlink_heads WHERE gateway = 'gw-a' FOR UPDATE")
+        .await
+        .unwrap();
+    let sub = {
+        let s = s.clone();
+        tokio::spawn(async move { s.set_subscriptions("gw-a", vec![G, NEW], 10_000).await })
+    };
+    lock_waiters(&f, 1, "the subscription").await;
+    // The new group's first round opens meanwhile, its challenge fanned
+    // out to the group's subscribers.
+    s.insert_group(group_row(NEW)).await.unwrap();
+    let round = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.apply_batch(BatchWrite {
+                new_rounds: vec![RoundRow {
+                    challenge: vec![2; 40],
+                    closes_at_ms: None,
+                    ..round_row(NEW, 1)
+                }],
+                downlink: vec![DownlinkPush {
+                    target: DownlinkTarget::Subscribers,
+                    records: vec![DownlinkRecord {
+                        audience: Audience::Group,
+                        group: NEW,
+                        message: vec![2; 40],
+                    }],
+                }],
+                ..BatchWrite::default()
+            })
+            .await
+        })
+    };
+    // The round's write either ends (without the subscription locks) or
+    // waits for the subscription's.
+    let mut round = round;
+    let ended = tokio::select! {
+        () = lock_waiters(&f, 2, "the round's write") => None,
+        r = &mut round => Some(r),
+    };
+    holder.batch_execute("COMMIT").await.unwrap();
+    sub.await.unwrap().unwrap();
+    match ended {
+        Some(r) => r,
+        None => round.await,
+    }
+    .unwrap()
+    .unwrap();
+    let groups: Vec<u32> = s
+        .read_downlink("gw-a", 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.record.message.len() == 40)
+        .map(|r| r.record.group)
+        .collect();
+    assert!(
+        groups.contains(&NEW),
+        "gw-a never got the new group's challenge: {groups:?}"
+    );
+}
+
 /// A version 3 database (one outcome row per member) is migrated to
 /// version 4: each slot's accepted rounds are filled from its accepted
 /// outcomes, and the round reports still read the old rows.

@@ -1200,6 +1200,30 @@ async fn write_sessions(
 
 /// Appends records to gateway queues, fanning group records out to
 /// subscribers; returns each touched queue's new head.
+/// Class (first key) of the transaction-scoped advisory locks that order
+/// a group's fan-outs against subscriptions to it: "dgsu".
+const SUBSCRIPTION_LOCK_CLASS: i32 = 0x6467_7375;
+
+/// Takes the subscription lock of each of `groups` (ascending, distinct),
+/// exclusive or shared, held until the transaction ends.
+async fn lock_subscriptions(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    groups: &[i64],
+    exclusive: bool,
+) -> Result<(), StoreError> {
+    // The lock's second key is the group's 32 bits as an int4.
+    let keys: Vec<i32> = groups.iter().map(|&g| g as u32 as i32).collect();
+    let sql = if exclusive {
+        "SELECT pg_advisory_xact_lock($1, g) FROM UNNEST($2::int4[]) AS x(g)"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1, g) FROM UNNEST($2::int4[]) AS x(g)"
+    };
+    let st = prep(tx, stmts, sql).await?;
+    tx.execute(&st, &[&SUBSCRIPTION_LOCK_CLASS, &keys]).await?;
+    Ok(())
+}
+
 async fn write_downlink(
     tx: &Tx<'_>,
     stmts: &mut Cache,
@@ -1219,6 +1243,9 @@ async fn write_downlink(
     fan_groups.dedup();
     let mut subscribers: HashMap<u32, Vec<String>> = HashMap::new();
     if !fan_groups.is_empty() {
+        // Shared: fan-outs to a group do not wait for each other, only for
+        // a subscription to it being added (`set_subscriptions`).
+        lock_subscriptions(tx, stmts, &fan_groups, false).await?;
         let st = prep(
             tx,
             stmts,
@@ -1759,18 +1786,15 @@ impl Store for PostgresStore {
         let added: Vec<i64> = groups.into_iter().filter(|g| !old.contains(g)).collect();
         let mut records = Vec::new();
         if !added.is_empty() {
-            // FOR SHARE on the added groups' rows: a round opening in one of
-            // them (its write updates the group row first) either committed
-            // before this lock, so the next statement sees its round, or
-            // waits for this commit and then fans its challenge out to the
-            // new subscription rows. Either way this gateway gets it.
-            let st = prep(
-                &tx,
-                stmts,
-                "SELECT grp FROM group_state WHERE grp = ANY($1) ORDER BY grp FOR SHARE",
-            )
-            .await?;
-            tx.query(&st, &[&added]).await?;
+            // The added groups' subscription locks, exclusive: a write
+            // fanning a record out to one of them (a round's challenge)
+            // takes it shared before it reads the subscribers
+            // (`write_downlink`). Either that write committed before this
+            // lock, so the next statement sees its round, or it waits for
+            // this commit and then sees the new subscription rows. Either
+            // way this gateway gets the challenge. (A lock on the group's
+            // row would not do: a brand-new group's row may not exist yet.)
+            lock_subscriptions(&tx, stmts, &added, true).await?;
             let st = prep(
                 &tx,
                 stmts,
