@@ -483,12 +483,25 @@ async fn lock_waiters(f: &Fixture, n: i64, what: &str) {
 ///
 /// The interleaving is forced: another transaction holds the gateway's
 /// downlink head, so the subscription stops, its reads done, where it
-/// queues the open round of a group it already had (`G`).
+/// queues the open round of a group it already had (`G`). The database's
+/// default isolation is repeatable read, which the store overrides.
 #[tokio::test]
 async fn postgres_subscribing_to_a_new_group_races_its_first_round() {
     let Some(f) = fixture(Kind::Postgres) else {
         return;
     };
+    // The store writes at read committed whatever the database's default
+    // (at repeatable read the round's write would read the subscribers
+    // in the snapshot of its first statement, before the subscription).
+    f.pg_client()
+        .await
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET \
+             default_transaction_isolation = %L', current_database(), 'repeatable read'); \
+             END $$",
+        )
+        .await
+        .unwrap();
     let s = std::sync::Arc::new(f.open().await);
     const NEW: u32 = G + 7;
     s.insert_group(group_row(G)).await.unwrap();

@@ -86,6 +86,13 @@ impl Conn {
                 tracing::warn!(error = %e, "postgres connection closed");
             }
         });
+        // Writes rely on each statement seeing what committed before it
+        // started (the subscription locks, the slot checks): read
+        // committed, whatever the database's or role's default is. The
+        // reports ask for their snapshot explicitly (`snapshot`).
+        client
+            .batch_execute("SET default_transaction_isolation = 'read committed'")
+            .await?;
         Ok(Self {
             client,
             stmts: HashMap::new(),
@@ -1198,22 +1205,99 @@ async fn write_sessions(
     Ok(())
 }
 
-/// Appends records to gateway queues, fanning group records out to
-/// subscribers; returns each touched queue's new head.
+/// `set_subscriptions` in `tx`, committed.
+async fn subscribe_tx(
+    tx: Tx<'_>,
+    stmts: &mut Cache,
+    gateway: &str,
+    groups: Vec<i64>,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    let st = prep(
+        &tx,
+        stmts,
+        "DELETE FROM subscriptions WHERE gateway = $1 RETURNING grp",
+    )
+    .await?;
+    let old: Vec<i64> = tx
+        .query(&st, &[&gateway])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let st = prep(
+        &tx,
+        stmts,
+        "INSERT INTO subscriptions (gateway, grp) SELECT $1, g FROM UNNEST($2::int8[]) AS x(g)",
+    )
+    .await?;
+    tx.execute(&st, &[&gateway, &groups]).await?;
+    let added: Vec<i64> = groups.into_iter().filter(|g| !old.contains(g)).collect();
+    let mut records = Vec::new();
+    if !added.is_empty() {
+        // The added groups' subscription locks, exclusive: a write
+        // fanning a record out to one of them (a round's challenge)
+        // takes it shared before it reads the subscribers
+        // (`write_downlink`). Either that write committed before this
+        // lock, so the next statement sees its round, or it waits for
+        // this commit and then sees the new subscription rows. Either
+        // way this gateway gets the challenge. (A lock on the group's
+        // row would not do: a brand-new group's row may not exist yet.)
+        lock_subscriptions(&tx, stmts, &added, true).await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT grp, challenge FROM rounds WHERE status = $1 AND grp = ANY($2) \
+             AND (closes_at_ms IS NULL OR closes_at_ms > $3) ORDER BY grp, round",
+        )
+        .await?;
+        let open = round_status_code(RoundStatus::Open);
+        for r in tx.query(&st, &[&open, &added, &ts(now_ms)]).await? {
+            records.push(DownlinkRecord {
+                audience: Audience::Group,
+                group: u32_col(r.try_get(0)?, "round group")?,
+                message: r.try_get(1)?,
+            });
+        }
+    }
+    let queued = records.len() as u64;
+    if !records.is_empty() {
+        let push = DownlinkPush {
+            target: DownlinkTarget::Gateway(gateway.to_owned()),
+            records,
+        };
+        write_downlink(&tx, stmts, &[push], ts(now_ms)).await?;
+    }
+    tx.commit().await?;
+    Ok(queued)
+}
+
 /// Class (first key) of the transaction-scoped advisory locks that order
 /// a group's fan-outs against subscriptions to it: "dgsu".
 const SUBSCRIPTION_LOCK_CLASS: i32 = 0x6467_7375;
 
-/// Takes the subscription lock of each of `groups` (ascending, distinct),
-/// exclusive or shared, held until the transaction ends.
+/// Subscription locks: a group takes lock `group % SUBSCRIPTION_LOCKS`.
+/// Advisory locks take entries in PostgreSQL's shared lock table (about
+/// 64 per connection by default), so a transaction naming thousands of
+/// groups (a recovery's fan-out to every group, a first subscription to
+/// 4,096) must not take one per group; groups sharing a lock only wait
+/// for each other's subscriptions.
+const SUBSCRIPTION_LOCKS: i64 = 256;
+
+/// Takes the subscription locks of `groups`, exclusive or shared, in
+/// ascending order, held until the transaction ends.
 async fn lock_subscriptions(
     tx: &Tx<'_>,
     stmts: &mut Cache,
     groups: &[i64],
     exclusive: bool,
 ) -> Result<(), StoreError> {
-    // The lock's second key is the group's 32 bits as an int4.
-    let keys: Vec<i32> = groups.iter().map(|&g| g as u32 as i32).collect();
+    let mut keys: Vec<i32> = groups
+        .iter()
+        .map(|&g| (g.rem_euclid(SUBSCRIPTION_LOCKS)) as i32)
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
     let sql = if exclusive {
         "SELECT pg_advisory_xact_lock($1, g) FROM UNNEST($2::int4[]) AS x(g)"
     } else {
@@ -1224,6 +1308,8 @@ async fn lock_subscriptions(
     Ok(())
 }
 
+/// Appends records to gateway queues, fanning group records out to
+/// subscribers; returns each touched queue's new head.
 async fn write_downlink(
     tx: &Tx<'_>,
     stmts: &mut Cache,
@@ -1764,63 +1850,11 @@ impl Store for PostgresStore {
         let mut g = self.conn().await?;
         let Conn { client, stmts } = &mut *g;
         let tx = client.transaction().await?;
-        let st = prep(
-            &tx,
-            stmts,
-            "DELETE FROM subscriptions WHERE gateway = $1 RETURNING grp",
-        )
-        .await?;
-        let old: Vec<i64> = tx
-            .query(&st, &[&gateway])
-            .await?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?;
-        let st = prep(
-            &tx,
-            stmts,
-            "INSERT INTO subscriptions (gateway, grp) SELECT $1, g FROM UNNEST($2::int8[]) AS x(g)",
-        )
-        .await?;
-        tx.execute(&st, &[&gateway, &groups]).await?;
-        let added: Vec<i64> = groups.into_iter().filter(|g| !old.contains(g)).collect();
-        let mut records = Vec::new();
-        if !added.is_empty() {
-            // The added groups' subscription locks, exclusive: a write
-            // fanning a record out to one of them (a round's challenge)
-            // takes it shared before it reads the subscribers
-            // (`write_downlink`). Either that write committed before this
-            // lock, so the next statement sees its round, or it waits for
-            // this commit and then sees the new subscription rows. Either
-            // way this gateway gets the challenge. (A lock on the group's
-            // row would not do: a brand-new group's row may not exist yet.)
-            lock_subscriptions(&tx, stmts, &added, true).await?;
-            let st = prep(
-                &tx,
-                stmts,
-                "SELECT grp, challenge FROM rounds WHERE status = $1 AND grp = ANY($2) \
-                 AND (closes_at_ms IS NULL OR closes_at_ms > $3) ORDER BY grp, round",
-            )
-            .await?;
-            let open = round_status_code(RoundStatus::Open);
-            for r in tx.query(&st, &[&open, &added, &ts(now_ms)]).await? {
-                records.push(DownlinkRecord {
-                    audience: Audience::Group,
-                    group: u32_col(r.try_get(0)?, "round group")?,
-                    message: r.try_get(1)?,
-                });
-            }
-        }
-        let queued = records.len() as u64;
-        if !records.is_empty() {
-            let push = DownlinkPush {
-                target: DownlinkTarget::Gateway(gateway.to_owned()),
-                records,
-            };
-            write_downlink(&tx, stmts, &[push], ts(now_ms)).await?;
-        }
-        tx.commit().await?;
-        Ok(queued)
+        // A deadlock PostgreSQL breaks (the subscription locks, the
+        // gateway's downlink head) is a conflict the gateway retries.
+        subscribe_tx(tx, stmts, gateway, groups, now_ms)
+            .await
+            .map_err(conflict_if_deadlock)
     }
 
     async fn subscriptions(&self, gateway: &str) -> Result<Vec<u32>, StoreError> {
