@@ -325,6 +325,25 @@ impl Harness {
         path: &str,
         body: serde_json::Value,
     ) -> (StatusCode, serde_json::Value) {
+        let (status, _, body) = self.admin_full(token, method, path, body).await;
+        let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, v)
+    }
+
+    /// An authorized operator request without a body: status, headers and
+    /// the body as is.
+    async fn admin_raw(&self, method: Method, path: &str) -> (StatusCode, hyper::HeaderMap, Bytes) {
+        self.admin_full(Some(TOKEN), method, path, serde_json::Value::Null)
+            .await
+    }
+
+    async fn admin_full(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (StatusCode, hyper::HeaderMap, Bytes) {
         let tcp = tokio::net::TcpStream::connect(self.admin).await.unwrap();
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
@@ -348,9 +367,9 @@ impl Harness {
             .await
             .unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-        (status, v)
+        (status, headers, body)
     }
 
     async fn op(&self, method: Method, path: &str, body: serde_json::Value) -> serde_json::Value {
@@ -1847,6 +1866,54 @@ async fn bad_input_gets_a_4xx_with_a_json_reason() {
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        (
+            "members limit 0",
+            Method::GET,
+            "/v1/admin/members?limit=0",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "readings limit 0",
+            Method::GET,
+            "/v1/admin/readings?member=1&limit=0",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "members misspelt parameter",
+            Method::GET,
+            "/v1/admin/members?limt=5",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "members parameter twice",
+            Method::GET,
+            "/v1/admin/members?limit=5&limit=6",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "parameter on an endpoint that takes none",
+            Method::GET,
+            "/v1/admin/gateways?all=1",
+            serde_json::Value::Null,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "schedule parameter on a POST",
+            Method::POST,
+            "/v1/admin/schedules?group=7",
+            raw(r#"{"group":7,"every_s":60}"#),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
     ];
     for (what, method, path, body, want, code) in admin {
         let (s, v) = h.admin(Some(TOKEN), method, path, body).await;
@@ -2552,6 +2619,61 @@ async fn member_listing_shows_each_members_sessions() {
         paged.extend(page);
     }
     assert_eq!(paged, whole);
+    h.stop().await;
+}
+
+/// A known operator path asked with a method it does not take is 405
+/// with an `Allow` header naming the ones it does; an unknown path is 404.
+/// A misspelt query parameter is 400 naming it and the ones the endpoint
+/// takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_wrong_methods_and_unknown_parameters_are_named() {
+    let h = Harness::start(None).await;
+    for (method, path, allow) in [
+        (Method::GET, "/v1/admin/rounds", "POST"),
+        (Method::DELETE, "/v1/admin/rounds/7/1", "GET"),
+        (Method::GET, "/v1/admin/rounds/7/1/close", "POST"),
+        (Method::PUT, "/v1/admin/schedules", "GET, POST"),
+        (Method::GET, "/v1/admin/schedules/3", "DELETE"),
+        (Method::GET, "/v1/admin/groups/7/updates", "POST"),
+        (Method::POST, "/v1/admin/groups/7/updates/1", "GET"),
+        (Method::DELETE, "/v1/admin/members", "GET, POST"),
+        (Method::GET, "/v1/admin/members/import", "POST"),
+        (Method::GET, "/v1/admin/members/5/revoke", "POST"),
+        (Method::POST, "/v1/admin/readings", "GET"),
+        (Method::POST, "/v1/admin/gateways", "GET"),
+    ] {
+        let (status, headers, body) = h.admin_raw(method.clone(), path).await;
+        assert_eq!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {body:?}"
+        );
+        assert_eq!(headers["allow"], allow, "{method} {path}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "method_not_allowed", "{method} {path}: {v}");
+    }
+    for path in [
+        "/v1/admin/members/5",
+        "/v1/admin/nothing",
+        "/v1/admin/rounds/7",
+    ] {
+        let (status, _, body) = h.admin_raw(Method::GET, path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body:?}");
+    }
+    let (s, v) = h
+        .admin(
+            Some(TOKEN),
+            Method::GET,
+            "/v1/admin/readings?member=1&limt=5",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        v["reason"],
+        "unknown query parameter `limt`; this endpoint takes member, from, to, after, limit"
+    );
     h.stop().await;
 }
 

@@ -100,8 +100,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminRespo
 }
 
 /// A request's query string: its `key=value` pairs, percent-decoded
-/// (RFC 3986: `+` stays a plus). A part without `=` is ignored; of a key
-/// given twice the first counts.
+/// (RFC 3986: `+` stays a plus). A part without `=` is ignored.
 struct Query(Vec<(String, String)>);
 
 impl Query {
@@ -127,6 +126,30 @@ impl Query {
             })
             .collect::<Result<_, _>>()
             .map(Self)
+    }
+
+    /// 400 if a parameter is not one of `allowed` (naming it and the ones
+    /// the endpoint takes) or is given twice: a misspelt `limit` or
+    /// `after` silently ignored would page or filter other than asked.
+    fn only(&self, allowed: &[&str]) -> Result<(), AdminResponse> {
+        for (i, (k, _)) in self.0.iter().enumerate() {
+            // The name is the client's: echoed, but not at any length.
+            let name: String = k.chars().take(64).collect();
+            if !allowed.contains(&k.as_str()) {
+                return Err(bad(&if allowed.is_empty() {
+                    format!("unknown query parameter `{name}`; this endpoint takes none")
+                } else {
+                    format!(
+                        "unknown query parameter `{name}`; this endpoint takes {}",
+                        allowed.join(", ")
+                    )
+                }));
+            }
+            if self.0[..i].iter().any(|(other, _)| other == k) {
+                return Err(bad(&format!("query parameter `{name}` is given twice")));
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -157,6 +180,15 @@ fn percent_decode(s: &str) -> Option<String> {
 fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, AdminResponse> {
     s.parse()
         .map_err(|_| bad(&format!("{what} must be an unsigned integer")))
+}
+
+/// A page's `limit`: at least 1 (a page of none would never advance),
+/// capped at 10,000.
+fn page_limit(s: &str) -> Result<u32, AdminResponse> {
+    match num::<u32>(s, "limit")? {
+        0 => Err(bad("limit must be at least 1")),
+        n => Ok(n.min(10_000)),
+    }
 }
 
 fn purpose_name(p: store::RoundPurpose) -> &'static str {
@@ -321,6 +353,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
     let m = req.method().clone();
     let body = req.body();
     let q = Query::parse(req.uri().query())?;
+    q.only(query_parameters(&m, &parts))?;
     match (m, parts.as_slice()) {
         (Method::POST, ["rounds"]) => {
             let b: StartRound = parse_json(body)?;
@@ -606,7 +639,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 None => None,
             };
             let limit = match q.get("limit") {
-                Some(l) => num::<u32>(l, "limit")?.min(10_000),
+                Some(l) => page_limit(l)?,
                 None => 1000,
             };
             let rows = udc
@@ -665,7 +698,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 None => u64::MAX,
             };
             let limit = match q.get("limit") {
-                Some(l) => num::<u32>(l, "limit")?.clamp(1, 10_000),
+                Some(l) => page_limit(l)?,
                 None => 10_000,
             };
             let after = match q.get("after") {
@@ -711,11 +744,55 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .collect();
             Ok(json_resp(StatusCode::OK, json!({ "gateways": list })))
         }
-        _ => Err(error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such operator endpoint",
-        )),
+        (m, parts) => {
+            let allowed = methods(parts);
+            if allowed.is_empty() {
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such operator endpoint",
+                ));
+            }
+            let allow = allowed
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{m} is not allowed here; use {allow}"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            Err(r)
+        }
+    }
+}
+
+/// The methods `route` answers on a path (its segments after
+/// `/v1/admin/`); empty: no such endpoint.
+fn methods(parts: &[&str]) -> &'static [Method] {
+    match parts {
+        ["rounds"] | ["rounds", _, _, "close"] | ["groups", _, "updates"] => &[Method::POST],
+        ["members", "import"] | ["members", _, "revoke"] => &[Method::POST],
+        ["rounds", _, _] | ["groups", _, "updates", _] | ["readings"] | ["gateways"] => {
+            &[Method::GET]
+        }
+        ["schedules"] | ["members"] => &[Method::GET, Method::POST],
+        ["schedules", _] => &[Method::DELETE],
+        _ => &[],
+    }
+}
+
+/// The query parameters an endpoint takes (none unless listed).
+fn query_parameters(method: &Method, parts: &[&str]) -> &'static [&'static str] {
+    match (method, parts) {
+        (&Method::GET, ["rounds", _, _]) => &["after"],
+        (&Method::GET, ["members"]) => &["after", "limit"],
+        (&Method::GET, ["readings"]) => &["member", "from", "to", "after", "limit"],
+        _ => &[],
     }
 }
 
