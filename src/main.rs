@@ -220,9 +220,14 @@ struct UpdateArgs {
     /// Last round the update applies to.
     #[arg(long)]
     valid_through_round: Option<u64>,
-    /// Show who acked update SEQ instead of sending one.
+    /// Show who acked update SEQ instead of sending one (the count, and
+    /// the first 1000 members by id).
     #[arg(long, value_name = "SEQ")]
     show: Option<u64>,
+    /// With --show: list the members after this member id (the `next`
+    /// of the page before).
+    #[arg(long, requires = "show")]
+    after: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -848,7 +853,10 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             (Some(seq), _) => (
                 u.target,
                 "GET",
-                format!("/v1/admin/groups/{}/updates/{seq}", u.group),
+                match u.after {
+                    Some(a) => format!("/v1/admin/groups/{}/updates/{seq}?after={a}", u.group),
+                    None => format!("/v1/admin/groups/{}/updates/{seq}", u.group),
+                },
                 None,
             ),
             (None, Some(file)) => {

@@ -1116,6 +1116,18 @@ async fn operator_cli_runs_every_operation() {
         }
     })
     .await;
+    // The page after the first acking member holds the other one.
+    let all = udc_cli(&w, &["update", "--group", "7", "--show", &seq_s]);
+    assert_eq!(all["acked_count"], 2, "{all}");
+    let first = all["acked"][0]["member"].as_u64().unwrap().to_string();
+    let rest = udc_cli(
+        &w,
+        &[
+            "update", "--group", "7", "--show", &seq_s, "--after", &first,
+        ],
+    );
+    assert_eq!(rest["acked"].as_array().map(Vec::len), Some(1), "{rest}");
+    assert_eq!(rest["acked"][0], all["acked"][1], "{rest}");
 
     // Readings, a page at a time.
     f.send_reading(1).await.unwrap();

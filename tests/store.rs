@@ -894,7 +894,7 @@ async fn apply_batch_is_atomic(f: Fixture) {
     assert!(s.gateways().await.unwrap().is_empty());
     assert_eq!(s.latest_cursor(GW).await.unwrap(), 0);
     assert!(s.read_downlink(GW, 0, 10).await.unwrap().is_empty());
-    assert!(s.acks(G, 1).await.unwrap().is_empty());
+    assert_eq!(s.acks(G, 1, None, 10).await.unwrap().total, 0);
     let g = s.group(G).await.unwrap().unwrap();
     assert_eq!((g.epoch, g.version), (1, 1));
     // The same batch without the fault applies whole.
@@ -2201,8 +2201,26 @@ async fn group_messages_acks_schedules(f: Fixture) {
     .await
     .unwrap();
     assert_eq!(
-        s.acks(G, 1).await.unwrap(),
-        vec![ack(1, 61), ack(2, 60), ack(3, 62)]
+        s.acks(G, 1, None, 10).await.unwrap(),
+        AckPage {
+            total: 3,
+            acks: vec![ack(1, 61), ack(2, 60), ack(3, 62)]
+        }
+    );
+    // Paged by member; the total is all of them on every page.
+    assert_eq!(
+        s.acks(G, 1, None, 2).await.unwrap(),
+        AckPage {
+            total: 3,
+            acks: vec![ack(1, 61), ack(2, 60)]
+        }
+    );
+    assert_eq!(
+        s.acks(G, 1, Some(2), 2).await.unwrap(),
+        AckPage {
+            total: 3,
+            acks: vec![ack(3, 62)]
+        }
     );
     // Schedules: claimed once by whoever sees the expected next time.
     let row = ScheduleRow {

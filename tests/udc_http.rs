@@ -1212,6 +1212,42 @@ async fn members_across_restarts_and_the_metrics() {
         )
         .await;
     assert_eq!(shown["acked"].as_array().unwrap().len(), 3, "{shown}");
+    assert_eq!(shown["acked_count"], 3, "{shown}");
+    assert_eq!(shown["next"], serde_json::Value::Null, "{shown}");
+    // Paged: two, then the rest after the second.
+    let first = h
+        .op(
+            Method::GET,
+            &format!("/v1/admin/groups/{G}/updates/{seq}?limit=2"),
+            serde_json::Value::Null,
+        )
+        .await;
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["acked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["member"].as_u64().unwrap())
+            .collect()
+    };
+    let page1 = ids(&first);
+    assert_eq!(page1.len(), 2, "{first}");
+    assert_eq!(first["acked_count"], 3, "{first}");
+    assert_eq!(first["next"], page1[1], "{first}");
+    let rest = h
+        .op(
+            Method::GET,
+            &format!(
+                "/v1/admin/groups/{G}/updates/{seq}?limit=2&after={}",
+                page1[1]
+            ),
+            serde_json::Value::Null,
+        )
+        .await;
+    let mut all = page1.clone();
+    all.extend(ids(&rest));
+    assert_eq!(all, ids(&shown), "{rest}");
+    assert_eq!(rest["next"], serde_json::Value::Null, "{rest}");
 
     // A read round; member 3's reading is altered on the way, so the chunk
     // is localized and member 3 ends unverified via the gateway.

@@ -759,19 +759,27 @@ impl Demo {
             .ok_or_else(|| anyhow!("the UDC did not name the update: {v}"))
     }
 
+    /// Every member that acked update `seq`, page by page.
     async fn acked(&self, seq: u64) -> anyhow::Result<BTreeSet<u64>> {
-        let v = self
-            .udc
-            .admin(
-                "GET",
-                &format!("/v1/admin/groups/{GROUP}/updates/{seq}"),
-                None,
-            )
-            .await?;
-        Ok(v["acked"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["member"].as_u64()).collect())
-            .unwrap_or_default())
+        let mut acked = BTreeSet::new();
+        let mut path = format!("/v1/admin/groups/{GROUP}/updates/{seq}?limit=10000");
+        loop {
+            let v = self.udc.admin("GET", &path, None).await?;
+            acked.extend(
+                v["acked"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x["member"].as_u64()),
+            );
+            match v["next"].as_u64() {
+                Some(next) => {
+                    path =
+                        format!("/v1/admin/groups/{GROUP}/updates/{seq}?limit=10000&after={next}");
+                }
+                None => return Ok(acked),
+            }
+        }
     }
 
     async fn wait_acks(

@@ -558,14 +558,35 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .await
                 .map_err(store_err)?
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such update"))?;
-            let acks = udc.store().acks(g, seq).await.map_err(store_err)?;
+            let after = match q.get("after") {
+                Some(a) => Some(num::<u64>(a, "after")?),
+                None => None,
+            };
+            let limit = match q.get("limit") {
+                Some(l) => page_limit(l)?,
+                None => 1000,
+            };
+            let page = udc
+                .store()
+                .acks(g, seq, after, limit)
+                .await
+                .map_err(store_err)?;
+            // A full page may have more behind it: ask again with
+            // `after` = `next`.
+            let next = page
+                .acks
+                .last()
+                .filter(|_| page.acks.len() == limit as usize)
+                .map(|a| a.member);
             Ok(json_resp(
                 StatusCode::OK,
                 json!({
                     "group": g, "seq": seq, "epoch": msg.epoch,
                     "payload_sha256": hex::encode(msg.payload_hash),
                     "created_at_ms": msg.created_at_ms,
-                    "acked": acks.iter().map(|a| json!({"member": a.member, "at_ms": a.at_ms})).collect::<Vec<_>>(),
+                    "acked_count": page.total,
+                    "acked": page.acks.iter().map(|a| json!({"member": a.member, "at_ms": a.at_ms})).collect::<Vec<_>>(),
+                    "next": next,
                 }),
             ))
         }
@@ -790,7 +811,9 @@ fn methods(parts: &[&str]) -> &'static [Method] {
 fn query_parameters(method: &Method, parts: &[&str]) -> &'static [&'static str] {
     match (method, parts) {
         (&Method::GET, ["rounds", _, _]) => &["after"],
-        (&Method::GET, ["members"]) => &["after", "limit"],
+        (&Method::GET, ["members"]) | (&Method::GET, ["groups", _, "updates", _]) => {
+            &["after", "limit"]
+        }
         (&Method::GET, ["readings"]) => &["member", "from", "to", "after", "limit"],
         _ => &[],
     }

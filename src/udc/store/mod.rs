@@ -546,6 +546,16 @@ pub struct AckRow {
     pub at_ms: u64,
 }
 
+/// One page of a group message's acks, with how many there are in all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckPage {
+    /// Members that acknowledged the message, all pages together.
+    pub total: u64,
+    /// This page's acks, by member (in the store's order of member ids,
+    /// as every member page: signed order of the bit-cast ids).
+    pub acks: Vec<AckRow>,
+}
+
 /// Who a downlink record is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Audience {
@@ -1261,12 +1271,15 @@ pub trait Store: Send + Sync {
         group: u32,
         seq: u64,
     ) -> impl Future<Output = Result<Option<GroupMessageRow>, StoreError>> + Send;
-    /// Acks of one group message, by member.
+    /// Acks of one group message, by member: up to `limit` after member
+    /// `after` (from the first without), and the count of all of them.
     fn acks(
         &self,
         group: u32,
         seq: u64,
-    ) -> impl Future<Output = Result<Vec<AckRow>, StoreError>> + Send;
+        after: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<AckPage, StoreError>> + Send;
 
     /// Adds a schedule; returns its id.
     fn insert_schedule(
@@ -1438,7 +1451,7 @@ impl Store for AnyStore {
         fn set_subscriptions(&self, gateway: &str, groups: Vec<u32>, now_ms: u64) -> u64;
         fn subscriptions(&self, gateway: &str) -> Vec<u32>;
         fn group_message(&self, group: u32, seq: u64) -> Option<GroupMessageRow>;
-        fn acks(&self, group: u32, seq: u64) -> Vec<AckRow>;
+        fn acks(&self, group: u32, seq: u64, after: Option<u64>, limit: u32) -> AckPage;
         fn insert_schedule(&self, row: ScheduleRow) -> u64;
         fn schedules(&self) -> Vec<ScheduleRow>;
         fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;

@@ -1892,20 +1892,56 @@ impl Store for PostgresStore {
         .pop())
     }
 
-    async fn acks(&self, group: u32, seq: u64) -> Result<Vec<AckRow>, StoreError> {
-        let r = self
+    async fn acks(
+        &self,
+        group: u32,
+        seq: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<AckPage, StoreError> {
+        let mut g = self.conn().await?;
+        let Conn { client, stmts } = &mut *g;
+        let tx = snapshot(client).await?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT count(*) FROM acks WHERE grp = $1 AND seq = $2",
+        )
+        .await?;
+        let total: i64 = tx
+            .query_one(&st, &[&i64::from(group), &i(seq)])
+            .await?
+            .try_get(0)?;
+        let st = prep(
+            &tx,
+            stmts,
+            "SELECT member, at_ms FROM acks WHERE grp = $1 AND seq = $2 \
+             AND ($3::int8 IS NULL OR member > $3) ORDER BY member LIMIT $4",
+        )
+        .await?;
+        let r = tx
             .query(
-                "SELECT member, at_ms FROM acks WHERE grp = $1 AND seq = $2 ORDER BY member",
-                &[&i64::from(group), &i(seq)],
+                &st,
+                &[
+                    &i64::from(group),
+                    &i(seq),
+                    &after_param(after),
+                    &i64::from(limit),
+                ],
             )
             .await?;
-        rows(r, |x| {
+        tx.commit().await?;
+        let acks = rows(r, |x| {
             Ok(AckRow {
                 group,
                 seq,
                 member: u(x.try_get(0)?),
                 at_ms: u(x.try_get(1)?),
             })
+        })?;
+        Ok(AckPage {
+            total: u(total),
+            acks,
         })
     }
 

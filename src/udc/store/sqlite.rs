@@ -1744,18 +1744,37 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn acks(&self, group: u32, seq: u64) -> Result<Vec<AckRow>, StoreError> {
+    async fn acks(
+        &self,
+        group: u32,
+        seq: u64,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<AckPage, StoreError> {
         self.read(move |tx| {
-            let mut st = tx.prepare_cached(
-                "SELECT member, at_ms FROM acks WHERE grp = ?1 AND seq = ?2 ORDER BY member",
+            let total: i64 = tx
+                .prepare_cached("SELECT count(*) FROM acks WHERE grp = ?1 AND seq = ?2")?
+                .query_row(params![i64::from(group), i(seq)], |r| r.get(0))?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT member, at_ms FROM acks WHERE grp = ?1 AND seq = ?2 AND member {} ?3 \
+                 ORDER BY member LIMIT ?4",
+                after_op(after)
+            ))?;
+            let acks = collect(
+                &mut st,
+                params![i64::from(group), i(seq), after_key(after), i64::from(limit)],
+                |r| {
+                    Ok(AckRow {
+                        group,
+                        seq,
+                        member: u(r.get(0)?),
+                        at_ms: u(r.get(1)?),
+                    })
+                },
             )?;
-            collect(&mut st, params![i64::from(group), i(seq)], |r| {
-                Ok(AckRow {
-                    group,
-                    seq,
-                    member: u(r.get(0)?),
-                    at_ms: u(r.get(1)?),
-                })
+            Ok(AckPage {
+                total: u(total),
+                acks,
             })
         })
         .await
