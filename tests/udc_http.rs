@@ -2689,13 +2689,35 @@ async fn admin_wrong_methods_and_unknown_parameters_are_named() {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "method_not_allowed", "{method} {path}: {v}");
     }
-    for path in [
-        "/v1/admin/members/5",
-        "/v1/admin/nothing",
-        "/v1/admin/rounds/7",
+    // The path and the method are judged before the query.
+    for (method, path, want) in [
+        (
+            Method::PUT,
+            "/v1/admin/members?after=1",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/readings?member=1",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (Method::GET, "/v1/admin/members/5", StatusCode::NOT_FOUND),
+        (Method::GET, "/v1/admin/nothing?x=1", StatusCode::NOT_FOUND),
+        (Method::GET, "/v1/admin/rounds/7", StatusCode::NOT_FOUND),
     ] {
-        let (status, _, body) = h.admin_raw(Method::GET, path).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body:?}");
+        let (status, _, body) = h.admin_raw(method.clone(), path).await;
+        assert_eq!(status, want, "{method} {path}: {body:?}");
+    }
+    // A bare parameter is a parameter: unknown, or not a number.
+    for (path, says) in [
+        ("/v1/admin/members?limt", "unknown query parameter `limt`"),
+        ("/v1/admin/members?limit", "limit must be"),
+    ] {
+        let (s, v) = h
+            .admin(Some(TOKEN), Method::GET, path, serde_json::Value::Null)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(v["reason"].as_str().unwrap().contains(says), "{path}: {v}");
     }
     let (s, v) = h
         .admin(

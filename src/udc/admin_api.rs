@@ -100,7 +100,9 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminRespo
 }
 
 /// A request's query string: its `key=value` pairs, percent-decoded
-/// (RFC 3986: `+` stays a plus). A part without `=` is ignored.
+/// (RFC 3986: `+` stays a plus). A part without `=` is a parameter with
+/// an empty value (so a bare `?limt` is named as unknown, and a bare
+/// `?limit` is not a number); empty parts (`&&`) are skipped.
 struct Query(Vec<(String, String)>);
 
 impl Query {
@@ -110,7 +112,8 @@ impl Query {
         query
             .unwrap_or("")
             .split('&')
-            .filter_map(|kv| kv.split_once('='))
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
             .map(|(k, v)| {
                 let k = percent_decode(k).ok_or_else(|| {
                     bad("a query parameter name is not valid percent-encoded UTF-8")
@@ -352,6 +355,32 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         .collect();
     let m = req.method().clone();
     let body = req.body();
+    // The path, then the method, then the query: a wrong path is 404
+    // and a wrong method 405 whatever the query says.
+    let allowed = methods(&parts);
+    if allowed.is_empty() {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such operator endpoint",
+        ));
+    }
+    if !allowed.contains(&m) {
+        let allow = allowed
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("{m} is not allowed here; use {allow}"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        return Err(r);
+    }
     let q = Query::parse(req.uri().query())?;
     q.only(query_parameters(&m, &parts))?;
     match (m, parts.as_slice()) {
@@ -765,35 +794,18 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .collect();
             Ok(json_resp(StatusCode::OK, json!({ "gateways": list })))
         }
-        (m, parts) => {
-            let allowed = methods(parts);
-            if allowed.is_empty() {
-                return Err(error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "no such operator endpoint",
-                ));
-            }
-            let allow = allowed
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut r = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                &format!("{m} is not allowed here; use {allow}"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&allow) {
-                r.headers_mut().insert(hyper::header::ALLOW, v);
-            }
-            Err(r)
-        }
+        // `methods` names every arm above: not reached.
+        _ => Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such operator endpoint",
+        )),
     }
 }
 
 /// The methods `route` answers on a path (its segments after
-/// `/v1/admin/`); empty: no such endpoint.
+/// `/v1/admin/`); empty: no such endpoint. Must name exactly the arms of
+/// `route`'s match.
 fn methods(parts: &[&str]) -> &'static [Method] {
     match parts {
         ["rounds"] | ["rounds", _, _, "close"] | ["groups", _, "updates"] => &[Method::POST],
