@@ -444,6 +444,11 @@ fn after_param(after: Option<u64>) -> Option<i64> {
 // The write transaction
 // ---------------------------------------------------------------------------
 
+/// A schedule's next time moved compare-and-set (alone, or as the first
+/// step of a write): `$1` id, `$2` the next time expected, `$3` the new one.
+const CLAIM_SCHEDULE_SQL: &str =
+    "UPDATE schedules SET next_at_ms = $3 WHERE id = $1 AND next_at_ms = $2";
+
 type Tx<'a> = tokio_postgres::Transaction<'a>;
 type Cache = HashMap<&'static str, Statement>;
 
@@ -481,12 +486,7 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
     if let Some(c) = &w.schedule_claim {
         // A claim by another process waits for this row's lock, then finds
         // `next_at_ms` moved (READ COMMITTED re-checks the condition).
-        let st = prep(
-            tx,
-            stmts,
-            "UPDATE schedules SET next_at_ms = $3 WHERE id = $1 AND next_at_ms = $2",
-        )
-        .await?;
+        let st = prep(tx, stmts, CLAIM_SCHEDULE_SQL).await?;
         let n = tx
             .execute(&st, &[&i(c.id), &i(c.expected_next_ms), &i(c.next_ms)])
             .await?;
@@ -1985,7 +1985,7 @@ impl Store for PostgresStore {
     ) -> Result<bool, StoreError> {
         let n = self
             .exec(
-                "UPDATE schedules SET next_at_ms = $3 WHERE id = $1 AND next_at_ms = $2",
+                CLAIM_SCHEDULE_SQL,
                 &[&i(id), &i(expected_next_ms), &i(next_ms)],
             )
             .await?;

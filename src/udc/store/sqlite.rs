@@ -500,18 +500,26 @@ fn insert_readings(tx: &Transaction<'_>, rows: &[ReadingRow]) -> Result<(), Stor
     Ok(())
 }
 
+/// Moves a schedule's next time compare-and-set; whether it was still
+/// `expected_next_ms` (alone, or as the first step of a write).
+fn claim_schedule(c: &Connection, claim: &ScheduleClaim) -> Result<bool, StoreError> {
+    let n = c
+        .prepare_cached("UPDATE schedules SET next_at_ms = ?3 WHERE id = ?1 AND next_at_ms = ?2")?
+        .execute(params![
+            i(claim.id),
+            i(claim.expected_next_ms),
+            i(claim.next_ms)
+        ])?;
+    Ok(n == 1)
+}
+
 /// The writes of [`apply`] inside `tx` (also the last step of [`recover`]).
 fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> {
     let now = i(w.now_ms);
-    if let Some(c) = &w.schedule_claim {
-        let n = tx
-            .prepare_cached(
-                "UPDATE schedules SET next_at_ms = ?3 WHERE id = ?1 AND next_at_ms = ?2",
-            )?
-            .execute(params![i(c.id), i(c.expected_next_ms), i(c.next_ms)])?;
-        if n != 1 {
-            return Err(StoreError::Conflict("schedule"));
-        }
+    if let Some(c) = &w.schedule_claim
+        && !claim_schedule(tx, c)?
+    {
+        return Err(StoreError::Conflict("schedule"));
     }
     if !w.group_epochs.is_empty() {
         // The write lock is held (IMMEDIATE): no other writer can change
@@ -1819,15 +1827,12 @@ impl Store for SqliteStore {
         expected_next_ms: u64,
         next_ms: u64,
     ) -> Result<bool, StoreError> {
-        self.call(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE schedules SET next_at_ms = ?3 WHERE id = ?1 AND next_at_ms = ?2",
-                )?
-                .execute(params![i(id), i(expected_next_ms), i(next_ms)])?;
-            Ok(n == 1)
-        })
-        .await
+        let claim = ScheduleClaim {
+            id,
+            expected_next_ms,
+            next_ms,
+        };
+        self.call(move |c| claim_schedule(c, &claim)).await
     }
 
     async fn delete_schedule(&self, id: u64) -> Result<bool, StoreError> {
