@@ -820,7 +820,9 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
 async fn member_registry(f: Fixture) {
     let s = f.open().await;
     let big = (1u64 << 63) + 5;
-    for id in [3, 1, 2, big] {
+    // The first and the last id in the store's (signed, bit-cast) order.
+    let (first, last) = (1u64 << 63, (1u64 << 63) - 1);
+    for id in [3, 1, 2, big, first, last] {
         s.upsert_member(member(id, &[G, G, 2])).await.unwrap();
     }
     // One query for a batch's ids, answered in order, unknown = None.
@@ -841,7 +843,8 @@ async fn member_registry(f: Fixture) {
         after = page.last().map(|m| m.id);
         seen.extend(page.iter().map(|m| m.id));
     }
-    assert_eq!(seen, vec![big, 1, 2, 3]);
+    assert_eq!(seen, vec![first, big, 1, 2, 3, last]);
+    assert!(s.list_members(Some(last), 2).await.unwrap().is_empty());
     // Status, kv, group changes.
     assert!(s.set_member_status(2, MemberStatus::Revoked).await.unwrap());
     assert!(
@@ -851,12 +854,22 @@ async fn member_registry(f: Fixture) {
     );
     let imported = KeySource::Imported(Sealed::new(vec![9; 44]));
     assert!(s.set_kv(3, 2, imported.clone()).await.unwrap());
-    assert_eq!(s.group_members(G, None, 10).await.unwrap(), vec![big, 1, 3]);
-    assert_eq!(s.group_members(G, Some(1), 10).await.unwrap(), vec![3]);
+    assert_eq!(
+        s.group_members(G, None, 10).await.unwrap(),
+        vec![first, big, 1, 3, last]
+    );
+    assert_eq!(
+        s.group_members(G, Some(1), 10).await.unwrap(),
+        vec![3, last]
+    );
+    assert!(s.group_members(G, Some(last), 10).await.unwrap().is_empty());
     let m3 = s.members(vec![3]).await.unwrap().pop().unwrap().unwrap();
     assert_eq!((m3.kv, m3.key_source), (2, imported));
     s.upsert_member(member(3, &[2])).await.unwrap();
-    assert_eq!(s.group_members(G, None, 10).await.unwrap(), vec![big, 1]);
+    assert_eq!(
+        s.group_members(G, None, 10).await.unwrap(),
+        vec![first, big, 1, last]
+    );
 }
 
 async fn apply_batch_is_atomic(f: Fixture) {

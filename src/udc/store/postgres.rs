@@ -435,9 +435,18 @@ fn rows<T>(
     rows.iter().map(f).collect()
 }
 
-/// The `after` bound as a nullable parameter (`NULL` = from the start).
-fn after_param(after: Option<u64>) -> Option<i64> {
-    after.map(i)
+/// A page's inclusive lower bound on the stored (bit-cast) ids for an
+/// optional `after`: from the first without one; `None` if nothing comes
+/// after it (it is the last id in the store's order).
+///
+/// The page queries compare `>=` this plain bound, not `($1 IS NULL OR
+/// id > $1)`: a cached statement's generic plan cannot turn that OR into
+/// an index condition, so each page would scan from the first row.
+fn page_from(after: Option<u64>) -> Option<i64> {
+    match after {
+        None => Some(i64::MIN),
+        Some(a) => i(a).checked_add(1),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1083,19 +1092,19 @@ async fn active_members(
     group: u32,
     after: Option<u64>,
 ) -> Result<Vec<u64>, StoreError> {
+    let Some(from) = page_from(after) else {
+        return Ok(Vec::new());
+    };
     let st = prep(
         tx,
         stmts,
         "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
-         WHERE mg.grp = $1 AND m.status = 0 AND ($2::int8 IS NULL OR mg.member > $2) \
-         ORDER BY mg.member",
+         WHERE mg.grp = $1 AND m.status = 0 AND mg.member >= $2 ORDER BY mg.member",
     )
     .await?;
-    rows(
-        tx.query(&st, &[&i64::from(group), &after_param(after)])
-            .await?,
-        |x| Ok(u(x.try_get(0)?)),
-    )
+    rows(tx.query(&st, &[&i64::from(group), &from]).await?, |x| {
+        Ok(u(x.try_get(0)?))
+    })
 }
 
 /// Writes session slots compare-and-set on their version: new rows (version
@@ -1413,10 +1422,12 @@ impl Store for PostgresStore {
         const SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, m.added_at_ms, \
                  COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
                  WHERE mg.member = m.id), '{}'::int8[]) FROM members m \
-                 WHERE ($1::int8 IS NULL OR m.id > $1) ORDER BY m.id LIMIT $2";
+                 WHERE m.id >= $1 ORDER BY m.id LIMIT $2";
+        let Some(from) = page_from(after) else {
+            return Ok(Vec::new());
+        };
         rows(
-            self.query(SQL, &[&after_param(after), &i64::from(limit)])
-                .await?,
+            self.query(SQL, &[&from, &i64::from(limit)]).await?,
             member_row,
         )
     }
@@ -1427,12 +1438,15 @@ impl Store for PostgresStore {
         after: Option<u64>,
         limit: u32,
     ) -> Result<Vec<u64>, StoreError> {
+        let Some(from) = page_from(after) else {
+            return Ok(Vec::new());
+        };
         let r = self
             .query(
                 "SELECT mg.member FROM member_groups mg JOIN members m ON m.id = mg.member \
-                 WHERE mg.grp = $1 AND m.status = 0 AND ($2::int8 IS NULL OR mg.member > $2) \
+                 WHERE mg.grp = $1 AND m.status = 0 AND mg.member >= $2 \
                  ORDER BY mg.member LIMIT $3",
-                &[&i64::from(group), &after_param(after), &i64::from(limit)],
+                &[&i64::from(group), &from, &i64::from(limit)],
             )
             .await?;
         rows(r, |x| Ok(u(x.try_get(0)?)))
@@ -1912,24 +1926,20 @@ impl Store for PostgresStore {
             .query_one(&st, &[&i64::from(group), &i(seq)])
             .await?
             .try_get(0)?;
-        let st = prep(
-            &tx,
-            stmts,
-            "SELECT member, at_ms FROM acks WHERE grp = $1 AND seq = $2 \
-             AND ($3::int8 IS NULL OR member > $3) ORDER BY member LIMIT $4",
-        )
-        .await?;
-        let r = tx
-            .query(
-                &st,
-                &[
-                    &i64::from(group),
-                    &i(seq),
-                    &after_param(after),
-                    &i64::from(limit),
-                ],
-            )
-            .await?;
+        let r = match page_from(after) {
+            None => Vec::new(),
+            Some(from) => {
+                let st = prep(
+                    &tx,
+                    stmts,
+                    "SELECT member, at_ms FROM acks WHERE grp = $1 AND seq = $2 \
+                     AND member >= $3 ORDER BY member LIMIT $4",
+                )
+                .await?;
+                tx.query(&st, &[&i64::from(group), &i(seq), &from, &i64::from(limit)])
+                    .await?
+            }
+        };
         tx.commit().await?;
         let acks = rows(r, |x| {
             Ok(AckRow {
