@@ -419,27 +419,7 @@ async fn postgres_deadlock_is_a_conflict() {
         .await
     });
     // The write holds member 1's row and waits for member 2's.
-    let watcher = f.pg_client().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the write never waited"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    lock_waiters(&f, 1, "the write").await;
     // Now the other transaction asks for member 1's row: a cycle.
     let other = tokio::spawn(async move {
         other

@@ -155,6 +155,16 @@ impl Query {
         Ok(())
     }
 
+    /// `after`, a member id, if given.
+    fn after_member(&self) -> Result<Option<u64>, AdminResponse> {
+        self.get("after").map(|a| num(a, "after")).transpose()
+    }
+
+    /// A page's `limit` ([`page_limit`]), `default` if not given.
+    fn limit(&self, default: u32) -> Result<u32, AdminResponse> {
+        self.get("limit").map_or(Ok(default), page_limit)
+    }
+
     fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -404,10 +414,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             let r: u64 = num(r, "round")?;
             // The `rejected` and `missing` lists start after this member
             // (the next page of a round with more than 1000 of either).
-            let list_after = match q.get("after") {
-                Some(a) => Some(num::<u64>(a, "after")?),
-                None => None,
-            };
+            let list_after = q.after_member()?;
             let rep = udc
                 .store()
                 .round_report(g, r)
@@ -587,14 +594,8 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .await
                 .map_err(store_err)?
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such update"))?;
-            let after = match q.get("after") {
-                Some(a) => Some(num::<u64>(a, "after")?),
-                None => None,
-            };
-            let limit = match q.get("limit") {
-                Some(l) => page_limit(l)?,
-                None => 1000,
-            };
+            let after = q.after_member()?;
+            let limit = q.limit(1000)?;
             let page = udc
                 .store()
                 .acks(g, seq, after, limit)
@@ -684,14 +685,8 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
             }
         }
         (Method::GET, ["members"]) => {
-            let after = match q.get("after") {
-                Some(a) => Some(num::<u64>(a, "after")?),
-                None => None,
-            };
-            let limit = match q.get("limit") {
-                Some(l) => page_limit(l)?,
-                None => 1000,
-            };
+            let after = q.after_member()?;
+            let limit = q.limit(1000)?;
             let rows = udc
                 .store()
                 .list_members(after, limit)
@@ -747,10 +742,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Some(v) => num(v, "to")?,
                 None => u64::MAX,
             };
-            let limit = match q.get("limit") {
-                Some(l) => page_limit(l)?,
-                None => 10_000,
-            };
+            let limit = q.limit(10_000)?;
             let after = match q.get("after") {
                 Some(t) => Some(store::ReadingKey::from_token(t).ok_or_else(|| {
                     bad("after must be a `next` token from an earlier readings page")
