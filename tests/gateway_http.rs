@@ -606,6 +606,39 @@ async fn refused_batches_become_dead_letters() {
     spool.close().await;
 }
 
+/// The same status from something between the gateway and the UDC (a
+/// proxy's 413 page, not the UDC's JSON error) dead-letters nothing: the
+/// batch is retried, blocks the pipeline as any failure does, and arrives
+/// once the way through is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_refusal_is_retried_not_dead_lettered() {
+    let (pki, udc, dir, gw) = setup().await;
+    udc.set_mode(UdcMode::ProxyRefusing);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let up = uplink(8, 2, 1, b"through a proxy");
+    assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
+    udc.wait_until("the batch sent twice", |s| {
+        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    // The first exchange was counted before the second was sent.
+    let errors = gw
+        .metric("dapgw_batches_total{kind=\"uplink\",outcome=\"error\"}")
+        .await;
+    assert!(errors >= 1.0, "{errors}");
+    assert_eq!(gw.metric("dapgw_dead_letter_batches").await, 0.0);
+    udc.set_mode(UdcMode::Up);
+    udc.wait_until("the batch applied", |s| {
+        s.applied.lock().unwrap().len() == 1
+    })
+    .await;
+    gw.stop().await;
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert!(spool.dead_letters().await.unwrap().is_empty());
+    assert_eq!(spool.entries(), 0);
+    spool.close().await;
+}
+
 /// A final verdict with fewer outcomes than the batch has entries answers
 /// for entries it does not name: the gateway does not complete the batch
 /// (nothing leaves the spool) and sends it again until a whole verdict

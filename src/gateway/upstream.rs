@@ -352,6 +352,13 @@ impl Link {
     }
 }
 
+/// Whether `body` is the UDC's JSON error, `{"error": "<code>", ...}`
+/// (docs/udc.md), as opposed to a page from something in between.
+fn udc_refusal(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_string))
+}
+
 /// Jittered exponential backoff: each wait is drawn from the upper half of
 /// a window that doubles from [`BACKOFF_MIN`] up to the cap.
 struct Backoff {
@@ -833,6 +840,23 @@ impl Upstream {
                     path = "/v1/batches";
                     body = batch.bytes.clone();
                     continue;
+                }
+                // Only the UDC's own refusal (its JSON error body) is
+                // final: the same status from a proxy in between (an
+                // nginx `client_max_body_size`, an HTML page) says nothing
+                // about the batch, so it is retried like any failure
+                // rather than taking the entries out of the pipeline.
+                s @ (StatusCode::BAD_REQUEST
+                | StatusCode::CONFLICT
+                | StatusCode::PAYLOAD_TOO_LARGE)
+                    if !udc_refusal(&answer.body) =>
+                {
+                    tracing::warn!(
+                        batch = batch.batch_id,
+                        status = %s,
+                        "refused without the UDC's error body (a proxy in between?); retrying"
+                    );
+                    return Err(UpstreamError::Status(s));
                 }
                 s @ (StatusCode::BAD_REQUEST
                 | StatusCode::CONFLICT

@@ -126,6 +126,9 @@ pub enum UdcMode {
     TagsFirst,
     /// Refuses every batch outright (400 with a JSON reason).
     Refusing,
+    /// Answers every batch 413 with an HTML page, as a proxy in front of
+    /// the UDC does over its own body limit (nginx's default is 1 MiB).
+    ProxyRefusing,
     /// Answers a final verdict with one outcome fewer than the batch has
     /// entries (a buggy UDC), applying and storing nothing.
     ShortVerdict,
@@ -357,6 +360,14 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if mode == UdcMode::Failing {
                 return answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
+            }
+            if mode == UdcMode::ProxyRefusing {
+                return answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Bytes::from_static(
+                        b"<html><head><title>413 Request Entity Too Large</title></head></html>",
+                    ),
+                );
             }
             if mode == UdcMode::Refusing {
                 return answer(
