@@ -2657,6 +2657,58 @@ async fn member_listing_shows_each_members_sessions() {
     assert_eq!(paged, whole);
     h.stop().await;
 }
+/// A group id the UDC knows nothing of (no member, never used: a typo)
+/// is 404 `unknown_group` for a round, a schedule and an update, and
+/// nothing is created; once a member is imported into it, it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_refuses_rounds_schedules_and_updates_in_an_unknown_group() {
+    let h = Harness::start(None).await;
+    for (path, body) in [
+        (
+            "/v1/admin/rounds",
+            serde_json::json!({"group": 4242, "mode": "psk", "purpose": "auth"}),
+        ),
+        (
+            "/v1/admin/schedules",
+            serde_json::json!({"group": 4242, "every_s": 3600, "mode": "psk", "purpose": "auth"}),
+        ),
+        (
+            "/v1/admin/groups/4242/updates",
+            serde_json::json!({"payload_hex": "c0ffee"}),
+        ),
+    ] {
+        let (s, v) = h.admin(Some(TOKEN), Method::POST, path, body).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["error"], "unknown_group", "{path}: {v}");
+        assert!(v["reason"].as_str().unwrap().contains("group 4242"), "{v}");
+    }
+    let (s, v) = h
+        .admin(
+            Some(TOKEN),
+            Method::GET,
+            "/v1/admin/schedules",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["schedules"], serde_json::json!([]), "nothing scheduled");
+    let (s, _, _) = h.admin_raw(Method::GET, "/v1/admin/rounds/4242/1").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "no round was opened");
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 4242, "groups": [4242], "kv": 1}]}),
+    )
+    .await;
+    let v = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": 4242, "mode": "psk", "purpose": "auth"}),
+        )
+        .await;
+    assert_eq!(v["group"], 4242, "{v}");
+}
 
 /// A known operator path asked with a method it does not take is 405
 /// with an `Allow` header naming the ones it does; an unknown path is 404.
@@ -2667,17 +2719,19 @@ async fn admin_wrong_methods_and_unknown_parameters_are_named() {
     let h = Harness::start(None).await;
     for (method, path, allow) in [
         (Method::GET, "/v1/admin/rounds", "POST"),
-        (Method::DELETE, "/v1/admin/rounds/7/1", "GET"),
+        (Method::HEAD, "/v1/admin/rounds", "POST"),
+        (Method::HEAD, "/v1/admin/schedules/3", "DELETE"),
+        (Method::DELETE, "/v1/admin/rounds/7/1", "GET, HEAD"),
         (Method::GET, "/v1/admin/rounds/7/1/close", "POST"),
-        (Method::PUT, "/v1/admin/schedules", "GET, POST"),
+        (Method::PUT, "/v1/admin/schedules", "GET, HEAD, POST"),
         (Method::GET, "/v1/admin/schedules/3", "DELETE"),
         (Method::GET, "/v1/admin/groups/7/updates", "POST"),
-        (Method::POST, "/v1/admin/groups/7/updates/1", "GET"),
-        (Method::DELETE, "/v1/admin/members", "GET, POST"),
+        (Method::POST, "/v1/admin/groups/7/updates/1", "GET, HEAD"),
+        (Method::DELETE, "/v1/admin/members", "GET, HEAD, POST"),
         (Method::GET, "/v1/admin/members/import", "POST"),
         (Method::GET, "/v1/admin/members/5/revoke", "POST"),
-        (Method::POST, "/v1/admin/readings", "GET"),
-        (Method::POST, "/v1/admin/gateways", "GET"),
+        (Method::POST, "/v1/admin/readings", "GET, HEAD"),
+        (Method::POST, "/v1/admin/gateways", "GET, HEAD"),
     ] {
         let (status, headers, body) = h.admin_raw(method.clone(), path).await;
         assert_eq!(
@@ -2686,9 +2740,36 @@ async fn admin_wrong_methods_and_unknown_parameters_are_named() {
             "{method} {path}: {body:?}"
         );
         assert_eq!(headers["allow"], allow, "{method} {path}");
+        if method == Method::HEAD {
+            assert!(body.is_empty(), "{method} {path}: {body:?}");
+            continue;
+        }
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "method_not_allowed", "{method} {path}: {v}");
     }
+    // HEAD is answered wherever GET is: its status and length, no body.
+    for path in [
+        "/v1/admin/members",
+        "/v1/admin/schedules",
+        "/v1/admin/gateways",
+    ] {
+        let (get, get_headers, get_body) = h.admin_raw(Method::GET, path).await;
+        let (head, headers, body) = h.admin_raw(Method::HEAD, path).await;
+        assert_eq!((get, head), (StatusCode::OK, StatusCode::OK), "{path}");
+        assert!(body.is_empty(), "HEAD {path}: {body:?}");
+        assert_eq!(
+            headers["content-length"],
+            get_body.len().to_string(),
+            "{path}"
+        );
+        assert_eq!(
+            headers["content-type"], get_headers["content-type"],
+            "{path}"
+        );
+    }
+    let (s, _, body) = h.admin_raw(Method::HEAD, "/v1/admin/rounds/7/99").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body.is_empty());
     // The path and the method are judged before the query.
     for (method, path, want) in [
         (
@@ -2971,8 +3052,15 @@ fn restore_store(from: &std::path::Path, db: &std::path::Path) {
     std::fs::copy(from, db).unwrap();
 }
 
-/// Opens a psk auth round of group 8 (no members) and returns its number.
+/// Opens a psk auth round of group 8 (one member, 80, never answering)
+/// and returns its number.
 async fn open_round8(h: &Harness) -> u64 {
+    h.op(
+        Method::POST,
+        "/v1/admin/members/import",
+        serde_json::json!({"members": [{"id": 80, "groups": [8], "kv": 1}]}),
+    )
+    .await;
     h.op(
         Method::POST,
         "/v1/admin/rounds",

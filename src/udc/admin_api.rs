@@ -95,6 +95,30 @@ fn store_err(e: store::StoreError) -> AdminResponse {
     svc_err(e.into())
 }
 
+/// Refuses a group the UDC knows nothing of: no active member is in it
+/// and no round or update ever used it. Opening a round, a schedule or an
+/// update there would only wait for members that do not exist (a typo in
+/// the group id), so the operator hears of it at once.
+async fn known_group(udc: &Udc, group: u32) -> Result<(), AdminResponse> {
+    let store = udc.store();
+    if store.group(group).await.map_err(store_err)?.is_some()
+        || !store
+            .group_members(group, None, 1)
+            .await
+            .map_err(store_err)?
+            .is_empty()
+    {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::NOT_FOUND,
+        "unknown_group",
+        &format!(
+            "group {group} has no active member and was never used; add or import its members first"
+        ),
+    ))
+}
+
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminResponse> {
     serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))
 }
@@ -363,7 +387,13 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         .unwrap_or("")
         .split('/')
         .collect();
-    let m = req.method().clone();
+    // HEAD is GET without the body (hyper drops it and keeps the length).
+    let head = req.method() == Method::HEAD;
+    let m = if head {
+        Method::GET
+    } else {
+        req.method().clone()
+    };
     let body = req.body();
     // The path, then the method, then the query: a wrong path is 404
     // and a wrong method 405 whatever the query says.
@@ -376,15 +406,20 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         ));
     }
     if !allowed.contains(&m) {
+        // Where GET is answered, so is HEAD.
         let allow = allowed
             .iter()
-            .map(Method::as_str)
+            .flat_map(|a| {
+                let head = (*a == Method::GET).then_some("HEAD");
+                std::iter::once(a.as_str()).chain(head)
+            })
             .collect::<Vec<_>>()
             .join(", ");
+        let asked = req.method();
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            &format!("{m} is not allowed here; use {allow}"),
+            &format!("{asked} is not allowed here; use {allow}"),
         );
         if let Ok(v) = HeaderValue::from_str(&allow) {
             r.headers_mut().insert(hyper::header::ALLOW, v);
@@ -400,6 +435,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 .ok_or_else(|| bad("mode must be psk or psk-ecdhe"))?;
             let purpose = purpose_of(b.purpose.as_deref(), b.read_request.as_deref())?;
             let duration = period_s(b.duration_s.unwrap_or(300), "duration_s")? * 1000;
+            known_group(udc, b.group).await?;
             let round = udc
                 .open_round(b.group, mode, purpose, Some(duration))
                 .await
@@ -526,6 +562,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     Purpose::Read(req) => (store::RoundPurpose::Read, req.to_vec()),
                 };
             let every_ms = b.every_s * 1000;
+            known_group(udc, b.group).await?;
             let id = udc
                 .store()
                 .insert_schedule(store::ScheduleRow {
@@ -576,6 +613,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 (None, Some(s)) => hex::decode(s).map_err(|_| bad("payload_hex is not hex"))?,
                 _ => return Err(bad("give exactly one of payload_b64 and payload_hex")),
             };
+            known_group(udc, g).await?;
             let seq = udc
                 .publish_update(g, &payload, b.valid_through_round)
                 .await
