@@ -865,17 +865,25 @@ fn check_tls_pair(p: &mut Problems, cert: (&str, &Path), key: (&str, &Path)) -> 
 /// variable unset turns the API off (404). Nothing of the file's content is
 /// put in the message.
 fn check_admin_token(p: &mut Problems, file: &Path) {
-    let Ok(text) = std::fs::read(file) else {
+    if !file.is_file() {
         return; // `p.file` reported it
-    };
+    }
+    if let Err(e) = admin_token(file) {
+        p.push("admin_token_file", e);
+    }
+}
+
+/// The operator API's bearer token from `file` (its one line, trimmed),
+/// as [`UdcConfig::validate`] checks it and the UDC serves it. The error
+/// never quotes the file's content.
+pub fn admin_token(file: &Path) -> Result<String, String> {
+    let text = std::fs::read(file).map_err(|e| format!("`{}`: {e}", file.display()))?;
     let token = String::from_utf8(text).unwrap_or_default();
     let token = token.trim();
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        p.push(
-            "admin_token_file",
-            "a file holding the token (printable ASCII without spaces, one line; it is empty or holds other characters)",
-        );
+        return Err("a file holding the token (printable ASCII without spaces, one line; it is empty or holds other characters)".into());
     }
+    Ok(token.to_owned())
 }
 
 fn check_udc_keys(p: &mut Problems, c: &UdcConfig) {

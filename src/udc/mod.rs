@@ -55,10 +55,8 @@ pub async fn run(
     let probe = tokio::spawn(probe_store(udc.clone(), readiness.clone()));
     let token = match &config.admin_token_file {
         Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading {} (DAPGW_ADMIN_TOKEN_FILE)", p.display()))?
-                .trim()
-                .to_owned(),
+            crate::config::admin_token(p)
+                .map_err(|e| anyhow::anyhow!("DAPGW_ADMIN_TOKEN_FILE: {e}"))?,
         ),
         None => None,
     };
