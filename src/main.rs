@@ -927,10 +927,9 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
         UdcOp::Gateways(t) => (t.target, "GET", "/v1/admin/gateways".to_string(), None),
     };
     let token = match &target.token_file {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .trim()
-            .to_string(),
+        Some(p) => {
+            dapgw::config::admin_token(p).map_err(|e| anyhow::anyhow!("--token-file: {e}"))?
+        }
         None => anyhow::bail!("the operator API needs --token-file (or DAPGW_ADMIN_TOKEN_FILE)"),
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -2708,6 +2708,7 @@ async fn admin_refuses_rounds_schedules_and_updates_in_an_unknown_group() {
         )
         .await;
     assert_eq!(v["group"], 4242, "{v}");
+    h.stop().await;
 }
 
 /// A known operator path asked with a method it does not take is 405

@@ -274,6 +274,12 @@ impl FakeUdc {
     }
 }
 
+/// The UDC's JSON error body (docs/udc.md), which the gateway needs to
+/// take a 400/409/413 as the UDC's own refusal.
+fn refusal(code: &str) -> Bytes {
+    Bytes::from(serde_json::json!({"error": code, "reason": "refused by the fake UDC"}).to_string())
+}
+
 fn answer(status: StatusCode, body: Bytes) -> HttpResponse<Full<Bytes>> {
     let mut r = HttpResponse::new(Full::new(body));
     *r.status_mut() = status;
@@ -378,10 +384,10 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 );
             }
             let Ok(batch) = Batch::decode(&body) else {
-                return answer(StatusCode::BAD_REQUEST, Bytes::from_static(b"{}"));
+                return answer(StatusCode::BAD_REQUEST, refusal("bad_request"));
             };
             if batch.check_structure().is_err() {
-                return answer(StatusCode::BAD_REQUEST, Bytes::from_static(b"{}"));
+                return answer(StatusCode::BAD_REQUEST, refusal("bad_request"));
             }
             let hash: [u8; 32] = Sha256::digest(&body).into();
             if let Some((h, v)) = st.verdicts.lock().unwrap().get(&batch.batch_id).cloned() {
@@ -389,7 +395,7 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 return if h == hash {
                     answer(StatusCode::OK, v)
                 } else {
-                    answer(StatusCode::CONFLICT, Bytes::from_static(b"{}"))
+                    answer(StatusCode::CONFLICT, refusal("conflict"))
                 };
             }
             st.batches.lock().unwrap().push(batch.clone());
@@ -431,7 +437,7 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
         }
         (Method::POST, "/v1/tags") => {
             let Ok(reply) = TagReply::decode(&body) else {
-                return answer(StatusCode::BAD_REQUEST, Bytes::new());
+                return answer(StatusCode::BAD_REQUEST, refusal("bad_request"));
             };
             let batch = st
                 .batches
