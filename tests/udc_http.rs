@@ -2711,6 +2711,77 @@ async fn admin_refuses_rounds_schedules_and_updates_in_an_unknown_group() {
     h.stop().await;
 }
 
+/// Importing members is provisioning: no rekey, unless a group they join
+/// has sealed a group message under its current key. Then the newcomer's
+/// first confirm would hand it the key that opens that message, so the
+/// group moves to a new epoch in the import's transaction and every
+/// member with a session is rekeyed (backward secrecy, as adding a member
+/// through `POST /v1/admin/members` gives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
+    use dapgw::protocol::wire::MessageType;
+    let h = Harness::start(None).await;
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let confirmed = h.downlink(r.cursor).await.last().unwrap().0;
+    let rekeyed_after = |after: u64| {
+        let h = &h;
+        async move {
+            let (s, body) = h
+                .call(
+                    Some("gw-1"),
+                    Method::GET,
+                    &format!("/v1/downlink?after={after}&wait_ms=0"),
+                    Bytes::new(),
+                )
+                .await;
+            if s == StatusCode::NO_CONTENT {
+                return (after, Vec::new());
+            }
+            assert_eq!(s, StatusCode::OK);
+            let recs = records(&body);
+            let last = recs.last().map_or(after, |r| r.0);
+            let mut ids: Vec<u64> = recs
+                .iter()
+                .filter(|r| {
+                    r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
+                })
+                .map(|r| r.3)
+                .collect();
+            ids.sort_unstable();
+            (last, ids)
+        }
+    };
+    // No group message yet: the import rekeys nobody.
+    h.import_members([3]).await;
+    let (cursor, ids) = rekeyed_after(confirmed).await;
+    assert_eq!(ids, Vec::<u64>::new());
+    // A group message under the current key, then an import: a new epoch.
+    h.op(
+        Method::POST,
+        &format!("/v1/admin/groups/{G}/updates"),
+        serde_json::json!({"payload_hex": "0102"}),
+    )
+    .await;
+    let (cursor, _) = rekeyed_after(cursor).await;
+    h.import_members([4]).await;
+    let (cursor, ids) = rekeyed_after(cursor).await;
+    assert_eq!(ids, vec![1, 2], "the members with a session are rekeyed");
+    // Nothing sealed under the new key yet: the next import rekeys nobody.
+    h.import_members([5]).await;
+    assert_eq!(rekeyed_after(cursor).await.1, Vec::<u64>::new());
+    h.stop().await;
+}
+
 /// A known operator path asked with a method it does not take is 405
 /// with an `Allow` header naming the ones it does; an unknown path is 404.
 /// A misspelt query parameter is 400 naming it and the ones the endpoint

@@ -699,8 +699,11 @@ impl Udc {
         Ok(seq)
     }
 
-    /// Registers members without a rekey (initial provisioning from the
-    /// `dapgw keys members` import file), in transactions of 10,000.
+    /// Registers members (provisioning from the `dapgw keys members`
+    /// import file), in transactions of 10,000, without a rekey unless a
+    /// group they join has sealed a group message under its current key:
+    /// that group gets a new epoch in the same transaction (backward
+    /// secrecy, as [`Self::add_member`] gives).
     /// Returns how many were registered and how many were skipped because
     /// their id is registered already: an import never changes a member
     /// (running it again, say with a file that names members revoked
@@ -749,14 +752,40 @@ impl Udc {
             if chunk.is_empty() {
                 continue;
             }
-            self.apply(BatchWrite {
+            let mut groups: Vec<u32> = chunk.iter().flat_map(|r| r.groups.clone()).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            let mut write = BatchWrite {
                 now_ms: now_ms(),
                 members: chunk,
                 ..BatchWrite::default()
-            })
-            .await?;
+            };
+            // Backward secrecy: a new member's first confirm hands it the
+            // current group key, which must not open a group message sent
+            // before it joined. Where one was sealed under that key, the
+            // group moves to a new epoch in the same transaction (the
+            // members with a session are rekeyed); elsewhere provisioning
+            // costs no rekey.
+            let mut delta = 0;
+            for g in groups {
+                if self.sealed_in_current_epoch(g).await? {
+                    self.rekey_into(&mut write, &mut delta, g, None).await?;
+                }
+            }
+            self.apply(write).await?;
+            self.metrics.sessions_active.add(delta);
         }
         Ok((imported, skipped))
+    }
+
+    /// Whether `group`'s current group key has sealed a group message
+    /// (the latest one sent is of the current epoch).
+    async fn sealed_in_current_epoch(&self, group: u32) -> Result<bool, ServiceError> {
+        let Some(row) = self.store.group(group).await? else {
+            return Ok(false);
+        };
+        let state: GroupState = self.open(&aad::group(group), &row.state)?;
+        Ok(state.sent.last().is_some_and(|m| m.epoch == state.epoch))
     }
 
     /// Every session slot of `group`'s active members, with what was read.
