@@ -288,7 +288,28 @@ impl Harness {
         body: Bytes,
         n: usize,
     ) -> Vec<(StatusCode, hyper::HeaderMap, Bytes)> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        self.call_burst_from(None, gw, method, path, body, n).await
+    }
+
+    /// [`Self::call_burst`] from the source address `from` (another
+    /// loopback address: 127.0.0.0/8 is all loopback on Linux).
+    async fn call_burst_from(
+        &self,
+        from: Option<std::net::Ipv4Addr>,
+        gw: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        n: usize,
+    ) -> Vec<(StatusCode, hyper::HeaderMap, Bytes)> {
+        let tcp = match from {
+            None => tokio::net::TcpStream::connect(self.addr).await.unwrap(),
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::from((ip, 0))).unwrap();
+                socket.connect(self.addr).await.unwrap()
+            }
+        };
         let connector = tokio_rustls::TlsConnector::from(self.tls(gw));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
@@ -2779,6 +2800,134 @@ async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
     // Nothing sealed under the new key yet: the next import rekeys nobody.
     h.import_members([5]).await;
     assert_eq!(rekeyed_after(cursor).await.1, Vec::<u64>::new());
+    h.stop().await;
+}
+
+/// A member accepted in a psk round after missing three psk-ecdhe rounds
+/// in a row (its gateway may be dropping psk-ecdhe challenges to keep it
+/// off forward secrecy) is counted in
+/// `dapgw_udc_gateway_misbehaviour_total{kind="dropped_ecdhe"}`; one that
+/// answered them is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_kept_off_psk_ecdhe_rounds_are_reported() {
+    let h = Harness::start(None).await;
+    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(2).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let mut cursor = h.downlink(r.cursor).await.last().unwrap().0;
+    let dropped = |text: &str| {
+        metric(
+            text,
+            "dapgw_udc_gateway_misbehaviour_total",
+            &[("kind", "dropped_ecdhe")],
+        )
+    };
+    let mut batch_id = 2;
+    // Three psk-ecdhe rounds: member 2 answers them, member 1 never sees
+    // them.
+    for _ in 0..3 {
+        let round = h
+            .op(
+                Method::POST,
+                "/v1/admin/rounds",
+                serde_json::json!({"group": G, "mode": "psk-ecdhe", "purpose": "auth"}),
+            )
+            .await["round"]
+            .as_u64()
+            .unwrap();
+        let recs = h.downlink(cursor).await;
+        let challenge = last_group_record(&recs);
+        let mut b = batch(
+            "gw-1",
+            batch_id,
+            round,
+            answer(&mut members[1..], &challenge, b""),
+        );
+        if let BatchBody::Responses { mode, .. } = &mut b.body {
+            *mode = Mode::PskEcdhe;
+        }
+        let v = h.post_batch(&b).await;
+        batch_id += 1;
+        assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+        cursor = h.downlink(recs.last().unwrap().0).await.last().unwrap().0;
+    }
+    assert_eq!(dropped(&h.metrics().await), 0.0);
+    // Then a psk round both answer: member 1 missed three in a row.
+    let round = h.open_auth_round().await;
+    let challenge = last_group_record(&h.downlink(cursor).await);
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            batch_id,
+            round,
+            answer(&mut members, &challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    assert_eq!(dropped(&h.metrics().await), 1.0);
+    h.stop().await;
+}
+
+/// Direct submissions are limited per target as well as per source:
+/// sources that each stay within their own bucket, together naming one
+/// member's (id, g, r), are refused 429 past that target's bucket (5, 5 a
+/// second), so a crowd of sources cannot make the UDC work on one member
+/// at their combined rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_submissions_are_limited_per_target_across_sources() {
+    let h = Harness::start(None).await;
+    let r = h.auth_round(1).await;
+    let (e, tag) = respond(&h, 1, &r.challenge);
+    let resp = Response::from_entry(e, GroupId(G), r.round, tag);
+    // A wrong aggregate: refused after the rate check, uniformly.
+    let forged = Direct::new(&DirectInner::Response(resp), [0x5a; 16]).to_bytes();
+    // Bursts of 4 from each of 4 fresh sources (never a source's 5th):
+    // 16 for one target in flight together get a 429 unless the server's
+    // checks spread over more than 2 s; stop at the first that does.
+    let mut limited = None;
+    for round in 0..10u8 {
+        let from = |source: u8| Some(std::net::Ipv4Addr::new(127, round + 1, source, 1));
+        let burst = |source: u8| {
+            h.call_burst_from(
+                from(source),
+                None,
+                Method::POST,
+                "/v1/direct",
+                forged.clone(),
+                4,
+            )
+        };
+        let (a, b, c, d) = tokio::join!(burst(1), burst(2), burst(3), burst(4));
+        let answers: Vec<_> = [a, b, c, d].into_iter().flatten().collect();
+        for (s, _, body) in &answers {
+            assert!(
+                *s == StatusCode::BAD_REQUEST || *s == StatusCode::TOO_MANY_REQUESTS,
+                "{s} {body:?}"
+            );
+        }
+        limited = answers
+            .into_iter()
+            .find(|(s, _, _)| *s == StatusCode::TOO_MANY_REQUESTS);
+        if limited.is_some() {
+            break;
+        }
+    }
+    let (_, headers, body) = limited.expect("one target is rate limited across sources");
+    assert_eq!(headers["retry-after"], "1");
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["error"], "rate_limited", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("for this member"),
+        "the target's bucket, not a source's: {e}"
+    );
     h.stop().await;
 }
 

@@ -252,6 +252,9 @@ struct BatchCounts {
     acks: u64,
     /// Each entry's outcome, with the mode of its round (psk for uplinks).
     outcomes: Vec<(Outcome, Mode)>,
+    /// Members accepted in a psk round after missing psk-ecdhe rounds in a
+    /// row, with how many they missed.
+    ecdhe_missed: Vec<(MemberId, u64)>,
 }
 
 /// A one-record verdict log: what the store held for the key before the
@@ -1815,6 +1818,7 @@ impl Udc {
                     });
                 }
                 counts.readings += v.readings.len() as u64;
+                counts.ecdhe_missed.clone_from(&v.ecdhe_missed);
                 // Touched = accepted: each slot write records the round.
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
@@ -1933,6 +1937,23 @@ impl Udc {
         self.metrics.acks.inc_by(counts.acks);
         for (o, mode) in counts.outcomes {
             self.count_outcome(o, mode);
+        }
+        if !counts.ecdhe_missed.is_empty() {
+            // psk-ecdhe rounds they did not answer, then a psk round they
+            // did: their gateway may be dropping psk-ecdhe challenges to
+            // keep them off forward secrecy.
+            self.metrics
+                .gateway_misbehaviour
+                .get(crate::telemetry::MisbehaviourKind::DroppedEcdhe)
+                .inc_by(counts.ecdhe_missed.len() as u64);
+            let shown: Vec<_> = counts.ecdhe_missed.iter().take(8).collect();
+            tracing::warn!(
+                gateway = %gateway,
+                group,
+                members = counts.ecdhe_missed.len(),
+                first = ?shown,
+                "members answered a psk round after missing psk-ecdhe rounds in a row (member, rounds missed); their gateway may be dropping psk-ecdhe challenges"
+            );
         }
         self.keep_slots(group, std::mem::take(&mut slots.marks), &mut sessions);
         // The accepted set lives in the hot cache; the members' session
