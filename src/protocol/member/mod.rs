@@ -322,6 +322,14 @@ impl Member {
     /// same version). Groups follow the credential: a group added there
     /// starts fresh, a group removed there is forgotten. Uplink counters
     /// continue above the persisted high-water mark.
+    ///
+    /// `persisted` must be the newest state the caller persisted: the
+    /// member cannot tell an older one (a storage rollback, an image
+    /// restored from a backup), and counters above that state's high-water
+    /// mark may already have sealed uplinks, so restoring it would reuse
+    /// an AES-GCM nonce under `k_up`. A device that cannot rule a rollback
+    /// out treats it as lost state: [`Member::new`] (no session; the next
+    /// round gives a new one).
     pub fn restore(credential: &MemberCredential, persisted: &[u8]) -> Result<Self, MemberError> {
         let fresh = Self::new(credential)?;
         let mut state = MemberState::decode(persisted)?;
