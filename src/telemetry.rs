@@ -560,6 +560,14 @@ pub struct GatewayMetrics {
     pub spool_bytes: IntGauge,
     /// `dapgw_spool_entries`: entries waiting in the spool.
     pub spool_entries: IntGauge,
+    /// `dapgw_spool_sealed_batches`: sealed batches waiting for the UDC's
+    /// answer (in flight or not sent yet).
+    pub spool_sealed_batches: IntGauge,
+    /// `dapgw_batch_progress_timestamp_seconds`: unix time a batch last
+    /// left the pipeline (its final verdict stored, or the UDC's refusal
+    /// kept as a dead letter), or of the gateway's start. With sealed batches waiting, a
+    /// time far behind says the pipeline is stuck.
+    pub batch_progress: prometheus::Gauge,
     /// `dapgw_spool_max_bytes`: the configured spool limit
     /// (`DAPGW_SPOOL_MAX_BYTES`), so alerts compare `dapgw_spool_bytes`
     /// against the limit each gateway really has.
@@ -665,6 +673,19 @@ impl GatewayMetrics {
             )?,
             spool_bytes: gauge(r, "dapgw_spool_bytes", "Bytes held in the spool on disk.")?,
             spool_entries: gauge(r, "dapgw_spool_entries", "Entries waiting in the spool.")?,
+            spool_sealed_batches: gauge(
+                r,
+                "dapgw_spool_sealed_batches",
+                "Sealed batches waiting for the UDC's answer.",
+            )?,
+            batch_progress: {
+                let g = prometheus::Gauge::new(
+                    "dapgw_batch_progress_timestamp_seconds",
+                    "Unix time a batch last left the pipeline (verdict stored, or refused and dead-lettered), or of the gateway's start.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             spool_max_bytes: gauge(
                 r,
                 "dapgw_spool_max_bytes",

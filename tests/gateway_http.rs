@@ -639,6 +639,47 @@ async fn a_proxy_refusal_is_retried_not_dead_lettered() {
     spool.close().await;
 }
 
+/// A pipeline the UDC answers nothing for shows in the metrics: sealed
+/// batches in `dapgw_spool_sealed_batches` while
+/// `dapgw_batch_progress_timestamp_seconds` stays at the gateway's start;
+/// once the batch is through, the count falls to 0 and the time moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_pipeline_shows_in_sealed_batches_and_progress() {
+    let (pki, udc, _dir, gw) = setup().await;
+    const PROGRESS: &str = "dapgw_batch_progress_timestamp_seconds";
+    const SEALED: &str = "dapgw_spool_sealed_batches";
+    let started = gw.metric(PROGRESS).await;
+    assert!(started > 1.7e9, "unix seconds at the start: {started}");
+    udc.set_mode(UdcMode::Failing);
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let up = uplink(8, 2, 1, b"held back");
+    assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
+    udc.wait_until("the batch sent twice", |s| {
+        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    // The gauge is refreshed within a housekeeping tick (1 s).
+    wait_metric(&gw, SEALED, 1.0).await;
+    assert_eq!(gw.metric(PROGRESS).await, started, "nothing got through");
+    udc.set_mode(UdcMode::Up);
+    udc.wait_until("the batch applied", |s| {
+        s.applied.lock().unwrap().len() == 1
+    })
+    .await;
+    wait_metric(&gw, SEALED, 0.0).await;
+    // Set when the sender sees the verdict stored, which a housekeeping
+    // tick may report as 0 sealed batches a moment before.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while gw.metric(PROGRESS).await <= started {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "progress stayed at the start"
+        );
+        tokio::task::yield_now().await;
+    }
+    gw.stop().await;
+}
+
 /// A final verdict with fewer outcomes than the batch has entries answers
 /// for entries it does not name: the gateway does not complete the batch
 /// (nothing leaves the spool) and sends it again until a whole verdict

@@ -193,6 +193,7 @@ pub async fn run(
             .await
             .map_err(|_| SpoolError::Closed)??;
     readiness.set_spool(true);
+    batch_progress(&metrics);
     metrics
         .spool_max_bytes
         .set(i64::try_from(max).unwrap_or(i64::MAX));
@@ -379,6 +380,17 @@ pub(crate) fn update_spool_gauges(spool: &Spool, metrics: &GatewayMetrics) {
     metrics
         .spool_entries
         .set(i64::try_from(spool.entries()).unwrap_or(i64::MAX));
+    metrics
+        .spool_sealed_batches
+        .set(i64::try_from(spool.pending_batch_count()).unwrap_or(i64::MAX));
+}
+
+/// Sets `dapgw_batch_progress_timestamp_seconds` to now.
+pub(crate) fn batch_progress(metrics: &GatewayMetrics) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics.batch_progress.set(now);
 }
 
 /// Refreshes the spool gauges (and `dapgw_dead_letter_batches`), probes the

@@ -42,7 +42,7 @@ use super::server::WIRE_CONTENT_TYPE;
 use super::spool::{
     Audience, DownlinkItem, MAX_DEAD_LETTER_REASON, PendingBatch, Queued, Spool, SpoolError,
 };
-use super::{Attached, unix_ms, update_spool_gauges, wait_true};
+use super::{Attached, batch_progress, unix_ms, update_spool_gauges, wait_true};
 use crate::admin::Readiness;
 use crate::protocol::aggregator::{KeptTags, TagRequestError, answer_tag_request};
 use crate::protocol::codec::DecodeError;
@@ -611,6 +611,7 @@ impl Upstream {
         match res {
             Ok(_) => {
                 self.metrics.batches.get(kind, BatchOutcome::Ok).inc();
+                batch_progress(&self.metrics);
                 true
             }
             Err(e) => {
@@ -786,6 +787,7 @@ impl Upstream {
             }
             Ok(Sent::Rejected(status)) => {
                 backoff.reset();
+                batch_progress(&self.metrics);
                 tracing::error!(
                     batch = batch_id,
                     %status,
