@@ -947,9 +947,12 @@ fn collect_refusal(e: CollectError) -> Refusal {
                 e.to_string(),
             )
         }
-        CollectError::Full(_) | CollectError::TooManyCollectors(_) => {
-            Refusal::overloaded("busy", e.to_string(), 1)
-        }
+        // A fixed sentence: the counts behind it are the gateway's own.
+        CollectError::Full(_) | CollectError::TooManyCollectors(_) => Refusal::overloaded(
+            "busy",
+            "the gateway holds as much as it may right now; retry",
+            1,
+        ),
     }
 }
 

@@ -84,8 +84,11 @@ pub struct AggregatorConfig {
     /// How long a batched uplink is remembered, so that a member's
     /// byte-identical re-send is absorbed instead of batched again.
     pub uplink_dedup_window: Duration,
-    /// Most open rounds plus uplink streams at once (bounds what hostile
-    /// group ids can make the gateway allocate).
+    /// Most open rounds at once, and apart from them most uplink streams
+    /// at once (bounds what hostile group ids can make the gateway
+    /// allocate). Two budgets: uplinks for made-up groups, which any
+    /// member-side client can send, cannot take the room of the rounds the
+    /// UDC opens.
     pub max_collectors: usize,
     /// Most entries held at once (pending, plus remembered for duplicate
     /// detection); new entries beyond it are refused with
@@ -194,9 +197,9 @@ pub enum CollectError {
     /// is slow or down; the member should retry later.
     #[error("the aggregator holds {0} entries, its cap; retry later")]
     Full(usize),
-    /// A new uplink stream would exceed `max_collectors`. Usually uplinks for
-    /// many bogus group ids.
-    #[error("{0} rounds and uplink streams are open, the cap")]
+    /// A new uplink stream would exceed `max_collectors` uplink streams.
+    /// Usually uplinks for many bogus group ids.
+    #[error("{0} uplink streams are open, the cap")]
     TooManyCollectors(usize),
 }
 
@@ -235,8 +238,8 @@ pub enum UsageError {
         /// The round.
         round: u64,
     },
-    /// A new round would exceed `max_collectors`.
-    #[error("{0} rounds and uplink streams are open, the cap")]
+    /// A new round would exceed `max_collectors` open rounds.
+    #[error("{0} rounds are open, the cap")]
     TooManyCollectors(usize),
 }
 
@@ -703,8 +706,8 @@ impl<H> Aggregator<H> {
             });
         }
         if !self.rounds.contains_key(&key) {
-            if self.collectors() >= self.config.max_collectors {
-                return Err(UsageError::TooManyCollectors(self.collectors()));
+            if self.rounds.len() >= self.config.max_collectors {
+                return Err(UsageError::TooManyCollectors(self.rounds.len()));
             }
             self.open_round(key, spec.mode, spec.deadline);
         }
@@ -848,10 +851,6 @@ impl<H> Aggregator<H> {
         self.closed_rounds.pop_front()
     }
 
-    fn collectors(&self) -> usize {
-        self.rounds.len() + self.streams.len()
-    }
-
     fn open_round(&mut self, key: (GroupId, u64), mode: Mode, deadline: Instant) {
         self.rounds.insert(
             key,
@@ -951,9 +950,9 @@ impl<H> Aggregator<H> {
         if uplink.c.len() > MAX_PAYLOAD {
             return Err((DecodeError::TooLong("uplink.c").into(), handle));
         }
-        let collectors = self.collectors();
-        if !self.streams.contains_key(&uplink.group) && collectors >= self.config.max_collectors {
-            return Err((CollectError::TooManyCollectors(collectors), handle));
+        let streams = self.streams.len();
+        if !self.streams.contains_key(&uplink.group) && streams >= self.config.max_collectors {
+            return Err((CollectError::TooManyCollectors(streams), handle));
         }
         let stream = self
             .streams
@@ -1787,12 +1786,44 @@ mod tests {
         let mut s = spec(3, [], t0);
         s.group = GroupId(8);
         assert_eq!(agg.expect(s, t0), Err(UsageError::TooManyCollectors(2)));
+        // Uplink streams have a budget of their own (below); here the
+        // held-entries cap refuses first.
         let mut u = upl(4, 1, 1);
         u.group = GroupId(99);
+        assert_eq!(agg.handle_uplink(u, 4, t0), Err(CollectError::Full(3)));
+    }
+
+    /// Uplinks for made-up groups (which any member-side client can send)
+    /// fill the uplink streams' budget only: the rounds the UDC opens have
+    /// their own, and the reverse.
+    #[test]
+    fn uplink_streams_cannot_take_the_rounds_room() {
+        let t0 = Instant::now();
+        let mut c = cfg(8, 2);
+        c.max_collectors = 2;
+        let mut agg = Aggregator::new(c).unwrap();
+        let in_group = |g: u32, id: u64| {
+            let mut u = upl(id, 1, 1);
+            u.group = GroupId(g);
+            u
+        };
+        for (g, id) in [(50, 1), (51, 2)] {
+            assert_eq!(agg.handle_uplink(in_group(g, id), id, t0), Ok(Collected::New));
+        }
         assert_eq!(
-            agg.handle_uplink(u, 4, t0),
+            agg.handle_uplink(in_group(52, 3), 3, t0),
             Err(CollectError::TooManyCollectors(2))
         );
+        for r in 1..=2 {
+            agg.expect(spec(r, [], t0 + Duration::from_secs(1)), t0)
+                .unwrap();
+        }
+        assert_eq!(
+            agg.expect(spec(3, [], t0 + Duration::from_secs(1)), t0),
+            Err(UsageError::TooManyCollectors(2))
+        );
+        // An existing stream still takes uplinks.
+        assert_eq!(agg.handle_uplink(in_group(50, 4), 4, t0), Ok(Collected::New));
     }
 
     #[test]
