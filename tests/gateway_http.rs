@@ -933,6 +933,38 @@ async fn next_sealed(
     }
 }
 
+/// Two byte-identical responses stored before either is collected share
+/// one spool row. The first is refused (its round is not open yet) and the
+/// row discarded; the second, collected once the round is open, must not
+/// be acknowledged for the row that is gone (202 for nothing, and a batch
+/// naming the row could never seal, holding every later batch back): it
+/// is `Discarded`, and sent again it gets a fresh row, collected as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_sharing_a_discarded_row_is_not_acknowledged() {
+    use dapgw::gateway::collector::SubmitError;
+    use dapgw::protocol::aggregator::CollectError;
+    let b = collector(20, 30_000, Arc::new(Attached::new())).await;
+    let handle = b.collector.handle();
+    let msg = MemberMessage::Response(response(1, 9, 1, b""));
+    let first = store(&b.spool, &msg).await;
+    let second = store(&b.spool, &msg).await;
+    assert_eq!(first, second, "one row for both");
+    let refused = handle.collect(msg.clone(), first).await;
+    assert!(
+        matches!(
+            refused,
+            Err(SubmitError::Refused(CollectError::UnknownRound { .. }))
+        ),
+        "{refused:?}"
+    );
+    handle.expect(GroupId(9), 1, Mode::Psk).await.unwrap();
+    let late = handle.collect(msg.clone(), second).await;
+    assert!(matches!(late, Err(SubmitError::Discarded)), "{late:?}");
+    let third = store(&b.spool, &msg).await;
+    assert_ne!(third, first, "a fresh row");
+    assert_eq!(handle.collect(msg, third).await.unwrap(), Collected::New);
+}
+
 /// A byte-identical re-send of an uplink whose batch was cut but is not
 /// sealed yet (the spool refuses the seal for a while), arriving after the
 /// aggregator forgot it: it is a duplicate, not a new entry. Taken for new,

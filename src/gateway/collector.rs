@@ -111,6 +111,11 @@ pub enum SubmitError {
     /// The collector has stopped (the gateway is shutting down).
     #[error("the collector has stopped")]
     Stopped,
+    /// The spool's copy this submission was given (a byte-identical
+    /// earlier one) was discarded meanwhile, its message refused: nothing
+    /// is stored for it, and the member must send it again.
+    #[error("the stored copy was discarded meanwhile; send it again")]
+    Discarded,
 }
 
 /// What the collector did, for tests and diagnostics.
@@ -265,6 +270,7 @@ impl Collector {
             sealed,
             events,
             pending,
+            discarded: Discarded::default(),
             rounds,
             ids: 0..0,
             sealing: VecDeque::new(),
@@ -435,6 +441,10 @@ struct Task {
     /// id outside this set that the aggregator refuses is the spool's copy
     /// of a refused message, and is discarded.
     pending: HashSet<EntryId>,
+    /// Entry ids discarded lately (a refused message's spool copy), so that
+    /// a byte-identical submission that was handed the same id before the
+    /// discard is not acknowledged for a row that is gone.
+    discarded: Discarded,
     /// Rounds opened here, until their deadline (for `dapgw_rounds_total`).
     rounds: HashMap<(GroupId, u64), OpenRound>,
     /// Batch ids reserved in the spool, for the next cuts.
@@ -446,6 +456,34 @@ struct Task {
     unsealed: VecDeque<(ReadyBatch<EntryId>, Instant)>,
     seal_retry: Duration,
     retry_at: Option<Instant>,
+}
+
+/// The last [`Discarded::KEPT`] entry ids discarded, oldest forgotten
+/// first. Entry ids are never reused, and a re-send reaches the collector
+/// right after its append, so a short memory is enough.
+#[derive(Default)]
+struct Discarded {
+    ids: HashSet<EntryId>,
+    order: VecDeque<EntryId>,
+}
+
+impl Discarded {
+    const KEPT: usize = 65_536;
+
+    fn insert(&mut self, id: EntryId) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > Self::KEPT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: EntryId) -> bool {
+        self.ids.contains(&id)
+    }
 }
 
 /// What woke the collector's driver loop.
@@ -592,6 +630,14 @@ impl Task {
         if self.pending.contains(&entry) {
             return Ok(Collected::Duplicate);
         }
+        // A re-send handed the id of a copy discarded since (its first
+        // submission was refused, say before the round's challenge came):
+        // the row is gone, so a 202 now would acknowledge nothing, and a
+        // batch naming it could never seal. The member sends it again and
+        // gets a fresh row.
+        if self.discarded.contains(entry) {
+            return Err(SubmitError::Discarded);
+        }
         let now = Instant::now().into_std();
         let res = match msg {
             MemberMessage::Response(r) => self.agg.handle_response(r, entry, now),
@@ -607,10 +653,13 @@ impl Task {
             // unbatched row is deleted, so a sealed original is safe.
             _ => false,
         };
-        if !keep && let Err(e) = self.spool.discard_unbatched(entry).await {
-            // Left behind, it is batched after the next restart and the UDC
-            // judges it (a duplicate at worst).
-            tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+        if !keep {
+            self.discarded.insert(entry);
+            if let Err(e) = self.spool.discard_unbatched(entry).await {
+                // Left behind, it is batched after the next restart and the
+                // UDC judges it (a duplicate at worst).
+                tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+            }
         }
         res.map_err(SubmitError::Refused)
     }

@@ -729,6 +729,11 @@ async fn uplink(
             tracing::debug!(member, error = %e, "member entry refused");
             Err(collect_refusal(e))
         }
+        Err(SubmitError::Discarded) => Err(Refusal::overloaded(
+            "resend",
+            "an identical earlier submission was refused meanwhile and nothing is stored; send it again",
+            1,
+        )),
         Err(_) => Err(Refusal::overloaded(
             "draining",
             "the gateway is shutting down; retry with another gateway or later",
