@@ -2357,6 +2357,60 @@ on_both_stores!(
     "import_unchanged"
 );
 
+/// Two `Udc`s on one store: `a` imports member 10 into a group with no
+/// group message under its key (no rekey needed), and between `a`'s read
+/// and its write `b` publishes an update under that key. `a`'s write must
+/// fail (busy): committed, member 10's first confirm would hand it the key
+/// of a message sent before it joined. The retried import rekeys.
+async fn import_racing_an_update(store_url: Option<String>) {
+    use dapgw::protocol::wire::MessageType;
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
+    // Members 1 and 2 hold sessions (so a rekey has someone to reach).
+    let body = psk_batch(&h, 1, round, &challenge, 1..=2);
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted; 2]
+    );
+    let other = b.clone();
+    a.before_next_import_write(async move {
+        other.publish_update(G, b"\x01\x02", None).await.unwrap();
+    });
+    let row = MemberRow {
+        id: 10,
+        groups: vec![G],
+        key_source: KeySource::Derived,
+        kv: 1,
+        status: MemberStatus::Active,
+        added_at_ms: 0,
+    };
+    let err = a.import_members(vec![row.clone()]).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let twice = a
+        .import_members(vec![row.clone(), row.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&twice, ServiceError::BadRequest(r) if r.contains("member 10 is named twice")),
+        "{twice:?}"
+    );
+    assert_eq!(a.import_members(vec![row]).await.unwrap(), (1, 0));
+    let mut rekeyed: Vec<u64> = records(&a.downlink("gw-1", 0).await.unwrap())
+        .into_iter()
+        .filter(|r| {
+            r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
+        })
+        .map(|r| r.3)
+        .collect();
+    rekeyed.sort_unstable();
+    assert_eq!(rekeyed, vec![1, 2]);
+    h.stop().await;
+}
+
+on_both_stores!(import_racing_an_update, "import_race");
+
 /// Two `Udc`s on one store: `a` revokes member 3 while no member has a
 /// session (so its new epoch rekeys nobody), and between `a`'s read and
 /// its write `b` commits a batch (judged against the old epoch) giving

@@ -325,6 +325,8 @@ pub struct Udc {
     pre_write: Seam,
     /// Test seam: see [`Udc::before_next_rekey_write`].
     pre_rekey_write: Seam,
+    /// Test seam: see [`Udc::before_next_import_write`].
+    pre_import_write: Seam,
     /// Test seam: see [`Udc::before_next_round_write`].
     pre_round_write: Seam,
 }
@@ -485,6 +487,7 @@ impl Udc {
             downlink_wakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             pre_write: Seam::default(),
             pre_rekey_write: Seam::default(),
+            pre_import_write: Seam::default(),
             pre_round_write: Seam::default(),
         })
     }
@@ -503,6 +506,13 @@ impl Udc {
     #[doc(hidden)]
     pub fn before_next_rekey_write(&self, f: impl Future<Output = ()> + Send + 'static) {
         self.pre_rekey_write.set(f);
+    }
+
+    /// Runs `f` once, after the next import chunk has read its groups but
+    /// before its write (see [`Udc::before_next_batch_write`]).
+    #[doc(hidden)]
+    pub fn before_next_import_write(&self, f: impl Future<Output = ()> + Send + 'static) {
+        self.pre_import_write.set(f);
     }
 
     /// Runs `f` once, after the next round opening has read its group but
@@ -721,6 +731,15 @@ impl Udc {
         &self,
         rows: Vec<store::MemberRow>,
     ) -> Result<(usize, usize), ServiceError> {
+        // One row per member: the stores would disagree on a member named
+        // twice in one write (PostgreSQL refuses it, SQLite keeps the last).
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        if let Some(dup) = rows.iter().find(|r| !seen.insert(r.id)) {
+            return Err(ServiceError::BadRequest(format!(
+                "member {} is named twice",
+                dup.id
+            )));
+        }
         for row in &rows {
             if let store::KeySource::Imported(sealed) = &row.key_source {
                 // The same opening `registry_from` does for a stored row.
@@ -771,10 +790,18 @@ impl Udc {
             // costs no rekey.
             let mut delta = 0;
             for g in groups {
-                if self.sealed_in_current_epoch(g).await? {
-                    self.rekey_into(&mut write, &mut delta, g, None).await?;
+                match self.sealed_in_current_epoch(g).await? {
+                    Some((true, ..)) => self.rekey_into(&mut write, &mut delta, g, None).await?,
+                    // Written back unchanged at the version read: a message
+                    // another process publishes meanwhile fails this write
+                    // (busy, retried), and the retry rekeys.
+                    Some((false, state, version)) => {
+                        write.groups.push(self.group_row(&state, version)?);
+                    }
+                    None => {}
                 }
             }
+            self.pre_import_write.run().await;
             self.apply(write).await?;
             self.metrics.sessions_active.add(delta);
         }
@@ -782,13 +809,18 @@ impl Udc {
     }
 
     /// Whether `group`'s current group key has sealed a group message
-    /// (the latest one sent is of the current epoch).
-    async fn sealed_in_current_epoch(&self, group: u32) -> Result<bool, ServiceError> {
+    /// (the latest one sent is of the current epoch), with the state and
+    /// row version read; `None` for a group without a row.
+    async fn sealed_in_current_epoch(
+        &self,
+        group: u32,
+    ) -> Result<Option<(bool, GroupState, u64)>, ServiceError> {
         let Some(row) = self.store.group(group).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         let state: GroupState = self.open(&aad::group(group), &row.state)?;
-        Ok(state.sent.last().is_some_and(|m| m.epoch == state.epoch))
+        let sealed = state.sent.last().is_some_and(|m| m.epoch == state.epoch);
+        Ok(Some((sealed, state, row.version)))
     }
 
     /// Every session slot of `group`'s active members, with what was read.
