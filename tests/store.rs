@@ -453,6 +453,48 @@ async fn lock_waiters(f: &Fixture, n: i64, what: &str) {
     }
 }
 
+/// Two subscription changes for one gateway at once (two UDC processes
+/// answering its retries) both succeed, one after the other. Another
+/// connection plays the first: it holds the gateway's subscription lock
+/// (as the store takes it) with its rows replaced but not committed. The
+/// second waits for it; without the lock its DELETE missed the first's
+/// new rows and its INSERT hit the primary key (an error, a 500).
+#[tokio::test]
+async fn postgres_two_subscription_changes_for_one_gateway_serialize() {
+    let Some(f) = fixture(Kind::Postgres) else {
+        return;
+    };
+    let s = std::sync::Arc::new(f.open().await);
+    s.set_subscriptions("gw-a", vec![G], 1_000).await.unwrap();
+    let first = f.pg_client().await;
+    first
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(1684501367, hashtext('gw-a')); \
+             DELETE FROM subscriptions WHERE gateway = 'gw-a'; \
+             INSERT INTO subscriptions (gateway, grp) VALUES ('gw-a', 5)",
+        )
+        .await
+        .unwrap();
+    let second = {
+        let s = s.clone();
+        tokio::spawn(async move { s.set_subscriptions("gw-a", vec![5, 6], 2_000).await })
+    };
+    lock_waiters(&f, 1, "the second subscription change").await;
+    first.batch_execute("COMMIT").await.unwrap();
+    second.await.unwrap().unwrap();
+    let rows = f
+        .pg_client()
+        .await
+        .query(
+            "SELECT grp FROM subscriptions WHERE gateway = 'gw-a' ORDER BY grp",
+            &[],
+        )
+        .await
+        .unwrap();
+    let groups: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(groups, vec![5, 6]);
+}
+
 /// A gateway subscribing to a brand-new group while that group's first
 /// round opens gets the round's challenge: either the subscription sees
 /// the round, or the round's fan-out sees the subscription. Before the

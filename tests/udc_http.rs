@@ -2357,6 +2357,31 @@ on_both_stores!(
     "import_unchanged"
 );
 
+/// Two `Udc`s on one store: `a` judges a batch of responses while the
+/// round is open, and between its read and its write `b` closes the
+/// round. `a`'s write must fail (busy): committed, it would accept members
+/// into a round already closed (and reported). Judged again, the entries
+/// are refused as for a closed round.
+async fn batch_racing_a_round_close(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
+    let body = psk_batch(&h, 1, round, &challenge, 1..=2);
+    let other = b.clone();
+    a.before_next_batch_write(async move {
+        assert!(other.close_round(G, round).await.unwrap());
+    });
+    let err = a.handle_batch("gw-1", body.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::RoundNotOpen; 2]
+    );
+    h.stop().await;
+}
+
+on_both_stores!(batch_racing_a_round_close, "round_close_race");
+
 /// Two `Udc`s on one store: `a` imports member 10 into a group with no
 /// group message under its key (no rekey needed), and between `a`'s read
 /// and its write `b` publishes an update under that key. `a`'s write must

@@ -1950,6 +1950,11 @@ impl Udc {
         // Judged against this epoch: a revocation or rekey that another
         // process committed since the read fails the write (busy, retry).
         write.group_epochs.push((group, group_row.epoch));
+        // Judged as open: closed by another process meanwhile, the write
+        // fails (busy) and the retry refuses the entries as late.
+        if let Some((rs, _)) = &round {
+            write.open_rounds.push((group, rs.round));
+        }
         write.via = ctx.via.is_some().then_some(via);
         write.sessions = std::mem::take(&mut slots.rows);
         self.pre_write.run().await;

@@ -741,6 +741,13 @@ pub struct BatchWrite {
     /// group row stays share-locked until the commit, so a rekey cannot
     /// commit between this check and the write.
     pub group_epochs: Vec<(u32, u64)>,
+    /// (group, round) pairs the write was judged as open: checked like
+    /// `group_epochs`, and if one was closed since (another process closed
+    /// it) nothing is written and the write fails with
+    /// [`StoreError::Conflict`]; judged again, its entries are refused as
+    /// for a closed round. On PostgreSQL the round row stays share-locked
+    /// until the commit, so a close waits for this write.
+    pub open_rounds: Vec<(u32, u64)>,
     /// Members to insert or replace.
     pub members: Vec<MemberRow>,
     /// Group rows to update, compare-and-set on `version`.

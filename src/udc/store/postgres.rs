@@ -519,6 +519,21 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("group epoch"));
         }
     }
+    for (g, r) in &w.open_rounds {
+        // FOR SHARE: a close of this round (an UPDATE) waits for this
+        // commit; one committed before is seen here.
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT status FROM rounds WHERE grp = $1 AND round = $2 FOR SHARE",
+        )
+        .await?;
+        let row = tx.query_opt(&st, &[&i64::from(*g), &i(*r)]).await?;
+        let status: Option<i64> = row.map(|row| row.try_get(0)).transpose()?;
+        if status != Some(0) {
+            return Err(StoreError::Conflict("round (closed)"));
+        }
+    }
     if !w.slot_checks.is_empty() {
         // One query per group, rows locked in member order. FOR SHARE: a
         // write of these slots by another process waits for this commit,
@@ -1215,6 +1230,11 @@ async fn write_sessions(
 }
 
 /// `set_subscriptions` in `tx`, committed.
+/// The transaction-scoped advisory lock of one gateway's subscription
+/// set: key space `0x64677377` ("dgsw"), the gateway id hashed.
+const GATEWAY_SUBSCRIPTION_LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(1684501367, hashtext($1))";
+
 async fn subscribe_tx(
     tx: Tx<'_>,
     stmts: &mut Cache,
@@ -1222,6 +1242,13 @@ async fn subscribe_tx(
     groups: Vec<i64>,
     now_ms: u64,
 ) -> Result<u64, StoreError> {
+    // One subscription change per gateway at a time (two UDC processes
+    // answering the same gateway's retries): without it the second's
+    // DELETE, its snapshot taken before the first committed, misses the
+    // rows the first inserted, and its INSERT hits the primary key (500).
+    // Taken first, before any row lock.
+    let st = prep(&tx, stmts, GATEWAY_SUBSCRIPTION_LOCK_SQL).await?;
+    tx.execute(&st, &[&gateway]).await?;
     let st = prep(
         &tx,
         stmts,
@@ -1344,7 +1371,7 @@ async fn write_downlink(
         let st = prep(
             tx,
             stmts,
-            "SELECT grp, gateway FROM subscriptions WHERE grp = ANY($1) ORDER BY grp, gateway",
+            "SELECT grp, gateway FROM subscriptions WHERE grp = ANY($1) ORDER BY grp, gateway COLLATE \"C\"",
         )
         .await?;
         for r in tx.query(&st, &[&fan_groups]).await? {
@@ -1615,7 +1642,7 @@ impl Store for PostgresStore {
         let r = self
             .query(
                 "SELECT gateway, batch_id, batch_hash, verdict, pending, expires_at_ms FROM localizations \
-                 WHERE expires_at_ms <= $1 ORDER BY expires_at_ms, gateway, batch_id LIMIT $2",
+                 WHERE expires_at_ms <= $1 ORDER BY expires_at_ms, gateway COLLATE \"C\", batch_id LIMIT $2",
                 &[&i(now_ms), &i64::from(limit)],
             )
             .await?;
@@ -2078,7 +2105,7 @@ impl Store for PostgresStore {
         let r = self
             .query(
                 "SELECT gateway, batches, entries, accepted, localizations, unverified, last_batch_ms \
-                 FROM gateways ORDER BY gateway",
+                 FROM gateways ORDER BY gateway COLLATE \"C\"",
                 &[],
             )
             .await?;

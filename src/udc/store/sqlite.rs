@@ -532,6 +532,18 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             }
         }
     }
+    if !w.open_rounds.is_empty() {
+        let mut st =
+            tx.prepare_cached("SELECT status FROM rounds WHERE grp = ?1 AND round = ?2")?;
+        for (g, r) in &w.open_rounds {
+            let status: Option<i64> = st
+                .query_row(params![i64::from(*g), i(*r)], |row| row.get(0))
+                .optional()?;
+            if status != Some(0) {
+                return Err(StoreError::Conflict("round (closed)"));
+            }
+        }
+    }
     if !w.slot_checks.is_empty() {
         let mut st =
             tx.prepare_cached("SELECT version FROM sessions WHERE member = ?1 AND grp = ?2")?;
