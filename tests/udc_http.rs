@@ -2436,6 +2436,47 @@ async fn import_racing_an_update(store_url: Option<String>) {
 
 on_both_stores!(import_racing_an_update, "import_race");
 
+/// Two `Udc`s on one store: `a` imports members 20 and 21 into group 77
+/// (no group state yet, so no group row to compare), and between its read
+/// of who is registered and its write `b` adds member 20 (key version 3,
+/// group 9). The import must not replace what `b` wrote
+/// (the rule: an import never changes a registered member): it fails
+/// (busy), and the retry imports 21 and skips 20.
+async fn import_racing_an_added_member(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    let (h, a, b, _round, _challenge) = two_udcs_in_a_round(store_url, 2).await;
+    let other = b.clone();
+    a.before_next_import_write(async move {
+        other.add_member(20, vec![9], Some(3)).await.unwrap();
+    });
+    let rows: Vec<MemberRow> = [20, 21]
+        .map(|id| MemberRow {
+            id,
+            groups: vec![77],
+            key_source: KeySource::Derived,
+            kv: 1,
+            status: MemberStatus::Active,
+            added_at_ms: 0,
+        })
+        .to_vec();
+    let err = a.import_members(rows.clone()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    assert_eq!(a.import_members(rows).await.unwrap(), (1, 1));
+    let got = a.store().members(vec![20, 21]).await.unwrap();
+    let got: Vec<_> = got
+        .into_iter()
+        .map(|m| {
+            let m = m.unwrap();
+            (m.kv, m.groups)
+        })
+        .collect();
+    assert_eq!(got, vec![(3, vec![9]), (1, vec![77])]);
+    h.stop().await;
+}
+
+on_both_stores!(import_racing_an_added_member, "import_add_race");
+
 /// Two `Udc`s on one store: `a` revokes member 3 while no member has a
 /// session (so its new epoch rekeys nobody), and between `a`'s read and
 /// its write `b` commits a batch (judged against the old epoch) giving

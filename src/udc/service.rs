@@ -777,9 +777,13 @@ impl Udc {
             let mut groups: Vec<u32> = chunk.iter().flat_map(|r| r.groups.clone()).collect();
             groups.sort_unstable();
             groups.dedup();
+            // Insert only: a member another process registers between the
+            // read above and this write is not replaced (busy; the retry
+            // counts it as skipped).
             let mut write = BatchWrite {
                 now_ms: now_ms(),
                 members: chunk,
+                members_new_only: true,
                 ..BatchWrite::default()
             };
             // Backward secrecy: a new member's first confirm hands it the

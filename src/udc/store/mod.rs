@@ -750,6 +750,10 @@ pub struct BatchWrite {
     pub open_rounds: Vec<(u32, u64)>,
     /// Members to insert or replace.
     pub members: Vec<MemberRow>,
+    /// `members` are new (an import): one registered meanwhile (by another
+    /// process) is not replaced, the write fails with
+    /// [`StoreError::Conflict`] instead, and nothing is written.
+    pub members_new_only: bool,
     /// Group rows to update, compare-and-set on `version`.
     pub groups: Vec<GroupRow>,
     /// Rounds to open (insert; an existing (group, round) is a conflict).

@@ -568,7 +568,7 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
         write_verdict(tx, stmts, v, now).await?;
     }
     if !w.members.is_empty() {
-        write_members(tx, stmts, &w.members).await?;
+        write_members(tx, stmts, &w.members, w.members_new_only).await?;
     }
     for g in &w.groups {
         let st = prep(
@@ -1016,6 +1016,7 @@ async fn write_members(
     tx: &Tx<'_>,
     stmts: &mut Cache,
     members: &[MemberRow],
+    new_only: bool,
 ) -> Result<(), StoreError> {
     let (mut id, mut kv, mut ks, mut key, mut status, mut added) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -1033,14 +1034,24 @@ async fn write_members(
             gg.push(i64::from(g));
         }
     }
-    let st = prep(tx, stmts, "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+    let sql = if new_only {
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[]) \
+         ON CONFLICT (id) DO NOTHING"
+    } else {
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
          SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[]) \
          ON CONFLICT (id) DO UPDATE SET kv = EXCLUDED.kv, key_source = EXCLUDED.key_source, \
          imported_key = EXCLUDED.imported_key, status = EXCLUDED.status, \
-         added_at_ms = EXCLUDED.added_at_ms")
-    .await?;
-    tx.execute(&st, &[&id, &kv, &ks, &key, &status, &added])
+         added_at_ms = EXCLUDED.added_at_ms"
+    };
+    let st = prep(tx, stmts, sql).await?;
+    let written = tx
+        .execute(&st, &[&id, &kv, &ks, &key, &status, &added])
         .await?;
+    if new_only && written != members.len() as u64 {
+        return Err(StoreError::Conflict("member (registered meanwhile)"));
+    }
     let st = prep(
         tx,
         stmts,

@@ -560,7 +560,7 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
         write_verdict(tx, v, now)?;
     }
     for m in &w.members {
-        write_member(tx, m)?;
+        write_member(tx, m, w.members_new_only)?;
     }
     if !w.groups.is_empty() {
         let mut st = tx.prepare_cached(
@@ -891,15 +891,18 @@ fn insert_group(c: &Connection, row: &GroupRow) -> Result<(), StoreError> {
     }
 }
 
-fn write_member(tx: &Transaction<'_>, m: &MemberRow) -> Result<(), StoreError> {
+fn write_member(tx: &Transaction<'_>, m: &MemberRow, new_only: bool) -> Result<(), StoreError> {
     let (ks, key) = key_source_cols(&m.key_source);
-    tx.prepare_cached(
+    let sql = if new_only {
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING"
+    } else {
         "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET kv = excluded.kv, \
          key_source = excluded.key_source, imported_key = excluded.imported_key, \
-         status = excluded.status, added_at_ms = excluded.added_at_ms",
-    )?
-    .execute(params![
+         status = excluded.status, added_at_ms = excluded.added_at_ms"
+    };
+    let written = tx.prepare_cached(sql)?.execute(params![
         i(m.id),
         i64::from(m.kv),
         ks,
@@ -907,6 +910,9 @@ fn write_member(tx: &Transaction<'_>, m: &MemberRow) -> Result<(), StoreError> {
         member_status_code(m.status),
         i(m.added_at_ms)
     ])?;
+    if new_only && written == 0 {
+        return Err(StoreError::Conflict("member (registered meanwhile)"));
+    }
     tx.prepare_cached("DELETE FROM member_groups WHERE member = ?1")?
         .execute([i(m.id)])?;
     let mut st = tx.prepare_cached("INSERT INTO member_groups (member, grp) VALUES (?1, ?2)")?;
