@@ -1808,7 +1808,10 @@ mod tests {
             u
         };
         for (g, id) in [(50, 1), (51, 2)] {
-            assert_eq!(agg.handle_uplink(in_group(g, id), id, t0), Ok(Collected::New));
+            assert_eq!(
+                agg.handle_uplink(in_group(g, id), id, t0),
+                Ok(Collected::New)
+            );
         }
         assert_eq!(
             agg.handle_uplink(in_group(52, 3), 3, t0),
@@ -1823,7 +1826,10 @@ mod tests {
             Err(UsageError::TooManyCollectors(2))
         );
         // An existing stream still takes uplinks.
-        assert_eq!(agg.handle_uplink(in_group(50, 4), 4, t0), Ok(Collected::New));
+        assert_eq!(
+            agg.handle_uplink(in_group(50, 4), 4, t0),
+            Ok(Collected::New)
+        );
     }
 
     #[test]
