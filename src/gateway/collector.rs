@@ -655,11 +655,19 @@ impl Task {
         };
         if !keep {
             self.discarded.insert(entry);
-            if let Err(e) = self.spool.discard_unbatched(entry).await {
-                // Left behind, it is batched after the next restart and the
-                // UDC judges it (a duplicate at worst).
-                tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
-            }
+            // Not awaited: the collector is one task, and waiting for each
+            // discard's commit (an fsync) would let a flood of refused
+            // messages hold up every member's collect. The writer
+            // group-commits the discards; the member's refusal does not
+            // wait for it.
+            let spool = self.spool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = spool.discard_unbatched(entry).await {
+                    // Left behind, it is batched after the next restart and
+                    // the UDC judges it (a duplicate at worst).
+                    tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+                }
+            });
         }
         res.map_err(SubmitError::Refused)
     }
