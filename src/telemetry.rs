@@ -565,7 +565,8 @@ pub struct GatewayMetrics {
     pub spool_sealed_batches: IntGauge,
     /// `dapgw_batch_progress_timestamp_seconds`: unix time a batch last
     /// left the pipeline (its final verdict stored, or the UDC's refusal
-    /// kept as a dead letter), or of the gateway's start. With sealed batches waiting, a
+    /// kept as a dead letter), or batches began to wait after none did,
+    /// or of the gateway's start. With sealed batches waiting, a
     /// time far behind says the pipeline is stuck.
     pub batch_progress: prometheus::Gauge,
     /// `dapgw_spool_max_bytes`: the configured spool limit
@@ -681,7 +682,7 @@ impl GatewayMetrics {
             batch_progress: {
                 let g = prometheus::Gauge::new(
                     "dapgw_batch_progress_timestamp_seconds",
-                    "Unix time a batch last left the pipeline (verdict stored, or refused and dead-lettered), or of the gateway's start.",
+                    "Unix time a batch last left the pipeline (verdict stored, or refused and dead-lettered), or batches began to wait after none did, or of the gateway's start.",
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g

@@ -642,8 +642,9 @@ async fn a_proxy_refusal_is_retried_not_dead_lettered() {
 
 /// A pipeline the UDC answers nothing for shows in the metrics: sealed
 /// batches in `dapgw_spool_sealed_batches` while
-/// `dapgw_batch_progress_timestamp_seconds` stays at the gateway's start;
-/// once the batch is through, the count falls to 0 and the time moves on.
+/// `dapgw_batch_progress_timestamp_seconds` stays where it was when they
+/// began to wait; once the batch is through, the count falls to 0 and the
+/// time moves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_pipeline_shows_in_sealed_batches_and_progress() {
     let (pki, udc, _dir, gw) = setup().await;
@@ -659,9 +660,25 @@ async fn a_stuck_pipeline_shows_in_sealed_batches_and_progress() {
         s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
     })
     .await;
-    // The gauge is refreshed within a housekeeping tick (1 s).
+    // The gauge is refreshed within a housekeeping tick (1 s); the wait
+    // starts when batches began to wait (after none did), not earlier.
     wait_metric(&gw, SEALED, 1.0).await;
-    assert_eq!(gw.metric(PROGRESS).await, started, "nothing got through");
+    let waiting_since = gw.metric(PROGRESS).await;
+    assert!(waiting_since >= started, "{waiting_since} before {started}");
+    // More failed exchanges move nothing.
+    let posts = udc
+        .state
+        .batch_posts
+        .load(std::sync::atomic::Ordering::SeqCst);
+    udc.wait_until("two more failed sends", |s| {
+        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= posts + 2
+    })
+    .await;
+    assert_eq!(
+        gw.metric(PROGRESS).await,
+        waiting_since,
+        "nothing got through"
+    );
     udc.set_mode(UdcMode::Up);
     udc.wait_until("the batch applied", |s| {
         s.applied.lock().unwrap().len() == 1
@@ -671,7 +688,7 @@ async fn a_stuck_pipeline_shows_in_sealed_batches_and_progress() {
     // Set when the sender sees the verdict stored, which a housekeeping
     // tick may report as 0 sealed batches a moment before.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while gw.metric(PROGRESS).await <= started {
+    while gw.metric(PROGRESS).await <= waiting_since {
         assert!(
             std::time::Instant::now() < deadline,
             "progress stayed at the start"

@@ -654,15 +654,18 @@ impl Task {
             _ => false,
         };
         if !keep {
-            self.discarded.insert(entry);
-            // Not awaited: the collector is one task, and waiting for each
-            // discard's commit (an fsync) would let a flood of refused
-            // messages hold up every member's collect. The writer
-            // group-commits the discards; the member's refusal does not
-            // wait for it.
-            let spool = self.spool.clone();
+            // Only a refusal makes a sharer of the row send again; a
+            // duplicate's sharer is a duplicate too (202).
+            if res.is_err() {
+                self.discarded.insert(entry);
+            }
+            // Queued with the spool's writer now, so the member's next
+            // append is applied after it; its commit is not awaited here:
+            // the collector is one task, and an fsync per refused message
+            // would let a flood of them hold up every member's collect.
+            let done = self.spool.queue_discard_unbatched(entry);
             tokio::spawn(async move {
-                if let Err(e) = spool.discard_unbatched(entry).await {
+                if let Err(e) = done.await {
                     // Left behind, it is batched after the next restart and
                     // the UDC judges it (a duplicate at worst).
                     tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");

@@ -192,8 +192,8 @@ pub async fn run(
         tokio::task::spawn_blocking(move || Spool::open_with_source_share(&dir, max, share))
             .await
             .map_err(|_| SpoolError::Closed)??;
-    readiness.set_spool(true);
     batch_progress(&metrics);
+    readiness.set_spool(true);
     metrics
         .spool_max_bytes
         .set(i64::try_from(max).unwrap_or(i64::MAX));
@@ -380,9 +380,14 @@ pub(crate) fn update_spool_gauges(spool: &Spool, metrics: &GatewayMetrics) {
     metrics
         .spool_entries
         .set(i64::try_from(spool.entries()).unwrap_or(i64::MAX));
-    metrics
-        .spool_sealed_batches
-        .set(i64::try_from(spool.pending_batch_count()).unwrap_or(i64::MAX));
+    let sealed = i64::try_from(spool.pending_batch_count()).unwrap_or(i64::MAX);
+    let was = metrics.spool_sealed_batches.get();
+    metrics.spool_sealed_batches.set(sealed);
+    // Batches waiting again after none did: the wait starts now, not at
+    // the last batch that left (an hour ago on a quiet gateway).
+    if was == 0 && sealed > 0 {
+        batch_progress(metrics);
+    }
 }
 
 /// Sets `dapgw_batch_progress_timestamp_seconds` to now.

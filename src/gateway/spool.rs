@@ -1123,6 +1123,14 @@ impl Spool {
         self.call(|r| Request::Discard(id, r)).await
     }
 
+    /// [`Spool::discard_unbatched`], queued with the writer before this
+    /// returns (so any request queued after it, such as the member's next
+    /// append, is applied after it); the returned future reports the
+    /// commit.
+    pub fn queue_discard_unbatched(&self, id: EntryId) -> Queued<bool> {
+        self.submit(|r| Request::Discard(id, r))
+    }
+
     /// Hands out the next batch id, persisted before it is returned:
     /// strictly increasing across restarts, never reused even if the batch
     /// is never sealed.

@@ -37,8 +37,6 @@ use tokio::time::Instant;
 
 use super::service::{ServiceError, Udc};
 use crate::limits::{Activity, CLOSE_GRACE, ConnLimits, Expired, SourceSlot, SourceSlots, Watched};
-use crate::protocol::verifier::{RateKey, direct_rate_key};
-use crate::protocol::wire::Direct;
 use crate::telemetry::LimitReason;
 
 /// Content type of protocol messages.
@@ -98,44 +96,26 @@ impl ServerOptions {
 /// unbounded list would hold every other writer up.
 pub use crate::protocol::MAX_SUBSCRIBED_GROUPS;
 
-/// Token buckets for `/v1/direct` (5 a second, a burst of 5, by
-/// default), keyed two ways: per source, as the connection caps count
-/// sources ([`crate::limits::source_key`]: an IPv4 address, an IPv6 /64,
-/// so a host cannot get a fresh bucket per address it picks from its
-/// prefix), and per target ([`RateKey`]: `(id, g, r)` for a response,
-/// `(id, sid, ctr)` for an uplink, read before any cryptography), so many
-/// sources together cannot make the UDC derive one member's keys and read
-/// its rows at their combined rate.
-#[derive(Debug)]
-struct RateLimiter<K> {
-    buckets: StdMutex<HashMap<K, (f64, Instant)>>,
+/// A per-source token bucket for `/v1/direct`, keyed as the connection
+/// caps count sources ([`crate::limits::source_key`]: an IPv4 address, an
+/// IPv6 /64), so a host cannot get a fresh bucket per address it picks
+/// from its prefix.
+#[derive(Debug, Default)]
+struct RateLimiter {
+    buckets: StdMutex<HashMap<[u8; 16], (f64, Instant)>>,
 }
 
-impl<K> Default for RateLimiter<K> {
-    fn default() -> Self {
-        Self {
-            buckets: StdMutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl RateLimiter<[u8; 16]> {
+impl RateLimiter {
     /// Takes one token for `ip`'s source; false when the bucket is empty.
     fn allow(&self, ip: IpAddr, rate: u32) -> bool {
-        self.allow_key(crate::limits::source_key(ip), rate)
-    }
-}
-
-impl<K: std::hash::Hash + Eq> RateLimiter<K> {
-    /// Takes one token from `key`'s bucket; false when it is empty.
-    fn allow_key(&self, key: K, rate: u32) -> bool {
+        let key = crate::limits::source_key(ip);
         let rate = f64::from(rate.max(1));
         let now = Instant::now();
         let mut map = match self.buckets.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        // Bound memory under key churn: forget full buckets.
+        // Bound memory under address churn: forget full buckets.
         if map.len() > 100_000 {
             map.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < rate);
         }
@@ -154,8 +134,7 @@ impl<K: std::hash::Hash + Eq> RateLimiter<K> {
 struct State {
     udc: Arc<Udc>,
     opts: ServerOptions,
-    limiter: RateLimiter<[u8; 16]>,
-    targets: RateLimiter<RateKey>,
+    limiter: RateLimiter,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -173,7 +152,6 @@ pub async fn serve(
         udc,
         opts,
         limiter: RateLimiter::default(),
-        targets: RateLimiter::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -557,22 +535,6 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
         Ok(b) => b,
         Err(r) => return r,
     };
-    // What does not decode is refused below, uniformly.
-    let target = Direct::decode(&b)
-        .ok()
-        .and_then(|d| direct_rate_key(&d).ok());
-    if let Some(t) = target
-        && !state.targets.allow_key(t, state.opts.direct_per_second)
-    {
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many direct submissions for this member and round or counter",
-        );
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
-    }
     match state.udc.handle_direct(b).await {
         Ok(answer) => bytes(StatusCode::OK, WIRE, answer),
         Err(e @ ServiceError::Busy(_)) => service_error(e),
@@ -618,31 +580,5 @@ mod tests {
         }
         assert!(!limiter.allow(ip("::ffff:192.0.2.7"), 5), "mapped IPv4");
         assert!(limiter.allow(ip("192.0.2.8"), 5));
-    }
-
-    /// Per target: one (id, g, r) has its burst whatever the sources; the
-    /// same member in another round, or one of its uplink counters, has
-    /// its own.
-    #[test]
-    fn direct_buckets_per_target() {
-        use crate::protocol::verifier::RateKey;
-        use crate::protocol::wire::{GroupId, MemberId, SessionId};
-        let limiter: RateLimiter<RateKey> = RateLimiter::default();
-        let round = |round| RateKey::Response {
-            id: MemberId(7),
-            group: GroupId(1),
-            round,
-        };
-        for _ in 0..5 {
-            assert!(limiter.allow_key(round(3), 5));
-        }
-        assert!(!limiter.allow_key(round(3), 5), "the sixth for (7, 1, 3)");
-        assert!(limiter.allow_key(round(4), 5), "another round");
-        let up = RateKey::Uplink {
-            id: MemberId(7),
-            sid: SessionId([1; 8]),
-            ctr: 9,
-        };
-        assert!(limiter.allow_key(up, 5));
     }
 }
