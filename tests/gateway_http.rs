@@ -618,10 +618,7 @@ async fn a_proxy_refusal_is_retried_not_dead_lettered() {
     let mut c = Client::connect(gw.members, &pki, true).await;
     let up = uplink(8, 2, 1, b"through a proxy");
     assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
-    udc.wait_until("the batch sent twice", |s| {
-        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
-    })
-    .await;
+    udc.wait_batch_posts("the batch sent twice", 2).await;
     // The first exchange was counted before the second was sent.
     let errors = gw
         .metric("dapgw_batches_total{kind=\"uplink\",outcome=\"error\"}")
@@ -656,24 +653,16 @@ async fn a_stuck_pipeline_shows_in_sealed_batches_and_progress() {
     let mut c = Client::connect(gw.members, &pki, true).await;
     let up = uplink(8, 2, 1, b"held back");
     assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
-    udc.wait_until("the batch sent twice", |s| {
-        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
-    })
-    .await;
+    udc.wait_batch_posts("the batch sent twice", 2).await;
     // The gauge is refreshed within a housekeeping tick (1 s); the wait
     // starts when batches began to wait (after none did), not earlier.
     wait_metric(&gw, SEALED, 1.0).await;
     let waiting_since = gw.metric(PROGRESS).await;
     assert!(waiting_since >= started, "{waiting_since} before {started}");
     // More failed exchanges move nothing.
-    let posts = udc
-        .state
-        .batch_posts
-        .load(std::sync::atomic::Ordering::SeqCst);
-    udc.wait_until("two more failed sends", |s| {
-        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= posts + 2
-    })
-    .await;
+    let posts = udc.batch_posts();
+    udc.wait_batch_posts("two more failed sends", posts + 2)
+        .await;
     assert_eq!(
         gw.metric(PROGRESS).await,
         waiting_since,
@@ -712,10 +701,7 @@ async fn a_verdict_short_of_outcomes_completes_nothing() {
         assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);
     }
     // Answered short at least twice: the batch is sent again.
-    udc.wait_until("a second short answer", |s| {
-        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 2
-    })
-    .await;
+    udc.wait_batch_posts("a second short answer", 2).await;
     assert_eq!(gw.metric("dapgw_spool_entries").await, 2.0);
     udc.set_mode(UdcMode::Up);
     udc.wait_until("both readings", |s| s.applied.lock().unwrap().len() == 2)
@@ -1573,11 +1559,7 @@ async fn verdict_store_failure_backs_off_and_recovers() {
     let r = c.post(uplink(1, 1, 1, &[1; 64]).to_bytes()).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
 
-    let posts = || {
-        udc.state
-            .batch_posts
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let posts = || udc.batch_posts();
     // Ten virtual seconds. With waits of at least half the window (100 ms
     // doubling to the 1 s cap): 50 + 100 + 200 + 400 ms, then 500 ms each,
     // so at most 4 + 18 re-sends after the first send. Load only makes
@@ -1622,18 +1604,9 @@ async fn verdict_store_failure_backs_off_and_recovers() {
         spool_empties_within(&gw, Duration::from_secs(10)).await,
         "the verdict was never stored"
     );
-    let posts = udc
-        .state
-        .batch_posts
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let posts = udc.batch_posts();
     run_for(Duration::from_secs(5)).await;
-    assert_eq!(
-        udc.state
-            .batch_posts
-            .load(std::sync::atomic::Ordering::SeqCst),
-        posts,
-        "a stored batch is not sent again"
-    );
+    assert_eq!(udc.batch_posts(), posts, "a stored batch is not sent again");
     assert_eq!(udc.applied(), HashSet::from([(1u64, 1u32, 1u64, 2u8)]));
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
     // Every exchange counted once: the unstored ones and the one stored.
@@ -1674,11 +1647,7 @@ async fn a_failing_udc_gets_one_batch_per_backoff() {
         assert_eq!(r.status, StatusCode::ACCEPTED);
         run_for(Duration::from_millis(100)).await;
     }
-    let posts = || {
-        udc.state
-            .batch_posts
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let posts = || udc.batch_posts();
     let before = posts();
     // Ten virtual seconds: waits of at least half the window (100 ms
     // doubling to the 1 s cap) allow at most about 22 rounds, so at most
@@ -1771,12 +1740,7 @@ async fn batches_are_sent_while_an_earlier_verdict_is_awaited() {
         HashSet::from([(1, 1, 1, 2), (2, 1, 1, 2), (1, 1, 2, 2)])
     );
     assert_eq!(*udc.state.duplicates.lock().unwrap(), 0);
-    assert_eq!(
-        udc.state
-            .batch_posts
-            .load(std::sync::atomic::Ordering::SeqCst),
-        3
-    );
+    assert_eq!(udc.batch_posts(), 3);
     let ids: Vec<u64> = udc
         .state
         .batches
@@ -1810,10 +1774,7 @@ async fn a_resend_of_a_sealed_uplink_after_a_restart_is_not_batched_again() {
     let r = c.post(first.clone()).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     // Sent (so sealed) and refused for now.
-    udc.wait_until("the batch posted", |s| {
-        s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= 1
-    })
-    .await;
+    udc.wait_batch_posts("the batch posted", 1).await;
     gw.shutdown().await.unwrap().unwrap();
 
     let gw = Gateway::start(cfg).await;
@@ -1854,22 +1815,13 @@ async fn a_restart_with_batches_in_flight_resends_them_and_applies_none_twice() 
     }
     // All three are in flight together; the drain's grace runs out.
     gw.shutdown().await.unwrap().unwrap();
-    let posts = udc
-        .state
-        .batch_posts
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let posts = udc.batch_posts();
     assert_eq!(posts, 3);
     udc.hold_answers(false);
 
     let gw = Gateway::start(cfg).await;
     wait_spool_entries(&gw, 0.0).await;
-    assert_eq!(
-        udc.state
-            .batch_posts
-            .load(std::sync::atomic::Ordering::SeqCst),
-        6,
-        "each batch sent once more"
-    );
+    assert_eq!(udc.batch_posts(), 6, "each batch sent once more");
     assert_eq!(udc.state.batches.lock().unwrap().len(), 3);
     assert_eq!(
         udc.applied(),

@@ -428,6 +428,25 @@ impl Harness {
             .unwrap()
     }
 
+    /// Members `1..=n` of group `G`, authenticated in a psk auth round
+    /// through gw-1 (their confirms queued, not opened); gw-1's downlink
+    /// cursor after the confirms.
+    async fn authenticated(&self, n: u64) -> (Vec<Member>, u64) {
+        let mut members: Vec<Member> = (1..=n).map(|id| self.real_member(id)).collect();
+        let r = self.auth_round(n).await;
+        let v = self
+            .post_batch(&batch(
+                "gw-1",
+                1,
+                r.round,
+                answer(&mut members, &r.challenge, b""),
+            ))
+            .await;
+        assert_eq!(outcomes(&v), vec![Outcome::Accepted; n as usize]);
+        let cursor = self.downlink(r.cursor).await.last().unwrap().0;
+        (members, cursor)
+    }
+
     /// Members `1..=n` of group `G` imported, gw-1 subscribed, a psk auth
     /// round open and its challenge read from gw-1's downlink.
     async fn auth_round(&self, n: u64) -> OpenRound {
@@ -1097,6 +1116,20 @@ fn uplink_batch(batch_id: u64, sealed: &[Bytes]) -> Batch {
 /// label of `labels` (0 when absent).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     dapgw::admin::MetricsPage::parse(text).sum(name, labels)
+}
+
+/// The members the Rekey records in `recs` go to, sorted.
+fn rekeyed_members(recs: &[(u64, u8, u32, u64, Bytes)]) -> Vec<u64> {
+    use dapgw::protocol::wire::MessageType;
+    let mut ids: Vec<u64> = recs
+        .iter()
+        .filter(|r| {
+            r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
+        })
+        .map(|r| r.3)
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// The last group record (challenge or group message) in `recs`.
@@ -2367,7 +2400,6 @@ on_both_stores!(batch_racing_a_round_close, "round_close_race");
 /// fail (busy): committed, member 10's first confirm would hand it the key
 /// of a message sent before it joined. The retried import rekeys.
 async fn import_racing_an_update(store_url: Option<String>) {
-    use dapgw::protocol::wire::MessageType;
     use dapgw::udc::service::ServiceError;
     use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
@@ -2401,14 +2433,7 @@ async fn import_racing_an_update(store_url: Option<String>) {
         "{twice:?}"
     );
     assert_eq!(a.import_members(vec![row]).await.unwrap(), (1, 0));
-    let mut rekeyed: Vec<u64> = records(&a.downlink("gw-1", 0).await.unwrap())
-        .into_iter()
-        .filter(|r| {
-            r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
-        })
-        .map(|r| r.3)
-        .collect();
-    rekeyed.sort_unstable();
+    let rekeyed = rekeyed_members(&records(&a.downlink("gw-1", 0).await.unwrap()));
     assert_eq!(rekeyed, vec![1, 2]);
     h.stop().await;
 }
@@ -2463,7 +2488,6 @@ on_both_stores!(import_racing_an_added_member, "import_add_race");
 /// member 3 knows. `a`'s write must fail (busy); the retried revocation
 /// rekeys 1 and 2 into the new epoch.
 async fn revocation_racing_other_members_first_acceptance(store_url: Option<String>) {
-    use dapgw::protocol::wire::MessageType;
     use dapgw::udc::service::ServiceError;
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
     let body = psk_batch(&h, 1, round, &challenge, 1..=2);
@@ -2478,14 +2502,7 @@ async fn revocation_racing_other_members_first_acceptance(store_url: Option<Stri
     let err = a.revoke_member(3).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
     assert!(a.revoke_member(3).await.unwrap());
-    let mut rekeyed: Vec<u64> = records(&a.downlink("gw-1", 0).await.unwrap())
-        .into_iter()
-        .filter(|r| {
-            r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
-        })
-        .map(|r| r.3)
-        .collect();
-    rekeyed.sort_unstable();
+    let rekeyed = rekeyed_members(&records(&a.downlink("gw-1", 0).await.unwrap()));
     assert_eq!(rekeyed, vec![1, 2]);
     h.stop().await;
 }
@@ -2839,20 +2856,8 @@ async fn admin_refuses_rounds_schedules_and_updates_in_an_unknown_group() {
 /// through `POST /v1/admin/members` gives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
-    use dapgw::protocol::wire::MessageType;
     let h = Harness::start(None).await;
-    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
-    let r = h.auth_round(2).await;
-    let v = h
-        .post_batch(&batch(
-            "gw-1",
-            1,
-            r.round,
-            answer(&mut members, &r.challenge, b""),
-        ))
-        .await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    let confirmed = h.downlink(r.cursor).await.last().unwrap().0;
+    let (_members, confirmed) = h.authenticated(2).await;
     let rekeyed_after = |after: u64| {
         let h = &h;
         async move {
@@ -2870,15 +2875,7 @@ async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
             assert_eq!(s, StatusCode::OK);
             let recs = records(&body);
             let last = recs.last().map_or(after, |r| r.0);
-            let mut ids: Vec<u64> = recs
-                .iter()
-                .filter(|r| {
-                    r.4.get(1).copied().and_then(MessageType::from_code) == Some(MessageType::Rekey)
-                })
-                .map(|r| r.3)
-                .collect();
-            ids.sort_unstable();
-            (last, ids)
+            (last, rekeyed_members(&recs))
         }
     };
     // No group message yet: the import rekeys nobody.
@@ -2910,18 +2907,7 @@ async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_kept_off_psk_ecdhe_rounds_are_reported() {
     let h = Harness::start(None).await;
-    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
-    let r = h.auth_round(2).await;
-    let v = h
-        .post_batch(&batch(
-            "gw-1",
-            1,
-            r.round,
-            answer(&mut members, &r.challenge, b""),
-        ))
-        .await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    let mut cursor = h.downlink(r.cursor).await.last().unwrap().0;
+    let (mut members, mut cursor) = h.authenticated(2).await;
     let dropped = |text: &str| {
         metric(
             text,

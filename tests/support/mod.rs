@@ -259,6 +259,22 @@ impl FakeUdc {
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
     }
 
+    /// `POST /v1/batches` received so far, re-sends included.
+    pub fn batch_posts(&self) -> u64 {
+        self.state
+            .batch_posts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` batch posts have arrived (re-sends
+    /// included).
+    pub async fn wait_batch_posts(&self, what: &str, n: u64) {
+        self.wait_until(what, |s| {
+            s.batch_posts.load(std::sync::atomic::Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+
     /// Holds (`true`) or releases (`false`) the answers to new batches.
     pub fn hold_answers(&self, hold: bool) {
         self.state

@@ -671,11 +671,11 @@ pub(crate) async fn members(args: MembersRoleArgs) -> anyhow::Result<()> {
     }
     let _ = crate::telemetry::init_logging(&role_log(), LogFormat::Text);
     let timeout = Duration::from_secs(args.timeout_s);
-    let token = std::fs::read_to_string(args.work.join(files::TOKEN))
-        .context("reading the admin token the UDC role wrote")?;
+    let token = crate::config::admin_token(&args.work.join(files::TOKEN))
+        .map_err(|e| anyhow::anyhow!("the admin token the UDC role wrote: {e}"))?;
     let mut op = Operator {
         admin: args.admin.clone(),
-        token: token.trim().to_string(),
+        token,
         requests: 0,
     };
     // Setup, not measured: register the members, attach the fleet.
