@@ -31,6 +31,7 @@ fn prepare(rt: &tokio::runtime::Runtime, url: &str) -> AnyStore {
                     groups: vec![G],
                     key_source: KeySource::Derived,
                     kv: 1,
+                    min_kv: 1,
                     status: MemberStatus::Active,
                     added_at_ms: 0,
                 })

@@ -106,7 +106,11 @@ enum UdcOp {
     /// Send a configuration update to a group, or show who acked one.
     Update(UpdateArgs),
     /// Revoke a member (new epoch and rekey in its groups).
-    Revoke(RevokeArgs),
+    Revoke(OneMember),
+    /// Move a member's root key to the next version, sent in its psk-ecdhe
+    /// sessions (it needs one: run a psk-ecdhe round first). The old
+    /// version stays accepted until the member answers under the new one.
+    KeyUpdate(OneMember),
     /// After restoring the store from a backup, before starting any UDC
     /// process: opens the store of the UDC's config, raises every counter
     /// (groups, gateway cursors, registry version, the floor for what is
@@ -230,8 +234,9 @@ struct UpdateArgs {
     after: Option<u64>,
 }
 
+/// An operator call about one member.
 #[derive(Args, Debug)]
-struct RevokeArgs {
+struct OneMember {
     #[command(flatten)]
     target: AdminTarget,
     /// The member.
@@ -297,6 +302,10 @@ struct MembersArgs {
     /// Groups of the added member, comma separated.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<u32>,
+    /// With --add: the member's root key version (default: the stored one,
+    /// 1 for a new member); only this version is accepted afterwards.
+    #[arg(long, requires = "add")]
+    kv: Option<u32>,
     /// Import a registry file written by `dapgw keys members` or `dapgw
     /// keys import-vendor`.
     #[arg(long, value_name = "FILE", conflicts_with = "add")]
@@ -878,6 +887,12 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             format!("/v1/admin/members/{}/revoke", r.member),
             None,
         ),
+        UdcOp::KeyUpdate(r) => (
+            r.target,
+            "POST",
+            format!("/v1/admin/members/{}/key-update", r.member),
+            None,
+        ),
         // Offline, on the store itself (udc_recover), never through the API.
         UdcOp::Recover(_) => anyhow::bail!("dapgw udc recover runs offline"),
         UdcOp::Members(m) => match (m.add, m.import) {
@@ -885,7 +900,7 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
                 m.target,
                 "POST",
                 "/v1/admin/members".to_string(),
-                Some(json!({"id": id, "groups": m.groups})),
+                Some(json!({"id": id, "groups": m.groups, "kv": m.kv})),
             ),
             (None, Some(file)) => {
                 let text =

@@ -994,7 +994,7 @@ async fn operator_cli_runs_every_operation() {
         2
     );
     assert_eq!(
-        udc_cli(&w, &["members", "--add", "3", "--groups", "7"])["id"],
+        udc_cli(&w, &["members", "--add", "3", "--groups", "7", "--kv", "4"])["id"],
         3
     );
     let listed = udc_cli(&w, &["members"]);
@@ -1048,6 +1048,54 @@ async fn operator_cli_runs_every_operation() {
     assert_eq!(
         udc_cli(&w, &["rounds", "show", "7", &r])["status"],
         "closed"
+    );
+
+    // Root-key rotation through the gateway: refused while the members
+    // have psk sessions only; after a psk-ecdhe round, issued, carried to
+    // member 1, which answers the next round under the new version (and
+    // from then on only that version is accepted).
+    let (ok, out, err) = udc_cli_raw(&w, &["key-update", "1"]);
+    assert!(!ok && out.contains("needs_psk_ecdhe"), "{out} {err}");
+    let start = |mode: &str| {
+        let v = udc_cli(
+            &w,
+            &[
+                "round",
+                "start",
+                "--group",
+                "7",
+                "--mode",
+                mode,
+                "--duration-s",
+                "600",
+            ],
+        );
+        v["round"].as_u64().unwrap_or_else(|| panic!("{v}"))
+    };
+    let round = start("psk-ecdhe");
+    wait_fleet(&f, "psk-ecdhe confirms", |s| count(&s.confirms_opened) == 4).await;
+    w.wait_round_accepted(round, 2).await;
+    let issued = udc_cli(&w, &["key-update", "1"]);
+    assert_eq!(
+        (&issued["kv"], &issued["min_kv"]),
+        (&json!(2), &json!(1)),
+        "{issued}"
+    );
+    wait_fleet(&f, "key update", |s| count(&s.key_updates_applied) == 1).await;
+    let round = start("psk");
+    w.wait_round_accepted(round, 2).await;
+    let listed = udc_cli(&w, &["members"]);
+    assert_eq!(
+        (&listed["members"][0]["kv"], &listed["members"][0]["min_kv"]),
+        (&json!(2), &json!(2)),
+        "{listed}"
+    );
+    assert_eq!(listed["members"][1]["min_kv"], 1, "{listed}");
+    // Member 3 was added with --kv 4: that version alone.
+    assert_eq!(
+        (&listed["members"][2]["kv"], &listed["members"][2]["min_kv"]),
+        (&json!(4), &json!(4)),
+        "{listed}"
     );
 
     // Schedules.

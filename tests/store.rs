@@ -231,7 +231,109 @@ both!(
     v3_outcomes_fill_accepted_rounds,
     v4_schedules_get_an_empty_read_request,
     schedule_claim_stands_or_falls_with_its_write,
+    key_versions_issue_and_confirm,
 );
+
+/// A member row from before schema version 9 (no `min_kv`) reads with
+/// `min_kv = kv`. A key update's version change is compare-and-set on the
+/// version read and on the member being active; a confirmation only raises
+/// `min_kv`, never past `kv`; a new credential (`set_kv`) accepts only its
+/// own version.
+async fn key_versions_issue_and_confirm(f: Fixture) {
+    use dapgw::udc::store::KeyVersionChange::{Confirmed, Expected, Issued};
+    f.at_version(
+        1,
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
+         VALUES (1, 3, 0, NULL, 0, 5), (2, 1, 0, NULL, 1, 5)",
+    )
+    .await;
+    let s = f.open().await;
+    async fn kvs(s: &AnyStore, id: u64) -> (u32, u32) {
+        let m = s.members(vec![id]).await.unwrap().pop().unwrap().unwrap();
+        (m.kv, m.min_kv)
+    }
+    let change = |c| BatchWrite {
+        key_versions: vec![c],
+        ..BatchWrite::default()
+    };
+    assert_eq!(kvs(&s, 1).await, (3, 3));
+    let issue = Issued {
+        member: 1,
+        from_kv: 3,
+        to_kv: 4,
+    };
+    s.apply_batch(change(issue)).await.unwrap();
+    assert_eq!(kvs(&s, 1).await, (4, 3));
+    // Issued again from the version read before: someone else moved it.
+    assert!(matches!(
+        s.apply_batch(change(issue)).await,
+        Err(StoreError::Conflict("member key version"))
+    ));
+    // A revoked member gets no new version.
+    let revoked = Issued {
+        member: 2,
+        from_kv: 1,
+        to_kv: 2,
+    };
+    assert!(matches!(
+        s.apply_batch(change(revoked)).await,
+        Err(StoreError::Conflict("member key version"))
+    ));
+    // Never above kv, never down.
+    for (kv, want) in [(5, (4, 3)), (4, (4, 4)), (3, (4, 4))] {
+        s.apply_batch(change(Confirmed { member: 1, kv }))
+            .await
+            .unwrap();
+        assert_eq!(kvs(&s, 1).await, want, "confirmed {kv}");
+    }
+    // Issued while one is still unconfirmed: the oldest accepted stays.
+    s.apply_batch(change(Issued {
+        member: 1,
+        from_kv: 4,
+        to_kv: 5,
+    }))
+    .await
+    .unwrap();
+    s.apply_batch(change(Issued {
+        member: 1,
+        from_kv: 5,
+        to_kv: 6,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(kvs(&s, 1).await, (6, 4));
+    assert!(s.set_kv(1, 9, KeySource::Derived).await.unwrap());
+    assert_eq!(kvs(&s, 1).await, (9, 9));
+    // A full row write stores what it names.
+    let mut row = member(1, &[G]);
+    row.kv = 8;
+    row.min_kv = 7;
+    s.upsert_member(row).await.unwrap();
+    assert_eq!(kvs(&s, 1).await, (8, 7));
+    // A whole-row write's check of the versions it read.
+    let expect = |kv, min_kv| {
+        change(Expected {
+            member: 1,
+            kv,
+            min_kv,
+        })
+    };
+    s.apply_batch(expect(8, 7)).await.unwrap();
+    for (kv, min_kv) in [(8, 8), (7, 7)] {
+        assert!(matches!(
+            s.apply_batch(expect(kv, min_kv)).await,
+            Err(StoreError::Conflict("member key version"))
+        ));
+    }
+    // No row yet: nothing to compare.
+    s.apply_batch(change(Expected {
+        member: 99,
+        kv: 1,
+        min_kv: 1,
+    }))
+    .await
+    .unwrap();
+}
 
 /// A write's schedule claim is compare-and-set on the due time, and part of
 /// the write: a write that fails after it leaves the schedule due, a stale
@@ -356,7 +458,7 @@ async fn sqlite_v7_readings_move_to_arrival_order() {
     c.pragma_update(None, "user_version", 7).unwrap();
     drop(c);
     let s = f.open().await;
-    assert_eq!(f.schema_versions().await, vec![8]);
+    assert_eq!(f.schema_versions().await, vec![9]);
     let got: Vec<(u32, u64, u64, Vec<u8>)> = s
         .readings_after(1, 0, u64::MAX, None, 10)
         .await
@@ -672,6 +774,7 @@ fn member(id: u64, groups: &[u32]) -> MemberRow {
         groups: groups.to_vec(),
         key_source: KeySource::Derived,
         kv: 1,
+        min_kv: 1,
         status: MemberStatus::Active,
         added_at_ms: 1_000,
     }
@@ -831,8 +934,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![8],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8],
+        Kind::Sqlite => vec![9],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();

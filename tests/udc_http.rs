@@ -2193,6 +2193,7 @@ async fn two_udcs_in_a_round(
             groups: vec![G],
             key_source: KeySource::Derived,
             kv: 1,
+            min_kv: 1,
             status: MemberStatus::Active,
             added_at_ms: 0,
         })
@@ -2340,6 +2341,7 @@ async fn an_import_never_changes_a_registered_member(store_url: Option<String>) 
             groups: vec![G, 9],
             key_source: KeySource::Derived,
             kv: 2,
+            min_kv: 2,
             status: MemberStatus::Active,
             added_at_ms: 0,
         })
@@ -2419,6 +2421,7 @@ async fn import_racing_an_update(store_url: Option<String>) {
         groups: vec![G],
         key_source: KeySource::Derived,
         kv: 1,
+        min_kv: 1,
         status: MemberStatus::Active,
         added_at_ms: 0,
     };
@@ -2460,6 +2463,7 @@ async fn import_racing_an_added_member(store_url: Option<String>) {
             groups: vec![77],
             key_source: KeySource::Derived,
             kv: 1,
+            min_kv: 1,
             status: MemberStatus::Active,
             added_at_ms: 0,
         })
@@ -3833,3 +3837,226 @@ on_both_stores!(
     a_refusal_judged_on_a_slot_changed_meanwhile_is_retried,
     "refusal_stale_slot"
 );
+
+/// Opens a round of `mode` in group `G`; gw-1's records from `cursor` on
+/// until its challenge: (round, challenge, cursor after it).
+async fn round_of(h: &Harness, mode: &str, cursor: u64) -> (u64, Bytes, u64) {
+    let round = h
+        .op(
+            Method::POST,
+            "/v1/admin/rounds",
+            serde_json::json!({"group": G, "mode": mode, "purpose": "auth"}),
+        )
+        .await["round"]
+        .as_u64()
+        .unwrap();
+    let recs = h.downlink(cursor).await;
+    (round, last_group_record(&recs), recs.last().unwrap().0)
+}
+
+/// Root-key rotation through the operator API (docs/protocol.md, "Key
+/// rotation"): refused without a psk-ecdhe session; issued in one, stored
+/// and queued as a KeyUpdate the member opens; the old version accepted
+/// until the member answers under the new one, refused after.
+async fn key_update_through_the_operator_api(store_url: Option<String>) {
+    let h = Harness::start(store_url).await;
+    let key_update = |id: u64| {
+        let h = &h;
+        async move {
+            h.admin(
+                Some(TOKEN),
+                Method::POST,
+                &format!("/v1/admin/members/{id}/key-update"),
+                serde_json::Value::Null,
+            )
+            .await
+        }
+    };
+    let listed = |v: serde_json::Value, id: u64| {
+        let m = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap()
+            .clone();
+        (m["kv"].as_u64().unwrap(), m["min_kv"].as_u64().unwrap())
+    };
+    let (s, v) = key_update(99).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    // Registered, no session yet.
+    let (mut members, cursor) = h.authenticated(2).await;
+    // A psk session only: whoever holds K_i(1) could read the new key.
+    let recs = h.downlink(0).await;
+    for (_, aud, _, id, msg) in recs.iter().filter(|r| r.1 == 2) {
+        assert_eq!(*aud, 2);
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
+            .unwrap()
+            .persisted();
+    }
+    let (s, v) = key_update(1).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("needs_psk_ecdhe"))
+    );
+    // A psk-ecdhe round, answered by both; member 1 opens its confirm.
+    let (round, challenge, cursor) = round_of(&h, "psk-ecdhe", cursor).await;
+    let mut b = batch("gw-1", 2, round, answer(&mut members, &challenge, b""));
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    assert_eq!(
+        outcomes(&h.post_batch(&b).await),
+        vec![Outcome::Accepted; 2]
+    );
+    let recs = h.downlink(cursor).await;
+    let mut cursor = recs.last().unwrap().0;
+    for (_, _, _, id, msg) in &recs {
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
+            .unwrap()
+            .persisted();
+    }
+    let (s, v) = key_update(1).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (&v["kv"], &v["min_kv"], &v["groups"]),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!([G])
+        )
+    );
+    let v = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await;
+    assert_eq!(listed(v, 1), (2, 1));
+    // The KeyUpdate reaches member 1 only, and it opens it.
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].1, recs[0].3), (2, 1));
+    members[0]
+        .handle_key_update(&recs[0].4)
+        .unwrap()
+        .persisted();
+    assert_eq!(members[0].kv(), 2);
+    // Until member 1 answers under version 2, version 1 is still accepted
+    // (the update may have been lost on the way).
+    let (round, challenge, c) = round_of(&h, "psk", cursor).await;
+    let mut old = vec![h.real_member(1)];
+    let v = h
+        .post_batch(&batch("gw-1", 3, round, answer(&mut old, &challenge, b"")))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    cursor = h.downlink(c).await.last().unwrap().0;
+    // Member 1 answers under version 2: from then on only 2 is accepted.
+    let (round, challenge, c) = round_of(&h, "psk", cursor).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            4,
+            round,
+            answer(&mut members[..1], &challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    cursor = h.downlink(c).await.last().unwrap().0;
+    let v = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await;
+    assert_eq!(listed(v, 1), (2, 2));
+    let (round, challenge, _) = round_of(&h, "psk", cursor).await;
+    let mut old = vec![h.real_member(1)];
+    let v = h
+        .post_batch(&batch("gw-1", 5, round, answer(&mut old, &challenge, b"")))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::StaleKeyVersion]);
+    // Member 1's newest session is psk now: an update sealed in its older
+    // psk-ecdhe one would be refused by the member.
+    let (s, v) = key_update(1).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("needs_psk_ecdhe"))
+    );
+    // Member 2's newest is still the psk-ecdhe one. Re-added as it is, it
+    // keeps both versions; revoked, it gets none; re-added after that, the
+    // stored version alone (it may have been revoked for a leaked key).
+    let (s, v) = key_update(2).await;
+    assert_eq!(
+        (s, &v["kv"], &v["min_kv"]),
+        (StatusCode::OK, &serde_json::json!(2), &serde_json::json!(1))
+    );
+    let add2 = serde_json::json!({"id": 2, "groups": [G]});
+    h.op(Method::POST, "/v1/admin/members", add2.clone()).await;
+    let v = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await;
+    assert_eq!(listed(v, 2), (2, 1));
+    h.op(
+        Method::POST,
+        "/v1/admin/members/2/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+    let (s, v) = key_update(2).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("revoked"))
+    );
+    h.op(Method::POST, "/v1/admin/members", add2).await;
+    let v = h
+        .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
+        .await;
+    assert_eq!(listed(v, 2), (2, 2));
+    h.stop().await;
+}
+
+on_both_stores!(key_update_through_the_operator_api, "key_update");
+
+/// Two `Udc`s on one store: `a` re-adds member 1 (reading key version 1),
+/// and before `a` writes, `b` gives member 1 a new credential (version 5).
+/// `a`'s whole-row write must fail (busy) rather than put version 1 back;
+/// its retry keeps version 5. (Here the group row's compare-and-set
+/// already fails `a`, as does the slot's for a key update, which writes
+/// the member's slot; the write's own check of the key versions it read,
+/// `KeyVersionChange::Expected`, is tested on the stores in
+/// tests/store.rs.)
+async fn re_add_racing_a_key_version_change(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::Store;
+    let (h, a, b, _, _) = two_udcs_in_a_round(store_url, 2).await;
+    let other = b.clone();
+    a.before_next_rekey_write(async move {
+        other.add_member(1, vec![G], Some(5)).await.unwrap();
+    });
+    let err = a.add_member(1, vec![G], None).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let versions = |m: dapgw::udc::store::MemberRow| (m.kv, m.min_kv);
+    let m = a
+        .store()
+        .members(vec![1])
+        .await
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
+    assert_eq!(versions(m), (5, 5));
+    a.add_member(1, vec![G], None).await.unwrap();
+    let m = a
+        .store()
+        .members(vec![1])
+        .await
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
+    assert_eq!(versions(m), (5, 5));
+    h.stop().await;
+}
+
+on_both_stores!(re_add_racing_a_key_version_change, "re_add_race");

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
 
 use super::server::error;
-use super::service::{ServiceError, Udc, now_ms};
+use super::service::{KeyUpdateOutcome, ServiceError, Udc, now_ms};
 use crate::admin::{AdminResponse, Fallback};
 use crate::protocol::wire::Purpose;
 use crate::udc::rounds::parse_mode;
@@ -703,6 +703,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                         groups: m.groups,
                         key_source,
                         kv: m.kv,
+                        min_kv: m.kv,
                         status: store::MemberStatus::Active,
                         added_at_ms: now,
                     })
@@ -720,6 +721,30 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 Ok(json_resp(StatusCode::OK, json!({"revoked": id})))
             } else {
                 Err(error(StatusCode::NOT_FOUND, "not_found", "no such member"))
+            }
+        }
+        (Method::POST, ["members", id, "key-update"]) => {
+            let id: u64 = num(id, "member id")?;
+            match udc.update_member_key(id).await.map_err(svc_err)? {
+                KeyUpdateOutcome::Issued { kv, min_kv, groups } => Ok(json_resp(
+                    StatusCode::OK,
+                    json!({"id": id, "kv": kv, "min_kv": min_kv, "groups": groups}),
+                )),
+                KeyUpdateOutcome::UnknownMember => {
+                    Err(error(StatusCode::NOT_FOUND, "not_found", "no such member"))
+                }
+                KeyUpdateOutcome::Revoked => Err(error(
+                    StatusCode::CONFLICT,
+                    "revoked",
+                    "the member is revoked; add it again with a new credential",
+                )),
+                KeyUpdateOutcome::NeedsEcdhe => Err(error(
+                    StatusCode::CONFLICT,
+                    "needs_psk_ecdhe",
+                    "the member has no psk-ecdhe session (a key update in a psk session could \
+                     be read by whoever holds the old key): run a psk-ecdhe round in one of its \
+                     groups, then retry once the member has answered it",
+                )),
             }
         }
         (Method::GET, ["members"]) => {
@@ -759,6 +784,7 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                     "id": r.id,
                     "groups": r.groups,
                     "kv": r.kv,
+                    "min_kv": r.min_kv.min(r.kv),
                     "status": format!("{:?}", r.status).to_lowercase(),
                     "key_source": match r.key_source { store::KeySource::Derived => "derived", store::KeySource::Imported(_) => "imported" },
                     "last_auth_ms": last_auth,
@@ -839,7 +865,9 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
 fn methods(parts: &[&str]) -> &'static [Method] {
     match parts {
         ["rounds"] | ["rounds", _, _, "close"] | ["groups", _, "updates"] => &[Method::POST],
-        ["members", "import"] | ["members", _, "revoke"] => &[Method::POST],
+        ["members", "import"] | ["members", _, "revoke"] | ["members", _, "key-update"] => {
+            &[Method::POST]
+        }
         ["rounds", _, _] | ["groups", _, "updates", _] | ["readings"] | ["gateways"] => {
             &[Method::GET]
         }

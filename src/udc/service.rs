@@ -78,6 +78,28 @@ pub enum ServiceError {
     Internal(String),
 }
 
+/// What [`Udc::update_member_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyUpdateOutcome {
+    /// The key update was stored and queued to the member's gateways.
+    Issued {
+        /// The key version the member moves to.
+        kv: u32,
+        /// The oldest version still accepted until the member answers under
+        /// `kv`.
+        min_kv: u32,
+        /// The groups in whose psk-ecdhe sessions it was sent.
+        groups: Vec<u32>,
+    },
+    /// No member has this id.
+    UnknownMember,
+    /// The member is revoked.
+    Revoked,
+    /// The member has no psk-ecdhe session in any of its groups; a key
+    /// update in a psk session could be read by whoever holds the old key.
+    NeedsEcdhe,
+}
+
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -501,8 +523,9 @@ impl Udc {
         self.pre_write.set(f);
     }
 
-    /// Runs `f` once, after the next revocation has read the group and
-    /// its slots but before its write (see [`Udc::before_next_batch_write`]).
+    /// Runs `f` once, after the next revocation or member addition has
+    /// read the member, its groups and their slots but before its write
+    /// (see [`Udc::before_next_batch_write`]).
     #[doc(hidden)]
     pub fn before_next_rekey_write(&self, f: impl Future<Output = ()> + Send + 'static) {
         self.pre_rekey_write.set(f);
@@ -871,6 +894,7 @@ impl Udc {
         let _guard = self.lock.lock().await;
         let now = now_ms();
         let stored = self.store.members(vec![id]).await?.pop().flatten();
+        let named_kv = kv;
         // Unnamed, the key version stays what it is (1 for a new member).
         let kv = kv.or(stored.as_ref().map(|row| row.kv)).unwrap_or(1);
         // A re-added member keeps an imported (vendor) key of the same key
@@ -879,6 +903,16 @@ impl Udc {
         let key_source = match &stored {
             Some(row) if row.kv == kv => row.key_source.clone(),
             _ => store::KeySource::Derived,
+        };
+        // An active member re-added without a version keeps the versions
+        // still accepted (a key update may be under way). A version named,
+        // or a revoked member made active again (perhaps because a key
+        // leaked), is a credential accepted alone.
+        let min_kv = match &stored {
+            Some(row) if named_kv.is_none() && row.status == store::MemberStatus::Active => {
+                row.min_kv
+            }
+            _ => kv,
         };
         // The groups it leaves get a new epoch without it, as for a
         // revocation in that group: its sessions there are erased and it
@@ -902,11 +936,22 @@ impl Udc {
                 groups: groups.clone(),
                 key_source,
                 kv,
+                min_kv,
                 status: store::MemberStatus::Active,
                 added_at_ms: stored.as_ref().map_or(now, |row| row.added_at_ms),
             }],
             ..BatchWrite::default()
         };
+        // The row is replaced whole: if another process changed the key
+        // versions since they were read (a key update, its confirmation),
+        // this write fails (busy, retried) instead of undoing that.
+        if let Some(row) = &stored {
+            write.key_versions.push(store::KeyVersionChange::Expected {
+                member: id,
+                kv: row.kv,
+                min_kv: row.min_kv,
+            });
+        }
         let mut delta = 0;
         for g in groups {
             self.rekey_into(&mut write, &mut delta, g, None).await?;
@@ -915,6 +960,7 @@ impl Udc {
             self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
                 .await?;
         }
+        self.pre_rekey_write.run().await;
         self.apply(write).await?;
         self.metrics.sessions_active.add(delta);
         Ok(())
@@ -938,6 +984,12 @@ impl Udc {
         let groups = row.groups.clone();
         let mut write = BatchWrite {
             now_ms: now_ms(),
+            // Replaced whole: the key versions read must still be stored.
+            key_versions: vec![store::KeyVersionChange::Expected {
+                member: id,
+                kv: row.kv,
+                min_kv: row.min_kv,
+            }],
             members: vec![row],
             ..BatchWrite::default()
         };
@@ -950,6 +1002,101 @@ impl Udc {
         self.apply(write).await?;
         self.metrics.sessions_active.add(delta);
         Ok(true)
+    }
+
+    /// Moves member `id`'s root key to the next version: `K_i(kv+1)`
+    /// (derived from the master secret) sealed under `k_down` of each of its
+    /// psk-ecdhe sessions, in every group where it has one. The new version
+    /// is stored and the messages queued in one transaction (persisted
+    /// before anything is sent); the old version stays accepted until the
+    /// member answers a round under the new one (docs/protocol.md, "Key
+    /// rotation").
+    pub async fn update_member_key(&self, id: u64) -> Result<KeyUpdateOutcome, ServiceError> {
+        use crate::protocol::verifier::UsageError;
+        let _guard = self.lock.lock().await;
+        let Some(Some(row)) = self.store.members(vec![id]).await?.pop() else {
+            return Ok(KeyUpdateOutcome::UnknownMember);
+        };
+        if row.status == store::MemberStatus::Revoked {
+            return Ok(KeyUpdateOutcome::Revoked);
+        }
+        let LoadedRegistry(mut records) = self.registry_from(vec![Some(row.clone())])?;
+        let record = records
+            .remove(&MemberId(id))
+            .ok_or_else(|| ServiceError::Internal("member record vanished".into()))?;
+        let mut write = BatchWrite {
+            now_ms: now_ms(),
+            ..BatchWrite::default()
+        };
+        let mut issued_kv = None;
+        let mut sent_in = Vec::new();
+        for &group in &row.groups {
+            let (mut sessions, versions) = self.load_sessions(group, &[MemberId(id)]).await?;
+            let Some(slot) = sessions.get_mut(GroupId(group), MemberId(id)) else {
+                continue;
+            };
+            // The member opens a key update only in its current session,
+            // which is the newest one once it has opened its latest
+            // confirm: if that one is psk, an update sealed in an older
+            // psk-ecdhe session would most likely be refused.
+            let newest = slot.pending.as_ref().or(slot.current.as_ref());
+            if newest.is_none_or(|s| s.mode != Mode::PskEcdhe) {
+                continue;
+            }
+            let issued = match self.verifier.key_update(slot, &record, &mut rng()) {
+                Ok(issued) => issued,
+                // No session here, only psk ones, or every psk-ecdhe
+                // session's downlink counter spent: another group may
+                // carry it.
+                Err(
+                    UsageError::NoSession(_)
+                    | UsageError::KeyUpdateNeedsEcdhe(_)
+                    | UsageError::CounterExhausted,
+                ) => continue,
+                Err(UsageError::KeyVersionExhausted(_)) => {
+                    return Err(ServiceError::Conflict(format!(
+                        "member {id}'s key version cannot be raised further"
+                    )));
+                }
+                Err(e) => return Err(ServiceError::Internal(e.to_string())),
+            };
+            issued_kv = Some(issued.record.kv);
+            let mut slots = SlotWrites::new(group, &versions);
+            if let Some(slot) = sessions.get(GroupId(group), MemberId(id)) {
+                self.push_slot(&mut slots, MemberId(id), slot, None);
+            }
+            write.sessions.append(&mut slots.rows);
+            write.downlink.push(DownlinkPush {
+                target: DownlinkTarget::Subscribers,
+                records: issued
+                    .updates
+                    .iter()
+                    .map(|u| DownlinkRecord {
+                        audience: Audience::Member(id),
+                        group,
+                        message: u.to_bytes().to_vec(),
+                    })
+                    .collect(),
+            });
+            sent_in.push(group);
+        }
+        let Some(kv) = issued_kv else {
+            return Ok(KeyUpdateOutcome::NeedsEcdhe);
+        };
+        // Compare-and-set on the version read: a key update or re-add by
+        // another process meanwhile fails this one (busy, retried).
+        write.key_versions.push(store::KeyVersionChange::Issued {
+            member: id,
+            from_kv: row.kv,
+            to_kv: kv,
+        });
+        self.apply(write).await?;
+        tracing::info!(member = id, kv, groups = ?sent_in, "key update issued");
+        Ok(KeyUpdateOutcome::Issued {
+            kv,
+            min_kv: row.min_kv.min(row.kv),
+            groups: sent_in,
+        })
     }
 
     /// Adds a new epoch of `group` (revoking `revoked` if given) to `write`:
@@ -1292,6 +1439,7 @@ impl Udc {
                     r
                 }
             };
+            rec.min_kv = row.min_kv.min(row.kv);
             if row.status == store::MemberStatus::Revoked {
                 rec.status = crate::protocol::verifier::MemberStatus::Revoked;
             }
@@ -1855,6 +2003,16 @@ impl Udc {
                 }
                 counts.readings += v.readings.len() as u64;
                 counts.ecdhe_missed.clone_from(&v.ecdhe_missed);
+                // Members seen answering under a key version a key update
+                // issued: the older versions are no longer accepted.
+                write
+                    .key_versions
+                    .extend(v.kv_confirmed.iter().map(|(id, kv)| {
+                        store::KeyVersionChange::Confirmed {
+                            member: id.0,
+                            kv: *kv,
+                        }
+                    }));
                 // Touched = accepted: each slot write records the round.
                 for id in &v.touched {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {

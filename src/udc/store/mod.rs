@@ -103,8 +103,13 @@ pub struct MemberRow {
     pub groups: Vec<u32>,
     /// Where its root key comes from.
     pub key_source: KeySource,
-    /// The root key version.
+    /// The newest root key version issued to the member.
     pub kv: u32,
+    /// The oldest root key version still accepted: `kv` itself, except
+    /// between a key update and the member's first response under the new
+    /// version (docs/protocol.md, "Key rotation"). Stored rows written
+    /// before schema version 9 read as `kv`.
+    pub min_kv: u32,
     /// Active or revoked.
     pub status: MemberStatus,
     /// When it was enrolled (unix ms).
@@ -716,9 +721,51 @@ pub struct SlotCheck {
     pub version: u64,
 }
 
+/// A change of one member's root key versions, made without rewriting the
+/// member's row: see [`BatchWrite::key_versions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyVersionChange {
+    /// A key update to `to_kv` was issued: the stored `kv` moves from
+    /// `from_kv` to `to_kv`, compare-and-set on `from_kv` and on the member
+    /// being active, or the write fails with
+    /// [`StoreError::Conflict`]`("member key version")`. `min_kv` stays.
+    Issued {
+        /// The member.
+        member: u64,
+        /// The `kv` read.
+        from_kv: u32,
+        /// The `kv` issued.
+        to_kv: u32,
+    },
+    /// A write that replaces the member's row whole (`members`) read these
+    /// versions: they must still be the stored ones, or the write fails
+    /// with [`StoreError::Conflict`]`("member key version")` (another
+    /// process issued or confirmed a key update meanwhile). A member with
+    /// no row passes.
+    Expected {
+        /// The member.
+        member: u64,
+        /// The `kv` read.
+        kv: u32,
+        /// The `min_kv` read.
+        min_kv: u32,
+    },
+    /// The member answered under `kv` (a verdict's `kv_confirmed`): `min_kv`
+    /// rises to `kv` if it is lower and `kv` is not above the stored `kv`;
+    /// otherwise nothing changes (a later key update, or a member re-added
+    /// meanwhile, decided).
+    Confirmed {
+        /// The member.
+        member: u64,
+        /// The version it answered under.
+        kv: u32,
+    },
+}
+
 /// Everything one batch (or one other atomic change) writes, applied by
 /// [`Store::apply_batch`] in one transaction in this order: schedule
-/// claim, group epoch checks, slot checks, verdict, members, groups, rounds, sessions, readings, acks,
+/// claim, group epoch checks, slot checks, verdict, key versions, members, groups, rounds,
+/// sessions, readings, acks,
 /// outcomes, counters, downlink. Any failure rolls all of it back.
 #[derive(Clone, Debug, Default)]
 pub struct BatchWrite {
@@ -750,6 +797,12 @@ pub struct BatchWrite {
     pub open_rounds: Vec<(u32, u64)>,
     /// Members to insert or replace.
     pub members: Vec<MemberRow>,
+    /// Root key version changes and checks ([`KeyVersionChange`]), applied
+    /// before `members`. On PostgreSQL a write with `members` or
+    /// `key_versions` first locks the registry version row, so writes that
+    /// change the registry run one at a time and take it before any group
+    /// or round row (no lock-order cycle with a rekey's group row).
+    pub key_versions: Vec<KeyVersionChange>,
     /// `members` are new (an import): one registered meanwhile (by another
     /// process) is not replaced, the write fails with
     /// [`StoreError::Conflict`] instead, and nothing is written.
@@ -1050,8 +1103,9 @@ pub trait Store: Send + Sync {
         id: u64,
         status: MemberStatus,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Moves a member to root key version `kv` (with its key source); false
-    /// if the member is unknown.
+    /// Moves a member to root key version `kv` (with its key source), a new
+    /// credential: older versions are no longer accepted (`min_kv = kv`);
+    /// false if the member is unknown.
     fn set_kv(
         &self,
         id: u64,

@@ -67,6 +67,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         8,
         include_str!("../../../migrations/postgres/0008_recovery.sql"),
     ),
+    (
+        9,
+        include_str!("../../../migrations/postgres/0009_member_min_kv.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -199,7 +203,8 @@ async fn snapshot(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>
 /// Member rows by id, with their groups (`ANY($1)`).
 const MEMBERS_SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, \
      m.added_at_ms, COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
-     WHERE mg.member = m.id), '{}'::int8[]) FROM members m WHERE m.id = ANY($1)";
+     WHERE mg.member = m.id), '{}'::int8[]), COALESCE(m.min_kv, m.kv) FROM members m \
+     WHERE m.id = ANY($1)";
 
 /// Session slots by (member, group) pairs (`UNNEST($1, $2)`).
 const SESSIONS_SQL: &str = "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, \
@@ -355,6 +360,7 @@ fn member_row(r: &Row) -> Result<MemberRow, StoreError> {
             .map(|g| u32_col(g, "member group"))
             .collect::<Result<_, _>>()?,
         kv: u32_col(r.try_get(1)?, "member kv")?,
+        min_kv: u32_col(r.try_get(7)?, "member min_kv")?,
         key_source: key_source_col(r.try_get(2)?, r.try_get(3)?)?,
         status: member_status_col(r.try_get(4)?)?,
         added_at_ms: u(r.try_get(5)?),
@@ -503,6 +509,21 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("schedule"));
         }
     }
+    if !w.members.is_empty() || !w.key_versions.is_empty() {
+        // Registry writers run one at a time, each taking this row before
+        // any group or round row: a verdict that confirms a key version
+        // (group row shared, then the registry counter its trigger raises)
+        // and a rekey (the registry, then its group row) would otherwise
+        // lock in opposite orders. It also makes the `Expected` checks
+        // below hold until the commit.
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT v FROM registry_version WHERE id = 1 FOR UPDATE",
+        )
+        .await?;
+        tx.query_opt(&st, &[]).await?;
+    }
     for (g, epoch) in &w.group_epochs {
         // FOR SHARE: a rekey's UPDATE of the group row waits for this
         // commit (and then fails its own compare-and-set on the slots this
@@ -566,6 +587,9 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
     }
     if let Some(v) = &w.verdict {
         write_verdict(tx, stmts, v, now).await?;
+    }
+    for c in &w.key_versions {
+        write_key_version(tx, stmts, c).await?;
     }
     if !w.members.is_empty() {
         write_members(tx, stmts, &w.members, w.members_new_only).await?;
@@ -1012,14 +1036,70 @@ async fn write_verdict(
     })
 }
 
+/// Applies one [`KeyVersionChange`] (see there).
+async fn write_key_version(
+    tx: &Tx<'_>,
+    stmts: &mut Cache,
+    c: &KeyVersionChange,
+) -> Result<(), StoreError> {
+    match *c {
+        KeyVersionChange::Issued {
+            member,
+            from_kv,
+            to_kv,
+        } => {
+            let st = prep(
+                tx,
+                stmts,
+                "UPDATE members SET kv = $3, min_kv = COALESCE(min_kv, kv) \
+                 WHERE id = $1 AND kv = $2 AND status = 0",
+            )
+            .await?;
+            let n = tx
+                .execute(&st, &[&i(member), &i64::from(from_kv), &i64::from(to_kv)])
+                .await?;
+            if n != 1 {
+                return Err(StoreError::Conflict("member key version"));
+            }
+        }
+        KeyVersionChange::Expected { member, kv, min_kv } => {
+            let st = prep(
+                tx,
+                stmts,
+                "SELECT kv, COALESCE(min_kv, kv) FROM members WHERE id = $1",
+            )
+            .await?;
+            let stored = tx
+                .query_opt(&st, &[&i(member)])
+                .await?
+                .map(|r| Ok::<_, StoreError>((r.try_get::<_, i64>(0)?, r.try_get::<_, i64>(1)?)))
+                .transpose()?;
+            if stored.is_some_and(|s| s != (i64::from(kv), i64::from(min_kv))) {
+                return Err(StoreError::Conflict("member key version"));
+            }
+        }
+        KeyVersionChange::Confirmed { member, kv } => {
+            let st = prep(
+                tx,
+                stmts,
+                "UPDATE members SET min_kv = $2 \
+                 WHERE id = $1 AND COALESCE(min_kv, kv) < $2 AND kv >= $2",
+            )
+            .await?;
+            tx.execute(&st, &[&i(member), &i64::from(kv)]).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn write_members(
     tx: &Tx<'_>,
     stmts: &mut Cache,
     members: &[MemberRow],
     new_only: bool,
 ) -> Result<(), StoreError> {
-    let (mut id, mut kv, mut ks, mut key, mut status, mut added) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut id, mut kv, mut ks, mut key, mut status, mut added, mut min_kv) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut gm, mut gg) = (vec![], vec![]);
     for m in members {
         let (code, k) = key_source_cols(&m.key_source);
@@ -1029,25 +1109,26 @@ async fn write_members(
         key.push(k);
         status.push(member_status_code(m.status));
         added.push(i(m.added_at_ms));
+        min_kv.push(i64::from(m.min_kv.min(m.kv)));
         for g in normalized_groups(&m.groups) {
             gm.push(i(m.id));
             gg.push(i64::from(g));
         }
     }
     let sql = if new_only {
-        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
-         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[]) \
-         ON CONFLICT (id) DO NOTHING"
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms, min_kv) \
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[], \
+         $7::int8[]) ON CONFLICT (id) DO NOTHING"
     } else {
-        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
-         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[]) \
-         ON CONFLICT (id) DO UPDATE SET kv = EXCLUDED.kv, key_source = EXCLUDED.key_source, \
-         imported_key = EXCLUDED.imported_key, status = EXCLUDED.status, \
-         added_at_ms = EXCLUDED.added_at_ms"
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms, min_kv) \
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], $6::int8[], \
+         $7::int8[]) ON CONFLICT (id) DO UPDATE SET kv = EXCLUDED.kv, \
+         key_source = EXCLUDED.key_source, imported_key = EXCLUDED.imported_key, \
+         status = EXCLUDED.status, added_at_ms = EXCLUDED.added_at_ms, min_kv = EXCLUDED.min_kv"
     };
     let st = prep(tx, stmts, sql).await?;
     let written = tx
-        .execute(&st, &[&id, &kv, &ks, &key, &status, &added])
+        .execute(&st, &[&id, &kv, &ks, &key, &status, &added, &min_kv])
         .await?;
     if new_only && written != members.len() as u64 {
         return Err(StoreError::Conflict("member (registered meanwhile)"));
@@ -1459,7 +1540,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<MemberRow>, StoreError> {
         const SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.status, m.added_at_ms, \
                  COALESCE((SELECT array_agg(mg.grp ORDER BY mg.grp) FROM member_groups mg \
-                 WHERE mg.member = m.id), '{}'::int8[]) FROM members m \
+                 WHERE mg.member = m.id), '{}'::int8[]), COALESCE(m.min_kv, m.kv) FROM members m \
                  WHERE m.id >= $1 ORDER BY m.id LIMIT $2";
         let Some(from) = page_from(after) else {
             return Ok(Vec::new());
@@ -1504,7 +1585,8 @@ impl Store for PostgresStore {
         let (ks, key) = key_source_cols(&key_source);
         let n = self
             .exec(
-                "UPDATE members SET kv = $2, key_source = $3, imported_key = $4 WHERE id = $1",
+                "UPDATE members SET kv = $2, min_kv = $2, key_source = $3, imported_key = $4 \
+                 WHERE id = $1",
                 &[&i(id), &i64::from(kv), &ks, &key],
             )
             .await?;

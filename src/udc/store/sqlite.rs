@@ -53,6 +53,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         8,
         include_str!("../../../migrations/sqlite/0008_readings_in_arrival_order.sql"),
     ),
+    (
+        9,
+        include_str!("../../../migrations/sqlite/0009_member_min_kv.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -212,7 +216,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// statement step reads a whole member (a second statement per member
 /// cost as much as the row).
 const MEMBER_COLS: &str = "id, kv, key_source, imported_key, status, added_at_ms, \
-    (SELECT group_concat(grp) FROM member_groups WHERE member = members.id)";
+    (SELECT group_concat(grp) FROM member_groups WHERE member = members.id), \
+    coalesce(min_kv, kv)";
 
 fn member_row(r: &Row<'_>) -> Result<MemberRow, StoreError> {
     let list: Option<String> = r.get(6)?;
@@ -231,6 +236,7 @@ fn member_row(r: &Row<'_>) -> Result<MemberRow, StoreError> {
         id: u(r.get(0)?),
         groups,
         kv: u32_col(r.get(1)?, "member kv")?,
+        min_kv: u32_col(r.get(7)?, "member min_kv")?,
         key_source: key_source_col(r.get(2)?, r.get(3)?)?,
         status: member_status_col(r.get(4)?)?,
         added_at_ms: u(r.get(5)?),
@@ -558,6 +564,9 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
     }
     if let Some(v) = &w.verdict {
         write_verdict(tx, v, now)?;
+    }
+    for c in &w.key_versions {
+        write_key_version(tx, c)?;
     }
     for m in &w.members {
         write_member(tx, m, w.members_new_only)?;
@@ -894,13 +903,13 @@ fn insert_group(c: &Connection, row: &GroupRow) -> Result<(), StoreError> {
 fn write_member(tx: &Transaction<'_>, m: &MemberRow, new_only: bool) -> Result<(), StoreError> {
     let (ks, key) = key_source_cols(&m.key_source);
     let sql = if new_only {
-        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING"
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms, min_kv) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING"
     } else {
-        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET kv = excluded.kv, \
+        "INSERT INTO members (id, kv, key_source, imported_key, status, added_at_ms, min_kv) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET kv = excluded.kv, \
          key_source = excluded.key_source, imported_key = excluded.imported_key, \
-         status = excluded.status, added_at_ms = excluded.added_at_ms"
+         status = excluded.status, added_at_ms = excluded.added_at_ms, min_kv = excluded.min_kv"
     };
     let written = tx.prepare_cached(sql)?.execute(params![
         i(m.id),
@@ -908,7 +917,8 @@ fn write_member(tx: &Transaction<'_>, m: &MemberRow, new_only: bool) -> Result<(
         ks,
         key,
         member_status_code(m.status),
-        i(m.added_at_ms)
+        i(m.added_at_ms),
+        i64::from(m.min_kv.min(m.kv))
     ])?;
     if new_only && written == 0 {
         return Err(StoreError::Conflict("member (registered meanwhile)"));
@@ -918,6 +928,44 @@ fn write_member(tx: &Transaction<'_>, m: &MemberRow, new_only: bool) -> Result<(
     let mut st = tx.prepare_cached("INSERT INTO member_groups (member, grp) VALUES (?1, ?2)")?;
     for g in normalized_groups(&m.groups) {
         st.execute(params![i(m.id), i64::from(g)])?;
+    }
+    Ok(())
+}
+
+/// Applies one [`KeyVersionChange`] (see there).
+fn write_key_version(tx: &Transaction<'_>, c: &KeyVersionChange) -> Result<(), StoreError> {
+    match *c {
+        KeyVersionChange::Issued {
+            member,
+            from_kv,
+            to_kv,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE members SET kv = ?3, min_kv = coalesce(min_kv, kv) \
+                     WHERE id = ?1 AND kv = ?2 AND status = 0",
+                )?
+                .execute(params![i(member), i64::from(from_kv), i64::from(to_kv)])?;
+            if n != 1 {
+                return Err(StoreError::Conflict("member key version"));
+            }
+        }
+        KeyVersionChange::Expected { member, kv, min_kv } => {
+            let stored: Option<(i64, i64)> = tx
+                .prepare_cached("SELECT kv, coalesce(min_kv, kv) FROM members WHERE id = ?1")?
+                .query_row([i(member)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if stored.is_some_and(|s| s != (i64::from(kv), i64::from(min_kv))) {
+                return Err(StoreError::Conflict("member key version"));
+            }
+        }
+        KeyVersionChange::Confirmed { member, kv } => {
+            tx.prepare_cached(
+                "UPDATE members SET min_kv = ?2 \
+                 WHERE id = ?1 AND coalesce(min_kv, kv) < ?2 AND kv >= ?2",
+            )?
+            .execute(params![i(member), i64::from(kv)])?;
+        }
     }
     Ok(())
 }
@@ -1021,8 +1069,8 @@ fn members_in_span(
     hi: i64,
 ) -> Result<Vec<Option<MemberRow>>, StoreError> {
     let mut st = tx.prepare_cached(
-        "SELECT id, kv, key_source, imported_key, status, added_at_ms, NULL FROM members \
-         WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
+        "SELECT id, kv, key_source, imported_key, status, added_at_ms, NULL, \
+         coalesce(min_kv, kv) FROM members WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
     )?;
     let found = collect(&mut st, params![lo, hi], member_row)?;
     let mut st = tx.prepare_cached(
@@ -1306,7 +1354,8 @@ impl Store for SqliteStore {
             let (ks, key) = key_source_cols(&key_source);
             let n = c
                 .prepare_cached(
-                    "UPDATE members SET kv = ?2, key_source = ?3, imported_key = ?4 WHERE id = ?1",
+                    "UPDATE members SET kv = ?2, min_kv = ?2, key_source = ?3, imported_key = ?4 \
+                     WHERE id = ?1",
                 )?
                 .execute(params![i(id), i64::from(kv), ks, key])?;
             Ok(n == 1)

@@ -1,0 +1,9 @@
+-- dapgw UDC store, SQLite schema version 9: the oldest accepted key version.
+--
+-- A key update (POST /v1/admin/members/{id}/key-update) moves a member's
+-- root key to kv + 1 while the old version stays accepted, until the member
+-- is first seen answering under the new one (docs/protocol.md, "Key
+-- rotation"). `min_kv` is that oldest accepted version; NULL (every row
+-- written before this version) reads as `kv`. Added without a default
+-- rewrite of the table, so the migration is instant on a large registry.
+ALTER TABLE members ADD COLUMN min_kv INTEGER;
