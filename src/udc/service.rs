@@ -106,6 +106,9 @@ impl From<StoreError> for ServiceError {
             StoreError::Conflict(what) => Self::Busy(format!(
                 "another UDC process changed the {what} concurrently; retry"
             )),
+            StoreError::Locked => {
+                Self::Busy("the store is locked by another process; retry".into())
+            }
             e => Self::Internal(format!("store: {e}")),
         }
     }

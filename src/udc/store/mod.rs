@@ -1050,15 +1050,32 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The SQLite database stayed locked by another process (or
+    /// connection) past the busy timeout: nothing was written; retry.
+    #[error("the database is locked by another process; retry")]
+    Locked,
     /// SQLite reported an error.
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// PostgreSQL reported an error (or the connection failed).
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     /// The blocking worker running SQLite went away (panicked).
     #[error("sqlite worker failed")]
     Worker,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// `SQLITE_BUSY` and `SQLITE_LOCKED` (a lock held past the busy
+    /// timeout, by another process on the same file) are [`Self::Locked`],
+    /// which callers retry; anything else is [`Self::Sqlite`].
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        match e.sqlite_error_code() {
+            Some(DatabaseBusy | DatabaseLocked) => Self::Locked,
+            _ => Self::Sqlite(e),
+        }
+    }
 }
 
 /// The UDC's storage. Implemented by [`SqliteStore`] and [`PostgresStore`];
@@ -1922,6 +1939,22 @@ fn opt_sid_col(v: Option<Vec<u8>>) -> Result<Option<[u8; 8]>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock another connection holds past the busy timeout is
+    /// [`StoreError::Locked`] (503 `busy`, retried), not an internal error.
+    #[test]
+    fn sqlite_lock_held_elsewhere_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locked.db");
+        let holder = rusqlite::Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let e = StoreError::from(other.execute_batch("BEGIN IMMEDIATE").unwrap_err());
+        assert!(matches!(e, StoreError::Locked), "{e:?}");
+        let e = StoreError::from(other.execute_batch("NOT SQL").unwrap_err());
+        assert!(matches!(e, StoreError::Sqlite(_)), "{e:?}");
+    }
 
     #[test]
     fn url_schemes() {

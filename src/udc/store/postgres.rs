@@ -1876,7 +1876,9 @@ impl Store for PostgresStore {
 
     async fn recover(&self, write: RecoveryWrite) -> Result<RecoveryApplied, StoreError> {
         let mut g = self.conn().await?;
-        recover(&mut g, write).await
+        // A deadlock PostgreSQL breaks (a UDC process still writing, which
+        // the operator should have stopped) is a conflict: exit 75, retry.
+        recover(&mut g, write).await.map_err(conflict_if_deadlock)
     }
 
     async fn registry_version(&self) -> Result<u64, StoreError> {
