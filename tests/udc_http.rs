@@ -2443,6 +2443,41 @@ async fn import_racing_an_update(store_url: Option<String>) {
 
 on_both_stores!(import_racing_an_update, "import_race");
 
+/// As `import_racing_an_update`, into a group with no state yet: `b`
+/// publishes the group's first message between `a`'s read and its write.
+/// With no group row to compare, `a`'s import went through, and member 10's
+/// first confirm would have handed it the key that sealed that message.
+/// The import creates the group first and compares it like any other: it
+/// fails busy, and the retry moves the group to a new epoch.
+async fn import_racing_a_first_update(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    const NEW: u32 = 77;
+    let (h, a, b, _, _) = two_udcs_in_a_round(store_url, 1).await;
+    assert!(a.store().group(NEW).await.unwrap().is_none());
+    let other = b.clone();
+    a.before_next_import_write(async move {
+        other.publish_update(NEW, b"\x01", None).await.unwrap();
+    });
+    let row = MemberRow {
+        id: 10,
+        groups: vec![NEW],
+        key_source: KeySource::Derived,
+        kv: 1,
+        min_kv: 1,
+        status: MemberStatus::Active,
+        added_at_ms: 0,
+    };
+    let err = a.import_members(vec![row.clone()]).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    let sealed_at = a.store().group(NEW).await.unwrap().unwrap().epoch;
+    assert_eq!(a.import_members(vec![row]).await.unwrap(), (1, 0));
+    assert!(a.store().group(NEW).await.unwrap().unwrap().epoch > sealed_at);
+    h.stop().await;
+}
+
+on_both_stores!(import_racing_a_first_update, "import_race_new");
+
 /// Two `Udc`s on one store: `a` imports members 20 and 21 into group 77
 /// (no group state yet, so no group row to compare), and between its read
 /// of who is registered and its write `b` adds member 20 (key version 3,

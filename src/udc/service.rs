@@ -821,14 +821,13 @@ impl Udc {
             let mut delta = 0;
             for g in groups {
                 match self.sealed_in_current_epoch(g).await? {
-                    Some((true, ..)) => self.rekey_into(&mut write, &mut delta, g, None).await?,
+                    (true, ..) => self.rekey_into(&mut write, &mut delta, g, None).await?,
                     // Written back unchanged at the version read: a message
                     // another process publishes meanwhile fails this write
                     // (busy, retried), and the retry rekeys.
-                    Some((false, state, version)) => {
+                    (false, state, version) => {
                         write.groups.push(self.group_row(&state, version)?);
                     }
-                    None => {}
                 }
             }
             self.pre_import_write.run().await;
@@ -840,17 +839,19 @@ impl Udc {
 
     /// Whether `group`'s current group key has sealed a group message
     /// (the latest one sent is of the current epoch), with the state and
-    /// row version read; `None` for a group without a row.
+    /// row version read.
     async fn sealed_in_current_epoch(
         &self,
         group: u32,
-    ) -> Result<Option<(bool, GroupState, u64)>, ServiceError> {
-        let Some(row) = self.store.group(group).await? else {
-            return Ok(None);
-        };
-        let state: GroupState = self.open(&aad::group(group), &row.state)?;
+    ) -> Result<(bool, GroupState, u64), ServiceError> {
+        // A group with no state yet is created now, as on any first use:
+        // written back at its version, it is compared like any other, so
+        // a process that publishes into it between this read and the
+        // import's write fails the import (with no row there would be
+        // nothing to compare against).
+        let (state, row) = self.load_group(group).await?;
         let sealed = state.sent.last().is_some_and(|m| m.epoch == state.epoch);
-        Ok(Some((sealed, state, row.version)))
+        Ok((sealed, state, row.version))
     }
 
     /// Every session slot of `group`'s active members, with what was read.
