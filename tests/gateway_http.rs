@@ -969,6 +969,42 @@ async fn a_resend_sharing_a_discarded_row_is_not_acknowledged() {
     assert_eq!(handle.collect(msg, third).await.unwrap(), Collected::New);
 }
 
+/// A refused message whose discard fails (the spool refuses the delete)
+/// keeps its row: an identical re-send, handed that row, must be collected
+/// again once the failure is known, not told to resend (503) until a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_sharing_a_row_whose_discard_failed_is_collected() {
+    use dapgw::gateway::collector::SubmitError;
+    let b = collector(20, 30_000, Arc::new(Attached::new())).await;
+    let db = rusqlite::Connection::open(b._dir.path().join("spool.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_deletes BEFORE DELETE ON entries
+         BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .unwrap();
+    let handle = b.collector.handle();
+    let msg = MemberMessage::Response(response(1, 9, 1, b""));
+    let first = store(&b.spool, &msg).await;
+    // Refused (no round yet); its discard fails.
+    assert!(handle.collect(msg.clone(), first).await.is_err());
+    handle.expect(GroupId(9), 1, Mode::Psk).await.unwrap();
+    // The re-send is handed the same row, which is still there. Until the
+    // discard's failure has been reported it is told to resend; then it
+    // is collected.
+    let again = store(&b.spool, &msg).await;
+    assert_eq!(again, first, "the row was not discarded");
+    let mut outcome = handle.collect(msg.clone(), again).await;
+    for _ in 0..500 {
+        if !matches!(outcome, Err(SubmitError::Discarded)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        outcome = handle.collect(msg.clone(), again).await;
+    }
+    assert_eq!(outcome.unwrap(), Collected::New);
+}
+
 /// A byte-identical re-send of an uplink whose batch was cut but is not
 /// sealed yet (the spool refuses the seal for a while), arriving after the
 /// aggregator forgot it: it is a duplicate, not a new entry. Taken for new,

@@ -465,6 +465,12 @@ struct Task {
 struct Discarded {
     ids: HashSet<EntryId>,
     order: VecDeque<EntryId>,
+    /// Ids whose discard failed (a disk error): the row is still stored,
+    /// so they leave `ids` at the next lookup, and an identical re-send
+    /// (handed that row) is collected again instead of being told to
+    /// resend until a restart. Filled by the tasks that await the
+    /// discards' commits.
+    failed: Arc<std::sync::Mutex<Vec<EntryId>>>,
 }
 
 impl Discarded {
@@ -481,8 +487,17 @@ impl Discarded {
         }
     }
 
-    fn contains(&self, id: EntryId) -> bool {
+    fn contains(&mut self, id: EntryId) -> bool {
+        let failed = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in failed {
+            self.ids.remove(&f);
+        }
         self.ids.contains(&id)
+    }
+
+    /// Where a failed discard is reported.
+    fn failures(&self) -> Arc<std::sync::Mutex<Vec<EntryId>>> {
+        Arc::clone(&self.failed)
     }
 }
 
@@ -664,11 +679,17 @@ impl Task {
             // the collector is one task, and an fsync per refused message
             // would let a flood of them hold up every member's collect.
             let done = self.spool.queue_discard_unbatched(entry);
+            let failures = self.discarded.failures();
             tokio::spawn(async move {
                 if let Err(e) = done.await {
                     // Left behind, it is batched after the next restart and
-                    // the UDC judges it (a duplicate at worst).
+                    // the UDC judges it (a duplicate at worst); until then
+                    // a re-send sharing the row is collected again.
                     tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+                    failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(entry);
                 }
             });
         }
