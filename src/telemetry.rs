@@ -341,6 +341,17 @@ label_enum! {
 }
 
 label_enum! {
+    /// A step of a member root-key update (label `event`).
+    KeyUpdateEvent {
+        /// Issued: the new version stored and queued to the member.
+        Issued = "issued",
+        /// Confirmed: the member answered a round under the new version,
+        /// and older versions are no longer accepted.
+        Confirmed = "confirmed",
+    }
+}
+
+label_enum! {
     /// A gateway behaviour the protocol detects (label `kind`).
     MisbehaviourKind {
         /// A chunk aggregate did not match its entries.
@@ -779,6 +790,9 @@ pub struct UdcMetrics {
     pub store: Histogram1<StoreOp>,
     /// `dapgw_udc_sessions_active`: sessions held.
     pub sessions_active: IntGauge,
+    /// `dapgw_udc_key_updates_total{event}`: member root-key updates
+    /// issued, and confirmed by the member's answer under the new version.
+    pub key_updates: Counter1<KeyUpdateEvent>,
     /// `dapgw_udc_gateway_misbehaviour_total{kind}`.
     pub gateway_misbehaviour: Counter1<MisbehaviourKind>,
     /// `dapgw_udc_connections_closed_total{reason}`: connections refused
@@ -866,6 +880,12 @@ impl UdcMetrics {
                 LOCAL_SECONDS_BUCKETS,
             )?,
             sessions_active: gauge(r, "dapgw_udc_sessions_active", "Sessions currently held.")?,
+            key_updates: Counter1::register(
+                r,
+                "dapgw_udc_key_updates_total",
+                "Member root-key updates, issued and confirmed.",
+                "event",
+            )?,
             gateway_misbehaviour: Counter1::register(
                 r,
                 "dapgw_udc_gateway_misbehaviour_total",

@@ -2479,7 +2479,7 @@ async fn import_racing_a_first_update(store_url: Option<String>) {
 on_both_stores!(import_racing_a_first_update, "import_race_new");
 
 /// Two `Udc`s on one store: `a` imports members 20 and 21 into group 77
-/// (no group state yet, so no group row to compare), and between its read
+/// (no group state yet: the import creates it), and between its read
 /// of who is registered and its write `b` adds member 20 (key version 3,
 /// group 9). The import must not replace what `b` wrote
 /// (the rule: an import never changes a registered member): it fails
@@ -4048,6 +4048,10 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
         .await;
     assert_eq!(listed(v, 2), (2, 2));
+    // Issued for members 1 and 2; confirmed by member 1's answer only.
+    let text = h.metrics().await;
+    let updates = |event: &str| metric(&text, "dapgw_udc_key_updates_total", &[("event", event)]);
+    assert_eq!((updates("issued"), updates("confirmed")), (2.0, 1.0));
     h.stop().await;
 }
 

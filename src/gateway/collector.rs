@@ -489,8 +489,14 @@ impl Discarded {
 
     fn contains(&mut self, id: EntryId) -> bool {
         let failed = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
-        for f in failed {
-            self.ids.remove(&f);
+        if !failed.is_empty() {
+            // Out of `order` too: a copy left there would later pop the
+            // id out of `ids` early if it is discarded again (rare: only
+            // on disk errors, so the scan is cheap).
+            for f in &failed {
+                self.ids.remove(f);
+            }
+            self.order.retain(|x| !failed.contains(x));
         }
         self.ids.contains(&id)
     }
@@ -681,15 +687,22 @@ impl Task {
             let done = self.spool.queue_discard_unbatched(entry);
             let failures = self.discarded.failures();
             tokio::spawn(async move {
-                if let Err(e) = done.await {
-                    // Left behind, it is batched after the next restart and
-                    // the UDC judges it (a duplicate at worst); until then
-                    // a re-send sharing the row is collected again.
-                    tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
-                    failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(entry);
+                match done.await {
+                    Ok(_) => {}
+                    // The writer is gone (shutting down): whether the row
+                    // was deleted is unknown, so the id stays discarded.
+                    Err(SpoolError::Closed) => {}
+                    Err(e) => {
+                        // Left behind, it is batched after the next restart
+                        // and the UDC judges it (a duplicate at worst);
+                        // until then a re-send sharing the row is judged
+                        // again.
+                        tracing::warn!(entry = %entry, error = %e, "could not discard a refused entry");
+                        failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(entry);
+                    }
                 }
             });
         }

@@ -106,8 +106,11 @@ impl From<StoreError> for ServiceError {
             StoreError::Conflict(what) => Self::Busy(format!(
                 "another UDC process changed the {what} concurrently; retry"
             )),
-            StoreError::Locked => {
-                Self::Busy("the store is locked by another process; retry".into())
+            StoreError::Locked(e) => {
+                // Answered 503 and retried, but an operator needs to know
+                // what holds the lock (a shell, a backup tool).
+                tracing::warn!(error = %e, "store locked past the busy timeout");
+                Self::Busy("the store stayed locked past the busy timeout; retry".into())
             }
             e => Self::Internal(format!("store: {e}")),
         }
@@ -280,6 +283,9 @@ struct BatchCounts {
     /// Members accepted in a psk round after missing psk-ecdhe rounds in a
     /// row, with how many they missed.
     ecdhe_missed: Vec<(MemberId, u64)>,
+    /// Members accepted under a key version newer than their oldest
+    /// accepted one (a key update confirmed).
+    kv_confirmed: u64,
 }
 
 /// A one-record verdict log: what the store held for the key before the
@@ -1095,6 +1101,10 @@ impl Udc {
             to_kv: kv,
         });
         self.apply(write).await?;
+        self.metrics
+            .key_updates
+            .get(crate::telemetry::KeyUpdateEvent::Issued)
+            .inc();
         tracing::info!(member = id, kv, groups = ?sent_in, "key update issued");
         Ok(KeyUpdateOutcome::Issued {
             kv,
@@ -2009,6 +2019,7 @@ impl Udc {
                 counts.ecdhe_missed.clone_from(&v.ecdhe_missed);
                 // Members seen answering under a key version a key update
                 // issued: the older versions are no longer accepted.
+                counts.kv_confirmed = v.kv_confirmed.len() as u64;
                 write
                     .key_versions
                     .extend(v.kv_confirmed.iter().map(|(id, kv)| {
@@ -2138,6 +2149,10 @@ impl Udc {
         self.metrics.sessions_active.add(slots.active_delta);
         self.metrics.readings.inc_by(counts.readings);
         self.metrics.acks.inc_by(counts.acks);
+        self.metrics
+            .key_updates
+            .get(crate::telemetry::KeyUpdateEvent::Confirmed)
+            .inc_by(counts.kv_confirmed);
         for (o, mode) in counts.outcomes {
             self.count_outcome(o, mode);
         }

@@ -97,7 +97,7 @@ impl From<StoreError> for RecoverError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => Self::StoreChanged(what),
-            StoreError::Locked => Self::StoreChanged("store (locked by another process)"),
+            StoreError::Locked(_) => Self::StoreChanged("store (locked by another process)"),
             StoreError::CounterExhausted(what) => Self::CounterExhausted(what.to_owned()),
             e => Self::Service(e.into()),
         }

@@ -1050,10 +1050,11 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The SQLite database stayed locked by another process (or
-    /// connection) past the busy timeout: nothing was written; retry.
-    #[error("the database is locked by another process; retry")]
-    Locked,
+    /// The SQLite database stayed locked past the busy timeout (another
+    /// process holding it, or a filesystem whose locks fail): nothing was
+    /// written; retry.
+    #[error("the database stayed locked past the busy timeout ({0}); retry")]
+    Locked(#[source] rusqlite::Error),
     /// SQLite reported an error.
     #[error("sqlite: {0}")]
     Sqlite(rusqlite::Error),
@@ -1066,13 +1067,14 @@ pub enum StoreError {
 }
 
 impl From<rusqlite::Error> for StoreError {
-    /// `SQLITE_BUSY` and `SQLITE_LOCKED` (a lock held past the busy
-    /// timeout, by another process on the same file) are [`Self::Locked`],
-    /// which callers retry; anything else is [`Self::Sqlite`].
+    /// `SQLITE_BUSY` (a lock held past the busy timeout, by another
+    /// process on the same file) is [`Self::Locked`], which callers retry;
+    /// anything else is [`Self::Sqlite`]. (`SQLITE_LOCKED`, a conflict
+    /// within one connection, cannot come from another process and is not
+    /// retried.)
     fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
         match e.sqlite_error_code() {
-            Some(DatabaseBusy | DatabaseLocked) => Self::Locked,
+            Some(rusqlite::ErrorCode::DatabaseBusy) => Self::Locked(e),
             _ => Self::Sqlite(e),
         }
     }
@@ -1951,7 +1953,7 @@ mod tests {
         let other = rusqlite::Connection::open(&path).unwrap();
         other.busy_timeout(std::time::Duration::ZERO).unwrap();
         let e = StoreError::from(other.execute_batch("BEGIN IMMEDIATE").unwrap_err());
-        assert!(matches!(e, StoreError::Locked), "{e:?}");
+        assert!(matches!(e, StoreError::Locked(_)), "{e:?}");
         let e = StoreError::from(other.execute_batch("NOT SQL").unwrap_err());
         assert!(matches!(e, StoreError::Sqlite(_)), "{e:?}");
     }
