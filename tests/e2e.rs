@@ -1014,22 +1014,24 @@ async fn operator_cli_runs_every_operation() {
     let f = w.fleet(&[1, 2], "state-cli");
     wait_fleet(&f, "attach", |s| count(&s.attached) == 2).await;
     w.wait_subscribed().await;
-    let started = udc_cli(
-        &w,
-        &[
-            "round",
-            "start",
-            "--group",
-            "7",
-            "--mode",
-            "psk",
-            "--duration-s",
-            "600",
-        ],
-    );
-    let round = started["round"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{started}"));
+    // `dapgw udc round start` in group 7; the round it opened.
+    let start = |mode: &str| {
+        let v = udc_cli(
+            &w,
+            &[
+                "round",
+                "start",
+                "--group",
+                "7",
+                "--mode",
+                mode,
+                "--duration-s",
+                "600",
+            ],
+        );
+        v["round"].as_u64().unwrap_or_else(|| panic!("{v}"))
+    };
+    let round = start("psk");
     wait_fleet(&f, "confirms", |s| count(&s.confirms_opened) == 2).await;
     w.wait_round_accepted(round, 2).await;
     let r = round.to_string();
@@ -1056,22 +1058,6 @@ async fn operator_cli_runs_every_operation() {
     // from then on only that version is accepted).
     let (ok, out, err) = udc_cli_raw(&w, &["key-update", "1"]);
     assert!(!ok && out.contains("needs_psk_ecdhe"), "{out} {err}");
-    let start = |mode: &str| {
-        let v = udc_cli(
-            &w,
-            &[
-                "round",
-                "start",
-                "--group",
-                "7",
-                "--mode",
-                mode,
-                "--duration-s",
-                "600",
-            ],
-        );
-        v["round"].as_u64().unwrap_or_else(|| panic!("{v}"))
-    };
     let round = start("psk-ecdhe");
     wait_fleet(&f, "psk-ecdhe confirms", |s| count(&s.confirms_opened) == 4).await;
     w.wait_round_accepted(round, 2).await;
