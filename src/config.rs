@@ -56,6 +56,14 @@ pub const DEFAULT_ATTACH_TTL_S: u64 = 7 * 24 * 3600;
 /// arithmetic in milliseconds far from overflow.
 pub const MAX_ATTACH_TTL_S: u64 = 10 * 365 * 24 * 3600;
 
+/// Default of `DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE`: an eighth of the
+/// attach registry, like the spool's share per source.
+pub const DEFAULT_ATTACH_MEMBERS_PER_SOURCE: u64 = crate::gateway::MAX_ATTACHED_MEMBERS as u64 / 8;
+
+/// Default of `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE`: an eighth of the
+/// groups the UDC takes in one subscription.
+pub const DEFAULT_ATTACH_GROUPS_PER_SOURCE: u64 = crate::protocol::MAX_SUBSCRIBED_GROUPS as u64 / 8;
+
 /// Smallest accepted `DAPGW_MAX_BODY_BYTES`: one capped uplink (1,024-byte
 /// payload) plus framing must always fit.
 pub const MIN_BODY_BYTES: u64 = 4_096;
@@ -147,6 +155,14 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     number(
         "attach_ttl_s",
         "a whole number of seconds from 1 to 315360000 (ten years)",
+    ),
+    number(
+        "attach_max_members_per_source",
+        "0 (no share), or an integer from 1 to 1000000",
+    ),
+    number(
+        "attach_max_groups_per_source",
+        "0 (no share), or an integer from 1 to 4096",
     ),
     text("log", LOG),
     text("log_format", LOG_FORMAT),
@@ -457,6 +473,16 @@ pub struct GatewayConfig {
     /// longer expected in rounds, its groups unsubscribed when it was their
     /// last member). Any member request naming it refreshes it.
     pub attach_ttl_s: u64,
+    /// `DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE` (default 125000, an eighth of
+    /// the registry's 1,000,000; `0` turns the share off): how many members
+    /// one source (an IPv4 address, an IPv6 /64) may keep attached; beyond
+    /// it that source's new members get 503 while others attach.
+    pub attach_max_members_per_source: u64,
+    /// `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE` (default 512, an eighth of the
+    /// UDC's 4,096-group subscription cap; `0` turns the share off): how
+    /// many distinct groups the members one source attached may name
+    /// together, so one client cannot fill the subscription for all.
+    pub attach_max_groups_per_source: u64,
     /// `DAPGW_LOG` (default `info`): tracing filter.
     pub log: String,
     /// `DAPGW_LOG_FORMAT` (default `text`): `text` or `json`.
@@ -497,6 +523,8 @@ impl Default for GatewayConfig {
             upstream_timeout_ms: 30_000,
             retry_max_ms: 30_000,
             attach_ttl_s: DEFAULT_ATTACH_TTL_S,
+            attach_max_members_per_source: DEFAULT_ATTACH_MEMBERS_PER_SOURCE,
+            attach_max_groups_per_source: DEFAULT_ATTACH_GROUPS_PER_SOURCE,
             log: "info".into(),
             log_format: LogFormat::Text,
             misbehave: None,
@@ -643,6 +671,16 @@ impl GatewayConfig {
         Duration::from_secs(self.attach_ttl_s)
     }
 
+    /// What one source may hold of the attach registry
+    /// (`DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE`,
+    /// `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE`; 0 = no share).
+    pub fn attach_share(&self) -> crate::gateway::AttachShare {
+        crate::gateway::AttachShare {
+            members: usize::try_from(self.attach_max_members_per_source).unwrap_or(usize::MAX),
+            groups: usize::try_from(self.attach_max_groups_per_source).unwrap_or(usize::MAX),
+        }
+    }
+
     /// What one source may hold in the spool, in accounted bytes (0 = no
     /// share): `DAPGW_SPOOL_MAX_BYTES_PER_SOURCE`, or when unset an eighth
     /// of `DAPGW_SPOOL_MAX_BYTES` (but at least twice
@@ -737,6 +775,18 @@ impl GatewayConfig {
         );
         check_body(p, self.max_body_bytes);
         p.range("attach_ttl_s", self.attach_ttl_s, 1, MAX_ATTACH_TTL_S);
+        p.range(
+            "attach_max_members_per_source",
+            self.attach_max_members_per_source,
+            0,
+            crate::gateway::MAX_ATTACHED_MEMBERS as u64,
+        );
+        p.range(
+            "attach_max_groups_per_source",
+            self.attach_max_groups_per_source,
+            0,
+            crate::protocol::MAX_SUBSCRIBED_GROUPS as u64,
+        );
         for (key, v) in [
             ("batch_linger_ms", self.batch_linger_ms),
             ("round_deadline_ms", self.round_deadline_ms),
@@ -1379,6 +1429,18 @@ pub fn load_gateway(config_path: Option<&Path>) -> Result<GatewayConfig, ConfigE
         upstream_timeout_ms: field(&fig, &mut p, "upstream_timeout_ms", d.upstream_timeout_ms),
         retry_max_ms: field(&fig, &mut p, "retry_max_ms", d.retry_max_ms),
         attach_ttl_s: field(&fig, &mut p, "attach_ttl_s", d.attach_ttl_s),
+        attach_max_members_per_source: field(
+            &fig,
+            &mut p,
+            "attach_max_members_per_source",
+            d.attach_max_members_per_source,
+        ),
+        attach_max_groups_per_source: field(
+            &fig,
+            &mut p,
+            "attach_max_groups_per_source",
+            d.attach_max_groups_per_source,
+        ),
         log: field(&fig, &mut p, "log", d.log),
         log_format: field(&fig, &mut p, "log_format", d.log_format),
         misbehave: field(&fig, &mut p, "misbehave", d.misbehave),

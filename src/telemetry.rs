@@ -380,6 +380,20 @@ label_enum! {
 }
 
 label_enum! {
+    /// Which cap refused an attach (label `reason`).
+    AttachRefusal {
+        /// The registry holds its 1,000,000 members.
+        Members = "members",
+        /// The subscription holds the UDC's 4,096 groups.
+        Groups = "groups",
+        /// The source keeps its share of members attached.
+        SourceMembers = "source_members",
+        /// The source's members name its share of groups.
+        SourceGroups = "source_groups",
+    }
+}
+
+label_enum! {
     /// Whether a cache held what a batch needed (label `outcome`).
     CacheOutcome {
         /// Served from memory.
@@ -606,6 +620,9 @@ pub struct GatewayMetrics {
     /// `dapgw_attach_expired_total`: members dropped from the attach
     /// registry after `DAPGW_ATTACH_TTL_S` without a request.
     pub attach_expired: IntCounter,
+    /// `dapgw_attach_rejected_total{reason}`: attaches refused by a cap of
+    /// the registry or a source's share of it.
+    pub attach_rejected: Counter1<AttachRefusal>,
     /// `dapgw_member_connections_closed_total{reason}`: member connections
     /// refused or closed by a limit.
     pub connections_closed: Counter1<LimitReason>,
@@ -750,6 +767,12 @@ impl GatewayMetrics {
                 r,
                 "dapgw_attach_expired_total",
                 "Members dropped from the attach registry after DAPGW_ATTACH_TTL_S without a request.",
+            )?,
+            attach_rejected: Counter1::register(
+                r,
+                "dapgw_attach_rejected_total",
+                "Attaches refused by a cap of the attach registry or a source's share of it, by reason.",
+                "reason",
             )?,
             connections_closed: Counter1::register(
                 r,

@@ -152,6 +152,15 @@ fn gateway_defaults() {
         assert_eq!(c.upstream_timeout_ms, d.upstream_timeout_ms);
         assert_eq!(c.retry_max_ms, d.retry_max_ms);
         assert_eq!(c.attach_ttl_s, 7 * 24 * 3600);
+        assert_eq!(c.attach_max_members_per_source, 125_000);
+        assert_eq!(c.attach_max_groups_per_source, 512);
+        assert_eq!(
+            c.attach_share(),
+            dapgw::gateway::AttachShare {
+                members: 125_000,
+                groups: 512
+            }
+        );
         Ok(())
     });
 }
@@ -185,6 +194,8 @@ fn every_gateway_variable_is_read() {
         jail.set_env("DAPGW_UPSTREAM_TIMEOUT_MS", "4500");
         jail.set_env("DAPGW_RETRY_MAX_MS", "5500");
         jail.set_env("DAPGW_ATTACH_TTL_S", "3600");
+        jail.set_env("DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE", "1000000");
+        jail.set_env("DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE", "0");
         jail.set_env("DAPGW_LOG", "warn,dapgw=debug");
         jail.set_env("DAPGW_LOG_FORMAT", "json");
         let c = load_gateway(None).unwrap();
@@ -216,6 +227,8 @@ fn every_gateway_variable_is_read() {
         assert_eq!(c.retry_max().as_millis(), 5500);
         assert_eq!(c.attach_ttl_s, 3600);
         assert_eq!(c.attach_ttl().as_secs(), 3600);
+        assert_eq!(c.attach_max_members_per_source, 1_000_000);
+        assert_eq!(c.attach_max_groups_per_source, 0);
         Ok(())
     });
 }
@@ -332,6 +345,10 @@ const GATEWAY_BAD: &[(&str, &str)] = &[
     ("DAPGW_ATTACH_TTL_S", "0"),
     ("DAPGW_ATTACH_TTL_S", "7d"),
     ("DAPGW_ATTACH_TTL_S", "315360001"),
+    ("DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE", "1000001"),
+    ("DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE", "-1"),
+    ("DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE", "4097"),
+    ("DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE", "many"),
     ("DAPGW_LOG", "dapgw=[{"),
     ("DAPGW_LOG_FORMAT", "xml"),
     ("DAPGW_LOG_FORMAT", "1"),

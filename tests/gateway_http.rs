@@ -1128,8 +1128,8 @@ async fn batch_emission_on_a_paused_clock() {
 #[tokio::test(start_paused = true)]
 async fn rounds_close_on_all_answered_or_at_the_deadline() {
     let attached = Arc::new(Attached::new());
-    attached.attach(1, &[7], 0).unwrap();
-    attached.attach(2, &[7], 0).unwrap();
+    attached.attach(1, &[7], None, 0).unwrap();
+    attached.attach(2, &[7], None, 0).unwrap();
     let mut b = collector(200, 5_000, attached).await;
     let handle = b.collector.handle();
 
@@ -1463,7 +1463,7 @@ async fn silent_members_expire_from_the_attach_registry() {
         .unwrap()
         .as_millis() as u64;
     spool
-        .set_attached(3, &[8], now_ms - 10 * 86_400_000)
+        .set_attached(3, &[8], None, now_ms - 10 * 86_400_000)
         .await
         .unwrap();
     spool.close().await;

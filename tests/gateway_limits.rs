@@ -569,3 +569,78 @@ async fn h2_flow_control_windows_are_small() {
     stream.send_data(bytes::Bytes::new(), true).unwrap();
     assert_eq!(resp.await.unwrap().status(), StatusCode::NO_CONTENT);
 }
+
+/// Asserts a 503 attach refusal with `code`, a Retry-After and a reason.
+fn assert_attach_refused(r: &Reply, code: &str) {
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let j = r.json();
+    assert_eq!(j["error"], code, "{j}");
+    assert!(j["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
+    let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(secs >= 1);
+}
+
+/// One source (127.0.0.1) attaching member ids and groups is held to
+/// `DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE` and
+/// `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE`: 503 `source_attach_full` and
+/// `source_groups_full`, counted by reason, and the refused groups never
+/// reach the UDC's subscription, while a second source (127.0.0.2) still
+/// attaches. The shares hold across a restart on the same spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_fill_the_attach_registry() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.attach_max_members_per_source = 2;
+    cfg.attach_max_groups_per_source = 3;
+    let gw = Gateway::start(cfg.clone()).await;
+    let (a, b) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+    let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
+    let mut other = Client::connect_from(gw.members, &pki, true, b).await;
+    assert_eq!(flooder.attach(1, &[7]).await.status, StatusCode::OK);
+    assert_eq!(flooder.attach(2, &[7, 8]).await.status, StatusCode::OK);
+    assert_attach_refused(&flooder.attach(3, &[7]).await, "source_attach_full");
+    // Member 1 may take a third group; a fourth is one too many.
+    assert_eq!(flooder.attach(1, &[7, 9]).await.status, StatusCode::OK);
+    assert_attach_refused(&flooder.attach(2, &[7, 8, 10]).await, "source_groups_full");
+    // Another source is served, with new groups too.
+    assert_eq!(other.attach(3, &[7, 11]).await.status, StatusCode::OK);
+    for (reason, n) in [
+        ("source_members", 1.0),
+        ("source_groups", 1.0),
+        ("groups", 0.0),
+    ] {
+        let name = format!("dapgw_attach_rejected_total{{reason=\"{reason}\"}}");
+        assert_eq!(gw.metric(&name).await, n, "{name}");
+    }
+    assert_eq!(gw.metric("dapgw_attached_members").await, 3.0);
+    udc.wait_until("the subscription of every attached group", |s| {
+        s.subscriptions.lock().unwrap().last() == Some(&vec![7, 8, 9, 11])
+    })
+    .await;
+    assert!(
+        udc.state
+            .subscriptions
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|g| !g.contains(&10)),
+        "a refused group was subscribed"
+    );
+    drop((flooder, other));
+
+    // Restarted on the same spool, the source still holds its share.
+    gw.stop().await;
+    let gw = Gateway::start(cfg).await;
+    let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
+    assert_attach_refused(&flooder.attach(4, &[7]).await, "source_attach_full");
+    assert_attach_refused(&flooder.attach(2, &[7, 8, 12]).await, "source_groups_full");
+    assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
+    gw.stop().await;
+}

@@ -689,11 +689,17 @@ async fn one_source_cannot_fill_a_slots_alternatives() {
 async fn attach_registry_and_open_rounds_are_durable() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), BIG).unwrap();
-    spool.set_attached(u64::MAX, &[1, 7], 10).await.unwrap();
-    spool.set_attached(3, &[7], 10).await.unwrap();
-    spool.set_attached(3, &[8, 9], 20).await.unwrap();
+    spool
+        .set_attached(u64::MAX, &[1, 7], None, 10)
+        .await
+        .unwrap();
+    spool.set_attached(3, &[7], None, 10).await.unwrap();
+    spool
+        .set_attached(3, &[8, 9], Some([0xfe; 16]), 20)
+        .await
+        .unwrap();
     assert!(matches!(
-        spool.set_attached(4, &vec![1; 300], 10).await,
+        spool.set_attached(4, &vec![1; 300], None, 10).await,
         Err(SpoolError::Invalid(_))
     ));
     let round = |round, deadline_ms| OpenRoundRow {
@@ -713,9 +719,12 @@ async fn attach_registry_and_open_rounds_are_durable() {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| (r.member, r.groups, r.seen_ms))
+            .map(|r| (r.member, r.groups, r.seen_ms, r.source))
             .collect::<Vec<_>>(),
-        vec![(3, vec![8, 9], 20), (u64::MAX, vec![1, 7], 10)]
+        vec![
+            (3, vec![8, 9], 20, Some([0xfe; 16])),
+            (u64::MAX, vec![1, 7], 10, None)
+        ]
     );
     assert_eq!(
         spool.open_rounds(2_000).await.unwrap(),

@@ -202,7 +202,7 @@ pub async fn run(
     // The members attached before a restart: their groups stay subscribed
     // and their rounds expect them, unless they expired meanwhile.
     let attach_ttl = config.attach_ttl();
-    let attached = Arc::new(Attached::new());
+    let attached = Arc::new(Attached::with_share(config.attach_share()));
     let expired = spool
         .expire_attached(
             None,
@@ -222,18 +222,21 @@ pub async fn run(
     }
     let mut skipped = 0u64;
     for row in restored {
-        match attached.restore(row.member, &row.groups, row.seen_ms) {
+        match attached.restore(row.member, &row.groups, row.source, row.seen_ms) {
             Ok(_) => {}
             Err(AttachFull::Members(_)) => break,
-            // Stored before the group cap existed: that member attaches
-            // again (and is refused while the subscription is full).
-            Err(AttachFull::Groups(_)) => skipped += 1,
+            // Stored before the group cap existed, or under a larger share
+            // per source than this start's: that member attaches again
+            // (and is refused while there is no room).
+            Err(
+                AttachFull::Groups(_) | AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_),
+            ) => skipped += 1,
         }
     }
     if skipped > 0 {
         tracing::warn!(
             members = skipped,
-            "attach registry: members not restored, their groups would take the subscription past the UDC's cap"
+            "attach registry: members not restored, they would take the subscription past the UDC's cap or their source past its share"
         );
     }
     metrics
@@ -603,6 +606,8 @@ async fn reload_on_file_change(
 #[derive(Debug)]
 pub struct Attached {
     inner: Mutex<AttachedInner>,
+    /// What one source may hold of the registry.
+    share: AttachShare,
     /// The sorted set of groups with at least one member; the upstream
     /// client PUTs it as the subscription whenever it changes.
     groups: watch::Sender<Vec<u32>>,
@@ -616,11 +621,41 @@ struct AttachedInner {
     members: HashMap<u64, AttachedMember>,
     /// Members per group; `BTreeMap` so the group list comes out sorted.
     by_group: BTreeMap<u32, BTreeSet<u64>>,
+    /// What each source's members hold, for [`AttachShare`].
+    sources: HashMap<SourceKey, SourceUse>,
+}
+
+/// What the members attached from one source hold of the registry.
+#[derive(Debug, Default)]
+struct SourceUse {
+    members: usize,
+    /// Of this source's members, how many name each group.
+    groups: HashMap<u32, usize>,
+}
+
+/// The key a member's attach is counted under: the peer's IPv4 address, or
+/// its IPv6 /64 (as `crate::limits::source_key` reduces it, the key of
+/// the connection cap and the spool's share).
+pub type SourceKey = [u8; 16];
+
+/// What one source may hold of the attach registry, so that one client
+/// (without member certificates any client can claim any member id)
+/// cannot fill the registry or the subscription for every member. A
+/// field of 0 is no share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttachShare {
+    /// Members one source keeps attached.
+    pub members: usize,
+    /// Distinct groups the members of one source name together.
+    pub groups: usize,
 }
 
 #[derive(Debug)]
 struct AttachedMember {
     groups: Vec<u32>,
+    /// Where it last attached from (`None`: restored from a spool that
+    /// did not record it; counted in no share).
+    source: Option<SourceKey>,
     /// Last heard from (unix ms).
     seen_ms: u64,
     /// The last-heard time the spool holds; refreshed in bulk by the sweep
@@ -643,6 +678,40 @@ pub enum AttachFull {
         max = crate::protocol::MAX_SUBSCRIBED_GROUPS
     )]
     Groups(usize),
+    /// The attaching source keeps its share of members attached already
+    /// ([`AttachShare::members`]).
+    #[error("this source keeps {0} members attached, its share of the gateway")]
+    SourceMembers(usize),
+    /// The groups would take the attaching source past its share of the
+    /// subscription ([`AttachShare::groups`]).
+    #[error(
+        "the members attached from this source name {0} groups, its share of the \
+         gateway's subscription; this attach would add more"
+    )]
+    SourceGroups(usize),
+}
+
+impl AttachFull {
+    /// The refusal's short code, for the member's answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AttachFull::Members(_) => "attach_full",
+            AttachFull::Groups(_) => "groups_full",
+            AttachFull::SourceMembers(_) => "source_attach_full",
+            AttachFull::SourceGroups(_) => "source_groups_full",
+        }
+    }
+
+    /// The label of `dapgw_attach_rejected_total`.
+    pub fn reason(&self) -> crate::telemetry::AttachRefusal {
+        use crate::telemetry::AttachRefusal as R;
+        match self {
+            AttachFull::Members(_) => R::Members,
+            AttachFull::Groups(_) => R::Groups,
+            AttachFull::SourceMembers(_) => R::SourceMembers,
+            AttachFull::SourceGroups(_) => R::SourceGroups,
+        }
+    }
 }
 
 impl Default for Attached {
@@ -652,10 +721,16 @@ impl Default for Attached {
 }
 
 impl Attached {
-    /// An empty registry.
+    /// An empty registry without shares per source.
     pub fn new() -> Self {
+        Self::with_share(AttachShare::default())
+    }
+
+    /// An empty registry in which one source holds at most `share`.
+    pub fn with_share(share: AttachShare) -> Self {
         Attached {
             inner: Mutex::new(AttachedInner::default()),
+            share,
             groups: watch::channel(Vec::new()).0,
             clock: (unix_ms(), tokio::time::Instant::now()),
         }
@@ -677,36 +752,49 @@ impl Attached {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records (or replaces) `member`'s groups, heard from at `now_ms`
-    /// (which the caller has just persisted with them); true when that
-    /// changed the groups recorded (the caller persists it then).
-    pub fn attach(&self, member: u64, groups: &[u32], now_ms: u64) -> Result<bool, AttachFull> {
-        self.restore(member, groups, now_ms)
+    /// Records (or replaces) `member`'s groups, attached from `source` and
+    /// heard from at `now_ms` (which the caller has just persisted with
+    /// them); true when that changed the groups or the source recorded
+    /// (the caller persists it then).
+    pub fn attach(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        now_ms: u64,
+    ) -> Result<bool, AttachFull> {
+        self.restore(member, groups, source, now_ms)
     }
 
-    /// Like [`Attached::attach`], with the time read back from the spool
-    /// at start.
-    pub fn restore(&self, member: u64, groups: &[u32], seen_ms: u64) -> Result<bool, AttachFull> {
+    /// Like [`Attached::attach`], with the source and time read back from
+    /// the spool at start.
+    pub fn restore(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        seen_ms: u64,
+    ) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
         let mut inner = self.lock();
         if let Some(m) = inner.members.get_mut(&member)
             && m.groups == groups
+            && m.source == source
         {
             m.seen_ms = m.seen_ms.max(seen_ms);
             return Ok(false);
         }
-        inner.check_room(member, &groups)?;
+        inner.check_room(member, &groups, source, self.share)?;
         let entry = AttachedMember {
             groups: groups.clone(),
+            source,
             seen_ms,
             stored_ms: seen_ms,
         };
         if let Some(old) = inner.members.insert(member, entry) {
-            inner.unlink(member, &old.groups);
+            inner.unlink(member, &old.groups, old.source);
         }
-        for g in groups {
-            inner.by_group.entry(g).or_default().insert(member);
-        }
+        inner.link(member, &groups, source);
         self.publish_groups(inner);
         Ok(true)
     }
@@ -724,18 +812,23 @@ impl Attached {
     }
 
     /// Whether [`Attached::attach`] would change what is recorded for
-    /// `member` (its cap checked too), without changing anything.
-    pub fn would_change(&self, member: u64, groups: &[u32]) -> Result<bool, AttachFull> {
+    /// `member` (its caps checked too), without changing anything.
+    pub fn would_change(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+    ) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
         let inner = self.lock();
         if inner
             .members
             .get(&member)
-            .is_some_and(|m| m.groups == groups)
+            .is_some_and(|m| m.groups == groups && m.source == source)
         {
             return Ok(false);
         }
-        inner.check_room(member, &groups)?;
+        inner.check_room(member, &groups, source, self.share)?;
         Ok(true)
     }
 
@@ -755,7 +848,7 @@ impl Attached {
         gone.sort_unstable();
         for id in &gone {
             if let Some(old) = inner.members.remove(id) {
-                inner.unlink(*id, &old.groups);
+                inner.unlink(*id, &old.groups, old.source);
             }
         }
         self.publish_groups(inner);
@@ -826,11 +919,43 @@ impl Attached {
 }
 
 impl AttachedInner {
-    /// Whether recording `groups` (normalized) for `member` stays within
-    /// both caps: members, and distinct groups once the member's old
-    /// groups that only it held are gone.
-    fn check_room(&self, member: u64, groups: &[u32]) -> Result<(), AttachFull> {
+    /// Whether recording `groups` (normalized) for `member`, attached from
+    /// `source`, stays within every cap: the source's share of members and
+    /// of distinct groups, then the registry's members and the
+    /// subscription's distinct groups, each once the member's old groups
+    /// that only it held are gone.
+    fn check_room(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        share: AttachShare,
+    ) -> Result<(), AttachFull> {
         let old = self.members.get(&member);
+        if let Some(s) = source {
+            // The member's old record counts against this source only if
+            // it came from this source too.
+            let kept = old.filter(|m| m.source == Some(s));
+            let used = self.sources.get(&s);
+            let members = used.map_or(0, |u| u.members);
+            if share.members != 0 && kept.is_none() && members >= share.members {
+                return Err(AttachFull::SourceMembers(members));
+            }
+            if share.groups != 0 {
+                let count = |g: &u32| used.and_then(|u| u.groups.get(g)).copied();
+                let added = groups.iter().filter(|g| count(g).is_none()).count();
+                let freed = kept.map_or(0, |m| {
+                    m.groups
+                        .iter()
+                        .filter(|g| groups.binary_search(g).is_err() && count(g) == Some(1))
+                        .count()
+                });
+                let now = used.map_or(0, |u| u.groups.len());
+                if added > 0 && now + added - freed > share.groups {
+                    return Err(AttachFull::SourceGroups(now));
+                }
+            }
+        }
         if old.is_none() && self.members.len() >= MAX_ATTACHED_MEMBERS {
             return Err(AttachFull::Members(self.members.len()));
         }
@@ -857,8 +982,24 @@ impl AttachedInner {
         Ok(())
     }
 
-    /// Removes `member` from the per-group sets of `groups`.
-    fn unlink(&mut self, member: u64, groups: &[u32]) {
+    /// Adds `member` to the per-group sets of `groups` and to its
+    /// source's counts.
+    fn link(&mut self, member: u64, groups: &[u32], source: Option<SourceKey>) {
+        for &g in groups {
+            self.by_group.entry(g).or_default().insert(member);
+        }
+        if let Some(s) = source {
+            let used = self.sources.entry(s).or_default();
+            used.members += 1;
+            for &g in groups {
+                *used.groups.entry(g).or_default() += 1;
+            }
+        }
+    }
+
+    /// Removes `member` from the per-group sets of `groups` and from its
+    /// source's counts.
+    fn unlink(&mut self, member: u64, groups: &[u32], source: Option<SourceKey>) {
         for g in groups {
             if let Some(set) = self.by_group.get_mut(g) {
                 set.remove(&member);
@@ -866,6 +1007,22 @@ impl AttachedInner {
                     self.by_group.remove(g);
                 }
             }
+        }
+        let Some(s) = source else { return };
+        let Some(used) = self.sources.get_mut(&s) else {
+            return;
+        };
+        used.members = used.members.saturating_sub(1);
+        for g in groups {
+            if let Some(n) = used.groups.get_mut(g) {
+                *n -= 1;
+                if *n == 0 {
+                    used.groups.remove(g);
+                }
+            }
+        }
+        if used.members == 0 {
+            self.sources.remove(&s);
         }
     }
 }
@@ -891,43 +1048,102 @@ mod tests {
         let per = 256;
         for m in 0..(MAX / per) as u32 {
             let groups: Vec<u32> = (m * per as u32..(m + 1) * per as u32).collect();
-            a.attach(u64::from(m), &groups, 0).unwrap();
+            a.attach(u64::from(m), &groups, None, 0).unwrap();
         }
         assert_eq!(rx.borrow().len(), MAX);
         // A new group is refused, checked and applied alike; nothing changed.
         assert_eq!(
-            a.would_change(100, &[1_000_000]),
+            a.would_change(100, &[1_000_000], None),
             Err(AttachFull::Groups(MAX))
         );
-        assert_eq!(a.attach(100, &[1_000_000], 0), Err(AttachFull::Groups(MAX)));
+        assert_eq!(
+            a.attach(100, &[1_000_000], None, 0),
+            Err(AttachFull::Groups(MAX))
+        );
         assert_eq!(a.len(), MAX / per);
         // Groups already subscribed are fine for anyone.
-        assert!(a.attach(100, &[5, 300], 0).unwrap());
+        assert!(a.attach(100, &[5, 300], None, 0).unwrap());
         // A member trading a group only it holds for a new one fits; one
         // trading a group others hold too does not.
-        a.attach(101, &[0], 0).unwrap();
-        assert_eq!(a.attach(101, &[2_000_000], 0), Err(AttachFull::Groups(MAX)));
+        a.attach(101, &[0], None, 0).unwrap();
+        assert_eq!(
+            a.attach(101, &[2_000_000], None, 0),
+            Err(AttachFull::Groups(MAX))
+        );
         let mut groups: Vec<u32> = (per as u32..2 * per as u32).collect();
         groups[0] = 3_000_000;
-        assert!(a.attach(1, &groups, 0).unwrap());
+        assert!(a.attach(1, &groups, None, 0).unwrap());
         assert_eq!(rx.borrow().len(), MAX);
         assert!(rx.borrow().contains(&3_000_000));
         assert!(!rx.borrow().contains(&(per as u32)));
         // Room again once members leave.
         assert_eq!(a.expire(1).len(), MAX / per + 2);
-        assert!(a.attach(100, &[1_000_000], 1).unwrap());
+        assert!(a.attach(100, &[1_000_000], None, 1).unwrap());
+    }
+
+    #[test]
+    fn one_source_holds_only_its_share_of_members_and_groups() {
+        let a = Attached::with_share(AttachShare {
+            members: 3,
+            groups: 4,
+        });
+        let (x, y, z) = (Some([1; 16]), Some([2; 16]), Some([3; 16]));
+        assert!(a.attach(1, &[1, 2], x, 0).unwrap());
+        assert!(a.attach(2, &[2, 3], x, 0).unwrap());
+        // Two new groups would give x five: refused, checked and applied
+        // alike, and nothing changed; one more fits.
+        assert_eq!(
+            a.would_change(3, &[4, 5], x),
+            Err(AttachFull::SourceGroups(3))
+        );
+        assert_eq!(a.attach(3, &[4, 5], x, 0), Err(AttachFull::SourceGroups(3)));
+        assert_eq!(a.len(), 2);
+        assert!(a.attach(3, &[4], x, 0).unwrap());
+        // x keeps three members: a fourth is refused, another source is
+        // served (with groups x holds too: shares are per source).
+        assert_eq!(a.attach(4, &[1], x, 0), Err(AttachFull::SourceMembers(3)));
+        assert!(a.attach(4, &[1, 2, 3, 4], y, 0).unwrap());
+        // Re-attaching from the same source: trading a group only this
+        // member holds for a new one fits; adding one does not.
+        assert!(a.attach(1, &[2, 9], x, 0).unwrap());
+        assert_eq!(
+            a.attach(2, &[2, 3, 11], x, 0),
+            Err(AttachFull::SourceGroups(4))
+        );
+        // The same groups from the same source change nothing; from
+        // another source they move the member (and its share).
+        assert!(!a.attach(3, &[4], x, 5).unwrap());
+        assert_eq!(a.would_change(3, &[4], z), Ok(true));
+        assert!(a.attach(3, &[4], z, 5).unwrap());
+        assert!(a.attach(5, &[2], x, 5).unwrap(), "x holds two members now");
+        // A member with no known source (restored from an older spool)
+        // counts in no share.
+        assert!(a.restore(6, &[20, 21, 22, 23, 24], None, 5).unwrap());
+        assert!(a.attach(7, &[2], x, 0).is_err(), "x is at three again");
+        // Expiry gives the share back.
+        assert_eq!(a.expire(1), vec![1, 2, 4]);
+        assert!(a.attach(7, &[30, 31], x, 9).unwrap());
+        // Without a share one source may hold anything within the caps.
+        let open = Attached::new();
+        for m in 0..10 {
+            open.attach(m, &[m as u32], x, 0).unwrap();
+        }
+        assert_eq!(open.len(), 10);
     }
 
     #[test]
     fn attach_replaces_groups_and_tracks_the_group_list() {
         let a = Attached::new();
         let rx = a.subscribe_groups();
-        assert!(a.attach(1, &[7, 3, 7], 0).unwrap());
-        assert!(!a.attach(1, &[3, 7], 0).unwrap(), "the same groups again");
-        a.attach(2, &[3], 0).unwrap();
+        assert!(a.attach(1, &[7, 3, 7], None, 0).unwrap());
+        assert!(
+            !a.attach(1, &[3, 7], None, 0).unwrap(),
+            "the same groups again"
+        );
+        a.attach(2, &[3], None, 0).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 7]);
         assert_eq!(a.members_of(3), vec![MemberId(1), MemberId(2)]);
-        a.attach(1, &[5], 0).unwrap();
+        a.attach(1, &[5], None, 0).unwrap();
         assert_eq!(*rx.borrow(), vec![3, 5]);
         assert_eq!(a.members_of(7), Vec::<MemberId>::new());
         assert_eq!(a.len(), 2);
@@ -937,15 +1153,15 @@ mod tests {
     fn silent_members_expire_and_their_groups_leave_the_subscription() {
         let a = Attached::new();
         let rx = a.subscribe_groups();
-        a.attach(1, &[5], 1_000).unwrap();
-        a.attach(2, &[5, 6], 1_000).unwrap();
-        a.attach(3, &[7], 1_000).unwrap();
+        a.attach(1, &[5], None, 1_000).unwrap();
+        a.attach(2, &[5, 6], None, 1_000).unwrap();
+        a.attach(3, &[7], None, 1_000).unwrap();
         // Member 2 is heard from later; touching an unknown member does
         // nothing.
         assert!(a.touch(2, 5_000));
         assert!(!a.touch(9, 5_000));
         // Re-attaching with the same groups refreshes as well.
-        assert!(!a.attach(3, &[7], 4_000).unwrap());
+        assert!(!a.attach(3, &[7], None, 4_000).unwrap());
         assert_eq!(a.expire(1_000), Vec::<u64>::new(), "not before the cutoff");
         assert_eq!(a.expire(4_500), vec![1, 3]);
         assert_eq!(a.members_of(5), vec![MemberId(2)]);
@@ -956,15 +1172,15 @@ mod tests {
         assert!(rx.borrow().is_empty());
         assert!(a.is_empty());
         // An expired member attaches again as new.
-        assert!(a.attach(2, &[5, 6], 9_000).unwrap());
+        assert!(a.attach(2, &[5, 6], None, 9_000).unwrap());
         assert_eq!(*rx.borrow(), vec![5, 6]);
     }
 
     #[test]
     fn only_times_ahead_of_the_spool_by_a_step_are_saved() {
         let a = Attached::new();
-        a.attach(1, &[5], 1_000).unwrap();
-        a.attach(2, &[5], 1_000).unwrap();
+        a.attach(1, &[5], None, 1_000).unwrap();
+        a.attach(2, &[5], None, 1_000).unwrap();
         a.touch(1, 1_400);
         a.touch(2, 1_600);
         assert_eq!(a.unsaved(500), vec![(2, 1_600)]);
@@ -993,13 +1209,13 @@ mod tests {
         let ttl = Duration::from_secs(100);
         let a = Attached::new();
         for (m, g) in [(1u64, 5u32), (2, 6), (3, 7)] {
-            spool.set_attached(m, &[g], 0).await.unwrap();
-            a.attach(m, &[g], 0).unwrap();
+            spool.set_attached(m, &[g], None, 0).await.unwrap();
+            a.attach(m, &[g], None, 0).unwrap();
         }
         // Member 2 keeps talking (memory only); member 3 is silent in
         // memory but attaches anew through another path before the delete.
         a.touch(2, 90_000);
-        spool.set_attached(3, &[7], 95_000).await.unwrap();
+        spool.set_attached(3, &[7], None, 95_000).await.unwrap();
         let gone = sweep_attached(&a, &spool, &metrics, ttl, 120_000).await;
         assert_eq!(gone, vec![1, 3]);
         assert_eq!(metrics.attach_expired.get(), 2);

@@ -569,6 +569,7 @@ async fn attach(
 ) -> Result<Reply, Refusal> {
     require_method(&req, Method::POST)?;
     require_content_type(&req, &["application/json"])?;
+    let req_source = req.extensions().get::<Source>().copied();
     let body = read_body(ctx, req, MAX_ATTACH_BODY.min(ctx.limits.max_body)).await?;
     let parsed: AttachBody = serde_json::from_slice(&body).map_err(|e| {
         Refusal::malformed(
@@ -590,10 +591,10 @@ async fn attach(
         ));
     }
     check_identity(ctx, identity, parsed.member)?;
-    let full = |e: super::AttachFull| match e {
-        super::AttachFull::Members(_) => Refusal::overloaded("attach_full", e.to_string(), 60),
-        super::AttachFull::Groups(_) => Refusal::overloaded("groups_full", e.to_string(), 60),
-    };
+    // The share is counted by the peer's address (IPv4) or /64 (IPv6),
+    // as the connection cap and the spool's share are.
+    let source = req_source.map(|s| crate::limits::source_key(std::net::IpAddr::from(s.0)));
+    let full = |e| attach_full(&ctx.metrics, e);
     // Durable before it takes effect and before the answer, so a restarted
     // gateway still routes for this member, and a failed write leaves the
     // registry as it was (the retry writes again). The same groups again
@@ -602,7 +603,7 @@ async fn attach(
     let now = ctx.attached.now_ms();
     let unchanged = !ctx
         .attached
-        .would_change(parsed.member, &parsed.groups)
+        .would_change(parsed.member, &parsed.groups, source)
         .map_err(full)?;
     if !(unchanged && ctx.attached.touch(parsed.member, now)) {
         // Written and recorded by a task of its own, so a client that
@@ -616,15 +617,19 @@ async fn attach(
             // Room again, just before the write: another attach may have
             // taken it since the check above (the spool would then hold a
             // member the registry refuses).
-            ctx.attached.would_change(member, &groups).map_err(full)?;
+            ctx.attached
+                .would_change(member, &groups, source)
+                .map_err(|e| attach_full(&ctx.metrics, e))?;
             ctx.spool
-                .set_attached(member, &groups, now)
+                .set_attached(member, &groups, source, now)
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "attach not persisted");
                     spool_unavailable()
                 })?;
-            ctx.attached.attach(member, &groups, now).map_err(full)?;
+            ctx.attached
+                .attach(member, &groups, source, now)
+                .map_err(|e| attach_full(&ctx.metrics, e))?;
             ctx.metrics
                 .attached_members
                 .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
@@ -636,6 +641,13 @@ async fn attach(
         StatusCode::OK,
         &serde_json::json!({"cursor": ctx.spool.last_cursor()}),
     ))
+}
+
+/// An attach refused by a cap of the registry or a source's share of it:
+/// 503 with its code, counted by reason.
+fn attach_full(metrics: &GatewayMetrics, e: super::AttachFull) -> Refusal {
+    metrics.attach_rejected.get(e.reason()).inc();
+    Refusal::overloaded(e.code(), e.to_string(), 60)
 }
 
 /// Where a JSON body went wrong, without echoing it.

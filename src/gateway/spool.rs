@@ -227,6 +227,11 @@ const MIGRATIONS: &[&str] = &[
     // this version count as heard from at the upgrade.
     "ALTER TABLE attached ADD COLUMN seen_ms INTEGER NOT NULL DEFAULT 0;
      UPDATE attached SET seen_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000;",
+    // v7: where each attached member attached from (its source key: an
+    // IPv4 address, an IPv6 /64), so a restarted gateway keeps counting
+    // it in its source's share. NULL for members attached before: counted
+    // in no share until they attach again.
+    "ALTER TABLE attached ADD COLUMN source BLOB;",
 ];
 
 /// The messages held in a round response's slot (run for every append).
@@ -581,6 +586,9 @@ pub struct AttachedRow {
     /// When it was last heard from as recorded (unix ms); the in-memory
     /// registry may know a later time not yet written.
     pub seen_ms: u64,
+    /// The source key it attached from (`None` when recorded before the
+    /// spool kept it).
+    pub source: Option<[u8; 16]>,
 }
 
 /// What [`Spool::append_entry`] stored or found.
@@ -643,6 +651,7 @@ enum Request {
     SetAttached {
         member: u64,
         groups: Vec<u32>,
+        source: Option<[u8; 16]>,
         seen_ms: u64,
         reply: Reply<()>,
     },
@@ -1554,15 +1563,17 @@ impl Spool {
     }
 
     /// Durably records that `member` is attached to `groups` (replacing
-    /// what was recorded), last heard from at `seen_ms` (unix ms), so a
-    /// restarted gateway still subscribes to its groups and expects it in
-    /// their rounds until it expires. Not counted in [`Spool::bytes`]: the
-    /// registry is bounded by the attach cap, not by the spool bound, so
+    /// what was recorded) from `source` (its source key), last heard from
+    /// at `seen_ms` (unix ms), so a restarted gateway still subscribes to
+    /// its groups, expects it in their rounds until it expires, and counts
+    /// it in its source's share. Not counted in [`Spool::bytes`]: the
+    /// registry is bounded by the attach caps, not by the spool bound, so
     /// attaching never fails for a full spool.
     pub async fn set_attached(
         &self,
         member: u64,
         groups: &[u32],
+        source: Option<[u8; 16]>,
         seen_ms: u64,
     ) -> Result<(), SpoolError> {
         if groups.len() > MAX_READ_GROUPS {
@@ -1572,6 +1583,7 @@ impl Spool {
         self.call(|reply| Request::SetAttached {
             member,
             groups,
+            source,
             seen_ms,
             reply,
         })
@@ -1609,17 +1621,27 @@ impl Spool {
     /// Every recorded attachment, by member.
     pub async fn attached_members(&self) -> Result<Vec<AttachedRow>, SpoolError> {
         self.read(|c| {
-            let mut st =
-                c.prepare_cached("SELECT member, groups, seen_ms FROM attached ORDER BY member")?;
+            let mut st = c.prepare_cached(
+                "SELECT member, groups, seen_ms, source FROM attached ORDER BY member",
+            )?;
             let rows = st.query_map([], |r| {
-                Ok((i2u(r.get(0)?), r.get::<_, Vec<u8>>(1)?, i2u(r.get(2)?)))
+                Ok((
+                    i2u(r.get(0)?),
+                    r.get::<_, Vec<u8>>(1)?,
+                    i2u(r.get(2)?),
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (member, blob, seen_ms) = row?;
+                let (member, blob, seen_ms, source) = row?;
                 if blob.len() % 4 != 0 || blob.len() / 4 > MAX_READ_GROUPS {
                     return Err(SpoolError::Invalid("stored groups of an attached member"));
                 }
+                let source = source
+                    .map(|s| <[u8; 16]>::try_from(s.as_slice()))
+                    .transpose()
+                    .map_err(|_| SpoolError::Invalid("stored source of an attached member"))?;
                 let groups = blob
                     .chunks_exact(4)
                     .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
@@ -1628,6 +1650,7 @@ impl Spool {
                     member,
                     groups,
                     seen_ms,
+                    source,
                 });
             }
             // Stored as i64: ids above i64::MAX come first in SQL order.
@@ -2211,6 +2234,7 @@ impl Writer {
             Request::SetAttached {
                 member,
                 groups,
+                source,
                 seen_ms,
                 reply,
             } => pending(
@@ -2219,10 +2243,15 @@ impl Writer {
                     let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
                     w.conn
                         .prepare_cached(
-                            "INSERT OR REPLACE INTO attached (member, groups, seen_ms) \
-                             VALUES (?1, ?2, ?3)",
+                            "INSERT OR REPLACE INTO attached (member, groups, seen_ms, source) \
+                             VALUES (?1, ?2, ?3, ?4)",
                         )?
-                        .execute(params![u2i(member), blob, clamp(seen_ms)])?;
+                        .execute(params![
+                            u2i(member),
+                            blob,
+                            clamp(seen_ms),
+                            source.as_ref().map(|s| &s[..])
+                        ])?;
                     Ok(())
                 }),
             ),
@@ -3291,6 +3320,45 @@ mod tests {
             .unwrap();
         assert!(w.shares.held.is_empty(), "answered sources are forgotten");
         assert_eq!(recount_shares(&w.conn).unwrap(), w.shares.held);
+    }
+
+    /// A spool of version 6 (attachments without a source) opens with
+    /// its members read back with no source, and records sources after.
+    #[tokio::test]
+    async fn attachments_from_before_v7_read_without_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = raw(dir.path());
+            for m in &MIGRATIONS[..6] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 6;
+                 INSERT INTO attached (member, groups, seen_ms) VALUES (5, x'00000007', 42);",
+            )
+            .unwrap();
+        }
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let rows = spool.attached_members().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (
+                rows[0].member,
+                &rows[0].groups[..],
+                rows[0].seen_ms,
+                rows[0].source
+            ),
+            (5, &[7][..], 42, None)
+        );
+        spool
+            .set_attached(5, &[7], Some([9; 16]), 43)
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.attached_members().await.unwrap()[0].source,
+            Some([9; 16])
+        );
+        spool.close().await;
     }
 
     #[tokio::test]
