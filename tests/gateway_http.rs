@@ -1872,14 +1872,17 @@ async fn a_restart_with_batches_in_flight_resends_them_and_applies_none_twice() 
 /// refuse every later subscription, and groups attached after would get no
 /// downlink. The attach that would is refused (503 `groups_full`), the
 /// members already attached keep their subscription, and groups already
-/// subscribed stay open to anyone.
+/// subscribed stay open to anyone. Eight sources fill it, each to its
+/// default share (512 groups); a ninth, with room in its own share, meets
+/// the gateway's cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attaches_cannot_take_the_subscription_past_the_udcs_cap() {
     use dapgw::protocol::MAX_SUBSCRIBED_GROUPS as MAX;
     let (pki, udc, _dir, gw) = setup().await;
-    let mut c = Client::connect(gw.members, &pki, true).await;
     let per = 256u32;
     for m in 0..MAX as u32 / per {
+        let source = [127, 0, 0, 1 + (m / 2) as u8];
+        let mut c = Client::connect_from(gw.members, &pki, true, source).await;
         let groups: Vec<u32> = (m * per..(m + 1) * per).collect();
         assert_eq!(
             c.attach(u64::from(m) + 1, &groups).await.status,
@@ -1888,6 +1891,7 @@ async fn attaches_cannot_take_the_subscription_past_the_udcs_cap() {
     }
     let all: Vec<u32> = (0..MAX as u32).collect();
     wait_subscription(&udc, &all).await;
+    let mut c = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 20]).await;
     let r = c.attach(100, &[9_999_999]).await;
     assert_refused(&r, StatusCode::SERVICE_UNAVAILABLE, "groups_full");
     assert!(r.headers.contains_key("retry-after"));

@@ -590,7 +590,8 @@ fn assert_attach_refused(r: &Reply, code: &str) {
 /// `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE`: 503 `source_attach_full` and
 /// `source_groups_full`, counted by reason, and the refused groups never
 /// reach the UDC's subscription, while a second source (127.0.0.2) still
-/// attaches. The shares hold across a restart on the same spool.
+/// attaches. The shares hold across a restart on the same spool; a restart
+/// under a smaller share keeps the most recently heard members.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_cannot_fill_the_attach_registry() {
     let pki = pki(&["gw-1"]);
@@ -637,10 +638,34 @@ async fn one_source_cannot_fill_the_attach_registry() {
 
     // Restarted on the same spool, the source still holds its share.
     gw.stop().await;
-    let gw = Gateway::start(cfg).await;
+    let gw = Gateway::start(cfg.clone()).await;
     let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
     assert_attach_refused(&flooder.attach(4, &[7]).await, "source_attach_full");
     assert_attach_refused(&flooder.attach(2, &[7, 8, 12]).await, "source_groups_full");
     assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
+    drop(flooder);
+    gw.stop().await;
+
+    // Restarted with a smaller share: the source's most recently heard
+    // member (2, attached again just now) is restored, member 1 is not,
+    // and is forgotten in the spool: a later start with room again does
+    // not bring it back.
+    cfg.attach_max_members_per_source = 1;
+    let gw = Gateway::start(cfg.clone()).await;
+    assert_eq!(gw.metric("dapgw_attached_members").await, 2.0);
+    let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
+    assert_attach_refused(&flooder.attach(4, &[7]).await, "source_attach_full");
+    assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
+    // Member 2 heard from the second source, which keeps its one member
+    // (3): with the same groups it stays counted at the first and is
+    // answered 200; with other groups it is refused there.
+    let mut other = Client::connect_from(gw.members, &pki, true, b).await;
+    assert_eq!(other.attach(2, &[7]).await.status, StatusCode::OK);
+    assert_attach_refused(&other.attach(2, &[8]).await, "source_attach_full");
+    drop((flooder, other));
+    gw.stop().await;
+    cfg.attach_max_members_per_source = 2;
+    let gw = Gateway::start(cfg).await;
+    assert_eq!(gw.metric("dapgw_attached_members").await, 2.0);
     gw.stop().await;
 }

@@ -216,28 +216,32 @@ pub async fn run(
         );
         metrics.attach_expired.inc_by(expired);
     }
-    let restored = spool.attached_members().await?;
+    let mut restored = spool.attached_members().await?;
     if !restored.is_empty() {
         tracing::info!(members = restored.len(), "restored the attach registry");
     }
-    let mut skipped = 0u64;
+    // Most recently heard first, so that where the caps or a source's
+    // share are smaller than when the rows were written (stored before
+    // the group cap existed, or a share lowered since), the members that
+    // are left out are the stalest. They are forgotten in the spool too
+    // (a later start would otherwise restore them with their old times)
+    // and attach again, refused while there is no room.
+    restored.sort_by_key(|r| std::cmp::Reverse(r.seen_ms));
+    let mut skipped = Vec::new();
     for row in restored {
-        match attached.restore(row.member, &row.groups, row.source, row.seen_ms) {
-            Ok(_) => {}
-            Err(AttachFull::Members(_)) => break,
-            // Stored before the group cap existed, or under a larger share
-            // per source than this start's: that member attaches again
-            // (and is refused while there is no room).
-            Err(
-                AttachFull::Groups(_) | AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_),
-            ) => skipped += 1,
+        if attached
+            .restore(row.member, &row.groups, row.source, row.seen_ms)
+            .is_err()
+        {
+            skipped.push(row.member);
         }
     }
-    if skipped > 0 {
+    if !skipped.is_empty() {
         tracing::warn!(
-            members = skipped,
-            "attach registry: members not restored, they would take the subscription past the UDC's cap or their source past its share"
+            members = skipped.len(),
+            "attach registry: members not restored, they would take the registry or the subscription past its cap or their source past its share"
         );
+        spool.expire_attached(Some(skipped), u64::MAX).await?;
     }
     metrics
         .attached_members
@@ -650,6 +654,19 @@ pub struct AttachShare {
     pub groups: usize,
 }
 
+/// What [`Attached::reserve`] recorded (`None`: nothing changed), for
+/// [`Attached::revert`].
+#[derive(Debug)]
+pub(crate) struct Reserved(Option<Reservation>);
+
+#[derive(Debug)]
+struct Reservation {
+    member: u64,
+    groups: Vec<u32>,
+    source: Option<SourceKey>,
+    old: Option<AttachedMember>,
+}
+
 #[derive(Debug)]
 struct AttachedMember {
     groups: Vec<u32>,
@@ -797,6 +814,80 @@ impl Attached {
         inner.link(member, &groups, source);
         self.publish_groups(inner);
         Ok(true)
+    }
+
+    /// Records `member`'s groups and source like [`Attached::attach`],
+    /// before the caller persists them, so that the caps are checked and
+    /// taken under one lock (concurrent attaches cannot together pass a
+    /// share); [`Attached::revert`] undoes it if the write fails.
+    pub(crate) fn reserve(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        now_ms: u64,
+    ) -> Result<Reserved, AttachFull> {
+        let groups = normalize_groups(groups);
+        let mut inner = self.lock();
+        if let Some(m) = inner.members.get_mut(&member)
+            && m.groups == groups
+            && m.source == source
+        {
+            m.seen_ms = m.seen_ms.max(now_ms);
+            return Ok(Reserved(None));
+        }
+        inner.check_room(member, &groups, source, self.share)?;
+        let entry = AttachedMember {
+            groups: groups.clone(),
+            source,
+            seen_ms: now_ms,
+            stored_ms: now_ms,
+        };
+        let old = inner.members.insert(member, entry);
+        if let Some(old) = &old {
+            inner.unlink(member, &old.groups, old.source);
+        }
+        inner.link(member, &groups, source);
+        self.publish_groups(inner);
+        Ok(Reserved(Some(Reservation {
+            member,
+            groups,
+            source,
+            old,
+        })))
+    }
+
+    /// Undoes a [`Attached::reserve`] whose write failed: the member's
+    /// previous record comes back (whatever the caps say now: it held its
+    /// room before), unless another attach has replaced the reserved one
+    /// meanwhile.
+    pub(crate) fn revert(&self, reserved: Reserved) {
+        let Some(r) = reserved.0 else { return };
+        let mut inner = self.lock();
+        let ours = inner
+            .members
+            .get(&r.member)
+            .is_some_and(|m| m.groups == r.groups && m.source == r.source);
+        if !ours {
+            return;
+        }
+        inner.members.remove(&r.member);
+        inner.unlink(r.member, &r.groups, r.source);
+        if let Some(old) = r.old {
+            inner.link(r.member, &old.groups, old.source);
+            inner.members.insert(r.member, old);
+        }
+        self.publish_groups(inner);
+    }
+
+    /// Whether `member` is attached with exactly `groups`, from whatever
+    /// source.
+    pub(crate) fn holds(&self, member: u64, groups: &[u32]) -> bool {
+        let groups = normalize_groups(groups);
+        self.lock()
+            .members
+            .get(&member)
+            .is_some_and(|m| m.groups == groups)
     }
 
     /// Notes that `member` was heard from at `now_ms`; false when it is
@@ -1129,6 +1220,51 @@ mod tests {
             open.attach(m, &[m as u32], x, 0).unwrap();
         }
         assert_eq!(open.len(), 10);
+    }
+
+    /// A reservation takes its room under the lock: a second one that
+    /// would pass the share is refused before anything is written. A
+    /// reverted one gives its room back and brings the member's previous
+    /// record back, unless another attach replaced it meanwhile.
+    #[test]
+    fn reservations_take_room_at_once_and_revert_cleanly() {
+        let a = Attached::with_share(AttachShare {
+            members: 2,
+            groups: 2,
+        });
+        let rx = a.subscribe_groups();
+        let x = Some([1; 16]);
+        a.attach(1, &[5], x, 0).unwrap();
+        let r2 = a.reserve(2, &[6], x, 1).unwrap();
+        assert_eq!(
+            a.reserve(3, &[5], x, 1).unwrap_err(),
+            AttachFull::SourceMembers(2)
+        );
+        assert_eq!(
+            a.reserve(1, &[5, 7], x, 1).unwrap_err(),
+            AttachFull::SourceGroups(2)
+        );
+        assert_eq!(*rx.borrow(), vec![5, 6]);
+        a.revert(r2);
+        assert_eq!(*rx.borrow(), vec![5]);
+        assert_eq!(a.len(), 1);
+        // A member's groups changed and reverted: the old ones are back.
+        let r1 = a.reserve(1, &[7], x, 2).unwrap();
+        assert_eq!(*rx.borrow(), vec![7]);
+        a.revert(r1);
+        assert_eq!(*rx.borrow(), vec![5]);
+        assert_eq!(a.members_of(5), vec![MemberId(1)]);
+        assert!(a.reserve(3, &[6], x, 3).is_ok(), "the room came back");
+        // Replaced by another attach meanwhile: the revert leaves it.
+        let r1 = a.reserve(1, &[7], x, 4).unwrap();
+        a.attach(1, &[6], x, 5).unwrap();
+        a.revert(r1);
+        assert_eq!(a.members_of(6), vec![MemberId(1), MemberId(3)]);
+        // Nothing to change, nothing to revert.
+        let same = a.reserve(1, &[6], x, 6).unwrap();
+        a.revert(same);
+        assert_eq!(a.members_of(6), vec![MemberId(1), MemberId(3)]);
+        assert!(a.holds(1, &[6]) && !a.holds(1, &[5]));
     }
 
     #[test]

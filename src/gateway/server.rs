@@ -594,42 +594,46 @@ async fn attach(
     // The share is counted by the peer's address (IPv4) or /64 (IPv6),
     // as the connection cap and the spool's share are.
     let source = req_source.map(|s| crate::limits::source_key(std::net::IpAddr::from(s.0)));
-    let full = |e| attach_full(&ctx.metrics, e);
-    // Durable before it takes effect and before the answer, so a restarted
-    // gateway still routes for this member, and a failed write leaves the
-    // registry as it was (the retry writes again). The same groups again
-    // only refresh the member's last-heard time, unless the member expired
-    // in between (then it is written as new).
+    // The same groups again only refresh the member's last-heard time,
+    // unless the member expired in between (then it is written as new).
+    // A member attached with these groups that comes back from another
+    // source with no room left stays counted where it was.
     let now = ctx.attached.now_ms();
-    let unchanged = !ctx
+    let unchanged = match ctx
         .attached
         .would_change(parsed.member, &parsed.groups, source)
-        .map_err(full)?;
+    {
+        Ok(change) => !change,
+        Err(super::AttachFull::SourceMembers(_) | super::AttachFull::SourceGroups(_))
+            if ctx.attached.holds(parsed.member, &parsed.groups) =>
+        {
+            true
+        }
+        Err(e) => return Err(attach_full(&ctx.metrics, e)),
+    };
     if !(unchanged && ctx.attached.touch(parsed.member, now)) {
-        // Written and recorded by a task of its own, so a client that
+        // Recorded and written by a task of its own, so a client that
         // goes away mid-write cannot leave the spool and the registry
-        // disagreeing.
+        // disagreeing. Recorded first, its caps checked and taken under
+        // the registry's lock (so concurrent attaches cannot together
+        // pass a share, nor leave rows the registry refused in the spool),
+        // then made durable before the answer, so a restarted gateway
+        // still routes for this member; a failed write puts the registry
+        // back as it was (the retry writes again).
         let task_ctx = Arc::clone(ctx);
         let member = parsed.member;
         let groups = super::normalize_groups(&parsed.groups);
         detached(async move {
             let ctx = task_ctx;
-            // Room again, just before the write: another attach may have
-            // taken it since the check above (the spool would then hold a
-            // member the registry refuses).
-            ctx.attached
-                .would_change(member, &groups, source)
+            let reserved = ctx
+                .attached
+                .reserve(member, &groups, source, now)
                 .map_err(|e| attach_full(&ctx.metrics, e))?;
-            ctx.spool
-                .set_attached(member, &groups, source, now)
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "attach not persisted");
-                    spool_unavailable()
-                })?;
-            ctx.attached
-                .attach(member, &groups, source, now)
-                .map_err(|e| attach_full(&ctx.metrics, e))?;
+            if let Err(e) = ctx.spool.set_attached(member, &groups, source, now).await {
+                tracing::error!(error = %e, "attach not persisted");
+                ctx.attached.revert(reserved);
+                return Err(spool_unavailable());
+            }
             ctx.metrics
                 .attached_members
                 .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));

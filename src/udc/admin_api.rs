@@ -741,9 +741,11 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 KeyUpdateOutcome::NeedsEcdhe => Err(error(
                     StatusCode::CONFLICT,
                     "needs_psk_ecdhe",
-                    "the member has no psk-ecdhe session (a key update in a psk session could \
-                     be read by whoever holds the old key): run a psk-ecdhe round in one of its \
-                     groups, then retry once the member has answered it",
+                    "the member has no psk-ecdhe session that can carry a key update (none is \
+                     its newest session in any group, or their downlink counters are spent; in a \
+                     psk session whoever holds the old key could read the new one): run a \
+                     psk-ecdhe round in one of its groups, then retry once the member has \
+                     answered it",
                 )),
             }
         }

@@ -95,8 +95,9 @@ pub enum KeyUpdateOutcome {
     UnknownMember,
     /// The member is revoked.
     Revoked,
-    /// The member has no psk-ecdhe session in any of its groups; a key
-    /// update in a psk session could be read by whoever holds the old key.
+    /// No group's newest session of the member is psk-ecdhe with downlink
+    /// counters left; a key update in a psk session could be read by
+    /// whoever holds the old key. A psk-ecdhe round opens a fresh one.
     NeedsEcdhe,
 }
 
