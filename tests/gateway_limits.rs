@@ -669,3 +669,47 @@ async fn one_source_cannot_fill_the_attach_registry() {
     assert_eq!(gw.metric("dapgw_attached_members").await, 2.0);
     gw.stop().await;
 }
+
+/// Concurrent attaches of new members from one source with room for one:
+/// exactly one is answered 200, and the spool holds exactly that one (the
+/// check and the apply of each change are serialized around its write, so
+/// no two pass the share together and no refused attach leaves a row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_attaches_from_one_source_take_its_share_once() {
+    let (pki, _udc, dir, gw) = start(|c| {
+        c.attach_max_members_per_source = 1;
+    })
+    .await;
+    let n = 32u64;
+    let together = std::sync::Arc::new(tokio::sync::Barrier::new(n as usize));
+    let mut tasks = tokio::task::JoinSet::new();
+    for m in 1..=n {
+        let mut c = Client::connect_from(gw.members, &pki, true, [127, 0, 0, 1]).await;
+        let together = together.clone();
+        tasks.spawn(async move {
+            together.wait().await;
+            c.attach(m, &[7]).await.status
+        });
+    }
+    let mut ok = 0;
+    while let Some(status) = tasks.join_next().await {
+        match status.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(gw.metric("dapgw_attached_members").await, 1.0);
+    assert_eq!(
+        gw.metric("dapgw_attach_rejected_total{reason=\"source_members\"}")
+            .await,
+        (n - 1) as f64
+    );
+    let db = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM attached", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "refused attaches left rows in the spool");
+    drop(gw);
+}

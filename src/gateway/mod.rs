@@ -220,7 +220,8 @@ pub async fn run(
     if !restored.is_empty() {
         tracing::info!(members = restored.len(), "restored the attach registry");
     }
-    // Most recently heard first, so that where the caps or a source's
+    // Most recently heard first (by the spool's copy of the time, which
+    // lags by up to `attach_save_step`), so that where the caps or a source's
     // share are smaller than when the rows were written (stored before
     // the group cap existed, or a share lowered since), the members that
     // are left out are the stalest. They are forgotten in the spool too
@@ -241,7 +242,9 @@ pub async fn run(
             members = skipped.len(),
             "attach registry: members not restored, they would take the registry or the subscription past its cap or their source past its share"
         );
-        spool.expire_attached(Some(skipped), u64::MAX).await?;
+        if let Err(e) = spool.expire_attached(Some(skipped), u64::MAX).await {
+            tracing::warn!(error = %e, "members not restored are still in the spool; tried again at the next start");
+        }
     }
     metrics
         .attached_members
@@ -612,6 +615,9 @@ pub struct Attached {
     inner: Mutex<AttachedInner>,
     /// What one source may hold of the registry.
     share: AttachShare,
+    /// Held by the attach endpoint from its check to its apply, across the
+    /// spool write in between ([`Attached::change_lock`]).
+    changes: tokio::sync::Mutex<()>,
     /// The sorted set of groups with at least one member; the upstream
     /// client PUTs it as the subscription whenever it changes.
     groups: watch::Sender<Vec<u32>>,
@@ -652,19 +658,6 @@ pub struct AttachShare {
     pub members: usize,
     /// Distinct groups the members of one source name together.
     pub groups: usize,
-}
-
-/// What [`Attached::reserve`] recorded (`None`: nothing changed), for
-/// [`Attached::revert`].
-#[derive(Debug)]
-pub(crate) struct Reserved(Option<Reservation>);
-
-#[derive(Debug)]
-struct Reservation {
-    member: u64,
-    groups: Vec<u32>,
-    source: Option<SourceKey>,
-    old: Option<AttachedMember>,
 }
 
 #[derive(Debug)]
@@ -748,6 +741,7 @@ impl Attached {
         Attached {
             inner: Mutex::new(AttachedInner::default()),
             share,
+            changes: tokio::sync::Mutex::new(()),
             groups: watch::channel(Vec::new()).0,
             clock: (unix_ms(), tokio::time::Instant::now()),
         }
@@ -816,68 +810,15 @@ impl Attached {
         Ok(true)
     }
 
-    /// Records `member`'s groups and source like [`Attached::attach`],
-    /// before the caller persists them, so that the caps are checked and
-    /// taken under one lock (concurrent attaches cannot together pass a
-    /// share); [`Attached::revert`] undoes it if the write fails.
-    pub(crate) fn reserve(
-        &self,
-        member: u64,
-        groups: &[u32],
-        source: Option<SourceKey>,
-        now_ms: u64,
-    ) -> Result<Reserved, AttachFull> {
-        let groups = normalize_groups(groups);
-        let mut inner = self.lock();
-        if let Some(m) = inner.members.get_mut(&member)
-            && m.groups == groups
-            && m.source == source
-        {
-            m.seen_ms = m.seen_ms.max(now_ms);
-            return Ok(Reserved(None));
-        }
-        inner.check_room(member, &groups, source, self.share)?;
-        let entry = AttachedMember {
-            groups: groups.clone(),
-            source,
-            seen_ms: now_ms,
-            stored_ms: now_ms,
-        };
-        let old = inner.members.insert(member, entry);
-        if let Some(old) = &old {
-            inner.unlink(member, &old.groups, old.source);
-        }
-        inner.link(member, &groups, source);
-        self.publish_groups(inner);
-        Ok(Reserved(Some(Reservation {
-            member,
-            groups,
-            source,
-            old,
-        })))
-    }
-
-    /// Undoes a [`Attached::reserve`] whose write failed: the member's
-    /// previous record comes back (whatever the caps say now: it held its
-    /// room before), unless another attach has replaced the reserved one
-    /// meanwhile.
-    pub(crate) fn revert(&self, reserved: Reserved) {
-        let Some(r) = reserved.0 else { return };
-        let mut inner = self.lock();
-        let ours = inner
-            .members
-            .get(&r.member)
-            .is_some_and(|m| m.groups == r.groups && m.source == r.source);
-        if !ours {
-            return;
-        }
-        inner.members.remove(&r.member);
-        inner.unlink(r.member, &r.groups, r.source);
-        if let Some(old) = r.old {
-            inner.link(r.member, &old.groups, old.source);
-            inner.members.insert(r.member, old);
-        }
-        self.publish_groups(inner);
+    /// Serializes the attach endpoint's changes: held from the check of a
+    /// change ([`Attached::would_change`]) through its spool write to its
+    /// apply ([`Attached::attach`]), so concurrent attaches cannot together
+    /// pass a cap or a share, the spool never keeps a row the registry
+    /// refused, and a repeat of an attach still being written waits for it
+    /// instead of being answered before it is durable. Touches and the
+    /// sweep do not take it (they only refresh or free room).
+    pub(crate) async fn change_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
     }
 
     /// Whether `member` is attached with exactly `groups`, from whatever
@@ -1220,51 +1161,6 @@ mod tests {
             open.attach(m, &[m as u32], x, 0).unwrap();
         }
         assert_eq!(open.len(), 10);
-    }
-
-    /// A reservation takes its room under the lock: a second one that
-    /// would pass the share is refused before anything is written. A
-    /// reverted one gives its room back and brings the member's previous
-    /// record back, unless another attach replaced it meanwhile.
-    #[test]
-    fn reservations_take_room_at_once_and_revert_cleanly() {
-        let a = Attached::with_share(AttachShare {
-            members: 2,
-            groups: 2,
-        });
-        let rx = a.subscribe_groups();
-        let x = Some([1; 16]);
-        a.attach(1, &[5], x, 0).unwrap();
-        let r2 = a.reserve(2, &[6], x, 1).unwrap();
-        assert_eq!(
-            a.reserve(3, &[5], x, 1).unwrap_err(),
-            AttachFull::SourceMembers(2)
-        );
-        assert_eq!(
-            a.reserve(1, &[5, 7], x, 1).unwrap_err(),
-            AttachFull::SourceGroups(2)
-        );
-        assert_eq!(*rx.borrow(), vec![5, 6]);
-        a.revert(r2);
-        assert_eq!(*rx.borrow(), vec![5]);
-        assert_eq!(a.len(), 1);
-        // A member's groups changed and reverted: the old ones are back.
-        let r1 = a.reserve(1, &[7], x, 2).unwrap();
-        assert_eq!(*rx.borrow(), vec![7]);
-        a.revert(r1);
-        assert_eq!(*rx.borrow(), vec![5]);
-        assert_eq!(a.members_of(5), vec![MemberId(1)]);
-        assert!(a.reserve(3, &[6], x, 3).is_ok(), "the room came back");
-        // Replaced by another attach meanwhile: the revert leaves it.
-        let r1 = a.reserve(1, &[7], x, 4).unwrap();
-        a.attach(1, &[6], x, 5).unwrap();
-        a.revert(r1);
-        assert_eq!(a.members_of(6), vec![MemberId(1), MemberId(3)]);
-        // Nothing to change, nothing to revert.
-        let same = a.reserve(1, &[6], x, 6).unwrap();
-        a.revert(same);
-        assert_eq!(a.members_of(6), vec![MemberId(1), MemberId(3)]);
-        assert!(a.holds(1, &[6]) && !a.holds(1, &[5]));
     }
 
     #[test]

@@ -596,44 +596,37 @@ async fn attach(
     let source = req_source.map(|s| crate::limits::source_key(std::net::IpAddr::from(s.0)));
     // The same groups again only refresh the member's last-heard time,
     // unless the member expired in between (then it is written as new).
-    // A member attached with these groups that comes back from another
-    // source with no room left stays counted where it was.
     let now = ctx.attached.now_ms();
-    let unchanged = match ctx
-        .attached
-        .would_change(parsed.member, &parsed.groups, source)
-    {
-        Ok(change) => !change,
-        Err(super::AttachFull::SourceMembers(_) | super::AttachFull::SourceGroups(_))
-            if ctx.attached.holds(parsed.member, &parsed.groups) =>
-        {
-            true
-        }
-        Err(e) => return Err(attach_full(&ctx.metrics, e)),
-    };
+    let unchanged = !attach_changes(ctx, parsed.member, &parsed.groups, source)?;
     if !(unchanged && ctx.attached.touch(parsed.member, now)) {
-        // Recorded and written by a task of its own, so a client that
+        // Written and recorded by a task of its own, so a client that
         // goes away mid-write cannot leave the spool and the registry
-        // disagreeing. Recorded first, its caps checked and taken under
-        // the registry's lock (so concurrent attaches cannot together
-        // pass a share, nor leave rows the registry refused in the spool),
-        // then made durable before the answer, so a restarted gateway
-        // still routes for this member; a failed write puts the registry
-        // back as it was (the retry writes again).
+        // disagreeing. Durable before it takes effect and before the
+        // answer, so a restarted gateway still routes for this member, and
+        // a failed write leaves the registry as it was (the retry writes
+        // again). One change at a time from the check to the apply
+        // ([`super::Attached::change_lock`]).
         let task_ctx = Arc::clone(ctx);
         let member = parsed.member;
         let groups = super::normalize_groups(&parsed.groups);
         detached(async move {
             let ctx = task_ctx;
-            let reserved = ctx
-                .attached
-                .reserve(member, &groups, source, now)
-                .map_err(|e| attach_full(&ctx.metrics, e))?;
-            if let Err(e) = ctx.spool.set_attached(member, &groups, source, now).await {
-                tracing::error!(error = %e, "attach not persisted");
-                ctx.attached.revert(reserved);
-                return Err(spool_unavailable());
+            let _one = ctx.attached.change_lock().await;
+            // Again under the lock: an attach written meanwhile may have
+            // made this one a repeat, or taken the room.
+            if !attach_changes(&ctx, member, &groups, source)? && ctx.attached.touch(member, now) {
+                return Ok(());
             }
+            ctx.spool
+                .set_attached(member, &groups, source, now)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "attach not persisted");
+                    spool_unavailable()
+                })?;
+            ctx.attached
+                .attach(member, &groups, source, now)
+                .map_err(|e| attach_full(&ctx.metrics, e))?;
             ctx.metrics
                 .attached_members
                 .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
@@ -645,6 +638,28 @@ async fn attach(
         StatusCode::OK,
         &serde_json::json!({"cursor": ctx.spool.last_cursor()}),
     ))
+}
+
+/// Whether attaching `member` to `groups` from `source` changes the
+/// registry (false: a repeat, which only refreshes the member), or the
+/// refusal of a cap. A member attached with these groups that comes back
+/// from another source with no room left stays counted where it was: a
+/// repeat.
+fn attach_changes(
+    ctx: &Ctx,
+    member: u64,
+    groups: &[u32],
+    source: Option<super::SourceKey>,
+) -> Result<bool, Refusal> {
+    match ctx.attached.would_change(member, groups, source) {
+        Ok(change) => Ok(change),
+        Err(super::AttachFull::SourceMembers(_) | super::AttachFull::SourceGroups(_))
+            if ctx.attached.holds(member, groups) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(attach_full(&ctx.metrics, e)),
+    }
 }
 
 /// An attach refused by a cap of the registry or a source's share of it:
