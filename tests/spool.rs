@@ -736,6 +736,31 @@ async fn attach_registry_and_open_rounds_are_durable() {
         spool.open_rounds(0).await.unwrap(),
         vec![round(2, 5_000), round(3, 9_000)]
     );
+    // Round numbers are the UDC's u64: two above 2^63 stay apart and
+    // come back as they were, in order.
+    let high = 1u64 << 63;
+    spool
+        .set_open_round(round(high + 2, 9_000), 2_000)
+        .await
+        .unwrap();
+    spool
+        .set_open_round(round(high + 1, 9_000), 2_000)
+        .await
+        .unwrap();
+    spool
+        .set_open_round(round(u64::MAX, 9_000), 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        spool.open_rounds(0).await.unwrap(),
+        vec![
+            round(2, 5_000),
+            round(3, 9_000),
+            round(high + 1, 9_000),
+            round(high + 2, 9_000),
+            round(u64::MAX, 9_000)
+        ]
+    );
     spool.close().await;
 }
 

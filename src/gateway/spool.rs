@@ -1698,6 +1698,9 @@ impl Spool {
                     deadline_ms: i2u(deadline),
                 });
             }
+            // Stored as their i64 bit pattern (the UDC's u64 round numbers
+            // kept apart above 2^63), which SQL orders those first.
+            out.sort_unstable_by_key(|r| (r.group, r.round));
             Ok(out)
         })
         .await
@@ -2313,7 +2316,7 @@ impl Writer {
                         )?
                         .execute(params![
                             i64::from(round.group),
-                            clamp(round.round),
+                            u2i(round.round),
                             i64::from(round.mode),
                             clamp(round.deadline_ms)
                         ])?;
