@@ -2483,7 +2483,8 @@ on_both_stores!(import_racing_a_first_update, "import_race_new");
 /// of who is registered and its write `b` adds member 20 (key version 3,
 /// group 9). The import must not replace what `b` wrote
 /// (the rule: an import never changes a registered member): it fails
-/// (busy), and the retry imports 21 and skips 20.
+/// (busy), leaving group 77 unknown to the operator API, and the retry
+/// imports 21 and skips 20.
 async fn import_racing_an_added_member(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
     use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
@@ -2505,7 +2506,20 @@ async fn import_racing_an_added_member(store_url: Option<String>) {
         .to_vec();
     let err = a.import_members(rows.clone()).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    // The failed import created group 77's row and imported nobody: the
+    // group is still unknown to the operator API (a typo in a failed
+    // import must not make a round there acceptable).
+    let round = serde_json::json!({"group": 77, "mode": "psk", "purpose": "auth"});
+    let (s, v) = h
+        .admin(Some(TOKEN), Method::POST, "/v1/admin/rounds", round.clone())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"], "unknown_group", "{v}");
     assert_eq!(a.import_members(rows).await.unwrap(), (1, 1));
+    let (s, v) = h
+        .admin(Some(TOKEN), Method::POST, "/v1/admin/rounds", round)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     let got = a.store().members(vec![20, 21]).await.unwrap();
     let got: Vec<_> = got
         .into_iter()

@@ -98,10 +98,17 @@ fn store_err(e: store::StoreError) -> AdminResponse {
 /// Refuses a group the UDC knows nothing of: no active member is in it
 /// and no round or update ever used it. Opening a round, a schedule or an
 /// update there would only wait for members that do not exist (a typo in
-/// the group id), so the operator hears of it at once.
+/// the group id), so the operator hears of it at once. A group row at its
+/// first version was created and never written back: by an import that
+/// failed before its write (which stores the row again), not by any use.
 async fn known_group(udc: &Udc, group: u32) -> Result<(), AdminResponse> {
     let store = udc.store();
-    if store.group(group).await.map_err(store_err)?.is_some()
+    let used = |row: crate::udc::store::GroupRow| row.version > 1;
+    if store
+        .group(group)
+        .await
+        .map_err(store_err)?
+        .is_some_and(used)
         || !store
             .group_members(group, None, 1)
             .await
