@@ -1961,3 +1961,85 @@ async fn an_uplink_whose_stream_is_reset_mid_store_still_drains() {
     wait_metric(&gw, "dapgw_spool_entries", 0.0).await;
     gw.stop().await;
 }
+
+/// The long polls open on one HTTP/2 connection watch at most 1,024
+/// audiences (a member and each group it names) together: of four
+/// concurrent polls naming 256 groups each (257 audiences), one is refused
+/// 429 `poll_budget` with a Retry-After while the others wait; the budget
+/// comes back when they return, and another connection has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_on_one_connection_watch_a_bounded_number_of_groups() {
+    use hyper::{Request, Uri};
+    let (pki, _udc, _dir, gw) = setup().await;
+    let groups: Vec<String> = (1..=256).map(|g| g.to_string()).collect();
+    let uri = |member: u64, wait_ms: u64| {
+        format!(
+            "https://localhost/v1/downlink?member={member}&groups={}&wait_ms={wait_ms}",
+            groups.join(",")
+        )
+        .parse::<Uri>()
+        .unwrap()
+    };
+    let tls = raw(gw.members, &pki, b"h2", [127, 0, 0, 1]).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let polls = |wait_ms: u64| {
+        let mut answers = Vec::new();
+        for m in 1..=4u64 {
+            let req = Request::builder()
+                .method(Method::GET)
+                .uri(uri(m, wait_ms))
+                .body(())
+                .unwrap();
+            let send = send.clone();
+            answers.push(tokio::spawn(async move {
+                let mut send = send.ready().await.unwrap();
+                let (resp, _) = send.send_request(req, true).unwrap();
+                let resp = resp.await.unwrap();
+                let retry = resp.headers().get("retry-after").is_some();
+                let mut body = resp.into_body();
+                let mut got = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    got.extend_from_slice(&chunk.unwrap());
+                }
+                (resp_status(&got, retry), got)
+            }));
+        }
+        answers
+    };
+    fn resp_status(body: &[u8], retry: bool) -> (bool, bool) {
+        let refused = serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|v| v["error"] == "poll_budget");
+        (refused, retry)
+    }
+    let mut refused = 0;
+    for a in polls(1_000) {
+        let ((was_refused, retry), body) = a.await.unwrap();
+        if was_refused {
+            assert!(retry, "no Retry-After");
+            refused += 1;
+        } else {
+            assert!(body.is_empty(), "{body:?}");
+        }
+    }
+    assert_eq!(refused, 1, "four polls of 257 audiences on one connection");
+    assert_eq!(
+        gw.metric("dapgw_member_requests_total{endpoint=\"poll\",outcome=\"overloaded\"}")
+            .await,
+        1.0
+    );
+    // Three at a time fit again once those returned.
+    let mut answers = polls(0);
+    answers.pop().unwrap().abort();
+    for a in answers {
+        assert!(!a.await.unwrap().0.0, "refused after the budget came back");
+    }
+    // Another connection has a budget of its own.
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let all: Vec<u32> = (1..=256).collect();
+    let r = c.poll(9, &all, 0, 0).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    gw.stop().await;
+}

@@ -69,6 +69,44 @@ pub(crate) const WIRE_CONTENT_TYPE: &str = "application/vnd.dapgw";
 /// Content type of a downlink body (records, see docs/gateway.md).
 pub(crate) const RECORDS_CONTENT_TYPE: &str = "application/vnd.dapgw.records";
 
+/// Most audiences (a member, plus each group it names) the open long polls
+/// of one member connection watch together. Each costs a wake-up
+/// registration in the spool for as long as its poll waits, so without a
+/// bound one connection's 64 streams of 256 groups each would pin about a
+/// megabyte, and the connection cap a few gigabytes. A concentrator
+/// polling for 64 members in 15 groups each fits.
+pub(crate) const POLL_WATCH_BUDGET: usize = 1024;
+
+/// What the open long polls of one connection watch, against
+/// [`POLL_WATCH_BUDGET`].
+#[derive(Clone, Debug, Default)]
+struct PollBudget(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PollBudget {
+    /// Takes `n` audiences for one poll, or `None` when they would pass
+    /// the budget; they come back when the guard drops.
+    fn take(&self, n: usize) -> Option<PollBudgetGuard> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&u| u <= POLL_WATCH_BUDGET)
+            })
+            .ok()?;
+        Some(PollBudgetGuard(self.clone(), n))
+    }
+}
+
+/// Audiences a running poll holds of its connection's [`PollBudget`].
+struct PollBudgetGuard(PollBudget, usize);
+
+impl Drop for PollBudgetGuard {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .fetch_sub(self.1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Largest `/v1/attach` body: a member id and [`MAX_MEMBER_GROUPS`] groups
 /// fit many times over.
 const MAX_ATTACH_BODY: usize = 16 * 1024;
@@ -236,8 +274,10 @@ async fn connection(
     let svc_ctx = ctx.clone();
     let svc_activity = activity.clone();
     let source = Source::of(peer.ip());
+    let budget = PollBudget::default();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(source);
+        req.extensions_mut().insert(budget.clone());
         let ctx = svc_ctx.clone();
         let identity = identity.clone();
         let guard = svc_activity.request();
@@ -1075,10 +1115,31 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
             reason,
         )
     })?;
+    let budget = req.extensions().get::<PollBudget>().cloned();
     // A GET's body is not read: dropped now, not held (with the HTTP/2
     // window's worth of buffered bytes) for the length of the long poll.
     drop(req);
     check_identity(ctx, identity, q.member)?;
+    let watched = super::normalize_groups(&q.groups).len() + 1;
+    let _held = match budget.map(|b| b.take(watched)) {
+        Some(None) => {
+            return Err(Refusal {
+                retry_after: Some(1),
+                outcome: RequestOutcome::Overloaded,
+                ..Refusal::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "poll_budget",
+                    format!(
+                        "the long polls open on this connection watch {POLL_WATCH_BUDGET} \
+                         audiences (a member and each of its groups) together at most; \
+                         wait for one to return, or poll on another connection"
+                    ),
+                )
+            });
+        }
+        Some(Some(held)) => Some(held),
+        None => None,
+    };
     ctx.attached.touch(q.member, ctx.attached.now_ms());
     if q.after > ctx.spool.last_cursor() {
         check_cursor(ctx, q.after).await?;
