@@ -110,7 +110,7 @@ enum UdcOp {
     /// Move a member's root key to the next version, sent in its psk-ecdhe
     /// sessions (it needs one: run a psk-ecdhe round first). The old
     /// version stays accepted until the member answers under the new one.
-    KeyUpdate(OneMember),
+    KeyUpdate(KeyUpdateArgs),
     /// After restoring the store from a backup, before starting any UDC
     /// process: opens the store of the UDC's config, raises every counter
     /// (groups, gateway cursors, registry version, the floor for what is
@@ -241,6 +241,20 @@ struct OneMember {
     target: AdminTarget,
     /// The member.
     member: u64,
+}
+
+/// `dapgw udc key-update`.
+#[derive(Args, Debug)]
+struct KeyUpdateArgs {
+    #[command(flatten)]
+    target: AdminTarget,
+    /// The member.
+    member: u64,
+    /// Issue only if the member's key version is still this one (the `kv`
+    /// of `dapgw udc members`); otherwise refused `kv_changed`. Makes a
+    /// repeated call safe when the answer to the first was lost.
+    #[arg(long)]
+    expect_kv: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -891,7 +905,7 @@ fn udc_op(op: UdcOp) -> anyhow::Result<()> {
             r.target,
             "POST",
             format!("/v1/admin/members/{}/key-update", r.member),
-            None,
+            r.expect_kv.map(|kv| json!({ "expect_kv": kv })),
         ),
         // Offline, on the store itself (udc_recover), never through the API.
         UdcOp::Recover(_) => anyhow::bail!("dapgw udc recover runs offline"),

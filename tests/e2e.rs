@@ -1061,12 +1061,15 @@ async fn operator_cli_runs_every_operation() {
     let round = start("psk-ecdhe");
     wait_fleet(&f, "psk-ecdhe confirms", |s| count(&s.confirms_opened) == 4).await;
     w.wait_round_accepted(round, 2).await;
-    let issued = udc_cli(&w, &["key-update", "1"]);
+    let issued = udc_cli(&w, &["key-update", "1", "--expect-kv", "1"]);
     assert_eq!(
         (&issued["kv"], &issued["min_kv"]),
         (&json!(2), &json!(1)),
         "{issued}"
     );
+    // The same call again (as after a lost answer) issues nothing.
+    let (ok, out, err) = udc_cli_raw(&w, &["key-update", "1", "--expect-kv", "1"]);
+    assert!(!ok && out.contains("kv_changed"), "{out} {err}");
     wait_fleet(&f, "key update", |s| count(&s.key_updates_applied) == 1).await;
     let round = start("psk");
     w.wait_round_accepted(round, 2).await;

@@ -2169,6 +2169,21 @@ async fn readings_page_within_one_millisecond() {
 /// A harness and two more `Udc`s on its store (as two processes behind a
 /// load balancer), members `1..=n` of group `G` imported, and an open psk
 /// auth round with its challenge.
+/// An active member row with a derived key of version `kv` (as
+/// `import_members` takes it).
+fn derived_row(id: u64, groups: Vec<u32>, kv: u32) -> udc::store::MemberRow {
+    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
+    MemberRow {
+        id,
+        groups,
+        key_source: KeySource::Derived,
+        kv,
+        min_kv: kv,
+        status: MemberStatus::Active,
+        added_at_ms: 0,
+    }
+}
+
 async fn two_udcs_in_a_round(
     store_url: Option<String>,
     n: u64,
@@ -2179,7 +2194,6 @@ async fn two_udcs_in_a_round(
     u64,
     Bytes,
 ) {
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
     let h = Harness::start(store_url).await;
     // The harness's own UDC has opened (and migrated) the store once it
     // answers; two more processes opening a fresh SQLite file at the same
@@ -2187,17 +2201,7 @@ async fn two_udcs_in_a_round(
     h.subscribe("gw-1").await;
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
-    let rows = (1..=n)
-        .map(|id| MemberRow {
-            id,
-            groups: vec![G],
-            key_source: KeySource::Derived,
-            kv: 1,
-            min_kv: 1,
-            status: MemberStatus::Active,
-            added_at_ms: 0,
-        })
-        .collect();
+    let rows = (1..=n).map(|id| derived_row(id, vec![G], 1)).collect();
     a.import_members(rows).await.unwrap();
     a.subscribe("gw-1", vec![G]).await.unwrap();
     let (round, challenge) = open_psk_round(&a).await;
@@ -2328,24 +2332,14 @@ on_both_stores!(revocation_racing_a_first_acceptance, "revoke_first_accept");
 /// version), it skips that member and the others already registered, and
 /// registers only the new id. (And a repeated revocation changes nothing.)
 async fn an_import_never_changes_a_registered_member(store_url: Option<String>) {
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    use dapgw::udc::store::{MemberStatus, Store};
     let (h, a, _b, _round, _challenge) = two_udcs_in_a_round(store_url, 3).await;
     assert!(a.revoke_member(2).await.unwrap());
     // Revoking again (a retried call) starts no further epoch.
     let epoch = a.store().group(G).await.unwrap().unwrap().epoch;
     assert!(a.revoke_member(2).await.unwrap());
     assert_eq!(a.store().group(G).await.unwrap().unwrap().epoch, epoch);
-    let rows = (1..=4)
-        .map(|id| MemberRow {
-            id,
-            groups: vec![G, 9],
-            key_source: KeySource::Derived,
-            kv: 2,
-            min_kv: 2,
-            status: MemberStatus::Active,
-            added_at_ms: 0,
-        })
-        .collect();
+    let rows = (1..=4).map(|id| derived_row(id, vec![G, 9], 2)).collect();
     assert_eq!(a.import_members(rows).await.unwrap(), (1, 3));
     let got = a.store().members(vec![1, 2, 4]).await.unwrap();
     let got: Vec<_> = got
@@ -2403,7 +2397,6 @@ on_both_stores!(batch_racing_a_round_close, "round_close_race");
 /// of a message sent before it joined. The retried import rekeys.
 async fn import_racing_an_update(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus};
     let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
     // Members 1 and 2 hold sessions (so a rekey has someone to reach).
     let body = psk_batch(&h, 1, round, &challenge, 1..=2);
@@ -2416,15 +2409,7 @@ async fn import_racing_an_update(store_url: Option<String>) {
     a.before_next_import_write(async move {
         other.publish_update(G, b"\x01\x02", None).await.unwrap();
     });
-    let row = MemberRow {
-        id: 10,
-        groups: vec![G],
-        key_source: KeySource::Derived,
-        kv: 1,
-        min_kv: 1,
-        status: MemberStatus::Active,
-        added_at_ms: 0,
-    };
+    let row = derived_row(10, vec![G], 1);
     let err = a.import_members(vec![row.clone()]).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
     let twice = a
@@ -2451,7 +2436,7 @@ on_both_stores!(import_racing_an_update, "import_race");
 /// fails busy, and the retry moves the group to a new epoch.
 async fn import_racing_a_first_update(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    use dapgw::udc::store::Store;
     const NEW: u32 = 77;
     let (h, a, b, _, _) = two_udcs_in_a_round(store_url, 1).await;
     assert!(a.store().group(NEW).await.unwrap().is_none());
@@ -2459,15 +2444,7 @@ async fn import_racing_a_first_update(store_url: Option<String>) {
     a.before_next_import_write(async move {
         other.publish_update(NEW, b"\x01", None).await.unwrap();
     });
-    let row = MemberRow {
-        id: 10,
-        groups: vec![NEW],
-        key_source: KeySource::Derived,
-        kv: 1,
-        min_kv: 1,
-        status: MemberStatus::Active,
-        added_at_ms: 0,
-    };
+    let row = derived_row(10, vec![NEW], 1);
     let err = a.import_members(vec![row.clone()]).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
     let sealed_at = a.store().group(NEW).await.unwrap().unwrap().epoch;
@@ -2487,23 +2464,13 @@ on_both_stores!(import_racing_a_first_update, "import_race_new");
 /// imports 21 and skips 20.
 async fn import_racing_an_added_member(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{KeySource, MemberRow, MemberStatus, Store};
+    use dapgw::udc::store::{MemberRow, Store};
     let (h, a, b, _round, _challenge) = two_udcs_in_a_round(store_url, 2).await;
     let other = b.clone();
     a.before_next_import_write(async move {
         other.add_member(20, vec![9], Some(3)).await.unwrap();
     });
-    let rows: Vec<MemberRow> = [20, 21]
-        .map(|id| MemberRow {
-            id,
-            groups: vec![77],
-            key_source: KeySource::Derived,
-            kv: 1,
-            min_kv: 1,
-            status: MemberStatus::Active,
-            added_at_ms: 0,
-        })
-        .to_vec();
+    let rows: Vec<MemberRow> = [20, 21].map(|id| derived_row(id, vec![77], 1)).to_vec();
     let err = a.import_members(rows.clone()).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
     // The failed import created group 77's row and imported nobody: the
@@ -3970,8 +3937,43 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
             .unwrap()
             .persisted();
     }
-    let (s, v) = key_update(1).await;
+    // With the version the operator saw: a stale one issues nothing.
+    let expecting = |kv: u64| {
+        let h = &h;
+        async move {
+            h.admin(
+                Some(TOKEN),
+                Method::POST,
+                "/v1/admin/members/1/key-update",
+                serde_json::json!({ "expect_kv": kv }),
+            )
+            .await
+        }
+    };
+    let (s, v) = expecting(7).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("kv_changed"))
+    );
+    assert!(v["reason"].as_str().unwrap().contains("is 1"), "{v}");
+    let (s, v) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/members/1/key-update",
+            serde_json::json!({ "expect": 1 }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unknown field: {v}");
+    let (s, v) = expecting(1).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // Repeated (its answer lost, say): refused, nothing issued twice.
+    let (s, v2) = expecting(1).await;
+    assert_eq!(
+        (s, v2["error"].as_str()),
+        (StatusCode::CONFLICT, Some("kv_changed"))
+    );
+    assert!(v2["reason"].as_str().unwrap().contains("is 2"), "{v2}");
     assert_eq!(
         (&v["kv"], &v["min_kv"], &v["groups"]),
         (

@@ -652,10 +652,17 @@ async fn attach(
         detached(async move {
             let ctx = task_ctx;
             let _one = ctx.attached.change_lock().await;
+            let now = ctx.attached.now_ms();
             // Again under the lock: an attach written meanwhile may have
-            // made this one a repeat, or taken the room.
-            if !attach_changes(&ctx, member, &groups, source)? && ctx.attached.touch(member, now) {
-                return Ok(());
+            // made this one a repeat, or taken the room. A repeat whose
+            // member the sweep expired between that check and its touch is
+            // judged again, as new (the sweep is the one change that does
+            // not take the lock).
+            if !attach_changes(&ctx, member, &groups, source)? {
+                if ctx.attached.touch(member, now) {
+                    return Ok(());
+                }
+                attach_changes(&ctx, member, &groups, source)?;
             }
             ctx.spool
                 .set_attached(member, &groups, source, now)
@@ -1120,6 +1127,8 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
     // window's worth of buffered bytes) for the length of the long poll.
     drop(req);
     check_identity(ctx, identity, q.member)?;
+    // Heard from, even when refused below.
+    ctx.attached.touch(q.member, ctx.attached.now_ms());
     let watched = super::normalize_groups(&q.groups).len() + 1;
     let _held = match budget.map(|b| b.take(watched)) {
         Some(None) => {
@@ -1140,7 +1149,6 @@ async fn poll(ctx: &Ctx, identity: Option<&str>, req: Request<Incoming>) -> Resu
         Some(Some(held)) => Some(held),
         None => None,
     };
-    ctx.attached.touch(q.member, ctx.attached.now_ms());
     if q.after > ctx.spool.last_cursor() {
         check_cursor(ctx, q.after).await?;
     }

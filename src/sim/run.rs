@@ -42,9 +42,11 @@ pub struct SimArgs {
     /// Stop after this many seconds; 0: run until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub duration_s: u64,
-    /// HTTP/2 connections shared by all members; 0: one per 100 members
-    /// (each member keeps one long poll open, and gateways commonly allow
-    /// 100 to 200 concurrent streams per connection).
+    /// HTTP/2 connections shared by all members; 0: one per 32 members
+    /// (each member keeps one long poll open; a dapgw gateway allows 64
+    /// concurrent streams per connection, and its long polls on one
+    /// connection watch at most 1,024 groups and members together, so
+    /// members in more than 31 groups each need more connections).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub connections: usize,
     /// Long-poll wait asked of the gateway.

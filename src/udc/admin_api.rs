@@ -320,6 +320,14 @@ struct NewUpdate {
     valid_through_round: Option<u64>,
 }
 
+/// The optional body of a key update: the key version the operator saw,
+/// so that repeating a call whose answer was lost does not rotate twice.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeyUpdateBody {
+    expect_kv: Option<u32>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewMember {
@@ -732,7 +740,16 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
         }
         (Method::POST, ["members", id, "key-update"]) => {
             let id: u64 = num(id, "member id")?;
-            match udc.update_member_key(id).await.map_err(svc_err)? {
+            let b: KeyUpdateBody = if body.is_empty() {
+                KeyUpdateBody::default()
+            } else {
+                parse_json(body)?
+            };
+            match udc
+                .update_member_key(id, b.expect_kv)
+                .await
+                .map_err(svc_err)?
+            {
                 KeyUpdateOutcome::Issued { kv, min_kv, groups } => Ok(json_resp(
                     StatusCode::OK,
                     json!({"id": id, "kv": kv, "min_kv": min_kv, "groups": groups}),
@@ -740,6 +757,15 @@ async fn route(req: &Request<Bytes>, udc: &Udc) -> Result<AdminResponse, AdminRe
                 KeyUpdateOutcome::UnknownMember => {
                     Err(error(StatusCode::NOT_FOUND, "not_found", "no such member"))
                 }
+                KeyUpdateOutcome::KvChanged { kv } => Err(error(
+                    StatusCode::CONFLICT,
+                    "kv_changed",
+                    &format!(
+                        "the member's key version is {kv}, not the expected one: a key update \
+                         (or a re-add) went through already; check GET /v1/admin/members before \
+                         another"
+                    ),
+                )),
                 KeyUpdateOutcome::Revoked => Err(error(
                     StatusCode::CONFLICT,
                     "revoked",

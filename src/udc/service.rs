@@ -95,6 +95,12 @@ pub enum KeyUpdateOutcome {
     UnknownMember,
     /// The member is revoked.
     Revoked,
+    /// The caller expected another key version than the stored `kv`
+    /// (nothing issued): a key update it repeats went through already.
+    KvChanged {
+        /// The stored key version.
+        kv: u32,
+    },
     /// No group's newest session of the member is psk-ecdhe with downlink
     /// counters left; a key update in a psk session could be read by
     /// whoever holds the old key. A psk-ecdhe round opens a fresh one.
@@ -1021,8 +1027,14 @@ impl Udc {
     /// is stored and the messages queued in one transaction (persisted
     /// before anything is sent); the old version stays accepted until the
     /// member answers a round under the new one (docs/protocol.md, "Key
-    /// rotation").
-    pub async fn update_member_key(&self, id: u64) -> Result<KeyUpdateOutcome, ServiceError> {
+    /// rotation"). With `expect_kv`, nothing is issued unless the stored
+    /// version is that one ([`KeyUpdateOutcome::KvChanged`]), so a caller
+    /// that repeats a call whose answer it lost does not rotate twice.
+    pub async fn update_member_key(
+        &self,
+        id: u64,
+        expect_kv: Option<u32>,
+    ) -> Result<KeyUpdateOutcome, ServiceError> {
         use crate::protocol::verifier::UsageError;
         let _guard = self.lock.lock().await;
         let Some(Some(row)) = self.store.members(vec![id]).await?.pop() else {
@@ -1030,6 +1042,11 @@ impl Udc {
         };
         if row.status == store::MemberStatus::Revoked {
             return Ok(KeyUpdateOutcome::Revoked);
+        }
+        // Checked against the row read here; the write's compare-and-set on
+        // that row's version catches another process changing it after.
+        if expect_kv.is_some_and(|kv| kv != row.kv) {
+            return Ok(KeyUpdateOutcome::KvChanged { kv: row.kv });
         }
         let LoadedRegistry(mut records) = self.registry_from(vec![Some(row.clone())])?;
         let record = records
