@@ -29,7 +29,7 @@ pub(crate) mod server;
 pub mod spool;
 pub(crate) mod upstream;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -319,10 +319,18 @@ pub async fn run(
         ],
     ));
 
+    let (attach_jobs, jobs) = tokio::sync::mpsc::channel(server::ATTACH_QUEUE);
+    tasks.spawn(server::run_attach_writer(
+        jobs,
+        spool.clone(),
+        attached.clone(),
+        metrics.clone(),
+    ));
     let ctx = Arc::new(server::Ctx {
         spool: spool.clone(),
         collector: collector.handle(),
         attached,
+        attach_jobs,
         metrics,
         readiness: readiness.clone(),
         limits: server::Limits::from_config(&config),
@@ -615,9 +623,6 @@ pub struct Attached {
     inner: Mutex<AttachedInner>,
     /// What one source may hold of the registry.
     share: AttachShare,
-    /// Held by the attach endpoint from its check to its apply, across the
-    /// spool write in between ([`Attached::change_lock`]).
-    changes: tokio::sync::Mutex<()>,
     /// The sorted set of groups with at least one member; the upstream
     /// client PUTs it as the subscription whenever it changes.
     groups: watch::Sender<Vec<u32>>,
@@ -633,6 +638,37 @@ struct AttachedInner {
     by_group: BTreeMap<u32, BTreeSet<u64>>,
     /// What each source's members hold, for [`AttachShare`].
     sources: HashMap<SourceKey, SourceUse>,
+    /// Members whose latest change is staged but not yet written
+    /// ([`Attached::stage`]).
+    pending: HashSet<u64>,
+}
+
+/// What [`Attached::stage`] made of an attach.
+#[derive(Debug)]
+pub(crate) enum Staged {
+    /// Nothing to write: recorded and durable already (refreshed).
+    Unchanged,
+    /// Nothing to write: the same change is staged and being written;
+    /// answer when it settles.
+    Repeat,
+    /// Recorded, pending: write it, then [`Attached::settle`].
+    Changed(Undo),
+}
+
+/// A staged change, and how to undo it.
+#[derive(Debug)]
+pub(crate) struct Undo {
+    member: u64,
+    groups: Vec<u32>,
+    source: Option<SourceKey>,
+    old: Option<AttachedMember>,
+}
+
+impl Undo {
+    /// The row the spool stores for it: member, groups, source.
+    pub(crate) fn row(&self) -> (u64, &[u32], Option<SourceKey>) {
+        (self.member, &self.groups, self.source)
+    }
 }
 
 /// What the members attached from one source hold of the registry.
@@ -741,7 +777,6 @@ impl Attached {
         Attached {
             inner: Mutex::new(AttachedInner::default()),
             share,
-            changes: tokio::sync::Mutex::new(()),
             groups: watch::channel(Vec::new()).0,
             clock: (unix_ms(), tokio::time::Instant::now()),
         }
@@ -810,15 +845,95 @@ impl Attached {
         Ok(true)
     }
 
-    /// Serializes the attach endpoint's changes: held from the check of a
-    /// change ([`Attached::would_change`]) through its spool write to its
-    /// apply ([`Attached::attach`]), so concurrent attaches cannot together
-    /// pass a cap or a share, the spool never keeps a row the registry
-    /// refused, and a repeat of an attach still being written waits for it
-    /// instead of being answered before it is durable. Touches and the
-    /// sweep do not take it (they only refresh or free room).
-    pub(crate) async fn change_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.changes.lock().await
+    /// Records an attach change before it is written, for the attach
+    /// endpoint's single writer (which alone stages, so the caps are
+    /// checked in order against everything staged before): the member is
+    /// marked pending until [`Attached::settle`], and while it is,
+    /// [`Attached::would_change`] sends its repeats to the writer too, so
+    /// none is answered before the change is durable. A member attached
+    /// with these groups that comes back from another source with no room
+    /// left stays counted where it was (a repeat).
+    pub(crate) fn stage(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        now_ms: u64,
+    ) -> Result<Staged, AttachFull> {
+        let groups = normalize_groups(groups);
+        let mut inner = self.lock();
+        let repeat = |inner: &mut AttachedInner| {
+            let pending = inner.pending.contains(&member);
+            if let Some(m) = inner.members.get_mut(&member) {
+                m.seen_ms = m.seen_ms.max(now_ms);
+            }
+            if pending {
+                Staged::Repeat
+            } else {
+                Staged::Unchanged
+            }
+        };
+        let same = inner.members.get(&member).map(|m| m.groups == groups);
+        if same == Some(true) && inner.members[&member].source == source {
+            return Ok(repeat(&mut inner));
+        }
+        match inner.check_room(member, &groups, source, self.share) {
+            Ok(()) => {}
+            Err(AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_))
+                if same == Some(true) =>
+            {
+                return Ok(repeat(&mut inner));
+            }
+            Err(e) => return Err(e),
+        }
+        let entry = AttachedMember {
+            groups: groups.clone(),
+            source,
+            seen_ms: now_ms,
+            stored_ms: now_ms,
+        };
+        let old = inner.members.insert(member, entry);
+        if let Some(old) = &old {
+            inner.unlink(member, &old.groups, old.source);
+        }
+        inner.link(member, &groups, source);
+        inner.pending.insert(member);
+        self.publish_groups(inner);
+        Ok(Staged::Changed(Undo {
+            member,
+            groups,
+            source,
+            old,
+        }))
+    }
+
+    /// Ends the pending state of the changes staged together: kept when
+    /// their write succeeded; undone, last first, when it failed (each
+    /// member's record before its change comes back, which held its room
+    /// then, since nothing else adds to the registry meanwhile; a record
+    /// the sweep removed or replaced since is left as it is).
+    pub(crate) fn settle(&self, written: bool, staged: Vec<Undo>) {
+        let mut inner = self.lock();
+        for u in staged.into_iter().rev() {
+            inner.pending.remove(&u.member);
+            if written {
+                continue;
+            }
+            let ours = inner
+                .members
+                .get(&u.member)
+                .is_some_and(|m| m.groups == u.groups && m.source == u.source);
+            if !ours {
+                continue;
+            }
+            inner.members.remove(&u.member);
+            inner.unlink(u.member, &u.groups, u.source);
+            if let Some(old) = u.old {
+                inner.link(u.member, &old.groups, old.source);
+                inner.members.insert(u.member, old);
+            }
+        }
+        self.publish_groups(inner);
     }
 
     /// Whether `member` is attached with exactly `groups`, from whatever
@@ -853,6 +968,10 @@ impl Attached {
     ) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
         let inner = self.lock();
+        // A change still being written: its repeat waits for it.
+        if inner.pending.contains(&member) {
+            return Ok(true);
+        }
         if inner
             .members
             .get(&member)
@@ -1161,6 +1280,60 @@ mod tests {
             open.attach(m, &[m as u32], x, 0).unwrap();
         }
         assert_eq!(open.len(), 10);
+    }
+
+    /// Staged changes take their room at once (checked in order against
+    /// everything staged before), make repeats wait, and when their write
+    /// fails are undone last first, bringing each member's previous record
+    /// back; written ones stay.
+    #[test]
+    fn staged_changes_take_room_in_order_and_undo_cleanly() {
+        use Staged::*;
+        let a = Attached::with_share(AttachShare {
+            members: 2,
+            groups: 2,
+        });
+        let rx = a.subscribe_groups();
+        let x = Some([1; 16]);
+        a.attach(1, &[5], x, 0).unwrap();
+        assert!(matches!(a.stage(1, &[5], x, 1), Ok(Unchanged)));
+        let Ok(Changed(two)) = a.stage(2, &[6], x, 1) else {
+            panic!("member 2 fits")
+        };
+        assert_eq!(a.would_change(2, &[6], x), Ok(true), "pending");
+        assert!(matches!(a.stage(2, &[6], x, 1), Ok(Repeat)));
+        assert_eq!(
+            a.stage(3, &[5], x, 1).unwrap_err(),
+            AttachFull::SourceMembers(2)
+        );
+        let Ok(Changed(one)) = a.stage(1, &[7], x, 1) else {
+            panic!("member 1 trades group 5, which only it holds")
+        };
+        assert_eq!(*rx.borrow(), vec![6, 7]);
+        a.settle(false, vec![two, one]);
+        assert_eq!(*rx.borrow(), vec![5]);
+        assert_eq!(a.members_of(5), vec![MemberId(1)]);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.would_change(1, &[5], x), Ok(false), "settled");
+        // Written: kept, and no longer pending.
+        let Ok(Changed(two)) = a.stage(2, &[6], x, 2) else {
+            panic!("the room came back")
+        };
+        a.settle(true, vec![two]);
+        assert_eq!(a.would_change(2, &[6], x), Ok(false));
+        assert_eq!(*rx.borrow(), vec![5, 6]);
+        // From a full source with the same groups: a repeat, counted
+        // where it was.
+        let y = Some([2; 16]);
+        a.attach(3, &[8], y, 0).unwrap();
+        let b = Attached::with_share(AttachShare {
+            members: 1,
+            groups: 0,
+        });
+        b.attach(1, &[5], x, 0).unwrap();
+        b.attach(2, &[5], y, 0).unwrap();
+        assert!(matches!(b.stage(1, &[5], y, 3), Ok(Unchanged)));
+        assert!(b.stage(1, &[6], y, 3).is_err());
     }
 
     #[test]

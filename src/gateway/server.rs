@@ -152,6 +152,8 @@ pub(crate) struct Ctx {
     pub(crate) spool: Spool,
     pub(crate) collector: CollectorHandle,
     pub(crate) attached: Arc<Attached>,
+    /// The attach registry's writer ([`run_attach_writer`]).
+    pub(crate) attach_jobs: tokio::sync::mpsc::Sender<AttachJob>,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) readiness: Readiness,
     pub(crate) limits: Limits,
@@ -639,52 +641,115 @@ async fn attach(
     let now = ctx.attached.now_ms();
     let unchanged = !attach_changes(ctx, parsed.member, &parsed.groups, source)?;
     if !(unchanged && ctx.attached.touch(parsed.member, now)) {
-        // Written and recorded by a task of its own, so a client that
-        // goes away mid-write cannot leave the spool and the registry
-        // disagreeing. Durable before it takes effect and before the
-        // answer, so a restarted gateway still routes for this member, and
-        // a failed write leaves the registry as it was (the retry writes
-        // again). One change at a time from the check to the apply
-        // ([`super::Attached::change_lock`]).
-        let task_ctx = Arc::clone(ctx);
-        let member = parsed.member;
-        let groups = super::normalize_groups(&parsed.groups);
-        detached(async move {
-            let ctx = task_ctx;
-            let _one = ctx.attached.change_lock().await;
-            let now = ctx.attached.now_ms();
-            // Again under the lock: an attach written meanwhile may have
-            // made this one a repeat, or taken the room. A repeat whose
-            // member the sweep expired between that check and its touch is
-            // judged again, as new (the sweep is the one change that does
-            // not take the lock).
-            if !attach_changes(&ctx, member, &groups, source)? {
-                if ctx.attached.touch(member, now) {
-                    return Ok(());
-                }
-                attach_changes(&ctx, member, &groups, source)?;
-            }
-            ctx.spool
-                .set_attached(member, &groups, source, now)
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "attach not persisted");
-                    spool_unavailable()
-                })?;
-            ctx.attached
-                .attach(member, &groups, source, now)
-                .map_err(|e| attach_full(&ctx.metrics, e))?;
-            ctx.metrics
-                .attached_members
-                .set(i64::try_from(ctx.attached.len()).unwrap_or(i64::MAX));
-            Ok(())
-        })
-        .await?;
+        // A change (or a repeat of one still being written) goes to the
+        // registry's single writer, which answers once it is durable. A
+        // client that goes away meanwhile leaves its change queued: the
+        // spool and the registry cannot disagree over it.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = AttachJob {
+            member: parsed.member,
+            groups: super::normalize_groups(&parsed.groups),
+            source,
+            reply,
+        };
+        ctx.attach_jobs
+            .send(job)
+            .await
+            .map_err(|_| spool_unavailable())?;
+        answer.await.map_err(|_| spool_unavailable())??;
     }
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"cursor": ctx.spool.last_cursor()}),
     ))
+}
+
+/// Attach changes queued for the registry's writer before attaches wait to
+/// queue.
+pub(crate) const ATTACH_QUEUE: usize = 4096;
+
+/// Most attach changes the writer stages and writes together.
+const ATTACH_GROUP: usize = 256;
+
+/// An attach change for the registry's writer ([`run_attach_writer`]).
+#[derive(Debug)]
+pub(crate) struct AttachJob {
+    member: u64,
+    groups: Vec<u32>,
+    source: Option<super::SourceKey>,
+    reply: tokio::sync::oneshot::Sender<Result<(), Refusal>>,
+}
+
+/// The attach registry's single writer. It takes the attach changes queued
+/// since its last write (up to [`ATTACH_GROUP`]), stages each in order
+/// ([`Attached::stage`]: the caps and shares checked against everything
+/// staged before it), writes the changed ones to the spool in one request,
+/// settles them (kept, or undone if the write failed), and only then
+/// answers each. One writer, so concurrent attaches cannot together pass a
+/// cap or a share and the spool never keeps a row the registry refused;
+/// grouped, so a fleet attaching at once costs a commit per group of
+/// attaches, not per member. Ends when the endpoint's senders are gone.
+pub(crate) async fn run_attach_writer(
+    mut jobs: tokio::sync::mpsc::Receiver<AttachJob>,
+    spool: Spool,
+    attached: Arc<Attached>,
+    metrics: GatewayMetrics,
+) {
+    use super::Staged;
+    while let Some(first) = jobs.recv().await {
+        let mut group = vec![first];
+        while group.len() < ATTACH_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let now = attached.now_ms();
+        let mut staged = Vec::new();
+        let mut waiting = Vec::new();
+        for job in group {
+            match attached.stage(job.member, &job.groups, job.source, now) {
+                Ok(Staged::Unchanged) => {
+                    let _ = job.reply.send(Ok(()));
+                }
+                Ok(Staged::Repeat) => waiting.push(job.reply),
+                Ok(Staged::Changed(undo)) => {
+                    staged.push(undo);
+                    waiting.push(job.reply);
+                }
+                Err(e) => {
+                    let _ = job.reply.send(Err(attach_full(&metrics, e)));
+                }
+            }
+        }
+        let written = if staged.is_empty() {
+            Ok(())
+        } else {
+            let rows = staged
+                .iter()
+                .map(|u| {
+                    let (member, groups, source) = u.row();
+                    (member, groups.to_vec(), source)
+                })
+                .collect();
+            spool.set_attached_many(rows, now).await
+        };
+        if let Err(e) = &written {
+            tracing::error!(error = %e, members = staged.len(), "attach not persisted");
+        }
+        let written = written.is_ok();
+        attached.settle(written, staged);
+        metrics
+            .attached_members
+            .set(i64::try_from(attached.len()).unwrap_or(i64::MAX));
+        for reply in waiting {
+            let _ = reply.send(if written {
+                Ok(())
+            } else {
+                Err(spool_unavailable())
+            });
+        }
+    }
 }
 
 /// Whether attaching `member` to `groups` from `source` changes the

@@ -649,9 +649,7 @@ enum Request {
         reply: Reply<()>,
     },
     SetAttached {
-        member: u64,
-        groups: Vec<u32>,
-        source: Option<[u8; 16]>,
+        rows: Vec<(u64, Vec<u32>, Option<[u8; 16]>)>,
         seen_ms: u64,
         reply: Reply<()>,
     },
@@ -1576,14 +1574,23 @@ impl Spool {
         source: Option<[u8; 16]>,
         seen_ms: u64,
     ) -> Result<(), SpoolError> {
-        if groups.len() > MAX_READ_GROUPS {
+        self.set_attached_many(vec![(member, groups.to_vec(), source)], seen_ms)
+            .await
+    }
+
+    /// [`Spool::set_attached`] for several members (`(member, groups,
+    /// source)`) heard from at `seen_ms`, in one request: all are stored,
+    /// or none.
+    pub async fn set_attached_many(
+        &self,
+        rows: Vec<(u64, Vec<u32>, Option<[u8; 16]>)>,
+        seen_ms: u64,
+    ) -> Result<(), SpoolError> {
+        if rows.iter().any(|r| r.1.len() > MAX_READ_GROUPS) {
             return Err(SpoolError::Invalid("too many groups"));
         }
-        let groups = groups.to_vec();
         self.call(|reply| Request::SetAttached {
-            member,
-            groups,
-            source,
+            rows,
             seen_ms,
             reply,
         })
@@ -2235,26 +2242,25 @@ impl Writer {
                 self.savepoint(|w| w.dead_letter(batch_id, status, &reason, now_ms)),
             ),
             Request::SetAttached {
-                member,
-                groups,
-                source,
+                rows,
                 seen_ms,
                 reply,
             } => pending(
                 reply,
                 self.savepoint(|w| {
-                    let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
-                    w.conn
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO attached (member, groups, seen_ms, source) \
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )?
-                        .execute(params![
+                    let mut st = w.conn.prepare_cached(
+                        "INSERT OR REPLACE INTO attached (member, groups, seen_ms, source) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?;
+                    for (member, groups, source) in rows {
+                        let blob: Vec<u8> = groups.iter().flat_map(|g| g.to_be_bytes()).collect();
+                        st.execute(params![
                             u2i(member),
                             blob,
                             clamp(seen_ms),
                             source.as_ref().map(|s| &s[..])
                         ])?;
+                    }
                     Ok(())
                 }),
             ),
