@@ -936,14 +936,39 @@ impl Attached {
         self.publish_groups(inner);
     }
 
-    /// Whether `member` is attached with exactly `groups`, from whatever
-    /// source.
-    pub(crate) fn holds(&self, member: u64, groups: &[u32]) -> bool {
+    /// The attach endpoint's fast path, decided under one lock: true when
+    /// `member` is recorded and durable (no change of it staged) with
+    /// exactly `groups`, from `source` or from another source while this
+    /// one has no room (it stays counted where it was), and was refreshed
+    /// to `now_ms`; false when the attach is a change for the writer
+    /// ([`Attached::stage`]); the refusal of a cap otherwise.
+    pub(crate) fn touch_if_durable(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        now_ms: u64,
+    ) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
-        self.lock()
-            .members
-            .get(&member)
-            .is_some_and(|m| m.groups == groups)
+        let mut inner = self.lock();
+        if inner.pending.contains(&member) {
+            return Ok(false);
+        }
+        let (same, from) = match inner.members.get(&member) {
+            Some(m) => (m.groups == groups, m.source),
+            None => (false, None),
+        };
+        if !(same && from == source) {
+            match inner.check_room(member, &groups, source, self.share) {
+                Ok(()) => return Ok(false),
+                Err(AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_)) if same => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(m) = inner.members.get_mut(&member) {
+            m.seen_ms = m.seen_ms.max(now_ms);
+        }
+        Ok(true)
     }
 
     /// Notes that `member` was heard from at `now_ms`; false when it is
@@ -1301,6 +1326,8 @@ mod tests {
             panic!("member 2 fits")
         };
         assert_eq!(a.would_change(2, &[6], x), Ok(true), "pending");
+        assert_eq!(a.touch_if_durable(2, &[6], x, 1), Ok(false), "pending");
+        assert_eq!(a.touch_if_durable(1, &[5], x, 1), Ok(true), "durable");
         assert!(matches!(a.stage(2, &[6], x, 1), Ok(Repeat)));
         assert_eq!(
             a.stage(3, &[5], x, 1).unwrap_err(),
@@ -1334,6 +1361,12 @@ mod tests {
         b.attach(2, &[5], y, 0).unwrap();
         assert!(matches!(b.stage(1, &[5], y, 3), Ok(Unchanged)));
         assert!(b.stage(1, &[6], y, 3).is_err());
+        assert_eq!(b.touch_if_durable(1, &[5], y, 4), Ok(true));
+        assert_eq!(
+            b.touch_if_durable(1, &[6], y, 4),
+            Err(AttachFull::SourceMembers(1))
+        );
+        assert_eq!(b.touch_if_durable(3, &[5], Some([3; 16]), 4), Ok(false));
     }
 
     #[test]

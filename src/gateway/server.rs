@@ -639,8 +639,11 @@ async fn attach(
     // The same groups again only refresh the member's last-heard time,
     // unless the member expired in between (then it is written as new).
     let now = ctx.attached.now_ms();
-    let unchanged = !attach_changes(ctx, parsed.member, &parsed.groups, source)?;
-    if !(unchanged && ctx.attached.touch(parsed.member, now)) {
+    let durable = ctx
+        .attached
+        .touch_if_durable(parsed.member, &parsed.groups, source, now)
+        .map_err(|e| attach_full(&ctx.metrics, e))?;
+    if !durable {
         // A change (or a repeat of one still being written) goes to the
         // registry's single writer, which answers once it is durable. A
         // client that goes away meanwhile leaves its change queued: the
@@ -749,28 +752,6 @@ pub(crate) async fn run_attach_writer(
                 Err(spool_unavailable())
             });
         }
-    }
-}
-
-/// Whether attaching `member` to `groups` from `source` changes the
-/// registry (false: a repeat, which only refreshes the member), or the
-/// refusal of a cap. A member attached with these groups that comes back
-/// from another source with no room left stays counted where it was: a
-/// repeat.
-fn attach_changes(
-    ctx: &Ctx,
-    member: u64,
-    groups: &[u32],
-    source: Option<super::SourceKey>,
-) -> Result<bool, Refusal> {
-    match ctx.attached.would_change(member, groups, source) {
-        Ok(change) => Ok(change),
-        Err(super::AttachFull::SourceMembers(_) | super::AttachFull::SourceGroups(_))
-            if ctx.attached.holds(member, groups) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(attach_full(&ctx.metrics, e)),
     }
 }
 
