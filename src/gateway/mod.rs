@@ -731,8 +731,8 @@ pub enum AttachFull {
     /// The groups would take the attaching source past its share of the
     /// subscription ([`AttachShare::groups`]).
     #[error(
-        "the members attached from this source name {0} groups, its share of the \
-         gateway's subscription; this attach would add more"
+        "the members attached from this source name {0} distinct groups, and this attach \
+         would take them past the source's share of the gateway's subscription"
     )]
     SourceGroups(usize),
 }
@@ -799,9 +799,10 @@ impl Attached {
     }
 
     /// Records (or replaces) `member`'s groups, attached from `source` and
-    /// heard from at `now_ms` (which the caller has just persisted with
-    /// them); true when that changed the groups or the source recorded
-    /// (the caller persists it then).
+    /// heard from at `now_ms`, in memory only (the attach endpoint goes
+    /// through its writer, [`Attached::stage`], which persists first);
+    /// true when that changed the groups or the source recorded. The same
+    /// as [`Attached::restore`].
     pub fn attach(
         &self,
         member: u64,
@@ -849,8 +850,8 @@ impl Attached {
     /// endpoint's single writer (which alone stages, so the caps are
     /// checked in order against everything staged before): the member is
     /// marked pending until [`Attached::settle`], and while it is,
-    /// [`Attached::would_change`] sends its repeats to the writer too, so
-    /// none is answered before the change is durable. A member attached
+    /// [`Attached::touch_if_durable`] sends its repeats to the writer too,
+    /// so none is answered before the change is durable. A member attached
     /// with these groups that comes back from another source with no room
     /// left stays counted where it was (a repeat).
     pub(crate) fn stage(
@@ -984,7 +985,8 @@ impl Attached {
     }
 
     /// Whether [`Attached::attach`] would change what is recorded for
-    /// `member` (its caps checked too), without changing anything.
+    /// `member` (its caps checked too), without changing anything; true
+    /// for a member with a change staged and not yet written.
     pub fn would_change(
         &self,
         member: u64,

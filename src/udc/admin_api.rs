@@ -99,8 +99,11 @@ fn store_err(e: store::StoreError) -> AdminResponse {
 /// and no round or update ever used it. Opening a round, a schedule or an
 /// update there would only wait for members that do not exist (a typo in
 /// the group id), so the operator hears of it at once. A group row at its
-/// first version was created and never written back: by an import that
-/// failed before its write (which stores the row again), not by any use.
+/// first version was created and never written back, which no use leaves
+/// behind (a round, an update, a rekey and an import all write it back):
+/// an import that failed before its write, a gateway's batch naming a
+/// group nobody is in, or `dapgw udc recover` creating a group it found
+/// named (docs/udc.md).
 async fn known_group(udc: &Udc, group: u32) -> Result<(), AdminResponse> {
     let store = udc.store();
     let used = |row: crate::udc::store::GroupRow| row.version > 1;
