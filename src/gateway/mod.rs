@@ -800,7 +800,7 @@ impl Attached {
 
     /// Records (or replaces) `member`'s groups, attached from `source` and
     /// heard from at `now_ms`, in memory only (the attach endpoint goes
-    /// through its writer, [`Attached::stage`], which persists first);
+    /// through its writer, `Attached::stage`, which persists first);
     /// true when that changed the groups or the source recorded. The same
     /// as [`Attached::restore`].
     pub fn attach(
