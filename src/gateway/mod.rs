@@ -832,16 +832,15 @@ impl Attached {
             return Ok(false);
         }
         inner.check_room(member, &groups, source, self.share)?;
-        let entry = AttachedMember {
-            groups: groups.clone(),
-            source,
-            seen_ms,
-            stored_ms: seen_ms,
-        };
-        if let Some(old) = inner.members.insert(member, entry) {
-            inner.unlink(member, &old.groups, old.source);
-        }
-        inner.link(member, &groups, source);
+        inner.put(
+            member,
+            AttachedMember {
+                groups,
+                source,
+                seen_ms,
+                stored_ms: seen_ms,
+            },
+        );
         self.publish_groups(inner);
         Ok(true)
     }
@@ -863,41 +862,23 @@ impl Attached {
     ) -> Result<Staged, AttachFull> {
         let groups = normalize_groups(groups);
         let mut inner = self.lock();
-        let repeat = |inner: &mut AttachedInner| {
-            let pending = inner.pending.contains(&member);
-            if let Some(m) = inner.members.get_mut(&member) {
-                m.seen_ms = m.seen_ms.max(now_ms);
-            }
-            if pending {
+        if inner.is_repeat(member, &groups, source, self.share)? {
+            inner.refresh(member, now_ms);
+            return Ok(if inner.pending.contains(&member) {
                 Staged::Repeat
             } else {
                 Staged::Unchanged
-            }
-        };
-        let same = inner.members.get(&member).map(|m| m.groups == groups);
-        if same == Some(true) && inner.members[&member].source == source {
-            return Ok(repeat(&mut inner));
+            });
         }
-        match inner.check_room(member, &groups, source, self.share) {
-            Ok(()) => {}
-            Err(AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_))
-                if same == Some(true) =>
-            {
-                return Ok(repeat(&mut inner));
-            }
-            Err(e) => return Err(e),
-        }
-        let entry = AttachedMember {
-            groups: groups.clone(),
-            source,
-            seen_ms: now_ms,
-            stored_ms: now_ms,
-        };
-        let old = inner.members.insert(member, entry);
-        if let Some(old) = &old {
-            inner.unlink(member, &old.groups, old.source);
-        }
-        inner.link(member, &groups, source);
+        let old = inner.put(
+            member,
+            AttachedMember {
+                groups: groups.clone(),
+                source,
+                seen_ms: now_ms,
+                stored_ms: now_ms,
+            },
+        );
         inner.pending.insert(member);
         self.publish_groups(inner);
         Ok(Staged::Changed(Undo {
@@ -927,11 +908,13 @@ impl Attached {
             if !ours {
                 continue;
             }
-            inner.members.remove(&u.member);
-            inner.unlink(u.member, &u.groups, u.source);
-            if let Some(old) = u.old {
-                inner.link(u.member, &old.groups, old.source);
-                inner.members.insert(u.member, old);
+            match u.old {
+                Some(old) => {
+                    inner.put(u.member, old);
+                }
+                None => {
+                    inner.forget(u.member);
+                }
             }
         }
         self.publish_groups(inner);
@@ -952,36 +935,19 @@ impl Attached {
     ) -> Result<bool, AttachFull> {
         let groups = normalize_groups(groups);
         let mut inner = self.lock();
-        if inner.pending.contains(&member) {
+        if inner.pending.contains(&member)
+            || !inner.is_repeat(member, &groups, source, self.share)?
+        {
             return Ok(false);
         }
-        let (same, from) = match inner.members.get(&member) {
-            Some(m) => (m.groups == groups, m.source),
-            None => (false, None),
-        };
-        if !(same && from == source) {
-            match inner.check_room(member, &groups, source, self.share) {
-                Ok(()) => return Ok(false),
-                Err(AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_)) if same => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(m) = inner.members.get_mut(&member) {
-            m.seen_ms = m.seen_ms.max(now_ms);
-        }
+        inner.refresh(member, now_ms);
         Ok(true)
     }
 
     /// Notes that `member` was heard from at `now_ms`; false when it is
     /// not attached (nothing recorded then).
     pub fn touch(&self, member: u64, now_ms: u64) -> bool {
-        match self.lock().members.get_mut(&member) {
-            Some(m) => {
-                m.seen_ms = m.seen_ms.max(now_ms);
-                true
-            }
-            None => false,
-        }
+        self.lock().refresh(member, now_ms)
     }
 
     /// Whether [`Attached::attach`] would change what is recorded for
@@ -1025,9 +991,7 @@ impl Attached {
         }
         gone.sort_unstable();
         for id in &gone {
-            if let Some(old) = inner.members.remove(id) {
-                inner.unlink(*id, &old.groups, old.source);
-            }
+            inner.forget(*id);
         }
         self.publish_groups(inner);
         gone
@@ -1158,6 +1122,64 @@ impl AttachedInner {
             return Err(AttachFull::Groups(self.by_group.len()));
         }
         Ok(())
+    }
+
+    /// Whether attaching `member` to `groups` (normalized) from `source`
+    /// is a repeat: recorded with these groups from this source, or from
+    /// another while this one has no room left (it stays counted where it
+    /// was). Otherwise `Ok(false)` when the change fits every cap, or the
+    /// refusal of the first it would pass.
+    fn is_repeat(
+        &self,
+        member: u64,
+        groups: &[u32],
+        source: Option<SourceKey>,
+        share: AttachShare,
+    ) -> Result<bool, AttachFull> {
+        let (same, from) = match self.members.get(&member) {
+            Some(m) => (m.groups == groups, m.source),
+            None => (false, None),
+        };
+        if same && from == source {
+            return Ok(true);
+        }
+        match self.check_room(member, groups, source, share) {
+            Ok(()) => Ok(false),
+            Err(AttachFull::SourceMembers(_) | AttachFull::SourceGroups(_)) if same => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves `member`'s last-heard time up to `now_ms`; false when it is
+    /// not recorded.
+    fn refresh(&mut self, member: u64, now_ms: u64) -> bool {
+        match self.members.get_mut(&member) {
+            Some(m) => {
+                m.seen_ms = m.seen_ms.max(now_ms);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `entry` for `member` in place of its old record (returned),
+    /// keeping the per-group sets and the source counts in step.
+    fn put(&mut self, member: u64, entry: AttachedMember) -> Option<AttachedMember> {
+        let (groups, source) = (entry.groups.clone(), entry.source);
+        let old = self.members.insert(member, entry);
+        if let Some(old) = &old {
+            self.unlink(member, &old.groups, old.source);
+        }
+        self.link(member, &groups, source);
+        old
+    }
+
+    /// Removes `member`'s record (returned), keeping the per-group sets
+    /// and the source counts in step.
+    fn forget(&mut self, member: u64) -> Option<AttachedMember> {
+        let old = self.members.remove(&member)?;
+        self.unlink(member, &old.groups, old.source);
+        Some(old)
     }
 
     /// Adds `member` to the per-group sets of `groups` and to its
