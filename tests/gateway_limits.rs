@@ -437,8 +437,8 @@ async fn flood(c: &mut Client, member: u64, ctr: &mut u64) -> (Vec<u64>, Reply) 
     panic!("the source was never held to its share");
 }
 
-/// Asserts a 503 `source_share` refusal with a Retry-After and a reason.
-fn assert_source_share(r: &Reply) {
+/// Asserts a 503 refusal with `code`, a Retry-After and a reason.
+fn assert_retry_later(r: &Reply, code: &str) {
     assert_eq!(
         r.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -446,7 +446,7 @@ fn assert_source_share(r: &Reply) {
         String::from_utf8_lossy(&r.body)
     );
     let j = r.json();
-    assert_eq!(j["error"], "source_share", "{j}");
+    assert_eq!(j["error"], code, "{j}");
     assert!(j["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
     let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(secs >= 1);
@@ -472,7 +472,7 @@ async fn one_source_cannot_fill_the_spool() {
     let mut other = Client::connect_from(gw.members, &pki, true, b).await;
     let mut ctr = 0;
     let (mut accepted, refused) = flood(&mut flooder, 1, &mut ctr).await;
-    assert_source_share(&refused);
+    assert_retry_later(&refused, "source_share");
     assert!(accepted.len() >= 10, "{accepted:?}");
     assert!(gw.metric("dapgw_spool_bytes").await < 64.0 * 1024.0);
     let r = other.post(uplink(2, 1, 1, &[2; 64]).to_bytes()).await;
@@ -493,7 +493,7 @@ async fn one_source_cannot_fill_the_spool() {
     let mut other = Client::connect_from(gw.members, &pki, false, b).await;
     ctr += 1;
     let r = flooder.post(uplink(1, 1, ctr, &[0; 64]).to_bytes()).await;
-    assert_source_share(&r);
+    assert_retry_later(&r, "source_share");
     let r = other.post(uplink(2, 1, 2, &[2; 64]).to_bytes()).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
 
@@ -517,7 +517,7 @@ async fn one_source_cannot_fill_the_spool() {
     // Held again while the UDC cannot answer: a whole share's worth fits.
     udc.set_mode(UdcMode::Failing);
     let (again, refused) = flood(&mut flooder, 1, &mut ctr).await;
-    assert_source_share(&refused);
+    assert_retry_later(&refused, "source_share");
     assert_eq!(again.len(), accepted.len(), "{again:?} vs {accepted:?}");
     accepted.extend(again);
     udc.set_mode(UdcMode::Up);
@@ -570,21 +570,6 @@ async fn h2_flow_control_windows_are_small() {
     assert_eq!(resp.await.unwrap().status(), StatusCode::NO_CONTENT);
 }
 
-/// Asserts a 503 attach refusal with `code`, a Retry-After and a reason.
-fn assert_attach_refused(r: &Reply, code: &str) {
-    assert_eq!(
-        r.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
-    let j = r.json();
-    assert_eq!(j["error"], code, "{j}");
-    assert!(j["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
-    let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(secs >= 1);
-}
-
 /// One source (127.0.0.1) attaching member ids and groups is held to
 /// `DAPGW_ATTACH_MAX_MEMBERS_PER_SOURCE` and
 /// `DAPGW_ATTACH_MAX_GROUPS_PER_SOURCE`: 503 `source_attach_full` and
@@ -606,10 +591,10 @@ async fn one_source_cannot_fill_the_attach_registry() {
     let mut other = Client::connect_from(gw.members, &pki, true, b).await;
     assert_eq!(flooder.attach(1, &[7]).await.status, StatusCode::OK);
     assert_eq!(flooder.attach(2, &[7, 8]).await.status, StatusCode::OK);
-    assert_attach_refused(&flooder.attach(3, &[7]).await, "source_attach_full");
+    assert_retry_later(&flooder.attach(3, &[7]).await, "source_attach_full");
     // Member 1 may take a third group; a fourth is one too many.
     assert_eq!(flooder.attach(1, &[7, 9]).await.status, StatusCode::OK);
-    assert_attach_refused(&flooder.attach(2, &[7, 8, 10]).await, "source_groups_full");
+    assert_retry_later(&flooder.attach(2, &[7, 8, 10]).await, "source_groups_full");
     // Another source is served, with new groups too.
     assert_eq!(other.attach(3, &[7, 11]).await.status, StatusCode::OK);
     for (reason, n) in [
@@ -640,8 +625,8 @@ async fn one_source_cannot_fill_the_attach_registry() {
     gw.stop().await;
     let gw = Gateway::start(cfg.clone()).await;
     let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
-    assert_attach_refused(&flooder.attach(4, &[7]).await, "source_attach_full");
-    assert_attach_refused(&flooder.attach(2, &[7, 8, 12]).await, "source_groups_full");
+    assert_retry_later(&flooder.attach(4, &[7]).await, "source_attach_full");
+    assert_retry_later(&flooder.attach(2, &[7, 8, 12]).await, "source_groups_full");
     assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
     drop(flooder);
     gw.stop().await;
@@ -654,14 +639,14 @@ async fn one_source_cannot_fill_the_attach_registry() {
     let gw = Gateway::start(cfg.clone()).await;
     assert_eq!(gw.metric("dapgw_attached_members").await, 2.0);
     let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
-    assert_attach_refused(&flooder.attach(4, &[7]).await, "source_attach_full");
+    assert_retry_later(&flooder.attach(4, &[7]).await, "source_attach_full");
     assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
     // Member 2 heard from the second source, which keeps its one member
     // (3): with the same groups it stays counted at the first and is
     // answered 200; with other groups it is refused there.
     let mut other = Client::connect_from(gw.members, &pki, true, b).await;
     assert_eq!(other.attach(2, &[7]).await.status, StatusCode::OK);
-    assert_attach_refused(&other.attach(2, &[8]).await, "source_attach_full");
+    assert_retry_later(&other.attach(2, &[8]).await, "source_attach_full");
     drop((flooder, other));
     gw.stop().await;
     cfg.attach_max_members_per_source = 2;

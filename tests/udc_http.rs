@@ -3876,18 +3876,21 @@ async fn round_of(h: &Harness, mode: &str, cursor: u64) -> (u64, Bytes, u64) {
 /// until the member answers under the new one, refused after.
 async fn key_update_through_the_operator_api(store_url: Option<String>) {
     let h = Harness::start(store_url).await;
-    let key_update = |id: u64| {
+    // `body`: none (`Null`) or the optional `{"expect_kv": N}`.
+    let key_update_with = |id: u64, body: serde_json::Value| {
         let h = &h;
         async move {
             h.admin(
                 Some(TOKEN),
                 Method::POST,
                 &format!("/v1/admin/members/{id}/key-update"),
-                serde_json::Value::Null,
+                body,
             )
             .await
         }
     };
+    let key_update = |id: u64| key_update_with(id, serde_json::Value::Null);
+    let expecting = |kv: u64| key_update_with(1, serde_json::json!({ "expect_kv": kv }));
     let listed = |v: serde_json::Value, id: u64| {
         let m = v["members"]
             .as_array()
@@ -3938,32 +3941,13 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
             .persisted();
     }
     // With the version the operator saw: a stale one issues nothing.
-    let expecting = |kv: u64| {
-        let h = &h;
-        async move {
-            h.admin(
-                Some(TOKEN),
-                Method::POST,
-                "/v1/admin/members/1/key-update",
-                serde_json::json!({ "expect_kv": kv }),
-            )
-            .await
-        }
-    };
     let (s, v) = expecting(7).await;
     assert_eq!(
         (s, v["error"].as_str()),
         (StatusCode::CONFLICT, Some("kv_changed"))
     );
     assert!(v["reason"].as_str().unwrap().contains("is 1"), "{v}");
-    let (s, v) = h
-        .admin(
-            Some(TOKEN),
-            Method::POST,
-            "/v1/admin/members/1/key-update",
-            serde_json::json!({ "expect": 1 }),
-        )
-        .await;
+    let (s, v) = key_update_with(1, serde_json::json!({ "expect": 1 })).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "unknown field: {v}");
     let (s, v) = expecting(1).await;
     assert_eq!(s, StatusCode::OK, "{v}");
