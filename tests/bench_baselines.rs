@@ -96,6 +96,25 @@ fn assert_dapgw(name: &str, s: &Value) {
     // The gateway's link to the UDC was opened before the measurement.
     assert_eq!(s["udc_connections"], 0, "{name}");
     assert!(s["warmup"].is_null(), "{name}");
+    // The measured phase is cut in two where every member was
+    // authenticated: the round, then the readings. The parts add up to the
+    // whole (the same snapshots bound them).
+    let parts = s["parts"].as_object().expect("parts object");
+    let names: Vec<_> = parts.keys().map(String::as_str).collect();
+    assert_eq!(names, ["auth", "reading"], "{name}");
+    let (auth, reading) = (&parts["auth"], &parts["reading"]);
+    assert_phase_fields(&format!("{name} auth"), auth, true);
+    assert_phase_fields(&format!("{name} reading"), reading, true);
+    assert_eq!(auth["driver"]["authenticated"], MEMBERS, "{name}");
+    assert_eq!(reading["driver"]["ok"], MEMBERS, "{name}");
+    for key in ["udc_cpu_us_per_member", "udc_bytes_per_member"] {
+        let sum = number(auth, key) + number(reading, key);
+        let whole = number(s, key);
+        assert!(
+            (sum - whole).abs() <= 1e-6 * whole.max(1.0),
+            "{name} {key}: {sum} vs {whole}"
+        );
+    }
 }
 
 #[test]
@@ -130,6 +149,8 @@ fn every_scenario_delivers_every_reading_once_and_reports_every_field() {
     assert_eq!(direct["udc_connections"], MEMBERS);
     assert_eq!(direct["driver"]["full_handshakes"], MEMBERS);
     assert!(direct["warmup"].is_null());
+    // The baselines' drivers do not cut their phase.
+    assert_eq!(direct["parts"], Value::Object(Default::default()));
 
     let resumed = &scenarios["direct-mtls-resumed"];
     assert_exactly_once("direct-mtls-resumed", resumed);

@@ -24,8 +24,10 @@
 //! - `members` driver: imports the members through the admin
 //!   API and attaches a [`Fleet`] (setup, not measured); then, measured:
 //!   opens one round, waits until every member opened its confirm
-//!   (mutually authenticated), has every member send one reading, and
-//!   waits until the UDC has stored them all.
+//!   (mutually authenticated), ends the `auth` part there (the harness
+//!   takes a snapshot, so the round's cost is reported apart), has every
+//!   member send one reading, and waits until the UDC has stored them all
+//!   (the `reading` part).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -587,6 +589,7 @@ async fn workload(
     fleet: &Arc<Fleet>,
     op: &mut Operator,
     args: &MembersRoleArgs,
+    control: &mut ControlIn,
 ) -> anyhow::Result<Map<String, Value>> {
     let n = args.members as u64;
     let timeout = Duration::from_secs(args.timeout_s);
@@ -608,6 +611,18 @@ async fn workload(
     })
     .await?;
     let auth_wall = started.elapsed();
+    // The harness cuts the measured phase here: the round's cost apart
+    // from the readings'.
+    emit(json!({
+        "event": "part",
+        "part": "auth",
+        "authenticated": stats.confirms_opened.load(Ordering::Relaxed),
+        "auth_wall_s": auth_wall.as_secs_f64(),
+    }));
+    match control.next().await?.as_deref() {
+        Some("go") => {}
+        other => bail!("expected go after the auth part, got {other:?}"),
+    }
 
     // One reading per member, all members at once (each is its own meter).
     let mut set = tokio::task::JoinSet::new();
@@ -640,6 +655,7 @@ async fn workload(
         tokio::time::sleep(METRICS_POLL).await;
     };
     let mut m = Map::new();
+    m.insert("part".into(), json!("reading"));
     m.insert("ok".into(), json!(ok));
     m.insert("failed".into(), json!(failed));
     m.insert("first_error".into(), json!(first_error.unwrap_or_default()));
@@ -740,7 +756,7 @@ pub(crate) async fn members(args: MembersRoleArgs) -> anyhow::Result<()> {
         Some("go") => {}
         other => bail!("expected go, got {other:?}"),
     }
-    let mut done = workload(&fleet, &mut op, &args).await?;
+    let mut done = workload(&fleet, &mut op, &args, &mut control).await?;
     done.insert("event".into(), json!("done"));
     emit(Value::Object(done));
     // Stay until the harness has read this process's CPU time.

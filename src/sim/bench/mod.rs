@@ -38,6 +38,11 @@
 //!   `{"event":"warm",...}` (a warm-up phase, e.g. obtaining TLS tickets:
 //!   measured separately, then it waits for the next `go`) or
 //!   `{"event":"done",...}` with its stats; then it exits on stdin EOF.
+//!   Within the measured phase it may print `{"event":"part","part":NAME,...}`
+//!   where one part of the workload ends (the dapgw drivers: `auth`, once
+//!   every member is authenticated): the harness takes a snapshot and
+//!   answers `go`; the `done` event then names the last part (`"part"`).
+//!   The report keeps the whole phase and each part's figures (`parts`).
 //!
 //! Scenarios, in report order: `direct-mtls` and `direct-mtls-resumed`
 //! (flow A, [`direct`]), `hop-by-hop` (flow B, [`hop`]), and dapgw's own
@@ -352,6 +357,9 @@ pub struct ScenarioResult {
     pub warmup: Option<PhaseResult>,
     /// The measured phase.
     pub measured: PhaseResult,
+    /// The measured phase cut where the driver said (`part` events), in
+    /// order, by name; empty if it did not.
+    pub parts: Vec<(String, PhaseResult)>,
     /// Final counters of the UDC (whole run), for the delivery check.
     pub udc_final: BTreeMap<String, u64>,
 }
@@ -468,6 +476,12 @@ impl ScenarioResult {
                 .as_ref()
                 .map_or(Value::Null, |w| self.phase_json(w)),
         );
+        let parts: Map<String, Value> = self
+            .parts
+            .iter()
+            .map(|(name, p)| (name.clone(), self.phase_json(p)))
+            .collect();
+        obj.insert("parts".into(), Value::Object(parts));
         obj.insert("cpu_source".into(), json!(CPU_SOURCE));
         Value::Object(obj)
     }
@@ -580,6 +594,23 @@ impl BenchReport {
                 r.udc_final.get("readings_distinct").copied().unwrap_or(0),
                 n
             )?;
+            for (name, p) in &r.parts {
+                writeln!(
+                    out,
+                    "{:<22} {:>12.1} {:>12.1} {:>9.2} {:>12} {:>12} {:>8.2}",
+                    format!("  part: {name}"),
+                    per_member(p.cpu_us(&r.scenario.udc).unwrap_or(0.0), n),
+                    per_member(p.counter(&r.scenario.udc, "bytes_in") as f64, n),
+                    per_member(p.counter(&r.scenario.udc, "requests") as f64, n),
+                    r.scenario
+                        .gateway
+                        .as_deref()
+                        .and_then(|g| p.cpu_us(g))
+                        .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n))),
+                    "-",
+                    p.wall.as_secs_f64()
+                )?;
+            }
             if let Some(w) = &r.warmup {
                 writeln!(
                     out,
@@ -676,8 +707,7 @@ impl RoleProc {
                     )
                 }
             })?;
-        let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
-        if !want.contains(&name) {
+        if !want.contains(&event_name(&ev)) {
             bail!("role {}: expected {want:?}, got {ev}", self.label);
         }
         Ok(ev)
@@ -770,6 +800,20 @@ fn snapshot(servers: &mut [RoleProc], driver: &RoleProc) -> anyhow::Result<Snaps
         ns_clock,
         counters,
     })
+}
+
+fn event_name(ev: &Value) -> &str {
+    ev.get("event").and_then(Value::as_str).unwrap_or("")
+}
+
+/// The `"part"` a driver's `part` event ended, or the one its `done` event
+/// ended after earlier parts.
+fn part_name(ev: &Value) -> anyhow::Result<String> {
+    ev.get("part")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("driver event without a \"part\" name: {ev}"))
 }
 
 fn phase(from: &Snapshot, to: &Snapshot, driver: &Value, sources: &[CounterSource]) -> PhaseResult {
@@ -891,8 +935,8 @@ pub fn run_scenario(
     let mut start = snapshot(&mut servers, &driver)?;
     cpu::perf_ctl("enable");
     driver.send("go")?;
-    let mut ev = driver.expect(&["warm", "done"])?;
-    if ev.get("event").and_then(Value::as_str) == Some("warm") {
+    let mut ev = driver.expect(&["warm", "part", "done"])?;
+    if event_name(&ev) == "warm" {
         // The warm-up is not profiled either.
         cpu::perf_ctl("disable");
         let warm_end = snapshot(&mut servers, &driver)?;
@@ -900,10 +944,27 @@ pub fn run_scenario(
         start = snapshot(&mut servers, &driver)?;
         cpu::perf_ctl("enable");
         driver.send("go")?;
-        ev = driver.expect(&["done"])?;
+        ev = driver.expect(&["part", "done"])?;
+    }
+    // Parts of the measured phase: each `part` event ends one (a snapshot
+    // there, then `go` for the next); `done` ends the last.
+    let mut parts = Vec::new();
+    let mut part_start: Option<Snapshot> = None;
+    while event_name(&ev) == "part" {
+        let at = snapshot(&mut servers, &driver)?;
+        let name = part_name(&ev)?;
+        let from = part_start.as_ref().unwrap_or(&start);
+        parts.push((name, phase(from, &at, &ev, &sc.counter_sources)));
+        part_start = Some(at);
+        driver.send("go")?;
+        ev = driver.expect(&["part", "done"])?;
     }
     let end = snapshot(&mut servers, &driver)?;
     cpu::perf_ctl("disable");
+    if let Some(from) = &part_start {
+        let name = part_name(&ev)?;
+        parts.push((name, phase(from, &end, &ev, &sc.counter_sources)));
+    }
     let measured = phase(&start, &end, &ev, &sc.counter_sources);
 
     driver.finish(None)?;
@@ -921,6 +982,7 @@ pub fn run_scenario(
         members: opts.members,
         warmup,
         measured,
+        parts,
         udc_final,
     })
 }
