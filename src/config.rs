@@ -441,7 +441,9 @@ pub struct GatewayConfig {
     pub spool_max_bytes_per_source: Option<ByteSize>,
     /// `DAPGW_BATCH_MAX_ENTRIES` (default 4096, at most 16384).
     pub batch_max_entries: u32,
-    /// `DAPGW_BATCH_LINGER_MS` (default 1000): how long a batch waits to fill.
+    /// `DAPGW_BATCH_LINGER_MS` (default 1000): how long a batch of uplinks
+    /// waits to fill, counted from its first uplink's arrival (its spool
+    /// commit included, up to half the linger).
     pub batch_linger_ms: u64,
     /// `DAPGW_ROUND_DEADLINE_MS` (default 30000): a round's responses are
     /// sent upstream when this passes, whoever is missing.

@@ -1061,6 +1061,45 @@ async fn a_resend_while_its_batch_waits_to_be_sealed_is_a_duplicate() {
     assert_eq!(sealed, vec![vec![id], vec![next_id]]);
 }
 
+/// An uplink's linger counts from its arrival at the gateway, not from
+/// the spool commit it waited for: the commit's time is part of the
+/// linger, not added to it, up to half the linger. With a 200 ms linger:
+/// arrived 60 ms before it is collected (a slow commit), it is cut 140 ms
+/// after; arrived 100 ms or more before, 100 ms after (so an overloaded
+/// spool does not make every collect cut a batch of its own).
+#[tokio::test(start_paused = true)]
+async fn the_linger_counts_from_the_uplinks_arrival() {
+    let mut b = collector(200, 30_000, Arc::new(Attached::new())).await;
+    let handle = b.collector.handle();
+    let ms = Duration::from_millis;
+    let cases = [
+        (1u64, ms(0), ms(200)),
+        (2, ms(60), ms(140)),
+        (3, ms(100), ms(100)),
+        (4, ms(900), ms(100)),
+    ];
+    for (ctr, waited, cut_after) in cases {
+        let msg = MemberMessage::Uplink(uplink(1, 5, ctr, b"r"));
+        let arrived = tokio::time::Instant::now();
+        let id = store(&b.spool, &msg).await;
+        tokio::time::advance(waited).await;
+        let collected_at = tokio::time::Instant::now();
+        handle.collect_since(msg, id, arrived).await.unwrap();
+        let Some(CollectorEvent::Sealed {
+            entries,
+            trigger,
+            cut_at,
+            ..
+        }) = next_sealed(&mut b.events).await
+        else {
+            panic!("no batch")
+        };
+        assert_eq!(trigger, BatchTrigger::Linger, "{ctr}");
+        assert_eq!(entries, vec![id], "{ctr}");
+        assert_eq!(cut_at - collected_at, cut_after, "{ctr}: waited {waited:?}");
+    }
+}
+
 /// Uplinks linger exactly the configured time on the virtual clock, then go
 /// out together; the size cap cuts at once.
 #[tokio::test(start_paused = true)]

@@ -161,6 +161,9 @@ enum Input {
     Collect {
         msg: MemberMessage,
         entry: EntryId,
+        /// When the message reached the gateway (see
+        /// [`CollectorHandle::collect_since`]).
+        arrived: Instant,
         reply: Reply<Result<Collected, SubmitError>>,
     },
     Expect {
@@ -180,16 +183,40 @@ pub struct CollectorHandle {
 }
 
 impl CollectorHandle {
-    /// Collects a message already stored in the spool as `entry`. On
-    /// `Ok` the member may be told it is accepted.
+    /// Collects a message already stored in the spool as `entry`, as if it
+    /// arrived now. On `Ok` the member may be told it is accepted.
     pub async fn collect(
         &self,
         msg: MemberMessage,
         entry: EntryId,
     ) -> Result<Collected, SubmitError> {
+        self.collect_since(msg, entry, Instant::now()).await
+    }
+
+    /// [`Self::collect`] for a message that reached the gateway at
+    /// `arrived` (before its spool append). An uplink's linger counts from
+    /// then, not from the commit: the time spent making it durable is
+    /// part of the linger instead of added to it (a batch's first uplink
+    /// reaches the UDC `DAPGW_BATCH_LINGER_MS` after it arrived, plus
+    /// sealing and upload), up to half the linger (past that, the batch
+    /// still lingers half a linger after the uplink is collected, so an
+    /// overloaded spool does not make every collect cut a tiny batch). A
+    /// response's round handling is unchanged (its deadline is judged when
+    /// it is collected).
+    pub async fn collect_since(
+        &self,
+        msg: MemberMessage,
+        entry: EntryId,
+        arrived: Instant,
+    ) -> Result<Collected, SubmitError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Input::Collect { msg, entry, reply })
+            .send(Input::Collect {
+                msg,
+                entry,
+                arrived,
+                reply,
+            })
             .await
             .map_err(|_| SubmitError::Stopped)?;
         rx.await.map_err(|_| SubmitError::Stopped)?
@@ -589,8 +616,13 @@ impl Task {
                         let res = self.expect(group, round, mode).await;
                         let _ = reply.send(res);
                     }
-                    Input::Collect { msg, entry, reply } => {
-                        let res = self.collect(msg, entry).await;
+                    Input::Collect {
+                        msg,
+                        entry,
+                        arrived,
+                        reply,
+                    } => {
+                        let res = self.collect(msg, entry, arrived).await;
                         let _ = reply.send(res);
                     }
                 }
@@ -643,6 +675,7 @@ impl Task {
         &mut self,
         msg: MemberMessage,
         entry: EntryId,
+        arrived: Instant,
     ) -> Result<Collected, SubmitError> {
         // The spool returned a stored original that is on its way into a
         // batch (cut or not, sealed or not): a re-send. Not handed to the
@@ -662,7 +695,22 @@ impl Task {
         let now = Instant::now().into_std();
         let res = match msg {
             MemberMessage::Response(r) => self.agg.handle_response(r, entry, now),
-            MemberMessage::Uplink(u) => self.agg.handle_uplink(u, entry, now),
+            // The linger starts when the uplink arrived, so the spool
+            // commit it waited for is not added to it; but at most half a
+            // linger before now: when commits take longer than the linger
+            // (an overloaded spool), a stream is still cut at most every
+            // half linger, not at every collect, and its batches stay
+            // large enough to amortize their seal and upload.
+            MemberMessage::Uplink(u) => {
+                let credit = self.config.aggregator.uplink_linger / 2;
+                let arrived = arrived.into_std().min(now);
+                let since = match now.checked_sub(credit) {
+                    Some(floor) => arrived.max(floor),
+                    // The clock is younger than the credit: no floor.
+                    None => arrived,
+                };
+                self.agg.handle_uplink(u, entry, since)
+            }
         };
         let keep = match res {
             Ok(Collected::New) => {

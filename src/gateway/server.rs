@@ -779,6 +779,8 @@ async fn uplink(
     req: Request<Incoming>,
     endpoint: &mut MemberEndpoint,
 ) -> Result<Reply, Refusal> {
+    // An uplink's linger counts from here (CollectorHandle::collect_since).
+    let arrived = tokio::time::Instant::now();
     require_method(&req, Method::POST)?;
     let source = req.extensions().get::<Source>().copied();
     require_content_type(&req, &[WIRE_CONTENT_TYPE, "application/octet-stream"])?;
@@ -838,8 +840,10 @@ async fn uplink(
     let task_ctx = Arc::clone(ctx);
     let source = source.map(|s| s.0);
     let (id, collected) =
-        detached(async move { store_and_collect(&task_ctx, entry, kind, source, msg).await })
-            .await?;
+        detached(
+            async move { store_and_collect(&task_ctx, entry, kind, source, msg, arrived).await },
+        )
+        .await?;
     match collected {
         Ok(_) => {
             // The hot path: formatted directly, not through a JSON value.
@@ -924,13 +928,15 @@ async fn check_cursor(ctx: &Ctx, after: u64) -> Result<(), Refusal> {
 }
 
 /// Stores `entry` durably and hands `msg` to the collector: the id, and
-/// what the collector made of it.
+/// what the collector made of it. `arrived` is when the request reached
+/// the gateway (an uplink's linger counts from then).
 async fn store_and_collect(
     ctx: &Ctx,
     entry: NewEntry,
     kind: EntryKind,
     source: Option<[u8; 16]>,
     msg: MemberMessage,
+    arrived: tokio::time::Instant,
 ) -> Result<(EntryId, Result<Collected, SubmitError>), Refusal> {
     let appended = match ctx.spool.append_entry(entry, source).await {
         Ok(appended) => {
@@ -947,7 +953,7 @@ async fn store_and_collect(
     let collected = if appended.batched {
         Ok(Collected::Duplicate)
     } else {
-        ctx.collector.collect(msg, appended.id).await
+        ctx.collector.collect_since(msg, appended.id, arrived).await
     };
     update_spool_gauges(&ctx.spool, &ctx.metrics);
     // Counted here, so an entry whose client went away is counted too.

@@ -754,7 +754,9 @@ impl<H> Aggregator<H> {
             .map_err(|(e, _)| e)
     }
 
-    /// Collects a member's uplink.
+    /// Collects a member's uplink. `now` may be when the uplink arrived
+    /// rather than the present (the linger of its group's batch counts from
+    /// the oldest pending uplink's `now`), but never later than the present.
     pub fn handle_uplink(
         &mut self,
         uplink: Uplink,
@@ -988,7 +990,9 @@ impl<H> Aggregator<H> {
         self.held += 1;
         stream.seen.entry(key).or_default().push(uplink.clone());
         stream.pending.push((key, uplink, handle));
-        stream.first_at.get_or_insert(now);
+        // Callers may date an uplink by its arrival, and uplinks can reach
+        // the aggregator out of that order: the clock runs from the oldest.
+        stream.first_at = Some(stream.first_at.map_or(now, |t| t.min(now)));
         if stream.pending.len() >= self.config.max_batch_entries {
             stream.ready_at.get_or_insert(now);
         }
@@ -1464,6 +1468,26 @@ mod tests {
         }
         // Nothing pending: no timer for uplinks any more.
         assert_eq!(agg.poll_timeout(), None);
+    }
+
+    /// Uplinks dated by their arrival can reach the aggregator out of
+    /// order: the linger runs from the oldest date, not the first handed in.
+    #[test]
+    fn the_linger_runs_from_the_oldest_uplink_not_the_first_collected() {
+        let t0 = Instant::now();
+        let linger = Duration::from_millis(200);
+        let mut agg = Aggregator::new(cfg(3, 100)).unwrap();
+        let late = t0 + Duration::from_millis(30);
+        agg.handle_uplink(upl(1, 1, 1), 0u64, late).unwrap();
+        assert_eq!(agg.poll_timeout(), Some(late + linger));
+        agg.handle_uplink(upl(2, 1, 1), 1, t0).unwrap();
+        assert_eq!(agg.poll_timeout(), Some(t0 + linger));
+        // A newer one does not move it forward again.
+        agg.handle_uplink(upl(3, 1, 1), 2, late).unwrap();
+        assert_eq!(agg.poll_timeout(), Some(t0 + linger));
+        let ready = agg.poll_batch(t0 + linger, &mut ids()).unwrap().unwrap();
+        assert_eq!(ready.trigger, BatchTrigger::Linger);
+        assert_eq!(ready.handles.len(), 3);
     }
 
     #[test]

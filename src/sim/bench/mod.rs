@@ -358,7 +358,8 @@ pub struct ScenarioResult {
     /// The measured phase.
     pub measured: PhaseResult,
     /// The measured phase cut where the driver said (`part` events), in
-    /// order, by name; empty if it did not.
+    /// order, each with its distinct name; empty if it did not. (The JSON
+    /// keys them by name.)
     pub parts: Vec<(String, PhaseResult)>,
     /// Final counters of the UDC (whole run), for the delivery check.
     pub udc_final: BTreeMap<String, u64>,
@@ -607,7 +608,8 @@ impl BenchReport {
                         .as_deref()
                         .and_then(|g| p.cpu_us(g))
                         .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n))),
-                    "-",
+                    p.cpu_us(&r.scenario.driver.label)
+                        .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n))),
                     p.wall.as_secs_f64()
                 )?;
             }
@@ -807,13 +809,18 @@ fn event_name(ev: &Value) -> &str {
 }
 
 /// The `"part"` a driver's `part` event ended, or the one its `done` event
-/// ended after earlier parts.
-fn part_name(ev: &Value) -> anyhow::Result<String> {
-    ev.get("part")
+/// ended after earlier parts: a name not used by an earlier part (`before`),
+/// as the report keys parts by name.
+fn part_name(ev: &Value, before: &[(String, PhaseResult)]) -> anyhow::Result<String> {
+    let name = ev
+        .get("part")
         .and_then(Value::as_str)
         .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("driver event without a \"part\" name: {ev}"))
+        .ok_or_else(|| anyhow!("driver event without a \"part\" name: {ev}"))?;
+    if before.iter().any(|(n, _)| n == name) {
+        bail!("driver named two parts {name}");
+    }
+    Ok(name.to_string())
 }
 
 fn phase(from: &Snapshot, to: &Snapshot, driver: &Value, sources: &[CounterSource]) -> PhaseResult {
@@ -952,7 +959,7 @@ pub fn run_scenario(
     let mut part_start: Option<Snapshot> = None;
     while event_name(&ev) == "part" {
         let at = snapshot(&mut servers, &driver)?;
-        let name = part_name(&ev)?;
+        let name = part_name(&ev, &parts)?;
         let from = part_start.as_ref().unwrap_or(&start);
         parts.push((name, phase(from, &at, &ev, &sc.counter_sources)));
         part_start = Some(at);
@@ -962,7 +969,7 @@ pub fn run_scenario(
     let end = snapshot(&mut servers, &driver)?;
     cpu::perf_ctl("disable");
     if let Some(from) = &part_start {
-        let name = part_name(&ev)?;
+        let name = part_name(&ev, &parts)?;
         parts.push((name, phase(from, &end, &ev, &sc.counter_sources)));
     }
     let measured = phase(&start, &end, &ev, &sc.counter_sources);
