@@ -21,8 +21,9 @@
 //! - ack latency p50/p99: POST sent -> 202 received (what the gateway adds
 //!   for the member: decode, spool group commit with fsync, collector);
 //! - relay latency p50/p99: POST sent -> batch received by the UDC, minus the
-//!   configured linger (the spool commit beyond the part of it the linger
-//!   absorbs, batch cutting, sealing with fsync, upload). Since session 20
+//!   configured linger (sending and reading the request, the spool commit
+//!   beyond the part of it the linger absorbs, tokio's 1 ms timer tick,
+//!   batch cutting, sealing with fsync, upload). Since session 20
 //!   the gateway's linger runs from the uplink's arrival (its commit
 //!   credited up to half the linger), where it ran from the commit before:
 //!   figures from earlier sessions include the whole commit time.
