@@ -15,7 +15,7 @@ use dapgw::config::ByteSize;
 use dapgw::gateway::Attached;
 use dapgw::gateway::collector::{Collector, CollectorConfig, CollectorEvent, MemberMessage};
 use dapgw::gateway::downlink::{Record, parse_records};
-use dapgw::gateway::spool::{NewEntry, Spool, StreamKey};
+use dapgw::gateway::spool::{EntryId, NewEntry, Spool, StreamKey};
 use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger, Collected};
 use dapgw::protocol::wire::{BatchBody, Confirm, GatewayId, GroupId, MemberId, Message, Mode};
 use dapgw::telemetry::GatewayMetrics;
@@ -937,6 +937,36 @@ async fn next_sealed(
     }
 }
 
+/// What a test reads of a `Sealed` event.
+struct Cut {
+    entries: Vec<EntryId>,
+    trigger: BatchTrigger,
+    cut_at: tokio::time::Instant,
+    round: Option<u64>,
+    missing: Vec<MemberId>,
+}
+
+/// The next batch sealed ([`next_sealed`]); panics if the collector ended.
+async fn next_cut(events: &mut tokio::sync::mpsc::UnboundedReceiver<CollectorEvent>) -> Cut {
+    match next_sealed(events).await {
+        Some(CollectorEvent::Sealed {
+            entries,
+            trigger,
+            cut_at,
+            round,
+            missing,
+            ..
+        }) => Cut {
+            entries,
+            trigger,
+            cut_at,
+            round,
+            missing,
+        },
+        _ => panic!("no batch"),
+    }
+}
+
 /// Two byte-identical responses stored before either is collected share
 /// one spool row. The first is refused (its round is not open yet) and the
 /// row discarded; the second, collected once the round is open, must not
@@ -1049,14 +1079,10 @@ async fn a_resend_while_its_batch_waits_to_be_sealed_is_a_duplicate() {
     let mut events = b.events;
     let mut sealed = Vec::new();
     while sealed.len() < 2 {
-        let Some(CollectorEvent::Sealed { entries, .. }) =
-            tokio::time::timeout(Duration::from_secs(30), next_sealed(&mut events))
-                .await
-                .expect("the collector goes on sealing")
-        else {
-            panic!("no batch")
-        };
-        sealed.push(entries);
+        let cut = tokio::time::timeout(Duration::from_secs(30), next_cut(&mut events))
+            .await
+            .expect("the collector goes on sealing");
+        sealed.push(cut.entries);
     }
     assert_eq!(sealed, vec![vec![id], vec![next_id]]);
 }
@@ -1085,15 +1111,12 @@ async fn the_linger_counts_from_the_uplinks_arrival() {
         tokio::time::advance(waited).await;
         let collected_at = tokio::time::Instant::now();
         handle.collect_since(msg, id, arrived).await.unwrap();
-        let Some(CollectorEvent::Sealed {
+        let Cut {
             entries,
             trigger,
             cut_at,
             ..
-        }) = next_sealed(&mut b.events).await
-        else {
-            panic!("no batch")
-        };
+        } = next_cut(&mut b.events).await;
         assert_eq!(trigger, BatchTrigger::Linger, "{ctr}");
         assert_eq!(entries, vec![id], "{ctr}");
         assert_eq!(cut_at - collected_at, cut_after, "{ctr}: waited {waited:?}");
@@ -1117,15 +1140,12 @@ async fn batch_emission_on_a_paused_clock() {
     for (m, id) in msgs.iter().zip(&ids) {
         handle.collect(m.clone(), *id).await.unwrap();
     }
-    let Some(CollectorEvent::Sealed {
+    let Cut {
         entries,
         trigger,
         cut_at,
         ..
-    }) = next_sealed(&mut b.events).await
-    else {
-        panic!("no batch")
-    };
+    } = next_cut(&mut b.events).await;
     assert_eq!(trigger, BatchTrigger::Linger);
     assert_eq!(entries, ids);
     assert_eq!(
@@ -1147,15 +1167,12 @@ async fn batch_emission_on_a_paused_clock() {
     for (m, id) in msgs.iter().zip(&ids) {
         handle.collect(m.clone(), *id).await.unwrap();
     }
-    let Some(CollectorEvent::Sealed {
+    let Cut {
         trigger,
         cut_at,
         entries,
         ..
-    }) = next_sealed(&mut b.events).await
-    else {
-        panic!("no batch")
-    };
+    } = next_cut(&mut b.events).await;
     assert_eq!(trigger, BatchTrigger::SizeCap);
     assert_eq!(entries.len(), 4);
     assert_eq!(cut_at, t1);
@@ -1186,15 +1203,12 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
     for (m, e) in stored.by_ref().take(2) {
         handle.collect(m, e).await.expect("collected");
     }
-    let Some(CollectorEvent::Sealed {
+    let Cut {
         trigger,
         cut_at,
         round,
         ..
-    }) = next_sealed(&mut b.events).await
-    else {
-        panic!("no batch")
-    };
+    } = next_cut(&mut b.events).await;
     assert_eq!((trigger, round), (BatchTrigger::AllAnswered, Some(1)));
     assert_eq!(cut_at, t0);
 
@@ -1202,15 +1216,12 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
     let t1 = tokio::time::Instant::now();
     let (m, e) = stored.next().unwrap();
     handle.collect(m, e).await.unwrap();
-    let Some(CollectorEvent::Sealed {
+    let Cut {
         trigger,
         cut_at,
         missing,
         ..
-    }) = next_sealed(&mut b.events).await
-    else {
-        panic!("no batch")
-    };
+    } = next_cut(&mut b.events).await;
     assert_eq!(trigger, BatchTrigger::Deadline);
     assert_eq!(missing, vec![MemberId(2)]);
     assert_eq!(cut_at - t1, Duration::from_millis(5_000));
