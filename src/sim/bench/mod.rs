@@ -403,6 +403,14 @@ impl PhaseResult {
     fn cpu_us(&self, label: &str) -> Option<f64> {
         self.role(label).map(|r| r.cpu.as_secs_f64() * 1e6)
     }
+
+    /// Role `label`'s CPU per member of `n` for the table, "-" without
+    /// that role.
+    fn cpu_cell(&self, label: Option<&str>, n: usize) -> String {
+        label
+            .and_then(|l| self.cpu_us(l))
+            .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n)))
+    }
 }
 
 impl ScenarioResult {
@@ -573,15 +581,8 @@ impl BenchReport {
         for r in &self.results {
             let m = &r.measured;
             let n = r.members;
-            let gw = r
-                .scenario
-                .gateway
-                .as_deref()
-                .and_then(|g| m.cpu_us(g))
-                .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n)));
-            let drv = m
-                .cpu_us(&r.scenario.driver.label)
-                .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n)));
+            let gw = r.scenario.gateway.as_deref();
+            let drv = Some(r.scenario.driver.label.as_str());
             writeln!(
                 out,
                 "{:<22} {:>12.1} {:>12.1} {:>9.2} {:>12} {:>12} {:>8.2} {:>5}/{:<5}",
@@ -589,8 +590,8 @@ impl BenchReport {
                 r.udc_cpu_us_per_member(),
                 r.udc_bytes_per_member(),
                 per_member(m.counter(&r.scenario.udc, "requests") as f64, n),
-                gw,
-                drv,
+                m.cpu_cell(gw, n),
+                m.cpu_cell(drv, n),
                 m.wall.as_secs_f64(),
                 r.udc_final.get("readings_distinct").copied().unwrap_or(0),
                 n
@@ -603,13 +604,8 @@ impl BenchReport {
                     per_member(p.cpu_us(&r.scenario.udc).unwrap_or(0.0), n),
                     per_member(p.counter(&r.scenario.udc, "bytes_in") as f64, n),
                     per_member(p.counter(&r.scenario.udc, "requests") as f64, n),
-                    r.scenario
-                        .gateway
-                        .as_deref()
-                        .and_then(|g| p.cpu_us(g))
-                        .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n))),
-                    p.cpu_us(&r.scenario.driver.label)
-                        .map_or("-".to_string(), |c| format!("{:.1}", per_member(c, n))),
+                    p.cpu_cell(gw, n),
+                    p.cpu_cell(drv, n),
                     p.wall.as_secs_f64()
                 )?;
             }
