@@ -661,10 +661,6 @@ pub struct Via {
     pub localizations: u64,
     /// Entries unverified via this gateway to add (misbehaviour count).
     pub unverified: u64,
-    /// Members seen behind this gateway (the member -> gateway map; a
-    /// member's row is rewritten only when its gateway changes, with the
-    /// time of the move).
-    pub seen: Vec<u64>,
 }
 
 /// Per-gateway summary for the admin API.
@@ -1407,11 +1403,6 @@ pub trait Store: Send + Sync {
         after: Option<ReadingKey>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
-    /// The gateway a member was last seen behind, and since when (unix ms).
-    fn member_gateway(
-        &self,
-        member: u64,
-    ) -> impl Future<Output = Result<Option<(String, u64)>, StoreError>> + Send;
     /// Per-gateway counters, by gateway.
     fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayRow>, StoreError>> + Send;
 }
@@ -1541,7 +1532,6 @@ impl Store for AnyStore {
         fn claim_schedule(&self, id: u64, expected_next_ms: u64, next_ms: u64) -> bool;
         fn delete_schedule(&self, id: u64) -> bool;
         fn readings_after(&self, member: u64, from_ms: u64, to_ms: u64, after: Option<ReadingKey>, limit: u32) -> Vec<ReadingRow>;
-        fn member_gateway(&self, member: u64) -> Option<(String, u64)>;
         fn gateways(&self) -> Vec<GatewayRow>;
     }
 }

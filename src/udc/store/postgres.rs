@@ -71,6 +71,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         9,
         include_str!("../../../migrations/postgres/0009_member_min_kv.sql"),
     ),
+    (
+        10,
+        include_str!("../../../migrations/postgres/0010_drop_member_gateway.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -816,22 +820,6 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             ],
         )
         .await?;
-        if !v.seen.is_empty() {
-            // One row per member: ON CONFLICT may not touch a row twice.
-            let mut seen: Vec<i64> = v.seen.iter().map(|m| i(*m)).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            let st = prep(
-                tx,
-                stmts,
-                "INSERT INTO member_gateway (member, gateway, seen_at_ms) \
-                 SELECT m, $2, $3 FROM UNNEST($1::int8[]) AS x(m) \
-                 ON CONFLICT (member) DO UPDATE SET gateway = EXCLUDED.gateway, \
-                 seen_at_ms = EXCLUDED.seen_at_ms WHERE member_gateway.gateway <> EXCLUDED.gateway",
-            )
-            .await?;
-            tx.execute(&st, &[&seen, &v.gateway, &now]).await?;
-        }
     }
     let heads = write_downlink(tx, stmts, &w.downlink, now).await?;
     Ok(Applied {
@@ -2184,16 +2172,6 @@ impl Store for PostgresStore {
                 payload: x.try_get(5)?,
             })
         })
-    }
-
-    async fn member_gateway(&self, member: u64) -> Result<Option<(String, u64)>, StoreError> {
-        let r = self
-            .query(
-                "SELECT gateway, seen_at_ms FROM member_gateway WHERE member = $1",
-                &[&i(member)],
-            )
-            .await?;
-        Ok(rows(r, |x| Ok((x.try_get(0)?, u(x.try_get(1)?))))?.pop())
     }
 
     async fn gateways(&self) -> Result<Vec<GatewayRow>, StoreError> {

@@ -57,6 +57,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         9,
         include_str!("../../../migrations/sqlite/0009_member_min_kv.sql"),
     ),
+    (
+        10,
+        include_str!("../../../migrations/sqlite/0010_drop_member_gateway.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -721,14 +725,6 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             i(v.unverified),
             now
         ])?;
-        let mut st = tx.prepare_cached(
-            "INSERT INTO member_gateway (member, gateway, seen_at_ms) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (member) DO UPDATE SET gateway = excluded.gateway, \
-             seen_at_ms = excluded.seen_at_ms WHERE member_gateway.gateway <> excluded.gateway",
-        )?;
-        for m in &v.seen {
-            st.execute(params![i(*m), &v.gateway, now])?;
-        }
     }
     let heads = write_downlink(tx, &w.downlink, now)?;
     Ok(Applied {
@@ -1952,16 +1948,6 @@ impl Store for SqliteStore {
                 ],
                 |r| reading_row(member, r),
             )
-        })
-        .await
-    }
-
-    async fn member_gateway(&self, member: u64) -> Result<Option<(String, u64)>, StoreError> {
-        self.read(move |tx| {
-            let mut st = tx.prepare_cached(
-                "SELECT gateway, seen_at_ms FROM member_gateway WHERE member = ?1",
-            )?;
-            Ok(collect(&mut st, [i(member)], |r| Ok((r.get(0)?, u(r.get(1)?))))?.pop())
         })
         .await
     }
