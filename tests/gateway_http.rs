@@ -1123,6 +1123,94 @@ async fn the_linger_counts_from_the_uplinks_arrival() {
     }
 }
 
+/// Starts a collector (30 s round deadline) on `spool` as a restarted
+/// gateway does: from what the spool holds.
+async fn restart_collector(
+    spool: &Spool,
+) -> (
+    Collector,
+    tokio::sync::mpsc::UnboundedReceiver<CollectorEvent>,
+) {
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let collector = Collector::start(
+        spool.clone(),
+        CollectorConfig {
+            aggregator: AggregatorConfig::new(GatewayId::new("gw-1").unwrap()),
+            round_deadline: Duration::from_millis(30_000),
+        },
+        Arc::new(Attached::new()),
+        GatewayMetrics::register(&prometheus::Registry::new()),
+        Arc::new(Notify::new()),
+        Some(tx),
+    )
+    .await
+    .unwrap();
+    (collector, events)
+}
+
+/// A response left unbatched in the spool for a round the gateway never
+/// recorded (stored, then refused, and the process stopped before its
+/// delete committed) goes upstream after a restart, but its round number,
+/// which its sender chose, closes none of the group's rounds: one for
+/// round 2^64 - 1 used to lock the group out of every later round.
+#[tokio::test(start_paused = true)]
+async fn a_restored_response_of_an_unrecorded_round_closes_no_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 24).unwrap();
+    let id = store(
+        &spool,
+        &MemberMessage::Response(response(3, 7, u64::MAX, b"")),
+    )
+    .await;
+    let (collector, mut events) = restart_collector(&spool).await;
+    let cut = next_cut(&mut events).await;
+    assert_eq!((cut.round, cut.entries), (Some(u64::MAX), vec![id]));
+    // Stored first: the spool's writer is a thread of its own, and while
+    // the test waits for it the paused clock would run to the deadline.
+    let msg = MemberMessage::Response(response(1, 7, 5, b""));
+    let entry = store(&spool, &msg).await;
+    let handle = collector.handle();
+    handle.expect(GroupId(7), 5, Mode::Psk).await.unwrap();
+    assert_eq!(handle.collect(msg, entry).await.unwrap(), Collected::New);
+}
+
+/// A round recorded as open is reopened at restart with what is left of
+/// its deadline, but never with more than a whole round's: a wall clock
+/// that stepped back since (an NTP step, a box without a real-time clock)
+/// must not hold the round's acknowledged responses that much longer.
+#[tokio::test(start_paused = true)]
+async fn a_restored_round_waits_no_longer_than_a_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 24).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    spool
+        .set_open_round(
+            dapgw::gateway::spool::OpenRoundRow {
+                group: 7,
+                round: 5,
+                mode: Mode::Psk.code(),
+                deadline_ms: now_ms + 86_400_000,
+            },
+            now_ms,
+        )
+        .await
+        .unwrap();
+    let id = store(&spool, &MemberMessage::Response(response(1, 7, 5, b""))).await;
+    let started = tokio::time::Instant::now();
+    let (_collector, mut events) = restart_collector(&spool).await;
+    let cut = next_cut(&mut events).await;
+    assert_eq!((cut.round, cut.entries), (Some(5), vec![id]));
+    assert_eq!(cut.trigger, BatchTrigger::Deadline);
+    assert!(
+        cut.cut_at - started <= Duration::from_millis(30_000),
+        "cut {:?} after the restart",
+        cut.cut_at - started
+    );
+}
+
 /// Uplinks linger exactly the configured time on the virtual clock, then go
 /// out together; the size cap cuts at once.
 #[tokio::test(start_paused = true)]

@@ -273,7 +273,7 @@ impl Collector {
         sealed: Arc<Notify>,
         events: Option<mpsc::UnboundedSender<CollectorEvent>>,
     ) -> Result<Collector, SpoolError> {
-        let (agg, pending, restored) = restore(&spool, &config.aggregator, &attached).await?;
+        let (agg, pending, restored) = restore(&spool, &config, &attached).await?;
         let rounds = restored
             .into_iter()
             .map(|(key, deadline)| {
@@ -349,9 +349,10 @@ type RestoredRound = ((GroupId, u64), std::time::Instant);
 /// ids it holds and the rounds it reopened.
 async fn restore(
     spool: &Spool,
-    config: &AggregatorConfig,
+    collector: &CollectorConfig,
     attached: &Attached,
 ) -> Result<(Aggregator<EntryId>, HashSet<EntryId>, Vec<RestoredRound>), SpoolError> {
+    let config = &collector.aggregator;
     let now_ms = super::unix_ms();
     let now = Instant::now().into_std();
     let mut specs = Vec::new();
@@ -364,7 +365,12 @@ async fn restore(
             );
             continue;
         };
-        let deadline = now + Duration::from_millis(r.deadline_ms.saturating_sub(now_ms));
+        // What is left of the recorded deadline, but never more than a
+        // whole round's: a wall clock that stepped back since the round
+        // was recorded (an NTP step, a box booting without a real-time
+        // clock) must not hold its acknowledged responses that much longer.
+        let left = Duration::from_millis(r.deadline_ms.saturating_sub(now_ms));
+        let deadline = now + left.min(collector.round_deadline);
         specs.push(RoundSpec {
             group: GroupId(r.group),
             round: r.round,

@@ -502,6 +502,14 @@ struct RoundCollector<H> {
     /// batches; later stragglers wait for the deadline instead of going one
     /// by one.
     all_answered_cut: bool,
+    /// Opened by [`Aggregator::expect`] (a challenge this gateway relayed),
+    /// not only by [`Aggregator::restore`] for a spooled response whose
+    /// round was not recorded. Only a relayed round closes its group's
+    /// rounds up to its number when it closes: the round number of a
+    /// restored response is whatever its sender wrote, and a response for
+    /// round 2^64 - 1 left in the spool by a crash would otherwise close
+    /// every later round of its group.
+    relayed: bool,
     /// When a batch became due without a timer (size cap, all answered).
     ready_at: Option<Instant>,
 }
@@ -721,6 +729,7 @@ impl<H> Aggregator<H> {
             });
         }
         round.deadline = spec.deadline;
+        round.relayed = true;
         // Size the tables once for the members expected (bounded by the cap,
         // so a huge member list cannot make the gateway allocate more).
         let room = spec.members.len().min(self.config.max_held_entries);
@@ -867,6 +876,7 @@ impl<H> Aggregator<H> {
                 held: 0,
                 all_answered_cut: false,
                 ready_at: None,
+                relayed: false,
             },
         );
     }
@@ -1023,8 +1033,10 @@ impl<H> Aggregator<H> {
     fn close_round(&mut self, key: (GroupId, u64)) {
         if let Some(round) = self.rounds.remove(&key) {
             self.held -= round.held;
-            let closed = self.closed.entry(key.0).or_insert(key.1);
-            *closed = (*closed).max(key.1);
+            if round.relayed {
+                let closed = self.closed.entry(key.0).or_insert(key.1);
+                *closed = (*closed).max(key.1);
+            }
         }
     }
 
@@ -2069,6 +2081,42 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b.handles, vec![304]);
+    }
+
+    /// A spooled response of a round that was never recorded goes out at
+    /// restore, but its round number (the sender's choice) closes nothing:
+    /// a relayed round of its group below it still opens and collects.
+    #[test]
+    fn a_restored_unrecorded_round_closes_no_relayed_round() {
+        let t0 = Instant::now();
+        let entries = vec![(SpooledEntry::Response(resp(2, u64::MAX, Mode::Psk)), 7)];
+        let (mut agg, refused) =
+            Aggregator::restore(cfg(8, 100), Vec::<RoundSpec>::new(), entries, t0).unwrap();
+        assert!(refused.is_empty());
+        let mut ids = ids();
+        let b = agg.poll_batch(t0, &mut ids).unwrap().unwrap();
+        assert_eq!((b.round, b.handles.clone()), (Some(u64::MAX), vec![7]));
+        assert!(agg.poll_batch(t0, &mut ids).unwrap().is_none());
+        // The relayed round 5 of the same group opens and takes responses.
+        agg.expect(spec(5, [1], t0 + Duration::from_secs(30)), t0)
+            .unwrap();
+        assert_eq!(
+            agg.handle_response(resp(1, 5, Mode::Psk), 1, t0).unwrap(),
+            Collected::New
+        );
+        let b = agg.poll_batch(t0, &mut ids).unwrap().unwrap();
+        assert_eq!((b.round, b.handles), (Some(5), vec![1]));
+        // Past its deadline the relayed round closes, and with it the
+        // group's rounds at or below it.
+        assert!(
+            agg.poll_batch(t0 + Duration::from_secs(31), &mut ids)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            agg.expect(spec(4, [1], t0 + Duration::from_secs(30)), t0),
+            Err(UsageError::RoundClosed { group: G, round: 4 })
+        );
     }
 
     #[test]
