@@ -261,8 +261,6 @@ label_enum! {
         Complete = "complete",
         /// `DAPGW_ROUND_DEADLINE_MS` passed with members missing.
         Deadline = "deadline",
-        /// `DAPGW_BATCH_MAX_ENTRIES` was reached.
-        SizeCap = "size_cap",
     }
 }
 

@@ -853,6 +853,7 @@ struct Bench {
     spool: Spool,
     collector: Collector,
     events: tokio::sync::mpsc::UnboundedReceiver<CollectorEvent>,
+    registry: prometheus::Registry,
     _dir: tempfile::TempDir,
 }
 
@@ -891,8 +892,25 @@ async fn collector_with(
         spool,
         collector,
         events,
+        registry,
         _dir: dir,
     }
+}
+
+/// `dapgw_rounds_total{outcome}` as counted in `registry`.
+fn rounds_counted(registry: &prometheus::Registry, outcome: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "dapgw_rounds_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "outcome" && l.value() == outcome)
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
 }
 
 async fn store(spool: &Spool, msg: &MemberMessage) -> dapgw::gateway::spool::EntryId {
@@ -1313,6 +1331,11 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
     assert_eq!(trigger, BatchTrigger::Deadline);
     assert_eq!(missing, vec![MemberId(2)]);
     assert_eq!(cut_at - t1, Duration::from_millis(5_000));
+    // Round 1 is complete, round 2 closed at its deadline with a member
+    // missing (counted once the deadline batch is cut, not when its seal
+    // commits after the round has already been counted).
+    assert_eq!(rounds_counted(&b.registry, "complete"), 1.0);
+    assert_eq!(rounds_counted(&b.registry, "deadline"), 1.0);
     // A late response is refused and not kept in the spool.
     let late = MemberMessage::Response(response(2, 7, 2, b""));
     let e = store(&b.spool, &late).await;

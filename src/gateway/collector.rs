@@ -800,6 +800,12 @@ impl Task {
             };
             match cut {
                 Ok(Some(batch)) => {
+                    // Members missing from a round count at the cut: the
+                    // round may close (and be counted complete or
+                    // deadline, below) before this batch's seal commits.
+                    if let Some(round) = batch.round {
+                        self.note_missing(batch.group, round, batch.missing.len());
+                    }
                     // Queued now, awaited by the driver loop: members'
                     // entries keep flowing while the seal commits.
                     // Chained to the batch cut before it while that one's
@@ -928,7 +934,6 @@ impl Task {
             .batch_entries
             .observe(batch.handles.len() as f64);
         if let Some(round) = batch.round {
-            self.note_missing(batch.group, round, batch.missing.len());
             // Every expected member answered: the round is complete now,
             // not only at its deadline (late alternatives may still follow).
             if batch.trigger == BatchTrigger::AllAnswered
