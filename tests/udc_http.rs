@@ -4099,3 +4099,88 @@ async fn re_add_racing_a_key_version_change(store_url: Option<String>) {
 }
 
 on_both_stores!(re_add_racing_a_key_version_change, "re_add_race");
+
+/// The Direct submission of member `id`'s answer (`entry`, `tag`) to round
+/// `round` of `group`.
+fn direct_response(entry: ResponseEntry, group: u32, round: u64, tag: [u8; 16]) -> Bytes {
+    let r = Response::from_entry(entry, GroupId(group), round, tag);
+    Direct::new(&DirectInner::Response(r), aggregate([&tag])).to_bytes()
+}
+
+/// `/v1/direct` takes submissions without a certificate, so a refused one
+/// leaves nothing behind: no group row for a group never used, no outcome
+/// for the member it names (who stays missing from the round's report).
+/// And two processes judging one direct response at once both answer the
+/// Verdict, byte for byte (the one whose write lost read back the other's
+/// record, which is the bare Confirm, and answered that).
+async fn refused_direct_submissions_leave_nothing(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::Store;
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
+    let store = a.store();
+    let (entry, tag) = respond(&h, 1, &challenge);
+    let stray = direct_response(entry.clone(), 0xdead_beef, round, tag);
+    let err = a.handle_direct(stray).await.unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    assert!(store.group(0xdead_beef).await.unwrap().is_none());
+    let mut bad = tag;
+    bad[0] ^= 1;
+    let forged = direct_response(entry, G, round, bad);
+    let err = a.handle_direct(forged).await.unwrap_err();
+    assert!(matches!(err, ServiceError::BadRequest(_)), "{err:?}");
+    let rep = store.round_report(G, round).await.unwrap().unwrap();
+    assert_eq!((rep.accepted, rep.unverified, rep.missing), (0, 0, 2));
+    assert!(rep.rejected.is_empty(), "{:?}", rep.rejected);
+    assert!(
+        store
+            .round_outcomes(G, round, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let (entry, tag) = respond(&h, 2, &challenge);
+    let honest = direct_response(entry, G, round, tag);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (b2, first) = (b.clone(), honest.clone());
+    a.before_next_batch_write(async move {
+        let _ = tx.send(b2.handle_direct(first).await.unwrap());
+    });
+    let second = a.handle_direct(honest.clone()).await.unwrap();
+    let first = rx.await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&first).unwrap()),
+        vec![Outcome::Accepted]
+    );
+    assert_eq!(second, first, "the same Verdict from both processes");
+    assert_eq!(
+        a.handle_direct(honest).await.unwrap(),
+        first,
+        "and on a retry"
+    );
+    h.stop().await;
+}
+
+on_both_stores!(refused_direct_submissions_leave_nothing, "direct_refused");
+
+/// A batch with a structural fault (here entries out of id order) is
+/// refused before anything is read or created for it: a new group it
+/// names gets no row.
+#[tokio::test]
+async fn a_malformed_batch_is_refused_before_any_read() {
+    use dapgw::udc::store::Store;
+    let (h, a, _b, round, challenge) = two_udcs_in_a_round(None, 2).await;
+    let mut b = batch(
+        "gw-1",
+        7,
+        round,
+        vec![respond(&h, 2, &challenge), respond(&h, 1, &challenge)],
+    );
+    b.group = GroupId(0xfeed);
+    let (s, body) = h
+        .call(Some("gw-1"), Method::POST, "/v1/batches", b.to_bytes())
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+    assert!(a.store().group(0xfeed).await.unwrap().is_none());
+    h.stop().await;
+}

@@ -32,8 +32,8 @@ use crate::protocol::verifier::{
     VerifierError,
 };
 use crate::protocol::wire::{
-    BatchBody, Confirm, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome, Purpose,
-    TagReply, Verdict, VerdictBody,
+    BatchBody, Confirm, Direct, DirectInner, GroupId, MemberId, Mode, Outcome, Purpose, TagReply,
+    Verdict, VerdictBody,
 };
 use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics};
 use crate::udc::store::{
@@ -1660,6 +1660,16 @@ impl Udc {
             Some(_) => EntryKind::Response,
             None => EntryKind::Uplink,
         };
+        // Structural faults refuse the batch before anything is read or
+        // opened (and before the lock every other batch waits on); a
+        // stored batch passed this check, so a retry is not refused here.
+        if let Err(e) = b.check_structure() {
+            self.metrics
+                .batches
+                .get(kind, UdcBatchOutcome::Rejected)
+                .inc();
+            return Err(map_verifier_error(VerifierError::Peer(e.into())));
+        }
         let _guard = self.lock.lock().await;
         let stored = self.stored_log(&gateway, b.batch_id).await?;
         let res = self
@@ -1781,29 +1791,22 @@ impl Udc {
                     out.outcome == Outcome::Accepted,
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                let confirms = out
-                    .confirm
-                    .as_ref()
-                    .and_then(|c| Confirm::decode(c).ok())
-                    .into_iter()
-                    .collect();
-                let verdict = Verdict {
-                    gateway_id: GatewayId::new("direct")
-                        .map_err(|_| crate::protocol::verifier::UsageError::WrongGroupState)?,
-                    batch_id: 0,
-                    batch_hash: hash,
-                    body: VerdictBody::Final {
-                        outcomes: vec![out.outcome],
-                        confirms,
-                    },
-                };
+                let confirm = out.confirm.as_ref().and_then(|c| Confirm::decode(c).ok());
                 Ok(crate::protocol::verifier::BatchOutput {
-                    answer: verdict.to_bytes(),
+                    answer: direct_verdict(hash, out.outcome, confirm),
                     event: out.event,
                 })
             })
             .await?;
         if accepted.load(std::sync::atomic::Ordering::Relaxed) {
+            // Another process filed this response first: its stored record
+            // is the bare Confirm (the direct log keeps that), answered in
+            // the Verdict a fresh judgement gives, byte for byte.
+            if let Ok(crate::protocol::wire::Message::Confirm(c)) =
+                crate::protocol::wire::Message::decode(&answer)
+            {
+                return Ok(direct_verdict(hash, Outcome::Accepted, Some(c)));
+            }
             Ok(answer)
         } else {
             Err(ServiceError::BadRequest("not accepted".into()))
@@ -1885,6 +1888,11 @@ impl Udc {
             .await?;
         let (group_state, group_row) = match read.group {
             Some(row) => (self.open(&aad::group(group), &row.state)?, row),
+            // A direct submission (no certificate) creates nothing: in a
+            // group that was never used no entry can be accepted.
+            None if ctx.via.is_none() => {
+                return Err(ServiceError::BadRequest("no such group".into()));
+            }
             // First use: created.
             None => self.load_group(group).await?,
         };
@@ -2003,6 +2011,14 @@ impl Udc {
                 let mode = ctx.mode;
                 write.outcomes.reserve_exact(outcomes.len());
                 for (id, o) in ids.iter().zip(&outcomes) {
+                    counts.outcomes.push((*o, mode));
+                    // A direct submission comes without a certificate:
+                    // anyone can send one naming any member and round, so
+                    // only its acceptance is recorded (a refusal would
+                    // grow the store and show in the round's report).
+                    if ctx.via.is_none() && *o != Outcome::Accepted {
+                        continue;
+                    }
                     let kind = match o {
                         Outcome::Accepted => OutcomeKind::Accepted,
                         Outcome::UnverifiedViaGateway => OutcomeKind::Unverified,
@@ -2018,7 +2034,6 @@ impl Udc {
                         // of the gateway id per member).
                         gateway: None,
                     });
-                    counts.outcomes.push((*o, mode));
                 }
                 via.accepted = u64::from(v.counters.count(Outcome::Accepted));
                 via.unverified = u64::from(v.counters.unverified());
@@ -2292,6 +2307,21 @@ impl Udc {
 }
 
 /// The judging context of a gateway's batch.
+/// The Verdict answering a direct submission: a batch of one of gateway
+/// `direct`, batch id 0, whose hash is that of the inner message.
+fn direct_verdict(hash: [u8; 32], outcome: Outcome, confirm: Option<Confirm>) -> Bytes {
+    Verdict {
+        gateway_id: crate::protocol::verifier::direct_gateway_id(),
+        batch_id: 0,
+        batch_hash: hash,
+        body: VerdictBody::Final {
+            outcomes: vec![outcome],
+            confirms: confirm.into_iter().collect(),
+        },
+    }
+    .to_bytes()
+}
+
 fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
     let b = batch.batch();
     let gateway = b.gateway_id.as_str().to_owned();

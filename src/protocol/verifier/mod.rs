@@ -880,7 +880,7 @@ impl Verifier {
 }
 
 /// The gateway id that direct messages are judged under (never sent).
-fn direct_gateway_id() -> GatewayId {
+pub(crate) fn direct_gateway_id() -> GatewayId {
     GatewayId::new("direct").unwrap_or_else(|_| unreachable!("\"direct\" is a valid gateway id"))
 }
 
