@@ -4184,3 +4184,24 @@ async fn a_malformed_batch_is_refused_before_any_read() {
     assert!(a.store().group(0xfeed).await.unwrap().is_none());
     h.stop().await;
 }
+
+/// A round another process closed is dropped from this process's memory
+/// at its next tick (with the round's e_V in psk-ecdhe, which the close
+/// erases), not kept for as long as the process runs.
+async fn a_round_closed_elsewhere_leaves_this_processs_memory(store_url: Option<String>) {
+    let (h, a, b, round, _) = two_udcs_in_a_round(store_url, 1).await;
+    assert_eq!(a.cached_rounds().await, vec![(G, round)]);
+    assert!(b.close_round(G, round).await.unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert_eq!(a.close_due_rounds(now).await.unwrap(), 0);
+    assert!(a.cached_rounds().await.is_empty());
+    h.stop().await;
+}
+
+on_both_stores!(
+    a_round_closed_elsewhere_leaves_this_processs_memory,
+    "round_closed_elsewhere"
+);

@@ -530,6 +530,12 @@ impl Udc {
         })
     }
 
+    /// The rounds whose state this process holds in memory (tests).
+    #[doc(hidden)]
+    pub async fn cached_rounds(&self) -> Vec<(u32, u64)> {
+        self.rounds.lock().await.keys().copied().collect()
+    }
+
     /// Runs `f` once, after the next judged batch (or tag reply, or direct
     /// submission) has read its state and been decided but before its
     /// write: lets a test commit a concurrent change (another process's
@@ -665,11 +671,21 @@ impl Udc {
 
     /// Closes every open round whose deadline is at or before `now_ms`.
     /// Returns how many were closed.
+    /// Also drops this process's cached state of rounds that are no longer
+    /// open in the store (closed by another UDC process): with it goes the
+    /// round's `e_V` secret, which the design erases at the close.
     pub async fn close_due_rounds(&self, now_ms: u64) -> Result<usize, ServiceError> {
-        let due: Vec<(u32, u64)> = self
-            .store
-            .open_rounds()
-            .await?
+        let open = {
+            // Under the lock that opening a round holds, so a round this
+            // process opens meanwhile is not taken for a closed one.
+            let _guard = self.lock.lock().await;
+            let open = self.store.open_rounds().await?;
+            let still: std::collections::HashSet<(u32, u64)> =
+                open.iter().map(|r| (r.group, r.round)).collect();
+            self.rounds.lock().await.retain(|k, _| still.contains(k));
+            open
+        };
+        let due: Vec<(u32, u64)> = open
             .into_iter()
             .filter(|r| r.closes_at_ms.is_some_and(|t| t <= now_ms))
             .map(|r| (r.group, r.round))
@@ -688,6 +704,8 @@ impl Udc {
             return Ok(false);
         };
         if row.status != RoundStatus::Open {
+            // Closed by another process: this one's copy goes too.
+            self.rounds.lock().await.remove(&(group, round));
             return Ok(false);
         }
         self.apply(BatchWrite {
@@ -1620,6 +1638,8 @@ impl Udc {
             return Ok(None);
         };
         if row.status != RoundStatus::Open || row.state.as_bytes().is_empty() {
+            // Closed (perhaps by another process): a copy cached here goes.
+            self.rounds.lock().await.remove(&(group, round));
             return Ok(None);
         }
         // Taken out of the cache (no copy of the accepted set); `judge`
