@@ -618,7 +618,8 @@ pub struct Challenge {
     pub purpose: Purpose,
     /// Latest group-message seq of this group.
     pub group_seq: u64,
-    /// SHA-256 of the current configuration payload (zeros if none).
+    /// SHA-256 of the complete GroupMessage (header and signature
+    /// included) that carried the current configuration; zeros if none.
     pub config_hash: [u8; 32],
     /// Optional expiry, Unix seconds.
     pub not_after: Option<u64>,

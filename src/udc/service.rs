@@ -751,7 +751,11 @@ impl Udc {
                 seq,
                 epoch: state.epoch,
                 bytes: msg.to_vec(),
-                payload_hash: state.config_hash,
+                payload_hash: sha2::Digest::finalize(sha2::Digest::chain_update(
+                    <sha2::Sha256 as sha2::Digest>::new(),
+                    payload,
+                ))
+                .into(),
                 created_at_ms: now,
             }],
             downlink: vec![DownlinkPush {

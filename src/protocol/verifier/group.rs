@@ -71,11 +71,15 @@ impl Verifier {
         let bytes = msg.to_bytes();
 
         group.latest_seq = seq;
-        group.config_hash = Sha256::digest(payload).into();
+        // The hash of the message, not of the payload: challenges travel
+        // in the clear, and a hash of a low-entropy configuration would let
+        // the gateway confirm a guess of it (deviation 17).
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        group.config_hash = hash;
         group.remember_sent(SentMessage {
             seq,
             epoch: group.epoch,
-            hash: Sha256::digest(&bytes).into(),
+            hash,
         });
         Ok(bytes)
     }

@@ -67,7 +67,9 @@ pub struct GroupState {
     pub next_round: u64,
     /// Seq of the latest group message (0: none yet).
     pub latest_seq: u64,
-    /// SHA-256 of the latest configuration payload (zeros if none).
+    /// SHA-256 of the latest group message (all its bytes; zeros if none),
+    /// announced in challenges. Not of the payload, which the gateway must
+    /// not be able to test guesses against.
     #[serde(with = "byte_array")]
     pub config_hash: [u8; 32],
     /// psk-ecdhe rounds opened so far; a member's
