@@ -129,7 +129,10 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
     ] {
         c.bench_function(name, |b| {
             b.iter_batched(
-                || Member::restore(&cred, &state).unwrap(),
+                || {
+                    Member::restore(&cred, &state, &mut rand_core::UnwrapErr(getrandom::SysRng))
+                        .unwrap()
+                },
                 |mut m| respond(&mut m, black_box(ch), &mut rng),
                 BatchSize::SmallInput,
             )
@@ -139,13 +142,21 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
         b.iter(|| respond(&mut member, black_box(&ch1), &mut rng))
     });
 
-    let mut fresh = Member::restore(&cred, &state).unwrap();
+    let mut fresh =
+        Member::restore(&cred, &state, &mut rand_core::UnwrapErr(getrandom::SysRng)).unwrap();
     let ch2_resp = respond(&mut fresh, &ch2_psk, &mut rng);
     let pending = fresh.state_bytes();
     let conf = v.confirm(&ch2_psk, &ch2_resp, &cred.key);
     c.bench_function("handle_confirm", |b| {
         b.iter_batched(
-            || Member::restore(&cred, &pending).unwrap(),
+            || {
+                Member::restore(
+                    &cred,
+                    &pending,
+                    &mut rand_core::UnwrapErr(getrandom::SysRng),
+                )
+                .unwrap()
+            },
             |mut m| {
                 let out = m.handle_confirm(black_box(&conf)).unwrap();
                 black_box(out.state());
@@ -166,7 +177,14 @@ fn bench<M: Measurement + 'static>(c: &mut Criterion<M>) {
         })
     });
     c.bench_function("restore", |b| {
-        b.iter(|| Member::restore(&cred, black_box(&state)).unwrap())
+        b.iter(|| {
+            Member::restore(
+                &cred,
+                black_box(&state),
+                &mut rand_core::UnwrapErr(getrandom::SysRng),
+            )
+            .unwrap()
+        })
     });
 }
 

@@ -455,7 +455,12 @@ impl Agent {
         let member_err = |source| AgentError::Member { id, source };
         let (member, cursor) = match read_state(&path)? {
             Some((cursor, state)) => (
-                Member::restore(&credential, &state).map_err(member_err)?,
+                Member::restore(
+                    &credential,
+                    &state,
+                    &mut rand_core::UnwrapErr(getrandom::SysRng),
+                )
+                .map_err(member_err)?,
                 Some(cursor),
             ),
             None => (Member::new(&credential).map_err(member_err)?, None),

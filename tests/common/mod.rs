@@ -149,7 +149,7 @@ impl Node {
     /// Power cycle: the member comes back from what it last persisted.
     pub fn reboot(&mut self) {
         self.member = match &self.disk {
-            Some(disk) => Member::restore(&self.cred, disk).unwrap(),
+            Some(disk) => Member::restore(&self.cred, disk, &mut TestRng(99)).unwrap(),
             None => Member::new(&self.cred).unwrap(),
         };
     }
@@ -554,7 +554,8 @@ pub fn final_verdict(out: &BatchOutput) -> Verdict {
 
 /// Each entry's outcome, keyed by the entry's member id (response batches)
 /// or `(id, ctr)` packed as `id << 32 | ctr` (uplink batches; small ids and
-/// counters in tests).
+/// counters in tests: a member restored from its state counts above 2^32,
+/// so read such counters from the batch).
 pub fn outcomes(batch: &Bytes, verdict: &Verdict) -> BTreeMap<u64, Outcome> {
     let batch = Batch::decode(batch).unwrap();
     let VerdictBody::Final { outcomes, .. } = &verdict.body else {

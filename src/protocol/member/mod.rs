@@ -330,7 +330,24 @@ impl Member {
     /// an AES-GCM nonce under `k_up`. A device that cannot rule a rollback
     /// out treats it as lost state: [`Member::new`] (no session; the next
     /// round gives a new one).
-    pub fn restore(credential: &MemberCredential, persisted: &[u8]) -> Result<Self, MemberError> {
+    ///
+    /// Every session's uplink counter, and the first counter of a session
+    /// a stored answer will open, jump forward by a random amount between
+    /// 2^32 and 2^33 (`rng`). The contract stays that an older copy is
+    /// never restored (deviation 14), but if one is, the counters it would
+    /// reuse under the same `k_up` (the sessions of the copy, and the
+    /// session its answer's confirm rebuilds when V's stored confirm is
+    /// delivered again) are skipped: two restores of one copy reuse a
+    /// nonce only if their jumps land within the uplinks sent after them,
+    /// a chance of about their number over 2^32. V's replay window takes
+    /// any counter above the last it accepted; uplinks sent before the
+    /// restore and delivered after the first one following it fall more
+    /// than 64 below and are refused as replays.
+    pub fn restore(
+        credential: &MemberCredential,
+        persisted: &[u8],
+        rng: &mut impl rand_core::CryptoRng,
+    ) -> Result<Self, MemberError> {
         let fresh = Self::new(credential)?;
         let mut state = MemberState::decode(persisted)?;
         if state.id.0 != credential.id {
@@ -348,6 +365,13 @@ impl Member {
         for (g, s) in groups.iter_mut() {
             if let Some(old) = state.groups.remove(g) {
                 *s = old;
+            }
+            if let Some(session) = s.session.as_mut() {
+                session.ctr_reserved = session.ctr_reserved.saturating_add(restore_jump(rng));
+                session.ctr_used = session.ctr_reserved;
+            }
+            if let Some(pending) = s.answered.as_mut().and_then(|a| a.pending.as_mut()) {
+                pending.ctr_start = restore_jump(rng);
             }
         }
         state.groups = groups;
@@ -561,8 +585,8 @@ impl Member {
             k_down: pending.keys.k_down.clone(),
             epoch,
             gk,
-            ctr_reserved: 0,
-            ctr_used: 0,
+            ctr_reserved: pending.ctr_start,
+            ctr_used: pending.ctr_start,
             down_ctr: None,
         };
         let mut next = Box::new(self.state.clone());
@@ -952,6 +976,7 @@ impl<'m> Answer<'m> {
                 pending: Some(Pending {
                     mode: ch.mode(),
                     keys,
+                    ctr_start: 0,
                 }),
             });
         }
@@ -983,6 +1008,12 @@ fn copy_capped(bytes: &[u8], cap: usize, what: &'static str) -> Result<Bytes, Me
         ));
     }
     Ok(Bytes::copy_from_slice(bytes))
+}
+
+/// How far [`Member::restore`] moves uplink counters: 2^32 plus a uniform
+/// draw below 2^32.
+fn restore_jump(rng: &mut impl rand_core::CryptoRng) -> u64 {
+    (1u64 << 32) + (rng.next_u64() >> 32)
 }
 
 /// The counter the session's next uplink uses.

@@ -164,6 +164,11 @@ pub(crate) struct Answered {
 pub(crate) struct Pending {
     pub(crate) mode: Mode,
     pub(crate) keys: SessionKeys,
+    /// The session's counters start above this (memory only: 0 for a
+    /// fresh answer, a random jump for one read back by
+    /// [`Member::restore`](super::Member::restore), which may be an older
+    /// copy whose confirm already opened a session that sent uplinks).
+    pub(crate) ctr_start: u64,
 }
 
 /// A session the member switched to by opening a confirm.
@@ -456,7 +461,11 @@ fn decode_group(
                 k_down: Secret::from_bytes(r.array("state.pending.k_down")?),
                 sid,
             };
-            Some(Pending { mode, keys })
+            Some(Pending {
+                mode,
+                keys,
+                ctr_start: 0,
+            })
         } else {
             None
         };

@@ -561,7 +561,8 @@ fn rounds_strictly_increase_and_a_replay_gets_the_same_bytes() {
     assert_eq!(err.cause(), ErrorCause::Stale);
 
     // After a reboot the replay still gets the same bytes.
-    let mut rebooted = Member::restore(&cred, disk.state.as_ref().unwrap()).unwrap();
+    let mut rebooted =
+        Member::restore(&cred, disk.state.as_ref().unwrap(), &mut TestRng::new(77)).unwrap();
     match rebooted.handle_challenge(&ch5, None).unwrap() {
         Challenged::Resend(b) => assert_eq!(b, resp5),
         Challenged::Answer(_) => panic!("sealed a second response after reboot"),
@@ -668,7 +669,7 @@ fn credential_minimum_refuses_retired_online_keys() {
     assert_eq!(fresh.online_key(), Some((20, 2)));
 
     // The state that trusted version 1, restored under the new credential.
-    let mut restored = Member::restore(&cred, &persisted).unwrap();
+    let mut restored = Member::restore(&cred, &persisted, &mut TestRng::new(77)).unwrap();
     assert_eq!(restored.online_key(), None);
     assert_eq!(
         answer_err(&mut restored, &retired.sign_as_is(challenge(G, 2))),
@@ -741,7 +742,8 @@ fn key_certificates_only_move_forward() {
     assert_eq!(member.online_key(), Some((20, 2)));
 
     // The rotated key survives a reboot.
-    let rebooted = Member::restore(&cred, disk.state.as_ref().unwrap()).unwrap();
+    let rebooted =
+        Member::restore(&cred, disk.state.as_ref().unwrap(), &mut TestRng::new(77)).unwrap();
     assert_eq!(rebooted.online_key(), Some((20, 2)));
 }
 
@@ -932,21 +934,78 @@ fn reboot_continues_above_the_high_water_mark() {
         f.disk
             .commit(f.member.seal_uplink(G, UplinkKind::Reading, b"r").unwrap());
     }
-    let mut rebooted = Member::restore(&cred, f.disk.state.as_ref().unwrap()).unwrap();
+    // A restore also jumps the counter by 2^32 to 2^33 (deviation 14).
+    let jumped = |ctr: u64, reserved: u64| {
+        let jump = ctr - 1 - reserved;
+        (1 << 32..1 << 33).contains(&jump)
+    };
+    let mut rebooted =
+        Member::restore(&cred, f.disk.state.as_ref().unwrap(), &mut TestRng::new(77)).unwrap();
     let out = rebooted.seal_uplink(G, UplinkKind::Reading, b"r").unwrap();
     assert!(out.state().is_some(), "a new block is reserved first");
     let (u, _) = open_uplink(&f.keys, &f.disk.commit(out));
-    assert_eq!(u.ctr, COUNTER_BLOCK + 1);
+    assert!(jumped(u.ctr, COUNTER_BLOCK), "{}", u.ctr);
 
     // Even a crash right after sealing the first counter of a reserved block
     // (never persisted as used) cannot repeat it.
-    let mut again = Member::restore(&cred, f.disk.state.as_ref().unwrap()).unwrap();
+    let first = u.ctr;
+    let mut again =
+        Member::restore(&cred, f.disk.state.as_ref().unwrap(), &mut TestRng::new(78)).unwrap();
     let (u, _) = open_uplink(
         &f.keys,
         &f.disk
             .commit(again.seal_uplink(G, UplinkKind::Reading, b"r").unwrap()),
     );
-    assert_eq!(u.ctr, 2 * COUNTER_BLOCK + 1);
+    assert!(jumped(u.ctr, first + COUNTER_BLOCK - 1), "{}", u.ctr);
+}
+
+/// Restoring an older copy of the state breaks the contract (deviation
+/// 14), but the restore's counter jump keeps the copy from sealing under
+/// a nonce already used: a copy saved between answering and the confirm,
+/// handed V's stored confirm again, rebuilds the very session (same k_up,
+/// same iv_up) that already sent uplinks; and a copy saved in that
+/// session continues it. Neither starts where the first run did.
+#[test]
+fn a_restored_older_copy_does_not_reuse_uplink_counters() {
+    let v = TestV::new();
+    let cred = v.credential(ID, &[G.0, G2.0]);
+    let mut member = Member::new(&cred).unwrap();
+    let (mut disk, mut rng) = (Disk::default(), TestRng::new(1));
+    let ch = v.sign(challenge(G, 1));
+    let resp = answer(&mut member, &ch, &mut rng, &mut disk);
+    let answered = disk.state.clone().unwrap();
+    let (_, _, keys) = v.accept(&ch, &resp, &cred.key, None);
+    let conf = v.confirm(G, 1, 1, ID, &keys, &[0x47; 16]);
+    disk.commit(member.handle_confirm(&conf).unwrap());
+    let in_session = disk.state.clone().unwrap();
+    let sent: Vec<u64> = (0..3)
+        .map(|_| {
+            let up = disk.commit(member.seal_uplink(G, UplinkKind::Reading, b"r").unwrap());
+            open_uplink(&keys, &up).0.ctr
+        })
+        .collect();
+    assert_eq!(sent, vec![1, 2, 3]);
+
+    let mut old = Member::restore(&cred, &answered, &mut TestRng::new(5)).unwrap();
+    old.handle_confirm(&conf).unwrap().persisted();
+    let up = old
+        .seal_uplink(G, UplinkKind::Reading, b"r")
+        .unwrap()
+        .persisted();
+    let (u, _) = open_uplink(&keys, &up);
+    assert!(u.ctr > 1 << 32, "the rebuilt session starts at {}", u.ctr);
+
+    let mut old = Member::restore(&cred, &in_session, &mut TestRng::new(6)).unwrap();
+    let up = old
+        .seal_uplink(G, UplinkKind::Reading, b"r")
+        .unwrap()
+        .persisted();
+    let (u, _) = open_uplink(&keys, &up);
+    assert!(
+        u.ctr > 1 << 32,
+        "the restored session continues at {}",
+        u.ctr
+    );
 }
 
 #[test]
@@ -1093,7 +1152,8 @@ fn group_messages_are_checked_in_order_and_acked() {
     // A reboot remembers the applied seq and its ack: m4 again gets m4's
     // ack, m (older) is stale.
     let cred = f.v.credential(ID, &[G.0, G2.0]);
-    let mut rebooted = Member::restore(&cred, f.disk.state.as_ref().unwrap()).unwrap();
+    let mut rebooted =
+        Member::restore(&cred, f.disk.state.as_ref().unwrap(), &mut TestRng::new(77)).unwrap();
     assert_eq!(
         rebooted.handle_group_message(&m4).unwrap().persisted(),
         m4_ack
@@ -1105,7 +1165,7 @@ fn group_messages_are_checked_in_order_and_acked() {
     // A state stored in format 1 (before acks were kept) still restores:
     // the applied seq is kept, and the same message is then stale.
     let old = rebooted.state.encode(1);
-    let mut from_v1 = Member::restore(&cred, &old).unwrap();
+    let mut from_v1 = Member::restore(&cred, &old, &mut TestRng::new(77)).unwrap();
     assert!(matches!(
         from_v1.handle_group_message(&m4),
         Err(MemberError::StaleSeq { .. })
@@ -1246,7 +1306,8 @@ fn key_updates_only_in_psk_ecdhe_sessions_and_only_upward() {
     // The next response uses kv 2 and the new key, in every group, also
     // after a reboot.
     let cred = f.v.credential(ID, &[G.0, G2.0]);
-    let mut rebooted = Member::restore(&cred, f.disk.state.as_ref().unwrap()).unwrap();
+    let mut rebooted =
+        Member::restore(&cred, f.disk.state.as_ref().unwrap(), &mut TestRng::new(77)).unwrap();
     assert_eq!(rebooted.kv(), 2);
     let ch = f.v.sign(challenge(G2, 1));
     let resp = answer(&mut rebooted, &ch, &mut f.rng, &mut f.disk);
@@ -1285,8 +1346,18 @@ fn state_encoding_round_trips_canonically() {
     let (cred, bytes) = rich_state();
     let state = MemberState::decode(&bytes).unwrap();
     assert_eq!(&state.to_bytes()[..], &bytes[..]);
-    let member = Member::restore(&cred, &bytes).unwrap();
-    assert_eq!(&member.state_bytes()[..], &bytes[..]);
+    let member = Member::restore(&cred, &bytes, &mut TestRng::new(77)).unwrap();
+    // The restore moved the session's counter mark up (deviation 14), and
+    // nothing else.
+    let mut expected = state.clone();
+    let restored = MemberState::decode(&member.state_bytes()).unwrap();
+    for (g, grp) in expected.groups.iter_mut() {
+        if let (Some(s), Some(r)) = (grp.session.as_mut(), restored.groups[g].session.as_ref()) {
+            assert!(r.ctr_reserved - s.ctr_reserved >= 1 << 32);
+            s.ctr_reserved = r.ctr_reserved;
+        }
+    }
+    assert_eq!(&member.state_bytes()[..], &expected.to_bytes()[..]);
     assert_eq!(member.last_round(G2), Some(4));
     assert_eq!(member.session(G).map(|s| s.1), Some(2));
     // A fresh member's state round-trips too.
@@ -1303,7 +1374,7 @@ fn truncated_or_garbled_state_is_refused() {
     for len in 0..bytes.len() {
         assert!(
             matches!(
-                Member::restore(&cred, &bytes[..len]),
+                Member::restore(&cred, &bytes[..len], &mut TestRng::new(77)),
                 Err(MemberError::BadState(_))
             ),
             "truncated to {len}"
@@ -1314,7 +1385,7 @@ fn truncated_or_garbled_state_is_refused() {
         garbled[i] ^= 0x40;
         assert!(
             matches!(
-                Member::restore(&cred, &garbled),
+                Member::restore(&cred, &garbled, &mut TestRng::new(77)),
                 Err(MemberError::BadState(_))
             ),
             "byte {i} flipped"
@@ -1322,7 +1393,7 @@ fn truncated_or_garbled_state_is_refused() {
     }
     let mut longer = bytes.clone();
     longer.push(0);
-    assert!(Member::restore(&cred, &longer).is_err());
+    assert!(Member::restore(&cred, &longer, &mut TestRng::new(77)).is_err());
 }
 
 /// Re-seals a state body with a valid checksum, to reach the structural
@@ -1344,7 +1415,7 @@ fn structurally_invalid_state_is_refused_even_with_a_good_checksum() {
     let mut b = body.to_vec();
     b[4] = 3;
     assert_eq!(
-        Member::restore(&cred, &with_checksum(b)).map(|_| ()),
+        Member::restore(&cred, &with_checksum(b), &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::BadState("state.format"))
     );
     // Online flag 2.
@@ -1352,14 +1423,14 @@ fn structurally_invalid_state_is_refused_even_with_a_good_checksum() {
     let mut b = body.to_vec();
     b[online_flag] = 2;
     assert_eq!(
-        Member::restore(&cred, &with_checksum(b)).map(|_| ()),
+        Member::restore(&cred, &with_checksum(b), &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::BadState("state.online"))
     );
     // Trailing byte.
     let mut b = body.to_vec();
     b.push(0);
     assert_eq!(
-        Member::restore(&cred, &with_checksum(b)).map(|_| ()),
+        Member::restore(&cred, &with_checksum(b), &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::BadState("state"))
     );
 }
@@ -1370,25 +1441,25 @@ fn state_must_match_the_credential() {
     let mut other = cred.clone();
     other.id += 1;
     assert_eq!(
-        Member::restore(&other, &bytes).map(|_| ()),
+        Member::restore(&other, &bytes, &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::StateMismatch("member id"))
     );
     let mut other = cred.clone();
     other.root_public_key = SigningKey::from_seed(&[9; 32]).verifying_key().to_bytes();
     assert_eq!(
-        Member::restore(&other, &bytes).map(|_| ()),
+        Member::restore(&other, &bytes, &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::StateMismatch("root public key"))
     );
     let mut other = cred.clone();
     other.key = member_key(ID, 9);
     assert_eq!(
-        Member::restore(&other, &bytes).map(|_| ()),
+        Member::restore(&other, &bytes, &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::StateMismatch("member key version"))
     );
     // Groups follow the credential: G2 removed, G3 added.
     let mut regrouped = cred.clone();
     regrouped.groups = vec![G.0, 9];
-    let m = Member::restore(&regrouped, &bytes).unwrap();
+    let m = Member::restore(&regrouped, &bytes, &mut TestRng::new(77)).unwrap();
     assert!(m.session(G).is_some());
     assert_eq!(m.last_round(G2), None);
     assert_eq!(m.last_round(GroupId(9)), None);
@@ -1525,7 +1596,7 @@ fn unusable_credentials_are_refused() {
     // Duplicate groups collapse; the most a state can hold still restores.
     let cred = v.credential(ID, &[(0..256).collect::<Vec<u32>>(), vec![0]].concat());
     let m = Member::new(&cred).unwrap();
-    assert!(Member::restore(&cred, &m.state_bytes()).is_ok());
+    assert!(Member::restore(&cred, &m.state_bytes(), &mut TestRng::new(77)).is_ok());
 }
 
 #[test]
@@ -1552,7 +1623,12 @@ fn a_confirm_overtaken_by_a_rekey_keeps_the_newer_epoch() {
     assert_eq!(out.event().payload.as_slice(), b"after revocation");
     f.disk.commit(out);
     // The kept epoch survives a reboot.
-    let restored = Member::restore(&cred, f.disk.state.as_deref().unwrap()).unwrap();
+    let restored = Member::restore(
+        &cred,
+        f.disk.state.as_deref().unwrap(),
+        &mut TestRng::new(77),
+    )
+    .unwrap();
     assert_eq!(restored.session(G), Some((SessionId(keys2.sid), 2)));
 }
 
@@ -1578,7 +1654,7 @@ fn a_stored_ack_must_fit_its_group_and_its_reserved_counters() {
         .unwrap()
         .ctr_reserved = 0;
     assert_eq!(
-        Member::restore(&cred, &st.to_bytes()).map(|_| ()),
+        Member::restore(&cred, &st.to_bytes(), &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::BadState("state.applied_ack.ctr"))
     );
     // Another group's ack.
@@ -1589,7 +1665,7 @@ fn a_stored_ack_must_fit_its_group_and_its_reserved_counters() {
     ack[2..6].copy_from_slice(&G2.0.to_be_bytes());
     a.ack = Bytes::from(ack);
     assert_eq!(
-        Member::restore(&cred, &st.to_bytes()).map(|_| ()),
+        Member::restore(&cred, &st.to_bytes(), &mut TestRng::new(77)).map(|_| ()),
         Err(MemberError::BadState("state.applied_ack"))
     );
 }
