@@ -4205,3 +4205,48 @@ on_both_stores!(
     a_round_closed_elsewhere_leaves_this_processs_memory,
     "round_closed_elsewhere"
 );
+
+/// Re-adding an active member under a key version it did not hold alone
+/// replaces its key: its sessions (derived from the old key, so whoever
+/// has that key has them) are erased and it gets no rekey, while the
+/// others are rekeyed; naming the version it already holds alone keeps
+/// its session.
+async fn re_adding_a_member_under_a_new_key_version_ends_its_sessions(store_url: Option<String>) {
+    use dapgw::udc::store::Store;
+    let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let answer = a
+        .handle_batch("gw-1", psk_batch(&h, 1, round, &challenge, 1..=3))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    let store = a.store();
+    a.add_member(1, vec![G], Some(1)).await.unwrap();
+    let cursor = h.downlink(0).await.last().unwrap().0;
+    a.add_member(2, vec![G], Some(2)).await.unwrap();
+    let slots = store.sessions(vec![(1, G), (2, G), (3, G)]).await.unwrap();
+    assert_eq!(
+        slots.iter().map(has_session).collect::<Vec<_>>(),
+        vec![true, false, true],
+        "member 2's sessions came from its old key"
+    );
+    let rekeyed = rekeyed_members(&h.downlink(cursor).await);
+    assert!(!rekeyed.contains(&2), "{rekeyed:?}");
+    assert!(rekeyed.contains(&1) && rekeyed.contains(&3), "{rekeyed:?}");
+    let row = store
+        .members(vec![2])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!((row.kv, row.min_kv), (2, 2));
+    h.stop().await;
+}
+
+on_both_stores!(
+    re_adding_a_member_under_a_new_key_version_ends_its_sessions,
+    "readd_new_kv"
+);

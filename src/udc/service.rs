@@ -919,7 +919,10 @@ impl Udc {
     /// each, rekeying every member with a session, all in one transaction.
     /// A re-added member keeps its key version unless `kv` names another
     /// (a new member starts at 1), keeps an imported key of that version,
-    /// and each group it no longer names gets a new epoch without it.
+    /// and each group it no longer names gets a new epoch without it. A
+    /// `kv` named other than the one version accepted so far also erases
+    /// the member's sessions (they came from the old key) and rekeys the
+    /// others without it.
     pub async fn add_member(
         &self,
         id: u64,
@@ -991,9 +994,19 @@ impl Udc {
                 min_kv: row.min_kv,
             });
         }
+        // A version named that is not the one (or the only one) accepted so
+        // far replaces the key: the member's sessions, derived from the
+        // old one, go with the new epoch, as for a revocation (whoever
+        // holds the old key holds them too), and it joins again with its
+        // next answer under the new version.
+        let old_key_sessions = named_kv.is_some()
+            && stored.as_ref().is_some_and(|row| {
+                row.status == store::MemberStatus::Active && (row.kv != kv || row.min_kv != kv)
+            });
+        let own = old_key_sessions.then_some(MemberId(id));
         let mut delta = 0;
         for g in groups {
-            self.rekey_into(&mut write, &mut delta, g, None).await?;
+            self.rekey_into(&mut write, &mut delta, g, own).await?;
         }
         for g in left {
             self.rekey_into(&mut write, &mut delta, g, Some(MemberId(id)))
