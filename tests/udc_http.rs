@@ -46,6 +46,11 @@ impl Harness {
     }
 
     async fn start_with(store_url: Option<String>, localize_timeout_ms: u64) -> Self {
+        Self::start_tuned(store_url, |c| c.localize_timeout_ms = localize_timeout_ms).await
+    }
+
+    /// A UDC whose configuration `tune` changes first.
+    async fn start_tuned(store_url: Option<String>, tune: impl FnOnce(&mut UdcConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dapgw::tls::dev_pki::generate(
             &dir.path().join("pki"),
@@ -75,9 +80,10 @@ impl Harness {
             storage_key_file: keys.join(keys_cmd::files::STORAGE),
             signing_key_file: keys.join(keys_cmd::files::SIGNING),
             key_cert_file: keys.join(keys_cmd::files::SIGNING_CERT),
-            localize_timeout_ms,
             ..UdcConfig::default()
         };
+        let mut config = config;
+        tune(&mut config);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -4250,3 +4256,82 @@ on_both_stores!(
     re_adding_a_member_under_a_new_key_version_ends_its_sessions,
     "readd_new_kv"
 );
+
+/// Request bodies held at once are bounded over all connections and
+/// streams (8 times the largest body): one gateway certificate opening
+/// many streams whose bodies it never ends cannot make the UDC buffer
+/// without bound. Beyond the budget a request gets 503 `busy`; once the
+/// held bodies are answered, their bytes are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_at_once_are_bounded() {
+    let h = Harness::start_tuned(None, |c| {
+        c.max_body_bytes = dapgw::config::ByteSize(64 << 10);
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(h.tls(Some("gw-1")));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    // A budget of 512 KiB: eight unfinished bodies of 60 KiB fit in it,
+    // nine do not.
+    let mut answers = tokio::task::JoinSet::new();
+    let mut bodies = Vec::new();
+    for _ in 0..9 {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = Request::post("https://localhost/v1/batches")
+            .header("content-type", "application/vnd.dapgw")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(Bytes::from(vec![0u8; 60 << 10]), false)
+            .unwrap();
+        bodies.push(body);
+        answers.spawn(async move {
+            let resp = answer.await.unwrap();
+            let status = resp.status();
+            let mut stream = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = stream.data().await {
+                let chunk = chunk.unwrap();
+                let _ = stream.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            (status, text)
+        });
+    }
+    // No body is complete, so the first answer is a refusal (without a
+    // budget none would come: the bound fails the test, it does not pace it).
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), answers.join_next());
+    let (status, text) = first
+        .await
+        .expect("an answer while nine bodies are held")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let e: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(e["error"], "busy", "{e}");
+    // The others end their bodies: judged (400, not a batch), and their
+    // bytes go back to the budget, so a new request is read whole.
+    for mut body in bodies {
+        let _ = body.send_data(Bytes::new(), true);
+    }
+    while let Some(answer) = answers.join_next().await {
+        let (status, _) = answer.unwrap();
+        assert!(
+            [StatusCode::BAD_REQUEST, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status}"
+        );
+    }
+    let (s, body) = h
+        .call(
+            Some("gw-1"),
+            Method::POST,
+            "/v1/batches",
+            vec![0u8; 60 << 10],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+    h.stop().await;
+}

@@ -135,7 +135,22 @@ struct State {
     udc: Arc<Udc>,
     opts: ServerOptions,
     limiter: RateLimiter,
+    /// Bytes of gateways' request bodies held at once, read or waiting to
+    /// be judged ([`BODY_BUDGET_BODIES`] times the largest body).
+    bodies: Arc<Semaphore>,
+    /// The same for `/v1/direct` ([`DIRECT_BODY_BUDGET`]), apart: senders
+    /// without a certificate must not spend the gateways' budget.
+    direct_bodies: Arc<Semaphore>,
 }
+
+/// Bytes of `/v1/direct` bodies held at once (256 of the 64 KiB cap).
+pub const DIRECT_BODY_BUDGET: usize = 16 << 20;
+
+/// How many largest-size request bodies the server holds at once, over
+/// all connections: one gateway certificate may open many connections
+/// and streams, and each body is kept whole until its batch is judged
+/// (one at a time). Beyond the budget a request gets 503 `busy` at once.
+pub const BODY_BUDGET_BODIES: usize = 8;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -148,10 +163,16 @@ pub async fn serve(
     opts: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
+    let budget = opts
+        .max_body_bytes
+        .saturating_mul(BODY_BUDGET_BODIES)
+        .min(Semaphore::MAX_PERMITS);
     let state = Arc::new(State {
         udc,
         opts,
         limiter: RateLimiter::default(),
+        bodies: Arc::new(Semaphore::new(budget)),
+        direct_bodies: Arc::new(Semaphore::new(DIRECT_BODY_BUDGET)),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -347,28 +368,76 @@ fn service_error(e: ServiceError) -> Resp {
 
 /// Reads the body under the cap within `within`; `Err` is the answer to
 /// send.
-async fn body(req: Request<Incoming>, cap: usize, within: Duration) -> Result<Bytes, Resp> {
-    let read = tokio::time::timeout(within, Limited::new(req.into_body(), cap).collect()).await;
-    let Ok(read) = read else {
-        return Err(error(
+/// Why a request body was not read whole.
+enum BodyError {
+    /// Over the cap of this endpoint.
+    TooLarge,
+    /// The server's [`State::bodies`] budget is spent.
+    OverBudget,
+    /// The stream failed.
+    Read,
+}
+
+/// Reads a request body of at most `cap` bytes within `within`, taking
+/// its bytes from the server's body budget as they arrive: the permit
+/// returned holds them until it is dropped (after the answer is built).
+async fn body(
+    req: Request<Incoming>,
+    cap: usize,
+    within: Duration,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, OwnedSemaphorePermit), Resp> {
+    let read = async {
+        let mut held = budget
+            .clone()
+            .try_acquire_many_owned(0)
+            .map_err(|_| BodyError::OverBudget)?;
+        let mut body = Limited::new(req.into_body(), cap);
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    BodyError::TooLarge
+                } else {
+                    BodyError::Read
+                }
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let n = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
+            let more = budget
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| BodyError::OverBudget)?;
+            held.merge(more);
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), held))
+    };
+    match tokio::time::timeout(within, read).await {
+        Err(_) => Err(error(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             "the request body did not arrive in time",
-        ));
-    };
-    match read {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        )),
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(BodyError::TooLarge)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("request body over {cap} bytes"),
+        )),
+        Ok(Err(BodyError::OverBudget)) => {
+            tracing::warn!("request bodies held at once are at the server's budget; answered 503");
             Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                &format!("request body over {cap} bytes"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the server holds too many request bodies; retry",
             ))
         }
-        Err(_) => Err(error(
+        Ok(Err(BodyError::Read)) => Err(error(
             StatusCode::BAD_REQUEST,
             "bad_body",
             "the request body could not be read",
@@ -421,7 +490,14 @@ async fn route(
     let gateway = gateway.to_owned();
     match path.as_str() {
         "/v1/batches" | "/v1/tags" => {
-            let b = match body(req, state.opts.max_body_bytes, state.opts.body_timeout).await {
+            let (b, _held) = match body(
+                req,
+                state.opts.max_body_bytes,
+                state.opts.body_timeout,
+                &state.bodies,
+            )
+            .await
+            {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -436,7 +512,8 @@ async fn route(
             }
         }
         "/v1/subscriptions" => {
-            let b = match body(req, 1 << 20, state.opts.body_timeout).await {
+            let (b, _held) = match body(req, 1 << 20, state.opts.body_timeout, &state.bodies).await
+            {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -531,7 +608,8 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
-    let b = match body(req, 64 << 10, state.opts.body_timeout).await {
+    let (b, _held) = match body(req, 64 << 10, state.opts.body_timeout, &state.direct_bodies).await
+    {
         Ok(b) => b,
         Err(r) => return r,
     };
