@@ -814,6 +814,48 @@ async fn drain_within_grace_and_resume_from_spool() {
     gw2.stop().await;
 }
 
+/// A member sending its body slowly when the drain starts (it may take
+/// up to `DAPGW_HEADER_TIMEOUT_MS`, here longer than the grace) does not
+/// hold the drain's flush: at half the grace what was acknowledged is
+/// sealed and sent anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_does_not_hold_the_drains_flush() {
+    use tokio::io::AsyncWriteExt;
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.drain_grace_ms = 6_000;
+    cfg.header_timeout_ms = 60_000;
+    cfg.batch_linger_ms = 60_000; // only the drain's flush cuts the batch
+    let mut gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    assert_eq!(
+        c.post(uplink(3, 1, 1, b"x").to_bytes()).await.status,
+        StatusCode::ACCEPTED
+    );
+    // A request whose head arrived and whose body never ends.
+    let mut slow = raw(gw.members, &pki, b"http/1.1", [127, 0, 0, 1])
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /v1/uplink HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/vnd.dapgw\r\ncontent-length: 100\r\n\r\n\x01",
+    )
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+    gw.shutdown().await.unwrap().unwrap();
+    assert!(
+        udc.applied()
+            .iter()
+            .any(|&(m, g, ctr, _)| (m, g, ctr) == (3, 1, 1)),
+        "the acknowledged uplink went out during the drain: {:?}",
+        udc.applied()
+    );
+    drop(slow);
+}
+
 /// With member client certificates configured, a member may only act as the
 /// id its certificate names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

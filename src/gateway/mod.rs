@@ -350,9 +350,22 @@ pub async fn run(
     // Past the grace the batch sender is stopped with everything else (its
     // exchanges in flight too); what it had not finished stays sealed.
     let batches_abort = batches.abort_handle();
+    let mut server = server;
     let drained = tokio::time::timeout(config.drain_grace(), async {
         // Connections finish their requests; long polls end on the drain.
-        let _ = server.await;
+        // For half the grace at most: a member sending its body slowly
+        // (it has up to DAPGW_HEADER_TIMEOUT_MS) must not use up the whole
+        // grace before anything acknowledged is sent. What such a request
+        // stores later is acknowledged from the spool and goes out after
+        // the next start.
+        if tokio::time::timeout(config.drain_grace() / 2, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "requests still in flight at half the drain grace; flushing without them"
+            );
+        }
         // Everything collected goes into sealed batches in the spool...
         if let Err(e) = collector.flush().await {
             tracing::warn!(error = %e, "flushing the collector");
@@ -360,6 +373,7 @@ pub async fn run(
         let _ = flushed_tx.send(true);
         // ...and the upstream client sends what it can.
         let _ = batches.await;
+        let _ = server.await;
     })
     .await;
     match drained {
