@@ -270,14 +270,32 @@ pub fn uplink_nonce(iv_up: &Iv12, ctr: u64) -> [u8; 12] {
 /// The key that seals V's sessions and group keys at rest.
 ///
 /// Separate from MS. Each row is `nonce [12] || ciphertext || tag [16]` with
-/// a fresh random nonce and AAD `"dapgw v1 storage" || identity`, where the
-/// identity names the row (table, group, epoch, member, sid): a row copied
-/// under another identity fails to open. The caller must encode the identity
-/// canonically (fixed-width or length-prefixed fields, a table name first),
-/// or two identities could share one byte string.
+/// AAD `"dapgw v1 storage" || identity`, where the identity names the row
+/// (table, group, epoch, member, sid): a row copied under another identity
+/// fails to open. The caller must encode the identity canonically
+/// (fixed-width or length-prefixed fields, a table name first), or two
+/// identities could share one byte string.
+///
+/// The nonce is NIST SP 800-38D's deterministic construction: a random
+/// 8-byte field, drawn at the first seal of this key value (and its clones,
+/// which share the sequence) and again after every 2^32 seals, followed by
+/// a 32-bit count of the seals under that field. Twelve random bytes per
+/// row would reach the 2^32 rows SP 800-38D allows a key in weeks at
+/// millions of members (every reading re-seals a slot); with this
+/// construction a nonce repeats only if two processes, or two runs of
+/// 2^32 seals, draw the same 8-byte field.
 #[derive(Clone, Debug)]
 pub struct StorageKey {
     gcm: Gcm,
+    nonces: std::sync::Arc<std::sync::Mutex<NonceSeq>>,
+}
+
+/// The storage nonces' fixed field and the count under it (not secret:
+/// both are in every sealed row).
+#[derive(Debug, Default)]
+struct NonceSeq {
+    fixed: Option<[u8; 8]>,
+    next: u32,
 }
 
 /// Bytes a sealed row adds to its plaintext (nonce and tag).
@@ -288,10 +306,51 @@ impl StorageKey {
     pub fn from_bytes(key: &Key16) -> Self {
         Self {
             gcm: Gcm::new(key.expose()),
+            nonces: Default::default(),
         }
     }
 
-    /// Seals one row under a fresh random nonce.
+    /// The next nonce: the fixed field (drawn from `rng` when there is
+    /// none yet, or the count under it is spent) and the count.
+    fn next_nonce(&self, rng: &mut impl CryptoRng) -> [u8; 12] {
+        let mut seq = self
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fixed = match seq.fixed {
+            Some(f) => f,
+            None => {
+                let mut f = [0u8; 8];
+                rng.fill_bytes(&mut f);
+                seq.fixed = Some(f);
+                seq.next = 0;
+                f
+            }
+        };
+        let count = seq.next;
+        match count.checked_add(1) {
+            Some(n) => seq.next = n,
+            // 2^32 seals under this field: the next one draws another.
+            None => seq.fixed = None,
+        }
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&fixed);
+        nonce[8..].copy_from_slice(&count.to_be_bytes());
+        nonce
+    }
+
+    /// Sets the count under the current field (tests of the field's renewal).
+    #[cfg(test)]
+    fn set_nonce_count(&self, rng: &mut impl CryptoRng, count: u32) {
+        let _ = self.next_nonce(rng);
+        self.nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next = count;
+    }
+
+    /// Seals one row under the next nonce (see the type's doc; `rng`
+    /// draws the nonces' fixed field when a new one is due).
     ///
     /// # Panics
     ///
@@ -324,8 +383,7 @@ impl StorageKey {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        rng.fill_bytes(&mut nonce);
+        let nonce = self.next_nonce(rng);
         // Wiped if `fill` panics; emptied (nothing left to wipe) once sealed.
         let mut out = Zeroizing::new(vec![0u8; len + STORAGE_OVERHEAD]);
         out[..12].copy_from_slice(&nonce);
@@ -708,6 +766,37 @@ mod tests {
         assert!(key.open_row(b"e", &empty).unwrap().is_empty());
         let other = StorageKey::from_bytes(&Key16::from_bytes([0x78; 16]));
         assert!(other.open_row(b"session|g=1|id=1", &row_a).is_err());
+    }
+
+    #[test]
+    fn storage_nonces_count_under_a_random_field() {
+        let key = StorageKey::from_bytes(&Key16::from_bytes([0x77; 16]));
+        let mut rng = CountingRng(0);
+        let nonce = |row: &[u8]| <[u8; 12]>::try_from(&row[..12]).unwrap();
+        let a = nonce(&key.seal_row(&mut rng, b"r", b"a"));
+        // A clone (another handle in the same process) continues the count.
+        let b = nonce(&key.clone().seal_row(&mut rng, b"r", b"b"));
+        assert_eq!(a[..8], b[..8], "one field");
+        assert_eq!((&a[8..], &b[8..]), (&[0, 0, 0, 0][..], &[0, 0, 0, 1][..]));
+        // Another process with the same key draws a field of its own.
+        let other = StorageKey::from_bytes(&Key16::from_bytes([0x77; 16]));
+        let c = nonce(&other.seal_row(&mut rng, b"r", b"c"));
+        assert_ne!(c[..8], a[..8]);
+        assert_eq!(c[8..], [0, 0, 0, 0]);
+        // After 2^32 seals under a field, the next seal draws another.
+        key.set_nonce_count(&mut rng, u32::MAX);
+        let last = nonce(&key.seal_row(&mut rng, b"r", b"d"));
+        let renewed = nonce(&key.seal_row(&mut rng, b"r", b"e"));
+        assert_eq!(last[..8], a[..8]);
+        assert_eq!(last[8..], [0xFF; 4]);
+        assert_ne!(renewed[..8], a[..8]);
+        assert_eq!(renewed[8..], [0, 0, 0, 0]);
+        assert_eq!(
+            key.open_row(b"r", &key.seal_row(&mut rng, b"r", b"f"))
+                .unwrap()
+                .as_slice(),
+            b"f"
+        );
     }
 
     #[test]
