@@ -355,16 +355,20 @@ pub async fn run(
         // Connections finish their requests; long polls end on the drain.
         // For half the grace at most: a member sending its body slowly
         // (it has up to DAPGW_HEADER_TIMEOUT_MS) must not use up the whole
-        // grace before anything acknowledged is sent. What such a request
-        // stores later is acknowledged from the spool and goes out after
-        // the next start.
+        // grace before anything acknowledged is sent.
         if tokio::time::timeout(config.drain_grace() / 2, &mut server)
             .await
             .is_err()
         {
+            // Their connections close: nothing of theirs was acknowledged
+            // (a 202 follows the spool and the collector), and the members
+            // send again to the next gateway process. An entry already
+            // handed to the collector is flushed below.
             tracing::warn!(
-                "requests still in flight at half the drain grace; flushing without them"
+                "requests still in flight at half the drain grace; closing their connections"
             );
+            server.abort();
+            let _ = (&mut server).await;
         }
         // Everything collected goes into sealed batches in the spool...
         if let Err(e) = collector.flush().await {
@@ -373,7 +377,6 @@ pub async fn run(
         let _ = flushed_tx.send(true);
         // ...and the upstream client sends what it can.
         let _ = batches.await;
-        let _ = server.await;
     })
     .await;
     match drained {
