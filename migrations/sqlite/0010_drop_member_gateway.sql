@@ -3,6 +3,8 @@
 -- Version 1 created a member -> gateway map that no UDC version ever wrote
 -- (the batch write's list of members seen was never filled) and nothing
 -- read. It is dropped rather than kept as an empty table that suggests a
--- feature. A process older than version 10 still running on a shared
--- PostgreSQL store never touches the table, so it keeps working.
+-- feature. A UDC process older than version 10 still running on this file
+-- prepares its insert with every gateway batch and fails them from now on:
+-- stop it before starting the new one (an older binary refuses to open the
+-- file afterwards, as after any migration).
 DROP TABLE IF EXISTS member_gateway;
