@@ -4257,30 +4257,35 @@ on_both_stores!(
     "readd_new_kv"
 );
 
-/// Request bodies held at once are bounded over all connections and
-/// streams (8 times the largest body): one gateway certificate opening
-/// many streams whose bodies it never ends cannot make the UDC buffer
-/// without bound. Beyond the budget a request gets 503 `busy`; once the
-/// held bodies are answered, their bytes are free again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_bodies_held_at_once_are_bounded() {
-    let h = Harness::start_tuned(None, |c| {
-        c.max_body_bytes = dapgw::config::ByteSize(64 << 10);
-    })
-    .await;
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(h.tls(Some("gw-1")));
+/// An HTTP/2 connection to the UDC as gateway `gw` (or without a
+/// certificate), from local address `from`.
+async fn h2_client(h: &Harness, gw: Option<&str>, from: [u8; 4]) -> h2::client::SendRequest<Bytes> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    let tcp = sock.connect(h.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(h.tls(gw));
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     let (client, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
-    // A budget of 512 KiB: eight unfinished bodies of 60 KiB fit in it,
-    // nine do not.
+    client
+}
+
+/// Starts `n` POSTs to `path` on `client`, each sending 60 KiB of body and
+/// not ending it; returns the body senders and the answers to come.
+async fn unfinished_bodies(
+    client: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    n: usize,
+) -> (
+    Vec<h2::SendStream<Bytes>>,
+    tokio::task::JoinSet<(StatusCode, Vec<u8>)>,
+) {
     let mut answers = tokio::task::JoinSet::new();
     let mut bodies = Vec::new();
-    for _ in 0..9 {
+    for _ in 0..n {
         let mut client = client.clone().ready().await.unwrap();
-        let req = Request::post("https://localhost/v1/batches")
+        let req = Request::post(format!("https://localhost{path}"))
             .header("content-type", "application/vnd.dapgw")
             .body(())
             .unwrap();
@@ -4301,19 +4306,29 @@ async fn request_bodies_held_at_once_are_bounded() {
             (status, text)
         });
     }
-    // No body is complete, so the first answer is a refusal (without a
-    // budget none would come: the bound fails the test, it does not pace it).
+    (bodies, answers)
+}
+
+/// The first answer of `answers` (none is complete: a refusal), bounded so
+/// that without a budget the test fails instead of hanging.
+async fn first_refusal(answers: &mut tokio::task::JoinSet<(StatusCode, Vec<u8>)>) {
     let first = tokio::time::timeout(std::time::Duration::from_secs(60), answers.join_next());
     let (status, text) = first
         .await
-        .expect("an answer while nine bodies are held")
+        .expect("an answer while the bodies are held")
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let e: serde_json::Value = serde_json::from_slice(&text).unwrap();
     assert_eq!(e["error"], "busy", "{e}");
-    // The others end their bodies: judged (400, not a batch), and their
-    // bytes go back to the budget, so a new request is read whole.
+}
+
+/// Ends the bodies; every answer is then 400 (not a batch) or the 503s of
+/// those already refused.
+async fn end_bodies(
+    bodies: Vec<h2::SendStream<Bytes>>,
+    mut answers: tokio::task::JoinSet<(StatusCode, Vec<u8>)>,
+) {
     for mut body in bodies {
         let _ = body.send_data(Bytes::new(), true);
     }
@@ -4324,6 +4339,41 @@ async fn request_bodies_held_at_once_are_bounded() {
             "{status}"
         );
     }
+}
+
+/// Request bodies held at once are bounded: 8 times the largest body in
+/// all, half of that per gateway certificate, and for `/v1/direct` a
+/// budget of its own with 256 KiB per source. So one gateway with many
+/// streams whose bodies it never ends cannot make the UDC buffer without
+/// bound, nor take the whole budget from the other gateways; one direct
+/// source cannot shut the direct path for the others. Beyond a budget a
+/// request gets 503 `busy`; once the held bodies are answered their bytes
+/// are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_at_once_are_bounded() {
+    let h = Harness::start_tuned(None, |c| {
+        c.max_body_bytes = dapgw::config::ByteSize(64 << 10);
+        // Longer than the tests' own bound on the first answer.
+        c.body_timeout_ms = 300_000;
+    })
+    .await;
+    // 512 KiB in all, 256 KiB for gw-1: four unfinished bodies of 60 KiB
+    // fit in its share; nine would fill the whole budget.
+    let gw1 = h2_client(&h, Some("gw-1"), [127, 0, 0, 1]).await;
+    let (bodies, mut answers) = unfinished_bodies(&gw1, "/v1/batches", 9).await;
+    first_refusal(&mut answers).await;
+    // gw-2 is served meanwhile: its batch is read whole and judged (gw-1
+    // holds at most its half).
+    let (s, body) = h
+        .call(
+            Some("gw-2"),
+            Method::POST,
+            "/v1/batches",
+            vec![0u8; 60 << 10],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+    end_bodies(bodies, answers).await;
     let (s, body) = h
         .call(
             Some("gw-1"),
@@ -4333,5 +4383,19 @@ async fn request_bodies_held_at_once_are_bounded() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
+
+    // Direct: 127.0.0.2 holds four bodies and is refused a fifth, while
+    // 127.0.0.3 is still read.
+    let direct = h2_client(&h, None, [127, 0, 0, 2]).await;
+    let (bodies, mut answers) = unfinished_bodies(&direct, "/v1/direct", 5).await;
+    first_refusal(&mut answers).await;
+    let other = h2_client(&h, None, [127, 0, 0, 3]).await;
+    let (done, mut answer) = unfinished_bodies(&other, "/v1/direct", 1).await;
+    for mut body in done {
+        body.send_data(Bytes::new(), true).unwrap();
+    }
+    let (status, text) = answer.join_next().await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text:?}");
+    end_bodies(bodies, answers).await;
     h.stop().await;
 }

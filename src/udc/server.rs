@@ -136,21 +136,68 @@ struct State {
     opts: ServerOptions,
     limiter: RateLimiter,
     /// Bytes of gateways' request bodies held at once, read or waiting to
-    /// be judged ([`BODY_BUDGET_BODIES`] times the largest body).
-    bodies: Arc<Semaphore>,
-    /// The same for `/v1/direct` ([`DIRECT_BODY_BUDGET`]), apart: senders
-    /// without a certificate must not spend the gateways' budget.
-    direct_bodies: Arc<Semaphore>,
+    /// be judged: [`BODY_BUDGET_BODIES`] times the largest body in all,
+    /// half of that per gateway identity.
+    bodies: BodyBudget<String>,
+    /// The same for `/v1/direct`, apart (senders without a certificate
+    /// must not spend the gateways'): [`DIRECT_BODY_BUDGET`] in all,
+    /// [`DIRECT_SOURCE_BUDGET`] per source.
+    direct_bodies: BodyBudget<[u8; 16]>,
+    /// When an over-budget refusal was last logged (unix s), so a flood
+    /// of them logs once a second.
+    budget_logged: std::sync::atomic::AtomicU64,
 }
 
 /// Bytes of `/v1/direct` bodies held at once (256 of the 64 KiB cap).
 pub const DIRECT_BODY_BUDGET: usize = 16 << 20;
+
+/// Bytes of `/v1/direct` bodies one source (an IPv4 address, an IPv6 /64)
+/// holds at once: four of the 64 KiB cap.
+pub const DIRECT_SOURCE_BUDGET: usize = 256 << 10;
+
+/// A `/v1/direct` body arrives whole within this (or the server's body
+/// timeout, if shorter): a member's submission is small and sent at once,
+/// and a slow one holds its source's budget.
+pub const DIRECT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many largest-size request bodies the server holds at once, over
 /// all connections: one gateway certificate may open many connections
 /// and streams, and each body is kept whole until its batch is judged
 /// (one at a time). Beyond the budget a request gets 503 `busy` at once.
 pub const BODY_BUDGET_BODIES: usize = 8;
+
+/// Byte budgets for request bodies: one over all requests, and one per key
+/// (a gateway identity, a direct source), so that no key takes the whole.
+struct BodyBudget<K> {
+    total: Arc<Semaphore>,
+    per_key: usize,
+    keys: StdMutex<HashMap<K, Arc<Semaphore>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> BodyBudget<K> {
+    fn new(total: usize, per_key: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            per_key: per_key.min(Semaphore::MAX_PERMITS),
+            keys: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    /// The budgets a body of `key` draws on: the total and the key's own.
+    fn of(&self, key: &K) -> [Arc<Semaphore>; 2] {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        // Bound the map under key churn: keys holding nothing are dropped.
+        if keys.len() > 10_000 {
+            let full = self.per_key;
+            keys.retain(|_, s| s.available_permits() < full);
+        }
+        let own = keys
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_key)))
+            .clone();
+        [Arc::clone(&self.total), own]
+    }
+}
 
 type Resp = Response<Full<Bytes>>;
 
@@ -163,16 +210,14 @@ pub async fn serve(
     opts: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let budget = opts
-        .max_body_bytes
-        .saturating_mul(BODY_BUDGET_BODIES)
-        .min(Semaphore::MAX_PERMITS);
+    let budget = opts.max_body_bytes.saturating_mul(BODY_BUDGET_BODIES);
     let state = Arc::new(State {
         udc,
         opts,
         limiter: RateLimiter::default(),
-        bodies: Arc::new(Semaphore::new(budget)),
-        direct_bodies: Arc::new(Semaphore::new(DIRECT_BODY_BUDGET)),
+        bodies: BodyBudget::new(budget, budget / 2),
+        direct_bodies: BodyBudget::new(DIRECT_BODY_BUDGET, DIRECT_SOURCE_BUDGET),
+        budget_logged: std::sync::atomic::AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -372,7 +417,7 @@ fn service_error(e: ServiceError) -> Resp {
 enum BodyError {
     /// Over the cap of this endpoint.
     TooLarge,
-    /// The server's [`State::bodies`] budget is spent.
+    /// A body budget ([`State::bodies`], [`State::direct_bodies`]) is spent.
     OverBudget,
     /// The stream failed.
     Read,
@@ -385,13 +430,16 @@ async fn body(
     req: Request<Incoming>,
     cap: usize,
     within: Duration,
-    budget: &Arc<Semaphore>,
-) -> Result<(Bytes, OwnedSemaphorePermit), Resp> {
+    budgets: [Arc<Semaphore>; 2],
+    state: &State,
+) -> Result<(Bytes, [OwnedSemaphorePermit; 2]), Resp> {
     let read = async {
-        let mut held = budget
-            .clone()
-            .try_acquire_many_owned(0)
-            .map_err(|_| BodyError::OverBudget)?;
+        let take = |s: &Arc<Semaphore>, n: u32| {
+            Arc::clone(s)
+                .try_acquire_many_owned(n)
+                .map_err(|_| BodyError::OverBudget)
+        };
+        let mut held = [take(&budgets[0], 0)?, take(&budgets[1], 0)?];
         let mut body = Limited::new(req.into_body(), cap);
         let mut buf = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
@@ -408,11 +456,9 @@ async fn body(
                 continue;
             };
             let n = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
-            let more = budget
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|_| BodyError::OverBudget)?;
-            held.merge(more);
+            for (h, s) in held.iter_mut().zip(&budgets) {
+                h.merge(take(s, n)?);
+            }
             buf.extend_from_slice(&data);
         }
         Ok((buf.freeze(), held))
@@ -430,12 +476,25 @@ async fn body(
             &format!("request body over {cap} bytes"),
         )),
         Ok(Err(BodyError::OverBudget)) => {
-            tracing::warn!("request bodies held at once are at the server's budget; answered 503");
-            Err(error(
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = state
+                .budget_logged
+                .swap(now, std::sync::atomic::Ordering::Relaxed);
+            if last != now {
+                tracing::warn!(
+                    "request bodies held at once are at a budget (all, or this gateway's or source's share); answered 503"
+                );
+            }
+            let mut r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 "the server holds too many request bodies; retry",
-            ))
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(r)
         }
         Ok(Err(BodyError::Read)) => Err(error(
             StatusCode::BAD_REQUEST,
@@ -494,7 +553,8 @@ async fn route(
                 req,
                 state.opts.max_body_bytes,
                 state.opts.body_timeout,
-                &state.bodies,
+                state.bodies.of(&gateway),
+                state,
             )
             .await
             {
@@ -512,7 +572,8 @@ async fn route(
             }
         }
         "/v1/subscriptions" => {
-            let (b, _held) = match body(req, 1 << 20, state.opts.body_timeout, &state.bodies).await
+            let budgets = state.bodies.of(&gateway);
+            let (b, _held) = match body(req, 1 << 20, state.opts.body_timeout, budgets, state).await
             {
                 Ok(b) => b,
                 Err(r) => return r,
@@ -608,8 +669,11 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
     }
-    let (b, _held) = match body(req, 64 << 10, state.opts.body_timeout, &state.direct_bodies).await
-    {
+    let budgets = state
+        .direct_bodies
+        .of(&crate::limits::source_key(peer.ip()));
+    let within = state.opts.body_timeout.min(DIRECT_BODY_TIMEOUT);
+    let (b, _held) = match body(req, 64 << 10, within, budgets, state).await {
         Ok(b) => b,
         Err(r) => return r,
     };
