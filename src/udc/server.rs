@@ -411,8 +411,6 @@ fn service_error(e: ServiceError) -> Resp {
     }
 }
 
-/// Reads the body under the cap within `within`; `Err` is the answer to
-/// send.
 /// Why a request body was not read whole.
 enum BodyError {
     /// Over the cap of this endpoint.
@@ -424,8 +422,9 @@ enum BodyError {
 }
 
 /// Reads a request body of at most `cap` bytes within `within`, taking
-/// its bytes from the server's body budget as they arrive: the permit
-/// returned holds them until it is dropped (after the answer is built).
+/// its bytes from both `budgets` as they arrive: the permits returned hold
+/// them until they are dropped (after the answer is built). `Err` is the
+/// answer to send.
 async fn body(
     req: Request<Incoming>,
     cap: usize,

@@ -675,16 +675,14 @@ impl Udc {
     /// open in the store (closed by another UDC process): with it goes the
     /// round's `e_V` secret, which the design erases at the close.
     pub async fn close_due_rounds(&self, now_ms: u64) -> Result<usize, ServiceError> {
-        let open = {
-            // Under the lock that opening a round holds, so a round this
-            // process opens meanwhile is not taken for a closed one.
-            let _guard = self.lock.lock().await;
-            let open = self.store.open_rounds().await?;
-            let still: std::collections::HashSet<(u32, u64)> =
-                open.iter().map(|r| (r.group, r.round)).collect();
-            self.rounds.lock().await.retain(|k, _| still.contains(k));
-            open
-        };
+        let open = self.store.open_rounds().await?;
+        // Not under the batch lock: a round this process opened after the
+        // read is dropped too, which costs only a rebuild from its sealed
+        // row and the members' slots at its next batch (as after a
+        // restart).
+        let still: std::collections::HashSet<(u32, u64)> =
+            open.iter().map(|r| (r.group, r.round)).collect();
+        self.rounds.lock().await.retain(|k, _| still.contains(k));
         let due: Vec<(u32, u64)> = open
             .into_iter()
             .filter(|r| r.closes_at_ms.is_some_and(|t| t <= now_ms))
@@ -2343,7 +2341,6 @@ impl Udc {
     }
 }
 
-/// The judging context of a gateway's batch.
 /// The Verdict answering a direct submission: a batch of one of gateway
 /// `direct`, batch id 0, whose hash is that of the inner message.
 fn direct_verdict(hash: [u8; 32], outcome: Outcome, confirm: Option<Confirm>) -> Bytes {
@@ -2359,6 +2356,7 @@ fn direct_verdict(hash: [u8; 32], outcome: Outcome, confirm: Option<Confirm>) ->
     .to_bytes()
 }
 
+/// The judging context of a gateway's batch.
 fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
     let b = batch.batch();
     let gateway = b.gateway_id.as_str().to_owned();
