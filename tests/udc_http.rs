@@ -4271,12 +4271,14 @@ async fn h2_client(h: &Harness, gw: Option<&str>, from: [u8; 4]) -> h2::client::
     client
 }
 
-/// Starts `n` POSTs to `path` on `client`, each sending 60 KiB of body and
-/// not ending it; returns the body senders and the answers to come.
+/// Starts `n` POSTs to `path` on `client`, each sending `size` bytes of
+/// body and not ending it; returns the body senders and the answers to
+/// come.
 async fn unfinished_bodies(
     client: &h2::client::SendRequest<Bytes>,
     path: &str,
     n: usize,
+    size: usize,
 ) -> (
     Vec<h2::SendStream<Bytes>>,
     tokio::task::JoinSet<(StatusCode, Vec<u8>)>,
@@ -4290,8 +4292,7 @@ async fn unfinished_bodies(
             .body(())
             .unwrap();
         let (answer, mut body) = client.send_request(req, false).unwrap();
-        body.send_data(Bytes::from(vec![0u8; 60 << 10]), false)
-            .unwrap();
+        body.send_data(Bytes::from(vec![0u8; size]), false).unwrap();
         bodies.push(body);
         answers.spawn(async move {
             let resp = answer.await.unwrap();
@@ -4341,29 +4342,31 @@ async fn end_bodies(
     }
 }
 
-/// Request bodies held at once are bounded: 8 times the largest body in
-/// all, half of that per gateway certificate, and for `/v1/direct` a
-/// budget of its own with 256 KiB per source. So one gateway with many
-/// streams whose bodies it never ends cannot make the UDC buffer without
-/// bound, nor take the whole budget from the other gateways; one direct
-/// source cannot shut the direct path for the others. Beyond a budget a
-/// request gets 503 `busy`; once the held bodies are answered their bytes
-/// are free again.
+/// Request bodies held at once are bounded: 8 of the largest bodies (or of
+/// 1 MiB, the subscriptions' cap, if larger) in all, 5 of them per gateway
+/// certificate, and for `/v1/direct` a budget of its own with 256 KiB per
+/// source. So one gateway with many streams whose bodies it never ends
+/// cannot make the UDC buffer without bound, nor take the whole budget
+/// from the other gateways; one direct source cannot shut the direct path
+/// for the others. Beyond a budget a request gets 503 `busy`; once the
+/// held bodies are answered their bytes are free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_held_at_once_are_bounded() {
     let h = Harness::start_tuned(None, |c| {
-        c.max_body_bytes = dapgw::config::ByteSize(64 << 10);
+        c.max_body_bytes = dapgw::config::ByteSize(1 << 20);
         // Longer than the tests' own bound on the first answer.
         c.body_timeout_ms = 300_000;
     })
     .await;
-    // 512 KiB in all, 256 KiB for gw-1: four unfinished bodies of 60 KiB
-    // fit in its share; nine would fill the whole budget.
+    // 8 MiB in all, 5 MiB for gw-1: five unfinished bodies of 1000 KiB fit
+    // in its share; nine would fill the whole budget.
     let gw1 = h2_client(&h, Some("gw-1"), [127, 0, 0, 1]).await;
-    let (bodies, mut answers) = unfinished_bodies(&gw1, "/v1/batches", 9).await;
+    let (bodies, mut answers) = unfinished_bodies(&gw1, "/v1/batches", 9, 1000 << 10).await;
     first_refusal(&mut answers).await;
-    // gw-2 is served meanwhile: its batch is read whole and judged (gw-1
-    // holds at most its half).
+    // gw-2 is served meanwhile: its batch is read whole and judged. (That
+    // gw-1 holds at most its share is `a_key_takes_at_most_its_share_of_the
+    // _body_budget` in src/udc/server.rs: here a refused stream frees what
+    // it held, so the total would not stay full without the share either.)
     let (s, body) = h
         .call(
             Some("gw-2"),
@@ -4387,10 +4390,10 @@ async fn request_bodies_held_at_once_are_bounded() {
     // Direct: 127.0.0.2 holds four bodies and is refused a fifth, while
     // 127.0.0.3 is still read.
     let direct = h2_client(&h, None, [127, 0, 0, 2]).await;
-    let (bodies, mut answers) = unfinished_bodies(&direct, "/v1/direct", 5).await;
+    let (bodies, mut answers) = unfinished_bodies(&direct, "/v1/direct", 5, 60 << 10).await;
     first_refusal(&mut answers).await;
     let other = h2_client(&h, None, [127, 0, 0, 3]).await;
-    let (done, mut answer) = unfinished_bodies(&other, "/v1/direct", 1).await;
+    let (done, mut answer) = unfinished_bodies(&other, "/v1/direct", 1, 60 << 10).await;
     for mut body in done {
         body.send_data(Bytes::new(), true).unwrap();
     }

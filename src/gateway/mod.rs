@@ -363,7 +363,11 @@ pub async fn run(
             // Their connections close: nothing of theirs was acknowledged
             // (a 202 follows the spool and the collector), and the members
             // send again to the next gateway process. An entry already
-            // handed to the collector is flushed below.
+            // handed to the collector is flushed below; a spool write of
+            // theirs still running may hand its entry over after the flush
+            // (refused for a round the flush closed, or left uncut): no 202
+            // went out for it, and what stays in the spool goes out after
+            // the next start.
             tracing::warn!(
                 "requests still in flight at half the drain grace; closing their connections"
             );

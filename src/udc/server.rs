@@ -136,8 +136,8 @@ struct State {
     opts: ServerOptions,
     limiter: RateLimiter,
     /// Bytes of gateways' request bodies held at once, read or waiting to
-    /// be judged: [`BODY_BUDGET_BODIES`] times the largest body in all,
-    /// half of that per gateway identity.
+    /// be judged: [`BODY_BUDGET_BODIES`] of the largest bodies in all,
+    /// [`GATEWAY_SHARE_BODIES`] of them per gateway identity.
     bodies: BodyBudget<String>,
     /// The same for `/v1/direct`, apart (senders without a certificate
     /// must not spend the gateways'): [`DIRECT_BODY_BUDGET`] in all,
@@ -166,32 +166,57 @@ pub const DIRECT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// (one at a time). Beyond the budget a request gets 503 `busy` at once.
 pub const BODY_BUDGET_BODIES: usize = 8;
 
+/// How many of them one gateway certificate may hold: the batches a
+/// gateway keeps in flight (4) and one more request (its subscriptions,
+/// sent again on every new connection).
+pub const GATEWAY_SHARE_BODIES: usize = 5;
+
+/// Largest `/v1/subscriptions` body.
+const SUBSCRIPTIONS_CAP: usize = 1 << 20;
+
 /// Byte budgets for request bodies: one over all requests, and one per key
 /// (a gateway identity, a direct source), so that no key takes the whole.
 struct BodyBudget<K> {
     total: Arc<Semaphore>,
     per_key: usize,
-    keys: StdMutex<HashMap<K, Arc<Semaphore>>>,
+    keys: StdMutex<KeyBudgets<K>>,
 }
+
+/// The per-key budgets, and the map size at which idle ones are dropped.
+struct KeyBudgets<K> {
+    map: HashMap<K, Arc<Semaphore>>,
+    prune_at: usize,
+}
+
+/// Per-key budgets kept before idle ones are dropped (at least).
+const KEY_BUDGETS_KEPT: usize = 10_000;
 
 impl<K: std::hash::Hash + Eq + Clone> BodyBudget<K> {
     fn new(total: usize, per_key: usize) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             per_key: per_key.min(Semaphore::MAX_PERMITS),
-            keys: StdMutex::new(HashMap::new()),
+            keys: StdMutex::new(KeyBudgets {
+                map: HashMap::new(),
+                prune_at: KEY_BUDGETS_KEPT,
+            }),
         }
     }
 
     /// The budgets a body of `key` draws on: the total and the key's own.
     fn of(&self, key: &K) -> [Arc<Semaphore>; 2] {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound the map under key churn: keys holding nothing are dropped.
-        if keys.len() > 10_000 {
-            let full = self.per_key;
-            keys.retain(|_, s| s.available_permits() < full);
+        // Bound the map under key churn: a budget no request holds (the
+        // map's is its only handle) is dropped; one a request holds stays,
+        // even before its first byte, so no key gets a second budget. The
+        // next prune waits until the map has doubled, so the scans cost
+        // little per request however many keys are in use.
+        if keys.map.len() >= keys.prune_at {
+            keys.map.retain(|_, s| Arc::strong_count(s) > 1);
+            keys.prune_at = (keys.map.len() * 2).max(KEY_BUDGETS_KEPT);
         }
         let own = keys
+            .map
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_key)))
             .clone();
@@ -210,12 +235,16 @@ pub async fn serve(
     opts: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let budget = opts.max_body_bytes.saturating_mul(BODY_BUDGET_BODIES);
+    // Sized in bodies of the largest cap a gateway endpoint has (a batch,
+    // or a 1 MiB subscription list), so every body fits its share: past the
+    // share a request is refused only while others are held.
+    let unit = opts.max_body_bytes.max(SUBSCRIPTIONS_CAP);
+    let budget = unit.saturating_mul(BODY_BUDGET_BODIES);
     let state = Arc::new(State {
         udc,
         opts,
         limiter: RateLimiter::default(),
-        bodies: BodyBudget::new(budget, budget / 2),
+        bodies: BodyBudget::new(budget, unit.saturating_mul(GATEWAY_SHARE_BODIES)),
         direct_bodies: BodyBudget::new(DIRECT_BODY_BUDGET, DIRECT_SOURCE_BUDGET),
         budget_logged: std::sync::atomic::AtomicU64::new(0),
     });
@@ -411,6 +440,33 @@ fn service_error(e: ServiceError) -> Resp {
     }
 }
 
+/// The bytes a body holds of both its budgets (the total, its key's).
+struct Held([OwnedSemaphorePermit; 2]);
+
+impl Held {
+    fn start(budgets: &[Arc<Semaphore>; 2]) -> Result<Self, BodyError> {
+        let none = |s: &Arc<Semaphore>| {
+            Arc::clone(s)
+                .try_acquire_many_owned(0)
+                .map_err(|_| BodyError::OverBudget)
+        };
+        Ok(Self([none(&budgets[0])?, none(&budgets[1])?]))
+    }
+
+    /// Takes `n` more bytes of both, or none (`OverBudget`).
+    fn take(&mut self, budgets: &[Arc<Semaphore>; 2], n: u32) -> Result<(), BodyError> {
+        let total = Arc::clone(&budgets[0])
+            .try_acquire_many_owned(n)
+            .map_err(|_| BodyError::OverBudget)?;
+        let own = Arc::clone(&budgets[1])
+            .try_acquire_many_owned(n)
+            .map_err(|_| BodyError::OverBudget)?;
+        self.0[0].merge(total);
+        self.0[1].merge(own);
+        Ok(())
+    }
+}
+
 /// Why a request body was not read whole.
 enum BodyError {
     /// Over the cap of this endpoint.
@@ -433,12 +489,7 @@ async fn body(
     state: &State,
 ) -> Result<(Bytes, [OwnedSemaphorePermit; 2]), Resp> {
     let read = async {
-        let take = |s: &Arc<Semaphore>, n: u32| {
-            Arc::clone(s)
-                .try_acquire_many_owned(n)
-                .map_err(|_| BodyError::OverBudget)
-        };
-        let mut held = [take(&budgets[0], 0)?, take(&budgets[1], 0)?];
+        let mut held = Held::start(&budgets)?;
         let mut body = Limited::new(req.into_body(), cap);
         let mut buf = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
@@ -455,12 +506,10 @@ async fn body(
                 continue;
             };
             let n = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
-            for (h, s) in held.iter_mut().zip(&budgets) {
-                h.merge(take(s, n)?);
-            }
+            held.take(&budgets, n)?;
             buf.extend_from_slice(&data);
         }
-        Ok((buf.freeze(), held))
+        Ok((buf.freeze(), held.0))
     };
     match tokio::time::timeout(within, read).await {
         Err(_) => Err(error(
@@ -572,7 +621,14 @@ async fn route(
         }
         "/v1/subscriptions" => {
             let budgets = state.bodies.of(&gateway);
-            let (b, _held) = match body(req, 1 << 20, state.opts.body_timeout, budgets, state).await
+            let (b, _held) = match body(
+                req,
+                SUBSCRIPTIONS_CAP,
+                state.opts.body_timeout,
+                budgets,
+                state,
+            )
+            .await
             {
                 Ok(b) => b,
                 Err(r) => return r,
@@ -698,7 +754,53 @@ async fn direct(req: Request<Incoming>, state: &State, peer: SocketAddr) -> Resp
 
 #[cfg(test)]
 mod tests {
-    use super::RateLimiter;
+    use super::{BodyBudget, BodyError, Held, KEY_BUDGETS_KEPT, RateLimiter};
+    use std::sync::Arc;
+
+    /// A key holds at most its share, and all keys together at most the
+    /// total; a body's bytes are free again when it is dropped.
+    #[test]
+    fn a_key_takes_at_most_its_share_of_the_body_budget() {
+        let budget = BodyBudget::new(8, 5);
+        let a = budget.of(&"a");
+        let mut held_a = Held::start(&a).ok().unwrap();
+        for _ in 0..5 {
+            assert!(held_a.take(&a, 1).is_ok());
+        }
+        assert!(matches!(held_a.take(&a, 1), Err(BodyError::OverBudget)));
+        let b = budget.of(&"b");
+        let mut held_b = Held::start(&b).ok().unwrap();
+        for _ in 0..3 {
+            assert!(held_b.take(&b, 1).is_ok());
+        }
+        assert!(
+            matches!(held_b.take(&b, 1), Err(BodyError::OverBudget)),
+            "the total is spent"
+        );
+        assert_eq!(budget.total.available_permits(), 0);
+        drop(held_a);
+        assert_eq!(budget.total.available_permits(), 5);
+        assert!(held_b.take(&b, 2).is_ok());
+    }
+
+    /// Idle per-key budgets are dropped once the map is large, but one a
+    /// request holds stays (no key gets a second budget), and the next
+    /// prune waits for the map to double.
+    #[test]
+    fn idle_key_budgets_are_dropped_and_held_ones_kept() {
+        let budget = BodyBudget::new(1 << 20, 10);
+        let held = budget.of(&0usize);
+        for k in 1..KEY_BUDGETS_KEPT {
+            let _ = budget.of(&k);
+        }
+        // The map is at the threshold: this call prunes the idle keys.
+        let again = budget.of(&0usize);
+        assert!(Arc::ptr_eq(&held[1], &again[1]), "the held budget stays");
+        let keys = budget.keys.lock().unwrap();
+        assert_eq!(keys.map.len(), 1);
+        assert_eq!(keys.prune_at, KEY_BUDGETS_KEPT);
+    }
+
     use std::net::IpAddr;
 
     fn ip(s: &str) -> IpAddr {
