@@ -2702,10 +2702,17 @@ fn readme_troubleshooting_spool_full_and_recovery() {
 
     // The UDC goes away; the spool fills and members are pushed back.
     drop(udc.take());
+    // Both counters: the spool counts its refusal before the request that
+    // met it has finished and counted its outcome.
     let page = wait_for("spool full", Duration::from_secs(180), || {
         gw.alive(&gw_log);
         let page = metrics(admin_addr);
-        (sample(&page, "dapgw_spool_rejected_total", "") > 0.0).then_some(page)
+        let overloaded = sample(
+            &page,
+            "dapgw_member_requests_total",
+            "outcome=\"overloaded\"",
+        );
+        (sample(&page, "dapgw_spool_rejected_total", "") > 0.0 && overloaded > 0.0).then_some(page)
     });
     let row = troubleshooting_row("spool full");
     let max = sample(&page, "dapgw_spool_max_bytes", "");
