@@ -2214,6 +2214,22 @@ async fn two_udcs_in_a_round(
     (h, a, b, round, challenge)
 }
 
+/// [`two_udcs_in_a_round`] with members 1 to 3, whose responses `a` has
+/// accepted in one batch of gw-1 (so each has a session): the harness,
+/// both processes and the round.
+async fn three_accepted(
+    store_url: Option<String>,
+) -> (Harness, Arc<udc::service::Udc>, Arc<udc::service::Udc>) {
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
+    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
+    let answer = a.handle_batch("gw-1", body).await.unwrap();
+    assert_eq!(
+        outcomes(&Verdict::decode(&answer).unwrap()),
+        vec![Outcome::Accepted; 3]
+    );
+    (h, a, b)
+}
+
 /// gw-1's batch `batch_id` of the psk responses of members `ids` to
 /// `challenge` (round `round` of group `G`).
 fn psk_batch(
@@ -2543,13 +2559,7 @@ on_both_stores!(
 /// see the revocation (the registry version changed): member 2 is refused
 /// as revoked, member 3 (also cached) accepted.
 async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
-    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
-    let answer = a.handle_batch("gw-1", body).await.unwrap();
-    assert_eq!(
-        outcomes(&Verdict::decode(&answer).unwrap()),
-        vec![Outcome::Accepted; 3]
-    );
+    let (h, a, b) = three_accepted(store_url).await;
     assert!(b.revoke_member(2).await.unwrap());
     let next = a
         .open_round(
@@ -3772,13 +3782,7 @@ on_both_stores!(
 /// authenticate).
 async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Option<String>) {
     use dapgw::udc::store::{KeySource, Sealed, Store};
-    let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
-    let answer = a.handle_batch("gw-1", body).await.unwrap();
-    assert_eq!(
-        outcomes(&Verdict::decode(&answer).unwrap()),
-        vec![Outcome::Accepted; 3]
-    );
+    let (h, a, _b) = three_accepted(store_url).await;
     let store = a.store();
     let epoch = store.group(G).await.unwrap().unwrap().epoch;
     // Member 2's key becomes an imported one (as a vendor import would).
@@ -4219,15 +4223,7 @@ on_both_stores!(
 /// its session.
 async fn re_adding_a_member_under_a_new_key_version_ends_its_sessions(store_url: Option<String>) {
     use dapgw::udc::store::Store;
-    let (h, a, _b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let answer = a
-        .handle_batch("gw-1", psk_batch(&h, 1, round, &challenge, 1..=3))
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes(&Verdict::decode(&answer).unwrap()),
-        vec![Outcome::Accepted; 3]
-    );
+    let (h, a, _b) = three_accepted(store_url).await;
     let store = a.store();
     a.add_member(1, vec![G], Some(1)).await.unwrap();
     let cursor = h.downlink(0).await.last().unwrap().0;
