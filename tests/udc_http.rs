@@ -2215,8 +2215,8 @@ async fn two_udcs_in_a_round(
 }
 
 /// [`two_udcs_in_a_round`] with members 1 to 3, whose responses `a` has
-/// accepted in one batch of gw-1 (so each has a session): the harness,
-/// both processes and the round.
+/// accepted in one batch of gw-1 (so each has a session): the harness
+/// and both processes.
 async fn three_accepted(
     store_url: Option<String>,
 ) -> (Harness, Arc<udc::service::Udc>, Arc<udc::service::Udc>) {
