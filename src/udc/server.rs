@@ -535,14 +535,9 @@ async fn body(
                     "request bodies held at once are at a budget (all, or this gateway's or source's share); answered 503"
                 );
             }
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "the server holds too many request bodies; retry",
-            );
-            r.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            Err(r)
+            Err(service_error(ServiceError::Busy(
+                "the server holds too many request bodies; retry".into(),
+            )))
         }
         Ok(Err(BodyError::Read)) => Err(error(
             StatusCode::BAD_REQUEST,
