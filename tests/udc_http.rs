@@ -222,23 +222,6 @@ impl Harness {
     }
 
     /// Posts a batch as gw-1 and decodes the verdict.
-    /// gw-1's downlink records after `after`, without waiting.
-    async fn downlink_now(&self, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)> {
-        let (s, body) = self
-            .call(
-                Some("gw-1"),
-                Method::GET,
-                &format!("/v1/downlink?after={after}&wait_ms=0"),
-                Bytes::new(),
-            )
-            .await;
-        match s {
-            StatusCode::NO_CONTENT => Vec::new(),
-            StatusCode::OK => records(&body),
-            s => panic!("downlink: {s} {body:?}"),
-        }
-    }
-
     async fn post_batch(&self, b: &Batch) -> Verdict {
         let (s, body) = self
             .call(Some("gw-1"), Method::POST, "/v1/batches", b.to_bytes())
@@ -452,8 +435,8 @@ impl Harness {
     }
 
     /// Members `1..=n` of group `G`, authenticated in a psk auth round
-    /// through gw-1, each holding the session its confirm (from the
-    /// verdict) opened; gw-1's downlink cursor after the round's challenge.
+    /// through gw-1 (their confirms queued, not opened); gw-1's downlink
+    /// cursor after the confirms.
     async fn authenticated(&self, n: u64) -> (Vec<Member>, u64) {
         let mut members: Vec<Member> = (1..=n).map(|id| self.real_member(id)).collect();
         let r = self.auth_round(n).await;
@@ -466,11 +449,8 @@ impl Harness {
             ))
             .await;
         assert_eq!(outcomes(&v), vec![Outcome::Accepted; n as usize]);
-        for (id, msg) in confirms(&v) {
-            let m = &mut members[(id - 1) as usize];
-            m.handle_confirm(&msg).unwrap().persisted();
-        }
-        (members, r.cursor)
+        let cursor = self.downlink(r.cursor).await.last().unwrap().0;
+        (members, cursor)
     }
 
     /// Members `1..=n` of group `G` imported, gw-1 subscribed, a psk auth
@@ -558,16 +538,6 @@ fn batch(gw: &str, batch_id: u64, round: u64, entries: Vec<(ResponseEntry, [u8; 
             entries: entries.into_iter().map(|(e, _)| e).collect(),
         },
         aggregates,
-    }
-}
-
-/// The confirms of a final verdict: (member, Confirm bytes), in batch order.
-fn confirms(v: &Verdict) -> Vec<(u64, Bytes)> {
-    match &v.body {
-        VerdictBody::Final { confirms, .. } => {
-            confirms.iter().map(|c| (c.id.0, c.to_bytes())).collect()
-        }
-        VerdictBody::TagsRequested { .. } => panic!("expected a final verdict"),
     }
 }
 
@@ -669,8 +639,7 @@ async fn scenario(h: &Harness) {
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
-    // An honest batch of 20 is accepted; the confirms reach gw-1 in the
-    // verdict, one per member, and are not queued on its downlink again.
+    // An honest batch of 20 is accepted; the confirms go to gw-1's queue.
     let entries: Vec<_> = (1..=20).map(|id| respond(h, id, &challenge)).collect();
     let b = batch("gw-1", 1, round, entries.clone());
     let bytes = b.to_bytes();
@@ -680,17 +649,19 @@ async fn scenario(h: &Harness) {
     assert_eq!(s, StatusCode::OK, "{answer:?}");
     let verdict = Verdict::decode(&answer).unwrap();
     assert_eq!(outcomes(&verdict), vec![Outcome::Accepted; 20]);
-    let confirmed: Vec<u64> = confirms(&verdict).into_iter().map(|(id, _)| id).collect();
-    assert_eq!(confirmed, (1..=20).collect::<Vec<_>>());
     let (s, body) = h
         .call(
             Some("gw-1"),
             Method::GET,
-            &format!("/v1/downlink?after={c1}&wait_ms=0"),
+            &format!("/v1/downlink?after={c1}&wait_ms=1000"),
             Bytes::new(),
         )
         .await;
-    assert_eq!(s, StatusCode::NO_CONTENT, "{:?}", records(&body));
+    assert_eq!(s, StatusCode::OK);
+    let confirms = records(&body);
+    assert_eq!(confirms.len(), 20);
+    assert!(confirms.iter().all(|r| r.0 > c1 && r.1 == 2));
+    assert!(confirms.windows(2).all(|w| w[0].0 < w[1].0));
 
     // The same batch again: the stored verdict byte for byte.
     let (s, again) = h
@@ -881,7 +852,7 @@ async fn scenario(h: &Harness) {
     assert!(m1["last_auth_ms"].as_u64().is_some(), "{m1}");
 
     // A configuration update fans out to gw-1.
-    let last = c1;
+    let last = confirms.last().unwrap().0;
     let v = h
         .op(
             Method::POST,
@@ -1062,17 +1033,13 @@ on_both_stores!(udc_over_tls, "udc_http");
 /// A tag request the gateway never answers is finalized by the background
 /// task after `DAPGW_LOCALIZE_TIMEOUT_MS`: the unresolved chunk's entries
 /// become unverified via gateway, and a retried batch gets that verdict.
-/// The verified chunk's confirms are in it, and, since no request was
-/// waiting for that verdict, queued on the gateway's downlink too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_tag_request_expires() {
     let h = Harness::start_with(None, 1).await;
     let OpenRound {
-        round,
-        challenge,
-        cursor,
-    } = h.auth_round(6).await;
-    let mut entries: Vec<_> = (1..=6).map(|id| respond(&h, id, &challenge)).collect();
+        round, challenge, ..
+    } = h.auth_round(4).await;
+    let mut entries: Vec<_> = (1..=4).map(|id| respond(&h, id, &challenge)).collect();
     entries[0].0.n_i[0] ^= 1;
     let bytes = batch("gw-1", 1, round, entries).to_bytes();
     let (s, first) = h
@@ -1101,22 +1068,7 @@ async fn unanswered_tag_request_expires() {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     let fin = fin.expect("the localization expired into a final verdict");
-    let mut want = vec![Outcome::UnverifiedViaGateway; 4];
-    want.extend([Outcome::Accepted; 2]);
-    assert_eq!(outcomes(&fin), want);
-    let confirmed = confirms(&fin);
-    assert_eq!(
-        confirmed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        vec![5, 6]
-    );
-    let queued: Vec<(u64, Bytes)> = h
-        .downlink(cursor)
-        .await
-        .into_iter()
-        .filter(|r| r.1 == 2)
-        .map(|r| (r.3, r.4))
-        .collect();
-    assert_eq!(queued, confirmed);
+    assert_eq!(outcomes(&fin), vec![Outcome::UnverifiedViaGateway; 4]);
     h.stop().await;
 }
 
@@ -1208,9 +1160,12 @@ async fn members_across_restarts_and_the_metrics() {
     let entries = answer(&mut members, &r.challenge, b"");
     let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
-    for (id, msg) in confirms(&v) {
-        let m = &mut members[(id - 1) as usize];
-        m.handle_confirm(&msg).unwrap().persisted();
+    let recs = h.downlink(cursor).await;
+    cursor = recs.last().unwrap().0;
+    for (_, aud, _, id, msg) in &recs {
+        assert_eq!(*aud, 2);
+        let m = &mut members[(*id - 1) as usize];
+        m.handle_confirm(msg).unwrap().persisted();
     }
     assert!(members.iter().all(|m| m.session(GroupId(G)).is_some()));
 
@@ -1462,7 +1417,7 @@ async fn two_udcs_share_one_postgres_store() {
     let round = a.open_auth_round().await;
     // The queue is shared: b serves the challenge a queued.
     let recs = b.downlink(0).await;
-    let cursor = recs.last().unwrap().0;
+    let mut cursor = recs.last().unwrap().0;
     let challenge = last_group_record(&recs);
     let b1 = batch(
         "gw-1",
@@ -1488,9 +1443,9 @@ async fn two_udcs_share_one_postgres_store() {
         .await;
     assert_eq!(gws["gateways"][0]["batches"], 1, "{gws}");
     assert_eq!(gws["gateways"][0]["entries"], 4, "{gws}");
-    // One confirm each, in the verdict; none queued on the shared downlink.
-    assert_eq!(confirms(&Verdict::decode(&from_a).unwrap()).len(), 4);
-    assert!(b.downlink_now(cursor).await.is_empty());
+    let confirms = b.downlink(cursor).await;
+    assert_eq!(confirms.len(), 4, "one confirm each, not two");
+    cursor = confirms.last().unwrap().0;
 
     // Round 2 (opened by b). While a judges its batch, another writer
     // changes member 1's session slot: a's write must lose cleanly.
@@ -1610,8 +1565,10 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
-    let first_gw1 = Verdict::decode(&body).unwrap();
-    assert_eq!(outcomes(&first_gw1), vec![Outcome::Accepted; 2]);
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::Accepted; 2]
+    );
     // Member 1's response again, through b (whose cached round does not
     // know): member 1's session slot, read with the batch, says it was
     // accepted in this round.
@@ -1638,8 +1595,10 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    let second_gw1 = Verdict::decode(&body).unwrap();
-    assert_eq!(outcomes(&second_gw1), vec![Outcome::AlreadyAccepted]);
+    assert_eq!(
+        outcomes(&Verdict::decode(&body).unwrap()),
+        vec![Outcome::AlreadyAccepted]
+    );
     let rep = b
         .op(
             Method::GET,
@@ -1648,15 +1607,15 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(rep["accepted"], 4, "{rep}");
-    // One confirm per member: gw-1 got those of 1 and 2 only, in its
-    // verdicts, and none on its downlink.
-    let confirmed: Vec<u64> = [first_gw1, second_gw1]
+    // One confirm per member: gw-1 got those of 1 and 2 only.
+    let confirms: Vec<u64> = a
+        .downlink(cursor)
+        .await
         .iter()
-        .flat_map(confirms)
-        .map(|(id, _)| id)
+        .filter(|r| r.1 == 2)
+        .map(|r| r.3)
         .collect();
-    assert_eq!(confirmed, vec![1, 2]);
-    assert!(a.downlink_now(cursor).await.is_empty());
+    assert_eq!(confirms, vec![1, 2]);
     b.stop().await;
     a.stop().await;
 }
@@ -2132,7 +2091,7 @@ async fn member_in_session(h: &Harness) -> Member {
     let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
     let mut member = members.pop().unwrap();
-    for (_, msg) in confirms(&v) {
+    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
         member.handle_confirm(&msg).unwrap().persisted();
     }
     member
@@ -3019,7 +2978,7 @@ async fn members_kept_off_psk_ecdhe_rounds_are_reported() {
         let v = h.post_batch(&b).await;
         batch_id += 1;
         assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-        cursor = recs.last().unwrap().0;
+        cursor = h.downlink(recs.last().unwrap().0).await.last().unwrap().0;
     }
     assert_eq!(dropped(&h.metrics().await), 0.0);
     // Then a psk round both answer: member 1 missed three in a row.
@@ -3217,7 +3176,8 @@ async fn slot_cache_serves_own_writes_only() {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    for (id, msg) in confirms(&v) {
+    for (_, aud, _, id, msg) in a.downlink(r.cursor).await {
+        assert_eq!(aud, 2);
         members[(id - 1) as usize]
             .handle_confirm(&msg)
             .unwrap()
@@ -3568,9 +3528,10 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    for (id, msg) in confirms(&v) {
-        members[(id - 1) as usize]
-            .handle_confirm(&msg)
+    let recs = h.downlink(r.cursor).await;
+    for (_, _, _, id, msg) in &recs {
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
             .unwrap()
             .persisted();
     }
@@ -3958,6 +3919,14 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
     // Registered, no session yet.
     let (mut members, cursor) = h.authenticated(2).await;
     // A psk session only: whoever holds K_i(1) could read the new key.
+    let recs = h.downlink(0).await;
+    for (_, aud, _, id, msg) in recs.iter().filter(|r| r.1 == 2) {
+        assert_eq!(*aud, 2);
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
+            .unwrap()
+            .persisted();
+    }
     let (s, v) = key_update(1).await;
     assert_eq!(
         (s, v["error"].as_str()),
@@ -3969,12 +3938,15 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
     if let BatchBody::Responses { mode, .. } = &mut b.body {
         *mode = Mode::PskEcdhe;
     }
-    let v = h.post_batch(&b).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    let mut cursor = cursor;
-    for (id, msg) in confirms(&v) {
-        members[(id - 1) as usize]
-            .handle_confirm(&msg)
+    assert_eq!(
+        outcomes(&h.post_batch(&b).await),
+        vec![Outcome::Accepted; 2]
+    );
+    let recs = h.downlink(cursor).await;
+    let mut cursor = recs.last().unwrap().0;
+    for (_, _, _, id, msg) in &recs {
+        members[(*id - 1) as usize]
+            .handle_confirm(msg)
             .unwrap()
             .persisted();
     }
@@ -4026,7 +3998,7 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         .post_batch(&batch("gw-1", 3, round, answer(&mut old, &challenge, b"")))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    cursor = c;
+    cursor = h.downlink(c).await.last().unwrap().0;
     // Member 1 answers under version 2: from then on only 2 is accepted.
     let (round, challenge, c) = round_of(&h, "psk", cursor).await;
     let v = h
@@ -4038,7 +4010,7 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    cursor = c;
+    cursor = h.downlink(c).await.last().unwrap().0;
     let v = h
         .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
         .await;

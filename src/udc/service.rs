@@ -319,10 +319,6 @@ impl VerdictLog for OneLog {
 struct Ctx {
     /// The gateway the request came through (`None`: direct).
     via: Option<String>,
-    /// Whether the verdict is the answer to the gateway's own request: its
-    /// confirms then reach the gateway in it (and in the stored copy a retry
-    /// gets), so they are not queued on the gateway's downlink as well.
-    answered: bool,
     /// The store key of the verdict record.
     log_gateway: String,
     log_batch_id: u64,
@@ -633,11 +629,9 @@ impl Udc {
                 .gateway_misbehaviour
                 .get(crate::telemetry::MisbehaviourKind::TagReplyTimeout)
                 .inc();
-            self.judge(
-                batch_ctx(&batch, false),
-                Some(stored),
-                |v, st, reg, log, now| v.localization_expired(gateway, batch_id, st, reg, log, now),
-            )
+            self.judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
+                v.localization_expired(gateway, batch_id, st, reg, log, now)
+            })
             .await?;
         }
         Ok(n)
@@ -1714,7 +1708,7 @@ impl Udc {
         let _guard = self.lock.lock().await;
         let stored = self.stored_log(&gateway, b.batch_id).await?;
         let res = self
-            .judge(batch_ctx(&batch, true), stored, |v, st, reg, log, now| {
+            .judge(batch_ctx(&batch), stored, |v, st, reg, log, now| {
                 v.handle_batch(&batch, st, reg, log, now)
             })
             .await;
@@ -1763,11 +1757,9 @@ impl Udc {
             pending: Some(assessment),
         };
         let res = self
-            .judge(
-                batch_ctx(&batch, true),
-                Some(stored),
-                |v, st, reg, log, now| v.handle_tag_reply(&reply, st, reg, log, now),
-            )
+            .judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
+                v.handle_tag_reply(&reply, st, reg, log, now)
+            })
             .await;
         if res.is_ok() {
             self.metrics.localizations.inc();
@@ -1811,7 +1803,6 @@ impl Udc {
         };
         let ctx = Ctx {
             via: None,
-            answered: true,
             log_gateway: log_gateway.clone(),
             log_batch_id: round.unwrap_or(u64::MAX),
             batch_id: 0,
@@ -2111,14 +2102,8 @@ impl Udc {
                         self.push_slot(&mut slots, *id, slot, Some((now_ms, round_no)));
                     }
                 }
-                // The confirms go down to the member through its gateway,
-                // in the verdict it answers to the gateway. Only a verdict
-                // finalized here on the UDC's own (a localization that
-                // expired) also queues them on the gateway's downlink; the
-                // gateway, which keeps the batch until a final verdict,
-                // gets them in the stored verdict as well.
+                // The confirms go down to the member through its gateway.
                 if let crate::protocol::wire::VerdictBody::Final { confirms, .. } = &v.verdict.body
-                    && !ctx.answered
                 {
                     let records = confirms
                         .iter()
@@ -2372,12 +2357,11 @@ fn direct_verdict(hash: [u8; 32], outcome: Outcome, confirm: Option<Confirm>) ->
 }
 
 /// The judging context of a gateway's batch.
-fn batch_ctx(batch: &ReceivedBatch, answered: bool) -> Ctx {
+fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
     let b = batch.batch();
     let gateway = b.gateway_id.as_str().to_owned();
     Ctx {
         via: Some(gateway.clone()),
-        answered,
         log_gateway: gateway,
         log_batch_id: b.batch_id,
         batch_id: b.batch_id,
