@@ -639,7 +639,10 @@ async fn scenario(h: &Harness) {
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
-    // An honest batch of 20 is accepted; the confirms go to gw-1's queue.
+    // An honest batch of 20 is accepted; the confirms go to gw-1's queue
+    // too (not only in the verdict): there they sit ahead of any rekey
+    // issued later, which a member refuses before it has opened its
+    // confirm.
     let entries: Vec<_> = (1..=20).map(|id| respond(h, id, &challenge)).collect();
     let b = batch("gw-1", 1, round, entries.clone());
     let bytes = b.to_bytes();
