@@ -217,6 +217,7 @@ both!(
     many_rows_in_one_write_stand_or_fall_together,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
+    downlink_reads_are_cut_by_bytes,
     subscribing_queues_open_rounds_challenges,
     readings_query,
     readings_page_exactly_within_a_millisecond,
@@ -1558,6 +1559,60 @@ async fn subscribing_queues_open_rounds_challenges(f: Fixture) {
         0
     );
     assert_eq!(s.latest_cursor("gw-a").await.unwrap(), 2);
+}
+
+/// A downlink read stops adding records once their messages hold
+/// `DOWNLINK_PAGE_BYTES` (the first record always goes): what piled up for
+/// a gateway that was away (here 80 group messages at the 64 KiB cap, 40 in
+/// rows of their own and 40 in one bundle) comes in answers a gateway takes
+/// in one body, and the next read goes on after the last cursor.
+async fn downlink_reads_are_cut_by_bytes(f: Fixture) {
+    let s = f.open().await;
+    s.set_subscriptions("gw-a", vec![1], 0).await.unwrap();
+    let big = |tag: u8| DownlinkRecord {
+        audience: Audience::Group,
+        group: 1,
+        message: vec![tag; 64 * 1024],
+    };
+    for tag in 0..40u8 {
+        s.push_downlink(
+            1_000,
+            vec![DownlinkPush {
+                target: DownlinkTarget::Subscribers,
+                records: vec![big(tag)],
+            }],
+        )
+        .await
+        .unwrap();
+    }
+    s.push_downlink(
+        1_000,
+        vec![DownlinkPush {
+            target: DownlinkTarget::Subscribers,
+            records: (40..80u8).map(big).collect(),
+        }],
+    )
+    .await
+    .unwrap();
+    let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
+    loop {
+        let page = s.read_downlink("gw-a", after, 1024).await.unwrap();
+        let Some(last) = page.last() else { break };
+        pages += 1;
+        let before_last: usize = page[..page.len() - 1]
+            .iter()
+            .map(|r| r.record.message.len())
+            .sum();
+        assert!(
+            before_last < DOWNLINK_PAGE_BYTES,
+            "{} records, {before_last} bytes before the last",
+            page.len()
+        );
+        after = last.cursor;
+        seen.extend(page.iter().map(|r| r.record.message[0]));
+    }
+    assert_eq!(seen, (0..80u8).collect::<Vec<_>>());
+    assert_eq!(pages, 2, "5 MiB in pages of 4 MiB");
 }
 
 async fn downlink_cursors_and_fanout(f: Fixture) {

@@ -65,7 +65,8 @@ pub(crate) const UPSTREAM_WAIT_MS: u64 = 25_000;
 pub(crate) const MIN_EMPTY_PULL: Duration = Duration::from_millis(500);
 
 /// Largest response body taken from the UDC (a verdict for 16,384 entries
-/// with confirms is about 1.2 MB; a downlink answer is bounded by the UDC).
+/// with confirms is about 1.2 MB; the UDC cuts a downlink answer at 4 MiB
+/// of messages plus one record).
 const MAX_UPSTREAM_BODY: usize = 32 << 20;
 
 /// Largest message in a downlink record: a group message at its cap plus

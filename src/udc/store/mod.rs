@@ -599,6 +599,14 @@ pub struct DownlinkPush {
     pub records: Vec<DownlinkRecord>,
 }
 
+/// Message bytes at which a downlink read stops adding records: the first
+/// record always goes, and no record is added once the ones before it hold
+/// this many bytes, so one read holds at most this plus one record (a group
+/// message is at most about 64 KiB). Without it, 1,024 group messages at
+/// their size cap made a 64 MiB answer, over what a gateway takes in one
+/// body (32 MiB), and its downlink pull failed on that answer forever.
+pub const DOWNLINK_PAGE_BYTES: usize = 4 << 20;
+
 /// A record as read from a gateway's queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {
@@ -1306,7 +1314,8 @@ pub trait Store: Send + Sync {
             ..BatchWrite::default()
         })
     }
-    /// Up to `limit` records of the gateway's queue with cursor > `after`.
+    /// Up to `limit` records of the gateway's queue with cursor > `after`,
+    /// in cursor order, cut after [`DOWNLINK_PAGE_BYTES`] of messages.
     fn read_downlink(
         &self,
         gateway: &str,
@@ -1706,23 +1715,46 @@ struct DownlinkRow {
     message: Vec<u8>,
 }
 
+/// One downlink read being filled: at most `limit` records, and none added
+/// once [`DOWNLINK_PAGE_BYTES`] of messages are in.
+struct DownlinkPage {
+    limit: usize,
+    bytes: usize,
+    records: Vec<StoredRecord>,
+}
+
+impl DownlinkPage {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit: limit as usize,
+            bytes: 0,
+            records: Vec::new(),
+        }
+    }
+
+    /// Whether no further record may be added.
+    fn full(&self) -> bool {
+        self.records.len() >= self.limit || self.bytes >= DOWNLINK_PAGE_BYTES
+    }
+
+    fn push(&mut self, record: StoredRecord) {
+        self.bytes = self.bytes.saturating_add(record.record.message.len());
+        self.records.push(record);
+    }
+}
+
 impl DownlinkRow {
-    /// Appends the row's records with a cursor above `after` to `out`, up
-    /// to `limit` records in all. A bundle that does not parse (or whose
-    /// record count is not `n`) is [`StoreError::Corrupt`].
-    fn unbundle(
-        self,
-        after: u64,
-        limit: usize,
-        out: &mut Vec<StoredRecord>,
-    ) -> Result<(), StoreError> {
+    /// Appends the row's records with a cursor above `after` to `page`
+    /// until it is full. A bundle that does not parse (or whose record
+    /// count is not `n`) is [`StoreError::Corrupt`].
+    fn unbundle(self, after: u64, page: &mut DownlinkPage) -> Result<(), StoreError> {
         let n = u64::try_from(self.n)
             .ok()
             .filter(|n| *n >= 1 && *n <= self.last.saturating_add(1))
             .ok_or(StoreError::Corrupt("downlink record count"))?;
         if n == 1 {
-            if self.last > after && out.len() < limit {
-                out.push(StoredRecord {
+            if self.last > after && !page.full() {
+                page.push(StoredRecord {
                     cursor: self.last,
                     record: DownlinkRecord {
                         audience: audience_col(self.audience, self.member)?,
@@ -1746,10 +1778,10 @@ impl DownlinkRow {
                 return Err(corrupt());
             }
             let cursor = first + k;
-            if cursor > after && out.len() < limit {
+            if cursor > after && !page.full() {
                 let mut member = [0u8; 8];
                 member.copy_from_slice(&head[5..13]);
-                out.push(StoredRecord {
+                page.push(StoredRecord {
                     cursor,
                     record: DownlinkRecord {
                         audience: audience_col(i64::from(head[0]), i(u64::from_be_bytes(member)))?,

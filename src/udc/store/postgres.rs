@@ -1896,17 +1896,29 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         // Rows are keyed by their last cursor: a bundle straddling `after`
-        // is read whole and cut.
+        // is read whole and cut. The query returns all its rows at once, so
+        // it leaves out (by the message bytes of the rows before each, read
+        // from their size headers) the rows that the page would not take.
         let r = self
             .query(
-                "SELECT cursor, n, audience, grp, member, message FROM downlink \
-                 WHERE gateway = $1 AND cursor > $2 ORDER BY cursor LIMIT $3",
-                &[&gateway, &i(after), &i64::from(limit)],
+                "SELECT cursor, n, audience, grp, member, message FROM ( \
+                   SELECT cursor, n, audience, grp, member, message, \
+                     coalesce(sum(octet_length(message)) OVER (ORDER BY cursor \
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before \
+                   FROM downlink WHERE gateway = $1 AND cursor > $2 \
+                   ORDER BY cursor LIMIT $3) AS page \
+                 WHERE before < $4 ORDER BY cursor",
+                &[
+                    &gateway,
+                    &i(after),
+                    &i64::from(limit),
+                    &i64::try_from(DOWNLINK_PAGE_BYTES).unwrap_or(i64::MAX),
+                ],
             )
             .await?;
-        let mut out = Vec::new();
+        let mut page = DownlinkPage::new(limit);
         for x in r {
-            if out.len() >= limit as usize {
+            if page.full() {
                 break;
             }
             DownlinkRow {
@@ -1917,9 +1929,9 @@ impl Store for PostgresStore {
                 member: x.try_get(4)?,
                 message: x.try_get(5)?,
             }
-            .unbundle(after, limit as usize, &mut out)?;
+            .unbundle(after, &mut page)?;
         }
-        Ok(out)
+        Ok(page.records)
     }
 
     async fn latest_cursor(&self, gateway: &str) -> Result<u64, StoreError> {

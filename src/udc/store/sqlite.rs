@@ -1652,9 +1652,9 @@ impl Store for SqliteStore {
                  WHERE gateway = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
             )?;
             let mut rows = st.query(params![gateway, i(after), i64::from(limit)])?;
-            let mut out = Vec::new();
+            let mut page = DownlinkPage::new(limit);
             while let Some(r) = rows.next()? {
-                if out.len() >= limit as usize {
+                if page.full() {
                     break;
                 }
                 DownlinkRow {
@@ -1665,9 +1665,9 @@ impl Store for SqliteStore {
                     member: r.get(4)?,
                     message: r.get(5)?,
                 }
-                .unbundle(after, limit as usize, &mut out)?;
+                .unbundle(after, &mut page)?;
             }
-            Ok(out)
+            Ok(page.records)
         })
         .await
     }
