@@ -463,6 +463,52 @@ async fn spool_full_gives_503_and_loses_nothing() {
     gw.stop().await;
 }
 
+/// A downlink page the spool cannot hold as a whole (here larger than the
+/// whole spool) is stored in part and the cursor moved to its end; refused
+/// whole, it was asked for again from the same cursor and refused again,
+/// for good, and the members behind the gateway got nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downlink_page_larger_than_the_spool_is_stored_in_part() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.spool_max_bytes = ByteSize(1 << 20);
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    assert_eq!(c.attach(42, &[7]).await.status, StatusCode::OK);
+    // 40 group messages of 48 KiB: the fake UDC answers them in one page
+    // of about 1.9 MiB.
+    let messages: Vec<Bytes> = (1..=40u64)
+        .map(|seq| {
+            dapgw::protocol::wire::GroupMessage {
+                group: GroupId(7),
+                epoch: 1,
+                seq,
+                valid_through_round: u64::MAX,
+                nonce: [0; 12],
+                c: Bytes::from(vec![seq as u8; 48 * 1024]),
+                key_id: 1,
+                signature: [0; 64],
+            }
+            .to_bytes()
+        })
+        .collect();
+    for m in &messages {
+        udc.push(1, 7, 0, m);
+    }
+    let recs = next_records(&mut c, 42, &[7], 0).await;
+    assert!(
+        !recs.is_empty() && recs.len() < messages.len(),
+        "{} records",
+        recs.len()
+    );
+    for (r, m) in recs.iter().zip(&messages) {
+        assert_eq!(&r.message, m);
+    }
+    gw.stop().await;
+}
+
 /// Members read their downlink with cursors across reconnects: every
 /// record addressed to them exactly once, in order, nothing of others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

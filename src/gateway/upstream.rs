@@ -987,10 +987,19 @@ impl Upstream {
 
     /// Stores the records after `cursor` and advances it. Challenges open
     /// their round in the collector before members can read them.
+    ///
+    /// A page the spool has no room for as a whole is stored in part: a
+    /// prefix that fits (the page halved until one does), the cursor moved
+    /// to its end. Refused whole,
+    /// it would be asked for again from the same cursor and refused again,
+    /// for good when it is larger than the whole spool
+    /// (`DAPGW_SPOOL_MAX_BYTES` may be 1 MiB; a UDC answer holds up to
+    /// 4 MiB of messages).
     async fn store_downlink(&self, body: &Bytes, cursor: &mut u64) -> Result<(), UpstreamError> {
         let records = parse_records(body, MAX_DOWNLINK_MESSAGE)?;
         let mut last = *cursor;
         let mut items = Vec::with_capacity(records.len());
+        let mut item_cursors = Vec::with_capacity(records.len());
         for r in records {
             // Cursors strictly increase; anything else was stored already.
             if r.cursor <= last {
@@ -1019,9 +1028,29 @@ impl Upstream {
                 kind: msg.message_type().code(),
                 bytes: r.message,
             });
+            item_cursors.push(r.cursor);
         }
-        if !items.is_empty() {
-            self.spool.push_downlink(items, unix_ms()).await?;
+        let mut n = items.len();
+        while n > 0 {
+            match self
+                .spool
+                .push_downlink(items[..n].to_vec(), unix_ms())
+                .await
+            {
+                Ok(_) => break,
+                Err(SpoolError::Full { .. }) if n > 1 => n = n.div_ceil(2),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if n < items.len() {
+            tracing::info!(
+                stored = n,
+                records = items.len(),
+                "the spool took part of a downlink page; the rest is pulled again"
+            );
+            // Up to the last record stored: what follows comes again with
+            // the next pull (records skipped after it are skipped again).
+            last = item_cursors[n - 1];
         }
         if last != *cursor {
             self.spool.set_meta(CURSOR_KEY, &last.to_be_bytes()).await?;
