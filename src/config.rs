@@ -162,7 +162,7 @@ const GATEWAY_SETTINGS: &[Setting] = &[
     ),
     number(
         "attach_max_groups_per_source",
-        "0 (no share), or an integer from 1 to 4096",
+        "0 (no share), or an integer from 256 (the groups one member may name) to 4096",
     ),
     text("log", LOG),
     text("log_format", LOG_FORMAT),
@@ -783,12 +783,16 @@ impl GatewayConfig {
             0,
             crate::gateway::MAX_ATTACHED_MEMBERS as u64,
         );
-        p.range(
-            "attach_max_groups_per_source",
-            self.attach_max_groups_per_source,
-            0,
-            crate::protocol::MAX_SUBSCRIBED_GROUPS as u64,
-        );
+        // A share below what one member may name would refuse that member
+        // from a fresh source, every time it asks (503 until it gives up).
+        if self.attach_max_groups_per_source != 0 {
+            p.range(
+                "attach_max_groups_per_source",
+                self.attach_max_groups_per_source,
+                crate::gateway::MAX_MEMBER_GROUPS as u64,
+                crate::protocol::MAX_SUBSCRIBED_GROUPS as u64,
+            );
+        }
         for (key, v) in [
             ("batch_linger_ms", self.batch_linger_ms),
             ("round_deadline_ms", self.round_deadline_ms),
