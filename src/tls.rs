@@ -97,6 +97,19 @@ pub enum TlsError {
     /// Inconsistent arguments or an unsupported protocol setting.
     #[error("tls configuration: {0}")]
     Config(String),
+    /// A reloaded client certificate names another identity than the one
+    /// in use: the peer would refuse everything sent under it (a gateway's
+    /// batches name the gateway id its certificate must carry), so the old
+    /// certificate stays.
+    #[error("{} names {new:?}, not {old:?} as the certificate in use does", path.display())]
+    IdentityChanged {
+        /// The certificate file.
+        path: PathBuf,
+        /// The identity in use.
+        old: Option<String>,
+        /// The reloaded certificate's identity.
+        new: Option<String>,
+    },
     /// Generating a development certificate failed.
     #[error("generating {what}: {source}")]
     Generate {
@@ -226,7 +239,17 @@ impl ReloadableCert {
     /// Re-reads both files. On success new handshakes use the new
     /// certificate; on failure the old one stays and the error is returned.
     pub fn reload(&self) -> Result<(), TlsError> {
+        self.reload_checked(|_, _| Ok(()))
+    }
+
+    /// [`Self::reload`], keeping the old certificate unless `check(old,
+    /// new)` passes.
+    fn reload_checked(
+        &self,
+        check: impl FnOnce(&CertifiedKey, &CertifiedKey) -> Result<(), TlsError>,
+    ) -> Result<(), TlsError> {
         let key = certified_key(&self.cert_path, &self.key_path, &self.provider)?;
+        check(&self.get(), &key)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
         tracing::info!(cert = %self.cert_path.display(), "tls certificate reloaded");
         Ok(())
@@ -388,9 +411,28 @@ impl ReloadableClient {
         tokio_rustls::TlsConnector::from(self.config.clone())
     }
 
-    /// Re-reads the client certificate and key files.
+    /// Re-reads the client certificate and key files. A certificate naming
+    /// another identity ([`identity_from_der`]) than the one in use is
+    /// refused ([`TlsError::IdentityChanged`]) and the old one stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        self.cert.reload()
+        self.cert.reload_checked(|old, new| {
+            let (old, new) = (leaf_identity(old), leaf_identity(new));
+            if old == new {
+                Ok(())
+            } else {
+                Err(TlsError::IdentityChanged {
+                    path: self.cert.cert_path.clone(),
+                    old,
+                    new,
+                })
+            }
+        })
+    }
+
+    /// The identity ([`identity_from_der`]) of the client certificate in
+    /// use.
+    pub fn identity(&self) -> Option<String> {
+        leaf_identity(&self.cert.get())
     }
 }
 
@@ -429,6 +471,11 @@ pub fn peer_identity(conn: &ServerConnection) -> Option<String> {
     conn.peer_certificates()?
         .first()
         .and_then(|c| identity_from_der(c))
+}
+
+/// The identity of a certified key's leaf certificate.
+fn leaf_identity(key: &CertifiedKey) -> Option<String> {
+    key.cert.first().and_then(|c| identity_from_der(c))
 }
 
 /// [`peer_identity`] for a certificate in DER.
@@ -870,6 +917,51 @@ mod tests {
         // A client certificate from another CA is refused by the server.
         let cli = client_config(&pa.ca_cert, &pb.clients[0].1, &pb.clients[0].2).unwrap();
         assert!(handshake(srv.acceptor(), cli.connector()).await.is_err());
+    }
+
+    /// A client certificate reloaded from its files keeps the identity in
+    /// use: a renewal (same name, new key) is taken, a certificate of
+    /// another name is refused and the old one stays.
+    #[test]
+    fn client_reload_keeps_the_identity() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let pa = pki(a.path());
+        let renewed = pki(b.path());
+        let other = dev_pki::generate(c.path(), &[], &["gw-2".into()]).unwrap();
+        let live = tempfile::tempdir().unwrap();
+        let (cert, key) = (live.path().join("c.pem"), live.path().join("k.pem"));
+        let put = |p: &dev_pki::DevPki| {
+            std::fs::copy(&p.clients[0].1, &cert).unwrap();
+            std::fs::copy(&p.clients[0].2, &key).unwrap();
+        };
+        put(&pa);
+        let cli = client_config(&pa.ca_cert, &cert, &key).unwrap();
+        assert_eq!(cli.identity().as_deref(), Some("gw-1"));
+        let first = cli.cert.chain();
+        put(&other);
+        match cli.reload() {
+            Err(TlsError::IdentityChanged { old, new, .. }) => {
+                assert_eq!(
+                    (old.as_deref(), new.as_deref()),
+                    (Some("gw-1"), Some("gw-2"))
+                );
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(cli.identity().as_deref(), Some("gw-1"));
+        assert_eq!(
+            cli.cert.chain(),
+            first,
+            "the refused certificate is not in use"
+        );
+        put(&renewed);
+        cli.reload().unwrap();
+        assert_eq!(cli.identity().as_deref(), Some("gw-1"));
+        assert_ne!(cli.cert.chain(), first, "the renewal is in use");
     }
 
     #[tokio::test]
