@@ -659,8 +659,25 @@ async fn refused_batches_become_dead_letters() {
 /// once the way through is fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_refusal_is_retried_not_dead_lettered() {
+    held_back_until_fixed(UdcMode::ProxyRefusing).await;
+}
+
+/// A 413 from the UDC itself (its JSON error: the batch is over its
+/// `DAPGW_MAX_BODY_BYTES`) is a setting too, not the batch's content: held
+/// and retried until the limit is raised, not dead-lettered with entries
+/// the members were told were accepted (until session 22 it was, so a UDC
+/// given the gateway's 16 KiB member limit by a shared environment file
+/// dropped nearly every batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udc_body_limit_refusal_is_retried_not_dead_lettered() {
+    held_back_until_fixed(UdcMode::TooLarge).await;
+}
+
+/// Every batch refused with `mode` until the UDC is back `Up`: retried,
+/// never dead-lettered, applied once.
+async fn held_back_until_fixed(mode: UdcMode) {
     let (pki, udc, dir, gw) = setup().await;
-    udc.set_mode(UdcMode::ProxyRefusing);
+    udc.set_mode(mode);
     let mut c = Client::connect(gw.members, &pki, true).await;
     let up = uplink(8, 2, 1, b"through a proxy");
     assert_eq!(c.post(up.to_bytes()).await.status, StatusCode::ACCEPTED);

@@ -844,14 +844,29 @@ impl Upstream {
                     body = batch.bytes.clone();
                     continue;
                 }
+                // Too large for a body limit on the way (the UDC's
+                // `DAPGW_MAX_BODY_BYTES`, or a proxy's): a setting, not the
+                // batch's content, so the batch is held and retried until
+                // the limit is raised (or this gateway's batches made
+                // smaller) rather than taken out of the pipeline with
+                // entries the members were told were accepted.
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    tracing::error!(
+                        batch = batch.batch_id,
+                        bytes = body.len(),
+                        udc = udc_refusal(&answer.body),
+                        "batch over a body limit on the way to the UDC (the UDC's \
+                         DAPGW_MAX_BODY_BYTES, or a proxy's): raise it, or lower this \
+                         gateway's DAPGW_BATCH_MAX_ENTRIES; held and retried"
+                    );
+                    return Err(UpstreamError::Status(StatusCode::PAYLOAD_TOO_LARGE));
+                }
                 // Only the UDC's own refusal (its JSON error body) is
-                // final: the same status from a proxy in between (an
-                // nginx `client_max_body_size`, an HTML page) says nothing
-                // about the batch, so it is retried like any failure
-                // rather than taking the entries out of the pipeline.
-                s @ (StatusCode::BAD_REQUEST
-                | StatusCode::CONFLICT
-                | StatusCode::PAYLOAD_TOO_LARGE)
+                // final: the same status from a proxy in between (an HTML
+                // page) says nothing about the batch, so it is retried like
+                // any failure rather than taking the entries out of the
+                // pipeline.
+                s @ (StatusCode::BAD_REQUEST | StatusCode::CONFLICT)
                     if !udc_refusal(&answer.body) =>
                 {
                     tracing::warn!(
@@ -861,9 +876,7 @@ impl Upstream {
                     );
                     return Err(UpstreamError::Status(s));
                 }
-                s @ (StatusCode::BAD_REQUEST
-                | StatusCode::CONFLICT
-                | StatusCode::PAYLOAD_TOO_LARGE) => {
+                s @ (StatusCode::BAD_REQUEST | StatusCode::CONFLICT) => {
                     tracing::error!(
                         batch = batch.batch_id,
                         status = %s,

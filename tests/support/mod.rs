@@ -129,6 +129,9 @@ pub enum UdcMode {
     /// Answers every batch 413 with an HTML page, as a proxy in front of
     /// the UDC does over its own body limit (nginx's default is 1 MiB).
     ProxyRefusing,
+    /// Answers every batch 413 with the UDC's own JSON error body, as the
+    /// UDC does over its `DAPGW_MAX_BODY_BYTES`.
+    TooLarge,
     /// Answers a final verdict with one outcome fewer than the batch has
     /// entries (a buggy UDC), applying and storing nothing.
     ShortVerdict,
@@ -388,6 +391,14 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                     StatusCode::PAYLOAD_TOO_LARGE,
                     Bytes::from_static(
                         b"<html><head><title>413 Request Entity Too Large</title></head></html>",
+                    ),
+                );
+            }
+            if mode == UdcMode::TooLarge {
+                return answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Bytes::from_static(
+                        b"{\"error\":\"too_large\",\"reason\":\"the body is over 16384 bytes\"}",
                     ),
                 );
             }
