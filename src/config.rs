@@ -785,12 +785,18 @@ impl GatewayConfig {
         );
         // A share below what one member may name would refuse that member
         // from a fresh source, every time it asks (503 until it gives up).
-        if self.attach_max_groups_per_source != 0 {
-            p.range(
+        let (lo, hi) = (
+            crate::gateway::MAX_MEMBER_GROUPS as u64,
+            crate::protocol::MAX_SUBSCRIBED_GROUPS as u64,
+        );
+        let groups = self.attach_max_groups_per_source;
+        if groups != 0 && !(lo..=hi).contains(&groups) {
+            p.push(
                 "attach_max_groups_per_source",
-                self.attach_max_groups_per_source,
-                crate::gateway::MAX_MEMBER_GROUPS as u64,
-                crate::protocol::MAX_SUBSCRIBED_GROUPS as u64,
+                format!(
+                    "{groups} is out of range; expected 0 (no share) or {lo} (the groups one \
+                     member may name) to {hi}"
+                ),
             );
         }
         for (key, v) in [

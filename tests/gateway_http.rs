@@ -464,21 +464,16 @@ async fn spool_full_gives_503_and_loses_nothing() {
 }
 
 /// A downlink page the spool cannot hold as a whole (here larger than the
-/// whole spool) is stored in part and the cursor moved to its end; refused
-/// whole, it was asked for again from the same cursor and refused again,
-/// for good, and the members behind the gateway got nothing more.
+/// whole spool) is stored in part and the cursor moved to the last record
+/// stored; refused whole, it was asked for again from the same cursor and
+/// refused again, for good, and the members behind the gateway got nothing
+/// more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downlink_page_larger_than_the_spool_is_stored_in_part() {
     let pki = pki(&["gw-1"]);
     let udc = FakeUdc::start(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
-    cfg.spool_max_bytes = ByteSize(1 << 20);
-    let gw = Gateway::start(cfg).await;
-    let mut c = Client::connect(gw.members, &pki, true).await;
-    assert_eq!(c.attach(42, &[7]).await.status, StatusCode::OK);
-    // 40 group messages of 48 KiB: the fake UDC answers them in one page
-    // of about 1.9 MiB.
+    // 40 group messages of 48 KiB queued before the gateway starts: its
+    // first pull gets them in one page of about 1.9 MiB.
     let messages: Vec<Bytes> = (1..=40u64)
         .map(|seq| {
             dapgw::protocol::wire::GroupMessage {
@@ -497,16 +492,30 @@ async fn a_downlink_page_larger_than_the_spool_is_stored_in_part() {
     for m in &messages {
         udc.push(1, 7, 0, m);
     }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.spool_max_bytes = ByteSize(1 << 20);
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    assert_eq!(c.attach(42, &[7]).await.status, StatusCode::OK);
     let recs = next_records(&mut c, 42, &[7], 0).await;
-    assert!(
-        !recs.is_empty() && recs.len() < messages.len(),
-        "{} records",
-        recs.len()
-    );
+    assert!(!recs.is_empty() && recs.len() < messages.len());
     for (r, m) in recs.iter().zip(&messages) {
         assert_eq!(&r.message, m);
     }
     gw.stop().await;
+    // What the spool holds is a prefix, and the cursor stands at its end:
+    // the rest comes with a later pull, nothing skipped.
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let stored = spool.downlink_items();
+    let cursor = spool
+        .get_meta("udc_downlink_cursor")
+        .await
+        .unwrap()
+        .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+    assert!((1..40).contains(&stored), "{stored} stored");
+    assert_eq!(cursor, Some(stored), "the fake UDC's cursors are 1 to 40");
+    spool.close().await;
 }
 
 /// Members read their downlink with cursors across reconnects: every

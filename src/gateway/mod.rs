@@ -179,7 +179,7 @@ pub async fn run(
     let metrics = GatewayMetrics::try_register(&registry)?;
     let dead_letters = prometheus::IntGauge::new(
         "dapgw_dead_letter_batches",
-        "Batches the UDC refused outright (400, 409, 413), kept in the spool's dead_letters table",
+        "Batches the UDC refused outright (400, 409), kept in the spool's dead_letters table",
     )?;
     registry.register(Box::new(dead_letters.clone()))?;
     ProcessMetrics::register(&registry)?;

@@ -847,17 +847,18 @@ impl Upstream {
                 // Too large for a body limit on the way (the UDC's
                 // `DAPGW_MAX_BODY_BYTES`, or a proxy's): a setting, not the
                 // batch's content, so the batch is held and retried until
-                // the limit is raised (or this gateway's batches made
-                // smaller) rather than taken out of the pipeline with
-                // entries the members were told were accepted.
+                // the limit is raised (a sealed batch keeps its bytes)
+                // rather than taken out of the pipeline with entries the
+                // members were told were accepted.
                 StatusCode::PAYLOAD_TOO_LARGE => {
                     tracing::error!(
                         batch = batch.batch_id,
                         bytes = body.len(),
                         udc = udc_refusal(&answer.body),
                         "batch over a body limit on the way to the UDC (the UDC's \
-                         DAPGW_MAX_BODY_BYTES, or a proxy's): raise it, or lower this \
-                         gateway's DAPGW_BATCH_MAX_ENTRIES; held and retried"
+                         DAPGW_MAX_BODY_BYTES, or a proxy's): raise that limit; the \
+                         batch is held and sent again with the same bytes, and the \
+                         later ones wait behind it"
                     );
                     return Err(UpstreamError::Status(StatusCode::PAYLOAD_TOO_LARGE));
                 }

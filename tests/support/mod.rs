@@ -294,7 +294,7 @@ impl FakeUdc {
 }
 
 /// The UDC's JSON error body (docs/udc.md), which the gateway needs to
-/// take a 400/409/413 as the UDC's own refusal.
+/// take a 400/409 as the UDC's own refusal.
 fn refusal(code: &str) -> Bytes {
     Bytes::from(serde_json::json!({"error": code, "reason": "refused by the fake UDC"}).to_string())
 }
