@@ -504,17 +504,20 @@ async fn a_downlink_page_larger_than_the_spool_is_stored_in_part() {
         assert_eq!(&r.message, m);
     }
     gw.stop().await;
-    // What the spool holds is a prefix, and the cursor stands at its end:
-    // the rest comes with a later pull, nothing skipped.
+    // What the spool holds is a prefix, and the cursor is past none of
+    // what it does not hold: the rest comes with a later pull, nothing
+    // skipped. (The fake UDC's cursors are 1 to 40. The cursor is written
+    // after the records it covers, so a stop in between leaves it one page
+    // behind: those records are pulled again and stored once.)
     let spool = Spool::open(dir.path(), 1 << 30).unwrap();
     let stored = spool.downlink_items();
     let cursor = spool
         .get_meta("udc_downlink_cursor")
         .await
         .unwrap()
-        .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+        .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
     assert!((1..40).contains(&stored), "{stored} stored");
-    assert_eq!(cursor, Some(stored), "the fake UDC's cursors are 1 to 40");
+    assert!(cursor <= stored, "cursor {cursor} with {stored} stored");
     spool.close().await;
 }
 
