@@ -2217,18 +2217,19 @@ async fn two_udcs_in_a_round(
     (h, a, b, round, challenge)
 }
 
-/// [`two_udcs_in_a_round`] with members 1 to 3, whose responses `a` has
+/// [`two_udcs_in_a_round`] with members 1 to `n`, whose responses `a` has
 /// accepted in one batch of gw-1 (so each has a session): the harness
 /// and both processes.
-async fn three_accepted(
+async fn accepted_in_a_round(
     store_url: Option<String>,
+    n: u64,
 ) -> (Harness, Arc<udc::service::Udc>, Arc<udc::service::Udc>) {
-    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 3).await;
-    let body = psk_batch(&h, 1, round, &challenge, 1..=3);
+    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, n).await;
+    let body = psk_batch(&h, 1, round, &challenge, 1..=n);
     let answer = a.handle_batch("gw-1", body).await.unwrap();
     assert_eq!(
         outcomes(&Verdict::decode(&answer).unwrap()),
-        vec![Outcome::Accepted; 3]
+        vec![Outcome::Accepted; n as usize]
     );
     (h, a, b)
 }
@@ -2422,14 +2423,8 @@ on_both_stores!(batch_racing_a_round_close, "round_close_race");
 /// of a message sent before it joined. The retried import rekeys.
 async fn import_racing_an_update(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    let (h, a, b, round, challenge) = two_udcs_in_a_round(store_url, 2).await;
     // Members 1 and 2 hold sessions (so a rekey has someone to reach).
-    let body = psk_batch(&h, 1, round, &challenge, 1..=2);
-    let answer = a.handle_batch("gw-1", body).await.unwrap();
-    assert_eq!(
-        outcomes(&Verdict::decode(&answer).unwrap()),
-        vec![Outcome::Accepted; 2]
-    );
+    let (h, a, b) = accepted_in_a_round(store_url, 2).await;
     let other = b.clone();
     a.before_next_import_write(async move {
         other.publish_update(G, b"\x01\x02", None).await.unwrap();
@@ -2562,7 +2557,7 @@ on_both_stores!(
 /// see the revocation (the registry version changed): member 2 is refused
 /// as revoked, member 3 (also cached) accepted.
 async fn cached_member_revoked_by_another_process(store_url: Option<String>) {
-    let (h, a, b) = three_accepted(store_url).await;
+    let (h, a, b) = accepted_in_a_round(store_url, 3).await;
     assert!(b.revoke_member(2).await.unwrap());
     let next = a
         .open_round(
@@ -3785,7 +3780,7 @@ on_both_stores!(
 /// authenticate).
 async fn re_adding_a_member_with_fewer_groups_rekeys_those_it_left(store_url: Option<String>) {
     use dapgw::udc::store::{KeySource, Sealed, Store};
-    let (h, a, _b) = three_accepted(store_url).await;
+    let (h, a, _b) = accepted_in_a_round(store_url, 3).await;
     let store = a.store();
     let epoch = store.group(G).await.unwrap().unwrap().epoch;
     // Member 2's key becomes an imported one (as a vendor import would).
@@ -4226,7 +4221,7 @@ on_both_stores!(
 /// its session.
 async fn re_adding_a_member_under_a_new_key_version_ends_its_sessions(store_url: Option<String>) {
     use dapgw::udc::store::Store;
-    let (h, a, _b) = three_accepted(store_url).await;
+    let (h, a, _b) = accepted_in_a_round(store_url, 3).await;
     let store = a.store();
     a.add_member(1, vec![G], Some(1)).await.unwrap();
     let cursor = h.downlink(0).await.last().unwrap().0;

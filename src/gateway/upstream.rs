@@ -1004,11 +1004,10 @@ impl Upstream {
     ///
     /// A page the spool has no room for as a whole is stored in part: a
     /// prefix that fits (the page halved until one does), the cursor moved
-    /// to its end. Refused whole,
-    /// it would be asked for again from the same cursor and refused again,
-    /// for good when it is larger than the whole spool
-    /// (`DAPGW_SPOOL_MAX_BYTES` may be 1 MiB; a UDC answer holds up to
-    /// 4 MiB of messages).
+    /// to its end. Refused whole, it would be asked for again from the same
+    /// cursor and refused again, for good when it is larger than the whole
+    /// spool (`DAPGW_SPOOL_MAX_BYTES` may be 1 MiB; a UDC answer holds up
+    /// to 4 MiB of messages).
     async fn store_downlink(&self, body: &Bytes, cursor: &mut u64) -> Result<(), UpstreamError> {
         let records = parse_records(body, MAX_DOWNLINK_MESSAGE)?;
         let mut last = *cursor;

@@ -395,12 +395,7 @@ async fn udc_handle(st: Arc<UdcState>, req: Request<Incoming>) -> HttpResponse<F
                 );
             }
             if mode == UdcMode::TooLarge {
-                return answer(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Bytes::from_static(
-                        b"{\"error\":\"too_large\",\"reason\":\"the body is over 16384 bytes\"}",
-                    ),
-                );
+                return answer(StatusCode::PAYLOAD_TOO_LARGE, refusal("too_large"));
             }
             if mode == UdcMode::Refusing {
                 return answer(
