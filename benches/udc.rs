@@ -11,7 +11,7 @@
 //!
 //! The UDC runs in this process, on a runtime of its own (two workers and
 //! its blocking pool); the client (posting the prepared batches, reading
-//! the verdicts and pulling the confirms) runs alone on the main thread.
+//! the verdicts with their confirms) runs alone on the main thread.
 //! The UDC's CPU is the process CPU clock minus the client thread's CPU
 //! clock; the client's is printed apart. The
 //! members' responses are computed before the clock starts.
@@ -23,8 +23,9 @@
 //! members k, k + B, k + 2B, ... for B batches), so a batch's ids are about
 //! B apart, as when members answer in their own time and a gateway flushes
 //! whatever arrived (`dapgw bench`); otherwise a batch holds consecutive ids.
-//! After each round's batches the confirms are pulled from the downlink in
-//! the measured phase, as the gateway does.
+//! The confirms come back in the verdicts, which is where the gateway takes
+//! them from (the UDC queues them on the downlink only for a verdict it
+//! finalizes on its own, after an unanswered tag request).
 //!
 //! `--runs N` repeats the whole bench N times, each on a fresh UDC, and
 //! ends with each phase's minimum, median and maximum.
@@ -119,20 +120,23 @@ fn batch_bytes<E>(batch_id: u64, body: BatchBody, part: &[&(E, [u8; 16])]) -> By
 
 /// Posts `bodies` in order (each must be answered 200) and counts the
 /// entries their final verdicts accepted.
+/// Posts the batches one after the other; returns the entries accepted and
+/// the confirms the verdicts carried (where the gateway takes them from).
 async fn post_batches(
     send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     bodies: Vec<Bytes>,
-) -> usize {
-    let mut accepted = 0;
+) -> (usize, usize) {
+    let (mut accepted, mut confirmed) = (0, 0);
     for body in bodies {
         let (s, answer) = call(send, Method::POST, "/v1/batches", body).await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
         let v = Verdict::decode(&answer).unwrap();
-        if let VerdictBody::Final { outcomes, .. } = &v.body {
+        if let VerdictBody::Final { outcomes, confirms } = &v.body {
             accepted += outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+            confirmed += confirms.len();
         }
     }
-    accepted
+    (accepted, confirmed)
 }
 
 async fn call(
@@ -164,35 +168,6 @@ async fn admin(addr: SocketAddr, method: &str, path: &str, body: String) -> Stri
     .unwrap();
     assert!((200..300).contains(&s), "{path}: {s} {b}");
     b
-}
-
-/// Pulls the downlink after `cursor` until it is empty (a short wait);
-/// returns the member records read and moves `cursor`.
-async fn pull_all(
-    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    cursor: &mut u64,
-) -> u64 {
-    let mut n = 0;
-    loop {
-        let (s, body) = call(
-            send,
-            Method::GET,
-            &format!("/v1/downlink?after={cursor}&wait_ms=0"),
-            Bytes::new(),
-        )
-        .await;
-        if s == StatusCode::NO_CONTENT {
-            return n;
-        }
-        assert_eq!(s, StatusCode::OK);
-        let mut b = &body[..];
-        while !b.is_empty() {
-            *cursor = u64::from_be_bytes(b[..8].try_into().unwrap());
-            let len = u32::from_be_bytes(b[21..25].try_into().unwrap()) as usize;
-            n += u64::from(b[8] == 2);
-            b = &b[25 + len..];
-        }
-    }
 }
 
 /// Profiling hook ([`cpu::perf_ctl`]): `BENCH_PERF_PHASES` (comma-separated:
@@ -419,8 +394,8 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
         )
         .unwrap();
         let round = v["round"].as_u64().unwrap();
-        // Read the queue up to this round's challenge (after the confirms
-        // of the previous round; the UDC answers up to 1024 records a call).
+        // Read the queue up to this round's challenge (the UDC answers up
+        // to 1024 records a call).
         let mut challenge = Bytes::new();
         while challenge.is_empty() {
             let (s, body) = call(
@@ -485,15 +460,13 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
         perf_ctl(label, "enable");
         let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
         let t0 = Instant::now();
-        let accepted = post_batches(&mut send, bodies).await;
-        // The confirms, as the gateway pulls them.
-        let confirms = pull_all(&mut send, &mut cursor).await;
+        let (accepted, confirms) = post_batches(&mut send, bodies).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = udc_cpu_seconds() - cpu0;
         let client = client_cpu_seconds() - client0;
         perf_ctl(label, "disable");
         assert_eq!(accepted as u64, members, "every member accepted");
-        assert_eq!(confirms, members, "one confirm per member");
+        assert_eq!(confirms as u64, members, "one confirm per member");
         let us = cpu * 1e6 / members as f64;
         println!(
             "udc {label} round, psk, {members} members in batches of {per_batch}, sqlite: \
@@ -542,7 +515,7 @@ async fn bench(udc_rt: &tokio::runtime::Runtime) -> [f64; PHASES.len()] {
         perf_ctl(phase, "enable");
         let (cpu0, client0) = (udc_cpu_seconds(), client_cpu_seconds());
         let t0 = Instant::now();
-        let accepted = post_batches(&mut send, bodies).await;
+        let (accepted, _) = post_batches(&mut send, bodies).await;
         let wall = t0.elapsed().as_secs_f64();
         let cpu = udc_cpu_seconds() - cpu0;
         let client = client_cpu_seconds() - client0;

@@ -15,8 +15,8 @@ use dapgw::protocol::keys::{MasterSecret, MemberKeyDeriver, response_keys, trans
 use dapgw::protocol::member::{Challenged, Member};
 use dapgw::protocol::suite::{Gcm, aggregate};
 use dapgw::protocol::wire::{
-    Batch, BatchBody, ChunkTags, Direct, DirectInner, GatewayId, GroupId, MemberId, Mode, Outcome,
-    Response, ResponseEntry, TagReply, Verdict, VerdictBody,
+    Batch, BatchBody, ChunkTags, Confirm, Direct, DirectInner, GatewayId, GroupId, MemberId,
+    MessageType, Mode, Outcome, Response, ResponseEntry, TagReply, Verdict, VerdictBody,
 };
 use dapgw::protocol::wire::{Uplink, UplinkEntry, UplinkKind};
 use dapgw::udc::{self, keys_cmd};
@@ -219,6 +219,23 @@ impl Harness {
             .await;
         assert_eq!(s, StatusCode::OK, "no downlink records after {after}");
         records(&body)
+    }
+
+    /// gw-1's downlink records after `after`, without waiting.
+    async fn downlink_now(&self, after: u64) -> Vec<(u64, u8, u32, u64, Bytes)> {
+        let (s, body) = self
+            .call(
+                Some("gw-1"),
+                Method::GET,
+                &format!("/v1/downlink?after={after}&wait_ms=0"),
+                Bytes::new(),
+            )
+            .await;
+        match s {
+            StatusCode::NO_CONTENT => Vec::new(),
+            StatusCode::OK => records(&body),
+            s => panic!("downlink: {s} {body:?}"),
+        }
     }
 
     /// Posts a batch as gw-1 and decodes the verdict.
@@ -435,8 +452,8 @@ impl Harness {
     }
 
     /// Members `1..=n` of group `G`, authenticated in a psk auth round
-    /// through gw-1 (their confirms queued, not opened); gw-1's downlink
-    /// cursor after the confirms.
+    /// through gw-1, each holding the session its confirm (from the
+    /// verdict) opened; gw-1's downlink cursor after the round's challenge.
     async fn authenticated(&self, n: u64) -> (Vec<Member>, u64) {
         let mut members: Vec<Member> = (1..=n).map(|id| self.real_member(id)).collect();
         let r = self.auth_round(n).await;
@@ -449,8 +466,11 @@ impl Harness {
             ))
             .await;
         assert_eq!(outcomes(&v), vec![Outcome::Accepted; n as usize]);
-        let cursor = self.downlink(r.cursor).await.last().unwrap().0;
-        (members, cursor)
+        for (id, msg) in confirms(&v) {
+            let m = &mut members[(id - 1) as usize];
+            m.handle_confirm(&msg).unwrap().persisted();
+        }
+        (members, r.cursor)
     }
 
     /// Members `1..=n` of group `G` imported, gw-1 subscribed, a psk auth
@@ -538,6 +558,16 @@ fn batch(gw: &str, batch_id: u64, round: u64, entries: Vec<(ResponseEntry, [u8; 
             entries: entries.into_iter().map(|(e, _)| e).collect(),
         },
         aggregates,
+    }
+}
+
+/// The confirms of a final verdict: (member, Confirm bytes), in batch order.
+fn confirms(v: &Verdict) -> Vec<(u64, Bytes)> {
+    match &v.body {
+        VerdictBody::Final { confirms, .. } => {
+            confirms.iter().map(|c| (c.id.0, c.to_bytes())).collect()
+        }
+        VerdictBody::TagsRequested { .. } => panic!("expected a final verdict"),
     }
 }
 
@@ -639,10 +669,10 @@ async fn scenario(h: &Harness) {
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
-    // An honest batch of 20 is accepted; the confirms go to gw-1's queue
-    // too (not only in the verdict): there they sit ahead of any rekey
-    // issued later, which a member refuses before it has opened its
-    // confirm.
+    // An honest batch of 20 is accepted; the confirms reach gw-1 in the
+    // verdict, one per member, and are not queued on its downlink again
+    // (a rekey issued later re-queues the confirm of a session not yet
+    // seen in use ahead of it: `a_confirm_goes_ahead_of_a_later_rekey`).
     let entries: Vec<_> = (1..=20).map(|id| respond(h, id, &challenge)).collect();
     let b = batch("gw-1", 1, round, entries.clone());
     let bytes = b.to_bytes();
@@ -652,19 +682,17 @@ async fn scenario(h: &Harness) {
     assert_eq!(s, StatusCode::OK, "{answer:?}");
     let verdict = Verdict::decode(&answer).unwrap();
     assert_eq!(outcomes(&verdict), vec![Outcome::Accepted; 20]);
+    let confirmed: Vec<u64> = confirms(&verdict).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(confirmed, (1..=20).collect::<Vec<_>>());
     let (s, body) = h
         .call(
             Some("gw-1"),
             Method::GET,
-            &format!("/v1/downlink?after={c1}&wait_ms=1000"),
+            &format!("/v1/downlink?after={c1}&wait_ms=0"),
             Bytes::new(),
         )
         .await;
-    assert_eq!(s, StatusCode::OK);
-    let confirms = records(&body);
-    assert_eq!(confirms.len(), 20);
-    assert!(confirms.iter().all(|r| r.0 > c1 && r.1 == 2));
-    assert!(confirms.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(s, StatusCode::NO_CONTENT, "{:?}", records(&body));
 
     // The same batch again: the stored verdict byte for byte.
     let (s, again) = h
@@ -855,7 +883,7 @@ async fn scenario(h: &Harness) {
     assert!(m1["last_auth_ms"].as_u64().is_some(), "{m1}");
 
     // A configuration update fans out to gw-1.
-    let last = confirms.last().unwrap().0;
+    let last = c1;
     let v = h
         .op(
             Method::POST,
@@ -1036,13 +1064,17 @@ on_both_stores!(udc_over_tls, "udc_http");
 /// A tag request the gateway never answers is finalized by the background
 /// task after `DAPGW_LOCALIZE_TIMEOUT_MS`: the unresolved chunk's entries
 /// become unverified via gateway, and a retried batch gets that verdict.
+/// The verified chunk's confirms are in it, and, since no request was
+/// waiting for that verdict, queued on the gateway's downlink too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_tag_request_expires() {
     let h = Harness::start_with(None, 1).await;
     let OpenRound {
-        round, challenge, ..
-    } = h.auth_round(4).await;
-    let mut entries: Vec<_> = (1..=4).map(|id| respond(&h, id, &challenge)).collect();
+        round,
+        challenge,
+        cursor,
+    } = h.auth_round(6).await;
+    let mut entries: Vec<_> = (1..=6).map(|id| respond(&h, id, &challenge)).collect();
     entries[0].0.n_i[0] ^= 1;
     let bytes = batch("gw-1", 1, round, entries).to_bytes();
     let (s, first) = h
@@ -1071,7 +1103,22 @@ async fn unanswered_tag_request_expires() {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     let fin = fin.expect("the localization expired into a final verdict");
-    assert_eq!(outcomes(&fin), vec![Outcome::UnverifiedViaGateway; 4]);
+    let mut want = vec![Outcome::UnverifiedViaGateway; 4];
+    want.extend([Outcome::Accepted; 2]);
+    assert_eq!(outcomes(&fin), want);
+    let confirmed = confirms(&fin);
+    assert_eq!(
+        confirmed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    let queued: Vec<(u64, Bytes)> = h
+        .downlink(cursor)
+        .await
+        .into_iter()
+        .filter(|r| r.1 == 2)
+        .map(|r| (r.3, r.4))
+        .collect();
+    assert_eq!(queued, confirmed);
     h.stop().await;
 }
 
@@ -1163,12 +1210,9 @@ async fn members_across_restarts_and_the_metrics() {
     let entries = answer(&mut members, &r.challenge, b"");
     let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
-    let recs = h.downlink(cursor).await;
-    cursor = recs.last().unwrap().0;
-    for (_, aud, _, id, msg) in &recs {
-        assert_eq!(*aud, 2);
-        let m = &mut members[(*id - 1) as usize];
-        m.handle_confirm(msg).unwrap().persisted();
+    for (id, msg) in confirms(&v) {
+        let m = &mut members[(id - 1) as usize];
+        m.handle_confirm(&msg).unwrap().persisted();
     }
     assert!(members.iter().all(|m| m.session(GroupId(G)).is_some()));
 
@@ -1420,7 +1464,7 @@ async fn two_udcs_share_one_postgres_store() {
     let round = a.open_auth_round().await;
     // The queue is shared: b serves the challenge a queued.
     let recs = b.downlink(0).await;
-    let mut cursor = recs.last().unwrap().0;
+    let cursor = recs.last().unwrap().0;
     let challenge = last_group_record(&recs);
     let b1 = batch(
         "gw-1",
@@ -1446,9 +1490,9 @@ async fn two_udcs_share_one_postgres_store() {
         .await;
     assert_eq!(gws["gateways"][0]["batches"], 1, "{gws}");
     assert_eq!(gws["gateways"][0]["entries"], 4, "{gws}");
-    let confirms = b.downlink(cursor).await;
-    assert_eq!(confirms.len(), 4, "one confirm each, not two");
-    cursor = confirms.last().unwrap().0;
+    // One confirm each, in the verdict; none queued on the shared downlink.
+    assert_eq!(confirms(&Verdict::decode(&from_a).unwrap()).len(), 4);
+    assert!(b.downlink_now(cursor).await.is_empty());
 
     // Round 2 (opened by b). While a judges its batch, another writer
     // changes member 1's session slot: a's write must lose cleanly.
@@ -1568,10 +1612,8 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
-    assert_eq!(
-        outcomes(&Verdict::decode(&body).unwrap()),
-        vec![Outcome::Accepted; 2]
-    );
+    let first_gw1 = Verdict::decode(&body).unwrap();
+    assert_eq!(outcomes(&first_gw1), vec![Outcome::Accepted; 2]);
     // Member 1's response again, through b (whose cached round does not
     // know): member 1's session slot, read with the batch, says it was
     // accepted in this round.
@@ -1598,10 +1640,8 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(
-        outcomes(&Verdict::decode(&body).unwrap()),
-        vec![Outcome::AlreadyAccepted]
-    );
+    let second_gw1 = Verdict::decode(&body).unwrap();
+    assert_eq!(outcomes(&second_gw1), vec![Outcome::AlreadyAccepted]);
     let rep = b
         .op(
             Method::GET,
@@ -1610,15 +1650,15 @@ async fn two_udcs_accept_a_member_once_per_round() {
         )
         .await;
     assert_eq!(rep["accepted"], 4, "{rep}");
-    // One confirm per member: gw-1 got those of 1 and 2 only.
-    let confirms: Vec<u64> = a
-        .downlink(cursor)
-        .await
+    // One confirm per member: gw-1 got those of 1 and 2 only, in its
+    // verdicts, and none on its downlink.
+    let confirmed: Vec<u64> = [first_gw1, second_gw1]
         .iter()
-        .filter(|r| r.1 == 2)
-        .map(|r| r.3)
+        .flat_map(confirms)
+        .map(|(id, _)| id)
         .collect();
-    assert_eq!(confirms, vec![1, 2]);
+    assert_eq!(confirmed, vec![1, 2]);
+    assert!(a.downlink_now(cursor).await.is_empty());
     b.stop().await;
     a.stop().await;
 }
@@ -2094,7 +2134,7 @@ async fn member_in_session(h: &Harness) -> Member {
     let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
     let mut member = members.pop().unwrap();
-    for (_, _, _, _, msg) in h.downlink(r.cursor).await {
+    for (_, msg) in confirms(&v) {
         member.handle_confirm(&msg).unwrap().persisted();
     }
     member
@@ -2976,7 +3016,7 @@ async fn members_kept_off_psk_ecdhe_rounds_are_reported() {
         let v = h.post_batch(&b).await;
         batch_id += 1;
         assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-        cursor = h.downlink(recs.last().unwrap().0).await.last().unwrap().0;
+        cursor = recs.last().unwrap().0;
     }
     assert_eq!(dropped(&h.metrics().await), 0.0);
     // Then a psk round both answer: member 1 missed three in a row.
@@ -3174,8 +3214,7 @@ async fn slot_cache_serves_own_writes_only() {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    for (_, aud, _, id, msg) in a.downlink(r.cursor).await {
-        assert_eq!(aud, 2);
+    for (id, msg) in confirms(&v) {
         members[(id - 1) as usize]
             .handle_confirm(&msg)
             .unwrap()
@@ -3526,10 +3565,9 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    let recs = h.downlink(r.cursor).await;
-    for (_, _, _, id, msg) in &recs {
-        members[(*id - 1) as usize]
-            .handle_confirm(msg)
+    for (id, msg) in confirms(&v) {
+        members[(id - 1) as usize]
+            .handle_confirm(&msg)
             .unwrap()
             .persisted();
     }
@@ -3878,6 +3916,114 @@ async fn round_of(h: &Harness, mode: &str, cursor: u64) -> (u64, Bytes, u64) {
     (round, last_group_record(&recs), recs.last().unwrap().0)
 }
 
+/// Hands `member` its records of `recs` in downlink order, as its gateway
+/// does, refusals included; returns the types it accepted.
+fn deliver(member: &mut Member, recs: &[(u64, u8, u32, u64, Bytes)]) -> Vec<MessageType> {
+    let mut accepted = Vec::new();
+    let me = member.id().0;
+    for (_, _, _, _, msg) in recs.iter().filter(|r| r.3 == me) {
+        let ty = msg.get(1).copied().and_then(MessageType::from_code);
+        let ok = match ty {
+            Some(MessageType::Confirm) => member.handle_confirm(msg).map(|o| o.persisted()).is_ok(),
+            Some(MessageType::Rekey) => member.handle_rekey(msg).map(|o| o.persisted()).is_ok(),
+            Some(MessageType::KeyUpdate) => {
+                member.handle_key_update(msg).map(|o| o.persisted()).is_ok()
+            }
+            other => panic!("unexpected record {other:?}"),
+        };
+        if ok {
+            accepted.extend(ty);
+        }
+    }
+    accepted
+}
+
+/// A rekey or key update issued after a verdict, while the gateway has not
+/// yet handed that verdict's confirms to the members, may reach a member
+/// before its confirm, and a member refuses either in a session it has not
+/// opened. The UDC queues the confirm of such a session again, byte for
+/// byte, right before them (docs/protocol.md, "Confirm before rekey"): the
+/// member ends in the new epoch and under the new key version; the
+/// verdict's own copy, delivered late, is refused as stale.
+async fn a_confirm_goes_ahead_of_a_later_rekey(store_url: Option<String>) {
+    let h = Harness::start(store_url).await;
+    let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
+    let r = h.auth_round(3).await;
+    let v = h
+        .post_batch(&batch(
+            "gw-1",
+            1,
+            r.round,
+            answer(&mut members, &r.challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let held = confirms(&v);
+    let epoch = Confirm::decode(&held[0].1).unwrap().epoch;
+    // Member 3 revoked before the gateway delivered anything: 1 and 2 are
+    // rekeyed, each right after its confirm.
+    h.op(
+        Method::POST,
+        "/v1/admin/members/3/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+    let recs = h.downlink(r.cursor).await;
+    let mut cursor = recs.last().unwrap().0;
+    for id in [1u64, 2] {
+        let mine: Vec<&Bytes> = recs.iter().filter(|r| r.3 == id).map(|r| &r.4).collect();
+        assert_eq!(mine.len(), 2, "member {id}: {recs:?}");
+        assert_eq!(*mine[0], held[(id - 1) as usize].1, "the verdict's confirm");
+        assert_eq!(mine[1][1], MessageType::Rekey.code());
+    }
+    assert!(
+        recs.iter().all(|r| r.3 != 3),
+        "nothing for the revoked member"
+    );
+    for m in &mut members[..2] {
+        assert_eq!(
+            deliver(m, &recs),
+            [MessageType::Confirm, MessageType::Rekey]
+        );
+        assert_eq!(m.session(GroupId(G)).unwrap().1, epoch + 1);
+        let (_, late) = &held[(m.id().0 - 1) as usize];
+        assert!(m.handle_confirm(late).is_err(), "opened already");
+        assert_eq!(m.session(GroupId(G)).unwrap().1, epoch + 1);
+    }
+
+    // A psk-ecdhe round member 1 answers; its key is rotated before the
+    // gateway delivers the verdict's confirm. The update is sealed in the
+    // new session only (the older one is psk): the confirm goes first.
+    let (round, challenge, c) = round_of(&h, "psk-ecdhe", cursor).await;
+    cursor = c;
+    let mut b = batch("gw-1", 2, round, answer(&mut members[..1], &challenge, b""));
+    if let BatchBody::Responses { mode, .. } = &mut b.body {
+        *mode = Mode::PskEcdhe;
+    }
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    let (s, body) = h
+        .admin(
+            Some(TOKEN),
+            Method::POST,
+            "/v1/admin/members/1/key-update",
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let recs = h.downlink(cursor).await;
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[0].4, confirms(&v)[0].1, "the verdict's confirm");
+    assert_eq!(
+        deliver(&mut members[0], &recs),
+        [MessageType::Confirm, MessageType::KeyUpdate]
+    );
+    assert_eq!(members[0].kv(), 2);
+    h.stop().await;
+}
+
+on_both_stores!(a_confirm_goes_ahead_of_a_later_rekey, "confirm_ahead");
+
 /// Root-key rotation through the operator API (docs/protocol.md, "Key
 /// rotation"): refused without a psk-ecdhe session; issued in one, stored
 /// and queued as a KeyUpdate the member opens; the old version accepted
@@ -3917,14 +4063,6 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
     // Registered, no session yet.
     let (mut members, cursor) = h.authenticated(2).await;
     // A psk session only: whoever holds K_i(1) could read the new key.
-    let recs = h.downlink(0).await;
-    for (_, aud, _, id, msg) in recs.iter().filter(|r| r.1 == 2) {
-        assert_eq!(*aud, 2);
-        members[(*id - 1) as usize]
-            .handle_confirm(msg)
-            .unwrap()
-            .persisted();
-    }
     let (s, v) = key_update(1).await;
     assert_eq!(
         (s, v["error"].as_str()),
@@ -3936,15 +4074,12 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
     if let BatchBody::Responses { mode, .. } = &mut b.body {
         *mode = Mode::PskEcdhe;
     }
-    assert_eq!(
-        outcomes(&h.post_batch(&b).await),
-        vec![Outcome::Accepted; 2]
-    );
-    let recs = h.downlink(cursor).await;
-    let mut cursor = recs.last().unwrap().0;
-    for (_, _, _, id, msg) in &recs {
-        members[(*id - 1) as usize]
-            .handle_confirm(msg)
+    let v = h.post_batch(&b).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let mut cursor = cursor;
+    for (id, msg) in confirms(&v) {
+        members[(id - 1) as usize]
+            .handle_confirm(&msg)
             .unwrap()
             .persisted();
     }
@@ -3978,15 +4113,14 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
         .await;
     assert_eq!(listed(v, 1), (2, 1));
-    // The KeyUpdate reaches member 1 only, and it opens it.
+    // The KeyUpdate reaches member 1 only, and it opens it. The confirm
+    // of the session it is sealed in goes first (the UDC has not seen that
+    // session in use); member 1 opened it from the verdict already.
     let recs = h.downlink(cursor).await;
     cursor = recs.last().unwrap().0;
-    assert_eq!(recs.len(), 1);
-    assert_eq!((recs[0].1, recs[0].3), (2, 1));
-    members[0]
-        .handle_key_update(&recs[0].4)
-        .unwrap()
-        .persisted();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(recs.iter().all(|r| (r.1, r.3) == (2, 1)), "{recs:?}");
+    assert_eq!(deliver(&mut members[0], &recs), [MessageType::KeyUpdate]);
     assert_eq!(members[0].kv(), 2);
     // Until member 1 answers under version 2, version 1 is still accepted
     // (the update may have been lost on the way).
@@ -3996,7 +4130,7 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         .post_batch(&batch("gw-1", 3, round, answer(&mut old, &challenge, b"")))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    cursor = h.downlink(c).await.last().unwrap().0;
+    cursor = c;
     // Member 1 answers under version 2: from then on only 2 is accepted.
     let (round, challenge, c) = round_of(&h, "psk", cursor).await;
     let v = h
@@ -4008,7 +4142,7 @@ async fn key_update_through_the_operator_api(store_url: Option<String>) {
         ))
         .await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    cursor = h.downlink(c).await.last().unwrap().0;
+    cursor = c;
     let v = h
         .op(Method::GET, "/v1/admin/members", serde_json::Value::Null)
         .await;

@@ -319,6 +319,10 @@ impl VerdictLog for OneLog {
 struct Ctx {
     /// The gateway the request came through (`None`: direct).
     via: Option<String>,
+    /// Whether the verdict is the answer to the gateway's own request: its
+    /// confirms then reach the gateway in it (and in the stored copy a retry
+    /// gets), so they are not queued on the gateway's downlink as well.
+    answered: bool,
     /// The store key of the verdict record.
     log_gateway: String,
     log_batch_id: u64,
@@ -629,9 +633,11 @@ impl Udc {
                 .gateway_misbehaviour
                 .get(crate::telemetry::MisbehaviourKind::TagReplyTimeout)
                 .inc();
-            self.judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
-                v.localization_expired(gateway, batch_id, st, reg, log, now)
-            })
+            self.judge(
+                batch_ctx(&batch, false),
+                Some(stored),
+                |v, st, reg, log, now| v.localization_expired(gateway, batch_id, st, reg, log, now),
+            )
             .await?;
         }
         Ok(n)
@@ -1127,15 +1133,21 @@ impl Udc {
                 self.push_slot(&mut slots, MemberId(id), slot, None);
             }
             write.sessions.append(&mut slots.rows);
+            // The pending session's confirm first, if the update is sealed
+            // under it: the member opens no key update before that confirm.
+            let confirm = sessions
+                .get(GroupId(group), MemberId(id))
+                .and_then(SessionSlot::confirm_before_key_update);
             write.downlink.push(DownlinkPush {
                 target: DownlinkTarget::Subscribers,
-                records: issued
-                    .updates
-                    .iter()
-                    .map(|u| DownlinkRecord {
+                records: confirm
+                    .map(|c| c.to_bytes())
+                    .into_iter()
+                    .chain(issued.updates.iter().map(|u| u.to_bytes()))
+                    .map(|message| DownlinkRecord {
                         audience: Audience::Member(id),
                         group,
-                        message: u.to_bytes().to_vec(),
+                        message: message.to_vec(),
                     })
                     .collect(),
             });
@@ -1223,14 +1235,31 @@ impl Udc {
         if !sessionless.is_empty() {
             write.sessionless.push((group, sessionless));
         }
-        let records = rekeys
-            .iter()
-            .map(|k| DownlinkRecord {
+        // A member's rekeys are consecutive; the confirm of a session it
+        // may not have opened yet goes right before them (the gateway takes
+        // a verdict's confirms from the verdict, on its own schedule).
+        let mut records = Vec::with_capacity(rekeys.len());
+        let mut last = None;
+        for k in &rekeys {
+            if last != Some(k.id) {
+                last = Some(k.id);
+                if let Some(c) = sessions
+                    .get(GroupId(group), k.id)
+                    .and_then(SessionSlot::confirm_before_rekey)
+                {
+                    records.push(DownlinkRecord {
+                        audience: Audience::Member(k.id.0),
+                        group,
+                        message: c.to_bytes().to_vec(),
+                    });
+                }
+            }
+            records.push(DownlinkRecord {
                 audience: Audience::Member(k.id.0),
                 group,
                 message: k.to_bytes().to_vec(),
-            })
-            .collect::<Vec<_>>();
+            });
+        }
         if !records.is_empty() {
             write.downlink.push(DownlinkPush {
                 target: DownlinkTarget::Subscribers,
@@ -1708,7 +1737,7 @@ impl Udc {
         let _guard = self.lock.lock().await;
         let stored = self.stored_log(&gateway, b.batch_id).await?;
         let res = self
-            .judge(batch_ctx(&batch), stored, |v, st, reg, log, now| {
+            .judge(batch_ctx(&batch, true), stored, |v, st, reg, log, now| {
                 v.handle_batch(&batch, st, reg, log, now)
             })
             .await;
@@ -1757,9 +1786,11 @@ impl Udc {
             pending: Some(assessment),
         };
         let res = self
-            .judge(batch_ctx(&batch), Some(stored), |v, st, reg, log, now| {
-                v.handle_tag_reply(&reply, st, reg, log, now)
-            })
+            .judge(
+                batch_ctx(&batch, true),
+                Some(stored),
+                |v, st, reg, log, now| v.handle_tag_reply(&reply, st, reg, log, now),
+            )
             .await;
         if res.is_ok() {
             self.metrics.localizations.inc();
@@ -1803,6 +1834,7 @@ impl Udc {
         };
         let ctx = Ctx {
             via: None,
+            answered: true,
             log_gateway: log_gateway.clone(),
             log_batch_id: round.unwrap_or(u64::MAX),
             batch_id: 0,
@@ -2102,17 +2134,18 @@ impl Udc {
                         self.push_slot(&mut slots, *id, slot, Some((now_ms, round_no)));
                     }
                 }
-                // The confirms go down to the member through its gateway.
-                // The gateway also takes them from the verdict, and its
-                // spool stores an identical record once; this copy is what
-                // keeps a confirm ahead of any rekey or key update issued
-                // after it (a member refuses those for a session whose
-                // confirm it has not opened, docs/protocol.md): queued in
-                // the same transaction as the verdict, it has the lower
-                // cursor, whichever way the gateway gets it first.
-                // Session 22 dropped it (10 to 15 % of an auth round's CPU)
-                // and put it back for that reason (docs/udc.md).
+                // The confirms go down to the member through its gateway,
+                // in the verdict it answers to the gateway. Only a verdict
+                // finalized here on the UDC's own (a localization that
+                // expired) also queues them on the gateway's downlink; the
+                // gateway, which keeps the batch until a final verdict,
+                // gets them in the stored verdict as well. A confirm still
+                // goes ahead of any rekey or key update issued after it: the
+                // session slot keeps the pending session's confirm, and
+                // `rekey_into` and `key_update` queue it again right before
+                // those (docs/protocol.md, "Confirm before rekey").
                 if let crate::protocol::wire::VerdictBody::Final { confirms, .. } = &v.verdict.body
+                    && !ctx.answered
                 {
                     let records = confirms
                         .iter()
@@ -2366,11 +2399,12 @@ fn direct_verdict(hash: [u8; 32], outcome: Outcome, confirm: Option<Confirm>) ->
 }
 
 /// The judging context of a gateway's batch.
-fn batch_ctx(batch: &ReceivedBatch) -> Ctx {
+fn batch_ctx(batch: &ReceivedBatch, answered: bool) -> Ctx {
     let b = batch.batch();
     let gateway = b.gateway_id.as_str().to_owned();
     Ctx {
         via: Some(gateway.clone()),
+        answered,
         log_gateway: gateway,
         log_batch_id: b.batch_id,
         batch_id: b.batch_id,

@@ -63,7 +63,8 @@ pub use self::registry::{InMemoryRegistry, KeySource, MemberRecord, MemberStatus
 pub use self::round::Reading;
 pub use self::session::{AckLedger, AppliedAck, UplinkMessage, UplinkVerdict};
 pub use self::state::{
-    GroupState, ReplayWindow, RoundPurpose, RoundState, SessionSlot, SessionState, SessionTable,
+    ConfirmSeal, GroupState, ReplayWindow, RoundPurpose, RoundState, SessionSlot, SessionState,
+    SessionTable,
 };
 
 use self::assess::{Assessment, TagSource};

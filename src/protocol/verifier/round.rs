@@ -19,7 +19,7 @@ use super::dh::RoundDh;
 use super::kdf::{FastPrk0, response_keys, session_keys, transcript_hash};
 use super::registry::{MemberRecord, MemberStatus};
 use super::state::{
-    EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionState, SessionTable,
+    ConfirmSeal, EphemeralSecret, GroupState, RoundPurpose, RoundState, SessionState, SessionTable,
 };
 use super::{UsageError, VerdictCounters, Verifier};
 use crate::protocol::keys::ResponseKeys;
@@ -303,14 +303,9 @@ pub(crate) fn finalize(
 
         let s = session_keys(&k.prk0, dh.as_deref());
         let sid = SessionId(s.sid);
-        out.confirms.push(seal_confirm(
-            group,
-            round.round,
-            e.id,
-            sid,
-            &s.k_conf,
-            &s.iv_conf,
-        ));
+        let confirm = seal_confirm(group, round.round, e.id, sid, &s.k_conf, &s.iv_conf);
+        let seal = ConfirmSeal::of(&confirm);
+        out.confirms.push(confirm);
 
         let (slot, fresh_slot) = sessions.entry_new(group.group, e.id);
         if fresh_slot || round.mode == Mode::PskEcdhe {
@@ -321,18 +316,21 @@ pub(crate) fn finalize(
                 out.ecdhe_missed.push((e.id, missed));
             }
         }
-        slot.install(SessionState {
-            group: group.group,
-            id: e.id,
-            sid,
-            round: round.round,
-            mode: round.mode,
-            k_up: s.k_up.clone(),
-            iv_up: s.iv_up.clone(),
-            k_down: s.k_down.clone(),
-            window: Default::default(),
-            down_ctr: 0,
-        });
+        slot.install(
+            SessionState {
+                group: group.group,
+                id: e.id,
+                sid,
+                round: round.round,
+                mode: round.mode,
+                k_up: s.k_up.clone(),
+                iv_up: s.iv_up.clone(),
+                k_down: s.k_down.clone(),
+                window: Default::default(),
+                down_ctr: 0,
+            },
+            Some(seal),
+        );
         round.accepted.insert(e.id);
         out.touched.push(e.id);
         if e.kv > rec.min_kv {

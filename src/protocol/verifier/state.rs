@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::UsageError;
 use crate::protocol::codec::{DecodeError, SliceWriter};
 use crate::protocol::suite::{Iv12, Key16, Key32};
-use crate::protocol::wire::{GroupId, MemberId, Mode, SessionId};
+use crate::protocol::wire::{Confirm, GroupId, MemberId, Mode, SessionId};
 
 /// Size of the uplink replay window, in counters.
 pub const REPLAY_WINDOW: u64 = 64;
@@ -333,6 +333,34 @@ pub struct SessionSlot {
     /// [`GroupState::ecdhe_rounds`] when the member was last accepted in a
     /// psk-ecdhe round (or first accepted at all).
     pub ecdhe_mark: u64,
+    /// The confirm that opens `pending`, kept until `pending` is seen in
+    /// use, so that it can be queued again right before a rekey or key
+    /// update sealed under `pending` (see [`Self::confirm_before_rekey`]).
+    /// Added with a default of none: slots stored before it decode.
+    #[serde(default)]
+    pub pending_confirm: Option<ConfirmSeal>,
+}
+
+/// What a [`Confirm`] adds to its session: the epoch it carries and `W`.
+/// With the pending session's group, round, member and sid it rebuilds the
+/// confirm byte for byte. Not secret: `W` is sealed under `k_conf`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmSeal {
+    /// The group epoch whose key `w` carries.
+    pub epoch: u64,
+    /// `AES-128-GCM(k_conf, iv_conf, aad, GK_e)`: ciphertext and tag.
+    #[serde(with = "byte_array")]
+    pub w: [u8; 32],
+}
+
+impl ConfirmSeal {
+    /// The part of `c` the slot keeps.
+    pub fn of(c: &Confirm) -> Self {
+        Self {
+            epoch: c.epoch,
+            w: c.w,
+        }
+    }
 }
 
 impl SessionSlot {
@@ -350,12 +378,59 @@ impl SessionSlot {
         self.sessions_mut().find(|s| s.sid == sid)
     }
 
-    /// Installs a session a round just created; an unused pending one moves
-    /// to `unconfirmed`, dropping the oldest beyond [`UNCONFIRMED_KEPT`].
-    pub fn install(&mut self, session: SessionState) {
+    /// Installs a session a round just created, with the confirm that
+    /// opens it; an unused pending one moves to `unconfirmed`, dropping the
+    /// oldest beyond [`UNCONFIRMED_KEPT`] (its confirm is dropped: a member
+    /// holds the keys to open only its latest round's confirm).
+    pub fn install(&mut self, session: SessionState, confirm: Option<ConfirmSeal>) {
         if let Some(old) = self.pending.replace(session) {
             self.unconfirmed.insert(0, old);
             self.unconfirmed.truncate(UNCONFIRMED_KEPT);
+        }
+        self.pending_confirm = confirm;
+    }
+
+    /// The confirm of the pending session, rebuilt byte for byte as the
+    /// verdict carried it.
+    pub fn pending_confirm(&self) -> Option<Confirm> {
+        let (p, seal) = (self.pending.as_ref()?, self.pending_confirm?);
+        Some(Confirm {
+            group: p.group,
+            round: p.round,
+            epoch: seal.epoch,
+            id: p.id,
+            sid: p.sid,
+            w: seal.w,
+        })
+    }
+
+    /// The confirm to queue right before this slot's rekeys: the pending
+    /// session's, when V has not seen the member use any session yet.
+    ///
+    /// A member refuses a rekey for a session whose confirm it has not
+    /// opened, and the gateway delivers a verdict's confirms on its own
+    /// schedule, so a rekey issued after the verdict can reach the member
+    /// first. When V has seen a session in use (`current`), the member holds
+    /// that one or a newer kept one, each of which gets its own rekey, and
+    /// a confirm opened later keeps the newer epoch. Without `current`, the
+    /// member may hold no session at all: the confirm must go first. A
+    /// member that opened it already refuses the copy as stale.
+    pub fn confirm_before_rekey(&self) -> Option<Confirm> {
+        match self.current {
+            Some(_) => None,
+            None => self.pending_confirm(),
+        }
+    }
+
+    /// The confirm to queue right before this slot's key updates: the
+    /// pending session's, when that session is psk-ecdhe (a key update is
+    /// sealed under it). Unlike a rekey, a key update is sealed under
+    /// psk-ecdhe sessions only, so a member in a psk session V also keeps
+    /// gets none it can open until it opens the pending confirm.
+    pub fn confirm_before_key_update(&self) -> Option<Confirm> {
+        match &self.pending {
+            Some(p) if p.mode == Mode::PskEcdhe => self.pending_confirm(),
+            _ => None,
         }
     }
 
@@ -365,6 +440,7 @@ impl SessionSlot {
     pub fn mark_used(&mut self, sid: SessionId) {
         if self.pending.as_ref().is_some_and(|p| p.sid == sid) {
             self.current = self.pending.take();
+            self.pending_confirm = None;
             self.unconfirmed.clear();
         } else if let Some(i) = self.unconfirmed.iter().position(|s| s.sid == sid) {
             // Newest first: the ones after `i` are older than `sid`.
@@ -389,9 +465,13 @@ impl SessionSlot {
 
 /// First byte of [`SessionSlot::encode`]'s output: the format version.
 ///
-/// A JSON encoding (the format before it) starts with `{` and is told apart
-/// by that byte.
-pub const SLOT_FORMAT: u8 = 1;
+/// Format 2 added the pending session's confirm (presence bit 2); format 1
+/// slots (without it) still decode. A JSON encoding (the format before
+/// both) starts with `{` and is told apart by that byte.
+pub const SLOT_FORMAT: u8 = 2;
+
+/// Bytes of the pending confirm in [`SessionSlot::encode`]'s output.
+const CONFIRM_SEAL_BYTES: usize = 8 + 32;
 
 /// Bytes of one session in [`SessionSlot::encode`]'s output.
 const SESSION_BYTES: usize = 4 + 8 + 8 + 8 + 1 + 16 + 12 + 16 + 8 + 8 + 8;
@@ -401,11 +481,16 @@ impl SessionSlot {
     /// more than three times larger and much slower to build):
     ///
     /// ```text
-    /// slot    := format u8 (= 1) | ecdhe_mark u64 | present u8 (bit 0 current, bit 1 pending)
+    /// slot    := format u8 (= 2) | ecdhe_mark u64
+    ///            | present u8 (bit 0 current, bit 1 pending, bit 2 pending confirm)
     ///            | n_unconfirmed u8 | [current] | [pending] | unconfirmed{n}
+    ///            | [confirm_epoch u64 | w [32]]
     /// session := group u32 | id u64 | sid [8] | round u64 | mode u8 | k_up [16]
     ///            | iv_up [12] | k_down [16] | window.top u64 | window.seen u64 | down_ctr u64
     /// ```
+    ///
+    /// Bit 2 is set only with bit 1 (a confirm without its pending session
+    /// is not written). Format 1 is the same without bit 2.
     ///
     /// Integers are big-endian. The output holds keys: it lives in a
     /// zeroizing buffer and must be sealed before it is stored.
@@ -420,7 +505,12 @@ impl SessionSlot {
         let n = usize::from(self.current.is_some())
             + usize::from(self.pending.is_some())
             + self.encoded_unconfirmed().len();
-        11 + n * SESSION_BYTES
+        11 + n * SESSION_BYTES + self.encoded_confirm().map_or(0, |_| CONFIRM_SEAL_BYTES)
+    }
+
+    /// The pending confirm the encoding carries: only with its session.
+    fn encoded_confirm(&self) -> Option<&ConfirmSeal> {
+        self.pending.as_ref().and(self.pending_confirm.as_ref())
     }
 
     /// The unconfirmed sessions the encoding carries: at most
@@ -442,7 +532,10 @@ impl SessionSlot {
         let mut w = SliceWriter::new(out);
         w.put(&[SLOT_FORMAT]);
         w.put(&self.ecdhe_mark.to_be_bytes());
-        w.put(&[u8::from(self.current.is_some()) | u8::from(self.pending.is_some()) << 1]);
+        let confirm = self.encoded_confirm();
+        w.put(&[u8::from(self.current.is_some())
+            | u8::from(self.pending.is_some()) << 1
+            | u8::from(confirm.is_some()) << 2]);
         let unconfirmed = self.encoded_unconfirmed();
         w.put(&[unconfirmed.len() as u8]);
         for s in self.current.iter().chain(&self.pending).chain(unconfirmed) {
@@ -458,21 +551,28 @@ impl SessionSlot {
             w.put(&s.window.seen.to_be_bytes());
             w.put(&s.down_ctr.to_be_bytes());
         }
+        if let Some(c) = confirm {
+            w.put(&c.epoch.to_be_bytes());
+            w.put(&c.w);
+        }
         w.finish();
     }
 
-    /// Decodes [`Self::encode`]'s output. Trailing bytes, a format other
-    /// than [`SLOT_FORMAT`], unknown presence bits, more than
+    /// Decodes [`Self::encode`]'s output (format 2, or format 1 written
+    /// before it). Trailing bytes, another format, unknown presence bits (a
+    /// confirm without a pending session among them), more than
     /// [`UNCONFIRMED_KEPT`] unconfirmed sessions or a bad mode code are
     /// refused.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = SliceReader(bytes);
-        if r.u8("slot format")? != SLOT_FORMAT {
-            return Err(DecodeError::Invalid("slot format"));
-        }
+        let known = match r.u8("slot format")? {
+            1 => 0b11,
+            SLOT_FORMAT => 0b111,
+            _ => return Err(DecodeError::Invalid("slot format")),
+        };
         let ecdhe_mark = r.u64("slot ecdhe_mark")?;
         let present = r.u8("slot presence")?;
-        if present & !0b11 != 0 {
+        if present & !known != 0 || present & 0b110 == 0b100 {
             return Err(DecodeError::Invalid("slot presence"));
         }
         let n = usize::from(r.u8("slot unconfirmed count")?);
@@ -482,6 +582,14 @@ impl SessionSlot {
         let current = (present & 1 != 0).then(|| r.session()).transpose()?;
         let pending = (present & 2 != 0).then(|| r.session()).transpose()?;
         let unconfirmed = (0..n).map(|_| r.session()).collect::<Result<_, _>>()?;
+        let pending_confirm = (present & 4 != 0)
+            .then(|| {
+                Ok::<_, DecodeError>(ConfirmSeal {
+                    epoch: r.u64("slot confirm epoch")?,
+                    w: r.array("slot confirm w")?,
+                })
+            })
+            .transpose()?;
         if !r.0.is_empty() {
             return Err(DecodeError::Invalid("slot trailing bytes"));
         }
@@ -490,6 +598,7 @@ impl SessionSlot {
             pending,
             unconfirmed,
             ecdhe_mark,
+            pending_confirm,
         })
     }
 }
@@ -861,17 +970,17 @@ mod tests {
             down_ctr: 0,
         };
         let mut slot = SessionSlot::default();
-        slot.install(mk(1));
+        slot.install(mk(1), None);
         slot.mark_used(SessionId([1; 8]));
         assert_eq!(slot.current.as_ref().unwrap().sid, SessionId([1; 8]));
-        slot.install(mk(2));
+        slot.install(mk(2), None);
         assert!(slot.by_sid(SessionId([1; 8])).is_some());
         assert!(slot.by_sid(SessionId([2; 8])).is_some());
         // Using the old session keeps both.
         slot.mark_used(SessionId([1; 8]));
         assert!(slot.pending.is_some());
         // A newer round keeps the unused pending session behind the new one.
-        slot.install(mk(3));
+        slot.install(mk(3), None);
         assert!(slot.by_sid(SessionId([2; 8])).is_some());
         assert_eq!(slot.sessions_mut().count(), 3);
         slot.mark_used(SessionId([3; 8]));
@@ -882,6 +991,58 @@ mod tests {
         assert!(slot.by_sid(SessionId([2; 8])).is_none(), "older unused");
         assert_eq!(slot.current.as_ref().unwrap().sid, SessionId([3; 8]));
         assert!(slot.pending.is_none());
+    }
+
+    /// The confirm that goes again ahead of a rekey or key update: the
+    /// pending session's, for a rekey only while no session has been seen
+    /// in use, for a key update while the pending session is psk-ecdhe;
+    /// never once the pending session is in use.
+    #[test]
+    fn slot_names_the_confirm_to_resend_before_a_rekey() {
+        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+        let mut mk = |sid: u8, mode: Mode| SessionState {
+            group: GroupId(1),
+            id: MemberId(2),
+            sid: SessionId([sid; 8]),
+            round: u64::from(sid),
+            mode,
+            k_up: Key16::random(&mut rng),
+            iv_up: Iv12::random(&mut rng),
+            k_down: Key16::random(&mut rng),
+            window: ReplayWindow::default(),
+            down_ctr: 0,
+        };
+        let seal = |n: u8| ConfirmSeal {
+            epoch: u64::from(n),
+            w: [n; 32],
+        };
+        let mut slot = SessionSlot::default();
+        slot.install(mk(1, Mode::Psk), Some(seal(1)));
+        let c = slot.confirm_before_rekey().expect("no session seen in use");
+        assert_eq!(
+            (c.group, c.round, c.epoch, c.id, c.sid, c.w),
+            (GroupId(1), 1, 1, MemberId(2), SessionId([1; 8]), [1; 32])
+        );
+        assert!(slot.confirm_before_key_update().is_none(), "psk pending");
+        // A newer round's confirm replaces it; the older session's cannot
+        // be opened by the member any more.
+        slot.install(mk(2, Mode::PskEcdhe), Some(seal(2)));
+        assert_eq!(slot.confirm_before_rekey().unwrap().sid, SessionId([2; 8]));
+        assert_eq!(
+            slot.confirm_before_key_update().unwrap().sid,
+            SessionId([2; 8])
+        );
+        // The older session seen in use: the member holds it or the newer
+        // one, each rekeyed; a key update still needs the confirm first.
+        slot.mark_used(SessionId([1; 8]));
+        assert!(slot.current.is_some() && slot.confirm_before_rekey().is_none());
+        assert!(slot.confirm_before_key_update().is_some());
+        // The pending session in use: its confirm is dropped.
+        slot.mark_used(SessionId([2; 8]));
+        assert!(slot.pending_confirm.is_none());
+        assert!(slot.confirm_before_key_update().is_none());
+        slot.install(mk(3, Mode::PskEcdhe), None);
+        assert!(slot.confirm_before_key_update().is_none(), "none kept");
     }
 
     #[test]
@@ -901,7 +1062,7 @@ mod tests {
         };
         let mut slot = SessionSlot::default();
         for sid in 1..=5 {
-            slot.install(mk(sid));
+            slot.install(mk(sid), None);
         }
         // Pending 5, unconfirmed 4 and 3; 1 and 2 dropped.
         let kept: Vec<u8> = slot.sessions_mut().map(|s| s.sid.0[0]).collect();
@@ -961,7 +1122,7 @@ mod tests {
             ..SessionSlot::default()
         };
         for sid in 1..=4 {
-            slot.install(mk(sid));
+            slot.install(mk(sid), None);
         }
         slot.current = Some(mk(9));
         let bytes = slot.encode();
@@ -987,22 +1148,44 @@ mod tests {
         for (a, b) in back.unconfirmed.iter().zip(&slot.unconfirmed) {
             assert!(same(a, b));
         }
-        // Pending only (a member between its confirm and its first uplink).
+        // Pending only (a member between its confirm and its first uplink),
+        // with the confirm that opens it.
+        let seal = ConfirmSeal {
+            epoch: 0x0A0B_0C0D,
+            w: [0x5A; 32],
+        };
         let mut fresh = SessionSlot::default();
-        fresh.install(mk(5));
-        let back = SessionSlot::decode(&fresh.encode()).unwrap();
+        fresh.install(mk(5), Some(seal));
+        let enc = fresh.encode();
+        assert_eq!(enc.len(), 11 + SESSION_BYTES + CONFIRM_SEAL_BYTES);
+        let back = SessionSlot::decode(&enc).unwrap();
         assert!(back.current.is_none() && back.unconfirmed.is_empty());
         assert!(same(
             back.pending.as_ref().unwrap(),
             fresh.pending.as_ref().unwrap()
         ));
+        assert_eq!(back.pending_confirm, Some(seal));
+        // A format-1 slot (written before the confirm was kept) decodes; a
+        // format-1 byte cannot carry a confirm, nor can any slot without a
+        // pending session.
+        let mut v1 = bytes.to_vec();
+        v1[0] = 1;
+        let back = SessionSlot::decode(&v1).unwrap();
+        assert!(back.pending.is_some() && back.pending_confirm.is_none());
+        let mut bad = enc.to_vec();
+        bad[0] = 1;
+        assert!(SessionSlot::decode(&bad).is_err(), "confirm in format 1");
+        let mut bad = enc.to_vec();
+        bad[9] &= !2;
+        assert!(SessionSlot::decode(&bad).is_err(), "confirm, no pending");
 
         // Every shape a slot can take (current or not, pending or not, 0 to
         // 2 unconfirmed): the length is what the sealer allocates, and the
         // encoding decodes back.
-        for shape in 0..12u8 {
+        // A confirm with no pending session is not written.
+        for shape in 0..24u8 {
             let mut s = SessionSlot::default();
-            for i in 0..(shape / 4) {
+            for i in 0..(shape % 12 / 4) {
                 s.unconfirmed.push(mk(20 + i));
             }
             if shape & 1 == 1 {
@@ -1011,12 +1194,17 @@ mod tests {
             if shape & 2 == 2 {
                 s.pending = Some(mk(31));
             }
+            if shape >= 12 {
+                s.pending_confirm = Some(seal);
+            }
             let enc = s.encode();
             assert_eq!(enc.len(), s.encoded_len(), "shape {shape}");
             let back = SessionSlot::decode(&enc).unwrap();
             assert_eq!(back.current.is_some(), s.current.is_some(), "shape {shape}");
             assert_eq!(back.pending.is_some(), s.pending.is_some(), "shape {shape}");
             assert_eq!(back.unconfirmed.len(), s.unconfirmed.len(), "shape {shape}");
+            let kept = (shape >= 12 && s.pending.is_some()).then_some(seal);
+            assert_eq!(back.pending_confirm, kept, "shape {shape}");
         }
 
         // Every truncation, trailing bytes, bad codes: errors, no panic.
@@ -1030,7 +1218,7 @@ mod tests {
         bad[0] = b'{';
         assert!(SessionSlot::decode(&bad).is_err(), "format byte");
         let mut bad = bytes.to_vec();
-        bad[9] |= 4;
+        bad[9] |= 8;
         assert!(SessionSlot::decode(&bad).is_err(), "presence bits");
         let mut bad = bytes.to_vec();
         bad[10] = 3;
