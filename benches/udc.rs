@@ -118,10 +118,9 @@ fn batch_bytes<E>(batch_id: u64, body: BatchBody, part: &[&(E, [u8; 16])]) -> By
     .to_bytes()
 }
 
-/// Posts `bodies` in order (each must be answered 200) and counts the
-/// entries their final verdicts accepted.
-/// Posts the batches one after the other; returns the entries accepted and
-/// the confirms the verdicts carried (where the gateway takes them from).
+/// Posts `bodies` in order (each must be answered 200); returns the
+/// entries their final verdicts accepted and the confirms the verdicts
+/// carried (where the gateway takes them from).
 async fn post_batches(
     send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     bodies: Vec<Bytes>,

@@ -459,7 +459,7 @@ async fn sqlite_v7_readings_move_to_arrival_order() {
     c.pragma_update(None, "user_version", 7).unwrap();
     drop(c);
     let s = f.open().await;
-    assert_eq!(f.schema_versions().await, vec![10]);
+    assert_eq!(f.schema_versions().await, vec![11]);
     let got: Vec<(u32, u64, u64, Vec<u8>)> = s
         .readings_after(1, 0, u64::MAX, None, 10)
         .await
@@ -934,8 +934,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![10],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        Kind::Sqlite => vec![11],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();

@@ -3941,10 +3941,11 @@ fn deliver(member: &mut Member, recs: &[(u64, u8, u32, u64, Bytes)]) -> Vec<Mess
 /// A rekey or key update issued after a verdict, while the gateway has not
 /// yet handed that verdict's confirms to the members, may reach a member
 /// before its confirm, and a member refuses either in a session it has not
-/// opened. The UDC queues the confirm of such a session again, byte for
+/// opened. The UDC queues the pending session's confirm again, byte for
 /// byte, right before them (docs/protocol.md, "Confirm before rekey"): the
 /// member ends in the new epoch and under the new key version; the
-/// verdict's own copy, delivered late, is refused as stale.
+/// verdict's own copy, delivered late, is refused as stale. Also when V
+/// has seen an older session in use and no longer keeps the member's.
 async fn a_confirm_goes_ahead_of_a_later_rekey(store_url: Option<String>) {
     let h = Harness::start(store_url).await;
     let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
@@ -4019,6 +4020,49 @@ async fn a_confirm_goes_ahead_of_a_later_rekey(store_url: Option<String>) {
         [MessageType::Confirm, MessageType::KeyUpdate]
     );
     assert_eq!(members[0].kv(), 2);
+    cursor = recs.last().unwrap().0;
+
+    // A session V has seen in use does not mean the member still holds it:
+    // member 2 sends a reading under its first session (current at V),
+    // opens round 3's confirm but never uses it, and answers rounds 4 to 6
+    // whose confirms are still on their way. V keeps current, pending 6 and
+    // unconfirmed 5 and 4; session 3, the member's, is gone. A revocation
+    // now: the pending confirm goes first again, and the member follows.
+    let up = reading(&mut members[1], b"reading");
+    let v = h.post_batch(&uplink_batch(3, &[up.to_bytes()])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+    let mut last = Vec::new();
+    for (i, batch_id) in (4..=7).enumerate() {
+        let (round, challenge, c) = round_of(&h, "psk", cursor).await;
+        cursor = c;
+        let v = h
+            .post_batch(&batch(
+                "gw-1",
+                batch_id,
+                round,
+                answer(&mut members[1..2], &challenge, b""),
+            ))
+            .await;
+        assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
+        last = confirms(&v);
+        if i == 0 {
+            members[1].handle_confirm(&last[0].1).unwrap().persisted();
+        }
+    }
+    let epoch = members[1].session(GroupId(G)).unwrap().1;
+    h.op(
+        Method::POST,
+        "/v1/admin/members/1/revoke",
+        serde_json::Value::Null,
+    )
+    .await;
+    let recs = h.downlink(cursor).await;
+    assert_eq!(recs[0].4, last[0].1, "round 6's confirm first: {recs:?}");
+    assert_eq!(
+        deliver(&mut members[1], &recs),
+        [MessageType::Confirm, MessageType::Rekey]
+    );
+    assert_eq!(members[1].session(GroupId(G)).unwrap().1, epoch + 1);
     h.stop().await;
 }
 

@@ -405,28 +405,29 @@ impl SessionSlot {
     }
 
     /// The confirm to queue right before this slot's rekeys: the pending
-    /// session's, when V has not seen the member use any session yet.
+    /// session's, whenever one is kept.
     ///
     /// A member refuses a rekey for a session whose confirm it has not
     /// opened, and the gateway delivers a verdict's confirms on its own
     /// schedule, so a rekey issued after the verdict can reach the member
-    /// first. When V has seen a session in use (`current`), the member holds
-    /// that one or a newer kept one, each of which gets its own rekey, and
-    /// a confirm opened later keeps the newer epoch. Without `current`, the
-    /// member may hold no session at all: the confirm must go first. A
-    /// member that opened it already refuses the copy as stale.
+    /// first. V cannot tell which session the member holds: it may hold
+    /// none (a first round), or one V no longer keeps (opened, never used,
+    /// then pushed out by [`UNCONFIRMED_KEPT`] newer rounds whose confirms
+    /// are still on their way), even when V has seen an older one in use.
+    /// Opening the pending confirm first moves the member to the pending
+    /// session, which gets its own rekey after it. A member that opened it
+    /// already refuses the copy as stale; one that answered a newer round
+    /// V has not judged refuses it too, and is no worse off than without it.
     pub fn confirm_before_rekey(&self) -> Option<Confirm> {
-        match self.current {
-            Some(_) => None,
-            None => self.pending_confirm(),
-        }
+        self.pending_confirm()
     }
 
     /// The confirm to queue right before this slot's key updates: the
     /// pending session's, when that session is psk-ecdhe (a key update is
-    /// sealed under it). Unlike a rekey, a key update is sealed under
-    /// psk-ecdhe sessions only, so a member in a psk session V also keeps
-    /// gets none it can open until it opens the pending confirm.
+    /// sealed under it). A member in a psk session, or in one V no longer
+    /// keeps, gets no key update it can open until it opens that confirm.
+    /// A psk pending session gets no key update, so its confirm would only
+    /// move the member off a session that does.
     pub fn confirm_before_key_update(&self) -> Option<Confirm> {
         match &self.pending {
             Some(p) if p.mode == Mode::PskEcdhe => self.pending_confirm(),
@@ -994,9 +995,9 @@ mod tests {
     }
 
     /// The confirm that goes again ahead of a rekey or key update: the
-    /// pending session's, for a rekey only while no session has been seen
-    /// in use, for a key update while the pending session is psk-ecdhe;
-    /// never once the pending session is in use.
+    /// pending session's, for a rekey whenever one is kept, for a key
+    /// update while the pending session is psk-ecdhe; never once the
+    /// pending session is in use.
     #[test]
     fn slot_names_the_confirm_to_resend_before_a_rekey() {
         let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
@@ -1032,16 +1033,24 @@ mod tests {
             slot.confirm_before_key_update().unwrap().sid,
             SessionId([2; 8])
         );
-        // The older session seen in use: the member holds it or the newer
-        // one, each rekeyed; a key update still needs the confirm first.
+        // The older session seen in use: the member may still hold a
+        // session V no longer keeps (opened, never used, pushed out by newer
+        // rounds), so the pending confirm still goes first.
         slot.mark_used(SessionId([1; 8]));
-        assert!(slot.current.is_some() && slot.confirm_before_rekey().is_none());
+        for sid in 3..=5 {
+            slot.install(mk(sid, Mode::PskEcdhe), Some(seal(sid)));
+        }
+        assert!(slot.by_sid(SessionId([2; 8])).is_none(), "pushed out");
+        assert!(slot.current.is_some());
+        assert_eq!(slot.confirm_before_rekey().unwrap().sid, SessionId([5; 8]));
+        assert_eq!(slot.confirm_before_rekey().unwrap().epoch, 5);
         assert!(slot.confirm_before_key_update().is_some());
         // The pending session in use: its confirm is dropped.
-        slot.mark_used(SessionId([2; 8]));
+        slot.mark_used(SessionId([5; 8]));
         assert!(slot.pending_confirm.is_none());
+        assert!(slot.confirm_before_rekey().is_none());
         assert!(slot.confirm_before_key_update().is_none());
-        slot.install(mk(3, Mode::PskEcdhe), None);
+        slot.install(mk(6, Mode::PskEcdhe), None);
         assert!(slot.confirm_before_key_update().is_none(), "none kept");
     }
 

@@ -75,6 +75,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../../../migrations/postgres/0010_drop_member_gateway.sql"),
     ),
+    (
+        11,
+        include_str!("../../../migrations/postgres/0011_session_slot_format_2.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").

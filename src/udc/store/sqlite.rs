@@ -61,6 +61,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../../../migrations/sqlite/0010_drop_member_gateway.sql"),
     ),
+    (
+        11,
+        include_str!("../../../migrations/sqlite/0011_session_slot_format_2.sql"),
+    ),
 ];
 
 /// The SQLite store.

@@ -1,0 +1,12 @@
+-- dapgw UDC store, schema version 11: session slots in format 2.
+--
+-- No table changes. From this version on, a session slot's sealed state may
+-- be in binary format 2 (the pending session's confirm kept with it, so that
+-- the UDC can queue it again ahead of a rekey or key update; docs/protocol.md,
+-- "Confirm before rekey"), which UDC binaries older than version 11 cannot
+-- open. The version number is what stops them: an older binary refuses to
+-- start on this store ("store schema version 11 is newer than this binary
+-- supports"). With several UDC processes on one PostgreSQL store, stop every
+-- process older than version 11 before starting the new ones: one still
+-- running fails every batch, rekey or key update that reads a slot a new
+-- process wrote. There is no way back to an older binary on this store.
