@@ -455,6 +455,15 @@ impl Harness {
     /// through gw-1, each holding the session its confirm (from the
     /// verdict) opened; gw-1's downlink cursor after the round's challenge.
     async fn authenticated(&self, n: u64) -> (Vec<Member>, u64) {
+        let (mut members, r, v) = self.accepted_round(n).await;
+        open_confirms(&mut members, &v);
+        (members, r.cursor)
+    }
+
+    /// Members `1..=n` of group `G`, accepted in a psk auth round through
+    /// gw-1 (batch 1), their confirms not opened yet: the members, the
+    /// round, the verdict.
+    async fn accepted_round(&self, n: u64) -> (Vec<Member>, OpenRound, Verdict) {
         let mut members: Vec<Member> = (1..=n).map(|id| self.real_member(id)).collect();
         let r = self.auth_round(n).await;
         let v = self
@@ -466,11 +475,7 @@ impl Harness {
             ))
             .await;
         assert_eq!(outcomes(&v), vec![Outcome::Accepted; n as usize]);
-        for (id, msg) in confirms(&v) {
-            let m = &mut members[(id - 1) as usize];
-            m.handle_confirm(&msg).unwrap().persisted();
-        }
-        (members, r.cursor)
+        (members, r, v)
     }
 
     /// Members `1..=n` of group `G` imported, gw-1 subscribed, a psk auth
@@ -571,6 +576,17 @@ fn confirms(v: &Verdict) -> Vec<(u64, Bytes)> {
     }
 }
 
+/// Hands each member of `members` (ids from 1, in order) its confirm from
+/// `v`; each must open.
+fn open_confirms(members: &mut [Member], v: &Verdict) {
+    for (id, msg) in confirms(v) {
+        members[(id - 1) as usize]
+            .handle_confirm(&msg)
+            .unwrap()
+            .persisted();
+    }
+}
+
 fn outcomes(v: &Verdict) -> Vec<Outcome> {
     match &v.body {
         VerdictBody::Final { outcomes, .. } => outcomes.clone(),
@@ -659,20 +675,12 @@ async fn scenario(h: &Harness) {
     assert_eq!(recs.len(), 1);
     let (c1, aud, group, _, challenge) = recs[0].clone();
     assert_eq!((aud, group), (1, G));
-    let (s, _) = h
-        .call(
-            Some("gw-1"),
-            Method::GET,
-            &format!("/v1/downlink?after={c1}&wait_ms=0"),
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.downlink_now(c1).await, []);
 
     // An honest batch of 20 is accepted; the confirms reach gw-1 in the
     // verdict, one per member, and are not queued on its downlink again
-    // (a rekey issued later re-queues the confirm of a session not yet
-    // seen in use ahead of it: `a_confirm_goes_ahead_of_a_later_rekey`).
+    // (a rekey issued later queues a member's pending confirm again ahead
+    // of it: `a_confirm_goes_ahead_of_a_later_rekey`).
     let entries: Vec<_> = (1..=20).map(|id| respond(h, id, &challenge)).collect();
     let b = batch("gw-1", 1, round, entries.clone());
     let bytes = b.to_bytes();
@@ -684,15 +692,7 @@ async fn scenario(h: &Harness) {
     assert_eq!(outcomes(&verdict), vec![Outcome::Accepted; 20]);
     let confirmed: Vec<u64> = confirms(&verdict).into_iter().map(|(id, _)| id).collect();
     assert_eq!(confirmed, (1..=20).collect::<Vec<_>>());
-    let (s, body) = h
-        .call(
-            Some("gw-1"),
-            Method::GET,
-            &format!("/v1/downlink?after={c1}&wait_ms=0"),
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT, "{:?}", records(&body));
+    assert_eq!(h.downlink_now(c1).await, []);
 
     // The same batch again: the stored verdict byte for byte.
     let (s, again) = h
@@ -1202,18 +1202,9 @@ fn last_group_record(recs: &[(u64, u8, u32, u64, Bytes)]) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_across_restarts_and_the_metrics() {
     let mut h = Harness::start(None).await;
-    let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
 
     // An auth round; the confirms reach the members.
-    let r = h.auth_round(3).await;
-    let mut cursor = r.cursor;
-    let entries = answer(&mut members, &r.challenge, b"");
-    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
-    for (id, msg) in confirms(&v) {
-        let m = &mut members[(id - 1) as usize];
-        m.handle_confirm(&msg).unwrap().persisted();
-    }
+    let (mut members, mut cursor) = h.authenticated(3).await;
     assert!(members.iter().all(|m| m.session(GroupId(G)).is_some()));
 
     // Restart between the confirms and the first readings: the gauge comes
@@ -2128,16 +2119,8 @@ async fn round_report_lists_page_after_a_member() {
 /// Member 1 of group `G` (imported, gw-1 subscribed), accepted in a psk
 /// auth round through gw-1 and holding the session its confirm opened.
 async fn member_in_session(h: &Harness) -> Member {
-    let mut members = vec![h.real_member(1)];
-    let r = h.auth_round(1).await;
-    let entries = answer(&mut members, &r.challenge, b"");
-    let v = h.post_batch(&batch("gw-1", 1, r.round, entries)).await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    let mut member = members.pop().unwrap();
-    for (_, msg) in confirms(&v) {
-        member.handle_confirm(&msg).unwrap().persisted();
-    }
-    member
+    let (mut members, _) = h.authenticated(1).await;
+    members.pop().unwrap()
 }
 
 /// `member`'s next reading in group `G`, sealed.
@@ -2935,19 +2918,7 @@ async fn importing_into_a_group_that_sealed_a_message_under_its_key_rekeys() {
     let rekeyed_after = |after: u64| {
         let h = &h;
         async move {
-            let (s, body) = h
-                .call(
-                    Some("gw-1"),
-                    Method::GET,
-                    &format!("/v1/downlink?after={after}&wait_ms=0"),
-                    Bytes::new(),
-                )
-                .await;
-            if s == StatusCode::NO_CONTENT {
-                return (after, Vec::new());
-            }
-            assert_eq!(s, StatusCode::OK);
-            let recs = records(&body);
+            let recs = h.downlink_now(after).await;
             let last = recs.last().map_or(after, |r| r.0);
             (last, rekeyed_members(&recs))
         }
@@ -3203,23 +3174,7 @@ async fn admin_query_strings_are_percent_decoded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_cache_serves_own_writes_only() {
     let a = Harness::start(None).await;
-    let mut members: Vec<Member> = (1..=2).map(|id| a.real_member(id)).collect();
-    let r = a.auth_round(2).await;
-    let v = a
-        .post_batch(&batch(
-            "gw-1",
-            1,
-            r.round,
-            answer(&mut members, &r.challenge, b""),
-        ))
-        .await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    for (id, msg) in confirms(&v) {
-        members[(id - 1) as usize]
-            .handle_confirm(&msg)
-            .unwrap()
-            .persisted();
-    }
+    let (mut members, _) = a.authenticated(2).await;
     let slot = |text: &str, outcome: &str| {
         metric(
             text,
@@ -3554,23 +3509,8 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
     let db = h._dir.path().join("udc.sqlite3");
     let backup = tempfile::tempdir().unwrap();
     let backup = backup.path().join("udc-backup.sqlite3");
-    let mut members: Vec<Member> = (1..=2).map(|id| h.real_member(id)).collect();
-    let r = h.auth_round(2).await;
-    let v = h
-        .post_batch(&batch(
-            "gw-1",
-            1,
-            r.round,
-            answer(&mut members, &r.challenge, b""),
-        ))
-        .await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
-    for (id, msg) in confirms(&v) {
-        members[(id - 1) as usize]
-            .handle_confirm(&msg)
-            .unwrap()
-            .persisted();
-    }
+    let (mut members, r, v) = h.accepted_round(2).await;
+    open_confirms(&mut members, &v);
     let mut seal = |i: usize, what: &[u8]| {
         members[i]
             .seal_uplink(GroupId(G), UplinkKind::Reading, what)
@@ -3948,17 +3888,7 @@ fn deliver(member: &mut Member, recs: &[(u64, u8, u32, u64, Bytes)]) -> Vec<Mess
 /// has seen an older session in use and no longer keeps the member's.
 async fn a_confirm_goes_ahead_of_a_later_rekey(store_url: Option<String>) {
     let h = Harness::start(store_url).await;
-    let mut members: Vec<Member> = (1..=3).map(|id| h.real_member(id)).collect();
-    let r = h.auth_round(3).await;
-    let v = h
-        .post_batch(&batch(
-            "gw-1",
-            1,
-            r.round,
-            answer(&mut members, &r.challenge, b""),
-        ))
-        .await;
-    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    let (mut members, r, v) = h.accepted_round(3).await;
     let held = confirms(&v);
     let epoch = Confirm::decode(&held[0].1).unwrap().epoch;
     // Member 3 revoked before the gateway delivered anything: 1 and 2 are
@@ -4003,15 +3933,14 @@ async fn a_confirm_goes_ahead_of_a_later_rekey(store_url: Option<String>) {
     }
     let v = h.post_batch(&b).await;
     assert_eq!(outcomes(&v), vec![Outcome::Accepted]);
-    let (s, body) = h
-        .admin(
-            Some(TOKEN),
+    let issued = h
+        .op(
             Method::POST,
             "/v1/admin/members/1/key-update",
             serde_json::Value::Null,
         )
         .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(issued["kv"], 2, "{issued}");
     let recs = h.downlink(cursor).await;
     assert_eq!(recs.len(), 2, "{recs:?}");
     assert_eq!(recs[0].4, confirms(&v)[0].1, "the verdict's confirm");
