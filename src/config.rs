@@ -439,7 +439,7 @@ pub struct GatewayConfig {
     /// answers for it; beyond it that source gets 503 while others are
     /// served. See [`GatewayConfig::spool_share`].
     pub spool_max_bytes_per_source: Option<ByteSize>,
-    /// `DAPGW_BATCH_MAX_ENTRIES` (default 4096, at most 16384).
+    /// `DAPGW_BATCH_MAX_ENTRIES` (default 16384, the wire cap).
     pub batch_max_entries: u32,
     /// `DAPGW_BATCH_LINGER_MS` (default 1000): how long a batch of uplinks
     /// waits to fill, counted from its first uplink's arrival (its spool
@@ -512,7 +512,7 @@ impl Default for GatewayConfig {
             spool_dir: PathBuf::from("/var/lib/dapgw/spool"),
             spool_max_bytes: ByteSize::mib(256),
             spool_max_bytes_per_source: None,
-            batch_max_entries: 4096,
+            batch_max_entries: 16384,
             batch_linger_ms: 1000,
             round_deadline_ms: 30_000,
             chunk_size: 64,

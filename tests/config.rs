@@ -137,7 +137,7 @@ fn gateway_defaults() {
         );
         assert_eq!(c.spool_dir, Path::new("/var/lib/dapgw/spool"));
         assert_eq!(c.spool_max_bytes, ByteSize(256 * 1024 * 1024));
-        assert_eq!(c.batch_max_entries, 4096);
+        assert_eq!(c.batch_max_entries, 16384);
         assert_eq!(c.batch_linger_ms, 1000);
         assert_eq!(c.round_deadline_ms, 30_000);
         assert_eq!(c.chunk_size, 64);
