@@ -568,7 +568,7 @@ pub struct UdcConfig {
     pub key_cert_file: PathBuf,
     /// `DAPGW_DEFAULT_MODE` (default `psk-ecdhe`).
     pub default_mode: DefaultMode,
-    /// `DAPGW_LOCALIZE_TIMEOUT_MS` (default 10000): how long the UDC waits
+    /// `DAPGW_LOCALIZE_TIMEOUT_MS` (default 30000): how long the UDC waits
     /// for a gateway's individual tags of a failed chunk.
     pub localize_timeout_ms: u64,
     /// `DAPGW_READINGS_RETENTION_DAYS` (default 400; 0 keeps forever):
@@ -619,7 +619,7 @@ impl Default for UdcConfig {
             signing_key_file: PathBuf::new(),
             key_cert_file: PathBuf::new(),
             default_mode: DefaultMode::PskEcdhe,
-            localize_timeout_ms: 10_000,
+            localize_timeout_ms: 30_000,
             readings_retention_days: 400,
             verdicts_retention_days: 30,
             log: "info".into(),

@@ -73,6 +73,21 @@ const MAX_UPSTREAM_BODY: usize = 32 << 20;
 /// its fixed fields.
 const MAX_DOWNLINK_MESSAGE: usize = MAX_GROUP_CIPHERTEXT + 1024;
 
+/// The slowest upstream link a batch's timeout allows for, in bytes per
+/// second (1 Mbit/s): a batch or tag reply gets `DAPGW_UPSTREAM_TIMEOUT_MS`
+/// plus the time its body takes at this rate. A sealed batch is re-sent
+/// with the same bytes, so a fixed timeout shorter than its upload would
+/// time it out on every attempt and hold every batch after it for good.
+const MIN_UPSTREAM_RATE: u64 = 125_000;
+
+/// The timeout of an exchange whose request body is `body_len` bytes.
+fn exchange_timeout(base: Duration, body_len: usize) -> Duration {
+    let bytes = u64::try_from(body_len).unwrap_or(u64::MAX);
+    base.saturating_add(Duration::from_millis(
+        bytes.saturating_mul(1000) / MIN_UPSTREAM_RATE,
+    ))
+}
+
 /// Tag requests answered for one batch before it is retried from scratch.
 const MAX_TAG_ROUNDS: usize = 4;
 
@@ -832,7 +847,7 @@ impl Upstream {
                     Method::POST,
                     path,
                     Some((WIRE_CONTENT_TYPE, body.clone())),
-                    self.request_timeout,
+                    exchange_timeout(self.request_timeout, body.len()),
                 )
                 .await?;
             match answer.status {
@@ -1120,6 +1135,24 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch's timeout grows with its body at 1 Mbit/s: a 16,384-entry
+    /// batch of psk-ecdhe entries with full payloads (about 18 MB) gets 30 s
+    /// plus 142 s, an empty body the configured timeout alone.
+    #[test]
+    fn an_exchange_timeout_allows_for_the_upload() {
+        let base = Duration::from_secs(30);
+        assert_eq!(exchange_timeout(base, 0), base);
+        assert_eq!(
+            exchange_timeout(base, 125_000),
+            base + Duration::from_secs(1)
+        );
+        assert_eq!(
+            exchange_timeout(base, 17_800_000),
+            base + Duration::from_millis(142_400)
+        );
+        assert_eq!(exchange_timeout(Duration::MAX, usize::MAX), Duration::MAX);
+    }
 
     #[test]
     fn target_parses_https_only() {
