@@ -1144,11 +1144,7 @@ impl Udc {
                     .map(|c| c.to_bytes())
                     .into_iter()
                     .chain(issued.updates.iter().map(|u| u.to_bytes()))
-                    .map(|message| DownlinkRecord {
-                        audience: Audience::Member(id),
-                        group,
-                        message: message.to_vec(),
-                    })
+                    .map(|message| DownlinkRecord::to_member(id, group, &message))
                     .collect(),
             });
             sent_in.push(group);
@@ -1247,18 +1243,10 @@ impl Udc {
                     .get(GroupId(group), k.id)
                     .and_then(SessionSlot::confirm_before_rekey)
                 {
-                    records.push(DownlinkRecord {
-                        audience: Audience::Member(k.id.0),
-                        group,
-                        message: c.to_bytes().to_vec(),
-                    });
+                    records.push(DownlinkRecord::to_member(k.id.0, group, &c.to_bytes()));
                 }
             }
-            records.push(DownlinkRecord {
-                audience: Audience::Member(k.id.0),
-                group,
-                message: k.to_bytes().to_vec(),
-            });
+            records.push(DownlinkRecord::to_member(k.id.0, group, &k.to_bytes()));
         }
         if !records.is_empty() {
             write.downlink.push(DownlinkPush {
@@ -2149,11 +2137,7 @@ impl Udc {
                 {
                     let records = confirms
                         .iter()
-                        .map(|c| DownlinkRecord {
-                            audience: Audience::Member(c.id.0),
-                            group,
-                            message: c.to_bytes().to_vec(),
-                        })
+                        .map(|c| DownlinkRecord::to_member(c.id.0, group, &c.to_bytes()))
                         .collect::<Vec<_>>();
                     if let (false, Some(gw)) = (records.is_empty(), &ctx.via) {
                         write.downlink.push(DownlinkPush {

@@ -583,14 +583,14 @@ impl SessionSlot {
         let current = (present & 1 != 0).then(|| r.session()).transpose()?;
         let pending = (present & 2 != 0).then(|| r.session()).transpose()?;
         let unconfirmed = (0..n).map(|_| r.session()).collect::<Result<_, _>>()?;
-        let pending_confirm = (present & 4 != 0)
-            .then(|| {
-                Ok::<_, DecodeError>(ConfirmSeal {
-                    epoch: r.u64("slot confirm epoch")?,
-                    w: r.array("slot confirm w")?,
-                })
+        let pending_confirm = if present & 4 != 0 {
+            Some(ConfirmSeal {
+                epoch: r.u64("slot confirm epoch")?,
+                w: r.array("slot confirm w")?,
             })
-            .transpose()?;
+        } else {
+            None
+        };
         if !r.0.is_empty() {
             return Err(DecodeError::Invalid("slot trailing bytes"));
         }

@@ -581,6 +581,17 @@ pub struct DownlinkRecord {
     pub message: Vec<u8>,
 }
 
+impl DownlinkRecord {
+    /// A record for member `member` alone (a confirm, rekey or key update).
+    pub fn to_member(member: u64, group: u32, message: &[u8]) -> Self {
+        Self {
+            audience: Audience::Member(member),
+            group,
+            message: message.to_vec(),
+        }
+    }
+}
+
 /// Which queues a [`DownlinkPush`] goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DownlinkTarget {
