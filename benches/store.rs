@@ -117,6 +117,7 @@ fn batch(round: u64) -> BatchWrite {
                     rounds: (1..round)
                         .fold(AcceptedRounds::default(), |w, r| w.with(r).unwrap_or(w)),
                     accepted_in: Some(round),
+                    use_read: None,
                 }
             })
             .collect(),

@@ -214,6 +214,7 @@ both!(
     group_optimistic_concurrency,
     batch_checks_group_epoch,
     session_slots_are_compare_and_set,
+    session_uses_are_compare_and_set,
     many_rows_in_one_write_stand_or_fall_together,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
@@ -459,7 +460,7 @@ async fn sqlite_v7_readings_move_to_arrival_order() {
     c.pragma_update(None, "user_version", 7).unwrap();
     drop(c);
     let s = f.open().await;
-    assert_eq!(f.schema_versions().await, vec![11]);
+    assert_eq!(f.schema_versions().await, vec![12]);
     let got: Vec<(u32, u64, u64, Vec<u8>)> = s
         .readings_after(1, 0, u64::MAX, None, 10)
         .await
@@ -532,6 +533,72 @@ async fn postgres_deadlock_is_a_conflict() {
     let got = write.await.unwrap();
     assert!(matches!(got, Err(StoreError::Conflict(_))), "{got:?}");
     other.await.unwrap().unwrap();
+}
+
+/// The compare-and-set between session uses and slot writes holds under
+/// PostgreSQL's READ COMMITTED with the other writer in flight: another
+/// transaction plays a second UDC process, its write begun and not yet
+/// committed, and the store's write waits for it, then loses (a conflict,
+/// nothing written). First a use written meanwhile against a slot write
+/// that folded none in (the slot write's check of the use runs after its
+/// update waited); then a first use written meanwhile against another
+/// first use of the same slot version.
+#[tokio::test]
+async fn postgres_a_use_in_flight_fails_the_other_write() {
+    let Some(f) = fixture(Kind::Postgres) else {
+        return;
+    };
+    let s = std::sync::Arc::new(f.open().await);
+    setup(&s, 1).await;
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(1, 1, 1, 0)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let use_write = |top: u64| BatchWrite {
+        slot_uses: vec![UseWrite {
+            member: 1,
+            group: G,
+            base: 1,
+            read: None,
+            new: SlotUse {
+                sid: sid(1, 1),
+                top,
+                seen: 1,
+            },
+        }],
+        ..BatchWrite::default()
+    };
+    let slot_write = BatchWrite {
+        sessions: vec![session(1, 2, 2, 1)],
+        ..BatchWrite::default()
+    };
+    for (ours, theirs) in [(slot_write, 5), (use_write(6), 7)] {
+        let other = f.pg_client().await;
+        other
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM sessions WHERE member = 1 AND grp = {G} FOR SHARE; \
+                 INSERT INTO session_uses (member, grp, base, sid, top, seen) \
+                 VALUES (1, {G}, 1, '\\x{}'::bytea, {theirs}, 1)",
+                hex::encode(sid(1, 1))
+            ))
+            .await
+            .unwrap();
+        let store = std::sync::Arc::clone(&s);
+        let write = tokio::spawn(async move { store.apply_batch(ours).await });
+        lock_waiters(&f, 1, "the write").await;
+        other.batch_execute("COMMIT").await.unwrap();
+        let got = write.await.unwrap();
+        assert!(matches!(got, Err(StoreError::Conflict(_))), "{got:?}");
+        let p = slot1(&s).await.unwrap();
+        assert_eq!(p.version, 1, "nothing of the losing write");
+        assert_eq!(p.used.map(|u| u.top), Some(theirs));
+        other
+            .batch_execute("DELETE FROM session_uses")
+            .await
+            .unwrap();
+    }
 }
 
 /// Waits until `n` backends of the test database wait for a lock.
@@ -826,6 +893,7 @@ fn session(member: u64, n: u8, round: u64, version: u64) -> SessionRow {
         version,
         rounds: AcceptedRounds::default(),
         accepted_in: None,
+        use_read: None,
     }
 }
 
@@ -934,8 +1002,8 @@ async fn migrations_idempotent_on_reopen(f: Fixture) {
     drop((a, b));
     let s = f.open().await;
     let expected = match f.kind {
-        Kind::Sqlite => vec![11],
-        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        Kind::Sqlite => vec![12],
+        Kind::Postgres => vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
     };
     assert_eq!(f.schema_versions().await, expected);
     let got = s.members(vec![42]).await.unwrap();
@@ -1344,6 +1412,109 @@ async fn session_slots_are_compare_and_set(f: Fixture) {
     let s = f.open().await;
     let p = slot1(&s).await.unwrap();
     assert_eq!(p.version, 3);
+}
+
+/// Session uses (schema version 12): a use applies to the slot version it
+/// was written against and is compare-and-set on the use read; a slot
+/// write must have folded in the use stored for the version it read; once
+/// the version moves the use is stale (read as none, replaced by the next
+/// first use); a use against a version that moved fails with the rest of
+/// its write; dropping all sessions drops the uses.
+async fn session_uses_are_compare_and_set(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    s.apply_batch(BatchWrite {
+        sessions: vec![session(1, 1, 1, 0), session(2, 1, 1, 0)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let used = |n: u8, top: u64| SlotUse {
+        sid: sid(1, n),
+        top,
+        seen: 1,
+    };
+    let put = |base: u64, read: Option<SlotUse>, new: SlotUse| BatchWrite {
+        slot_uses: vec![UseWrite {
+            member: 1,
+            group: G,
+            base,
+            read,
+            new,
+        }],
+        readings: vec![reading(1, new.top, new.top)],
+        ..BatchWrite::default()
+    };
+    let conflict = |r: Result<Applied, StoreError>| {
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    };
+    assert_eq!(slot1(&s).await.unwrap().used, None);
+    // The first use of version 1; the slot itself does not change.
+    s.apply_batch(put(1, None, used(1, 5))).await.unwrap();
+    let p = slot1(&s).await.unwrap();
+    assert_eq!((p.version, p.used), (1, Some(used(1, 5))));
+    assert_eq!(p.state, Some(Sealed::new(vec![1; 60])));
+    // Read by every slot read, listings included; not by another member's.
+    let listed = s.member_sessions(1, 2).await.unwrap();
+    assert_eq!(listed[0].used, Some(used(1, 5)));
+    assert_eq!(listed[1].used, None);
+    let reads = s.batch_reads(G, vec![1, 2], None, None).await.unwrap();
+    assert_eq!(reads.sessions[0].as_ref().unwrap().used, Some(used(1, 5)));
+    assert_eq!(reads.sessions[1].as_ref().unwrap().used, None);
+    // Judged on no use (another process stored one since), or on an older
+    // one, or against a version that is not the slot's: nothing written.
+    conflict(s.apply_batch(put(1, None, used(1, 6))).await);
+    conflict(s.apply_batch(put(1, Some(used(1, 4)), used(1, 6))).await);
+    conflict(s.apply_batch(put(2, None, used(1, 6))).await);
+    conflict(s.apply_batch(put(0, None, used(1, 6))).await);
+    assert_eq!(count_readings(&s, 1).await, 1);
+    // Judged on the stored one: replaced.
+    s.apply_batch(put(1, Some(used(1, 5)), used(1, 6)))
+        .await
+        .unwrap();
+    assert_eq!(slot1(&s).await.unwrap().used, Some(used(1, 6)));
+    // A slot write that did not fold the stored use in (read before it was
+    // stored, or read with an older one) loses, with the rest of its write.
+    for stale in [None, Some(used(1, 5))] {
+        let r = s
+            .apply_batch(BatchWrite {
+                sessions: vec![SessionRow {
+                    use_read: stale,
+                    ..session(1, 2, 2, 1)
+                }],
+                readings: vec![reading(1, 9, 9)],
+                ..BatchWrite::default()
+            })
+            .await;
+        conflict(r);
+    }
+    assert_eq!(count_readings(&s, 1).await, 2);
+    assert_eq!(slot1(&s).await.unwrap().version, 1);
+    // One that folded it in stands; the use is then stale (version 1 is
+    // gone), read as none, and the next first use replaces it.
+    s.apply_batch(BatchWrite {
+        sessions: vec![SessionRow {
+            use_read: Some(used(1, 6)),
+            ..session(1, 2, 2, 1)
+        }],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let p = slot1(&s).await.unwrap();
+    assert_eq!((p.version, p.used), (2, None));
+    conflict(s.apply_batch(put(1, Some(used(1, 6)), used(1, 7))).await);
+    s.apply_batch(put(2, None, used(2, 1))).await.unwrap();
+    assert_eq!(slot1(&s).await.unwrap().used, Some(used(2, 1)));
+    // Persisted across a reopen; dropped with every session.
+    drop(s);
+    let s = f.open().await;
+    assert_eq!(slot1(&s).await.unwrap().used, Some(used(2, 1)));
+    s.drop_all_sessions().await.unwrap();
+    let p = slot1(&s).await.unwrap();
+    assert_eq!((p.version, p.used), (3, None));
+    s.apply_batch(put(3, None, used(2, 2))).await.unwrap();
+    assert_eq!(slot1(&s).await.unwrap().used, Some(used(2, 2)));
 }
 
 /// A write of more slots and readings than one statement carries (the

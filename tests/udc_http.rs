@@ -3164,6 +3164,141 @@ async fn admin_query_strings_are_percent_decoded() {
     h.stop().await;
 }
 
+/// The (hits, misses) of `cache` in `/metrics` text.
+fn cache_lookups(text: &str, cache: &str) -> (f64, f64) {
+    let of = |outcome| {
+        metric(
+            text,
+            "dapgw_udc_cache_lookups_total",
+            &[("cache", cache), ("outcome", outcome)],
+        )
+    };
+    (of("hit"), of("miss"))
+}
+
+/// Readings stored as session uses (docs/udc.md, "Session uses"): the
+/// sealed slot stays as the round wrote it and the use beside it carries
+/// the window, yet every replay is refused: from the same process (its
+/// slot cache), after a restart (the use read from the store), through a
+/// second process and back (a cached slot whose use moved elsewhere is
+/// read again), and after the next round rewrote the slot (the use folded
+/// into the sealing). A member whose batch holds two sessions is resealed
+/// whole.
+async fn readings_kept_as_uses_survive_restarts_and_rounds(store_url: Option<String>) {
+    fn seal(m: &mut Member, what: &[u8]) -> Bytes {
+        m.seal_uplink(GroupId(G), UplinkKind::Reading, what)
+            .unwrap()
+            .persisted()
+    }
+    let mut a = Harness::start(store_url).await;
+    let (mut members, cursor) = a.authenticated(2).await;
+    // Opened once the UDC has created (and migrated) the store.
+    use dapgw::udc::store::Store;
+    let store = dapgw::udc::store::open(a.config.store_url.expose())
+        .await
+        .unwrap();
+    let slot = async |member: u64| {
+        store
+            .sessions(vec![(member, G)])
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap()
+    };
+    let before = slot(1).await;
+    assert_eq!((before.version, before.used), (1, None));
+    let r = [
+        seal(&mut members[0], b"r1"),
+        seal(&mut members[0], b"r2"),
+        seal(&mut members[1], b"s1"),
+    ];
+    let v = a.post_batch(&uplink_batch(2, &r)).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 3]);
+    // The readings left the sealed slot and its version as they were.
+    let after = slot(1).await;
+    assert_eq!((after.version, &after.state), (1, &before.state));
+    let used = after.used.expect("a use beside the slot");
+    assert_eq!((used.top, used.seen), (2, 0b11));
+
+    // Same process (cache hit), then after a restart (from the store).
+    let v = a.post_batch(&uplink_batch(3, &r[..1])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::ReplayedCounter]);
+    a.restart().await;
+    let r3 = seal(&mut members[0], b"r3");
+    let v = a
+        .post_batch(&uplink_batch(4, &[r[1].clone(), r3.clone()]))
+        .await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+
+    // Another process takes the next reading; this one, holding the slot
+    // in its cache with the older use, must read it again.
+    let b = a.second().await;
+    let r4 = seal(&mut members[0], b"r4");
+    let v = b.post_batch(&uplink_batch(5, &[r3, r4.clone()])).await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+    let v = a
+        .post_batch(&uplink_batch(6, std::slice::from_ref(&r4)))
+        .await;
+    assert_eq!(outcomes(&v), vec![Outcome::ReplayedCounter]);
+    assert_eq!(slot(1).await.version, 1, "still uses only");
+
+    // The next round rewrites the slot with the use folded in: the use is
+    // stale, and the window it carried still refuses r4 (the member is
+    // still in the old session: it has not opened the new confirm).
+    let round = a.open_auth_round().await;
+    let challenge = last_group_record(&a.downlink(cursor).await);
+    let round2 = a
+        .post_batch(&batch(
+            "gw-1",
+            7,
+            round,
+            answer(&mut members, &challenge, b""),
+        ))
+        .await;
+    assert_eq!(outcomes(&round2), vec![Outcome::Accepted; 2]);
+    // Since the restart the uplink batches looked no member up, but the
+    // first read its member (1) into the empty registry copy: member 1
+    // hits it, member 2 (no uplink since) misses.
+    let text = a.metrics().await;
+    assert_eq!(cache_lookups(&text, "registry"), (1.0, 1.0), "{text}");
+    let folded = slot(1).await;
+    assert_eq!((folded.version, folded.used), (2, None));
+    let r5 = seal(&mut members[0], b"r5");
+    let v = a
+        .post_batch(&uplink_batch(8, &[r4.clone(), r5.clone()]))
+        .await;
+    assert_eq!(
+        outcomes(&v),
+        vec![Outcome::ReplayedCounter, Outcome::Accepted]
+    );
+    assert_eq!(slot(1).await.version, 2);
+    a.restart().await;
+    let v = a.post_batch(&uplink_batch(9, &[r4, r5])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::ReplayedCounter; 2]);
+
+    // A batch with the member's readings under both sessions (the old one,
+    // then the new one once its confirm is open) is sealed whole.
+    let old = seal(&mut members[0], b"old");
+    open_confirms(&mut members, &round2);
+    let new = seal(&mut members[0], b"new");
+    let v = a.post_batch(&uplink_batch(10, &[old, new])).await;
+    assert_eq!(outcomes(&v), vec![Outcome::Accepted; 2]);
+    let whole = slot(1).await;
+    assert_eq!((whole.version, whole.used), (3, None));
+    assert_ne!(whole.state, folded.state);
+    b.stop().await;
+    a.stop().await;
+}
+
+on_both_stores!(readings_kept_as_uses_survive_restarts_and_rounds, "uses");
+
 /// The slot cache (docs/udc.md, "Slot cache"): a UDC process takes the
 /// session slots it wrote itself from memory, and reads from the store a
 /// slot another process rewrote since. Here process a accepts members 1
@@ -3201,14 +3336,9 @@ async fn slot_cache_serves_own_writes_only() {
         (3.0, 0.0),
         "{text}"
     );
-    assert!(
-        metric(
-            &text,
-            "dapgw_udc_cache_lookups_total",
-            &[("cache", "registry"), ("outcome", "hit")]
-        ) >= 1.0,
-        "{text}"
-    );
+    // The round's batch read both members (misses); the uplink batches
+    // looked no member up.
+    assert_eq!(cache_lookups(&text, "registry"), (0.0, 2.0), "{text}");
 
     // Another process accepts member 1's next reading: its slot changes
     // under a's copy.
@@ -3650,23 +3780,25 @@ async fn recovery_after_a_restore_refuses_replays_and_reaches_members() {
 }
 
 /// A refused uplink (here a forged one; anyone can post to `/v1/direct`)
-/// leaves its member's session slot as it was, version included: a rewrite
-/// on every refused entry let any client make honest batches that another
-/// UDC process was judging for that member conflict (503). An accepted
-/// uplink still moves the slot.
+/// leaves its member's session slot as it was, version and use included:
+/// a rewrite on every refused entry let any client make honest batches
+/// that another UDC process was judging for that member conflict (503).
+/// An accepted uplink moves the slot's use (its version stays: docs/udc.md,
+/// "Session uses").
 async fn a_refused_uplink_does_not_rewrite_the_members_slot(store_url: Option<String>) {
     use dapgw::udc::store::Store;
     let h = Harness::start(store_url).await;
     let mut member = member_in_session(&h).await;
     let u = udc::build(&h.config).await.unwrap();
     let store = u.store();
-    let version = || async {
-        store.sessions(vec![(1, G)]).await.unwrap()[0]
-            .as_ref()
-            .unwrap()
-            .version
+    let slot = || async {
+        let s = store.sessions(vec![(1, G)]).await.unwrap()[0]
+            .clone()
+            .unwrap();
+        (s.version, s.used)
     };
-    let before = version().await;
+    let before = slot().await;
+    assert_eq!(before.1, None);
     let honest = reading(&mut member, b"1 Wh");
     let (s, body) = h
         .call(
@@ -3677,14 +3809,17 @@ async fn a_refused_uplink_does_not_rewrite_the_members_slot(store_url: Option<St
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body:?}");
-    assert_eq!(version().await, before, "a refused uplink moved the slot");
+    assert_eq!(slot().await, before, "a refused uplink moved the slot");
     let (s, body) = h
         .call(None, Method::POST, "/v1/direct", direct_uplink(&honest))
         .await;
     assert_eq!(s, StatusCode::OK, "{body:?}");
-    assert!(
-        version().await > before,
-        "an accepted uplink moves the slot"
+    let after = slot().await;
+    assert_eq!(after.0, before.0, "a use, not a rewrite");
+    assert_eq!(
+        after.1.map(|u| (u.top, u.seen)),
+        Some((1, 1)),
+        "an accepted uplink moves the slot's use"
     );
     drop(u);
     h.stop().await;
@@ -3810,11 +3945,17 @@ on_both_stores!(
 );
 
 /// A refused uplink's judgement rests on the member's slot as read: if
-/// another process changes that slot before the write (here it accepts
-/// the member's next reading), the write fails (busy, retried) rather than
-/// file a refusal judged on a stale slot; the retry is judged afresh.
+/// another process rewrites that slot before the write (here the store is
+/// given its sealed state back, which moves its version as any rewrite
+/// does), the write fails (busy, retried) rather
+/// than file a refusal judged on a stale slot; the retry is judged afresh.
+/// A use stored meanwhile (another process accepted the member's next
+/// reading) fails nothing: it only marks a session used and moves its
+/// window forward, so no entry refused on the slot as read would be
+/// accepted on the slot as it is now.
 async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::{BatchWrite, SessionRow, Store};
     let h = Harness::start(store_url).await;
     let mut member = member_in_session(&h).await;
     let a = udc::build(&h.config).await.unwrap();
@@ -3823,6 +3964,36 @@ async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Opti
     let honest = direct_uplink(&reading(&mut member, b"2 Wh"));
     a.before_next_batch_write(async move {
         b.handle_direct(honest).await.unwrap();
+    });
+    assert!(matches!(
+        a.handle_direct(forged.clone()).await,
+        Err(ServiceError::BadRequest(_))
+    ));
+    // Now a rewrite of the slot between a's read and its write.
+    let url = h.config.store_url.expose().to_owned();
+    a.before_next_batch_write(async move {
+        let store = dapgw::udc::store::open(&url).await.unwrap();
+        let s = store.sessions(vec![(1, G)]).await.unwrap()[0]
+            .clone()
+            .unwrap();
+        store
+            .apply_batch(BatchWrite {
+                sessions: vec![SessionRow {
+                    member: 1,
+                    group: G,
+                    sid: s.sid,
+                    state: s.state.clone().unwrap(),
+                    round: s.round,
+                    authenticated_at_ms: None,
+                    version: s.version,
+                    rounds: s.rounds,
+                    accepted_in: None,
+                    use_read: s.used,
+                }],
+                ..BatchWrite::default()
+            })
+            .await
+            .unwrap();
     });
     let err = a.handle_direct(forged.clone()).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");

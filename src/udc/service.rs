@@ -28,18 +28,18 @@ use tokio::sync::{Mutex, Notify};
 use crate::protocol::keys::{STORAGE_OVERHEAD, StorageKey};
 use crate::protocol::verifier::{
     BatchEvent, BatchState, GroupState, LogKey, LoggedVerdict, MemberRecord, PendingAssessment,
-    ReceivedBatch, Registry, RoundState, SessionSlot, SessionTable, VerdictLog, Verifier,
-    VerifierError,
+    ReceivedBatch, Registry, ReplayWindow, RoundState, SessionSlot, SessionTable, VerdictLog,
+    Verifier, VerifierError,
 };
 use crate::protocol::wire::{
-    BatchBody, Confirm, Direct, DirectInner, GroupId, MemberId, Mode, Outcome, Purpose, TagReply,
-    Verdict, VerdictBody,
+    BatchBody, Confirm, Direct, DirectInner, GroupId, MemberId, Mode, Outcome, Purpose, SessionId,
+    TagReply, Verdict, VerdictBody,
 };
 use crate::telemetry::{EntryKind, ModeLabel, StoreOp, UdcBatchOutcome, UdcCache, UdcMetrics};
 use crate::udc::store::{
     self, AnyStore, Audience, BatchSlot, BatchWrite, DownlinkPush, DownlinkRecord, DownlinkTarget,
     GroupRow, OutcomeKind, OutcomeRow, PendingWrite, ReadingRow, RoundRow, RoundStatus, Sealed,
-    SessionRow, Store, StoreError, VerdictWrite, Via,
+    SessionRow, SlotUse, Store, StoreError, UseWrite, VerdictWrite, Via,
 };
 
 mod recovery;
@@ -212,6 +212,11 @@ struct SlotRead {
     version: u64,
     rounds: store::AcceptedRounds,
     active: bool,
+    /// The use applied on top of the sealed state ([`SlotUse`]).
+    used: Option<SlotUse>,
+    /// The mark of the sealed state read, to cache the slot under when the
+    /// write stores only a use (the sealed state stays as read).
+    mark: Option<SealMark>,
 }
 
 /// Most slots [`SlotCache`] holds (about half a kilobyte each); past it,
@@ -226,9 +231,15 @@ const SLOT_CACHE_MAX: usize = 1 << 17;
 /// here instead of opening it: the stored row is then this process's own
 /// last write (any other write, by any process, seals with a fresh random
 /// nonce). A lookup removes the entry, hit or miss, and only a committed
-/// write puts slots back, so a batch that fails leaves nothing stale.
+/// write puts slots back, so a batch that fails leaves nothing stale. A slot
+/// whose write stored only a use ([`SlotUse`]) is kept under the mark of
+/// its unchanged sealed state and that use, with the use applied: a hit
+/// needs both to match what the store holds.
 #[derive(Default)]
-struct SlotCache(FastMap<(u64, u32), (SealMark, Box<SessionSlot>)>);
+struct SlotCache(FastMap<(u64, u32), CachedSlot>);
+
+/// One [`SlotCache`] entry: the sealing, the use applied over it, the slot.
+type CachedSlot = (SealMark, Option<SlotUse>, Box<SessionSlot>);
 
 /// What identifies one sealing of a slot: its length, its nonce and its
 /// tag.
@@ -260,8 +271,11 @@ struct SlotWrites<'a> {
     versions: &'a SlotVersions,
     rng: BufferedRng,
     rows: Vec<SessionRow>,
-    /// The mark of each slot sealed into `rows`, for [`SlotCache`].
-    marks: Vec<(MemberId, SealMark)>,
+    /// Uses to store for slots not rewritten.
+    uses: Vec<UseWrite>,
+    /// What each slot written (sealed into `rows`, or its use into `uses`)
+    /// is cached under, for [`SlotCache`].
+    marks: Vec<(MemberId, SealMark, Option<SlotUse>)>,
     active_delta: i64,
 }
 
@@ -273,6 +287,7 @@ impl<'a> SlotWrites<'a> {
             rng: BufferedRng::new(),
             // At most one row per slot read (a batch's members).
             rows: Vec::with_capacity(versions.0.len()),
+            uses: Vec::new(),
             marks: Vec::with_capacity(versions.0.len()),
             active_delta: 0,
         }
@@ -1607,17 +1622,35 @@ impl Udc {
         for (id, row) in ids.iter().zip(stored) {
             let cached = cache.0.remove(&(id.0, group));
             let Some(row) = row else { continue };
+            let mark = row.state.as_ref().and_then(|s| SealMark::of(s.as_bytes()));
             let slot = match &row.state {
                 Some(sealed) => match cached {
-                    Some((mark, slot)) if SealMark::of(sealed.as_bytes()) == Some(mark) => {
+                    Some((m, used, slot)) if Some(m) == mark && used == row.used => {
                         hits += 1;
                         Some(slot)
                     }
                     _ => {
                         misses += 1;
-                        Some(Box::new(
-                            self.open_slot(&aad::session(id.0, group), sealed)?,
-                        ))
+                        let mut slot = self.open_slot(&aad::session(id.0, group), sealed)?;
+                        if let Some(u) = &row.used
+                            && !slot.apply_use(
+                                SessionId(u.sid),
+                                ReplayWindow {
+                                    top: u.top,
+                                    seen: u.seen,
+                                },
+                            )
+                        {
+                            // Written only against this sealing: a use
+                            // that does not fit it is damage, and judging
+                            // without it would reopen its window.
+                            return Err(ServiceError::Internal(format!(
+                                "the stored session use of member {} in group {group} names a \
+                                 session its slot does not hold",
+                                id.0
+                            )));
+                        }
+                        Some(Box::new(slot))
                     }
                 },
                 None => None,
@@ -1629,6 +1662,8 @@ impl Udc {
                     version: row.version,
                     rounds: row.rounds,
                     active,
+                    used: row.used,
+                    mark,
                 },
             );
             if let Some(slot) = slot {
@@ -1645,16 +1680,16 @@ impl Udc {
     fn keep_slots(
         &self,
         group: u32,
-        marks: Vec<(MemberId, SealMark)>,
+        marks: Vec<(MemberId, SealMark, Option<SlotUse>)>,
         sessions: &mut SessionTable,
     ) {
         let mut cache = self.slot_cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.0.len() + marks.len() > SLOT_CACHE_MAX {
             cache.0.clear();
         }
-        for (id, mark) in marks {
+        for (id, mark, used) in marks {
             if let Some(slot) = sessions.remove_boxed(GroupId(group), id) {
-                cache.0.insert((id.0, group), (mark, slot));
+                cache.0.insert((id.0, group), (mark, used, slot));
             }
         }
     }
@@ -1932,11 +1967,25 @@ impl Udc {
             )));
         }
         let t_read = Instant::now();
-        let fetch = self
-            .registry_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .fetch(&ids);
+        // Uplinks are judged on the session slots alone (the verifier looks
+        // no member up for them): with a current copy of the registry the
+        // read fetches no member, and the batch gets none. A stale copy is
+        // read again whole, as for any batch.
+        let uplinks = ctx.round.is_none();
+        let fetch = {
+            let cache = self
+                .registry_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if uplinks {
+                cache.version.map(|version| store::MemberFetch {
+                    version,
+                    missing: Vec::new(),
+                })
+            } else {
+                cache.fetch(&ids)
+            }
+        };
         let read = self
             .store
             .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round, fetch)
@@ -1951,8 +2000,9 @@ impl Udc {
             // First use: created.
             None => self.load_group(group).await?,
         };
+        let asked: &[MemberId] = if uplinks { &[] } else { &ids };
         let registry =
-            self.registry_for(&ids, read.registry_version, read.members_of, read.members)?;
+            self.registry_for(asked, read.registry_version, read.members_of, read.members)?;
         let (mut sessions, versions) = self.sessions_from(group, &ids, read.sessions)?;
         let mut round = match ctx.round {
             Some(r) => self.round_from(group, r, read.round).await?,
@@ -2179,14 +2229,20 @@ impl Udc {
                     });
                 }
                 counts.acks += v.acks.len() as u64;
-                // Slots whose window moved are written back; the others
-                // named (every entry of theirs refused) are only checked:
-                // rewritten, their versions would move for an entry anyone
-                // can send, and honest batches judged elsewhere meanwhile
-                // would conflict.
-                for id in &v.touched {
+                // Slots whose window moved are written back: as a use
+                // beside the sealed slot when every accepted entry of the
+                // member came under one session (the usual case: a batch
+                // holds one or two readings per member), else resealed
+                // whole. The others named (every entry of theirs refused)
+                // are only checked: rewritten, their versions would move
+                // for an entry anyone can send, and honest batches judged
+                // elsewhere meanwhile would conflict.
+                for (id, sid) in v.touched.iter().zip(&v.sole_sid) {
                     if let Some(slot) = sessions.get(GroupId(group), *id) {
-                        self.push_slot(&mut slots, *id, slot, None);
+                        match sid {
+                            Some(sid) => self.push_use(&mut slots, *id, slot, *sid),
+                            None => self.push_slot(&mut slots, *id, slot, None),
+                        }
                     }
                 }
                 // In id order, as the batch's entries (a structural rule).
@@ -2228,6 +2284,7 @@ impl Udc {
         }
         write.via = ctx.via.is_some().then_some(via);
         write.sessions = std::mem::take(&mut slots.rows);
+        write.slot_uses = std::mem::take(&mut slots.uses);
         self.pre_write.run().await;
         if let Some(stored) = self.apply_verdict(write, &gateway, &ctx).await? {
             // Another process judged this batch first: its answer stands,
@@ -2313,7 +2370,7 @@ impl Udc {
             None => Sealed::default(),
         };
         if let Some(mark) = SealMark::of(state.as_bytes()) {
-            w.marks.push((id, mark));
+            w.marks.push((id, mark, None));
         }
         w.active_delta += i64::from(newest.is_some()) - i64::from(read.active);
         w.rows.push(SessionRow {
@@ -2326,6 +2383,34 @@ impl Udc {
             version: read.version,
             rounds: read.rounds,
             accepted_in: accepted.map(|a| a.1),
+            use_read: read.used,
+        });
+    }
+
+    /// Records what accepted uplinks all under `sid` changed in member
+    /// `id`'s stored slot as a use ([`SlotUse`]) in `w`, leaving the sealed
+    /// state as read; or, when that cannot stand for the change (no stored
+    /// slot, or `sid` not in it), seals the whole slot with
+    /// [`Self::push_slot`].
+    fn push_use(&self, w: &mut SlotWrites<'_>, id: MemberId, slot: &SessionSlot, sid: SessionId) {
+        let read = w.versions.0.get(&id).copied().unwrap_or_default();
+        let (Some(mark), Some(session)) =
+            (read.mark.filter(|_| read.version > 0), slot.by_sid(sid))
+        else {
+            return self.push_slot(w, id, slot, None);
+        };
+        let new = SlotUse {
+            sid: sid.0,
+            top: session.window.top,
+            seen: session.window.seen,
+        };
+        w.marks.push((id, mark, Some(new)));
+        w.uses.push(UseWrite {
+            member: id.0,
+            group: w.group,
+            base: read.version,
+            read: read.used,
+            new,
         });
     }
 

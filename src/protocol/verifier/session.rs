@@ -74,6 +74,14 @@ pub struct UplinkVerdict {
     /// Members whose session slot changed (window advanced, pending session
     /// promoted): write these slots back.
     pub touched: Vec<MemberId>,
+    /// For each member of `touched`, in the same order: the one session its
+    /// accepted entries came under, or `None` when they came under more
+    /// than one. With one session the slot's change is exactly
+    /// [`SessionSlot::apply_use`] of that session and its new window, which
+    /// a store may keep apart from the sealed slot.
+    ///
+    /// [`SessionSlot::apply_use`]: super::state::SessionSlot::apply_use
+    pub sole_sid: Vec<Option<SessionId>>,
     /// Counts for metrics.
     pub counters: VerdictCounters,
 }
@@ -205,12 +213,18 @@ pub(crate) fn finalize(
     // Promote after the whole batch, so entries under the old session that
     // sort after the new one still find it.
     let mut touched: Vec<MemberId> = Vec::with_capacity(used.len());
+    let mut sole_sid: Vec<Option<SessionId>> = Vec::with_capacity(used.len());
     for (id, sid) in used {
         if let Some(slot) = sessions.get_mut(group.group, id) {
             slot.mark_used(sid);
         }
         if touched.last() != Some(&id) {
             touched.push(id);
+            sole_sid.push(Some(sid));
+        } else if let Some(last) = sole_sid.last_mut()
+            && *last != Some(sid)
+        {
+            *last = None;
         }
     }
     let counters = count(&outcomes, judgement.localized);
@@ -227,6 +241,7 @@ pub(crate) fn finalize(
         messages,
         acks,
         touched,
+        sole_sid,
         counters,
     }
 }

@@ -450,6 +450,29 @@ impl SessionSlot {
         }
     }
 
+    /// Applies a session use kept apart from the sealed slot: what
+    /// accepted uplinks all under `sid` changed, namely [`Self::mark_used`]
+    /// of `sid` and its replay window moved to `window`. Returns `false`,
+    /// changing nothing, if the slot holds no session `sid`.
+    ///
+    /// For a slot `s` and a session `sid` it holds, uplinks under `sid`
+    /// alone leave `s` as `s.apply_use(sid, w)` does, `w` the window they
+    /// left; and after `s.apply_use(a, wa)`, uplinks under `b` alone leave
+    /// the slot as `s.apply_use(b, wb)` does (for `b == a` trivially;
+    /// otherwise `b` is newer than `a`, and marking it used drops `a` and
+    /// everything `a`'s mark dropped). So one use per slot records any
+    /// number of such batches.
+    pub fn apply_use(&mut self, sid: SessionId, window: ReplayWindow) -> bool {
+        if self.by_sid(sid).is_none() {
+            return false;
+        }
+        self.mark_used(sid);
+        if let Some(s) = self.by_sid_mut(sid) {
+            s.window = window;
+        }
+        true
+    }
+
     /// Every session kept, current first.
     pub fn sessions_mut(&mut self) -> impl Iterator<Item = &mut SessionState> {
         self.current
@@ -955,21 +978,27 @@ mod tests {
         assert!(!w.is_fresh(u64::MAX));
     }
 
-    #[test]
-    fn slot_promotes_pending_on_first_use() {
+    /// Session `sid` of member 2 in group 1, created by round `sid`, with
+    /// fresh keys and an empty window.
+    fn session_of(sid: u8, mode: Mode) -> SessionState {
         let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-        let mut mk = |sid: u8| SessionState {
+        SessionState {
             group: GroupId(1),
             id: MemberId(2),
             sid: SessionId([sid; 8]),
             round: u64::from(sid),
-            mode: Mode::Psk,
+            mode,
             k_up: Key16::random(&mut rng),
             iv_up: Iv12::random(&mut rng),
             k_down: Key16::random(&mut rng),
             window: ReplayWindow::default(),
             down_ctr: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn slot_promotes_pending_on_first_use() {
+        let mk = |sid: u8| session_of(sid, Mode::Psk);
         let mut slot = SessionSlot::default();
         slot.install(mk(1), None);
         slot.mark_used(SessionId([1; 8]));
@@ -994,25 +1023,82 @@ mod tests {
         assert!(slot.pending.is_none());
     }
 
+    /// A use kept beside the sealed slot stands for what uplinks under one
+    /// session change (the session marked used, its window moved), also
+    /// after an earlier use: for every pair of sessions of a slot holding
+    /// all four kinds (current, pending with its confirm, two unconfirmed),
+    /// applying the use of the second to the sealed slot gives byte for
+    /// byte what uplinks under the first, then under the second, give.
+    #[test]
+    fn a_use_stands_for_uplinks_under_one_session() {
+        let mk = |sid: u8| session_of(sid, Mode::PskEcdhe);
+        let seal = ConfirmSeal {
+            epoch: 9,
+            w: [9; 32],
+        };
+        let mut sealed = SessionSlot::default();
+        sealed.install(mk(1), None);
+        sealed.mark_used(SessionId([1; 8]));
+        sealed
+            .by_sid_mut(SessionId([1; 8]))
+            .unwrap()
+            .window
+            .accept(5);
+        for n in 2..=4 {
+            sealed.install(mk(n), Some(seal));
+        }
+        assert_eq!(sealed.unconfirmed.len(), 2);
+        // What the verifier does with accepted uplinks under `sid`.
+        let uplinks = |slot: &SessionSlot, sid: u8, ctrs: &[u64]| {
+            let mut out = slot.clone();
+            let s = out.by_sid_mut(SessionId([sid; 8]))?;
+            for c in ctrs {
+                s.window.accept(*c);
+            }
+            out.mark_used(SessionId([sid; 8]));
+            Some(out)
+        };
+        let window = |slot: &SessionSlot, sid: u8| slot.by_sid(SessionId([sid; 8])).unwrap().window;
+        let used = |slot: &SessionSlot, sid: u8| {
+            let mut out = sealed.clone();
+            assert!(out.apply_use(SessionId([sid; 8]), window(slot, sid)));
+            out
+        };
+        let mut pairs = 0;
+        for a in 1..=4u8 {
+            let after_a = uplinks(&sealed, a, &[7, 6]).unwrap();
+            assert_eq!(*used(&after_a, a).encode(), *after_a.encode(), "use of {a}");
+            for b in 1..=4u8 {
+                // Sessions older than `a` are gone once `a` is used.
+                let Some(after_b) = uplinks(&after_a, b, &[8, 70]) else {
+                    assert!(b < a, "{a} then {b}");
+                    continue;
+                };
+                pairs += 1;
+                assert_eq!(
+                    *used(&after_b, b).encode(),
+                    *after_b.encode(),
+                    "use of {a}, then uplinks under {b}"
+                );
+            }
+        }
+        assert_eq!(
+            pairs, 10,
+            "1 then any, 2 then 2 to 4, 3 then 3 or 4, 4 then 4"
+        );
+        // A use naming a session the slot does not hold changes nothing.
+        let mut other = sealed.clone();
+        assert!(!other.apply_use(SessionId([5; 8]), ReplayWindow { top: 1, seen: 1 }));
+        assert_eq!(*other.encode(), *sealed.encode());
+    }
+
     /// The confirm that goes again ahead of a rekey or key update: the
     /// pending session's, for a rekey whenever one is kept, for a key
     /// update while the pending session is psk-ecdhe; never once the
     /// pending session is in use.
     #[test]
     fn slot_names_the_confirm_to_resend_before_a_rekey() {
-        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-        let mut mk = |sid: u8, mode: Mode| SessionState {
-            group: GroupId(1),
-            id: MemberId(2),
-            sid: SessionId([sid; 8]),
-            round: u64::from(sid),
-            mode,
-            k_up: Key16::random(&mut rng),
-            iv_up: Iv12::random(&mut rng),
-            k_down: Key16::random(&mut rng),
-            window: ReplayWindow::default(),
-            down_ctr: 0,
-        };
+        let mk = session_of;
         let seal = |n: u8| ConfirmSeal {
             epoch: u64::from(n),
             w: [n; 32],
@@ -1056,19 +1142,7 @@ mod tests {
 
     #[test]
     fn slot_keeps_a_bounded_number_of_unused_sessions() {
-        let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-        let mut mk = |sid: u8| SessionState {
-            group: GroupId(1),
-            id: MemberId(2),
-            sid: SessionId([sid; 8]),
-            round: u64::from(sid),
-            mode: Mode::Psk,
-            k_up: Key16::random(&mut rng),
-            iv_up: Iv12::random(&mut rng),
-            k_down: Key16::random(&mut rng),
-            window: ReplayWindow::default(),
-            down_ctr: 0,
-        };
+        let mk = |sid: u8| session_of(sid, Mode::Psk);
         let mut slot = SessionSlot::default();
         for sid in 1..=5 {
             slot.install(mk(sid), None);

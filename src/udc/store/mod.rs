@@ -324,6 +324,47 @@ pub struct SessionRow {
     /// compare-and-set this is what makes a member accepted once per
     /// round, also across UDC processes sharing a store.
     pub accepted_in: Option<u64>,
+    /// The slot's [`SlotUse`] as read ([`StoredSlot::used`]), folded into
+    /// `state`: the stored use of the version read must still be this one
+    /// (`None`: none), or the whole write fails with
+    /// [`StoreError::Conflict`]`("session slot")`. The write moves the
+    /// version, which leaves the stored use behind (stale).
+    pub use_read: Option<SlotUse>,
+}
+
+/// What uplinks changed in a session slot since it was sealed, kept in a
+/// narrow row of its own (table `session_uses`, schema version 12) so that
+/// an accepted uplink does not reseal and rewrite the whole slot: the
+/// session `sid` was seen in use (the slot's `mark_used`), and its replay
+/// window is now `top` / `seen`.
+///
+/// A use applies to one version of its slot (`base`): a write of the slot
+/// folds the use into the sealed state and moves the version, after which
+/// the stored use is stale and ignored. Not secret: session ids travel in
+/// the clear, and a window says only which counters were accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotUse {
+    /// The session seen in use.
+    pub sid: [u8; 8],
+    /// Its replay window's highest accepted counter.
+    pub top: u64,
+    /// Its replay window's bitmap (bit `i`: counter `top - i` accepted).
+    pub seen: u64,
+}
+
+/// A [`SlotUse`] to store: see [`BatchWrite::slot_uses`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UseWrite {
+    /// The member.
+    pub member: u64,
+    /// The group.
+    pub group: u32,
+    /// The slot version the use applies to: the version read (at least 1).
+    pub base: u64,
+    /// The use read with that version (`None`: none applied).
+    pub read: Option<SlotUse>,
+    /// The use to store in its place.
+    pub new: SlotUse,
 }
 
 /// The rounds of one group in which a member was accepted, stored on its
@@ -413,6 +454,8 @@ pub struct BatchSlot {
     pub version: u64,
     /// The rounds of the group in which the member was accepted.
     pub rounds: AcceptedRounds,
+    /// The use that applies to this version of the slot, if any.
+    pub used: Option<SlotUse>,
 }
 
 impl From<StoredSlot> for BatchSlot {
@@ -421,6 +464,7 @@ impl From<StoredSlot> for BatchSlot {
             state: s.state,
             version: s.version,
             rounds: s.rounds,
+            used: s.used,
         }
     }
 }
@@ -454,6 +498,9 @@ pub struct StoredSlot {
     /// The rounds of the group in which the member was accepted (kept by
     /// [`Store::drop_all_sessions`] and by empty slots).
     pub rounds: AcceptedRounds,
+    /// The [`SlotUse`] that applies to this version of the slot: the
+    /// sealed state is the truth only with it applied.
+    pub used: Option<SlotUse>,
 }
 
 /// One accepted uplink reading (or alarm), payload already decrypted.
@@ -836,8 +883,17 @@ pub struct BatchWrite {
     /// version read, or the write fails with [`StoreError::Conflict`]. On
     /// PostgreSQL the row stays share-locked until the commit. Unlike a
     /// rewrite, a check moves no version, so a refused entry cannot make
-    /// honest batches judged elsewhere conflict.
+    /// honest batches judged elsewhere conflict. The slot's [`SlotUse`] is
+    /// not checked: a use stored since the read only marks a session used
+    /// and moves its window forward, so nothing refused on the slot as read
+    /// would be accepted on the slot as it is.
     pub slot_checks: Vec<SlotCheck>,
+    /// Session uses to store, one per slot, for slots the write does not
+    /// rewrite (`sessions` holds none of them): each slot must still hold
+    /// the version `base` (checked like `slot_checks`, share-locked on
+    /// PostgreSQL) and its stored use must still be `read`, or the write
+    /// fails with [`StoreError::Conflict`]`("session slot")`.
+    pub slot_uses: Vec<UseWrite>,
     /// (group, members) that held no session when the write was judged (a
     /// rekey gave them none): checked after the group rows are written, and
     /// if any of them holds a session now the write fails with
@@ -1971,6 +2027,24 @@ fn opt_sid_col(v: Option<Vec<u8>>) -> Result<Option<[u8; 8]>, StoreError> {
     v.map(sid_col).transpose()
 }
 
+/// A slot's [`SlotUse`] from its three nullable columns (`sid`, `top`,
+/// `seen`; all null: none applies).
+fn slot_use_cols(
+    sid: Option<Vec<u8>>,
+    top: Option<i64>,
+    seen: Option<i64>,
+) -> Result<Option<SlotUse>, StoreError> {
+    match (sid, top, seen) {
+        (None, None, None) => Ok(None),
+        (Some(sid), Some(top), Some(seen)) => Ok(Some(SlotUse {
+            sid: sid_col(sid)?,
+            top: u(top),
+            seen: u(seen),
+        })),
+        _ => Err(StoreError::Corrupt("session use")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2060,6 +2134,7 @@ mod tests {
             version: 1,
             rounds: w,
             accepted_in: Some(7),
+            use_read: None,
         };
         assert!(matches!(
             AcceptedRounds::after_write(&row),

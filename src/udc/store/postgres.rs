@@ -79,6 +79,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         11,
         include_str!("../../../migrations/postgres/0011_session_slot_format_2.sql"),
     ),
+    (
+        12,
+        include_str!("../../../migrations/postgres/0012_session_uses.sql"),
+    ),
 ];
 
 /// Advisory lock key serializing migrations across processes ("dapgw").
@@ -216,9 +220,10 @@ const MEMBERS_SQL: &str = "SELECT m.id, m.kv, m.key_source, m.imported_key, m.st
 
 /// Session slots by (member, group) pairs (`UNNEST($1, $2)`).
 const SESSIONS_SQL: &str = "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, \
-     s.version, s.acc_top, s.acc_seen FROM sessions s \
+     s.version, s.acc_top, s.acc_seen, u.sid, u.top, u.seen FROM sessions s \
      JOIN (SELECT DISTINCT * FROM UNNEST($1::int8[], $2::int8[])) AS k(m, g) \
-     ON s.member = k.m AND s.grp = k.g";
+     ON s.member = k.m AND s.grp = k.g \
+     LEFT JOIN session_uses u ON u.member = s.member AND u.grp = s.grp AND u.base = s.version";
 
 /// One group's row.
 const GROUP_SQL: &str = "SELECT grp, epoch, next_round, seq, config_hash, state, version \
@@ -416,6 +421,7 @@ fn stored_slot(r: &Row) -> Result<StoredSlot, StoreError> {
             top: u(r.try_get(7)?),
             seen: u(r.try_get(8)?),
         },
+        used: slot_use_cols(r.try_get(9)?, r.try_get(10)?, r.try_get(11)?)?,
     })
 }
 
@@ -563,11 +569,18 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
             return Err(StoreError::Conflict("round (closed)"));
         }
     }
-    if !w.slot_checks.is_empty() {
+    if !w.slot_checks.is_empty() || !w.slot_uses.is_empty() {
         // One query per group, rows locked in member order. FOR SHARE: a
         // write of these slots by another process waits for this commit,
-        // so the judgement made on them stays the one applied first.
+        // so the judgement made on them stays the one applied first (and
+        // its check of the use it folded in, after its update, sees the
+        // uses this write stores).
         let mut checks = w.slot_checks.clone();
+        checks.extend(w.slot_uses.iter().map(|u| SlotCheck {
+            member: u.member,
+            group: u.group,
+            version: u.base,
+        }));
         checks.sort_unstable_by_key(|c| (c.group, c.member));
         let st = prep(
             tx,
@@ -690,6 +703,9 @@ async fn apply_tx(tx: &Tx<'_>, stmts: &mut Cache, w: BatchWrite) -> Result<Appli
     }
     if !w.sessions.is_empty() {
         write_sessions(tx, stmts, &w.sessions).await?;
+    }
+    if !w.slot_uses.is_empty() {
+        write_uses(tx, stmts, &w.slot_uses).await?;
     }
     if !w.readings.is_empty() {
         let (mut m, mut g, mut sid, mut ctr, mut ts, mut kind, mut payload) =
@@ -887,6 +903,8 @@ async fn recover(conn: &mut Conn, w: RecoveryWrite) -> Result<RecoveryApplied, S
     )
     .await?;
     let sessions_dropped = tx.execute(&st, &[]).await?;
+    let st = prep(&tx, stmts, "DELETE FROM session_uses").await?;
+    tx.execute(&st, &[]).await?;
     // Raised in Rust: the columns hold bit-cast u64s (a sum in SQL would
     // fail on BIGINT overflow, or wrap a bit-cast value's sign).
     let st = prep(
@@ -1308,6 +1326,135 @@ async fn write_sessions(
             .await?;
     }
     if n != sessions.len() as u64 {
+        return Err(StoreError::Conflict("session slot"));
+    }
+    // The use each rewritten slot folded in must still be the stored one:
+    // a use written since the read (it checked, and share-locked, the same
+    // version; the update above waited for its commit) would otherwise be
+    // lost with its window. A separate statement, so that under READ
+    // COMMITTED it sees that commit. A new slot (version 0) has none.
+    if !old.m.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "SELECT u.member, u.grp, u.sid, u.top, u.seen FROM session_uses u \
+             JOIN UNNEST($1::int8[], $2::int8[], $3::int8[]) AS x(m, g, v) \
+             ON u.member = x.m AND u.grp = x.g AND u.base = x.v",
+        )
+        .await?;
+        let found = tx.query(&st, &[&old.m, &old.g, &old.version]).await?;
+        let mut stored = HashMap::with_capacity(found.len());
+        for r in found {
+            let key = (
+                u(r.try_get(0)?),
+                u32_col(r.try_get(1)?, "session use group")?,
+            );
+            let used = slot_use_cols(r.try_get(2)?, r.try_get(3)?, r.try_get(4)?)?;
+            stored.insert(key, used);
+        }
+        for s in sessions.iter().filter(|s| s.version != 0) {
+            if stored.get(&(s.member, s.group)).copied().flatten() != s.use_read {
+                return Err(StoreError::Conflict("session slot"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores session uses ([`BatchWrite::slot_uses`]), compare-and-set on the
+/// use read: a slot read without one must hold none for its version now (a
+/// stale row, of an older version, is replaced), a slot read with one must
+/// still hold exactly that one. The slots' versions are checked (and
+/// share-locked) with [`BatchWrite::slot_checks`] before. READ COMMITTED
+/// re-checks each condition after waiting for a concurrent writer of the
+/// same row, so of two writes judged on one use only the first stores.
+async fn write_uses(tx: &Tx<'_>, stmts: &mut Cache, uses: &[UseWrite]) -> Result<(), StoreError> {
+    #[derive(Default)]
+    struct Cols<'a> {
+        m: Vec<i64>,
+        g: Vec<i64>,
+        base: Vec<i64>,
+        sid: Vec<&'a [u8]>,
+        top: Vec<i64>,
+        seen: Vec<i64>,
+        read_sid: Vec<&'a [u8]>,
+        read_top: Vec<i64>,
+        read_seen: Vec<i64>,
+    }
+    let (mut first, mut next) = (Cols::default(), Cols::default());
+    for w in uses {
+        let c = if w.read.is_none() {
+            &mut first
+        } else {
+            &mut next
+        };
+        c.m.push(i(w.member));
+        c.g.push(i64::from(w.group));
+        c.base.push(i(w.base));
+        c.sid.push(&w.new.sid[..]);
+        c.top.push(i(w.new.top));
+        c.seen.push(i(w.new.seen));
+        if let Some(r) = &w.read {
+            c.read_sid.push(&r.sid[..]);
+            c.read_top.push(i(r.top));
+            c.read_seen.push(i(r.seen));
+        }
+    }
+    let mut n = 0;
+    if !first.m.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "INSERT INTO session_uses (member, grp, base, sid, top, seen) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], \
+             $6::int8[]) ON CONFLICT (member, grp) DO UPDATE SET base = EXCLUDED.base, \
+             sid = EXCLUDED.sid, top = EXCLUDED.top, seen = EXCLUDED.seen \
+             WHERE session_uses.base <> EXCLUDED.base",
+        )
+        .await?;
+        n += tx
+            .execute(
+                &st,
+                &[
+                    &first.m,
+                    &first.g,
+                    &first.base,
+                    &first.sid,
+                    &first.top,
+                    &first.seen,
+                ],
+            )
+            .await?;
+    }
+    if !next.m.is_empty() {
+        let st = prep(
+            tx,
+            stmts,
+            "UPDATE session_uses u SET sid = x.s, top = x.t, seen = x.n \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[], \
+             $6::int8[], $7::bytea[], $8::int8[], $9::int8[]) AS x(m, g, b, s, t, n, rs, rt, rn) \
+             WHERE u.member = x.m AND u.grp = x.g AND u.base = x.b \
+             AND u.sid = x.rs AND u.top = x.rt AND u.seen = x.rn",
+        )
+        .await?;
+        n += tx
+            .execute(
+                &st,
+                &[
+                    &next.m,
+                    &next.g,
+                    &next.base,
+                    &next.sid,
+                    &next.top,
+                    &next.seen,
+                    &next.read_sid,
+                    &next.read_top,
+                    &next.read_seen,
+                ],
+            )
+            .await?;
+    }
+    if n != uses.len() as u64 {
         return Err(StoreError::Conflict("session slot"));
     }
     Ok(())
@@ -1799,8 +1946,11 @@ impl Store for PostgresStore {
     async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         let r = self
             .query(
-                "SELECT member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen \
-                 FROM sessions WHERE member BETWEEN $1 AND $2 ORDER BY member, grp",
+                "SELECT s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, s.version, \
+                 s.acc_top, s.acc_seen, u.sid, u.top, u.seen FROM sessions s \
+                 LEFT JOIN session_uses u \
+                 ON u.member = s.member AND u.grp = s.grp AND u.base = s.version \
+                 WHERE s.member BETWEEN $1 AND $2 ORDER BY s.member, s.grp",
                 &[&i(first), &i(last)],
             )
             .await?;
@@ -1808,12 +1958,23 @@ impl Store for PostgresStore {
     }
 
     async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
-        self.exec(
+        let mut c = self.conn().await?;
+        let Conn { client, stmts } = &mut *c;
+        let tx = client.transaction().await?;
+        let st = prep(
+            &tx,
+            stmts,
             "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
              WHERE sid IS NOT NULL",
-            &[],
         )
-        .await
+        .await?;
+        let n = tx.execute(&st, &[]).await?;
+        // Stale now (the versions moved); deleted so none outlives its
+        // slot's sessions.
+        let st = prep(&tx, stmts, "DELETE FROM session_uses").await?;
+        tx.execute(&st, &[]).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn recovery_state(&self) -> Result<RecoveryState, StoreError> {

@@ -65,6 +65,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         11,
         include_str!("../../../migrations/sqlite/0011_session_slot_format_2.sql"),
     ),
+    (
+        12,
+        include_str!("../../../migrations/sqlite/0012_session_uses.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -282,8 +286,12 @@ fn round_row(r: &Row<'_>) -> Result<RoundRow, StoreError> {
     })
 }
 
-const SESSION_COLS: &str =
-    "member, grp, last_auth_ms, sid, state, round, version, acc_top, acc_seen";
+const SESSION_COLS: &str = "s.member, s.grp, s.last_auth_ms, s.sid, s.state, s.round, \
+    s.version, s.acc_top, s.acc_seen, u.sid, u.top, u.seen";
+
+/// The slots with the use that applies to each (columns `s.*`, `u.*`).
+const SLOTS_FROM: &str = "sessions s LEFT JOIN session_uses u \
+    ON u.member = s.member AND u.grp = s.grp AND u.base = s.version";
 
 fn stored_slot(r: &Row<'_>) -> Result<StoredSlot, StoreError> {
     let sid = opt_sid_col(r.get(3)?)?;
@@ -300,6 +308,7 @@ fn stored_slot(r: &Row<'_>) -> Result<StoredSlot, StoreError> {
             top: u(r.get(7)?),
             seen: u(r.get(8)?),
         },
+        used: slot_use_cols(r.get(9)?, r.get(10)?, r.get(11)?)?,
     })
 }
 
@@ -473,9 +482,75 @@ fn write_slots(tx: &Transaction<'_>, rows: &[SessionRow]) -> Result<(), StoreErr
          round = ?6, acc_top = ?7, acc_seen = ?8, version = version + 1 \
          WHERE member = ?1 AND grp = ?2 AND version = ?9 AND acc_top = ?10 AND acc_seen = ?11",
     )?;
-    for s in old {
+    for s in &old {
         bind(&mut st, 1, s)?;
         if st.raw_execute()? != 1 {
+            return Err(StoreError::Conflict("session slot"));
+        }
+    }
+    // The use each rewritten slot folded in must still be the stored one:
+    // a use written since the read (it checked the same version) would
+    // otherwise be lost with its window. A new slot (version 0) has none.
+    let mut st = tx.prepare_cached(
+        "SELECT sid, top, seen FROM session_uses WHERE member = ?1 AND grp = ?2 AND base = ?3",
+    )?;
+    for s in old {
+        let stored = st
+            .query_row(
+                params![i(s.member), i64::from(s.group), i(s.version)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let stored = match stored {
+            Some((sid, top, seen)) => slot_use_cols(Some(sid), Some(top), Some(seen))?,
+            None => None,
+        };
+        if stored != s.use_read {
+            return Err(StoreError::Conflict("session slot"));
+        }
+    }
+    Ok(())
+}
+
+/// Stores session uses ([`BatchWrite::slot_uses`]), each compare-and-set
+/// on the use read: a slot read without one must hold none for its
+/// version now (a stale row, of an older version, is replaced), a slot read
+/// with one must still hold exactly that one. The slots' versions are
+/// checked with [`BatchWrite::slot_checks`] before.
+fn write_uses(tx: &Transaction<'_>, uses: &[UseWrite]) -> Result<(), StoreError> {
+    let mut first = tx.prepare_cached(
+        "INSERT INTO session_uses (member, grp, base, sid, top, seen) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (member, grp) DO UPDATE \
+         SET base = excluded.base, sid = excluded.sid, top = excluded.top, seen = excluded.seen \
+         WHERE session_uses.base <> excluded.base",
+    )?;
+    let mut next = tx.prepare_cached(
+        "UPDATE session_uses SET sid = ?4, top = ?5, seen = ?6 \
+         WHERE member = ?1 AND grp = ?2 AND base = ?3 AND sid = ?7 AND top = ?8 AND seen = ?9",
+    )?;
+    for w in uses {
+        let n = match &w.read {
+            None => first.execute(params![
+                i(w.member),
+                i64::from(w.group),
+                i(w.base),
+                &w.new.sid[..],
+                i(w.new.top),
+                i(w.new.seen)
+            ])?,
+            Some(r) => next.execute(params![
+                i(w.member),
+                i64::from(w.group),
+                i(w.base),
+                &w.new.sid[..],
+                i(w.new.top),
+                i(w.new.seen),
+                &r.sid[..],
+                i(r.top),
+                i(r.seen)
+            ])?,
+        };
+        if n != 1 {
             return Err(StoreError::Conflict("session slot"));
         }
     }
@@ -558,14 +633,16 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             }
         }
     }
-    if !w.slot_checks.is_empty() {
+    if !w.slot_checks.is_empty() || !w.slot_uses.is_empty() {
         let mut st =
             tx.prepare_cached("SELECT version FROM sessions WHERE member = ?1 AND grp = ?2")?;
-        for c in &w.slot_checks {
+        let uses = w.slot_uses.iter().map(|u| (u.member, u.group, u.base));
+        let checks = w.slot_checks.iter().map(|c| (c.member, c.group, c.version));
+        for (member, group, version) in checks.chain(uses) {
             let stored: Option<i64> = st
-                .query_row(params![i(c.member), i64::from(c.group)], |r| r.get(0))
+                .query_row(params![i(member), i64::from(group)], |r| r.get(0))
                 .optional()?;
-            if stored != Some(i(c.version)) {
+            if stored != Some(i(version)) {
                 return Err(StoreError::Conflict("session slot"));
             }
         }
@@ -645,6 +722,9 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
     }
     if !w.sessions.is_empty() {
         write_slots(tx, &w.sessions)?;
+    }
+    if !w.slot_uses.is_empty() {
+        write_uses(tx, &w.slot_uses)?;
     }
     if !w.readings.is_empty() {
         insert_readings(tx, &w.readings)?;
@@ -785,6 +865,7 @@ fn recover_tx(tx: &Transaction<'_>, w: RecoveryWrite) -> Result<RecoveryApplied,
          WHERE sid IS NOT NULL",
         [],
     )? as u64;
+    tx.execute("DELETE FROM session_uses", [])?;
     // Raised in Rust, not in SQL: the columns hold bit-cast u64s, and
     // SQLite's integer overflow would turn a sum into a float.
     let mut st = tx.prepare_cached("SELECT gateway, last_cursor FROM downlink_heads")?;
@@ -1214,8 +1295,8 @@ fn sessions_tx(
 /// batch path reads neither the session id nor the group, so it does not
 /// check their shape: a slot whose sealed state is damaged still fails to
 /// open (its AEAD tag), and listings check the rest.
-const BATCH_SLOT_COLS: &str =
-    "member, CASE WHEN sid IS NULL THEN NULL ELSE state END, version, acc_top, acc_seen";
+const BATCH_SLOT_COLS: &str = "s.member, CASE WHEN s.sid IS NULL THEN NULL ELSE s.state END, \
+    s.version, s.acc_top, s.acc_seen, u.sid, u.top, u.seen";
 
 fn batch_slot(r: &Row<'_>) -> Result<(u64, BatchSlot), StoreError> {
     let state: Option<Vec<u8>> = r.get(1)?;
@@ -1228,6 +1309,7 @@ fn batch_slot(r: &Row<'_>) -> Result<(u64, BatchSlot), StoreError> {
                 top: u(r.get(3)?),
                 seen: u(r.get(4)?),
             },
+            used: slot_use_cols(r.get(5)?, r.get(6)?, r.get(7)?)?,
         },
     ))
 }
@@ -1254,8 +1336,8 @@ fn slots_of<T>(
     if let Some((lo, hi)) = dense_span(ids) {
         let mut out = Vec::with_capacity(ids.len());
         let mut st = tx.prepare_cached(&format!(
-            "SELECT {cols} FROM sessions WHERE member BETWEEN ?1 AND ?2 AND grp = ?3 \
-             ORDER BY member"
+            "SELECT {cols} FROM {SLOTS_FROM} WHERE s.member BETWEEN ?1 AND ?2 AND s.grp = ?3 \
+             ORDER BY s.member"
         ))?;
         let found = collect(&mut st, params![lo, hi, i64::from(group)], row)?;
         let mut found = found.into_iter().peekable();
@@ -1277,7 +1359,7 @@ fn slot_lookups<T>(
     row: impl Fn(&Row<'_>) -> Result<(u64, T), StoreError>,
 ) -> Result<Vec<Option<T>>, StoreError> {
     let mut st = tx.prepare_cached(&format!(
-        "SELECT {cols} FROM sessions WHERE member = ?1 AND grp = ?2"
+        "SELECT {cols} FROM {SLOTS_FROM} WHERE s.member = ?1 AND s.grp = ?2"
     ))?;
     let mut out = Vec::with_capacity(keys.len());
     for (m, g) in keys {
@@ -1569,8 +1651,8 @@ impl Store for SqliteStore {
     async fn member_sessions(&self, first: u64, last: u64) -> Result<Vec<StoredSlot>, StoreError> {
         self.read(move |tx| {
             let mut st = tx.prepare_cached(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE member BETWEEN ?1 AND ?2 \
-                 ORDER BY member, grp"
+                "SELECT {SESSION_COLS} FROM {SLOTS_FROM} WHERE s.member BETWEEN ?1 AND ?2 \
+                 ORDER BY s.member, s.grp"
             ))?;
             collect(&mut st, [i(first), i(last)], stored_slot)
         })
@@ -1579,11 +1661,16 @@ impl Store for SqliteStore {
 
     async fn drop_all_sessions(&self) -> Result<u64, StoreError> {
         self.call(move |c| {
-            let n = c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
                 "UPDATE sessions SET sid = NULL, state = NULL, version = version + 1 \
                  WHERE sid IS NOT NULL",
                 [],
             )?;
+            // Stale now (the versions moved); deleted so none outlives its
+            // slot's sessions.
+            tx.execute("DELETE FROM session_uses", [])?;
+            tx.commit()?;
             Ok(n as u64)
         })
         .await
