@@ -215,6 +215,7 @@ both!(
     batch_checks_group_epoch,
     session_slots_are_compare_and_set,
     session_uses_are_compare_and_set,
+    many_first_uses_stand_or_fall_together,
     many_rows_in_one_write_stand_or_fall_together,
     retention_trims_readings_and_final_verdicts,
     downlink_cursors_and_fanout,
@@ -1515,6 +1516,50 @@ async fn session_uses_are_compare_and_set(f: Fixture) {
     assert_eq!((p.version, p.used), (3, None));
     s.apply_batch(put(3, None, used(2, 2))).await.unwrap();
     assert_eq!(slot1(&s).await.unwrap().used, Some(used(2, 2)));
+}
+
+/// More first uses than one statement carries (the SQLite store inserts
+/// them 64 to a statement, the rest one by one): each lands with its own
+/// values, and one whose slot version moved, wherever it sits, fails the
+/// whole write.
+async fn many_first_uses_stand_or_fall_together(f: Fixture) {
+    const N: u64 = 150;
+    let s = f.open().await;
+    setup(&s, N).await;
+    s.apply_batch(BatchWrite {
+        sessions: (1..=N).map(|m| session(m, 1, 1, 0)).collect(),
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let uses = |bad: Option<u64>| BatchWrite {
+        slot_uses: (1..=N)
+            .map(|m| UseWrite {
+                member: m,
+                group: G,
+                base: if Some(m) == bad { 2 } else { 1 },
+                read: None,
+                new: SlotUse {
+                    sid: sid(m, 1),
+                    top: m,
+                    seen: 1,
+                },
+            })
+            .collect(),
+        ..BatchWrite::default()
+    };
+    for bad in [1, 64, 129, N] {
+        let r = s.apply_batch(uses(Some(bad))).await;
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{bad}: {r:?}");
+    }
+    let none = s.sessions((1..=N).map(|m| (m, G)).collect()).await.unwrap();
+    assert!(none.iter().all(|p| p.as_ref().unwrap().used.is_none()));
+    s.apply_batch(uses(None)).await.unwrap();
+    let all = s.sessions((1..=N).map(|m| (m, G)).collect()).await.unwrap();
+    for (m, p) in (1..=N).zip(all) {
+        let used = p.unwrap().used.unwrap();
+        assert_eq!((used.sid, used.top), (sid(m, 1), m));
+    }
 }
 
 /// A write of more slots and readings than one statement carries (the

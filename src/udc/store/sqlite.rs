@@ -513,43 +513,64 @@ fn write_slots(tx: &Transaction<'_>, rows: &[SessionRow]) -> Result<(), StoreErr
 }
 
 /// Stores session uses ([`BatchWrite::slot_uses`]), each compare-and-set
-/// on the use read: a slot read without one must hold none for its
-/// version now (a stale row, of an older version, is replaced), a slot read
-/// with one must still hold exactly that one. The slots' versions are
-/// checked with [`BatchWrite::slot_checks`] before.
+/// on its slot's version (`base`) and on the use read: a slot read without
+/// one must hold none for its version now (a stale row, of an older
+/// version, is replaced), a slot read with one must still hold exactly that
+/// one. Each statement checks the slot's version itself (a join, or an
+/// `EXISTS`), so a row it did not change is a conflict either way. First
+/// uses go 64 to a statement with [`insert_rows`] (every reading of a
+/// session after a round is a first use).
 fn write_uses(tx: &Transaction<'_>, uses: &[UseWrite]) -> Result<(), StoreError> {
-    let mut first = tx.prepare_cached(
-        "INSERT INTO session_uses (member, grp, base, sid, top, seen) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (member, grp) DO UPDATE \
-         SET base = excluded.base, sid = excluded.sid, top = excluded.top, seen = excluded.seen \
-         WHERE session_uses.base <> excluded.base",
+    let (first, next): (Vec<&UseWrite>, Vec<&UseWrite>) =
+        uses.iter().partition(|u| u.read.is_none());
+    let all = insert_rows(
+        tx,
+        &first,
+        6,
+        |n| {
+            format!(
+                "INSERT INTO session_uses (member, grp, base, sid, top, seen) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 \
+                 FROM (VALUES {}) AS v JOIN sessions s \
+                 ON s.member = v.column1 AND s.grp = v.column2 AND s.version = v.column3 \
+                 WHERE true ON CONFLICT (member, grp) DO UPDATE SET base = excluded.base, \
+                 sid = excluded.sid, top = excluded.top, seen = excluded.seen \
+                 WHERE session_uses.base <> excluded.base",
+                values("(?, ?, ?, ?, ?, ?)", n)
+            )
+        },
+        |st, at, w| {
+            st.raw_bind_parameter(at, i(w.member))?;
+            st.raw_bind_parameter(at + 1, i64::from(w.group))?;
+            st.raw_bind_parameter(at + 2, i(w.base))?;
+            st.raw_bind_parameter(at + 3, &w.new.sid[..])?;
+            st.raw_bind_parameter(at + 4, i(w.new.top))?;
+            st.raw_bind_parameter(at + 5, i(w.new.seen))?;
+            Ok(())
+        },
     )?;
-    let mut next = tx.prepare_cached(
+    if !all {
+        return Err(StoreError::Conflict("session slot"));
+    }
+    let mut st = tx.prepare_cached(
         "UPDATE session_uses SET sid = ?4, top = ?5, seen = ?6 \
-         WHERE member = ?1 AND grp = ?2 AND base = ?3 AND sid = ?7 AND top = ?8 AND seen = ?9",
+         WHERE member = ?1 AND grp = ?2 AND base = ?3 AND sid = ?7 AND top = ?8 AND seen = ?9 \
+         AND EXISTS (SELECT 1 FROM sessions \
+         WHERE member = ?1 AND grp = ?2 AND version = ?3)",
     )?;
-    for w in uses {
-        let n = match &w.read {
-            None => first.execute(params![
-                i(w.member),
-                i64::from(w.group),
-                i(w.base),
-                &w.new.sid[..],
-                i(w.new.top),
-                i(w.new.seen)
-            ])?,
-            Some(r) => next.execute(params![
-                i(w.member),
-                i64::from(w.group),
-                i(w.base),
-                &w.new.sid[..],
-                i(w.new.top),
-                i(w.new.seen),
-                &r.sid[..],
-                i(r.top),
-                i(r.seen)
-            ])?,
-        };
+    for w in next {
+        let Some(r) = &w.read else { continue };
+        let n = st.execute(params![
+            i(w.member),
+            i64::from(w.group),
+            i(w.base),
+            &w.new.sid[..],
+            i(w.new.top),
+            i(w.new.seen),
+            &r.sid[..],
+            i(r.top),
+            i(r.seen)
+        ])?;
         if n != 1 {
             return Err(StoreError::Conflict("session slot"));
         }
@@ -633,16 +654,15 @@ fn apply_tx(tx: &Transaction<'_>, w: BatchWrite) -> Result<Applied, StoreError> 
             }
         }
     }
-    if !w.slot_checks.is_empty() || !w.slot_uses.is_empty() {
+    // (The slot versions of `slot_uses` are checked by their writes.)
+    if !w.slot_checks.is_empty() {
         let mut st =
             tx.prepare_cached("SELECT version FROM sessions WHERE member = ?1 AND grp = ?2")?;
-        let uses = w.slot_uses.iter().map(|u| (u.member, u.group, u.base));
-        let checks = w.slot_checks.iter().map(|c| (c.member, c.group, c.version));
-        for (member, group, version) in checks.chain(uses) {
+        for c in &w.slot_checks {
             let stored: Option<i64> = st
-                .query_row(params![i(member), i64::from(group)], |r| r.get(0))
+                .query_row(params![i(c.member), i64::from(c.group)], |r| r.get(0))
                 .optional()?;
-            if stored != Some(i(version)) {
+            if stored != Some(i(c.version)) {
                 return Err(StoreError::Conflict("session slot"));
             }
         }
