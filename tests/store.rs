@@ -543,7 +543,9 @@ async fn postgres_deadlock_is_a_conflict() {
 /// nothing written). First a use written meanwhile against a slot write
 /// that folded none in (the slot write's check of the use runs after its
 /// update waited); then a first use written meanwhile against another
-/// first use of the same slot version.
+/// first use of the same slot version; then a use judged on the stored
+/// one against another update of it, and against a rewrite of the slot
+/// (its version moved while the use write waited for its share lock).
 #[tokio::test]
 async fn postgres_a_use_in_flight_fails_the_other_write() {
     let Some(f) = fixture(Kind::Postgres) else {
@@ -595,6 +597,56 @@ async fn postgres_a_use_in_flight_fails_the_other_write() {
         let p = slot1(&s).await.unwrap();
         assert_eq!(p.version, 1, "nothing of the losing write");
         assert_eq!(p.used.map(|u| u.top), Some(theirs));
+        other
+            .batch_execute("DELETE FROM session_uses")
+            .await
+            .unwrap();
+    }
+    // A use judged on the stored one, against another update of it in
+    // flight; then against a rewrite of the slot in flight (its version
+    // moved under the use write's share lock).
+    let next = |top: u64| BatchWrite {
+        slot_uses: vec![UseWrite {
+            member: 1,
+            group: G,
+            base: 1,
+            read: Some(SlotUse {
+                sid: sid(1, 1),
+                top: 10,
+                seen: 1,
+            }),
+            new: SlotUse {
+                sid: sid(1, 1),
+                top,
+                seen: 1,
+            },
+        }],
+        ..BatchWrite::default()
+    };
+    for (after, sql) in [
+        (
+            Some(11),
+            format!(
+                "BEGIN; SELECT 1 FROM sessions WHERE member = 1 AND grp = {G} FOR SHARE; \
+                 UPDATE session_uses SET top = 11 WHERE member = 1 AND grp = {G}"
+            ),
+        ),
+        // The slot's version moved: the stored use is stale.
+        (
+            None,
+            format!("BEGIN; UPDATE sessions SET version = 2 WHERE member = 1 AND grp = {G}"),
+        ),
+    ] {
+        s.apply_batch(use_write(10)).await.unwrap();
+        let other = f.pg_client().await;
+        other.batch_execute(&sql).await.unwrap();
+        let store = std::sync::Arc::clone(&s);
+        let write = tokio::spawn(async move { store.apply_batch(next(12)).await });
+        lock_waiters(&f, 1, "the use write").await;
+        other.batch_execute("COMMIT").await.unwrap();
+        let got = write.await.unwrap();
+        assert!(matches!(got, Err(StoreError::Conflict(_))), "{got:?}");
+        assert_eq!(slot1(&s).await.unwrap().used.map(|u| u.top), after);
         other
             .batch_execute("DELETE FROM session_uses")
             .await

@@ -3946,8 +3946,9 @@ on_both_stores!(
 
 /// A refused uplink's judgement rests on the member's slot as read: if
 /// another process rewrites that slot before the write (here the store is
-/// given its sealed state back, which moves its version as any rewrite
-/// does), the write fails (busy, retried) rather
+/// given its sealed state back and the use beside it again, which moves
+/// the version as any rewrite does and keeps the window), the write fails
+/// (busy, retried) rather
 /// than file a refusal judged on a stale slot; the retry is judged afresh.
 /// A use stored meanwhile (another process accepted the member's next
 /// reading) fails nothing: it only marks a session used and moves its
@@ -3955,13 +3956,14 @@ on_both_stores!(
 /// accepted on the slot as it is now.
 async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Option<String>) {
     use dapgw::udc::service::ServiceError;
-    use dapgw::udc::store::{BatchWrite, SessionRow, Store};
+    use dapgw::udc::store::{BatchWrite, SessionRow, Store, UseWrite};
     let h = Harness::start(store_url).await;
     let mut member = member_in_session(&h).await;
     let a = udc::build(&h.config).await.unwrap();
     let b = udc::build(&h.config).await.unwrap();
     let forged = direct_uplink(&forged(&reading(&mut member, b"1 Wh")));
     let honest = direct_uplink(&reading(&mut member, b"2 Wh"));
+    let again = honest.clone();
     a.before_next_batch_write(async move {
         b.handle_direct(honest).await.unwrap();
     });
@@ -3994,12 +3996,30 @@ async fn a_refusal_judged_on_a_slot_changed_meanwhile_is_retried(store_url: Opti
             })
             .await
             .unwrap();
+        store
+            .apply_batch(BatchWrite {
+                slot_uses: vec![UseWrite {
+                    member: 1,
+                    group: G,
+                    base: s.version + 1,
+                    read: None,
+                    new: s.used.unwrap(),
+                }],
+                ..BatchWrite::default()
+            })
+            .await
+            .unwrap();
     });
     let err = a.handle_direct(forged.clone()).await.unwrap_err();
     assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
-    // The retry is judged on the slot as it is now, and refused.
+    // The retry is judged on the slot as it is now, and refused; so is
+    // the honest reading again (its window kept).
     assert!(matches!(
         a.handle_direct(forged).await,
+        Err(ServiceError::BadRequest(_))
+    ));
+    assert!(matches!(
+        a.handle_direct(again).await,
         Err(ServiceError::BadRequest(_))
     ));
     drop(a);

@@ -281,7 +281,8 @@ pub fn uplink_nonce(iv_up: &Iv12, ctr: u64) -> [u8; 12] {
 /// which share the sequence) and again after every 2^32 seals, followed by
 /// a 32-bit count of the seals under that field. Twelve random bytes per
 /// row would reach the 2^32 rows SP 800-38D allows a key in weeks at
-/// millions of members (every reading re-seals a slot); with this
+/// millions of members (until session 24 every reading re-sealed a slot);
+/// with this
 /// construction a nonce repeats only if two processes, or two runs of
 /// 2^32 seals, draw the same 8-byte field.
 #[derive(Clone, Debug)]
