@@ -13,7 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use dapgw::config::ByteSize;
 use dapgw::gateway::Attached;
-use dapgw::gateway::collector::{Collector, CollectorConfig, CollectorEvent, MemberMessage};
+use dapgw::gateway::collector::{
+    Collector, CollectorConfig, CollectorEvent, MemberMessage, NOT_AFTER_MARGIN, round_window,
+};
 use dapgw::gateway::downlink::{Record, parse_records};
 use dapgw::gateway::spool::{EntryId, NewEntry, Spool, StreamKey};
 use dapgw::protocol::aggregator::{AggregatorConfig, BatchTrigger, Collected};
@@ -1126,7 +1128,7 @@ async fn a_resend_sharing_a_discarded_row_is_not_acknowledged() {
         ),
         "{refused:?}"
     );
-    handle.expect(GroupId(9), 1, Mode::Psk).await.unwrap();
+    handle.expect(GroupId(9), 1, Mode::Psk, None).await.unwrap();
     let late = handle.collect(msg.clone(), second).await;
     assert!(matches!(late, Err(SubmitError::Discarded)), "{late:?}");
     let third = store(&b.spool, &msg).await;
@@ -1153,7 +1155,7 @@ async fn a_resend_sharing_a_row_whose_discard_failed_is_collected() {
     let first = store(&b.spool, &msg).await;
     // Refused (no round yet); its discard fails.
     assert!(handle.collect(msg.clone(), first).await.is_err());
-    handle.expect(GroupId(9), 1, Mode::Psk).await.unwrap();
+    handle.expect(GroupId(9), 1, Mode::Psk, None).await.unwrap();
     // The re-send is handed the same row, which is still there. Until the
     // discard's failure has been reported it is told to resend; then it
     // is collected.
@@ -1305,7 +1307,7 @@ async fn a_restored_response_of_an_unrecorded_round_closes_no_round() {
     let msg = MemberMessage::Response(response(1, 7, 5, b""));
     let entry = store(&spool, &msg).await;
     let handle = collector.handle();
-    handle.expect(GroupId(7), 5, Mode::Psk).await.unwrap();
+    handle.expect(GroupId(7), 5, Mode::Psk, None).await.unwrap();
     assert_eq!(handle.collect(msg, entry).await.unwrap(), Collected::New);
 }
 
@@ -1421,7 +1423,7 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
         stored.push((m, e));
     }
     let mut stored = stored.into_iter();
-    handle.expect(GroupId(7), 1, Mode::Psk).await.unwrap();
+    handle.expect(GroupId(7), 1, Mode::Psk, None).await.unwrap();
     let t0 = tokio::time::Instant::now();
     for (m, e) in stored.by_ref().take(2) {
         handle.collect(m, e).await.expect("collected");
@@ -1435,7 +1437,7 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
     assert_eq!((trigger, round), (BatchTrigger::AllAnswered, Some(1)));
     assert_eq!(cut_at, t0);
 
-    handle.expect(GroupId(7), 2, Mode::Psk).await.unwrap();
+    handle.expect(GroupId(7), 2, Mode::Psk, None).await.unwrap();
     let t1 = tokio::time::Instant::now();
     let (m, e) = stored.next().unwrap();
     handle.collect(m, e).await.unwrap();
@@ -1466,6 +1468,65 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
         );
         tokio::task::yield_now().await;
     }
+    b.collector.stop().await;
+}
+
+/// The round's window: the configured deadline, or the challenge's
+/// `not_after` less the margin when that is sooner, never below zero.
+#[test]
+fn a_rounds_window_ends_before_its_not_after() {
+    let thirty = Duration::from_secs(30);
+    assert_eq!(round_window(thirty, None, 123), thirty);
+    assert_eq!(
+        round_window(thirty, Some(100), 95_000),
+        Duration::from_secs(5) - NOT_AFTER_MARGIN
+    );
+    assert_eq!(round_window(thirty, Some(1_000), 95_000), thirty);
+    assert_eq!(round_window(thirty, Some(100), 99_000), Duration::ZERO);
+    assert_eq!(round_window(thirty, Some(1), 5_000), Duration::ZERO);
+    assert_eq!(round_window(thirty, Some(u64::MAX), 0), thirty);
+}
+
+/// A round whose challenge closes sooner than the configured deadline (an
+/// operator's round with a duration: the challenge's `not_after`) goes out
+/// before that close, less the margin, with a member missing: cut at the
+/// configured 30 s, its batch would reach the UDC after the round closed
+/// and every entry in it would be refused as late.
+#[tokio::test(start_paused = true)]
+async fn a_round_closing_sooner_goes_out_before_its_not_after() {
+    let attached = Arc::new(Attached::new());
+    attached.attach(1, &[7], None, 0).unwrap();
+    attached.attach(2, &[7], None, 0).unwrap();
+    let mut b = collector(200, 30_000, attached).await;
+    let handle = b.collector.handle();
+    let m = MemberMessage::Response(response(1, 7, 1, b""));
+    let e = store(&b.spool, &m).await;
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let not_after = unix_now / 1000 + 6;
+    let expected = Duration::from_millis(not_after * 1000 - unix_now) - NOT_AFTER_MARGIN;
+    handle
+        .expect(GroupId(7), 1, Mode::Psk, Some(not_after))
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    handle.collect(m, e).await.expect("collected");
+    let Cut {
+        trigger,
+        cut_at,
+        missing,
+        ..
+    } = next_cut(&mut b.events).await;
+    assert_eq!(trigger, BatchTrigger::Deadline);
+    assert_eq!(missing, vec![MemberId(2)]);
+    // The collector read the wall clock a moment after `unix_now`.
+    let waited = cut_at - t0;
+    assert!(
+        waited <= expected && waited + Duration::from_millis(100) >= expected,
+        "cut after {waited:?}, expected {expected:?}"
+    );
     b.collector.stop().await;
 }
 

@@ -170,6 +170,7 @@ enum Input {
         group: GroupId,
         round: u64,
         mode: Mode,
+        not_after: Option<u64>,
         reply: Reply<Result<(), UsageError>>,
     },
     Flush(Reply<()>),
@@ -223,15 +224,24 @@ impl CollectorHandle {
     }
 
     /// Opens round `(group, round)` (its challenge is being relayed), with
-    /// the members attached to the group now and the configured deadline.
-    /// A round already closed is refused with [`UsageError::RoundClosed`].
-    pub async fn expect(&self, group: GroupId, round: u64, mode: Mode) -> Result<(), ExpectError> {
+    /// the members attached to the group now and the configured deadline,
+    /// or an earlier one when the challenge's `not_after` (Unix seconds)
+    /// comes sooner ([`round_window`]). A round already closed is refused
+    /// with [`UsageError::RoundClosed`].
+    pub async fn expect(
+        &self,
+        group: GroupId,
+        round: u64,
+        mode: Mode,
+        not_after: Option<u64>,
+    ) -> Result<(), ExpectError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::Expect {
                 group,
                 round,
                 mode,
+                not_after,
                 reply,
             })
             .await
@@ -337,6 +347,31 @@ impl Collector {
         }
         let _ = self.task.await;
     }
+}
+
+/// How long before a challenge's `not_after` the gateway cuts the round's
+/// batch: time for its seal, its upload and its judgement before the UDC
+/// closes the round.
+pub const NOT_AFTER_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long a round opened at `unix_now_ms` waits for its members: the
+/// configured deadline (`DAPGW_ROUND_DEADLINE_MS`), or less when the
+/// challenge's `not_after` (Unix seconds, the UDC's close of the round)
+/// comes sooner, less [`NOT_AFTER_MARGIN`]. A batch cut later would reach
+/// the UDC after the round closed and have every entry refused as late
+/// (`round_not_open`), all 16,384 of them at the default batch cap. Zero
+/// when `not_after` is that close or past (the round's batch is cut at
+/// once; later answers are refused here, as the UDC would).
+pub fn round_window(configured: Duration, not_after: Option<u64>, unix_now_ms: u64) -> Duration {
+    let Some(not_after) = not_after else {
+        return configured;
+    };
+    let margin = u64::try_from(NOT_AFTER_MARGIN.as_millis()).unwrap_or(u64::MAX);
+    let left = not_after
+        .saturating_mul(1000)
+        .saturating_sub(unix_now_ms)
+        .saturating_sub(margin);
+    configured.min(Duration::from_millis(left))
 }
 
 /// A restored round: its key and deadline.
@@ -617,9 +652,10 @@ impl Task {
                         group,
                         round,
                         mode,
+                        not_after,
                         reply,
                     } => {
-                        let res = self.expect(group, round, mode).await;
+                        let res = self.expect(group, round, mode, not_after).await;
                         let _ = reply.send(res);
                     }
                     Input::Collect {
@@ -641,9 +677,17 @@ impl Task {
         }
     }
 
-    async fn expect(&mut self, group: GroupId, round: u64, mode: Mode) -> Result<(), UsageError> {
+    async fn expect(
+        &mut self,
+        group: GroupId,
+        round: u64,
+        mode: Mode,
+        not_after: Option<u64>,
+    ) -> Result<(), UsageError> {
         let now = Instant::now().into_std();
-        let deadline = now + self.config.round_deadline;
+        let unix_now = super::unix_ms();
+        let window = round_window(self.config.round_deadline, not_after, unix_now);
+        let deadline = now + window;
         // Recorded before members can read the challenge, so a restarted
         // gateway still takes this round's responses. A failed record only
         // costs that (the round is open here either way).
@@ -651,9 +695,8 @@ impl Task {
             group: group.0,
             round,
             mode: mode.code(),
-            deadline_ms: super::unix_ms().saturating_add(
-                u64::try_from(self.config.round_deadline.as_millis()).unwrap_or(u64::MAX),
-            ),
+            deadline_ms: unix_now
+                .saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX)),
         };
         if let Err(e) = self.spool.set_open_round(row, super::unix_ms()).await {
             tracing::warn!(group = group.0, round, error = %e, "open round not recorded in the spool");

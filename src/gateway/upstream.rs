@@ -1042,7 +1042,10 @@ impl Upstream {
                 }
             };
             if let Message::Challenge(c) = &msg
-                && let Err(e) = self.collector.expect(c.group, c.round, c.mode()).await
+                && let Err(e) = self
+                    .collector
+                    .expect(c.group, c.round, c.mode(), c.not_after)
+                    .await
             {
                 tracing::warn!(group = c.group.0, round = c.round, error = %e, "round not opened");
             }
