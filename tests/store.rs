@@ -1573,7 +1573,7 @@ async fn session_uses_are_compare_and_set(f: Fixture) {
 /// More first uses than one statement carries (the SQLite store inserts
 /// them 64 to a statement, the rest one by one): each lands with its own
 /// values, and one whose slot version moved, wherever it sits, fails the
-/// whole write.
+/// whole write; so does a write breaking the rules of `slot_uses`.
 async fn many_first_uses_stand_or_fall_together(f: Fixture) {
     const N: u64 = 150;
     let s = f.open().await;
@@ -1603,6 +1603,16 @@ async fn many_first_uses_stand_or_fall_together(f: Fixture) {
     for bad in [1, 64, 129, N] {
         let r = s.apply_batch(uses(Some(bad))).await;
         assert!(matches!(r, Err(StoreError::Conflict(_))), "{bad}: {r:?}");
+    }
+    // A use for a slot the same write rewrites, or a second use of one
+    // slot, is refused whole, by both stores alike.
+    let mut twice = uses(None);
+    twice.slot_uses.push(twice.slot_uses[0]);
+    let mut rewritten = uses(None);
+    rewritten.sessions = vec![session(N, 2, 2, 1)];
+    for w in [twice, rewritten] {
+        let r = s.apply_batch(w).await;
+        assert!(matches!(r, Err(StoreError::InvalidWrite(_))), "{r:?}");
     }
     let none = s.sessions((1..=N).map(|m| (m, G)).collect()).await.unwrap();
     assert!(none.iter().all(|p| p.as_ref().unwrap().used.is_none()));

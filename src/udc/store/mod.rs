@@ -889,7 +889,9 @@ pub struct BatchWrite {
     /// would be accepted on the slot as it is.
     pub slot_checks: Vec<SlotCheck>,
     /// Session uses to store, one per slot, for slots the write does not
-    /// rewrite (`sessions` holds none of them): each slot must still hold
+    /// rewrite (`sessions` holds none of them; a write that breaks either
+    /// rule is refused whole with [`StoreError::InvalidWrite`], by both
+    /// stores, before anything is read): each slot must still hold
     /// the version `base` (checked like `slot_checks`, share-locked on
     /// PostgreSQL) and its stored use must still be `read`, or the write
     /// fails with [`StoreError::Conflict`]`("session slot")`.
@@ -924,6 +926,30 @@ pub struct BatchWrite {
     /// Downlink records to append (stored as one row per gateway queue:
     /// the records of one write share a row).
     pub downlink: Vec<DownlinkPush>,
+}
+
+impl BatchWrite {
+    /// The rules of [`Self::slot_uses`] that no store statement checks:
+    /// at most one use per slot, and none for a slot `sessions` rewrites
+    /// (the stores order their checks differently, so such a write would
+    /// not fail the same way on both).
+    pub(crate) fn check_uses(&self) -> Result<(), StoreError> {
+        if self.slot_uses.is_empty() {
+            return Ok(());
+        }
+        let rewritten: std::collections::HashSet<(u64, u32)> =
+            self.sessions.iter().map(|s| (s.member, s.group)).collect();
+        let mut used = std::collections::HashSet::with_capacity(self.slot_uses.len());
+        for u in &self.slot_uses {
+            let key = (u.member, u.group);
+            if rewritten.contains(&key) || !used.insert(key) {
+                return Err(StoreError::InvalidWrite(
+                    "a session use for a slot the write also rewrites or gives another use",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// [`RecoveryReads::newest_record_ms`], in SQL both backends run.
@@ -1103,6 +1129,10 @@ pub enum StoreError {
     /// from an incompatible version.
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    /// A [`BatchWrite`] the store refuses before touching anything: it
+    /// breaks a rule of its own fields (a programming error of the caller).
+    #[error("invalid write: {0}")]
+    InvalidWrite(&'static str),
     /// The database schema is newer than this binary.
     #[error(
         "store schema version {found} is newer than this binary supports ({supported}); upgrade dapgw"

@@ -482,6 +482,7 @@ type Tx<'a> = tokio_postgres::Transaction<'a>;
 type Cache = HashMap<&'static str, Statement>;
 
 async fn apply(conn: &mut Conn, w: BatchWrite) -> Result<Applied, StoreError> {
+    w.check_uses()?;
     let Conn { client, stmts } = conn;
     let tx = client.transaction().await?;
     let applied = apply_tx(&tx, stmts, w)

@@ -369,6 +369,7 @@ fn after_op(after: Option<u64>) -> &'static str {
 // ---------------------------------------------------------------------------
 
 fn apply(conn: &mut Connection, w: BatchWrite) -> Result<Applied, StoreError> {
+    w.check_uses()?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let applied = apply_tx(&tx, w)?;
     tx.commit()?;
