@@ -396,6 +396,12 @@ async fn pending_batch_survives_reopen_with_identical_bytes_and_tags() {
     // A bounded listing gives the lowest ids.
     let first = spool.pending_batches(1).await.unwrap();
     assert_eq!(first.iter().map(|p| p.batch_id).collect::<Vec<_>>(), [b1]);
+    // The sender's listing: ids only, then one batch's bytes when needed.
+    assert_eq!(spool.pending_batch_ids(usize::MAX).await.unwrap(), [b1, b2]);
+    assert_eq!(spool.pending_batch_ids(1).await.unwrap(), [b1]);
+    let one = spool.pending_batch(b2).await.unwrap().unwrap();
+    assert_eq!(one, pending[1]);
+    assert_eq!(spool.pending_batch(b3).await.unwrap(), None);
     assert_eq!(spool.batch_tags(b1).await.unwrap(), tags[..2].to_vec());
     assert_eq!(spool.batch_tags(b2).await.unwrap(), tags[2..].to_vec());
     assert!(matches!(
@@ -439,6 +445,14 @@ async fn complete_batch_drops_entries_and_queues_downlink_together() {
     assert!(spool.entry(a).await.unwrap().is_none());
     assert!(spool.entry(b).await.unwrap().is_none());
     assert!(spool.pending_batches(usize::MAX).await.unwrap().is_empty());
+    assert!(
+        spool
+            .pending_batch_ids(usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(spool.pending_batch(id).await.unwrap(), None);
     assert_eq!(spool.entries(), 0);
     let seen = spool.read_downlink(1, &[7], 0, 100).await.unwrap();
     assert_eq!(seen.len(), 1);

@@ -1231,6 +1231,41 @@ impl Spool {
         .await
     }
 
+    /// The ids of the first `limit` sealed batches without a verdict, in
+    /// batch-id order, without their bytes: the sender lists these and
+    /// reads a batch's bytes ([`Self::pending_batch`]) only when it needs
+    /// them, so a pass holds at most one batch it does not send (each may
+    /// be megabytes; [`Self::pending_batches`] held every one listed).
+    pub async fn pending_batch_ids(&self, limit: usize) -> Result<Vec<u64>, SpoolError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT id FROM batches ORDER BY id LIMIT ?1")?;
+            let rows = st.query_map([limit], |r| Ok(i2u(r.get(0)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// One sealed batch without a verdict, bytes and all; `None` when there
+    /// is none with that id (its verdict was stored since it was listed).
+    pub async fn pending_batch(&self, batch_id: u64) -> Result<Option<PendingBatch>, SpoolError> {
+        self.read(move |c| {
+            let mut st =
+                c.prepare_cached("SELECT id, bytes, entry_count FROM batches WHERE id = ?1")?;
+            let batch = st
+                .query_row([u2i(batch_id)], |r| {
+                    Ok(PendingBatch {
+                        batch_id: i2u(r.get(0)?),
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(1)?),
+                        entry_count: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            Ok(batch)
+        })
+        .await
+    }
+
     /// The individual tags of a sealed batch, in batch order (for a tag
     /// request from the UDC).
     pub async fn batch_tags(&self, batch_id: u64) -> Result<Vec<[u8; 16]>, SpoolError> {

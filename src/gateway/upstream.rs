@@ -672,6 +672,9 @@ impl Upstream {
         let mut storing: VecDeque<Storing> = VecDeque::new();
         let mut flight: JoinSet<Exchanged> = JoinSet::new();
         let mut flying: Vec<Flying> = Vec::new();
+        // The order of each listed batch not yet sent, by id (a sealed
+        // batch's bytes never change): computed once, from bytes read once.
+        let mut orders: std::collections::HashMap<u64, Order> = std::collections::HashMap::new();
         // Nothing is put on the wire before this (a backoff).
         let mut hold: Option<Instant> = None;
         let mut flush_open = true;
@@ -697,24 +700,61 @@ impl Upstream {
                 // Those in flight or being stored are listed too, and
                 // skipped; one more than fits tells whether any wait.
                 let listed = storing.len() + flying.len() + limit + 1;
-                match self.spool.pending_batches(listed).await {
-                    Ok(pending) => {
+                match self.spool.pending_batch_ids(listed).await {
+                    Ok(ids) => {
                         // A full list may have left batches unlisted.
-                        unsent = pending.len() == listed;
-                        for batch in pending {
-                            let id = batch.batch_id;
+                        unsent = ids.len() == listed;
+                        // Orders of batches no longer listed (their
+                        // verdicts stored) are forgotten.
+                        orders.retain(|id, _| ids.contains(id));
+                        for id in ids {
                             if storing.iter().any(|(s, ..)| *s == id)
                                 || flying.iter().any(|f| f.batch_id == id)
                             {
                                 continue;
                             }
-                            let order = Order::of(&batch.bytes);
-                            if flying.len() >= limit
-                                || !flying.iter().all(|f| order.commutes_with(&f.order))
-                            {
+                            if flying.len() >= limit {
                                 unsent = true;
                                 break;
                             }
+                            // A batch's bytes are read when its order is
+                            // first needed, and again only to send it:
+                            // a pass holds one batch it does not send.
+                            let mut loaded = None;
+                            let order = match orders.get(&id) {
+                                Some(order) => order.clone(),
+                                None => match self.spool.pending_batch(id).await {
+                                    Ok(Some(batch)) => {
+                                        let order = Order::of(&batch.bytes);
+                                        orders.insert(id, order.clone());
+                                        loaded = Some(batch);
+                                        order
+                                    }
+                                    // Its verdict was stored since.
+                                    Ok(None) => continue,
+                                    Err(e) => {
+                                        tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
+                                        hold_after(&mut hold, &mut backoff);
+                                        break;
+                                    }
+                                },
+                            };
+                            if !flying.iter().all(|f| order.commutes_with(&f.order)) {
+                                unsent = true;
+                                break;
+                            }
+                            let batch = match loaded {
+                                Some(batch) => batch,
+                                None => match self.spool.pending_batch(id).await {
+                                    Ok(Some(batch)) => batch,
+                                    Ok(None) => continue,
+                                    Err(e) => {
+                                        tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
+                                        hold_after(&mut hold, &mut backoff);
+                                        break;
+                                    }
+                                },
+                            };
                             let up = self.clone();
                             let task = flight
                                 .spawn(async move {
