@@ -14,7 +14,8 @@ use bytes::Bytes;
 use dapgw::config::ByteSize;
 use dapgw::gateway::Attached;
 use dapgw::gateway::collector::{
-    Collector, CollectorConfig, CollectorEvent, MemberMessage, NOT_AFTER_MARGIN, round_window,
+    Collector, CollectorConfig, CollectorEvent, MIN_ROUND_WINDOW, MemberMessage, NOT_AFTER_MARGIN,
+    round_window,
 };
 use dapgw::gateway::downlink::{Record, parse_records};
 use dapgw::gateway::spool::{EntryId, NewEntry, Spool, StreamKey};
@@ -1472,18 +1473,24 @@ async fn rounds_close_on_all_answered_or_at_the_deadline() {
 }
 
 /// The round's window: the configured deadline, or the challenge's
-/// `not_after` less the margin when that is sooner, never below zero.
+/// `not_after` less the margin when that is sooner (half the time left
+/// when that is longer), never below the minimum.
 #[test]
 fn a_rounds_window_ends_before_its_not_after() {
     let thirty = Duration::from_secs(30);
+    let ms = Duration::from_millis;
     assert_eq!(round_window(thirty, None, 123), thirty);
     assert_eq!(
         round_window(thirty, Some(100), 95_000),
         Duration::from_secs(5) - NOT_AFTER_MARGIN
     );
     assert_eq!(round_window(thirty, Some(1_000), 95_000), thirty);
-    assert_eq!(round_window(thirty, Some(100), 99_000), Duration::ZERO);
-    assert_eq!(round_window(thirty, Some(1), 5_000), Duration::ZERO);
+    assert_eq!(round_window(ms(500), Some(100), 95_000), ms(500));
+    // Under twice the margin left: half of it.
+    assert_eq!(round_window(thirty, Some(100), 97_000), ms(1_500));
+    // Closing (by this clock) within two seconds, or closed: the minimum.
+    assert_eq!(round_window(thirty, Some(100), 99_000), MIN_ROUND_WINDOW);
+    assert_eq!(round_window(thirty, Some(1), 5_000), MIN_ROUND_WINDOW);
     assert_eq!(round_window(thirty, Some(u64::MAX), 0), thirty);
 }
 
@@ -1527,6 +1534,23 @@ async fn a_round_closing_sooner_goes_out_before_its_not_after() {
         waited <= expected && waited + Duration::from_millis(100) >= expected,
         "cut after {waited:?}, expected {expected:?}"
     );
+    // A round that closes (by this clock) at once still takes the answers
+    // of its first second: all answered, it goes out at once.
+    let mut stored = Vec::new();
+    for id in [1u64, 2] {
+        let m = MemberMessage::Response(response(id, 7, 2, b""));
+        let e = store(&b.spool, &m).await;
+        stored.push((m, e));
+    }
+    handle
+        .expect(GroupId(7), 2, Mode::Psk, Some(unix_now / 1000))
+        .await
+        .unwrap();
+    for (m, e) in stored {
+        handle.collect(m, e).await.expect("collected");
+    }
+    let Cut { trigger, round, .. } = next_cut(&mut b.events).await;
+    assert_eq!((trigger, round), (BatchTrigger::AllAnswered, Some(2)));
     b.collector.stop().await;
 }
 

@@ -351,27 +351,33 @@ impl Collector {
 
 /// How long before a challenge's `not_after` the gateway cuts the round's
 /// batch: time for its seal, its upload and its judgement before the UDC
-/// closes the round.
+/// closes the round (for a round shorter than twice this, half the time
+/// left is kept instead).
 pub const NOT_AFTER_MARGIN: Duration = Duration::from_secs(2);
+
+/// The shortest wait [`round_window`] gives a round with a `not_after`:
+/// a round that closes (by this gateway's clock) sooner, or has closed,
+/// still takes the answers of its first second, so a clock running ahead
+/// of the UDC's costs at most the later answers of short rounds.
+pub const MIN_ROUND_WINDOW: Duration = Duration::from_secs(1);
 
 /// How long a round opened at `unix_now_ms` waits for its members: the
 /// configured deadline (`DAPGW_ROUND_DEADLINE_MS`), or less when the
-/// challenge's `not_after` (Unix seconds, the UDC's close of the round)
-/// comes sooner, less [`NOT_AFTER_MARGIN`]. A batch cut later would reach
+/// challenge's `not_after` (Unix seconds, the UDC's close of the round,
+/// rounded down) comes sooner: the time left less [`NOT_AFTER_MARGIN`],
+/// or half the time left when that is longer, and never less than
+/// [`MIN_ROUND_WINDOW`]. A batch cut at the configured deadline would reach
 /// the UDC after the round closed and have every entry refused as late
-/// (`round_not_open`), all 16,384 of them at the default batch cap. Zero
-/// when `not_after` is that close or past (the round's batch is cut at
-/// once; later answers are refused here, as the UDC would).
+/// (`round_not_open`), all 16,384 of them at the default batch cap. A
+/// round whose members all answer goes out at once either way.
 pub fn round_window(configured: Duration, not_after: Option<u64>, unix_now_ms: u64) -> Duration {
     let Some(not_after) = not_after else {
         return configured;
     };
     let margin = u64::try_from(NOT_AFTER_MARGIN.as_millis()).unwrap_or(u64::MAX);
-    let left = not_after
-        .saturating_mul(1000)
-        .saturating_sub(unix_now_ms)
-        .saturating_sub(margin);
-    configured.min(Duration::from_millis(left))
+    let left = not_after.saturating_mul(1000).saturating_sub(unix_now_ms);
+    let wait = Duration::from_millis(left.saturating_sub(margin).max(left / 2));
+    configured.min(wait.max(MIN_ROUND_WINDOW))
 }
 
 /// A restored round: its key and deadline.

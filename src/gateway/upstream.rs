@@ -735,6 +735,8 @@ impl Upstream {
                                     Err(e) => {
                                         tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
                                         hold_after(&mut hold, &mut backoff);
+                                        // Not sent: a drain must wait for it.
+                                        unsent = true;
                                         break;
                                     }
                                 },
@@ -751,6 +753,7 @@ impl Upstream {
                                     Err(e) => {
                                         tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
                                         hold_after(&mut hold, &mut backoff);
+                                        unsent = true;
                                         break;
                                     }
                                 },

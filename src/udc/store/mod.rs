@@ -890,8 +890,9 @@ pub struct BatchWrite {
     pub slot_checks: Vec<SlotCheck>,
     /// Session uses to store, one per slot, for slots the write does not
     /// rewrite (`sessions` holds none of them; a write that breaks either
-    /// rule is refused whole with [`StoreError::InvalidWrite`], by both
-    /// stores, before anything is read): each slot must still hold
+    /// rule is refused whole with [`StoreError::InvalidWrite`] by both
+    /// stores' [`Store::apply_batch`], before anything is read): each slot
+    /// must still hold
     /// the version `base` (checked like `slot_checks`, share-locked on
     /// PostgreSQL) and its stored use must still be `read`, or the write
     /// fails with [`StoreError::Conflict`]`("session slot")`.
