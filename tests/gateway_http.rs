@@ -1405,13 +1405,20 @@ async fn batch_emission_on_a_paused_clock() {
     b.collector.stop().await;
 }
 
+/// Members `ids` attached in group 7.
+fn members_of_group_7(ids: &[u64]) -> Arc<Attached> {
+    let attached = Arc::new(Attached::new());
+    for &id in ids {
+        attached.attach(id, &[7], None, 0).unwrap();
+    }
+    attached
+}
+
 /// A round goes out when every attached member answered, and a round with
 /// someone missing goes out exactly at its deadline, naming who is missing.
 #[tokio::test(start_paused = true)]
 async fn rounds_close_on_all_answered_or_at_the_deadline() {
-    let attached = Arc::new(Attached::new());
-    attached.attach(1, &[7], None, 0).unwrap();
-    attached.attach(2, &[7], None, 0).unwrap();
+    let attached = members_of_group_7(&[1, 2]);
     let mut b = collector(200, 5_000, attached).await;
     let handle = b.collector.handle();
 
@@ -1501,9 +1508,7 @@ fn a_rounds_window_ends_before_its_not_after() {
 /// and every entry in it would be refused as late.
 #[tokio::test(start_paused = true)]
 async fn a_round_closing_sooner_goes_out_before_its_not_after() {
-    let attached = Arc::new(Attached::new());
-    attached.attach(1, &[7], None, 0).unwrap();
-    attached.attach(2, &[7], None, 0).unwrap();
+    let attached = members_of_group_7(&[1, 2]);
     let mut b = collector(200, 30_000, attached).await;
     let handle = b.collector.handle();
     let m = MemberMessage::Response(response(1, 7, 1, b""));

@@ -717,46 +717,40 @@ impl Upstream {
                                 unsent = true;
                                 break;
                             }
-                            // A batch's bytes are read when its order is
-                            // first needed, and again only to send it:
-                            // a pass holds one batch it does not send.
-                            let mut loaded = None;
-                            let order = match orders.get(&id) {
-                                Some(order) => order.clone(),
-                                None => match self.spool.pending_batch(id).await {
-                                    Ok(Some(batch)) => {
-                                        let order = Order::of(&batch.bytes);
-                                        orders.insert(id, order.clone());
-                                        loaded = Some(batch);
-                                        order
-                                    }
-                                    // Its verdict was stored since.
-                                    Ok(None) => continue,
-                                    Err(e) => {
-                                        tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
-                                        hold_after(&mut hold, &mut backoff);
-                                        // Not sent: a drain must wait for it.
-                                        unsent = true;
-                                        break;
-                                    }
-                                },
-                            };
-                            if !flying.iter().all(|f| order.commutes_with(&f.order)) {
+                            // A batch's bytes are read once per pass, and
+                            // not at all when its known order keeps it
+                            // back: a pass holds one batch it does not send.
+                            let known = orders.get(&id).cloned();
+                            if known
+                                .as_ref()
+                                .is_some_and(|o| !flying.iter().all(|f| o.commutes_with(&f.order)))
+                            {
                                 unsent = true;
                                 break;
                             }
-                            let batch = match loaded {
-                                Some(batch) => batch,
-                                None => match self.spool.pending_batch(id).await {
-                                    Ok(Some(batch)) => batch,
-                                    Ok(None) => continue,
-                                    Err(e) => {
-                                        tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
-                                        hold_after(&mut hold, &mut backoff);
+                            let batch = match self.spool.pending_batch(id).await {
+                                Ok(Some(batch)) => batch,
+                                // Its verdict was stored since.
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    tracing::error!(batch_id = id, error = %e, "reading a sealed batch failed");
+                                    hold_after(&mut hold, &mut backoff);
+                                    // Not sent: a drain must wait for it.
+                                    unsent = true;
+                                    break;
+                                }
+                            };
+                            let order = match known {
+                                Some(order) => order,
+                                None => {
+                                    let order = Order::of(&batch.bytes);
+                                    orders.insert(id, order.clone());
+                                    if !flying.iter().all(|f| order.commutes_with(&f.order)) {
                                         unsent = true;
                                         break;
                                     }
-                                },
+                                    order
+                                }
                             };
                             let up = self.clone();
                             let task = flight

@@ -1968,24 +1968,15 @@ impl Udc {
         }
         let t_read = Instant::now();
         // Uplinks are judged on the session slots alone (the verifier looks
-        // no member up for them): with a current copy of the registry the
-        // read fetches no member, and the batch gets none. A stale copy is
-        // read again whole, as for any batch.
-        let uplinks = ctx.round.is_none();
-        let fetch = {
-            let cache = self
-                .registry_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if uplinks {
-                cache.version.map(|version| store::MemberFetch {
-                    version,
-                    missing: Vec::new(),
-                })
-            } else {
-                cache.fetch(&ids)
-            }
-        };
+        // no member up for them), so they ask the registry for no member:
+        // with a current copy the read fetches none, and the batch gets
+        // none. A stale copy is read again whole, as for any batch.
+        let asked: &[MemberId] = if ctx.round.is_none() { &[] } else { &ids };
+        let fetch = self
+            .registry_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fetch(asked);
         let read = self
             .store
             .batch_reads(group, ids.iter().map(|m| m.0).collect(), ctx.round, fetch)
@@ -2000,7 +1991,6 @@ impl Udc {
             // First use: created.
             None => self.load_group(group).await?,
         };
-        let asked: &[MemberId] = if uplinks { &[] } else { &ids };
         let registry =
             self.registry_for(asked, read.registry_version, read.members_of, read.members)?;
         let (mut sessions, versions) = self.sessions_from(group, &ids, read.sessions)?;
@@ -2394,9 +2384,8 @@ impl Udc {
     /// [`Self::push_slot`].
     fn push_use(&self, w: &mut SlotWrites<'_>, id: MemberId, slot: &SessionSlot, sid: SessionId) {
         let read = w.versions.0.get(&id).copied().unwrap_or_default();
-        let (Some(mark), Some(session)) =
-            (read.mark.filter(|_| read.version > 0), slot.by_sid(sid))
-        else {
+        // A mark means a stored sealing, so a version of at least 1.
+        let (Some(mark), Some(session)) = (read.mark, slot.by_sid(sid)) else {
             return self.push_slot(w, id, slot, None);
         };
         let new = SlotUse {
