@@ -211,6 +211,7 @@ both!(
     apply_batch_is_atomic,
     retried_batch_changes_nothing,
     localization_pending_then_final,
+    due_work_is_what_the_background_pass_needs,
     group_optimistic_concurrency,
     batch_checks_group_epoch,
     session_slots_are_compare_and_set,
@@ -1202,19 +1203,25 @@ async fn retried_batch_changes_nothing(f: Fixture) {
     assert_eq!(pair.version, 1, "a retry must not rewrite sessions");
 }
 
-async fn localization_pending_then_final(f: Fixture) {
-    let s = f.open().await;
-    setup(&s, 2).await;
-    let pending = VerdictWrite {
+/// GW's batch 5 answered with a tag request whose localization expires at
+/// `expires_at_ms`.
+fn tags_requested(expires_at_ms: u64) -> VerdictWrite {
+    VerdictWrite {
         gateway: GW.into(),
         batch_id: 5,
         batch_hash: [0x55; 32],
         verdict: vec![0x05, 2, 0, 0, 0, 1],
         pending: Some(PendingWrite {
             pending: Sealed::new(vec![0xDD; 100]),
-            expires_at_ms: 30_000,
+            expires_at_ms,
         }),
-    };
+    }
+}
+
+async fn localization_pending_then_final(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let pending = tags_requested(30_000);
     s.apply_batch(BatchWrite {
         now_ms: 20_000,
         verdict: Some(pending.clone()),
@@ -1281,6 +1288,62 @@ async fn localization_pending_then_final(f: Fixture) {
     assert_eq!((rep.localizations, rep.accepted), (1, 2));
     let gw = &s.gateways().await.unwrap()[0];
     assert_eq!((gw.localizations, gw.batches), (1, 1));
+}
+
+/// `due_work` answers the background pass's three questions in one read
+/// (SQLite: one transaction): whether a localization expired, which
+/// schedules are due, which rounds are open; and it agrees with the three
+/// reads it stands for.
+async fn due_work_is_what_the_background_pass_needs(f: Fixture) {
+    let s = f.open().await;
+    setup(&s, 2).await;
+    let empty = s.due_work(40_000).await.unwrap();
+    assert!(!empty.localizations);
+    assert!(empty.schedules.is_empty());
+    assert_eq!(empty.open_rounds, s.open_rounds().await.unwrap());
+    assert_eq!(empty.open_rounds.len(), 1);
+    s.apply_batch(BatchWrite {
+        now_ms: 20_000,
+        verdict: Some(tags_requested(30_000)),
+        closed_rounds: vec![(G, 1)],
+        new_rounds: vec![round_row(G, 2), round_row(G + 1, 1)],
+        ..BatchWrite::default()
+    })
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for (group, next_at_ms) in [(G, 30_000), (G + 1, 30_001), (G + 2, 10)] {
+        ids.push(
+            s.insert_schedule(ScheduleRow {
+                id: 0,
+                group,
+                every_ms: 60_000,
+                mode: Mode::Psk,
+                purpose: RoundPurpose::Auth,
+                read_request: Vec::new(),
+                next_at_ms,
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let before = s.due_work(29_999).await.unwrap();
+    assert!(!before.localizations, "expires at 30,000");
+    assert_eq!(
+        before.schedules.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[2]]
+    );
+    let due = s.due_work(30_000).await.unwrap();
+    assert!(due.localizations);
+    assert_eq!(
+        due.schedules.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[0], ids[2]],
+        "due at or before now, by id"
+    );
+    assert_eq!(due.schedules[0], s.schedules().await.unwrap()[0]);
+    let open: Vec<(u32, u64)> = due.open_rounds.iter().map(|r| (r.group, r.round)).collect();
+    assert_eq!(open, [(G, 2), (G + 1, 1)], "the closed round is not listed");
+    assert_eq!(due.open_rounds, s.open_rounds().await.unwrap());
 }
 
 async fn group_optimistic_concurrency(f: Fixture) {

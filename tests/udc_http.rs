@@ -2575,6 +2575,65 @@ on_both_stores!(
     "revoke_other_first_accept"
 );
 
+/// A reading another process accepts between a rekey's read of the slots
+/// and its write (a revocation rewrites every other member's slot) is kept
+/// as a use of the slot as read. The rekey's write must fail (busy): it
+/// would otherwise seal the slot as read, without that use, and move the
+/// version, which leaves the use stale and the reading's counter open to a
+/// replay. Retried, the rekey folds the use in, and the reading stays a
+/// replay through either process.
+async fn a_use_committed_between_a_rekeys_read_and_write_is_kept(store_url: Option<String>) {
+    use dapgw::udc::service::ServiceError;
+    use dapgw::udc::store::Store;
+    let h = Harness::start(store_url).await;
+    let (mut members, _) = h.authenticated(3).await;
+    let a = udc::build(&h.config).await.unwrap();
+    let b = udc::build(&h.config).await.unwrap();
+    let r1 = members[0]
+        .seal_uplink(GroupId(G), UplinkKind::Reading, b"r1")
+        .unwrap()
+        .persisted();
+    let body = uplink_batch(20, std::slice::from_ref(&r1)).to_bytes();
+    let other = b.clone();
+    a.before_next_rekey_write(async move {
+        let answer = other.handle_batch("gw-1", body).await.unwrap();
+        assert_eq!(
+            outcomes(&Verdict::decode(&answer).unwrap()),
+            vec![Outcome::Accepted]
+        );
+    });
+    let err = a.revoke_member(3).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+    assert!(a.revoke_member(3).await.unwrap());
+    let slot = a
+        .store()
+        .sessions(vec![(1, G)])
+        .await
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
+    assert_eq!(
+        (slot.version, slot.used),
+        (2, None),
+        "rewritten once, the use folded in"
+    );
+    for (udc, batch_id) in [(&a, 21), (&b, 22)] {
+        let replay = uplink_batch(batch_id, std::slice::from_ref(&r1)).to_bytes();
+        let answer = udc.handle_batch("gw-1", replay).await.unwrap();
+        assert_eq!(
+            outcomes(&Verdict::decode(&answer).unwrap()),
+            vec![Outcome::ReplayedCounter]
+        );
+    }
+    h.stop().await;
+}
+
+on_both_stores!(
+    a_use_committed_between_a_rekeys_read_and_write_is_kept,
+    "use_between_rekey_read_and_write"
+);
+
 /// Two `Udc`s on one store: `a` has judged member 2 (its member cache
 /// holds it, active), then `b` revokes member 2. In the next round `a` must
 /// see the revocation (the registry version changed): member 2 is refused

@@ -449,6 +449,17 @@ impl Retention {
 /// How often history is trimmed.
 const TRIM_EVERY_MS: u64 = 3600 * 1000;
 
+/// What one [`Udc::trim_history`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Downlink records past [`crate::udc::rounds::DOWNLINK_RETENTION_MS`].
+    pub downlink: u64,
+    /// Readings past their retention.
+    pub readings: u64,
+    /// Final verdicts past their retention.
+    pub verdicts: u64,
+}
+
 /// How often `dapgw_udc_sessions_active` is recounted from the store.
 pub const RECOUNT_EVERY_MS: u64 = 5 * 60 * 1000;
 
@@ -658,16 +669,21 @@ impl Udc {
         Ok(n)
     }
 
-    /// Deletes readings and final verdicts past their retention, at most
-    /// once an hour (the deletes scan their tables). Returns (readings,
-    /// verdicts) deleted, or `None` when it was not due.
-    pub async fn trim_history(&self, now_ms: u64) -> Result<Option<(u64, u64)>, ServiceError> {
+    /// Deletes downlink records, readings and final verdicts past their
+    /// retention, at most once an hour (the deletes scan their tables, and
+    /// retentions are days). Returns what it deleted, or `None` when it
+    /// was not due.
+    pub async fn trim_history(&self, now_ms: u64) -> Result<Option<Trimmed>, ServiceError> {
         use std::sync::atomic::Ordering;
         let last = self.last_trim_ms.load(Ordering::Relaxed);
         if last != 0 && now_ms < last.saturating_add(TRIM_EVERY_MS) {
             return Ok(None);
         }
         self.last_trim_ms.store(now_ms.max(1), Ordering::Relaxed);
+        let downlink = self
+            .store
+            .trim_downlink(now_ms.saturating_sub(crate::udc::rounds::DOWNLINK_RETENTION_MS))
+            .await?;
         let readings = match self.retention.readings_ms {
             Some(keep) => {
                 self.store
@@ -687,7 +703,11 @@ impl Udc {
         if readings + verdicts > 0 {
             tracing::info!(readings, verdicts, "history past its retention deleted");
         }
-        Ok(Some((readings, verdicts)))
+        Ok(Some(Trimmed {
+            downlink,
+            readings,
+            verdicts,
+        }))
     }
 
     /// Closes every open round whose deadline is at or before `now_ms`.
@@ -697,6 +717,17 @@ impl Udc {
     /// round's `e_V` secret, which the design erases at the close.
     pub async fn close_due_rounds(&self, now_ms: u64) -> Result<usize, ServiceError> {
         let open = self.store.open_rounds().await?;
+        self.close_due_rounds_of(open, now_ms).await
+    }
+
+    /// [`Self::close_due_rounds`] on `open`, every open round as read from
+    /// the store (the background pass reads them with the rest of its
+    /// work: [`crate::udc::store::Store::due_work`]).
+    pub async fn close_due_rounds_of(
+        &self,
+        open: Vec<RoundRow>,
+        now_ms: u64,
+    ) -> Result<usize, ServiceError> {
         // Not under the batch lock: a round this process opened after the
         // read is dropped too, which costs only a rebuild from its sealed
         // row and the members' slots at its next batch (as after a

@@ -1182,6 +1182,18 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// What the UDC's background pass has to do ([`Store::due_work`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DueWork {
+    /// Some pending localization expired.
+    pub localizations: bool,
+    /// The schedules whose next slot has come, by id.
+    pub schedules: Vec<ScheduleRow>,
+    /// Every open round, by (group, round); the pass closes those past
+    /// their deadline and drops its cached state of the rounds missing.
+    pub open_rounds: Vec<RoundRow>,
+}
+
 /// The UDC's storage. Implemented by [`SqliteStore`] and [`PostgresStore`];
 /// the service holds an [`AnyStore`].
 ///
@@ -1309,6 +1321,22 @@ pub trait Store: Send + Sync {
         now_ms: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<PendingLocalization>, StoreError>> + Send;
+    /// What the UDC's background pass has to look at, at `now_ms`: whether
+    /// any localization expired, the schedules that are due and every open
+    /// round. The pass runs every second on every UDC process, so a store
+    /// reads all three in as few round trips as it can (SQLite: one read
+    /// transaction); the default asks the three questions apart.
+    fn due_work(&self, now_ms: u64) -> impl Future<Output = Result<DueWork, StoreError>> + Send {
+        async move {
+            let mut schedules = self.schedules().await?;
+            schedules.retain(|s| s.next_at_ms <= now_ms);
+            Ok(DueWork {
+                localizations: !self.expired_localizations(now_ms, 1).await?.is_empty(),
+                schedules,
+                open_rounds: self.open_rounds().await?,
+            })
+        }
+    }
 
     /// Applies a write set in one transaction (see [`BatchWrite`]).
     fn apply_batch(
@@ -1615,6 +1643,7 @@ impl Store for AnyStore {
         fn verdict(&self, gateway: &str, batch_id: u64) -> Option<StoredVerdict>;
         fn pending_localization(&self, gateway: &str, batch_id: u64) -> Option<PendingLocalization>;
         fn expired_localizations(&self, now_ms: u64, limit: u32) -> Vec<PendingLocalization>;
+        fn due_work(&self, now_ms: u64) -> DueWork;
         fn apply_batch(&self, write: BatchWrite) -> Applied;
         fn sessions(&self, keys: Vec<(u64, u32)>) -> Vec<Option<StoredSlot>>;
         fn batch_reads(&self, group: u32, ids: Vec<u64>, round: Option<u64>, fetch: Option<MemberFetch>) -> BatchReads;

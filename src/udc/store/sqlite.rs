@@ -1619,6 +1619,33 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn due_work(&self, now_ms: u64) -> Result<DueWork, StoreError> {
+        // One read transaction for the three questions: the pass runs every
+        // second, and each store call costs a blocking-pool hand-off and a
+        // transaction of its own.
+        self.read(move |tx| {
+            let localizations = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM localizations WHERE expires_at_ms <= ?1)",
+                )?
+                .query_row([i(now_ms)], |r| r.get::<_, bool>(0))?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {SCHEDULE_COLS} FROM schedules WHERE next_at_ms <= ?1 ORDER BY id"
+            ))?;
+            let schedules = collect(&mut st, [i(now_ms)], schedule_row)?;
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {ROUND_COLS} FROM rounds WHERE status = 0 ORDER BY grp, round"
+            ))?;
+            let open_rounds = collect(&mut st, [], round_row)?;
+            Ok(DueWork {
+                localizations,
+                schedules,
+                open_rounds,
+            })
+        })
+        .await
+    }
+
     async fn apply_batch(&self, write: BatchWrite) -> Result<Applied, StoreError> {
         self.call(move |c| apply(c, write)).await
     }
