@@ -672,7 +672,9 @@ impl Udc {
     /// Deletes downlink records, readings and final verdicts past their
     /// retention, at most once an hour (the deletes scan their tables, and
     /// retentions are days). Returns what it deleted, or `None` when it
-    /// was not due.
+    /// was not due. Each of the three deletes runs whatever the others
+    /// did; the first failure is returned, and all three are tried again
+    /// an hour on.
     pub async fn trim_history(&self, now_ms: u64) -> Result<Option<Trimmed>, ServiceError> {
         use std::sync::atomic::Ordering;
         let last = self.last_trim_ms.load(Ordering::Relaxed);
@@ -680,34 +682,43 @@ impl Udc {
             return Ok(None);
         }
         self.last_trim_ms.store(now_ms.max(1), Ordering::Relaxed);
-        let downlink = self
-            .store
-            .trim_downlink(now_ms.saturating_sub(crate::udc::rounds::DOWNLINK_RETENTION_MS))
-            .await?;
+        let mut first: Option<ServiceError> = None;
+        let mut keep = |r: Result<u64, store::StoreError>| {
+            r.unwrap_or_else(|e| {
+                first.get_or_insert(e.into());
+                0
+            })
+        };
+        let before = |keep_ms: u64| now_ms.saturating_sub(keep_ms);
+        let downlink = keep(
+            self.store
+                .trim_downlink(before(crate::udc::rounds::DOWNLINK_RETENTION_MS))
+                .await,
+        );
         let readings = match self.retention.readings_ms {
-            Some(keep) => {
-                self.store
-                    .trim_readings(now_ms.saturating_sub(keep))
-                    .await?
-            }
+            Some(ms) => keep(self.store.trim_readings(before(ms)).await),
             None => 0,
         };
         let verdicts = match self.retention.verdicts_ms {
-            Some(keep) => {
-                self.store
-                    .trim_verdicts(now_ms.saturating_sub(keep))
-                    .await?
-            }
+            Some(ms) => keep(self.store.trim_verdicts(before(ms)).await),
             None => 0,
         };
-        if readings + verdicts > 0 {
-            tracing::info!(readings, verdicts, "history past its retention deleted");
+        if downlink + readings + verdicts > 0 {
+            tracing::info!(
+                downlink,
+                readings,
+                verdicts,
+                "history past its retention deleted"
+            );
         }
-        Ok(Some(Trimmed {
-            downlink,
-            readings,
-            verdicts,
-        }))
+        match first {
+            Some(e) => Err(e),
+            None => Ok(Some(Trimmed {
+                downlink,
+                readings,
+                verdicts,
+            })),
+        }
     }
 
     /// Closes every open round whose deadline is at or before `now_ms`.
