@@ -584,7 +584,10 @@ async fn one_source_cannot_fill_the_attach_registry() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = gateway_config(&pki, udc.addr, dir.path());
     cfg.attach_max_members_per_source = 2;
-    cfg.attach_max_groups_per_source = 3;
+    // The smallest group share the configuration accepts: what one member
+    // may name.
+    let share = dapgw::gateway::MAX_MEMBER_GROUPS as u32;
+    cfg.attach_max_groups_per_source = u64::from(share);
     let gw = Gateway::start(cfg.clone()).await;
     let (a, b) = ([127, 0, 0, 1], [127, 0, 0, 2]);
     let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
@@ -592,11 +595,16 @@ async fn one_source_cannot_fill_the_attach_registry() {
     assert_eq!(flooder.attach(1, &[7]).await.status, StatusCode::OK);
     assert_eq!(flooder.attach(2, &[7, 8]).await.status, StatusCode::OK);
     assert_retry_later(&flooder.attach(3, &[7]).await, "source_attach_full");
-    // Member 1 may take a third group; a fourth is one too many.
-    assert_eq!(flooder.attach(1, &[7, 9]).await.status, StatusCode::OK);
-    assert_retry_later(&flooder.attach(2, &[7, 8, 10]).await, "source_groups_full");
+    // Member 1 may fill the source's share (7, 8 and its 254 new groups
+    // are 256); one more group is one too many.
+    let filling: Vec<u32> = std::iter::once(7).chain(9..9 + share - 2).collect();
+    assert_eq!(flooder.attach(1, &filling).await.status, StatusCode::OK);
+    assert_retry_later(
+        &flooder.attach(2, &[7, 8, 5000]).await,
+        "source_groups_full",
+    );
     // Another source is served, with new groups too.
-    assert_eq!(other.attach(3, &[7, 11]).await.status, StatusCode::OK);
+    assert_eq!(other.attach(3, &[7, 6000]).await.status, StatusCode::OK);
     for (reason, n) in [
         ("source_members", 1.0),
         ("source_groups", 1.0),
@@ -606,8 +614,11 @@ async fn one_source_cannot_fill_the_attach_registry() {
         assert_eq!(gw.metric(&name).await, n, "{name}");
     }
     assert_eq!(gw.metric("dapgw_attached_members").await, 3.0);
+    let mut subscribed = filling.clone();
+    subscribed.extend([8, 6000]);
+    subscribed.sort_unstable();
     udc.wait_until("the subscription of every attached group", |s| {
-        s.subscriptions.lock().unwrap().last() == Some(&vec![7, 8, 9, 11])
+        s.subscriptions.lock().unwrap().last() == Some(&subscribed)
     })
     .await;
     assert!(
@@ -616,7 +627,7 @@ async fn one_source_cannot_fill_the_attach_registry() {
             .lock()
             .unwrap()
             .iter()
-            .all(|g| !g.contains(&10)),
+            .all(|g| !g.contains(&5000)),
         "a refused group was subscribed"
     );
     drop((flooder, other));
@@ -626,7 +637,10 @@ async fn one_source_cannot_fill_the_attach_registry() {
     let gw = Gateway::start(cfg.clone()).await;
     let mut flooder = Client::connect_from(gw.members, &pki, true, a).await;
     assert_retry_later(&flooder.attach(4, &[7]).await, "source_attach_full");
-    assert_retry_later(&flooder.attach(2, &[7, 8, 12]).await, "source_groups_full");
+    assert_retry_later(
+        &flooder.attach(2, &[7, 8, 5001]).await,
+        "source_groups_full",
+    );
     assert_eq!(flooder.attach(2, &[7]).await.status, StatusCode::OK);
     drop(flooder);
     gw.stop().await;
