@@ -892,6 +892,56 @@ async fn drain_within_grace_and_resume_from_spool() {
     gw2.stop().await;
 }
 
+/// A sealed batch the sender cannot read (a damaged spool row) keeps the
+/// drain waiting, as a batch the UDC refuses does: the drain ends at its
+/// grace, not at once, with the batch still sealed; repaired, the next
+/// gateway on the spool delivers it. (Counted as sent, the unread batch
+/// ended the drain at its first pass with nothing delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_batch_that_cannot_be_read_keeps_the_drain_waiting() {
+    let pki = pki(&["gw-1"]);
+    let udc = FakeUdc::start(&pki).await;
+    udc.set_mode(UdcMode::Failing);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gateway_config(&pki, udc.addr, dir.path());
+    cfg.drain_grace_ms = 2_000;
+    let mut gw = Gateway::start(cfg.clone()).await;
+    let mut c = Client::connect(gw.members, &pki, true).await;
+    let r = c.post(uplink(3, 1, 1, b"x").to_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    wait_metric(&gw, "dapgw_spool_sealed_batches", 1.0).await;
+    // The row's bytes become an integer: listing the batch still works,
+    // reading it fails.
+    let db = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    let bytes: Vec<u8> = db
+        .query_row("SELECT bytes FROM batches", [], |r| r.get(0))
+        .unwrap();
+    db.execute("UPDATE batches SET bytes = 42", []).unwrap();
+    udc.set_mode(UdcMode::Up);
+    let started = std::time::Instant::now();
+    gw.shutdown().await.unwrap().unwrap();
+    // A lower bound: the drain cannot wait less than its grace.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(cfg.drain_grace_ms),
+        "the drain ended after {took:?}, before its grace"
+    );
+    assert!(udc.applied().is_empty());
+    let sealed: i64 = db
+        .query_row("SELECT count(*) FROM batches", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sealed, 1, "the batch stays sealed in the spool");
+    db.execute("UPDATE batches SET bytes = ?1", [&bytes])
+        .unwrap();
+    drop(db);
+    let gw2 = Gateway::start(cfg).await;
+    udc.wait_until("the repaired batch", |s| {
+        s.applied.lock().unwrap().len() == 1
+    })
+    .await;
+    gw2.stop().await;
+}
+
 /// A member sending its body slowly when the drain starts (it may take
 /// up to `DAPGW_HEADER_TIMEOUT_MS`, here longer than the grace) does not
 /// hold the drain's flush: at half the grace what was acknowledged is
