@@ -411,17 +411,24 @@ mod tests {
         assert_eq!(queued(udc.clone()).await, 0);
     }
 
+    /// [`udc`] in `dir` with group 8's round open past its deadline (due
+    /// to close at the next pass): the UDC and the round.
+    async fn udc_with_a_due_round(dir: &Path) -> (Arc<Udc>, u64) {
+        let udc = udc(dir).await;
+        let round = udc
+            .open_round(8, Mode::Psk, Purpose::Auth, Some(0))
+            .await
+            .unwrap();
+        (udc, round)
+    }
+
     /// A schedule row the store cannot decode fails the pass's one read
     /// of what is due; the pass then asks apart, as before, and the round
     /// past its deadline still closes.
     #[tokio::test]
     async fn a_damaged_schedule_row_does_not_keep_due_rounds_open() {
         let dir = tempfile::tempdir().unwrap();
-        let udc = udc(dir.path()).await;
-        let round = udc
-            .open_round(8, Mode::Psk, Purpose::Auth, Some(0))
-            .await
-            .unwrap();
+        let (udc, round) = udc_with_a_due_round(dir.path()).await;
         let db = rusqlite::Connection::open(dir.path().join("udc.sqlite3")).unwrap();
         db.execute(
             "INSERT INTO schedules (grp, every_ms, mode, purpose, next_at_ms) \
@@ -439,11 +446,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_schedule_does_not_keep_due_rounds_open() {
         let dir = tempfile::tempdir().unwrap();
-        let udc = udc(dir.path()).await;
-        let round = udc
-            .open_round(8, Mode::Psk, Purpose::Auth, Some(0))
-            .await
-            .unwrap();
+        let (udc, round) = udc_with_a_due_round(dir.path()).await;
         unopenable_group(&udc, 7).await;
         schedule(&udc, 7).await;
         schedule(&udc, 9).await;
